@@ -1,0 +1,47 @@
+# Set-up and checks. `make test` and `make run` work on a fresh machine: they build .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# A CPU-only host takes the local CPU build of torch and the CPU-capable UCX wheel; a GPU host
+# takes the CUDA build with cupy and the matching UCX.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifeq ($(HAS_GPU),yes)
+  TORCH  ?= torch
+  EXTRAS ?= dev,cu13
+else
+  TORCH  ?= torch==2.13.0
+  EXTRAS ?= dev,ucx
+endif
+
+.PHONY: setup test test-gpu lint bench-ring bench-kernels clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m pytest -q
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+
+bench-ring: $(STAMP)
+	$(BIN)/python bench/ring.py
+
+bench-kernels: $(STAMP)
+	$(BIN)/python bench/kernels.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,35 @@
+"""Run-time compilation of kvferry's CUDA kernels (cupy.RawModule), cached per process."""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+# Vector types by width in bytes; the kernels copy whole vectors.
+VECTOR_TYPES = {16: "uint4", 8: "uint2", 4: "unsigned int", 2: "unsigned short", 1: "unsigned char"}
+
+
+def _source(name: str) -> str:
+    return resources.files("kvferry.cuda").joinpath(name).read_text()
+
+
+@functools.cache
+def _kv_copy_module():
+    import cupy  # deferred: CPU-only installs never import cupy
+
+    names = [_kv_copy_name(width, gather) for width in VECTOR_TYPES for gather in (True, False)]
+    module = cupy.RawModule(
+        code=_source("kv_copy.cu"), options=("-std=c++17",), name_expressions=names
+    )
+    module.compile()
+    return module
+
+
+def _kv_copy_name(width: int, gather: bool) -> str:
+    return f"kv_copy<{VECTOR_TYPES[width]}, {'true' if gather else 'false'}>"
+
+
+@functools.cache
+def kv_copy_kernel(width: int, gather: bool):
+    """The gather (or scatter) kernel that moves `width`-byte vectors, compiled once."""
+    return _kv_copy_module().get_function(_kv_copy_name(width, gather))

@@ -1,0 +1,190 @@
+"""Gather KV head slices from a paged cache into staging, and scatter them back out.
+
+Staging layout of one (chunk, destination) region: [plane][token][head][head_dim], planes being
+K of every layer then V of every layer (or one latent plane per layer for MLA), tokens in the
+chunk's order. The two sides may therefore use different page sizes.
+
+Two paths produce bit-identical bytes: RawKernels (cuda/kv_copy.cu) for caches on a GPU, and
+torch indexing everywhere else. Token slots and head ranges are validated on the host before
+anything is written, since they derive from what a peer sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+# Same-size integer dtypes: the torch path moves bits, so NaN payloads and fp8 survive unchanged.
+_BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class KVPlanes:
+    """The cache planes one rank gathers from or scatters into, each [slots, heads, head_dim].
+
+    Order: K of layers 0..L-1, then V of layers 0..L-1 (latent planes only for MLA).
+    """
+
+    def __init__(self, planes: Sequence[torch.Tensor]) -> None:
+        if not planes:
+            raise ValueError("KVPlanes needs at least one cache plane")
+        first = planes[0]
+        for i, plane in enumerate(planes):
+            if plane.dim() != 3 or not plane.is_contiguous():
+                raise ValueError(f"plane {i} must be a contiguous [slots, heads, head_dim] tensor")
+            if (plane.shape, plane.dtype, plane.device) != (first.shape, first.dtype, first.device):
+                raise ValueError(
+                    f"plane {i} is {tuple(plane.shape)} {plane.dtype} on {plane.device}, "
+                    f"plane 0 is {tuple(first.shape)} {first.dtype} on {first.device}"
+                )
+        self.planes = list(planes)
+        self.num_slots, self.num_heads, self.head_dim = first.shape
+        self.dtype = first.dtype
+        self.device = first.device
+        self._pointers: torch.Tensor | None = None
+        # Largest power of two (<= 16) dividing every plane's address: bounds the vector width.
+        self.address_alignment = 16
+        for plane in self.planes:
+            while plane.data_ptr() % self.address_alignment:
+                self.address_alignment //= 2
+
+    @classmethod
+    def from_cache(cls, cache: torch.Tensor) -> KVPlanes:
+        """Planes of one tensor [num_planes, slots, heads, head_dim]."""
+        return cls(list(cache.unbind(0)))
+
+    @property
+    def num_planes(self) -> int:
+        return len(self.planes)
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def pointers(self) -> torch.Tensor:
+        """[num_planes] uint64 plane addresses on the planes' device, built once."""
+        if self._pointers is None:
+            addresses = [plane.data_ptr() for plane in self.planes]
+            self._pointers = torch.tensor(addresses, dtype=torch.uint64).to(self.device)
+        return self._pointers
+
+    def staging_shape(self, num_tokens: int, num_heads: int) -> tuple[int, int, int, int]:
+        return (self.num_planes, num_tokens, num_heads, self.head_dim)
+
+    def staging_bytes(self, num_tokens: int, num_heads: int) -> int:
+        return self.num_planes * num_tokens * num_heads * self.head_dim * self.itemsize
+
+    def check_slice(self, slots: np.ndarray, head_start: int, num_heads: int) -> None:
+        """Raise ValueError unless every slot and the head range lie inside this cache."""
+        if not head_start >= 0 or num_heads < 1 or head_start + num_heads > self.num_heads:
+            raise ValueError(
+                f"heads [{head_start}, {head_start + num_heads}) are outside a cache of "
+                f"{self.num_heads} heads"
+            )
+        if slots.size and (slots.min() < 0 or slots.max() >= self.num_slots):
+            bad = slots[(slots < 0) | (slots >= self.num_slots)][0]
+            raise ValueError(f"token slot {bad} is outside a cache of {self.num_slots} slots")
+
+
+def host_slots(slots: torch.Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
+    """Token slots as a 1-D int64 host array; device tensors are refused (checking would sync)."""
+    if isinstance(slots, torch.Tensor):
+        if slots.device.type != "cpu":
+            raise ValueError(f"token slots must be on the host, got a tensor on {slots.device}")
+        slots = slots.numpy()
+    array = np.asarray(slots)
+    if array.ndim != 1 or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(
+            f"token slots must be a 1-D integer array, got {array.dtype} {array.shape}"
+        )
+    return array.astype(np.int64, copy=False)
+
+
+def gather(
+    planes: KVPlanes,
+    slots: torch.Tensor | np.ndarray | Sequence[int],
+    head_start: int,
+    num_heads: int,
+    out: torch.Tensor,
+    backend: str = "auto",
+) -> None:
+    """Copy heads [head_start, +num_heads) of `slots` in every plane into `out`.
+
+    `out`: a contiguous region of exactly staging_bytes(len(slots), num_heads) bytes on the
+    planes' device, any dtype; it is written as [plane][token][head][head_dim].
+    On GPU the copy is queued on the current torch stream and nothing waits for it.
+    """
+    slots_np = _checked(planes, slots, head_start, num_heads, out)
+    if _use_kernel(planes, backend):
+        _launch(planes, slots_np, head_start, num_heads, out, gather=True)
+    else:
+        _torch_gather(planes, slots_np, head_start, num_heads, out)
+
+
+def scatter(
+    src: torch.Tensor,
+    planes: KVPlanes,
+    slots: torch.Tensor | np.ndarray | Sequence[int],
+    head_start: int,
+    num_heads: int,
+    backend: str = "auto",
+) -> None:
+    """The inverse of gather: write staging `src` into heads [head_start, +num_heads) of `slots`."""
+    slots_np = _checked(planes, slots, head_start, num_heads, src)
+    if _use_kernel(planes, backend):
+        _launch(planes, slots_np, head_start, num_heads, src, gather=False)
+    else:
+        _torch_scatter(src, planes, slots_np, head_start, num_heads)
+
+
+def _checked(planes: KVPlanes, slots, head_start: int, num_heads: int, staging: torch.Tensor):
+    slots_np = host_slots(slots)
+    planes.check_slice(slots_np, head_start, num_heads)
+    expected = planes.staging_bytes(len(slots_np), num_heads)
+    nbytes = staging.numel() * staging.element_size()
+    if nbytes != expected or not staging.is_contiguous():
+        raise ValueError(
+            f"staging region holds {nbytes} bytes (contiguous={staging.is_contiguous()}), "
+            f"expected a contiguous {expected} for {len(slots_np)} tokens x {num_heads} heads"
+        )
+    if staging.device != planes.device:
+        raise ValueError(f"staging region is on {staging.device}, cache on {planes.device}")
+    return slots_np
+
+
+def _use_kernel(planes: KVPlanes, backend: str) -> bool:
+    if backend not in ("auto", "torch", "cuda"):
+        raise ValueError(f"backend={backend!r} is not one of 'auto', 'torch', 'cuda'")
+    if backend == "cuda" and planes.device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs a cache on a GPU, got {planes.device}")
+    return planes.device.type == "cuda" and backend != "torch"
+
+
+def _staging_view(planes: KVPlanes, staging: torch.Tensor, num_tokens: int, num_heads: int):
+    bits = _BITS_DTYPE[planes.itemsize]
+    return staging.view(torch.uint8).view(bits).view(planes.staging_shape(num_tokens, num_heads))
+
+
+def _torch_gather(planes, slots_np, head_start, num_heads, out) -> None:
+    index = torch.from_numpy(slots_np).to(planes.device)
+    staged = _staging_view(planes, out, len(slots_np), num_heads)  # [P, T, h, D]
+    bits = _BITS_DTYPE[planes.itemsize]
+    for plane, dst in zip(planes.planes, staged, strict=True):
+        src = plane.view(bits).narrow(1, head_start, num_heads)  # [slots, h, D]
+        torch.index_select(src, 0, index, out=dst)
+
+
+def _torch_scatter(src, planes, slots_np, head_start, num_heads) -> None:
+    index = torch.from_numpy(slots_np).to(planes.device)
+    staged = _staging_view(planes, src, len(slots_np), num_heads)  # [P, T, h, D]
+    bits = _BITS_DTYPE[planes.itemsize]
+    for plane, rows in zip(planes.planes, staged, strict=True):
+        plane.view(bits).narrow(1, head_start, num_heads).index_copy_(0, index, rows)
+
+
+def _launch(planes, slots_np, head_start, num_heads, staging, gather: bool) -> None:
+    from kvferry.staging.kv_launch import launch_kv_copy  # deferred: needs cupy
+
+    launch_kv_copy(planes, slots_np, head_start, num_heads, staging, gather)

@@ -1,0 +1,76 @@
+"""Launcher for the gather/scatter RawKernels: picks the vector width, grid and stream.
+
+Only imported when a cache lives on a GPU; everything it receives has been validated by
+kvferry.staging.kv_copy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import cupy
+import numpy as np
+import torch
+
+from kvferry.cuda.kernels import VECTOR_TYPES, kv_copy_kernel
+
+BLOCK = 256  # threads per block; matches __launch_bounds__ in kv_copy.cu
+UNROLL = 4  # vectors per thread per iteration; matches kUnroll in kv_copy.cu
+MAX_GRID_X = 1 << 16  # beyond this the kernel's grid-stride loop takes over
+
+
+def launch_kv_copy(
+    planes,
+    slots_np: np.ndarray,
+    head_start: int,
+    num_heads: int,
+    staging: torch.Tensor,
+    gather: bool,
+) -> None:
+    """Queue one gather (or scatter) over all planes on the current torch stream."""
+    if len(slots_np) == 0:
+        return
+    row_bytes = num_heads * planes.head_dim * planes.itemsize
+    slot_bytes = planes.num_heads * planes.head_dim * planes.itemsize
+    offset_bytes = head_start * planes.head_dim * planes.itemsize
+    width = _vector_width(
+        row_bytes, slot_bytes, offset_bytes, staging.data_ptr(), planes.address_alignment
+    )
+    row_len = row_bytes // width
+    per_plane = len(slots_np) * row_len
+    if per_plane >= 1 << 31:
+        raise ValueError(
+            f"{len(slots_np)} tokens x {row_bytes} B per plane is too large for one launch"
+        )
+    device_slots = torch.from_numpy(slots_np.astype(np.int32)).pin_memory()
+    device_slots = device_slots.to(planes.device, non_blocking=True)
+    grid = (min(-(-per_plane // (BLOCK * UNROLL)), MAX_GRID_X), planes.num_planes)
+    args = (
+        np.uint64(planes.pointers.data_ptr()),
+        np.uint64(device_slots.data_ptr()),
+        np.uint64(staging.data_ptr()),
+        np.uint32(len(slots_np)),
+        np.uint32(row_len),
+        np.int64(slot_bytes // width),
+        np.int64(offset_bytes // width),
+    )
+    with cupy.cuda.Device(planes.device.index):
+        kernel = kv_copy_kernel(width, gather)
+        kernel(grid, (BLOCK,), args, stream=_cupy_stream(torch.cuda.current_stream(planes.device)))
+
+
+def _vector_width(*quantities: int) -> int:
+    """The widest vector width dividing every byte count and address given."""
+    for width in VECTOR_TYPES:
+        if all(q % width == 0 for q in quantities):
+            return width
+    raise AssertionError("unreachable: width 1 divides everything")
+
+
+@functools.lru_cache(maxsize=64)
+def _stream_for(handle: int, device_index: int) -> cupy.cuda.ExternalStream:
+    return cupy.cuda.ExternalStream(handle, device_index)
+
+
+def _cupy_stream(stream: torch.cuda.Stream) -> cupy.cuda.ExternalStream:
+    return _stream_for(stream.cuda_stream, stream.device.index)

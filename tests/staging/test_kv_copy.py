@@ -1,0 +1,131 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from kvferry.staging import KVPlanes, gather, plan_head_transfers, rank_heads, scatter
+from kvsim import bits, random_bits, tp_ranks, transfer
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8]
+
+
+@pytest.mark.parametrize(
+    "heads, src_tp, dst_tp",
+    [
+        (4, 1, 1),
+        (4, 2, 1),
+        (4, 4, 1),
+        (4, 1, 2),
+        (4, 1, 4),
+        (4, 2, 4),
+        (4, 4, 2),
+        (2, 4, 1),
+        (2, 1, 4),
+        (2, 4, 4),
+        (1, 2, 2),
+    ],
+)
+def test_tp_round_trip_is_bit_exact(heads, src_tp, dst_tp):
+    gen = torch.Generator().manual_seed(heads * 100 + src_tp * 10 + dst_tp)
+    planes, tokens, head_dim = 6, 37, 8
+    kv = random_bits((planes, tokens, heads, head_dim), torch.bfloat16, gen)
+    src = tp_ranks(heads, src_tp, planes, tokens, head_dim, torch.bfloat16, page_size=16, seed=1)
+    dst = tp_ranks(heads, dst_tp, planes, tokens, head_dim, torch.bfloat16, page_size=4, seed=50)
+    for r, rank in enumerate(src):
+        held = rank_heads(heads, src_tp, r)
+        rank.fill(kv[:, :, held.start : held.stop])
+    transfer(src, dst, plan_head_transfers(heads, src_tp, dst_tp), tokens)
+    for r, rank in enumerate(dst):
+        held = rank_heads(heads, dst_tp, r)
+        assert torch.equal(bits(rank.read()), bits(kv[:, :, held.start : held.stop]))
+
+
+def test_mla_round_trip():
+    gen = torch.Generator().manual_seed(7)
+    planes, tokens, dim = 4, 21, 576
+    latent = random_bits((planes, tokens, 1, dim), torch.bfloat16, gen)
+    src = tp_ranks(1, 2, planes, tokens, dim, torch.bfloat16, page_size=8, seed=3, mla=True)
+    dst = tp_ranks(1, 3, planes, tokens, dim, torch.bfloat16, page_size=1, seed=9, mla=True)
+    for rank in src:
+        rank.fill(latent)
+    transfer(src, dst, plan_head_transfers(1, 2, 3, mla=True), tokens)
+    for rank in dst:
+        assert torch.equal(bits(rank.read()), bits(latent))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_staging_layout_is_plane_token_head_dim(dtype):
+    gen = torch.Generator().manual_seed(1)
+    cache = random_bits((3, 10, 4, 5), dtype, gen)
+    slots = [7, 2, 9]
+    out = torch.empty(3 * 3 * 2 * 5, dtype=dtype)
+    gather(KVPlanes.from_cache(cache), slots, 1, 2, out)
+    assert torch.equal(bits(out.view(3, 3, 2, 5)), bits(cache[:, slots, 1:3]))
+
+
+def test_nan_payloads_survive():
+    cache = torch.full((2, 4, 1, 2), float("nan"))
+    cache.view(torch.int32)[..., 0] = 0x7FC0BEEF  # a NaN with a payload
+    out = torch.empty(2 * 4 * 2)
+    gather(KVPlanes.from_cache(cache), [3, 2, 1, 0], 0, 1, out)
+    assert (out.view(torch.int32).view(2, 4, 2)[..., 0] == 0x7FC0BEEF).all()
+
+
+def setup_small():
+    cache = torch.arange(2 * 8 * 4 * 2, dtype=torch.float32).view(2, 8, 4, 2)
+    return KVPlanes.from_cache(cache), cache.clone()
+
+
+@pytest.mark.parametrize(
+    "slots, head_start, num_heads, fragment",
+    [
+        ([0, 8], 0, 1, "token slot 8"),
+        ([-1], 0, 1, "token slot -1"),
+        ([0], 3, 2, r"heads \[3, 5\)"),
+        ([0], -1, 1, r"heads \[-1, 0\)"),
+        ([0], 0, 0, r"heads \[0, 0\)"),
+    ],
+)
+def test_out_of_range_writes_nothing(slots, head_start, num_heads, fragment):
+    planes, before = setup_small()
+    staging = torch.full((2 * len(slots) * max(num_heads, 1) * 2,), 5.0)
+    with pytest.raises(ValueError, match=fragment):
+        gather(planes, slots, head_start, num_heads, staging)
+    assert (staging == 5.0).all()
+    with pytest.raises(ValueError, match=fragment):
+        scatter(staging, planes, slots, head_start, num_heads)
+    assert torch.equal(torch.stack(planes.planes), before)
+
+
+def test_wrong_staging_size_and_slot_types():
+    planes, _ = setup_small()
+    with pytest.raises(ValueError, match=r"holds 28 bytes.*expected a contiguous 64"):
+        gather(planes, [0, 1], 0, 2, torch.empty(7))
+    with pytest.raises(ValueError, match="1-D integer"):
+        gather(planes, np.array([0.5]), 0, 1, torch.empty(4))
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        gather(planes, [0], 0, 1, torch.empty(4), backend="cuda")
+
+
+def test_planes_must_agree():
+    with pytest.raises(ValueError, match="plane 1"):
+        KVPlanes([torch.zeros(4, 2, 2), torch.zeros(4, 2, 3)])
+
+
+def test_empty_token_list_is_a_no_op():
+    planes, before = setup_small()
+    gather(planes, [], 0, 4, torch.empty(0))
+    scatter(torch.empty(0), planes, [], 0, 4)
+    assert torch.equal(torch.stack(planes.planes), before)
+
+
+def test_every_dtype_round_trips_across_page_sizes():
+    gen = torch.Generator().manual_seed(3)
+    for dtype, (page_a, page_b) in itertools.product(DTYPES, [(16, 1), (3, 64)]):
+        src = tp_ranks(2, 1, 4, 50, 6, dtype, page_a, seed=4)[0]
+        dst = tp_ranks(2, 1, 4, 50, 6, dtype, page_b, seed=8)[0]
+        kv = random_bits((4, 50, 2, 6), dtype, gen)
+        src.fill(kv)
+        transfer([src], [dst], plan_head_transfers(2, 1, 1), 50)
+        assert torch.equal(bits(dst.read()), bits(kv))
