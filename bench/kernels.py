@@ -123,11 +123,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     token_list = [int(t) for t in args.tokens.split(",")]
     dtype = getattr(torch, args.dtype)
-    slots = (
-        -(-max(token_list) // args.page_size) * args.page_size * 2
-    )  # spare pages to shuffle among
-    shape = (2 * args.layers, slots, args.heads, args.head_dim)
-    cache = torch.randn(shape, device=device).to(dtype)
+    pages = -(-max(token_list) // args.page_size) * 5 // 4  # a quarter spare, to shuffle among
+    shape = (2 * args.layers, pages * args.page_size, args.heads, args.head_dim)
+    cache = torch.randn(shape, device=device, dtype=dtype)
     target = torch.zeros_like(cache)
     roofline = copy_roofline(device, min(4 << 30, cache.numel() * cache.element_size()), args.iters)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
