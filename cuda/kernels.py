@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
-from importlib import resources
+from pathlib import Path
 
 # Vector types by width in bytes; the kernels copy whole vectors.
 VECTOR_TYPES = {16: "uint4", 8: "uint2", 4: "unsigned int", 2: "unsigned short", 1: "unsigned char"}
 
 
 def _source(name: str) -> str:
-    return resources.files("kvferry.cuda").joinpath(name).read_text()
+    # A plain path, not importlib.resources: kvferry.cuda is a namespace package (so the repo's
+    # cuda/ folder never shadows NVIDIA's `cuda` namespace), and resource readers reject those.
+    return (Path(__file__).parent / name).read_text()
 
 
 @functools.cache
