@@ -67,10 +67,23 @@ def _vector_width(*quantities: int) -> int:
     raise AssertionError("unreachable: width 1 divides everything")
 
 
+class _StreamHandle:
+    """A raw cudaStream_t speaking the CUDA stream protocol."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
 @functools.lru_cache(maxsize=64)
-def _stream_for(handle: int, device_index: int) -> cupy.cuda.ExternalStream:
-    return cupy.cuda.ExternalStream(handle, device_index)
+def _stream_for(handle: int, device_index: int) -> cupy.cuda.Stream:
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        with cupy.cuda.Device(device_index):
+            return cupy.cuda.Stream.from_external(_StreamHandle(handle))
+    return cupy.cuda.ExternalStream(handle, device_index)  # cupy < 14
 
 
-def _cupy_stream(stream: torch.cuda.Stream) -> cupy.cuda.ExternalStream:
+def _cupy_stream(stream: torch.cuda.Stream) -> cupy.cuda.Stream:
     return _stream_for(stream.cuda_stream, stream.device.index)
