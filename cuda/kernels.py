@@ -16,14 +16,15 @@ def _source(name: str) -> str:
 
 
 @functools.cache
-def _kv_copy_module():
+def _kv_copy_module(device_index: int):
     import cupy  # deferred: CPU-only installs never import cupy
 
     names = [_kv_copy_name(width, gather) for width in VECTOR_TYPES for gather in (True, False)]
     module = cupy.RawModule(
         code=_source("kv_copy.cu"), options=("-std=c++17",), name_expressions=names
     )
-    module.compile()
+    with cupy.cuda.Device(device_index):
+        module.compile()
     return module
 
 
@@ -32,6 +33,9 @@ def _kv_copy_name(width: int, gather: bool) -> str:
 
 
 @functools.cache
-def kv_copy_kernel(width: int, gather: bool):
-    """The gather (or scatter) kernel that moves `width`-byte vectors, compiled once."""
-    return _kv_copy_module().get_function(_kv_copy_name(width, gather))
+def kv_copy_kernel(width: int, gather: bool, device_index: int):
+    """The gather (or scatter) kernel moving `width`-byte vectors on a device, compiled once."""
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        return _kv_copy_module(device_index).get_function(_kv_copy_name(width, gather))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kvferry.cuda.kernels import VECTOR_TYPES, kv_copy_kernel
+from kvferry.staging.upload import IndexUploader
 
 BLOCK = 256  # threads per block; matches __launch_bounds__ in kv_copy.cu
 UNROLL = 4  # vectors per thread per iteration; matches kUnroll in kv_copy.cu
@@ -42,21 +43,23 @@ def launch_kv_copy(
         raise ValueError(
             f"{len(slots_np)} tokens x {row_bytes} B per plane is too large for one launch"
         )
-    device_slots = torch.from_numpy(slots_np.astype(np.int32)).pin_memory()
-    device_slots = device_slots.to(planes.device, non_blocking=True)
     grid = (min(-(-per_plane // (BLOCK * UNROLL)), MAX_GRID_X), planes.num_planes)
-    args = (
-        np.uint64(planes.pointers.data_ptr()),
-        np.uint64(device_slots.data_ptr()),
-        np.uint64(staging.data_ptr()),
-        np.uint32(len(slots_np)),
-        np.uint32(row_len),
-        np.int64(slot_bytes // width),
-        np.int64(offset_bytes // width),
-    )
-    with cupy.cuda.Device(planes.device.index):
-        kernel = kv_copy_kernel(width, gather)
-        kernel(grid, (BLOCK,), args, stream=_cupy_stream(torch.cuda.current_stream(planes.device)))
+    uploader = _uploader(planes.device)
+    kernel = kv_copy_kernel(width, gather, planes.device.index)
+    stream = _cupy_stream(torch.cuda.current_stream(planes.device))
+    with uploader.lock:
+        device_slots, ticket = uploader.upload(slots_np.astype(np.int32))
+        args = (
+            np.uint64(planes.pointers.data_ptr()),
+            np.uint64(device_slots.data_ptr()),
+            np.uint64(staging.data_ptr()),
+            np.uint32(len(slots_np)),
+            np.uint32(row_len),
+            np.int64(slot_bytes // width),
+            np.int64(offset_bytes // width),
+        )
+        kernel(grid, (BLOCK,), args, stream=stream)
+        uploader.done(ticket)
 
 
 def _vector_width(*quantities: int) -> int:
@@ -65,6 +68,17 @@ def _vector_width(*quantities: int) -> int:
         if all(q % width == 0 for q in quantities):
             return width
     raise AssertionError("unreachable: width 1 divides everything")
+
+
+@functools.cache
+def _uploader(device: torch.device) -> IndexUploader:
+    with torch.cuda.device(device):
+        return IndexUploader(device)
+
+
+def upload_waits(device: torch.device) -> int:
+    """Launches on `device` that found the index upload ring full and waited for the GPU."""
+    return _uploader(device).waits
 
 
 class _StreamHandle:

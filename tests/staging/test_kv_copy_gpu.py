@@ -121,3 +121,21 @@ def test_launches_never_synchronise_the_host():
         scatter(out, planes, range(511, -1, -1), 0, 2, backend="cuda")
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_index_uploader_waits_when_its_ring_is_full():
+    import numpy as np
+
+    from kvferry.staging.upload import IndexUploader
+
+    uploader = IndexUploader(torch.device("cuda"), capacity=1024)
+    first, ticket = uploader.upload(np.arange(200, dtype=np.int32))
+    torch.cuda._sleep(20_000_000)  # keep the GPU busy so the first region stays in use
+    first_copy = first.clone()
+    uploader.done(ticket)
+    second, ticket = uploader.upload(np.arange(1000, 1200, dtype=np.int32))  # 800 + 800 > 1024
+    second_copy = second.clone()
+    uploader.done(ticket)
+    assert uploader.waits == 1
+    assert torch.equal(first_copy.cpu(), torch.arange(200, dtype=torch.int32))
+    assert torch.equal(second_copy.cpu(), torch.arange(1000, 1200, dtype=torch.int32))
