@@ -11,7 +11,7 @@
 // One launch covers every plane (blockIdx.y) and every token of a (chunk, destination) pair.
 
 template <typename V, bool kGather>
-__global__ void __launch_bounds__(256) kv_copy(
+__global__ void __launch_bounds__(512) kv_copy(
     const unsigned long long* __restrict__ planes,  // [num_planes] cache plane base addresses
     const int* __restrict__ slots,                  // [num_tokens] cache slot of each token
     V* __restrict__ staging,                        // [num_planes, num_tokens, row_len]
@@ -19,7 +19,7 @@ __global__ void __launch_bounds__(256) kv_copy(
     const unsigned int row_len,
     const long long slot_len,
     const long long head_offset) {
-  constexpr int kUnroll = 4;  // loads in flight per thread before the first store
+  constexpr int kUnroll = 2;  // loads in flight per thread before the first store (tuned on H100)
   const unsigned int n = num_tokens * row_len;  // vectors per plane; the launcher keeps n < 2^31
   V* cache = reinterpret_cast<V*>(planes[blockIdx.y]) + head_offset;
   V* stage = staging + static_cast<long long>(blockIdx.y) * n;

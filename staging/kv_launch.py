@@ -15,8 +15,8 @@ import torch
 from kvferry.cuda.kernels import VECTOR_TYPES, kv_copy_kernel
 from kvferry.staging.upload import IndexUploader
 
-BLOCK = 256  # threads per block; matches __launch_bounds__ in kv_copy.cu
-UNROLL = 4  # vectors per thread per iteration; matches kUnroll in kv_copy.cu
+BLOCK = 512  # threads per block; matches __launch_bounds__ in kv_copy.cu
+UNROLL = 2  # vectors per thread per iteration; matches kUnroll in kv_copy.cu
 MAX_GRID_X = 1 << 16  # beyond this the kernel's grid-stride loop takes over
 
 
