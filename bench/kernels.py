@@ -4,10 +4,11 @@
     python bench/kernels.py --tokens 4096,32768 --fractions 8,1 --json out.json
 
 Every figure counts bytes read + written. The roofline is one large device-to-device copy
-measured in the same run. Two per-layer torch gathers are the comparison: "isel" is kvferry's
-own torch path (index_select straight into staging, backend="torch"), "naive" the usual
-advanced-indexing copy `staging[p] = cache[p][slots, h0:h1]`. "host us" is what issuing one
-gather costs the calling thread.
+measured in the same run ("%roof"); "%copy" compares with a plain copy of the same number of
+bytes, which pays the same launch and tail costs as the gather. Two per-layer torch gathers are
+the comparison: "isel" is kvferry's own torch path (index_select straight into staging,
+backend="torch"), "naive" the usual advanced-indexing copy `staging[p] = cache[p][slots, h0:h1]`.
+"host us" is what issuing one gather costs the calling thread.
 On a CPU the same comparison runs at small sizes, for relative figures only.
 """
 
@@ -92,6 +93,7 @@ def measure(args, device, cache, target, roofline, tokens, fraction, rng) -> dic
         lambda: naive_gather(planes, slots, head_start, num_heads, check), few, device
     )
     assert torch.equal(staging, check), "kernel and advanced-indexing gathers differ"
+    t_copy, _ = timed(lambda: check.copy_(staging), args.iters, device)  # same bytes, contiguous
     gbps = lambda seconds: 2 * nbytes / seconds / 1e9  # noqa: E731
     return {
         "tokens": tokens,
@@ -102,6 +104,8 @@ def measure(args, device, cache, target, roofline, tokens, fraction, rng) -> dic
         "torch_gbps": gbps(t_torch),
         "gather_vs_roofline": gbps(t_gather) / roofline,
         "scatter_vs_roofline": gbps(t_scatter) / roofline,
+        "same_size_copy_gbps": gbps(t_copy),
+        "gather_vs_same_size_copy": t_copy / t_gather,
         "gather_vs_torch": t_torch / t_gather,
         "naive_gbps": gbps(t_naive),
         "gather_vs_naive": t_naive / t_gather,
@@ -116,6 +120,7 @@ COLUMNS = [  # title, width, formatter
     ("MiB", 8, lambda r: f"{r['mib']:.0f}"),
     ("gather GB/s", 13, lambda r: f"{r['gather_gbps']:.0f}"),
     ("%roof", 7, lambda r: f"{100 * r['gather_vs_roofline']:.0f}%"),
+    ("%copy", 7, lambda r: f"{100 * r['gather_vs_same_size_copy']:.0f}%"),
     ("scatter GB/s", 14, lambda r: f"{r['scatter_gbps']:.0f}"),
     ("%roof", 7, lambda r: f"{100 * r['scatter_vs_roofline']:.0f}%"),
     ("isel GB/s", 11, lambda r: f"{r['torch_gbps']:.0f}"),
