@@ -46,12 +46,12 @@ def launch_kv_copy(
     grid = (min(-(-per_plane // (BLOCK * UNROLL)), MAX_GRID_X), planes.num_planes)
     uploader = _uploader(planes.device)
     kernel = kv_copy_kernel(width, gather, planes.device.index)
-    stream = _cupy_stream(torch.cuda.current_stream(planes.device))
+    stream = _current_stream(planes.device.index)
     with uploader.lock:
-        device_slots, ticket = uploader.upload(slots_np.astype(np.int32))
+        device_slots, ticket = uploader.upload(slots_np.astype(np.int32), stream)
         args = (
             np.uint64(planes.pointers.data_ptr()),
-            np.uint64(device_slots.data_ptr()),
+            np.uint64(device_slots),
             np.uint64(staging.data_ptr()),
             np.uint32(len(slots_np)),
             np.uint32(row_len),
@@ -59,7 +59,7 @@ def launch_kv_copy(
             np.int64(offset_bytes // width),
         )
         kernel(grid, (BLOCK,), args, stream=stream)
-        uploader.done(ticket)
+        uploader.done(ticket, stream)
 
 
 def _vector_width(*quantities: int) -> int:
@@ -99,5 +99,14 @@ def _stream_for(handle: int, device_index: int) -> cupy.cuda.Stream:
     return cupy.cuda.ExternalStream(handle, device_index)  # cupy < 14
 
 
-def _cupy_stream(stream: torch.cuda.Stream) -> cupy.cuda.Stream:
-    return _stream_for(stream.cuda_stream, stream.device.index)
+def _current_stream(device_index: int) -> cupy.cuda.Stream:
+    """torch's current stream on the device, as a cupy stream (cached per raw handle)."""
+    return _stream_for(_raw_current_stream(device_index), device_index)
+
+
+def _raw_current_stream(device_index: int) -> int:
+    # The private accessor skips building a torch.cuda.Stream (several microseconds per call).
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream

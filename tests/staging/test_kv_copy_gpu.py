@@ -124,18 +124,25 @@ def test_launches_never_synchronise_the_host():
 
 
 def test_index_uploader_waits_when_its_ring_is_full():
+    import cupy
     import numpy as np
 
+    from kvferry.staging.kv_launch import _stream_for
     from kvferry.staging.upload import IndexUploader
 
-    uploader = IndexUploader(torch.device("cuda"), capacity=1024)
-    first, ticket = uploader.upload(np.arange(200, dtype=np.int32))
-    torch.cuda._sleep(20_000_000)  # keep the GPU busy so the first region stays in use
-    first_copy = first.clone()
-    uploader.done(ticket)
-    second, ticket = uploader.upload(np.arange(1000, 1200, dtype=np.int32))  # 800 + 800 > 1024
-    second_copy = second.clone()
-    uploader.done(ticket)
+    uploader = IndexUploader(torch.device("cuda:0"), capacity=1024)
+    side = torch.cuda.Stream()
+    stream = _stream_for(side.cuda_stream, 0)
+    copies = []
+    with torch.cuda.stream(side):
+        for first in (0, 1000):  # 800 B each, aligned to 1024: only one fits at a time
+            address, ticket = uploader.upload(np.arange(first, first + 200, dtype=np.int32), stream)
+            memory = cupy.cuda.UnownedMemory(address, 800, uploader)
+            region = cupy.ndarray((200,), cupy.int32, cupy.cuda.MemoryPointer(memory, 0))
+            copies.append(torch.as_tensor(region, device="cuda").clone())
+            torch.cuda._sleep(20_000_000)  # keeps the region in flight a while
+            uploader.done(ticket, stream)
+    side.synchronize()
     assert uploader.waits == 1
-    assert torch.equal(first_copy.cpu(), torch.arange(200, dtype=torch.int32))
-    assert torch.equal(second_copy.cpu(), torch.arange(1000, 1200, dtype=torch.int32))
+    assert torch.equal(copies[0].cpu(), torch.arange(200, dtype=torch.int32))
+    assert torch.equal(copies[1].cpu(), torch.arange(1000, 1200, dtype=torch.int32))
