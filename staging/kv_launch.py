@@ -58,8 +58,10 @@ def launch_kv_copy(
             np.int64(slot_bytes // width),
             np.int64(offset_bytes // width),
         )
-        kernel(grid, (BLOCK,), args, stream=stream)
-        uploader.done(ticket, stream)
+        try:
+            kernel(grid, (BLOCK,), args, stream=stream)
+        finally:  # the upload region is reclaimed after whatever the stream has queued
+            uploader.done(ticket, stream)
 
 
 def _vector_width(*quantities: int) -> int:
