@@ -8,7 +8,8 @@ measured in the same run ("%roof"); "%copy" compares with a plain copy of the sa
 bytes, which pays the same launch and tail costs as the gather. Two per-layer torch gathers are
 the comparison: "isel" is kvferry's own torch path (index_select straight into staging,
 backend="torch"), "naive" the usual advanced-indexing copy `staging[p] = cache[p][slots, h0:h1]`.
-"host us" is what issuing one gather costs the calling thread.
+"host us" is what issuing one gather costs the calling thread; GB/s figures are device time,
+measured with the calls queued behind a sleep kernel so host overhead does not hide in them.
 On a CPU the same comparison runs at small sizes, for relative figures only.
 """
 
@@ -27,13 +28,15 @@ from kvferry.staging import KVPlanes, gather, scatter, token_slots
 def timed(fn, iters: int, device: torch.device) -> tuple[float, float]:
     """(device seconds, host seconds) per call, after one warm-up call.
 
-    Host seconds is what issuing the call costs the calling thread; on a GPU the loop does not
-    wait for the device, so it is the launch overhead.
+    Host seconds is what issuing the call costs the calling thread. On a GPU the device is first
+    held busy by a sleep kernel while the calls are queued, so device seconds measure the
+    kernels back to back, not how fast one Python thread can issue them.
     """
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(HOLD_CYCLES)
         begin = time.perf_counter()
         start.record()
         for _ in range(iters):
@@ -47,6 +50,9 @@ def timed(fn, iters: int, device: torch.device) -> tuple[float, float]:
         fn()
     elapsed = (time.perf_counter() - begin) / iters
     return elapsed, elapsed
+
+
+HOLD_CYCLES = 100_000_000  # ~50 ms of GPU clock: longer than issuing any timed loop
 
 
 def copy_roofline(device: torch.device, nbytes: int, iters: int) -> float:
