@@ -1,0 +1,42 @@
+"""Transfer settings shared by the prefill and decode sides of the transport."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How KV moves between ranks. Every wait the transport makes is bounded by one of these."""
+
+    mode: Literal["staged", "slice"] = "staged"  # slice: one message per token and plane
+    chunk_tokens: int = 512  # tokens per transfer chunk (decode proposes it at registration)
+    staging_bytes: int = 256 << 20  # each rank's staging ring
+    host: str = "127.0.0.1"  # interface the control sockets bind to
+    bootstrap_timeout_s: float = 30.0  # registration of a room with every peer rank
+    transfer_timeout_s: float = 300.0  # a room's whole life, registration to Success
+    ring_wait_timeout_s: float = 30.0  # one chunk waiting for staging room
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0  # peer silent this long: its rooms fail
+    max_frame_bytes: int = 1 << 20  # control frames above this are refused unread
+    ucx_tls: str | None = None  # UCX_TLS for the data plane; None keeps UCX's own choice
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_tokens", "staging_bytes", "max_frame_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in (
+            "bootstrap_timeout_s",
+            "transfer_timeout_s",
+            "ring_wait_timeout_s",
+            "heartbeat_interval_s",
+            "heartbeat_timeout_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"heartbeat_timeout_s={self.heartbeat_timeout_s} must exceed "
+                f"heartbeat_interval_s={self.heartbeat_interval_s}"
+            )

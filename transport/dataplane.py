@@ -1,0 +1,182 @@
+"""Data plane: tagged bulk messages between ranks.
+
+The base class validates; backends implement a few narrow hooks. `UcxDataPlane` (transport/ucx.py)
+is the real one; `LoopbackDataPlane` moves bytes between planes of one process, so unit tests of
+everything above run without UCX.
+
+Receiving is probe-driven: the owner asks which message arrived (tag, length), validates both
+against what it expects, finds room for it, and only then takes it. Messages it does not want
+are discarded (taken into a scratch buffer, which also releases a waiting sender).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+U64 = 1 << 64
+
+
+class Request:
+    """A send or receive in flight."""
+
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def error(self) -> str | None:
+        """Why it failed, once done; None on success."""
+        raise NotImplementedError
+
+
+class DoneRequest(Request):
+    def __init__(self, error: str | None = None) -> None:
+        self._error = error
+
+    def done(self) -> bool:
+        return True
+
+    def error(self) -> str | None:
+        return self._error
+
+
+class DataPlane:
+    """One rank's endpoint of the data plane. Used from the owning agent thread only."""
+
+    def __init__(self) -> None:
+        self._endpoints: dict[bytes, object] = {}
+        self.messages_sent = 0
+        self.bytes_sent = 0
+        self.messages_received = 0
+        self.bytes_received = 0
+
+    @property
+    def address(self) -> bytes:
+        raise NotImplementedError
+
+    def endpoint(self, address: bytes, on_error: Callable[[str], None]):
+        """The (cached) endpoint to the peer at `address`; `on_error` fires if it breaks."""
+        endpoint = self._endpoints.get(address)
+        if endpoint is None:
+            endpoint = self._connect(address, on_error)
+            self._endpoints[address] = endpoint
+        return endpoint
+
+    def drop_endpoint(self, address: bytes) -> None:
+        self._endpoints.pop(address, None)
+
+    def send(self, endpoint, buffer: torch.Tensor, tag: int) -> Request:
+        _check(buffer, tag)
+        self.messages_sent += 1
+        self.bytes_sent += buffer.numel() * buffer.element_size()
+        return self._send(endpoint, buffer, tag)
+
+    def probe(self) -> tuple[int, int] | None:
+        """(tag, length) of the oldest message that arrived and was not taken yet."""
+        return self._probe()
+
+    def recv(self, tag: int, buffer: torch.Tensor) -> Request:
+        """Take the message with `tag` (seen by probe) into `buffer`."""
+        _check(buffer, tag)
+        self.messages_received += 1
+        self.bytes_received += buffer.numel() * buffer.element_size()
+        return self._recv(tag, buffer)
+
+    def discard(self, tag: int) -> Request:
+        """Take the message with `tag` and throw it away (its sender is released)."""
+        return self._discard(tag)
+
+    def close(self) -> None:
+        self._endpoints.clear()
+
+    # backend hooks
+    def _connect(self, address: bytes, on_error: Callable[[str], None]):
+        raise NotImplementedError
+
+    def _send(self, endpoint, buffer: torch.Tensor, tag: int) -> Request:
+        raise NotImplementedError
+
+    def _probe(self) -> tuple[int, int] | None:
+        raise NotImplementedError
+
+    def _recv(self, tag: int, buffer: torch.Tensor) -> Request:
+        raise NotImplementedError
+
+    def _discard(self, tag: int) -> Request:
+        raise NotImplementedError
+
+
+def _check(buffer: torch.Tensor, tag: int) -> None:
+    if not buffer.is_contiguous():
+        raise ValueError("data-plane buffers must be contiguous")
+    if not 0 <= tag < U64:
+        raise ValueError(f"tag {tag} is not an unsigned 64-bit value")
+
+
+class LoopbackDataPlane(DataPlane):
+    """In-process data plane: a send copies the bytes into the receiving plane's queue."""
+
+    _registry: dict[bytes, LoopbackDataPlane] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._address = f"loopback:{uuid.uuid4().hex}".encode()
+        self._queue: deque[tuple[int, bytes]] = deque()
+        self._lock = threading.Lock()
+        with self._registry_lock:
+            self._registry[self._address] = self
+
+    @property
+    def address(self) -> bytes:
+        return self._address
+
+    def close(self) -> None:
+        with self._registry_lock:
+            self._registry.pop(self._address, None)
+        super().close()
+
+    def _connect(self, address: bytes, on_error):
+        return address
+
+    def _send(self, endpoint, buffer, tag) -> Request:
+        with self._registry_lock:
+            peer = self._registry.get(endpoint)
+        if peer is None:
+            return DoneRequest(f"loopback peer {endpoint!r} is gone")
+        payload = buffer.cpu().view(torch.uint8).numpy().tobytes()
+        with peer._lock:
+            peer._queue.append((tag, payload))
+        return DoneRequest()
+
+    def _probe(self):
+        with self._lock:
+            if not self._queue:
+                return None
+            tag, payload = self._queue[0]
+            return tag, len(payload)
+
+    def _take(self, tag: int) -> bytes | None:
+        with self._lock:
+            for i, (queued_tag, payload) in enumerate(self._queue):
+                if queued_tag == tag:
+                    del self._queue[i]
+                    return payload
+        return None
+
+    def _recv(self, tag, buffer) -> Request:
+        payload = self._take(tag)
+        if payload is None:
+            return DoneRequest(f"no message with tag {tag:#x}")
+        if len(payload) != buffer.numel() * buffer.element_size():
+            return DoneRequest(f"message of {len(payload)} bytes, buffer of {buffer.nbytes}")
+        source = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        buffer.view(torch.uint8).copy_(source.to(buffer.device))
+        return DoneRequest()
+
+    def _discard(self, tag) -> Request:
+        self._take(tag)
+        return DoneRequest()

@@ -1,0 +1,94 @@
+"""The thread that drives one rank's transfers.
+
+Each turn: run calls posted by other threads, read every waiting control frame, then let the
+owner make progress (start copies, post sends, take arrived data, check timers). It sleeps in
+zmq.Poller only while the owner reports nothing in flight; otherwise it polls at a short period.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+BUSY_SLEEP_S = 0.0002  # pause between turns while copies or messages are in flight
+IDLE_POLL_MS = 50  # longest sleep while idle (timers are checked at least this often)
+
+
+class AgentLoop:
+    def __init__(
+        self,
+        name: str,
+        inbound: zmq.Socket,
+        on_frames: Callable[[], None],
+        step: Callable[[float], bool],
+    ) -> None:
+        self._on_frames = on_frames
+        self._step = step  # step(now) -> True while work is in flight
+        self._posted: deque[Callable[[], None]] = deque()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._poller = zmq.Poller()
+        self._poller.register(inbound, zmq.POLLIN)
+        self._poller.register(self._wake_read, zmq.POLLIN)
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def post(self, call: Callable[[], None]) -> None:
+        """Run `call` on the loop thread soon; safe from any thread."""
+        self._posted.append(call)
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_write, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is already due to wake
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stopping.set()
+        self.wake()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        busy = False
+        try:
+            while not self._stopping.is_set():
+                events = dict(self._poller.poll(0 if busy else IDLE_POLL_MS))
+                if busy and not events and not self._posted:
+                    time.sleep(BUSY_SLEEP_S)
+                if self._wake_read in events:
+                    self._drain_wakeups()
+                while self._posted:
+                    self._posted.popleft()()
+                self._on_frames()
+                busy = self._step(time.monotonic())
+        except BaseException as exc:  # the owner fails every room on this; nothing may hang
+            log.exception("transfer loop %s died", self._thread.name)
+            self.error = exc
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass

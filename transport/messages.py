@@ -1,0 +1,148 @@
+"""Control-plane wire messages: msgspec Structs, tagged, behind a protocol-version prefix.
+
+A frame is 2 bytes of protocol version (big endian) followed by one msgpack-encoded message.
+Decoding is strict: a wrong version, an unknown tag, a missing or mistyped field, or a frame
+over the size limit raises WireError naming the problem; nothing is half-decoded.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+from kvferry.staging.layout import KVLayout
+
+PROTOCOL_VERSION = 1
+_VERSION = struct.Struct(">H")
+U64_MAX = (1 << 64) - 1
+
+
+class WireError(ValueError):
+    """A control frame that cannot be accepted."""
+
+
+class _Msg(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    pass
+
+
+class RankInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How to reach one prefill rank and what its cache holds."""
+
+    layout: KVLayout
+    ucx_address: bytes
+    control_address: str
+
+
+class RegisterRank(_Msg):
+    """Prefill rank -> bootstrap server."""
+
+    info: RankInfo
+
+
+class QueryPeers(_Msg):
+    """Decode rank -> bootstrap server: which prefill ranks are there?"""
+
+
+class Peers(_Msg):
+    """Bootstrap server -> decode rank, once every prefill rank has registered."""
+
+    ranks: list[RankInfo]
+
+
+class RegisterRoom(_Msg):
+    """Decode rank -> each prefill rank: expect room `room`, send my slices here."""
+
+    room: int
+    layout: KVLayout  # the decode rank's
+    ucx_address: bytes
+    control_address: str
+    recv_key: int  # the decode rank's id for this room; data tags carry it
+    num_tokens: int
+    chunk_tokens: int
+    mode: str
+
+
+class RoomAccepted(_Msg):
+    room: int
+    src_rank: int
+
+
+class TransferDone(_Msg):
+    """Prefill rank -> decode rank: every chunk of the room has been sent to you."""
+
+    room: int
+    src_rank: int
+    num_chunks: int
+    first_token: int | None = None
+
+
+class Abort(_Msg):
+    """Either side -> the other: the room failed here, fail it there too."""
+
+    room: int
+    reason: str
+
+
+class Heartbeat(_Msg):
+    pass
+
+
+class Ack(_Msg):
+    pass
+
+
+class ErrorReply(_Msg):
+    """A request could not be served; `room` when the error concerns one."""
+
+    reason: str
+    room: int | None = None
+
+
+Message = (
+    RegisterRank
+    | QueryPeers
+    | Peers
+    | RegisterRoom
+    | RoomAccepted
+    | TransferDone
+    | Abort
+    | Heartbeat
+    | Ack
+    | ErrorReply
+)
+
+
+class Codec:
+    """Encodes and strictly decodes control frames."""
+
+    def __init__(self, max_frame_bytes: int = 1 << 20) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(Message)
+
+    def encode(self, message: Message) -> bytes:
+        return _VERSION.pack(PROTOCOL_VERSION) + self._encoder.encode(message)
+
+    def decode(self, frame: bytes) -> Message:
+        if len(frame) > self.max_frame_bytes:
+            raise WireError(
+                f"frame of {len(frame)} bytes exceeds the limit of {self.max_frame_bytes}"
+            )
+        if len(frame) < _VERSION.size:
+            raise WireError(f"frame of {len(frame)} bytes is too short for a protocol version")
+        (version,) = _VERSION.unpack_from(frame)
+        if version != PROTOCOL_VERSION:
+            raise WireError(f"protocol version {version} is not this side's {PROTOCOL_VERSION}")
+        try:
+            message = self._decoder.decode(memoryview(frame)[_VERSION.size :])
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise WireError(f"malformed frame: {exc}") from None
+        _check_ids(message)
+        return message
+
+
+def _check_ids(message: Message) -> None:
+    room = getattr(message, "room", None)
+    if room is not None and not 0 <= room <= U64_MAX:
+        raise WireError(f"room id {room} is not an unsigned 64-bit integer")

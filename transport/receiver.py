@@ -1,0 +1,413 @@
+"""Decode side: registers each room with the prefill ranks, takes each arriving region into
+its staging ring, scatters it into the paged KV cache, and frees the region once the scatter
+has run. A room succeeds when every writer's chunks are scattered and every prefill rank has
+said it is done (with the first sampled token)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from kvferry.staging.kv_copy import KVPlanes, host_slots
+from kvferry.staging.layout import KVLayout
+from kvferry.staging.plan import plan_head_transfers
+from kvferry.transport.config import TransferConfig
+from kvferry.transport.control import request
+from kvferry.transport.core import AgentCore
+from kvferry.transport.dataplane import DataPlane
+from kvferry.transport.messages import (
+    Abort,
+    Codec,
+    ErrorReply,
+    Message,
+    Peers,
+    QueryPeers,
+    RankInfo,
+    RegisterRoom,
+    RoomAccepted,
+    TransferDone,
+)
+from kvferry.transport.recv_room import Arrival, RecvRoom
+from kvferry.transport.room import KVPoll
+from kvferry.transport.sender import _loop_failure
+from kvferry.transport.tags import unpack_tag
+
+log = logging.getLogger(__name__)
+PROBES_PER_TURN = 256  # bounds one turn of the loop when many messages are waiting
+LOOKUP_RETRY_S = 0.05
+
+
+class DecodeAgent:
+    """One decode rank's transfer agent."""
+
+    def __init__(
+        self, config: TransferConfig, layout: KVLayout, planes: KVPlanes, data: DataPlane
+    ) -> None:
+        self.core = AgentCore(
+            f"kvferry-decode-{layout.tp_rank}",
+            config,
+            layout,
+            planes,
+            data,
+            self._on_message,
+            self._step,
+            self._on_peer_lost,
+        )
+        self.config, self.layout, self.planes = config, layout, planes
+        self.slice_mode = config.mode == "slice"
+        self.rooms: dict[int, RecvRoom] = {}
+        self._by_key: dict[int, RecvRoom] = {}
+        self._keys = itertools.count(1)
+        self._peers: dict[str, list[RankInfo]] = {}  # bootstrap address -> prefill ranks
+        self._waiting_peers: dict[str, list[RecvRoom]] = {}
+        self._lookups = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvferry-lookup")
+        self._receiving: deque[Arrival] = deque()
+        self._scattering: deque[Arrival] = deque()
+        self._discards: deque = deque()
+        self._ring_blocked_since: float | None = None
+        self.core.loop.start()
+
+    def receiver(self, room: int, slots, bootstrap: str) -> KVReceiver:
+        """The engine's handle for room `room`: its prompt's KV goes to cache `slots` (one per
+        prompt token, on the host), from the prefill group behind `bootstrap`."""
+        handle = KVReceiver(self, room, host_slots(slots).copy(), bootstrap)
+        self.planes.check_slice(handle.slots, 0, self.planes.num_heads)
+        self.core.loop.post(lambda: self._open(handle))
+        return handle
+
+    def close(self) -> None:
+        self._lookups.shutdown(wait=False, cancel_futures=True)
+        self.core.close()
+
+    @property
+    def ring(self):
+        return self.core.staging.ring if self.core.staging is not None else None
+
+    # --- bootstrapping -----------------------------------------------------------------------
+
+    def _open(self, handle: KVReceiver) -> None:
+        if handle.room in self.rooms:
+            handle.reject(f"duplicate: room {handle.room:#x} is already open on this rank")
+            return
+        room = RecvRoom(handle, next(self._keys), self.config.chunk_tokens, time.monotonic())
+        self.rooms[room.room], self._by_key[room.key] = room, room
+        peers = self._peers.get(handle.bootstrap)
+        if peers is not None:
+            self._register(room, peers)
+            return
+        waiting = self._waiting_peers.setdefault(handle.bootstrap, [])
+        waiting.append(room)
+        if len(waiting) == 1:
+            future = self._lookups.submit(self._lookup, handle.bootstrap)
+            future.add_done_callback(
+                lambda f, b=handle.bootstrap: self.core.loop.post(lambda: self._looked_up(b, f))
+            )
+
+    def _lookup(self, bootstrap: str) -> list[RankInfo]:
+        """Runs on a lookup thread: ask until every prefill rank has registered, or time out."""
+        codec, deadline = (
+            Codec(self.config.max_frame_bytes),
+            time.monotonic() + self.config.bootstrap_timeout_s,
+        )
+        while True:
+            left = deadline - time.monotonic()
+            reply = request(self.core.zmq_context, codec, bootstrap, QueryPeers(), max(left, 0.01))
+            if isinstance(reply, Peers):
+                return reply.ranks
+            if time.monotonic() + LOOKUP_RETRY_S > deadline:
+                raise TimeoutError(
+                    f"bootstrap server {bootstrap}: {getattr(reply, 'reason', reply)}"
+                )
+            time.sleep(LOOKUP_RETRY_S)
+
+    def _looked_up(self, bootstrap: str, future) -> None:
+        rooms = self._waiting_peers.pop(bootstrap, [])
+        try:
+            peers = future.result()
+        except Exception as exc:  # a failed lookup fails exactly the rooms that needed it
+            for room in rooms:
+                self._fail(room, f"bootstrap failed: {exc}", notify=False)
+            return
+        self._peers[bootstrap] = peers
+        for room in rooms:
+            if room.open:
+                self._register(room, peers)
+
+    def _register(self, room: RecvRoom, peers: list[RankInfo]) -> None:
+        room.rank_peers = {info.layout.tp_rank: info.control_address for info in peers}
+        for info in peers:
+            self.core.peers.add_room(info.control_address, room.room)
+        error = self._check_peers(peers)
+        if error:
+            self._fail(room, error)
+            return
+        plan = plan_head_transfers(
+            self.layout.num_kv_heads, len(peers), self.layout.tp_size, self.layout.mla
+        )
+        room.writers = {s.src_rank: s for s in plan if s.dst_rank == self.layout.tp_rank}
+        widest = max(s.num_heads for s in room.writers.values())
+        need = self.planes.staging_bytes(min(room.chunk_tokens, room.num_tokens), widest)
+        if not self.slice_mode and need > self.config.staging_bytes:
+            self._fail(
+                room,
+                f"ring too small: a chunk needs {need} bytes, the ring holds {self.config.staging_bytes}",
+            )
+            return
+        message = RegisterRoom(
+            room.room,
+            self.layout,
+            self.core.data.address,
+            self.core.control.address,
+            room.key,
+            room.num_tokens,
+            room.chunk_tokens,
+            self.config.mode,
+        )
+        for info in peers:
+            self.core.control.send(info.control_address, message)
+
+    def _check_peers(self, peers: list[RankInfo]) -> str | None:
+        if [p.layout.tp_rank for p in peers] != list(range(len(peers))):
+            return "invalid: bootstrap server lists prefill ranks out of order"
+        for info in peers:
+            mismatch = self.layout.mismatch(info.layout)
+            if mismatch:
+                return f"incompatible: prefill rank {info.layout.tp_rank}: {mismatch}"
+        try:
+            plan_head_transfers(
+                self.layout.num_kv_heads, len(peers), self.layout.tp_size, self.layout.mla
+            )
+        except ValueError as exc:
+            return f"incompatible: {exc}"
+        return None
+
+    # --- control messages --------------------------------------------------------------------
+
+    def _on_message(self, peer: str, message: Message) -> None:
+        room = self.rooms.get(getattr(message, "room", None))
+        if isinstance(message, RoomAccepted) and room is not None:
+            room.accepted.add(message.src_rank)
+            if room.open and len(room.accepted) == len(room.rank_peers):
+                room.status.advance(KVPoll.WaitingForInput)
+        elif isinstance(message, TransferDone) and room is not None:
+            self._on_done(room, message)
+        elif isinstance(message, (Abort, ErrorReply)) and room is not None:
+            self._fail(room, f"aborted by prefill: {message.reason}", skip_peer=peer)
+        elif isinstance(message, ErrorReply):
+            log.warning("prefill peer %s reports: %s", peer, message.reason)
+        elif not isinstance(message, (RoomAccepted, TransferDone, Abort)):
+            self.core.stats.bad_frames += 1
+            self.core._reply_error(peer, f"unexpected {type(message).__name__} at a decode rank")
+
+    def _on_done(self, room: RecvRoom, message: TransferDone) -> None:
+        if message.src_rank not in room.rank_peers or message.num_chunks != room.num_chunks:
+            self._fail(
+                room,
+                f"protocol: TransferDone from rank {message.src_rank} for {message.num_chunks} chunks",
+            )
+            return
+        room.first_tokens[message.src_rank] = message.first_token
+        if len(set(room.first_tokens.values())) > 1:
+            self._fail(
+                room, f"mismatch: prefill ranks sampled different first tokens {room.first_tokens}"
+            )
+
+    def _on_peer_lost(self, peer: str, reason: str) -> None:
+        for room in [r for r in self.rooms.values() if peer in r.rank_peers.values()]:
+            self._fail(room, reason, skip_peer=peer)
+
+    # --- progress ----------------------------------------------------------------------------
+
+    def _step(self, now: float) -> bool:
+        self._take_arrivals(now)
+        self._finish_receives()
+        self._finish_scatters()
+        while self._discards and self._discards[0].done():
+            self._discards.popleft()
+        for room in list(self.rooms.values()):
+            self._check_room(room, now)
+        return bool(
+            self._receiving or self._scattering or self._discards or self._ring_blocked_since
+        )
+
+    def _take_arrivals(self, now: float) -> None:
+        for _ in range(PROBES_PER_TURN):
+            probed = self.core.data.probe()
+            if probed is None:
+                return
+            tag, nbytes = probed
+            key, chunk, writer = unpack_tag(tag)
+            room = self._by_key.get(key)
+            if room is None or not room.open:
+                self.core.stats.unexpected_messages += 1
+                self._discards.append(self.core.data.discard(tag))
+                continue
+            error, head_slice, slots, index = room.expect(
+                chunk, writer, nbytes, self.planes, self.slice_mode
+            )
+            if error:
+                self._discards.append(self.core.data.discard(tag))
+                self._fail(room, error)
+                continue
+            if not self._take(room, tag, nbytes, head_slice, slots, index, now):
+                room.taken[(chunk, writer)] -= 1  # not taken after all: it stays queued
+                return
+
+    def _take(
+        self, room: RecvRoom, tag: int, nbytes: int, head_slice, slots, index: int, now: float
+    ) -> bool:
+        arrival = Arrival(room, head_slice, slots)
+        if (
+            self.slice_mode
+        ):  # straight into the cache row: plane index // tokens, token index % tokens
+            plane = self.planes.planes[index // len(slots)]
+            arrival.region = plane[int(slots[index % len(slots)])].narrow(
+                0, head_slice.dst_head_start, head_slice.num_heads
+            )
+        else:
+            offset = self.core.staging.alloc(nbytes)
+            if offset is None:
+                return self._ring_full(room, now)
+            self._ring_unblocked(now)
+            arrival.offset, arrival.region = offset, self.core.staging.view(offset, nbytes)
+        arrival.request = self.core.data.recv(tag, arrival.region)
+        room.busy += 1
+        room.status.advance(KVPoll.Transferring)
+        self._receiving.append(arrival)
+        return True
+
+    def _ring_full(self, room: RecvRoom, now: float) -> bool:
+        if self._ring_blocked_since is None:
+            self._ring_blocked_since = now
+            self.core.stats.ring_waits += 1
+        elif now - self._ring_blocked_since > self.config.ring_wait_timeout_s:
+            self._fail(room, f"ring full: no staging room for {self.config.ring_wait_timeout_s:g}s")
+            self._ring_blocked_since = None
+        return False
+
+    def _ring_unblocked(self, now: float) -> None:
+        if self._ring_blocked_since is not None:
+            self.core.stats.ring_wait_s += now - self._ring_blocked_since
+            self._ring_blocked_since = None
+
+    def _finish_receives(self) -> None:
+        for _ in range(len(self._receiving)):
+            arrival = self._receiving.popleft()
+            if not arrival.request.done():
+                self._receiving.append(arrival)
+                continue
+            error, room = arrival.request.error(), arrival.room
+            if error or not room.open:
+                if error:
+                    self._fail(room, f"receive failed: {error}")
+                self._release(arrival)
+            elif self.slice_mode:
+                room.done_units += 1
+                self._release(arrival)
+            else:
+                s = arrival.slice
+                arrival.fence = self.core.copies.scatter(
+                    arrival.region, self.planes, arrival.slots, s.dst_head_start, s.num_heads
+                )
+                self._scattering.append(arrival)
+
+    def _finish_scatters(self) -> None:
+        while self._scattering and self._scattering[0].fence.done():
+            arrival = self._scattering.popleft()
+            arrival.room.done_units += 1
+            self._release(arrival)
+
+    def _release(self, arrival: Arrival) -> None:
+        if arrival.offset is not None:
+            self.core.staging.free(arrival.offset)
+            arrival.offset = None
+        arrival.room.busy -= 1
+
+    def _check_room(self, room: RecvRoom, now: float) -> None:
+        if room.failing is not None:
+            if room.busy == 0:  # nothing will write into its pages any more: tell the engine
+                room.status.fail(room.failing)
+                self._close(room)
+            return
+        age = now - room.created
+        if room.status.state == KVPoll.Bootstrapping and age > self.config.bootstrap_timeout_s:
+            self._fail(
+                room, f"timeout: room not registered with every prefill rank after {age:.1f}s"
+            )
+        elif age > self.config.transfer_timeout_s:
+            self._fail(room, f"timeout: transfer unfinished after {age:.1f}s")
+        elif room.writers and room.complete(self.slice_mode, self.planes.num_planes):
+            room.handle.first_token = next(iter(room.first_tokens.values()))
+            room.status.advance(KVPoll.Success)
+            self.core.stats.rooms_succeeded += 1
+            self._close(room)
+
+    def _fail(
+        self, room: RecvRoom, reason: str, notify: bool = True, skip_peer: str | None = None
+    ) -> None:
+        if not room.open:
+            return
+        room.failing = reason
+        self.core.stats.failed(reason)
+        log.info("room %#x failed: %s", room.room, reason)
+        if notify:
+            for peer in room.rank_peers.values():
+                if peer != skip_peer:
+                    self.core.control.send(peer, Abort(room.room, reason))
+        self._check_room(room, time.monotonic())
+
+    def _close(self, room: RecvRoom) -> None:
+        for peer in room.rank_peers.values():
+            self.core.peers.remove_room(peer, room.room)
+        self.rooms.pop(room.room, None)
+        self._by_key.pop(room.key, None)
+
+
+class KVReceiver:
+    """The engine's handle on one room at a decode rank. Thread-safe; never blocks.
+
+    Failed is reported only once nothing queued for the room can still write into its KV pages,
+    so the engine may reuse them as soon as it sees Failed (or Success).
+    """
+
+    def __init__(self, agent: DecodeAgent, room: int, slots: np.ndarray, bootstrap: str) -> None:
+        if not slots.size:
+            raise ValueError("a room needs at least one prompt token")
+        self.agent, self.room, self.slots, self.bootstrap = agent, room, slots, bootstrap
+        self.num_tokens = len(slots)
+        self.status = None  # the room's RoomStatus, set on the loop thread
+        self.first_token: int | None = None  # sampled by prefill; set before Success shows
+        self._rejected: str | None = None
+
+    def poll(self) -> KVPoll:
+        if self._rejected or (self.status is None and _loop_failure(self.agent.core)):
+            return KVPoll.Failed
+        if self.status is None:
+            return KVPoll.Bootstrapping
+        if self.status.state < KVPoll.Success and _loop_failure(self.agent.core):
+            return KVPoll.Failed
+        return self.status.state
+
+    @property
+    def failure_reason(self) -> str | None:
+        if self._rejected:
+            return self._rejected
+        if self.status is not None and self.status.reason:
+            return self.status.reason
+        return _loop_failure(self.agent.core)
+
+    def abort(self, reason: str = "aborted by the decode engine") -> None:
+        self.agent.core.loop.post(lambda: self._abort(reason))
+
+    def reject(self, reason: str) -> None:
+        self._rejected = reason
+
+    def _abort(self, reason: str) -> None:
+        room = self.agent.rooms.get(self.room)
+        if room is not None and room.handle is self:
+            self.agent._fail(room, reason)

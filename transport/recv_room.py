@@ -1,0 +1,92 @@
+"""Per-room state on a decode rank: which prefill ranks write which heads, what has arrived,
+and the checks every arriving message must pass before a byte of it is taken."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvferry.staging.kv_copy import KVPlanes
+from kvferry.staging.plan import HeadSlice
+from kvferry.transport.room import RoomStatus
+
+
+class Arrival:
+    """A data message being taken in: its receive, then (staged) its scatter."""
+
+    __slots__ = ("fence", "offset", "region", "request", "room", "slots", "slice")
+
+    def __init__(self, room: RecvRoom, head_slice: HeadSlice, slots: np.ndarray) -> None:
+        self.room, self.slice, self.slots = room, head_slice, slots
+        self.offset: int | None = None  # staging ring region, while held
+        self.region = None
+        self.request = None
+        self.fence = None
+
+
+class RecvRoom:
+    def __init__(self, handle, key: int, chunk_tokens: int, created: float) -> None:
+        self.handle, self.room, self.key = handle, handle.room, key
+        self.num_tokens, self.slots, self.chunk_tokens = (
+            handle.num_tokens,
+            handle.slots,
+            chunk_tokens,
+        )
+        self.created = created
+        self.status = RoomStatus()
+        handle.status = self.status
+        self.writers: dict[int, HeadSlice] = {}  # prefill rank -> the heads it sends us
+        self.rank_peers: dict[int, str] = {}  # prefill rank -> its control address
+        self.accepted: set[int] = set()
+        self.first_tokens: dict[int, int | None] = {}  # TransferDone per prefill rank
+        self.taken: dict[tuple[int, int], int] = {}  # (chunk, writer) -> messages taken
+        self.done_units = 0  # staged: chunks scattered; slice: rows received
+        self.busy = 0  # receives or scatters that may still write into the KV pages or ring
+        self.failing: str | None = None
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_tokens // self.chunk_tokens)
+
+    @property
+    def open(self) -> bool:
+        """Still taking messages."""
+        return self.failing is None and not self.status.finished
+
+    def chunk_slots(self, chunk: int) -> np.ndarray:
+        start = chunk * self.chunk_tokens
+        return self.slots[start : min(start + self.chunk_tokens, self.num_tokens)]
+
+    def units(self, per_chunk_rows: bool, num_planes: int) -> int:
+        """Messages the room needs in total: one per (chunk, writer), or per (row, writer)."""
+        per_writer = self.num_tokens * num_planes if per_chunk_rows else self.num_chunks
+        return per_writer * len(self.writers)
+
+    def expect(self, chunk: int, writer: int, nbytes: int, planes: KVPlanes, slice_mode: bool):
+        """Check a message of `nbytes` for (chunk, writer), every field of which comes from the
+        peer. Returns (error, head slice, chunk slots, index of the message within its chunk)."""
+        head_slice = self.writers.get(writer)
+        if head_slice is None:
+            return f"protocol: prefill rank {writer} sends no heads to this rank", None, None, 0
+        if chunk >= self.num_chunks:
+            return f"protocol: chunk {chunk} of a room of {self.num_chunks} chunks", None, None, 0
+        slots = self.chunk_slots(chunk)
+        index = self.taken.get((chunk, writer), 0)
+        rows = planes.num_planes * len(slots) if slice_mode else 1  # messages per chunk
+        expected = planes.staging_bytes(len(slots), head_slice.num_heads) // rows
+        if index >= rows:
+            return (
+                f"protocol: chunk {chunk} from prefill rank {writer} arrived twice",
+                None,
+                None,
+                0,
+            )
+        if nbytes != expected:
+            error = f"protocol: {nbytes} bytes for chunk {chunk} from rank {writer}, expected {expected}"
+            return error, None, None, 0
+        self.taken[(chunk, writer)] = index + 1
+        return None, head_slice, slots, index
+
+    def complete(self, slice_mode: bool, num_planes: int) -> bool:
+        return len(self.first_tokens) == len(self.rank_peers) > 0 and self.done_units == self.units(
+            slice_mode, num_planes
+        )

@@ -1,0 +1,52 @@
+"""Room states: one request's KV transfer between its prefill and decode ranks."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+
+class KVPoll(enum.IntEnum):
+    """Bootstrapping -> WaitingForInput -> Transferring -> Success | Failed (forward only)."""
+
+    Bootstrapping = 0
+    WaitingForInput = 1
+    Transferring = 2
+    Success = 3
+    Failed = 4
+
+
+class RoomStatus:
+    """A room's state on one rank: moves forward only; Failed is sticky and keeps its reason.
+
+    Written by the agent thread; read by any thread (single attribute reads).
+    """
+
+    __slots__ = ("created", "reason", "state")
+
+    def __init__(self) -> None:
+        self.state = KVPoll.Bootstrapping
+        self.reason: str | None = None
+        self.created = time.monotonic()
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (KVPoll.Success, KVPoll.Failed)
+
+    def advance(self, state: KVPoll) -> None:
+        """Move to `state` if it is ahead; a finished room stays where it is."""
+        if not self.finished and state > self.state:
+            assert state != KVPoll.Failed, "use fail() to fail a room"
+            self.state = state
+
+    def fail(self, reason: str) -> bool:
+        """Fail the room; False (and nothing changes) if it had already finished."""
+        if self.finished:
+            return False
+        self.reason = reason
+        self.state = KVPoll.Failed
+        return True
+
+
+class TransferFailed(RuntimeError):
+    """Raised by KVSender/KVReceiver methods on a room that has failed."""

@@ -1,0 +1,115 @@
+"""UCX data plane over ucxx: one worker per rank with its own progress thread.
+
+UCX reads its options when ucxx is first imported, so `load_ucxx` sets them (from the
+transfer config) before that import and refuses to change them afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from kvferry.transport.dataplane import DataPlane, DoneRequest, Request
+
+DISCARD_BYTES = 256  # scratch a discarded message is truncated into
+
+
+def load_ucxx(tls: str | None = None):
+    """The ucxx low-level API, importing it with UCX_TLS=`tls` if given."""
+    if "ucxx" not in sys.modules:
+        if tls:
+            os.environ["UCX_TLS"] = tls
+        os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    elif tls and os.environ.get("UCX_TLS") != tls:
+        raise RuntimeError(
+            f"UCX is already loaded with UCX_TLS={os.environ.get('UCX_TLS')!r}; "
+            f"ucx_tls={tls!r} must be set before the first transfer agent starts"
+        )
+    import ucxx._lib.libucxx as ucx_api
+
+    return ucx_api
+
+
+def _array(buffer: torch.Tensor):
+    from ucxx._lib.arr import Array
+
+    if buffer.device.type == "cuda":
+        return Array(buffer.view(torch.uint8))
+    return Array(buffer.view(torch.uint8).numpy())
+
+
+class UcxRequest(Request):
+    __slots__ = ("_buffer", "_request")
+
+    def __init__(self, request, buffer) -> None:
+        self._request = request
+        self._buffer = buffer  # keeps the memory alive until UCX is done with it
+
+    def done(self) -> bool:
+        return self._request.completed
+
+    def error(self) -> str | None:
+        try:
+            self._request.check_error()
+        except Exception as exc:  # ucxx raises its own typed errors; the reason is what we keep
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+
+class UcxDataPlane(DataPlane):
+    def __init__(self, tls: str | None = None) -> None:
+        super().__init__()
+        self._ucx = load_ucxx(tls)
+        self._context = self._ucx.UCXContext(
+            feature_flags=(self._ucx.Feature.TAG, self._ucx.Feature.WAKEUP)
+        )
+        self._worker = self._ucx.UCXWorker(self._context)
+        self._worker.start_progress_thread(polling_mode=False, epoll_timeout=100)
+        self._address = self._worker.address.tobytes()
+        self._match_all = (self._ucx.UCXXTag(0), self._ucx.UCXXTagMask(0))
+        self._scratch = np.empty(DISCARD_BYTES, dtype=np.uint8)
+
+    @property
+    def address(self) -> bytes:
+        return self._address
+
+    def close(self) -> None:
+        for endpoint in self._endpoints.values():
+            endpoint.remove_close_callback()
+            endpoint.close()
+        super().close()
+        self._worker.stop_progress_thread()
+
+    def _connect(self, address: bytes, on_error: Callable[[str], None]):
+        peer = self._ucx.UCXAddress.create_from_buffer(address)
+        endpoint = self._worker.create_endpoint_from_worker_address(peer, True)
+        # Called on the progress thread: on_error must only hand the news to the agent thread.
+        endpoint.set_close_callback(lambda *args: on_error("UCX endpoint to the peer closed"))
+        return endpoint
+
+    def _send(self, endpoint, buffer, tag) -> Request:
+        array = _array(buffer)
+        return UcxRequest(endpoint.tag_send(array, self._ucx.UCXXTag(tag)), array)
+
+    def _probe(self):
+        tag, mask = self._match_all
+        probe = self._worker.tag_probe(tag, mask, remove=False)
+        return (probe.sender_tag.value, int(probe.length)) if probe.matched else None
+
+    def _take(self, tag: int, array) -> Request:
+        probe = self._worker.tag_probe(self._ucx.UCXXTag(tag), remove=True)
+        if not probe.matched:
+            return DoneRequest(f"no message with tag {tag:#x}")
+        return UcxRequest(self._worker.tag_recv_with_handle(array, probe), array)
+
+    def _recv(self, tag, buffer) -> Request:
+        return self._take(tag, _array(buffer))
+
+    def _discard(self, tag) -> Request:
+        from ucxx._lib.arr import Array
+
+        return self._take(tag, Array(self._scratch))
