@@ -34,8 +34,9 @@ def layout_for(heads, tp, rank, layers=3, head_dim=8, page_size=16, mla=False, *
 class Request:
     """One request's KV as the prefill group computed it."""
 
-    def __init__(self, layout: KVLayout, num_tokens: int, seed: int) -> None:
+    def __init__(self, layout: KVLayout, num_tokens: int, seed: int, offset: int = 0) -> None:
         gen = torch.Generator().manual_seed(seed)
+        self.offset = offset  # where in each rank's slot list the request's tokens start
         heads = 1 if layout.mla else layout.num_kv_heads
         self.kv = random_bits((layout.num_planes, num_tokens, heads, layout.head_dim), torch.bfloat16, gen)
         self.room = random.Random(seed).getrandbits(64)
@@ -68,17 +69,21 @@ class Group:
             agent.close()
 
 
+def req_slots(cache: PagedRank, req: Request):
+    return cache.slots[req.offset : req.offset + req.num_tokens]
+
+
 def prefill_fill(group: Group, req: Request) -> None:
     for r, cache in enumerate(group.caches):
         held = group.heads_of(r)
-        cache.cache[:, torch.from_numpy(cache.slots[: req.num_tokens])] = req.kv[:, :, held.start : held.stop]
+        cache.cache[:, torch.from_numpy(req_slots(cache, req))] = req.kv[:, :, held.start : held.stop]
 
 
 def start_senders(group: Group, req: Request, step=7, first_token=42):
     senders = []
     for agent, cache in zip(group.agents, group.caches, strict=True):
         sender = agent.sender(req.room, req.num_tokens)
-        slots = cache.slots[: req.num_tokens]
+        slots = req_slots(cache, req)
         for start in range(0, req.num_tokens, step):
             end = min(start + step, req.num_tokens)
             last = end == req.num_tokens
@@ -88,7 +93,7 @@ def start_senders(group: Group, req: Request, step=7, first_token=42):
 
 
 def start_receivers(group: Group, req: Request, bootstrap: str):
-    return [agent.receiver(req.room, cache.slots[: req.num_tokens], bootstrap)
+    return [agent.receiver(req.room, req_slots(cache, req), bootstrap)
             for agent, cache in zip(group.agents, group.caches, strict=True)]
 
 
@@ -105,7 +110,7 @@ def wait_all(handles, timeout_s=20.0):
 def decode_matches(group: Group, req: Request) -> bool:
     for r, cache in enumerate(group.caches):
         held = group.heads_of(r)
-        got = cache.cache[:, torch.from_numpy(cache.slots[: req.num_tokens])]
+        got = cache.cache[:, torch.from_numpy(req_slots(cache, req))]
         if not torch.equal(bits(got), bits(req.kv[:, :, held.start : held.stop])):
             return False
     return True
@@ -143,8 +148,8 @@ class Deployment:
         self.prefill = Group("prefill", heads, src_tp, self.config, self.server.address, **shared, **prefill_kw)
         self.decode = Group("decode", heads, dst_tp, self.config, seed=100, **shared, **decode_kw)
 
-    def run(self, num_tokens, seed=1, step=7):
-        req = Request(self.prefill.layouts[0], num_tokens, seed)
+    def run(self, num_tokens, seed=1, step=7, offset=0):
+        req = Request(self.prefill.layouts[0], num_tokens, seed, offset)
         prefill_fill(self.prefill, req)
         receivers = start_receivers(self.decode, req, self.server.address)
         senders = start_senders(self.prefill, req, step=step)

@@ -172,9 +172,9 @@ class LoopbackDataPlane(DataPlane):
         if payload is None:
             return DoneRequest(f"no message with tag {tag:#x}")
         if len(payload) != buffer.numel() * buffer.element_size():
-            return DoneRequest(f"message of {len(payload)} bytes, buffer of {buffer.nbytes}")
+            return DoneRequest(f"message of {len(payload)} bytes, buffer of {buffer.nbytes} bytes")
         source = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        buffer.view(torch.uint8).copy_(source.to(buffer.device))
+        buffer.view(torch.uint8).view(-1).copy_(source.to(buffer.device))
         return DoneRequest()
 
     def _discard(self, tag) -> Request:

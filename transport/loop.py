@@ -7,6 +7,7 @@ zmq.Poller only while the owner reports nothing in flight; otherwise it polls at
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -40,6 +41,7 @@ class AgentLoop:
         self._poller.register(inbound, zmq.POLLIN)
         self._poller.register(self._wake_read, zmq.POLLIN)
         self._stopping = threading.Event()
+        self._pipe_lock = threading.Lock()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -52,18 +54,25 @@ class AgentLoop:
         self.wake()
 
     def wake(self) -> None:
-        try:
-            os.write(self._wake_write, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full: the loop is already due to wake
+        with self._pipe_lock:  # the pipe is closed under this lock: never write to a stale fd
+            if self._stopping.is_set():
+                return
+            with contextlib.suppress(BlockingIOError):  # a full pipe: the loop wakes anyway
+                os.write(self._wake_write, b"x")
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._stopping.set()
-        self.wake()
+        """Stop the thread and release its wake-up pipe; idempotent."""
+        with self._pipe_lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_write, b"x")
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        with self._pipe_lock:
+            os.close(self._wake_read)
+            os.close(self._wake_write)
 
     @property
     def alive(self) -> bool:

@@ -137,6 +137,9 @@ class DecodeAgent:
         for room in rooms:
             if room.open:
                 self._register(room, peers)
+            else:  # failed while the lookup ran: the prefill ranks still need to hear of it
+                for info in peers:
+                    self.core.control.send(info.control_address, Abort(room.room, room.failing))
 
     def _register(self, room: RecvRoom, peers: list[RankInfo]) -> None:
         room.rank_peers = {info.layout.tp_rank: info.control_address for info in peers}

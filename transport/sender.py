@@ -35,7 +35,7 @@ from kvferry.transport.room import KVPoll, TransferFailed
 from kvferry.transport.send_room import Dest, Outgoing, SendRoom, check_registration
 
 log = logging.getLogger(__name__)
-TOMBSTONE_S = 600.0  # how long the reason of a room failed before its sender existed is kept
+TOMBSTONE_S = 600.0  # how long a finished room is remembered (late messages must not reopen it)
 
 
 class PrefillAgent:
@@ -175,7 +175,7 @@ class PrefillAgent:
         if room is None:
             self._tombstones[msg.room] = (reason, time.monotonic())
         else:
-            self._fail(room, reason, notify=False, skip_peer=peer)
+            self._fail(room, reason, skip_peer=peer)
 
     def _on_peer_lost(self, peer: str, reason: str) -> None:
         for room in [
@@ -340,8 +340,8 @@ class PrefillAgent:
             and (room.handle is not None or now - room.created > TOMBSTONE_S)
         ]:
             room = self.rooms.pop(room_id)
-            if room.handle is None and room.status.reason:
-                self._tombstones[room_id] = (room.status.reason, now)
+            # late registrations or aborts for the room must not open it again
+            self._tombstones[room_id] = (room.status.reason or "room already finished", now)
         for room_id in [r for r, (_, t) in self._tombstones.items() if now - t > TOMBSTONE_S]:
             del self._tombstones[room_id]
 

@@ -38,8 +38,8 @@ def _array(buffer: torch.Tensor):
     from ucxx._lib.arr import Array
 
     if buffer.device.type == "cuda":
-        return Array(buffer.view(torch.uint8))
-    return Array(buffer.view(torch.uint8).numpy())
+        return Array(buffer.view(torch.uint8).view(-1))
+    return Array(buffer.view(torch.uint8).view(-1).numpy())
 
 
 class UcxRequest(Request):
