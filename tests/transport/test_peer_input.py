@@ -1,0 +1,147 @@
+"""Whatever a peer sends, the agents answer or fail the one room concerned, and keep serving."""
+
+import time
+
+import pytest
+import torch
+import zmq
+
+from kvferry.transport.control import request
+from kvferry.transport.dataplane import LoopbackDataPlane
+from kvferry.transport.messages import Codec, ErrorReply, RegisterRoom
+from kvferry.transport.room import KVPoll
+from kvferry.transport.tags import pack_tag
+from transfer_sim import (
+    Deployment, Request, decode_matches, layout_for, prefill_fill, start_receivers, start_senders, wait_all,
+    wait_idle,
+)
+
+CODEC = Codec()
+
+
+@pytest.fixture
+def dep():
+    deployment = Deployment(4, 1, 1)
+    yield deployment
+    deployment.close()
+
+
+def waiting_room(dep, seed=1, offset=0):
+    """A registered decode room whose prefill side has sent nothing yet."""
+    req = Request(dep.prefill.layouts[0], 32, seed=seed, offset=offset)
+    prefill_fill(dep.prefill, req)
+    receivers = start_receivers(dep.decode, req, dep.server.address)
+    deadline = time.monotonic() + 5
+    while receivers[0].poll() < KVPoll.WaitingForInput and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert receivers[0].poll() == KVPoll.WaitingForInput
+    return req, receivers
+
+
+def inject(dep, room_id, chunk, writer, nbytes):
+    """Send a data message from a rogue plane straight to decode rank 0."""
+    agent = dep.decode.agents[0]
+    key = agent.rooms[room_id].key
+    rogue = LoopbackDataPlane()
+    rogue.send(rogue.endpoint(agent.core.data.address, print), torch.zeros(nbytes, dtype=torch.uint8),
+               pack_tag(key, chunk, writer))
+    rogue.close()
+
+
+@pytest.mark.parametrize(
+    "chunk, writer, nbytes, fragment",
+    [(0, 0, 100, "100 bytes for chunk 0"), (9, 0, 3072, "chunk 9 of a room of 2 chunks"),
+     (0, 3, 3072, "prefill rank 3 sends no heads")],
+)
+def test_bad_data_message_fails_only_its_room(dep, chunk, writer, nbytes, fragment):
+    req, receivers = waiting_room(dep)
+    other, other_rx = waiting_room(dep, seed=2, offset=64)
+    inject(dep, req.room, chunk, writer, nbytes)
+    assert wait_all(receivers) == [KVPoll.Failed]
+    assert fragment in receivers[0].failure_reason
+    other_tx = start_senders(dep.prefill, other)
+    assert wait_all(other_rx + other_tx) == [KVPoll.Success] * 2
+    assert decode_matches(dep.decode, other)
+    assert wait_idle([dep.prefill, dep.decode])
+
+
+def test_duplicate_chunk_is_refused(dep):
+    req, receivers = waiting_room(dep)
+    inject(dep, req.room, 0, 0, 6144)
+    inject(dep, req.room, 0, 0, 6144)
+    assert wait_all(receivers) == [KVPoll.Failed]
+    assert "arrived twice" in receivers[0].failure_reason
+    assert wait_idle([dep.decode])
+
+
+def test_messages_for_unknown_rooms_are_discarded(dep):
+    rogue = LoopbackDataPlane()
+    address = dep.decode.agents[0].core.data.address
+    rogue.send(rogue.endpoint(address, print), torch.zeros(64, dtype=torch.uint8), pack_tag(999, 0, 0))
+    deadline = time.monotonic() + 5
+    while dep.decode.agents[0].core.stats.unexpected_messages == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert dep.decode.agents[0].core.stats.unexpected_messages == 1
+    rogue.close()
+
+
+def register(address, **changes):
+    fields = dict(room=5, layout=layout_for(4, 1, 0), ucx_address=b"x", control_address="tcp://127.0.0.1:9",
+                  recv_key=1, num_tokens=10, chunk_tokens=16, mode="staged")
+    fields.update(changes)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, b"tcp://127.0.0.1:9")  # answers go to a socket nobody reads
+    sock.setsockopt(zmq.LINGER, 5000)  # deliver before closing
+    sock.connect(address)
+    sock.send(CODEC.encode(RegisterRoom(**fields)))
+    sock.close()
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [({"num_tokens": 0}, "num_tokens=0"), ({"chunk_tokens": 1, "num_tokens": 70000}, "exceed 65536 chunks"),
+     ({"recv_key": 1 << 41}, "recv_key"), ({"mode": "slice"}, "mode"),
+     ({"layout": layout_for(4, 1, 0, head_dim=4)}, "head_dim")],
+)
+def test_bad_registrations_fail_the_room_and_the_rank_keeps_serving(dep, changes, fragment):
+    agent = dep.prefill.agents[0]
+    register(agent.core.control.address, room=5, **changes)
+    sender = agent.sender(5, changes.get("num_tokens", 10) or 10)
+    assert wait_all([sender], timeout_s=5) == [KVPoll.Failed]
+    assert fragment in sender.failure_reason
+    req, receivers = waiting_room(dep, seed=3)
+    senders = start_senders(dep.prefill, req)
+    assert wait_all(senders + receivers) == [KVPoll.Success] * 2
+
+
+@pytest.mark.parametrize("frames", [[b"junk"], [b""], [b"\x00\x01\xff"], [b"a", b"b"]])
+def test_garbage_on_a_control_port_is_answered_and_counted(dep, frames):
+    agent = dep.prefill.agents[0]
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, f"tcp://127.0.0.1:{port}".encode())
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(agent.core.control.address)
+    dealer.send_multipart(frames)
+    assert sock.poll(5000)
+    _, reply = sock.recv_multipart()
+    assert isinstance(CODEC.decode(reply), ErrorReply)
+    assert agent.core.stats.bad_frames == 1
+    dealer.close()
+    sock.close()
+    req, receivers = waiting_room(dep, seed=4)
+    assert wait_all(start_senders(dep.prefill, req) + receivers) == [KVPoll.Success] * 2
+
+
+def test_request_times_out_on_a_silent_server():
+    ctx = zmq.Context.instance()
+    silent = ctx.socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    with pytest.raises(TimeoutError, match="no reply"):
+        request(ctx, CODEC, f"tcp://127.0.0.1:{port}", RegisterRoom(
+            1, layout_for(4, 1, 0), b"", "", 1, 1, 1, "staged"), 0.2)
+    silent.close(linger=0)
