@@ -47,10 +47,11 @@ class Group:
     """The agents of one side, each with a cache able to hold `capacity` tokens."""
 
     def __init__(self, role, heads, tp, config, bootstrap=None, page_size=16, capacity=256,
-                 data_plane=LoopbackDataPlane, seed=0, **layout_changes):
+                 data_plane=LoopbackDataPlane, seed=0, device="cpu", **layout_changes):
         self.layouts = [layout_for(heads, tp, r, page_size=page_size, **layout_changes) for r in range(tp)]
         self.caches = [
-            PagedRank(lay.num_planes, capacity, lay.local_heads, lay.head_dim, torch.bfloat16, page_size, seed + r)
+            PagedRank(lay.num_planes, capacity, lay.local_heads, lay.head_dim, torch.bfloat16, page_size, seed + r,
+                      device)
             for r, lay in enumerate(self.layouts)
         ]
         if role == "prefill":
@@ -76,7 +77,8 @@ def req_slots(cache: PagedRank, req: Request):
 def prefill_fill(group: Group, req: Request) -> None:
     for r, cache in enumerate(group.caches):
         held = group.heads_of(r)
-        cache.cache[:, torch.from_numpy(req_slots(cache, req))] = req.kv[:, :, held.start : held.stop]
+        index = torch.from_numpy(req_slots(cache, req)).to(cache.cache.device)
+        cache.cache[:, index] = req.kv[:, :, held.start : held.stop].to(cache.cache.device)
 
 
 def start_senders(group: Group, req: Request, step=7, first_token=42):
@@ -110,7 +112,7 @@ def wait_all(handles, timeout_s=20.0):
 def decode_matches(group: Group, req: Request) -> bool:
     for r, cache in enumerate(group.caches):
         held = group.heads_of(r)
-        got = cache.cache[:, torch.from_numpy(req_slots(cache, req))]
+        got = cache.cache[:, torch.from_numpy(req_slots(cache, req)).to(cache.cache.device)].cpu()
         if not torch.equal(bits(got), bits(req.kv[:, :, held.start : held.stop])):
             return False
     return True

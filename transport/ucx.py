@@ -61,13 +61,22 @@ class UcxRequest(Request):
 
 
 class UcxDataPlane(DataPlane):
-    def __init__(self, tls: str | None = None) -> None:
+    """`cuda_device`: the GPU whose memory will be sent or received, if any; UCX needs its
+    context current on every thread that drives transfers (ours and the progress thread)."""
+
+    def __init__(self, tls: str | None = None, cuda_device: int | None = None) -> None:
         super().__init__()
         self._ucx = load_ucxx(tls)
+        if cuda_device is not None:
+            from ucxx._cuda_context import ensure_cuda_context
+
+            ensure_cuda_context(cuda_device)
         self._context = self._ucx.UCXContext(
             feature_flags=(self._ucx.Feature.TAG, self._ucx.Feature.WAKEUP)
         )
         self._worker = self._ucx.UCXWorker(self._context)
+        if cuda_device is not None:
+            self._worker.set_progress_thread_start_callback(ensure_cuda_context, cb_args=(cuda_device,))
         self._worker.start_progress_thread(polling_mode=False, epoll_timeout=100)
         self._address = self._worker.address.tobytes()
         self._match_all = (self._ucx.UCXXTag(0), self._ucx.UCXXTagMask(0))

@@ -1,0 +1,153 @@
+"""Transfers between processes over real UCX (tcp and shared memory on loopback)."""
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+
+from kvferry.staging import plan_head_transfers
+from kvferry.transport.room import KVPoll
+from ucx_side import main
+
+pytest.importorskip("ucxx", reason="the UCX data plane needs the ucxx package")
+
+SUCCESS, FAILED = int(KVPoll.Success), int(KVPoll.Failed)
+CONFIG = dict(chunk_tokens=16, staging_bytes=1 << 20, bootstrap_timeout_s=20.0, transfer_timeout_s=60.0,
+              ring_wait_timeout_s=20.0, heartbeat_interval_s=0.25, heartbeat_timeout_s=2.0,
+              ucx_tls="tcp,sm,self")
+
+
+class Proc:
+    """A side in a child process, driven through a pipe."""
+
+    def __init__(self, role, heads, tp, config=CONFIG, **layout):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=main, args=(child, role, heads, tp, config, layout), daemon=True)
+        self.proc.start()
+        self.ready = self._reply(60)
+
+    def __call__(self, name, *args, timeout_s=90):
+        self.conn.send((name, args))
+        return self._reply(timeout_s)
+
+    def _reply(self, timeout_s):
+        assert self.conn.poll(timeout_s), "the side process did not answer"
+        status, value = self.conn.recv()
+        assert status == "ok", value
+        return value
+
+    def kill(self):
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(10)
+
+    def close(self):
+        if self.proc.is_alive():
+            try:
+                self("close", timeout_s=20)
+            finally:
+                self.proc.join(10)
+                if self.proc.is_alive():
+                    self.kill()
+
+
+@pytest.fixture
+def procs():
+    made = []
+    yield lambda *a, **kw: made.append(Proc(*a, **kw)) or made[-1]
+    for proc in reversed(made):
+        proc.close()
+
+
+def reaches(side, seed, state, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if side("states", seed) == [int(state)]:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def transfer(prefill, decode, seeds, num_tokens=50):
+    for i, seed in enumerate(seeds):
+        decode("recv", seed, num_tokens, i * num_tokens, prefill.ready)
+        prefill("send", seed, num_tokens, i * num_tokens)
+    return [(prefill("wait", seed), decode("wait", seed)) for seed in seeds]
+
+
+@pytest.mark.parametrize(
+    "heads, src_tp, dst_tp, layout",
+    [(4, 2, 1, {}), (4, 1, 2, {}), (2, 4, 1, {}), (2, 1, 4, {}), (1, 2, 1, {"mla": True, "head_dim": 32})],
+)
+def test_bit_exact_over_ucx(procs, heads, src_tp, dst_tp, layout):
+    prefill = procs("prefill", heads, src_tp, **layout)
+    decode = procs("decode", heads, dst_tp, **layout)
+    for (p_states, p_reasons, _), (d_states, d_reasons, matches) in transfer(prefill, decode, [1]):
+        assert p_states == [SUCCESS] * src_tp, p_reasons
+        assert d_states == [SUCCESS] * dst_tp, d_reasons
+        assert matches
+    p_idle, sent, _ = prefill("idle")
+    d_idle, _, received = decode("idle")
+    assert p_idle and d_idle
+    pairs = len(plan_head_transfers(heads, src_tp, dst_tp, mla=bool(layout)))
+    assert sent == received == -(-50 // 16) * pairs  # one message per (chunk, writer, reader)
+
+
+def test_many_rooms_and_slice_mode_over_ucx(procs):
+    config = dict(CONFIG, staging_bytes=16 << 10)  # a few chunks at a time: rooms queue for the ring
+    prefill = procs("prefill", 4, 2, config)
+    decode = procs("decode", 4, 1, config)
+    for p_result, d_result in transfer(prefill, decode, list(range(10, 18)), num_tokens=40):
+        assert p_result[0] == [SUCCESS, SUCCESS] and d_result[0] == [SUCCESS], (p_result, d_result)
+        assert d_result[2]
+    assert prefill("idle")[0] and decode("idle")[0]
+    slice_config = dict(CONFIG, mode="slice")
+    prefill = procs("prefill", 4, 2, slice_config)
+    decode = procs("decode", 4, 1, slice_config)
+    (p_result, d_result), = transfer(prefill, decode, [30], num_tokens=20)
+    assert d_result[0] == [SUCCESS] and d_result[2], d_result
+    assert prefill("idle")[1] == 2 * 20 * 6  # one message per token and plane, per writer
+
+
+def test_decode_killed_mid_transfer(procs):
+    prefill = procs("prefill", 4, 2)
+    doomed = procs("decode", 4, 1)
+    healthy = procs("decode", 4, 1)
+    doomed("recv", 1, 64, 0, prefill.ready)
+    prefill("send", 1, 64, 0, 16)  # only the first chunk: the room stays mid-transfer
+    healthy("recv", 2, 64, 64, prefill.ready)
+    prefill("send", 2, 64, 64)
+    states, reasons, matches = healthy("wait", 2)
+    assert states == [SUCCESS] and matches, reasons
+    assert reaches(doomed, 1, KVPoll.Transferring)
+    doomed.kill()
+    states, reasons, _ = prefill("wait", 1, 15)
+    assert states == [FAILED, FAILED], states
+    assert all("peer lost" in r for r in reasons), reasons
+    assert prefill("idle")[0]
+
+
+def test_prefill_killed_mid_transfer(procs):
+    prefill = procs("prefill", 4, 1)
+    decode = procs("decode", 4, 1)
+    decode("recv", 1, 64, 0, prefill.ready)
+    prefill("send", 1, 64, 0, 16)
+    assert reaches(decode, 1, KVPoll.Transferring)
+    prefill.kill()
+    states, reasons, _ = decode("wait", 1, 15)
+    assert states == [FAILED] and "peer lost" in reasons[0], reasons
+    assert decode("idle")[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, src_tp, dst_tp", [(8, 2, 1), (2, 4, 1)])
+def test_gpu_caches_over_cuda_ipc(procs, heads, src_tp, dst_tp):
+    config = dict(CONFIG, ucx_tls="cuda_ipc,cuda_copy,tcp,sm,self")
+    prefill = procs("prefill", heads, src_tp, config, device="cuda")
+    decode = procs("decode", heads, dst_tp, config, device="cuda")
+    for (p_states, p_reasons, _), (d_states, d_reasons, matches) in transfer(prefill, decode, [1, 2]):
+        assert p_states == [SUCCESS] * src_tp, p_reasons
+        assert d_states == [SUCCESS] * dst_tp and matches, d_reasons
+    assert prefill("idle")[0] and decode("idle")[0]
