@@ -25,8 +25,17 @@ FINISHED = (KVPoll.Success, KVPoll.Failed)
 
 
 def layout_for(heads, tp, rank, layers=3, head_dim=8, page_size=16, mla=False, **changes):
-    fields = dict(model="sim", num_layers=layers, num_kv_heads=heads, head_dim=head_dim, dtype="bfloat16",
-                  page_size=page_size, tp_size=tp, tp_rank=rank, mla=mla)
+    fields = dict(
+        model="sim",
+        num_layers=layers,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        dtype="bfloat16",
+        page_size=page_size,
+        tp_size=tp,
+        tp_rank=rank,
+        mla=mla,
+    )
     fields.update(changes)
     return KVLayout(**fields)
 
@@ -38,7 +47,9 @@ class Request:
         gen = torch.Generator().manual_seed(seed)
         self.offset = offset  # where in each rank's slot list the request's tokens start
         heads = 1 if layout.mla else layout.num_kv_heads
-        self.kv = random_bits((layout.num_planes, num_tokens, heads, layout.head_dim), torch.bfloat16, gen)
+        self.kv = random_bits(
+            (layout.num_planes, num_tokens, heads, layout.head_dim), torch.bfloat16, gen
+        )
         self.room = random.Random(seed).getrandbits(64)
         self.num_tokens = num_tokens
 
@@ -46,20 +57,46 @@ class Request:
 class Group:
     """The agents of one side, each with a cache able to hold `capacity` tokens."""
 
-    def __init__(self, role, heads, tp, config, bootstrap=None, page_size=16, capacity=256,
-                 data_plane=LoopbackDataPlane, seed=0, device="cpu", **layout_changes):
-        self.layouts = [layout_for(heads, tp, r, page_size=page_size, **layout_changes) for r in range(tp)]
+    def __init__(
+        self,
+        role,
+        heads,
+        tp,
+        config,
+        bootstrap=None,
+        page_size=16,
+        capacity=256,
+        data_plane=LoopbackDataPlane,
+        seed=0,
+        device="cpu",
+        **layout_changes,
+    ):
+        self.layouts = [
+            layout_for(heads, tp, r, page_size=page_size, **layout_changes) for r in range(tp)
+        ]
         self.caches = [
-            PagedRank(lay.num_planes, capacity, lay.local_heads, lay.head_dim, torch.bfloat16, page_size, seed + r,
-                      device)
+            PagedRank(
+                lay.num_planes,
+                capacity,
+                lay.local_heads,
+                lay.head_dim,
+                torch.bfloat16,
+                page_size,
+                seed + r,
+                device,
+            )
             for r, lay in enumerate(self.layouts)
         ]
         if role == "prefill":
-            self.agents = [PrefillAgent(config, lay, cache.planes, data_plane(), bootstrap)
-                           for lay, cache in zip(self.layouts, self.caches, strict=True)]
+            self.agents = [
+                PrefillAgent(config, lay, cache.planes, data_plane(), bootstrap)
+                for lay, cache in zip(self.layouts, self.caches, strict=True)
+            ]
         else:
-            self.agents = [DecodeAgent(config, lay, cache.planes, data_plane())
-                           for lay, cache in zip(self.layouts, self.caches, strict=True)]
+            self.agents = [
+                DecodeAgent(config, lay, cache.planes, data_plane())
+                for lay, cache in zip(self.layouts, self.caches, strict=True)
+            ]
 
     def heads_of(self, rank):
         lay = self.layouts[rank]
@@ -89,14 +126,18 @@ def start_senders(group: Group, req: Request, step=7, first_token=42):
         for start in range(0, req.num_tokens, step):
             end = min(start + step, req.num_tokens)
             last = end == req.num_tokens
-            sender.add_tokens(slots[start:end], first_token=first_token if last else None, last=last)
+            sender.add_tokens(
+                slots[start:end], first_token=first_token if last else None, last=last
+            )
         senders.append(sender)
     return senders
 
 
 def start_receivers(group: Group, req: Request, bootstrap: str):
-    return [agent.receiver(req.room, req_slots(cache, req), bootstrap)
-            for agent, cache in zip(group.agents, group.caches, strict=True)]
+    return [
+        agent.receiver(req.room, req_slots(cache, req), bootstrap)
+        for agent, cache in zip(group.agents, group.caches, strict=True)
+    ]
 
 
 def wait_all(handles, timeout_s=20.0):
@@ -132,8 +173,15 @@ def wait_idle(groups, timeout_s=10.0) -> bool:
 
 
 def small_config(**changes) -> TransferConfig:
-    fields = dict(chunk_tokens=16, staging_bytes=1 << 20, bootstrap_timeout_s=5.0, transfer_timeout_s=20.0,
-                  ring_wait_timeout_s=5.0, heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0)
+    fields = dict(
+        chunk_tokens=16,
+        staging_bytes=1 << 20,
+        bootstrap_timeout_s=5.0,
+        transfer_timeout_s=20.0,
+        ring_wait_timeout_s=5.0,
+        heartbeat_interval_s=0.2,
+        heartbeat_timeout_s=2.0,
+    )
     fields.update(changes)
     return TransferConfig(**fields)
 
@@ -147,7 +195,9 @@ class Deployment:
         prefill_kw = {k[2:]: v for k, v in kw.items() if k.startswith("p_")}
         decode_kw = {k[2:]: v for k, v in kw.items() if k.startswith("d_")}
         shared = {k: v for k, v in kw.items() if not k.startswith(("p_", "d_"))}
-        self.prefill = Group("prefill", heads, src_tp, self.config, self.server.address, **shared, **prefill_kw)
+        self.prefill = Group(
+            "prefill", heads, src_tp, self.config, self.server.address, **shared, **prefill_kw
+        )
         self.decode = Group("decode", heads, dst_tp, self.config, seed=100, **shared, **decode_kw)
 
     def run(self, num_tokens, seed=1, step=7, offset=0):

@@ -12,7 +12,14 @@ import traceback
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.room import KVPoll
 from transfer_sim import (
-    Group, Request, decode_matches, prefill_fill, req_slots, start_receivers, start_senders, wait_all,
+    Group,
+    Request,
+    decode_matches,
+    prefill_fill,
+    req_slots,
+    start_receivers,
+    start_senders,
+    wait_all,
     wait_idle,
 )
 
@@ -28,8 +35,19 @@ class Side:
         plane = functools.partial(UcxDataPlane, self.config.ucx_tls, cuda)
         bootstrap = self.server.address if self.server else None
         page = 16 if role == "prefill" else 4
-        self.group = Group(role, heads, tp, self.config, bootstrap, page_size=page, capacity=capacity,
-                           data_plane=plane, seed=0 if role == "prefill" else 100, device=device, **layout)
+        self.group = Group(
+            role,
+            heads,
+            tp,
+            self.config,
+            bootstrap,
+            page_size=page,
+            capacity=capacity,
+            data_plane=plane,
+            seed=0 if role == "prefill" else 100,
+            device=device,
+            **layout,
+        )
         self.handles: dict[int, list] = {}
         self.requests: dict[int, Request] = {}
 
@@ -56,7 +74,9 @@ class Side:
         return True
 
     def recv(self, seed, num_tokens, offset, bootstrap):
-        self.handles[seed] = start_receivers(self.group, self._request(seed, num_tokens, offset), bootstrap)
+        self.handles[seed] = start_receivers(
+            self.group, self._request(seed, num_tokens, offset), bootstrap
+        )
         return True
 
     def states(self, seed):

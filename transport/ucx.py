@@ -76,7 +76,9 @@ class UcxDataPlane(DataPlane):
         )
         self._worker = self._ucx.UCXWorker(self._context)
         if cuda_device is not None:
-            self._worker.set_progress_thread_start_callback(ensure_cuda_context, cb_args=(cuda_device,))
+            self._worker.set_progress_thread_start_callback(
+                ensure_cuda_context, cb_args=(cuda_device,)
+            )
         self._worker.start_progress_thread(polling_mode=False, epoll_timeout=100)
         self._address = self._worker.address.tobytes()
         self._match_all = (self._ucx.UCXXTag(0), self._ucx.UCXXTagMask(0))

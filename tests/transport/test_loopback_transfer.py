@@ -5,7 +5,18 @@ import pytest
 from kvferry.transport.room import KVPoll
 from transfer_sim import Deployment, decode_matches, wait_all, wait_idle
 
-PAIRS = [(4, 1, 1), (4, 2, 1), (4, 4, 1), (4, 1, 2), (4, 1, 4), (4, 2, 4), (4, 4, 2), (2, 4, 1), (2, 1, 4), (2, 4, 4)]
+PAIRS = [
+    (4, 1, 1),
+    (4, 2, 1),
+    (4, 4, 1),
+    (4, 1, 2),
+    (4, 1, 4),
+    (4, 2, 4),
+    (4, 4, 2),
+    (2, 4, 1),
+    (2, 1, 4),
+    (2, 4, 4),
+]
 
 
 @pytest.mark.parametrize("heads, src_tp, dst_tp", PAIRS)
@@ -14,7 +25,9 @@ def test_heads_arrive_bit_exact(heads, src_tp, dst_tp):
     try:
         req, senders, receivers = dep.run(num_tokens=45)
         states = wait_all(senders + receivers)
-        assert states == [KVPoll.Success] * len(states), [h.failure_reason for h in senders + receivers]
+        assert states == [KVPoll.Success] * len(states), [
+            h.failure_reason for h in senders + receivers
+        ]
         assert decode_matches(dep.decode, req)
         assert all(r.first_token == 42 for r in receivers)
         assert wait_idle([dep.prefill, dep.decode])

@@ -12,7 +12,14 @@ from kvferry.transport.messages import Codec, ErrorReply, RegisterRoom
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tags import pack_tag
 from transfer_sim import (
-    Deployment, Request, decode_matches, layout_for, prefill_fill, start_receivers, start_senders, wait_all,
+    Deployment,
+    Request,
+    decode_matches,
+    layout_for,
+    prefill_fill,
+    start_receivers,
+    start_senders,
+    wait_all,
     wait_idle,
 )
 
@@ -43,15 +50,21 @@ def inject(dep, room_id, chunk, writer, nbytes):
     agent = dep.decode.agents[0]
     key = agent.rooms[room_id].key
     rogue = LoopbackDataPlane()
-    rogue.send(rogue.endpoint(agent.core.data.address, print), torch.zeros(nbytes, dtype=torch.uint8),
-               pack_tag(key, chunk, writer))
+    rogue.send(
+        rogue.endpoint(agent.core.data.address, print),
+        torch.zeros(nbytes, dtype=torch.uint8),
+        pack_tag(key, chunk, writer),
+    )
     rogue.close()
 
 
 @pytest.mark.parametrize(
     "chunk, writer, nbytes, fragment",
-    [(0, 0, 100, "100 bytes for chunk 0"), (9, 0, 3072, "chunk 9 of a room of 2 chunks"),
-     (0, 3, 3072, "prefill rank 3 sends no heads")],
+    [
+        (0, 0, 100, "100 bytes for chunk 0"),
+        (9, 0, 3072, "chunk 9 of a room of 2 chunks"),
+        (0, 3, 3072, "prefill rank 3 sends no heads"),
+    ],
 )
 def test_bad_data_message_fails_only_its_room(dep, chunk, writer, nbytes, fragment):
     req, receivers = waiting_room(dep)
@@ -77,7 +90,9 @@ def test_duplicate_chunk_is_refused(dep):
 def test_messages_for_unknown_rooms_are_discarded(dep):
     rogue = LoopbackDataPlane()
     address = dep.decode.agents[0].core.data.address
-    rogue.send(rogue.endpoint(address, print), torch.zeros(64, dtype=torch.uint8), pack_tag(999, 0, 0))
+    rogue.send(
+        rogue.endpoint(address, print), torch.zeros(64, dtype=torch.uint8), pack_tag(999, 0, 0)
+    )
     deadline = time.monotonic() + 5
     while dep.decode.agents[0].core.stats.unexpected_messages == 0 and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -86,8 +101,16 @@ def test_messages_for_unknown_rooms_are_discarded(dep):
 
 
 def register(address, **changes):
-    fields = dict(room=5, layout=layout_for(4, 1, 0), ucx_address=b"x", control_address="tcp://127.0.0.1:9",
-                  recv_key=1, num_tokens=10, chunk_tokens=16, mode="staged")
+    fields = dict(
+        room=5,
+        layout=layout_for(4, 1, 0),
+        ucx_address=b"x",
+        control_address="tcp://127.0.0.1:9",
+        recv_key=1,
+        num_tokens=10,
+        chunk_tokens=16,
+        mode="staged",
+    )
     fields.update(changes)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
@@ -100,9 +123,13 @@ def register(address, **changes):
 
 @pytest.mark.parametrize(
     "changes, fragment",
-    [({"num_tokens": 0}, "num_tokens=0"), ({"chunk_tokens": 1, "num_tokens": 70000}, "exceed 65536 chunks"),
-     ({"recv_key": 1 << 41}, "recv_key"), ({"mode": "slice"}, "mode"),
-     ({"layout": layout_for(4, 1, 0, head_dim=4)}, "head_dim")],
+    [
+        ({"num_tokens": 0}, "num_tokens=0"),
+        ({"chunk_tokens": 1, "num_tokens": 70000}, "exceed 65536 chunks"),
+        ({"recv_key": 1 << 41}, "recv_key"),
+        ({"mode": "slice"}, "mode"),
+        ({"layout": layout_for(4, 1, 0, head_dim=4)}, "head_dim"),
+    ],
 )
 def test_bad_registrations_fail_the_room_and_the_rank_keeps_serving(dep, changes, fragment):
     agent = dep.prefill.agents[0]
@@ -142,6 +169,11 @@ def test_request_times_out_on_a_silent_server():
     silent = ctx.socket(zmq.ROUTER)
     port = silent.bind_to_random_port("tcp://127.0.0.1")
     with pytest.raises(TimeoutError, match="no reply"):
-        request(ctx, CODEC, f"tcp://127.0.0.1:{port}", RegisterRoom(
-            1, layout_for(4, 1, 0), b"", "", 1, 1, 1, "staged"), 0.2)
+        request(
+            ctx,
+            CODEC,
+            f"tcp://127.0.0.1:{port}",
+            RegisterRoom(1, layout_for(4, 1, 0), b"", "", 1, 1, 1, "staged"),
+            0.2,
+        )
     silent.close(linger=0)

@@ -6,8 +6,16 @@ import pytest
 
 from kvferry.transport.room import KVPoll
 from transfer_sim import (
-    Deployment, Request, decode_matches, prefill_fill, req_slots, small_config, start_receivers,
-    start_senders, wait_all, wait_idle,
+    Deployment,
+    Request,
+    decode_matches,
+    prefill_fill,
+    req_slots,
+    small_config,
+    start_receivers,
+    start_senders,
+    wait_all,
+    wait_idle,
 )
 
 
@@ -70,7 +78,9 @@ def test_many_concurrent_rooms_share_a_small_ring(deployments):
     assert sum(s.ring_waits for s in stats) > 0  # the small ring really made chunks wait
 
 
-@pytest.mark.parametrize("field, value", [("head_dim", 16), ("dtype", "float16"), ("num_layers", 2)])
+@pytest.mark.parametrize(
+    "field, value", [("head_dim", 16), ("dtype", "float16"), ("num_layers", 2)]
+)
 def test_incompatible_layouts_fail_both_sides_naming_the_field(deployments, field, value):
     dep = deployments(4, 2, 1, **{f"d_{field}": value})
     req, senders, receivers = dep.run(num_tokens=20)
@@ -94,7 +104,9 @@ def test_ring_too_small_for_one_chunk_fails_that_room_only(deployments):
     dep = deployments(4, 1, 1, config=small_config(staging_bytes=2048, chunk_tokens=16))
     req, senders, receivers = dep.run(num_tokens=20)
     assert wait_all(senders + receivers) == [KVPoll.Failed] * 2
-    assert all("ring too small" in r for r in reasons(senders + receivers)), reasons(senders + receivers)
+    assert all("ring too small" in r for r in reasons(senders + receivers)), reasons(
+        senders + receivers
+    )
 
 
 def partial_senders(dep, req, tokens):
@@ -108,7 +120,9 @@ def partial_senders(dep, req, tokens):
 
 
 @pytest.mark.parametrize("side", ["decode", "prefill"])
-@pytest.mark.parametrize("when", [KVPoll.Bootstrapping, KVPoll.WaitingForInput, KVPoll.Transferring])
+@pytest.mark.parametrize(
+    "when", [KVPoll.Bootstrapping, KVPoll.WaitingForInput, KVPoll.Transferring]
+)
 def test_abort_reaches_the_other_side(deployments, side, when):
     dep = deployments(4, 2, 2)
     req = Request(dep.prefill.layouts[0], 64, seed=5)
@@ -123,7 +137,9 @@ def test_abort_reaches_the_other_side(deployments, side, when):
     if side == "decode":
         receivers[0].abort("client went away")
     else:
-        senders = senders or [agent.sender(req.room, req.num_tokens) for agent in dep.prefill.agents]
+        senders = senders or [
+            agent.sender(req.room, req.num_tokens) for agent in dep.prefill.agents
+        ]
         senders[0].abort("prefill preempted")
     if not senders:
         senders = [agent.sender(req.room, req.num_tokens) for agent in dep.prefill.agents]
@@ -145,7 +161,9 @@ def test_abort_after_success_changes_nothing(deployments):
 
 
 def test_silent_prefill_fails_decode_rooms_within_heartbeat_window(deployments):
-    dep = deployments(4, 1, 1, config=small_config(heartbeat_interval_s=0.1, heartbeat_timeout_s=0.5))
+    dep = deployments(
+        4, 1, 1, config=small_config(heartbeat_interval_s=0.1, heartbeat_timeout_s=0.5)
+    )
     req = Request(dep.prefill.layouts[0], 40, seed=8)
     prefill_fill(dep.prefill, req)
     receivers = start_receivers(dep.decode, req, dep.server.address)

@@ -14,9 +14,16 @@ from ucx_side import main
 pytest.importorskip("ucxx", reason="the UCX data plane needs the ucxx package")
 
 SUCCESS, FAILED = int(KVPoll.Success), int(KVPoll.Failed)
-CONFIG = dict(chunk_tokens=16, staging_bytes=1 << 20, bootstrap_timeout_s=20.0, transfer_timeout_s=60.0,
-              ring_wait_timeout_s=20.0, heartbeat_interval_s=0.25, heartbeat_timeout_s=2.0,
-              ucx_tls="tcp,sm,self")
+CONFIG = dict(
+    chunk_tokens=16,
+    staging_bytes=1 << 20,
+    bootstrap_timeout_s=20.0,
+    transfer_timeout_s=60.0,
+    ring_wait_timeout_s=20.0,
+    heartbeat_interval_s=0.25,
+    heartbeat_timeout_s=2.0,
+    ucx_tls="tcp,sm,self",
+)
 
 
 class Proc:
@@ -25,7 +32,9 @@ class Proc:
     def __init__(self, role, heads, tp, config=CONFIG, **layout):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=main, args=(child, role, heads, tp, config, layout), daemon=True)
+        self.proc = ctx.Process(
+            target=main, args=(child, role, heads, tp, config, layout), daemon=True
+        )
         self.proc.start()
         self.ready = self._reply(60)
 
@@ -79,7 +88,13 @@ def transfer(prefill, decode, seeds, num_tokens=50):
 
 @pytest.mark.parametrize(
     "heads, src_tp, dst_tp, layout",
-    [(4, 2, 1, {}), (4, 1, 2, {}), (2, 4, 1, {}), (2, 1, 4, {}), (1, 2, 1, {"mla": True, "head_dim": 32})],
+    [
+        (4, 2, 1, {}),
+        (4, 1, 2, {}),
+        (2, 4, 1, {}),
+        (2, 1, 4, {}),
+        (1, 2, 1, {"mla": True, "head_dim": 32}),
+    ],
 )
 def test_bit_exact_over_ucx(procs, heads, src_tp, dst_tp, layout):
     prefill = procs("prefill", heads, src_tp, **layout)
@@ -96,7 +111,9 @@ def test_bit_exact_over_ucx(procs, heads, src_tp, dst_tp, layout):
 
 
 def test_many_rooms_and_slice_mode_over_ucx(procs):
-    config = dict(CONFIG, staging_bytes=16 << 10)  # a few chunks at a time: rooms queue for the ring
+    config = dict(
+        CONFIG, staging_bytes=16 << 10
+    )  # a few chunks at a time: rooms queue for the ring
     prefill = procs("prefill", 4, 2, config)
     decode = procs("decode", 4, 1, config)
     for p_result, d_result in transfer(prefill, decode, list(range(10, 18)), num_tokens=40):
@@ -106,7 +123,7 @@ def test_many_rooms_and_slice_mode_over_ucx(procs):
     slice_config = dict(CONFIG, mode="slice")
     prefill = procs("prefill", 4, 2, slice_config)
     decode = procs("decode", 4, 1, slice_config)
-    (p_result, d_result), = transfer(prefill, decode, [30], num_tokens=20)
+    ((p_result, d_result),) = transfer(prefill, decode, [30], num_tokens=20)
     assert d_result[0] == [SUCCESS] and d_result[2], d_result
     assert prefill("idle")[1] == 2 * 20 * 6  # one message per token and plane, per writer
 
@@ -147,7 +164,9 @@ def test_gpu_caches_over_cuda_ipc(procs, heads, src_tp, dst_tp):
     config = dict(CONFIG, ucx_tls="cuda_ipc,cuda_copy,tcp,sm,self")
     prefill = procs("prefill", heads, src_tp, config, device="cuda")
     decode = procs("decode", heads, dst_tp, config, device="cuda")
-    for (p_states, p_reasons, _), (d_states, d_reasons, matches) in transfer(prefill, decode, [1, 2]):
+    for (p_states, p_reasons, _), (d_states, d_reasons, matches) in transfer(
+        prefill, decode, [1, 2]
+    ):
         assert p_states == [SUCCESS] * src_tp, p_reasons
         assert d_states == [SUCCESS] * dst_tp and matches, d_reasons
     assert prefill("idle")[0] and decode("idle")[0]

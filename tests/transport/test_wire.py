@@ -8,8 +8,17 @@ from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import request
 from kvferry.transport.messages import (
-    PROTOCOL_VERSION, Abort, Ack, Codec, ErrorReply, Heartbeat, Peers, QueryPeers, RankInfo,
-    RegisterRank, WireError,
+    PROTOCOL_VERSION,
+    Abort,
+    Ack,
+    Codec,
+    ErrorReply,
+    Heartbeat,
+    Peers,
+    QueryPeers,
+    RankInfo,
+    RegisterRank,
+    WireError,
 )
 from kvferry.transport.room import KVPoll, RoomStatus
 from kvferry.transport.tags import MAX_KEY, pack_tag, unpack_tag
@@ -20,7 +29,13 @@ CODEC = Codec(max_frame_bytes=4096)
 
 def test_round_trip_every_message_kind():
     info = RankInfo(layout_for(4, 2, 1), b"\x00ucx", "tcp://127.0.0.1:1")
-    for message in (RegisterRank(info), QueryPeers(), Peers([info]), Abort(2**64 - 1, "why"), Heartbeat()):
+    for message in (
+        RegisterRank(info),
+        QueryPeers(),
+        Peers([info]),
+        Abort(2**64 - 1, "why"),
+        Heartbeat(),
+    ):
         assert CODEC.decode(CODEC.encode(message)) == message
 
 
@@ -29,12 +44,25 @@ def test_round_trip_every_message_kind():
     [
         (b"", "too short"),
         (b"\x00", "too short"),
-        ((PROTOCOL_VERSION + 1).to_bytes(2, "big") + msgspec.msgpack.encode(Heartbeat()), "protocol version"),
+        (
+            (PROTOCOL_VERSION + 1).to_bytes(2, "big") + msgspec.msgpack.encode(Heartbeat()),
+            "protocol version",
+        ),
         (PROTOCOL_VERSION.to_bytes(2, "big") + b"\xc1garbage", "malformed"),
-        (PROTOCOL_VERSION.to_bytes(2, "big") + msgspec.msgpack.encode({"type": "Nope"}), "malformed"),
-        (PROTOCOL_VERSION.to_bytes(2, "big") + msgspec.msgpack.encode({"type": "Abort", "room": 1}), "malformed"),
-        (PROTOCOL_VERSION.to_bytes(2, "big") + msgspec.msgpack.encode({"type": "Abort", "room": -1, "reason": ""}),
-         "room id"),
+        (
+            PROTOCOL_VERSION.to_bytes(2, "big") + msgspec.msgpack.encode({"type": "Nope"}),
+            "malformed",
+        ),
+        (
+            PROTOCOL_VERSION.to_bytes(2, "big")
+            + msgspec.msgpack.encode({"type": "Abort", "room": 1}),
+            "malformed",
+        ),
+        (
+            PROTOCOL_VERSION.to_bytes(2, "big")
+            + msgspec.msgpack.encode({"type": "Abort", "room": -1, "reason": ""}),
+            "room id",
+        ),
         (PROTOCOL_VERSION.to_bytes(2, "big") + b"\x00" * 5000, "exceeds the limit"),
     ],
 )
@@ -80,8 +108,12 @@ def test_room_states_move_forward_and_failure_sticks():
 
 @pytest.mark.parametrize(
     "changes, fragment",
-    [({"chunk_tokens": 0}, "chunk_tokens=0"), ({"heartbeat_timeout_s": 0.5, "heartbeat_interval_s": 1.0},
-      "heartbeat_timeout_s"), ({"ring_wait_timeout_s": 0}, "ring_wait_timeout_s"), ({"mode": "fast"}, "mode")],
+    [
+        ({"chunk_tokens": 0}, "chunk_tokens=0"),
+        ({"heartbeat_timeout_s": 0.5, "heartbeat_interval_s": 1.0}, "heartbeat_timeout_s"),
+        ({"ring_wait_timeout_s": 0}, "ring_wait_timeout_s"),
+        ({"mode": "fast"}, "mode"),
+    ],
 )
 def test_config_validation(changes, fragment):
     with pytest.raises((ValueError, msgspec.ValidationError), match=fragment):
@@ -109,8 +141,15 @@ def raw_exchange(address, frames):
 
 @pytest.mark.parametrize(
     "frames",
-    [[b"garbage"], [b""], [PROTOCOL_VERSION.to_bytes(2, "big") + b"\x92\x01"], [b"a", b"b"],
-     [b"\x00\x01" + b"\x00" * 10_000], [CODEC.encode(Heartbeat())], [CODEC.encode(Ack())]],
+    [
+        [b"garbage"],
+        [b""],
+        [PROTOCOL_VERSION.to_bytes(2, "big") + b"\x92\x01"],
+        [b"a", b"b"],
+        [b"\x00\x01" + b"\x00" * 10_000],
+        [CODEC.encode(Heartbeat())],
+        [CODEC.encode(Ack())],
+    ],
 )
 def test_bootstrap_answers_bad_frames_and_keeps_serving(server, frames):
     reply = raw_exchange(server.address, frames)

@@ -1,0 +1,301 @@
+"""Staged transfer vs raw UCX vs per-token slices, for the same KV, between two processes.
+
+    python bench/transfer.py                      # GPU if present (cuda_ipc), else CPU (tcp/sm)
+    python bench/transfer.py --src-tp 2 --dst-tp 1 --tokens 8192 --json out.json
+
+A prefill process (all prefill TP ranks, one agent each) sends each request's KV to a decode
+process (all decode ranks). "raw" sends the same number of bytes as one message per decode
+rank between two bare UCX workers: the transport ceiling. "staged" is kvferry's transfer (one
+message per chunk and writer). "slice" sends one message per token and layer plane, the way
+per-token RDMA designs do; it runs on --slice-tokens tokens (it is slow) and is reported in the
+same GB/s. Time runs from the moment the prefill ranks hand over the KV to the moment the last
+decode rank reports Success (scatter done); room registration happens before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+
+import numpy as np
+import torch
+
+from kvferry.staging import KVLayout, KVPlanes, token_slots
+from kvferry.transport.config import TransferConfig
+from kvferry.transport.room import KVPoll
+
+GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
+
+
+class Side:
+    """All ranks of one role in this process, each with a cache of `capacity` tokens."""
+
+    def __init__(self, role: str, args: dict, mode: str, bootstrap: str | None = None) -> None:
+        from kvferry.transport.bootstrap import BootstrapServer
+        from kvferry.transport.receiver import DecodeAgent
+        from kvferry.transport.sender import PrefillAgent
+        from kvferry.transport.ucx import UcxDataPlane
+
+        a = argparse.Namespace(**args)
+        self.args, self.role = a, role
+        self.device = torch.device(a.device)
+        tp = a.src_tp if role == "prefill" else a.dst_tp
+        config = TransferConfig(
+            mode=mode,
+            chunk_tokens=a.chunk,
+            staging_bytes=a.staging_mib << 20,
+            ucx_tls=a.tls,
+            transfer_timeout_s=600,
+            bootstrap_timeout_s=60,
+        )
+        self.server = BootstrapServer(tp) if role == "prefill" else None
+        bootstrap = self.server.address if self.server else bootstrap
+        cuda = self.device.index or 0 if self.device.type == "cuda" else None
+        self.agents, self.slots = [], []
+        rng = np.random.default_rng(1 if role == "prefill" else 2)
+        for rank in range(tp):
+            layout = KVLayout(
+                model="bench",
+                num_layers=a.layers,
+                num_kv_heads=a.heads,
+                head_dim=a.head_dim,
+                dtype=a.dtype,
+                page_size=a.page_size,
+                tp_size=tp,
+                tp_rank=rank,
+            )
+            pages = -(-a.tokens // a.page_size)
+            shape = (layout.num_planes, pages * a.page_size, layout.local_heads, a.head_dim)
+            cache = torch.randn(shape, device=self.device).to(getattr(torch, a.dtype))
+            self.slots.append(token_slots(rng.permutation(pages), a.page_size, 0, a.tokens))
+            plane = UcxDataPlane(a.tls, cuda)
+            planes = KVPlanes.from_cache(cache)
+            agent = (
+                PrefillAgent(config, layout, planes, plane, bootstrap)
+                if role == "prefill"
+                else DecodeAgent(config, layout, planes, plane)
+            )
+            self.agents.append(agent)
+        self.address = bootstrap
+        self.handles = {}
+
+    def open(self, room: int, tokens: int):
+        """Decode: register the room with every prefill rank and wait until it is accepted."""
+        self.handles[room] = [
+            agent.receiver(room, slots[:tokens], self.address)
+            for agent, slots in zip(self.agents, self.slots, strict=True)
+        ]
+        _wait(self.handles[room], KVPoll.WaitingForInput)
+        return self._counters()
+
+    def send(self, room: int, tokens: int):
+        """Prefill: hand the whole prompt's KV over at once; returns the hand-over time."""
+        began = time.monotonic()
+        self.handles[room] = []
+        for agent, slots in zip(self.agents, self.slots, strict=True):
+            sender = agent.sender(room, tokens)
+            sender.add_tokens(slots[:tokens], first_token=1, last=True)
+            self.handles[room].append(sender)
+        return began
+
+    def wait(self, room: int):
+        """Wait for Success everywhere; (end time, messages received, bytes received)."""
+        _wait(self.handles[room], KVPoll.Success)
+        return (time.monotonic(), *self._counters())
+
+    def _counters(self):
+        return (
+            sum(a.core.data.messages_received + a.core.data.messages_sent for a in self.agents),
+            sum(a.core.data.bytes_received for a in self.agents),
+        )
+
+    def raw_open(self, nbytes: int):
+        """A bare UCX worker and a receive buffer of `nbytes`; returns the worker's address."""
+        from kvferry.transport.ucx import UcxDataPlane
+
+        cuda = self.device.index or 0 if self.device.type == "cuda" else None
+        self.raw = UcxDataPlane(self.args.tls, cuda)
+        self.raw_buffers = [
+            torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            for _ in range(self.args.dst_tp)
+        ]
+        return self.raw.address
+
+    def raw_send(self, address: bytes):
+        endpoint = self.raw.endpoint(address, lambda why: None)
+        began = time.monotonic()
+        requests = [self.raw.send(endpoint, buf, tag) for tag, buf in enumerate(self.raw_buffers)]
+        while not all(r.done() for r in requests):
+            pass
+        return began
+
+    def raw_recv(self):
+        taken = []
+        while len(taken) < len(self.raw_buffers):
+            probed = self.raw.probe()
+            if probed is not None:
+                taken.append(self.raw.recv(probed[0], self.raw_buffers[probed[0]]))
+        while not all(r.done() for r in taken):
+            pass
+        return time.monotonic()
+
+    def close(self):
+        if hasattr(self, "raw"):
+            self.raw.close()
+        for agent in self.agents:
+            agent.close()
+        if self.server is not None:
+            self.server.close()
+
+
+def _wait(handles, state, timeout_s=600.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = [h.poll() for h in handles]
+        if KVPoll.Failed in states:
+            raise RuntimeError(f"transfer failed: {[h.failure_reason for h in handles]}")
+        if all(s >= state for s in states):
+            return
+        time.sleep(0.0002)
+    raise TimeoutError(f"rooms did not reach {state.name}")
+
+
+def child(conn, role, args, mode, bootstrap):
+    side = Side(role, args, mode, bootstrap)
+    conn.send(side.address)
+    while True:
+        name, params = conn.recv()
+        if name == "close":
+            side.close()
+            conn.send(None)
+            return
+        conn.send(getattr(side, name)(*params))
+
+
+class Remote:
+    def __init__(self, role, args, mode, bootstrap=None):
+        ctx = mp.get_context("spawn")
+        self.conn, other = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=child, args=(other, role, vars(args), mode, bootstrap), daemon=True
+        )
+        self.proc.start()
+        self.address = self.conn.recv()
+
+    def __call__(self, name, *params):
+        self.conn.send((name, params))
+        return self.conn.recv()
+
+    def close(self):
+        self("close")
+        self.proc.join(30)
+
+
+def run_mode(args, mode: str, tokens: int) -> dict:
+    """GB/s and messages per request of `mode` over args.requests requests (after a warm-up)."""
+    prefill = Remote("prefill", args, mode)
+    decode = Remote("decode", args, mode, prefill.address)
+    try:
+        rates, messages = [], []
+        for i in range(args.requests + 1):
+            room = 1000 + i
+            before = decode("open", room, tokens)
+            began = prefill("send", room, tokens)
+            ended, msgs, nbytes = decode("wait", room)
+            if i:  # the first request warms up endpoints, kernels and the ring
+                rates.append((nbytes - before[1]) / (ended - began) / 1e9)
+                messages.append(msgs - before[0])
+        return {
+            "mode": mode,
+            "tokens": tokens,
+            "gbps": float(np.median(rates)),
+            "messages_per_request": int(np.median(messages)),
+            "request_mib": (nbytes - before[1]) / 2**20,
+        }
+    finally:
+        decode.close()
+        prefill.close()
+
+
+def run_raw(args, nbytes_per_rank: int) -> dict:
+    sender, receiver = Remote("prefill", args, "staged"), Remote("decode", args, "staged", "none")
+    try:
+        rates = []
+        sender("raw_open", nbytes_per_rank)
+        address = receiver("raw_open", nbytes_per_rank)
+        for i in range(args.requests + 1):
+            receiver.conn.send(("raw_recv", ()))
+            began = sender("raw_send", address)
+            ended = receiver.conn.recv()
+            if i:
+                rates.append(nbytes_per_rank * args.dst_tp / (ended - began) / 1e9)
+        return {"mode": "raw", "gbps": float(np.median(rates)), "messages_per_request": args.dst_tp}
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def parse_args():
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda" if gpu else "cpu")
+    p.add_argument("--layers", type=int, default=32 if gpu else 8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=8192 if gpu else 1024)
+    p.add_argument("--slice-tokens", type=int, default=256 if gpu else 64)
+    p.add_argument("--chunk", type=int, default=1024 if gpu else 256)
+    p.add_argument("--src-tp", type=int, default=2)
+    p.add_argument("--dst-tp", type=int, default=1)
+    p.add_argument("--requests", type=int, default=3)
+    p.add_argument("--staging-mib", type=int, default=512 if gpu else 64)
+    p.add_argument(
+        "--tls", default=None, help=f"UCX_TLS (default {GPU_TLS!r} on GPU, {CPU_TLS!r} on CPU)"
+    )
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    staged = run_mode(args, "staged", args.tokens)
+    per_rank = int(staged["request_mib"] * 2**20) // args.dst_tp
+    raw = run_raw(args, per_rank)
+    sliced = run_mode(args, "slice", args.slice_tokens)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(
+        f"device: {name}; UCX_TLS={args.tls}; prefill TP{args.src_tp} -> decode TP{args.dst_tp}; "
+        f"{args.layers} layers x {args.heads} KV heads x {args.head_dim} {args.dtype}; chunk {args.chunk}"
+    )
+    print(
+        f"{'mode':<8}{'tokens':>8}{'MiB/req':>10}{'GB/s':>9}{'msgs/req':>10}{'vs raw':>8}{'vs slice':>10}"
+    )
+    for row in (raw, staged, sliced):
+        tokens = row.get("tokens", args.tokens)
+        mib = row.get("request_mib", staged["request_mib"])
+        print(
+            f"{row['mode']:<8}{tokens:>8}{mib:>10.1f}{row['gbps']:>9.2f}{row['messages_per_request']:>10}"
+            f"{row['gbps'] / raw['gbps']:>8.2f}{row['gbps'] / sliced['gbps']:>10.1f}"
+        )
+    chunks = -(-args.tokens // args.chunk)
+    print(
+        f"staged messages per request {staged['messages_per_request']} (chunks x writer-reader pairs "
+        f"= {chunks} x {staged['messages_per_request'] // chunks})"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": name, "args": vars(args), "rows": [raw, staged, sliced]}, f, indent=1
+            )
+
+
+if __name__ == "__main__":
+    main()
