@@ -18,6 +18,7 @@ import argparse
 import json
 import multiprocessing as mp
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -163,33 +164,51 @@ def _wait(handles, state, timeout_s=600.0):
 
 
 def child(conn, role, args, mode, bootstrap):
-    side = Side(role, args, mode, bootstrap)
-    conn.send(side.address)
-    while True:
-        name, params = conn.recv()
-        if name == "close":
-            side.close()
-            conn.send(None)
-            return
-        conn.send(getattr(side, name)(*params))
+    try:
+        side = Side(role, args, mode, bootstrap)
+        conn.send(side.address)
+        while True:
+            name, params = conn.recv()
+            if name == "close":
+                side.close()
+                conn.send(None)
+                return
+            conn.send(getattr(side, name)(*params))
+    except Exception:
+        conn.send(RemoteError(traceback.format_exc()))
+        raise
+
+
+class RemoteError(RuntimeError):
+    pass
 
 
 class Remote:
     def __init__(self, role, args, mode, bootstrap=None):
         ctx = mp.get_context("spawn")
         self.conn, other = ctx.Pipe()
+        self.role = role
         self.proc = ctx.Process(
             target=child, args=(other, role, vars(args), mode, bootstrap), daemon=True
         )
         self.proc.start()
-        self.address = self.conn.recv()
+        self.address = self.receive()
 
     def __call__(self, name, *params):
         self.conn.send((name, params))
-        return self.conn.recv()
+        return self.receive()
+
+    def receive(self):
+        if not self.conn.poll(900):
+            raise TimeoutError(f"{self.role} process did not answer")
+        reply = self.conn.recv()
+        if isinstance(reply, RemoteError):
+            raise reply
+        return reply
 
     def close(self):
-        self("close")
+        if self.proc.is_alive():
+            self.conn.send(("close", ()))
         self.proc.join(30)
 
 
@@ -228,7 +247,7 @@ def run_raw(args, nbytes_per_rank: int) -> dict:
         for i in range(args.requests + 1):
             receiver.conn.send(("raw_recv", ()))
             began = sender("raw_send", address)
-            ended = receiver.conn.recv()
+            ended = receiver.receive()
             if i:
                 rates.append(nbytes_per_rank * args.dst_tp / (ended - began) / 1e9)
         return {"mode": "raw", "gbps": float(np.median(rates)), "messages_per_request": args.dst_tp}
@@ -258,6 +277,7 @@ def parse_args():
     p.add_argument(
         "--tls", default=None, help=f"UCX_TLS (default {GPU_TLS!r} on GPU, {CPU_TLS!r} on CPU)"
     )
+    p.add_argument("--raw-mib", type=int, default=1024, help="largest raw message per decode rank")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)
@@ -268,7 +288,7 @@ def main() -> None:
     args = parse_args()
     staged = run_mode(args, "staged", args.tokens)
     per_rank = int(staged["request_mib"] * 2**20) // args.dst_tp
-    raw = run_raw(args, per_rank)
+    raw = run_raw(args, min(per_rank, args.raw_mib << 20))
     sliced = run_mode(args, "slice", args.slice_tokens)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(

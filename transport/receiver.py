@@ -257,6 +257,7 @@ class DecodeAgent:
                 self._discards.append(self.core.data.discard(tag))
                 self._fail(room, error)
                 continue
+            self.core.peers.heard(room.rank_peers[writer])  # data counts as a sign of life
             if not self._take(room, tag, nbytes, head_slice, slots, index, now):
                 room.taken[(chunk, writer)] -= 1  # not taken after all: it stays queued
                 return

@@ -43,6 +43,7 @@ class Outgoing:
         "room",
         "slots",
         "tag",
+        "todo",
         "waited",
     )
 
@@ -61,6 +62,7 @@ class Outgoing:
         self.offset: int | None = None  # staging ring region, while held
         self.region = None
         self.requests: deque = deque()
+        self.todo = None  # slice mode: rows still to send
         self.waited = False
 
 

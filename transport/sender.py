@@ -18,7 +18,7 @@ from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import request
 from kvferry.transport.core import AgentCore
-from kvferry.transport.dataplane import DataPlane, Request
+from kvferry.transport.dataplane import DataPlane
 from kvferry.transport.messages import (
     Abort,
     Ack,
@@ -35,6 +35,7 @@ from kvferry.transport.room import KVPoll, TransferFailed
 from kvferry.transport.send_room import Dest, Outgoing, SendRoom, check_registration
 
 log = logging.getLogger(__name__)
+SLICE_SENDS_PER_TURN = 256
 TOMBSTONE_S = 600.0  # how long a finished room is remembered (late messages must not reopen it)
 
 
@@ -282,31 +283,46 @@ class PrefillAgent:
                 continue
             if self.config.mode == "slice":
                 item.room.status.advance(KVPoll.Transferring)
-                item.requests = deque(self._slice_sends(item))
+                item.todo = self._slice_rows(item)
             else:
                 item.requests = deque(
                     [self.core.data.send(item.dest.endpoint, item.region, item.tag)]
                 )
             self._sending.append(item)
 
-    def _slice_sends(self, item: Outgoing) -> list[Request]:
-        """One message per (plane, token), in that order, straight from the cache rows."""
-        s, send, endpoint, tag = item.dest.slice, self.core.data.send, item.dest.endpoint, item.tag
-        rows = [plane.narrow(1, s.src_head_start, s.num_heads) for plane in self.planes.planes]
+    def _slice_rows(self, item: Outgoing):
+        """Slice mode: one message per (plane, token), in that order, straight from the cache."""
+        s = item.dest.slice
         slots = item.slots.tolist()
-        return [send(endpoint, row[slot], tag) for row in rows for slot in slots]
+        for plane in self.planes.planes:
+            heads = plane.narrow(1, s.src_head_start, s.num_heads)  # [slots, h, D]
+            for slot in slots:
+                yield heads[slot]
 
     def _complete_sends(self) -> None:
+        budget = SLICE_SENDS_PER_TURN  # bounds a turn, so heartbeats and other rooms keep going
         for _ in range(len(self._sending)):
             item = self._sending.popleft()
+            budget -= self._post_rows(item, budget)
             while item.requests and item.requests[0].done():
                 error = item.requests.popleft().error()
                 if error and not item.room.status.finished:
                     self._fail(item.room, f"send failed: {error}")
-            if item.requests:
+            if item.requests or item.todo is not None:
                 self._sending.append(item)
                 continue
             self._release(item)
+
+    def _post_rows(self, item: Outgoing, budget: int) -> int:
+        posted = 0
+        while item.todo is not None and posted < budget:
+            row = next(item.todo, None)
+            if row is None or item.room.status.finished:
+                item.todo = None
+                break
+            item.requests.append(self.core.data.send(item.dest.endpoint, row, item.tag))
+            posted += 1
+        return posted
 
     def _release(self, item: Outgoing) -> None:
         if item.offset is not None:
