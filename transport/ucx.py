@@ -16,6 +16,7 @@ import torch
 from kvferry.transport.dataplane import DataPlane, DoneRequest, Request
 
 DISCARD_BYTES = 256  # scratch a discarded message is truncated into
+EPOLL_TIMEOUT_MS = 10  # blocking progress thread: longest sleep without network events
 
 
 def load_ucxx(tls: str | None = None):
@@ -79,7 +80,10 @@ class UcxDataPlane(DataPlane):
             self._worker.set_progress_thread_start_callback(
                 ensure_cuda_context, cb_args=(cuda_device,)
             )
-        self._worker.start_progress_thread(polling_mode=False, epoll_timeout=100)
+        # GPU copies (cuda_ipc, cuda_copy) complete through CUDA events, which wake no file
+        # descriptor: a blocking progress thread would only notice them at its epoll timeout.
+        polling = cuda_device is not None
+        self._worker.start_progress_thread(polling_mode=polling, epoll_timeout=EPOLL_TIMEOUT_MS)
         self._address = self._worker.address.tobytes()
         self._match_all = (self._ucx.UCXXTag(0), self._ucx.UCXXTagMask(0))
         self._scratch = np.empty(DISCARD_BYTES, dtype=np.uint8)
