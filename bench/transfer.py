@@ -112,6 +112,10 @@ class Side:
             sum(a.core.data.bytes_received for a in self.agents),
         )
 
+    def stats(self):
+        """Summed copy and wire seconds over this side's agents."""
+        return {k: sum(getattr(a.core.stats, k) for a in self.agents) for k in ("copy_s", "wire_s")}
+
     def raw_open(self, nbytes: int):
         """A bare UCX worker and a receive buffer of `nbytes`; returns the worker's address."""
         from kvferry.transport.ucx import UcxDataPlane
@@ -226,7 +230,9 @@ def run_mode(args, mode: str, tokens: int) -> dict:
             if i:  # the first request warms up endpoints, kernels and the ring
                 rates.append((nbytes - before[1]) / (ended - began) / 1e9)
                 messages.append(msgs - before[0])
+        phases = {"prefill": prefill("stats"), "decode": decode("stats")}
         return {
+            "phases_s": phases,
             "mode": mode,
             "tokens": tokens,
             "gbps": float(np.median(rates)),
@@ -268,7 +274,7 @@ def parse_args():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--tokens", type=int, default=8192 if gpu else 1024)
-    p.add_argument("--slice-tokens", type=int, default=256 if gpu else 64)
+    p.add_argument("--slice-tokens", type=int, default=256 if gpu else 64, help="0 skips slice mode")
     p.add_argument("--chunk", type=int, default=1024 if gpu else 256)
     p.add_argument("--src-tp", type=int, default=2)
     p.add_argument("--dst-tp", type=int, default=1)
@@ -289,7 +295,7 @@ def main() -> None:
     staged = run_mode(args, "staged", args.tokens)
     per_rank = int(staged["request_mib"] * 2**20) // args.dst_tp
     raw = run_raw(args, min(per_rank, args.raw_mib << 20))
-    sliced = run_mode(args, "slice", args.slice_tokens)
+    sliced = run_mode(args, "slice", args.slice_tokens) if args.slice_tokens else None
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(
         f"device: {name}; UCX_TLS={args.tls}; prefill TP{args.src_tp} -> decode TP{args.dst_tp}; "
@@ -298,6 +304,7 @@ def main() -> None:
     print(
         f"{'mode':<8}{'tokens':>8}{'MiB/req':>10}{'GB/s':>9}{'msgs/req':>10}{'vs raw':>8}{'vs slice':>10}"
     )
+    sliced = sliced or {"mode": "slice", "gbps": float("nan"), "messages_per_request": 0, "tokens": 0}
     for row in (raw, staged, sliced):
         tokens = row.get("tokens", args.tokens)
         mib = row.get("request_mib", staged["request_mib"])
@@ -310,6 +317,8 @@ def main() -> None:
         f"staged messages per request {staged['messages_per_request']} (chunks x writer-reader pairs "
         f"= {chunks} x {staged['messages_per_request'] // chunks})"
     )
+    print("summed seconds over all requests (copy = gather or scatter, wire = send or receive):",
+          json.dumps(staged["phases_s"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -33,6 +33,8 @@ class TransferStats:
     bad_frames: int = 0
     unexpected_messages: int = 0  # data messages for unknown or finished rooms (discarded)
     rooms_succeeded: int = 0
+    copy_s: float = 0.0  # summed time from queuing a gather/scatter to its completion
+    wire_s: float = 0.0  # summed time from posting a send/receive to its completion
     failures: dict[str, int] = field(default_factory=dict)  # by reason category
 
     def failed(self, reason: str) -> None:

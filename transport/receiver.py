@@ -280,6 +280,7 @@ class DecodeAgent:
             self._ring_unblocked(now)
             arrival.offset, arrival.region = offset, self.core.staging.view(offset, nbytes)
         arrival.request = self.core.data.recv(tag, arrival.region)
+        arrival.started = now
         room.busy += 1
         room.status.advance(KVPoll.Transferring)
         self._receiving.append(arrival)
@@ -306,6 +307,9 @@ class DecodeAgent:
                 self._receiving.append(arrival)
                 continue
             error, room = arrival.request.error(), arrival.room
+            finished = time.monotonic()
+            self.core.stats.wire_s += finished - arrival.started
+            arrival.started = finished
             if error or not room.open:
                 if error:
                     self._fail(room, f"receive failed: {error}")
@@ -323,6 +327,7 @@ class DecodeAgent:
     def _finish_scatters(self) -> None:
         while self._scattering and self._scattering[0].fence.done():
             arrival = self._scattering.popleft()
+            self.core.stats.copy_s += time.monotonic() - arrival.started
             arrival.room.done_units += 1
             self._release(arrival)
 

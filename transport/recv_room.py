@@ -13,7 +13,7 @@ from kvferry.transport.room import RoomStatus
 class Arrival:
     """A data message being taken in: its receive, then (staged) its scatter."""
 
-    __slots__ = ("fence", "offset", "region", "request", "room", "slots", "slice")
+    __slots__ = ("fence", "offset", "region", "request", "room", "slice", "slots", "started")
 
     def __init__(self, room: RecvRoom, head_slice: HeadSlice, slots: np.ndarray) -> None:
         self.room, self.slice, self.slots = room, head_slice, slots
@@ -21,6 +21,7 @@ class Arrival:
         self.region = None
         self.request = None
         self.fence = None
+        self.started = 0.0  # when its receive (then its scatter) was posted
 
 
 class RecvRoom:

@@ -42,6 +42,7 @@ class Outgoing:
         "requests",
         "room",
         "slots",
+        "staged",
         "tag",
         "todo",
         "waited",
@@ -63,6 +64,7 @@ class Outgoing:
         self.region = None
         self.requests: deque = deque()
         self.todo = None  # slice mode: rows still to send
+        self.staged = queued  # when its gather was queued
         self.waited = False
 
 

@@ -249,6 +249,7 @@ class PrefillAgent:
             self._queue.popleft()
             self._note_ring_wait(item, now)
             item.offset = offset
+            item.staged = now
             item.region = self.core.staging.view(offset, nbytes)
             item.fence = self.core.copies.gather(
                 self.planes,
@@ -278,6 +279,8 @@ class PrefillAgent:
     def _send_staged(self) -> None:
         while self._staged and self._staged[0].fence.done():
             item = self._staged.popleft()
+            item.queued = time.monotonic()
+            self.core.stats.copy_s += item.queued - item.staged
             if item.room.status.finished:
                 self._release(item)
                 continue
@@ -311,6 +314,7 @@ class PrefillAgent:
             if item.requests or item.todo is not None:
                 self._sending.append(item)
                 continue
+            self.core.stats.wire_s += time.monotonic() - item.queued
             self._release(item)
 
     def _post_rows(self, item: Outgoing, budget: int) -> int:
