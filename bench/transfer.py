@@ -216,10 +216,25 @@ class Remote:
         self.proc.join(30)
 
 
+class Local:
+    """A side in this process (--one-process): isolates GPU time-slicing between processes."""
+
+    def __init__(self, role, args, mode, bootstrap=None):
+        self.side = Side(role, vars(args), mode, bootstrap)
+        self.address = self.side.address
+
+    def __call__(self, name, *params):
+        return getattr(self.side, name)(*params)
+
+    def close(self):
+        self.side.close()
+
+
 def run_mode(args, mode: str, tokens: int) -> dict:
     """GB/s and messages per request of `mode` over args.requests requests (after a warm-up)."""
-    prefill = Remote("prefill", args, mode)
-    decode = Remote("decode", args, mode, prefill.address)
+    side = Local if args.one_process else Remote
+    prefill = side("prefill", args, mode)
+    decode = side("decode", args, mode, prefill.address)
     try:
         rates, messages = [], []
         for i in range(args.requests + 1):
@@ -284,6 +299,8 @@ def parse_args():
         "--tls", default=None, help=f"UCX_TLS (default {GPU_TLS!r} on GPU, {CPU_TLS!r} on CPU)"
     )
     p.add_argument("--raw-mib", type=int, default=1024, help="largest raw message per decode rank")
+    p.add_argument("--one-process", action="store_true",
+                   help="run prefill and decode ranks in one process (raw stays two processes)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)

@@ -232,10 +232,13 @@ class DecodeAgent:
         self._finish_scatters()
         while self._discards and self._discards[0].done():
             self._discards.popleft()
+        expecting = False  # data arrivals wake nothing: poll while a room waits for data
         for room in list(self.rooms.values()):
             self._check_room(room, now)
+            expecting = expecting or (room.open and room.status.state >= KVPoll.WaitingForInput)
         return bool(
-            self._receiving or self._scattering or self._discards or self._ring_blocked_since
+            expecting or self._receiving or self._scattering or self._discards
+            or self._ring_blocked_since
         )
 
     def _take_arrivals(self, now: float) -> None:
