@@ -289,7 +289,9 @@ def parse_args():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--tokens", type=int, default=8192 if gpu else 1024)
-    p.add_argument("--slice-tokens", type=int, default=256 if gpu else 64, help="0 skips slice mode")
+    p.add_argument(
+        "--slice-tokens", type=int, default=256 if gpu else 64, help="0 skips slice mode"
+    )
     p.add_argument("--chunk", type=int, default=1024 if gpu else 256)
     p.add_argument("--src-tp", type=int, default=2)
     p.add_argument("--dst-tp", type=int, default=1)
@@ -299,8 +301,11 @@ def parse_args():
         "--tls", default=None, help=f"UCX_TLS (default {GPU_TLS!r} on GPU, {CPU_TLS!r} on CPU)"
     )
     p.add_argument("--raw-mib", type=int, default=1024, help="largest raw message per decode rank")
-    p.add_argument("--one-process", action="store_true",
-                   help="run prefill and decode ranks in one process (raw stays two processes)")
+    p.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run prefill and decode ranks in one process (raw stays two processes)",
+    )
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)
@@ -314,28 +319,41 @@ def main() -> None:
     raw = run_raw(args, min(per_rank, args.raw_mib << 20))
     sliced = run_mode(args, "slice", args.slice_tokens) if args.slice_tokens else None
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    shape = f"{args.layers} layers x {args.heads} KV heads x {args.head_dim} {args.dtype}"
     print(
         f"device: {name}; UCX_TLS={args.tls}; prefill TP{args.src_tp} -> decode TP{args.dst_tp}; "
-        f"{args.layers} layers x {args.heads} KV heads x {args.head_dim} {args.dtype}; chunk {args.chunk}"
+        f"{shape}; chunk {args.chunk}"
     )
+    titles = ("mode", "tokens", "MiB/req", "GB/s", "msgs/req", "vs raw", "vs slice")
     print(
-        f"{'mode':<8}{'tokens':>8}{'MiB/req':>10}{'GB/s':>9}{'msgs/req':>10}{'vs raw':>8}{'vs slice':>10}"
+        "".join(
+            f"{t:{w}}"
+            for t, w in zip(titles, ("<8", ">8", ">10", ">9", ">10", ">8", ">10"), strict=True)
+        )
     )
-    sliced = sliced or {"mode": "slice", "gbps": float("nan"), "messages_per_request": 0, "tokens": 0}
+    sliced = sliced or {
+        "mode": "slice",
+        "gbps": float("nan"),
+        "messages_per_request": 0,
+        "tokens": 0,
+    }
     for row in (raw, staged, sliced):
         tokens = row.get("tokens", args.tokens)
         mib = row.get("request_mib", staged["request_mib"])
         print(
-            f"{row['mode']:<8}{tokens:>8}{mib:>10.1f}{row['gbps']:>9.2f}{row['messages_per_request']:>10}"
+            f"{row['mode']:<8}{tokens:>8}{mib:>10.1f}{row['gbps']:>9.2f}"
+            f"{row['messages_per_request']:>10}"
             f"{row['gbps'] / raw['gbps']:>8.2f}{row['gbps'] / sliced['gbps']:>10.1f}"
         )
     chunks = -(-args.tokens // args.chunk)
     print(
-        f"staged messages per request {staged['messages_per_request']} (chunks x writer-reader pairs "
-        f"= {chunks} x {staged['messages_per_request'] // chunks})"
+        f"staged messages per request {staged['messages_per_request']} "
+        f"(chunks x writer-reader pairs = {chunks} x {staged['messages_per_request'] // chunks})"
     )
-    print("summed seconds over all requests (copy = gather or scatter, wire = send or receive):",
-          json.dumps(staged["phases_s"]))
+    print(
+        "summed seconds over all requests (copy = gather or scatter, wire = send or receive):",
+        json.dumps(staged["phases_s"]),
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -9,8 +9,6 @@ import functools
 import time
 import traceback
 
-from kvferry.transport.config import TransferConfig
-from kvferry.transport.room import KVPoll
 from transfer_sim import (
     Group,
     Request,
@@ -22,6 +20,9 @@ from transfer_sim import (
     wait_all,
     wait_idle,
 )
+
+from kvferry.transport.config import TransferConfig
+from kvferry.transport.room import KVPoll
 
 
 class Side:

@@ -4,6 +4,7 @@ control channel, data plane, peer liveness and the loop thread. The role-specifi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,10 +99,8 @@ class AgentCore:
 
     def _reply_error(self, peer: str, reason: str) -> None:
         if peer.startswith("tcp://"):  # a well-formed identity: the sender can be answered
-            try:
+            with contextlib.suppress(zmq.ZMQError):  # an identity that is no address: no answer
                 self.control.send(peer, ErrorReply(reason))
-            except zmq.ZMQError:
-                pass  # an identity that is no address: nobody to answer
 
     def _turn(self, now: float) -> bool:
         for peer in self.peers.due_heartbeats(now):
@@ -119,5 +118,6 @@ def _check_planes(layout: KVLayout, planes: KVPlanes) -> None:
     actual = (planes.num_planes, planes.num_heads, planes.head_dim, planes.itemsize)
     if expected != actual:
         raise ValueError(
-            f"KV cache (planes, heads, head_dim, itemsize)={actual} does not match the layout's {expected}"
+            f"KV cache (planes, heads, head_dim, itemsize)={actual} does not match the "
+            f"layout's {expected}"
         )

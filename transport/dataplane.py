@@ -15,6 +15,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
@@ -119,7 +120,7 @@ def _check(buffer: torch.Tensor, tag: int) -> None:
 class LoopbackDataPlane(DataPlane):
     """In-process data plane: a send copies the bytes into the receiving plane's queue."""
 
-    _registry: dict[bytes, LoopbackDataPlane] = {}
+    _registry: ClassVar[dict[bytes, LoopbackDataPlane]] = {}
     _registry_lock = threading.Lock()
 
     def __init__(self) -> None:

@@ -158,7 +158,8 @@ class DecodeAgent:
         if not self.slice_mode and need > self.config.staging_bytes:
             self._fail(
                 room,
-                f"ring too small: a chunk needs {need} bytes, the ring holds {self.config.staging_bytes}",
+                f"ring too small: a chunk needs {need} bytes, "
+                f"the ring holds {self.config.staging_bytes}",
             )
             return
         message = RegisterRoom(
@@ -211,7 +212,8 @@ class DecodeAgent:
         if message.src_rank not in room.rank_peers or message.num_chunks != room.num_chunks:
             self._fail(
                 room,
-                f"protocol: TransferDone from rank {message.src_rank} for {message.num_chunks} chunks",
+                f"protocol: TransferDone from rank {message.src_rank} "
+                f"for {message.num_chunks} chunks",
             )
             return
         room.first_tokens[message.src_rank] = message.first_token
@@ -237,7 +239,10 @@ class DecodeAgent:
             self._check_room(room, now)
             expecting = expecting or (room.open and room.status.state >= KVPoll.WaitingForInput)
         return bool(
-            expecting or self._receiving or self._scattering or self._discards
+            expecting
+            or self._receiving
+            or self._scattering
+            or self._discards
             or self._ring_blocked_since
         )
 

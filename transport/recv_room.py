@@ -82,7 +82,8 @@ class RecvRoom:
                 0,
             )
         if nbytes != expected:
-            error = f"protocol: {nbytes} bytes for chunk {chunk} from rank {writer}, expected {expected}"
+            error = f"protocol: {nbytes} bytes for chunk {chunk} from rank {writer}, "
+            error += f"expected {expected}"
             return error, None, None, 0
         self.taken[(chunk, writer)] = index + 1
         return None, head_slice, slots, index

@@ -133,7 +133,8 @@ class SendRoom:
         self._tokens_added += len(slots)
         if last:
             if self._tokens_added != self.num_tokens:
-                return f"engine error: last chunk ends at token {self._tokens_added} of {self.num_tokens}"
+                end = self._tokens_added
+                return f"engine error: last chunk ends at token {end} of {self.num_tokens}"
             self.input_done, self.first_token = True, first_token
         return None
 
@@ -173,9 +174,13 @@ def check_registration(
     if layout.tp_size > MAX_WRITERS:
         return f"unsupported: prefill tp_size {layout.tp_size} exceeds {MAX_WRITERS}"
     if msg.num_tokens < 1 or msg.chunk_tokens < 1 or msg.recv_key > MAX_KEY or msg.recv_key < 0:
-        return f"invalid: num_tokens={msg.num_tokens} chunk_tokens={msg.chunk_tokens} recv_key={msg.recv_key}"
+        return (
+            f"invalid: num_tokens={msg.num_tokens} chunk_tokens={msg.chunk_tokens} "
+            f"recv_key={msg.recv_key}"
+        )
     if -(-msg.num_tokens // msg.chunk_tokens) > MAX_CHUNKS:
-        return f"unsupported: {msg.num_tokens} tokens in chunks of {msg.chunk_tokens} exceed {MAX_CHUNKS} chunks"
+        chunks = f"{msg.num_tokens} tokens in chunks of {msg.chunk_tokens}"
+        return f"unsupported: {chunks} exceed {MAX_CHUNKS} chunks"
     try:
         plan = plan_head_transfers(
             layout.num_kv_heads, layout.tp_size, msg.layout.tp_size, layout.mla
@@ -185,5 +190,5 @@ def check_registration(
     widest = max(s.num_heads for s in plan)
     need = planes.staging_bytes(min(msg.chunk_tokens, msg.num_tokens), widest)
     if config.mode == "staged" and need > config.staging_bytes:
-        return f"ring too small: a chunk needs {need} bytes, the staging ring holds {config.staging_bytes}"
+        return f"ring too small: a chunk needs {need} bytes, the ring holds {config.staging_bytes}"
     return None

@@ -110,7 +110,8 @@ class PrefillAgent:
         elif room.num_tokens is not None and room.num_tokens != handle.num_tokens:
             self._fail(
                 room,
-                f"mismatch: num_tokens {handle.num_tokens} at prefill vs {room.num_tokens} at decode",
+                f"mismatch: num_tokens {handle.num_tokens} at prefill "
+                f"vs {room.num_tokens} at decode",
             )
 
     def _add_tokens(self, room_id: int, slots: np.ndarray, fence: Fence, first_token, last) -> None:
@@ -392,7 +393,8 @@ class KVSender:
         self._tokens += len(slots)
         if self._tokens > self.num_tokens:
             raise ValueError(
-                f"room {self.room:#x}: {self._tokens} tokens added, the prompt has {self.num_tokens}"
+                f"room {self.room:#x}: {self._tokens} tokens added, "
+                f"the prompt has {self.num_tokens}"
             )
         fence = Fence(ready)
         self.agent.core.loop.post(

@@ -1,9 +1,9 @@
 """End-to-end transfers between in-process agents over the loopback data plane."""
 
 import pytest
+from transfer_sim import Deployment, decode_matches, wait_all, wait_idle
 
 from kvferry.transport.room import KVPoll
-from transfer_sim import Deployment, decode_matches, wait_all, wait_idle
 
 PAIRS = [
     (4, 1, 1),

@@ -3,8 +3,6 @@
 import time
 
 import pytest
-
-from kvferry.transport.room import KVPoll
 from transfer_sim import (
     Deployment,
     Request,
@@ -17,6 +15,8 @@ from transfer_sim import (
     wait_all,
     wait_idle,
 )
+
+from kvferry.transport.room import KVPoll
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_slice_mode_is_bit_exact_too(deployments, heads, src_tp, dst_tp):
 
 
 def test_many_concurrent_rooms_share_a_small_ring(deployments):
-    # a chunk slice is 3 layers x 2 x 16 tokens x 2 heads x 8 x 2 B = 3 KiB; the ring holds 4 of them
+    # a chunk slice: 3 layers x 2 x 16 tokens x 2 heads x 8 x 2 B = 3 KiB; the ring holds 4
     config = small_config(staging_bytes=3 * 4096)
     dep = deployments(4, 2, 1, config=config, capacity=12 * 40)
     started = []
@@ -83,7 +83,7 @@ def test_many_concurrent_rooms_share_a_small_ring(deployments):
 )
 def test_incompatible_layouts_fail_both_sides_naming_the_field(deployments, field, value):
     dep = deployments(4, 2, 1, **{f"d_{field}": value})
-    req, senders, receivers = dep.run(num_tokens=20)
+    _, senders, receivers = dep.run(num_tokens=20)
     handles = senders + receivers
     assert wait_all(handles) == [KVPoll.Failed] * len(handles)
     assert all(field in h.failure_reason for h in handles), reasons(handles)
@@ -96,13 +96,13 @@ def test_prompt_length_disagreement_fails_both_sides(deployments):
     prefill_fill(dep.prefill, req)
     receivers = start_receivers(dep.decode, req, dep.server.address)
     sender = dep.prefill.agents[0].sender(req.room, 31)
-    assert wait_all(receivers + [sender]) == [KVPoll.Failed] * 2
+    assert wait_all([*receivers, sender]) == [KVPoll.Failed] * 2
     assert "num_tokens" in sender.failure_reason and "num_tokens" in receivers[0].failure_reason
 
 
 def test_ring_too_small_for_one_chunk_fails_that_room_only(deployments):
     dep = deployments(4, 1, 1, config=small_config(staging_bytes=2048, chunk_tokens=16))
-    req, senders, receivers = dep.run(num_tokens=20)
+    _, senders, receivers = dep.run(num_tokens=20)
     assert wait_all(senders + receivers) == [KVPoll.Failed] * 2
     assert all("ring too small" in r for r in reasons(senders + receivers)), reasons(
         senders + receivers
@@ -152,7 +152,7 @@ def test_abort_reaches_the_other_side(deployments, side, when):
 
 def test_abort_after_success_changes_nothing(deployments):
     dep = deployments(4, 1, 1)
-    req, senders, receivers = dep.run(num_tokens=10)
+    _, senders, receivers = dep.run(num_tokens=10)
     assert wait_all(senders + receivers) == [KVPoll.Success] * 2
     receivers[0].abort()
     senders[0].abort()

@@ -6,10 +6,10 @@ import signal
 import time
 
 import pytest
+from ucx_side import main
 
 from kvferry.staging import plan_head_transfers
 from kvferry.transport.room import KVPoll
-from ucx_side import main
 
 pytest.importorskip("ucxx", reason="the UCX data plane needs the ucxx package")
 
