@@ -9,24 +9,19 @@ import itertools
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
 
 from kvferry.staging.kv_copy import KVPlanes, host_slots
 from kvferry.staging.layout import KVLayout
 from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.config import TransferConfig
-from kvferry.transport.control import request
 from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import DataPlane
+from kvferry.transport.directory import PrefillDirectory, check_ranks
+from kvferry.transport.handles import KVReceiver
 from kvferry.transport.messages import (
     Abort,
-    Codec,
     ErrorReply,
     Message,
-    Peers,
-    QueryPeers,
     RankInfo,
     RegisterRoom,
     RoomAccepted,
@@ -34,7 +29,6 @@ from kvferry.transport.messages import (
 )
 from kvferry.transport.recv_room import Arrival, RecvRoom
 from kvferry.transport.room import KVPoll
-from kvferry.transport.sender import _loop_failure
 from kvferry.transport.tags import unpack_tag
 
 log = logging.getLogger(__name__)
@@ -63,9 +57,7 @@ class DecodeAgent:
         self.rooms: dict[int, RecvRoom] = {}
         self._by_key: dict[int, RecvRoom] = {}
         self._keys = itertools.count(1)
-        self._peers: dict[str, list[RankInfo]] = {}  # bootstrap address -> prefill ranks
-        self._waiting_peers: dict[str, list[RecvRoom]] = {}
-        self._lookups = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvferry-lookup")
+        self.directory = PrefillDirectory(self.core.zmq_context, config, self.core.loop.post)
         self._receiving: deque[Arrival] = deque()
         self._scattering: deque[Arrival] = deque()
         self._discards: deque = deque()
@@ -81,7 +73,7 @@ class DecodeAgent:
         return handle
 
     def close(self) -> None:
-        self._lookups.shutdown(wait=False, cancel_futures=True)
+        self.directory.close()
         self.core.close()
 
     @property
@@ -96,56 +88,25 @@ class DecodeAgent:
             return
         room = RecvRoom(handle, next(self._keys), self.config.chunk_tokens, time.monotonic())
         self.rooms[room.room], self._by_key[room.key] = room, room
-        peers = self._peers.get(handle.bootstrap)
-        if peers is not None:
-            self._register(room, peers)
-            return
-        waiting = self._waiting_peers.setdefault(handle.bootstrap, [])
-        waiting.append(room)
-        if len(waiting) == 1:
-            future = self._lookups.submit(self._lookup, handle.bootstrap)
-            future.add_done_callback(
-                lambda f, b=handle.bootstrap: self.core.loop.post(lambda: self._looked_up(b, f))
-            )
+        self.directory.resolve(handle.bootstrap, room, self._resolved)
 
-    def _lookup(self, bootstrap: str) -> list[RankInfo]:
-        """Runs on a lookup thread: ask until every prefill rank has registered, or time out."""
-        codec, deadline = (
-            Codec(self.config.max_frame_bytes),
-            time.monotonic() + self.config.bootstrap_timeout_s,
-        )
-        while True:
-            left = deadline - time.monotonic()
-            reply = request(self.core.zmq_context, codec, bootstrap, QueryPeers(), max(left, 0.01))
-            if isinstance(reply, Peers):
-                return reply.ranks
-            if time.monotonic() + LOOKUP_RETRY_S > deadline:
-                raise TimeoutError(
-                    f"bootstrap server {bootstrap}: {getattr(reply, 'reason', reply)}"
-                )
-            time.sleep(LOOKUP_RETRY_S)
-
-    def _looked_up(self, bootstrap: str, future) -> None:
-        rooms = self._waiting_peers.pop(bootstrap, [])
-        try:
-            peers = future.result()
-        except Exception as exc:  # a failed lookup fails exactly the rooms that needed it
-            for room in rooms:
-                self._fail(room, f"bootstrap failed: {exc}", notify=False)
-            return
-        self._peers[bootstrap] = peers
+    def _resolved(
+        self, rooms: list[RecvRoom], ranks: list[RankInfo] | None, error: str | None
+    ) -> None:
         for room in rooms:
-            if room.open:
-                self._register(room, peers)
+            if error:
+                self._fail(room, error, notify=False)
+            elif room.open:
+                self._register(room, ranks)
             else:  # failed while the lookup ran: the prefill ranks still need to hear of it
-                for info in peers:
+                for info in ranks:
                     self.core.control.send(info.control_address, Abort(room.room, room.failing))
 
     def _register(self, room: RecvRoom, peers: list[RankInfo]) -> None:
         room.rank_peers = {info.layout.tp_rank: info.control_address for info in peers}
         for info in peers:
             self.core.peers.add_room(info.control_address, room.room)
-        error = self._check_peers(peers)
+        error = check_ranks(self.layout, peers)
         if error:
             self._fail(room, error)
             return
@@ -174,21 +135,6 @@ class DecodeAgent:
         )
         for info in peers:
             self.core.control.send(info.control_address, message)
-
-    def _check_peers(self, peers: list[RankInfo]) -> str | None:
-        if [p.layout.tp_rank for p in peers] != list(range(len(peers))):
-            return "invalid: bootstrap server lists prefill ranks out of order"
-        for info in peers:
-            mismatch = self.layout.mismatch(info.layout)
-            if mismatch:
-                return f"incompatible: prefill rank {info.layout.tp_rank}: {mismatch}"
-        try:
-            plan_head_transfers(
-                self.layout.num_kv_heads, len(peers), self.layout.tp_size, self.layout.mla
-            )
-        except ValueError as exc:
-            return f"incompatible: {exc}"
-        return None
 
     # --- control messages --------------------------------------------------------------------
 
@@ -223,6 +169,7 @@ class DecodeAgent:
             )
 
     def _on_peer_lost(self, peer: str, reason: str) -> None:
+        self.directory.forget(peer)
         for room in [r for r in self.rooms.values() if peer in r.rank_peers.values()]:
             self._fail(room, reason, skip_peer=peer)
 
@@ -383,48 +330,3 @@ class DecodeAgent:
             self.core.peers.remove_room(peer, room.room)
         self.rooms.pop(room.room, None)
         self._by_key.pop(room.key, None)
-
-
-class KVReceiver:
-    """The engine's handle on one room at a decode rank. Thread-safe; never blocks.
-
-    Failed is reported only once nothing queued for the room can still write into its KV pages,
-    so the engine may reuse them as soon as it sees Failed (or Success).
-    """
-
-    def __init__(self, agent: DecodeAgent, room: int, slots: np.ndarray, bootstrap: str) -> None:
-        if not slots.size:
-            raise ValueError("a room needs at least one prompt token")
-        self.agent, self.room, self.slots, self.bootstrap = agent, room, slots, bootstrap
-        self.num_tokens = len(slots)
-        self.status = None  # the room's RoomStatus, set on the loop thread
-        self.first_token: int | None = None  # sampled by prefill; set before Success shows
-        self._rejected: str | None = None
-
-    def poll(self) -> KVPoll:
-        if self._rejected or (self.status is None and _loop_failure(self.agent.core)):
-            return KVPoll.Failed
-        if self.status is None:
-            return KVPoll.Bootstrapping
-        if self.status.state < KVPoll.Success and _loop_failure(self.agent.core):
-            return KVPoll.Failed
-        return self.status.state
-
-    @property
-    def failure_reason(self) -> str | None:
-        if self._rejected:
-            return self._rejected
-        if self.status is not None and self.status.reason:
-            return self.status.reason
-        return _loop_failure(self.agent.core)
-
-    def abort(self, reason: str = "aborted by the decode engine") -> None:
-        self.agent.core.loop.post(lambda: self._abort(reason))
-
-    def reject(self, reason: str) -> None:
-        self._rejected = reason
-
-    def _abort(self, reason: str) -> None:
-        room = self.agent.rooms.get(self.room)
-        if room is not None and room.handle is self:
-            self.agent._fail(room, reason)

@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 
 import numpy as np
-import torch
 
 from kvferry.staging.copy_stream import Fence
-from kvferry.staging.kv_copy import KVPlanes, host_slots
+from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.layout import KVLayout
 from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import request
 from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import DataPlane
+from kvferry.transport.handles import KVSender
 from kvferry.transport.messages import (
     Abort,
     Ack,
@@ -31,11 +30,11 @@ from kvferry.transport.messages import (
     RoomAccepted,
     TransferDone,
 )
-from kvferry.transport.room import KVPoll, TransferFailed
+from kvferry.transport.room import KVPoll
+from kvferry.transport.send_pipeline import SendPipeline
 from kvferry.transport.send_room import Dest, Outgoing, SendRoom, check_registration
 
 log = logging.getLogger(__name__)
-SLICE_SENDS_PER_TURN = 256
 TOMBSTONE_S = 600.0  # how long a finished room is remembered (late messages must not reopen it)
 
 
@@ -63,9 +62,7 @@ class PrefillAgent:
         self.config, self.layout, self.planes = config, layout, planes
         self.rooms: dict[int, SendRoom] = {}
         self._tombstones: dict[int, tuple[str, float]] = {}
-        self._queue: deque[Outgoing] = deque()  # waiting for staging room, oldest first
-        self._staged: deque[Outgoing] = deque()  # gathered (or gathering), not yet sent
-        self._sending: deque[Outgoing] = deque()  # sent, not yet completed
+        self.pipeline = SendPipeline(self.core, planes, config, self._fail)
         self._register(bootstrap)
         self.core.loop.start()
 
@@ -199,11 +196,9 @@ class PrefillAgent:
     def _step(self, now: float) -> bool:
         for room in list(self.rooms.values()):
             self._advance(room, now)
-        self._stage(now)
-        self._send_staged()
-        self._complete_sends()
+        busy = self.pipeline.step(now)
         self._purge(now)
-        return bool(self._queue or self._staged or self._sending)
+        return busy
 
     def _advance(self, room: SendRoom, now: float) -> None:
         if room.status.finished:
@@ -218,10 +213,9 @@ class PrefillAgent:
         for chunk, slots, fence in room.ready_chunks():
             for dest in room.dests.values():
                 if dest.slice is not None:
-                    self._queue.append(
+                    self.pipeline.add(
                         Outgoing(room, chunk, self.layout.tp_rank, dest, slots, fence, now)
                     )
-                    room.in_flight += 1
         if room.complete:
             for dest in room.dests.values():
                 self.core.control.send(
@@ -231,109 +225,6 @@ class PrefillAgent:
             room.status.advance(KVPoll.Success)
             self.core.stats.rooms_succeeded += 1
             self._release_peers(room)
-
-    def _stage(self, now: float) -> None:
-        """Gather queued chunks into the ring, oldest first, while it has room."""
-        while self._queue:
-            item = self._queue[0]
-            if item.room.status.finished:
-                self._release(self._queue.popleft())
-                continue
-            if self.config.mode == "slice":
-                self._staged.append(self._queue.popleft())
-                continue
-            nbytes = self.planes.staging_bytes(len(item.slots), item.dest.slice.num_heads)
-            offset = self.core.staging.alloc(nbytes)
-            if offset is None:
-                self._wait_for_ring(item, now)
-                return
-            self._queue.popleft()
-            self._note_ring_wait(item, now)
-            item.offset = offset
-            item.staged = now
-            item.region = self.core.staging.view(offset, nbytes)
-            item.fence = self.core.copies.gather(
-                self.planes,
-                item.slots,
-                item.dest.slice.src_head_start,
-                item.dest.slice.num_heads,
-                item.region,
-                after=item.fence,
-            )
-            item.room.status.advance(KVPoll.Transferring)
-            self._staged.append(item)
-
-    def _wait_for_ring(self, item: Outgoing, now: float) -> None:
-        if not item.waited:
-            item.waited = True
-            self.core.stats.ring_waits += 1
-        if now - item.queued > self.config.ring_wait_timeout_s:
-            self._release(self._queue.popleft())
-            self._fail(
-                item.room, f"ring full: no staging room for {self.config.ring_wait_timeout_s:g}s"
-            )
-
-    def _note_ring_wait(self, item: Outgoing, now: float) -> None:
-        if item.waited:
-            self.core.stats.ring_wait_s += now - item.queued
-
-    def _send_staged(self) -> None:
-        while self._staged and self._staged[0].fence.done():
-            item = self._staged.popleft()
-            item.queued = time.monotonic()
-            self.core.stats.copy_s += item.queued - item.staged
-            if item.room.status.finished:
-                self._release(item)
-                continue
-            if self.config.mode == "slice":
-                item.room.status.advance(KVPoll.Transferring)
-                item.todo = self._slice_rows(item)
-            else:
-                item.requests = deque(
-                    [self.core.data.send(item.dest.endpoint, item.region, item.tag)]
-                )
-            self._sending.append(item)
-
-    def _slice_rows(self, item: Outgoing):
-        """Slice mode: one message per (plane, token), in that order, straight from the cache."""
-        s = item.dest.slice
-        slots = item.slots.tolist()
-        for plane in self.planes.planes:
-            heads = plane.narrow(1, s.src_head_start, s.num_heads)  # [slots, h, D]
-            for slot in slots:
-                yield heads[slot]
-
-    def _complete_sends(self) -> None:
-        budget = SLICE_SENDS_PER_TURN  # bounds a turn, so heartbeats and other rooms keep going
-        for _ in range(len(self._sending)):
-            item = self._sending.popleft()
-            budget -= self._post_rows(item, budget)
-            while item.requests and item.requests[0].done():
-                error = item.requests.popleft().error()
-                if error and not item.room.status.finished:
-                    self._fail(item.room, f"send failed: {error}")
-            if item.requests or item.todo is not None:
-                self._sending.append(item)
-                continue
-            self.core.stats.wire_s += time.monotonic() - item.queued
-            self._release(item)
-
-    def _post_rows(self, item: Outgoing, budget: int) -> int:
-        posted = 0
-        while item.todo is not None and posted < budget:
-            row = next(item.todo, None)
-            if row is None or item.room.status.finished:
-                item.todo = None
-                break
-            item.requests.append(self.core.data.send(item.dest.endpoint, row, item.tag))
-            posted += 1
-        return posted
-
-    def _release(self, item: Outgoing) -> None:
-        if item.offset is not None:
-            self.core.staging.free(item.offset)
-            item.offset = None
-        item.room.in_flight -= 1
 
     def _fail(
         self, room: SendRoom, reason: str, notify: bool = True, skip_peer: str | None = None
@@ -365,63 +256,3 @@ class PrefillAgent:
             self._tombstones[room_id] = (room.status.reason or "room already finished", now)
         for room_id in [r for r, (_, t) in self._tombstones.items() if now - t > TOMBSTONE_S]:
             del self._tombstones[room_id]
-
-
-class KVSender:
-    """The engine's handle on one room at a prefill rank. Thread-safe; never blocks."""
-
-    def __init__(self, agent: PrefillAgent, room: int, num_tokens: int) -> None:
-        if num_tokens < 1:
-            raise ValueError(f"num_tokens={num_tokens} must be >= 1")
-        self.agent, self.room, self.num_tokens = agent, room, num_tokens
-        self.status = None  # the room's RoomStatus, set on the loop thread
-        self._tokens = 0
-
-    def add_tokens(
-        self,
-        slots,
-        ready: torch.cuda.Event | None = None,
-        *,
-        first_token: int | None = None,
-        last: bool = False,
-    ) -> None:
-        """KV of the next len(slots) prompt tokens is (or, once `ready` fires, will be) in
-        `slots`; `last` with the prompt's final tokens, carrying the sampled `first_token`."""
-        if self.poll() == KVPoll.Failed:
-            raise TransferFailed(self.failure_reason)
-        slots = host_slots(slots).copy()
-        self._tokens += len(slots)
-        if self._tokens > self.num_tokens:
-            raise ValueError(
-                f"room {self.room:#x}: {self._tokens} tokens added, "
-                f"the prompt has {self.num_tokens}"
-            )
-        fence = Fence(ready)
-        self.agent.core.loop.post(
-            lambda: self.agent._add_tokens(self.room, slots, fence, first_token, last)
-        )
-
-    def poll(self) -> KVPoll:
-        if self.status is None:
-            return self._loop_state(KVPoll.Bootstrapping)
-        return self._loop_state(self.status.state)
-
-    @property
-    def failure_reason(self) -> str | None:
-        if self.status is not None and self.status.reason:
-            return self.status.reason
-        return _loop_failure(self.agent.core)
-
-    def abort(self, reason: str = "aborted by the prefill engine") -> None:
-        self.agent.core.loop.post(lambda: self.agent._abort(self.room, reason))
-
-    def _loop_state(self, state: KVPoll) -> KVPoll:
-        if state < KVPoll.Success and _loop_failure(self.agent.core):
-            return KVPoll.Failed
-        return state
-
-
-def _loop_failure(core: AgentCore) -> str | None:
-    if core.loop.error is not None:
-        return f"transfer thread died: {core.loop.error!r}"
-    return None

@@ -1,0 +1,97 @@
+"""Where a decode rank finds the prefill ranks behind a bootstrap address.
+
+Lookups run on a small thread pool (a bootstrap server may be slow or absent; the transfer
+thread never waits on it) and are retried until every prefill rank has registered or the
+bootstrap timeout passes. Answers are cached per address until one of its ranks is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import zmq
+
+from kvferry.staging.layout import KVLayout
+from kvferry.staging.plan import plan_head_transfers
+from kvferry.transport.config import TransferConfig
+from kvferry.transport.control import request
+from kvferry.transport.messages import Codec, Peers, QueryPeers, RankInfo
+
+LOOKUP_RETRY_S = 0.05
+Resolved = Callable[[list, list[RankInfo] | None, str | None], None]  # (waiters, ranks, error)
+
+
+class PrefillDirectory:
+    def __init__(
+        self,
+        context: zmq.Context,
+        config: TransferConfig,
+        post: Callable[[Callable[[], None]], None],
+    ) -> None:
+        self._context, self._config, self._post = context, config, post
+        self._cache: dict[str, list[RankInfo]] = {}
+        self._waiting: dict[str, list] = {}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvferry-lookup")
+
+    def resolve(self, bootstrap: str, waiter, done: Resolved) -> None:
+        """Call done([waiter, ...], ranks, error) on the transfer thread once resolved."""
+        ranks = self._cache.get(bootstrap)
+        if ranks is not None:
+            done([waiter], ranks, None)
+            return
+        waiting = self._waiting.setdefault(bootstrap, [])
+        waiting.append(waiter)
+        if len(waiting) == 1:
+            future = self._pool.submit(self._lookup, bootstrap)
+            future.add_done_callback(lambda f: self._post(lambda: self._finish(bootstrap, f, done)))
+
+    def forget(self, control_address: str) -> None:
+        """A prefill rank was lost: look its group up afresh next time."""
+        for bootstrap, ranks in list(self._cache.items()):
+            if any(info.control_address == control_address for info in ranks):
+                del self._cache[bootstrap]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _finish(self, bootstrap: str, future, done: Resolved) -> None:
+        waiters = self._waiting.pop(bootstrap, [])
+        try:
+            ranks = future.result()
+        except Exception as exc:  # a failed lookup fails exactly the rooms that needed it
+            done(waiters, None, f"bootstrap failed: {exc}")
+            return
+        self._cache[bootstrap] = ranks
+        done(waiters, ranks, None)
+
+    def _lookup(self, bootstrap: str) -> list[RankInfo]:
+        """Runs on a lookup thread: ask until every prefill rank has registered, or time out."""
+        codec = Codec(self._config.max_frame_bytes)
+        deadline = time.monotonic() + self._config.bootstrap_timeout_s
+        while True:
+            left = max(deadline - time.monotonic(), 0.01)
+            reply = request(self._context, codec, bootstrap, QueryPeers(), left)
+            if isinstance(reply, Peers):
+                return reply.ranks
+            if time.monotonic() + LOOKUP_RETRY_S > deadline:
+                raise TimeoutError(
+                    f"bootstrap server {bootstrap}: {getattr(reply, 'reason', reply)}"
+                )
+            time.sleep(LOOKUP_RETRY_S)
+
+
+def check_ranks(layout: KVLayout, ranks: list[RankInfo]) -> str | None:
+    """Why the decode rank with `layout` cannot take KV from these prefill ranks, or None."""
+    if [info.layout.tp_rank for info in ranks] != list(range(len(ranks))):
+        return "invalid: bootstrap server lists prefill ranks out of order"
+    for info in ranks:
+        mismatch = layout.mismatch(info.layout)
+        if mismatch:
+            return f"incompatible: prefill rank {info.layout.tp_rank}: {mismatch}"
+    try:
+        plan_head_transfers(layout.num_kv_heads, len(ranks), layout.tp_size, layout.mla)
+    except ValueError as exc:
+        return f"incompatible: {exc}"
+    return None

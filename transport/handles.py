@@ -1,0 +1,124 @@
+"""The engine-facing handles of one room: KVSender on a prefill rank, KVReceiver on a decode
+rank. Usable by any scheduler; thread-safe, and no method blocks: they post work to the rank's
+transfer thread and read the room's status."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from kvferry.staging.copy_stream import Fence
+from kvferry.staging.kv_copy import host_slots
+from kvferry.transport.room import KVPoll, TransferFailed
+
+if TYPE_CHECKING:
+    from kvferry.transport.core import AgentCore
+    from kvferry.transport.receiver import DecodeAgent
+    from kvferry.transport.sender import PrefillAgent
+
+
+class KVSender:
+    """The engine's handle on one room at a prefill rank. Thread-safe; never blocks."""
+
+    def __init__(self, agent: PrefillAgent, room: int, num_tokens: int) -> None:
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens={num_tokens} must be >= 1")
+        self.agent, self.room, self.num_tokens = agent, room, num_tokens
+        self.status = None  # the room's RoomStatus, set on the loop thread
+        self._tokens = 0
+
+    def add_tokens(
+        self,
+        slots,
+        ready: torch.cuda.Event | None = None,
+        *,
+        first_token: int | None = None,
+        last: bool = False,
+    ) -> None:
+        """KV of the next len(slots) prompt tokens is (or, once `ready` fires, will be) in
+        `slots`; `last` with the prompt's final tokens, carrying the sampled `first_token`."""
+        if self.poll() == KVPoll.Failed:
+            raise TransferFailed(self.failure_reason)
+        slots = host_slots(slots).copy()
+        self._tokens += len(slots)
+        if self._tokens > self.num_tokens:
+            raise ValueError(
+                f"room {self.room:#x}: {self._tokens} tokens added, "
+                f"the prompt has {self.num_tokens}"
+            )
+        fence = Fence(ready)
+        self.agent.core.loop.post(
+            lambda: self.agent._add_tokens(self.room, slots, fence, first_token, last)
+        )
+
+    def poll(self) -> KVPoll:
+        if self.status is None:
+            return self._loop_state(KVPoll.Bootstrapping)
+        return self._loop_state(self.status.state)
+
+    @property
+    def failure_reason(self) -> str | None:
+        if self.status is not None and self.status.reason:
+            return self.status.reason
+        return _loop_failure(self.agent.core)
+
+    def abort(self, reason: str = "aborted by the prefill engine") -> None:
+        self.agent.core.loop.post(lambda: self.agent._abort(self.room, reason))
+
+    def _loop_state(self, state: KVPoll) -> KVPoll:
+        if state < KVPoll.Success and _loop_failure(self.agent.core):
+            return KVPoll.Failed
+        return state
+
+
+def _loop_failure(core: AgentCore) -> str | None:
+    if core.loop.error is not None:
+        return f"transfer thread died: {core.loop.error!r}"
+    return None
+
+
+class KVReceiver:
+    """The engine's handle on one room at a decode rank. Thread-safe; never blocks.
+
+    Failed is reported only once nothing queued for the room can still write into its KV pages,
+    so the engine may reuse them as soon as it sees Failed (or Success).
+    """
+
+    def __init__(self, agent: DecodeAgent, room: int, slots: np.ndarray, bootstrap: str) -> None:
+        if not slots.size:
+            raise ValueError("a room needs at least one prompt token")
+        self.agent, self.room, self.slots, self.bootstrap = agent, room, slots, bootstrap
+        self.num_tokens = len(slots)
+        self.status = None  # the room's RoomStatus, set on the loop thread
+        self.first_token: int | None = None  # sampled by prefill; set before Success shows
+        self._rejected: str | None = None
+
+    def poll(self) -> KVPoll:
+        if self._rejected or (self.status is None and _loop_failure(self.agent.core)):
+            return KVPoll.Failed
+        if self.status is None:
+            return KVPoll.Bootstrapping
+        if self.status.state < KVPoll.Success and _loop_failure(self.agent.core):
+            return KVPoll.Failed
+        return self.status.state
+
+    @property
+    def failure_reason(self) -> str | None:
+        if self._rejected:
+            return self._rejected
+        if self.status is not None and self.status.reason:
+            return self.status.reason
+        return _loop_failure(self.agent.core)
+
+    def abort(self, reason: str = "aborted by the decode engine") -> None:
+        self.agent.core.loop.post(lambda: self._abort(reason))
+
+    def reject(self, reason: str) -> None:
+        self._rejected = reason
+
+    def _abort(self, reason: str) -> None:
+        room = self.agent.rooms.get(self.room)
+        if room is not None and room.handle is self:
+            self.agent._fail(room, reason)

@@ -1,0 +1,153 @@
+"""Prefill rank's send pipeline: (chunk, destination) items go from a queue, through a gather
+into the staging ring (or, in slice mode, straight to per-row sends), to completed sends.
+
+Every stage is polled, oldest first; nothing waits on the host. An item that finds the ring
+full stays at the head of the queue (later items wait behind it, so space is not starved by
+smaller ones) for at most ring_wait_timeout_s, then fails its room.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from kvferry.staging.kv_copy import KVPlanes
+from kvferry.transport.config import TransferConfig
+from kvferry.transport.core import AgentCore
+from kvferry.transport.room import KVPoll
+from kvferry.transport.send_room import Outgoing
+
+SLICE_SENDS_PER_TURN = 256  # bounds one turn, so heartbeats and other rooms keep going
+
+
+class SendPipeline:
+    def __init__(
+        self,
+        core: AgentCore,
+        planes: KVPlanes,
+        config: TransferConfig,
+        fail_room: Callable[[object, str], None],
+    ) -> None:
+        self.staging, self.copies, self.data, self.stats = (
+            core.staging,
+            core.copies,
+            core.data,
+            core.stats,
+        )
+        self.planes, self.config, self._fail_room = planes, config, fail_room
+        self._queue: deque[Outgoing] = deque()  # waiting for staging room, oldest first
+        self._staged: deque[Outgoing] = deque()  # gathered (or gathering), not yet sent
+        self._sending: deque[Outgoing] = deque()  # sent, not yet completed
+
+    def add(self, item: Outgoing) -> None:
+        item.room.in_flight += 1
+        self._queue.append(item)
+
+    def step(self, now: float) -> bool:
+        """Advance every item that can move; True while any is in flight."""
+        self._stage(now)
+        self._send_staged()
+        self._complete_sends()
+        return bool(self._queue or self._staged or self._sending)
+
+    def _stage(self, now: float) -> None:
+        """Gather queued chunks into the ring, oldest first, while it has room."""
+        while self._queue:
+            item = self._queue[0]
+            if item.room.status.finished:
+                self._release(self._queue.popleft())
+                continue
+            if self.config.mode == "slice":
+                self._staged.append(self._queue.popleft())
+                continue
+            nbytes = self.planes.staging_bytes(len(item.slots), item.dest.slice.num_heads)
+            offset = self.staging.alloc(nbytes)
+            if offset is None:
+                self._wait_for_ring(item, now)
+                return
+            self._queue.popleft()
+            self._note_ring_wait(item, now)
+            item.offset = offset
+            item.staged = now
+            item.region = self.staging.view(offset, nbytes)
+            item.fence = self.copies.gather(
+                self.planes,
+                item.slots,
+                item.dest.slice.src_head_start,
+                item.dest.slice.num_heads,
+                item.region,
+                after=item.fence,
+            )
+            item.room.status.advance(KVPoll.Transferring)
+            self._staged.append(item)
+
+    def _wait_for_ring(self, item: Outgoing, now: float) -> None:
+        if not item.waited:
+            item.waited = True
+            self.stats.ring_waits += 1
+        if now - item.queued > self.config.ring_wait_timeout_s:
+            self._release(self._queue.popleft())
+            self._fail_room(
+                item.room, f"ring full: no staging room for {self.config.ring_wait_timeout_s:g}s"
+            )
+
+    def _note_ring_wait(self, item: Outgoing, now: float) -> None:
+        if item.waited:
+            self.stats.ring_wait_s += now - item.queued
+
+    def _send_staged(self) -> None:
+        while self._staged and self._staged[0].fence.done():
+            item = self._staged.popleft()
+            item.queued = time.monotonic()
+            self.stats.copy_s += item.queued - item.staged
+            if item.room.status.finished:
+                self._release(item)
+                continue
+            if self.config.mode == "slice":
+                item.room.status.advance(KVPoll.Transferring)
+                item.todo = self._slice_rows(item)
+            else:
+                item.requests = deque([self.data.send(item.dest.endpoint, item.region, item.tag)])
+            self._sending.append(item)
+
+    def _slice_rows(self, item: Outgoing):
+        """Slice mode: one message per (plane, token), in that order, straight from the cache."""
+        s = item.dest.slice
+        slots = item.slots.tolist()
+        for plane in self.planes.planes:
+            heads = plane.narrow(1, s.src_head_start, s.num_heads)  # [slots, h, D]
+            for slot in slots:
+                yield heads[slot]
+
+    def _complete_sends(self) -> None:
+        budget = SLICE_SENDS_PER_TURN
+        for _ in range(len(self._sending)):
+            item = self._sending.popleft()
+            budget -= self._post_rows(item, budget)
+            while item.requests and item.requests[0].done():
+                error = item.requests.popleft().error()
+                if error and not item.room.status.finished:
+                    self._fail_room(item.room, f"send failed: {error}")
+            if item.requests or item.todo is not None:
+                self._sending.append(item)
+                continue
+            self.stats.wire_s += time.monotonic() - item.queued
+            self._release(item)
+
+    def _post_rows(self, item: Outgoing, budget: int) -> int:
+        posted = 0
+        while item.todo is not None and posted < budget:
+            row = next(item.todo, None)
+            if row is None or item.room.status.finished:
+                item.todo = None
+                break
+            item.requests.append(self.data.send(item.dest.endpoint, row, item.tag))
+            posted += 1
+        return posted
+
+    def _release(self, item: Outgoing) -> None:
+        if item.offset is not None:
+            self.staging.free(item.offset)
+            item.offset = None
+        item.room.in_flight -= 1
