@@ -33,7 +33,6 @@ from kvferry.transport.tags import unpack_tag
 
 log = logging.getLogger(__name__)
 PROBES_PER_TURN = 256  # bounds one turn of the loop when many messages are waiting
-LOOKUP_RETRY_S = 0.05
 
 
 class DecodeAgent:
