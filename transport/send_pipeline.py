@@ -44,12 +44,15 @@ class SendPipeline:
         item.room.in_flight += 1
         self._queue.append(item)
 
-    def step(self, now: float) -> bool:
-        """Advance every item that can move; True while any is in flight."""
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue or self._staged or self._sending)
+
+    def step(self, now: float) -> None:
+        """Advance every item that can move."""
         self._stage(now)
         self._send_staged()
         self._complete_sends()
-        return bool(self._queue or self._staged or self._sending)
 
     def _stage(self, now: float) -> None:
         """Gather queued chunks into the ring, oldest first, while it has room."""

@@ -194,11 +194,11 @@ class PrefillAgent:
     # --- progress ----------------------------------------------------------------------------
 
     def _step(self, now: float) -> bool:
-        for room in list(self.rooms.values()):
+        self.pipeline.step(now)
+        for room in list(self.rooms.values()):  # after the pipeline: rooms it just completed
             self._advance(room, now)
-        busy = self.pipeline.step(now)
         self._purge(now)
-        return busy
+        return self.pipeline.busy
 
     def _advance(self, room: SendRoom, now: float) -> None:
         if room.status.finished:
