@@ -15,7 +15,7 @@ else
   EXTRAS ?= dev,ucx
 endif
 
-.PHONY: setup test test-gpu lint bench-ring bench-kernels clean
+.PHONY: setup test test-gpu lint bench-ring bench-kernels bench-transfer clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,9 @@ bench-ring: $(STAMP)
 
 bench-kernels: $(STAMP)
 	$(BIN)/python bench/kernels.py
+
+bench-transfer: $(STAMP)
+	$(BIN)/python bench/transfer.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
