@@ -74,6 +74,13 @@ class Side:
                 self.handles[seed].append(sender)
         return True
 
+    def more(self, seed, tokens):
+        """Hand over the rest of request `seed` after its first `tokens` tokens."""
+        req = self.requests[seed]
+        for sender, cache in zip(self.handles[seed], self.group.caches, strict=True):
+            sender.add_tokens(req_slots(cache, req)[tokens:], first_token=42, last=True)
+        return True
+
     def recv(self, seed, num_tokens, offset, bootstrap):
         self.handles[seed] = start_receivers(
             self.group, self._request(seed, num_tokens, offset), bootstrap

@@ -21,7 +21,7 @@ CONFIG = dict(
     transfer_timeout_s=60.0,
     ring_wait_timeout_s=20.0,
     heartbeat_interval_s=0.25,
-    heartbeat_timeout_s=2.0,
+    heartbeat_timeout_s=5.0,
     ucx_tls="tcp,sm,self",
 )
 
@@ -89,10 +89,15 @@ def transfer(prefill, decode, seeds, num_tokens=50):
 @pytest.mark.parametrize(
     "heads, src_tp, dst_tp, layout",
     [
+        (4, 1, 1, {}),
         (4, 2, 1, {}),
+        (4, 4, 1, {}),
         (4, 1, 2, {}),
-        (2, 4, 1, {}),
-        (2, 1, 4, {}),
+        (4, 1, 4, {}),
+        (4, 2, 4, {}),
+        (4, 4, 2, {}),
+        (2, 4, 1, {}),  # GQA replication on the prefill side
+        (2, 1, 4, {}),  # ... and on the decode side
         (1, 2, 1, {"mla": True, "head_dim": 32}),
     ],
 )
@@ -135,14 +140,15 @@ def test_decode_killed_mid_transfer(procs):
     doomed("recv", 1, 64, 0, prefill.ready)
     prefill("send", 1, 64, 0, 16)  # only the first chunk: the room stays mid-transfer
     healthy("recv", 2, 64, 64, prefill.ready)
-    prefill("send", 2, 64, 64)
-    states, reasons, matches = healthy("wait", 2)
-    assert states == [SUCCESS] and matches, reasons
-    assert reaches(doomed, 1, KVPoll.Transferring)
+    prefill("send", 2, 64, 64, 16)
+    assert reaches(doomed, 1, KVPoll.Transferring) and reaches(healthy, 2, KVPoll.Transferring)
     doomed.kill()
-    states, reasons, _ = prefill("wait", 1, 15)
+    states, reasons, _ = prefill("wait", 1, 20)
     assert states == [FAILED, FAILED], states
     assert all("peer lost" in r for r in reasons), reasons
+    prefill("more", 2, 16)  # the other room, mid-transfer too, carries on
+    states, reasons, matches = healthy("wait", 2)
+    assert states == [SUCCESS] and matches, reasons
     assert prefill("idle")[0]
 
 
