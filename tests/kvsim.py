@@ -7,6 +7,21 @@ import torch
 
 from kvferry.staging import KVPlanes, gather, rank_heads, scatter, token_slots
 
+# (KV heads, prefill TP, decode TP) pairs the transfer tests cover: fewer and more ranks on either
+# side, and GQA replication (TP above the head count) on either side.
+TP_PAIRS = [
+    (4, 1, 1),
+    (4, 2, 1),
+    (4, 4, 1),
+    (4, 1, 2),
+    (4, 1, 4),
+    (4, 2, 4),
+    (4, 4, 2),
+    (2, 4, 1),
+    (2, 1, 4),
+    (2, 4, 4),
+]
+
 
 def random_bits(shape, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
     """Random bytes reinterpreted as `dtype` (NaN payloads included: the copies move bits)."""

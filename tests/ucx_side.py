@@ -9,6 +9,8 @@ import functools
 import time
 import traceback
 
+from kvferry.transport.config import TransferConfig
+from kvferry.transport.room import KVPoll
 from transfer_sim import (
     Group,
     Request,
@@ -20,9 +22,6 @@ from transfer_sim import (
     wait_all,
     wait_idle,
 )
-
-from kvferry.transport.config import TransferConfig
-from kvferry.transport.room import KVPoll
 
 
 class Side:

@@ -5,26 +5,14 @@ import pytest
 import torch
 
 from kvferry.staging import KVPlanes, gather, plan_head_transfers, rank_heads, scatter
-from kvsim import bits, random_bits, tp_ranks, transfer
+from kvsim import TP_PAIRS, bits, random_bits, tp_ranks, transfer
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8]
 
 
 @pytest.mark.parametrize(
     "heads, src_tp, dst_tp",
-    [
-        (4, 1, 1),
-        (4, 2, 1),
-        (4, 4, 1),
-        (4, 1, 2),
-        (4, 1, 4),
-        (4, 2, 4),
-        (4, 4, 2),
-        (2, 4, 1),
-        (2, 1, 4),
-        (2, 4, 4),
-        (1, 2, 2),
-    ],
+    [*TP_PAIRS, (1, 2, 2)],
 )
 def test_tp_round_trip_is_bit_exact(heads, src_tp, dst_tp):
     gen = torch.Generator().manual_seed(heads * 100 + src_tp * 10 + dst_tp)

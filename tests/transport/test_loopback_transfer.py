@@ -1,25 +1,13 @@
 """End-to-end transfers between in-process agents over the loopback data plane."""
 
 import pytest
-from transfer_sim import Deployment, decode_matches, wait_all, wait_idle
 
 from kvferry.transport.room import KVPoll
-
-PAIRS = [
-    (4, 1, 1),
-    (4, 2, 1),
-    (4, 4, 1),
-    (4, 1, 2),
-    (4, 1, 4),
-    (4, 2, 4),
-    (4, 4, 2),
-    (2, 4, 1),
-    (2, 1, 4),
-    (2, 4, 4),
-]
+from kvsim import TP_PAIRS
+from transfer_sim import Deployment, decode_matches, wait_all, wait_idle
 
 
-@pytest.mark.parametrize("heads, src_tp, dst_tp", PAIRS)
+@pytest.mark.parametrize("heads, src_tp, dst_tp", TP_PAIRS)
 def test_heads_arrive_bit_exact(heads, src_tp, dst_tp):
     dep = Deployment(heads, src_tp, dst_tp, d_page_size=4)
     try:

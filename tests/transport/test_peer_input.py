@@ -5,6 +5,12 @@ import time
 import pytest
 import torch
 import zmq
+
+from kvferry.transport.control import request
+from kvferry.transport.dataplane import LoopbackDataPlane
+from kvferry.transport.messages import Codec, ErrorReply, RegisterRoom
+from kvferry.transport.room import KVPoll
+from kvferry.transport.tags import pack_tag
 from transfer_sim import (
     Deployment,
     Request,
@@ -16,12 +22,6 @@ from transfer_sim import (
     wait_all,
     wait_idle,
 )
-
-from kvferry.transport.control import request
-from kvferry.transport.dataplane import LoopbackDataPlane
-from kvferry.transport.messages import Codec, ErrorReply, RegisterRoom
-from kvferry.transport.room import KVPoll
-from kvferry.transport.tags import pack_tag
 
 CODEC = Codec()
 

@@ -3,6 +3,8 @@
 import time
 
 import pytest
+
+from kvferry.transport.room import KVPoll
 from transfer_sim import (
     Deployment,
     Request,
@@ -15,8 +17,6 @@ from transfer_sim import (
     wait_all,
     wait_idle,
 )
-
-from kvferry.transport.room import KVPoll
 
 
 @pytest.fixture

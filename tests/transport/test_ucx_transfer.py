@@ -6,10 +6,11 @@ import signal
 import time
 
 import pytest
-from ucx_side import main
 
 from kvferry.staging import plan_head_transfers
 from kvferry.transport.room import KVPoll
+from kvsim import TP_PAIRS
+from ucx_side import main
 
 pytest.importorskip("ucxx", reason="the UCX data plane needs the ucxx package")
 
@@ -88,18 +89,7 @@ def transfer(prefill, decode, seeds, num_tokens=50):
 
 @pytest.mark.parametrize(
     "heads, src_tp, dst_tp, layout",
-    [
-        (4, 1, 1, {}),
-        (4, 2, 1, {}),
-        (4, 4, 1, {}),
-        (4, 1, 2, {}),
-        (4, 1, 4, {}),
-        (4, 2, 4, {}),
-        (4, 4, 2, {}),
-        (2, 4, 1, {}),  # GQA replication on the prefill side
-        (2, 1, 4, {}),  # ... and on the decode side
-        (1, 2, 1, {"mla": True, "head_dim": 32}),
-    ],
+    [*((*pair, {}) for pair in TP_PAIRS), (1, 2, 1, {"mla": True, "head_dim": 32})],
 )
 def test_bit_exact_over_ucx(procs, heads, src_tp, dst_tp, layout):
     prefill = procs("prefill", heads, src_tp, **layout)

@@ -3,7 +3,6 @@
 import msgspec
 import pytest
 import zmq
-from transfer_sim import layout_for
 
 from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.config import TransferConfig
@@ -23,6 +22,7 @@ from kvferry.transport.messages import (
 )
 from kvferry.transport.room import KVPoll, RoomStatus
 from kvferry.transport.tags import MAX_KEY, pack_tag, unpack_tag
+from transfer_sim import layout_for
 
 CODEC = Codec(max_frame_bytes=4096)
 
