@@ -1,0 +1,145 @@
+"""A Llama-family decoder (Llama, Qwen2, Qwen3) with tensor parallelism and a paged KV cache.
+
+Each rank holds its share of the attention heads and MLP columns; the two row-parallel
+projections (o_proj, down_proj) are summed over the TP group. KV for every layer lives in one
+tensor per rank, [2 * layers, slots, local_kv_heads, head_dim] (K planes, then V planes), the
+layout the transport gathers from and scatters into.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from kvferry.daemon import rope
+from kvferry.daemon.model_config import ModelConfig
+from kvferry.daemon.weights import Shard
+
+
+@dataclass
+class SeqBatch:
+    """One sequence's part of a forward: its `num_new` tokens end its context of `len(slots)`.
+
+    `slots`: cache slots of the whole context so far, new tokens included (host int64).
+    """
+
+    num_new: int
+    slots: np.ndarray
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+class Model:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        group=None,
+    ) -> None:
+        self.config, self.tp_size, self.group = config, tp_size, group
+        self.shard = Shard(config, tp_size, tp_rank)
+        self.device, self.dtype = torch.device(device), dtype
+        self.w = {name: self._place(name, t) for name, t in weights.items()}
+        if config.tie_word_embeddings:
+            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+        self.inv_freq = rope.inverse_frequencies(config.rope, config.head_dim)
+        self.local_q = len(self.shard.q_heads)
+        self.local_kv = len(self.shard.kv_heads)
+
+    def _place(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensor = self.shard.columns(name, tensor)
+        elif "_proj" in name:
+            tensor = self.shard.rows(name, tensor)
+        return tensor.to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        seqs: Sequence[SeqBatch],
+        kv: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits [len(seqs), vocab] of each sequence's last token; writes the new tokens' KV.
+
+        tokens, positions: [T] for the new tokens of every sequence, in `seqs` order.
+        kv: this rank's cache [2 * layers, slots, local_kv_heads, head_dim].
+        """
+        c = self.config
+        h = F.embedding(tokens.to(self.device), self.w["model.embed_tokens.weight"])
+        cos, sin = rope.cos_sin(self.inv_freq, positions.to(self.device), self.dtype)
+        new_slots = torch.from_numpy(np.concatenate([s.slots[-s.num_new :] for s in seqs])).to(
+            self.device
+        )
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            x = rms_norm(h, self.w[p + "input_layernorm.weight"], c.rms_norm_eps)
+            h = h + self._attention(p, x, cos, sin, seqs, kv, i, new_slots)
+            x = rms_norm(h, self.w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
+            h = h + self._mlp(p, x)
+        ends = torch.tensor(np.cumsum([s.num_new for s in seqs]) - 1, device=self.device)
+        last = rms_norm(h[ends], self.w["model.norm.weight"], c.rms_norm_eps)
+        return (last @ self.w["lm_head.weight"].T).float()
+
+    def _attention(self, p, x, cos, sin, seqs, kv, layer, new_slots) -> torch.Tensor:
+        c, d = self.config, self.config.head_dim
+        q = self._linear(p + "self_attn.q_proj", x).view(-1, self.local_q, d)
+        k = self._linear(p + "self_attn.k_proj", x).view(-1, self.local_kv, d)
+        v = self._linear(p + "self_attn.v_proj", x).view(-1, self.local_kv, d)
+        if c.qk_norm:
+            q = rms_norm(q, self.w[p + "self_attn.q_norm.weight"], c.rms_norm_eps)
+            k = rms_norm(k, self.w[p + "self_attn.k_norm.weight"], c.rms_norm_eps)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        k_cache, v_cache = kv[layer], kv[c.num_hidden_layers + layer]  # [slots, local_kv, D]
+        k_cache[new_slots], v_cache[new_slots] = k.to(kv.dtype), v.to(kv.dtype)
+        out, start = [], 0
+        for seq in seqs:
+            qs = q[start : start + seq.num_new]
+            out.append(self._attend(qs, k_cache, v_cache, seq))
+            start += seq.num_new
+        o = torch.cat(out).reshape(-1, self.local_q * d)
+        return self._all_reduce(o @ self.w[p + "self_attn.o_proj.weight"].T)
+
+    def _attend(self, q: torch.Tensor, k_cache, v_cache, seq: SeqBatch) -> torch.Tensor:
+        """Causal attention of `q` [n, local_q, D] over the sequence's whole context."""
+        index = torch.from_numpy(seq.slots).to(self.device)
+        groups = self.local_q // self.local_kv
+        k = k_cache[index].to(self.dtype).repeat_interleave(groups, dim=1)  # [ctx, local_q, D]
+        v = v_cache[index].to(self.dtype).repeat_interleave(groups, dim=1)
+        n, ctx = q.shape[0], len(seq.slots)
+        allowed = (
+            torch.arange(ctx, device=self.device)[None, :]
+            <= torch.arange(ctx - n, ctx, device=self.device)[:, None]
+        )
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed
+        )
+        return o.transpose(0, 1)
+
+    def _mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
+        gate = self._linear(p + "mlp.gate_proj", x)
+        up = self._linear(p + "mlp.up_proj", x)
+        return self._all_reduce((F.silu(gate) * up) @ self.w[p + "mlp.down_proj.weight"].T)
+
+    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.w[name + ".weight"].T
+        bias = self.w.get(name + ".bias")
+        return y if bias is None else y + bias
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x

@@ -1,0 +1,160 @@
+"""The decoder against Hugging Face transformers on tiny random checkpoints it saves itself."""
+
+import numpy as np
+import pytest
+import torch
+
+from kvferry.daemon.model import Model, SeqBatch
+from kvferry.daemon.model_config import ModelConfig
+from kvferry.daemon.weights import full_weights
+from test_model_helpers import greedy
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.2,
+    tie_word_embeddings=False,
+)
+VARIANTS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama3-rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "rope_theta": 500000.0,
+        },
+    ),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+}
+
+
+def checkpoint(tmp_path, variant):
+    config_cls, model_cls, extra = VARIANTS[variant]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**COMMON, **extra)
+    hf = getattr(transformers, model_cls)(config).eval()
+    hf.save_pretrained(tmp_path / variant)
+    return hf, tmp_path / variant
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_matches_transformers(tmp_path, variant):
+    hf, path = checkpoint(tmp_path, variant)
+    config = ModelConfig.from_dir(path)
+    model = Model(config, full_weights(config, path))
+    prompt = [5, 17, 99, 3, 250, 42, 7, 7, 128, 64, 1, 200, 31]
+    with torch.no_grad():
+        hf_logits = hf(torch.tensor([prompt])).logits[0, -1]
+        expected = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=12,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )[0, len(prompt) :]
+    kv = torch.zeros(2 * config.num_hidden_layers, 64, model.local_kv, config.head_dim)
+    ours = model.forward(
+        torch.tensor(prompt),
+        torch.arange(len(prompt)),
+        [SeqBatch(len(prompt), np.arange(len(prompt)))],
+        kv,
+    )
+    torch.testing.assert_close(ours[0], hf_logits, atol=1e-4, rtol=1e-4)
+    assert greedy(model, prompt, 12) == expected.tolist()
+
+
+def test_batched_sequences_match_one_at_a_time(tmp_path):
+    _, path = checkpoint(tmp_path, "qwen3")
+    config = ModelConfig.from_dir(path)
+    model = Model(config, full_weights(config, path))
+    a, b = [1, 2, 3, 4, 5, 6, 7], [9, 8, 7]
+    kv = torch.zeros(2 * config.num_hidden_layers, 32, model.local_kv, config.head_dim)
+    slots_a, slots_b = np.arange(0, 7), np.arange(16, 19)
+    both = model.forward(
+        torch.tensor(a + b),
+        torch.tensor(list(range(7)) + list(range(3))),
+        [SeqBatch(7, slots_a), SeqBatch(3, slots_b)],
+        kv,
+    )
+    alone = model.forward(
+        torch.tensor(b), torch.arange(3), [SeqBatch(3, slots_b)], torch.zeros_like(kv)
+    )
+    torch.testing.assert_close(both[1], alone[0])
+
+
+def test_random_init_is_seeded_and_config_errors_name_the_value(tmp_path):
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    assert torch.equal(full_weights(config, None, seed=3)["model.norm.weight"], torch.ones(32))
+    assert torch.equal(
+        full_weights(config, None, seed=3)["lm_head.weight"],
+        full_weights(config, None, seed=3)["lm_head.weight"],
+    )
+    with pytest.raises(ValueError, match="num_key_value_heads=3"):
+        ModelConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=3,
+            head_dim=8,
+        )
+    with pytest.raises(ValueError, match="tp_size=3"):
+        Model(config, full_weights(config, None), tp_size=3)
+    with pytest.raises(ValueError, match=r"config\.json"):
+        ModelConfig.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("tp", [2, 4])  # 4 ranks over 2 KV heads: each KV head on two ranks
+def test_tensor_parallel_greedy_matches_transformers(tmp_path, tp):
+    import multiprocessing as mp
+    import socket
+
+    from tp_worker import greedy_rank
+
+    hf, path = checkpoint(tmp_path, "qwen2")
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    with torch.no_grad():
+        expected = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=8,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )[0, len(prompt) :]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=greedy_rank, args=(r, tp, port, str(path), prompt, 8, out))
+        for r in range(tp)
+    ]
+    for proc in procs:
+        proc.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(30)
+    assert [results[r] for r in range(tp)] == [expected.tolist()] * tp
