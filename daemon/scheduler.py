@@ -1,0 +1,118 @@
+"""Schedulers: which tokens of which sequences the next forward computes.
+
+`PrefillScheduler` runs chunked prefill under a token budget; `DecodeScheduler` batches one
+token per running sequence. They share the Sequence and BlockManager, never torch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from kvferry.daemon.block_manager import BlockManager
+from kvferry.daemon.sequence import SeqStatus, Sequence
+
+
+@dataclass
+class Work:
+    """Tokens [start, start + count) of `seq` go through the next forward."""
+
+    seq: Sequence
+    start: int
+    count: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.start + self.count >= self.seq.num_prompt
+
+
+class PrefillScheduler:
+    """FIFO chunked prefill: each step fills up to `max_batch_tokens`, at most `chunk_tokens`
+    per sequence; a sequence's pages for its whole prompt are taken when it first runs."""
+
+    def __init__(self, blocks: BlockManager, chunk_tokens: int, max_batch_tokens: int) -> None:
+        if chunk_tokens < 1 or max_batch_tokens < 1:
+            raise ValueError(
+                f"chunk_tokens={chunk_tokens}, max_batch_tokens={max_batch_tokens} must be >= 1"
+            )
+        self.blocks, self.chunk_tokens, self.max_batch_tokens = (
+            blocks,
+            chunk_tokens,
+            max_batch_tokens,
+        )
+        self.waiting: deque[Sequence] = deque()
+
+    def add(self, seq: Sequence) -> None:
+        if self.blocks.pages_for(seq.num_prompt) > self.blocks.num_pages:
+            raise ValueError(
+                f"a prompt of {seq.num_prompt} tokens exceeds the KV cache "
+                f"({self.blocks.num_pages} pages of {self.blocks.page_size})"
+            )
+        self.waiting.append(seq)
+
+    def schedule(self) -> list[Work]:
+        budget, batch = self.max_batch_tokens, []
+        for seq in self.waiting:
+            if budget == 0:
+                break
+            if seq.status is SeqStatus.WAITING:
+                if not self.blocks.can_allocate(seq.id, seq.num_prompt):
+                    break  # FIFO: later prompts wait behind it rather than starve it
+                self.blocks.allocate(seq.id, seq.num_prompt)
+                seq.status = SeqStatus.RUNNING
+            count = min(seq.prompt_left, self.chunk_tokens, budget)
+            batch.append(Work(seq, seq.num_computed, count))
+            budget -= count
+        return batch
+
+    def computed(self, batch: list[Work]) -> list[Sequence]:
+        """Record a finished forward; returns the sequences whose whole prompt is now computed."""
+        done = []
+        for work in batch:
+            work.seq.num_computed += work.count
+            if work.seq.prompt_left == 0:
+                done.append(work.seq)
+        for seq in done:
+            self.waiting.remove(seq)
+        return done
+
+
+class DecodeScheduler:
+    """Every running sequence decodes one token per step; admitted ones join the next step."""
+
+    def __init__(self, blocks: BlockManager, max_running: int) -> None:
+        if max_running < 1:
+            raise ValueError(f"max_running={max_running} must be >= 1")
+        self.blocks, self.max_running = blocks, max_running
+        self.running: list[Sequence] = []
+        self.ready: deque[Sequence] = deque()  # KV received, waiting for a batch slot
+
+    def admit(self, seq: Sequence) -> None:
+        """A sequence whose prompt KV (and first token) has arrived."""
+        seq.num_computed = seq.num_prompt
+        self.ready.append(seq)
+
+    def schedule(self) -> list[Work]:
+        while self.ready and len(self.running) < self.max_running:
+            seq = self.ready.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+        batch = []
+        for seq in self.running:
+            if not self.blocks.can_allocate(seq.id, seq.num_tokens):
+                seq.finish("out of KV pages")
+                continue
+            self.blocks.allocate(seq.id, seq.num_tokens)
+            batch.append(Work(seq, seq.num_tokens - 1, 1))
+        return batch
+
+    def sampled(self, batch: list[Work], tokens: list[int]) -> list[Sequence]:
+        """Record the sampled tokens; returns sequences that finished (pages released)."""
+        for work, token in zip(batch, tokens, strict=True):
+            work.seq.num_computed = work.seq.num_tokens
+            work.seq.append(token)
+        finished = [s for s in self.running if s.finished]
+        for seq in finished:
+            self.running.remove(seq)
+            self.blocks.deallocate(seq.id)
+        return finished

@@ -1,0 +1,79 @@
+"""One request's state on a rank: its tokens, how far its KV is computed, why it finished.
+Other parts update it; nobody copies it. Plain Python: no torch here."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(
+        self, prompt: list[int], params: SamplingParams, eos_id: int | None = None
+    ) -> None:
+        if not prompt:
+            raise ValueError("a prompt needs at least one token")
+        self.id = next(_ids)
+        self.prompt = list(prompt)
+        self.output: list[int] = []
+        self.params, self.eos_id = params, eos_id
+        self.status = SeqStatus.WAITING
+        self.num_computed = 0  # leading tokens whose KV is in the cache
+        self.finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def prompt_left(self) -> int:
+        return max(self.num_prompt - self.num_computed, 0)
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1] if self.output else self.prompt[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def append(self, token: int) -> None:
+        """Record a sampled token; finishes the sequence on EOS or at max_tokens."""
+        self.output.append(token)
+        if token == self.eos_id:
+            self.finish("stop")
+        elif len(self.output) >= self.params.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        if not self.finished:
+            self.status, self.finish_reason = SeqStatus.FINISHED, reason
