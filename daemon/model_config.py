@@ -71,6 +71,21 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
         )
 
+    def kv_layout(self, model: str, dtype: str, page_size: int, tp_size: int, tp_rank: int):
+        """The KV layout one TP rank of this model holds (what peers check at registration)."""
+        from kvferry.staging.layout import KVLayout
+
+        return KVLayout(
+            model=model,
+            num_layers=self.num_hidden_layers,
+            num_kv_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            dtype=dtype,
+            page_size=page_size,
+            tp_size=tp_size,
+            tp_rank=tp_rank,
+        )
+
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
         file = Path(path) / "config.json"
