@@ -1,0 +1,150 @@
+"""Daemon configuration: frozen, typed structs that YAML (and CLI flags) only fill in.
+
+Unknown keys, wrong types and impossible values are refused at load with the field's path and
+the offending value. Checks that need the model (TP against its heads, the staging ring against
+a chunk) run in `check_against`, once the model config is known.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import yaml
+
+from kvferry.transport.config import TransferConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be served; the message names the field and value."""
+
+
+def _positive(section, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ValueError(f"{name}={getattr(section, name)} must be >= 1")
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ModelSection(_Section):
+    path: str | None = None  # a local Hugging Face directory; None: the random embedded model
+    name: str = "kvferry-tiny"  # identity peers compare (part of the KV compatibility hash)
+    seed: int = 0  # weights of the random model
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # shape of the random model (ignored with a path)
+    vocab_size: int = 258
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+
+    def model_config(self):
+        """The checkpoint's config, or the random model's."""
+        from kvferry.daemon.model_config import ModelConfig
+
+        if self.path is not None:
+            return ModelConfig.from_dir(self.path)
+        return ModelConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.hidden_size // self.num_attention_heads,
+        )
+
+
+class CacheSection(_Section):
+    page_size: int = 16
+    num_pages: int = 512
+
+    def __post_init__(self) -> None:
+        _positive(self, "page_size", "num_pages")
+
+
+class SchedulerSection(_Section):
+    chunk_tokens: int = 256  # prefill tokens per sequence per forward
+    max_batch_tokens: int = 1024  # prefill tokens per forward, all sequences
+    max_running: int = 32  # decode batch size
+    max_prompt_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        _positive(self, "chunk_tokens", "max_batch_tokens", "max_running", "max_prompt_tokens")
+
+
+class DaemonConfig(_Section):
+    role: Literal["prefill", "decode"]
+    name: str = ""
+    tp: int = 1
+    device: Literal["cpu", "cuda"] = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 0  # decode: HTTP front; prefill: bootstrap server (0: any free port)
+    metrics_port: int | None = None  # decode serves /metrics on its HTTP port
+    prefill: list[str] = []  # decode: bootstrap addresses of prefill daemons (round-robin)
+    model: ModelSection = ModelSection()
+    cache: CacheSection = CacheSection()
+    scheduler: SchedulerSection = SchedulerSection()
+    transfer: TransferConfig = TransferConfig()
+
+    def __post_init__(self) -> None:
+        _positive(self, "tp")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port={self.port} is not a TCP port")
+        if self.role == "decode" and not self.prefill:
+            raise ValueError(
+                "a decode daemon needs at least one prefill bootstrap address in `prefill`"
+            )
+
+
+class Deployment(_Section):
+    """What `kvferry up` starts: every daemon the file lists."""
+
+    daemons: list[DaemonConfig]
+
+
+def load(path: str | Path, kind: type = Deployment):
+    """Read and validate a YAML file into `kind` (a Deployment or one DaemonConfig)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return parse(raw, kind, source=str(path))
+
+
+def parse(raw, kind: type = Deployment, source: str = "config"):
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def check_against(daemon: DaemonConfig, model) -> None:
+    """Checks that need the model config: TP against its heads, ring against one chunk."""
+    from kvferry.staging.plan import check_tp
+
+    where = daemon.name or daemon.role
+    try:
+        check_tp(model.num_key_value_heads, daemon.tp)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: tp: {exc}") from None
+    if model.num_attention_heads % daemon.tp:
+        raise ConfigError(
+            f"{where}: tp={daemon.tp} does not divide "
+            f"num_attention_heads={model.num_attention_heads}"
+        )
+    layout = model.kv_layout(
+        daemon.model.name, daemon.model.dtype, daemon.cache.page_size, daemon.tp, 0
+    )
+    chunk = layout.bytes_per_token * daemon.transfer.chunk_tokens
+    if daemon.transfer.mode == "staged" and chunk > daemon.transfer.staging_bytes:
+        raise ConfigError(
+            f"{where}: transfer.staging_bytes={daemon.transfer.staging_bytes} is smaller than one "
+            f"chunk's KV ({daemon.transfer.chunk_tokens} tokens x {layout.bytes_per_token} B "
+            f"= {chunk} B)"
+        )
