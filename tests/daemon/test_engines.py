@@ -19,6 +19,7 @@ from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.dataplane import LoopbackDataPlane
 from kvferry.transport.receiver import DecodeAgent
 from kvferry.transport.sender import PrefillAgent
+from test_model_helpers import checkpoint
 from transfer_sim import small_config
 
 transformers = pytest.importorskip("transformers")
@@ -26,20 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture
 def qwen3(tmp_path):
-    torch.manual_seed(0)
-    config = transformers.Qwen3Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        initializer_range=0.2,
-    )
-    hf = transformers.Qwen3ForCausalLM(config).eval()
-    hf.save_pretrained(tmp_path)
-    return hf, tmp_path
+    return checkpoint(tmp_path, "qwen3")
 
 
 def engines(path, prefill_page=16, decode_page=4):

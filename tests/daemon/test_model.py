@@ -7,49 +7,9 @@ import torch
 from kvferry.daemon.model import Model, SeqBatch
 from kvferry.daemon.model_config import ModelConfig
 from kvferry.daemon.weights import full_weights
-from test_model_helpers import greedy
+from test_model_helpers import VARIANTS, checkpoint, greedy
 
 transformers = pytest.importorskip("transformers")
-
-COMMON = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.2,
-    tie_word_embeddings=False,
-)
-VARIANTS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "llama3-rope": (
-        "LlamaConfig",
-        "LlamaForCausalLM",
-        {
-            "rope_scaling": {
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64,
-            },
-            "rope_theta": 500000.0,
-        },
-    ),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
-}
-
-
-def checkpoint(tmp_path, variant):
-    config_cls, model_cls, extra = VARIANTS[variant]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**COMMON, **extra)
-    hf = getattr(transformers, model_cls)(config).eval()
-    hf.save_pretrained(tmp_path / variant)
-    return hf, tmp_path / variant
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -1,0 +1,216 @@
+"""The two sides of bench/transfer.py: every rank of one role in one process (or in this
+process with --one-process), driven command by command through a pipe."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from kvferry.staging import KVLayout, KVPlanes, token_slots
+from kvferry.transport.config import TransferConfig
+from kvferry.transport.room import KVPoll
+
+
+class Side:
+    """All ranks of one role in this process, each with a cache of `capacity` tokens."""
+
+    def __init__(self, role: str, args: dict, mode: str, bootstrap: str | None = None) -> None:
+        from kvferry.transport.bootstrap import BootstrapServer
+        from kvferry.transport.receiver import DecodeAgent
+        from kvferry.transport.sender import PrefillAgent
+        from kvferry.transport.ucx import UcxDataPlane
+
+        a = argparse.Namespace(**args)
+        self.args, self.role = a, role
+        self.device = torch.device(a.device)
+        tp = a.src_tp if role == "prefill" else a.dst_tp
+        config = TransferConfig(
+            mode=mode,
+            chunk_tokens=a.chunk,
+            staging_bytes=a.staging_mib << 20,
+            ucx_tls=a.tls,
+            transfer_timeout_s=600,
+            bootstrap_timeout_s=60,
+        )
+        self.server = BootstrapServer(tp) if role == "prefill" else None
+        bootstrap = self.server.address if self.server else bootstrap
+        cuda = self.device.index or 0 if self.device.type == "cuda" else None
+        self.agents, self.slots = [], []
+        rng = np.random.default_rng(1 if role == "prefill" else 2)
+        for rank in range(tp):
+            layout = KVLayout(
+                model="bench",
+                num_layers=a.layers,
+                num_kv_heads=a.heads,
+                head_dim=a.head_dim,
+                dtype=a.dtype,
+                page_size=a.page_size,
+                tp_size=tp,
+                tp_rank=rank,
+            )
+            pages = -(-a.tokens // a.page_size)
+            shape = (layout.num_planes, pages * a.page_size, layout.local_heads, a.head_dim)
+            cache = torch.randn(shape, device=self.device).to(getattr(torch, a.dtype))
+            self.slots.append(token_slots(rng.permutation(pages), a.page_size, 0, a.tokens))
+            plane = UcxDataPlane(a.tls, cuda)
+            planes = KVPlanes.from_cache(cache)
+            agent = (
+                PrefillAgent(config, layout, planes, plane, bootstrap)
+                if role == "prefill"
+                else DecodeAgent(config, layout, planes, plane)
+            )
+            self.agents.append(agent)
+        self.address = bootstrap
+        self.handles = {}
+
+    def open(self, room: int, tokens: int):
+        """Decode: register the room with every prefill rank and wait until it is accepted."""
+        self.handles[room] = [
+            agent.receiver(room, slots[:tokens], self.address)
+            for agent, slots in zip(self.agents, self.slots, strict=True)
+        ]
+        _wait(self.handles[room], KVPoll.WaitingForInput)
+        return self._counters()
+
+    def send(self, room: int, tokens: int):
+        """Prefill: hand the whole prompt's KV over at once; returns the hand-over time."""
+        began = time.monotonic()
+        self.handles[room] = []
+        for agent, slots in zip(self.agents, self.slots, strict=True):
+            sender = agent.sender(room, tokens)
+            sender.add_tokens(slots[:tokens], first_token=1, last=True)
+            self.handles[room].append(sender)
+        return began
+
+    def wait(self, room: int):
+        """Wait for Success everywhere; (end time, messages received, bytes received)."""
+        _wait(self.handles[room], KVPoll.Success)
+        return (time.monotonic(), *self._counters())
+
+    def _counters(self):
+        return (
+            sum(a.core.data.messages_received + a.core.data.messages_sent for a in self.agents),
+            sum(a.core.data.bytes_received for a in self.agents),
+        )
+
+    def stats(self):
+        """Summed copy and wire seconds over this side's agents."""
+        return {k: sum(getattr(a.core.stats, k) for a in self.agents) for k in ("copy_s", "wire_s")}
+
+    def raw_open(self, nbytes: int):
+        """A bare UCX worker and a receive buffer of `nbytes`; returns the worker's address."""
+        from kvferry.transport.ucx import UcxDataPlane
+
+        cuda = self.device.index or 0 if self.device.type == "cuda" else None
+        self.raw = UcxDataPlane(self.args.tls, cuda)
+        self.raw_buffers = [
+            torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            for _ in range(self.args.dst_tp)
+        ]
+        return self.raw.address
+
+    def raw_send(self, address: bytes):
+        endpoint = self.raw.endpoint(address, lambda why: None)
+        began = time.monotonic()
+        requests = [self.raw.send(endpoint, buf, tag) for tag, buf in enumerate(self.raw_buffers)]
+        while not all(r.done() for r in requests):
+            pass
+        return began
+
+    def raw_recv(self):
+        taken = []
+        while len(taken) < len(self.raw_buffers):
+            probed = self.raw.probe()
+            if probed is not None:
+                taken.append(self.raw.recv(probed[0], self.raw_buffers[probed[0]]))
+        while not all(r.done() for r in taken):
+            pass
+        return time.monotonic()
+
+    def close(self):
+        if hasattr(self, "raw"):
+            self.raw.close()
+        for agent in self.agents:
+            agent.close()
+        if self.server is not None:
+            self.server.close()
+
+
+def _wait(handles, state, timeout_s=600.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = [h.poll() for h in handles]
+        if KVPoll.Failed in states:
+            raise RuntimeError(f"transfer failed: {[h.failure_reason for h in handles]}")
+        if all(s >= state for s in states):
+            return
+        time.sleep(0.0002)
+    raise TimeoutError(f"rooms did not reach {state.name}")
+
+
+def child(conn, role, args, mode, bootstrap):
+    try:
+        side = Side(role, args, mode, bootstrap)
+        conn.send(side.address)
+        while True:
+            name, params = conn.recv()
+            if name == "close":
+                side.close()
+                conn.send(None)
+                return
+            conn.send(getattr(side, name)(*params))
+    except Exception:
+        conn.send(RemoteError(traceback.format_exc()))
+        raise
+
+
+class RemoteError(RuntimeError):
+    pass
+
+
+class Remote:
+    def __init__(self, role, args, mode, bootstrap=None):
+        ctx = mp.get_context("spawn")
+        self.conn, other = ctx.Pipe()
+        self.role = role
+        self.proc = ctx.Process(
+            target=child, args=(other, role, vars(args), mode, bootstrap), daemon=True
+        )
+        self.proc.start()
+        self.address = self.receive()
+
+    def __call__(self, name, *params):
+        self.conn.send((name, params))
+        return self.receive()
+
+    def receive(self):
+        if not self.conn.poll(900):
+            raise TimeoutError(f"{self.role} process did not answer")
+        reply = self.conn.recv()
+        if isinstance(reply, RemoteError):
+            raise reply
+        return reply
+
+    def close(self):
+        if self.proc.is_alive():
+            self.conn.send(("close", ()))
+        self.proc.join(30)
+
+
+class Local:
+    """A side in this process (--one-process): isolates GPU time-slicing between processes."""
+
+    def __init__(self, role, args, mode, bootstrap=None):
+        self.side = Side(role, vars(args), mode, bootstrap)
+        self.address = self.side.address
+
+    def __call__(self, name, *params):
+        return getattr(self.side, name)(*params)
+
+    def close(self):
+        self.side.close()
