@@ -19,11 +19,9 @@ import json
 
 import numpy as np
 import torch
+from transfer_sides import Local, Remote  # bench/ is on sys.path when this runs as a script
 
 GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
-
-
-from transfer_sides import Local, Remote  # noqa: E402 - bench/ is on sys.path when run
 
 
 def run_mode(args, mode: str, tokens: int) -> dict:
