@@ -50,6 +50,7 @@ class BlockManager:
 
     def slots(self, seq_id: int, start: int, count: int) -> np.ndarray:
         """Cache slots of tokens [start, start + count) of the sequence."""
+        # deferred: importing kvferry.staging loads torch, which this module keeps out
         from kvferry.staging.slots import token_slots
 
         return token_slots(self._owned.get(seq_id, []), self.page_size, start, count)

@@ -84,17 +84,25 @@ class Model:
         new_slots = torch.from_numpy(np.concatenate([s.slots[-s.num_new :] for s in seqs])).to(
             self.device
         )
+        contexts = [self._context(seq) for seq in seqs]  # shared by every layer
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
             x = rms_norm(h, self.w[p + "input_layernorm.weight"], c.rms_norm_eps)
-            h = h + self._attention(p, x, cos, sin, seqs, kv, i, new_slots)
+            h = h + self._attention(p, x, cos, sin, contexts, kv, i, new_slots)
             x = rms_norm(h, self.w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
             h = h + self._mlp(p, x)
         ends = torch.tensor(np.cumsum([s.num_new for s in seqs]) - 1, device=self.device)
         last = rms_norm(h[ends], self.w["model.norm.weight"], c.rms_norm_eps)
         return (last @ self.w["lm_head.weight"].T).float()
 
-    def _attention(self, p, x, cos, sin, seqs, kv, layer, new_slots) -> torch.Tensor:
+    def _context(self, seq: SeqBatch) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(new tokens, context slots [ctx], causal mask [new, ctx]) of one sequence."""
+        n, ctx = seq.num_new, len(seq.slots)
+        keys = torch.arange(ctx, device=self.device)
+        allowed = keys[None, :] <= torch.arange(ctx - n, ctx, device=self.device)[:, None]
+        return n, torch.from_numpy(seq.slots).to(self.device), allowed
+
+    def _attention(self, p, x, cos, sin, contexts, kv, layer, new_slots) -> torch.Tensor:
         c, d = self.config, self.config.head_dim
         q = self._linear(p + "self_attn.q_proj", x).view(-1, self.local_q, d)
         k = self._linear(p + "self_attn.k_proj", x).view(-1, self.local_kv, d)
@@ -106,24 +114,17 @@ class Model:
         k_cache, v_cache = kv[layer], kv[c.num_hidden_layers + layer]  # [slots, local_kv, D]
         k_cache[new_slots], v_cache[new_slots] = k.to(kv.dtype), v.to(kv.dtype)
         out, start = [], 0
-        for seq in seqs:
-            qs = q[start : start + seq.num_new]
-            out.append(self._attend(qs, k_cache, v_cache, seq))
-            start += seq.num_new
+        for n, index, allowed in contexts:
+            out.append(self._attend(q[start : start + n], k_cache[index], v_cache[index], allowed))
+            start += n
         o = torch.cat(out).reshape(-1, self.local_q * d)
         return self._all_reduce(o @ self.w[p + "self_attn.o_proj.weight"].T)
 
-    def _attend(self, q: torch.Tensor, k_cache, v_cache, seq: SeqBatch) -> torch.Tensor:
-        """Causal attention of `q` [n, local_q, D] over the sequence's whole context."""
-        index = torch.from_numpy(seq.slots).to(self.device)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed) -> torch.Tensor:
+        """Causal attention of `q` [n, local_q, D] over one sequence's context k, v [ctx, kv, D]."""
         groups = self.local_q // self.local_kv
-        k = k_cache[index].to(self.dtype).repeat_interleave(groups, dim=1)  # [ctx, local_q, D]
-        v = v_cache[index].to(self.dtype).repeat_interleave(groups, dim=1)
-        n, ctx = q.shape[0], len(seq.slots)
-        allowed = (
-            torch.arange(ctx, device=self.device)[None, :]
-            <= torch.arange(ctx - n, ctx, device=self.device)[:, None]
-        )
+        k = k.to(self.dtype).repeat_interleave(groups, dim=1)  # [ctx, local_q, D]
+        v = v.to(self.dtype).repeat_interleave(groups, dim=1)
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed
         )

@@ -28,12 +28,19 @@ class ModelRunner:
         """Logits [len(batch), vocab] at the last token of each work item."""
         tokens, positions, seqs = [], [], []
         for work in batch:
-            ids = work.seq.prompt + work.seq.output
             end = work.start + work.count
-            tokens.extend(ids[work.start : end])
+            tokens.extend(_token_range(work.seq, work.start, end))
             positions.extend(range(work.start, end))
             seqs.append(SeqBatch(work.count, self.blocks.slots(work.seq.id, 0, end)))
         return self.model.forward(torch.tensor(tokens), torch.tensor(positions), seqs, self.kv)
 
     def sample(self, logits: torch.Tensor, seqs) -> list[int]:
         return self.sampler.sample(logits, seqs)
+
+
+def _token_range(seq, start: int, end: int) -> list[int]:
+    """Tokens [start, end) of prompt + output, without building the whole list per step."""
+    prompt = seq.prompt[start:end]
+    if end <= seq.num_prompt:
+        return prompt
+    return prompt + seq.output[max(start - seq.num_prompt, 0) : end - seq.num_prompt]

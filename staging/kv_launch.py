@@ -78,11 +78,6 @@ def _uploader(device: torch.device) -> IndexUploader:
         return IndexUploader(device)
 
 
-def upload_waits(device: torch.device) -> int:
-    """Launches on `device` that found the index upload ring full and waited for the GPU."""
-    return _uploader(device).waits
-
-
 class _StreamHandle:
     """A raw cudaStream_t speaking the CUDA stream protocol."""
 

@@ -57,9 +57,9 @@ class RecvRoom:
         start = chunk * self.chunk_tokens
         return self.slots[start : min(start + self.chunk_tokens, self.num_tokens)]
 
-    def units(self, per_chunk_rows: bool, num_planes: int) -> int:
+    def units(self, slice_mode: bool, num_planes: int) -> int:
         """Messages the room needs in total: one per (chunk, writer), or per (row, writer)."""
-        per_writer = self.num_tokens * num_planes if per_chunk_rows else self.num_chunks
+        per_writer = self.num_tokens * num_planes if slice_mode else self.num_chunks
         return per_writer * len(self.writers)
 
     def expect(self, chunk: int, writer: int, nbytes: int, planes: KVPlanes, slice_mode: bool):
