@@ -76,3 +76,15 @@ def checkpoint(tmp_path, variant):
     hf = getattr(transformers, model_cls)(config).eval()
     hf.save_pretrained(tmp_path / variant)
     return hf, tmp_path / variant
+
+
+def hf_greedy(hf, prompt: list[int], steps: int) -> list[int]:
+    """transformers' own greedy continuation of `prompt`."""
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=steps,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
+    return out[0, len(prompt) :].tolist()

@@ -7,7 +7,7 @@ import torch
 from kvferry.daemon.model import Model, SeqBatch
 from kvferry.daemon.model_config import ModelConfig
 from kvferry.daemon.weights import full_weights
-from test_model_helpers import VARIANTS, checkpoint, greedy
+from test_model_helpers import VARIANTS, checkpoint, greedy, hf_greedy
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,12 +20,7 @@ def test_greedy_matches_transformers(tmp_path, variant):
     prompt = [5, 17, 99, 3, 250, 42, 7, 7, 128, 64, 1, 200, 31]
     with torch.no_grad():
         hf_logits = hf(torch.tensor([prompt])).logits[0, -1]
-        expected = hf.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=12,
-            do_sample=False,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        )[0, len(prompt) :]
+    expected = hf_greedy(hf, prompt, 12)
     kv = torch.zeros(2 * config.num_hidden_layers, 64, model.local_kv, config.head_dim)
     ours = model.forward(
         torch.tensor(prompt),
@@ -34,7 +29,7 @@ def test_greedy_matches_transformers(tmp_path, variant):
         kv,
     )
     torch.testing.assert_close(ours[0], hf_logits, atol=1e-4, rtol=1e-4)
-    assert greedy(model, prompt, 12) == expected.tolist()
+    assert greedy(model, prompt, 12) == expected
 
 
 def test_batched_sequences_match_one_at_a_time(tmp_path):
@@ -96,13 +91,7 @@ def test_tensor_parallel_greedy_matches_transformers(tmp_path, tp):
 
     hf, path = checkpoint(tmp_path, "qwen2")
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
-    with torch.no_grad():
-        expected = hf.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=8,
-            do_sample=False,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        )[0, len(prompt) :]
+    expected = hf_greedy(hf, prompt, 8)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -117,4 +106,4 @@ def test_tensor_parallel_greedy_matches_transformers(tmp_path, tp):
     results = dict(out.get(timeout=120) for _ in procs)
     for proc in procs:
         proc.join(30)
-    assert [results[r] for r in range(tp)] == [expected.tolist()] * tp
+    assert [results[r] for r in range(tp)] == [expected] * tp

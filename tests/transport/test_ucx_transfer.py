@@ -5,25 +5,28 @@ import os
 import signal
 import time
 
+import msgspec
 import pytest
 
 from kvferry.staging import plan_head_transfers
 from kvferry.transport.room import KVPoll
 from kvsim import TP_PAIRS
+from transfer_sim import small_config
 from ucx_side import main
 
 pytest.importorskip("ucxx", reason="the UCX data plane needs the ucxx package")
 
 SUCCESS, FAILED = int(KVPoll.Success), int(KVPoll.Failed)
-CONFIG = dict(
-    chunk_tokens=16,
-    staging_bytes=1 << 20,
-    bootstrap_timeout_s=20.0,
-    transfer_timeout_s=60.0,
-    ring_wait_timeout_s=20.0,
-    heartbeat_interval_s=0.25,
-    heartbeat_timeout_s=5.0,
-    ucx_tls="tcp,sm,self",
+# plain fields: the config crosses into the side processes
+CONFIG = msgspec.structs.asdict(
+    small_config(
+        bootstrap_timeout_s=20.0,
+        transfer_timeout_s=60.0,
+        ring_wait_timeout_s=20.0,
+        heartbeat_interval_s=0.25,
+        heartbeat_timeout_s=5.0,
+        ucx_tls="tcp,sm,self",
+    )
 )
 
 
