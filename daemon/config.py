@@ -73,9 +73,12 @@ class SchedulerSection(_Section):
     max_batch_tokens: int = 1024  # prefill tokens per forward, all sequences
     max_running: int = 32  # decode batch size
     max_prompt_tokens: int = 4096
+    request_timeout_s: float = 600.0  # a request still unfinished after this fails
 
     def __post_init__(self) -> None:
         _positive(self, "chunk_tokens", "max_batch_tokens", "max_running", "max_prompt_tokens")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s={self.request_timeout_s} must be > 0")
 
 
 class DaemonConfig(_Section):
@@ -84,9 +87,11 @@ class DaemonConfig(_Section):
     tp: int = 1
     device: Literal["cpu", "cuda"] = "cpu"
     host: str = "127.0.0.1"
-    port: int = 0  # decode: HTTP front; prefill: bootstrap server (0: any free port)
-    metrics_port: int | None = None  # decode serves /metrics on its HTTP port
+    http_port: int = 0  # /health, /status, /metrics; decode also /v1/completions (0: any free)
+    bootstrap_port: int = 0  # prefill: where decode daemons register rooms and submit prompts
     prefill: list[str] = []  # decode: bootstrap addresses of prefill daemons (round-robin)
+    start_timeout_s: float = 300.0  # every rank built and registered
+    drain_timeout_s: float = 30.0  # at SIGTERM: in-flight requests get this long to finish
     model: ModelSection = ModelSection()
     cache: CacheSection = CacheSection()
     scheduler: SchedulerSection = SchedulerSection()
@@ -94,8 +99,12 @@ class DaemonConfig(_Section):
 
     def __post_init__(self) -> None:
         _positive(self, "tp")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port={self.port} is not a TCP port")
+        for name in ("start_timeout_s", "drain_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("http_port", "bootstrap_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name}={getattr(self, name)} is not a TCP port")
         if self.role == "decode" and not self.prefill:
             raise ValueError(
                 "a decode daemon needs at least one prefill bootstrap address in `prefill`"

@@ -1,14 +1,45 @@
 """Decode role on one rank: reserves pages for each prompt, waits for its KV to arrive, then
-decodes it in the running batch."""
+decodes it in the running batch.
+
+A request's life here: queued (waiting for pages) -> reserved (pages held, its receiver
+registering with the prefill group; the daemon now sends the prompt to prefill) -> arriving ->
+admitted to the running batch when every rank has its KV -> finished. A request that fails or
+is aborted while its KV is arriving drains first: its pages are freed only once no rank's
+transfer can still write into them.
+"""
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from kvferry.daemon.group import TPGroup, Verdict
 from kvferry.daemon.runner import ModelRunner
 from kvferry.daemon.scheduler import DecodeScheduler
 from kvferry.daemon.sequence import SamplingParams, Sequence
 from kvferry.transport.handles import KVReceiver
 from kvferry.transport.receiver import DecodeAgent
 from kvferry.transport.room import KVPoll
+
+
+@dataclass(frozen=True)
+class Output:
+    """New tokens of room `room`; `finish` once it is over (`error` when it failed)."""
+
+    room: int
+    tokens: list[int]
+    finish: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Request:
+    room: int
+    seq: Sequence
+    bootstrap: str
+    receiver: KVReceiver | None = None
+    reserved_at: float = 0.0
 
 
 class DecodeEngine:
@@ -18,56 +49,140 @@ class DecodeEngine:
         scheduler: DecodeScheduler,
         agent: DecodeAgent,
         eos_id: int | None = None,
+        group: TPGroup | None = None,
     ) -> None:
         self.runner, self.scheduler, self.agent, self.eos_id = runner, scheduler, agent, eos_id
-        self.arriving: dict[int, tuple[Sequence, KVReceiver]] = {}
-        self.finished: list[Sequence] = []
+        self.group = group or TPGroup()
+        self.queued: deque[_Request] = deque()  # waiting for KV pages
+        self.arriving: dict[int, _Request] = {}
+        self.draining: dict[int, _Request] = {}  # failed; a rank may still be writing its pages
+        self.running: dict[int, _Request] = {}  # by sequence id, admitted or in the batch
+        self.outputs: list[Output] = []  # drained by the caller
+        self.reserved: list[int] = []  # rooms whose pages are held; drained by the caller
+        self.forward_s: list[float] = []
+        self.transfer_s: list[float] = []  # reservation to KV on every rank, per request
 
-    def submit(
-        self, prompt: list[int], params: SamplingParams, room: int, bootstrap: str
-    ) -> Sequence:
-        """Reserve the prompt's pages and ask the prefill group behind `bootstrap` for its KV."""
+    @property
+    def busy(self) -> bool:
+        return bool(self.queued or self.arriving or self.draining or self.running)
+
+    def submit(self, room: int, prompt: list[int], params: SamplingParams, bootstrap: str) -> None:
+        """Queue a request whose KV the prefill group behind `bootstrap` will send; ValueError
+        when its prompt can never fit this rank's cache."""
+        if room in self.arriving or any(r.room == room for r in self.queued):
+            raise ValueError(f"room {room} is already in use")
         seq = Sequence(prompt, params, eos_id=self.eos_id)
         blocks = self.runner.blocks
-        if not blocks.can_allocate(seq.id, seq.num_prompt + 1):
-            raise MemoryError(
-                f"no KV pages for a prompt of {seq.num_prompt} tokens "
-                f"({blocks.free_pages} of {blocks.num_pages} pages free)"
+        if blocks.pages_for(seq.num_prompt + 1) > blocks.num_pages:
+            raise ValueError(
+                f"a prompt of {seq.num_prompt} tokens exceeds the KV cache "
+                f"({blocks.num_pages} pages of {blocks.page_size} tokens)"
             )
-        blocks.allocate(seq.id, seq.num_prompt)
-        receiver = self.agent.receiver(room, blocks.slots(seq.id, 0, seq.num_prompt), bootstrap)
-        self.arriving[seq.id] = (seq, receiver)
-        return seq
+        self.queued.append(_Request(room, seq, bootstrap))
+
+    def abort(self, room: int, reason: str) -> None:
+        for request in self.queued:
+            if request.room == room:
+                self.queued.remove(request)
+                self.outputs.append(Output(room, [], "abort", reason))
+                return
+        request = self.arriving.pop(room, None)
+        if request is not None:
+            request.receiver.abort(reason)
+            self.draining[room] = request
+            self.outputs.append(Output(room, [], "abort", reason))
+            return
+        for request in list(self.running.values()):
+            if request.room == room:
+                self.scheduler.remove(request.seq)
+                self._release(request)
+                self.outputs.append(Output(room, [], "abort", reason))
+                return
 
     def step(self) -> bool:
-        """Admit arrived requests, then one decode step; False when there was nothing to do."""
-        self._admit_arrivals()
+        """Reserve, admit arrivals, drain, then one decode step; False when no forward ran."""
+        self._reserve()
+        self._settle()
         batch = self.scheduler.schedule()
         if not batch:
-            return bool(self.arriving)
+            return False
+        began = time.perf_counter()
         logits = self.runner.forward(batch)
         tokens = self.runner.sample(logits, [w.seq for w in batch])
-        for seq in self.scheduler.sampled(batch, tokens):
-            self._done(seq)
+        self.forward_s.append(time.perf_counter() - began)
+        finished = {seq.id for seq in self.scheduler.sampled(batch, tokens)}
+        for work, token in zip(batch, tokens, strict=True):
+            request = self.running[work.seq.id]
+            done = work.seq.id in finished
+            self.outputs.append(
+                Output(request.room, [token], work.seq.finish_reason if done else None)
+            )
+            if done:
+                self._forget(request)
+        for seq in self.scheduler.dropped():  # finished without a forward (out of pages)
+            request = self.running[seq.id]
+            self.outputs.append(Output(request.room, [], seq.finish_reason))
+            self._forget(request)
         return True
 
-    def _admit_arrivals(self) -> None:
-        for seq_id, (seq, receiver) in list(self.arriving.items()):
-            state = receiver.poll()
-            if state == KVPoll.Success:
-                del self.arriving[seq_id]
-                seq.append(receiver.first_token)
-                if seq.finished:
-                    self.runner.blocks.deallocate(seq.id)
-                    self._done(seq)
-                else:
-                    self.scheduler.admit(seq)
-            elif state == KVPoll.Failed:
-                del self.arriving[seq_id]
-                seq.finish(f"transfer failed: {receiver.failure_reason}")
-                self.runner.blocks.deallocate(seq.id)  # Failed: nothing writes into its pages now
-                self._done(seq)
+    def _reserve(self) -> None:
+        """FIFO: the oldest queued request takes pages first, later ones wait behind it."""
+        blocks = self.runner.blocks
+        while self.queued:
+            seq = self.queued[0].seq
+            if not blocks.can_allocate(seq.id, seq.num_prompt + 1):
+                break
+            request = self.queued.popleft()
+            blocks.allocate(seq.id, seq.num_prompt)
+            slots = blocks.slots(seq.id, 0, seq.num_prompt)
+            request.receiver = self.agent.receiver(request.room, slots, request.bootstrap)
+            request.reserved_at = time.monotonic()
+            self.arriving[request.room] = request
+            self.reserved.append(request.room)
 
-    def _done(self, seq: Sequence) -> None:
-        self.runner.sampler.forget(seq.id)
-        self.finished.append(seq)
+    def _settle(self) -> None:
+        """Agree with the other ranks on every arriving and draining room."""
+        arriving, draining = list(self.arriving.values()), list(self.draining.values())
+        states = [r.receiver.poll() for r in arriving]
+        # a draining room is settled once its transfer is over on every rank
+        states += [_settled(r.receiver.poll()) for r in draining]
+        verdicts = self.group.verdicts(states)
+        for request, verdict in zip(arriving, verdicts, strict=False):
+            if verdict is Verdict.SUCCESS:
+                del self.arriving[request.room]
+                self.transfer_s.append(time.monotonic() - request.reserved_at)
+                self._admit(request)
+            elif verdict is Verdict.FAILED:
+                del self.arriving[request.room]
+                reason = request.receiver.failure_reason or "KV transfer failed on another rank"
+                request.receiver.abort(reason)
+                self.draining[request.room] = request
+                self.outputs.append(Output(request.room, [], "error", f"transfer failed: {reason}"))
+        for request, verdict in zip(draining, verdicts[len(arriving) :], strict=True):
+            if verdict is Verdict.SUCCESS:
+                del self.draining[request.room]
+                self._release(request)
+
+    def _admit(self, request: _Request) -> None:
+        seq = request.seq
+        self.running[seq.id] = request
+        seq.append(request.receiver.first_token)
+        finish = seq.finish_reason if seq.finished else None
+        self.outputs.append(Output(request.room, [request.receiver.first_token], finish))
+        if seq.finished:
+            self._release(request)
+        else:
+            self.scheduler.admit(seq)
+
+    def _release(self, request: _Request) -> None:
+        self.runner.blocks.deallocate(request.seq.id)
+        self._forget(request)
+
+    def _forget(self, request: _Request) -> None:
+        self.running.pop(request.seq.id, None)
+        self.runner.sampler.forget(request.seq.id)
+
+
+def _settled(state: KVPoll) -> KVPoll:
+    """Success once a draining room's transfer is over here, however it ended."""
+    return KVPoll.Success if state in (KVPoll.Success, KVPoll.Failed) else KVPoll.Transferring

@@ -3,50 +3,91 @@ soon as the forward that wrote it is queued; the first token travels with the la
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 
+from kvferry.daemon.group import TPGroup, Verdict
 from kvferry.daemon.runner import ModelRunner
 from kvferry.daemon.scheduler import PrefillScheduler
 from kvferry.daemon.sequence import SamplingParams, Sequence
 from kvferry.transport.handles import KVSender
-from kvferry.transport.room import KVPoll
 from kvferry.transport.sender import PrefillAgent
+
+
+@dataclass(frozen=True)
+class RoomDone:
+    """A room left this daemon: its KV was delivered, or it failed with `error`."""
+
+    room: int
+    error: str | None
+    transfer_s: float  # from the last chunk's forward to delivery on every rank
+
+
+@dataclass
+class _Room:
+    seq: Sequence
+    sender: KVSender
+    computed_at: float | None = None  # when the prompt's last chunk was queued
 
 
 class PrefillEngine:
     def __init__(
-        self, runner: ModelRunner, scheduler: PrefillScheduler, agent: PrefillAgent
+        self,
+        runner: ModelRunner,
+        scheduler: PrefillScheduler,
+        agent: PrefillAgent,
+        group: TPGroup | None = None,
     ) -> None:
         self.runner, self.scheduler, self.agent = runner, scheduler, agent
-        self.senders: dict[int, tuple[Sequence, KVSender]] = {}  # seq id -> its room's sender
-        self.handing_over: list[int] = []  # prompts computed, KV still leaving
+        self.group = group or TPGroup()
+        self.rooms: dict[int, _Room] = {}
+        self.done: list[RoomDone] = []  # drained by the caller
+        self.forward_s: list[float] = []  # host time of each forward, drained by the caller
 
-    def submit(self, prompt: list[int], params: SamplingParams, room: int) -> Sequence:
+    @property
+    def busy(self) -> bool:
+        return bool(self.rooms)
+
+    def submit(self, room: int, prompt: list[int], params: SamplingParams) -> Sequence:
+        """Queue `prompt` for room `room`; ValueError when it can never fit."""
+        if room in self.rooms:
+            raise ValueError(f"room {room} is already in use")
         seq = Sequence(prompt, params)
         self.scheduler.add(seq)
-        self.senders[seq.id] = (seq, self.agent.sender(room, len(prompt)))
+        self.rooms[room] = _Room(seq, self.agent.sender(room, len(prompt)))
         return seq
 
+    def abort(self, room: int, reason: str) -> None:
+        """Stop computing and sending `room`; its pages go back once its sender has let go."""
+        entry = self.rooms.get(room)
+        if entry is not None:
+            entry.sender.abort(reason)
+
     def step(self) -> bool:
-        """One forward over the scheduled chunks; False when there was nothing to do."""
-        self._release_handed_over()
+        """Settle finished rooms, then one forward over the scheduled chunks; False when no
+        forward ran."""
+        self._settle()
         batch = self.scheduler.schedule()
         if not batch:
-            return bool(self.handing_over)
+            return False
+        began = time.perf_counter()
         logits = self.runner.forward(batch)
         ready = _forward_event(self.runner.kv.device)
         firsts = self._first_tokens(batch, logits)
+        self.forward_s.append(time.perf_counter() - began)
+        rooms = {entry.seq.id: (room, entry) for room, entry in self.rooms.items()}
         for work in batch:
-            _, sender = self.senders[work.seq.id]
+            _, entry = rooms[work.seq.id]
             slots = self.runner.blocks.slots(work.seq.id, work.start, work.count)
-            if sender.poll() != KVPoll.Failed:
-                sender.add_tokens(
-                    slots, ready, first_token=firsts.get(work.seq.id), last=work.completes_prompt
-                )
+            entry.sender.add_tokens(
+                slots, ready, first_token=firsts.get(work.seq.id), last=work.completes_prompt
+            )
         for seq in self.scheduler.computed(batch):
             seq.append(firsts[seq.id])
             seq.finish("prefilled")
-            self.handing_over.append(seq.id)
+            rooms[seq.id][1].computed_at = time.monotonic()
         return True
 
     def _first_tokens(self, batch, logits) -> dict[int, int]:
@@ -57,15 +98,26 @@ class PrefillEngine:
         tokens = self.runner.sample(logits[rows], [batch[i].seq for i in rows])
         return {batch[i].seq.id: token for i, token in zip(rows, tokens, strict=True)}
 
-    def _release_handed_over(self) -> None:
-        """Pages of a prompt are freed once its KV has left (or its room failed)."""
-        for seq_id in list(self.handing_over):
-            _, sender = self.senders[seq_id]
-            if sender.poll() in (KVPoll.Success, KVPoll.Failed):
-                self.handing_over.remove(seq_id)
-                del self.senders[seq_id]
-                self.runner.blocks.deallocate(seq_id)
-                self.runner.sampler.forget(seq_id)
+    def _settle(self) -> None:
+        """Rooms delivered on every rank, or failed on any, leave: the prompt stops computing
+        and its pages are freed (a failed room's sender is aborted here first, so nothing reads
+        the pages afterwards)."""
+        rooms = list(self.rooms.items())
+        verdicts = self.group.verdicts([entry.sender.poll() for _, entry in rooms])
+        for (room, entry), verdict in zip(rooms, verdicts, strict=True):
+            if verdict is Verdict.WAIT:
+                continue
+            error = None
+            if verdict is Verdict.FAILED:
+                error = entry.sender.failure_reason or "transfer failed on another prefill rank"
+                entry.sender.abort(error)
+                if not entry.seq.finished:
+                    self.scheduler.remove(entry.seq)
+            del self.rooms[room]
+            self.runner.blocks.deallocate(entry.seq.id)
+            self.runner.sampler.forget(entry.seq.id)
+            since = entry.computed_at or time.monotonic()
+            self.done.append(RoomDone(room, error, time.monotonic() - since))
 
 
 def _forward_event(device: torch.device) -> torch.cuda.Event | None:

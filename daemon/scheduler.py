@@ -76,6 +76,11 @@ class PrefillScheduler:
             self.waiting.remove(seq)
         return done
 
+    def remove(self, seq: Sequence) -> None:
+        """Stop computing `seq` (its room failed); its pages are the caller's to free."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
 
 class DecodeScheduler:
     """Every running sequence decodes one token per step; admitted ones join the next step."""
@@ -86,6 +91,7 @@ class DecodeScheduler:
         self.blocks, self.max_running = blocks, max_running
         self.running: list[Sequence] = []
         self.ready: deque[Sequence] = deque()  # KV received, waiting for a batch slot
+        self._dropped: list[Sequence] = []  # finished by schedule() for want of pages
 
     def admit(self, seq: Sequence) -> None:
         """A sequence whose prompt KV (and first token) has arrived."""
@@ -98,13 +104,31 @@ class DecodeScheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
         batch = []
-        for seq in self.running:
+        for seq in list(self.running):
             if not self.blocks.can_allocate(seq.id, seq.num_tokens):
                 seq.finish("out of KV pages")
+                self._drop(seq)
                 continue
             self.blocks.allocate(seq.id, seq.num_tokens)
             batch.append(Work(seq, seq.num_tokens - 1, 1))
         return batch
+
+    def dropped(self) -> list[Sequence]:
+        """Sequences the last schedule() finished without a forward (pages released)."""
+        dropped, self._dropped = self._dropped, []
+        return dropped
+
+    def remove(self, seq: Sequence) -> None:
+        """Take `seq` out (aborted); its pages are the caller's to free."""
+        if seq in self.ready:
+            self.ready.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def _drop(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.deallocate(seq.id)
+        self._dropped.append(seq)
 
     def sampled(self, batch: list[Work], tokens: list[int]) -> list[Sequence]:
         """Record the sampled tokens; returns sequences that finished (pages released)."""

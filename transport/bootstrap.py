@@ -1,13 +1,16 @@
 """Bootstrap server (hosted by the prefill side): where decode ranks find the prefill ranks.
 
 Prefill ranks register their layout, UCX address and control address; decode ranks ask for
-the full set, which is answered once every rank of the prefill TP group has registered. Any
-malformed or unexpected frame gets an ErrorReply and is counted; the server keeps serving.
+the full set, which is answered once every rank of the prefill TP group has registered. A
+prefill daemon also takes prompts here (`SubmitPrompt`, handed to `on_submit`). Any malformed
+or unexpected frame gets an ErrorReply and is counted; the server keeps serving.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 
 import zmq
 
@@ -19,17 +22,25 @@ from kvferry.transport.messages import (
     QueryPeers,
     RankInfo,
     RegisterRank,
+    SubmitPrompt,
     WireError,
 )
+
+log = logging.getLogger(__name__)
 
 
 class BootstrapServer:
     """Serves one prefill TP group of `tp_size` ranks on its own thread."""
 
     def __init__(
-        self, tp_size: int, host: str = "127.0.0.1", port: int = 0, max_frame_bytes: int = 1 << 20
+        self,
+        tp_size: int,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_frame_bytes: int = 1 << 20,
+        on_submit: Callable[[SubmitPrompt], Ack | ErrorReply] | None = None,
     ) -> None:
-        self.tp_size = tp_size
+        self.tp_size, self.on_submit = tp_size, on_submit
         self.codec = Codec(max_frame_bytes)
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
@@ -69,6 +80,8 @@ class BootstrapServer:
                 return self._register(message.info)
             if isinstance(message, QueryPeers):
                 return self._peers()
+            if isinstance(message, SubmitPrompt) and self.on_submit is not None:
+                return self._submit(message)
             raise WireError(f"unexpected {type(message).__name__} at the bootstrap server")
         except WireError as exc:
             self.bad_frames += 1
@@ -88,6 +101,13 @@ class BootstrapServer:
                 )
         self.ranks[layout.tp_rank] = info  # a restarted rank replaces its old entry
         return Ack()
+
+    def _submit(self, message: SubmitPrompt):
+        try:
+            return self.on_submit(message)
+        except Exception as exc:  # the daemon's bug must not take the server down
+            log.exception("submit of room %d failed", message.room)
+            return ErrorReply(f"prefill could not take the prompt: {exc}", room=message.room)
 
     def _peers(self):
         if len(self.ranks) < self.tp_size:

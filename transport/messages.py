@@ -84,6 +84,17 @@ class Abort(_Msg):
     reason: str
 
 
+class SubmitPrompt(_Msg):
+    """Decode daemon -> prefill bootstrap server: compute `prompt` for room `room` (whose
+    decode ranks have reserved its pages and are registering it) and send its KV there."""
+
+    room: int
+    prompt: list[int]
+    temperature: float = 0.0  # sampling of the first token
+    top_p: float = 1.0
+    seed: int | None = None
+
+
 class Heartbeat(_Msg):
     pass
 
@@ -107,6 +118,7 @@ Message = (
     | RoomAccepted
     | TransferDone
     | Abort
+    | SubmitPrompt
     | Heartbeat
     | Ack
     | ErrorReply

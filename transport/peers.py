@@ -32,6 +32,10 @@ class PeerTracker:
             if not rooms:
                 del self._rooms[peer]
 
+    def active(self) -> list[str]:
+        """Peers this rank has rooms with (safe to call from any thread)."""
+        return sorted(list(self._rooms))  # list() of a dict is one step under the GIL
+
     def rooms_of(self, peer: str) -> set[int]:
         return set(self._rooms.get(peer, ()))
 

@@ -33,7 +33,7 @@ def test_the_embedded_default_loads():
         ({"role": "prefill", "cache": {"page_size": -4}}, "page_size=-4"),
         ({"role": "prefill", "transfer": {"chunk_tokens": 0}}, "chunk_tokens=0"),
         ({"role": "prefill", "scheduler": {"max_running": 1.5}}, r"\$\.scheduler\.max_running"),
-        ({"role": "prefill", "port": 70000}, "port=70000"),
+        ({"role": "prefill", "bootstrap_port": 70000}, "bootstrap_port=70000"),
     ],
 )
 def test_bad_values_name_the_field(raw, fragment):

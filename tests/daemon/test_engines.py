@@ -57,6 +57,23 @@ def engines(path, prefill_page=16, decode_page=4):
     return server, prefill, decode
 
 
+def run_until_finished(prefill, decode, count, timeout_s=60):
+    """Step both engines until `count` rooms finished on decode and prefill let go of every
+    room; {room: (tokens, finish reason)}."""
+    tokens, finish = {}, {}
+    deadline = time.monotonic() + timeout_s
+    while len(finish) < count or prefill.busy:
+        assert time.monotonic() < deadline, f"{len(finish)} of {count} finished"
+        if not (prefill.step() | decode.step()):
+            time.sleep(0.001)
+        for out in decode.outputs:
+            tokens.setdefault(out.room, []).extend(out.tokens)
+            if out.finish:
+                finish[out.room] = out.error or out.finish
+        decode.outputs.clear()
+    return {room: (tokens.get(room, []), reason) for room, reason in finish.items()}
+
+
 def test_disaggregated_greedy_equals_transformers(qwen3):
     hf, path = qwen3
     server, prefill, decode = engines(path)
@@ -66,21 +83,15 @@ def test_disaggregated_greedy_equals_transformers(qwen3):
         list(range(40, 70)),
     ]
     try:
-        seqs = []
         for i, prompt in enumerate(prompts):
             params = SamplingParams(max_tokens=10)
-            seqs.append(decode.submit(prompt, params, room=1000 + i, bootstrap=server.address))
-            prefill.submit(prompt, params, room=1000 + i)
-        deadline = time.monotonic() + 60
-        while len(decode.finished) < len(prompts) and time.monotonic() < deadline:
-            busy = prefill.step() | decode.step()
-            if not busy:
-                time.sleep(0.001)
-        for prompt, seq in zip(prompts, seqs, strict=True):
-            assert seq.finish_reason == "length", seq.finish_reason
-            assert seq.output == hf_greedy(hf, prompt, 10)
-        while prefill.handing_over and time.monotonic() < deadline:
-            prefill.step()
+            decode.submit(1000 + i, prompt, params, bootstrap=server.address)
+            prefill.submit(1000 + i, prompt, params)
+        outputs = run_until_finished(prefill, decode, len(prompts))
+        for i, prompt in enumerate(prompts):
+            tokens, finish = outputs[1000 + i]
+            assert finish == "length"
+            assert tokens == hf_greedy(hf, prompt, 10)
         assert prefill.runner.blocks.used_pages == 0 and decode.runner.blocks.used_pages == 0
     finally:
         decode.agent.close()

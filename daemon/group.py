@@ -1,0 +1,61 @@
+"""The tensor-parallel group of one daemon, as its engines see it.
+
+Every rank runs the same engine on the same commands, so their schedulers stay in step. What
+differs between ranks is each one's view of a room's transfer (rank 0's KV may land before rank
+1's); decisions that depend on it are agreed here, with one small all-reduce per step, so that
+all ranks admit, release or fail a request at the same step. Time-based decisions (deadlines)
+are taken by the daemon and arrive as commands, never from a rank's own clock.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+import torch.distributed as dist
+
+from kvferry.transport.room import KVPoll
+
+
+class Verdict(enum.Enum):
+    WAIT = "wait"  # some rank is still transferring
+    SUCCESS = "success"  # every rank has its KV
+    FAILED = "failed"  # some rank failed: every rank gives the room up
+
+
+class TPGroup:
+    """`size` ranks; `process_group` is a gloo group (host tensors) when `size` > 1."""
+
+    def __init__(self, size: int = 1, rank: int = 0, process_group=None) -> None:
+        if size > 1 and process_group is None:
+            raise ValueError(f"a group of {size} ranks needs a process group")
+        self.size, self.rank, self.process_group = size, rank, process_group
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.process_group)
+        return box[0]
+
+    def verdicts(self, states: list[KVPoll]) -> list[Verdict]:
+        """One verdict per room from every rank's state of it (same rooms, same order)."""
+        if self.size > 1 and states:
+            flags = torch.tensor(
+                [[s != KVPoll.Success for s in states], [s == KVPoll.Failed for s in states]],
+                dtype=torch.int32,
+            )
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
+            pending, failed = flags.tolist()
+        else:
+            pending = [s != KVPoll.Success for s in states]
+            failed = [s == KVPoll.Failed for s in states]
+        return [
+            Verdict.FAILED if f else Verdict.WAIT if p else Verdict.SUCCESS
+            for p, f in zip(pending, failed, strict=True)
+        ]

@@ -1,0 +1,137 @@
+"""Prometheus metrics of one daemon (documented in docs/metrics.md).
+
+Rank workers report cumulative counters and gauges in their `Snapshot`s; a collector turns the
+latest snapshot of each rank into metric families at scrape time. Latency samples (forward
+passes, transfers) come along in the snapshots and go into histograms here, next to the
+request-level histograms (TTFT, inter-token latency) the daemon observes itself.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from kvferry.daemon.protocol import Snapshot
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_STEP = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+# (name, help, Snapshot field) of the per-rank values; counters end in _total
+_COUNTERS = (
+    ("kvferry_kv_bytes_sent", "KV bytes sent over the data plane", "bytes_sent"),
+    ("kvferry_kv_bytes_received", "KV bytes received over the data plane", "bytes_received"),
+    ("kvferry_ucx_messages_sent", "Data-plane (UCX) messages sent", "messages_sent"),
+    ("kvferry_ucx_messages_received", "Data-plane (UCX) messages received", "messages_received"),
+    ("kvferry_ring_waits", "Chunks that found the staging ring full and waited", "ring_waits"),
+    ("kvferry_ring_wait_seconds", "Time chunks spent waiting for staging room", "ring_wait_s"),
+    ("kvferry_bad_frames", "Malformed or unexpected control frames refused", "bad_frames"),
+)
+_GAUGES = (
+    ("kvferry_ring_used_bytes", "Staging ring bytes in use", "ring_used"),
+    ("kvferry_ring_capacity_bytes", "Staging ring size", "ring_capacity"),
+    ("kvferry_ring_high_water_bytes", "Most staging ring bytes ever in use", "ring_high_water"),
+    ("kvferry_kv_pages_used", "KV cache pages held by requests", "kv_pages_used"),
+    ("kvferry_kv_pages_total", "KV cache pages", "kv_pages_total"),
+)
+
+
+class Metrics:
+    def __init__(self, role: str, name: str) -> None:
+        self.registry = CollectorRegistry()
+        self._snapshots: dict[int, Snapshot] = {}
+        self._lock = threading.Lock()
+        self.registry.register(_SnapshotCollector(self))
+        r = self.registry
+        Gauge("kvferry_info", "The daemon", ["role", "name"], registry=r).labels(role, name).set(1)
+        self.forward = Histogram(
+            "kvferry_forward_seconds", "Host time of one forward pass", buckets=_STEP, registry=r
+        )
+        self.transfer = Histogram(
+            "kvferry_transfer_seconds",
+            "KV transfer of one request: decode, page reservation to KV on every rank; "
+            "prefill, last chunk computed to delivered",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "kvferry_ttft_seconds", "Time to first token", buckets=_LATENCY, registry=r
+        )
+        self.itl = Histogram(
+            "kvferry_inter_token_seconds",
+            "Time between consecutive tokens of a request",
+            buckets=_STEP,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "kvferry_request_seconds", "Request end to end", buckets=_LATENCY, registry=r
+        )
+        self.requests = Counter(
+            "kvferry_requests", "Requests finished, by outcome", ["outcome"], registry=r
+        )
+        self.failures = Counter(
+            "kvferry_request_failures", "Failed requests, by reason", ["reason"], registry=r
+        )
+        self.in_flight = Gauge("kvferry_requests_in_flight", "Requests in flight", registry=r)
+
+    def take(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            self._snapshots[snapshot.rank] = snapshot
+        for seconds in snapshot.forward_s:
+            self.forward.observe(seconds)
+        for seconds in snapshot.transfer_s:
+            self.transfer.observe(seconds)
+
+    def finished(self, outcome: str, reason: str | None = None) -> None:
+        self.requests.labels(outcome).inc()
+        if reason:
+            self.failures.labels(failure_category(reason)).inc()
+
+    def snapshots(self) -> list[Snapshot]:
+        with self._lock:
+            return [self._snapshots[r] for r in sorted(self._snapshots)]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def failure_category(reason: str) -> str:
+    """A bounded label for a failure reason: its text up to the first colon."""
+    return reason.split(":", 1)[0].strip()[:60] or "unknown"
+
+
+class _SnapshotCollector:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        snapshots = self.metrics.snapshots()
+        for name, text, attr in _COUNTERS:
+            family = CounterMetricFamily(name, text, labels=["rank"])
+            for s in snapshots:
+                family.add_metric([str(s.rank)], getattr(s, attr))
+            yield family
+        for name, text, attr in _GAUGES:
+            family = GaugeMetricFamily(name, text, labels=["rank"])
+            for s in snapshots:
+                family.add_metric([str(s.rank)], getattr(s, attr))
+            yield family
+        failures = CounterMetricFamily(
+            "kvferry_transfer_failures", "Failed transfers, by reason", labels=["rank", "reason"]
+        )
+        rooms = GaugeMetricFamily(
+            "kvferry_rooms", "Transfer rooms by state", labels=["rank", "state"]
+        )
+        queues = GaugeMetricFamily(
+            "kvferry_queue_depth", "Requests by stage on each rank", labels=["rank", "queue"]
+        )
+        for s in snapshots:
+            for reason, count in s.failures.items():
+                failures.add_metric([str(s.rank), reason], count)
+            for state, count in s.rooms.items():
+                rooms.add_metric([str(s.rank), state], count)
+            for queue, count in s.queues.items():
+                queues.add_metric([str(s.rank), queue], count)
+        yield from (failures, rooms, queues)

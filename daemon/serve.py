@@ -1,0 +1,423 @@
+"""`kvferry serve`: one daemon (prefill or decode) and its rank worker processes.
+
+The daemon process owns the sockets users and peers talk to — the HTTP front and, on prefill,
+the bootstrap server — and the requests' bookkeeping; the ranks own the model, the KV cache and
+the transfer agents. A decode request: the HTTP front calls `generate`, which draws the room id
+and hands the prompt to the ranks; once they have reserved its pages (`Progress.reserved`) the
+daemon submits the prompt to a prefill daemon; tokens come back in `Progress.outputs`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import queue
+import secrets
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+
+import zmq
+
+from kvferry.daemon import protocol
+from kvferry.daemon.config import DaemonConfig, check_against
+from kvferry.daemon.metrics import Metrics
+from kvferry.daemon.sequence import SamplingParams
+from kvferry.daemon.tokenizer import ByteTokenizer, load_tokenizer
+from kvferry.daemon.worker import worker_main
+from kvferry.transport.bootstrap import BootstrapServer
+from kvferry.transport.control import request as control_request
+from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt, WireError
+
+log = logging.getLogger("kvferry.daemon")
+TICK_S = 0.05
+WORKER_EXIT_S = 15.0
+
+
+class Unavailable(RuntimeError):
+    """The daemon is not taking requests (starting, stopping or broken)."""
+
+
+@dataclass
+class Request:
+    """A request in flight, as the daemon tracks it; `events` feeds the HTTP handler."""
+
+    room: int
+    prompt: list[int]
+    params: SamplingParams
+    prefill: str | None
+    created: float = field(default_factory=time.monotonic)
+    deadline: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finish: str | None = None
+    error: str | None = None
+    events: queue.Queue = field(default_factory=queue.Queue)  # (new tokens, finished?)
+
+
+def serve(config: DaemonConfig) -> int:
+    """Run the daemon until SIGTERM/SIGINT; the exit code (0 after a clean stop)."""
+    logging.basicConfig(
+        level=os.environ.get("KVFERRY_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {config.name or config.role} %(levelname)s %(message)s",
+    )
+    daemon = Daemon(config)
+    stop = lambda signum, _frame: daemon.request_stop(signal.Signals(signum).name)  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return daemon.run()
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.model_config = config.model.model_config()
+        check_against(config, self.model_config)
+        self.name = config.name or config.role
+        self.metrics = Metrics(config.role, self.name)
+        self.tokenizer = (
+            load_tokenizer(config.model.path, self.model_config.eos_token_id)
+            if config.model.path
+            else ByteTokenizer()
+        )
+        self.state = "starting"
+        self.requests: dict[int, Request] = {}
+        self.prefill_rooms: dict[int, float] = {}  # prefill: room -> when submitted
+        self._lock = threading.Lock()  # requests, prefill_rooms, and sends to rank 0
+        self._stop_reason: str | None = None
+        self._peers = itertools.cycle(config.prefill) if config.prefill else None
+        self._zmq = zmq.Context()
+        self._submitter = ThreadPoolExecutor(4, thread_name_prefix="kvferry-submit")
+        self._codec = Codec(config.transfer.max_frame_bytes)
+        self.bootstrap: BootstrapServer | None = None
+        self.http = None
+        self.procs: list = []
+        self.conns: list = []
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        if self._stop_reason is None:
+            log.info("stopping (%s)", reason)
+            self._stop_reason = reason
+
+    def run(self) -> int:
+        try:
+            self._start()
+        except Exception as exc:
+            log.error("%s failed to start: %s: %s", self.name, type(exc).__name__, exc)
+            self._shutdown()
+            return 1
+        code = self._serve()
+        self._shutdown()
+        log.info("stopped (exit %d)", code)
+        return code
+
+    def _start(self) -> None:
+        c = self.config
+        bootstrap_address = None
+        if c.role == "prefill":
+            self.bootstrap = BootstrapServer(
+                c.tp, c.host, c.bootstrap_port, c.transfer.max_frame_bytes, self._on_submit
+            )
+            bootstrap_address = self.bootstrap.address
+        from kvferry.daemon.http_front import start_http
+
+        self.http = start_http(self, c.host, c.http_port)
+        ctx = mp.get_context("spawn")
+        dist_address = f"tcp://127.0.0.1:{_free_port()}"
+        for rank in range(c.tp):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=worker_main,
+                args=(c, rank, dist_address, bootstrap_address, child),
+                name=f"{self.name}-rank{rank}",
+            )
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+        self._wait_ready()
+        self.state = "serving"
+        where = f"http://{c.host}:{self.http.server_port}"
+        extra = f", bootstrap {bootstrap_address}" if bootstrap_address else ""
+        log.info("%s serving on %s%s (tp=%d)", self.name, where, extra, c.tp)
+
+    def _wait_ready(self) -> None:
+        pending = set(range(self.config.tp))
+        deadline = time.monotonic() + self.config.start_timeout_s
+        while pending:
+            if self._stop_reason:
+                raise RuntimeError(f"stopped while starting ({self._stop_reason})")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"ranks {sorted(pending)} not ready within {self.config.start_timeout_s:g}s"
+                )
+            for rank, conn in enumerate(self.conns):
+                while conn.poll():
+                    message = conn.recv()
+                    if isinstance(message, protocol.Fatal):
+                        raise RuntimeError(message.error)
+                    if isinstance(message, protocol.Ready):
+                        pending.discard(rank)
+            for rank, proc in enumerate(self.procs):
+                if rank in pending and not proc.is_alive():
+                    raise RuntimeError(f"rank {rank} exited with code {proc.exitcode} at start")
+            wait(self.conns + [p.sentinel for p in self.procs], timeout=min(left, TICK_S))
+
+    def _serve(self) -> int:
+        stop_by = None
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self.procs)}
+        while True:
+            ready = wait(self.conns + list(sentinels), timeout=TICK_S)
+            for rank, conn in enumerate(self.conns):
+                if conn in ready and not self._drain(rank, conn):
+                    return self._fail_all(f"rank {rank} failed")
+            for sentinel, rank in sentinels.items():
+                if sentinel in ready:
+                    self.procs[rank].join(1)
+                    code = self.procs[rank].exitcode
+                    return self._fail_all(f"rank {rank} exited with code {code}")
+            now = time.monotonic()
+            self._expire(now)
+            if self._stop_reason and stop_by is None:
+                self.state = "stopping"
+                stop_by = now + self.config.drain_timeout_s
+            if stop_by is not None and (not self._in_flight() or now > stop_by):
+                self._send(protocol.Stop(f"daemon stopping ({self._stop_reason})"))
+                return self._join_workers()
+
+    def _drain(self, rank: int, conn) -> bool:
+        """Handle what rank `rank` reported; False when the rank reported it cannot go on."""
+        while conn.poll():
+            try:
+                message = conn.recv()
+            except EOFError:
+                return True  # its exit shows through the sentinel
+            if isinstance(message, protocol.Snapshot):
+                self.metrics.take(message)
+            elif isinstance(message, protocol.Progress):
+                self._progress(message)
+            elif isinstance(message, protocol.Fatal):
+                log.error("%s", message.error)
+                return False
+        return True
+
+    def _fail_all(self, reason: str) -> int:
+        """A rank is gone: fail every request, stop the other ranks, exit non-zero."""
+        log.error("%s: failing every request", reason)
+        self.state = "failed"
+        with self._lock:
+            requests = list(self.requests.values())
+        for request in requests:
+            self._finish(request, "error", reason)
+        self._send(protocol.Stop(reason))
+        self._join_workers()
+        return 1
+
+    def _join_workers(self) -> int:
+        deadline = time.monotonic() + WORKER_EXIT_S
+        for proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        codes = []
+        for proc in self.procs:
+            if proc.is_alive():
+                log.warning("%s did not exit in time; killed", proc.name)
+                proc.kill()
+                proc.join(5)
+            codes.append(proc.exitcode)
+        return 0 if all(code == 0 for code in codes) and self.state != "failed" else 1
+
+    def _shutdown(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+        if self.bootstrap is not None:
+            self.bootstrap.close()
+        self._submitter.shutdown(wait=False, cancel_futures=True)
+        self._zmq.term()
+
+    def _send(self, command) -> None:
+        with self._lock:
+            try:
+                self.conns[0].send(command)
+            except (OSError, ValueError) as exc:  # rank 0 gone: its sentinel reports it
+                log.warning("could not reach rank 0: %s", exc)
+
+    # --- decode: requests -------------------------------------------------------------------
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Request:
+        """Start a request; ValueError for a prompt that cannot be served, Unavailable when
+        not serving."""
+        if self.state != "serving" or self._stop_reason:
+            raise Unavailable(
+                f"{self.name} is {self.state if not self._stop_reason else 'stopping'}"
+            )
+        self._check_prompt(prompt)
+        if params.seed is None:  # every rank (and prefill) must draw the same numbers
+            params = SamplingParams(
+                params.max_tokens, params.temperature, params.top_p, secrets.randbits(63)
+            )
+        with self._lock:
+            room = secrets.randbits(64)
+            while room in self.requests:
+                room = secrets.randbits(64)
+            request = Request(room, prompt, params, next(self._peers))
+            request.deadline = request.created + self.config.scheduler.request_timeout_s
+            self.requests[room] = request
+        self.metrics.in_flight.inc()
+        self._send(protocol.Submit(room, prompt, params, request.prefill))
+        return request
+
+    def abort(self, room: int, reason: str) -> None:
+        self._send(protocol.Abort(room, reason))
+
+    def _check_prompt(self, prompt: list[int]) -> None:
+        limit, vocab = self.config.scheduler.max_prompt_tokens, self.model_config.vocab_size
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) > limit:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_prompt_tokens={limit}")
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def _progress(self, progress: protocol.Progress) -> None:
+        for room in progress.reserved:
+            request = self.requests.get(room)
+            if request is not None:
+                self._submitter.submit(self._submit_to_prefill, request)
+        for out in progress.outputs:
+            request = self.requests.get(out.room)
+            if request is None:
+                continue
+            now = time.monotonic()
+            if out.tokens:
+                if request.first_token_at is None:
+                    request.first_token_at = now
+                    self.metrics.ttft.observe(now - request.created)
+                elif request.last_token_at is not None:
+                    self.metrics.itl.observe((now - request.last_token_at) / len(out.tokens))
+                request.last_token_at = now
+                request.tokens.extend(out.tokens)
+            if out.finish:
+                self._finish(request, out.finish, out.error, out.tokens)
+            else:
+                request.events.put((out.tokens, None))
+        for done in progress.done:
+            with self._lock:
+                self.prefill_rooms.pop(done.room, None)
+            if done.error is None:
+                self.metrics.transfer.observe(done.transfer_s)
+            self._count(done.error)
+
+    def _submit_to_prefill(self, request: Request) -> None:
+        """Hand the prompt to the prefill daemon (off the main loop: it waits for a reply)."""
+        p = request.params
+        message = SubmitPrompt(request.room, request.prompt, p.temperature, p.top_p, p.seed)
+        timeout = self.config.transfer.bootstrap_timeout_s
+        try:
+            reply = control_request(self._zmq, self._codec, request.prefill, message, timeout)
+        except (TimeoutError, WireError, zmq.ZMQError) as exc:
+            reply = ErrorReply(str(exc))
+        if not isinstance(reply, Ack):
+            reason = reply.reason if isinstance(reply, ErrorReply) else f"unexpected {reply!r}"
+            self.abort(request.room, f"prefill {request.prefill} refused the prompt: {reason}")
+
+    def _finish(
+        self, request: Request, finish: str, error: str | None, tokens: list[int] = ()
+    ) -> None:
+        with self._lock:
+            if self.requests.pop(request.room, None) is None:
+                return
+        request.finish, request.error = finish, error
+        self.metrics.in_flight.dec()
+        self.metrics.latency.observe(time.monotonic() - request.created)
+        self._count(error)
+        request.events.put((list(tokens), finish))
+
+    def _count(self, error: str | None) -> None:
+        self.metrics.finished("error" if error else "ok", error)
+
+    def _expire(self, now: float) -> None:
+        with self._lock:
+            late = [r for r in self.requests.values() if now > r.deadline]
+        for request in late:
+            request.deadline = float("inf")  # abort once; the ranks answer with its end
+            limit = self.config.scheduler.request_timeout_s
+            self.abort(request.room, f"timeout: request unfinished after {limit:g}s")
+
+    def _in_flight(self) -> int:
+        with self._lock:
+            return len(self.requests) + len(self.prefill_rooms)
+
+    # --- prefill: prompts from decode daemons -----------------------------------------------
+
+    def _on_submit(self, message: SubmitPrompt):
+        """Bootstrap-server thread: a decode daemon's prompt for room `message.room`."""
+        if self.state != "serving" or self._stop_reason:
+            return ErrorReply(f"prefill daemon {self.name} is not serving", room=message.room)
+        try:
+            self._check_prompt(message.prompt)
+            params = SamplingParams(1, message.temperature, message.top_p, message.seed)
+        except ValueError as exc:
+            return ErrorReply(str(exc), room=message.room)
+        with self._lock:
+            if message.room in self.prefill_rooms:
+                return ErrorReply(f"room {message.room} is already in use", room=message.room)
+            self.prefill_rooms[message.room] = time.monotonic()
+        self._send(protocol.Submit(message.room, message.prompt, params))
+        return Ack()
+
+    # --- what the HTTP front shows ----------------------------------------------------------
+
+    def status(self) -> dict:
+        snapshots = self.metrics.snapshots()
+        with self._lock:
+            in_flight = len(self.requests) + len(self.prefill_rooms)
+        requests = {"in_flight": in_flight}
+        for s in snapshots[:1]:
+            requests.update(s.queues)
+        return {
+            "role": self.config.role,
+            "name": self.name,
+            "state": self.state,
+            "tp": self.config.tp,
+            "requests": requests,
+            "ranks": [
+                {
+                    "rank": s.rank,
+                    "rooms": s.rooms,
+                    "ring": {
+                        "used_bytes": s.ring_used,
+                        "capacity_bytes": s.ring_capacity,
+                        "high_water_bytes": s.ring_high_water,
+                    },
+                    "kv_pages": {"used": s.kv_pages_used, "total": s.kv_pages_total},
+                    "peers": s.peers,
+                    "bytes_sent": s.bytes_sent,
+                    "bytes_received": s.bytes_received,
+                    "messages_sent": s.messages_sent,
+                    "messages_received": s.messages_received,
+                }
+                for s in snapshots
+            ],
+        }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

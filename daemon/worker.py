@@ -1,0 +1,270 @@
+"""One tensor-parallel rank of a daemon, in its own process.
+
+Rank 0 takes the daemon's commands and broadcasts them at the start of each step; every rank
+then applies them and runs the same engine step (the model's all-reduces keep them in step,
+`TPGroup.verdicts` agrees on transfer outcomes). Rank 0 reports its engine's output; every rank
+reports a `Snapshot` twice a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from kvferry.daemon import protocol
+from kvferry.daemon.block_manager import BlockManager
+from kvferry.daemon.config import DaemonConfig
+from kvferry.daemon.group import TPGroup
+from kvferry.daemon.model import Model
+from kvferry.daemon.runner import ModelRunner
+from kvferry.daemon.tokenizer import load_tokenizer
+from kvferry.daemon.weights import full_weights
+from kvferry.transport.room import KVPoll
+
+log = logging.getLogger(__name__)
+SNAPSHOT_S = 0.5
+IDLE_WAIT_S, PENDING_WAIT_S = 0.02, 0.001  # rank 0's wait for commands: nothing to do / transfers
+STOP_DRAIN_S = 5.0  # at stop: time for aborts to reach the peers
+
+
+def worker_main(config: DaemonConfig, rank: int, dist_address: str, bootstrap: str | None, conn):
+    """Process entry point: build the rank, report Ready (or Fatal), serve until Stop."""
+    # the daemon decides when its ranks stop (a terminal's Ctrl-C reaches the whole group)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        level=os.environ.get("KVFERRY_LOG_LEVEL", "WARNING"),
+        format=f"%(asctime)s {config.name or config.role}[{rank}] %(levelname)s %(message)s",
+    )
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, config.tp)))
+    try:
+        worker = Worker(config, rank, dist_address, bootstrap, conn)
+    except Exception as exc:
+        log.exception("rank %d failed to start", rank)
+        conn.send(protocol.Fatal(rank, f"rank {rank} failed to start: {exc}"))
+        raise SystemExit(1) from None
+    conn.send(protocol.Ready(rank))
+    try:
+        worker.run()
+    except (BrokenPipeError, EOFError, ConnectionResetError):
+        log.error("rank %d: the daemon went away", rank)
+        raise SystemExit(1) from None
+    except Exception as exc:
+        log.exception("rank %d failed", rank)
+        with contextlib.suppress(OSError):
+            conn.send(protocol.Fatal(rank, f"rank {rank} failed: {type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
+    finally:
+        worker.close()
+
+
+class Worker:
+    def __init__(
+        self, config: DaemonConfig, rank: int, dist_address: str, bootstrap: str | None, conn
+    ) -> None:
+        self.config, self.rank, self.conn = config, rank, conn
+        self.device = _device(config, rank)
+        self.group = _join_group(config, rank, dist_address, self.device)
+        self.engine = _build_engine(config, rank, self.device, self.group, bootstrap)
+        self.agent = self.engine.agent
+        self._next_snapshot = 0.0
+
+    def run(self) -> None:
+        stop_at = None
+        while True:
+            commands = self.group.broadcast(self._take_commands() if self.group.leader else None)
+            for command in commands:
+                if isinstance(command, protocol.Stop) and stop_at is None:
+                    stop_at = time.monotonic() + STOP_DRAIN_S
+                    self._abort_all(command.reason)
+                else:
+                    self._apply(command)
+            forwarded = self.engine.step()
+            self._report()
+            if stop_at is not None:
+                done = self.group.broadcast(not self.engine.busy or time.monotonic() > stop_at)
+                if done:
+                    return
+            if not forwarded and self.group.leader:
+                self._wait(PENDING_WAIT_S if self.engine.busy else IDLE_WAIT_S)
+
+    def close(self) -> None:
+        self.agent.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _take_commands(self) -> list:
+        commands = []
+        while self.conn.poll():
+            commands.append(self.conn.recv())
+        return commands
+
+    def _wait(self, timeout_s: float) -> None:
+        self.conn.poll(timeout_s)
+
+    def _apply(self, command) -> None:
+        engine = self.engine
+        if isinstance(command, protocol.Abort):
+            engine.abort(command.room, command.reason)
+            return
+        try:
+            if self.config.role == "decode":
+                engine.submit(command.room, command.prompt, command.params, command.bootstrap)
+            else:
+                engine.submit(command.room, command.prompt, command.params)
+        except ValueError as exc:  # the same on every rank: the request cannot be served
+            if self.group.leader:
+                self._refuse(command.room, str(exc))
+
+    def _refuse(self, room: int, reason: str) -> None:
+        if self.config.role == "decode":
+            from kvferry.daemon.decode_engine import Output
+
+            self.conn.send(protocol.Progress(outputs=[Output(room, [], "error", reason)]))
+        else:
+            from kvferry.daemon.prefill_engine import RoomDone
+
+            self.conn.send(protocol.Progress(done=[RoomDone(room, reason, 0.0)]))
+
+    def _abort_all(self, reason: str) -> None:
+        engine = self.engine
+        if self.config.role == "decode":
+            rooms = [r.room for r in engine.queued] + list(engine.arriving)
+            rooms += [r.room for r in engine.running.values()]
+        else:
+            rooms = list(engine.rooms)
+        for room in rooms:
+            engine.abort(room, reason)
+
+    def _report(self) -> None:
+        engine = self.engine
+        if self.config.role == "decode":
+            progress = protocol.Progress(outputs=engine.outputs, reserved=engine.reserved)
+            engine.outputs, engine.reserved = [], []
+        else:
+            progress = protocol.Progress(done=engine.done)
+            engine.done = []
+        if self.group.leader and (progress.outputs or progress.reserved or progress.done):
+            self.conn.send(progress)
+        now = time.monotonic()
+        if now >= self._next_snapshot:
+            self._next_snapshot = now + SNAPSHOT_S
+            self.conn.send(self._snapshot())
+
+    def _snapshot(self) -> protocol.Snapshot:
+        engine, core = self.engine, self.agent.core
+        rooms = {state.name: 0 for state in KVPoll}
+        for room in list(self.agent.rooms.values()):
+            rooms[room.status.state.name] += 1
+        ring = self.agent.ring
+        data, stats = core.data, core.stats
+        if self.config.role == "decode":
+            queues = {
+                "waiting": len(engine.queued),
+                "arriving": len(engine.arriving),
+                "running": len(engine.running),
+            }
+        else:
+            queues = {"prefilling": len(engine.scheduler.waiting), "sending": len(engine.rooms)}
+        blocks = engine.runner.blocks
+        forward_s, transfer_s = engine.forward_s, getattr(engine, "transfer_s", [])
+        engine.forward_s = []
+        if hasattr(engine, "transfer_s"):
+            engine.transfer_s = []
+        return protocol.Snapshot(
+            rank=self.rank,
+            rooms=rooms,
+            ring_used=ring.used_bytes if ring else 0,
+            ring_capacity=ring.capacity if ring else 0,
+            ring_high_water=ring.high_water_bytes if ring else 0,
+            kv_pages_used=blocks.used_pages,
+            kv_pages_total=blocks.num_pages,
+            queues=queues,
+            bytes_sent=data.bytes_sent,
+            bytes_received=data.bytes_received,
+            messages_sent=data.messages_sent,
+            messages_received=data.messages_received,
+            ring_waits=stats.ring_waits,
+            ring_wait_s=stats.ring_wait_s,
+            bad_frames=stats.bad_frames,
+            failures=dict(stats.failures),
+            peers=core.peers.active(),
+            forward_s=forward_s,
+            transfer_s=transfer_s,
+        )
+
+
+def _device(config: DaemonConfig, rank: int) -> torch.device:
+    if config.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for, but this host has no CUDA device")
+    index = rank % torch.cuda.device_count()  # ranks share the GPUs there are
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def _join_group(config: DaemonConfig, rank: int, address: str, device: torch.device) -> TPGroup:
+    """NCCL for the model when every rank has its own GPU, gloo otherwise; control messages
+    (commands, verdicts) always over a gloo group of host tensors."""
+    if config.tp == 1:
+        return TPGroup()
+    own_gpus = device.type == "cuda" and torch.cuda.device_count() >= config.tp
+    backend = "nccl" if own_gpus else "gloo"
+    timeout = timedelta(seconds=config.transfer.transfer_timeout_s)
+    dist.init_process_group(
+        backend,
+        init_method=address,
+        rank=rank,
+        world_size=config.tp,
+        timeout=timeout,
+        device_id=device if own_gpus else None,
+    )
+    control = dist.new_group(backend="gloo", timeout=timeout) if own_gpus else dist.group.WORLD
+    return TPGroup(config.tp, rank, control)
+
+
+def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, bootstrap):
+    from kvferry.transport.ucx import UcxDataPlane
+
+    model_config = config.model.model_config()
+    weights = full_weights(model_config, config.model.path, config.model.seed)
+    dtype = getattr(torch, config.model.dtype)
+    model = Model(
+        model_config,
+        weights,
+        tp_size=config.tp,
+        tp_rank=rank,
+        dtype=dtype,
+        device=str(device),
+    )
+    blocks = BlockManager(config.cache.num_pages, config.cache.page_size)
+    runner = ModelRunner(model, blocks)
+    layout = model_config.kv_layout(
+        config.model.name, config.model.dtype, config.cache.page_size, config.tp, rank
+    )
+    cuda = device.index if device.type == "cuda" else None
+    data = UcxDataPlane(config.transfer.ucx_tls, cuda)
+    s = config.scheduler
+    if config.role == "prefill":
+        from kvferry.daemon.prefill_engine import PrefillEngine
+        from kvferry.daemon.scheduler import PrefillScheduler
+        from kvferry.transport.sender import PrefillAgent
+
+        agent = PrefillAgent(config.transfer, layout, runner.planes, data, bootstrap)
+        scheduler = PrefillScheduler(blocks, s.chunk_tokens, s.max_batch_tokens)
+        return PrefillEngine(runner, scheduler, agent, group)
+    from kvferry.daemon.decode_engine import DecodeEngine
+    from kvferry.daemon.scheduler import DecodeScheduler
+    from kvferry.transport.receiver import DecodeAgent
+
+    agent = DecodeAgent(config.transfer, layout, runner.planes, data)
+    eos = load_tokenizer(config.model.path, model_config.eos_token_id).eos_id
+    return DecodeEngine(runner, DecodeScheduler(blocks, s.max_running), agent, eos, group)
