@@ -7,6 +7,7 @@ Each connection runs on its own thread; a handler talks to the daemon through `g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -20,6 +21,7 @@ from kvferry.daemon.sequence import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20
 POLL_S = 1.0  # a waiting handler checks its client and the daemon this often
+_lock = threading.Lock()
 
 
 class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,6 +55,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "kvferry"
 
+    def handle(self) -> None:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # the client left
+            super().handle()
+
     def log_message(self, format, *args) -> None:
         pass  # requests are counted in the metrics, not logged line by line
 
@@ -74,6 +80,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(exc)
 
     def do_POST(self) -> None:
+        with _lock:
+            self.daemon.answering += 1
+        try:
+            self._post()
+        finally:
+            with _lock:
+                self.daemon.answering -= 1
+
+    def _post(self) -> None:
         path = self.path.split("?", 1)[0]
         try:
             if path != "/v1/completions" or self.daemon.config.role != "decode":

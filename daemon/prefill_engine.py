@@ -3,6 +3,7 @@ soon as the forward that wrote it is queued; the first token travels with the la
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from kvferry.daemon.runner import ModelRunner
 from kvferry.daemon.scheduler import PrefillScheduler
 from kvferry.daemon.sequence import SamplingParams, Sequence
 from kvferry.transport.handles import KVSender
+from kvferry.transport.room import TransferFailed
 from kvferry.transport.sender import PrefillAgent
 
 
@@ -81,9 +83,10 @@ class PrefillEngine:
         for work in batch:
             _, entry = rooms[work.seq.id]
             slots = self.runner.blocks.slots(work.seq.id, work.start, work.count)
-            entry.sender.add_tokens(
-                slots, ready, first_token=firsts.get(work.seq.id), last=work.completes_prompt
-            )
+            with contextlib.suppress(TransferFailed):  # settled with the other ranks next step
+                entry.sender.add_tokens(
+                    slots, ready, first_token=firsts.get(work.seq.id), last=work.completes_prompt
+                )
         for seq in self.scheduler.computed(batch):
             seq.append(firsts[seq.id])
             seq.finish("prefilled")

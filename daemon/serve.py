@@ -9,6 +9,7 @@ daemon submits the prompt to a prefill daemon; tokens come back in `Progress.out
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import multiprocessing as mp
@@ -38,6 +39,7 @@ from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt, Wir
 log = logging.getLogger("kvferry.daemon")
 TICK_S = 0.05
 WORKER_EXIT_S = 15.0
+ANSWER_S = 5.0  # at exit: how long HTTP handlers get to answer their finished requests
 
 
 class Unavailable(RuntimeError):
@@ -99,6 +101,7 @@ class Daemon:
         self.bootstrap: BootstrapServer | None = None
         self.http = None
         self.procs: list = []
+        self.answering = 0  # HTTP handlers with a request in flight (the front counts them)
         self.conns: list = []
 
     # --- life cycle -------------------------------------------------------------------------
@@ -224,19 +227,31 @@ class Daemon:
         return 1
 
     def _join_workers(self) -> int:
+        """Wait for the ranks to exit, still taking what they report (the ends of the requests
+        they aborted); requests nobody answered fail."""
         deadline = time.monotonic() + WORKER_EXIT_S
-        for proc in self.procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
+        while any(p.is_alive() for p in self.procs) and time.monotonic() < deadline:
+            wait(self.conns + [p.sentinel for p in self.procs], timeout=TICK_S)
+            for rank, conn in enumerate(self.conns):
+                with contextlib.suppress(OSError):
+                    self._drain(rank, conn)
         codes = []
         for proc in self.procs:
             if proc.is_alive():
                 log.warning("%s did not exit in time; killed", proc.name)
                 proc.kill()
-                proc.join(5)
+            proc.join(5)
             codes.append(proc.exitcode)
+        with self._lock:
+            requests = list(self.requests.values())
+        for request in requests:
+            self._finish(request, "abort", f"{self.name} stopped before the request finished")
         return 0 if all(code == 0 for code in codes) and self.state != "failed" else 1
 
     def _shutdown(self) -> None:
+        deadline = time.monotonic() + ANSWER_S  # let the HTTP handlers write their last answers
+        while self.answering and time.monotonic() < deadline:
+            time.sleep(0.01)
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
