@@ -15,7 +15,7 @@ else
   EXTRAS ?= dev,ucx
 endif
 
-.PHONY: setup test test-gpu lint bench-ring bench-kernels bench-transfer clean
+.PHONY: setup run test test-gpu lint bench-ring bench-kernels bench-transfer clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
+
+# The whole path on the embedded default: prefill TP2 -> decode TP1, a few completions, a burst of
+# concurrent requests, a summary, clean shutdown.
+run: $(STAMP)
+	$(BIN)/kvferry demo --config deploy/local.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check .

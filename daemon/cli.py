@@ -193,6 +193,26 @@ def status(urls: tuple[str, ...], config_path: str | None, as_json: bool, timeou
         raise click.exceptions.Exit(1)
 
 
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    default="deploy/local.yaml",
+    show_default=True,
+    type=_CONFIG,
+    help="Deployment to start (and stop afterwards).",
+)
+@click.option("--requests", type=click.IntRange(min=1), default=24, show_default=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+def demo(config_path: str, requests: int, concurrency: int, max_tokens: int) -> None:
+    """Start a deployment, generate a few completions and a burst of concurrent requests,
+    print a summary (tokens/s, TTFT, KV bytes moved, UCX messages per request), stop."""
+    from kvferry.daemon.demo import run_demo
+
+    sys.exit(run_demo(config_path, requests, concurrency, max_tokens))
+
+
 @main.group("config")
 def config_group() -> None:
     """Check or show a deployment file."""

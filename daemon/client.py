@@ -110,6 +110,11 @@ class DaemonClient:
     def status(self) -> dict:
         return self._get("/status")
 
+    def metrics(self) -> str:
+        """GET /metrics: the Prometheus text exposition."""
+        with self._exchange("GET", "/metrics", None, time.monotonic() + self.timeout) as reply:
+            return reply.text()
+
     def complete(self, request: CompletionRequest) -> Completion:
         """One unstreamed completion."""
         start = time.monotonic()
@@ -170,10 +175,13 @@ class _Reply:
         self.url, self.timeout = url, timeout
         self._response, self._sock, self._deadline = response, sock, deadline
 
-    def json(self) -> dict:
+    def text(self) -> str:
         with _translated(self.url, self.timeout):
             self._sock.settimeout(_left(self._deadline))
-            raw = self._response.read()
+            return self._response.read().decode()
+
+    def json(self) -> dict:
+        raw = self.text()
         try:
             return json.loads(raw)
         except ValueError:

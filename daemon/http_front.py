@@ -22,6 +22,7 @@ from kvferry.daemon.sequence import SamplingParams
 MAX_BODY_BYTES = 1 << 20
 POLL_S = 1.0  # a waiting handler checks its client and the daemon this often
 _lock = threading.Lock()
+MAX_HELD = 4  # tokens held back while the text ends in an incomplete character (UTF-8: <= 4)
 
 
 class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -175,8 +176,8 @@ class _Handler(BaseHTTPRequestHandler):
                 break
             ids.extend(tokens)
             text = tokenizer.decode(ids)
-            if text.endswith("\ufffd") and finish is None:  # half a character: wait for the rest
-                continue
+            if text.endswith("\ufffd") and finish is None and len(ids) - sent < MAX_HELD:
+                continue  # maybe half a character: wait a little for the rest
             chunk = self._chunk(request, completion_id, text[len(shown) :], ids[sent:], finish)
             shown, sent = text, len(ids)
             if finish is None:
