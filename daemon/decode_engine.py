@@ -40,6 +40,7 @@ class _Request:
     bootstrap: str
     receiver: KVReceiver | None = None
     reserved_at: float = 0.0
+    emitted: int = 0  # output tokens reported
 
 
 class DecodeEngine:
@@ -61,10 +62,13 @@ class DecodeEngine:
         self.reserved: list[int] = []  # rooms whose pages are held; drained by the caller
         self.forward_s: list[float] = []
         self.transfer_s: list[float] = []  # reservation to KV on every rank, per request
+        self._in_flight = None  # the queued step whose tokens are not taken in yet
 
     @property
     def busy(self) -> bool:
-        return bool(self.queued or self.arriving or self.draining or self.running)
+        return bool(
+            self.queued or self.arriving or self.draining or self.running or self._in_flight
+        )
 
     def submit(self, room: int, prompt: list[int], params: SamplingParams, bootstrap: str) -> None:
         """Queue a request whose KV the prefill group behind `bootstrap` will send; ValueError
@@ -94,36 +98,49 @@ class DecodeEngine:
             return
         for request in list(self.running.values()):
             if request.room == room:
-                self.scheduler.remove(request.seq)
-                self._release(request)
+                request.seq.finish("abort")
                 self.outputs.append(Output(room, [], "abort", reason))
+                if not request.seq.in_flight:  # else its pages go when its last token is in
+                    self.scheduler.remove(request.seq)
+                    self._release(request)
                 return
 
     def step(self) -> bool:
-        """Reserve, admit arrivals, drain, then one decode step; False when no forward ran."""
+        """Reserve, admit arrivals, drain, queue one decode step, then take in the tokens of
+        the step before it (the device runs the new step meanwhile); False when no forward
+        was queued."""
         self._reserve()
         self._settle()
         batch = self.scheduler.schedule()
-        if not batch:
-            return False
-        began = time.perf_counter()
-        logits = self.runner.forward(batch)
-        tokens = self.runner.sample(logits, [w.seq for w in batch])
-        self.forward_s.append(time.perf_counter() - began)
-        finished = {seq.id for seq in self.scheduler.sampled(batch, tokens)}
-        for work, token in zip(batch, tokens, strict=True):
-            request = self.running[work.seq.id]
-            done = work.seq.id in finished
-            self.outputs.append(
-                Output(request.room, [token], work.seq.finish_reason if done else None)
-            )
-            if done:
-                self._forget(request)
+        launched = None
+        if batch:
+            began = time.perf_counter()
+            logits = self.runner.forward(batch, self._in_flight)
+            launched = self.runner.sample_async(logits, batch)
+            self.forward_s.append(time.perf_counter() - began)
+        if self._in_flight is not None:
+            self._take(self._in_flight)
+        self._in_flight = launched
         for seq in self.scheduler.dropped():  # finished without a forward (out of pages)
-            request = self.running[seq.id]
+            request = self.running.pop(seq.id)
             self.outputs.append(Output(request.room, [], seq.finish_reason))
             self._forget(request)
-        return True
+        return bool(batch)
+
+    def _take(self, future) -> None:
+        tokens = future.result()
+        over = {seq.id for seq in self.scheduler.sampled(future.batch, tokens)}
+        for work, token in zip(future.batch, tokens, strict=True):
+            request = self.running.get(work.seq.id)
+            if request is None or request.emitted == len(work.seq.output):
+                continue  # aborted meanwhile, or a token sampled after its end
+            request.emitted = len(work.seq.output)
+            finish = work.seq.finish_reason if work.seq.finished else None
+            self.outputs.append(Output(request.room, [token], finish))
+        for seq_id in over:
+            request = self.running.get(seq_id)
+            if request is not None:
+                self._forget(request)
 
     def _reserve(self) -> None:
         """FIFO: the oldest queued request takes pages first, later ones wait behind it."""
@@ -167,6 +184,7 @@ class DecodeEngine:
         seq = request.seq
         self.running[seq.id] = request
         seq.append(request.receiver.first_token)
+        request.emitted = 1
         finish = seq.finish_reason if seq.finished else None
         self.outputs.append(Output(request.room, [request.receiver.first_token], finish))
         if seq.finished:

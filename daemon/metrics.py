@@ -10,10 +10,22 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvferry.daemon.protocol import Snapshot
+
+# Without this every counter and histogram also exports an `<name>_created` gauge (its creation
+# time) in the text format: a second series per label set that reads like a metric of its own
+# (`kvferry_requests_created`). The setting is process-wide; a daemon has no other registry.
+disable_created_metrics()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -34,7 +46,7 @@ _GAUGES = (
     ("kvferry_ring_capacity_bytes", "Staging ring size", "ring_capacity"),
     ("kvferry_ring_high_water_bytes", "Most staging ring bytes ever in use", "ring_high_water"),
     ("kvferry_kv_pages_used", "KV cache pages held by requests", "kv_pages_used"),
-    ("kvferry_kv_pages_total", "KV cache pages", "kv_pages_total"),
+    ("kvferry_kv_pages_capacity", "KV cache pages", "kv_pages_total"),  # not _total: a gauge
 )
 
 
@@ -98,8 +110,9 @@ class Metrics:
 
 
 def failure_category(reason: str) -> str:
-    """A bounded label for a failure reason: its text up to the first colon."""
-    return reason.split(":", 1)[0].strip()[:60] or "unknown"
+    """A bounded label for a failure reason: its text up to the first ": " (not ":", which
+    would cut "prefill tcp://host:port refused the prompt: ..." inside the address)."""
+    return reason.split(": ", 1)[0].strip()[:60] or "unknown"
 
 
 class _SnapshotCollector:

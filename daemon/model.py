@@ -79,11 +79,9 @@ class Model:
         kv: this rank's cache [2 * layers, slots, local_kv_heads, head_dim].
         """
         c = self.config
-        h = F.embedding(tokens.to(self.device), self.w["model.embed_tokens.weight"])
-        cos, sin = rope.cos_sin(self.inv_freq, positions.to(self.device), self.dtype)
-        new_slots = torch.from_numpy(np.concatenate([s.slots[-s.num_new :] for s in seqs])).to(
-            self.device
-        )
+        h = F.embedding(self.upload(tokens), self.w["model.embed_tokens.weight"])
+        cos, sin = rope.cos_sin(self.inv_freq, self.upload(positions), self.dtype)
+        new_slots = self.upload(np.concatenate([s.slots[-s.num_new :] for s in seqs]))
         contexts = [self._context(seq) for seq in seqs]  # shared by every layer
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
@@ -91,7 +89,7 @@ class Model:
             h = h + self._attention(p, x, cos, sin, contexts, kv, i, new_slots)
             x = rms_norm(h, self.w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
             h = h + self._mlp(p, x)
-        ends = torch.tensor(np.cumsum([s.num_new for s in seqs]) - 1, device=self.device)
+        ends = self.upload(np.cumsum([s.num_new for s in seqs]) - 1)
         last = rms_norm(h[ends], self.w["model.norm.weight"], c.rms_norm_eps)
         return (last @ self.w["lm_head.weight"].T).float()
 
@@ -100,7 +98,17 @@ class Model:
         n, ctx = seq.num_new, len(seq.slots)
         keys = torch.arange(ctx, device=self.device)
         allowed = keys[None, :] <= torch.arange(ctx - n, ctx, device=self.device)[:, None]
-        return n, torch.from_numpy(seq.slots).to(self.device), allowed
+        return n, self.upload(seq.slots), allowed
+
+    def upload(self, values: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Host values on the model's device without making the host wait: through pinned
+        memory, asynchronously (the caching host allocator keeps the pinned block until the
+        copy is done). Tensors already on the device pass through."""
+        if isinstance(values, np.ndarray):
+            values = torch.from_numpy(values)
+        if self.device.type != "cuda" or values.device.type == "cuda":
+            return values.to(self.device)
+        return values.pin_memory().to(self.device, non_blocking=True)
 
     def _attention(self, p, x, cos, sin, contexts, kv, layer, new_slots) -> torch.Tensor:
         c, d = self.config, self.config.head_dim

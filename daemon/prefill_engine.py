@@ -76,8 +76,7 @@ class PrefillEngine:
             return False
         began = time.perf_counter()
         logits = self.runner.forward(batch)
-        ready = _forward_event(self.runner.kv.device)
-        firsts = self._first_tokens(batch, logits)
+        ready, firsts = self._first_tokens(batch, logits)
         self.forward_s.append(time.perf_counter() - began)
         rooms = {entry.seq.id: (room, entry) for room, entry in self.rooms.items()}
         for work in batch:
@@ -88,18 +87,21 @@ class PrefillEngine:
                     slots, ready, first_token=firsts.get(work.seq.id), last=work.completes_prompt
                 )
         for seq in self.scheduler.computed(batch):
-            seq.append(firsts[seq.id])
             seq.finish("prefilled")
             rooms[seq.id][1].computed_at = time.monotonic()
         return True
 
-    def _first_tokens(self, batch, logits) -> dict[int, int]:
-        """Sampled first tokens of the sequences whose prompt this batch completes."""
+    def _first_tokens(self, batch, logits):
+        """(event after the forward and the sampling, {seq id: its first token as a one-element
+        host tensor}) — sampled on the device and copied out asynchronously; the sender reads
+        the value only after the event has fired."""
+        done = [work for work in batch if work.completes_prompt]
+        if not done:
+            return _forward_event(self.runner.kv.device), {}
         rows = [i for i, work in enumerate(batch) if work.completes_prompt]
-        if not rows:
-            return {}
-        tokens = self.runner.sample(logits[rows], [batch[i].seq for i in rows])
-        return {batch[i].seq.id: token for i, token in zip(rows, tokens, strict=True)}
+        future = self.runner.sample_async(logits[rows], done)
+        firsts = {work.seq.id: future.host[i] for i, work in enumerate(done)}
+        return future.event, firsts
 
     def _settle(self) -> None:
         """Rooms delivered on every rank, or failed on any, leave: the prompt stops computing

@@ -3,6 +3,10 @@ calls the forward, samples. Owns the rank's paged KV cache."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from kvferry.daemon.block_manager import BlockManager
@@ -10,6 +14,8 @@ from kvferry.daemon.model import Model, SeqBatch
 from kvferry.daemon.sampler import Sampler
 from kvferry.daemon.scheduler import Work
 from kvferry.staging.kv_copy import KVPlanes
+
+WAIT_POLL_S = 20e-6
 
 
 class ModelRunner:
@@ -24,18 +30,64 @@ class ModelRunner:
         self.planes = KVPlanes.from_cache(self.kv)
         self.sampler = Sampler()
 
-    def forward(self, batch: list[Work]) -> torch.Tensor:
-        """Logits [len(batch), vocab] at the last token of each work item."""
-        tokens, positions, seqs = [], [], []
+    def forward(self, batch: list[Work], future: Future | None = None) -> torch.Tensor:
+        """Logits [len(batch), vocab] at the last token of each work item. A decode input whose
+        token the host has not seen yet is taken from `future`, on the device."""
+        tokens, positions, seqs, rows = [], [], [], []
         for work in batch:
             end = work.start + work.count
-            tokens.extend(_token_range(work.seq, work.start, end))
+            known = min(end, work.seq.num_prompt + len(work.seq.output))
+            tokens.extend(_token_range(work.seq, work.start, known))
+            if known < end:  # one token in flight, sampled by the previous step
+                tokens.append(0)
+                rows.append((len(tokens) - 1, future.rows[work.seq.id]))
             positions.extend(range(work.start, end))
             seqs.append(SeqBatch(work.count, self.blocks.slots(work.seq.id, 0, end)))
-        return self.model.forward(torch.tensor(tokens), torch.tensor(positions), seqs, self.kv)
+        tokens = torch.tensor(tokens)
+        if rows:
+            tokens = self.model.upload(tokens)
+            where, source = self.model.upload(np.array(rows, dtype=np.int64).T.copy())
+            tokens[where] = future.tokens[source]
+        return self.model.forward(tokens, torch.tensor(positions), seqs, self.kv)
 
     def sample(self, logits: torch.Tensor, seqs) -> list[int]:
         return self.sampler.sample(logits, seqs)
+
+    def sample_async(self, logits: torch.Tensor, batch: list[Work]) -> Future:
+        """Sample without waiting for the device: the tokens stay on it (for the next step's
+        inputs) and are copied to pinned host memory, ready once `event` fires."""
+        seqs = [work.seq for work in batch]
+        if any(seq.params.temperature > 0 for seq in seqs):  # sampling draws on the host
+            tokens = self.model.upload(torch.tensor(self.sampler.sample(logits, seqs)))
+        else:
+            tokens = logits.argmax(dim=-1)
+        rows = {seq.id: row for row, seq in enumerate(seqs)}
+        if tokens.device.type != "cuda":
+            return Future(batch, tokens, rows, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Future(batch, tokens, rows, host, event)
+
+
+@dataclass
+class Future:
+    """Tokens one step sampled: on the device (`tokens`, row per sequence id) and, once `event`
+    has fired, on the host (`host`)."""
+
+    batch: list[Work]
+    tokens: torch.Tensor
+    rows: dict[int, int]
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+
+    def result(self) -> list[int]:
+        """The host tokens; waits for the copy by polling its event, so the host never blocks
+        in a CUDA call (the device meanwhile runs the step queued after this one)."""
+        while self.event is not None and not self.event.query():
+            time.sleep(WAIT_POLL_S)
+        return self.host.tolist()
 
 
 def _token_range(seq, start: int, end: int) -> list[int]:

@@ -105,13 +105,36 @@ class DecodeScheduler:
             self.running.append(seq)
         batch = []
         for seq in list(self.running):
+            if seq.finished or seq.generated >= seq.params.max_tokens:
+                continue  # over, or its last token is in flight: nothing more to compute
             if not self.blocks.can_allocate(seq.id, seq.num_tokens):
+                if seq.in_flight:
+                    continue  # its pages are still in use; see once its token is back
                 seq.finish("out of KV pages")
                 self._drop(seq)
                 continue
             self.blocks.allocate(seq.id, seq.num_tokens)
             batch.append(Work(seq, seq.num_tokens - 1, 1))
+            seq.in_flight += 1  # the token this step samples
         return batch
+
+    def sampled(self, batch: list[Work], tokens: list[int]) -> list[Sequence]:
+        """Record the tokens a finished step sampled (one step after it was scheduled: later
+        steps may already be running). Returns the sequences that are over and whose pages
+        nothing in flight uses any more; their pages are released."""
+        over = []
+        for work, token in zip(batch, tokens, strict=True):
+            seq = work.seq
+            seq.in_flight -= 1
+            if not seq.finished:  # a token sampled after the end (EOS seen late) is dropped
+                seq.num_computed = seq.num_tokens - seq.in_flight - 1
+                seq.append(token)
+            if seq.finished and seq.in_flight == 0 and seq in self.running:
+                over.append(seq)
+        for seq in over:
+            self.running.remove(seq)
+            self.blocks.deallocate(seq.id)
+        return over
 
     def dropped(self) -> list[Sequence]:
         """Sequences the last schedule() finished without a forward (pages released)."""
@@ -129,14 +152,3 @@ class DecodeScheduler:
         self.running.remove(seq)
         self.blocks.deallocate(seq.id)
         self._dropped.append(seq)
-
-    def sampled(self, batch: list[Work], tokens: list[int]) -> list[Sequence]:
-        """Record the sampled tokens; returns sequences that finished (pages released)."""
-        for work, token in zip(batch, tokens, strict=True):
-            work.seq.num_computed = work.seq.num_tokens
-            work.seq.append(token)
-        finished = [s for s in self.running if s.finished]
-        for seq in finished:
-            self.running.remove(seq)
-            self.blocks.deallocate(seq.id)
-        return finished

@@ -44,11 +44,17 @@ class Sequence:
         self.params, self.eos_id = params, eos_id
         self.status = SeqStatus.WAITING
         self.num_computed = 0  # leading tokens whose KV is in the cache
+        self.in_flight = 0  # tokens sampled on the device that the host has not seen yet
         self.finish_reason: str | None = None
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.output)
+        return len(self.prompt) + len(self.output) + self.in_flight
+
+    @property
+    def generated(self) -> int:
+        """Output tokens, counting those still in flight."""
+        return len(self.output) + self.in_flight
 
     @property
     def num_prompt(self) -> int:

@@ -34,11 +34,12 @@ class KVSender:
         slots,
         ready: torch.cuda.Event | None = None,
         *,
-        first_token: int | None = None,
+        first_token: int | torch.Tensor | None = None,
         last: bool = False,
     ) -> None:
         """KV of the next len(slots) prompt tokens is (or, once `ready` fires, will be) in
-        `slots`; `last` with the prompt's final tokens, carrying the sampled `first_token`."""
+        `slots`; `last` with the prompt's final tokens, carrying the sampled `first_token` (an
+        int, or a one-element host tensor that is filled by the time `ready` fires)."""
         if self.poll() == KVPoll.Failed:
             raise TransferFailed(self.failure_reason)
         slots = host_slots(slots).copy()

@@ -220,7 +220,9 @@ class PrefillAgent:
             for dest in room.dests.values():
                 self.core.control.send(
                     dest.peer,
-                    TransferDone(room.room, self.layout.tp_rank, room.num_chunks, room.first_token),
+                    TransferDone(
+                        room.room, self.layout.tp_rank, room.num_chunks, _token(room.first_token)
+                    ),
                 )
             room.status.advance(KVPoll.Success)
             self.core.stats.rooms_succeeded += 1
@@ -256,3 +258,9 @@ class PrefillAgent:
             self._tombstones[room_id] = (room.status.reason or "room already finished", now)
         for room_id in [r for r, (_, t) in self._tombstones.items() if now - t > TOMBSTONE_S]:
             del self._tombstones[room_id]
+
+
+def _token(token) -> int | None:
+    """The first token as an int; the engine may hand over a host tensor that an asynchronous
+    copy fills before the last chunk's `ready` event fires (long before this runs)."""
+    return None if token is None else int(token)

@@ -150,11 +150,12 @@ def test_incompatible_prefill_fails_its_requests_only(mixed):
 
 LONG = [(11 * i) % 250 for i in range(3000)]  # hundreds of prefill chunks: time to kill
 BIG_CACHE = {"cache": {"page_size": 8, "num_pages": 512}}
+SLOW = {"scheduler": {"chunk_tokens": 2, "max_batch_tokens": 2}, **BIG_CACHE}  # seconds of work
 
 
 def test_prefill_killed_mid_request(tmp_path, qwen3):
     model, expected = qwen3
-    doomed, spare = prefill("doomed", **BIG_CACHE), prefill("spare", **BIG_CACHE)
+    doomed, spare = prefill("doomed", **SLOW), prefill("spare", **BIG_CACHE)
     d = decode("decode-0", [doomed, spare], **BIG_CACHE)
     path = write(tmp_path, [doomed, spare, d], model)
     with running(path, expect_clean_exit=False) as launcher:
@@ -178,7 +179,7 @@ def test_decode_rank_killed_mid_request(tmp_path, qwen3):
     """A decode daemon whose rank dies fails its requests and exits non-zero; prefill cleans
     up and keeps serving the other decode daemon."""
     model, expected = qwen3
-    p = prefill("prefill-0", **BIG_CACHE)
+    p = prefill("prefill-0", **SLOW)
     doomed, spare = decode("doomed", [p], **BIG_CACHE), decode("spare", [p], **BIG_CACHE)
     path = write(tmp_path, [p, doomed, spare], model)
     with running(path, expect_clean_exit=False) as launcher:
