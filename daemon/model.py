@@ -54,7 +54,7 @@ class Model:
         self.w = {name: self._place(name, t) for name, t in weights.items()}
         if config.tie_word_embeddings:
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
-        self.inv_freq = rope.inverse_frequencies(config.rope, config.head_dim)
+        self.inv_freq = rope.inverse_frequencies(config.rope, config.head_dim).to(self.device)
         self.local_q = len(self.shard.q_heads)
         self.local_kv = len(self.shard.kv_heads)
 

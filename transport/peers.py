@@ -20,9 +20,9 @@ class PeerTracker:
         self._last_heard[peer] = time.monotonic() if now is None else now
 
     def add_room(self, peer: str, room: int) -> None:
-        if peer not in self._rooms:
+        if peer not in self._rooms:  # (again): silence while it had no rooms does not count
             self._rooms[peer] = set()
-            self._last_heard.setdefault(peer, time.monotonic())
+            self._last_heard[peer] = time.monotonic()
         self._rooms[peer].add(room)
 
     def remove_room(self, peer: str, room: int) -> None:

@@ -10,7 +10,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from cluster import (
+    FAST_TRANSFER,
     child_pids,
     client,
     decode,
@@ -23,10 +25,11 @@ from cluster import (
     wait_idle,
     write,
 )
-
-from test_model_helpers import checkpoint, hf_greedy
-
-transformers = pytest.importorskip("transformers")
+from kvferry.daemon.config import ModelSection
+from kvferry.daemon.model import Model
+from kvferry.daemon.tokenizer import ByteTokenizer
+from kvferry.daemon.weights import full_weights
+from test_model_helpers import checkpoint, greedy, hf_greedy
 
 # several pages (4 and 8 tokens) and several prefill and transfer chunks (8 tokens)
 PROMPTS = [
@@ -42,6 +45,7 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
+    pytest.importorskip("transformers")
     hf, path = checkpoint(tmp_path_factory.mktemp("ckpt"), "qwen3")  # 4 heads, 2 KV heads
     expected = [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in PROMPTS]
     return {"path": str(path), "name": "tiny-qwen3"}, expected
@@ -60,6 +64,27 @@ def test_generation_through_daemons_equals_transformers(tmp_path, qwen3, prefill
         for result, want in zip(results, expected, strict=True):
             assert result.token_ids == want
             assert result.finish_reason in ("length", "stop")
+        wait_idle(launcher)
+
+
+@pytest.mark.gpu
+def test_generation_through_daemons_on_one_gpu(tmp_path):
+    """Prefill TP2 -> decode TP1 serving the embedded random model, every rank on the one GPU,
+    KV over UCX cuda_ipc: the same tokens as the model's greedy generation on the CPU."""
+    config = ModelSection().model_config()
+    reference = Model(config, full_weights(config, None, seed=0))
+    gpu = {
+        "device": "cuda",
+        "transfer": {**FAST_TRANSFER, "ucx_tls": "cuda_ipc,cuda_copy,tcp,sm,self"},
+    }
+    p = prefill("prefill-0", tp=2, **gpu)
+    path = write(tmp_path, [p, decode("decode-0", [p], **gpu)])
+    with running(path) as launcher, ThreadPoolExecutor(len(PROMPTS)) as pool:
+        results = list(pool.map(lambda prompt: generate(launcher, "decode-0", prompt), PROMPTS))
+        for prompt, result in zip(PROMPTS, results, strict=True):
+            want = greedy(reference, prompt, MAX_TOKENS)
+            assert result.token_ids == want[: len(result.token_ids)]
+            assert result.finish_reason == "length" or result.token_ids[-1] == ByteTokenizer.eos_id
         wait_idle(launcher)
 
 

@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cluster import client, decode, generate, prefill, running, wait_for, write
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster import client, decode, generate, prefill, running, wait_for, write
 from kvferry.daemon.metrics import Metrics, failure_category
 from kvferry.daemon.protocol import Snapshot
 from kvferry.transport.room import KVPoll
@@ -254,7 +254,7 @@ def _apt_download(work: Path) -> Path:
 
 
 def _check_sha256(deb: Path) -> None:
-    """apt checks the download against the signed index already; this says so in the test."""
+    """The .deb's sha256 must be one the package index lists (apt verifies it as well)."""
     index = subprocess.run(["apt-cache", "show", "prometheus"], capture_output=True, text=True)
     listed = set(re.findall(r"^SHA256: (\w+)$", index.stdout, re.M))
     digest = hashlib.sha256(deb.read_bytes()).hexdigest()
