@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from kvferry.daemon.config import ConfigError, DaemonConfig, check_against, load, parse
@@ -67,3 +69,10 @@ def test_unreadable_files_are_one_clear_error(tmp_path):
     bad.write_text("daemons: [\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml"):
         load(bad)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].glob("deploy/*.yaml")))
+def test_shipped_deployment_files_are_valid(path):
+    for daemon in load(path).daemons:
+        if daemon.model.path is None:  # checkpoints of the examples are not here
+            check_against(daemon, daemon.model.model_config())

@@ -205,3 +205,18 @@ def test_other_rooms_survive_a_failed_one(deployments):
     assert wait_all(good_rx + good_tx) == [KVPoll.Success] * 3
     assert decode_matches(dep.decode, good)
     assert wait_all(bad_rx) == [KVPoll.Failed]
+
+
+def test_a_peer_back_after_an_idle_spell_gets_a_fresh_heartbeat_window():
+    """Silence while a peer had no rooms with us is no sign of death: its next room must not
+    fail at once."""
+    from kvferry.transport.peers import PeerTracker
+
+    tracker = PeerTracker(interval_s=1, timeout_s=5)
+    now = time.monotonic()
+    tracker.add_room("tcp://peer", 1)
+    tracker.heard("tcp://peer", now - 100)  # last heard long ago, while idle
+    tracker.remove_room("tcp://peer", 1)
+    tracker.add_room("tcp://peer", 2)
+    assert tracker.silent(now + 1) == []
+    assert tracker.silent(now + 10) == ["tcp://peer"]  # and silence from now on still counts
