@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from kvferry.daemon.bench import scrape
+from kvferry.daemon.bench_report import Counters, percentile
 from kvferry.daemon.client import CompletionRequest, DaemonClient
 from kvferry.daemon.launcher import Launcher
 
@@ -46,11 +46,12 @@ def run_demo(
             say(f"  {prompt!r} -> {result.text!r}")
             say(f"    token ids {result.token_ids}")
             say(f"    TTFT {result.ttft_s * 1e3:.1f} ms, latency {result.latency_s * 1e3:.1f} ms")
-        before = _transfer_counters(launcher)
+        decode_urls = [child.url for child in launcher.children if child.role == "decode"]
+        before = scrape(decode_urls)
         say(f"\nburst: {requests} requests, {concurrency} at a time, {max_tokens} tokens each")
         results, wall = _burst(client, requests, concurrency, max_tokens, seed)
-        after = _transfer_counters(launcher)
-        _summary(say, results, wall, {k: after[k] - before[k] for k in after}, requests)
+        moved = scrape(decode_urls).since(before)
+        _summary(say, results, wall, moved, requests)
         say("\nstopping")
         codes = launcher.stop()
     return 0 if all(code == 0 for code in codes.values()) else 1
@@ -69,23 +70,7 @@ def _burst(client: DaemonClient, requests: int, concurrency: int, max_tokens: in
     return results, time.monotonic() - began
 
 
-def _transfer_counters(launcher: Launcher) -> dict[str, float]:
-    """KV bytes and data messages received, summed over the decode daemons' ranks."""
-    totals = {"bytes": 0.0, "messages": 0.0}
-    names = {"kvferry_kv_bytes_received": "bytes", "kvferry_ucx_messages_received": "messages"}
-    time.sleep(0.6)  # one snapshot period: the ranks' counters are current
-    for child in launcher.children:
-        if child.role != "decode":
-            continue
-        text = DaemonClient(child.url).metrics()
-        for family in text_string_to_metric_families(text):
-            key = names.get(family.name)
-            if key:
-                totals[key] += sum(s.value for s in family.samples if s.name.endswith("_total"))
-    return totals
-
-
-def _summary(say, results, wall: float, moved: dict[str, float], requests: int) -> None:
+def _summary(say, results, wall: float, moved: Counters, requests: int) -> None:
     tokens = sum(len(r.token_ids) for r in results)
     ttft = sorted(r.ttft_s for r in results if r.ttft_s is not None)
     latency = sorted(r.latency_s for r in results)
@@ -93,22 +78,18 @@ def _summary(say, results, wall: float, moved: dict[str, float], requests: int) 
     say(f"  requests           {len(results)} in {wall:.2f} s ({len(results) / wall:.2f} req/s)")
     say(f"  output tokens      {tokens} ({tokens / wall:.1f} tokens/s)")
     say(
-        f"  TTFT               mean {_ms(statistics.mean(ttft))}, p50 {_ms(_pct(ttft, 50))}, "
-        f"p90 {_ms(_pct(ttft, 90))}"
-    )
-    say(f"  latency            mean {_ms(statistics.mean(latency))}, p90 {_ms(_pct(latency, 90))}")
-    say(
-        f"  KV moved           {moved['bytes'] / 2**20:.1f} MiB "
-        f"({moved['bytes'] / requests / 2**10:.1f} KiB per request)"
+        f"  TTFT               mean {_ms(statistics.mean(ttft))}, "
+        f"p50 {_ms(percentile(ttft, 50))}, p90 {_ms(percentile(ttft, 90))}"
     )
     say(
-        f"  UCX messages       {moved['messages']:.0f} ({moved['messages'] / requests:.1f} per "
-        "request)"
+        f"  latency            mean {_ms(statistics.mean(latency))}, "
+        f"p90 {_ms(percentile(latency, 90))}"
     )
-
-
-def _pct(values: list[float], q: int) -> float:
-    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+    say(
+        f"  KV moved           {moved.kv_bytes / 2**20:.1f} MiB "
+        f"({moved.kv_bytes / requests / 2**10:.1f} KiB per request)"
+    )
+    say(f"  UCX messages       {moved.messages:.0f} ({moved.messages / requests:.1f} per request)")
 
 
 def _ms(seconds: float) -> str:

@@ -32,6 +32,15 @@ class SeqBatch:
     slots: np.ndarray
 
 
+@dataclass
+class DecodeContext:
+    """Contexts of a decode batch: cache slots [B, longest] (padded) and which are real
+    ([B, 1, 1, longest], the attention mask)."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     variance = x.float().pow(2).mean(-1, keepdim=True)
     return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
@@ -82,7 +91,10 @@ class Model:
         h = F.embedding(self.upload(tokens), self.w["model.embed_tokens.weight"])
         cos, sin = rope.cos_sin(self.inv_freq, self.upload(positions), self.dtype)
         new_slots = self.upload(np.concatenate([s.slots[-s.num_new :] for s in seqs]))
-        contexts = [self._context(seq) for seq in seqs]  # shared by every layer
+        if len(seqs) > 1 and all(seq.num_new == 1 for seq in seqs):
+            contexts = self._decode_context(seqs)  # shared by every layer
+        else:
+            contexts = [self._context(seq) for seq in seqs]
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
             x = rms_norm(h, self.w[p + "input_layernorm.weight"], c.rms_norm_eps)
@@ -92,6 +104,16 @@ class Model:
         ends = self.upload(np.cumsum([s.num_new for s in seqs]) - 1)
         last = rms_norm(h[ends], self.w["model.norm.weight"], c.rms_norm_eps)
         return (last @ self.w["lm_head.weight"].T).float()
+
+    def _decode_context(self, seqs: Sequence[SeqBatch]) -> DecodeContext:
+        """One new token per sequence: every context padded to the longest, in one index."""
+        lengths = np.array([len(seq.slots) for seq in seqs])
+        index = np.zeros((len(seqs), lengths.max()), dtype=np.int64)  # padding reads slot 0
+        for row, seq in enumerate(seqs):
+            index[row, : len(seq.slots)] = seq.slots
+        index, lengths = self.upload(index), self.upload(lengths)
+        keys = torch.arange(index.shape[1], device=self.device)
+        return DecodeContext(index, (keys[None, :] < lengths[:, None])[:, None, None, :])
 
     def _context(self, seq: SeqBatch) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(new tokens, context slots [ctx], causal mask [new, ctx]) of one sequence."""
@@ -121,12 +143,25 @@ class Model:
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         k_cache, v_cache = kv[layer], kv[c.num_hidden_layers + layer]  # [slots, local_kv, D]
         k_cache[new_slots], v_cache[new_slots] = k.to(kv.dtype), v.to(kv.dtype)
+        if isinstance(contexts, DecodeContext):
+            o = self._attend_decode(q, k_cache, v_cache, contexts)
+            return self._all_reduce(o @ self.w[p + "self_attn.o_proj.weight"].T)
         out, start = [], 0
         for n, index, allowed in contexts:
             out.append(self._attend(q[start : start + n], k_cache[index], v_cache[index], allowed))
             start += n
         o = torch.cat(out).reshape(-1, self.local_q * d)
         return self._all_reduce(o @ self.w[p + "self_attn.o_proj.weight"].T)
+
+    def _attend_decode(self, q, k_cache, v_cache, ctx: DecodeContext) -> torch.Tensor:
+        """q [B, local_q, D], one token per sequence, over each one's padded context."""
+        groups = self.local_q // self.local_kv
+        k = k_cache[ctx.index].to(self.dtype).repeat_interleave(groups, dim=2)  # [B, C, H, D]
+        v = v_cache[ctx.index].to(self.dtype).repeat_interleave(groups, dim=2)
+        o = F.scaled_dot_product_attention(
+            q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=ctx.valid
+        )
+        return o.reshape(q.shape[0], -1)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed) -> torch.Tensor:
         """Causal attention of `q` [n, local_q, D] over one sequence's context k, v [ctx, kv, D]."""

@@ -49,6 +49,15 @@ def test_batched_sequences_match_one_at_a_time(tmp_path):
         torch.tensor(b), torch.arange(3), [SeqBatch(3, slots_b)], torch.zeros_like(kv)
     )
     torch.testing.assert_close(both[1], alone[0])
+    # a decode step of both (one token each, contexts of different lengths, padded together)
+    step = model.forward(
+        torch.tensor([11, 12]),
+        torch.tensor([7, 3]),
+        [SeqBatch(1, np.arange(0, 8)), SeqBatch(1, np.arange(16, 20))],
+        kv,
+    )
+    one = model.forward(torch.tensor([12]), torch.tensor([3]), [SeqBatch(1, np.arange(16, 20))], kv)
+    torch.testing.assert_close(step[1], one[0])
 
 
 def test_random_init_is_seeded_and_config_errors_name_the_value(tmp_path):

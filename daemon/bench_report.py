@@ -1,0 +1,257 @@
+"""What `kvferry bench` makes of its requests: per-point statistics, the table on stdout, the
+JSON records, and the chart that compares result files."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import msgspec
+
+from kvferry.daemon.bench_workload import BenchError
+
+
+class RequestRecord(msgspec.Struct, kw_only=True):
+    """One measured request; times in seconds, `sent_s` from the point's start."""
+
+    index: int
+    sent_s: float
+    input_len: int  # prompt tokens as the daemon counted them, else as drawn
+    output_len: int  # max_tokens asked for
+    output_tokens: int = 0
+    ttft_s: float | None = None
+    latency_s: float = 0.0
+    error: str | None = None  # None: ok
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def itl_s(self) -> float | None:
+        """Mean gap between this request's tokens after the first."""
+        if self.ttft_s is None or self.output_tokens < 2:
+            return None
+        return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+class Counters(msgspec.Struct, frozen=True, kw_only=True):
+    """The data-plane counters of the scraped daemons, summed over daemons and ranks."""
+
+    kv_bytes: float = 0.0  # KV bytes received (decode)
+    messages: float = 0.0  # data-plane messages received (decode)
+    ring_high_water_bytes: float = 0.0  # the most of any one ring, ever: a maximum, not a sum
+    transfer_failures: dict[str, float] = msgspec.field(default_factory=dict)  # by reason
+
+    def since(self, before: Counters) -> Counters:
+        """What changed after `before`; the ring high water stays the maximum since the start."""
+        failures = {
+            reason: count - before.transfer_failures.get(reason, 0.0)
+            for reason, count in self.transfer_failures.items()
+        }
+        return Counters(
+            kv_bytes=self.kv_bytes - before.kv_bytes,
+            messages=self.messages - before.messages,
+            ring_high_water_bytes=self.ring_high_water_bytes,
+            transfer_failures={reason: n for reason, n in failures.items() if n > 0},
+        )
+
+
+class Latency(msgspec.Struct, frozen=True, kw_only=True):
+    """Milliseconds; None without samples."""
+
+    mean: float | None = None
+    median: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+
+
+class Point(msgspec.Struct, kw_only=True):
+    mode: str  # "concurrency" or "request_rate"
+    value: float
+    ok: int
+    failed: int
+    failures: dict[str, int]  # by reason category
+    duration_s: float
+    request_throughput: float  # ok requests / s
+    output_throughput: float  # output tokens / s
+    total_token_throughput: float  # prompt + output tokens / s
+    ttft_ms: Latency
+    itl_ms: Latency
+    e2e_ms: Latency
+    kv_bytes: float
+    kv_gbps: float
+    messages_per_request: float
+    ring_high_water_bytes: float
+    transfer_failures: dict[str, float]
+    requests: list[RequestRecord]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), interpolated linearly between the closest ranks."""
+    assert values and 0 <= q <= 100, (len(values), q)
+    ordered = sorted(values)
+    at = q / 100 * (len(ordered) - 1)
+    low, high = math.floor(at), math.ceil(at)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
+def latency(seconds: list[float]) -> Latency:
+    if not seconds:
+        return Latency()
+    ms = [s * 1e3 for s in seconds]
+    return Latency(
+        mean=statistics.fmean(ms),
+        median=percentile(ms, 50),
+        p90=percentile(ms, 90),
+        p99=percentile(ms, 99),
+    )
+
+
+def failure_category(reason: str) -> str:
+    """`HTTP 502: transfer failed` of `HTTP 502: transfer failed: peer lost …`: the daemon's
+    reason up to its first ": " (as its failure metrics count it), at most 60 characters."""
+    status, sep, rest = reason.partition(": ") if reason.startswith("HTTP ") else ("", "", reason)
+    return (status + sep + rest.split(": ", 1)[0])[:60]
+
+
+def summarize(
+    mode: str, value: float, records: list[RequestRecord], duration_s: float, moved: Counters
+) -> Point:
+    ok = [r for r in records if r.ok]
+    output = sum(r.output_tokens for r in ok)
+    prompt = sum(r.input_len for r in ok)
+    per_s = 1 / duration_s if duration_s > 0 else 0.0
+    return Point(
+        mode=mode,
+        value=value,
+        ok=len(ok),
+        failed=len(records) - len(ok),
+        failures=dict(Counter(failure_category(r.error) for r in records if not r.ok)),
+        duration_s=duration_s,
+        request_throughput=len(ok) * per_s,
+        output_throughput=output * per_s,
+        total_token_throughput=(prompt + output) * per_s,
+        ttft_ms=latency([r.ttft_s for r in ok if r.ttft_s is not None]),
+        itl_ms=latency([r.itl_s for r in ok if r.itl_s is not None]),
+        e2e_ms=latency([r.latency_s for r in ok]),
+        kv_bytes=moved.kv_bytes,
+        kv_gbps=moved.kv_bytes * per_s / 1e9,
+        messages_per_request=moved.messages / len(records) if records else 0.0,
+        ring_high_water_bytes=moved.ring_high_water_bytes,
+        transfer_failures=moved.transfer_failures,
+        requests=records,
+    )
+
+
+def point_name(mode: str, value: float) -> str:
+    return f"c={value:g}" if mode == "concurrency" else f"rate={value:g}/s"
+
+
+_LATENCY_COLUMNS = [("mean", "mean"), ("p50", "median"), ("p90", "p90"), ("p99", "p99")]
+HEADER = [
+    ("", "point"), ("", "ok"), ("", "fail"), ("", "s"), ("", "req/s"), ("", "out tok/s"),
+    ("", "tot tok/s"),
+    *[(group, name) for group in ("TTFT ms", "ITL ms", "E2E ms") for name, _ in _LATENCY_COLUMNS],
+    ("KV", "MiB"), ("KV", "GB/s"), ("KV", "msg/req"), ("KV", "ring MiB"), ("KV", "xfer fail"),
+]  # fmt: skip
+
+
+def table(points: list[Point]) -> str:
+    return format_table(HEADER, [_row(p) for p in points])
+
+
+def _row(p: Point) -> list[str]:
+    cells = [point_name(p.mode, p.value), str(p.ok), str(p.failed), f"{p.duration_s:.2f}"]
+    cells += [f"{p.request_throughput:.2f}", f"{p.output_throughput:.1f}"]
+    cells.append(f"{p.total_token_throughput:.1f}")
+    for lat in (p.ttft_ms, p.itl_ms, p.e2e_ms):
+        cells += [_num(getattr(lat, field)) for _, field in _LATENCY_COLUMNS]
+    cells += [f"{p.kv_bytes / 2**20:.2f}", f"{p.kv_gbps:.3f}", f"{p.messages_per_request:.1f}"]
+    cells += [f"{p.ring_high_water_bytes / 2**20:.2f}", f"{sum(p.transfer_failures.values()):g}"]
+    return cells
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_table(header: list[tuple[str, str]], rows: list[list[str]]) -> str:
+    """Aligned columns: the first left, the others right. `header` is (group, name) per column;
+    a run of columns with the same non-empty group gets the group's name on a line above."""
+    widths = [max(len(name), *(len(row[i]) for row in rows)) for i, (_, name) in enumerate(header)]
+    spans = _group_spans([group for group, _ in header])
+    for group, start, end in spans:  # widen a span's last column to fit its group's name
+        room = sum(widths[start:end]) + 2 * (end - start - 1)
+        widths[end - 1] += max(0, len(group) - room)
+    lines = []
+    if spans:
+        lines.append(_group_line(spans, widths))
+    for cells in [[name for _, name in header], *rows]:
+        parts = [cell.rjust(width) for cell, width in zip(cells, widths, strict=True)]
+        parts[0] = cells[0].ljust(widths[0])  # the point's name
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _group_spans(groups: list[str]) -> list[tuple[str, int, int]]:
+    spans: list[tuple[str, int, int]] = []
+    for i, group in enumerate(groups):
+        if spans and spans[-1][0] == group and spans[-1][2] == i:
+            spans[-1] = (group, spans[-1][1], i + 1)
+        elif group:
+            spans.append((group, i, i + 1))
+    return spans
+
+
+def _group_line(spans: list[tuple[str, int, int]], widths: list[int]) -> str:
+    line = ""
+    for group, start, end in spans:
+        left = sum(widths[:start]) + 2 * start
+        room = sum(widths[start:end]) + 2 * (end - start - 1)
+        line = line.ljust(left) + group.center(room)
+    return line.rstrip()
+
+
+def read_result(path: str | Path) -> dict:
+    """A result file of `kvferry bench --out`; BenchError when it is not one."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"{path}: cannot read a result file: {exc}") from None
+    if not isinstance(result, dict) or not isinstance(result.get("points"), list):
+        raise BenchError(f"{path}: not a kvferry bench result (no list of points)")
+    return result
+
+
+def plot(paths: list[str], out: str) -> None:
+    """Output throughput and median TTFT against concurrency (or request rate), one line per
+    result file, labelled with its --label (else its file name), into the PNG `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display
+    import matplotlib.pyplot as plt
+
+    results = [(Path(path).stem, read_result(path)) for path in paths]
+    modes = {p.get("mode") for _, result in results for p in result["points"]}
+    xlabel = "concurrency" if modes == {"concurrency"} else "request rate (req/s)"
+    if len(modes) > 1:
+        xlabel = "concurrency / request rate"
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 8), sharex=True)
+    for stem, result in results:
+        points = sorted(result["points"], key=lambda p: p["value"])
+        xs = [p["value"] for p in points]
+        label = result.get("label") or stem
+        top.plot(xs, [p["output_throughput"] for p in points], marker="o", label=label)
+        bottom.plot(xs, [p["ttft_ms"].get("median") for p in points], marker="o", label=label)
+    top.set(ylabel="output tokens/s", title="throughput")
+    bottom.set(ylabel="TTFT median (ms)", xlabel=xlabel, title="time to first token")
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)
