@@ -216,6 +216,9 @@ def _group_line(spans: list[tuple[str, int, int]], widths: list[int]) -> str:
     return line.rstrip()
 
 
+_PLOTTED = {"mode", "value", "output_throughput", "ttft_ms"}
+
+
 def read_result(path: str | Path) -> dict:
     """A result file of `kvferry bench --out`; BenchError when it is not one."""
     try:
@@ -224,6 +227,9 @@ def read_result(path: str | Path) -> dict:
         raise BenchError(f"{path}: cannot read a result file: {exc}") from None
     if not isinstance(result, dict) or not isinstance(result.get("points"), list):
         raise BenchError(f"{path}: not a kvferry bench result (no list of points)")
+    for point in result["points"]:
+        if not isinstance(point, dict) or not _PLOTTED.issubset(point):
+            raise BenchError(f"{path}: a point lacks one of {sorted(_PLOTTED)}")
     return result
 
 
@@ -246,12 +252,23 @@ def plot(paths: list[str], out: str) -> None:
         xs = [p["value"] for p in points]
         label = result.get("label") or stem
         top.plot(xs, [p["output_throughput"] for p in points], marker="o", label=label)
-        bottom.plot(xs, [p["ttft_ms"].get("median") for p in points], marker="o", label=label)
+        ttft = [p["ttft_ms"].get("median") for p in points]
+        bottom.plot(xs, [math.nan if t is None else t for t in ttft], marker="o", label=label)
     top.set(ylabel="output tokens/s", title="throughput")
     bottom.set(ylabel="TTFT median (ms)", xlabel=xlabel, title="time to first token")
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)
         ax.legend()
+    _x_ticks(bottom, sorted({p["value"] for _, result in results for p in result["points"]}))
     fig.tight_layout()
     fig.savefig(out, format="png")
     plt.close(fig)
+
+
+def _x_ticks(ax, xs: list[float]) -> None:
+    """A tick at every measured point; a log scale when they span a factor of 8 or more
+    (a sweep like 1,4,16,64)."""
+    if xs and xs[0] > 0 and xs[-1] / xs[0] >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.minorticks_off()
