@@ -210,6 +210,7 @@ def demo(config_path: str, requests: int, concurrency: int, max_tokens: int) -> 
     print a summary (tokens/s, TTFT, KV bytes moved, UCX messages per request), stop."""
     from kvferry.daemon.demo import run_demo
 
+    _stop_on_sigterm()
     sys.exit(run_demo(config_path, requests, concurrency, max_tokens))
 
 
@@ -282,6 +283,7 @@ def bench(ctx, url, metrics_urls, config_path, concurrency, request_rate, out, *
         if given:
             raise click.UsageError(f"{', '.join(given)} cannot go with `bench plot`")
         return
+    _stop_on_sigterm()
     from kvferry.daemon.bench import BenchSpec, run_bench, run_deployment, write_result
     from kvferry.daemon.bench_report import table
     from kvferry.daemon.bench_workload import BenchError
@@ -354,6 +356,11 @@ def config_show(file: str, name: str | None) -> None:
     if name is not None:
         deployment = Deployment(daemons=[_pick(deployment, name, file)])
     click.echo(yaml.safe_dump(msgspec.to_builtins(deployment), sort_keys=False), nl=False)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so a deployment this command started is stopped too."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 def _pick(deployment: Deployment, name: str | None, path: str) -> DaemonConfig:

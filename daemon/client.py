@@ -99,13 +99,20 @@ class DaemonClient:
         return self._get("/health")
 
     def is_ready(self) -> bool:
-        """Whether GET /health answers 200 (the body is not needed): False while the daemon is
-        not listening yet, starting or stopping."""
+        """Whether GET /health answers 200: False while the daemon is not listening yet,
+        starting or stopping."""
+        return self.ready_pid() is not None
+
+    def ready_pid(self) -> int | None:
+        """The serving daemon's process id (0 when it does not say), None when not ready."""
         try:
-            with self._exchange("GET", "/health", None, time.monotonic() + self.timeout):
-                return True
+            with self._exchange("GET", "/health", None, time.monotonic() + self.timeout) as r:
+                try:
+                    return int(r.json().get("pid") or 0)
+                except (ClientError, AttributeError, ValueError, TypeError):
+                    return 0  # ready, but the answer says nothing of who it is
         except ClientError:
-            return False
+            return None
 
     def status(self) -> dict:
         return self._get("/status")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import threading
 import time
@@ -70,6 +71,7 @@ class _Handler(BaseHTTPRequestHandler):
                 state = self.daemon.state
                 body = {"status": "ok" if state == "serving" else state}
                 body |= {"role": self.daemon.config.role, "name": self.daemon.name}
+                body["pid"] = os.getpid()
                 self._json(200 if state == "serving" else 503, body)
             elif path == "/status":
                 self._json(200, self.daemon.status())

@@ -186,8 +186,14 @@ class Launcher:
             raise LaunchError(f"{child.name} {describe_exit(child.returncode)} before it was ready")
 
     def _ready(self, child: Child) -> bool:
-        if not DaemonClient(child.url, timeout=_PROBE_TIMEOUT_S).is_ready():
+        pid = DaemonClient(child.url, timeout=_PROBE_TIMEOUT_S).ready_pid()
+        if pid is None:
             return False
+        if pid not in (0, child.process.pid):
+            raise LaunchError(
+                f"{child.name}: {child.url} is answered by another daemon (pid {pid}); is an "
+                "earlier deployment still running?"
+            )
         elapsed = time.monotonic() - child.started_at
         self._log(f"{child.name} ready on {child.url} ({elapsed:.1f} s)")
         return True
