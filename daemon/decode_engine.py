@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvferry.daemon.group import TPGroup, Verdict
+from kvferry.daemon.protocol import Progress
 from kvferry.daemon.runner import ModelRunner
 from kvferry.daemon.scheduler import DecodeScheduler
 from kvferry.daemon.sequence import SamplingParams, Sequence
@@ -83,6 +84,32 @@ class DecodeEngine:
                 f"({blocks.num_pages} pages of {blocks.page_size} tokens)"
             )
         self.queued.append(_Request(room, seq, bootstrap))
+
+    def refuse(self, room: int, reason: str) -> None:
+        """Report a submission that could not be taken."""
+        self.outputs.append(Output(room, [], "error", reason))
+
+    def live_rooms(self) -> list[int]:
+        rooms = [r.room for r in self.queued] + list(self.arriving)
+        return rooms + [r.room for r in self.running.values()]
+
+    def queues(self) -> dict[str, int]:
+        return {
+            "waiting": len(self.queued),
+            "arriving": len(self.arriving),
+            "running": len(self.running),
+        }
+
+    def take_progress(self) -> Progress:
+        progress = Progress(outputs=self.outputs, reserved=self.reserved)
+        self.outputs, self.reserved = [], []
+        return progress
+
+    def take_samples(self) -> tuple[list[float], list[float]]:
+        """(forward times, transfer times) since the last call."""
+        samples = self.forward_s, self.transfer_s
+        self.forward_s, self.transfer_s = [], []
+        return samples
 
     def abort(self, room: int, reason: str) -> None:
         for request in self.queued:

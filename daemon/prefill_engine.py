@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from kvferry.daemon.group import TPGroup, Verdict
+from kvferry.daemon.protocol import Progress
 from kvferry.daemon.runner import ModelRunner
 from kvferry.daemon.scheduler import PrefillScheduler
 from kvferry.daemon.sequence import SamplingParams, Sequence
@@ -24,7 +25,6 @@ class RoomDone:
 
     room: int
     error: str | None
-    transfer_s: float  # from the last chunk's forward to delivery on every rank
 
 
 @dataclass
@@ -45,8 +45,9 @@ class PrefillEngine:
         self.runner, self.scheduler, self.agent = runner, scheduler, agent
         self.group = group or TPGroup()
         self.rooms: dict[int, _Room] = {}
-        self.done: list[RoomDone] = []  # drained by the caller
-        self.forward_s: list[float] = []  # host time of each forward, drained by the caller
+        self.done: list[RoomDone] = []  # drained by take_progress()
+        self.forward_s: list[float] = []  # host time of each forward, drained by take_samples()
+        self.transfer_s: list[float] = []  # last chunk computed to delivered on every rank
 
     @property
     def busy(self) -> bool:
@@ -60,6 +61,26 @@ class PrefillEngine:
         self.scheduler.add(seq)
         self.rooms[room] = _Room(seq, self.agent.sender(room, len(prompt)))
         return seq
+
+    def refuse(self, room: int, reason: str) -> None:
+        """Report a submission that could not be taken."""
+        self.done.append(RoomDone(room, reason))
+
+    def live_rooms(self) -> list[int]:
+        return list(self.rooms)
+
+    def queues(self) -> dict[str, int]:
+        return {"prefilling": len(self.scheduler.waiting), "sending": len(self.rooms)}
+
+    def take_progress(self) -> Progress:
+        progress, self.done = Progress(done=self.done), []
+        return progress
+
+    def take_samples(self) -> tuple[list[float], list[float]]:
+        """(forward times, transfer times) since the last call."""
+        samples = self.forward_s, self.transfer_s
+        self.forward_s, self.transfer_s = [], []
+        return samples
 
     def abort(self, room: int, reason: str) -> None:
         """Stop computing and sending `room`; its pages go back once its sender has let go."""
@@ -121,8 +142,9 @@ class PrefillEngine:
             del self.rooms[room]
             self.runner.blocks.deallocate(entry.seq.id)
             self.runner.sampler.forget(entry.seq.id)
-            since = entry.computed_at or time.monotonic()
-            self.done.append(RoomDone(room, error, time.monotonic() - since))
+            if error is None and entry.computed_at is not None:
+                self.transfer_s.append(time.monotonic() - entry.computed_at)
+            self.done.append(RoomDone(room, error))
 
 
 def _forward_event(device: torch.device) -> torch.cuda.Event | None:

@@ -334,8 +334,6 @@ class Daemon:
         for done in progress.done:
             with self._lock:
                 self.prefill_rooms.pop(done.room, None)
-            if done.error is None:
-                self.metrics.transfer.observe(done.transfer_s)
             self._count(done.error)
 
     def _submit_to_prefill(self, request: Request) -> None:

@@ -120,37 +120,14 @@ class Worker:
             else:
                 engine.submit(command.room, command.prompt, command.params)
         except ValueError as exc:  # the same on every rank: the request cannot be served
-            if self.group.leader:
-                self._refuse(command.room, str(exc))
-
-    def _refuse(self, room: int, reason: str) -> None:
-        if self.config.role == "decode":
-            from kvferry.daemon.decode_engine import Output
-
-            self.conn.send(protocol.Progress(outputs=[Output(room, [], "error", reason)]))
-        else:
-            from kvferry.daemon.prefill_engine import RoomDone
-
-            self.conn.send(protocol.Progress(done=[RoomDone(room, reason, 0.0)]))
+            self.engine.refuse(command.room, str(exc))
 
     def _abort_all(self, reason: str) -> None:
-        engine = self.engine
-        if self.config.role == "decode":
-            rooms = [r.room for r in engine.queued] + list(engine.arriving)
-            rooms += [r.room for r in engine.running.values()]
-        else:
-            rooms = list(engine.rooms)
-        for room in rooms:
-            engine.abort(room, reason)
+        for room in self.engine.live_rooms():
+            self.engine.abort(room, reason)
 
     def _report(self) -> None:
-        engine = self.engine
-        if self.config.role == "decode":
-            progress = protocol.Progress(outputs=engine.outputs, reserved=engine.reserved)
-            engine.outputs, engine.reserved = [], []
-        else:
-            progress = protocol.Progress(done=engine.done)
-            engine.done = []
+        progress = self.engine.take_progress()
         if self.group.leader and (progress.outputs or progress.reserved or progress.done):
             self.conn.send(progress)
         now = time.monotonic()
@@ -165,19 +142,8 @@ class Worker:
             rooms[room.status.state.name] += 1
         ring = self.agent.ring
         data, stats = core.data, core.stats
-        if self.config.role == "decode":
-            queues = {
-                "waiting": len(engine.queued),
-                "arriving": len(engine.arriving),
-                "running": len(engine.running),
-            }
-        else:
-            queues = {"prefilling": len(engine.scheduler.waiting), "sending": len(engine.rooms)}
         blocks = engine.runner.blocks
-        forward_s, transfer_s = engine.forward_s, getattr(engine, "transfer_s", [])
-        engine.forward_s = []
-        if hasattr(engine, "transfer_s"):
-            engine.transfer_s = []
+        forward_s, transfer_s = engine.take_samples()
         return protocol.Snapshot(
             rank=self.rank,
             rooms=rooms,
@@ -186,7 +152,7 @@ class Worker:
             ring_high_water=ring.high_water_bytes if ring else 0,
             kv_pages_used=blocks.used_pages,
             kv_pages_total=blocks.num_pages,
-            queues=queues,
+            queues=engine.queues(),
             bytes_sent=data.bytes_sent,
             bytes_received=data.bytes_received,
             messages_sent=data.messages_sent,
