@@ -9,36 +9,31 @@ daemon submits the prompt to a prefill daemon; tokens come back in `Progress.out
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import multiprocessing as mp
 import os
 import queue
 import secrets
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 
 import zmq
 
 from kvferry.daemon import protocol
 from kvferry.daemon.config import DaemonConfig, check_against
 from kvferry.daemon.metrics import Metrics
+from kvferry.daemon.ranks import RankFailed, Ranks
 from kvferry.daemon.sequence import SamplingParams
 from kvferry.daemon.tokenizer import ByteTokenizer, load_tokenizer
-from kvferry.daemon.worker import worker_main
 from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.control import request as control_request
 from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt, WireError
 
 log = logging.getLogger("kvferry.daemon")
 TICK_S = 0.05
-WORKER_EXIT_S = 15.0
 ANSWER_S = 5.0  # at exit: how long HTTP handlers get to answer their finished requests
 
 
@@ -100,9 +95,8 @@ class Daemon:
         self._codec = Codec(config.transfer.max_frame_bytes)
         self.bootstrap: BootstrapServer | None = None
         self.http = None
-        self.procs: list = []
+        self.ranks: Ranks | None = None
         self.answering = 0  # HTTP handlers with a request in flight (the front counts them)
-        self.conns: list = []
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -134,61 +128,20 @@ class Daemon:
         from kvferry.daemon.http_front import start_http
 
         self.http = start_http(self, c.host, c.http_port)
-        ctx = mp.get_context("spawn")
-        dist_address = f"tcp://127.0.0.1:{_free_port()}"
-        for rank in range(c.tp):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=worker_main,
-                args=(c, rank, dist_address, bootstrap_address, child),
-                name=f"{self.name}-rank{rank}",
-            )
-            proc.start()
-            child.close()
-            self.procs.append(proc)
-            self.conns.append(parent)
-        self._wait_ready()
+        self.ranks = Ranks(c, self.name, bootstrap_address)
+        self.ranks.wait_ready(c.start_timeout_s, lambda: self._stop_reason)
         self.state = "serving"
         where = f"http://{c.host}:{self.http.server_port}"
         extra = f", bootstrap {bootstrap_address}" if bootstrap_address else ""
         log.info("%s serving on %s%s (tp=%d)", self.name, where, extra, c.tp)
 
-    def _wait_ready(self) -> None:
-        pending = set(range(self.config.tp))
-        deadline = time.monotonic() + self.config.start_timeout_s
-        while pending:
-            if self._stop_reason:
-                raise RuntimeError(f"stopped while starting ({self._stop_reason})")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(
-                    f"ranks {sorted(pending)} not ready within {self.config.start_timeout_s:g}s"
-                )
-            for rank, conn in enumerate(self.conns):
-                while conn.poll():
-                    message = conn.recv()
-                    if isinstance(message, protocol.Fatal):
-                        raise RuntimeError(message.error)
-                    if isinstance(message, protocol.Ready):
-                        pending.discard(rank)
-            for rank, proc in enumerate(self.procs):
-                if rank in pending and not proc.is_alive():
-                    raise RuntimeError(f"rank {rank} exited with code {proc.exitcode} at start")
-            wait(self.conns + [p.sentinel for p in self.procs], timeout=min(left, TICK_S))
-
     def _serve(self) -> int:
         stop_by = None
-        sentinels = {p.sentinel: rank for rank, p in enumerate(self.procs)}
         while True:
-            ready = wait(self.conns + list(sentinels), timeout=TICK_S)
-            for rank, conn in enumerate(self.conns):
-                if conn in ready and not self._drain(rank, conn):
-                    return self._fail_all(f"rank {rank} failed")
-            for sentinel, rank in sentinels.items():
-                if sentinel in ready:
-                    self.procs[rank].join(1)
-                    code = self.procs[rank].exitcode
-                    return self._fail_all(f"rank {rank} exited with code {code}")
+            try:
+                self.ranks.take_reports(self._report, TICK_S)
+            except RankFailed as exc:
+                return self._fail_all(str(exc))
             now = time.monotonic()
             self._expire(now)
             if self._stop_reason and stop_by is None:
@@ -196,23 +149,13 @@ class Daemon:
                 stop_by = now + self.config.drain_timeout_s
             if stop_by is not None and (not self._in_flight() or now > stop_by):
                 self._send(protocol.Stop(f"daemon stopping ({self._stop_reason})"))
-                return self._join_workers()
+                return self._stop_ranks()
 
-    def _drain(self, rank: int, conn) -> bool:
-        """Handle what rank `rank` reported; False when the rank reported it cannot go on."""
-        while conn.poll():
-            try:
-                message = conn.recv()
-            except EOFError:
-                return True  # its exit shows through the sentinel
-            if isinstance(message, protocol.Snapshot):
-                self.metrics.take(message)
-            elif isinstance(message, protocol.Progress):
-                self._progress(message)
-            elif isinstance(message, protocol.Fatal):
-                log.error("%s", message.error)
-                return False
-        return True
+    def _report(self, message) -> None:
+        if isinstance(message, protocol.Snapshot):
+            self.metrics.take(message)
+        elif isinstance(message, protocol.Progress):
+            self._progress(message)
 
     def _fail_all(self, reason: str) -> int:
         """A rank is gone: fail every request, stop the other ranks, exit non-zero."""
@@ -223,39 +166,24 @@ class Daemon:
         for request in requests:
             self._finish(request, "error", reason)
         self._send(protocol.Stop(reason))
-        self._join_workers()
+        self._stop_ranks()
         return 1
 
-    def _join_workers(self) -> int:
-        """Wait for the ranks to exit, still taking what they report (the ends of the requests
-        they aborted); requests nobody answered fail."""
-        deadline = time.monotonic() + WORKER_EXIT_S
-        while any(p.is_alive() for p in self.procs) and time.monotonic() < deadline:
-            wait(self.conns + [p.sentinel for p in self.procs], timeout=TICK_S)
-            for rank, conn in enumerate(self.conns):
-                with contextlib.suppress(OSError):
-                    self._drain(rank, conn)
-        codes = []
-        for proc in self.procs:
-            if proc.is_alive():
-                log.warning("%s did not exit in time; killed", proc.name)
-                proc.kill()
-            proc.join(5)
-            codes.append(proc.exitcode)
+    def _stop_ranks(self) -> int:
+        """After Stop: the ranks exit; requests nobody answered fail."""
+        clean = self.ranks.join(self._report)
         with self._lock:
             requests = list(self.requests.values())
         for request in requests:
             self._finish(request, "abort", f"{self.name} stopped before the request finished")
-        return 0 if all(code == 0 for code in codes) and self.state != "failed" else 1
+        return 0 if clean and self.state != "failed" else 1
 
     def _shutdown(self) -> None:
         deadline = time.monotonic() + ANSWER_S  # let the HTTP handlers write their last answers
         while self.answering and time.monotonic() < deadline:
             time.sleep(0.01)
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+        if self.ranks is not None:
+            self.ranks.kill()
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
@@ -265,11 +193,8 @@ class Daemon:
         self._zmq.term()
 
     def _send(self, command) -> None:
-        with self._lock:
-            try:
-                self.conns[0].send(command)
-            except (OSError, ValueError) as exc:  # rank 0 gone: its sentinel reports it
-                log.warning("could not reach rank 0: %s", exc)
+        if self.ranks is not None:
+            self.ranks.send(command)
 
     # --- decode: requests -------------------------------------------------------------------
 
@@ -428,9 +353,3 @@ class Daemon:
                 for s in snapshots
             ],
         }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
