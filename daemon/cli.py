@@ -17,6 +17,8 @@ import click
 import msgspec
 import yaml
 
+from kvferry.daemon.cli_bench import bench
+from kvferry.daemon.cli_common import CONFIG_PATH, SECONDS, note, stop_on_sigterm
 from kvferry.daemon.client import (
     DEFAULT_URL,
     ClientError,
@@ -30,8 +32,6 @@ from kvferry.daemon.config import ConfigError, DaemonConfig, Deployment, check_a
 from kvferry.daemon.launcher import Launcher, LaunchError, describe_exit
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
-_SECONDS = click.FloatRange(min=0, min_open=True)
-_CONFIG = click.Path(dir_okay=False)
 
 
 class _Commands(click.Group):
@@ -48,7 +48,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", required=True, type=_CONFIG, help="Deployment file.")
+@click.option("--config", "config_path", required=True, type=CONFIG_PATH, help="Deployment file.")
 @click.option("--name", help="Daemon to serve; optional when the file lists only one.")
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def serve(config_path: str, name: str | None, log_level: str) -> None:
@@ -67,17 +67,17 @@ def serve(config_path: str, name: str | None, log_level: str) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", required=True, type=_CONFIG, help="Deployment file.")
+@click.option("--config", "config_path", required=True, type=CONFIG_PATH, help="Deployment file.")
 @click.option(
     "--start-timeout",
-    type=_SECONDS,
+    type=SECONDS,
     default=300.0,
     show_default=True,
     help="Seconds each group of daemons (prefill, then decode) has to answer /health.",
 )
 @click.option(
     "--stop-timeout",
-    type=_SECONDS,
+    type=SECONDS,
     default=60.0,
     show_default=True,
     help="Seconds a daemon has to exit after SIGTERM before it gets SIGKILL "
@@ -92,16 +92,16 @@ def up(config_path: str, start_timeout: float, stop_timeout: float, log_level: s
     a unique name and a fixed http_port. Exits 0 when every daemon exited 0.
     """
     launcher = Launcher.from_file(
-        config_path, log_level=log_level, log=_note, stop_timeout=stop_timeout
+        config_path, log_level=log_level, log=note, stop_timeout=stop_timeout
     )
     with _calling_on_signals(launcher.request_stop), launcher:
         launcher.start(start_timeout)
         for child in launcher.children:
             click.echo(f"{child.name}\t{child.role}\t{child.url}")
-        _note("all daemons ready; Ctrl-C or SIGTERM stops them")
+        note("all daemons ready; Ctrl-C or SIGTERM stops them")
         died = launcher.wait()
         if died is not None:
-            _note(f"{died.name} {describe_exit(died.returncode)} on its own; stopping the others")
+            note(f"{died.name} {describe_exit(died.returncode)} on its own; stopping the others")
         codes = launcher.stop()
     if died is not None:
         raise click.ClickException(f"{died.name} {describe_exit(codes[died.name])} while running")
@@ -129,14 +129,16 @@ class _TokenIds(click.ParamType):
 @click.argument("prompt", required=False)
 @click.option("--prompt-ids", type=_TokenIds(), help="Token ids instead of text: 1,2,3.")
 @click.option("--url", help=f"Decode daemon's HTTP address.  [default: {DEFAULT_URL}]")
-@click.option("--config", "config_path", type=_CONFIG, help="Use this file's first decode daemon.")
+@click.option(
+    "--config", "config_path", type=CONFIG_PATH, help="Use this file's first decode daemon."
+)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, help="Sampling seed, for repeatable sampled output.")
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Ask for SSE events.")
 @click.option("--json", "as_json", is_flag=True, help="Print only one JSON object at the end.")
-@click.option("--timeout", type=_SECONDS, default=120.0, show_default=True, help="Seconds.")
+@click.option("--timeout", type=SECONDS, default=120.0, show_default=True, help="Seconds.")
 def generate(prompt, prompt_ids, url, config_path, stream, as_json, timeout, **sampling) -> None:
     """Complete PROMPT (text; - reads stdin) or --prompt-ids on a decode daemon.
 
@@ -165,9 +167,9 @@ def generate(prompt, prompt_ids, url, config_path, stream, as_json, timeout, **s
 
 @main.command()
 @click.option("--url", "urls", multiple=True, help="A daemon's HTTP address; repeatable.")
-@click.option("--config", "config_path", type=_CONFIG, help="Every daemon of this file.")
+@click.option("--config", "config_path", type=CONFIG_PATH, help="Every daemon of this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw /status objects.")
-@click.option("--timeout", type=_SECONDS, default=10.0, show_default=True, help="Seconds.")
+@click.option("--timeout", type=SECONDS, default=10.0, show_default=True, help="Seconds.")
 def status(urls: tuple[str, ...], config_path: str | None, as_json: bool, timeout: float) -> None:
     """Show what daemons are doing: requests, rooms, staging ring, KV pages, peers.
 
@@ -199,7 +201,7 @@ def status(urls: tuple[str, ...], config_path: str | None, as_json: bool, timeou
     "config_path",
     default="deploy/local.yaml",
     show_default=True,
-    type=_CONFIG,
+    type=CONFIG_PATH,
     help="Deployment to start (and stop afterwards).",
 )
 @click.option("--requests", type=click.IntRange(min=1), default=24, show_default=True)
@@ -210,124 +212,8 @@ def demo(config_path: str, requests: int, concurrency: int, max_tokens: int) -> 
     print a summary (tokens/s, TTFT, KV bytes moved, UCX messages per request), stop."""
     from kvferry.daemon.demo import run_demo
 
-    _stop_on_sigterm()
+    stop_on_sigterm()
     sys.exit(run_demo(config_path, requests, concurrency, max_tokens))
-
-
-class _Numbers(click.ParamType):
-    """A comma-separated list of positive numbers: 1,4,16."""
-
-    name = "N,N,..."
-
-    def __init__(self, kind: type) -> None:
-        self.kind = kind
-
-    def convert(self, value, param, ctx) -> tuple:
-        if isinstance(value, tuple):
-            return value
-        try:
-            numbers = tuple(self.kind(part) for part in value.split(",") if part.strip())
-        except ValueError:
-            numbers = ()
-        if not numbers or min(numbers) <= 0:
-            self.fail(f"{value!r} is not a comma-separated list of positive numbers", param, ctx)
-        return numbers
-
-
-_COUNT = click.IntRange(min=1)
-
-
-@main.group(invoke_without_command=True)
-@click.option("--url", help=f"Decode daemon to load.  [default: {DEFAULT_URL}]")
-@click.option(
-    "--metrics-url", "metrics_urls", multiple=True, help="Another daemon to scrape; repeatable."
-)
-@click.option("--config", "config_path", type=_CONFIG, help="Start this deployment, then stop it.")
-@click.option(
-    "--concurrency", type=_Numbers(int), help="Points: requests in flight.  [default: 1,4,16]"
-)
-@click.option("--request-rate", type=_Numbers(float), help="Points: Poisson arrivals, req/s.")
-@click.option(
-    "--max-concurrency", type=_COUNT, default=256, show_default=True, help="In flight, at most."
-)
-@click.option("--num-requests", type=_COUNT, default=64, show_default=True, help="Per point.")
-@click.option(
-    "--warmup", type=click.IntRange(min=0), default=4, show_default=True, help="Before each point."
-)
-@click.option("--input-len", type=_COUNT, default=256, show_default=True, help="Prompt tokens.")
-@click.option("--output-len", type=_COUNT, default=64, show_default=True, help="Tokens to make.")
-@click.option(
-    "--range-ratio",
-    type=click.FloatRange(0, 1),
-    default=0.5,
-    show_default=True,
-    help="Lengths are uniform in [len * ratio, len].",
-)
-@click.option("--dataset", type=click.Path(dir_okay=False), help="ShareGPT-style JSON file.")
-@click.option("--vocab", type=_COUNT, help="Prompt ids in [0, N).  [model's, else 256]")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--timeout", type=_SECONDS, default=300.0, show_default=True, help="Per request, s.")
-@click.option("--label", help="Name of this run in the JSON and in plots.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
-@click.pass_context
-def bench(ctx, url, metrics_urls, config_path, concurrency, request_rate, out, **load) -> None:
-    """Load a decode daemon, sweeping concurrency or request rate; print one row per point.
-
-    Each point sends its warm-up requests, then --num-requests streamed, greedy requests, and
-    reports throughput, TTFT, inter-token and end-to-end latency, and what the daemons' metrics
-    say crossed the data plane (scraped before and after). `kvferry bench plot` draws result
-    files. See docs/bench.md.
-    """
-    if ctx.invoked_subcommand is not None:
-        given = [p.opts[0] for p in ctx.command.params if _given(ctx, p.name)]
-        if given:
-            raise click.UsageError(f"{', '.join(given)} cannot go with `bench plot`")
-        return
-    _stop_on_sigterm()
-    from kvferry.daemon.bench import BenchSpec, run_bench, run_deployment, write_result
-    from kvferry.daemon.bench_report import table
-    from kvferry.daemon.bench_workload import BenchError
-
-    if url is not None and config_path is not None:
-        raise click.UsageError("give --url or --config, not both")
-    if concurrency and request_rate:
-        raise click.UsageError("give --concurrency or --request-rate, not both")
-    load["timeout_s"] = load.pop("timeout")
-    try:
-        concurrency = concurrency or (() if request_rate else (1, 4, 16))
-        spec = BenchSpec(concurrency=concurrency, request_rate=request_rate or (), **load)
-        if config_path is None:
-            result, codes = run_bench(spec, url or DEFAULT_URL, metrics_urls), {}
-        else:
-            result, codes = run_deployment(spec, config_path, metrics_urls, log=_note)
-    except BenchError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(table(result.points))
-    if out is not None:
-        write_result(result, out)
-    failed = [f"{name} {describe_exit(code)}" for name, code in codes.items() if code != 0]
-    if failed:
-        raise click.ClickException("; ".join(failed))
-
-
-@bench.command("plot")
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
-def bench_plot(files: tuple[str, ...], out: str) -> None:
-    """Draw output throughput and median TTFT against concurrency (or request rate) for one or
-    several `kvferry bench --out` FILES, one line each, named by their --label."""
-    from kvferry.daemon.bench_report import plot
-    from kvferry.daemon.bench_workload import BenchError
-
-    try:
-        plot(list(files), out)
-    except BenchError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(out)
-
-
-def _given(ctx: click.Context, name: str) -> bool:
-    return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
 
 
 @main.group("config")
@@ -336,7 +222,7 @@ def config_group() -> None:
 
 
 @config_group.command("check")
-@click.argument("file", type=_CONFIG)
+@click.argument("file", type=CONFIG_PATH)
 def config_check(file: str) -> None:
     """Validate FILE, including the checks that need each daemon's model (TP against its heads,
     staging ring against one chunk)."""
@@ -348,7 +234,7 @@ def config_check(file: str) -> None:
 
 
 @config_group.command("show")
-@click.argument("file", type=_CONFIG)
+@click.argument("file", type=CONFIG_PATH)
 @click.option("--name", help="Only this daemon.")
 def config_show(file: str, name: str | None) -> None:
     """Print FILE as YAML with every default filled in (itself a valid deployment file)."""
@@ -356,11 +242,6 @@ def config_show(file: str, name: str | None) -> None:
     if name is not None:
         deployment = Deployment(daemons=[_pick(deployment, name, file)])
     click.echo(yaml.safe_dump(msgspec.to_builtins(deployment), sort_keys=False), nl=False)
-
-
-def _stop_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so a deployment this command started is stopped too."""
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 def _pick(deployment: Deployment, name: str | None, path: str) -> DaemonConfig:
@@ -485,9 +366,7 @@ def _calling_on_signals(callback):
             signal.signal(sig, handler)
 
 
-def _note(line: str) -> None:
-    click.echo(line, err=True)
-
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,20 @@
+"""Pieces every `kvferry` command module uses."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+
+SECONDS = click.FloatRange(min=0, min_open=True)
+CONFIG_PATH = click.Path(dir_okay=False)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so a deployment this command started is stopped too."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
+def note(line: str) -> None:
+    click.echo(line, err=True)
