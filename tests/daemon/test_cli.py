@@ -516,14 +516,14 @@ def test_deployments_the_launcher_refuses(tmp_path, change, fragment):
 
 def test_up_runs_until_sigterm(stubs, monkeypatch):
     monkeypatch.setattr(launcher_module, "serve_command", lambda path, log_level: stubs.command)
-    note = cli_module._note
+    note = cli_module.note
 
     def note_and_stop(line):  # stands in for the user's Ctrl-C once everything is up
         note(line)
         if line.startswith("all daemons ready"):
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(cli_module, "_note", note_and_stop)
+    monkeypatch.setattr(cli_module, "note", note_and_stop)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     result = _invoke("up", "--config", stubs.config_path)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
