@@ -1,9 +1,6 @@
 """The `kvferry` CLI, its HTTP client and the deployment launcher, against stub daemons."""
 
 import json
-import os
-import signal
-import socket
 import sys
 import threading
 import time
@@ -13,11 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
 
-from kvferry.daemon import cli as cli_module
-from kvferry.daemon import launcher as launcher_module
-from kvferry.daemon.cli import main
+from cli_sim import free_ports, invoke, one_error_line, two_daemons, write_yaml
 from kvferry.daemon.client import (
     ClientError,
     CompletionRequest,
@@ -25,8 +19,7 @@ from kvferry.daemon.client import (
     RequestTimeout,
     ServerError,
 )
-from kvferry.daemon.config import ConfigError, load, parse
-from kvferry.daemon.launcher import Launcher, LaunchError
+from kvferry.daemon.config import load, parse
 
 LOCAL_YAML = Path(__file__).parents[2] / "deploy" / "local.yaml"
 
@@ -52,48 +45,6 @@ STATUS = {
 }
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
-def _write(tmp_path: Path, raw: dict, name: str = "deploy.yaml") -> str:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
-
-
-def _two_daemons(prefill_port: int, decode_port: int) -> dict:
-    return {
-        "daemons": [
-            {"role": "prefill", "name": "prefill-0", "http_port": prefill_port},
-            {
-                "role": "decode",
-                "name": "decode-0",
-                "http_port": decode_port,
-                "prefill": ["tcp://127.0.0.1:1"],
-            },
-        ]
-    }
-
-
-def _invoke(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def _one_error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 # --- config, serve, help ---------------------------------------------------------------------
 
 
@@ -111,36 +62,36 @@ def _one_error_line(result) -> str:
     ],
 )
 def test_every_command_has_help(command):
-    result = _invoke(*command, "--help")
+    result = invoke(*command, "--help")
     assert result.exit_code == 0
     assert "Usage:" in result.output
 
 
 def test_config_check_accepts_the_embedded_default():
-    result = _invoke("config", "check", str(LOCAL_YAML))
+    result = invoke("config", "check", str(LOCAL_YAML))
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{LOCAL_YAML}: ok (2 daemons)\n"
 
 
 def test_config_check_names_an_unknown_field(tmp_path):
-    path = _write(tmp_path, {"daemons": [{"role": "prefill", "tpp": 2}]})
-    line = _one_error_line(_invoke("config", "check", path))
+    path = write_yaml(tmp_path, {"daemons": [{"role": "prefill", "tpp": 2}]})
+    line = one_error_line(invoke("config", "check", path))
     assert "tpp" in line and "$.daemons[0]" in line and path in line
 
 
 def test_config_check_runs_the_model_checks(tmp_path):
-    path = _write(tmp_path, {"daemons": [{"role": "prefill", "name": "p", "tp": 3}]})
-    assert "p: tp" in _one_error_line(_invoke("config", "check", path))
+    path = write_yaml(tmp_path, {"daemons": [{"role": "prefill", "name": "p", "tp": 3}]})
+    assert "p: tp" in one_error_line(invoke("config", "check", path))
 
 
 def test_config_check_of_a_missing_file(tmp_path):
-    assert "missing.yaml" in _one_error_line(
-        _invoke("config", "check", str(tmp_path / "missing.yaml"))
+    assert "missing.yaml" in one_error_line(
+        invoke("config", "check", str(tmp_path / "missing.yaml"))
     )
 
 
 def test_config_show_fills_every_default_and_round_trips():
-    result = _invoke("config", "show", str(LOCAL_YAML))
+    result = invoke("config", "show", str(LOCAL_YAML))
     assert result.exit_code == 0, result.output
     shown = yaml.safe_load(result.stdout)
     assert parse(shown) == load(LOCAL_YAML)
@@ -149,10 +100,10 @@ def test_config_show_fills_every_default_and_round_trips():
 
 
 def test_config_show_one_daemon():
-    result = _invoke("config", "show", str(LOCAL_YAML), "--name", "decode-0")
+    result = invoke("config", "show", str(LOCAL_YAML), "--name", "decode-0")
     assert [d["name"] for d in yaml.safe_load(result.stdout)["daemons"]] == ["decode-0"]
-    assert "no daemon named 'decode-9'" in _one_error_line(
-        _invoke("config", "show", str(LOCAL_YAML), "--name", "decode-9")
+    assert "no daemon named 'decode-9'" in one_error_line(
+        invoke("config", "show", str(LOCAL_YAML), "--name", "decode-9")
     )
 
 
@@ -162,10 +113,10 @@ def test_serve_picks_the_named_daemon(monkeypatch):
     fake.serve = lambda daemon: served.append(daemon) or 3
     monkeypatch.setitem(sys.modules, "kvferry.daemon.serve", fake)
     monkeypatch.delenv("KVFERRY_LOG_LEVEL", raising=False)  # serve sets it; restored after
-    result = _invoke("serve", "--config", str(LOCAL_YAML), "--name", "decode-0")
+    result = invoke("serve", "--config", str(LOCAL_YAML), "--name", "decode-0")
     assert result.exit_code == 3
     assert [d.name for d in served] == ["decode-0"]
-    assert "pick one with --name" in _one_error_line(_invoke("serve", "--config", str(LOCAL_YAML)))
+    assert "pick one with --name" in one_error_line(invoke("serve", "--config", str(LOCAL_YAML)))
 
 
 # --- generate and status against a stub daemon -----------------------------------------------
@@ -251,7 +202,7 @@ def stub():
 
 
 def test_generate_json_reports_the_streamed_completion(stub):
-    result = _invoke(
+    result = invoke(
         "generate", "hi", "--url", stub.url, "--json", "--seed", "7", "--max-tokens", "3"
     )
     assert result.exit_code == 0, result.output
@@ -280,14 +231,14 @@ def test_generate_json_reports_the_streamed_completion(stub):
 
 
 def test_generate_prints_text_as_it_streams(stub):
-    result = _invoke("generate", "hi", "--url", stub.url)
+    result = invoke("generate", "hi", "--url", stub.url)
     assert result.exit_code == 0, result.output
     assert result.stdout == "Hello\n"
     assert "3 tokens, finish length" in result.stderr
 
 
 def test_generate_token_ids_unstreamed(stub):
-    result = _invoke(
+    result = invoke(
         "generate", "--prompt-ids", "1, 2,3", "--url", stub.url, "--no-stream", "--json"
     )
     assert result.exit_code == 0, result.output
@@ -297,9 +248,9 @@ def test_generate_token_ids_unstreamed(stub):
 
 
 def test_generate_finds_the_decode_daemon_in_a_config(stub, tmp_path):
-    (dead,) = _free_ports(1)
-    path = _write(tmp_path, _two_daemons(dead, stub.server_port))
-    result = _invoke("generate", "hi", "--config", path, "--json")
+    (dead,) = free_ports(1)
+    path = write_yaml(tmp_path, two_daemons(dead, stub.server_port))
+    result = invoke("generate", "hi", "--config", path, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["text"] == "Hello"
 
@@ -313,16 +264,16 @@ def test_generate_finds_the_decode_daemon_in_a_config(stub, tmp_path):
     ],
 )
 def test_generate_errors_are_one_line(stub, prompt, fragment):
-    result = _invoke("generate", prompt, "--url", stub.url)
-    line = _one_error_line(result)
+    result = invoke("generate", prompt, "--url", stub.url)
+    line = one_error_line(result)
     assert fragment in line and stub.url in line
     if prompt != "too long":
         assert result.stdout == "He\n"  # what arrived before the error, line ended
 
 
 def test_generate_against_nothing_names_the_url():
-    (dead,) = _free_ports(1)
-    line = _one_error_line(_invoke("generate", "hi", "--url", f"http://127.0.0.1:{dead}"))
+    (dead,) = free_ports(1)
+    line = one_error_line(invoke("generate", "hi", "--url", f"http://127.0.0.1:{dead}"))
     assert line == f"Error: http://127.0.0.1:{dead}: connection refused"
 
 
@@ -330,7 +281,7 @@ def test_generate_against_nothing_names_the_url():
     "args", [["hi", "--prompt-ids", "1"], [], ["--prompt-ids", "1,x"], ["--prompt-ids", ","]]
 )
 def test_generate_usage_errors(args):
-    result = _invoke("generate", *args)
+    result = invoke("generate", *args)
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 
@@ -351,7 +302,7 @@ def test_client_streams_and_times_out(stub):
 
 
 def test_status_summary(stub):
-    result = _invoke("status", "--url", stub.url)
+    result = invoke("status", "--url", stub.url)
     assert result.exit_code == 0, result.output
     assert f"decode-0: decode, serving, tp=1, {stub.url}" in result.stdout
     assert "requests: waiting 1, arriving 0, running 2" in result.stdout
@@ -362,184 +313,16 @@ def test_status_summary(stub):
 
 def test_status_tolerates_missing_keys(stub):
     stub.status = {"role": "prefill", "ranks": [{"rank": 0, "ring": {}}]}
-    result = _invoke("status", "--url", stub.url)
+    result = invoke("status", "--url", stub.url)
     assert result.exit_code == 0, result.output
     assert "ring ? / ? (high ?)" in result.stdout
 
 
 def test_status_json_and_an_unreachable_daemon(stub, tmp_path):
-    (dead,) = _free_ports(1)
-    path = _write(tmp_path, _two_daemons(dead, stub.server_port))
-    result = _invoke("status", "--config", path, "--json")
-    assert _one_error_line(result) == "prefill-0: unreachable (connection refused)"
+    (dead,) = free_ports(1)
+    path = write_yaml(tmp_path, two_daemons(dead, stub.server_port))
+    result = invoke("status", "--config", path, "--json")
+    assert one_error_line(result) == "prefill-0: unreachable (connection refused)"
     missing, answer = json.loads(result.stdout)
     assert missing["name"] == "prefill-0" and missing["error"] == "connection refused"
     assert answer == STATUS
-
-
-# --- launcher and `up`, with stub daemon processes -------------------------------------------
-
-# A stand-in daemon: answers /health with 503 twice, then 200; notes what happens in a shared log.
-STUB_DAEMON = """
-import http.server, os, signal, sys, threading, time
-name, port, log, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-
-def note(what):
-    with open(log, "a") as f:
-        f.write(f"{what} {name}\\n")
-
-def on_sigterm(signum, frame):
-    time.sleep(0.3 if mode == "slow-stop" else 0)
-    note("stop")
-    os._exit(0)
-
-note("start")
-if mode == "crash":
-    sys.exit(5)
-signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "stubborn" else on_sigterm)
-probes = []
-
-class Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        probes.append(self.path)
-        ready = mode != "never" and len(probes) > 2
-        if ready and len(probes) == 3:
-            note("ready")
-        self.send_response(200 if ready else 503)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-        if ready and mode == "die":
-            threading.Timer(0.2, os._exit, (3,)).start()
-
-    def log_message(self, *args):
-        pass
-
-http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
-"""
-
-
-class _Stubs:
-    def __init__(self, tmp_path: Path) -> None:
-        self.script = tmp_path / "stub_daemon.py"
-        self.script.write_text(STUB_DAEMON)
-        self.log = tmp_path / "events.log"
-        self.modes: dict[str, str] = {}
-        self.raw = _two_daemons(*_free_ports(2))
-        self.deployment = parse(self.raw)
-        self.config_path = _write(tmp_path, self.raw)
-
-    def command(self, daemon) -> list[str]:
-        mode = self.modes.get(daemon.name, "ok")
-        port, log = str(daemon.http_port), str(self.log)
-        return [sys.executable, str(self.script), daemon.name, port, log, mode]
-
-    def events(self) -> list[str]:
-        return self.log.read_text().splitlines() if self.log.exists() else []
-
-    def launcher(self, lines: list[str]) -> Launcher:
-        return Launcher(self.deployment, command=self.command, log=lines.append, poll_s=0.05)
-
-
-@pytest.fixture
-def stubs(tmp_path):
-    return _Stubs(tmp_path)
-
-
-def test_launcher_starts_prefill_first_and_stops_it_last(stubs):
-    lines = []
-    stubs.modes["decode-0"] = "slow-stop"  # stopping both at once would log prefill first
-    with stubs.launcher(lines) as launcher:
-        launcher.start(timeout=30)
-        assert stubs.events() == [
-            "start prefill-0",
-            "ready prefill-0",
-            "start decode-0",
-            "ready decode-0",
-        ]
-        assert launcher.wait(timeout=0.1) is None  # all running
-        codes = launcher.stop(timeout=10)
-    assert codes == {"decode-0": 0, "prefill-0": 0}
-    assert stubs.events()[-2:] == ["stop decode-0", "stop prefill-0"]
-    url = launcher.children[0].url
-    assert any(line.startswith(f"prefill-0 ready on {url} (") for line in lines)
-
-
-def test_launcher_reports_a_daemon_that_dies(stubs):
-    stubs.modes["decode-0"] = "die"
-    with stubs.launcher([]) as launcher:
-        launcher.start(timeout=30)
-        died = launcher.wait(timeout=30)
-        assert died is not None and (died.name, died.returncode) == ("decode-0", 3)
-        codes = launcher.stop(timeout=10)
-    assert codes == {"decode-0": 3, "prefill-0": 0}
-
-
-def test_launcher_kills_a_daemon_that_ignores_sigterm(stubs):
-    stubs.modes["prefill-0"] = "stubborn"
-    with stubs.launcher([]) as launcher:
-        launcher.start(timeout=30)
-        codes = launcher.stop(timeout=0.3)
-    assert codes == {"decode-0": 0, "prefill-0": -signal.SIGKILL}
-
-
-@pytest.mark.parametrize(
-    "mode, fragment",
-    [("crash", "prefill-0 exited with code 5 before it was ready"), ("never", "not ready after")],
-)
-def test_launcher_start_failures(stubs, mode, fragment):
-    stubs.modes["prefill-0"] = mode
-    with pytest.raises(LaunchError, match=fragment), stubs.launcher([]) as launcher:
-        launcher.start(timeout=1)
-    assert "start decode-0" not in stubs.events()
-    assert all(child.returncode is not None for child in launcher.children if child.process)
-
-
-@pytest.mark.parametrize(
-    "change, fragment",
-    [
-        ({"name": ""}, "has no name"),
-        ({"name": "decode-0"}, "used more than once"),
-        ({"http_port": 0}, "needs to know the port"),
-        (None, "no daemons"),
-    ],
-)
-def test_deployments_the_launcher_refuses(tmp_path, change, fragment):
-    raw = _two_daemons(*_free_ports(2))
-    if change is None:
-        raw["daemons"] = []
-    else:
-        raw["daemons"][0].update(change)
-    with pytest.raises(ConfigError, match=fragment):
-        Launcher(parse(raw), command=lambda daemon: ["true"])
-    assert fragment in _one_error_line(_invoke("up", "--config", _write(tmp_path, raw)))
-
-
-def test_up_runs_until_sigterm(stubs, monkeypatch):
-    monkeypatch.setattr(launcher_module, "serve_command", lambda path, log_level: stubs.command)
-    note = cli_module.note
-
-    def note_and_stop(line):  # stands in for the user's Ctrl-C once everything is up
-        note(line)
-        if line.startswith("all daemons ready"):
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(cli_module, "note", note_and_stop)
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    result = _invoke("up", "--config", stubs.config_path)
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
-    assert result.exit_code == 0, result.output
-    urls = [f"http://127.0.0.1:{d['http_port']}" for d in stubs.raw["daemons"]]
-    assert result.stdout == f"prefill-0\tprefill\t{urls[0]}\ndecode-0\tdecode\t{urls[1]}\n"
-    assert stubs.events()[-2:] == ["stop decode-0", "stop prefill-0"]
-
-
-def test_up_exits_1_when_a_daemon_dies(stubs, monkeypatch):
-    monkeypatch.setattr(launcher_module, "serve_command", lambda path, log_level: stubs.command)
-    stubs.modes["decode-0"] = "die"
-    result = _invoke("up", "--config", stubs.config_path)
-    assert result.exit_code == 1
-    assert "decode-0 exited with code 3 on its own; stopping the others" in result.stderr
-    assert "prefill-0 exited 0" in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        "Error: decode-0 exited with code 3 while running"
-    )
