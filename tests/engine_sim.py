@@ -64,3 +64,12 @@ def run_until_finished(prefill, decode, count, timeout_s=60):
                 finish[out.room] = out.error or out.finish
         decode.outputs.clear()
     return {room: (tokens.get(room, []), reason) for room, reason in finish.items()}
+
+
+def submit_all(server, prefill, decode, prompts, params) -> list[int]:
+    """Each prompt to both engines, rooms 1000, 1001, ...; returns the rooms."""
+    rooms = [1000 + i for i in range(len(prompts))]
+    for room, prompt in zip(rooms, prompts, strict=True):
+        decode.submit(room, prompt, params, bootstrap=server.address)
+        prefill.submit(room, prompt, params)
+    return rooms

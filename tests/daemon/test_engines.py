@@ -3,7 +3,7 @@ generation equals transformers' greedy generation."""
 
 import pytest
 
-from engine_sim import engines, run_until_finished
+from engine_sim import engines, run_until_finished, submit_all
 from kvferry.daemon.sequence import SamplingParams
 from test_model_helpers import checkpoint, hf_greedy
 
@@ -23,10 +23,7 @@ def test_disaggregated_greedy_equals_transformers(qwen3):
         list(range(40, 70)),
     ]
     try:
-        for i, prompt in enumerate(prompts):
-            params = SamplingParams(max_tokens=10)
-            decode.submit(1000 + i, prompt, params, bootstrap=server.address)
-            prefill.submit(1000 + i, prompt, params)
+        submit_all(server, prefill, decode, prompts, SamplingParams(max_tokens=10))
         outputs = run_until_finished(prefill, decode, len(prompts))
         for i, prompt in enumerate(prompts):
             tokens, finish = outputs[1000 + i]

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from engine_sim import engines, run_until_finished
+from engine_sim import engines, run_until_finished, submit_all
 from kvferry.daemon.config import ModelSection
 from kvferry.daemon.model import Model
 from kvferry.daemon.sequence import SamplingParams
@@ -33,10 +33,7 @@ def test_decode_loop_never_synchronises_the_host(model):
     server, prefill, decode = engines(None, device="cuda", model=model)
     steps = 24
     try:
-        for i, prompt in enumerate(PROMPTS):
-            params = SamplingParams(max_tokens=steps + 40)
-            decode.submit(1000 + i, prompt, params, bootstrap=server.address)
-            prefill.submit(1000 + i, prompt, params)
+        submit_all(server, prefill, decode, PROMPTS, SamplingParams(max_tokens=steps + 40))
         deadline = time.monotonic() + 60
         while decode.arriving or decode.queued or prefill.busy:  # transfers, warm-up
             assert time.monotonic() < deadline
@@ -68,10 +65,7 @@ def test_decode_loop_never_synchronises_the_host(model):
 def test_disaggregated_greedy_on_gpu_equals_cpu(model):
     server, prefill, decode = engines(None, device="cuda", model=model)
     try:
-        for i, prompt in enumerate(PROMPTS):
-            params = SamplingParams(max_tokens=10)
-            decode.submit(1000 + i, prompt, params, bootstrap=server.address)
-            prefill.submit(1000 + i, prompt, params)
+        submit_all(server, prefill, decode, PROMPTS, SamplingParams(max_tokens=10))
         outputs = run_until_finished(prefill, decode, len(PROMPTS))
         for i, prompt in enumerate(PROMPTS):
             tokens, finish = outputs[1000 + i]
