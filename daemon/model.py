@@ -8,7 +8,7 @@ layout the transport gathers from and scatters into.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,11 +81,13 @@ class Model:
         positions: torch.Tensor,
         seqs: Sequence[SeqBatch],
         kv: torch.Tensor,
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Logits [len(seqs), vocab] of each sequence's last token; writes the new tokens' KV.
 
         tokens, positions: [T] for the new tokens of every sequence, in `seqs` order.
         kv: this rank's cache [2 * layers, slots, local_kv_heads, head_dim].
+        after_layer: called with n once layers [0, n) are queued (to record events on).
         """
         c = self.config
         h = F.embedding(self.upload(tokens), self.w["model.embed_tokens.weight"])
@@ -101,6 +103,8 @@ class Model:
             h = h + self._attention(p, x, cos, sin, contexts, kv, i, new_slots)
             x = rms_norm(h, self.w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
             h = h + self._mlp(p, x)
+            if after_layer is not None:
+                after_layer(i + 1)
         ends = self.upload(np.cumsum([s.num_new for s in seqs]) - 1)
         last = rms_norm(h[ends], self.w["model.norm.weight"], c.rms_norm_eps)
         return (last @ self.w["lm_head.weight"].T).float()

@@ -1,5 +1,7 @@
 """Prefill role on one rank: chunked prefill, each chunk's KV handed to its room's KVSender as
-soon as the forward that wrote it is queued; the first token travels with the last chunk."""
+soon as the forward that wrote it is queued — with an event every `transfer.layer_group` layers,
+so layer-wise messages leave while later layers compute; the first token travels with the last
+chunk."""
 
 from __future__ import annotations
 
@@ -96,7 +98,12 @@ class PrefillEngine:
         if not batch:
             return False
         began = time.perf_counter()
-        logits = self.runner.forward(batch)
+        marks = _LayerMarks(
+            self.agent.config.layer_group,
+            self.runner.model.config.num_hidden_layers,
+            self.runner.kv.device,
+        )
+        logits = self.runner.forward(batch, after_layer=marks.record if marks.active else None)
         ready, firsts = self._first_tokens(batch, logits)
         self.forward_s.append(time.perf_counter() - began)
         rooms = {entry.seq.id: (room, entry) for room, entry in self.rooms.items()}
@@ -105,7 +112,11 @@ class PrefillEngine:
             slots = self.runner.blocks.slots(work.seq.id, work.start, work.count)
             with contextlib.suppress(TransferFailed):  # settled with the other ranks next step
                 entry.sender.add_tokens(
-                    slots, ready, first_token=firsts.get(work.seq.id), last=work.completes_prompt
+                    slots,
+                    ready,
+                    first_token=firsts.get(work.seq.id),
+                    last=work.completes_prompt,
+                    layers_ready=marks.events,
                 )
         for seq in self.scheduler.computed(batch):
             seq.finish("prefilled")
@@ -145,6 +156,23 @@ class PrefillEngine:
             if error is None and entry.computed_at is not None:
                 self.transfer_s.append(time.monotonic() - entry.computed_at)
             self.done.append(RoomDone(room, error))
+
+
+class _LayerMarks:
+    """Events on the compute stream after every `group` layers of one forward (none after the
+    last layer: the forward's own event covers it). Inactive on a CPU, where the forward is
+    done when it returns, and in whole-chunk mode."""
+
+    def __init__(self, group: int, num_layers: int, device: torch.device) -> None:
+        self.group, self.num_layers = group, num_layers
+        self.active = bool(group) and device.type == "cuda" and group < num_layers
+        self.events: list[tuple[int, torch.cuda.Event]] = []
+
+    def record(self, layers_done: int) -> None:
+        if layers_done % self.group == 0 and layers_done < self.num_layers:
+            event = torch.cuda.Event()
+            event.record()
+            self.events.append((layers_done, event))
 
 
 def _forward_event(device: torch.device) -> torch.cuda.Event | None:

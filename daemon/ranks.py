@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
-import socket
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +31,9 @@ class RankFailed(RuntimeError):
 class Ranks:
     def __init__(self, config: DaemonConfig, name: str, bootstrap: str | None) -> None:
         ctx = mp.get_context("spawn")
-        dist_address = f"tcp://127.0.0.1:{_free_port()}"
+        # The ranks meet through a file store: no port to pick, so nothing to race for.
+        self._rendezvous = tempfile.mkdtemp(prefix=f"kvferry-{name}-")
+        dist_address = f"file://{self._rendezvous}/store"
         self.procs, self.conns = [], []
         self._send_lock = threading.Lock()  # sends come from HTTP and bootstrap threads too
         for rank in range(config.tp):
@@ -105,6 +108,7 @@ class Ranks:
                 log.warning("%s did not exit in time; killed", proc.name)
                 proc.kill()
             proc.join(5)
+        shutil.rmtree(self._rendezvous, ignore_errors=True)
 
     def _read(self, conn, handle) -> None:
         while conn.poll():
@@ -119,9 +123,3 @@ class Ranks:
 
     def _wait(self, timeout_s: float) -> list:
         return wait(self.conns + [p.sentinel for p in self.procs], timeout=timeout_s)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

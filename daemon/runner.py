@@ -4,6 +4,7 @@ calls the forward, samples. Owns the rank's paged KV cache."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +31,15 @@ class ModelRunner:
         self.planes = KVPlanes.from_cache(self.kv)
         self.sampler = Sampler()
 
-    def forward(self, batch: list[Work], future: Future | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        batch: list[Work],
+        future: Future | None = None,
+        after_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         """Logits [len(batch), vocab] at the last token of each work item. A decode input whose
-        token the host has not seen yet is taken from `future`, on the device."""
+        token the host has not seen yet is taken from `future`, on the device. `after_layer`:
+        see Model.forward."""
         tokens, positions, seqs, rows = [], [], [], []
         for work in batch:
             end = work.start + work.count
@@ -48,7 +55,7 @@ class ModelRunner:
             tokens = self.model.upload(tokens)
             where, source = self.model.upload(np.array(rows, dtype=np.int64).T.copy())
             tokens[where] = future.tokens[source]
-        return self.model.forward(tokens, torch.tensor(positions), seqs, self.kv)
+        return self.model.forward(tokens, torch.tensor(positions), seqs, self.kv, after_layer)
 
     def sample(self, logits: torch.Tensor, seqs) -> list[int]:
         return self.sampler.sample(logits, seqs)

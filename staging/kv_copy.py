@@ -43,6 +43,7 @@ class KVPlanes:
         self.dtype = first.dtype
         self.device = first.device
         self._pointers: torch.Tensor | None = None
+        self._subsets: dict[tuple[int, int], KVPlanes] = {}
         # Largest power of two (<= 16) dividing every plane's address: bounds the vector width.
         self.address_alignment = 16
         for plane in self.planes:
@@ -57,6 +58,23 @@ class KVPlanes:
     @property
     def num_planes(self) -> int:
         return len(self.planes)
+
+    def layers(self, layers: range, num_layers: int) -> KVPlanes:
+        """The planes of `layers` only (K of each, then V of each), in the same order: what one
+        layer-group message carries. Built once per range; all layers is this object."""
+        per_layer, rest = divmod(self.num_planes, num_layers)
+        if rest or per_layer < 1:
+            raise ValueError(f"{self.num_planes} planes do not split into {num_layers} layers")
+        if not (0 <= layers.start < layers.stop <= num_layers and layers.step == 1):
+            raise ValueError(f"layers {layers} are outside a model of {num_layers} layers")
+        if len(layers) == num_layers:
+            return self
+        key = (layers.start, layers.stop)
+        if key not in self._subsets:
+            self._subsets[key] = KVPlanes(
+                [self.planes[kind * num_layers + i] for kind in range(per_layer) for i in layers]
+            )
+        return self._subsets[key]
 
     @property
     def itemsize(self) -> int:

@@ -25,6 +25,16 @@ DTYPE_BYTES = {
 COMPAT_FIELDS = ("model", "dtype", "head_dim", "num_kv_heads", "num_layers", "mla")
 
 
+def layer_groups(num_layers: int, group: int) -> list[range]:
+    """The layers of each transfer message of a chunk: [0, group), [group, 2 * group), ...;
+    group 0 (or at least num_layers) keeps every layer in one message (whole-chunk mode)."""
+    if group < 0:
+        raise ValueError(f"layer_group={group} must be >= 0")
+    if group == 0 or group >= num_layers:
+        return [range(num_layers)]
+    return [range(start, min(start + group, num_layers)) for start in range(0, num_layers, group)]
+
+
 class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
     """The KV cache of one TP rank.
 

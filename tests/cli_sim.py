@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
 
 from kvferry.daemon.cli import main
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def write_yaml(tmp_path: Path, raw: dict, name: str = "deploy.yaml") -> str:

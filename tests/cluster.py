@@ -6,23 +6,16 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import yaml
+from ports import free_port
 
 from kvferry.daemon.client import CompletionRequest, DaemonClient, ServerError
 from kvferry.daemon.config import load
 from kvferry.daemon.launcher import Launcher
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 FAST_TRANSFER = {
     "chunk_tokens": 8,

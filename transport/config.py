@@ -12,6 +12,9 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     mode: Literal["staged", "slice"] = "staged"  # slice: one message per token and plane
     chunk_tokens: int = 512  # tokens per transfer chunk (decode proposes it at registration)
+    # Layers per message (decode proposes it too); prefill records a ready event every this
+    # many layers of its forward, so a group is sent while later layers compute. 0: whole chunk.
+    layer_group: int = 0
     staging_bytes: int = 256 << 20  # each rank's staging ring
     host: str = "127.0.0.1"  # interface the control sockets bind to
     bootstrap_timeout_s: float = 30.0  # registration of a room with every peer rank
@@ -26,6 +29,10 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         for name in ("chunk_tokens", "staging_bytes", "max_frame_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.layer_group < 0:
+            raise ValueError(f"layer_group={self.layer_group} must be >= 0 (0: whole chunk)")
+        if self.layer_group and self.mode == "slice":
+            raise ValueError("layer_group applies to staged mode only; slice mode sends rows")
         for name in (
             "bootstrap_timeout_s",
             "transfer_timeout_s",

@@ -4,6 +4,7 @@ transfer thread and read the room's status."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from kvferry.staging.copy_stream import Fence
 from kvferry.staging.kv_copy import host_slots
 from kvferry.transport.room import KVPoll, TransferFailed
+from kvferry.transport.send_room import Ready
 
 if TYPE_CHECKING:
     from kvferry.transport.core import AgentCore
@@ -36,10 +38,13 @@ class KVSender:
         *,
         first_token: int | torch.Tensor | None = None,
         last: bool = False,
+        layers_ready: Sequence[tuple[int, torch.cuda.Event]] = (),
     ) -> None:
         """KV of the next len(slots) prompt tokens is (or, once `ready` fires, will be) in
         `slots`; `last` with the prompt's final tokens, carrying the sampled `first_token` (an
-        int, or a one-element host tensor that is filled by the time `ready` fires)."""
+        int, or a one-element host tensor that is filled by the time `ready` fires).
+        `layers_ready`: (n, event) pairs, n ascending — layers [0, n) are written once that
+        event fires, so layer-wise messages can leave before the whole forward is done."""
         if self.poll() == KVPoll.Failed:
             raise TransferFailed(self.failure_reason)
         slots = host_slots(slots).copy()
@@ -49,9 +54,9 @@ class KVSender:
                 f"room {self.room:#x}: {self._tokens} tokens added, "
                 f"the prompt has {self.num_tokens}"
             )
-        fence = Fence(ready)
+        written = Ready(Fence(ready), [(n, Fence(event)) for n, event in layers_ready])
         self.agent.core.loop.post(
-            lambda: self.agent._add_tokens(self.room, slots, fence, first_token, last)
+            lambda: self.agent._add_tokens(self.room, slots, written, first_token, last)
         )
 
     def poll(self) -> KVPoll:

@@ -13,7 +13,7 @@ import msgspec
 
 from kvferry.staging.layout import KVLayout
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 _VERSION = struct.Struct(">H")
 U64_MAX = (1 << 64) - 1
 
@@ -61,6 +61,7 @@ class RegisterRoom(_Msg):
     num_tokens: int
     chunk_tokens: int
     mode: str
+    layer_group: int = 0  # layers per message; 0: every layer of a chunk in one message
 
 
 class RoomAccepted(_Msg):

@@ -11,7 +11,7 @@ import time
 from collections import deque
 
 from kvferry.staging.kv_copy import KVPlanes, host_slots
-from kvferry.staging.layout import KVLayout
+from kvferry.staging.layout import KVLayout, layer_groups
 from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.core import AgentCore
@@ -27,7 +27,7 @@ from kvferry.transport.messages import (
     RoomAccepted,
     TransferDone,
 )
-from kvferry.transport.recv_room import Arrival, RecvRoom
+from kvferry.transport.recv_room import Arrival, Piece, RecvRoom
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tags import unpack_tag
 
@@ -53,6 +53,7 @@ class DecodeAgent:
         )
         self.config, self.layout, self.planes = config, layout, planes
         self.slice_mode = config.mode == "slice"
+        self._groups = layer_groups(layout.num_layers, config.layer_group)
         self.rooms: dict[int, RecvRoom] = {}
         self._by_key: dict[int, RecvRoom] = {}
         self._keys = itertools.count(1)
@@ -85,7 +86,9 @@ class DecodeAgent:
         if handle.room in self.rooms:
             handle.reject(f"duplicate: room {handle.room:#x} is already open on this rank")
             return
-        room = RecvRoom(handle, next(self._keys), self.config.chunk_tokens, time.monotonic())
+        room = RecvRoom(
+            handle, next(self._keys), self.config.chunk_tokens, self._groups, time.monotonic()
+        )
         self.rooms[room.room], self._by_key[room.key] = room, room
         self.directory.resolve(handle.bootstrap, room, self._resolved)
 
@@ -114,7 +117,8 @@ class DecodeAgent:
         )
         room.writers = {s.src_rank: s for s in plan if s.dst_rank == self.layout.tp_rank}
         widest = max(s.num_heads for s in room.writers.values())
-        need = self.planes.staging_bytes(min(room.chunk_tokens, room.num_tokens), widest)
+        largest = self.planes.layers(room.groups[0], self.layout.num_layers)
+        need = largest.staging_bytes(min(room.chunk_tokens, room.num_tokens), widest)
         if not self.slice_mode and need > self.config.staging_bytes:
             self._fail(
                 room,
@@ -131,6 +135,7 @@ class DecodeAgent:
             room.num_tokens,
             room.chunk_tokens,
             self.config.mode,
+            self.config.layer_group,
         )
         for info in peers:
             self.core.control.send(info.control_address, message)
@@ -198,34 +203,28 @@ class DecodeAgent:
             if probed is None:
                 return
             tag, nbytes = probed
-            key, chunk, writer = unpack_tag(tag)
+            key, piece, writer = unpack_tag(tag)
             room = self._by_key.get(key)
             if room is None or not room.open:
                 self.core.stats.unexpected_messages += 1
                 self._discards.append(self.core.data.discard(tag))
                 continue
-            error, head_slice, slots, index = room.expect(
-                chunk, writer, nbytes, self.planes, self.slice_mode
-            )
+            error, piece_of = room.expect(piece, writer, nbytes, self.planes, self.slice_mode)
             if error:
                 self._discards.append(self.core.data.discard(tag))
                 self._fail(room, error)
                 continue
             self.core.peers.heard(room.rank_peers[writer])  # data counts as a sign of life
-            if not self._take(room, tag, nbytes, head_slice, slots, index, now):
-                room.taken[(chunk, writer)] -= 1  # not taken after all: it stays queued
+            if not self._take(room, tag, nbytes, piece_of, now):
+                room.taken[(piece, writer)] -= 1  # not taken after all: it stays queued
                 return
 
-    def _take(
-        self, room: RecvRoom, tag: int, nbytes: int, head_slice, slots, index: int, now: float
-    ) -> bool:
-        arrival = Arrival(room, head_slice, slots)
-        if (
-            self.slice_mode
-        ):  # straight into the cache row: plane index // tokens, token index % tokens
-            plane = self.planes.planes[index // len(slots)]
-            arrival.region = plane[int(slots[index % len(slots)])].narrow(
-                0, head_slice.dst_head_start, head_slice.num_heads
+    def _take(self, room: RecvRoom, tag: int, nbytes: int, piece: Piece, now: float) -> bool:
+        arrival = Arrival(room, piece)
+        if self.slice_mode:  # straight into the cache row: plane index // tokens, token % tokens
+            plane = piece.planes.planes[piece.index // len(piece.slots)]
+            arrival.region = plane[int(piece.slots[piece.index % len(piece.slots)])].narrow(
+                0, piece.slice.dst_head_start, piece.slice.num_heads
             )
         else:
             offset = self.core.staging.alloc(nbytes)
@@ -272,9 +271,13 @@ class DecodeAgent:
                 room.done_units += 1
                 self._release(arrival)
             else:
-                s = arrival.slice
+                piece = arrival.piece
                 arrival.fence = self.core.copies.scatter(
-                    arrival.region, self.planes, arrival.slots, s.dst_head_start, s.num_heads
+                    arrival.region,
+                    piece.planes,
+                    piece.slots,
+                    piece.slice.dst_head_start,
+                    piece.slice.num_heads,
                 )
                 self._scattering.append(arrival)
 

@@ -3,6 +3,8 @@ and the checks every arriving message must pass before a byte of it is taken."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from kvferry.staging.kv_copy import KVPlanes
@@ -10,13 +12,22 @@ from kvferry.staging.plan import HeadSlice
 from kvferry.transport.room import RoomStatus
 
 
+class Piece(NamedTuple):
+    """What one checked message carries: whose heads, which tokens, which layers' planes."""
+
+    slice: HeadSlice
+    slots: np.ndarray
+    planes: KVPlanes
+    index: int  # slice mode: the row within its chunk
+
+
 class Arrival:
     """A data message being taken in: its receive, then (staged) its scatter."""
 
-    __slots__ = ("fence", "offset", "region", "request", "room", "slice", "slots", "started")
+    __slots__ = ("fence", "offset", "piece", "region", "request", "room", "started")
 
-    def __init__(self, room: RecvRoom, head_slice: HeadSlice, slots: np.ndarray) -> None:
-        self.room, self.slice, self.slots = room, head_slice, slots
+    def __init__(self, room: RecvRoom, piece: Piece) -> None:
+        self.room, self.piece = room, piece
         self.offset: int | None = None  # staging ring region, while held
         self.region = None
         self.request = None
@@ -25,13 +36,16 @@ class Arrival:
 
 
 class RecvRoom:
-    def __init__(self, handle, key: int, chunk_tokens: int, created: float) -> None:
+    def __init__(
+        self, handle, key: int, chunk_tokens: int, groups: list[range], created: float
+    ) -> None:
         self.handle, self.room, self.key = handle, handle.room, key
         self.num_tokens, self.slots, self.chunk_tokens = (
             handle.num_tokens,
             handle.slots,
             chunk_tokens,
         )
+        self.groups = groups  # the layers of each message of a chunk (one group: all layers)
         self.created = created
         self.status = RoomStatus()
         handle.status = self.status
@@ -39,7 +53,7 @@ class RecvRoom:
         self.rank_peers: dict[int, str] = {}  # prefill rank -> its control address
         self.accepted: set[int] = set()
         self.first_tokens: dict[int, int | None] = {}  # TransferDone per prefill rank
-        self.taken: dict[tuple[int, int], int] = {}  # (chunk, writer) -> messages taken
+        self.taken: dict[tuple[int, int], int] = {}  # (piece, writer) -> messages taken
         self.done_units = 0  # staged: chunks scattered; slice: rows received
         self.busy = 0  # receives or scatters that may still write into the KV pages or ring
         self.failing: str | None = None
@@ -58,35 +72,38 @@ class RecvRoom:
         return self.slots[start : min(start + self.chunk_tokens, self.num_tokens)]
 
     def units(self, slice_mode: bool, num_planes: int) -> int:
-        """Messages the room needs in total: one per (chunk, writer), or per (row, writer)."""
+        """Messages the room needs in total: one per (piece, writer), or per (row, writer)."""
         per_writer = self.num_tokens * num_planes if slice_mode else self.num_chunks
-        return per_writer * len(self.writers)
+        return per_writer * len(self.groups) * len(self.writers)
 
-    def expect(self, chunk: int, writer: int, nbytes: int, planes: KVPlanes, slice_mode: bool):
-        """Check a message of `nbytes` for (chunk, writer), every field of which comes from the
-        peer. Returns (error, head slice, chunk slots, index of the message within its chunk)."""
+    def expect(
+        self,
+        piece: int,
+        writer: int,
+        nbytes: int,
+        planes: KVPlanes,
+        slice_mode: bool,
+    ) -> tuple[str | None, Piece | None]:
+        """Check a message of `nbytes` for (piece, writer), every field of which comes from the
+        peer. Returns (error, what the message carries)."""
         head_slice = self.writers.get(writer)
         if head_slice is None:
-            return f"protocol: prefill rank {writer} sends no heads to this rank", None, None, 0
+            return f"protocol: prefill rank {writer} sends no heads to this rank", None
+        chunk, group = divmod(piece, len(self.groups))
         if chunk >= self.num_chunks:
-            return f"protocol: chunk {chunk} of a room of {self.num_chunks} chunks", None, None, 0
+            return f"protocol: piece {piece} of a room of {self.num_chunks} chunks", None
         slots = self.chunk_slots(chunk)
-        index = self.taken.get((chunk, writer), 0)
-        rows = planes.num_planes * len(slots) if slice_mode else 1  # messages per chunk
+        planes = planes.layers(self.groups[group], self.groups[-1].stop)
+        index = self.taken.get((piece, writer), 0)
+        rows = planes.num_planes * len(slots) if slice_mode else 1  # messages per piece
         expected = planes.staging_bytes(len(slots), head_slice.num_heads) // rows
         if index >= rows:
-            return (
-                f"protocol: chunk {chunk} from prefill rank {writer} arrived twice",
-                None,
-                None,
-                0,
-            )
+            return f"protocol: piece {piece} from prefill rank {writer} arrived twice", None
         if nbytes != expected:
-            error = f"protocol: {nbytes} bytes for chunk {chunk} from rank {writer}, "
-            error += f"expected {expected}"
-            return error, None, None, 0
-        self.taken[(chunk, writer)] = index + 1
-        return None, head_slice, slots, index
+            error = f"protocol: {nbytes} bytes for piece {piece} from rank {writer}, "
+            return error + f"expected {expected}", None
+        self.taken[(piece, writer)] = index + 1
+        return None, Piece(head_slice, slots, planes, index)
 
     def complete(self, slice_mode: bool, num_planes: int) -> bool:
         return len(self.first_tokens) == len(self.rank_peers) > 0 and self.done_units == self.units(

@@ -1,4 +1,4 @@
-"""Prefill rank's send pipeline: (chunk, destination) items go from a queue, through a gather
+"""Prefill rank's send pipeline: (piece, destination) items go from a queue, through a gather
 into the staging ring (or, in slice mode, straight to per-row sends), to completed sends.
 
 Every stage is polled, oldest first; nothing waits on the host. An item that finds the ring
@@ -12,7 +12,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from kvferry.staging.kv_copy import KVPlanes
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.core import AgentCore
 from kvferry.transport.room import KVPoll
@@ -25,7 +24,6 @@ class SendPipeline:
     def __init__(
         self,
         core: AgentCore,
-        planes: KVPlanes,
         config: TransferConfig,
         fail_room: Callable[[object, str], None],
     ) -> None:
@@ -35,7 +33,7 @@ class SendPipeline:
             core.data,
             core.stats,
         )
-        self.planes, self.config, self._fail_room = planes, config, fail_room
+        self.config, self._fail_room = config, fail_room
         self._queue: deque[Outgoing] = deque()  # waiting for staging room, oldest first
         self._staged: deque[Outgoing] = deque()  # gathered (or gathering), not yet sent
         self._sending: deque[Outgoing] = deque()  # sent, not yet completed
@@ -64,7 +62,7 @@ class SendPipeline:
             if self.config.mode == "slice":
                 self._staged.append(self._queue.popleft())
                 continue
-            nbytes = self.planes.staging_bytes(len(item.slots), item.dest.slice.num_heads)
+            nbytes = item.planes.staging_bytes(len(item.slots), item.dest.slice.num_heads)
             offset = self.staging.alloc(nbytes)
             if offset is None:
                 self._wait_for_ring(item, now)
@@ -75,7 +73,7 @@ class SendPipeline:
             item.staged = now
             item.region = self.staging.view(offset, nbytes)
             item.fence = self.copies.gather(
-                self.planes,
+                item.planes,
                 item.slots,
                 item.dest.slice.src_head_start,
                 item.dest.slice.num_heads,
@@ -118,7 +116,7 @@ class SendPipeline:
         """Slice mode: one message per (plane, token), in that order, straight from the cache."""
         s = item.dest.slice
         slots = item.slots.tolist()
-        for plane in self.planes.planes:
+        for plane in item.planes.planes:
             heads = plane.narrow(1, s.src_head_start, s.num_heads)  # [slots, h, D]
             for slot in slots:
                 yield heads[slot]

@@ -1,5 +1,6 @@
 """Per-room state on a prefill rank: its destinations, the prompt's KV as the engine adds it,
-and the (chunk, destination) work items cut from it."""
+and the (piece, destination) work items cut from it — a piece being one chunk's layers, or one
+layer group of them when the decode side asked for layer-wise messages."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import numpy as np
 
 from kvferry.staging.copy_stream import Fence
 from kvferry.staging.kv_copy import KVPlanes
-from kvferry.staging.layout import KVLayout
+from kvferry.staging.layout import KVLayout, layer_groups
 from kvferry.staging.plan import HeadSlice, plan_head_transfers
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.messages import RegisterRoom
 from kvferry.transport.room import RoomStatus
-from kvferry.transport.tags import MAX_CHUNKS, MAX_KEY, MAX_WRITERS, pack_tag
+from kvferry.transport.tags import MAX_KEY, MAX_PIECES, MAX_WRITERS, pack_tag
 
 
 class Dest:
@@ -30,13 +31,31 @@ class Dest:
         self.slice = head_slice  # what this prefill rank sends it; None: nothing
 
 
+class Ready:
+    """When one forward's KV is in place: all of it once `fence` fires; layers [0, n) already
+    once the fence paired with n in `layers` fires (ascending n; empty: no finer events)."""
+
+    __slots__ = ("fence", "layers")
+
+    def __init__(self, fence: Fence, layers: list[tuple[int, Fence]]) -> None:
+        self.fence, self.layers = fence, layers
+
+    def for_layers(self, end: int) -> Fence:
+        """The earliest fence after which layers [0, end) are written."""
+        for written, fence in self.layers:
+            if written >= end:
+                return fence
+        return self.fence
+
+
 class Outgoing:
-    """One chunk for one destination, from the queue to a completed send."""
+    """One piece for one destination, from the queue to a completed send."""
 
     __slots__ = (
         "dest",
         "fence",
         "offset",
+        "planes",
         "queued",
         "region",
         "requests",
@@ -51,15 +70,17 @@ class Outgoing:
     def __init__(
         self,
         room: SendRoom,
-        chunk: int,
+        piece: int,
         writer: int,
         dest: Dest,
         slots: np.ndarray,
+        planes: KVPlanes,
         fence: Fence,
         queued: float,
     ) -> None:
         self.room, self.dest, self.slots, self.fence, self.queued = room, dest, slots, fence, queued
-        self.tag = pack_tag(dest.recv_key, chunk, writer)
+        self.planes = planes  # the piece's layers
+        self.tag = pack_tag(dest.recv_key, piece, writer)
         self.offset: int | None = None  # staging ring region, while held
         self.region = None
         self.requests: deque = deque()
@@ -77,11 +98,12 @@ class SendRoom:
         self.num_tokens: int | None = None
         self.dst_tp: int | None = None
         self.chunk_tokens: int | None = None
+        self.layer_group: int | None = None
         self.first_token: int | None = None
         self.input_done = False
         self.in_flight = 0  # work items queued, staged or sending
         self._slots: list[np.ndarray] = []
-        self._fences: list[Fence] = []
+        self._ready: list[Ready] = []
         self._tokens_added = 0
         self._next_chunk = 0
 
@@ -109,27 +131,26 @@ class SendRoom:
             return (
                 f"mismatch: num_tokens {msg.num_tokens} at decode vs {self.num_tokens} at prefill"
             )
-        if self.dst_tp is not None and (msg.layout.tp_size, msg.chunk_tokens) != (
+        proposal = (msg.layout.tp_size, msg.chunk_tokens, msg.layer_group)
+        if self.dst_tp is not None and proposal != (
             self.dst_tp,
             self.chunk_tokens,
+            self.layer_group,
         ):
-            return "mismatch: decode ranks registered different tp_size or chunk_tokens"
+            return "mismatch: decode ranks proposed different tp_size, chunk_tokens or layer_group"
         if msg.layout.tp_rank in self.dests:
             return f"mismatch: decode rank {msg.layout.tp_rank} registered twice"
-        self.num_tokens, self.dst_tp, self.chunk_tokens = (
-            msg.num_tokens,
-            msg.layout.tp_size,
-            msg.chunk_tokens,
-        )
+        self.num_tokens = msg.num_tokens
+        self.dst_tp, self.chunk_tokens, self.layer_group = proposal
         return None
 
     def add_tokens(
-        self, slots: np.ndarray, fence: Fence, first_token: int | None, last: bool
+        self, slots: np.ndarray, ready: Ready, first_token: int | None, last: bool
     ) -> str | None:
         if self.input_done:
             return "engine error: tokens added after the last chunk"
         self._slots.append(slots)
-        self._fences.append(fence)
+        self._ready.append(ready)
         self._tokens_added += len(slots)
         if last:
             if self._tokens_added != self.num_tokens:
@@ -139,16 +160,16 @@ class SendRoom:
         return None
 
     def ready_chunks(self):
-        """(chunk, slots, fence) for every chunk whose tokens have all been added, in order."""
+        """(chunk, slots, ready) for every chunk whose tokens have all been added, in order."""
         while self.registered and self._next_chunk < self.num_chunks:
             start = self._next_chunk * self.chunk_tokens
             end = min(start + self.chunk_tokens, self.num_tokens)
             if self._tokens_added < end:
                 return
             slots = np.concatenate(self._slots) if len(self._slots) > 1 else self._slots[0]
-            fence = self._fences[-1]  # forwards run in order on one stream: the last covers all
-            self._slots, self._fences = [slots[end - start :]], [fence]
-            yield self._next_chunk, slots[: end - start], fence
+            ready = self._ready[-1]  # forwards run in order on one stream: the last covers all
+            self._slots, self._ready = [slots[end - start :]], [ready]
+            yield self._next_chunk, slots[: end - start], ready
             self._next_chunk += 1
 
     def expired(self, now: float) -> str | None:
@@ -173,14 +194,22 @@ def check_registration(
         return f"incompatible: {mismatch}"
     if layout.tp_size > MAX_WRITERS:
         return f"unsupported: prefill tp_size {layout.tp_size} exceeds {MAX_WRITERS}"
-    if msg.num_tokens < 1 or msg.chunk_tokens < 1 or msg.recv_key > MAX_KEY or msg.recv_key < 0:
+    if (
+        msg.num_tokens < 1
+        or msg.chunk_tokens < 1
+        or not 0 <= msg.recv_key <= MAX_KEY
+        or msg.layer_group < 0
+        or (msg.layer_group and msg.mode == "slice")
+    ):
         return (
             f"invalid: num_tokens={msg.num_tokens} chunk_tokens={msg.chunk_tokens} "
-            f"recv_key={msg.recv_key}"
+            f"recv_key={msg.recv_key} layer_group={msg.layer_group} (mode {msg.mode!r})"
         )
-    if -(-msg.num_tokens // msg.chunk_tokens) > MAX_CHUNKS:
-        chunks = f"{msg.num_tokens} tokens in chunks of {msg.chunk_tokens}"
-        return f"unsupported: {chunks} exceed {MAX_CHUNKS} chunks"
+    groups = layer_groups(layout.num_layers, msg.layer_group)
+    if -(-msg.num_tokens // msg.chunk_tokens) * len(groups) > MAX_PIECES:
+        pieces = f"{msg.num_tokens} tokens in chunks of {msg.chunk_tokens}"
+        pieces += f" x {len(groups)} layer groups"
+        return f"unsupported: {pieces} exceed {MAX_PIECES} messages per writer"
     try:
         plan = plan_head_transfers(
             layout.num_kv_heads, layout.tp_size, msg.layout.tp_size, layout.mla
@@ -188,7 +217,8 @@ def check_registration(
     except ValueError as exc:
         return f"incompatible: {exc}"
     widest = max(s.num_heads for s in plan)
-    need = planes.staging_bytes(min(msg.chunk_tokens, msg.num_tokens), widest)
+    largest = planes.layers(groups[0], layout.num_layers)  # the first group is never smaller
+    need = largest.staging_bytes(min(msg.chunk_tokens, msg.num_tokens), widest)
     if config.mode == "staged" and need > config.staging_bytes:
         return f"ring too small: a chunk needs {need} bytes, the ring holds {config.staging_bytes}"
     return None

@@ -1,6 +1,7 @@
 """Prefill side: gathers each chunk's head slices into the staging ring and sends each
-(chunk, destination) region as one tagged message (or, in slice mode, one message per token and
-plane straight from the cache)."""
+(chunk, destination) region as one tagged message — or one per layer group, each gathered as
+soon as the forward has written its layers — or, in slice mode, one message per token and plane
+straight from the cache."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import time
 
 import numpy as np
 
-from kvferry.staging.copy_stream import Fence
 from kvferry.staging.kv_copy import KVPlanes
-from kvferry.staging.layout import KVLayout
+from kvferry.staging.layout import KVLayout, layer_groups
 from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import request
@@ -32,7 +32,7 @@ from kvferry.transport.messages import (
 )
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_pipeline import SendPipeline
-from kvferry.transport.send_room import Dest, Outgoing, SendRoom, check_registration
+from kvferry.transport.send_room import Dest, Outgoing, Ready, SendRoom, check_registration
 
 log = logging.getLogger(__name__)
 TOMBSTONE_S = 600.0  # how long a finished room is remembered (late messages must not reopen it)
@@ -62,7 +62,7 @@ class PrefillAgent:
         self.config, self.layout, self.planes = config, layout, planes
         self.rooms: dict[int, SendRoom] = {}
         self._tombstones: dict[int, tuple[str, float]] = {}
-        self.pipeline = SendPipeline(self.core, planes, config, self._fail)
+        self.pipeline = SendPipeline(self.core, config, self._fail)
         self._register(bootstrap)
         self.core.loop.start()
 
@@ -111,11 +111,11 @@ class PrefillAgent:
                 f"vs {room.num_tokens} at decode",
             )
 
-    def _add_tokens(self, room_id: int, slots: np.ndarray, fence: Fence, first_token, last) -> None:
+    def _add_tokens(self, room_id: int, slots: np.ndarray, ready: Ready, first_token, last) -> None:
         room = self.rooms.get(room_id)
         if room is None or room.status.finished:
             return
-        error = room.add_tokens(slots, fence, first_token, last)
+        error = room.add_tokens(slots, ready, first_token, last)
         if error:
             self._fail(room, error)
 
@@ -210,12 +210,20 @@ class PrefillAgent:
         if room.handle is None or not room.registered:
             return
         room.status.advance(KVPoll.WaitingForInput)
-        for chunk, slots, fence in room.ready_chunks():
-            for dest in room.dests.values():
-                if dest.slice is not None:
-                    self.pipeline.add(
-                        Outgoing(room, chunk, self.layout.tp_rank, dest, slots, fence, now)
-                    )
+        num_layers = self.layout.num_layers
+        groups = layer_groups(num_layers, room.layer_group)
+        for chunk, slots, ready in room.ready_chunks():
+            for g, layers in enumerate(groups):  # all of group g, then g + 1: the forward's order
+                planes = self.planes.layers(layers, num_layers)
+                fence = ready.for_layers(layers.stop)
+                for dest in room.dests.values():
+                    if dest.slice is not None:
+                        piece = chunk * len(groups) + g
+                        self.pipeline.add(
+                            Outgoing(
+                                room, piece, self.layout.tp_rank, dest, slots, planes, fence, now
+                            )
+                        )
         if room.complete:
             for dest in room.dests.values():
                 self.core.control.send(

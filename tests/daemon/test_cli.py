@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ports import free_ports
 
-from cli_sim import free_ports, invoke, one_error_line, two_daemons, write_yaml
+from cli_sim import invoke, one_error_line, two_daemons, write_yaml
 from kvferry.daemon.client import (
     ClientError,
     CompletionRequest,

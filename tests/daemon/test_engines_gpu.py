@@ -62,8 +62,10 @@ def test_decode_loop_never_synchronises_the_host(model):
         server.close()
 
 
-def test_disaggregated_greedy_on_gpu_equals_cpu(model):
-    server, prefill, decode = engines(None, device="cuda", model=model)
+@pytest.mark.parametrize("layer_group", [0, 1])
+def test_disaggregated_greedy_on_gpu_equals_cpu(model, layer_group):
+    """Layer-wise (an event after every layer, a message per layer) or whole-chunk transfers."""
+    server, prefill, decode = engines(None, device="cuda", model=model, layer_group=layer_group)
     try:
         submit_all(server, prefill, decode, PROMPTS, SamplingParams(max_tokens=10))
         outputs = run_until_finished(prefill, decode, len(PROMPTS))

@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from ports import free_ports
 
-from cli_sim import free_ports, invoke, one_error_line, two_daemons, write_yaml
+from cli_sim import invoke, one_error_line, two_daemons, write_yaml
 from kvferry.daemon import cli as cli_module
 from kvferry.daemon import launcher as launcher_module
 from kvferry.daemon.config import ConfigError, parse

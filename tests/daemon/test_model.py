@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from ports import free_port
 
 from kvferry.daemon.model import Model, SeqBatch
 from kvferry.daemon.model_config import ModelConfig
@@ -94,16 +95,13 @@ def test_random_init_is_seeded_and_config_errors_name_the_value(tmp_path):
 @pytest.mark.parametrize("tp", [2, 4])  # 4 ranks over 2 KV heads: each KV head on two ranks
 def test_tensor_parallel_greedy_matches_transformers(tmp_path, tp):
     import multiprocessing as mp
-    import socket
 
     from tp_worker import greedy_rank
 
     hf, path = checkpoint(tmp_path, "qwen2")
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
     expected = hf_greedy(hf, prompt, 8)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [

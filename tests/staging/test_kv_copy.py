@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kvferry.staging import KVPlanes, gather, plan_head_transfers, rank_heads, scatter
+from kvferry.staging.layout import layer_groups
 from kvsim import TP_PAIRS, bits, random_bits, tp_ranks, transfer
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8]
@@ -50,6 +51,35 @@ def test_staging_layout_is_plane_token_head_dim(dtype):
     out = torch.empty(3 * 3 * 2 * 5, dtype=dtype)
     gather(KVPlanes.from_cache(cache), slots, 1, 2, out)
     assert torch.equal(bits(out.view(3, 3, 2, 5)), bits(cache[:, slots, 1:3]))
+
+
+@pytest.mark.parametrize("mla", [False, True])
+def test_layer_subsets_are_the_layers_planes_in_staging_order(mla):
+    per_layer, layers = (1 if mla else 2), 5
+    cache = torch.arange(per_layer * layers * 4 * 2 * 3, dtype=torch.float32)
+    planes = KVPlanes.from_cache(cache.view(per_layer * layers, 4, 2, 3))
+    subset = planes.layers(range(1, 3), layers)
+    expected = [kind * layers + layer for kind in range(per_layer) for layer in (1, 2)]
+    assert [p.data_ptr() for p in subset.planes] == [planes.planes[i].data_ptr() for i in expected]
+    assert planes.layers(range(1, 3), layers) is subset  # built once
+    assert planes.layers(range(layers), layers) is planes
+    out = torch.empty(subset.staging_bytes(2, 2) // 4)
+    gather(subset, [3, 0], 0, 2, out)
+    assert torch.equal(
+        out.view(len(expected), 2, 2, 3), cache.view(-1, 4, 2, 3)[expected][:, [3, 0]]
+    )
+    with pytest.raises(ValueError, match="outside a model of 5 layers"):
+        planes.layers(range(4, 6), layers)
+    with pytest.raises(ValueError, match="do not split into 3 layers"):
+        planes.layers(range(1), 3)
+
+
+def test_layer_groups():
+    assert layer_groups(5, 0) == [range(5)]
+    assert layer_groups(5, 5) == layer_groups(5, 9) == [range(5)]
+    assert layer_groups(5, 2) == [range(0, 2), range(2, 4), range(4, 5)]
+    with pytest.raises(ValueError, match="layer_group=-1"):
+        layer_groups(5, -1)
 
 
 def test_nan_payloads_survive():

@@ -59,17 +59,17 @@ def inject(dep, room_id, chunk, writer, nbytes):
 
 
 @pytest.mark.parametrize(
-    "chunk, writer, nbytes, fragment",
+    "piece, writer, nbytes, fragment",
     [
-        (0, 0, 100, "100 bytes for chunk 0"),
-        (9, 0, 3072, "chunk 9 of a room of 2 chunks"),
+        (0, 0, 100, "100 bytes for piece 0"),
+        (9, 0, 3072, "piece 9 of a room of 2 chunks"),
         (0, 3, 3072, "prefill rank 3 sends no heads"),
     ],
 )
-def test_bad_data_message_fails_only_its_room(dep, chunk, writer, nbytes, fragment):
+def test_bad_data_message_fails_only_its_room(dep, piece, writer, nbytes, fragment):
     req, receivers = waiting_room(dep)
     other, other_rx = waiting_room(dep, seed=2, offset=64)
-    inject(dep, req.room, chunk, writer, nbytes)
+    inject(dep, req.room, piece, writer, nbytes)
     assert wait_all(receivers) == [KVPoll.Failed]
     assert fragment in receivers[0].failure_reason
     other_tx = start_senders(dep.prefill, other)
@@ -114,7 +114,8 @@ def register(address, **changes):
     fields.update(changes)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, b"tcp://127.0.0.1:9")  # answers go to a socket nobody reads
+    # answers go to a socket nobody reads
+    sock.setsockopt(zmq.IDENTITY, fields["control_address"].encode())
     sock.setsockopt(zmq.LINGER, 5000)  # deliver before closing
     sock.connect(address)
     sock.send(CODEC.encode(RegisterRoom(**fields)))
@@ -125,7 +126,9 @@ def register(address, **changes):
     "changes, fragment",
     [
         ({"num_tokens": 0}, "num_tokens=0"),
-        ({"chunk_tokens": 1, "num_tokens": 70000}, "exceed 65536 chunks"),
+        ({"chunk_tokens": 1, "num_tokens": 70000}, "exceed 65536 messages"),
+        ({"chunk_tokens": 1, "num_tokens": 30000, "layer_group": 1}, "x 3 layer groups"),
+        ({"layer_group": -1}, "layer_group=-1"),
         ({"recv_key": 1 << 41}, "recv_key"),
         ({"mode": "slice"}, "mode"),
         ({"layout": layout_for(4, 1, 0, head_dim=4)}, "head_dim"),
@@ -140,6 +143,23 @@ def test_bad_registrations_fail_the_room_and_the_rank_keeps_serving(dep, changes
     req, receivers = waiting_room(dep, seed=3)
     senders = start_senders(dep.prefill, req)
     assert wait_all(senders + receivers) == [KVPoll.Success] * 2
+
+
+def test_decode_ranks_proposing_different_layer_groups_fail_the_room(dep):
+    agent = dep.prefill.agents[0]
+    register(agent.core.control.address, room=6, layout=layout_for(4, 2, 0), layer_group=1)
+    register(
+        agent.core.control.address,
+        room=6,
+        layout=layout_for(4, 2, 1),
+        layer_group=2,
+        control_address="tcp://127.0.0.1:10",
+    )
+    sender = agent.sender(6, 10)
+    assert wait_all([sender], timeout_s=5) == [KVPoll.Failed]
+    assert "layer_group" in sender.failure_reason
+    req, receivers = waiting_room(dep, seed=5)
+    assert wait_all(start_senders(dep.prefill, req) + receivers) == [KVPoll.Success] * 2
 
 
 @pytest.mark.parametrize("frames", [[b"junk"], [b""], [b"\x00\x01\xff"], [b"a", b"b"]])

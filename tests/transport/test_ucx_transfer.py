@@ -108,6 +108,20 @@ def test_bit_exact_over_ucx(procs, heads, src_tp, dst_tp, layout):
     assert sent == received == -(-50 // 16) * pairs  # one message per (chunk, writer, reader)
 
 
+def test_layer_wise_messages_over_ucx(procs):
+    config = dict(CONFIG, layer_group=1)  # three layers: three messages per chunk and pair
+    prefill = procs("prefill", 4, 2, config)
+    decode = procs("decode", 4, 1, config)
+    for (p_states, p_reasons, _), (d_states, d_reasons, matches) in transfer(prefill, decode, [2]):
+        assert p_states == [SUCCESS] * 2, p_reasons
+        assert d_states == [SUCCESS], d_reasons
+        assert matches
+    p_idle, sent, _ = prefill("idle")
+    d_idle, _, received = decode("idle")
+    assert p_idle and d_idle
+    assert sent == received == -(-50 // 16) * 3 * 2
+
+
 def test_many_rooms_and_slice_mode_over_ucx(procs):
     config = dict(
         CONFIG, staging_bytes=16 << 10

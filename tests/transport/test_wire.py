@@ -4,6 +4,7 @@ import msgspec
 import pytest
 import zmq
 
+from kvferry.staging.copy_stream import Fence
 from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import request
@@ -21,6 +22,7 @@ from kvferry.transport.messages import (
     WireError,
 )
 from kvferry.transport.room import KVPoll, RoomStatus
+from kvferry.transport.send_room import Ready
 from kvferry.transport.tags import MAX_KEY, pack_tag, unpack_tag
 from transfer_sim import layout_for
 
@@ -92,6 +94,15 @@ def test_tags_round_trip_and_refuse_out_of_range():
             pack_tag(*bad)
 
 
+def test_a_piece_waits_for_the_first_event_covering_its_layers():
+    whole, first, second = (Fence() for _ in range(3))
+    ready = Ready(whole, [(4, first), (8, second)])
+    assert ready.for_layers(1) is first and ready.for_layers(4) is first
+    assert ready.for_layers(5) is second and ready.for_layers(8) is second
+    assert ready.for_layers(9) is whole
+    assert Ready(whole, []).for_layers(1) is whole
+
+
 def test_room_states_move_forward_and_failure_sticks():
     status = RoomStatus()
     status.advance(KVPoll.Transferring)
@@ -113,6 +124,8 @@ def test_room_states_move_forward_and_failure_sticks():
         ({"heartbeat_timeout_s": 0.5, "heartbeat_interval_s": 1.0}, "heartbeat_timeout_s"),
         ({"ring_wait_timeout_s": 0}, "ring_wait_timeout_s"),
         ({"mode": "fast"}, "mode"),
+        ({"layer_group": -1}, "layer_group=-1"),
+        ({"layer_group": 2, "mode": "slice"}, "staged mode only"),
     ],
 )
 def test_config_validation(changes, fragment):
