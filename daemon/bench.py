@@ -88,25 +88,58 @@ class Result(msgspec.Struct, kw_only=True):
     points: list[Point]
 
 
+_SUMS = {"kvferry_kv_bytes_received": "kv_bytes", "kvferry_ucx_messages_received": "messages"}
+_BY_ROLE = {"kvferry_transfer_cpu_seconds": "transfer_cpu_s", "kvferry_transfer_rooms": "rooms"}
+_MAXIMA = {
+    "kvferry_ring_high_water_bytes": "ring_high_water_bytes",
+    "kvferry_device_memory_peak_bytes": "memory_peak_bytes",
+    "kvferry_kv_pool_bytes": "kv_pool_bytes",
+    "kvferry_ring_capacity_bytes": "ring_capacity_bytes",
+}
+
+
 def scrape(urls: Sequence[str], timeout: float = 10.0, settle: bool = True) -> Counters:
-    """The data-plane counters of the daemons at `urls`, summed over daemons and ranks (the ring
-    high water: the maximum). `settle` waits one snapshot period first, so that the ranks'
-    counters include what just finished."""
+    """The counters of the daemons at `urls`, summed over daemons and ranks (by role for the
+    transfer CPU time and rooms; byte gauges: the largest of any rank). `settle` waits one
+    snapshot period first, so that the ranks' counters include what just finished."""
     if settle:
         time.sleep(SNAPSHOT_PERIOD_S)
-    sums, high, failures = {"kv_bytes": 0.0, "messages": 0.0}, 0.0, Counter()
-    names = {"kvferry_kv_bytes_received": "kv_bytes", "kvferry_ucx_messages_received": "messages"}
+    sums, maxima, failures = (
+        dict.fromkeys(_SUMS.values(), 0.0),
+        dict.fromkeys(_MAXIMA.values(), 0.0),
+        Counter(),
+    )
+    by_role = {name: Counter() for name in _BY_ROLE.values()}
     for url in urls:
-        for family in text_string_to_metric_families(DaemonClient(url, timeout).metrics()):
+        families = list(text_string_to_metric_families(DaemonClient(url, timeout).metrics()))
+        role = next(
+            (
+                s.labels.get("role", "?")
+                for f in families
+                if f.name == "kvferry_info"
+                for s in f.samples
+            ),
+            "?",
+        )
+        for family in families:
             totals = [s for s in family.samples if s.name.endswith("_total")]
-            if family.name in names:
-                sums[names[family.name]] += sum(s.value for s in totals)
+            if family.name in _SUMS:
+                sums[_SUMS[family.name]] += sum(s.value for s in totals)
+            elif family.name in _BY_ROLE:
+                by_role[_BY_ROLE[family.name]][role] += sum(s.value for s in totals)
             elif family.name == "kvferry_transfer_failures":
                 for sample in totals:
                     failures[sample.labels.get("reason", "?")] += sample.value
-            elif family.name == "kvferry_ring_high_water_bytes":
-                high = max([high, *(s.value for s in family.samples)])
-    return Counters(**sums, ring_high_water_bytes=high, transfer_failures=dict(failures))
+            elif family.name in _MAXIMA:
+                key = _MAXIMA[family.name]
+                maxima[key] = max([maxima[key], *(s.value for s in family.samples)])
+    return Counters(
+        **sums,
+        **maxima,
+        transfer_failures=dict(failures),
+        transfer_cpu_s=dict(by_role["transfer_cpu_s"]),
+        transfer_rooms=dict(by_role["rooms"]),
+    )
 
 
 def run_bench(

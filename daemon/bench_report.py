@@ -39,25 +39,42 @@ class RequestRecord(msgspec.Struct, kw_only=True):
 
 
 class Counters(msgspec.Struct, frozen=True, kw_only=True):
-    """The data-plane counters of the scraped daemons, summed over daemons and ranks."""
+    """The scraped daemons' counters, summed over daemons and ranks (per role where keyed by
+    role); the byte gauges are the largest of any one rank."""
 
     kv_bytes: float = 0.0  # KV bytes received (decode)
     messages: float = 0.0  # data-plane messages received (decode)
     ring_high_water_bytes: float = 0.0  # the most of any one ring, ever: a maximum, not a sum
     transfer_failures: dict[str, float] = msgspec.field(default_factory=dict)  # by reason
+    transfer_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # by role
+    transfer_rooms: dict[str, float] = msgspec.field(default_factory=dict)  # by role
+    memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank
+    kv_pool_bytes: float = 0.0
+    ring_capacity_bytes: float = 0.0
 
     def since(self, before: Counters) -> Counters:
-        """What changed after `before`; the ring high water stays the maximum since the start."""
-        failures = {
-            reason: count - before.transfer_failures.get(reason, 0.0)
-            for reason, count in self.transfer_failures.items()
-        }
-        return Counters(
+        """What changed after `before`; the byte gauges stay as they are now."""
+        return msgspec.structs.replace(
+            self,
             kv_bytes=self.kv_bytes - before.kv_bytes,
             messages=self.messages - before.messages,
-            ring_high_water_bytes=self.ring_high_water_bytes,
-            transfer_failures={reason: n for reason, n in failures.items() if n > 0},
+            transfer_failures=_grown(self.transfer_failures, before.transfer_failures),
+            transfer_cpu_s=_grown(self.transfer_cpu_s, before.transfer_cpu_s),
+            transfer_rooms=_grown(self.transfer_rooms, before.transfer_rooms),
         )
+
+    def control_cpu_us(self) -> dict[str, float]:
+        """Transfer-thread CPU µs per room delivered, by role (summed over the role's ranks)."""
+        return {
+            role: self.transfer_cpu_s.get(role, 0.0) / rooms * 1e6
+            for role, rooms in self.transfer_rooms.items()
+            if rooms > 0
+        }
+
+
+def _grown(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    grown = {key: value - before.get(key, 0.0) for key, value in now.items()}
+    return {key: value for key, value in grown.items() if value > 0}
 
 
 class Latency(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,6 +105,10 @@ class Point(msgspec.Struct, kw_only=True):
     ring_high_water_bytes: float
     transfer_failures: dict[str, float]
     requests: list[RequestRecord]
+    control_cpu_us: dict[str, float] = msgspec.field(default_factory=dict)  # per request, by role
+    memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank (0 on a CPU)
+    kv_pool_bytes: float = 0.0  # of that size of rank: the budgets the peak holds
+    ring_capacity_bytes: float = 0.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -144,6 +165,10 @@ def summarize(
         ring_high_water_bytes=moved.ring_high_water_bytes,
         transfer_failures=moved.transfer_failures,
         requests=records,
+        control_cpu_us=moved.control_cpu_us(),
+        memory_peak_bytes=moved.memory_peak_bytes,
+        kv_pool_bytes=moved.kv_pool_bytes,
+        ring_capacity_bytes=moved.ring_capacity_bytes,
     )
 
 
@@ -157,6 +182,7 @@ HEADER = [
     ("", "tot tok/s"),
     *[(group, name) for group in ("TTFT ms", "ITL ms", "E2E ms") for name, _ in _LATENCY_COLUMNS],
     ("KV", "MiB"), ("KV", "GB/s"), ("KV", "msg/req"), ("KV", "ring MiB"), ("KV", "xfer fail"),
+    ("ctl CPU us/req", "P"), ("ctl CPU us/req", "D"), ("", "peak GiB"),
 ]  # fmt: skip
 
 
@@ -172,6 +198,8 @@ def _row(p: Point) -> list[str]:
         cells += [_num(getattr(lat, field)) for _, field in _LATENCY_COLUMNS]
     cells += [f"{p.kv_bytes / 2**20:.2f}", f"{p.kv_gbps:.3f}", f"{p.messages_per_request:.1f}"]
     cells += [f"{p.ring_high_water_bytes / 2**20:.2f}", f"{sum(p.transfer_failures.values()):g}"]
+    cells += [_num(p.control_cpu_us.get(role)) for role in ("prefill", "decode")]
+    cells.append(f"{p.memory_peak_bytes / 2**30:.2f}" if p.memory_peak_bytes else "-")
     return cells
 
 
@@ -236,12 +264,16 @@ def read_result(path: str | Path) -> dict:
 def plot(paths: list[str], out: str) -> None:
     """Output throughput and median TTFT against concurrency (or request rate), one line per
     result file, labelled with its --label (else its file name), into the PNG `out`."""
+    plot_results([(Path(path).stem, read_result(path)) for path in paths], out)
+
+
+def plot_results(results: list[tuple[str, dict]], out: str) -> None:
+    """As `plot`, for results already read: (name when it has no label, result)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display
     import matplotlib.pyplot as plt
 
-    results = [(Path(path).stem, read_result(path)) for path in paths]
     modes = {p.get("mode") for _, result in results for p in result["points"]}
     xlabel = "concurrency" if modes == {"concurrency"} else "request rate (req/s)"
     if len(modes) > 1:

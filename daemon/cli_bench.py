@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from kvferry.daemon.cli_common import CONFIG_PATH, SECONDS, note, stop_on_sigterm
@@ -66,8 +68,22 @@ _COUNT = click.IntRange(min=1)
 @click.option("--timeout", type=SECONDS, default=300.0, show_default=True, help="Per request, s.")
 @click.option("--label", help="Name of this run in the JSON and in plots.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    help="Draw this run (and any --compare files) into this PNG.",
+)
+@click.option(
+    "--compare",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="An earlier --out file to draw next to this run (repeatable; needs --plot).",
+)
 @click.pass_context
-def bench(ctx, url, metrics_urls, config_path, concurrency, request_rate, out, **load) -> None:
+def bench(
+    ctx, url, metrics_urls, config_path, concurrency, request_rate, out, plot_path, compare, **load
+) -> None:
     """Load a decode daemon, sweeping concurrency or request rate; print one row per point.
 
     Each point sends its warm-up requests, then --num-requests streamed, greedy requests, and
@@ -82,15 +98,18 @@ def bench(ctx, url, metrics_urls, config_path, concurrency, request_rate, out, *
         return
     stop_on_sigterm()
     from kvferry.daemon.bench import BenchSpec, run_bench, run_deployment, write_result
-    from kvferry.daemon.bench_report import table
+    from kvferry.daemon.bench_report import read_result, table
     from kvferry.daemon.bench_workload import BenchError
 
     if url is not None and config_path is not None:
         raise click.UsageError("give --url or --config, not both")
     if concurrency and request_rate:
         raise click.UsageError("give --concurrency or --request-rate, not both")
+    if compare and plot_path is None:
+        raise click.UsageError("--compare needs --plot")
     load["timeout_s"] = load.pop("timeout")
     try:
+        earlier = [(Path(file).stem, read_result(file)) for file in compare]  # checked up front
         concurrency = concurrency or (() if request_rate else (1, 4, 16))
         spec = BenchSpec(concurrency=concurrency, request_rate=request_rate or (), **load)
         if config_path is None:
@@ -102,6 +121,8 @@ def bench(ctx, url, metrics_urls, config_path, concurrency, request_rate, out, *
     click.echo(table(result.points))
     if out is not None:
         write_result(result, out)
+    if plot_path is not None:
+        _plot(result, earlier, plot_path)
     failed = [f"{name} {describe_exit(code)}" for name, code in codes.items() if code != 0]
     if failed:
         raise click.ClickException("; ".join(failed))
@@ -121,6 +142,16 @@ def bench_plot(files: tuple[str, ...], out: str) -> None:
     except BenchError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(out)
+
+
+def _plot(result, earlier: list[tuple[str, dict]], path: str) -> None:
+    """This run's points and the --compare files' on one chart."""
+    import msgspec
+
+    from kvferry.daemon.bench_report import plot_results
+
+    plot_results([("this run", msgspec.to_builtins(result)), *earlier], path)
+    click.echo(path)
 
 
 def _given(ctx: click.Context, name: str) -> bool:

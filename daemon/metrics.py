@@ -40,6 +40,21 @@ _COUNTERS = (
     ("kvferry_ring_waits", "Chunks that found the staging ring full and waited", "ring_waits"),
     ("kvferry_ring_wait_seconds", "Time chunks spent waiting for staging room", "ring_wait_s"),
     ("kvferry_bad_frames", "Malformed or unexpected control frames refused", "bad_frames"),
+    (
+        "kvferry_transfer_rooms",
+        "Rooms this rank delivered (prefill) or took in (decode)",
+        "rooms_succeeded",
+    ),
+    (
+        "kvferry_transfer_cpu_seconds",
+        "CPU time of the rank's transfer thread (control messages, copy and send issuing)",
+        "transfer_cpu_s",
+    ),
+    (
+        "kvferry_engine_cpu_seconds",
+        "CPU time of the rank's engine thread (scheduling, input building, kernel launches)",
+        "engine_cpu_s",
+    ),
 )
 _GAUGES = (
     ("kvferry_ring_used_bytes", "Staging ring bytes in use", "ring_used"),
@@ -47,6 +62,13 @@ _GAUGES = (
     ("kvferry_ring_high_water_bytes", "Most staging ring bytes ever in use", "ring_high_water"),
     ("kvferry_kv_pages_used", "KV cache pages held by requests", "kv_pages_used"),
     ("kvferry_kv_pages_capacity", "KV cache pages", "kv_pages_total"),  # not _total: a gauge
+    ("kvferry_kv_pool_bytes", "KV cache pool size", "kv_pool_bytes"),
+    (
+        "kvferry_device_memory_peak_bytes",
+        "Peak device memory held by the torch allocator (weights, KV pool, activations; "
+        "0 on a CPU); the staging ring is kvferry_ring_capacity_bytes",
+        "memory_peak",
+    ),
 )
 
 

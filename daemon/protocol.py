@@ -82,3 +82,8 @@ class Snapshot:
     peers: list[str]
     forward_s: list[float]
     transfer_s: list[float]
+    rooms_succeeded: int = 0  # rooms this rank delivered (prefill) or took in (decode)
+    transfer_cpu_s: float = 0.0  # CPU time of the rank's transfer thread
+    engine_cpu_s: float = 0.0  # CPU time of the rank's engine thread (scheduling, launches)
+    kv_pool_bytes: int = 0
+    memory_peak: int = 0  # peak bytes held by the torch allocator (0 on a CPU)

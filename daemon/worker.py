@@ -164,7 +164,18 @@ class Worker:
             peers=core.peers.active(),
             forward_s=forward_s,
             transfer_s=transfer_s,
+            rooms_succeeded=stats.rooms_succeeded,
+            transfer_cpu_s=core.loop.cpu_seconds(),
+            engine_cpu_s=time.thread_time(),
+            kv_pool_bytes=engine.runner.kv.numel() * engine.runner.kv.element_size(),
+            memory_peak=_memory_peak(engine.runner.kv.device),
         )
+
+
+def _memory_peak(device: torch.device) -> int:
+    """Peak bytes the torch allocator has held on the rank's GPU; the staging ring (its own
+    allocation) is reported separately as the ring capacity."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
 
 def _device(config: DaemonConfig, rank: int) -> torch.device:

@@ -43,6 +43,7 @@ class AgentLoop:
         self._stopping = threading.Event()
         self._pipe_lock = threading.Lock()
         self.error: BaseException | None = None
+        self._cpu_at_exit = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -78,6 +79,15 @@ class AgentLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def cpu_seconds(self) -> float:
+        """CPU time the loop thread has used so far (0 before it starts); from any thread."""
+        if self._thread.ident is None or not self._thread.is_alive():
+            return self._cpu_at_exit
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
+        except (OSError, AttributeError):  # gone meanwhile, or a platform without the clock
+            return self._cpu_at_exit
+
     def _run(self) -> None:
         busy = False
         try:
@@ -94,6 +104,8 @@ class AgentLoop:
         except BaseException as exc:  # the owner fails every room on this; nothing may hang
             log.exception("transfer loop %s died", self._thread.name)
             self.error = exc
+        finally:
+            self._cpu_at_exit = time.thread_time()
 
     def _drain_wakeups(self) -> None:
         try:

@@ -163,14 +163,29 @@ def test_a_point_counts_ok_and_failed_requests():
     assert (point.kv_gbps, point.messages_per_request) == (1.5, 4.0)
 
 
-def test_counters_since_keep_the_high_water_and_new_failures():
-    before = Counters(kv_bytes=10, messages=2, ring_high_water_bytes=5, transfer_failures={"a": 1})
+def test_counters_since_keep_the_gauges_and_count_what_grew():
+    before = Counters(
+        kv_bytes=10,
+        messages=2,
+        ring_high_water_bytes=5,
+        transfer_failures={"a": 1},
+        transfer_cpu_s={"prefill": 1.0, "decode": 2.0},
+        transfer_rooms={"prefill": 10, "decode": 10},
+        memory_peak_bytes=7,
+    )
     after = Counters(
-        kv_bytes=30, messages=5, ring_high_water_bytes=8, transfer_failures={"a": 1, "timeout": 2}
+        kv_bytes=30,
+        messages=5,
+        ring_high_water_bytes=8,
+        transfer_failures={"a": 1, "timeout": 2},
+        transfer_cpu_s={"prefill": 1.5, "decode": 2.0004},
+        transfer_rooms={"prefill": 20, "decode": 14},
+        memory_peak_bytes=9,
     )
-    assert after.since(before) == Counters(
-        kv_bytes=20, messages=3, ring_high_water_bytes=8, transfer_failures={"timeout": 2}
-    )
+    moved = after.since(before)
+    assert (moved.kv_bytes, moved.messages, moved.ring_high_water_bytes) == (20, 3, 8)
+    assert moved.transfer_failures == {"timeout": 2} and moved.memory_peak_bytes == 9
+    assert moved.control_cpu_us() == pytest.approx({"prefill": 50_000, "decode": 100})
 
 
 def test_table_aligns_columns_under_their_groups():
@@ -270,6 +285,7 @@ def test_send_follows_the_arrival_times():
         ["--concurrency", "1,zero"],
         ["--request-rate", "-1"],
         ["--num-requests", "3", "plot", "--out", "x.png", __file__],
+        ["--compare", __file__],
     ],
 )
 def test_usage_mistakes_exit_2(args):
@@ -324,16 +340,21 @@ def test_a_sweep_against_real_daemons(result_file):
         assert point["kv_bytes"] > 0 and point["messages_per_request"] > 0
         assert point["ring_high_water_bytes"] > 0 and point["transfer_failures"] == {}
         assert point["ttft_ms"]["median"] > 0
+        assert set(point["control_cpu_us"]) == {"prefill", "decode"}
+        assert all(us > 0 for us in point["control_cpu_us"].values())
+        assert point["kv_pool_bytes"] > 0 and point["memory_peak_bytes"] == 0  # CPU daemons
     lines = stdout.splitlines()
     assert lines[2].startswith("c=1 ") and lines[3].startswith("c=4 ")
 
 
-def test_a_deployment_it_starts_itself_with_a_request_rate(deployment, tmp_path):
-    out = tmp_path / "rate.json"
+def test_a_deployment_it_starts_itself_with_a_request_rate(deployment, result_file, tmp_path):
+    out, png = tmp_path / "rate.json", tmp_path / "rate.png"
     result = _invoke(
-        "bench", "--config", str(deployment), "--request-rate", "20", *BENCH_ARGS, "--out", str(out)
-    )
+        "bench", "--config", str(deployment), "--request-rate", "20", *BENCH_ARGS,
+        "--out", str(out), "--plot", str(png), "--compare", str(result_file[0]),
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert png.read_bytes().startswith(PNG_MAGIC)
     point = json.loads(out.read_text())["points"][0]
     assert (point["mode"], point["ok"]) == ("request_rate", 8)
     assert json.loads(out.read_text())["config"]["vocab"] == 258  # from the model's config

@@ -34,6 +34,11 @@ PER_RANK = {
     "kvferry_ring_high_water_bytes": "ring_high_water",
     "kvferry_kv_pages_used": "kv_pages_used",
     "kvferry_kv_pages_capacity": "kv_pages_total",
+    "kvferry_transfer_rooms_total": "rooms_succeeded",
+    "kvferry_transfer_cpu_seconds_total": "transfer_cpu_s",
+    "kvferry_engine_cpu_seconds_total": "engine_cpu_s",
+    "kvferry_kv_pool_bytes": "kv_pool_bytes",
+    "kvferry_device_memory_peak_bytes": "memory_peak",
 }
 
 
@@ -95,6 +100,11 @@ def decode_snapshots() -> list[Snapshot]:
             kv_pages_total=512,
             queues=queues,
             failures={"timeout": 2},
+            rooms_succeeded=5,
+            transfer_cpu_s=0.125,
+            engine_cpu_s=2.5,
+            kv_pool_bytes=1 << 30,
+            memory_peak=3 << 30,
             rooms={**snapshot(0).rooms, "Transferring": 2},
             forward_s=[0.01, 0.02],
             transfer_s=[0.3],
