@@ -1,0 +1,430 @@
+"""The performance campaign in one invocation: check, measure, and compare with the targets.
+
+    python bench/campaign.py                      # on a GPU machine: the full campaign
+    python bench/campaign.py --quick              # small sizes (a CPU smoke run)
+    python bench/campaign.py --stages kernels,transfer --out-dir results/
+
+Stages, each a separate process whose output is kept in OUT_DIR (a failed stage is reported and
+the others still run):
+
+  check     the gpu-marked tests (they build the CUDA kernels); skipped without a GPU
+  kernels   bench/kernels.py: gather/scatter vs the copy roofline and torch indexing
+  transfer  bench/transfer.py: staged vs raw ucxx vs per-token slices, same bytes
+  perftest  ucx_perftest (from the libucx wheel): UCX's own tag bandwidth for the same size
+  overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
+            time to first token, whole-chunk vs layer-wise
+  e2e       `kvferry bench` on four variants of one deployment file: heterogeneous TP staged,
+            the same layer-wise, the same in slice mode, and homogeneous TP (decode TP =
+            prefill TP)
+
+Then one table: every target of docs/benchmarks.md, what was measured, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+STAGES = ("check", "kernels", "transfer", "perftest", "overlap", "e2e")
+VARIANTS = ("hetero", "layerwise", "slice", "homo")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated, in any order")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    p.add_argument("--out-dir", default=None, help="default: campaign-<time>/")
+    p.add_argument("--deploy", default=None, help="deployment file of the e2e stage")
+    p.add_argument("--concurrency", default=None, help="e2e points (default 1,8,32; quick 1,4)")
+    p.add_argument("--layer-group", type=int, default=4, help="layers per message, layer-wise")
+    p.add_argument("--stage-timeout", type=float, default=900, help="seconds per stage")
+    args = p.parse_args()
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        p.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+    args.stages = [s for s in STAGES if s in stages]
+    args.gpu = _gpu()
+    args.deploy = args.deploy or str(
+        ROOT / "deploy" / ("one-gpu.yaml" if args.gpu else "local.yaml")
+    )
+    args.concurrency = args.concurrency or ("1,4" if args.quick else "1,8,32")
+    args.out_dir = Path(args.out_dir or f"campaign-{time.strftime('%Y%m%d-%H%M%S')}")
+    return args
+
+
+def _gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+class Stage:
+    """One stage's process: its command, log and outcome."""
+
+    def __init__(self, args, name: str) -> None:
+        self.args, self.name = args, name
+        self.log = args.out_dir / f"{name}.log"
+        self.ok: bool | None = None  # None: not run
+        self.note = ""
+
+    def run(self, command: list[str], timeout: float | None = None, env=None) -> bool:
+        print(f"[{self.name}] {' '.join(command)}", flush=True)
+        began = time.monotonic()
+        with open(self.log, "a") as log:
+            log.write(f"$ {' '.join(command)}\n")
+            log.flush()
+            proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+            try:
+                code = proc.wait(timeout or self.args.stage_timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGTERM)  # `kvferry bench` stops its deployment
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                code = "timeout"
+        seconds = time.monotonic() - began
+        self.ok = code == 0
+        if not self.ok:
+            self.note = f"{' '.join(command[:3])}... exited {code}; see {self.log}"
+        print(f"[{self.name}] {'ok' if self.ok else 'FAILED'} in {seconds:.0f}s", flush=True)
+        return self.ok
+
+
+def python(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(BENCH / script), *args]
+
+
+def stage_check(stage: Stage) -> None:
+    if not stage.args.gpu:
+        stage.ok, stage.note = None, "skipped: no GPU (the gpu tests need one)"
+        return
+    stage.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"])
+
+
+def stage_kernels(stage: Stage) -> None:
+    out = stage.args.out_dir / "kernels.json"
+    sizes = ["--tokens", "512,2048", "--layers", "8", "--iters", "3"] if stage.args.quick else []
+    stage.run(python("kernels.py", *sizes, "--json", str(out)))
+
+
+def stage_transfer(stage: Stage) -> None:
+    out = stage.args.out_dir / "transfer.json"
+    sizes = []
+    if stage.args.quick:
+        sizes = ["--tokens", "512", "--chunk", "128", "--layers", "4", "--slice-tokens", "16"]
+        sizes += ["--requests", "2", "--staging-mib", "16", "--raw-mib", "16"]
+    stage.run(python("transfer.py", *sizes, "--json", str(out)))
+
+
+def stage_perftest(stage: Stage) -> None:
+    """UCX's own tag-matched bandwidth (ucx_perftest, server and client on this host) for one
+    staged request's bytes per decode rank, from the same memory the transfer bench uses."""
+    binary = _perftest_binary()
+    if binary is None:
+        stage.ok, stage.note = False, "ucx_perftest not found (libucx wheel: libucx/bin)"
+        return
+    transfer = _read_json(stage.args.out_dir / "transfer.json")
+    size = 16 << 20 if stage.args.quick else 256 << 20
+    if transfer:
+        size = min(size, int(transfer["rows"][1]["request_mib"] * 2**20))
+    memory = "cuda" if stage.args.gpu else "host"
+    tls = "cuda_ipc,cuda_copy,tcp,sm,self" if stage.args.gpu else "tcp,sm,self"
+    iters = "20" if stage.args.quick else "50"
+    libs = str(Path(binary).parent.parent / "lib")  # the wheel's binaries need its libraries
+    path = ":".join(filter(None, [libs, os.environ.get("LD_LIBRARY_PATH")]))
+    env = dict(os.environ, UCX_TLS=tls, LD_LIBRARY_PATH=path)
+    port = str(_free_port())
+    common = ["-t", "tag_bw", "-m", memory, "-s", str(size), "-n", iters, "-p", port]
+    with open(stage.log, "a") as log:
+        server = subprocess.Popen(
+            [binary, *common], stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        time.sleep(1.0)
+        try:
+            stage.run([binary, *common, "127.0.0.1"], timeout=300, env=env)
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    gbps = _perftest_gbps(stage.log)
+    if stage.ok and gbps is None:
+        stage.ok, stage.note = False, "no bandwidth line in the ucx_perftest output"
+    _write_json(
+        stage.args.out_dir / "perftest.json", {"bytes": size, "memory": memory, "gbps": gbps}
+    )
+
+
+def _perftest_binary() -> str | None:
+    found = shutil.which("ucx_perftest")
+    if found:
+        return found
+    try:
+        import libucx
+
+        candidate = Path(libucx.__file__).parent / "bin" / "ucx_perftest"
+        return str(candidate) if candidate.exists() else None
+    except ImportError:
+        return None
+
+
+def _perftest_gbps(log: Path) -> float | None:
+    """The last "Final:" row's average bandwidth (MB/s, 2^20 bytes) in GB/s."""
+    gbps = None
+    for line in log.read_text().splitlines():
+        cells = line.replace("|", " ").split()
+        if cells[:1] == ["Final:"] and len(cells) >= 7:
+            gbps = float(cells[6]) * 2**20 / 1e9  # iters, latency x3, bandwidth avg, overall
+    return gbps
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stage_overlap(stage: Stage) -> None:
+    out = stage.args.out_dir / "overlap.json"
+    sizes = ["--requests", "3", "--repeats", "2"] if stage.args.quick else []
+    group = ["--layer-group", str(stage.args.layer_group if stage.args.gpu else 1)]
+    stage.run(python("overlap.py", *sizes, *group, "--json", str(out)))
+
+
+def stage_e2e(stage: Stage) -> None:
+    args = stage.args
+    base = yaml.safe_load(Path(args.deploy).read_text())
+    load = ["--num-requests", "8", "--warmup", "1", "--input-len", "64", "--output-len", "8"]
+    if not args.quick:
+        load = ["--num-requests", "64", "--warmup", "4", "--input-len", "1024"]
+        load += ["--output-len", "64", "--range-ratio", "0.5"]
+    failed = []
+    for variant in VARIANTS:
+        path = args.out_dir / f"deploy-{variant}.yaml"
+        path.write_text(yaml.safe_dump(deployment_variant(base, variant, args.layer_group)))
+        out = args.out_dir / f"e2e-{variant}.json"
+        command = [sys.executable, "-m", "kvferry.daemon.cli", "bench", "--config", str(path)]
+        command += ["--concurrency", args.concurrency, *load, "--label", variant, "--out", str(out)]
+        if not stage.run(command):
+            failed.append(variant)
+    stage.ok = not failed
+    stage.note = f"failed: {', '.join(failed)}; see {stage.log}" if failed else ""
+    outs = [str(args.out_dir / f"e2e-{v}.json") for v in VARIANTS if v not in failed]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("[e2e] no matplotlib here: plot later with `kvferry bench plot`", flush=True)
+        return
+    if outs:
+        png = str(args.out_dir / "e2e.png")
+        subprocess.run(
+            [sys.executable, "-m", "kvferry.daemon.cli", "bench", "plot", "--out", png, *outs],
+            check=False,
+        )
+
+
+def deployment_variant(base: dict, variant: str, layer_group: int) -> dict:
+    """`base` (heterogeneous TP, staged, whole-chunk) turned into one campaign variant."""
+    raw = copy.deepcopy(base)
+    daemons = raw["daemons"]
+    prefill_tp = max(d.get("tp", 1) for d in daemons if d["role"] == "prefill")
+    for daemon in daemons:
+        transfer = daemon.setdefault("transfer", {})
+        if variant == "layerwise":
+            transfer["layer_group"] = layer_group
+        elif variant == "slice":
+            transfer["mode"] = "slice"
+        elif variant == "homo" and daemon["role"] == "decode":
+            daemon["tp"] = prefill_tp
+    return raw
+
+
+# --- the summary -----------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=1) + "\n")
+
+
+class Row:
+    """One line of the summary: a measured figure against its target (None: reported only)."""
+
+    def __init__(self, what: str, value: float | None, target: float | None, unit: str = "x",
+                 higher_is_better: bool = True, detail: str = "") -> None:  # fmt: skip
+        self.what, self.value, self.target, self.unit = what, value, target, unit
+        self.higher, self.detail = higher_is_better, detail
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "not measured"
+        if self.target is None:
+            return "reported"
+        met = self.value >= self.target if self.higher else self.value <= self.target
+        return "met" if met else "MISSED"
+
+    def cells(self) -> list[str]:
+        fmt = (lambda v: f"{v:.0%}") if self.unit == "%" else (lambda v: f"{v:.3g}{self.unit}")
+        target = "" if self.target is None else ("≥ " if self.higher else "≤ ") + fmt(self.target)
+        value = "-" if self.value is None else fmt(self.value)
+        return [self.what, value, target, self.verdict, self.detail]
+
+    def as_dict(self) -> dict:
+        return {
+            "what": self.what,
+            "value": self.value,
+            "target": self.target,
+            "unit": self.unit,
+            "verdict": self.verdict,
+            "detail": self.detail,
+        }
+
+
+def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
+    rows: list[Row] = []
+    kernels = _read_json(out_dir / "kernels.json")
+    if kernels:
+        large = [r for r in kernels["rows"] if r["mib"] >= 64] or kernels["rows"]
+        sliced = [r for r in kernels["rows"] if r["heads"] < kernels["args"]["heads"]]
+        sliced = sliced or kernels["rows"]
+        where = f"{kernels['device']}, launches ≥ 64 MiB"
+        for op in ("gather", "scatter"):
+            worst = min(r[f"{op}_vs_roofline"] for r in large)
+            rows.append(Row(f"{op} vs copy roofline (worst)", worst, 0.9, "%", detail=where))
+        best = max(r["gather_vs_torch"] for r in sliced)
+        worst = min(r["gather_vs_torch"] for r in sliced)
+        rows.append(Row("gather vs torch indexing, head slices (worst)", worst, 10.0,
+                        detail=f"best {best:.3g}x"))  # fmt: skip
+    transfer = _read_json(out_dir / "transfer.json")
+    perftest = _read_json(out_dir / "perftest.json")
+    if transfer:
+        raw, staged, sliced = transfer["rows"]
+        rows.append(Row("staged vs raw ucxx, same bytes", staged["gbps"] / raw["gbps"], 0.9, "%",
+                        detail=f"{staged['gbps']:.3g} vs {raw['gbps']:.3g} GB/s"))  # fmt: skip
+        if sliced["gbps"] and sliced["gbps"] == sliced["gbps"]:  # not NaN
+            rows.append(Row("staged vs per-token slices", staged["gbps"] / sliced["gbps"], 50.0))
+        args = transfer["args"]
+        chunks = -(-args["tokens"] // args["chunk"])
+        pairs = staged["messages_per_request"] / chunks
+        detail = f"{staged['messages_per_request']} messages, {chunks} chunks"
+        rows.append(Row("UCX messages per request / (chunks x writers)",
+                        staged["messages_per_request"] / (chunks * max(pairs, 1)), 1.0,
+                        higher_is_better=False, detail=detail))  # fmt: skip
+        if perftest and perftest.get("gbps"):
+            rows.append(Row("raw ucxx vs ucx_perftest", raw["gbps"] / perftest["gbps"], None, "%",
+                            detail=f"perftest {perftest['gbps']:.3g} GB/s"))  # fmt: skip
+    overlap = _read_json(out_dir / "overlap.json")
+    if overlap:
+        for run in overlap["runs"][1:]:
+            rows.append(Row(f"prefill throughput with transfers, {run['name']}",
+                            run["throughput_ratio"], 0.95, "%"))  # fmt: skip
+            rows.append(Row(f"TTFT overhead vs colocated, {run['name']}",
+                            run["latency_overhead"], None, "%",
+                            detail=f"{run['latency_ms']:.3g} vs "
+                                   f"{overlap['runs'][0]['latency_ms']:.3g} ms"))  # fmt: skip
+    e2e = {v: _read_json(out_dir / f"e2e-{v}.json") for v in VARIANTS}
+    homo = e2e.get("homo")
+    for variant in ("hetero", "layerwise", "slice"):
+        result = e2e.get(variant)
+        if not (result and homo):
+            continue
+        theirs = {p["value"]: p for p in homo["points"]}
+        for point in result["points"]:
+            other = theirs.get(point["value"])
+            if other and other["output_throughput"]:
+                ratio = point["output_throughput"] / other["output_throughput"]
+                target = 0.95 if variant == "hetero" else None
+                rows.append(Row(f"{variant} vs homogeneous output tok/s, c={point['value']:g}",
+                                ratio, target, "%",
+                                detail=f"{point['output_throughput']:.4g} vs "
+                                       f"{other['output_throughput']:.4g}"))  # fmt: skip
+    hetero = e2e.get("hetero")
+    if hetero:
+        for role in ("prefill", "decode"):
+            values = [p["control_cpu_us"].get(role) for p in hetero["points"]]
+            values = [v for v in values if v is not None]
+            if values:
+                on_cpu = "" if gpu else "CPU: copies run on this thread too"
+                rows.append(Row(f"control-plane CPU per request, {role} (worst point)",
+                                max(values), 200.0, " us", higher_is_better=False,
+                                detail=on_cpu))  # fmt: skip
+        peak = max(p.get("memory_peak_bytes", 0) for p in hetero["points"])
+        if peak:
+            point = hetero["points"][-1]
+            pool, ring = point["kv_pool_bytes"] / 2**30, point["ring_capacity_bytes"] / 2**30
+            detail = f"KV pool {pool:.3g} GiB, staging ring {ring:.3g} GiB"
+            rows.append(Row("peak device memory (torch allocator)", peak / 2**30, None, " GiB",
+                            detail=detail))  # fmt: skip
+    return rows
+
+
+def print_table(rows: list[Row], stages: list[Stage]) -> None:
+    header = ["figure", "measured", "target", "verdict", "detail"]
+    cells = [header, *(row.cells() for row in rows)]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    print()
+    for line in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    for stage in stages:
+        state = {True: "ok", False: "FAILED", None: "skipped"}[stage.ok]
+        print(f"stage {stage.name}: {state} {stage.note}".rstrip())
+
+
+def main() -> None:
+    args = parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"campaign: {'GPU' if args.gpu else 'CPU'}; stages {', '.join(args.stages)}; "
+          f"results in {args.out_dir}", flush=True)  # fmt: skip
+    runners = {name: globals()[f"stage_{name}"] for name in STAGES}
+    stages = []
+    for name in args.stages:
+        stage = Stage(args, name)
+        runners[name](stage)
+        stages.append(stage)
+    rows = summary_rows(args.out_dir, args.gpu)
+    print_table(rows, stages)
+    _write_json(
+        args.out_dir / "summary.json",
+        {
+            "gpu": args.gpu,
+            "stages": {s.name: {"ok": s.ok, "note": s.note} for s in stages},
+            "rows": [row.as_dict() for row in rows],
+        },
+    )
+    sys.exit(1 if any(stage.ok is False for stage in stages) else 0)
+
+
+if __name__ == "__main__":
+    main()

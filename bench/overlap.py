@@ -1,0 +1,228 @@
+"""Prefill with and without KV transfers, whole-chunk vs layer-wise, on one device.
+
+    python bench/overlap.py                       # GPU if present, else a small CPU model
+    python bench/overlap.py --prompt 4096 --chunk 1024 --layer-group 4 --json out.json
+
+One process holds a prefill engine (random Llama-family model, paged KV cache, chunked prefill)
+and a decode-side transfer agent with its own cache, joined by UCX (cuda_ipc/cuda_copy on a
+GPU). Three ways to prefill the same prompts, side by side:
+
+- local:       the forwards and the first token only, nothing sent — what a colocated engine
+               does before its first token;
+- whole-chunk: kvferry's transfer, one message per chunk (gathered after the chunk's forward);
+- layer-wise:  one message per `--layer-group` layers, each gathered as soon as the forward has
+               written those layers, while the later layers still compute.
+
+Latency: one request at a time; time from submission to the first token on the host (local)
+or to the KV on the decode side with the first token (transfers) — the time to first token of
+a colocated vs a disaggregated deployment, less HTTP and scheduling. Throughput: --requests
+prompts submitted at once; prompt tokens per second of forward work, and the ratio with
+transfers running to without.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from kvferry.daemon.block_manager import BlockManager
+from kvferry.daemon.model import Model
+from kvferry.daemon.model_config import ModelConfig
+from kvferry.daemon.prefill_engine import PrefillEngine
+from kvferry.daemon.runner import ModelRunner
+from kvferry.daemon.scheduler import PrefillScheduler
+from kvferry.daemon.sequence import SamplingParams, Sequence
+from kvferry.daemon.weights import full_weights
+from kvferry.staging.kv_copy import KVPlanes
+from kvferry.transport.bootstrap import BootstrapServer
+from kvferry.transport.config import TransferConfig
+from kvferry.transport.receiver import DecodeAgent
+from kvferry.transport.room import KVPoll
+from kvferry.transport.sender import PrefillAgent
+
+GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
+POLL_S = 50e-6
+
+
+def parse_args() -> argparse.Namespace:
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda" if gpu else "cpu")
+    p.add_argument("--dtype", default="bfloat16" if gpu else "float32")
+    p.add_argument("--layers", type=int, default=16 if gpu else 4)
+    p.add_argument("--hidden", type=int, default=2048 if gpu else 256)
+    p.add_argument("--heads", type=int, default=16 if gpu else 4)
+    p.add_argument("--kv-heads", type=int, default=8 if gpu else 2)
+    p.add_argument("--intermediate", type=int, default=5632 if gpu else 512)
+    p.add_argument("--prompt", type=int, default=2048 if gpu else 256, help="tokens per prompt")
+    p.add_argument("--chunk", type=int, default=512 if gpu else 64, help="prefill chunk tokens")
+    p.add_argument("--layer-group", type=int, default=4 if gpu else 1)
+    p.add_argument("--requests", type=int, default=16 if gpu else 4, help="throughput batch")
+    p.add_argument("--repeats", type=int, default=5 if gpu else 3, help="latency samples")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--json", help="write the results here as JSON")
+    return p.parse_args()
+
+
+class Bench:
+    """The model, its prefill engine and the receiving side, for one transfer setting."""
+
+    def __init__(self, args, model: Model, layer_group: int | None) -> None:
+        self.args, self.model = args, model
+        cfg, device = model.config, model.device
+        pages = -(-args.prompt // args.page_size) * (args.requests + 1)
+        self.blocks = BlockManager(pages, args.page_size)
+        self.runner = ModelRunner(model, self.blocks)
+        self.scheduler = PrefillScheduler(self.blocks, args.chunk, args.chunk * args.requests)
+        self.transfers = layer_group is not None
+        self.next_room = itertools.count(1)
+        if not self.transfers:
+            return
+        tls = GPU_TLS if device.type == "cuda" else CPU_TLS
+        config = TransferConfig(
+            chunk_tokens=args.chunk,
+            layer_group=layer_group,
+            staging_bytes=2 * self.runner.planes.staging_bytes(args.chunk, model.local_kv),
+            ucx_tls=tls,
+        )
+        self.server = BootstrapServer(1)
+        dtype = str(model.dtype).removeprefix("torch.")
+        layout = cfg.kv_layout("overlap", dtype, args.page_size, 1, 0)
+        from kvferry.transport.ucx import UcxDataPlane
+
+        cuda = (device.index or 0) if device.type == "cuda" else None
+        self.agent = PrefillAgent(
+            config, layout, self.runner.planes, UcxDataPlane(tls, cuda), self.server.address
+        )
+        slots = args.prompt * args.requests
+        shape = (2 * cfg.num_hidden_layers, slots, model.local_kv, cfg.head_dim)
+        self.decode_cache = torch.zeros(shape, dtype=model.dtype, device=device)
+        self.receiver_agent = DecodeAgent(
+            config, layout, KVPlanes.from_cache(self.decode_cache), UcxDataPlane(tls, cuda)
+        )
+        self.engine = PrefillEngine(self.runner, self.scheduler, self.agent)
+
+    def close(self) -> None:
+        if self.transfers:
+            self.receiver_agent.close()
+            self.agent.close()
+            self.server.close()
+
+    def prompts(self, count: int) -> list[list[int]]:
+        rng = np.random.default_rng(0)
+        vocab = self.model.config.vocab_size
+        return [rng.integers(0, vocab, self.args.prompt).tolist() for _ in range(count)]
+
+    def run(self, prompts: list[list[int]]) -> float:
+        """Prefill `prompts` (all submitted at once); seconds until every first token is on the
+        host (local) or every prompt's KV and first token is on the decode side."""
+        began = time.perf_counter()
+        if self.transfers:
+            self._transfer(prompts)
+        else:
+            self._local(prompts)
+        return time.perf_counter() - began
+
+    def _local(self, prompts: list[list[int]]) -> None:
+        seqs = [Sequence(p, SamplingParams(max_tokens=1)) for p in prompts]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        futures = []
+        while batch := self.scheduler.schedule():
+            logits = self.runner.forward(batch)
+            done = [work for work in batch if work.completes_prompt]
+            if done:
+                rows = [i for i, work in enumerate(batch) if work.completes_prompt]
+                futures.append(self.runner.sample_async(logits[rows], done))
+            self.scheduler.computed(batch)
+        for future in futures:
+            future.result()
+        for seq in seqs:
+            self.blocks.deallocate(seq.id)
+
+    def _transfer(self, prompts: list[list[int]]) -> None:
+        receivers = []
+        for i, prompt in enumerate(prompts):
+            room = next(self.next_room)
+            slots = np.arange(i * len(prompt), (i + 1) * len(prompt))
+            receivers.append(self.receiver_agent.receiver(room, slots, self.server.address))
+            self.engine.submit(room, prompt, SamplingParams(max_tokens=1))
+        while self.engine.busy or any(r.poll() < KVPoll.Success for r in receivers):
+            if not self.engine.step():
+                time.sleep(POLL_S)
+            self.engine.take_progress()
+            self.engine.take_samples()
+        failed = [r.failure_reason for r in receivers if r.poll() != KVPoll.Success]
+        if failed:
+            raise RuntimeError(f"transfer failed: {failed[0]}")
+
+
+def measure(args, model: Model, name: str, layer_group: int | None) -> dict:
+    bench = Bench(args, model, layer_group)
+    try:
+        prompts = bench.prompts(args.requests)
+        bench.run(prompts[:1])  # warm-up: kernels, endpoints, the ring
+        latency = [bench.run([prompt]) for prompt in prompts[: args.repeats]]
+        batch = bench.run(prompts)
+        tokens = args.prompt * len(prompts)
+        return {
+            "name": name,
+            "layer_group": layer_group,
+            "latency_ms": statistics.median(latency) * 1e3,
+            "batch_s": batch,
+            "tokens_per_s": tokens / batch,
+        }
+    finally:
+        bench.close()
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    config = ModelConfig(
+        vocab_size=32000,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        max_position_embeddings=max(4096, args.prompt),
+    )
+    model = Model(
+        config, full_weights(config, None), device=device, dtype=getattr(torch, args.dtype)
+    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"device: {name}; {args.layers} layers, hidden {args.hidden}, {args.kv_heads} KV heads, "
+        f"{args.dtype}; prompts of {args.prompt} tokens in chunks of {args.chunk}"
+    )
+    runs = [
+        measure(args, model, "local", None),
+        measure(args, model, "whole-chunk", 0),
+        measure(args, model, f"layer-wise ({args.layer_group})", args.layer_group),
+    ]
+    local = runs[0]
+    print(f"{'':24}{'latency ms':>12}{'vs local':>10}{'prefill tok/s':>15}{'vs local':>10}")
+    for run in runs:
+        run["latency_overhead"] = run["latency_ms"] / local["latency_ms"] - 1
+        run["throughput_ratio"] = run["tokens_per_s"] / local["tokens_per_s"]
+        print(
+            f"{run['name']:24}{run['latency_ms']:12.1f}{run['latency_overhead']:+10.1%}"
+            f"{run['tokens_per_s']:15.0f}{run['throughput_ratio']:10.1%}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "args": vars(args), "runs": runs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""bench/campaign.py: its pieces, then a quick run of every stage on this machine (CPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from ports import free_ports
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import campaign  # noqa: E402  (bench/ is not a package)
+
+
+def test_variants_change_only_what_they_name():
+    base = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    hetero = campaign.deployment_variant(base, "hetero", 4)
+    assert hetero == {
+        "daemons": [{**d, "transfer": d.get("transfer", {})} for d in base["daemons"]]
+    }
+    layerwise = campaign.deployment_variant(base, "layerwise", 4)
+    assert all(d["transfer"]["layer_group"] == 4 for d in layerwise["daemons"])
+    sliced = campaign.deployment_variant(base, "slice", 4)
+    assert all(d["transfer"]["mode"] == "slice" for d in sliced["daemons"])
+    homo = campaign.deployment_variant(base, "homo", 4)
+    assert [d["tp"] for d in homo["daemons"]] == [2, 2]
+    assert [d["tp"] for d in base["daemons"]] == [2, 1]  # the base is left alone
+
+
+def test_rows_judge_against_their_targets():
+    assert campaign.Row("x", 0.95, 0.9, "%").verdict == "met"
+    assert campaign.Row("x", 0.85, 0.9, "%").verdict == "MISSED"
+    assert campaign.Row("x", 250, 200, " us", higher_is_better=False).verdict == "MISSED"
+    assert campaign.Row("x", 1.5, None).verdict == "reported"
+    assert campaign.Row("x", None, 1.0).verdict == "not measured"
+    assert campaign.Row("x", 0.5, 0.9, "%").cells()[1:3] == ["50%", "≥ 90%"]
+
+
+def test_perftest_bandwidth_is_read_from_the_final_row(tmp_path):
+    log = tmp_path / "perftest.log"
+    log.write_text(
+        "|  bandwidth (MB/s) |\n"
+        "Final:   20   0.066   717.342   717.342    11152.28   11152.28   1394   1394\n"
+    )
+    assert campaign._perftest_gbps(log) == pytest.approx(11152.28 * 2**20 / 1e9)
+    log.write_text("error while loading shared libraries\n")
+    assert campaign._perftest_gbps(log) is None
+
+
+def test_a_quick_campaign_runs_every_stage(tmp_path):
+    """Every stage on CPU with small sizes; the GPU check reports itself skipped, not passed."""
+    deploy = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    prefill, decode = deploy["daemons"]
+    http_p, boot, http_d = free_ports(3)
+    prefill.update(http_port=http_p, bootstrap_port=boot)
+    decode.update(http_port=http_d, prefill=[f"tcp://127.0.0.1:{boot}"])
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(deploy))
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "campaign.py"), "--quick", "--out-dir", str(out),
+         "--deploy", str(path), "--concurrency", "1,2"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"]["check"] == {
+        "ok": None,
+        "note": "skipped: no GPU (the gpu tests need one)",
+    }
+    assert all(summary["stages"][s]["ok"] for s in campaign.STAGES if s != "check")
+    figures = {row["what"]: row for row in summary["rows"]}
+    for name in (
+        "gather vs copy roofline (worst)",
+        "staged vs raw ucxx, same bytes",
+        "staged vs per-token slices",
+        "raw ucxx vs ucx_perftest",
+        "prefill throughput with transfers, whole-chunk",
+        "hetero vs homogeneous output tok/s, c=2",
+        "control-plane CPU per request, decode (worst point)",
+    ):
+        assert figures[name]["value"] is not None and figures[name]["value"] > 0, name
+    assert figures["UCX messages per request / (chunks x writers)"]["verdict"] == "met"
+    for variant in campaign.VARIANTS:
+        points = json.loads((out / f"e2e-{variant}.json").read_text())["points"]
+        assert [p["ok"] for p in points] == [8, 8], variant
+    assert "figure" in run.stdout and "stage e2e: ok" in run.stdout
