@@ -15,7 +15,8 @@ else
   EXTRAS ?= dev,ucx
 endif
 
-.PHONY: setup run test test-gpu lint bench-ring bench-kernels bench-transfer clean
+.PHONY: setup run test test-gpu lint bench-ring bench-kernels bench-transfer bench-overlap \
+	bench-campaign clean
 
 setup: $(STAMP)
 
@@ -50,6 +51,12 @@ bench-kernels: $(STAMP)
 
 bench-transfer: $(STAMP)
 	$(BIN)/python bench/transfer.py
+
+bench-overlap: $(STAMP)
+	$(BIN)/python bench/overlap.py
+
+bench-campaign: $(STAMP)
+	$(BIN)/python bench/campaign.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
