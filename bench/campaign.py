@@ -405,6 +405,7 @@ def print_table(rows: list[Row], stages: list[Stage]) -> None:
 def main() -> None:
     args = parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off for NCCL TP
     print(f"campaign: {'GPU' if args.gpu else 'CPU'}; stages {', '.join(args.stages)}; "
           f"results in {args.out_dir}", flush=True)  # fmt: skip
     runners = {name: globals()[f"stage_{name}"] for name in STAGES}

@@ -86,6 +86,7 @@ class DaemonConfig(_Section):
     name: str = ""
     tp: int = 1
     device: Literal["cpu", "cuda"] = "cpu"
+    gpus: list[int] = []  # cuda: rank r runs on gpus[r % len(gpus)]; empty: r % GPU count
     host: str = "127.0.0.1"
     http_port: int = 0  # /health, /status, /metrics; decode also /v1/completions (0: any free)
     bootstrap_port: int = 0  # prefill: where decode daemons register rooms and submit prompts
@@ -105,6 +106,10 @@ class DaemonConfig(_Section):
         for name in ("http_port", "bootstrap_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name}={getattr(self, name)} is not a TCP port")
+        if self.gpus and self.device != "cuda":
+            raise ValueError(f"gpus={self.gpus} needs device: cuda")
+        if any(gpu < 0 for gpu in self.gpus):
+            raise ValueError(f"gpus={self.gpus}: GPU indices are >= 0")
         if self.role == "decode" and not self.prefill:
             raise ValueError(
                 "a decode daemon needs at least one prefill bootstrap address in `prefill`"

@@ -183,7 +183,10 @@ def _device(config: DaemonConfig, rank: int) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("device: cuda was asked for, but this host has no CUDA device")
-    index = rank % torch.cuda.device_count()  # ranks share the GPUs there are
+    count = torch.cuda.device_count()
+    index = config.gpus[rank % len(config.gpus)] if config.gpus else rank % count
+    if index >= count:
+        raise RuntimeError(f"gpus={config.gpus}: GPU {index} is not here ({count} visible)")
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -193,7 +196,8 @@ def _join_group(config: DaemonConfig, rank: int, address: str, device: torch.dev
     (commands, verdicts) always over a gloo group of host tensors."""
     if config.tp == 1:
         return TPGroup()
-    own_gpus = device.type == "cuda" and torch.cuda.device_count() >= config.tp
+    gpus = set(config.gpus) if config.gpus else range(torch.cuda.device_count())
+    own_gpus = device.type == "cuda" and len(gpus) >= config.tp  # one GPU per rank
     backend = "nccl" if own_gpus else "gloo"
     timeout = timedelta(seconds=config.transfer.transfer_timeout_s)
     dist.init_process_group(

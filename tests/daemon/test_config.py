@@ -36,6 +36,9 @@ def test_the_embedded_default_loads():
         ({"role": "prefill", "transfer": {"chunk_tokens": 0}}, "chunk_tokens=0"),
         ({"role": "prefill", "scheduler": {"max_running": 1.5}}, r"\$\.scheduler\.max_running"),
         ({"role": "prefill", "bootstrap_port": 70000}, "bootstrap_port=70000"),
+        ({"role": "prefill", "gpus": [0, 1]}, "needs device: cuda"),
+        ({"role": "prefill", "device": "cuda", "gpus": [-1]}, "indices are >= 0"),
+        ({"role": "prefill", "transfer": {"layer_group": -2}}, "layer_group=-2"),
     ],
 )
 def test_bad_values_name_the_field(raw, fragment):
