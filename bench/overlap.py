@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from kvferry.daemon.block_manager import BlockManager
+from kvferry.daemon.config import ModelSection
 from kvferry.daemon.model import Model
-from kvferry.daemon.model_config import ModelConfig
 from kvferry.daemon.prefill_engine import PrefillEngine
 from kvferry.daemon.runner import ModelRunner
 from kvferry.daemon.scheduler import PrefillScheduler
@@ -187,16 +187,16 @@ def measure(args, model: Model, name: str, layer_group: int | None) -> dict:
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    config = ModelConfig(
+    config = ModelSection(  # the daemons' random model, at these sizes
         vocab_size=32000,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        max_position_embeddings=max(4096, args.prompt),
-    )
+    ).model_config()
+    if args.prompt > config.max_position_embeddings:
+        raise SystemExit(f"--prompt {args.prompt} exceeds {config.max_position_embeddings}")
     model = Model(
         config, full_weights(config, None), device=device, dtype=getattr(torch, args.dtype)
     )
