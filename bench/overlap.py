@@ -137,11 +137,9 @@ class Bench:
             self.scheduler.add(seq)
         futures = []
         while batch := self.scheduler.schedule():
-            logits = self.runner.forward(batch)
-            done = [work for work in batch if work.completes_prompt]
-            if done:
-                rows = [i for i, work in enumerate(batch) if work.completes_prompt]
-                futures.append(self.runner.sample_async(logits[rows], done))
+            future = self.runner.sample_prompt_ends(batch, self.runner.forward(batch))
+            if future is not None:
+                futures.append(future)
             self.scheduler.computed(batch)
         for future in futures:
             future.result()
@@ -159,7 +157,7 @@ class Bench:
             if not self.engine.step():
                 time.sleep(POLL_S)
             self.engine.take_progress()
-            self.engine.take_samples()
+            self.engine.samples.take()
         failed = [r.failure_reason for r in receivers if r.poll() != KVPoll.Success]
         if failed:
             raise RuntimeError(f"transfer failed: {failed[0]}")

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvferry.daemon.group import TPGroup, Verdict
-from kvferry.daemon.protocol import Progress
+from kvferry.daemon.protocol import Progress, Samples
 from kvferry.daemon.runner import ModelRunner
 from kvferry.daemon.scheduler import DecodeScheduler
 from kvferry.daemon.sequence import SamplingParams, Sequence
@@ -61,8 +61,7 @@ class DecodeEngine:
         self.running: dict[int, _Request] = {}  # by sequence id, admitted or in the batch
         self.outputs: list[Output] = []  # drained by the caller
         self.reserved: list[int] = []  # rooms whose pages are held; drained by the caller
-        self.forward_s: list[float] = []
-        self.transfer_s: list[float] = []  # reservation to KV on every rank, per request
+        self.samples = Samples()  # drained by the caller
         self._in_flight = None  # the queued step whose tokens are not taken in yet
 
     @property
@@ -105,12 +104,6 @@ class DecodeEngine:
         self.outputs, self.reserved = [], []
         return progress
 
-    def take_samples(self) -> tuple[list[float], list[float]]:
-        """(forward times, transfer times) since the last call."""
-        samples = self.forward_s, self.transfer_s
-        self.forward_s, self.transfer_s = [], []
-        return samples
-
     def abort(self, room: int, reason: str) -> None:
         for request in self.queued:
             if request.room == room:
@@ -144,7 +137,7 @@ class DecodeEngine:
             began = time.perf_counter()
             logits = self.runner.forward(batch, self._in_flight)
             launched = self.runner.sample_async(logits, batch)
-            self.forward_s.append(time.perf_counter() - began)
+            self.samples.forward_s.append(time.perf_counter() - began)
         if self._in_flight is not None:
             self._take(self._in_flight)
         self._in_flight = launched
@@ -194,7 +187,7 @@ class DecodeEngine:
         for request, verdict in zip(arriving, verdicts, strict=False):
             if verdict is Verdict.SUCCESS:
                 del self.arriving[request.room]
-                self.transfer_s.append(time.monotonic() - request.reserved_at)
+                self.samples.transfer_s.append(time.monotonic() - request.reserved_at)
                 self._admit(request)
             elif verdict is Verdict.FAILED:
                 del self.arriving[request.room]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvferry.daemon.group import TPGroup, Verdict
-from kvferry.daemon.protocol import Progress
+from kvferry.daemon.protocol import Progress, Samples
 from kvferry.daemon.runner import ModelRunner
 from kvferry.daemon.scheduler import PrefillScheduler
 from kvferry.daemon.sequence import SamplingParams, Sequence
@@ -48,8 +48,10 @@ class PrefillEngine:
         self.group = group or TPGroup()
         self.rooms: dict[int, _Room] = {}
         self.done: list[RoomDone] = []  # drained by take_progress()
-        self.forward_s: list[float] = []  # host time of each forward, drained by take_samples()
-        self.transfer_s: list[float] = []  # last chunk computed to delivered on every rank
+        self.samples = Samples()  # drained by the caller
+        self.marks = _LayerMarks(
+            agent.config.layer_group, runner.model.config.num_hidden_layers, runner.kv.device
+        )
 
     @property
     def busy(self) -> bool:
@@ -78,12 +80,6 @@ class PrefillEngine:
         progress, self.done = Progress(done=self.done), []
         return progress
 
-    def take_samples(self) -> tuple[list[float], list[float]]:
-        """(forward times, transfer times) since the last call."""
-        samples = self.forward_s, self.transfer_s
-        self.forward_s, self.transfer_s = [], []
-        return samples
-
     def abort(self, room: int, reason: str) -> None:
         """Stop computing and sending `room`; its pages go back once its sender has let go."""
         entry = self.rooms.get(room)
@@ -98,14 +94,10 @@ class PrefillEngine:
         if not batch:
             return False
         began = time.perf_counter()
-        marks = _LayerMarks(
-            self.agent.config.layer_group,
-            self.runner.model.config.num_hidden_layers,
-            self.runner.kv.device,
-        )
-        logits = self.runner.forward(batch, after_layer=marks.record if marks.active else None)
+        marks = self.marks.begin()
+        logits = self.runner.forward(batch, after_layer=marks)
         ready, firsts = self._first_tokens(batch, logits)
-        self.forward_s.append(time.perf_counter() - began)
+        self.samples.forward_s.append(time.perf_counter() - began)
         rooms = {entry.seq.id: (room, entry) for room, entry in self.rooms.items()}
         for work in batch:
             _, entry = rooms[work.seq.id]
@@ -116,7 +108,7 @@ class PrefillEngine:
                     ready,
                     first_token=firsts.get(work.seq.id),
                     last=work.completes_prompt,
-                    layers_ready=marks.events,
+                    layers_ready=self.marks.events,
                 )
         for seq in self.scheduler.computed(batch):
             seq.finish("prefilled")
@@ -127,12 +119,10 @@ class PrefillEngine:
         """(event after the forward and the sampling, {seq id: its first token as a one-element
         host tensor}) — sampled on the device and copied out asynchronously; the sender reads
         the value only after the event has fired."""
-        done = [work for work in batch if work.completes_prompt]
-        if not done:
+        future = self.runner.sample_prompt_ends(batch, logits)
+        if future is None:
             return _forward_event(self.runner.kv.device), {}
-        rows = [i for i, work in enumerate(batch) if work.completes_prompt]
-        future = self.runner.sample_async(logits[rows], done)
-        firsts = {work.seq.id: future.host[i] for i, work in enumerate(done)}
+        firsts = {work.seq.id: future.host[i] for i, work in enumerate(future.batch)}
         return future.event, firsts
 
     def _settle(self) -> None:
@@ -154,19 +144,24 @@ class PrefillEngine:
             self.runner.blocks.deallocate(entry.seq.id)
             self.runner.sampler.forget(entry.seq.id)
             if error is None and entry.computed_at is not None:
-                self.transfer_s.append(time.monotonic() - entry.computed_at)
+                self.samples.transfer_s.append(time.monotonic() - entry.computed_at)
             self.done.append(RoomDone(room, error))
 
 
 class _LayerMarks:
-    """Events on the compute stream after every `group` layers of one forward (none after the
+    """Events on the compute stream after every `group` layers of a forward (none after the
     last layer: the forward's own event covers it). Inactive on a CPU, where the forward is
     done when it returns, and in whole-chunk mode."""
 
     def __init__(self, group: int, num_layers: int, device: torch.device) -> None:
         self.group, self.num_layers = group, num_layers
         self.active = bool(group) and device.type == "cuda" and group < num_layers
-        self.events: list[tuple[int, torch.cuda.Event]] = []
+        self.events: list[tuple[int, torch.cuda.Event]] = []  # of the latest forward
+
+    def begin(self):
+        """For the next forward: the `after_layer` hook to give it, None when inactive."""
+        self.events = []
+        return self.record if self.active else None
 
     def record(self, layers_done: int) -> None:
         if layers_done % self.group == 0 and layers_done < self.num_layers:

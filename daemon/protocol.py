@@ -49,6 +49,22 @@ class Fatal:
     error: str
 
 
+@dataclass
+class Samples:
+    """Latency samples an engine collects between snapshots: host time of each forward, and
+    each request's transfer (decode: pages reserved to KV on every rank; prefill: last chunk
+    computed to delivered on every rank)."""
+
+    forward_s: list[float] = field(default_factory=list)
+    transfer_s: list[float] = field(default_factory=list)
+
+    def take(self) -> Samples:
+        """What was collected since the last take; starts afresh."""
+        taken = Samples(self.forward_s, self.transfer_s)
+        self.forward_s, self.transfer_s = [], []
+        return taken
+
+
 @dataclass(frozen=True)
 class Progress:
     """Rank 0's engine output of one step: decode `outputs` and `reserved` rooms, prefill
@@ -82,8 +98,8 @@ class Snapshot:
     peers: list[str]
     forward_s: list[float]
     transfer_s: list[float]
-    rooms_succeeded: int = 0  # rooms this rank delivered (prefill) or took in (decode)
-    transfer_cpu_s: float = 0.0  # CPU time of the rank's transfer thread
-    engine_cpu_s: float = 0.0  # CPU time of the rank's engine thread (scheduling, launches)
-    kv_pool_bytes: int = 0
-    memory_peak: int = 0  # peak bytes held by the torch allocator (0 on a CPU)
+    rooms_succeeded: int  # rooms this rank delivered (prefill) or took in (decode)
+    transfer_cpu_s: float  # CPU time of the rank's transfer thread
+    engine_cpu_s: float  # CPU time of the rank's engine thread (scheduling, launches)
+    kv_pool_bytes: int
+    memory_peak: int  # peak bytes held by the torch allocator (0 on a CPU)

@@ -60,6 +60,14 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, seqs) -> list[int]:
         return self.sampler.sample(logits, seqs)
 
+    def sample_prompt_ends(self, batch: list[Work], logits: torch.Tensor) -> Future | None:
+        """`sample_async` for the work items that complete their prompt (their first token);
+        None when no item does."""
+        rows = [i for i, work in enumerate(batch) if work.completes_prompt]
+        if not rows:
+            return None
+        return self.sample_async(logits[rows], [batch[i] for i in rows])
+
     def sample_async(self, logits: torch.Tensor, batch: list[Work]) -> Future:
         """Sample without waiting for the device: the tokens stay on it (for the next step's
         inputs) and are copied to pinned host memory, ready once `event` fires."""

@@ -143,7 +143,7 @@ class Worker:
         ring = self.agent.ring
         data, stats = core.data, core.stats
         blocks = engine.runner.blocks
-        forward_s, transfer_s = engine.take_samples()
+        samples = engine.samples.take()
         return protocol.Snapshot(
             rank=self.rank,
             rooms=rooms,
@@ -162,8 +162,8 @@ class Worker:
             bad_frames=stats.bad_frames,
             failures=dict(stats.failures),
             peers=core.peers.active(),
-            forward_s=forward_s,
-            transfer_s=transfer_s,
+            forward_s=samples.forward_s,
+            transfer_s=samples.transfer_s,
             rooms_succeeded=stats.rooms_succeeded,
             transfer_cpu_s=core.loop.cpu_seconds(),
             engine_cpu_s=time.thread_time(),

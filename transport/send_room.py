@@ -99,6 +99,7 @@ class SendRoom:
         self.dst_tp: int | None = None
         self.chunk_tokens: int | None = None
         self.layer_group: int | None = None
+        self.groups: list[range] = []  # the layers of each piece of a chunk, once registered
         self.first_token: int | None = None
         self.input_done = False
         self.in_flight = 0  # work items queued, staged or sending
@@ -125,7 +126,7 @@ class SendRoom:
         if self.num_tokens is None:
             self.num_tokens = handle.num_tokens
 
-    def register(self, msg: RegisterRoom) -> str | None:
+    def register(self, msg: RegisterRoom, num_layers: int) -> str | None:
         """Record one decode rank's registration; an error string if it contradicts the room."""
         if self.num_tokens is not None and msg.num_tokens != self.num_tokens:
             return (
@@ -142,6 +143,7 @@ class SendRoom:
             return f"mismatch: decode rank {msg.layout.tp_rank} registered twice"
         self.num_tokens = msg.num_tokens
         self.dst_tp, self.chunk_tokens, self.layer_group = proposal
+        self.groups = layer_groups(num_layers, msg.layer_group)
         return None
 
     def add_tokens(

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from kvferry.staging.kv_copy import KVPlanes
-from kvferry.staging.layout import KVLayout, layer_groups
+from kvferry.staging.layout import KVLayout
 from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import request
@@ -148,7 +148,7 @@ class PrefillAgent:
             reason = room.status.reason if room else self._tombstones[msg.room][0]
             self.core.control.send(peer, ErrorReply(reason or "room already finished", msg.room))
             return
-        error = error or room.register(msg)
+        error = error or room.register(msg, self.layout.num_layers)
         if error:
             self.core.control.send(peer, ErrorReply(error, msg.room))
             self._fail(room, error, notify=True)
@@ -210,8 +210,7 @@ class PrefillAgent:
         if room.handle is None or not room.registered:
             return
         room.status.advance(KVPoll.WaitingForInput)
-        num_layers = self.layout.num_layers
-        groups = layer_groups(num_layers, room.layer_group)
+        num_layers, groups = self.layout.num_layers, room.groups
         for chunk, slots, ready in room.ready_chunks():
             for g, layers in enumerate(groups):  # all of group g, then g + 1: the forward's order
                 planes = self.planes.layers(layers, num_layers)

@@ -81,6 +81,8 @@ def snapshot(rank: int, **fields) -> Snapshot:
     values |= dict.fromkeys(("messages_received", "ring_waits", "ring_wait_s", "bad_frames"), 0)
     values |= {"rooms": {s.name: 0 for s in KVPoll}, "queues": {}, "failures": {}, "peers": []}
     values |= {"forward_s": [], "transfer_s": []}
+    values |= dict.fromkeys(("rooms_succeeded", "transfer_cpu_s", "engine_cpu_s"), 0)
+    values |= dict.fromkeys(("kv_pool_bytes", "memory_peak"), 0)
     return Snapshot(rank=rank, **(values | fields))
 
 
