@@ -17,7 +17,8 @@ the others still run):
             the same layer-wise, the same in slice mode, and homogeneous TP (decode TP =
             prefill TP)
 
-Then one table: every target of docs/benchmarks.md, what was measured, and the ratio.
+Then one table (bench/campaign_summary.py): every target of docs/benchmarks.md, what was
+measured, and the ratio.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ import time
 from pathlib import Path
 
 import yaml
+from campaign_summary import VARIANTS, print_table, read_json, summary_rows
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 STAGES = ("check", "kernels", "transfer", "perftest", "overlap", "e2e")
-VARIANTS = ("hetero", "layerwise", "slice", "homo")
 
 
 def parse_args() -> argparse.Namespace:
@@ -146,7 +147,7 @@ def stage_perftest(stage: Stage) -> None:
     if binary is None:
         stage.ok, stage.note = False, "ucx_perftest not found (libucx wheel: libucx/bin)"
         return
-    transfer = _read_json(stage.args.out_dir / "transfer.json")
+    transfer = read_json(stage.args.out_dir / "transfer.json")
     size = 16 << 20 if stage.args.quick else 256 << 20
     if transfer:
         size = min(size, int(transfer["rows"][1]["request_mib"] * 2**20))
@@ -264,142 +265,8 @@ def deployment_variant(base: dict, variant: str, layer_group: int) -> dict:
     return raw
 
 
-# --- the summary -----------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=1) + "\n")
-
-
-class Row:
-    """One line of the summary: a measured figure against its target (None: reported only)."""
-
-    def __init__(self, what: str, value: float | None, target: float | None, unit: str = "x",
-                 higher_is_better: bool = True, detail: str = "") -> None:  # fmt: skip
-        self.what, self.value, self.target, self.unit = what, value, target, unit
-        self.higher, self.detail = higher_is_better, detail
-
-    @property
-    def verdict(self) -> str:
-        if self.value is None:
-            return "not measured"
-        if self.target is None:
-            return "reported"
-        met = self.value >= self.target if self.higher else self.value <= self.target
-        return "met" if met else "MISSED"
-
-    def cells(self) -> list[str]:
-        fmt = (lambda v: f"{v:.0%}") if self.unit == "%" else (lambda v: f"{v:.3g}{self.unit}")
-        target = "" if self.target is None else ("≥ " if self.higher else "≤ ") + fmt(self.target)
-        value = "-" if self.value is None else fmt(self.value)
-        return [self.what, value, target, self.verdict, self.detail]
-
-    def as_dict(self) -> dict:
-        return {
-            "what": self.what,
-            "value": self.value,
-            "target": self.target,
-            "unit": self.unit,
-            "verdict": self.verdict,
-            "detail": self.detail,
-        }
-
-
-def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
-    rows: list[Row] = []
-    kernels = _read_json(out_dir / "kernels.json")
-    if kernels:
-        large = [r for r in kernels["rows"] if r["mib"] >= 64] or kernels["rows"]
-        sliced = [r for r in kernels["rows"] if r["heads"] < kernels["args"]["heads"]]
-        sliced = sliced or kernels["rows"]
-        where = f"{kernels['device']}, launches ≥ 64 MiB"
-        for op in ("gather", "scatter"):
-            worst = min(r[f"{op}_vs_roofline"] for r in large)
-            rows.append(Row(f"{op} vs copy roofline (worst)", worst, 0.9, "%", detail=where))
-        best = max(r["gather_vs_torch"] for r in sliced)
-        worst = min(r["gather_vs_torch"] for r in sliced)
-        rows.append(Row("gather vs torch indexing, head slices (worst)", worst, 10.0,
-                        detail=f"best {best:.3g}x"))  # fmt: skip
-    transfer = _read_json(out_dir / "transfer.json")
-    perftest = _read_json(out_dir / "perftest.json")
-    if transfer:
-        raw, staged, sliced = transfer["rows"]
-        rows.append(Row("staged vs raw ucxx, same bytes", staged["gbps"] / raw["gbps"], 0.9, "%",
-                        detail=f"{staged['gbps']:.3g} vs {raw['gbps']:.3g} GB/s"))  # fmt: skip
-        if sliced["gbps"] and sliced["gbps"] == sliced["gbps"]:  # not NaN
-            rows.append(Row("staged vs per-token slices", staged["gbps"] / sliced["gbps"], 50.0))
-        args = transfer["args"]
-        chunks = -(-args["tokens"] // args["chunk"])
-        pairs = staged["messages_per_request"] / chunks
-        detail = f"{staged['messages_per_request']} messages, {chunks} chunks"
-        rows.append(Row("UCX messages per request / (chunks x writers)",
-                        staged["messages_per_request"] / (chunks * max(pairs, 1)), 1.0,
-                        higher_is_better=False, detail=detail))  # fmt: skip
-        if perftest and perftest.get("gbps"):
-            rows.append(Row("raw ucxx vs ucx_perftest", raw["gbps"] / perftest["gbps"], None, "%",
-                            detail=f"perftest {perftest['gbps']:.3g} GB/s"))  # fmt: skip
-    overlap = _read_json(out_dir / "overlap.json")
-    if overlap:
-        for run in overlap["runs"][1:]:
-            rows.append(Row(f"prefill throughput with transfers, {run['name']}",
-                            run["throughput_ratio"], 0.95, "%"))  # fmt: skip
-            rows.append(Row(f"TTFT overhead vs colocated, {run['name']}",
-                            run["latency_overhead"], None, "%",
-                            detail=f"{run['latency_ms']:.3g} vs "
-                                   f"{overlap['runs'][0]['latency_ms']:.3g} ms"))  # fmt: skip
-    e2e = {v: _read_json(out_dir / f"e2e-{v}.json") for v in VARIANTS}
-    homo = e2e.get("homo")
-    for variant in ("hetero", "layerwise", "slice"):
-        result = e2e.get(variant)
-        if not (result and homo):
-            continue
-        theirs = {p["value"]: p for p in homo["points"]}
-        for point in result["points"]:
-            other = theirs.get(point["value"])
-            if other and other["output_throughput"]:
-                ratio = point["output_throughput"] / other["output_throughput"]
-                target = 0.95 if variant == "hetero" else None
-                rows.append(Row(f"{variant} vs homogeneous output tok/s, c={point['value']:g}",
-                                ratio, target, "%",
-                                detail=f"{point['output_throughput']:.4g} vs "
-                                       f"{other['output_throughput']:.4g}"))  # fmt: skip
-    hetero = e2e.get("hetero")
-    if hetero:
-        for role in ("prefill", "decode"):
-            values = [p["control_cpu_us"].get(role) for p in hetero["points"]]
-            values = [v for v in values if v is not None]
-            if values:
-                on_cpu = "" if gpu else "CPU: copies run on this thread too"
-                rows.append(Row(f"control-plane CPU per request, {role} (worst point)",
-                                max(values), 200.0, " us", higher_is_better=False,
-                                detail=on_cpu))  # fmt: skip
-        peak = max(p.get("memory_peak_bytes", 0) for p in hetero["points"])
-        if peak:
-            point = hetero["points"][-1]
-            pool, ring = point["kv_pool_bytes"] / 2**30, point["ring_capacity_bytes"] / 2**30
-            detail = f"KV pool {pool:.3g} GiB, staging ring {ring:.3g} GiB"
-            rows.append(Row("peak device memory (torch allocator)", peak / 2**30, None, " GiB",
-                            detail=detail))  # fmt: skip
-    return rows
-
-
-def print_table(rows: list[Row], stages: list[Stage]) -> None:
-    header = ["figure", "measured", "target", "verdict", "detail"]
-    cells = [header, *(row.cells() for row in rows)]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    print()
-    for line in cells:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
-    for stage in stages:
-        state = {True: "ok", False: "FAILED", None: "skipped"}[stage.ok]
-        print(f"stage {stage.name}: {state} {stage.note}".rstrip())
 
 
 def main() -> None:
@@ -415,7 +282,10 @@ def main() -> None:
         runners[name](stage)
         stages.append(stage)
     rows = summary_rows(args.out_dir, args.gpu)
-    print_table(rows, stages)
+    print_table(rows)
+    for stage in stages:
+        state = {True: "ok", False: "FAILED", None: "skipped"}[stage.ok]
+        print(f"stage {stage.name}: {state} {stage.note}".rstrip())
     _write_json(
         args.out_dir / "summary.json",
         {
