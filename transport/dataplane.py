@@ -22,6 +22,11 @@ import torch
 U64 = 1 << 64
 
 
+class InvalidAddress(ValueError):
+    """A peer-supplied data-plane address that cannot be connected to (refused before the
+    backend ever parses it)."""
+
+
 class Request:
     """A send or receive in flight."""
 
@@ -59,7 +64,8 @@ class DataPlane:
         raise NotImplementedError
 
     def endpoint(self, address: bytes, on_error: Callable[[str], None]):
-        """The (cached) endpoint to the peer at `address`; `on_error` fires if it breaks."""
+        """The (cached) endpoint to the peer at `address`; `on_error` fires if it breaks.
+        Raises InvalidAddress for an address this backend cannot use."""
         endpoint = self._endpoints.get(address)
         if endpoint is None:
             endpoint = self._connect(address, on_error)
