@@ -16,7 +16,7 @@ else
 endif
 
 .PHONY: setup run test test-gpu lint bench-ring bench-kernels bench-transfer bench-overlap \
-	bench-campaign clean
+	bench-campaign fuzz clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ bench-overlap: $(STAMP)
 
 bench-campaign: $(STAMP)
 	$(BIN)/python bench/campaign.py
+
+# 20,000 hostile frames at each of the default deployment's sockets (120,000 in all), then the
+# checks: every process alive, /health ok, the same completion, fds/threads/RSS bounded.
+fuzz: $(STAMP)
+	$(BIN)/kvferry fuzz --config deploy/local.yaml --frames 20000 --json fuzz.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

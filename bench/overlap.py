@@ -100,7 +100,12 @@ class Bench:
 
         cuda = (device.index or 0) if device.type == "cuda" else None
         self.agent = PrefillAgent(
-            config, layout, self.runner.planes, UcxDataPlane(tls, cuda), self.server.address
+            config,
+            layout,
+            self.runner.planes,
+            UcxDataPlane(tls, cuda),
+            self.server.address,
+            self.server.token,
         )
         slots = args.prompt * args.requests
         shape = (2 * cfg.num_hidden_layers, slots, model.local_kv, cfg.head_dim)

@@ -60,7 +60,7 @@ class Side:
             plane = UcxDataPlane(a.tls, cuda)
             planes = KVPlanes.from_cache(cache)
             agent = (
-                PrefillAgent(config, layout, planes, plane, bootstrap)
+                PrefillAgent(config, layout, planes, plane, bootstrap, self.server.token)
                 if role == "prefill"
                 else DecodeAgent(config, layout, planes, plane)
             )

@@ -19,6 +19,7 @@ import yaml
 
 from kvferry.daemon.cli_bench import bench
 from kvferry.daemon.cli_common import CONFIG_PATH, SECONDS, note, stop_on_sigterm
+from kvferry.daemon.cli_fuzz import fuzz
 from kvferry.daemon.client import (
     DEFAULT_URL,
     ClientError,
@@ -367,6 +368,7 @@ def _calling_on_signals(callback):
 
 
 main.add_command(bench)
+main.add_command(fuzz)
 
 if __name__ == "__main__":
     main()

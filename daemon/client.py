@@ -95,7 +95,8 @@ class DaemonClient:
         self._prefix = parts.path.rstrip("/")
 
     def health(self) -> dict:
-        """GET /health; a daemon still starting (503) raises ServerError."""
+        """GET /health; a daemon that cannot serve now (503: starting, stopping, failed, or
+        decode with no reachable prefill) raises ServerError."""
         return self._get("/health")
 
     def is_ready(self) -> bool:

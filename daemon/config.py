@@ -74,9 +74,21 @@ class SchedulerSection(_Section):
     max_running: int = 32  # decode batch size
     max_prompt_tokens: int = 4096
     request_timeout_s: float = 600.0  # a request still unfinished after this fails
+    # prefill: prompts held until a decode rank registers their room (no forward runs before),
+    # from one submitting host and from all of them; more are refused
+    max_unregistered_prompts_per_peer: int = 128
+    max_unregistered_prompts: int = 512
 
     def __post_init__(self) -> None:
-        _positive(self, "chunk_tokens", "max_batch_tokens", "max_running", "max_prompt_tokens")
+        _positive(
+            self,
+            "chunk_tokens",
+            "max_batch_tokens",
+            "max_running",
+            "max_prompt_tokens",
+            "max_unregistered_prompts_per_peer",
+            "max_unregistered_prompts",
+        )
         if not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s={self.request_timeout_s} must be > 0")
 

@@ -149,6 +149,7 @@ class DecodeEngine:
 
     def _take(self, future) -> None:
         tokens = future.result()
+        self._fail_draws(future.errors)
         over = {seq.id for seq in self.scheduler.sampled(future.batch, tokens)}
         for work, token in zip(future.batch, tokens, strict=True):
             request = self.running.get(work.seq.id)
@@ -161,6 +162,16 @@ class DecodeEngine:
             request = self.running.get(seq_id)
             if request is not None:
                 self._forget(request)
+
+    def _fail_draws(self, errors: dict[int, str]) -> None:
+        """Sequences whose draw failed end with that error before their tokens are taken in:
+        finished, their placeholder tokens are dropped, and their pages go once no step in
+        flight uses them — the rest of the batch carries on."""
+        for seq_id, error in errors.items():
+            request = self.running.get(seq_id)
+            if request is not None and not request.seq.finished:
+                request.seq.finish("error")
+                self.outputs.append(Output(request.room, [], "error", error))
 
     def _reserve(self) -> None:
         """FIFO: the oldest queued request takes pages first, later ones wait behind it."""

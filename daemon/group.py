@@ -18,7 +18,8 @@ from kvferry.transport.room import KVPoll
 
 
 class Verdict(enum.Enum):
-    WAIT = "wait"  # some rank is still transferring
+    BOOTSTRAPPING = "bootstrapping"  # some rank's peers have not all registered the room yet
+    WAIT = "wait"  # registered on every rank; some rank is still transferring
     SUCCESS = "success"  # every rank has its KV
     FAILED = "failed"  # some rank failed: every rank gives the room up
 
@@ -45,17 +46,21 @@ class TPGroup:
 
     def verdicts(self, states: list[KVPoll]) -> list[Verdict]:
         """One verdict per room from every rank's state of it (same rooms, same order)."""
-        if self.size > 1 and states:
-            flags = torch.tensor(
-                [[s != KVPoll.Success for s in states], [s == KVPoll.Failed for s in states]],
-                dtype=torch.int32,
-            )
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
-            pending, failed = flags.tolist()
-        else:
-            pending = [s != KVPoll.Success for s in states]
-            failed = [s == KVPoll.Failed for s in states]
-        return [
-            Verdict.FAILED if f else Verdict.WAIT if p else Verdict.SUCCESS
-            for p, f in zip(pending, failed, strict=True)
+        flags = [
+            [s != KVPoll.Success for s in states],
+            [s == KVPoll.Failed for s in states],
+            [s == KVPoll.Bootstrapping for s in states],
         ]
+        if self.size > 1 and states:  # any rank's flag counts: one MAX all-reduce
+            reduced = torch.tensor(flags, dtype=torch.int32)
+            dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=self.process_group)
+            flags = reduced.tolist()
+        return [_verdict(*room) for room in zip(*flags, strict=True)]
+
+
+def _verdict(pending: int, failed: int, bootstrapping: int) -> Verdict:
+    if failed:
+        return Verdict.FAILED
+    if bootstrapping:
+        return Verdict.BOOTSTRAPPING
+    return Verdict.WAIT if pending else Verdict.SUCCESS

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,7 +49,9 @@ def start_http(daemon, host: str, port: int) -> ThreadingHTTPServer:
     handler = type("Handler", (_Handler,), {"daemon": daemon})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="kvferry-http", daemon=True).start()
+    # the daemon watches this thread: without it nobody can reach the daemon
+    server.thread = threading.Thread(target=server.serve_forever, name="kvferry-http", daemon=True)
+    server.thread.start()
     return server
 
 
@@ -68,11 +71,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         try:
             if path == "/health":
-                state = self.daemon.state
-                body = {"status": "ok" if state == "serving" else state}
-                body |= {"role": self.daemon.config.role, "name": self.daemon.name}
-                body["pid"] = os.getpid()
-                self._json(200 if state == "serving" else 503, body)
+                self._json(*self.daemon.health())
             elif path == "/status":
                 self._json(200, self.daemon.status())
             elif path == "/metrics":
@@ -117,6 +116,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise HTTPError(400, f"bad request body: {exc}") from None
         except msgspec.DecodeError as exc:
             raise HTTPError(400, f"body is not valid JSON: {exc}") from None
+        except RecursionError:  # msgspec walks the fields it skips recursively too
+            raise HTTPError(400, "body is nested too deeply") from None
 
     def _completion(self, body: CompletionRequest) -> None:
         from kvferry.daemon.serve import Unavailable
@@ -142,14 +143,22 @@ class _Handler(BaseHTTPRequestHandler):
             daemon.abort(request.room, "client went away")
 
     def _events(self, request):
-        """(new tokens, finish) as they come; aborts the request if the daemon stops
-        answering."""
+        """(new tokens, finish) as they come; ConnectionResetError once the client has gone
+        (checked every POLL_S, tokens or not: a non-streaming answer writes nothing until the
+        end), HTTPError if the daemon stops answering."""
+        check_at = time.monotonic() + POLL_S
         while True:
             try:
                 tokens, finish = request.events.get(timeout=POLL_S)
             except queue.Empty:
                 if request.finish is None and time.monotonic() > request.deadline + 30:
                     raise HTTPError(504, "request lost: no answer from the ranks") from None
+                tokens, finish = None, None
+            if finish is None and time.monotonic() >= check_at:
+                check_at = time.monotonic() + POLL_S
+                if _client_gone(self.connection):
+                    raise ConnectionResetError("the client closed its connection")
+            if tokens is None:
                 continue
             yield tokens, finish
             if finish is not None:
@@ -222,6 +231,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+def _client_gone(sock: socket.socket) -> bool:
+    """Whether the client has closed its end: the socket reads as end of file. A client waiting
+    for its answer sends nothing, so a readable socket that is not at its end holds a pipelined
+    next request, which stays unread."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:  # reset, or closed under us
+        return True
 
 
 def _failure(error: str) -> tuple[int, str, str]:

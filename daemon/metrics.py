@@ -41,6 +41,11 @@ _COUNTERS = (
     ("kvferry_ring_wait_seconds", "Time chunks spent waiting for staging room", "ring_wait_s"),
     ("kvferry_bad_frames", "Malformed or unexpected control frames refused", "bad_frames"),
     (
+        "kvferry_transfer_internal_errors",
+        "Control messages or rooms whose handling raised on the transfer thread (the room failed)",
+        "internal_errors",
+    ),
+    (
         "kvferry_transfer_rooms",
         "Rooms this rank delivered (prefill) or took in (decode)",
         "rooms_succeeded",
@@ -109,6 +114,12 @@ class Metrics:
             "kvferry_request_failures", "Failed requests, by reason", ["reason"], registry=r
         )
         self.in_flight = Gauge("kvferry_requests_in_flight", "Requests in flight", registry=r)
+        self.prefill_reachable = Gauge(
+            "kvferry_prefill_reachable",
+            "Decode: 1 when the prefill daemon's bootstrap server answered the last probe",
+            ["prefill"],
+            registry=r,
+        )
 
     def take(self, snapshot: Snapshot) -> None:
         with self._lock:

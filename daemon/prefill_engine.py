@@ -1,7 +1,12 @@
 """Prefill role on one rank: chunked prefill, each chunk's KV handed to its room's KVSender as
 soon as the forward that wrote it is queued — with an event every `transfer.layer_group` layers,
 so layer-wise messages leave while later layers compute; the first token travels with the last
-chunk."""
+chunk.
+
+A submitted prompt is held — no forward, no KV pages — until a decode rank has registered its
+room with every prefill rank (the ranks agree on it in `TPGroup.verdicts`): only then is the
+prompt known to be wanted by the decode side. A room nobody registers fails at the transfer's
+bootstrap timeout, having cost nothing but its place in `rooms`."""
 
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ class RoomDone:
 class _Room:
     seq: Sequence
     sender: KVSender
+    admitted: bool = False  # registered on every rank: in the scheduler
     computed_at: float | None = None  # when the prompt's last chunk was queued
 
 
@@ -48,6 +54,7 @@ class PrefillEngine:
         self.group = group or TPGroup()
         self.rooms: dict[int, _Room] = {}
         self.done: list[RoomDone] = []  # drained by take_progress()
+        self.admitted: list[int] = []  # rooms handed to the scheduler; drained likewise
         self.samples = Samples()  # drained by the caller
         self.marks = _LayerMarks(
             agent.config.layer_group, runner.model.config.num_hidden_layers, runner.kv.device
@@ -58,11 +65,12 @@ class PrefillEngine:
         return bool(self.rooms)
 
     def submit(self, room: int, prompt: list[int], params: SamplingParams) -> Sequence:
-        """Queue `prompt` for room `room`; ValueError when it can never fit."""
+        """Hold `prompt` for room `room` until the room is registered; ValueError when it can
+        never fit."""
         if room in self.rooms:
             raise ValueError(f"room {room} is already in use")
         seq = Sequence(prompt, params)
-        self.scheduler.add(seq)
+        self.scheduler.check(seq)
         self.rooms[room] = _Room(seq, self.agent.sender(room, len(prompt)))
         return seq
 
@@ -74,10 +82,16 @@ class PrefillEngine:
         return list(self.rooms)
 
     def queues(self) -> dict[str, int]:
-        return {"prefilling": len(self.scheduler.waiting), "sending": len(self.rooms)}
+        held = sum(not entry.admitted for entry in self.rooms.values())
+        return {
+            "registering": held,
+            "prefilling": len(self.scheduler.waiting),
+            "sending": len(self.rooms) - held,
+        }
 
     def take_progress(self) -> Progress:
-        progress, self.done = Progress(done=self.done), []
+        progress = Progress(reserved=self.admitted, done=self.done)
+        self.admitted, self.done = [], []
         return progress
 
     def abort(self, room: int, reason: str) -> None:
@@ -96,11 +110,14 @@ class PrefillEngine:
         began = time.perf_counter()
         marks = self.marks.begin()
         logits = self.runner.forward(batch, after_layer=marks)
-        ready, firsts = self._first_tokens(batch, logits)
+        ready, firsts, failed = self._first_tokens(batch, logits)
         self.samples.forward_s.append(time.perf_counter() - began)
         rooms = {entry.seq.id: (room, entry) for room, entry in self.rooms.items()}
         for work in batch:
             _, entry = rooms[work.seq.id]
+            if work.seq.id in failed:  # its first token could not be drawn: the room fails
+                entry.sender.abort(failed[work.seq.id])  # and is settled like any failure
+                continue
             slots = self.runner.blocks.slots(work.seq.id, work.start, work.count)
             with contextlib.suppress(TransferFailed):  # settled with the other ranks next step
                 entry.sender.add_tokens(
@@ -117,22 +134,25 @@ class PrefillEngine:
 
     def _first_tokens(self, batch, logits):
         """(event after the forward and the sampling, {seq id: its first token as a one-element
-        host tensor}) — sampled on the device and copied out asynchronously; the sender reads
-        the value only after the event has fired."""
+        host tensor}, {seq id: why its draw failed}) — sampled on the device and copied out
+        asynchronously; the sender reads the value only after the event has fired."""
         future = self.runner.sample_prompt_ends(batch, logits)
         if future is None:
-            return _forward_event(self.runner.kv.device), {}
+            return _forward_event(self.runner.kv.device), {}, {}
         firsts = {work.seq.id: future.host[i] for i, work in enumerate(future.batch)}
-        return future.event, firsts
+        return future.event, firsts, future.errors
 
     def _settle(self) -> None:
-        """Rooms delivered on every rank, or failed on any, leave: the prompt stops computing
-        and its pages are freed (a failed room's sender is aborted here first, so nothing reads
-        the pages afterwards)."""
+        """Rooms now registered on every rank go to the scheduler; rooms delivered on every
+        rank, or failed on any, leave: the prompt stops computing and its pages are freed (a
+        failed room's sender is aborted here first, so nothing reads the pages afterwards)."""
         rooms = list(self.rooms.items())
         verdicts = self.group.verdicts([entry.sender.poll() for _, entry in rooms])
         for (room, entry), verdict in zip(rooms, verdicts, strict=True):
+            if verdict is Verdict.BOOTSTRAPPING:
+                continue
             if verdict is Verdict.WAIT:
+                self._admit(room, entry)
                 continue
             error = None
             if verdict is Verdict.FAILED:
@@ -146,6 +166,12 @@ class PrefillEngine:
             if error is None and entry.computed_at is not None:
                 self.samples.transfer_s.append(time.monotonic() - entry.computed_at)
             self.done.append(RoomDone(room, error))
+
+    def _admit(self, room: int, entry: _Room) -> None:
+        if not entry.admitted:  # every rank admits at the same step, in submission order
+            entry.admitted = True
+            self.scheduler.add(entry.seq)
+            self.admitted.append(room)
 
 
 class _LayerMarks:

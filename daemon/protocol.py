@@ -67,8 +67,9 @@ class Samples:
 
 @dataclass(frozen=True)
 class Progress:
-    """Rank 0's engine output of one step: decode `outputs` and `reserved` rooms, prefill
-    `done` rooms."""
+    """Rank 0's engine output of one step: decode `outputs`; `reserved` rooms (decode: their
+    pages are reserved; prefill: a decode rank registered them, their prompts are scheduled);
+    prefill `done` rooms."""
 
     outputs: list = field(default_factory=list)  # decode_engine.Output
     reserved: list[int] = field(default_factory=list)
@@ -103,3 +104,6 @@ class Snapshot:
     engine_cpu_s: float  # CPU time of the rank's engine thread (scheduling, launches)
     kv_pool_bytes: int
     memory_peak: int  # peak bytes held by the torch allocator (0 on a CPU)
+    control_address: str = ""  # the rank's control ROUTER (where peers send frames)
+    pid: int = 0  # the rank's process
+    internal_errors: int = 0  # control messages or rooms whose handling raised (room failed)

@@ -29,7 +29,11 @@ class RankFailed(RuntimeError):
 
 
 class Ranks:
-    def __init__(self, config: DaemonConfig, name: str, bootstrap: str | None) -> None:
+    def __init__(
+        self, config: DaemonConfig, name: str, bootstrap: str | None, token: bytes
+    ) -> None:
+        """`token`: what a prefill rank shows the bootstrap server at `bootstrap` to register;
+        it travels in the spawn arguments (pickled over a pipe), never in the environment."""
         ctx = mp.get_context("spawn")
         # The ranks meet through a file store: no port to pick, so nothing to race for.
         self._rendezvous = tempfile.mkdtemp(prefix=f"kvferry-{name}-")
@@ -40,7 +44,7 @@ class Ranks:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=worker_main,
-                args=(config, rank, dist_address, bootstrap, child),
+                args=(config, rank, dist_address, bootstrap, token, child),
                 name=f"{name}-rank{rank}",
             )
             proc.start()

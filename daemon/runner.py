@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from kvferry.daemon.block_manager import BlockManager
 from kvferry.daemon.model import Model, SeqBatch
-from kvferry.daemon.sampler import Sampler
+from kvferry.daemon.sampler import Sampled, Sampler
 from kvferry.daemon.scheduler import Work
 from kvferry.staging.kv_copy import KVPlanes
 
@@ -57,7 +57,7 @@ class ModelRunner:
             tokens[where] = future.tokens[source]
         return self.model.forward(tokens, torch.tensor(positions), seqs, self.kv, after_layer)
 
-    def sample(self, logits: torch.Tensor, seqs) -> list[int]:
+    def sample(self, logits: torch.Tensor, seqs) -> Sampled:
         return self.sampler.sample(logits, seqs)
 
     def sample_prompt_ends(self, batch: list[Work], logits: torch.Tensor) -> Future | None:
@@ -71,31 +71,34 @@ class ModelRunner:
     def sample_async(self, logits: torch.Tensor, batch: list[Work]) -> Future:
         """Sample without waiting for the device: the tokens stay on it (for the next step's
         inputs) and are copied to pinned host memory, ready once `event` fires."""
-        seqs = [work.seq for work in batch]
+        seqs, errors = [work.seq for work in batch], {}
         if any(seq.params.temperature > 0 for seq in seqs):  # sampling draws on the host
-            tokens = self.model.upload(torch.tensor(self.sampler.sample(logits, seqs)))
+            sampled = self.sampler.sample(logits, seqs)
+            tokens, errors = self.model.upload(torch.tensor(sampled.tokens)), sampled.errors
         else:
             tokens = logits.argmax(dim=-1)
         rows = {seq.id: row for row, seq in enumerate(seqs)}
         if tokens.device.type != "cuda":
-            return Future(batch, tokens, rows, tokens, None)
+            return Future(batch, tokens, rows, tokens, None, errors)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return Future(batch, tokens, rows, host, event)
+        return Future(batch, tokens, rows, host, event, errors)
 
 
 @dataclass
 class Future:
     """Tokens one step sampled: on the device (`tokens`, row per sequence id) and, once `event`
-    has fired, on the host (`host`)."""
+    has fired, on the host (`host`). `errors`: sequences whose draw failed (Sampled.errors);
+    their rows hold placeholders."""
 
     batch: list[Work]
     tokens: torch.Tensor
     rows: dict[int, int]
     host: torch.Tensor
     event: torch.cuda.Event | None
+    errors: dict[int, str] = field(default_factory=dict)
 
     def result(self) -> list[int]:
         """The host tokens; waits for the copy by polling its event, so the host never blocks

@@ -42,12 +42,16 @@ class PrefillScheduler:
         )
         self.waiting: deque[Sequence] = deque()
 
-    def add(self, seq: Sequence) -> None:
+    def check(self, seq: Sequence) -> None:
+        """ValueError when `seq` could never be scheduled (its prompt exceeds the cache)."""
         if self.blocks.pages_for(seq.num_prompt) > self.blocks.num_pages:
             raise ValueError(
                 f"a prompt of {seq.num_prompt} tokens exceeds the KV cache "
                 f"({self.blocks.num_pages} pages of {self.blocks.page_size})"
             )
+
+    def add(self, seq: Sequence) -> None:
+        self.check(seq)
         self.waiting.append(seq)
 
     def schedule(self) -> list[Work]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 from dataclasses import dataclass
 
 _ids = itertools.count(1)
+SEED_LIMIT = 1 << 64  # seeds travel to prefill as u64 and seed torch generators
 
 
 @dataclass(frozen=True)
@@ -20,10 +22,13 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        # `not` of a positive test: NaN fails every comparison, so it is refused too
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature={self.temperature} must be finite and >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed={self.seed} must be in [0, 2^64)")
 
 
 class SeqStatus(enum.Enum):

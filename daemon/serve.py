@@ -9,7 +9,6 @@ daemon submits the prompt to a prefill daemon; tokens come back in `Progress.out
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import queue
@@ -25,10 +24,12 @@ import zmq
 from kvferry.daemon import protocol
 from kvferry.daemon.config import DaemonConfig, check_against
 from kvferry.daemon.metrics import Metrics
+from kvferry.daemon.prefill_probe import PrefillProbe
+from kvferry.daemon.prompt_quota import PromptQuota
 from kvferry.daemon.ranks import RankFailed, Ranks
 from kvferry.daemon.sequence import SamplingParams
 from kvferry.daemon.tokenizer import ByteTokenizer, load_tokenizer
-from kvferry.transport.bootstrap import BootstrapServer
+from kvferry.transport.bootstrap import TOKEN_BYTES, BootstrapServer
 from kvferry.transport.control import request as control_request
 from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt, WireError
 
@@ -87,12 +88,20 @@ class Daemon:
         self.state = "starting"
         self.requests: dict[int, Request] = {}
         self.prefill_rooms: dict[int, float] = {}  # prefill: room -> when submitted
-        self._lock = threading.Lock()  # requests, prefill_rooms, and sends to rank 0
+        s = config.scheduler  # prefill: prompts whose room no decode rank registered yet
+        self.unregistered = PromptQuota(
+            s.max_unregistered_prompts_per_peer, s.max_unregistered_prompts
+        )
+        self._lock = threading.Lock()  # requests, prefill rooms, and sends to rank 0
         self._stop_reason: str | None = None
-        self._peers = itertools.cycle(config.prefill) if config.prefill else None
         self._zmq = zmq.Context()
         self._submitter = ThreadPoolExecutor(4, thread_name_prefix="kvferry-submit")
         self._codec = Codec(config.transfer.max_frame_bytes)
+        self.probe = (
+            PrefillProbe(config.prefill, self._zmq, self._codec, self.metrics.prefill_reachable)
+            if config.prefill
+            else None
+        )
         self.bootstrap: BootstrapServer | None = None
         self.http = None
         self.ranks: Ranks | None = None
@@ -120,15 +129,20 @@ class Daemon:
     def _start(self) -> None:
         c = self.config
         bootstrap_address = None
+        # only the ranks started here get it (spawn arguments, never the environment): nobody
+        # else can register as one of this daemon's ranks
+        token = secrets.token_bytes(TOKEN_BYTES)
         if c.role == "prefill":
             self.bootstrap = BootstrapServer(
-                c.tp, c.host, c.bootstrap_port, c.transfer.max_frame_bytes, self._on_submit
+                c.tp, token, c.host, c.bootstrap_port, c.transfer.max_frame_bytes, self._on_submit
             )
             bootstrap_address = self.bootstrap.address
         from kvferry.daemon.http_front import start_http
 
         self.http = start_http(self, c.host, c.http_port)
-        self.ranks = Ranks(c, self.name, bootstrap_address)
+        if self.probe is not None:
+            self.probe.start()
+        self.ranks = Ranks(c, self.name, bootstrap_address, token)
         self.ranks.wait_ready(c.start_timeout_s, lambda: self._stop_reason)
         self.state = "serving"
         where = f"http://{c.host}:{self.http.server_port}"
@@ -142,6 +156,9 @@ class Daemon:
                 self.ranks.take_reports(self._report, TICK_S)
             except RankFailed as exc:
                 return self._fail_all(str(exc))
+            dead = self._dead_thread()
+            if dead is not None:
+                return self._fail_all(f"{self.name}: the {dead} thread died")
             now = time.monotonic()
             self._expire(now)
             if self._stop_reason and stop_by is None:
@@ -150,6 +167,17 @@ class Daemon:
             if stop_by is not None and (not self._in_flight() or now > stop_by):
                 self._send(protocol.Stop(f"daemon stopping ({self._stop_reason})"))
                 return self._stop_ranks()
+
+    def _dead_thread(self) -> str | None:
+        """The daemon-side thread that is no longer running, if any: without it the daemon
+        cannot do its job, so it is a failure like a rank's."""
+        if not self.http.thread.is_alive():
+            return "HTTP server"
+        if self.bootstrap is not None and not self.bootstrap.alive:
+            return "bootstrap server"
+        if self.probe is not None and not self.probe.alive:
+            return "prefill probe"
+        return None
 
     def _report(self, message) -> None:
         if isinstance(message, protocol.Snapshot):
@@ -190,6 +218,8 @@ class Daemon:
         if self.bootstrap is not None:
             self.bootstrap.close()
         self._submitter.shutdown(wait=False, cancel_futures=True)
+        if self.probe is not None:
+            self.probe.stop()  # its sockets must be closed before the context ends
         self._zmq.term()
 
     def _send(self, command) -> None:
@@ -210,11 +240,14 @@ class Daemon:
             params = SamplingParams(
                 params.max_tokens, params.temperature, params.top_p, secrets.randbits(63)
             )
+        prefill = self.probe.pick()
+        if prefill is None:
+            raise Unavailable(f"no prefill daemon can be reached ({self.probe.why_none()})")
         with self._lock:
             room = secrets.randbits(64)
             while room in self.requests:
                 room = secrets.randbits(64)
-            request = Request(room, prompt, params, next(self._peers))
+            request = Request(room, prompt, params, prefill)
             request.deadline = request.created + self.config.scheduler.request_timeout_s
             self.requests[room] = request
         self.metrics.in_flight.inc()
@@ -235,6 +268,10 @@ class Daemon:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
 
     def _progress(self, progress: protocol.Progress) -> None:
+        if progress.reserved and self.config.role == "prefill":  # registered: admitted
+            with self._lock:
+                for room in progress.reserved:
+                    self.unregistered.release(room)
         for room in progress.reserved:
             request = self.requests.get(room)
             if request is not None:
@@ -259,6 +296,7 @@ class Daemon:
         for done in progress.done:
             with self._lock:
                 self.prefill_rooms.pop(done.room, None)
+                self.unregistered.release(done.room)
             self._count(done.error)
 
     def _submit_to_prefill(self, request: Request) -> None:
@@ -270,6 +308,9 @@ class Daemon:
             reply = control_request(self._zmq, self._codec, request.prefill, message, timeout)
         except (TimeoutError, WireError, zmq.ZMQError) as exc:
             reply = ErrorReply(str(exc))
+        except Exception as exc:  # this runs in a pool, which would keep it silent: fail now
+            log.exception("submitting room %#x to %s failed", request.room, request.prefill)
+            reply = ErrorReply(f"{type(exc).__name__}: {exc}")
         if not isinstance(reply, Ack):
             reason = reply.reason if isinstance(reply, ErrorReply) else f"unexpected {reply!r}"
             self.abort(request.room, f"prefill {request.prefill} refused the prompt: {reason}")
@@ -303,8 +344,9 @@ class Daemon:
 
     # --- prefill: prompts from decode daemons -----------------------------------------------
 
-    def _on_submit(self, message: SubmitPrompt):
-        """Bootstrap-server thread: a decode daemon's prompt for room `message.room`."""
+    def _on_submit(self, message: SubmitPrompt, peer: str):
+        """Bootstrap-server thread: a decode daemon's prompt for room `message.room`, from the
+        host `peer`. Held by the ranks until a decode rank registers the room."""
         if self.state != "serving" or self._stop_reason:
             return ErrorReply(f"prefill daemon {self.name} is not serving", room=message.room)
         try:
@@ -315,11 +357,24 @@ class Daemon:
         with self._lock:
             if message.room in self.prefill_rooms:
                 return ErrorReply(f"room {message.room} is already in use", room=message.room)
+            refused = self.unregistered.take(message.room, peer)
+            if refused:
+                return ErrorReply(f"prompt refused: {refused}", room=message.room)
             self.prefill_rooms[message.room] = time.monotonic()
         self._send(protocol.Submit(message.room, message.prompt, params))
         return Ack()
 
     # --- what the HTTP front shows ----------------------------------------------------------
+
+    def health(self) -> tuple[int, dict]:
+        """HTTP status and body of /health: 200 only while the daemon can serve a request."""
+        status = "ok" if self.state == "serving" else self.state
+        body = {"role": self.config.role, "name": self.name, "pid": os.getpid()}
+        if self.probe is not None:
+            body["prefill"] = self.probe.states()
+            if status == "ok" and not self.probe.any_usable():
+                status = "no_prefill"
+        return (200 if status == "ok" else 503), {"status": status, **body}
 
     def status(self) -> dict:
         snapshots = self.metrics.snapshots()
@@ -334,6 +389,7 @@ class Daemon:
             "state": self.state,
             "tp": self.config.tp,
             "requests": requests,
+            "prefill": self.probe.states() if self.probe is not None else [],
             "ranks": [
                 {
                     "rank": s.rank,
@@ -349,6 +405,8 @@ class Daemon:
                     "bytes_received": s.bytes_received,
                     "messages_sent": s.messages_sent,
                     "messages_received": s.messages_received,
+                    "control_address": s.control_address,
+                    "pid": s.pid,
                 }
                 for s in snapshots
             ],

@@ -34,8 +34,11 @@ IDLE_WAIT_S, PENDING_WAIT_S = 0.02, 0.001  # rank 0's wait for commands: nothing
 STOP_DRAIN_S = 5.0  # at stop: time for aborts to reach the peers
 
 
-def worker_main(config: DaemonConfig, rank: int, dist_address: str, bootstrap: str | None, conn):
-    """Process entry point: build the rank, report Ready (or Fatal), serve until Stop."""
+def worker_main(
+    config: DaemonConfig, rank: int, dist_address: str, bootstrap: str | None, token: bytes, conn
+):
+    """Process entry point: build the rank, report Ready (or Fatal), serve until Stop. A prefill
+    rank registers with the bootstrap server at `bootstrap` showing `token`."""
     # the daemon decides when its ranks stop (a terminal's Ctrl-C reaches the whole group)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -45,7 +48,7 @@ def worker_main(config: DaemonConfig, rank: int, dist_address: str, bootstrap: s
     )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, config.tp)))
     try:
-        worker = Worker(config, rank, dist_address, bootstrap, conn)
+        worker = Worker(config, rank, dist_address, bootstrap, token, conn)
     except Exception as exc:
         log.exception("rank %d failed to start", rank)
         conn.send(protocol.Fatal(rank, f"rank {rank} failed to start: {exc}"))
@@ -65,20 +68,31 @@ def worker_main(config: DaemonConfig, rank: int, dist_address: str, bootstrap: s
         worker.close()
 
 
+class TransferThreadDied(RuntimeError):
+    """The rank's transfer loop has stopped on its own."""
+
+
 class Worker:
     def __init__(
-        self, config: DaemonConfig, rank: int, dist_address: str, bootstrap: str | None, conn
+        self,
+        config: DaemonConfig,
+        rank: int,
+        dist_address: str,
+        bootstrap: str | None,
+        token: bytes,
+        conn,
     ) -> None:
         self.config, self.rank, self.conn = config, rank, conn
         self.device = _device(config, rank)
         self.group = _join_group(config, rank, dist_address, self.device)
-        self.engine = _build_engine(config, rank, self.device, self.group, bootstrap)
+        self.engine = _build_engine(config, rank, self.device, self.group, bootstrap, token)
         self.agent = self.engine.agent
         self._next_snapshot = 0.0
 
     def run(self) -> None:
         stop_at = None
         while True:
+            self._check_transfer_thread()
             commands = self.group.broadcast(self._take_commands() if self.group.leader else None)
             for command in commands:
                 if isinstance(command, protocol.Stop) and stop_at is None:
@@ -94,6 +108,13 @@ class Worker:
                     return
             if not forwarded and self.group.leader:
                 self._wait(PENDING_WAIT_S if self.engine.busy else IDLE_WAIT_S)
+
+    def _check_transfer_thread(self) -> None:
+        """Without its transfer thread no KV moves: the rank ends (Fatal), and with it the
+        daemon, rather than fail every request while looking alive."""
+        loop = self.agent.core.loop
+        if not loop.alive:
+            raise TransferThreadDied(f"the transfer thread died: {loop.error!r}")
 
     def close(self) -> None:
         self.agent.close()
@@ -160,6 +181,7 @@ class Worker:
             ring_waits=stats.ring_waits,
             ring_wait_s=stats.ring_wait_s,
             bad_frames=stats.bad_frames,
+            internal_errors=stats.internal_errors,
             failures=dict(stats.failures),
             peers=core.peers.active(),
             forward_s=samples.forward_s,
@@ -169,6 +191,8 @@ class Worker:
             engine_cpu_s=time.thread_time(),
             kv_pool_bytes=engine.runner.kv.numel() * engine.runner.kv.element_size(),
             memory_peak=_memory_peak(engine.runner.kv.device),
+            control_address=core.control.address,
+            pid=os.getpid(),
         )
 
 
@@ -212,7 +236,7 @@ def _join_group(config: DaemonConfig, rank: int, address: str, device: torch.dev
     return TPGroup(config.tp, rank, control)
 
 
-def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, bootstrap):
+def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, bootstrap, token):
     from kvferry.transport.ucx import UcxDataPlane
 
     model_config = config.model.model_config()
@@ -232,14 +256,14 @@ def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, boots
         config.model.name, config.model.dtype, config.cache.page_size, config.tp, rank
     )
     cuda = device.index if device.type == "cuda" else None
-    data = UcxDataPlane(config.transfer.ucx_tls, cuda)
+    data = UcxDataPlane(config.transfer.ucx_tls, cuda, config.transfer.host)
     s = config.scheduler
     if config.role == "prefill":
         from kvferry.daemon.prefill_engine import PrefillEngine
         from kvferry.daemon.scheduler import PrefillScheduler
         from kvferry.transport.sender import PrefillAgent
 
-        agent = PrefillAgent(config.transfer, layout, runner.planes, data, bootstrap)
+        agent = PrefillAgent(config.transfer, layout, runner.planes, data, bootstrap, token)
         scheduler = PrefillScheduler(blocks, s.chunk_tokens, s.max_batch_tokens)
         return PrefillEngine(runner, scheduler, agent, group)
     from kvferry.daemon.decode_engine import DecodeEngine

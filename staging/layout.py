@@ -21,6 +21,21 @@ DTYPE_BYTES = {
     "uint8": 1,
 }
 
+# Bounds on every size field: a layout may come from a peer, and planning and checking work
+# grows with these (planning loops over every rank); anything past them is refused on decode.
+MAX_TP_SIZE = 1024
+MAX_KV_HEADS = 1024
+MAX_LAYERS = 1024
+MAX_HEAD_DIM = 4096
+MAX_PAGE_SIZE = 1 << 16
+_BOUNDS = {
+    "num_layers": MAX_LAYERS,
+    "num_kv_heads": MAX_KV_HEADS,
+    "head_dim": MAX_HEAD_DIM,
+    "page_size": MAX_PAGE_SIZE,
+    "tp_size": MAX_TP_SIZE,
+}
+
 # The fields two sides must agree on to exchange KV; page size and TP layout may differ.
 COMPAT_FIELDS = ("model", "dtype", "head_dim", "num_kv_heads", "num_layers", "mla")
 
@@ -54,9 +69,9 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
     mla: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "tp_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name, bound in _BOUNDS.items():
+            if not 1 <= getattr(self, name) <= bound:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [1, {bound}]")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
         if self.mla and self.num_kv_heads != 1:

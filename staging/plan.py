@@ -8,6 +8,7 @@ MLA caches hold one latent head that every rank keeps whole.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 
@@ -83,6 +84,13 @@ def plan_head_transfers(
             src_local = head - rank_heads(num_kv_heads, src_tp, src).start
             _append_merged(slices, HeadSlice(src, dst, src_local, dst_local, 1))
     return slices
+
+
+@functools.lru_cache(maxsize=256)
+def cached_plan(num_kv_heads: int, src_tp: int, dst_tp: int, mla: bool = False) -> tuple:
+    """plan_head_transfers, remembered per layout pair: a rank sees few distinct pairs, and a
+    peer repeating one costs nothing (a tuple: shared by every caller, never changed)."""
+    return tuple(plan_head_transfers(num_kv_heads, src_tp, dst_tp, mla))
 
 
 def _append_merged(slices: list[HeadSlice], new: HeadSlice) -> None:

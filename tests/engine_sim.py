@@ -19,13 +19,15 @@ from kvferry.transport.sender import PrefillAgent
 from transfer_sim import small_config
 
 
-def engines(path, prefill_page=16, decode_page=4, device="cpu", model=None, layer_group=0):
+def engines(
+    path, prefill_page=16, decode_page=4, device="cpu", model=None, layer_group=0, **transfer
+):
     """Bootstrap server, prefill and decode engines over the loopback data plane, serving the
     checkpoint at `path` (or `model`: (config, weights)); KV moves in messages of
-    `layer_group` layers (0: whole chunks)."""
+    `layer_group` layers (0: whole chunks); `transfer`: other TransferConfig changes."""
     config, weights = model or (ModelConfig.from_dir(path), None)
     weights = weights if weights is not None else full_weights(config, path)
-    transfer = small_config(chunk_tokens=8, layer_group=layer_group)
+    transfer = small_config(chunk_tokens=8, layer_group=layer_group, **transfer)
     server = BootstrapServer(1)
     p_blocks, d_blocks = BlockManager(32, prefill_page), BlockManager(64, decode_page)
     p_runner = ModelRunner(Model(config, weights, device=device), p_blocks)
@@ -36,6 +38,7 @@ def engines(path, prefill_page=16, decode_page=4, device="cpu", model=None, laye
         p_runner.planes,
         LoopbackDataPlane(),
         server.address,
+        server.token,
     )
     d_agent = DecodeAgent(
         transfer,

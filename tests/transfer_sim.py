@@ -64,6 +64,7 @@ class Group:
         tp,
         config,
         bootstrap=None,
+        token=b"",
         page_size=16,
         capacity=256,
         data_plane=LoopbackDataPlane,
@@ -89,7 +90,7 @@ class Group:
         ]
         if role == "prefill":
             self.agents = [
-                PrefillAgent(config, lay, cache.planes, data_plane(), bootstrap)
+                PrefillAgent(config, lay, cache.planes, data_plane(), bootstrap, token)
                 for lay, cache in zip(self.layouts, self.caches, strict=True)
             ]
         else:
@@ -196,7 +197,14 @@ class Deployment:
         decode_kw = {k[2:]: v for k, v in kw.items() if k.startswith("d_")}
         shared = {k: v for k, v in kw.items() if not k.startswith(("p_", "d_"))}
         self.prefill = Group(
-            "prefill", heads, src_tp, self.config, self.server.address, **shared, **prefill_kw
+            "prefill",
+            heads,
+            src_tp,
+            self.config,
+            self.server.address,
+            self.server.token,
+            **shared,
+            **prefill_kw,
         )
         self.decode = Group("decode", heads, dst_tp, self.config, seed=100, **shared, **decode_kw)
 

@@ -32,8 +32,9 @@ class Side:
         self.config = TransferConfig(**config)
         self.server = BootstrapServer(tp) if role == "prefill" else None
         cuda = 0 if device == "cuda" else None
-        plane = functools.partial(UcxDataPlane, self.config.ucx_tls, cuda)
+        plane = functools.partial(UcxDataPlane, self.config.ucx_tls, cuda, self.config.host)
         bootstrap = self.server.address if self.server else None
+        token = self.server.token if self.server else b""
         page = 16 if role == "prefill" else 4
         self.group = Group(
             role,
@@ -41,6 +42,7 @@ class Side:
             tp,
             self.config,
             bootstrap,
+            token,
             page_size=page,
             capacity=capacity,
             data_plane=plane,

@@ -1,23 +1,29 @@
 """Bootstrap server (hosted by the prefill side): where decode ranks find the prefill ranks.
 
 Prefill ranks register their layout, UCX address and control address; decode ranks ask for
-the full set, which is answered once every rank of the prefill TP group has registered. A
-prefill daemon also takes prompts here (`SubmitPrompt`, handed to `on_submit`). Any malformed
-or unexpected frame gets an ErrorReply and is counted; the server keeps serving.
+the full set, which is answered once every rank of the prefill TP group has registered. Only
+the ranks the daemon started may register: they prove it with the daemon's token, which never
+leaves the daemon's processes. A prefill daemon also takes prompts here (`SubmitPrompt`, handed
+to `on_submit` with the sender's network address). Any malformed or unexpected frame gets an
+ErrorReply and is counted; nothing a frame does stops the server.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import threading
 from collections.abc import Callable
 
 import zmq
 
+from kvferry.transport.log_limit import RateLimitedLog
 from kvferry.transport.messages import (
     Ack,
     Codec,
     ErrorReply,
+    Message,
     Peers,
     QueryPeers,
     RankInfo,
@@ -27,35 +33,50 @@ from kvferry.transport.messages import (
 )
 
 log = logging.getLogger(__name__)
+TOKEN_BYTES = 32
+OnSubmit = Callable[[SubmitPrompt, str], Ack | ErrorReply]  # (prompt, sender's address)
 
 
 class BootstrapServer:
-    """Serves one prefill TP group of `tp_size` ranks on its own thread."""
+    """Serves one prefill TP group of `tp_size` ranks on its own thread. `token`: the secret a
+    rank's RegisterRank must carry (None: draw one; the owner hands `self.token` to its ranks)."""
 
     def __init__(
         self,
         tp_size: int,
+        token: bytes | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         max_frame_bytes: int = 1 << 20,
-        on_submit: Callable[[SubmitPrompt], Ack | ErrorReply] | None = None,
+        on_submit: OnSubmit | None = None,
     ) -> None:
         self.tp_size, self.on_submit = tp_size, on_submit
+        self.token = token if token is not None else secrets.token_bytes(TOKEN_BYTES)
         self.codec = Codec(max_frame_bytes)
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * 16)
+        # a larger frame disconnects its sender before ZeroMQ allocates it
+        self._socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         if port:
             self._socket.bind(f"tcp://{host}:{port}")
         else:
             port = self._socket.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
         self.ranks: dict[int, RankInfo] = {}
-        self.bad_frames = 0
+        self.bad_frames = 0  # refused: malformed, unexpected, multipart
+        self.refused_registrations = 0  # RegisterRank without this daemon's token
+        self.dropped_replies = 0  # replies ZeroMQ would not queue (unroutable ones it drops)
+        self.failed_frames = 0  # frames whose handling raised (a bug, not the sender's fault)
+        self._log = RateLimitedLog(log)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kvferry-bootstrap", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the serving thread runs (the daemon is broken without it)."""
+        return self._thread.is_alive()
 
     def close(self) -> None:
         self._stop.set()
@@ -67,27 +88,59 @@ class BootstrapServer:
         while not self._stop.is_set():
             if not self._socket.poll(100):
                 continue
-            parts = self._socket.recv_multipart()
-            reply = self._handle(parts[1:])
-            self._socket.send_multipart([parts[0], self.codec.encode(reply)])
+            try:
+                self._serve_one()
+            except Exception as exc:  # one frame must not stop the server for everyone
+                self.failed_frames += 1
+                self._log.warning(
+                    "failed", "bootstrap frame failed: %s: %s", type(exc).__name__, exc
+                )
 
-    def _handle(self, frames: list[bytes]):
+    def _serve_one(self) -> None:
+        identity, frame, parts = self._receive()
+        if parts != 1:
+            self.bad_frames += 1
+            reply = ErrorReply(f"expected 1 frame, got {parts}")
+        else:
+            reply = self._handle(frame.bytes, _peer_address(frame))
         try:
-            if len(frames) != 1:
-                raise WireError(f"expected 1 frame, got {len(frames)}")
-            message = self.codec.decode(frames[0])
+            self._socket.send_multipart([identity, self.codec.encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError:  # the sender is gone or not draining: the reply is dropped
+            self.dropped_replies += 1
+
+    def _receive(self) -> tuple[bytes, zmq.Frame | None, int]:
+        """(sender identity, first message part, number of parts). Parts after the first are
+        read one at a time and dropped, so a long multipart message is never held whole."""
+        part = self._socket.recv(copy=False, flags=zmq.NOBLOCK)
+        identity, first, parts = part.bytes, None, 0
+        while part.more:
+            part = self._socket.recv(copy=False)
+            parts += 1
+            if first is None:
+                first = part
+        return identity, first, parts
+
+    def _handle(self, frame: bytes, peer: str) -> Message:
+        try:
+            message = self.codec.decode(frame)
             if isinstance(message, RegisterRank):
-                return self._register(message.info)
+                return self._register(message, peer)
             if isinstance(message, QueryPeers):
                 return self._peers()
             if isinstance(message, SubmitPrompt) and self.on_submit is not None:
-                return self._submit(message)
+                return self._submit(message, peer)
             raise WireError(f"unexpected {type(message).__name__} at the bootstrap server")
         except WireError as exc:
             self.bad_frames += 1
+            self._log.warning("bad", "bad bootstrap frame from %s: %s", peer, exc)
             return ErrorReply(str(exc))
 
-    def _register(self, info: RankInfo):
+    def _register(self, message: RegisterRank, peer: str) -> Message:
+        if not hmac.compare_digest(message.token, self.token):
+            self.refused_registrations += 1
+            self._log.warning("token", "refused a rank registration from %s: wrong token", peer)
+            return ErrorReply("registration refused: the token is not this daemon's")
+        info = message.info
         layout = info.layout
         if layout.tp_size != self.tp_size:
             return ErrorReply(
@@ -102,16 +155,25 @@ class BootstrapServer:
         self.ranks[layout.tp_rank] = info  # a restarted rank replaces its old entry
         return Ack()
 
-    def _submit(self, message: SubmitPrompt):
+    def _submit(self, message: SubmitPrompt, peer: str) -> Message:
         try:
-            return self.on_submit(message)
+            return self.on_submit(message, peer)
         except Exception as exc:  # the daemon's bug must not take the server down
-            log.exception("submit of room %d failed", message.room)
+            self.failed_frames += 1
+            self._log.warning("submit", "submit of room %d failed: %r", message.room, exc)
             return ErrorReply(f"prefill could not take the prompt: {exc}", room=message.room)
 
-    def _peers(self):
+    def _peers(self) -> Message:
         if len(self.ranks) < self.tp_size:
             return ErrorReply(
                 f"{len(self.ranks)} of {self.tp_size} prefill ranks registered so far"
             )
         return Peers([self.ranks[r] for r in range(self.tp_size)])
+
+
+def _peer_address(frame: zmq.Frame) -> str:
+    """The sender's network address (its host, as ZeroMQ saw the connection)."""
+    try:
+        return frame.get("Peer-Address")
+    except zmq.ZMQError:  # transports without one (inproc)
+        return "unknown"

@@ -4,7 +4,6 @@ control channel, data plane, peer liveness and the loop thread. The role-specifi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,11 +17,14 @@ from kvferry.staging.layout import KVLayout
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import ControlChannel
 from kvferry.transport.dataplane import DataPlane
+from kvferry.transport.log_limit import RateLimitedLog
 from kvferry.transport.loop import AgentLoop
 from kvferry.transport.messages import Codec, ErrorReply, Heartbeat, Message, WireError
 from kvferry.transport.peers import PeerTracker
 
 log = logging.getLogger(__name__)
+PEER_IDLE_S = 60.0  # an outbound socket to a peer holding no room is closed after this long
+RECLAIM_EVERY_S = 1.0  # how often idle outbound sockets are looked for
 
 
 @dataclass
@@ -32,6 +34,7 @@ class TransferStats:
     ring_waits: int = 0  # chunks that found the staging ring full
     ring_wait_s: float = 0.0
     bad_frames: int = 0
+    internal_errors: int = 0  # messages or rooms whose handling raised (the room failed)
     unexpected_messages: int = 0  # data messages for unknown or finished rooms (discarded)
     rooms_succeeded: int = 0
     copy_s: float = 0.0  # summed time from queuing a gather/scatter to its completion
@@ -54,7 +57,11 @@ class AgentCore:
         on_message: Callable[[str, Message], None],
         step: Callable[[float], bool],
         on_peer_lost: Callable[[str, str], None],
+        fail_room: Callable[[int, str], None],
+        on_dropped: Callable[[str], None] | None = None,
     ) -> None:
+        """`fail_room(room, reason)` fails a room a message named when handling it raised;
+        `on_dropped(peer)`, if given, hears of every outbound connection that dropped."""
         _check_planes(layout, planes)
         self.config, self.layout, self.planes, self.data = config, layout, planes, data
         self.stats = TransferStats()
@@ -63,10 +70,19 @@ class AgentCore:
         )
         self.copies = CopyStream(planes.device)
         self._zmq = zmq.Context()
-        self.control = ControlChannel(self._zmq, Codec(config.max_frame_bytes), config.host)
+        self.loop = AgentLoop(name, self._read_frames, self._turn)
+        self.control = ControlChannel(
+            self._zmq,
+            Codec(config.max_frame_bytes),
+            config.host,
+            watch=self.loop.watch,
+            monitor_peers=on_dropped is not None,
+        )
         self.peers = PeerTracker(config.heartbeat_interval_s, config.heartbeat_timeout_s)
         self._on_message, self._step, self._on_peer_lost = on_message, step, on_peer_lost
-        self.loop = AgentLoop(name, self.control.inbound, self._read_frames, self._turn)
+        self._fail_room, self._on_dropped = fail_room, on_dropped
+        self.log = RateLimitedLog(log)
+        self._next_reclaim = 0.0
 
     @property
     def zmq_context(self) -> zmq.Context:
@@ -86,21 +102,48 @@ class AgentCore:
             ucx_address, lambda why: self.loop.post(lambda: on_error(ucx_address, why))
         )
 
-    def _read_frames(self) -> None:
-        for peer, message in self.control.receive():
+    def refuse(self, peer: str, reason: str, room: int | None = None) -> None:
+        """Answer a frame that cannot be served, back to whoever sent it (counted, the log
+        rate-limited: a peer decides how often this happens)."""
+        self.stats.bad_frames += 1
+        self.log.warning("refused", "refused a frame from %r: %s", peer, reason)
+        self.control.reply(peer, ErrorReply(reason, room))
+
+    def contain(self, exc: Exception, what: str) -> str:
+        """Count and log an exception raised while handling one message or one room (that
+        room fails, not the thread); the reason to fail the room with."""
+        self.stats.internal_errors += 1
+        self.log.warning("internal", "error handling %s", what, exc_info=exc)
+        return f"internal error: {type(exc).__name__}: {exc}"
+
+    def _read_frames(self, ready) -> None:
+        for peer, message in self.control.receive(ready):
             if isinstance(message, WireError):
-                self.stats.bad_frames += 1
-                log.warning("bad control frame from %s: %s", peer, message)
-                self._reply_error(peer, str(message))
+                self.refuse(peer, str(message))
                 continue
             self.peers.heard(peer)
             if not isinstance(message, Heartbeat):
-                self._on_message(peer, message)
+                self._handle(peer, message)
+        for peer in self.control.take_dropped():
+            self._dropped(peer)
 
-    def _reply_error(self, peer: str, reason: str) -> None:
-        if peer.startswith("tcp://"):  # a well-formed identity: the sender can be answered
-            with contextlib.suppress(zmq.ZMQError):  # an identity that is no address: no answer
-                self.control.send(peer, ErrorReply(reason))
+    def _handle(self, peer: str, message: Message) -> None:
+        try:
+            self._on_message(peer, message)
+        except Exception as exc:  # one message's failure is its room's, never the thread's
+            room = getattr(message, "room", None)
+            reason = self.contain(exc, f"{type(message).__name__} from {peer!r}")
+            if room is None:
+                self.control.reply(peer, ErrorReply(reason))
+            else:
+                self._fail_room(room, reason)
+
+    def _dropped(self, peer: str) -> None:
+        """The connection to `peer` dropped: whether it comes back is for heartbeats to tell
+        while it holds rooms; otherwise its socket goes (a restarted peer has a new address)."""
+        self._on_dropped(peer)
+        if not self.peers.rooms_of(peer):
+            self.control.forget(peer)
 
     def _turn(self, now: float) -> bool:
         for peer in self.peers.due_heartbeats(now):
@@ -110,6 +153,12 @@ class AgentCore:
                 peer, f"peer lost: {peer} silent for over {self.config.heartbeat_timeout_s:g}s"
             )
             self.peers.forget(peer)
+            self.control.forget(peer)
+        if now >= self._next_reclaim:
+            self._next_reclaim = now + RECLAIM_EVERY_S
+            for peer in self.control.idle(now, PEER_IDLE_S):
+                if not self.peers.rooms_of(peer):
+                    self.control.forget(peer)
         return self._step(now)
 
 

@@ -3,6 +3,10 @@
 Each turn: run calls posted by other threads, read every waiting control frame, then let the
 owner make progress (start copies, post sends, take arrived data, check timers). It sleeps in
 zmq.Poller only while the owner reports nothing in flight; otherwise it polls at a short period.
+The owner says which sockets the poller watches (`watch`); each turn it is handed the readable ones.
+
+A failure of one message or one room is the owner's to contain; an exception that reaches this
+loop is a failure of the machinery itself: the thread ends and `alive` turns False (fatal).
 """
 
 from __future__ import annotations
@@ -27,18 +31,16 @@ class AgentLoop:
     def __init__(
         self,
         name: str,
-        inbound: zmq.Socket,
-        on_frames: Callable[[], None],
+        on_frames: Callable[[set], None],
         step: Callable[[float], bool],
     ) -> None:
-        self._on_frames = on_frames
+        self._on_frames = on_frames  # on_frames(readable sockets)
         self._step = step  # step(now) -> True while work is in flight
         self._posted: deque[Callable[[], None]] = deque()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._poller = zmq.Poller()
-        self._poller.register(inbound, zmq.POLLIN)
         self._poller.register(self._wake_read, zmq.POLLIN)
         self._stopping = threading.Event()
         self._pipe_lock = threading.Lock()
@@ -48,6 +50,13 @@ class AgentLoop:
 
     def start(self) -> None:
         self._thread.start()
+
+    def watch(self, socket: zmq.Socket, on: bool) -> None:
+        """Start (on) or stop waking for frames on `socket`: before start or on the loop thread."""
+        if on:
+            self._poller.register(socket, zmq.POLLIN)
+        else:
+            self._poller.unregister(socket)
 
     def post(self, call: Callable[[], None]) -> None:
         """Run `call` on the loop thread soon; safe from any thread."""
@@ -99,7 +108,7 @@ class AgentLoop:
                     self._drain_wakeups()
                 while self._posted:
                     self._posted.popleft()()
-                self._on_frames()
+                self._on_frames(events.keys() - {self._wake_read})
                 busy = self._step(time.monotonic())
         except BaseException as exc:  # the owner fails every room on this; nothing may hang
             log.exception("transfer loop %s died", self._thread.name)

@@ -2,20 +2,31 @@
 
 A frame is 2 bytes of protocol version (big endian) followed by one msgpack-encoded message.
 Decoding is strict: a wrong version, an unknown tag, a missing or mistyped field, or a frame
-over the size limit raises WireError naming the problem; nothing is half-decoded.
+over the size limit raises WireError naming the problem; nothing is half-decoded. Addresses a
+peer hands over are checked while decoding, so a malformed one never reaches a socket.
+
+Protocol versions (a peer of another version is refused at its first frame):
+1. The first wire format.
+2. RegisterRoom carries `layer_group` (layer-wise messages).
+3. RegisterRank carries the daemon's registration token (only the ranks it started may register);
+   control addresses must be `tcp://<host>:<port>`.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 
 import msgspec
 
 from kvferry.staging.layout import KVLayout
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 _VERSION = struct.Struct(">H")
 U64_MAX = (1 << 64) - 1
+MAX_ADDRESS_CHARS = 256
+# a host name or IPv4 address, or an IPv6 address in brackets; then a port
+_TCP_ADDRESS = re.compile(r"tcp://([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 
 
 class WireError(ValueError):
@@ -26,6 +37,14 @@ class _Msg(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     pass
 
 
+def check_control_address(address: str, field: str) -> None:
+    """ValueError naming `field` unless `address` is `tcp://<host>:<port>` with a port ZeroMQ
+    can connect to (anything else would make the socket that connects to it raise)."""
+    match = _TCP_ADDRESS.fullmatch(address) if len(address) <= MAX_ADDRESS_CHARS else None
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"{field}={address[:MAX_ADDRESS_CHARS]!r} is not tcp://<host>:<port>")
+
+
 class RankInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How to reach one prefill rank and what its cache holds."""
 
@@ -33,11 +52,16 @@ class RankInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ucx_address: bytes
     control_address: str
 
+    def __post_init__(self) -> None:
+        check_control_address(self.control_address, "control_address")
+
 
 class RegisterRank(_Msg):
-    """Prefill rank -> bootstrap server."""
+    """Prefill rank -> bootstrap server. `token` is the secret its daemon handed the ranks it
+    started: a registration without it is refused, so nobody else can redirect the group."""
 
     info: RankInfo
+    token: bytes
 
 
 class QueryPeers(_Msg):
@@ -62,6 +86,9 @@ class RegisterRoom(_Msg):
     chunk_tokens: int
     mode: str
     layer_group: int = 0  # layers per message; 0: every layer of a chunk in one message
+
+    def __post_init__(self) -> None:
+        check_control_address(self.control_address, "control_address")
 
 
 class RoomAccepted(_Msg):

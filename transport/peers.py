@@ -1,4 +1,6 @@
-"""Liveness of control-plane peers: when each was last heard from, and which rooms it holds."""
+"""Liveness of control-plane peers: when each was last heard from, and which rooms it holds.
+
+Only peers holding rooms are tracked: a frame from anyone else leaves no trace here."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ class PeerTracker:
         self._next_beat = 0.0
 
     def heard(self, peer: str, now: float | None = None) -> None:
-        self._last_heard[peer] = time.monotonic() if now is None else now
+        if peer in self._rooms:
+            self._last_heard[peer] = time.monotonic() if now is None else now
 
     def add_room(self, peer: str, room: int) -> None:
         if peer not in self._rooms:  # (again): silence while it had no rooms does not count
@@ -31,6 +34,11 @@ class PeerTracker:
             rooms.discard(room)
             if not rooms:
                 del self._rooms[peer]
+                self._last_heard.pop(peer, None)
+
+    def __len__(self) -> int:
+        """Peers whose liveness is tracked."""
+        return len(self._last_heard)
 
     def active(self) -> list[str]:
         """Peers this rank has rooms with (safe to call from any thread)."""

@@ -5,18 +5,19 @@ said it is done (with the first sampled token)."""
 
 from __future__ import annotations
 
-import itertools
 import logging
+import secrets
 import time
 from collections import deque
 
 from kvferry.staging.kv_copy import KVPlanes, host_slots
 from kvferry.staging.layout import KVLayout, layer_groups
-from kvferry.staging.plan import plan_head_transfers
+from kvferry.staging.plan import cached_plan
 from kvferry.transport.config import TransferConfig
+from kvferry.transport.control import PeerLimitError
 from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import DataPlane
-from kvferry.transport.directory import PrefillDirectory, check_ranks
+from kvferry.transport.directory import PrefillDirectory, check_addresses, check_ranks
 from kvferry.transport.handles import KVReceiver
 from kvferry.transport.messages import (
     Abort,
@@ -29,7 +30,7 @@ from kvferry.transport.messages import (
 )
 from kvferry.transport.recv_room import Arrival, Piece, RecvRoom
 from kvferry.transport.room import KVPoll
-from kvferry.transport.tags import unpack_tag
+from kvferry.transport.tags import MAX_KEY, unpack_tag
 
 log = logging.getLogger(__name__)
 PROBES_PER_TURN = 256  # bounds one turn of the loop when many messages are waiting
@@ -50,13 +51,18 @@ class DecodeAgent:
             self._on_message,
             self._step,
             self._on_peer_lost,
+            self._abort,
+            on_dropped=self._on_dropped,
         )
         self.config, self.layout, self.planes = config, layout, planes
         self.slice_mode = config.mode == "slice"
         self._groups = layer_groups(layout.num_layers, config.layer_group)
         self.rooms: dict[int, RecvRoom] = {}
         self._by_key: dict[int, RecvRoom] = {}
-        self._keys = itertools.count(1)
+        # unguessable receive keys (data tags carry them), never one that is live
+        self._keys = (
+            k for k in iter(lambda: secrets.randbelow(MAX_KEY) + 1, 0) if k not in self._by_key
+        )
         self.directory = PrefillDirectory(self.core.zmq_context, config, self.core.loop.post)
         self._receiving: deque[Arrival] = deque()
         self._scattering: deque[Arrival] = deque()
@@ -95,6 +101,7 @@ class DecodeAgent:
     def _resolved(
         self, rooms: list[RecvRoom], ranks: list[RankInfo] | None, error: str | None
     ) -> None:
+        error = error or check_addresses(ranks)  # before anything connects to them
         for room in rooms:
             if error:
                 self._fail(room, error, notify=False)
@@ -108,11 +115,11 @@ class DecodeAgent:
         room.rank_peers = {info.layout.tp_rank: info.control_address for info in peers}
         for info in peers:
             self.core.peers.add_room(info.control_address, room.room)
-        error = check_ranks(self.layout, peers)
+        error = check_ranks(self.layout, peers) or self._open_peers(peers)
         if error:
             self._fail(room, error)
             return
-        plan = plan_head_transfers(
+        plan = cached_plan(
             self.layout.num_kv_heads, len(peers), self.layout.tp_size, self.layout.mla
         )
         room.writers = {s.src_rank: s for s in plan if s.dst_rank == self.layout.tp_rank}
@@ -140,6 +147,15 @@ class DecodeAgent:
         for info in peers:
             self.core.control.send(info.control_address, message)
 
+    def _open_peers(self, peers: list[RankInfo]) -> str | None:
+        """Open the control sockets to a group's ranks; why not, or None."""
+        try:
+            for info in peers:
+                self.core.control.open(info.control_address)
+        except (PeerLimitError, ValueError) as exc:
+            return str(exc)
+        return None
+
     # --- control messages --------------------------------------------------------------------
 
     def _on_message(self, peer: str, message: Message) -> None:
@@ -153,10 +169,9 @@ class DecodeAgent:
         elif isinstance(message, (Abort, ErrorReply)) and room is not None:
             self._fail(room, f"aborted by prefill: {message.reason}", skip_peer=peer)
         elif isinstance(message, ErrorReply):
-            log.warning("prefill peer %s reports: %s", peer, message.reason)
+            self.core.log.warning("peer error", "peer %r reports: %s", peer, message.reason)
         elif not isinstance(message, (RoomAccepted, TransferDone, Abort)):
-            self.core.stats.bad_frames += 1
-            self.core._reply_error(peer, f"unexpected {type(message).__name__} at a decode rank")
+            self.core.refuse(peer, f"unexpected {type(message).__name__} at a decode rank")
 
     def _on_done(self, room: RecvRoom, message: TransferDone) -> None:
         if message.src_rank not in room.rank_peers or message.num_chunks != room.num_chunks:
@@ -171,6 +186,17 @@ class DecodeAgent:
             self._fail(
                 room, f"mismatch: prefill ranks sampled different first tokens {room.first_tokens}"
             )
+
+    def _abort(self, room_id: int, reason: str) -> None:
+        room = self.rooms.get(room_id)
+        if room is not None:
+            self._fail(room, reason)
+
+    def _on_dropped(self, peer: str) -> None:
+        """The connection to a prefill rank dropped (its daemon stopped or restarted: a new
+        one has new addresses): the next room looks its group up afresh. Rooms it holds are
+        judged by heartbeats, as a dropped connection may come back."""
+        self.directory.forget(peer)
 
     def _on_peer_lost(self, peer: str, reason: str) -> None:
         self.directory.forget(peer)
@@ -187,7 +213,10 @@ class DecodeAgent:
             self._discards.popleft()
         expecting = False  # data arrivals wake nothing: poll while a room waits for data
         for room in list(self.rooms.values()):
-            self._check_room(room, now)
+            try:
+                self._check_room(room, now)
+            except Exception as exc:  # one room's failure is its own, never the thread's
+                self._fail(room, self.core.contain(exc, f"room {room.room:#x}"))
             expecting = expecting or (room.open and room.status.state >= KVPoll.WaitingForInput)
         return bool(
             expecting

@@ -11,7 +11,7 @@ import numpy as np
 from kvferry.staging.copy_stream import Fence
 from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.layout import KVLayout, layer_groups
-from kvferry.staging.plan import HeadSlice, plan_head_transfers
+from kvferry.staging.plan import HeadSlice, cached_plan
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.messages import RegisterRoom
 from kvferry.transport.room import RoomStatus
@@ -213,9 +213,7 @@ def check_registration(
         pieces += f" x {len(groups)} layer groups"
         return f"unsupported: {pieces} exceed {MAX_PIECES} messages per writer"
     try:
-        plan = plan_head_transfers(
-            layout.num_kv_heads, layout.tp_size, msg.layout.tp_size, layout.mla
-        )
+        plan = cached_plan(layout.num_kv_heads, layout.tp_size, msg.layout.tp_size, layout.mla)
     except ValueError as exc:
         return f"incompatible: {exc}"
     widest = max(s.num_heads for s in plan)

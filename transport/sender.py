@@ -12,11 +12,11 @@ import numpy as np
 
 from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.layout import KVLayout
-from kvferry.staging.plan import plan_head_transfers
+from kvferry.staging.plan import cached_plan
 from kvferry.transport.config import TransferConfig
-from kvferry.transport.control import request
+from kvferry.transport.control import PeerLimitError, request
 from kvferry.transport.core import AgentCore
-from kvferry.transport.dataplane import DataPlane
+from kvferry.transport.dataplane import DataPlane, InvalidAddress
 from kvferry.transport.handles import KVSender
 from kvferry.transport.messages import (
     Abort,
@@ -33,13 +33,15 @@ from kvferry.transport.messages import (
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_pipeline import SendPipeline
 from kvferry.transport.send_room import Dest, Outgoing, Ready, SendRoom, check_registration
+from kvferry.transport.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
-TOMBSTONE_S = 600.0  # how long a finished room is remembered (late messages must not reopen it)
+MAX_ROOMS = 4096  # open rooms per rank; registrations of new rooms past it are refused
 
 
 class PrefillAgent:
-    """One prefill rank's transfer agent; registers with the bootstrap server on start."""
+    """One prefill rank's transfer agent; registers with the bootstrap server on start, with
+    the token its daemon handed it."""
 
     def __init__(
         self,
@@ -48,6 +50,7 @@ class PrefillAgent:
         planes: KVPlanes,
         data: DataPlane,
         bootstrap: str,
+        token: bytes,
     ) -> None:
         self.core = AgentCore(
             f"kvferry-prefill-{layout.tp_rank}",
@@ -58,12 +61,13 @@ class PrefillAgent:
             self._on_message,
             self._step,
             self._on_peer_lost,
+            self._abort,
         )
         self.config, self.layout, self.planes = config, layout, planes
         self.rooms: dict[int, SendRoom] = {}
-        self._tombstones: dict[int, tuple[str, float]] = {}
+        self.tombstones = Tombstones()
         self.pipeline = SendPipeline(self.core, config, self._fail)
-        self._register(bootstrap)
+        self._register(bootstrap, token)
         self.core.loop.start()
 
     def sender(self, room: int, num_tokens: int) -> KVSender:
@@ -79,14 +83,15 @@ class PrefillAgent:
     def ring(self):
         return self.core.staging.ring if self.core.staging is not None else None
 
-    def _register(self, bootstrap: str) -> None:
+    def _register(self, bootstrap: str, token: bytes) -> None:
+        """Join the group at `bootstrap`; `token` proves this rank was started by its daemon."""
         info = RankInfo(self.layout, self.core.data.address, self.core.control.address)
         codec = Codec(self.config.max_frame_bytes)
         reply = request(
             self.core.zmq_context,
             codec,
             bootstrap,
-            RegisterRank(info),
+            RegisterRank(info, token),
             self.config.bootstrap_timeout_s,
         )
         if not isinstance(reply, Ack):
@@ -97,13 +102,13 @@ class PrefillAgent:
     # --- engine-facing operations, run on the loop thread -----------------------------------
 
     def _claim(self, handle: KVSender) -> None:
-        tomb = self._tombstones.pop(handle.room, None)
+        tomb = self.tombstones.pop(handle.room)
         room = self.rooms.get(handle.room)
         if room is None:
             room = self.rooms[handle.room] = SendRoom(handle.room, time.monotonic(), self.config)
         room.attach(handle)
         if tomb is not None:
-            self._fail(room, tomb[0], notify=False)
+            self._fail(room, tomb, notify=False)
         elif room.num_tokens is not None and room.num_tokens != handle.num_tokens:
             self._fail(
                 room,
@@ -132,28 +137,26 @@ class PrefillAgent:
         elif isinstance(message, Abort):
             self._on_abort(peer, message)
         elif isinstance(message, ErrorReply):
-            log.warning("peer %s reports an error: %s", peer, message.reason)
+            self.core.log.warning("peer error", "peer %r reports: %s", peer, message.reason)
             if message.room is not None:
                 self._on_abort(peer, Abort(message.room, message.reason))
         else:
-            self.core.stats.bad_frames += 1
-            self.core._reply_error(peer, f"unexpected {type(message).__name__} at a prefill rank")
+            self.core.refuse(peer, f"unexpected {type(message).__name__} at a prefill rank")
 
     def _on_register(self, peer: str, msg: RegisterRoom) -> None:
-        error = check_registration(msg, self.layout, self.planes, self.config)
-        room = self.rooms.get(msg.room)
-        if room is None and msg.room not in self._tombstones:
-            room = self.rooms[msg.room] = SendRoom(msg.room, time.monotonic(), self.config)
-        if room is None or room.status.finished:
-            reason = room.status.reason if room else self._tombstones[msg.room][0]
-            self.core.control.send(peer, ErrorReply(reason or "room already finished", msg.room))
+        """A decode rank registers a room. The sender becomes a peer (an outbound socket, a
+        data-plane endpoint, heartbeats) only once every check has passed; until then it is
+        answered over the connection its frame came in on."""
+        room = self._room_to_register(peer, msg.room)
+        if room is None:
             return
-        error = error or room.register(msg, self.layout.num_layers)
+        error = self._check_sender(peer, msg) or room.register(msg, self.layout.num_layers)
+        endpoint, error = (None, error) if error else self._connect(peer, msg)
         if error:
-            self.core.control.send(peer, ErrorReply(error, msg.room))
+            self.core.refuse(peer, error, msg.room)
             self._fail(room, error, notify=True)
             return
-        plan = plan_head_transfers(
+        plan = cached_plan(
             self.layout.num_kv_heads, self.layout.tp_size, msg.layout.tp_size, self.layout.mla
         )
         mine = [
@@ -161,18 +164,56 @@ class PrefillAgent:
             for s in plan
             if s.src_rank == self.layout.tp_rank and s.dst_rank == msg.layout.tp_rank
         ]
-        endpoint = self.core.endpoint(msg.ucx_address, self._on_endpoint_error)
         room.dests[msg.layout.tp_rank] = Dest(
             peer, msg.ucx_address, endpoint, msg.recv_key, mine[0] if mine else None
         )
         self.core.peers.add_room(peer, msg.room)
         self.core.control.send(peer, RoomAccepted(msg.room, self.layout.tp_rank))
 
+    def _room_to_register(self, peer: str, room_id: int) -> SendRoom | None:
+        """The open room a registration is for (made if new); None, answered, if there is
+        none to register with."""
+        room = self.rooms.get(room_id)
+        if room is None and room_id in self.tombstones:
+            self.core.refuse(peer, self.tombstones.reason(room_id), room_id)
+            return None
+        if room is None and len(self.rooms) >= MAX_ROOMS:
+            self.core.refuse(peer, f"busy: {MAX_ROOMS} rooms already open on this rank", room_id)
+            return None
+        if room is None:
+            room = self.rooms[room_id] = SendRoom(room_id, time.monotonic(), self.config)
+        elif room.status.finished:
+            self.core.refuse(peer, room.status.reason or "room already finished", room_id)
+            return None
+        return room
+
+    def _check_sender(self, peer: str, msg: RegisterRoom) -> str | None:
+        if msg.control_address != peer:
+            return (
+                f"invalid: control_address {msg.control_address!r} is not the address the "
+                f"frame came from ({peer!r})"
+            )
+        return check_registration(msg, self.layout, self.planes, self.config)
+
+    def _connect(self, peer: str, msg: RegisterRoom) -> tuple[object, str | None]:
+        """Open the control socket and data-plane endpoint to a checked decode rank:
+        (endpoint, None), or (None, why not) with nothing opened for it left behind."""
+        try:
+            self.core.control.open(peer)
+        except (PeerLimitError, ValueError) as exc:
+            return None, str(exc)
+        try:
+            return self.core.endpoint(msg.ucx_address, self._on_endpoint_error), None
+        except InvalidAddress as exc:
+            if not self.core.peers.rooms_of(peer):
+                self.core.control.forget(peer)
+            return None, f"invalid: ucx_address: {exc}"
+
     def _on_abort(self, peer: str, msg: Abort) -> None:
         room = self.rooms.get(msg.room)
         reason = f"aborted by decode: {msg.reason}"
-        if room is None:
-            self._tombstones[msg.room] = (reason, time.monotonic())
+        if room is None:  # the engine may claim it yet: it must find the room failed
+            self.tombstones.bury(msg.room, reason, time.monotonic())
         else:
             self._fail(room, reason, skip_peer=peer)
 
@@ -196,7 +237,10 @@ class PrefillAgent:
     def _step(self, now: float) -> bool:
         self.pipeline.step(now)
         for room in list(self.rooms.values()):  # after the pipeline: rooms it just completed
-            self._advance(room, now)
+            try:
+                self._advance(room, now)
+            except Exception as exc:  # one room's failure is its own, never the thread's
+                self._fail(room, self.core.contain(exc, f"room {room.room:#x}"))
         self._purge(now)
         return self.pipeline.busy
 
@@ -253,18 +297,14 @@ class PrefillAgent:
             self.core.peers.remove_room(dest.peer, room.room)
 
     def _purge(self, now: float) -> None:
+        """Finished rooms become tombstones: late registrations or aborts must not open them
+        again, and an engine claiming one late finds it failed."""
         for room_id in [
-            r
-            for r, room in self.rooms.items()
-            if room.status.finished
-            and room.in_flight == 0
-            and (room.handle is not None or now - room.created > TOMBSTONE_S)
+            r for r, room in self.rooms.items() if room.status.finished and room.in_flight == 0
         ]:
             room = self.rooms.pop(room_id)
-            # late registrations or aborts for the room must not open it again
-            self._tombstones[room_id] = (room.status.reason or "room already finished", now)
-        for room_id in [r for r, (_, t) in self._tombstones.items() if now - t > TOMBSTONE_S]:
-            del self._tombstones[room_id]
+            self.tombstones.bury(room_id, room.status.reason or "room already finished", now)
+        self.tombstones.expire(now)
 
 
 def _token(token) -> int | None:

@@ -2,6 +2,9 @@
 
 UCX reads its options when ucxx is first imported, so `load_ucxx` sets them (from the
 transfer config) before that import and refuses to change them afterwards.
+
+Peer addresses come off the wire: each is parsed by transport/ucx_address.py before UCX sees
+it, since UCX's own unpacker aborts the process on malformed input.
 """
 
 from __future__ import annotations
@@ -13,17 +16,24 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from kvferry.transport.dataplane import DataPlane, DoneRequest, Request
+from kvferry.transport.dataplane import DataPlane, DoneRequest, InvalidAddress, Request
+from kvferry.transport.netdev import ucx_net_devices
+from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 
 DISCARD_BYTES = 256  # scratch a discarded message is truncated into
 EPOLL_TIMEOUT_MS = 10  # blocking progress thread: longest sleep without network events
 
 
-def load_ucxx(tls: str | None = None):
-    """The ucxx low-level API, importing it with UCX_TLS=`tls` if given."""
+def load_ucxx(tls: str | None = None, host: str | None = None):
+    """The ucxx low-level API, importing it with UCX_TLS=`tls` if given, and with UCX's
+    network transports kept to the interface of `host` unless UCX_NET_DEVICES is set.
+    Only the first call's `host` counts: UCX never rereads its devices."""
     if "ucxx" not in sys.modules:
         if tls:
             os.environ["UCX_TLS"] = tls
+        devices = ucx_net_devices(host) if "UCX_NET_DEVICES" not in os.environ else None
+        if devices:
+            os.environ["UCX_NET_DEVICES"] = devices
         os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     elif tls and os.environ.get("UCX_TLS") != tls:
         raise RuntimeError(
@@ -41,6 +51,16 @@ def _array(buffer: torch.Tensor):
     if buffer.device.type == "cuda":
         return Array(buffer.view(torch.uint8).view(-1))
     return Array(buffer.view(torch.uint8).view(-1).numpy())
+
+
+def _own_address(address: bytes):
+    """Our worker address, parsed: peers' addresses are checked against its layout."""
+    try:
+        return parse_worker_address(address)
+    except InvalidAddress as exc:
+        raise RuntimeError(
+            f"cannot check peer UCX addresses in this UCX configuration (unified mode?): {exc}"
+        ) from exc
 
 
 class UcxRequest(Request):
@@ -63,11 +83,14 @@ class UcxRequest(Request):
 
 class UcxDataPlane(DataPlane):
     """`cuda_device`: the GPU whose memory will be sent or received, if any; UCX needs its
-    context current on every thread that drives transfers (ours and the progress thread)."""
+    context current on every thread that drives transfers (ours and the progress thread).
+    `host`: the interface the transport binds to (TransferConfig.host); UCX listens there only."""
 
-    def __init__(self, tls: str | None = None, cuda_device: int | None = None) -> None:
+    def __init__(
+        self, tls: str | None = None, cuda_device: int | None = None, host: str | None = None
+    ) -> None:
         super().__init__()
-        self._ucx = load_ucxx(tls)
+        self._ucx = load_ucxx(tls, host)
         if cuda_device is not None:
             from ucxx._cuda_context import ensure_cuda_context
 
@@ -85,6 +108,7 @@ class UcxDataPlane(DataPlane):
         polling = cuda_device is not None
         self._worker.start_progress_thread(polling_mode=polling, epoll_timeout=EPOLL_TIMEOUT_MS)
         self._address = self._worker.address.tobytes()
+        self._local = _own_address(self._address)
         self._match_all = (self._ucx.UCXXTag(0), self._ucx.UCXXTagMask(0))
         self._scratch = np.empty(DISCARD_BYTES, dtype=np.uint8)
 
@@ -100,8 +124,12 @@ class UcxDataPlane(DataPlane):
         self._worker.stop_progress_thread()
 
     def _connect(self, address: bytes, on_error: Callable[[str], None]):
-        peer = self._ucx.UCXAddress.create_from_buffer(address)
-        endpoint = self._worker.create_endpoint_from_worker_address(peer, True)
+        check_peer_address(address, self._local)
+        try:
+            peer = self._ucx.UCXAddress.create_from_buffer(address)
+            endpoint = self._worker.create_endpoint_from_worker_address(peer, True)
+        except self._ucx.UCXError as exc:  # e.g. no transport reaches the peer
+            raise InvalidAddress(f"UCX cannot connect to the peer: {exc}") from exc
         # Called on the progress thread: on_error must only hand the news to the agent thread.
         endpoint.set_close_callback(lambda *args: on_error("UCX endpoint to the peer closed"))
         return endpoint

@@ -224,3 +224,26 @@ def test_decode_rank_killed_mid_request(tmp_path, qwen3):
         wait_idle(launcher, ["prefill-0", "spare"])
         codes = launcher.stop()
     assert codes["prefill-0"] == 0 and codes["spare"] == 0
+
+
+def test_restarted_prefill_daemon_is_found_on_the_first_request(tmp_path, qwen3):
+    """A prefill daemon stopped cleanly and started again on the same ports (its ranks' control
+    ports are new): the decode daemon's next request already goes to the new ranks."""
+    model, expected = qwen3
+    p = prefill("prefill-0")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "d").mkdir()
+    prefill_file = write(tmp_path / "p", [p], model)
+    decode_file = write(tmp_path / "d", [decode("decode-0", [p])], model)
+    with running(prefill_file) as prefills, running(decode_file) as launcher:
+        assert generate(launcher, "decode-0", PROMPTS[0]).token_ids == expected[0]
+        assert prefills.stop() == {"prefill-0": 0}
+        wait_for(lambda: not reachable(launcher), "decode to see the prefill daemon gone")
+        with running(prefill_file):  # the same ports
+            wait_for(lambda: reachable(launcher), "decode to see the prefill daemon back")
+            assert generate(launcher, "decode-0", PROMPTS[1]).token_ids == expected[1]
+            wait_idle(launcher)
+
+
+def reachable(launcher) -> bool:
+    return client(launcher, "decode-0").status()["prefill"][0]["reachable"] is True

@@ -139,6 +139,7 @@ def rendered() -> tuple[str, list[Snapshot]]:
     metrics.latency.observe(1.5)
     metrics.transfer.observe(0.1)
     metrics.in_flight.inc(3)
+    metrics.prefill_reachable.labels("tcp://127.0.0.1:17100").set(1)
     metrics.finished("ok")
     metrics.finished("ok")
     metrics.finished("error", "prefill tcp://127.0.0.1:17100 refused the prompt: not serving")

@@ -53,6 +53,10 @@ def test_mismatch_names_the_field(field, value):
         ({"tp_rank": 1}, "tp_rank=1"),
         ({"head_dim": 0}, "head_dim=0"),
         ({"mla": True}, "num_kv_heads=8"),
+        ({"tp_size": 1 << 20, "tp_rank": 0}, "tp_size=1048576 must be in \\[1, 1024\\]"),
+        ({"num_layers": 1 << 20}, "num_layers=1048576"),
+        ({"head_dim": 1 << 20}, "head_dim=1048576"),
+        ({"page_size": 1 << 30}, "page_size=1073741824"),
     ],
 )
 def test_invalid_layouts(changes, fragment):

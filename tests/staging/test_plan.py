@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from kvferry.staging.plan import HeadSlice, plan_head_transfers, rank_heads
+from kvferry.staging.plan import HeadSlice, cached_plan, plan_head_transfers, rank_heads
 
 HEADS = (1, 2, 4, 8, 16, 32, 64)
 TPS = (1, 2, 4, 8, 16, 32)
@@ -124,3 +124,9 @@ def test_mla_round_robin():
 def test_invalid_layouts_name_the_numbers(args, fragment):
     with pytest.raises(ValueError, match=fragment):
         plan_head_transfers(*args)
+
+
+def test_cached_plan_is_the_plan_computed_once():
+    first = cached_plan(8, 2, 16)
+    assert first == tuple(plan_head_transfers(8, 2, 16))
+    assert cached_plan(8, 2, 16) is first  # a repeated registration plans nothing

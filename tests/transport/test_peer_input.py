@@ -8,7 +8,7 @@ import zmq
 
 from kvferry.transport.control import request
 from kvferry.transport.dataplane import LoopbackDataPlane
-from kvferry.transport.messages import Codec, ErrorReply, RegisterRoom
+from kvferry.transport.messages import Codec, ErrorReply, QueryPeers, RegisterRoom
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tags import pack_tag
 from transfer_sim import (
@@ -163,23 +163,20 @@ def test_decode_ranks_proposing_different_layer_groups_fail_the_room(dep):
 
 
 @pytest.mark.parametrize("frames", [[b"junk"], [b""], [b"\x00\x01\xff"], [b"a", b"b"]])
-def test_garbage_on_a_control_port_is_answered_and_counted(dep, frames):
+@pytest.mark.parametrize("identity", [None, b"tcp://127.0.0.1:9"])
+def test_garbage_on_a_control_port_is_answered_and_counted(dep, frames, identity):
     agent = dep.prefill.agents[0]
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.IDENTITY, f"tcp://127.0.0.1:{port}".encode())
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    if identity is not None:  # a claimed address: answered all the same, over the connection
+        dealer.setsockopt(zmq.IDENTITY, identity)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(agent.core.control.address)
     dealer.send_multipart(frames)
-    assert sock.poll(5000)
-    _, reply = sock.recv_multipart()
-    assert isinstance(CODEC.decode(reply), ErrorReply)
+    assert dealer.poll(5000)
+    assert isinstance(CODEC.decode(dealer.recv()), ErrorReply)
     assert agent.core.stats.bad_frames == 1
+    assert not agent.core.control.is_open("tcp://127.0.0.1:9")  # no socket for a stranger
     dealer.close()
-    sock.close()
     req, receivers = waiting_room(dep, seed=4)
     assert wait_all(start_senders(dep.prefill, req) + receivers) == [KVPoll.Success] * 2
 
@@ -193,7 +190,7 @@ def test_request_times_out_on_a_silent_server():
             ctx,
             CODEC,
             f"tcp://127.0.0.1:{port}",
-            RegisterRoom(1, layout_for(4, 1, 0), b"", "", 1, 1, 1, "staged"),
+            QueryPeers(),
             0.2,
         )
     silent.close(linger=0)
