@@ -20,13 +20,13 @@ import yaml
 from kvferry.daemon.cli_bench import bench
 from kvferry.daemon.cli_common import CONFIG_PATH, SECONDS, note, stop_on_sigterm
 from kvferry.daemon.cli_fuzz import fuzz
+from kvferry.daemon.cli_status import status
 from kvferry.daemon.client import (
     DEFAULT_URL,
     ClientError,
     Completion,
     CompletionRequest,
     DaemonClient,
-    Unreachable,
     daemon_url,
 )
 from kvferry.daemon.config import ConfigError, DaemonConfig, Deployment, check_against, load
@@ -167,36 +167,6 @@ def generate(prompt, prompt_ids, url, config_path, stream, as_json, timeout, **s
 
 
 @main.command()
-@click.option("--url", "urls", multiple=True, help="A daemon's HTTP address; repeatable.")
-@click.option("--config", "config_path", type=CONFIG_PATH, help="Every daemon of this file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw /status objects.")
-@click.option("--timeout", type=SECONDS, default=10.0, show_default=True, help="Seconds.")
-def status(urls: tuple[str, ...], config_path: str | None, as_json: bool, timeout: float) -> None:
-    """Show what daemons are doing: requests, rooms, staging ring, KV pages, peers.
-
-    Asks --url (default http://127.0.0.1:17000) or every daemon of --config. Exits 1 when any
-    daemon does not answer.
-    """
-    answers, failed = [], False
-    for name, url in _status_targets(urls, config_path):
-        try:
-            answer = DaemonClient(url, timeout).status()
-        except ClientError as exc:
-            failed = True
-            kind = "unreachable" if isinstance(exc, Unreachable) else "error"
-            click.echo(f"{name}: {kind} ({exc.reason})", err=True)
-            answers.append({"name": name, "url": url, "error": exc.reason})
-            continue
-        answers.append(answer)
-        if not as_json:
-            click.echo("\n".join(_status_lines(answer, name, url)))
-    if as_json:
-        click.echo(json.dumps(answers, indent=2))
-    if failed:
-        raise click.exceptions.Exit(1)
-
-
-@main.command()
 @click.option(
     "--config",
     "config_path",
@@ -278,57 +248,6 @@ def _decode_url(url: str | None, config_path: str | None) -> str:
     return daemon_url(decode[0])
 
 
-def _status_targets(urls: tuple[str, ...], config_path: str | None) -> list[tuple[str, str]]:
-    if urls and config_path is not None:
-        raise click.UsageError("give --url or --config, not both")
-    if config_path is None:
-        return [(url, url) for url in urls or (DEFAULT_URL,)]
-    daemons = load(config_path).daemons
-    return [
-        (daemon.name or f"daemons[{i}]", daemon_url(daemon)) for i, daemon in enumerate(daemons)
-    ]
-
-
-def _status_lines(answer: dict, name: str, url: str) -> list[str]:
-    """A readable summary of one /status answer; any key may be missing."""
-    requests = answer.get("requests") or {}
-    lines = [
-        f"{answer.get('name') or name}: {answer.get('role', '?')}, {answer.get('state', '?')}, "
-        f"tp={answer.get('tp', '?')}, {url}",
-        "  requests: " + ", ".join(f"{key} {value}" for key, value in requests.items()),
-    ]
-    for rank in answer.get("ranks") or []:
-        lines.append(f"  rank {rank.get('rank', '?')}: " + " | ".join(_rank_parts(rank)))
-    return lines
-
-
-def _rank_parts(rank: dict) -> list[str]:
-    parts = []
-    if (rooms := rank.get("rooms")) is not None:
-        busy = [f"{state} {count}" for state, count in rooms.items() if count]
-        parts.append("rooms " + (", ".join(busy) or "none"))
-    if (ring := rank.get("ring")) is not None:
-        used, cap, high = (
-            ring.get(k) for k in ("used_bytes", "capacity_bytes", "high_water_bytes")
-        )
-        parts.append(f"ring {_size(used)} / {_size(cap)} (high {_size(high)})")
-    if (pages := rank.get("kv_pages")) is not None:
-        parts.append(f"kv pages {pages.get('used', '?')}/{pages.get('total', '?')}")
-    if (peers := rank.get("peers")) is not None:
-        parts.append("peers " + (", ".join(map(str, peers)) or "none"))
-    return parts
-
-
-def _size(size) -> str:
-    if not isinstance(size, (int, float)):
-        return "?"
-    for unit in ("B", "KiB", "MiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
-
-
 def _completion_summary(completion: Completion) -> str:
     ttft = "-" if completion.ttft_s is None else f"{completion.ttft_s:.3f} s"
     return (
@@ -369,6 +288,7 @@ def _calling_on_signals(callback):
 
 main.add_command(bench)
 main.add_command(fuzz)
+main.add_command(status)
 
 if __name__ == "__main__":
     main()

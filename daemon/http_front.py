@@ -2,7 +2,8 @@
 events when streaming), `GET /health`, `GET /status` and `GET /metrics` (both roles).
 
 Each connection runs on its own thread; a handler talks to the daemon through `generate`,
-`abort`, `status` and `metrics` only. A client that goes away aborts its request.
+`abort` and `metrics` only, and shows it as `daemon/status.py` reads it. A client that goes
+away aborts its request.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import msgspec
 
+from kvferry.daemon import status as shown
 from kvferry.daemon.metrics import CONTENT_TYPE
 from kvferry.daemon.sequence import SamplingParams
 
@@ -71,9 +73,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         try:
             if path == "/health":
-                self._json(*self.daemon.health())
+                self._json(*shown.health(self.daemon))
             elif path == "/status":
-                self._json(200, self.daemon.status())
+                self._json(200, shown.status(self.daemon))
             elif path == "/metrics":
                 self._send(200, self.daemon.metrics.render(), CONTENT_TYPE)
             else:

@@ -3,12 +3,14 @@
 Rank workers report cumulative counters and gauges in their `Snapshot`s; a collector turns the
 latest snapshot of each rank into metric families at scrape time. Latency samples (forward
 passes, transfers) come along in the snapshots and go into histograms here, next to the
-request-level histograms (TTFT, inter-token latency) the daemon observes itself.
+request-level histograms (TTFT, inter-token latency) the daemon observes itself. The prefill
+daemon's bootstrap server keeps its own counters of what it refused; they are read at scrape time.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -75,6 +77,29 @@ _GAUGES = (
         "memory_peak",
     ),
 )
+# (name, help, key of BootstrapServer.counters()): the prefill daemon's bootstrap server
+_BOOTSTRAP = (
+    (
+        "kvferry_bootstrap_bad_frames",
+        "Bootstrap server frames refused: malformed, of several parts, or of an unexpected type",
+        "bad_frames",
+    ),
+    (
+        "kvferry_bootstrap_refused_registrations",
+        "Rank registrations refused by the bootstrap server for a wrong token",
+        "refused_registrations",
+    ),
+    (
+        "kvferry_bootstrap_dropped_replies",
+        "Bootstrap server replies whose send failed (ZeroMQ would not queue them)",
+        "dropped_replies",
+    ),
+    (
+        "kvferry_bootstrap_failed_frames",
+        "Bootstrap server frames whose handling raised (each one a bug; the server kept serving)",
+        "failed_frames",
+    ),
+)
 
 
 class Metrics:
@@ -82,7 +107,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._snapshots: dict[int, Snapshot] = {}
         self._lock = threading.Lock()
+        self._bootstrap: Callable[[], dict[str, int]] | None = None
         self.registry.register(_SnapshotCollector(self))
+        self.registry.register(_BootstrapCollector(self))
         r = self.registry
         Gauge("kvferry_info", "The daemon", ["role", "name"], registry=r).labels(role, name).set(1)
         self.forward = Histogram(
@@ -128,6 +155,14 @@ class Metrics:
             self.forward.observe(seconds)
         for seconds in snapshot.transfer_s:
             self.transfer.observe(seconds)
+
+    def count_bootstrap(self, counters: Callable[[], dict[str, int]]) -> None:
+        """Export the bootstrap server's counters (`BootstrapServer.counters`), read at scrape
+        time; without one (decode, or before it starts) they stay at 0."""
+        self._bootstrap = counters
+
+    def bootstrap_counters(self) -> dict[str, int]:
+        return self._bootstrap() if self._bootstrap is not None else {}
 
     def finished(self, outcome: str, reason: str | None = None) -> None:
         self.requests.labels(outcome).inc()
@@ -181,3 +216,13 @@ class _SnapshotCollector:
             for queue, count in s.queues.items():
                 queues.add_metric([str(s.rank), queue], count)
         yield from (failures, rooms, queues)
+
+
+class _BootstrapCollector:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        counters = self.metrics.bootstrap_counters()
+        for name, text, key in _BOOTSTRAP:
+            yield CounterMetricFamily(name, text, value=counters.get(key, 0))

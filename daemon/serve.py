@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import secrets
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from functools import partial
 
 import zmq
 
@@ -25,13 +23,15 @@ from kvferry.daemon import protocol
 from kvferry.daemon.config import DaemonConfig, check_against
 from kvferry.daemon.metrics import Metrics
 from kvferry.daemon.prefill_probe import PrefillProbe
+from kvferry.daemon.prompt_handoff import PromptHandoff
+from kvferry.daemon.prompt_intake import PromptIntake
 from kvferry.daemon.prompt_quota import PromptQuota
 from kvferry.daemon.ranks import RankFailed, Ranks
+from kvferry.daemon.request import Request, check_prompt
 from kvferry.daemon.sequence import SamplingParams
 from kvferry.daemon.tokenizer import ByteTokenizer, load_tokenizer
 from kvferry.transport.bootstrap import TOKEN_BYTES, BootstrapServer
-from kvferry.transport.control import request as control_request
-from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt, WireError
+from kvferry.transport.messages import Codec
 
 log = logging.getLogger("kvferry.daemon")
 TICK_S = 0.05
@@ -40,24 +40,6 @@ ANSWER_S = 5.0  # at exit: how long HTTP handlers get to answer their finished r
 
 class Unavailable(RuntimeError):
     """The daemon is not taking requests (starting, stopping or broken)."""
-
-
-@dataclass
-class Request:
-    """A request in flight, as the daemon tracks it; `events` feeds the HTTP handler."""
-
-    room: int
-    prompt: list[int]
-    params: SamplingParams
-    prefill: str | None
-    created: float = field(default_factory=time.monotonic)
-    deadline: float = 0.0
-    tokens: list[int] = field(default_factory=list)
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    finish: str | None = None
-    error: str | None = None
-    events: queue.Queue = field(default_factory=queue.Queue)  # (new tokens, finished?)
 
 
 def serve(config: DaemonConfig) -> int:
@@ -87,16 +69,21 @@ class Daemon:
         )
         self.state = "starting"
         self.requests: dict[int, Request] = {}
-        self.prefill_rooms: dict[int, float] = {}  # prefill: room -> when submitted
-        s = config.scheduler  # prefill: prompts whose room no decode rank registered yet
-        self.unregistered = PromptQuota(
-            s.max_unregistered_prompts_per_peer, s.max_unregistered_prompts
+        self._check_prompt = partial(
+            check_prompt,
+            limit=config.scheduler.max_prompt_tokens,
+            vocab=self.model_config.vocab_size,
         )
-        self._lock = threading.Lock()  # requests, prefill rooms, and sends to rank 0
+        s = config.scheduler  # prefill: prompts whose room no decode rank registered yet
+        quota = PromptQuota(s.max_unregistered_prompts_per_peer, s.max_unregistered_prompts)
+        self.intake = PromptIntake(quota, self._refusal, self._check_prompt, self._send)
+        self._lock = threading.Lock()  # requests
         self._stop_reason: str | None = None
         self._zmq = zmq.Context()
-        self._submitter = ThreadPoolExecutor(4, thread_name_prefix="kvferry-submit")
         self._codec = Codec(config.transfer.max_frame_bytes)
+        self.handoff = PromptHandoff(
+            self._zmq, self._codec, config.transfer.bootstrap_timeout_s, self.abort
+        )
         self.probe = (
             PrefillProbe(config.prefill, self._zmq, self._codec, self.metrics.prefill_reachable)
             if config.prefill
@@ -133,9 +120,9 @@ class Daemon:
         # else can register as one of this daemon's ranks
         token = secrets.token_bytes(TOKEN_BYTES)
         if c.role == "prefill":
-            self.bootstrap = BootstrapServer(
-                c.tp, token, c.host, c.bootstrap_port, c.transfer.max_frame_bytes, self._on_submit
-            )
+            limit, submit = c.transfer.max_frame_bytes, self.intake.submit
+            self.bootstrap = BootstrapServer(c.tp, token, c.host, c.bootstrap_port, limit, submit)
+            self.metrics.count_bootstrap(self.bootstrap.counters)
             bootstrap_address = self.bootstrap.address
         from kvferry.daemon.http_front import start_http
 
@@ -164,7 +151,7 @@ class Daemon:
             if self._stop_reason and stop_by is None:
                 self.state = "stopping"
                 stop_by = now + self.config.drain_timeout_s
-            if stop_by is not None and (not self._in_flight() or now > stop_by):
+            if stop_by is not None and (not self.in_flight() or now > stop_by):
                 self._send(protocol.Stop(f"daemon stopping ({self._stop_reason})"))
                 return self._stop_ranks()
 
@@ -217,7 +204,7 @@ class Daemon:
             self.http.server_close()
         if self.bootstrap is not None:
             self.bootstrap.close()
-        self._submitter.shutdown(wait=False, cancel_futures=True)
+        self.handoff.close()
         if self.probe is not None:
             self.probe.stop()  # its sockets must be closed before the context ends
         self._zmq.term()
@@ -231,10 +218,9 @@ class Daemon:
     def generate(self, prompt: list[int], params: SamplingParams) -> Request:
         """Start a request; ValueError for a prompt that cannot be served, Unavailable when
         not serving."""
-        if self.state != "serving" or self._stop_reason:
-            raise Unavailable(
-                f"{self.name} is {self.state if not self._stop_reason else 'stopping'}"
-            )
+        refusal = self._refusal()
+        if refusal:
+            raise Unavailable(refusal)
         self._check_prompt(prompt)
         if params.seed is None:  # every rank (and prefill) must draw the same numbers
             params = SamplingParams(
@@ -257,63 +243,30 @@ class Daemon:
     def abort(self, room: int, reason: str) -> None:
         self._send(protocol.Abort(room, reason))
 
-    def _check_prompt(self, prompt: list[int]) -> None:
-        limit, vocab = self.config.scheduler.max_prompt_tokens, self.model_config.vocab_size
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if len(prompt) > limit:
-            raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_prompt_tokens={limit}")
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+    def _refusal(self) -> str | None:
+        """Why the daemon takes no new request or prompt now; None while serving."""
+        if self._stop_reason:
+            return f"{self.name} is stopping"
+        return None if self.state == "serving" else f"{self.name} is {self.state}"
 
     def _progress(self, progress: protocol.Progress) -> None:
-        if progress.reserved and self.config.role == "prefill":  # registered: admitted
-            with self._lock:
-                for room in progress.reserved:
-                    self.unregistered.release(room)
+        self.intake.registered(progress.reserved)  # prefill: the rooms' prompts are admitted
         for room in progress.reserved:
             request = self.requests.get(room)
             if request is not None:
-                self._submitter.submit(self._submit_to_prefill, request)
+                self.handoff.submit(request)
         for out in progress.outputs:
             request = self.requests.get(out.room)
             if request is None:
                 continue
-            now = time.monotonic()
-            if out.tokens:
-                if request.first_token_at is None:
-                    request.first_token_at = now
-                    self.metrics.ttft.observe(now - request.created)
-                elif request.last_token_at is not None:
-                    self.metrics.itl.observe((now - request.last_token_at) / len(out.tokens))
-                request.last_token_at = now
-                request.tokens.extend(out.tokens)
+            request.take(out.tokens, time.monotonic(), self.metrics)
             if out.finish:
                 self._finish(request, out.finish, out.error, out.tokens)
             else:
                 request.events.put((out.tokens, None))
         for done in progress.done:
-            with self._lock:
-                self.prefill_rooms.pop(done.room, None)
-                self.unregistered.release(done.room)
+            self.intake.done(done.room)
             self._count(done.error)
-
-    def _submit_to_prefill(self, request: Request) -> None:
-        """Hand the prompt to the prefill daemon (off the main loop: it waits for a reply)."""
-        p = request.params
-        message = SubmitPrompt(request.room, request.prompt, p.temperature, p.top_p, p.seed)
-        timeout = self.config.transfer.bootstrap_timeout_s
-        try:
-            reply = control_request(self._zmq, self._codec, request.prefill, message, timeout)
-        except (TimeoutError, WireError, zmq.ZMQError) as exc:
-            reply = ErrorReply(str(exc))
-        except Exception as exc:  # this runs in a pool, which would keep it silent: fail now
-            log.exception("submitting room %#x to %s failed", request.room, request.prefill)
-            reply = ErrorReply(f"{type(exc).__name__}: {exc}")
-        if not isinstance(reply, Ack):
-            reason = reply.reason if isinstance(reply, ErrorReply) else f"unexpected {reply!r}"
-            self.abort(request.room, f"prefill {request.prefill} refused the prompt: {reason}")
 
     def _finish(
         self, request: Request, finish: str, error: str | None, tokens: list[int] = ()
@@ -338,76 +291,8 @@ class Daemon:
             limit = self.config.scheduler.request_timeout_s
             self.abort(request.room, f"timeout: request unfinished after {limit:g}s")
 
-    def _in_flight(self) -> int:
+    def in_flight(self) -> int:
+        """Decode requests and prefill prompts not finished yet."""
         with self._lock:
-            return len(self.requests) + len(self.prefill_rooms)
-
-    # --- prefill: prompts from decode daemons -----------------------------------------------
-
-    def _on_submit(self, message: SubmitPrompt, peer: str):
-        """Bootstrap-server thread: a decode daemon's prompt for room `message.room`, from the
-        host `peer`. Held by the ranks until a decode rank registers the room."""
-        if self.state != "serving" or self._stop_reason:
-            return ErrorReply(f"prefill daemon {self.name} is not serving", room=message.room)
-        try:
-            self._check_prompt(message.prompt)
-            params = SamplingParams(1, message.temperature, message.top_p, message.seed)
-        except ValueError as exc:
-            return ErrorReply(str(exc), room=message.room)
-        with self._lock:
-            if message.room in self.prefill_rooms:
-                return ErrorReply(f"room {message.room} is already in use", room=message.room)
-            refused = self.unregistered.take(message.room, peer)
-            if refused:
-                return ErrorReply(f"prompt refused: {refused}", room=message.room)
-            self.prefill_rooms[message.room] = time.monotonic()
-        self._send(protocol.Submit(message.room, message.prompt, params))
-        return Ack()
-
-    # --- what the HTTP front shows ----------------------------------------------------------
-
-    def health(self) -> tuple[int, dict]:
-        """HTTP status and body of /health: 200 only while the daemon can serve a request."""
-        status = "ok" if self.state == "serving" else self.state
-        body = {"role": self.config.role, "name": self.name, "pid": os.getpid()}
-        if self.probe is not None:
-            body["prefill"] = self.probe.states()
-            if status == "ok" and not self.probe.any_usable():
-                status = "no_prefill"
-        return (200 if status == "ok" else 503), {"status": status, **body}
-
-    def status(self) -> dict:
-        snapshots = self.metrics.snapshots()
-        with self._lock:
-            in_flight = len(self.requests) + len(self.prefill_rooms)
-        requests = {"in_flight": in_flight}
-        for s in snapshots[:1]:
-            requests.update(s.queues)
-        return {
-            "role": self.config.role,
-            "name": self.name,
-            "state": self.state,
-            "tp": self.config.tp,
-            "requests": requests,
-            "prefill": self.probe.states() if self.probe is not None else [],
-            "ranks": [
-                {
-                    "rank": s.rank,
-                    "rooms": s.rooms,
-                    "ring": {
-                        "used_bytes": s.ring_used,
-                        "capacity_bytes": s.ring_capacity,
-                        "high_water_bytes": s.ring_high_water,
-                    },
-                    "kv_pages": {"used": s.kv_pages_used, "total": s.kv_pages_total},
-                    "peers": s.peers,
-                    "bytes_sent": s.bytes_sent,
-                    "bytes_received": s.bytes_received,
-                    "messages_sent": s.messages_sent,
-                    "messages_received": s.messages_received,
-                    "control_address": s.control_address,
-                    "pid": s.pid,
-                }
-                for s in snapshots
-            ],
-        }
+            requests = len(self.requests)
+        return requests + len(self.intake)

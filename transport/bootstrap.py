@@ -78,6 +78,16 @@ class BootstrapServer:
         """Whether the serving thread runs (the daemon is broken without it)."""
         return self._thread.is_alive()
 
+    def counters(self) -> dict[str, int]:
+        """What the server refused or failed since it started, by kind (for /status, /metrics);
+        read without a lock: each is one int the serving thread alone writes."""
+        return {
+            "bad_frames": self.bad_frames,
+            "refused_registrations": self.refused_registrations,
+            "dropped_replies": self.dropped_replies,
+            "failed_frames": self.failed_frames,
+        }
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)

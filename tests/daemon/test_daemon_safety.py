@@ -177,3 +177,25 @@ def test_prefill_refuses_sampling_values_from_the_wire(pair, fields, text):
         context.term()
     assert isinstance(reply, ErrorReply) and text in reply.reason
     _normal_request_works(pair)
+
+
+def test_prefill_shows_what_its_bootstrap_server_refused(pair):
+    """A refused frame at the bootstrap port shows in the prefill daemon's /status and /metrics."""
+    prefill_client = client(pair, "prefill-0")
+    before = prefill_client.status()["bootstrap"]
+    context = zmq.Context()
+    try:
+        sock = context.socket(zmq.DEALER)
+        sock.connect(before["address"])
+        sock.send(b"not a frame")
+        assert sock.poll(30_000), "no answer to a malformed frame"
+        sock.close(linger=0)
+    finally:
+        context.term()
+    after = prefill_client.status()["bootstrap"]
+    assert after == {**before, "bad_frames": before["bad_frames"] + 1}
+    line = f"kvferry_bootstrap_bad_frames_total {after['bad_frames']:.1f}"
+    assert line in prefill_client.metrics().splitlines()
+    decode_status = client(pair, "decode-0").status()
+    assert decode_status["bootstrap"] is None
+    assert [p["address"] for p in decode_status["prefill"]] == [before["address"]]

@@ -10,12 +10,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import client, decode, generate, prefill, running, wait_for, write
 from kvferry.daemon.metrics import Metrics, failure_category
 from kvferry.daemon.protocol import Snapshot
+from kvferry.transport.bootstrap import BootstrapServer
+from kvferry.transport.control import request
+from kvferry.transport.messages import Codec, ErrorReply, RankInfo, RegisterRank, SubmitPrompt
 from kvferry.transport.room import KVPoll
+from transfer_sim import layout_for
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 _ROW = re.compile(r"^\| `(kvferry_\w+)` \| (\w+) \| ([^|]*) \| (?:prefill|decode|both) \|", re.M)
@@ -190,6 +195,45 @@ def test_request_metrics_and_histograms(rendered):
         assert got[f"kvferry_{name}_seconds_count", none] == count, name
         assert got[f"kvferry_{name}_seconds_bucket", frozenset({("le", "+Inf")})] == count
     assert got["kvferry_forward_seconds_sum", none] == pytest.approx(0.545)
+
+
+BOOTSTRAP = (
+    "kvferry_bootstrap_bad_frames_total",
+    "kvferry_bootstrap_refused_registrations_total",
+    "kvferry_bootstrap_dropped_replies_total",
+    "kvferry_bootstrap_failed_frames_total",
+)
+
+
+def test_bootstrap_counters_are_exported_at_scrape_time(rendered):
+    """Decode has no bootstrap server: its counters stay at 0. A prefill daemon's show what its
+    server refused, read at each scrape."""
+    assert all(samples(rendered[0])[name, frozenset()] == 0 for name in BOOTSTRAP)
+
+    def broken_intake(message, peer):
+        raise RuntimeError("intake bug")
+
+    server = BootstrapServer(1, on_submit=broken_intake)
+    context, codec = zmq.Context(), Codec(1 << 20)
+    try:
+        metrics = Metrics("prefill", "p0")
+        metrics.count_bootstrap(server.counters)
+        rank = RankInfo(layout_for(4, 1, 0), b"ucx", "tcp://127.0.0.1:1000")
+        for message in (RegisterRank(rank, b"guess"), SubmitPrompt(7, [1, 2])):
+            assert isinstance(request(context, codec, server.address, message, 5), ErrorReply)
+        before = samples(metrics.render().decode())
+        socket = context.socket(zmq.DEALER)
+        socket.connect(server.address)
+        socket.send(b"not a frame")
+        assert socket.poll(5000)  # answered: counted
+        socket.close(linger=0)
+        after = samples(metrics.render().decode())
+    finally:
+        server.close()
+        context.term()
+    # in BOOTSTRAP's order: bad frames, refused registrations, dropped replies, failed frames
+    assert [before[name, frozenset()] for name in BOOTSTRAP] == [0, 1, 0, 1]
+    assert [after[name, frozenset()] for name in BOOTSTRAP] == [1, 1, 0, 1]
 
 
 @pytest.mark.parametrize(
