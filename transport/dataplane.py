@@ -20,11 +20,16 @@ from typing import ClassVar
 import torch
 
 U64 = 1 << 64
+MAX_ENDPOINTS = 256  # open endpoints per rank (a UCX endpoint holds sockets while open)
 
 
 class InvalidAddress(ValueError):
     """A peer-supplied data-plane address that cannot be connected to (refused before the
     backend ever parses it)."""
+
+
+class EndpointLimitError(RuntimeError):
+    """No endpoint can be opened to a new peer: the rank holds too many already."""
 
 
 class Request:
@@ -54,6 +59,7 @@ class DataPlane:
 
     def __init__(self) -> None:
         self._endpoints: dict[bytes, object] = {}
+        self.max_endpoints = MAX_ENDPOINTS
         self.messages_sent = 0
         self.bytes_sent = 0
         self.messages_received = 0
@@ -65,15 +71,32 @@ class DataPlane:
 
     def endpoint(self, address: bytes, on_error: Callable[[str], None]):
         """The (cached) endpoint to the peer at `address`; `on_error` fires if it breaks.
-        Raises InvalidAddress for an address this backend cannot use."""
+        Raises InvalidAddress for an address this backend cannot use, EndpointLimitError for
+        a new one past `max_endpoints`."""
         endpoint = self._endpoints.get(address)
         if endpoint is None:
+            if len(self._endpoints) >= self.max_endpoints:
+                raise EndpointLimitError(
+                    f"busy: this rank already holds {self.max_endpoints} data-plane endpoints"
+                )
             endpoint = self._connect(address, on_error)
             self._endpoints[address] = endpoint
         return endpoint
 
     def drop_endpoint(self, address: bytes) -> None:
+        """Forget the endpoint to `address`, which broke (the backend has closed it)."""
         self._endpoints.pop(address, None)
+
+    def close_endpoint(self, address: bytes) -> None:
+        """Close the endpoint to `address`. Only for one nothing is sent over any more: sends
+        in flight on it would fail."""
+        endpoint = self._endpoints.pop(address, None)
+        if endpoint is not None:
+            self._disconnect(endpoint)
+
+    @property
+    def open_endpoints(self) -> int:
+        return len(self._endpoints)
 
     def send(self, endpoint, buffer: torch.Tensor, tag: int) -> Request:
         _check(buffer, tag)
@@ -97,11 +120,15 @@ class DataPlane:
         return self._discard(tag)
 
     def close(self) -> None:
-        self._endpoints.clear()
+        for address in list(self._endpoints):
+            self.close_endpoint(address)
 
     # backend hooks
     def _connect(self, address: bytes, on_error: Callable[[str], None]):
         raise NotImplementedError
+
+    def _disconnect(self, endpoint) -> None:
+        """Close an endpoint made by _connect (its error callback must not fire any more)."""
 
     def _send(self, endpoint, buffer: torch.Tensor, tag: int) -> Request:
         raise NotImplementedError

@@ -2,7 +2,9 @@
 
 Lookups run on a small thread pool (a bootstrap server may be slow or absent; the transfer
 thread never waits on it) and are retried until every prefill rank has registered or the
-bootstrap timeout passes. Answers are cached per address until one of its ranks is lost.
+bootstrap timeout passes. Answers are cached per address until one of its ranks is lost; an
+answer naming a rank that was lost while its lookup ran is handed to its waiters but not cached
+(the bootstrap server may have answered before it heard of the loss).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class PrefillDirectory:
         self._context, self._config, self._post = context, config, post
         self._cache: dict[str, list[RankInfo]] = {}
         self._waiting: dict[str, list] = {}
+        # bootstrap address -> control addresses forgotten while its lookup runs
+        self._lost_during: dict[str, set[str]] = {}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvferry-lookup")
 
     def resolve(self, bootstrap: str, waiter, done: Resolved) -> None:
@@ -51,6 +55,7 @@ class PrefillDirectory:
         waiting = self._waiting.setdefault(bootstrap, [])
         waiting.append(waiter)
         if len(waiting) == 1:
+            self._lost_during[bootstrap] = set()
             future = self._pool.submit(self._lookup, bootstrap)
             future.add_done_callback(lambda f: self._post(lambda: self._finish(bootstrap, f, done)))
 
@@ -59,18 +64,22 @@ class PrefillDirectory:
         for bootstrap, ranks in list(self._cache.items()):
             if any(info.control_address == control_address for info in ranks):
                 del self._cache[bootstrap]
+        for lost in self._lost_during.values():
+            lost.add(control_address)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _finish(self, bootstrap: str, future, done: Resolved) -> None:
         waiters = self._waiting.pop(bootstrap, [])
+        lost = self._lost_during.pop(bootstrap, set())
         try:
             ranks = future.result()
         except Exception as exc:  # a failed lookup fails exactly the rooms that needed it
             done(waiters, None, f"bootstrap failed: {exc}")
             return
-        self._cache[bootstrap] = ranks
+        if not any(info.control_address in lost for info in ranks):
+            self._cache[bootstrap] = ranks
         done(waiters, ranks, None)
 
     def _lookup(self, bootstrap: str) -> list[RankInfo]:

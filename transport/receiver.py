@@ -1,14 +1,14 @@
-"""Decode side: registers each room with the prefill ranks, takes each arriving region into
-its staging ring, scatters it into the paged KV cache, and frees the region once the scatter
-has run. A room succeeds when every writer's chunks are scattered and every prefill rank has
-said it is done (with the first sampled token)."""
+"""Decode side: registers each room with the prefill ranks; its receive pipeline
+(recv_pipeline.py) takes each arriving region into the staging ring, scatters it into the
+paged KV cache, and frees the region once the scatter has run. A room succeeds when every
+writer's chunks are scattered and every prefill rank has said it is done (with the first
+sampled token)."""
 
 from __future__ import annotations
 
 import logging
 import secrets
 import time
-from collections import deque
 
 from kvferry.staging.kv_copy import KVPlanes, host_slots
 from kvferry.staging.layout import KVLayout, layer_groups
@@ -28,12 +28,12 @@ from kvferry.transport.messages import (
     RoomAccepted,
     TransferDone,
 )
-from kvferry.transport.recv_room import Arrival, Piece, RecvRoom
+from kvferry.transport.recv_pipeline import RecvPipeline
+from kvferry.transport.recv_room import RecvRoom
 from kvferry.transport.room import KVPoll
-from kvferry.transport.tags import MAX_KEY, unpack_tag
+from kvferry.transport.tags import MAX_KEY
 
 log = logging.getLogger(__name__)
-PROBES_PER_TURN = 256  # bounds one turn of the loop when many messages are waiting
 
 
 class DecodeAgent:
@@ -64,10 +64,7 @@ class DecodeAgent:
             k for k in iter(lambda: secrets.randbelow(MAX_KEY) + 1, 0) if k not in self._by_key
         )
         self.directory = PrefillDirectory(self.core.zmq_context, config, self.core.loop.post)
-        self._receiving: deque[Arrival] = deque()
-        self._scattering: deque[Arrival] = deque()
-        self._discards: deque = deque()
-        self._ring_blocked_since: float | None = None
+        self.arrivals = RecvPipeline(self.core, config, planes, self._by_key.get, self._fail)
         self.core.loop.start()
 
     def receiver(self, room: int, slots, bootstrap: str) -> KVReceiver:
@@ -206,11 +203,7 @@ class DecodeAgent:
     # --- progress ----------------------------------------------------------------------------
 
     def _step(self, now: float) -> bool:
-        self._take_arrivals(now)
-        self._finish_receives()
-        self._finish_scatters()
-        while self._discards and self._discards[0].done():
-            self._discards.popleft()
+        self.arrivals.step(now)
         expecting = False  # data arrivals wake nothing: poll while a room waits for data
         for room in list(self.rooms.values()):
             try:
@@ -218,110 +211,7 @@ class DecodeAgent:
             except Exception as exc:  # one room's failure is its own, never the thread's
                 self._fail(room, self.core.contain(exc, f"room {room.room:#x}"))
             expecting = expecting or (room.open and room.status.state >= KVPoll.WaitingForInput)
-        return bool(
-            expecting
-            or self._receiving
-            or self._scattering
-            or self._discards
-            or self._ring_blocked_since
-        )
-
-    def _take_arrivals(self, now: float) -> None:
-        for _ in range(PROBES_PER_TURN):
-            probed = self.core.data.probe()
-            if probed is None:
-                return
-            tag, nbytes = probed
-            key, piece, writer = unpack_tag(tag)
-            room = self._by_key.get(key)
-            if room is None or not room.open:
-                self.core.stats.unexpected_messages += 1
-                self._discards.append(self.core.data.discard(tag))
-                continue
-            error, piece_of = room.expect(piece, writer, nbytes, self.planes, self.slice_mode)
-            if error:
-                self._discards.append(self.core.data.discard(tag))
-                self._fail(room, error)
-                continue
-            self.core.peers.heard(room.rank_peers[writer])  # data counts as a sign of life
-            if not self._take(room, tag, nbytes, piece_of, now):
-                room.taken[(piece, writer)] -= 1  # not taken after all: it stays queued
-                return
-
-    def _take(self, room: RecvRoom, tag: int, nbytes: int, piece: Piece, now: float) -> bool:
-        arrival = Arrival(room, piece)
-        if self.slice_mode:  # straight into the cache row: plane index // tokens, token % tokens
-            plane = piece.planes.planes[piece.index // len(piece.slots)]
-            arrival.region = plane[int(piece.slots[piece.index % len(piece.slots)])].narrow(
-                0, piece.slice.dst_head_start, piece.slice.num_heads
-            )
-        else:
-            offset = self.core.staging.alloc(nbytes)
-            if offset is None:
-                return self._ring_full(room, now)
-            self._ring_unblocked(now)
-            arrival.offset, arrival.region = offset, self.core.staging.view(offset, nbytes)
-        arrival.request = self.core.data.recv(tag, arrival.region)
-        arrival.started = now
-        room.busy += 1
-        room.status.advance(KVPoll.Transferring)
-        self._receiving.append(arrival)
-        return True
-
-    def _ring_full(self, room: RecvRoom, now: float) -> bool:
-        if self._ring_blocked_since is None:
-            self._ring_blocked_since = now
-            self.core.stats.ring_waits += 1
-        elif now - self._ring_blocked_since > self.config.ring_wait_timeout_s:
-            self._fail(room, f"ring full: no staging room for {self.config.ring_wait_timeout_s:g}s")
-            self._ring_blocked_since = None
-        return False
-
-    def _ring_unblocked(self, now: float) -> None:
-        if self._ring_blocked_since is not None:
-            self.core.stats.ring_wait_s += now - self._ring_blocked_since
-            self._ring_blocked_since = None
-
-    def _finish_receives(self) -> None:
-        for _ in range(len(self._receiving)):
-            arrival = self._receiving.popleft()
-            if not arrival.request.done():
-                self._receiving.append(arrival)
-                continue
-            error, room = arrival.request.error(), arrival.room
-            finished = time.monotonic()
-            self.core.stats.wire_s += finished - arrival.started
-            arrival.started = finished
-            if error or not room.open:
-                if error:
-                    self._fail(room, f"receive failed: {error}")
-                self._release(arrival)
-            elif self.slice_mode:
-                room.done_units += 1
-                self._release(arrival)
-            else:
-                piece = arrival.piece
-                arrival.fence = self.core.copies.scatter(
-                    arrival.region,
-                    piece.planes,
-                    piece.slots,
-                    piece.slice.dst_head_start,
-                    piece.slice.num_heads,
-                )
-                self._scattering.append(arrival)
-
-    def _finish_scatters(self) -> None:
-        while self._scattering and self._scattering[0].fence.done():
-            arrival = self._scattering.popleft()
-            self.core.stats.copy_s += time.monotonic() - arrival.started
-            arrival.room.done_units += 1
-            self._release(arrival)
-
-    def _release(self, arrival: Arrival) -> None:
-        if arrival.offset is not None:
-            self.core.staging.free(arrival.offset)
-            arrival.offset = None
-        arrival.room.busy -= 1
+        return expecting or self.arrivals.busy
 
     def _check_room(self, room: RecvRoom, now: float) -> None:
         if room.failing is not None:

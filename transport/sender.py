@@ -1,7 +1,7 @@
 """Prefill side: gathers each chunk's head slices into the staging ring and sends each
 (chunk, destination) region as one tagged message — or one per layer group, each gathered as
 soon as the forward has written its layers — or, in slice mode, one message per token and plane
-straight from the cache."""
+straight from the cache. Decode ranks' registrations are admitted by registrar.py."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import numpy as np
 
 from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.layout import KVLayout
-from kvferry.staging.plan import cached_plan
 from kvferry.transport.config import TransferConfig
-from kvferry.transport.control import PeerLimitError, request
+from kvferry.transport.control import request
 from kvferry.transport.core import AgentCore
-from kvferry.transport.dataplane import DataPlane, InvalidAddress
+from kvferry.transport.dataplane import DataPlane
+from kvferry.transport.endpoints import EndpointPool
 from kvferry.transport.handles import KVSender
 from kvferry.transport.messages import (
     Abort,
@@ -27,16 +27,15 @@ from kvferry.transport.messages import (
     RankInfo,
     RegisterRank,
     RegisterRoom,
-    RoomAccepted,
     TransferDone,
 )
+from kvferry.transport.registrar import Registrar
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_pipeline import SendPipeline
-from kvferry.transport.send_room import Dest, Outgoing, Ready, SendRoom, check_registration
+from kvferry.transport.send_room import Outgoing, Ready, SendRoom
 from kvferry.transport.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
-MAX_ROOMS = 4096  # open rooms per rank; registrations of new rooms past it are refused
 
 
 class PrefillAgent:
@@ -67,6 +66,17 @@ class PrefillAgent:
         self.rooms: dict[int, SendRoom] = {}
         self.tombstones = Tombstones()
         self.pipeline = SendPipeline(self.core, config, self._fail)
+        self.endpoints = EndpointPool(self.core, self._on_endpoint_error)
+        self.registrar = Registrar(
+            self.core,
+            config,
+            layout,
+            planes,
+            self.rooms,
+            self.tombstones,
+            self.endpoints,
+            self._fail,
+        )
         self._register(bootstrap, token)
         self.core.loop.start()
 
@@ -133,7 +143,7 @@ class PrefillAgent:
 
     def _on_message(self, peer: str, message: Message) -> None:
         if isinstance(message, RegisterRoom):
-            self._on_register(peer, message)
+            self.registrar.register(peer, message)
         elif isinstance(message, Abort):
             self._on_abort(peer, message)
         elif isinstance(message, ErrorReply):
@@ -142,72 +152,6 @@ class PrefillAgent:
                 self._on_abort(peer, Abort(message.room, message.reason))
         else:
             self.core.refuse(peer, f"unexpected {type(message).__name__} at a prefill rank")
-
-    def _on_register(self, peer: str, msg: RegisterRoom) -> None:
-        """A decode rank registers a room. The sender becomes a peer (an outbound socket, a
-        data-plane endpoint, heartbeats) only once every check has passed; until then it is
-        answered over the connection its frame came in on."""
-        room = self._room_to_register(peer, msg.room)
-        if room is None:
-            return
-        error = self._check_sender(peer, msg) or room.register(msg, self.layout.num_layers)
-        endpoint, error = (None, error) if error else self._connect(peer, msg)
-        if error:
-            self.core.refuse(peer, error, msg.room)
-            self._fail(room, error, notify=True)
-            return
-        plan = cached_plan(
-            self.layout.num_kv_heads, self.layout.tp_size, msg.layout.tp_size, self.layout.mla
-        )
-        mine = [
-            s
-            for s in plan
-            if s.src_rank == self.layout.tp_rank and s.dst_rank == msg.layout.tp_rank
-        ]
-        room.dests[msg.layout.tp_rank] = Dest(
-            peer, msg.ucx_address, endpoint, msg.recv_key, mine[0] if mine else None
-        )
-        self.core.peers.add_room(peer, msg.room)
-        self.core.control.send(peer, RoomAccepted(msg.room, self.layout.tp_rank))
-
-    def _room_to_register(self, peer: str, room_id: int) -> SendRoom | None:
-        """The open room a registration is for (made if new); None, answered, if there is
-        none to register with."""
-        room = self.rooms.get(room_id)
-        if room is None and room_id in self.tombstones:
-            self.core.refuse(peer, self.tombstones.reason(room_id), room_id)
-            return None
-        if room is None and len(self.rooms) >= MAX_ROOMS:
-            self.core.refuse(peer, f"busy: {MAX_ROOMS} rooms already open on this rank", room_id)
-            return None
-        if room is None:
-            room = self.rooms[room_id] = SendRoom(room_id, time.monotonic(), self.config)
-        elif room.status.finished:
-            self.core.refuse(peer, room.status.reason or "room already finished", room_id)
-            return None
-        return room
-
-    def _check_sender(self, peer: str, msg: RegisterRoom) -> str | None:
-        if msg.control_address != peer:
-            return (
-                f"invalid: control_address {msg.control_address!r} is not the address the "
-                f"frame came from ({peer!r})"
-            )
-        return check_registration(msg, self.layout, self.planes, self.config)
-
-    def _connect(self, peer: str, msg: RegisterRoom) -> tuple[object, str | None]:
-        """Open the control socket and data-plane endpoint to a checked decode rank:
-        (endpoint, None), or (None, why not) with nothing opened for it left behind."""
-        try:
-            self.core.control.open(peer)
-        except (PeerLimitError, ValueError) as exc:
-            return None, str(exc)
-        try:
-            return self.core.endpoint(msg.ucx_address, self._on_endpoint_error), None
-        except InvalidAddress as exc:
-            if not self.core.peers.rooms_of(peer):
-                self.core.control.forget(peer)
-            return None, f"invalid: ucx_address: {exc}"
 
     def _on_abort(self, peer: str, msg: Abort) -> None:
         room = self.rooms.get(msg.room)
@@ -242,6 +186,7 @@ class PrefillAgent:
             except Exception as exc:  # one room's failure is its own, never the thread's
                 self._fail(room, self.core.contain(exc, f"room {room.room:#x}"))
         self._purge(now)
+        self.endpoints.reclaim(now)
         return self.pipeline.busy
 
     def _advance(self, room: SendRoom, now: float) -> None:
@@ -304,6 +249,8 @@ class PrefillAgent:
         ]:
             room = self.rooms.pop(room_id)
             self.tombstones.bury(room_id, room.status.reason or "room already finished", now)
+            for dest in room.dests.values():  # nothing of it is in flight any more
+                self.endpoints.release(dest.ucx_address, room_id, now)
         self.tombstones.expire(now)
 
 

@@ -117,9 +117,6 @@ class UcxDataPlane(DataPlane):
         return self._address
 
     def close(self) -> None:
-        for endpoint in self._endpoints.values():
-            endpoint.remove_close_callback()
-            endpoint.close()
         super().close()
         self._worker.stop_progress_thread()
 
@@ -133,6 +130,10 @@ class UcxDataPlane(DataPlane):
         # Called on the progress thread: on_error must only hand the news to the agent thread.
         endpoint.set_close_callback(lambda *args: on_error("UCX endpoint to the peer closed"))
         return endpoint
+
+    def _disconnect(self, endpoint) -> None:
+        endpoint.remove_close_callback()
+        endpoint.close()
 
     def _send(self, endpoint, buffer, tag) -> Request:
         array = _array(buffer)

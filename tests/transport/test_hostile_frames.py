@@ -185,6 +185,40 @@ def test_forged_identities_open_a_bounded_number_of_sockets(deployments):
     assert serves_a_room(dep, seed=6)
 
 
+def test_forged_registrations_hold_a_bounded_number_of_endpoints(deployments):
+    dep = deployments(4, 1, 1)
+    agent = dep.prefill.agents[0]
+    data = agent.core.data
+    data.max_endpoints = 8
+    peer = "tcp://127.0.0.1:9"
+    sock = stranger(agent.core.control.address, peer)
+    for i in range(20):  # well-formed addresses, each distinct
+        forged_room = registration(room=100 + i, control_address=peer, ucx_address=b"ep%d" % i)
+        sock.send(CODEC.encode(forged_room))
+    replies = [answer(sock) for _ in range(12)]
+    assert all(isinstance(r, ErrorReply) for r in replies), replies
+    assert all("8 data-plane endpoints" in r.reason for r in replies)
+    assert sorted(r.room for r in replies) == list(range(108, 120))
+    assert data.open_endpoints == 8
+    for i in range(8):  # the rooms holding them end: the endpoints are idle, not closed yet
+        sock.send(CODEC.encode(Abort(100 + i, "done")))
+    assert wait_for(lambda: all(100 + i not in agent.rooms for i in range(8)))
+    assert data.open_endpoints == 8
+    assert serves_a_room(dep, seed=8)  # the longest idle endpoint made room for a real rank
+    assert data.open_endpoints == 8
+    sock.close()
+
+
+def test_an_endpoint_is_reused_while_rooms_come_and_closed_once_idle(deployments):
+    dep = deployments(4, 1, 1)
+    agent = dep.prefill.agents[0]
+    assert serves_a_room(dep, seed=9) and serves_a_room(dep, seed=10)
+    assert agent.core.data.open_endpoints == 1  # the second room reused the first's
+    agent.endpoints.idle_s = 0.0
+    assert wait_for(lambda: agent.core.data.open_endpoints == 0)
+    assert serves_a_room(dep, seed=11)  # opened afresh
+
+
 def test_oversized_frame_is_refused_unread(deployments):
     dep = deployments(4, 1, 1, config=small_config(max_frame_bytes=4096))
     agent = dep.prefill.agents[0]

@@ -10,7 +10,7 @@ from kvferry.transport.control import request
 from kvferry.transport.dataplane import LoopbackDataPlane
 from kvferry.transport.messages import Codec, ErrorReply, QueryPeers, RegisterRoom
 from kvferry.transport.room import KVPoll
-from kvferry.transport.tags import pack_tag
+from kvferry.transport.tags import pack_tag, unpack_tag
 from transfer_sim import (
     Deployment,
     Request,
@@ -76,6 +76,30 @@ def test_bad_data_message_fails_only_its_room(dep, piece, writer, nbytes, fragme
     assert wait_all(other_rx + other_tx) == [KVPoll.Success] * 2
     assert decode_matches(dep.decode, other)
     assert wait_idle([dep.prefill, dep.decode])
+
+
+def test_data_message_whose_handling_raises_fails_only_its_room(dep, monkeypatch):
+    req, receivers = waiting_room(dep)
+    other, other_rx = waiting_room(dep, seed=2, offset=64)
+    agent = dep.decode.agents[0]
+    data, key = agent.core.data, agent.rooms[req.room].key
+    real_recv = data.recv
+
+    def broken_recv(tag, buffer):
+        if unpack_tag(tag)[0] == key:
+            raise RuntimeError("recv bug")
+        return real_recv(tag, buffer)
+
+    monkeypatch.setattr(data, "recv", broken_recv)
+    inject(dep, req.room, 0, 0, 6144)
+    assert wait_all(receivers) == [KVPoll.Failed]
+    assert "internal error: RuntimeError: recv bug" in receivers[0].failure_reason
+    assert agent.core.stats.internal_errors == 1
+    assert data.probe() is None  # discarded: its sender is not left waiting
+    assert wait_idle([dep.decode])  # the ring region it was given is free again
+    other_tx = start_senders(dep.prefill, other)
+    assert wait_all(other_rx + other_tx) == [KVPoll.Success] * 2
+    assert decode_matches(dep.decode, other)
 
 
 def test_duplicate_chunk_is_refused(dep):

@@ -1,8 +1,11 @@
 """Transfers between processes over real UCX (tcp and shared memory on loopback)."""
 
+import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import msgspec
@@ -183,3 +186,48 @@ def test_gpu_caches_over_cuda_ipc(procs, heads, src_tp, dst_tp):
         assert p_states == [SUCCESS] * src_tp, p_reasons
         assert d_states == [SUCCESS] * dst_tp and matches, d_reasons
     assert prefill("idle")[0] and decode("idle")[0]
+
+
+# Runs in a child (UCX reads its settings once per process): an endpoint closed once nothing
+# is sent over it fires no error, and a new one to the same peer carries messages again.
+ENDPOINT_CHILD = r"""
+import json, time
+import torch
+from kvferry.transport.ucx import UcxDataPlane
+
+def wait(request):
+    deadline = time.monotonic() + 30
+    while not request.done() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return "unfinished" if not request.done() else request.error()
+
+def exchange(sender, receiver, endpoint, tag):
+    data = torch.arange(64, dtype=torch.uint8)
+    errors = [wait(sender.send(endpoint, data, tag))]
+    deadline = time.monotonic() + 30
+    while receiver.probe() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    into = torch.zeros(64, dtype=torch.uint8)
+    errors.append(wait(receiver.recv(tag, into)))
+    return errors == [None, None] and torch.equal(into, data)
+
+plane, peer = UcxDataPlane("tcp,sm,self"), UcxDataPlane("tcp,sm,self")
+broke = []
+report = {"first": exchange(plane, peer, plane.endpoint(peer.address, broke.append), 1)}
+plane.close_endpoint(peer.address)
+report["open"] = plane.open_endpoints
+report["second"] = exchange(plane, peer, plane.endpoint(peer.address, broke.append), 2)
+report["broke"] = broke
+print(json.dumps(report), flush=True)
+plane.close()
+peer.close()
+"""
+
+
+def test_closed_endpoint_fires_no_error_and_reopens():
+    proc = subprocess.run(
+        [sys.executable, "-c", ENDPOINT_CHILD], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"first": True, "open": 0, "second": True, "broke": []}

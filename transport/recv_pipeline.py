@@ -1,0 +1,188 @@
+"""Decode rank's receive pipeline: each data message goes from a probe, through checks against
+its room, into the staging ring (or, in slice mode, straight into its cache row), through a
+scatter into the paged KV cache, to the release of its ring region.
+
+Every stage is polled, oldest first; nothing waits on the host. A message that finds the ring
+full stays queued in the data plane (later ones wait behind it) for at most ring_wait_timeout_s,
+then fails its room. A message no open room wants is discarded, which releases its sender.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from kvferry.staging.kv_copy import KVPlanes
+from kvferry.transport.config import TransferConfig
+from kvferry.transport.core import AgentCore
+from kvferry.transport.recv_room import Arrival, Piece, RecvRoom
+from kvferry.transport.room import KVPoll
+from kvferry.transport.tags import unpack_tag
+
+PROBES_PER_TURN = 256  # bounds one turn of the loop when many messages are waiting
+
+
+class RecvPipeline:
+    def __init__(
+        self,
+        core: AgentCore,
+        config: TransferConfig,
+        planes: KVPlanes,
+        room_of_key: Callable[[int], RecvRoom | None],
+        fail_room: Callable[[RecvRoom, str], None],
+    ) -> None:
+        self.core, self.config, self.planes = core, config, planes
+        self.slice_mode = config.mode == "slice"
+        self._room_of_key, self._fail_room = room_of_key, fail_room
+        self._receiving: deque[Arrival] = deque()  # receives posted, oldest first
+        self._scattering: deque[Arrival] = deque()  # scatters queued, in stream order
+        self._discards: deque = deque()  # discards of unwanted messages not yet done
+        self._ring_blocked_since: float | None = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(
+            self._receiving or self._scattering or self._discards or self._ring_blocked_since
+        )
+
+    def step(self, now: float) -> None:
+        """Advance every message that can move."""
+        self._take_arrivals(now)
+        self._finish_receives()
+        self._finish_scatters()
+        while self._discards and self._discards[0].done():
+            self._discards.popleft()
+
+    def _take_arrivals(self, now: float) -> None:
+        for _ in range(PROBES_PER_TURN):
+            probed = self.core.data.probe()
+            if probed is None:
+                return
+            tag, nbytes = probed
+            try:
+                taken = self._arrive(tag, nbytes, now)
+            except Exception as exc:  # one message's failure is its room's, never the thread's
+                if not self._contain(tag, exc):
+                    return
+                continue
+            if not taken:
+                return
+
+    def _arrive(self, tag: int, nbytes: int, now: float) -> bool:
+        """Take or discard the message probed; False if it must stay queued (ring full)."""
+        key, piece, writer = unpack_tag(tag)
+        room = self._room_of_key(key)
+        if room is None or not room.open:
+            self.core.stats.unexpected_messages += 1
+            self._discards.append(self.core.data.discard(tag))
+            return True
+        error, piece_of = room.expect(piece, writer, nbytes, self.planes, self.slice_mode)
+        if error:
+            self._discards.append(self.core.data.discard(tag))
+            self._fail_room(room, error)
+            return True
+        self.core.peers.heard(room.rank_peers[writer])  # data counts as a sign of life
+        if not self._take(room, tag, nbytes, piece_of, now):
+            room.taken[(piece, writer)] -= 1  # not taken after all: it stays queued
+            return False
+        return True
+
+    def _contain(self, tag: int, exc: Exception) -> bool:
+        """Fail the room of a message whose handling raised, and discard the message (its
+        sender is released; were it left queued, every probe would find it again). False if
+        even the discard raised: the message stays, and this turn takes no more."""
+        reason = self.core.contain(exc, f"data message {tag:#x}")
+        room = self._room_of_key(unpack_tag(tag)[0])
+        if room is not None:
+            self._fail_room(room, reason)
+        try:
+            self._discards.append(self.core.data.discard(tag))
+        except Exception as discard_exc:
+            self.core.contain(discard_exc, f"discarding data message {tag:#x}")
+            return False
+        return True
+
+    def _take(self, room: RecvRoom, tag: int, nbytes: int, piece: Piece, now: float) -> bool:
+        arrival = Arrival(room, piece)
+        if self.slice_mode:  # straight into the cache row: plane index // tokens, token % tokens
+            plane = piece.planes.planes[piece.index // len(piece.slots)]
+            arrival.region = plane[int(piece.slots[piece.index % len(piece.slots)])].narrow(
+                0, piece.slice.dst_head_start, piece.slice.num_heads
+            )
+        else:
+            offset = self.core.staging.alloc(nbytes)
+            if offset is None:
+                return self._ring_full(room, now)
+            self._ring_unblocked(now)
+            arrival.offset = offset
+        try:
+            if arrival.offset is not None:
+                arrival.region = self.core.staging.view(arrival.offset, nbytes)
+            arrival.request = self.core.data.recv(tag, arrival.region)
+        except BaseException:
+            if arrival.offset is not None:  # nothing was posted into it
+                self.core.staging.free(arrival.offset)
+            raise
+        arrival.started = now
+        room.busy += 1
+        room.status.advance(KVPoll.Transferring)
+        self._receiving.append(arrival)
+        return True
+
+    def _ring_full(self, room: RecvRoom, now: float) -> bool:
+        if self._ring_blocked_since is None:
+            self._ring_blocked_since = now
+            self.core.stats.ring_waits += 1
+        elif now - self._ring_blocked_since > self.config.ring_wait_timeout_s:
+            self._fail_room(
+                room, f"ring full: no staging room for {self.config.ring_wait_timeout_s:g}s"
+            )
+            self._ring_blocked_since = None
+        return False
+
+    def _ring_unblocked(self, now: float) -> None:
+        if self._ring_blocked_since is not None:
+            self.core.stats.ring_wait_s += now - self._ring_blocked_since
+            self._ring_blocked_since = None
+
+    def _finish_receives(self) -> None:
+        for _ in range(len(self._receiving)):
+            arrival = self._receiving.popleft()
+            if not arrival.request.done():
+                self._receiving.append(arrival)
+                continue
+            error, room = arrival.request.error(), arrival.room
+            finished = time.monotonic()
+            self.core.stats.wire_s += finished - arrival.started
+            arrival.started = finished
+            if error or not room.open:
+                if error:
+                    self._fail_room(room, f"receive failed: {error}")
+                self._release(arrival)
+            elif self.slice_mode:
+                room.done_units += 1
+                self._release(arrival)
+            else:
+                piece = arrival.piece
+                arrival.fence = self.core.copies.scatter(
+                    arrival.region,
+                    piece.planes,
+                    piece.slots,
+                    piece.slice.dst_head_start,
+                    piece.slice.num_heads,
+                )
+                self._scattering.append(arrival)
+
+    def _finish_scatters(self) -> None:
+        while self._scattering and self._scattering[0].fence.done():
+            arrival = self._scattering.popleft()
+            self.core.stats.copy_s += time.monotonic() - arrival.started
+            arrival.room.done_units += 1
+            self._release(arrival)
+
+    def _release(self, arrival: Arrival) -> None:
+        if arrival.offset is not None:
+            self.core.staging.free(arrival.offset)
+            arrival.offset = None
+        arrival.room.busy -= 1
