@@ -60,8 +60,9 @@ class KVSender:
         )
 
     def poll(self) -> KVPoll:
-        if self.status is None:
-            return self._loop_state(KVPoll.Bootstrapping)
+        if self.status is None:  # not claimed yet: the registrations may have come first
+            early = self.agent.registered(self.room)
+            return self._loop_state(KVPoll.WaitingForInput if early else KVPoll.Bootstrapping)
         return self._loop_state(self.status.state)
 
     @property

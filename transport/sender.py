@@ -86,6 +86,12 @@ class PrefillAgent:
         self.core.loop.post(lambda: self._claim(handle))
         return handle
 
+    def registered(self, room_id: int) -> bool:
+        """Whether every decode rank has registered `room_id` — for a handle the loop thread has
+        not claimed yet, read from the engine's thread (a stale answer only delays admission)."""
+        room = self.rooms.get(room_id)
+        return room is not None and room.registered and not room.status.finished
+
     def close(self) -> None:
         self.core.close()
 

@@ -66,6 +66,21 @@ def test_a_held_prompt_runs_once_its_room_is_registered(tiny):
     assert prefill.runner.blocks.used_pages == 0 and decode.runner.blocks.used_pages == 0
 
 
+def test_a_prompt_whose_room_is_already_registered_runs_at_its_first_step(tiny):
+    server, prefill, decode = tiny
+    prompt = [5, 17, 99, 3, 250, 42, 7, 7, 128, 64, 1, 200]
+    decode.submit(2000, prompt, SamplingParams(max_tokens=2), bootstrap=server.address)
+    deadline = time.monotonic() + 10
+    while not prefill.agent.registered(2000):  # decode's registration comes first
+        decode.step()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    prefill.submit(2000, prompt, SamplingParams(max_tokens=2))
+    assert prefill.step(), "a registered room waited a step for its handle to be claimed"
+    tokens, finish = run_until_finished(prefill, decode, 1)[2000]
+    assert finish == "length" and len(tokens) == 2
+
+
 def test_verdicts_hold_a_room_until_every_rank_is_past_bootstrapping():
     states = [KVPoll.Bootstrapping, KVPoll.WaitingForInput, KVPoll.Success, KVPoll.Failed]
     assert TPGroup().verdicts(states) == [
