@@ -236,7 +236,8 @@ class PrefillAgent:
         if not room.status.fail(reason):
             return
         self.core.stats.failed(reason)
-        log.info("room %#x failed: %s", room.room, reason)
+        if room.handle is not None:  # a room only a peer opened is counted, not logged: peers
+            log.info("room %#x failed: %s", room.room, reason)  # decide how many there are
         if notify:
             for dest in room.dests.values():
                 if dest.peer != skip_peer:

@@ -271,6 +271,18 @@ def test_bad_frames_are_counted_and_logged_at_a_limited_rate(deployments, caplog
     assert len([r for r in caplog.records if "refused a frame" in r.message]) == 1
 
 
+def test_refused_registrations_are_counted_and_logged_at_a_limited_rate(deployments, caplog):
+    dep = deployments(4, 1, 1)
+    agent = dep.prefill.agents[0]
+    sock = stranger(agent.core.control.address)
+    with caplog.at_level(logging.INFO, logger="kvferry.transport"):
+        for room in range(1, 101):  # each opens a room, refused (and the room failed)
+            sock.send(CODEC.encode(registration(room, mode="slice")))
+        assert wait_for(lambda: sum(agent.core.stats.failures.values()) == 100)
+    sock.close()
+    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+
+
 def test_rate_limited_log_says_how_many_lines_it_left_out(caplog):
     now = [0.0]
     limited = RateLimitedLog(logging.getLogger("kvferry.test"), 10.0, lambda: now[0])
