@@ -160,6 +160,16 @@ def decode_matches(group: Group, req: Request) -> bool:
     return True
 
 
+def wait_for(predicate, timeout_s=10.0) -> bool:
+    """True once `predicate()` is, False if it is not within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
+
+
 def wait_idle(groups, timeout_s=10.0) -> bool:
     """Every agent's ring back to empty (resources of finished rooms released)."""
     deadline = time.monotonic() + timeout_s

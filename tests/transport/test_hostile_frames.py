@@ -3,10 +3,8 @@ never able to stop a rank's transfer thread or to grow its state, sockets or log
 
 import logging
 import os
-import time
 
 import msgspec
-import pytest
 import zmq
 
 from kvferry.transport.dataplane import InvalidAddress, LoopbackDataPlane
@@ -14,7 +12,7 @@ from kvferry.transport.log_limit import RateLimitedLog
 from kvferry.transport.messages import Abort, Codec, ErrorReply, RegisterRoom
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tombstones import Tombstones
-from transfer_sim import Deployment, layout_for, small_config, wait_all
+from transfer_sim import layout_for, small_config, wait_all, wait_for
 
 CODEC = Codec()
 
@@ -26,23 +24,6 @@ class StrictLoopback(LoopbackDataPlane):
         if address not in self._registry:
             raise InvalidAddress(f"no loopback plane at {address[:32]!r}")
         return address
-
-
-@pytest.fixture
-def deployments():
-    made = []
-    yield lambda *a, **kw: made.append(Deployment(*a, **kw)) or made[-1]
-    for dep in made:
-        dep.close()
-
-
-def wait_for(predicate, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def registration(room=5, control_address="tcp://127.0.0.1:9", **changes):

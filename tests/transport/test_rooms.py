@@ -6,7 +6,6 @@ import pytest
 
 from kvferry.transport.room import KVPoll
 from transfer_sim import (
-    Deployment,
     Request,
     decode_matches,
     prefill_fill,
@@ -15,25 +14,9 @@ from transfer_sim import (
     start_receivers,
     start_senders,
     wait_all,
+    wait_for,
     wait_idle,
 )
-
-
-@pytest.fixture
-def deployments():
-    made = []
-    yield lambda *a, **kw: made.append(Deployment(*a, **kw)) or made[-1]
-    for dep in made:
-        dep.close()
-
-
-def wait_for(predicate, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def reasons(handles):

@@ -1,0 +1,12 @@
+import pytest
+
+from transfer_sim import Deployment
+
+
+@pytest.fixture
+def deployments():
+    """Makes transfer_sim Deployments (prefill and decode agents over loopback); closes them."""
+    made = []
+    yield lambda *a, **kw: made.append(Deployment(*a, **kw)) or made[-1]
+    for dep in made:
+        dep.close()
