@@ -32,6 +32,17 @@ class EndpointLimitError(RuntimeError):
     """No endpoint can be opened to a new peer: the rank holds too many already."""
 
 
+PEER_LOST = "peer lost: "  # how a backend's error says the peer (process or link) is gone
+
+
+def failure(operation: str, error: str) -> str:
+    """The reason a room fails with when its `operation` ("send", "receive") failed with
+    `error`: a peer that went away stays a peer loss, whatever was in flight."""
+    if error.startswith(PEER_LOST):
+        return f"{PEER_LOST}{operation} failed: {error.removeprefix(PEER_LOST)}"
+    return f"{operation} failed: {error}"
+
+
 class Request:
     """A send or receive in flight."""
 
@@ -39,7 +50,8 @@ class Request:
         raise NotImplementedError
 
     def error(self) -> str | None:
-        """Why it failed, once done; None on success."""
+        """Why it failed, once done (starting with PEER_LOST when the peer is gone); None on
+        success."""
         raise NotImplementedError
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from kvferry.staging.kv_copy import KVPlanes
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.core import AgentCore
+from kvferry.transport.dataplane import failure
 from kvferry.transport.recv_room import Arrival, Piece, RecvRoom
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tags import unpack_tag
@@ -158,7 +159,7 @@ class RecvPipeline:
             arrival.started = finished
             if error or not room.open:
                 if error:
-                    self._fail_room(room, f"receive failed: {error}")
+                    self._fail_room(room, failure("receive", error))
                 self._release(arrival)
             elif self.slice_mode:
                 room.done_units += 1

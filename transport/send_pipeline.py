@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.core import AgentCore
+from kvferry.transport.dataplane import failure
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_room import Outgoing
 
@@ -129,7 +130,7 @@ class SendPipeline:
             while item.requests and item.requests[0].done():
                 error = item.requests.popleft().error()
                 if error and not item.room.status.finished:
-                    self._fail_room(item.room, f"send failed: {error}")
+                    self._fail_room(item.room, failure("send", error))
             if item.requests or item.todo is not None:
                 self._sending.append(item)
                 continue

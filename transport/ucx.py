@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from kvferry.transport.dataplane import DataPlane, DoneRequest, InvalidAddress, Request
+from kvferry.transport.dataplane import PEER_LOST, DataPlane, DoneRequest, InvalidAddress, Request
 from kvferry.transport.netdev import ucx_net_devices
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 
@@ -63,6 +63,12 @@ def _own_address(address: bytes):
         ) from exc
 
 
+# ucxx errors that mean the peer's process or connection is gone, not that this message was bad
+PEER_GONE = frozenset(
+    {"UCXXConnectionResetError", "UCXXUnreachableError", "UCXXEndpointTimeoutError"}
+)
+
+
 class UcxRequest(Request):
     __slots__ = ("_buffer", "_request")
 
@@ -77,7 +83,8 @@ class UcxRequest(Request):
         try:
             self._request.check_error()
         except Exception as exc:  # ucxx raises its own typed errors; the reason is what we keep
-            return f"{type(exc).__name__}: {exc}"
+            reason = f"{type(exc).__name__}: {exc}"
+            return PEER_LOST + reason if type(exc).__name__ in PEER_GONE else reason
         return None
 
 

@@ -7,7 +7,7 @@ import torch
 import zmq
 
 from kvferry.transport.control import request
-from kvferry.transport.dataplane import LoopbackDataPlane
+from kvferry.transport.dataplane import LoopbackDataPlane, failure
 from kvferry.transport.messages import Codec, ErrorReply, QueryPeers, RegisterRoom
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tags import pack_tag, unpack_tag
@@ -218,3 +218,10 @@ def test_request_times_out_on_a_silent_server():
             0.2,
         )
     silent.close(linger=0)
+
+
+def test_a_transfer_cut_by_a_lost_peer_fails_as_a_peer_loss():
+    assert failure("receive", "peer lost: UCXXConnectionResetError: reset") == (
+        "peer lost: receive failed: UCXXConnectionResetError: reset"
+    )
+    assert failure("send", "no message with tag 0x5") == "send failed: no message with tag 0x5"
