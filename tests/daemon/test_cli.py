@@ -1,12 +1,9 @@
-"""The `kvferry` CLI, its HTTP client and the deployment launcher, against stub daemons."""
+"""The `kvferry` CLI (config, serve, generate) and its HTTP client, against a stub daemon;
+`kvferry status` is in test_cli_status.py."""
 
 import json
-import re
 import sys
-import threading
-import time
 import types
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,40 +21,6 @@ from kvferry.daemon.client import (
 from kvferry.daemon.config import load, parse
 
 LOCAL_YAML = Path(__file__).parents[2] / "deploy" / "local.yaml"
-
-STATUS = {
-    "role": "decode",
-    "name": "decode-0",
-    "state": "serving",
-    "tp": 1,
-    "requests": {"waiting": 1, "arriving": 0, "running": 2},
-    "prefill": [
-        {"address": "tcp://127.0.0.1:17100", "reachable": True, "last_error": None},
-        {
-            "address": "tcp://127.0.0.1:17200",
-            "reachable": False,
-            "last_error": "no answer in 2s",
-            "last_seen": None,
-        },
-        {"address": "tcp://127.0.0.1:17300", "reachable": None, "last_error": None},
-    ],
-    "bootstrap": None,
-    "ranks": [
-        {
-            "rank": 0,
-            "rooms": {"Bootstrapping": 0, "Transferring": 1, "Success": 7, "Failed": 0},
-            "ring": {
-                "used_bytes": 1 << 20,
-                "capacity_bytes": 16 << 20,
-                "high_water_bytes": 4 << 20,
-            },
-            "peers": ["tcp://127.0.0.1:17100"],
-            "kv_pages": {"used": 30, "total": 512},
-            "pid": 4242,
-            "control_address": "tcp://127.0.0.1:41234",
-        }
-    ],
-}
 
 
 # --- config, serve, help ---------------------------------------------------------------------
@@ -134,86 +97,7 @@ def test_serve_picks_the_named_daemon(monkeypatch):
     assert "pick one with --name" in one_error_line(invoke("serve", "--config", str(LOCAL_YAML)))
 
 
-# --- generate and status against a stub daemon -----------------------------------------------
-
-
-def _event(text: str, ids: list[int], finish: str | None = None, **extra) -> dict:
-    choice = {"index": 0, "text": text, "token_ids": ids, "finish_reason": finish}
-    return {"id": "cmpl-1", "object": "text_completion", "choices": [choice], **extra}
-
-
-USAGE = {"prompt_tokens": 3, "completion_tokens": 3}
-STREAMS = {
-    "fail midway": [_event("He", [72]), {"error": {"message": "peer lost", "type": "transfer"}}],
-    "cut short": [_event("He", [72])],  # no [DONE]: the daemon went away
-}
-
-
-class _StubDaemon(BaseHTTPRequestHandler):
-    """Follows the daemons' HTTP contract; a few prompts trigger its error paths."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        if self.path in ("/status", "/health"):
-            self._json(200, self.server.status if self.path == "/status" else {"status": "ok"})
-        else:
-            self._json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.seen.append(body)
-        if body["prompt"] == "too long":
-            error = {"message": "prompt has 5000 tokens, max_prompt_tokens=4096", "type": "invalid"}
-            self._json(400, {"error": error})
-        elif not body["stream"]:
-            self._json(200, _event("Hello", [72, 101, 108], "length", usage=USAGE))
-        else:
-            self._stream(body["prompt"])
-
-    def _stream(self, prompt):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self._chunk(": keep-alive comment\n\n")
-        if prompt == "slow":
-            time.sleep(1.0)
-        default = [_event("He", [72]), _event("llo", [101, 108], "length", usage=USAGE)]
-        for event in STREAMS.get(prompt, default):
-            self._chunk(f"data: {json.dumps(event)}\n\n")
-        if prompt != "cut short":
-            self._chunk("data: [DONE]\n\n")
-        self._chunk("")
-        self.close_connection = True
-
-    def _chunk(self, text: str) -> None:
-        data = text.encode()
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def _json(self, code: int, obj: dict) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def stub():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _StubDaemon)
-    server.seen, server.status = [], STATUS
-    server.url = f"http://127.0.0.1:{server.server_port}"
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+# --- generate and the client against a stub daemon -------------------------------------------
 
 
 def test_generate_json_reports_the_streamed_completion(stub):
@@ -314,58 +198,3 @@ def test_client_streams_and_times_out(stub):
         DaemonClient(stub.url, timeout=0.2).stream(CompletionRequest(prompt="slow"))
     with pytest.raises(ClientError, match="not an http"):
         DaemonClient("127.0.0.1:17000")
-
-
-def test_status_summary(stub):
-    result = invoke("status", "--url", stub.url)
-    assert result.exit_code == 0, result.output
-    assert f"decode-0: decode, serving, tp=1, {stub.url}" in result.stdout
-    assert "requests: waiting 1, arriving 0, running 2" in result.stdout
-    assert "rank 0: rooms Transferring 1, Success 7" in result.stdout
-    assert "ring 1.0 MiB / 16.0 MiB (high 4.0 MiB)" in result.stdout
-    assert "kv pages 30/512 | peers tcp://127.0.0.1:17100" in result.stdout
-    assert "| pid 4242 | control tcp://127.0.0.1:41234" in result.stdout
-
-
-def test_status_shows_each_prefill_as_decode_sees_it(stub):
-    stub.status = {**STATUS, "prefill": [dict(STATUS["prefill"][0], last_seen=time.time() - 3)]}
-    stub.status["prefill"] += STATUS["prefill"][1:]
-    result = invoke("status", "--url", stub.url)
-    assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
-    assert re.fullmatch(
-        r"  prefill tcp://127.0.0.1:17100: reachable \| last seen \d+\.\d s ago", lines[2]
-    )
-    unreachable = "unreachable | last error: no answer in 2s | never seen"
-    assert lines[3] == f"  prefill tcp://127.0.0.1:17200: {unreachable}"
-    assert lines[4] == "  prefill tcp://127.0.0.1:17300: not probed yet"
-    assert lines[5].startswith("  rank 0: ")
-
-
-def test_status_shows_the_bootstrap_servers_counters(stub):
-    counters = {"bad_frames": 2, "refused_registrations": 1, "dropped_replies": 0}
-    bootstrap = {"address": "tcp://127.0.0.1:17100", **counters, "failed_frames": 0}
-    stub.status = {**STATUS, "role": "prefill", "prefill": [], "bootstrap": bootstrap}
-    result = invoke("status", "--url", stub.url)
-    assert result.exit_code == 0, result.output
-    assert (
-        "  bootstrap tcp://127.0.0.1:17100: bad_frames 2, refused_registrations 1, "
-        "dropped_replies 0, failed_frames 0"
-    ) in result.stdout.splitlines()
-
-
-def test_status_tolerates_missing_keys(stub):
-    stub.status = {"role": "prefill", "ranks": [{"rank": 0, "ring": {}}]}
-    result = invoke("status", "--url", stub.url)
-    assert result.exit_code == 0, result.output
-    assert "ring ? / ? (high ?)" in result.stdout
-
-
-def test_status_json_and_an_unreachable_daemon(stub, tmp_path):
-    (dead,) = free_ports(1)
-    path = write_yaml(tmp_path, two_daemons(dead, stub.server_port))
-    result = invoke("status", "--config", path, "--json")
-    assert one_error_line(result) == "prefill-0: unreachable (connection refused)"
-    missing, answer = json.loads(result.stdout)
-    assert missing["name"] == "prefill-0" and missing["error"] == "connection refused"
-    assert answer == STATUS
