@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from kvferry.daemon.block_manager import BlockManager
-from kvferry.daemon.config import ModelSection
+from kvferry.daemon.config import CacheSection, ModelSection, SchedulerSection
+from kvferry.daemon.engine_builder import build_engine
 from kvferry.daemon.model import Model
-from kvferry.daemon.prefill_engine import PrefillEngine
 from kvferry.daemon.runner import ModelRunner
 from kvferry.daemon.scheduler import PrefillScheduler
 from kvferry.daemon.sequence import SamplingParams, Sequence
@@ -44,7 +44,6 @@ from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.receiver import DecodeAgent
 from kvferry.transport.room import KVPoll
-from kvferry.transport.sender import PrefillAgent
 
 GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
 POLL_S = 50e-6
@@ -77,43 +76,58 @@ class Bench:
 
     def __init__(self, args, model: Model, layer_group: int | None) -> None:
         self.args, self.model = args, model
-        cfg, device = model.config, model.device
-        pages = -(-args.prompt // args.page_size) * (args.requests + 1)
-        self.blocks = BlockManager(pages, args.page_size)
-        self.runner = ModelRunner(model, self.blocks)
-        self.scheduler = PrefillScheduler(self.blocks, args.chunk, args.chunk * args.requests)
         self.transfers = layer_group is not None
         self.next_room = itertools.count(1)
-        if not self.transfers:
-            return
+        pages = -(-args.prompt // args.page_size) * (args.requests + 1)
+        if self.transfers:
+            self._build_transfers(
+                CacheSection(page_size=args.page_size, num_pages=pages), layer_group
+            )
+        else:  # the forwards alone: no agent, no engine
+            self.runner = ModelRunner(model, BlockManager(pages, args.page_size))
+            self.scheduler = PrefillScheduler(
+                self.runner.blocks, args.chunk, args.chunk * args.requests
+            )
+        self.blocks = self.runner.blocks
+
+    def _build_transfers(self, cache: CacheSection, layer_group: int) -> None:
+        """The prefill engine, and a decode agent receiving into a cache of its own."""
+        from kvferry.transport.ucx import UcxDataPlane
+
+        args, model = self.args, self.model
+        cfg, device = model.config, model.device
+        slots = args.prompt * args.requests
+        shape = (2 * cfg.num_hidden_layers, slots, model.local_kv, cfg.head_dim)
+        self.decode_cache = torch.zeros(shape, dtype=model.dtype, device=device)
+        planes = KVPlanes.from_cache(self.decode_cache)  # the prefill cache's planes, fewer slots
         tls = GPU_TLS if device.type == "cuda" else CPU_TLS
         config = TransferConfig(
             chunk_tokens=args.chunk,
             layer_group=layer_group,
-            staging_bytes=2 * self.runner.planes.staging_bytes(args.chunk, model.local_kv),
+            staging_bytes=2 * planes.staging_bytes(args.chunk, model.local_kv),
             ucx_tls=tls,
         )
         self.server = BootstrapServer(1)
-        dtype = str(model.dtype).removeprefix("torch.")
-        layout = cfg.kv_layout("overlap", dtype, args.page_size, 1, 0)
-        from kvferry.transport.ucx import UcxDataPlane
-
         cuda = (device.index or 0) if device.type == "cuda" else None
-        self.agent = PrefillAgent(
+        scheduler = SchedulerSection(
+            chunk_tokens=args.chunk, max_batch_tokens=args.chunk * args.requests
+        )
+        self.engine = build_engine(
+            "prefill",
+            model,
+            cache,
+            scheduler,
             config,
-            layout,
-            self.runner.planes,
-            UcxDataPlane(tls, cuda),
-            self.server.address,
-            self.server.token,
+            lambda: UcxDataPlane(tls, cuda),
+            model_name="overlap",
+            bootstrap=self.server.address,
+            token=self.server.token,
         )
-        slots = args.prompt * args.requests
-        shape = (2 * cfg.num_hidden_layers, slots, model.local_kv, cfg.head_dim)
-        self.decode_cache = torch.zeros(shape, dtype=model.dtype, device=device)
+        self.agent, self.runner = self.engine.agent, self.engine.runner
+        self.scheduler = self.engine.scheduler
         self.receiver_agent = DecodeAgent(
-            config, layout, KVPlanes.from_cache(self.decode_cache), UcxDataPlane(tls, cuda)
+            config, self.agent.layout, planes, UcxDataPlane(tls, cuda)
         )
-        self.engine = PrefillEngine(self.runner, self.scheduler, self.agent)
 
     def close(self) -> None:
         if self.transfers:

@@ -93,14 +93,16 @@ class Side:
         return (time.monotonic(), *self._counters())
 
     def _counters(self):
+        stats = [a.stats() for a in self.agents]
         return (
-            sum(a.core.data.messages_received + a.core.data.messages_sent for a in self.agents),
-            sum(a.core.data.bytes_received for a in self.agents),
+            sum(s.messages_received + s.messages_sent for s in stats),
+            sum(s.bytes_received for s in stats),
         )
 
     def stats(self):
         """Summed copy and wire seconds over this side's agents."""
-        return {k: sum(getattr(a.core.stats, k) for a in self.agents) for k in ("copy_s", "wire_s")}
+        stats = [a.stats() for a in self.agents]
+        return {k: sum(getattr(s, k) for s in stats) for k in ("copy_s", "wire_s")}
 
     def raw_open(self, nbytes: int):
         """A bare UCX worker and a receive buffer of `nbytes`; returns the worker's address."""

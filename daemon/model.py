@@ -55,9 +55,8 @@ class Model:
         tp_rank: int = 0,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
-        group=None,
     ) -> None:
-        self.config, self.tp_size, self.group = config, tp_size, group
+        self.config, self.tp_size = config, tp_size
         self.shard = Shard(config, tp_size, tp_rank)
         self.device, self.dtype = torch.device(device), dtype
         self.w = {name: self._place(name, t) for name, t in weights.items()}
@@ -189,5 +188,5 @@ class Model:
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
-            dist.all_reduce(x, group=self.group)
+            dist.all_reduce(x)
         return x

@@ -70,10 +70,6 @@ class Sequence:
         return max(self.num_prompt - self.num_computed, 0)
 
     @property
-    def last_token(self) -> int:
-        return self.output[-1] if self.output else self.prompt[-1]
-
-    @property
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 

@@ -19,14 +19,12 @@ import torch
 import torch.distributed as dist
 
 from kvferry.daemon import protocol
-from kvferry.daemon.block_manager import BlockManager
 from kvferry.daemon.config import DaemonConfig
+from kvferry.daemon.engine_builder import build_engine
 from kvferry.daemon.group import TPGroup
 from kvferry.daemon.model import Model
-from kvferry.daemon.runner import ModelRunner
 from kvferry.daemon.tokenizer import load_tokenizer
 from kvferry.daemon.weights import full_weights
-from kvferry.transport.room import KVPoll
 
 log = logging.getLogger(__name__)
 SNAPSHOT_S = 0.5
@@ -157,41 +155,36 @@ class Worker:
             self.conn.send(self._snapshot())
 
     def _snapshot(self) -> protocol.Snapshot:
-        engine, core = self.engine, self.agent.core
-        rooms = {state.name: 0 for state in KVPoll}
-        for room in list(self.agent.rooms.values()):
-            rooms[room.status.state.name] += 1
-        ring = self.agent.ring
-        data, stats = core.data, core.stats
+        engine, agent = self.engine, self.agent.stats()
         blocks = engine.runner.blocks
         samples = engine.samples.take()
         return protocol.Snapshot(
             rank=self.rank,
-            rooms=rooms,
-            ring_used=ring.used_bytes if ring else 0,
-            ring_capacity=ring.capacity if ring else 0,
-            ring_high_water=ring.high_water_bytes if ring else 0,
+            rooms=agent.rooms,
+            ring_used=agent.ring_used,
+            ring_capacity=agent.ring_capacity,
+            ring_high_water=agent.ring_high_water,
             kv_pages_used=blocks.used_pages,
             kv_pages_total=blocks.num_pages,
             queues=engine.queues(),
-            bytes_sent=data.bytes_sent,
-            bytes_received=data.bytes_received,
-            messages_sent=data.messages_sent,
-            messages_received=data.messages_received,
-            ring_waits=stats.ring_waits,
-            ring_wait_s=stats.ring_wait_s,
-            bad_frames=stats.bad_frames,
-            internal_errors=stats.internal_errors,
-            failures=dict(stats.failures),
-            peers=core.peers.active(),
+            bytes_sent=agent.bytes_sent,
+            bytes_received=agent.bytes_received,
+            messages_sent=agent.messages_sent,
+            messages_received=agent.messages_received,
+            ring_waits=agent.ring_waits,
+            ring_wait_s=agent.ring_wait_s,
+            bad_frames=agent.bad_frames,
+            internal_errors=agent.internal_errors,
+            failures=agent.failures,
+            peers=agent.peers,
             forward_s=samples.forward_s,
             transfer_s=samples.transfer_s,
-            rooms_succeeded=stats.rooms_succeeded,
-            transfer_cpu_s=core.loop.cpu_seconds(),
+            rooms_succeeded=agent.rooms_succeeded,
+            transfer_cpu_s=agent.transfer_cpu_s,
             engine_cpu_s=time.thread_time(),
             kv_pool_bytes=engine.runner.kv.numel() * engine.runner.kv.element_size(),
             memory_peak=_memory_peak(engine.runner.kv.device),
-            control_address=core.control.address,
+            control_address=agent.control_address,
             pid=os.getpid(),
         )
 
@@ -239,10 +232,32 @@ def _join_group(config: DaemonConfig, rank: int, address: str, device: torch.dev
 def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, bootstrap, token):
     from kvferry.transport.ucx import UcxDataPlane
 
+    model = _load_model(config, rank, device)
+    eos = None
+    if config.role == "decode":  # before the agent starts, so that a bad tokenizer leaks nothing
+        eos = load_tokenizer(config.model.path, model.config.eos_token_id).eos_id
+    cuda = device.index if device.type == "cuda" else None
+    return build_engine(
+        config.role,
+        model,
+        config.cache,
+        config.scheduler,
+        config.transfer,
+        lambda: UcxDataPlane(config.transfer.ucx_tls, cuda, config.transfer.host),
+        model_name=config.model.name,
+        tp_rank=rank,
+        group=group,
+        bootstrap=bootstrap,
+        token=token,
+        eos_id=eos,
+    )
+
+
+def _load_model(config: DaemonConfig, rank: int, device: torch.device) -> Model:
     model_config = config.model.model_config()
     weights = full_weights(model_config, config.model.path, config.model.seed)
     dtype = getattr(torch, config.model.dtype)
-    model = Model(
+    return Model(
         model_config,
         weights,
         tp_size=config.tp,
@@ -250,26 +265,3 @@ def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, boots
         dtype=dtype,
         device=str(device),
     )
-    blocks = BlockManager(config.cache.num_pages, config.cache.page_size)
-    runner = ModelRunner(model, blocks)
-    layout = model_config.kv_layout(
-        config.model.name, config.model.dtype, config.cache.page_size, config.tp, rank
-    )
-    cuda = device.index if device.type == "cuda" else None
-    data = UcxDataPlane(config.transfer.ucx_tls, cuda, config.transfer.host)
-    s = config.scheduler
-    if config.role == "prefill":
-        from kvferry.daemon.prefill_engine import PrefillEngine
-        from kvferry.daemon.scheduler import PrefillScheduler
-        from kvferry.transport.sender import PrefillAgent
-
-        agent = PrefillAgent(config.transfer, layout, runner.planes, data, bootstrap, token)
-        scheduler = PrefillScheduler(blocks, s.chunk_tokens, s.max_batch_tokens)
-        return PrefillEngine(runner, scheduler, agent, group)
-    from kvferry.daemon.decode_engine import DecodeEngine
-    from kvferry.daemon.scheduler import DecodeScheduler
-    from kvferry.transport.receiver import DecodeAgent
-
-    agent = DecodeAgent(config.transfer, layout, runner.planes, data)
-    eos = load_tokenizer(config.model.path, model_config.eos_token_id).eos_id
-    return DecodeEngine(runner, DecodeScheduler(blocks, s.max_running), agent, eos, group)

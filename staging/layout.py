@@ -126,6 +126,3 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
             if mine != theirs:
                 return f"{name}: {mine!r} here vs {theirs!r} at peer"
         return None
-
-    def for_rank(self, tp_rank: int) -> KVLayout:
-        return msgspec.structs.replace(self, tp_rank=tp_rank)

@@ -45,10 +45,6 @@ class RingAllocator:
         self._regions: deque[_Region] = deque()  # unreclaimed, oldest first
         self._live: dict[int, _Region] = {}  # offset -> allocated, not yet freed
 
-    @property
-    def free_bytes(self) -> int:
-        return self.capacity - self.used_bytes
-
     def alloc(self, nbytes: int) -> int | None:
         """Offset of a new region of at least `nbytes`, or None if it does not fit now."""
         size = self._aligned_size(nbytes)

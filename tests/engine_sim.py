@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import time
 
-from kvferry.daemon.block_manager import BlockManager
-from kvferry.daemon.decode_engine import DecodeEngine
+from kvferry.daemon.config import CacheSection, SchedulerSection
+from kvferry.daemon.engine_builder import build_engine
 from kvferry.daemon.model import Model
 from kvferry.daemon.model_config import ModelConfig
-from kvferry.daemon.prefill_engine import PrefillEngine
-from kvferry.daemon.runner import ModelRunner
-from kvferry.daemon.scheduler import DecodeScheduler, PrefillScheduler
 from kvferry.daemon.weights import full_weights
 from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.dataplane import LoopbackDataPlane
-from kvferry.transport.receiver import DecodeAgent
-from kvferry.transport.sender import PrefillAgent
 from transfer_sim import small_config
 
 
@@ -29,27 +24,26 @@ def engines(
     weights = weights if weights is not None else full_weights(config, path)
     transfer = small_config(chunk_tokens=8, layer_group=layer_group, **transfer)
     server = BootstrapServer(1)
-    p_blocks, d_blocks = BlockManager(32, prefill_page), BlockManager(64, decode_page)
-    p_runner = ModelRunner(Model(config, weights, device=device), p_blocks)
-    d_runner = ModelRunner(Model(config, weights, device=device), d_blocks)
-    p_agent = PrefillAgent(
+    prefill = build_engine(
+        "prefill",
+        Model(config, weights, device=device),
+        CacheSection(page_size=prefill_page, num_pages=32),
+        SchedulerSection(chunk_tokens=8, max_batch_tokens=24),
         transfer,
-        config.kv_layout("tiny", "float32", prefill_page, 1, 0),
-        p_runner.planes,
-        LoopbackDataPlane(),
-        server.address,
-        server.token,
+        LoopbackDataPlane,
+        model_name="tiny",
+        bootstrap=server.address,
+        token=server.token,
     )
-    d_agent = DecodeAgent(
+    decode = build_engine(
+        "decode",
+        Model(config, weights, device=device),
+        CacheSection(page_size=decode_page, num_pages=64),
+        SchedulerSection(max_running=8),
         transfer,
-        config.kv_layout("tiny", "float32", decode_page, 1, 0),
-        d_runner.planes,
-        LoopbackDataPlane(),
+        LoopbackDataPlane,
+        model_name="tiny",
     )
-    prefill = PrefillEngine(
-        p_runner, PrefillScheduler(p_blocks, chunk_tokens=8, max_batch_tokens=24), p_agent
-    )
-    decode = DecodeEngine(d_runner, DecodeScheduler(d_blocks, max_running=8), d_agent)
     return server, prefill, decode
 
 

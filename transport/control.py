@@ -73,7 +73,6 @@ class ControlChannel:
         self._monitor_of: dict[str, zmq.Socket] = {}
         self._last_used: dict[str, float] = {}  # peer -> when a frame last went to it
         self._dropped: list[str] = []  # peers whose connection dropped, not yet taken
-        self.bad_frames = 0
         self.peers_refused = 0
         self._watch(self.inbound, True)
 
@@ -190,13 +189,11 @@ class ControlChannel:
             else:
                 sender = peer
             if count != 1:
-                self.bad_frames += 1
                 received.append((sender, WireError(f"expected 1 frame, got {count}")))
                 continue
             try:
                 received.append((sender, self.codec.decode(parts[0].bytes)))
             except WireError as exc:
-                self.bad_frames += 1
                 received.append((sender, exc))
 
     def _read_events(self, monitor: zmq.Socket) -> None:

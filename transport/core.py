@@ -88,6 +88,13 @@ class AgentCore:
     def zmq_context(self) -> zmq.Context:
         return self._zmq
 
+    @property
+    def thread_failure(self) -> str | None:
+        """Why the loop thread died, or None while it runs (or before it started)."""
+        if self.loop.error is not None:
+            return f"transfer thread died: {self.loop.error!r}"
+        return None
+
     def close(self) -> None:
         self.loop.stop()
         self.control.close()

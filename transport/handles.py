@@ -1,6 +1,9 @@
 """The engine-facing handles of one room: KVSender on a prefill rank, KVReceiver on a decode
 rank. Usable by any scheduler; thread-safe, and no method blocks: they post work to the rank's
-transfer thread and read the room's status."""
+transfer thread and read the room's status.
+
+The contract with the agents is their public methods only: `post` (to the loop thread),
+`add_tokens_on_loop` / `abort_on_loop` (run there), `registered` and `thread_failure`."""
 
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ from kvferry.transport.room import KVPoll, TransferFailed
 from kvferry.transport.send_room import Ready
 
 if TYPE_CHECKING:
-    from kvferry.transport.core import AgentCore
     from kvferry.transport.receiver import DecodeAgent
     from kvferry.transport.sender import PrefillAgent
 
@@ -55,8 +57,8 @@ class KVSender:
                 f"the prompt has {self.num_tokens}"
             )
         written = Ready(Fence(ready), [(n, Fence(event)) for n, event in layers_ready])
-        self.agent.core.loop.post(
-            lambda: self.agent._add_tokens(self.room, slots, written, first_token, last)
+        self.agent.post(
+            lambda: self.agent.add_tokens_on_loop(self.room, slots, written, first_token, last)
         )
 
     def poll(self) -> KVPoll:
@@ -69,21 +71,15 @@ class KVSender:
     def failure_reason(self) -> str | None:
         if self.status is not None and self.status.reason:
             return self.status.reason
-        return _loop_failure(self.agent.core)
+        return self.agent.thread_failure
 
     def abort(self, reason: str = "aborted by the prefill engine") -> None:
-        self.agent.core.loop.post(lambda: self.agent._abort(self.room, reason))
+        self.agent.post(lambda: self.agent.abort_on_loop(self.room, reason))
 
     def _loop_state(self, state: KVPoll) -> KVPoll:
-        if state < KVPoll.Success and _loop_failure(self.agent.core):
+        if state < KVPoll.Success and self.agent.thread_failure:
             return KVPoll.Failed
         return state
-
-
-def _loop_failure(core: AgentCore) -> str | None:
-    if core.loop.error is not None:
-        return f"transfer thread died: {core.loop.error!r}"
-    return None
 
 
 class KVReceiver:
@@ -103,11 +99,11 @@ class KVReceiver:
         self._rejected: str | None = None
 
     def poll(self) -> KVPoll:
-        if self._rejected or (self.status is None and _loop_failure(self.agent.core)):
+        if self._rejected or (self.status is None and self.agent.thread_failure):
             return KVPoll.Failed
         if self.status is None:
             return KVPoll.Bootstrapping
-        if self.status.state < KVPoll.Success and _loop_failure(self.agent.core):
+        if self.status.state < KVPoll.Success and self.agent.thread_failure:
             return KVPoll.Failed
         return self.status.state
 
@@ -117,15 +113,10 @@ class KVReceiver:
             return self._rejected
         if self.status is not None and self.status.reason:
             return self.status.reason
-        return _loop_failure(self.agent.core)
+        return self.agent.thread_failure
 
     def abort(self, reason: str = "aborted by the decode engine") -> None:
-        self.agent.core.loop.post(lambda: self._abort(reason))
+        self.agent.post(lambda: self.agent.abort_on_loop(self, reason))
 
     def reject(self, reason: str) -> None:
         self._rejected = reason
-
-    def _abort(self, reason: str) -> None:
-        room = self.agent.rooms.get(self.room)
-        if room is not None and room.handle is self:
-            self.agent._fail(room, reason)

@@ -31,6 +31,7 @@ from kvferry.transport.messages import (
 from kvferry.transport.recv_pipeline import RecvPipeline
 from kvferry.transport.recv_room import RecvRoom
 from kvferry.transport.room import KVPoll
+from kvferry.transport.stats import AgentStats, agent_stats
 from kvferry.transport.tags import MAX_KEY
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,28 @@ class DecodeAgent:
     @property
     def ring(self):
         return self.core.staging.ring if self.core.staging is not None else None
+
+    def stats(self) -> AgentStats:
+        """This agent's counters, rooms by state and ring use; safe from any thread."""
+        return agent_stats(self.core, self.rooms.values(), self.ring)
+
+    @property
+    def thread_failure(self) -> str | None:
+        """Why the transfer (loop) thread died, or None while it runs; safe from any thread."""
+        return self.core.thread_failure
+
+    def post(self, call) -> None:
+        """Run `call()` on the loop thread, soon; the only way to reach a `*_on_loop` method
+        from another thread."""
+        self.core.loop.post(call)
+
+    def abort_on_loop(self, handle: KVReceiver, reason: str) -> None:
+        """KVReceiver.abort on the loop thread: fail `handle`'s room with `reason` and tell
+        its prefill ranks — unless the room open under its id is another handle's (this one
+        was rejected as a duplicate) or is gone."""
+        room = self.rooms.get(handle.room)
+        if room is not None and room.handle is handle:
+            self._fail(room, reason)
 
     # --- bootstrapping -----------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from kvferry.transport.registrar import Registrar
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_pipeline import SendPipeline
 from kvferry.transport.send_room import Outgoing, Ready, SendRoom
+from kvferry.transport.stats import AgentStats, agent_stats
 from kvferry.transport.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class PrefillAgent:
             self._on_message,
             self._step,
             self._on_peer_lost,
-            self._abort,
+            self.abort_on_loop,
         )
         self.config, self.layout, self.planes = config, layout, planes
         self.rooms: dict[int, SendRoom] = {}
@@ -99,6 +100,20 @@ class PrefillAgent:
     def ring(self):
         return self.core.staging.ring if self.core.staging is not None else None
 
+    def stats(self) -> AgentStats:
+        """This agent's counters, rooms by state and ring use; safe from any thread."""
+        return agent_stats(self.core, self.rooms.values(), self.ring)
+
+    @property
+    def thread_failure(self) -> str | None:
+        """Why the transfer (loop) thread died, or None while it runs; safe from any thread."""
+        return self.core.thread_failure
+
+    def post(self, call) -> None:
+        """Run `call()` on the loop thread, soon; the only way to reach a `*_on_loop` method
+        from another thread."""
+        self.core.loop.post(call)
+
     def _register(self, bootstrap: str, token: bytes) -> None:
         """Join the group at `bootstrap`; `token` proves this rank was started by its daemon."""
         info = RankInfo(self.layout, self.core.data.address, self.core.control.address)
@@ -115,7 +130,7 @@ class PrefillAgent:
                 f"bootstrap server {bootstrap} refused rank {self.layout.tp_rank}: {reply}"
             )
 
-    # --- engine-facing operations, run on the loop thread -----------------------------------
+    # --- engine-facing operations, run on the loop thread (post them) -------------------------
 
     def _claim(self, handle: KVSender) -> None:
         tomb = self.tombstones.pop(handle.room)
@@ -132,7 +147,11 @@ class PrefillAgent:
                 f"vs {room.num_tokens} at decode",
             )
 
-    def _add_tokens(self, room_id: int, slots: np.ndarray, ready: Ready, first_token, last) -> None:
+    def add_tokens_on_loop(
+        self, room_id: int, slots: np.ndarray, ready: Ready, first_token, last: bool
+    ) -> None:
+        """KVSender.add_tokens on the loop thread: queue `slots` (KV written once `ready`
+        fires) for room `room_id`; a finished or unknown room ignores them."""
         room = self.rooms.get(room_id)
         if room is None or room.status.finished:
             return
@@ -140,7 +159,8 @@ class PrefillAgent:
         if error:
             self._fail(room, error)
 
-    def _abort(self, room_id: int, reason: str) -> None:
+    def abort_on_loop(self, room_id: int, reason: str) -> None:
+        """Fail room `room_id` with `reason` and tell its decode ranks; on the loop thread."""
         room = self.rooms.get(room_id)
         if room is not None:
             self._fail(room, reason)

@@ -1,0 +1,70 @@
+"""One agent's counters as one value: what an engine or a daemon reads of its transfer agent
+(`PrefillAgent.stats()`, `DecodeAgent.stats()`), so that none of them reaches into the agent's
+core, loop, ring or peers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvferry.transport.room import KVPoll
+
+if TYPE_CHECKING:
+    from kvferry.staging.ring import RingAllocator
+    from kvferry.transport.core import AgentCore
+
+
+@dataclass(frozen=True)
+class AgentStats:
+    """A snapshot of one transfer agent, taken from any thread (each counter is read once;
+    together they are not one atomic cut of the loop thread's state)."""
+
+    rooms: dict[str, int]  # open rooms by KVPoll state name, every state present
+    ring_used: int  # staging ring bytes; all three 0 in slice mode (no ring)
+    ring_capacity: int
+    ring_high_water: int
+    bytes_sent: int
+    bytes_received: int
+    messages_sent: int
+    messages_received: int
+    ring_waits: int  # chunks that found the staging ring full
+    ring_wait_s: float
+    bad_frames: int
+    internal_errors: int
+    failures: dict[str, int]  # failed rooms by reason category
+    rooms_succeeded: int
+    copy_s: float  # summed gather/scatter time
+    wire_s: float  # summed send/receive time
+    peers: list[str]  # peers this rank has rooms with
+    transfer_cpu_s: float  # CPU time of the loop thread
+    control_address: str
+
+
+def agent_stats(core: AgentCore, rooms: Iterable, ring: RingAllocator | None) -> AgentStats:
+    """`rooms`: the agent's open rooms (each with a `status`), read from the caller's thread."""
+    by_state = {state.name: 0 for state in KVPoll}
+    for room in list(rooms):
+        by_state[room.status.state.name] += 1
+    data, stats = core.data, core.stats
+    return AgentStats(
+        rooms=by_state,
+        ring_used=ring.used_bytes if ring else 0,
+        ring_capacity=ring.capacity if ring else 0,
+        ring_high_water=ring.high_water_bytes if ring else 0,
+        bytes_sent=data.bytes_sent,
+        bytes_received=data.bytes_received,
+        messages_sent=data.messages_sent,
+        messages_received=data.messages_received,
+        ring_waits=stats.ring_waits,
+        ring_wait_s=stats.ring_wait_s,
+        bad_frames=stats.bad_frames,
+        internal_errors=stats.internal_errors,
+        failures=dict(stats.failures),
+        rooms_succeeded=stats.rooms_succeeded,
+        copy_s=stats.copy_s,
+        wire_s=stats.wire_s,
+        peers=core.peers.active(),
+        transfer_cpu_s=core.loop.cpu_seconds(),
+        control_address=core.control.address,
+    )
