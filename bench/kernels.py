@@ -22,7 +22,8 @@ import time
 import numpy as np
 import torch
 
-from kvferry.staging import KVPlanes, gather, scatter, token_slots
+from kvferry.staging.kv_copy import KVPlanes, gather, scatter
+from kvferry.staging.slots import token_slots
 
 
 def timed(fn, iters: int, device: torch.device) -> tuple[float, float]:

@@ -11,7 +11,9 @@ import traceback
 import numpy as np
 import torch
 
-from kvferry.staging import KVLayout, KVPlanes, token_slots
+from kvferry.staging.kv_copy import KVPlanes
+from kvferry.staging.layout import KVLayout
+from kvferry.staging.slots import token_slots
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.room import KVPoll
 

@@ -30,6 +30,7 @@ from kvferry.daemon.client import (
     daemon_url,
 )
 from kvferry.daemon.config import ConfigError, DaemonConfig, Deployment, check_against, load
+from kvferry.daemon.demo import run_demo
 from kvferry.daemon.launcher import Launcher, LaunchError, describe_exit
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
@@ -181,8 +182,6 @@ def generate(prompt, prompt_ids, url, config_path, stream, as_json, timeout, **s
 def demo(config_path: str, requests: int, concurrency: int, max_tokens: int) -> None:
     """Start a deployment, generate a few completions and a burst of concurrent requests,
     print a summary (tokens/s, TTFT, KV bytes moved, UCX messages per request), stop."""
-    from kvferry.daemon.demo import run_demo
-
     stop_on_sigterm()
     sys.exit(run_demo(config_path, requests, concurrency, max_tokens))
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import msgspec
 
+from kvferry.daemon.bench import BenchSpec, run_bench, run_deployment, write_result
+from kvferry.daemon.bench_report import plot, plot_results, read_result, table
+from kvferry.daemon.bench_workload import BenchError
 from kvferry.daemon.cli_common import CONFIG_PATH, SECONDS, note, stop_on_sigterm
 from kvferry.daemon.client import DEFAULT_URL
 from kvferry.daemon.launcher import describe_exit
@@ -97,10 +101,6 @@ def bench(
             raise click.UsageError(f"{', '.join(given)} cannot go with `bench plot`")
         return
     stop_on_sigterm()
-    from kvferry.daemon.bench import BenchSpec, run_bench, run_deployment, write_result
-    from kvferry.daemon.bench_report import read_result, table
-    from kvferry.daemon.bench_workload import BenchError
-
     if url is not None and config_path is not None:
         raise click.UsageError("give --url or --config, not both")
     if concurrency and request_rate:
@@ -134,9 +134,6 @@ def bench(
 def bench_plot(files: tuple[str, ...], out: str) -> None:
     """Draw output throughput and median TTFT against concurrency (or request rate) for one or
     several `kvferry bench --out` FILES, one line each, named by their --label."""
-    from kvferry.daemon.bench_report import plot
-    from kvferry.daemon.bench_workload import BenchError
-
     try:
         plot(list(files), out)
     except BenchError as exc:
@@ -146,10 +143,6 @@ def bench_plot(files: tuple[str, ...], out: str) -> None:
 
 def _plot(result, earlier: list[tuple[str, dict]], path: str) -> None:
     """This run's points and the --compare files' on one chart."""
-    import msgspec
-
-    from kvferry.daemon.bench_report import plot_results
-
     plot_results([("this run", msgspec.to_builtins(result)), *earlier], path)
     click.echo(path)
 

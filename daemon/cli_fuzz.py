@@ -5,8 +5,12 @@ from __future__ import annotations
 import click
 
 from kvferry.daemon.cli_common import CONFIG_PATH, SECONDS, note, stop_on_sigterm
+from kvferry.daemon.config import load
+from kvferry.daemon.fuzz import SOCKET_KINDS, FuzzError, FuzzSpec, run_fuzz
+from kvferry.daemon.fuzz_report import families, problems, table, write_json
+from kvferry.daemon.launcher import Launcher, describe_exit
 
-KINDS = click.Choice(["bootstrap", "prefill-control", "decode-control", "http"])
+KINDS = click.Choice(SOCKET_KINDS)
 
 
 @click.command()
@@ -33,11 +37,6 @@ def fuzz(config_path, start, json_path, kinds, http_timeout, max_rss_growth_mb, 
     rank process is alive, /health is ok, a greedy completion equals the one taken before, and
     fds, threads and RSS grew within the bounds. Prints the figures; exits 1 on any problem.
     See docs/reliability.md."""
-    from kvferry.daemon.config import load
-    from kvferry.daemon.fuzz import SOCKET_KINDS, FuzzError, FuzzSpec, run_fuzz
-    from kvferry.daemon.fuzz_report import families, problems, table, write_json
-    from kvferry.daemon.launcher import Launcher, describe_exit
-
     stop_on_sigterm()
     spec = FuzzSpec(
         kinds=tuple(kinds) or SOCKET_KINDS,

@@ -13,6 +13,8 @@ from typing import Literal
 import msgspec
 import yaml
 
+from kvferry.daemon.model_config import ModelConfig
+from kvferry.staging.plan import check_tp
 from kvferry.transport.config import TransferConfig
 
 
@@ -43,10 +45,8 @@ class ModelSection(_Section):
     num_attention_heads: int = 8
     num_key_value_heads: int = 4
 
-    def model_config(self):
+    def model_config(self) -> ModelConfig:
         """The checkpoint's config, or the random model's."""
-        from kvferry.daemon.model_config import ModelConfig
-
         if self.path is not None:
             return ModelConfig.from_dir(self.path)
         return ModelConfig(
@@ -150,10 +150,8 @@ def parse(raw, kind: type = Deployment, source: str = "config"):
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def check_against(daemon: DaemonConfig, model) -> None:
+def check_against(daemon: DaemonConfig, model: ModelConfig) -> None:
     """Checks that need the model config: TP against its heads, ring against one chunk."""
-    from kvferry.staging.plan import check_tp
-
     where = daemon.name or daemon.role
     try:
         check_tp(model.num_key_value_heads, daemon.tp)

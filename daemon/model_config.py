@@ -7,6 +7,8 @@ from pathlib import Path
 
 import msgspec
 
+from kvferry.staging.layout import KVLayout
+
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -75,8 +77,6 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def kv_layout(self, model: str, dtype: str, page_size: int, tp_size: int, tp_rank: int):
         """The KV layout one TP rank of this model holds (what peers check at registration)."""
-        from kvferry.staging.layout import KVLayout
-
         return KVLayout(
             model=model,
             num_layers=self.num_hidden_layers,

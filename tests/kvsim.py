@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvferry.staging import KVPlanes, gather, rank_heads, scatter, token_slots
+from kvferry.staging.kv_copy import KVPlanes, gather, scatter
+from kvferry.staging.plan import rank_heads
+from kvferry.staging.slots import token_slots
 
 # (KV heads, prefill TP, decode TP) pairs the transfer tests cover: fewer and more ranks on either
 # side, and GQA replication (TP above the head count) on either side.

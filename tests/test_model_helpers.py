@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from kvferry.daemon.model import Model, SeqBatch
-from kvferry.staging import token_slots
+from kvferry.staging.slots import token_slots
 
 
 def greedy(model: Model, prompt: list[int], steps: int, page_size=4, chunk=5, seed=0) -> list[int]:

@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from kvferry.staging import KVLayout, rank_heads
+from kvferry.staging.layout import KVLayout
+from kvferry.staging.plan import rank_heads
 from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.dataplane import LoopbackDataPlane

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kvferry.staging import StagingBuffer
+from kvferry.staging.buffer import StagingBuffer
 
 
 def test_regions_are_views_of_one_buffer():

@@ -3,14 +3,9 @@
 import pytest
 import torch
 
-from kvferry.staging import (
-    KVPlanes,
-    StagingBuffer,
-    gather,
-    plan_head_transfers,
-    rank_heads,
-    scatter,
-)
+from kvferry.staging.buffer import StagingBuffer
+from kvferry.staging.kv_copy import KVPlanes, gather, scatter
+from kvferry.staging.plan import plan_head_transfers, rank_heads
 from kvsim import bits, random_bits, tp_ranks, transfer
 
 pytestmark = pytest.mark.gpu

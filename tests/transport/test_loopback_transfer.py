@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvferry.staging import plan_head_transfers
+from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.room import KVPoll
 from kvsim import TP_PAIRS
 from transfer_sim import Deployment, decode_matches, small_config, wait_all, wait_idle

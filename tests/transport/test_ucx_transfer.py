@@ -11,7 +11,7 @@ import time
 import msgspec
 import pytest
 
-from kvferry.staging import plan_head_transfers
+from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.room import KVPoll
 from kvsim import TP_PAIRS
 from transfer_sim import small_config
