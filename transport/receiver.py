@@ -13,6 +13,7 @@ import time
 from kvferry.staging.kv_copy import KVPlanes, host_slots
 from kvferry.staging.layout import KVLayout, layer_groups
 from kvferry.staging.plan import cached_plan
+from kvferry.transport.agent import TransferAgent
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import PeerLimitError
 from kvferry.transport.core import AgentCore
@@ -31,13 +32,12 @@ from kvferry.transport.messages import (
 from kvferry.transport.recv_pipeline import RecvPipeline
 from kvferry.transport.recv_room import RecvRoom
 from kvferry.transport.room import KVPoll
-from kvferry.transport.stats import AgentStats, agent_stats
 from kvferry.transport.tags import MAX_KEY
 
 log = logging.getLogger(__name__)
 
 
-class DecodeAgent:
+class DecodeAgent(TransferAgent):
     """One decode rank's transfer agent."""
 
     def __init__(
@@ -79,24 +79,6 @@ class DecodeAgent:
     def close(self) -> None:
         self.directory.close()
         self.core.close()
-
-    @property
-    def ring(self):
-        return self.core.staging.ring if self.core.staging is not None else None
-
-    def stats(self) -> AgentStats:
-        """This agent's counters, rooms by state and ring use; safe from any thread."""
-        return agent_stats(self.core, self.rooms.values(), self.ring)
-
-    @property
-    def thread_failure(self) -> str | None:
-        """Why the transfer (loop) thread died, or None while it runs; safe from any thread."""
-        return self.core.thread_failure
-
-    def post(self, call) -> None:
-        """Run `call()` on the loop thread, soon; the only way to reach a `*_on_loop` method
-        from another thread."""
-        self.core.loop.post(call)
 
     def abort_on_loop(self, handle: KVReceiver, reason: str) -> None:
         """KVReceiver.abort on the loop thread: fail `handle`'s room with `reason` and tell

@@ -12,6 +12,7 @@ import numpy as np
 
 from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.layout import KVLayout
+from kvferry.transport.agent import TransferAgent
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import request
 from kvferry.transport.core import AgentCore
@@ -33,13 +34,12 @@ from kvferry.transport.registrar import Registrar
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_pipeline import SendPipeline
 from kvferry.transport.send_room import Outgoing, Ready, SendRoom
-from kvferry.transport.stats import AgentStats, agent_stats
 from kvferry.transport.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
 
 
-class PrefillAgent:
+class PrefillAgent(TransferAgent):
     """One prefill rank's transfer agent; registers with the bootstrap server on start, with
     the token its daemon handed it."""
 
@@ -95,24 +95,6 @@ class PrefillAgent:
 
     def close(self) -> None:
         self.core.close()
-
-    @property
-    def ring(self):
-        return self.core.staging.ring if self.core.staging is not None else None
-
-    def stats(self) -> AgentStats:
-        """This agent's counters, rooms by state and ring use; safe from any thread."""
-        return agent_stats(self.core, self.rooms.values(), self.ring)
-
-    @property
-    def thread_failure(self) -> str | None:
-        """Why the transfer (loop) thread died, or None while it runs; safe from any thread."""
-        return self.core.thread_failure
-
-    def post(self, call) -> None:
-        """Run `call()` on the loop thread, soon; the only way to reach a `*_on_loop` method
-        from another thread."""
-        self.core.loop.post(call)
 
     def _register(self, bootstrap: str, token: bytes) -> None:
         """Join the group at `bootstrap`; `token` proves this rank was started by its daemon."""
