@@ -110,9 +110,9 @@ class Worker:
     def _check_transfer_thread(self) -> None:
         """Without its transfer thread no KV moves: the rank ends (Fatal), and with it the
         daemon, rather than fail every request while looking alive."""
-        loop = self.agent.core.loop
-        if not loop.alive:
-            raise TransferThreadDied(f"the transfer thread died: {loop.error!r}")
+        failure = self.agent.thread_failure
+        if failure is not None:
+            raise TransferThreadDied(f"the {failure}")
 
     def close(self) -> None:
         self.agent.close()

@@ -14,7 +14,7 @@ def rank_whose_transfer_thread_dies(*args) -> None:
         def fail() -> None:
             raise RuntimeError("the transfer loop broke")
 
-        self.agent.core.loop.post(fail)
+        self.agent.post(fail)
         run(self)
 
     worker.Worker.run = doomed
