@@ -229,7 +229,7 @@ def stage_e2e(stage: Stage) -> None:
         path = args.out_dir / f"deploy-{variant}.yaml"
         path.write_text(yaml.safe_dump(deployment_variant(base, variant, args.layer_group)))
         out = args.out_dir / f"e2e-{variant}.json"
-        command = [sys.executable, "-m", "kvferry.daemon.cli", "bench", "--config", str(path)]
+        command = [sys.executable, "-m", "kvferry.daemon.cli.main", "bench", "--config", str(path)]
         command += ["--concurrency", args.concurrency, *load, "--label", variant, "--out", str(out)]
         if not stage.run(command):
             failed.append(variant)
@@ -244,7 +244,7 @@ def stage_e2e(stage: Stage) -> None:
     if outs:
         png = str(args.out_dir / "e2e.png")
         subprocess.run(
-            [sys.executable, "-m", "kvferry.daemon.cli", "bench", "plot", "--out", png, *outs],
+            [sys.executable, "-m", "kvferry.daemon.cli.main", "bench", "plot", "--out", png, *outs],
             check=False,
         )
 

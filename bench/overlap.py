@@ -31,14 +31,14 @@ import time
 import numpy as np
 import torch
 
-from kvferry.daemon.block_manager import BlockManager
-from kvferry.daemon.config import CacheSection, ModelSection, SchedulerSection
-from kvferry.daemon.engine_builder import build_engine
-from kvferry.daemon.model import Model
-from kvferry.daemon.runner import ModelRunner
-from kvferry.daemon.scheduler import PrefillScheduler
-from kvferry.daemon.sequence import SamplingParams, Sequence
-from kvferry.daemon.weights import full_weights
+from kvferry.daemon.engine.block_manager import BlockManager
+from kvferry.daemon.engine.builder import EngineSettings, build_engine
+from kvferry.daemon.engine.runner import ModelRunner
+from kvferry.daemon.engine.scheduler import PrefillScheduler
+from kvferry.daemon.engine.sequence import SamplingParams, Sequence
+from kvferry.daemon.model.llama import Model
+from kvferry.daemon.model.weights import full_weights
+from kvferry.daemon.server.config import ModelSection
 from kvferry.staging.kv_copy import KVPlanes
 from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.config import TransferConfig
@@ -80,9 +80,13 @@ class Bench:
         self.next_room = itertools.count(1)
         pages = -(-args.prompt // args.page_size) * (args.requests + 1)
         if self.transfers:
-            self._build_transfers(
-                CacheSection(page_size=args.page_size, num_pages=pages), layer_group
+            settings = EngineSettings(
+                page_size=args.page_size,
+                num_pages=pages,
+                prefill_chunk_tokens=args.chunk,
+                max_batch_tokens=args.chunk * args.requests,
             )
+            self._build_transfers(settings, layer_group)
         else:  # the forwards alone: no agent, no engine
             self.runner = ModelRunner(model, BlockManager(pages, args.page_size))
             self.scheduler = PrefillScheduler(
@@ -90,7 +94,7 @@ class Bench:
             )
         self.blocks = self.runner.blocks
 
-    def _build_transfers(self, cache: CacheSection, layer_group: int) -> None:
+    def _build_transfers(self, settings: EngineSettings, layer_group: int) -> None:
         """The prefill engine, and a decode agent receiving into a cache of its own."""
         from kvferry.transport.ucx import UcxDataPlane
 
@@ -109,14 +113,10 @@ class Bench:
         )
         self.server = BootstrapServer(1)
         cuda = (device.index or 0) if device.type == "cuda" else None
-        scheduler = SchedulerSection(
-            chunk_tokens=args.chunk, max_batch_tokens=args.chunk * args.requests
-        )
         self.engine = build_engine(
             "prefill",
             model,
-            cache,
-            scheduler,
+            settings,
             config,
             lambda: UcxDataPlane(tls, cuda),
             model_name="overlap",
@@ -175,7 +175,7 @@ class Bench:
         while self.engine.busy or any(r.poll() < KVPoll.Success for r in receivers):
             if not self.engine.step():
                 time.sleep(POLL_S)
-            self.engine.take_progress()
+            self.engine.take_output()
             self.engine.samples.take()
         failed = [r.failure_reason for r in receivers if r.poll() != KVPoll.Success]
         if failed:

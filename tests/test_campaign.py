@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]

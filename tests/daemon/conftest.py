@@ -5,10 +5,10 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from cli_sim import STATUS, StubDaemon
-from kvferry.daemon.metrics import Metrics
-from kvferry.daemon.protocol import Snapshot
-from metrics_sim import decode_snapshots, snapshot
+from kvferry.daemon.server.metrics import Metrics
+from kvferry.daemon.server.protocol import Snapshot
+from support.cli_sim import STATUS, StubDaemon
+from support.metrics_sim import decode_snapshots, snapshot
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 from kvferry.staging.kv_copy import KVPlanes, gather, scatter
 from kvferry.staging.layout import layer_groups
 from kvferry.staging.plan import plan_head_transfers, rank_heads
-from kvsim import TP_PAIRS, bits, random_bits, tp_ranks, transfer
+from support.kvsim import TP_PAIRS, bits, random_bits, tp_ranks, transfer
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8]
 

@@ -6,7 +6,7 @@ import torch
 from kvferry.staging.buffer import StagingBuffer
 from kvferry.staging.kv_copy import KVPlanes, gather, scatter
 from kvferry.staging.plan import plan_head_transfers, rank_heads
-from kvsim import bits, random_bits, tp_ranks, transfer
+from support.kvsim import bits, random_bits, tp_ranks, transfer
 
 pytestmark = pytest.mark.gpu
 

@@ -1,6 +1,6 @@
 import pytest
 
-from transfer_sim import Deployment
+from support.transfer_sim import Deployment
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from kvferry.transport.room import KVPoll
-from transfer_sim import Deployment, wait_all, wait_for, wait_idle
+from support.transfer_sim import Deployment, wait_all, wait_for, wait_idle
 
 
 def test_stats_after_one_transfer():

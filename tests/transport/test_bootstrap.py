@@ -24,7 +24,7 @@ from kvferry.transport.messages import (
     WireError,
 )
 from kvferry.transport.room import KVPoll
-from transfer_sim import (
+from support.transfer_sim import (
     Deployment,
     Request,
     layout_for,

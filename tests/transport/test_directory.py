@@ -9,7 +9,7 @@ import zmq
 
 from kvferry.transport.directory import PrefillDirectory
 from kvferry.transport.messages import RankInfo
-from transfer_sim import layout_for, small_config
+from support.transfer_sim import layout_for, small_config
 
 BOOTSTRAP = "tcp://127.0.0.1:7000"
 RANK = RankInfo(layout_for(4, 1, 0), b"ucx", "tcp://127.0.0.1:7001")

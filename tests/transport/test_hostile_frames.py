@@ -12,7 +12,7 @@ from kvferry.transport.log_limit import RateLimitedLog
 from kvferry.transport.messages import Abort, Codec, ErrorReply, RegisterRoom
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tombstones import Tombstones
-from transfer_sim import layout_for, small_config, wait_all, wait_for
+from support.transfer_sim import layout_for, small_config, wait_all, wait_for
 
 CODEC = Codec()
 

@@ -4,8 +4,8 @@ import pytest
 
 from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.room import KVPoll
-from kvsim import TP_PAIRS
-from transfer_sim import Deployment, decode_matches, small_config, wait_all, wait_idle
+from support.kvsim import TP_PAIRS
+from support.transfer_sim import Deployment, decode_matches, small_config, wait_all, wait_idle
 
 
 def _transfer_ok(dep: Deployment, num_tokens: int) -> None:

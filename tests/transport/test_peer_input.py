@@ -11,7 +11,7 @@ from kvferry.transport.dataplane import LoopbackDataPlane, failure
 from kvferry.transport.messages import Codec, ErrorReply, QueryPeers, RegisterRoom
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tags import pack_tag, unpack_tag
-from transfer_sim import (
+from support.transfer_sim import (
     Deployment,
     Request,
     decode_matches,

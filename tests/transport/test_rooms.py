@@ -5,7 +5,7 @@ import time
 import pytest
 
 from kvferry.transport.room import KVPoll
-from transfer_sim import (
+from support.transfer_sim import (
     Request,
     decode_matches,
     prefill_fill,

@@ -13,9 +13,9 @@ import pytest
 
 from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.room import KVPoll
-from kvsim import TP_PAIRS
-from transfer_sim import small_config
-from ucx_side import main
+from support.kvsim import TP_PAIRS
+from support.transfer_sim import small_config
+from support.ucx_side import main
 
 pytest.importorskip("ucxx", reason="the UCX data plane needs the ucxx package")
 

@@ -24,7 +24,7 @@ from kvferry.transport.messages import (
 from kvferry.transport.room import KVPoll, RoomStatus
 from kvferry.transport.send_room import Ready
 from kvferry.transport.tags import MAX_KEY, pack_tag, unpack_tag
-from transfer_sim import layout_for
+from support.transfer_sim import layout_for
 
 CODEC = Codec(max_frame_bytes=4096)
 

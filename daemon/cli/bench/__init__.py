@@ -1,0 +1,1 @@
+"""`kvferry bench`: the command, the load generator, its workloads and its report."""

@@ -1,0 +1,306 @@
+"""What `kvferry bench` makes of its requests: per-point statistics, the table on stdout, the
+JSON records, and the chart that compares result files."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import msgspec
+
+from kvferry.daemon.cli.bench.workload import BenchError
+
+
+class RequestRecord(msgspec.Struct, kw_only=True):
+    """One measured request; times in seconds, `sent_s` from the point's start."""
+
+    index: int
+    sent_s: float
+    input_len: int  # prompt tokens as the daemon counted them, else as drawn
+    output_len: int  # max_tokens asked for
+    output_tokens: int = 0
+    ttft_s: float | None = None
+    latency_s: float = 0.0
+    error: str | None = None  # None: ok
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def itl_s(self) -> float | None:
+        """Mean gap between this request's tokens after the first."""
+        if self.ttft_s is None or self.output_tokens < 2:
+            return None
+        return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+class Counters(msgspec.Struct, frozen=True, kw_only=True):
+    """The scraped daemons' counters, summed over daemons and ranks (per role where keyed by
+    role); the byte gauges are the largest of any one rank."""
+
+    kv_bytes: float = 0.0  # KV bytes received (decode)
+    messages: float = 0.0  # data-plane messages received (decode)
+    ring_high_water_bytes: float = 0.0  # the most of any one ring, ever: a maximum, not a sum
+    transfer_failures: dict[str, float] = msgspec.field(default_factory=dict)  # by reason
+    transfer_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # by role
+    transfer_rooms: dict[str, float] = msgspec.field(default_factory=dict)  # by role
+    memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank
+    kv_pool_bytes: float = 0.0
+    ring_capacity_bytes: float = 0.0
+
+    def since(self, before: Counters) -> Counters:
+        """What changed after `before`; the byte gauges stay as they are now."""
+        return msgspec.structs.replace(
+            self,
+            kv_bytes=self.kv_bytes - before.kv_bytes,
+            messages=self.messages - before.messages,
+            transfer_failures=_grown(self.transfer_failures, before.transfer_failures),
+            transfer_cpu_s=_grown(self.transfer_cpu_s, before.transfer_cpu_s),
+            transfer_rooms=_grown(self.transfer_rooms, before.transfer_rooms),
+        )
+
+    def control_cpu_us(self) -> dict[str, float]:
+        """Transfer-thread CPU µs per room delivered, by role (summed over the role's ranks)."""
+        return {
+            role: self.transfer_cpu_s.get(role, 0.0) / rooms * 1e6
+            for role, rooms in self.transfer_rooms.items()
+            if rooms > 0
+        }
+
+
+def _grown(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    grown = {key: value - before.get(key, 0.0) for key, value in now.items()}
+    return {key: value for key, value in grown.items() if value > 0}
+
+
+class Latency(msgspec.Struct, frozen=True, kw_only=True):
+    """Milliseconds; None without samples."""
+
+    mean: float | None = None
+    median: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+
+
+class Point(msgspec.Struct, kw_only=True):
+    mode: str  # "concurrency" or "request_rate"
+    value: float
+    ok: int
+    failed: int
+    failures: dict[str, int]  # by reason category
+    duration_s: float
+    request_throughput: float  # ok requests / s
+    output_throughput: float  # output tokens / s
+    total_token_throughput: float  # prompt + output tokens / s
+    ttft_ms: Latency
+    itl_ms: Latency
+    e2e_ms: Latency
+    kv_bytes: float
+    kv_gbps: float
+    messages_per_request: float
+    ring_high_water_bytes: float
+    transfer_failures: dict[str, float]
+    requests: list[RequestRecord]
+    control_cpu_us: dict[str, float] = msgspec.field(default_factory=dict)  # per request, by role
+    memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank (0 on a CPU)
+    kv_pool_bytes: float = 0.0  # of that size of rank: the budgets the peak holds
+    ring_capacity_bytes: float = 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), interpolated linearly between the closest ranks."""
+    assert values and 0 <= q <= 100, (len(values), q)
+    ordered = sorted(values)
+    at = q / 100 * (len(ordered) - 1)
+    low, high = math.floor(at), math.ceil(at)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
+def latency(seconds: list[float]) -> Latency:
+    if not seconds:
+        return Latency()
+    ms = [s * 1e3 for s in seconds]
+    return Latency(
+        mean=statistics.fmean(ms),
+        median=percentile(ms, 50),
+        p90=percentile(ms, 90),
+        p99=percentile(ms, 99),
+    )
+
+
+def failure_category(reason: str) -> str:
+    """`HTTP 502: transfer failed` of `HTTP 502: transfer failed: peer lost …`: the daemon's
+    reason up to its first ": " (as its failure metrics count it), at most 60 characters."""
+    status, sep, rest = reason.partition(": ") if reason.startswith("HTTP ") else ("", "", reason)
+    return (status + sep + rest.split(": ", 1)[0])[:60]
+
+
+def summarize(
+    mode: str, value: float, records: list[RequestRecord], duration_s: float, moved: Counters
+) -> Point:
+    ok = [r for r in records if r.ok]
+    output = sum(r.output_tokens for r in ok)
+    prompt = sum(r.input_len for r in ok)
+    per_s = 1 / duration_s if duration_s > 0 else 0.0
+    return Point(
+        mode=mode,
+        value=value,
+        ok=len(ok),
+        failed=len(records) - len(ok),
+        failures=dict(Counter(failure_category(r.error) for r in records if not r.ok)),
+        duration_s=duration_s,
+        request_throughput=len(ok) * per_s,
+        output_throughput=output * per_s,
+        total_token_throughput=(prompt + output) * per_s,
+        ttft_ms=latency([r.ttft_s for r in ok if r.ttft_s is not None]),
+        itl_ms=latency([r.itl_s for r in ok if r.itl_s is not None]),
+        e2e_ms=latency([r.latency_s for r in ok]),
+        kv_bytes=moved.kv_bytes,
+        kv_gbps=moved.kv_bytes * per_s / 1e9,
+        messages_per_request=moved.messages / len(records) if records else 0.0,
+        ring_high_water_bytes=moved.ring_high_water_bytes,
+        transfer_failures=moved.transfer_failures,
+        requests=records,
+        control_cpu_us=moved.control_cpu_us(),
+        memory_peak_bytes=moved.memory_peak_bytes,
+        kv_pool_bytes=moved.kv_pool_bytes,
+        ring_capacity_bytes=moved.ring_capacity_bytes,
+    )
+
+
+def point_name(mode: str, value: float) -> str:
+    return f"c={value:g}" if mode == "concurrency" else f"rate={value:g}/s"
+
+
+_LATENCY_COLUMNS = [("mean", "mean"), ("p50", "median"), ("p90", "p90"), ("p99", "p99")]
+HEADER = [
+    ("", "point"), ("", "ok"), ("", "fail"), ("", "s"), ("", "req/s"), ("", "out tok/s"),
+    ("", "tot tok/s"),
+    *[(group, name) for group in ("TTFT ms", "ITL ms", "E2E ms") for name, _ in _LATENCY_COLUMNS],
+    ("KV", "MiB"), ("KV", "GB/s"), ("KV", "msg/req"), ("KV", "ring MiB"), ("KV", "xfer fail"),
+    ("ctl CPU us/req", "P"), ("ctl CPU us/req", "D"), ("", "peak GiB"),
+]  # fmt: skip
+
+
+def table(points: list[Point]) -> str:
+    return format_table(HEADER, [_row(p) for p in points])
+
+
+def _row(p: Point) -> list[str]:
+    cells = [point_name(p.mode, p.value), str(p.ok), str(p.failed), f"{p.duration_s:.2f}"]
+    cells += [f"{p.request_throughput:.2f}", f"{p.output_throughput:.1f}"]
+    cells.append(f"{p.total_token_throughput:.1f}")
+    for lat in (p.ttft_ms, p.itl_ms, p.e2e_ms):
+        cells += [_num(getattr(lat, field)) for _, field in _LATENCY_COLUMNS]
+    cells += [f"{p.kv_bytes / 2**20:.2f}", f"{p.kv_gbps:.3f}", f"{p.messages_per_request:.1f}"]
+    cells += [f"{p.ring_high_water_bytes / 2**20:.2f}", f"{sum(p.transfer_failures.values()):g}"]
+    cells += [_num(p.control_cpu_us.get(role)) for role in ("prefill", "decode")]
+    cells.append(f"{p.memory_peak_bytes / 2**30:.2f}" if p.memory_peak_bytes else "-")
+    return cells
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_table(header: list[tuple[str, str]], rows: list[list[str]]) -> str:
+    """Aligned columns: the first left, the others right. `header` is (group, name) per column;
+    a run of columns with the same non-empty group gets the group's name on a line above."""
+    widths = [max(len(name), *(len(row[i]) for row in rows)) for i, (_, name) in enumerate(header)]
+    spans = _group_spans([group for group, _ in header])
+    for group, start, end in spans:  # widen a span's last column to fit its group's name
+        room = sum(widths[start:end]) + 2 * (end - start - 1)
+        widths[end - 1] += max(0, len(group) - room)
+    lines = []
+    if spans:
+        lines.append(_group_line(spans, widths))
+    for cells in [[name for _, name in header], *rows]:
+        parts = [cell.rjust(width) for cell, width in zip(cells, widths, strict=True)]
+        parts[0] = cells[0].ljust(widths[0])  # the point's name
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _group_spans(groups: list[str]) -> list[tuple[str, int, int]]:
+    spans: list[tuple[str, int, int]] = []
+    for i, group in enumerate(groups):
+        if spans and spans[-1][0] == group and spans[-1][2] == i:
+            spans[-1] = (group, spans[-1][1], i + 1)
+        elif group:
+            spans.append((group, i, i + 1))
+    return spans
+
+
+def _group_line(spans: list[tuple[str, int, int]], widths: list[int]) -> str:
+    line = ""
+    for group, start, end in spans:
+        left = sum(widths[:start]) + 2 * start
+        room = sum(widths[start:end]) + 2 * (end - start - 1)
+        line = line.ljust(left) + group.center(room)
+    return line.rstrip()
+
+
+_PLOTTED = {"mode", "value", "output_throughput", "ttft_ms"}
+
+
+def read_result(path: str | Path) -> dict:
+    """A result file of `kvferry bench --out`; BenchError when it is not one."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"{path}: cannot read a result file: {exc}") from None
+    if not isinstance(result, dict) or not isinstance(result.get("points"), list):
+        raise BenchError(f"{path}: not a kvferry bench result (no list of points)")
+    for point in result["points"]:
+        if not isinstance(point, dict) or not _PLOTTED.issubset(point):
+            raise BenchError(f"{path}: a point lacks one of {sorted(_PLOTTED)}")
+    return result
+
+
+def plot(paths: list[str], out: str) -> None:
+    """Output throughput and median TTFT against concurrency (or request rate), one line per
+    result file, labelled with its --label (else its file name), into the PNG `out`."""
+    plot_results([(Path(path).stem, read_result(path)) for path in paths], out)
+
+
+def plot_results(results: list[tuple[str, dict]], out: str) -> None:
+    """As `plot`, for results already read: (name when it has no label, result)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display
+    import matplotlib.pyplot as plt
+
+    modes = {p.get("mode") for _, result in results for p in result["points"]}
+    xlabel = "concurrency" if modes == {"concurrency"} else "request rate (req/s)"
+    if len(modes) > 1:
+        xlabel = "concurrency / request rate"
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 8), sharex=True)
+    for stem, result in results:
+        points = sorted(result["points"], key=lambda p: p["value"])
+        xs = [p["value"] for p in points]
+        label = result.get("label") or stem
+        top.plot(xs, [p["output_throughput"] for p in points], marker="o", label=label)
+        ttft = [p["ttft_ms"].get("median") for p in points]
+        bottom.plot(xs, [math.nan if t is None else t for t in ttft], marker="o", label=label)
+    top.set(ylabel="output tokens/s", title="throughput")
+    bottom.set(ylabel="TTFT median (ms)", xlabel=xlabel, title="time to first token")
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    _x_ticks(bottom, sorted({p["value"] for _, result in results for p in result["points"]}))
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+
+
+def _x_ticks(ax, xs: list[float]) -> None:
+    """A tick at every measured point; a log scale when they span a factor of 8 or more
+    (a sweep like 1,4,16,64)."""
+    if xs and xs[0] > 0 and xs[-1] / xs[0] >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.minorticks_off()

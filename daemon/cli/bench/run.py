@@ -1,0 +1,299 @@
+"""`kvferry bench`: a load generator against a decode daemon, sweeping concurrency or request rate.
+
+Each point sends its warm-up requests, scrapes the daemons' metrics, sends its measured requests
+(streamed, greedy), and scrapes again: latencies come from the client, transfer figures from the
+daemons' own counters, so they count what crossed the data plane.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TextIO
+
+import msgspec
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvferry.daemon.cli.bench.report import Counters, Point, RequestRecord, point_name, summarize
+from kvferry.daemon.cli.bench.workload import (
+    BenchError,
+    Prompt,
+    dataset_prompts,
+    load_sharegpt,
+    poisson_schedule,
+    random_prompts,
+)
+from kvferry.daemon.cli.client import ClientError, CompletionRequest, DaemonClient
+from kvferry.daemon.cli.launcher import Launcher
+
+SNAPSHOT_PERIOD_S = 0.6  # ranks send their counters twice a second; wait this long to see them
+BYTE_VOCAB = 256  # the byte tokenizer's byte ids, without BOS/EOS
+
+
+class BenchSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What to send; exactly one of `concurrency` and `request_rate` lists the points."""
+
+    concurrency: tuple[int, ...] = ()
+    request_rate: tuple[float, ...] = ()  # requests/s, Poisson arrivals
+    max_concurrency: int = 256  # in-flight cap of a request-rate point
+    num_requests: int = 64  # measured, per point
+    warmup: int = 4  # per point, before the measured requests and the first scrape
+    input_len: int = 256
+    output_len: int = 64
+    range_ratio: float = 0.5  # lengths uniform in [len * ratio, len]
+    vocab: int | None = None  # prompt ids in [0, vocab); None: from the deployment, else 256
+    dataset: str | None = None  # ShareGPT-style JSON instead of random ids
+    seed: int = 0
+    timeout_s: float = 300.0  # one request, whole
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.concurrency) == bool(self.request_rate):
+            raise BenchError("give exactly one of concurrency and request_rate")
+        if min((*self.concurrency, *self.request_rate)) <= 0:
+            raise BenchError(f"points must be > 0: {self.concurrency or self.request_rate}")
+        if not 0 <= self.range_ratio <= 1:
+            raise BenchError(f"range_ratio={self.range_ratio} must be within [0, 1]")
+        for name in ("max_concurrency", "num_requests", "input_len", "output_len"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.warmup < 0 or (self.vocab is not None and self.vocab < 1):
+            raise BenchError(f"warmup={self.warmup} must be >= 0, vocab={self.vocab} >= 1")
+
+    @property
+    def mode(self) -> str:
+        return "concurrency" if self.concurrency else "request_rate"
+
+    @property
+    def points(self) -> tuple[float, ...]:
+        return self.concurrency or self.request_rate
+
+
+class Result(msgspec.Struct, kw_only=True):
+    """Everything a run measured, as written by --out."""
+
+    label: str | None
+    created: str  # ISO 8601, UTC
+    url: str  # the decode daemon requests went to
+    metrics_urls: list[str]  # the daemons scraped
+    deployment: str | None  # the file of a deployment the run started itself
+    config: BenchSpec
+    points: list[Point]
+
+
+_SUMS = {"kvferry_kv_bytes_received": "kv_bytes", "kvferry_ucx_messages_received": "messages"}
+_BY_ROLE = {"kvferry_transfer_cpu_seconds": "transfer_cpu_s", "kvferry_transfer_rooms": "rooms"}
+_MAXIMA = {
+    "kvferry_ring_high_water_bytes": "ring_high_water_bytes",
+    "kvferry_device_memory_peak_bytes": "memory_peak_bytes",
+    "kvferry_kv_pool_bytes": "kv_pool_bytes",
+    "kvferry_ring_capacity_bytes": "ring_capacity_bytes",
+}
+
+
+def scrape(urls: Sequence[str], timeout: float = 10.0, settle: bool = True) -> Counters:
+    """The counters of the daemons at `urls`, summed over daemons and ranks (by role for the
+    transfer CPU time and rooms; byte gauges: the largest of any rank). `settle` waits one
+    snapshot period first, so that the ranks' counters include what just finished."""
+    if settle:
+        time.sleep(SNAPSHOT_PERIOD_S)
+    sums, maxima, failures = (
+        dict.fromkeys(_SUMS.values(), 0.0),
+        dict.fromkeys(_MAXIMA.values(), 0.0),
+        Counter(),
+    )
+    by_role = {name: Counter() for name in _BY_ROLE.values()}
+    for url in urls:
+        families = list(text_string_to_metric_families(DaemonClient(url, timeout).metrics()))
+        role = next(
+            (
+                s.labels.get("role", "?")
+                for f in families
+                if f.name == "kvferry_info"
+                for s in f.samples
+            ),
+            "?",
+        )
+        for family in families:
+            totals = [s for s in family.samples if s.name.endswith("_total")]
+            if family.name in _SUMS:
+                sums[_SUMS[family.name]] += sum(s.value for s in totals)
+            elif family.name in _BY_ROLE:
+                by_role[_BY_ROLE[family.name]][role] += sum(s.value for s in totals)
+            elif family.name == "kvferry_transfer_failures":
+                for sample in totals:
+                    failures[sample.labels.get("reason", "?")] += sample.value
+            elif family.name in _MAXIMA:
+                key = _MAXIMA[family.name]
+                maxima[key] = max([maxima[key], *(s.value for s in family.samples)])
+    return Counters(
+        **sums,
+        **maxima,
+        transfer_failures=dict(failures),
+        transfer_cpu_s=dict(by_role["transfer_cpu_s"]),
+        transfer_rooms=dict(by_role["rooms"]),
+    )
+
+
+def run_bench(
+    spec: BenchSpec,
+    url: str,
+    metrics_urls: Sequence[str],
+    out: TextIO | None = None,
+    deployment: str | None = None,
+) -> Result:
+    """Every point of `spec` against the decode daemon at `url`; progress goes to `out`
+    (default stderr)."""
+    spec = msgspec.structs.replace(spec, vocab=spec.vocab or BYTE_VOCAB)
+    client = DaemonClient(url, spec.timeout_s)
+    rng = random.Random(spec.seed)
+    entries = load_sharegpt(spec.dataset, spec.output_len) if spec.dataset else None
+    metrics_urls = list(dict.fromkeys([url, *metrics_urls]))
+    points = []
+    for index, value in enumerate(spec.points):
+        prompts = _prompts(spec, rng, entries)
+        title = f"point {index + 1}/{len(spec.points)} {point_name(spec.mode, value)}"
+        progress = Progress(out or sys.stderr, title, spec.num_requests)
+        points.append(_point(spec, client, metrics_urls, value, prompts, rng, progress))
+    return Result(
+        label=spec.label,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        url=url,
+        metrics_urls=metrics_urls,
+        deployment=deployment,
+        config=spec,
+        points=points,
+    )
+
+
+def run_deployment(
+    spec: BenchSpec,
+    config_path: str,
+    metrics_urls: Sequence[str] = (),
+    out: TextIO | None = None,
+    log: Callable[[str], None] | None = None,
+    start_timeout: float = 300.0,
+) -> tuple[Result, dict[str, int | None]]:
+    """Starts the deployment in `config_path`, runs `spec` against its first decode daemon
+    (scraping every daemon), stops it; the result and each daemon's exit code."""
+    with Launcher.from_file(config_path, log=log) as launcher:
+        launcher.start(start_timeout)
+        decode = next((c for c in launcher.children if c.role == "decode"), None)
+        if decode is None:
+            raise BenchError(f"{config_path} lists no decode daemon")
+        vocab = spec.vocab or decode.daemon.model.model_config().vocab_size
+        spec = msgspec.structs.replace(spec, vocab=vocab)
+        urls = [child.url for child in launcher.children] + list(metrics_urls)
+        result = run_bench(spec, decode.url, urls, out, deployment=config_path)
+        return result, launcher.stop()
+
+
+def write_result(result: Result, path: str | Path) -> None:
+    Path(path).write_bytes(msgspec.json.format(msgspec.json.encode(result), indent=1) + b"\n")
+
+
+def _prompts(spec: BenchSpec, rng: random.Random, entries: list[Prompt] | None) -> list[Prompt]:
+    """The warm-up prompts, then the measured ones."""
+    count = spec.warmup + spec.num_requests
+    if entries is not None:
+        return dataset_prompts(rng, entries, count)
+    assert spec.vocab is not None
+    return random_prompts(rng, count, spec.input_len, spec.output_len, spec.range_ratio, spec.vocab)
+
+
+def _point(spec, client, metrics_urls, value, prompts, rng, progress) -> Point:
+    warmup, measured = prompts[: spec.warmup], prompts[spec.warmup :]
+    if spec.mode == "concurrency":
+        workers, arrivals = int(value), [0.0] * len(measured)
+    else:
+        workers = spec.max_concurrency
+        arrivals = poisson_schedule(value, len(measured), rng.randrange(2**32))
+    if warmup:
+        send(client, warmup, [0.0] * len(warmup), min(workers, len(warmup)))
+    before = scrape(metrics_urls)
+    try:
+        records, duration = send(client, measured, arrivals, workers, progress.advance)
+    finally:
+        progress.close()
+    moved = scrape(metrics_urls).since(before)
+    return summarize(spec.mode, value, records, duration, moved)
+
+
+def send(
+    client: DaemonClient,
+    prompts: list[Prompt],
+    arrivals: list[float],
+    workers: int,
+    on_done: Callable[[RequestRecord], None] | None = None,
+) -> tuple[list[RequestRecord], float]:
+    """Sends prompts[i] `arrivals[i]` s after the start (or later: at most `workers` in flight);
+    the records, in prompt order, and the seconds from the start until the last one finished."""
+    start = time.monotonic()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="kvferry-bench")
+    try:
+        futures = []
+        for index, (prompt, at) in enumerate(zip(prompts, arrivals, strict=True)):
+            time.sleep(max(0.0, start + at - time.monotonic()))
+            futures.append(pool.submit(_request, client, index, prompt, start, on_done))
+        records = [future.result() for future in futures]
+    finally:
+        # On Ctrl-C: requests not yet sent are dropped; those in flight end by their timeout.
+        pool.shutdown(wait=False, cancel_futures=True)
+    return records, time.monotonic() - start
+
+
+def _request(client, index: int, prompt: Prompt, start: float, on_done) -> RequestRecord:
+    sent = time.monotonic()
+    record = RequestRecord(
+        index=index, sent_s=sent - start, input_len=prompt.input_len, output_len=prompt.output_len
+    )
+    request = CompletionRequest(
+        prompt=prompt.prompt, max_tokens=prompt.output_len, temperature=0.0, stream=True
+    )
+    try:
+        completion = client.stream(request)
+    except ClientError as exc:
+        record.error = exc.reason
+        record.latency_s = time.monotonic() - sent
+    else:
+        record.input_len = completion.prompt_tokens or prompt.input_len
+        record.output_tokens = len(completion.token_ids)
+        record.ttft_s, record.latency_s = completion.ttft_s, completion.latency_s
+    if on_done is not None:
+        on_done(record)
+    return record
+
+
+class Progress:
+    """`point 2/3 c=16 [#####.....] 32/64` on one line of `out`, redrawn in place."""
+
+    def __init__(self, out: TextIO, title: str, total: int, width: int = 30) -> None:
+        self.out, self.title, self.total, self.width = out, title, total, width
+        self.done = self.failed = 0
+        self._lock = threading.Lock()  # requests finish on the pool's threads
+        self._draw()
+
+    def advance(self, record: RequestRecord) -> None:
+        with self._lock:
+            self.done += 1
+            self.failed += not record.ok
+            self._draw()
+
+    def close(self) -> None:
+        with self._lock:
+            self.out.write("\n")
+            self.out.flush()
+
+    def _draw(self) -> None:
+        filled = self.width * self.done // max(self.total, 1)
+        bar = "#" * filled + "." * (self.width - filled)
+        failed = f" ({self.failed} failed)" if self.failed else ""
+        self.out.write(f"\r{self.title} [{bar}] {self.done}/{self.total}{failed}")
+        self.out.flush()

@@ -1,0 +1,1 @@
+"""`kvferry fuzz`: hostile frames and requests at a running deployment, then checks."""

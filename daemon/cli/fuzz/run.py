@@ -1,0 +1,262 @@
+"""`kvferry fuzz`: hostile frames at every listening socket of a running deployment, then a
+check that it still serves.
+
+1. Find the sockets and processes (targets.py) and take a greedy completion.
+2. Measure every daemon and rank process (RSS, fds, threads) and the bad-frame counters.
+3. Send `frames` fuzz frames to each socket in turn (frames.py / http_requests.py), checking
+   every CHECK_EVERY frames that every process is alive, so a death is pinned to a socket and
+   the frame families just sent.
+4. Check /health, take the same completion again (it must be equal), measure again, and name
+   every process that died or grew past the bounds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import msgspec
+import zmq
+
+from kvferry.daemon.cli.client import ClientError, CompletionRequest, DaemonClient
+from kvferry.daemon.cli.fuzz.frames import FrameMaker
+from kvferry.daemon.cli.fuzz.http_requests import HttpMaker, send_http
+from kvferry.daemon.cli.fuzz.targets import (
+    ProcessFigures,
+    Target,
+    Targets,
+    bad_frames,
+    discover,
+    measure,
+)
+from kvferry.daemon.cli.fuzz.zmq_sender import ZmqFuzzer
+from kvferry.daemon.server.config import Deployment
+
+CHECK_EVERY = 100  # frames between liveness checks of every process
+SOCKET_KINDS = ("bootstrap", "prefill-control", "decode-control", "http")
+
+
+class FuzzError(RuntimeError):
+    """The fuzz could not start (no decode daemon, no completion before fuzzing)."""
+
+
+class FuzzSpec(msgspec.Struct, frozen=True, kw_only=True):
+    frames: int = 2000  # per socket
+    seed: int = 0
+    kinds: tuple[str, ...] = SOCKET_KINDS
+    http_timeout_s: float = 0.25  # each fuzz HTTP connection
+    max_message_bytes: int = 64 << 20  # the largest single ZeroMQ message sent
+    prompt: tuple[int, ...] = (5, 17, 99, 3, 250, 42, 7, 7, 128, 64, 1, 200)
+    max_tokens: int = 8
+    completion_timeout_s: float = 120.0
+    max_fd_growth: int = 64
+    max_thread_growth: int = 16
+    max_rss_growth_bytes: int = 200 << 20
+
+
+class SocketRun(msgspec.Struct, kw_only=True):
+    name: str
+    kind: str
+    address: str
+    frames: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    families: dict[str, int] = {}
+    outcomes: dict[str, int] = {}  # replies by type, HTTP statuses, refused sends
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.seconds if self.seconds else 0.0
+
+
+class ProcessRun(msgspec.Struct, kw_only=True):
+    name: str
+    pid: int
+    before: ProcessFigures
+    after: ProcessFigures | None = None
+
+
+class FuzzResult(msgspec.Struct, kw_only=True):
+    spec: FuzzSpec
+    sockets: list[SocketRun] = []
+    processes: list[ProcessRun] = []
+    health: dict[str, str] = {}  # daemon -> /health status after the fuzz
+    bad_frames: dict[str, list[int]] = {}  # daemon -> [before, after]
+    completion_before: list[int] = []
+    completion_after: list[int] | None = None
+    problems: list[str] = []
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def run_fuzz(
+    deployment: Deployment, spec: FuzzSpec, log: Callable[[str], None] = lambda line: None
+) -> FuzzResult:
+    """Fuzz the running `deployment`; the figures and the problems found (empty when it
+    survived). FuzzError when there is nothing to check against."""
+    targets = discover(deployment)
+    decode = next((d for d in deployment.daemons if d.role == "decode"), None)
+    if decode is None:
+        raise FuzzError("the deployment lists no decode daemon to take completions from")
+    decode_url = targets.urls[decode.name or decode.role]
+    result = FuzzResult(spec=spec)
+    try:
+        result.completion_before = _complete(decode_url, spec)
+    except ClientError as exc:
+        raise FuzzError(f"no completion before fuzzing: {exc}") from None
+    result.processes = [
+        ProcessRun(name=p.name, pid=p.pid, before=measure(p.pid)) for p in targets.processes
+    ]
+    before = {name: _bad_frames(url) for name, url in targets.urls.items()}
+    for index, target in enumerate(t for t in targets.sockets if t.kind in spec.kinds):
+        log(f"fuzzing {target.name} ({target.address}): {spec.frames} frames")
+        result.sockets.append(_fuzz_socket(target, targets, spec, spec.seed * 1009 + index, result))
+    _check_after(result, targets, decode_url, before)
+    return result
+
+
+def _fuzz_socket(target: Target, targets: Targets, spec: FuzzSpec, seed: int, result) -> SocketRun:
+    run = SocketRun(name=target.name, kind=target.kind, address=target.address)
+    families, outcomes, recent = Counter(), Counter(), Counter()
+    opener = _http_sender if target.kind == "http" else _zmq_sender
+    start = time.monotonic()
+    with opener(target, targets, spec, seed) as send:
+        for n in range(1, spec.frames + 1):
+            family, size, outcome = send()
+            families[family] += 1
+            recent[family] += 1
+            run.bytes += size
+            if outcome is not None:
+                outcomes[outcome] += 1
+            if n % CHECK_EVERY == 0 or n == spec.frames:
+                _note_deaths(result, target, n, recent)
+                recent.clear()
+        outcomes.update(send.closing_outcomes())
+    run.seconds = time.monotonic() - start
+    run.frames, run.families, run.outcomes = sum(families.values()), dict(families), dict(outcomes)
+    return run
+
+
+class _Sender:
+    """send() -> (family, bytes, outcome or None); closing_outcomes() what came back."""
+
+    def __init__(self, send, outcomes=lambda: {}, close=lambda: None) -> None:
+        self._send, self.closing_outcomes, self._close = send, outcomes, close
+
+    def __call__(self):
+        return self._send()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close()
+
+
+def _zmq_sender(target: Target, targets: Targets, spec: FuzzSpec, seed: int) -> _Sender:
+    maker = FrameMaker(target.kind, seed, targets.learned, spec.max_message_bytes)
+    context = zmq.Context()
+    fuzzer = ZmqFuzzer(context, target.address, seed)
+
+    def send():
+        frame = maker.next()
+        size = sum(len(part) for part in frame.parts)
+        return frame.family, size, None if fuzzer.send(frame) else "refused"
+
+    def outcomes() -> dict[str, int]:
+        fuzzer.drain()
+        return {f"reply {kind}": count for kind, count in fuzzer.replies.items()}
+
+    def close() -> None:
+        fuzzer.close()
+        context.term()
+
+    return _Sender(send, outcomes, close)
+
+
+def _http_sender(target: Target, targets: Targets, spec: FuzzSpec, seed: int) -> _Sender:
+    parts = urlsplit(target.address)
+    host, port = parts.hostname, parts.port
+    maker = HttpMaker(seed, targets.learned.vocab_size, f"{host}:{port}")
+
+    def send():
+        request = maker.next()
+        status = send_http(host, port, request, spec.http_timeout_s)
+        return request.family, len(request.data), status
+
+    return _Sender(send)
+
+
+def _note_deaths(result: FuzzResult, target: Target, n: int, recent: Counter) -> None:
+    """Name each process found dead for the first time, with what was just sent."""
+    for process in result.processes:
+        if process.after is None and not measure(process.pid).alive:
+            process.after = ProcessFigures(alive=False)
+            sent = ", ".join(f"{family} x{count}" for family, count in recent.most_common())
+            result.problems.append(
+                f"{process.name} (pid {process.pid}) died while {target.name} was fuzzed, by "
+                f"frame {n}; frames since the last check: {sent}"
+            )
+
+
+def _check_after(result: FuzzResult, targets: Targets, decode_url: str, before: dict) -> None:
+    spec = result.spec
+    for name, url in targets.urls.items():
+        result.health[name] = _health(url)
+        if result.health[name] != "ok":
+            result.problems.append(f"{name}: /health says {result.health[name]} after the fuzz")
+    try:
+        result.completion_after = _complete(decode_url, spec)
+        if result.completion_after != result.completion_before:
+            result.problems.append(
+                f"the completion changed: {result.completion_before} before the fuzz, "
+                f"{result.completion_after} after"
+            )
+    except ClientError as exc:
+        result.problems.append(f"no completion after the fuzz: {exc}")
+    for process in result.processes:
+        _check_process(result, process, spec)
+    for name, url in targets.urls.items():
+        result.bad_frames[name] = [before[name], _bad_frames(url)]
+
+
+def _check_process(result: FuzzResult, process: ProcessRun, spec: FuzzSpec) -> None:
+    if process.after is not None:  # already reported dead
+        return
+    after = process.after = measure(process.pid)
+    first = process.before
+    if not after.alive:
+        result.problems.append(f"{process.name} (pid {process.pid}) died during the fuzz")
+        return
+    growth = (
+        ("fds", after.fds - first.fds, spec.max_fd_growth),
+        ("threads", after.threads - first.threads, spec.max_thread_growth),
+        ("RSS bytes", after.rss_bytes - first.rss_bytes, spec.max_rss_growth_bytes),
+    )
+    for what, grew, bound in growth:
+        if grew > bound:
+            result.problems.append(f"{process.name}: {what} grew by {grew} (bound {bound})")
+
+
+def _complete(url: str, spec: FuzzSpec) -> list[int]:
+    client = DaemonClient(url, spec.completion_timeout_s)
+    request = CompletionRequest(prompt=list(spec.prompt), max_tokens=spec.max_tokens)
+    return client.complete(request).token_ids
+
+
+def _health(url: str) -> str:
+    try:
+        return str(DaemonClient(url, 10.0).health().get("status", "?"))
+    except ClientError as exc:
+        return exc.reason
+
+
+def _bad_frames(url: str) -> int:
+    try:
+        return bad_frames(DaemonClient(url, 10.0).metrics())
+    except ClientError:
+        return -1

@@ -1,0 +1,197 @@
+"""Prefill role on one rank: chunked prefill, each chunk's KV handed to its room's KVSender as
+soon as the forward that wrote it is queued — with an event every `transfer.layer_group` layers,
+so layer-wise messages leave while later layers compute; the first token travels with the last
+chunk.
+
+A submitted prompt is held — no forward, no KV pages — until a decode rank has registered its
+room with every prefill rank (the ranks agree on it in `TPGroup.verdicts`): only then is the
+prompt known to be wanted by the decode side. A room nobody registers fails at the transfer's
+bootstrap timeout, having cost nothing but its place in `rooms`."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvferry.daemon.engine.group import TPGroup, Verdict
+from kvferry.daemon.engine.outputs import RoomDone, Samples, StepOutput
+from kvferry.daemon.engine.runner import ModelRunner
+from kvferry.daemon.engine.scheduler import PrefillScheduler
+from kvferry.daemon.engine.sequence import SamplingParams, Sequence
+from kvferry.transport.handles import KVSender
+from kvferry.transport.room import TransferFailed
+from kvferry.transport.sender import PrefillAgent
+
+
+@dataclass
+class _Room:
+    seq: Sequence
+    sender: KVSender
+    admitted: bool = False  # registered on every rank: in the scheduler
+    computed_at: float | None = None  # when the prompt's last chunk was queued
+
+
+class PrefillEngine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        scheduler: PrefillScheduler,
+        agent: PrefillAgent,
+        group: TPGroup | None = None,
+    ) -> None:
+        self.runner, self.scheduler, self.agent = runner, scheduler, agent
+        self.group = group or TPGroup()
+        self.rooms: dict[int, _Room] = {}
+        self.done: list[RoomDone] = []  # drained by take_output()
+        self.admitted: list[int] = []  # rooms handed to the scheduler; drained likewise
+        self.samples = Samples()  # drained by the caller
+        self.marks = _LayerMarks(
+            agent.config.layer_group, runner.model.config.num_hidden_layers, runner.kv.device
+        )
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rooms)
+
+    def submit(self, room: int, prompt: list[int], params: SamplingParams) -> Sequence:
+        """Hold `prompt` for room `room` until the room is registered; ValueError when it can
+        never fit."""
+        if room in self.rooms:
+            raise ValueError(f"room {room} is already in use")
+        seq = Sequence(prompt, params)
+        self.scheduler.check(seq)
+        self.rooms[room] = _Room(seq, self.agent.sender(room, len(prompt)))
+        return seq
+
+    def refuse(self, room: int, reason: str) -> None:
+        """Report a submission that could not be taken."""
+        self.done.append(RoomDone(room, reason))
+
+    def live_rooms(self) -> list[int]:
+        return list(self.rooms)
+
+    def queues(self) -> dict[str, int]:
+        held = sum(not entry.admitted for entry in self.rooms.values())
+        return {
+            "registering": held,
+            "prefilling": len(self.scheduler.waiting),
+            "sending": len(self.rooms) - held,
+        }
+
+    def take_output(self) -> StepOutput:
+        progress = StepOutput(reserved=self.admitted, done=self.done)
+        self.admitted, self.done = [], []
+        return progress
+
+    def abort(self, room: int, reason: str) -> None:
+        """Stop computing and sending `room`; its pages go back once its sender has let go."""
+        entry = self.rooms.get(room)
+        if entry is not None:
+            entry.sender.abort(reason)
+
+    def step(self) -> bool:
+        """Settle finished rooms, then one forward over the scheduled chunks; False when no
+        forward ran."""
+        self._settle()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return False
+        began = time.perf_counter()
+        marks = self.marks.begin()
+        logits = self.runner.forward(batch, after_layer=marks)
+        ready, firsts, failed = self._first_tokens(batch, logits)
+        self.samples.forward_s.append(time.perf_counter() - began)
+        rooms = {entry.seq.id: (room, entry) for room, entry in self.rooms.items()}
+        for work in batch:
+            _, entry = rooms[work.seq.id]
+            if work.seq.id in failed:  # its first token could not be drawn: the room fails
+                entry.sender.abort(failed[work.seq.id])  # and is settled like any failure
+                continue
+            slots = self.runner.blocks.slots(work.seq.id, work.start, work.count)
+            with contextlib.suppress(TransferFailed):  # settled with the other ranks next step
+                entry.sender.add_tokens(
+                    slots,
+                    ready,
+                    first_token=firsts.get(work.seq.id),
+                    last=work.completes_prompt,
+                    layers_ready=self.marks.events,
+                )
+        for seq in self.scheduler.computed(batch):
+            seq.finish("prefilled")
+            rooms[seq.id][1].computed_at = time.monotonic()
+        return True
+
+    def _first_tokens(self, batch, logits):
+        """(event after the forward and the sampling, {seq id: its first token as a one-element
+        host tensor}, {seq id: why its draw failed}) — sampled on the device and copied out
+        asynchronously; the sender reads the value only after the event has fired."""
+        future = self.runner.sample_prompt_ends(batch, logits)
+        if future is None:
+            return _forward_event(self.runner.kv.device), {}, {}
+        firsts = {work.seq.id: future.host[i] for i, work in enumerate(future.batch)}
+        return future.event, firsts, future.errors
+
+    def _settle(self) -> None:
+        """Rooms now registered on every rank go to the scheduler; rooms delivered on every
+        rank, or failed on any, leave: the prompt stops computing and its pages are freed (a
+        failed room's sender is aborted here first, so nothing reads the pages afterwards)."""
+        rooms = list(self.rooms.items())
+        verdicts = self.group.verdicts([entry.sender.poll() for _, entry in rooms])
+        for (room, entry), verdict in zip(rooms, verdicts, strict=True):
+            if verdict is Verdict.BOOTSTRAPPING:
+                continue
+            if verdict is Verdict.WAIT:
+                self._admit(room, entry)
+                continue
+            error = None
+            if verdict is Verdict.FAILED:
+                error = entry.sender.failure_reason or "transfer failed on another prefill rank"
+                entry.sender.abort(error)
+                if not entry.seq.finished:
+                    self.scheduler.remove(entry.seq)
+            del self.rooms[room]
+            self.runner.blocks.deallocate(entry.seq.id)
+            self.runner.sampler.forget(entry.seq.id)
+            if error is None and entry.computed_at is not None:
+                self.samples.transfer_s.append(time.monotonic() - entry.computed_at)
+            self.done.append(RoomDone(room, error))
+
+    def _admit(self, room: int, entry: _Room) -> None:
+        if not entry.admitted:  # every rank admits at the same step, in submission order
+            entry.admitted = True
+            self.scheduler.add(entry.seq)
+            self.admitted.append(room)
+
+
+class _LayerMarks:
+    """Events on the compute stream after every `group` layers of a forward (none after the
+    last layer: the forward's own event covers it). Inactive on a CPU, where the forward is
+    done when it returns, and in whole-chunk mode."""
+
+    def __init__(self, group: int, num_layers: int, device: torch.device) -> None:
+        self.group, self.num_layers = group, num_layers
+        self.active = bool(group) and device.type == "cuda" and group < num_layers
+        self.events: list[tuple[int, torch.cuda.Event]] = []  # of the latest forward
+
+    def begin(self):
+        """For the next forward: the `after_layer` hook to give it, None when inactive."""
+        self.events = []
+        return self.record if self.active else None
+
+    def record(self, layers_done: int) -> None:
+        if layers_done % self.group == 0 and layers_done < self.num_layers:
+            event = torch.cuda.Event()
+            event.record()
+            self.events.append((layers_done, event))
+
+
+def _forward_event(device: torch.device) -> torch.cuda.Event | None:
+    """Marks the end of the queued forward on the compute stream (None on a CPU: it is done)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event

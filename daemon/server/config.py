@@ -1,0 +1,200 @@
+"""Daemon configuration: frozen, typed structs that YAML (and CLI flags) only fill in.
+
+Unknown keys, wrong types and impossible values are refused at load with the field's path and
+the offending value. Checks that need the model (TP against its heads, the staging ring against
+a chunk) run in `check_against`, once the model config is known.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import yaml
+
+from kvferry.daemon.model.config import ModelConfig
+from kvferry.staging.plan import check_tp
+from kvferry.transport.config import TransferConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be served; the message names the field and value."""
+
+
+def _positive(section, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ValueError(f"{name}={getattr(section, name)} must be >= 1")
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ModelSection(_Section):
+    path: str | None = None  # a local Hugging Face directory; None: the random embedded model
+    name: str = "kvferry-tiny"  # identity peers compare (part of the KV compatibility hash)
+    seed: int = 0  # weights of the random model
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # shape of the random model (ignored with a path)
+    vocab_size: int = 258
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+
+    def model_config(self) -> ModelConfig:
+        """The checkpoint's config, or the random model's."""
+        if self.path is not None:
+            return ModelConfig.from_dir(self.path)
+        return ModelConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.hidden_size // self.num_attention_heads,
+        )
+
+
+class CacheSection(_Section):
+    page_size: int = 16
+    num_pages: int = 512
+
+    def __post_init__(self) -> None:
+        _positive(self, "page_size", "num_pages")
+
+
+class SchedulerSection(_Section):
+    # prefill tokens per sequence per forward (the transfer chunk is transfer.chunk_tokens)
+    prefill_chunk_tokens: int = 256
+    max_batch_tokens: int = 1024  # prefill tokens per forward, all sequences
+    max_running: int = 32  # decode batch size
+    max_prompt_tokens: int = 4096
+    request_timeout_s: float = 600.0  # a request still unfinished after this fails
+    # prefill: prompts held until a decode rank registers their room (no forward runs before),
+    # from one submitting host and from all of them; more are refused
+    max_unregistered_prompts_per_peer: int = 128
+    max_unregistered_prompts: int = 512
+
+    def __post_init__(self) -> None:
+        _positive(
+            self,
+            "prefill_chunk_tokens",
+            "max_batch_tokens",
+            "max_running",
+            "max_prompt_tokens",
+            "max_unregistered_prompts_per_peer",
+            "max_unregistered_prompts",
+        )
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s={self.request_timeout_s} must be > 0")
+
+
+class DaemonConfig(_Section):
+    role: Literal["prefill", "decode"]
+    name: str = ""
+    tp: int = 1
+    device: Literal["cpu", "cuda"] = "cpu"
+    gpus: list[int] = []  # cuda: rank r runs on gpus[r % len(gpus)]; empty: r % GPU count
+    host: str = "127.0.0.1"
+    http_port: int = 0  # /health, /status, /metrics; decode also /v1/completions (0: any free)
+    bootstrap_port: int = 0  # prefill: where decode daemons register rooms and submit prompts
+    prefill: list[str] = []  # decode: bootstrap addresses of prefill daemons (round-robin)
+    start_timeout_s: float = 300.0  # every rank built and registered
+    drain_timeout_s: float = 30.0  # at SIGTERM: in-flight requests get this long to finish
+    model: ModelSection = ModelSection()
+    cache: CacheSection = CacheSection()
+    scheduler: SchedulerSection = SchedulerSection()
+    transfer: TransferConfig = TransferConfig()
+
+    def __post_init__(self) -> None:
+        _positive(self, "tp")
+        for name in ("start_timeout_s", "drain_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("http_port", "bootstrap_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name}={getattr(self, name)} is not a TCP port")
+        if self.gpus and self.device != "cuda":
+            raise ValueError(f"gpus={self.gpus} needs device: cuda")
+        if any(gpu < 0 for gpu in self.gpus):
+            raise ValueError(f"gpus={self.gpus}: GPU indices are >= 0")
+        if self.role == "decode" and not self.prefill:
+            raise ValueError(
+                "a decode daemon needs at least one prefill bootstrap address in `prefill`"
+            )
+
+
+class Deployment(_Section):
+    """What `kvferry up` starts: every daemon the file lists."""
+
+    daemons: list[DaemonConfig]
+
+
+def load(path: str | Path, kind: type = Deployment):
+    """Read and validate a YAML file into `kind` (a Deployment or one DaemonConfig)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return parse(raw, kind, source=str(path))
+
+
+# Keys that were renamed: (section, old key) -> (new key, why). A file with the old key is
+# refused with the new name rather than as an unknown field.
+RENAMED = {
+    ("scheduler", "chunk_tokens"): (
+        "prefill_chunk_tokens",
+        "tokens per sequence per prefill forward; transfer.chunk_tokens is the transfer chunk",
+    ),
+}
+
+
+def _check_renamed(raw, kind: type, source: str) -> None:
+    if kind is Deployment and isinstance(raw, dict) and isinstance(raw.get("daemons"), list):
+        daemons = [(f"daemons[{i}].", d) for i, d in enumerate(raw["daemons"])]
+    else:
+        daemons = [("", raw)]
+    for where, daemon in daemons:
+        for (section, old), (new, why) in RENAMED.items():
+            keys = daemon.get(section) if isinstance(daemon, dict) else None
+            if isinstance(keys, dict) and old in keys:
+                raise ConfigError(
+                    f"{source}: {where}{section}.{old} was renamed {section}.{new} ({why})"
+                )
+
+
+def parse(raw, kind: type = Deployment, source: str = "config"):
+    _check_renamed(raw, kind, source)
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def check_against(daemon: DaemonConfig, model: ModelConfig) -> None:
+    """Checks that need the model config: TP against its heads, ring against one chunk."""
+    where = daemon.name or daemon.role
+    try:
+        check_tp(model.num_key_value_heads, daemon.tp)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: tp: {exc}") from None
+    if model.num_attention_heads % daemon.tp:
+        raise ConfigError(
+            f"{where}: tp={daemon.tp} does not divide "
+            f"num_attention_heads={model.num_attention_heads}"
+        )
+    layout = model.kv_layout(
+        daemon.model.name, daemon.model.dtype, daemon.cache.page_size, daemon.tp, 0
+    )
+    chunk = layout.bytes_per_token * daemon.transfer.chunk_tokens
+    if daemon.transfer.mode == "staged" and chunk > daemon.transfer.staging_bytes:
+        raise ConfigError(
+            f"{where}: transfer.staging_bytes={daemon.transfer.staging_bytes} is smaller than one "
+            f"chunk's KV ({daemon.transfer.chunk_tokens} tokens x {layout.bytes_per_token} B "
+            f"= {chunk} B)"
+        )

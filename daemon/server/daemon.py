@@ -1,0 +1,299 @@
+"""`kvferry serve`: one daemon (prefill or decode) and its rank worker processes.
+
+The daemon process owns the sockets users and peers talk to — the HTTP front and, on prefill,
+the bootstrap server — and the requests' bookkeeping; the ranks own the model, the KV cache and
+the transfer agents. A decode request: the HTTP front calls `generate`, which draws the room id
+and hands the prompt to the ranks; once they have reserved its pages (`StepOutput.reserved`) the
+daemon submits the prompt to a prefill daemon; tokens come back in `StepOutput.outputs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from functools import partial
+
+import zmq
+
+from kvferry.daemon.engine.outputs import StepOutput
+from kvferry.daemon.engine.sequence import SamplingParams
+from kvferry.daemon.model.tokenizer import ByteTokenizer, load_tokenizer
+from kvferry.daemon.server import protocol
+from kvferry.daemon.server.config import DaemonConfig, check_against
+from kvferry.daemon.server.metrics import Metrics
+from kvferry.daemon.server.prefill_probe import PrefillProbe
+from kvferry.daemon.server.prompt_handoff import PromptHandoff
+from kvferry.daemon.server.prompt_intake import PromptIntake
+from kvferry.daemon.server.prompt_quota import PromptQuota
+from kvferry.daemon.server.ranks import RankFailed, Ranks
+from kvferry.daemon.server.request import Request, check_prompt
+from kvferry.transport.bootstrap import TOKEN_BYTES, BootstrapServer
+from kvferry.transport.messages import Codec
+
+log = logging.getLogger("kvferry.daemon")
+TICK_S = 0.05
+ANSWER_S = 5.0  # at exit: how long HTTP handlers get to answer their finished requests
+
+
+class Unavailable(RuntimeError):
+    """The daemon is not taking requests (starting, stopping or broken)."""
+
+
+def serve(config: DaemonConfig) -> int:
+    """Run the daemon until SIGTERM/SIGINT; the exit code (0 after a clean stop)."""
+    logging.basicConfig(
+        level=os.environ.get("KVFERRY_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {config.name or config.role} %(levelname)s %(message)s",
+    )
+    daemon = Daemon(config)
+    stop = lambda signum, _frame: daemon.request_stop(signal.Signals(signum).name)  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return daemon.run()
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.model_config = config.model.model_config()
+        check_against(config, self.model_config)
+        self.name = config.name or config.role
+        self.metrics = Metrics(config.role, self.name)
+        self.tokenizer = (
+            load_tokenizer(config.model.path, self.model_config.eos_token_id)
+            if config.model.path
+            else ByteTokenizer()
+        )
+        self.state = "starting"
+        self.requests: dict[int, Request] = {}
+        self._check_prompt = partial(
+            check_prompt,
+            limit=config.scheduler.max_prompt_tokens,
+            vocab=self.model_config.vocab_size,
+        )
+        s = config.scheduler  # prefill: prompts whose room no decode rank registered yet
+        quota = PromptQuota(s.max_unregistered_prompts_per_peer, s.max_unregistered_prompts)
+        self.intake = PromptIntake(quota, self._refusal, self._check_prompt, self._send)
+        self._lock = threading.Lock()  # requests
+        self._stop_reason: str | None = None
+        self._zmq = zmq.Context()
+        self._codec = Codec(config.transfer.max_frame_bytes)
+        self.handoff = PromptHandoff(
+            self._zmq, self._codec, config.transfer.bootstrap_timeout_s, self.abort
+        )
+        self.probe = (
+            PrefillProbe(config.prefill, self._zmq, self._codec, self.metrics.prefill_reachable)
+            if config.prefill
+            else None
+        )
+        self.bootstrap: BootstrapServer | None = None
+        self.http = None
+        self.ranks: Ranks | None = None
+        self.answering = 0  # HTTP handlers with a request in flight (the front counts them)
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        if self._stop_reason is None:
+            log.info("stopping (%s)", reason)
+            self._stop_reason = reason
+
+    def run(self) -> int:
+        try:
+            self._start()
+        except Exception as exc:
+            log.error("%s failed to start: %s: %s", self.name, type(exc).__name__, exc)
+            self._shutdown()
+            return 1
+        code = self._serve()
+        self._shutdown()
+        log.info("stopped (exit %d)", code)
+        return code
+
+    def _start(self) -> None:
+        c = self.config
+        bootstrap_address = None
+        # only the ranks started here get it (spawn arguments, never the environment): nobody
+        # else can register as one of this daemon's ranks
+        token = secrets.token_bytes(TOKEN_BYTES)
+        if c.role == "prefill":
+            limit, submit = c.transfer.max_frame_bytes, self.intake.submit
+            self.bootstrap = BootstrapServer(c.tp, token, c.host, c.bootstrap_port, limit, submit)
+            self.metrics.count_bootstrap(self.bootstrap.counters)
+            bootstrap_address = self.bootstrap.address
+        from kvferry.daemon.server.http_front import start_http
+
+        self.http = start_http(self, c.host, c.http_port)
+        if self.probe is not None:
+            self.probe.start()
+        self.ranks = Ranks(c, self.name, bootstrap_address, token)
+        self.ranks.wait_ready(c.start_timeout_s, lambda: self._stop_reason)
+        self.state = "serving"
+        where = f"http://{c.host}:{self.http.server_port}"
+        extra = f", bootstrap {bootstrap_address}" if bootstrap_address else ""
+        log.info("%s serving on %s%s (tp=%d)", self.name, where, extra, c.tp)
+
+    def _serve(self) -> int:
+        stop_by = None
+        while True:
+            try:
+                self.ranks.take_reports(self._report, TICK_S)
+            except RankFailed as exc:
+                return self._fail_all(str(exc))
+            dead = self._dead_thread()
+            if dead is not None:
+                return self._fail_all(f"{self.name}: the {dead} thread died")
+            now = time.monotonic()
+            self._expire(now)
+            if self._stop_reason and stop_by is None:
+                self.state = "stopping"
+                stop_by = now + self.config.drain_timeout_s
+            if stop_by is not None and (not self.in_flight() or now > stop_by):
+                self._send(protocol.Stop(f"daemon stopping ({self._stop_reason})"))
+                return self._stop_ranks()
+
+    def _dead_thread(self) -> str | None:
+        """The daemon-side thread that is no longer running, if any: without it the daemon
+        cannot do its job, so it is a failure like a rank's."""
+        if not self.http.thread.is_alive():
+            return "HTTP server"
+        if self.bootstrap is not None and not self.bootstrap.alive:
+            return "bootstrap server"
+        if self.probe is not None and not self.probe.alive:
+            return "prefill probe"
+        return None
+
+    def _report(self, message) -> None:
+        if isinstance(message, protocol.Snapshot):
+            self.metrics.take(message)
+        elif isinstance(message, StepOutput):
+            self._progress(message)
+
+    def _fail_all(self, reason: str) -> int:
+        """A rank is gone: fail every request, stop the other ranks, exit non-zero."""
+        log.error("%s: failing every request", reason)
+        self.state = "failed"
+        with self._lock:
+            requests = list(self.requests.values())
+        for request in requests:
+            self._finish(request, "error", reason)
+        self._send(protocol.Stop(reason))
+        self._stop_ranks()
+        return 1
+
+    def _stop_ranks(self) -> int:
+        """After Stop: the ranks exit; requests nobody answered fail."""
+        clean = self.ranks.join(self._report)
+        with self._lock:
+            requests = list(self.requests.values())
+        for request in requests:
+            self._finish(request, "abort", f"{self.name} stopped before the request finished")
+        return 0 if clean and self.state != "failed" else 1
+
+    def _shutdown(self) -> None:
+        deadline = time.monotonic() + ANSWER_S  # let the HTTP handlers write their last answers
+        while self.answering and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.ranks is not None:
+            self.ranks.kill()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+        if self.bootstrap is not None:
+            self.bootstrap.close()
+        self.handoff.close()
+        if self.probe is not None:
+            self.probe.stop()  # its sockets must be closed before the context ends
+        self._zmq.term()
+
+    def _send(self, command) -> None:
+        if self.ranks is not None:
+            self.ranks.send(command)
+
+    # --- decode: requests -------------------------------------------------------------------
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Request:
+        """Start a request; ValueError for a prompt that cannot be served, Unavailable when
+        not serving."""
+        refusal = self._refusal()
+        if refusal:
+            raise Unavailable(refusal)
+        self._check_prompt(prompt)
+        if params.seed is None:  # every rank (and prefill) must draw the same numbers
+            params = SamplingParams(
+                params.max_tokens, params.temperature, params.top_p, secrets.randbits(63)
+            )
+        prefill = self.probe.pick()
+        if prefill is None:
+            raise Unavailable(f"no prefill daemon can be reached ({self.probe.why_none()})")
+        with self._lock:
+            room = secrets.randbits(64)
+            while room in self.requests:
+                room = secrets.randbits(64)
+            request = Request(room, prompt, params, prefill)
+            request.deadline = request.created + self.config.scheduler.request_timeout_s
+            self.requests[room] = request
+        self.metrics.in_flight.inc()
+        self._send(protocol.Submit(room, prompt, params, request.prefill))
+        return request
+
+    def abort(self, room: int, reason: str) -> None:
+        self._send(protocol.Abort(room, reason))
+
+    def _refusal(self) -> str | None:
+        """Why the daemon takes no new request or prompt now; None while serving."""
+        if self._stop_reason:
+            return f"{self.name} is stopping"
+        return None if self.state == "serving" else f"{self.name} is {self.state}"
+
+    def _progress(self, progress: StepOutput) -> None:
+        self.intake.registered(progress.reserved)  # prefill: the rooms' prompts are admitted
+        for room in progress.reserved:
+            request = self.requests.get(room)
+            if request is not None:
+                self.handoff.submit(request)
+        for out in progress.outputs:
+            request = self.requests.get(out.room)
+            if request is None:
+                continue
+            request.take(out.tokens, time.monotonic(), self.metrics)
+            if out.finish:
+                self._finish(request, out.finish, out.error, out.tokens)
+            else:
+                request.events.put((out.tokens, None))
+        for done in progress.done:
+            self.intake.done(done.room)
+            self._count(done.error)
+
+    def _finish(
+        self, request: Request, finish: str, error: str | None, tokens: list[int] = ()
+    ) -> None:
+        with self._lock:
+            if self.requests.pop(request.room, None) is None:
+                return
+        request.finish, request.error = finish, error
+        self.metrics.in_flight.dec()
+        self.metrics.latency.observe(time.monotonic() - request.created)
+        self._count(error)
+        request.events.put((list(tokens), finish))
+
+    def _count(self, error: str | None) -> None:
+        self.metrics.finished("error" if error else "ok", error)
+
+    def _expire(self, now: float) -> None:
+        with self._lock:
+            late = [r for r in self.requests.values() if now > r.deadline]
+        for request in late:
+            request.deadline = float("inf")  # abort once; the ranks answer with its end
+            limit = self.config.scheduler.request_timeout_s
+            self.abort(request.room, f"timeout: request unfinished after {limit:g}s")
+
+    def in_flight(self) -> int:
+        """Decode requests and prefill prompts not finished yet."""
+        with self._lock:
+            requests = len(self.requests)
+        return requests + len(self.intake)

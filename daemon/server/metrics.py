@@ -1,0 +1,228 @@
+"""Prometheus metrics of one daemon (documented in docs/metrics.md).
+
+Rank workers report cumulative counters and gauges in their `Snapshot`s; a collector turns the
+latest snapshot of each rank into metric families at scrape time. Latency samples (forward
+passes, transfers) come along in the snapshots and go into histograms here, next to the
+request-level histograms (TTFT, inter-token latency) the daemon observes itself. The prefill
+daemon's bootstrap server keeps its own counters of what it refused; they are read at scrape time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from kvferry.daemon.server.protocol import Snapshot
+
+# Without this every counter and histogram also exports an `<name>_created` gauge (its creation
+# time) in the text format: a second series per label set that reads like a metric of its own
+# (`kvferry_requests_created`). The setting is process-wide; a daemon has no other registry.
+disable_created_metrics()
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_STEP = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+# (name, help, Snapshot field) of the per-rank values; counters end in _total
+_COUNTERS = (
+    ("kvferry_kv_bytes_sent", "KV bytes sent over the data plane", "bytes_sent"),
+    ("kvferry_kv_bytes_received", "KV bytes received over the data plane", "bytes_received"),
+    ("kvferry_ucx_messages_sent", "Data-plane (UCX) messages sent", "messages_sent"),
+    ("kvferry_ucx_messages_received", "Data-plane (UCX) messages received", "messages_received"),
+    ("kvferry_ring_waits", "Chunks that found the staging ring full and waited", "ring_waits"),
+    ("kvferry_ring_wait_seconds", "Time chunks spent waiting for staging room", "ring_wait_s"),
+    ("kvferry_bad_frames", "Malformed or unexpected control frames refused", "bad_frames"),
+    (
+        "kvferry_transfer_internal_errors",
+        "Control messages or rooms whose handling raised on the transfer thread (the room failed)",
+        "internal_errors",
+    ),
+    (
+        "kvferry_transfer_rooms",
+        "Rooms this rank delivered (prefill) or took in (decode)",
+        "rooms_succeeded",
+    ),
+    (
+        "kvferry_transfer_cpu_seconds",
+        "CPU time of the rank's transfer thread (control messages, copy and send issuing)",
+        "transfer_cpu_s",
+    ),
+    (
+        "kvferry_engine_cpu_seconds",
+        "CPU time of the rank's engine thread (scheduling, input building, kernel launches)",
+        "engine_cpu_s",
+    ),
+)
+_GAUGES = (
+    ("kvferry_ring_used_bytes", "Staging ring bytes in use", "ring_used"),
+    ("kvferry_ring_capacity_bytes", "Staging ring size", "ring_capacity"),
+    ("kvferry_ring_high_water_bytes", "Most staging ring bytes ever in use", "ring_high_water"),
+    ("kvferry_kv_pages_used", "KV cache pages held by requests", "kv_pages_used"),
+    ("kvferry_kv_pages_capacity", "KV cache pages", "kv_pages_total"),  # not _total: a gauge
+    ("kvferry_kv_pool_bytes", "KV cache pool size", "kv_pool_bytes"),
+    (
+        "kvferry_device_memory_peak_bytes",
+        "Peak device memory held by the torch allocator (weights, KV pool, activations; "
+        "0 on a CPU); the staging ring is kvferry_ring_capacity_bytes",
+        "memory_peak",
+    ),
+)
+# (name, help, key of BootstrapServer.counters()): the prefill daemon's bootstrap server
+_BOOTSTRAP = (
+    (
+        "kvferry_bootstrap_bad_frames",
+        "Bootstrap server frames refused: malformed, of several parts, or of an unexpected type",
+        "bad_frames",
+    ),
+    (
+        "kvferry_bootstrap_refused_registrations",
+        "Rank registrations refused by the bootstrap server for a wrong token",
+        "refused_registrations",
+    ),
+    (
+        "kvferry_bootstrap_dropped_replies",
+        "Bootstrap server replies whose send failed (ZeroMQ would not queue them)",
+        "dropped_replies",
+    ),
+    (
+        "kvferry_bootstrap_failed_frames",
+        "Bootstrap server frames whose handling raised (each one a bug; the server kept serving)",
+        "failed_frames",
+    ),
+)
+
+
+class Metrics:
+    def __init__(self, role: str, name: str) -> None:
+        self.registry = CollectorRegistry()
+        self._snapshots: dict[int, Snapshot] = {}
+        self._lock = threading.Lock()
+        self._bootstrap: Callable[[], dict[str, int]] | None = None
+        self.registry.register(_SnapshotCollector(self))
+        self.registry.register(_BootstrapCollector(self))
+        r = self.registry
+        Gauge("kvferry_info", "The daemon", ["role", "name"], registry=r).labels(role, name).set(1)
+        self.forward = Histogram(
+            "kvferry_forward_seconds", "Host time of one forward pass", buckets=_STEP, registry=r
+        )
+        self.transfer = Histogram(
+            "kvferry_transfer_seconds",
+            "KV transfer of one request: decode, page reservation to KV on every rank; "
+            "prefill, last chunk computed to delivered",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "kvferry_ttft_seconds", "Time to first token", buckets=_LATENCY, registry=r
+        )
+        self.itl = Histogram(
+            "kvferry_inter_token_seconds",
+            "Time between consecutive tokens of a request",
+            buckets=_STEP,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "kvferry_request_seconds", "Request end to end", buckets=_LATENCY, registry=r
+        )
+        self.requests = Counter(
+            "kvferry_requests", "Requests finished, by outcome", ["outcome"], registry=r
+        )
+        self.failures = Counter(
+            "kvferry_request_failures", "Failed requests, by reason", ["reason"], registry=r
+        )
+        self.in_flight = Gauge("kvferry_requests_in_flight", "Requests in flight", registry=r)
+        self.prefill_reachable = Gauge(
+            "kvferry_prefill_reachable",
+            "Decode: 1 when the prefill daemon's bootstrap server answered the last probe",
+            ["prefill"],
+            registry=r,
+        )
+
+    def take(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            self._snapshots[snapshot.rank] = snapshot
+        for seconds in snapshot.forward_s:
+            self.forward.observe(seconds)
+        for seconds in snapshot.transfer_s:
+            self.transfer.observe(seconds)
+
+    def count_bootstrap(self, counters: Callable[[], dict[str, int]]) -> None:
+        """Export the bootstrap server's counters (`BootstrapServer.counters`), read at scrape
+        time; without one (decode, or before it starts) they stay at 0."""
+        self._bootstrap = counters
+
+    def bootstrap_counters(self) -> dict[str, int]:
+        return self._bootstrap() if self._bootstrap is not None else {}
+
+    def finished(self, outcome: str, reason: str | None = None) -> None:
+        self.requests.labels(outcome).inc()
+        if reason:
+            self.failures.labels(failure_category(reason)).inc()
+
+    def snapshots(self) -> list[Snapshot]:
+        with self._lock:
+            return [self._snapshots[r] for r in sorted(self._snapshots)]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def failure_category(reason: str) -> str:
+    """A bounded label for a failure reason: its text up to the first ": " (not ":", which
+    would cut "prefill tcp://host:port refused the prompt: ..." inside the address)."""
+    return reason.split(": ", 1)[0].strip()[:60] or "unknown"
+
+
+class _SnapshotCollector:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        snapshots = self.metrics.snapshots()
+        for name, text, attr in _COUNTERS:
+            family = CounterMetricFamily(name, text, labels=["rank"])
+            for s in snapshots:
+                family.add_metric([str(s.rank)], getattr(s, attr))
+            yield family
+        for name, text, attr in _GAUGES:
+            family = GaugeMetricFamily(name, text, labels=["rank"])
+            for s in snapshots:
+                family.add_metric([str(s.rank)], getattr(s, attr))
+            yield family
+        failures = CounterMetricFamily(
+            "kvferry_transfer_failures", "Failed transfers, by reason", labels=["rank", "reason"]
+        )
+        rooms = GaugeMetricFamily(
+            "kvferry_rooms", "Transfer rooms by state", labels=["rank", "state"]
+        )
+        queues = GaugeMetricFamily(
+            "kvferry_queue_depth", "Requests by stage on each rank", labels=["rank", "queue"]
+        )
+        for s in snapshots:
+            for reason, count in s.failures.items():
+                failures.add_metric([str(s.rank), reason], count)
+            for state, count in s.rooms.items():
+                rooms.add_metric([str(s.rank), state], count)
+            for queue, count in s.queues.items():
+                queues.add_metric([str(s.rank), queue], count)
+        yield from (failures, rooms, queues)
+
+
+class _BootstrapCollector:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        counters = self.metrics.bootstrap_counters()
+        for name, text, key in _BOOTSTRAP:
+            yield CounterMetricFamily(name, text, value=counters.get(key, 0))

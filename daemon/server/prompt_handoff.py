@@ -1,0 +1,57 @@
+"""Decode: hands a request's prompt to its prefill daemon (`SubmitPrompt` at the prefill's
+bootstrap server) once the ranks have reserved its pages.
+
+Each hand-off waits for the prefill's reply, so it runs on a small pool, off the daemon's loop;
+a refusal, or no reply, aborts the request with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import zmq
+
+from kvferry.daemon.server.request import Request
+from kvferry.transport.control import request as control_request
+from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt, WireError
+
+log = logging.getLogger("kvferry.daemon")
+
+
+class PromptHandoff:
+    """`abort(room, reason)`: ends the request on the ranks, which answer with its end."""
+
+    def __init__(
+        self,
+        context: zmq.Context,
+        codec: Codec,
+        timeout_s: float,
+        abort: Callable[[int, str], None],
+    ) -> None:
+        self._context, self._codec, self._timeout_s, self._abort = context, codec, timeout_s, abort
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="kvferry-submit")
+
+    def submit(self, request: Request) -> None:
+        self._pool.submit(self._hand, request)
+
+    def close(self) -> None:
+        """Hand-offs not started are dropped: the daemon fails their requests as it stops."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _hand(self, request: Request) -> None:
+        p = request.params
+        message = SubmitPrompt(request.room, request.prompt, p.temperature, p.top_p, p.seed)
+        try:
+            reply = control_request(
+                self._context, self._codec, request.prefill, message, self._timeout_s
+            )
+        except (TimeoutError, WireError, zmq.ZMQError) as exc:
+            reply = ErrorReply(str(exc))
+        except Exception as exc:  # this runs in a pool, which would keep it silent: fail now
+            log.exception("submitting room %#x to %s failed", request.room, request.prefill)
+            reply = ErrorReply(f"{type(exc).__name__}: {exc}")
+        if not isinstance(reply, Ack):
+            reason = reply.reason if isinstance(reply, ErrorReply) else f"unexpected {reply!r}"
+            self._abort(request.room, f"prefill {request.prefill} refused the prompt: {reason}")

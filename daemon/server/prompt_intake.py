@@ -1,0 +1,74 @@
+"""A prefill daemon's intake of prompts from decode daemons (`SubmitPrompt` at its bootstrap
+server), and the rooms it has taken until their ranks report them done.
+
+A prompt is checked as the HTTP front checks one, refused when its room is already in use or its
+host has too many prompts waiting for their rooms' registration (`PromptQuota`), and otherwise
+handed to rank 0 as `Submit`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from kvferry.daemon.engine.sequence import SamplingParams
+from kvferry.daemon.server import protocol
+from kvferry.daemon.server.prompt_quota import PromptQuota
+from kvferry.transport.messages import Ack, ErrorReply, SubmitPrompt
+
+
+class PromptIntake:
+    """`refusal()`: why the daemon takes no prompt now (None while serving); `check(prompt)`:
+    raises ValueError for a prompt it cannot serve; `send(command)`: to rank 0."""
+
+    def __init__(
+        self,
+        quota: PromptQuota,
+        refusal: Callable[[], str | None],
+        check: Callable[[list[int]], None],
+        send: Callable[[protocol.Submit], None],
+    ) -> None:
+        self.quota, self._refusal, self._check, self._send = quota, refusal, check, send
+        self.rooms: dict[int, float] = {}  # room -> when taken
+        # the rooms and the quota: the bootstrap thread takes, the daemon's loop releases
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self.rooms)
+
+    def submit(self, message: SubmitPrompt, peer: str) -> Ack | ErrorReply:
+        """Bootstrap-server thread: a decode daemon's prompt for room `message.room`, from the
+        host `peer`. Held by the ranks until a decode rank registers the room."""
+        room = message.room
+        refusal = self._refusal()
+        if refusal:
+            return ErrorReply(refusal, room=room)
+        try:
+            self._check(message.prompt)
+            params = SamplingParams(1, message.temperature, message.top_p, message.seed)
+        except ValueError as exc:
+            return ErrorReply(str(exc), room=room)
+        with self._lock:
+            if room in self.rooms:
+                return ErrorReply(f"room {room} is already in use", room=room)
+            refused = self.quota.take(room, peer)
+            if refused:
+                return ErrorReply(f"prompt refused: {refused}", room=room)
+            self.rooms[room] = time.monotonic()
+        self._send(protocol.Submit(room, message.prompt, params))
+        return Ack()
+
+    def registered(self, rooms: list[int]) -> None:
+        """A decode rank registered these rooms: their prompts no longer count against the
+        quota (rooms this intake never took are ignored)."""
+        with self._lock:
+            for room in rooms:
+                self.quota.release(room)
+
+    def done(self, room: int) -> None:
+        """The ranks are done with `room`, delivered or failed."""
+        with self._lock:
+            self.rooms.pop(room, None)
+            self.quota.release(room)

@@ -1,0 +1,82 @@
+"""What a daemon and its rank worker processes tell each other (pickled over a Pipe).
+
+The daemon sends commands to rank 0, which broadcasts them to the other ranks at the start of
+a step, so every rank applies them at the same step. Every rank reports a `Snapshot` for the
+metrics now and then; rank 0 also reports what its engine produced (`engine.outputs.StepOutput`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvferry.daemon.engine.sequence import SamplingParams
+
+
+# --- daemon -> rank 0 ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Submit:
+    room: int
+    prompt: list[int]
+    params: SamplingParams
+    bootstrap: str | None = None  # decode: the prefill group that sends the KV
+
+
+@dataclass(frozen=True)
+class Abort:
+    room: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: str
+
+
+Command = Submit | Abort | Stop
+
+
+# --- ranks -> daemon ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ready:
+    rank: int
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """The rank cannot go on; the daemon fails its requests and exits non-zero."""
+
+    rank: int
+    error: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One rank's counters and gauges; the histograms' samples since the last snapshot."""
+
+    rank: int
+    rooms: dict[str, int]  # by KVPoll name
+    ring_used: int
+    ring_capacity: int
+    ring_high_water: int
+    kv_pages_used: int
+    kv_pages_total: int
+    queues: dict[str, int]  # requests by stage on this rank
+    bytes_sent: int
+    bytes_received: int
+    messages_sent: int
+    messages_received: int
+    ring_waits: int
+    ring_wait_s: float
+    bad_frames: int
+    failures: dict[str, int]
+    peers: list[str]
+    forward_s: list[float]
+    transfer_s: list[float]
+    rooms_succeeded: int  # rooms this rank delivered (prefill) or took in (decode)
+    transfer_cpu_s: float  # CPU time of the rank's transfer thread
+    engine_cpu_s: float  # CPU time of the rank's engine thread (scheduling, launches)
+    kv_pool_bytes: int
+    memory_peak: int  # peak bytes held by the torch allocator (0 on a CPU)
+    control_address: str = ""  # the rank's control ROUTER (where peers send frames)
+    pid: int = 0  # the rank's process
+    internal_errors: int = 0  # control messages or rooms whose handling raised (room failed)

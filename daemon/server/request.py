@@ -1,0 +1,58 @@
+"""A request as the daemon sees it: the check of its prompt (decode's HTTP requests and the
+prompts decode daemons hand to prefill alike), and a decode request in flight between the HTTP
+front and the ranks."""
+
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvferry.daemon.engine.sequence import SamplingParams
+
+if TYPE_CHECKING:
+    from kvferry.daemon.server.metrics import Metrics
+
+
+def check_prompt(prompt: list[int], limit: int, vocab: int) -> None:
+    """ValueError, naming the bad value, for a prompt the daemon cannot serve: empty, longer
+    than `limit` (scheduler.max_prompt_tokens), or with a token outside the vocabulary."""
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if len(prompt) > limit:
+        raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_prompt_tokens={limit}")
+    bad = next((t for t in prompt if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+
+
+@dataclass
+class Request:
+    """`events` feeds the HTTP handler: (new tokens, finish reason or None)."""
+
+    room: int
+    prompt: list[int]
+    params: SamplingParams
+    prefill: str | None
+    created: float = field(default_factory=time.monotonic)
+    deadline: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finish: str | None = None
+    error: str | None = None
+    events: queue.Queue = field(default_factory=queue.Queue)
+
+    def take(self, tokens: list[int], now: float, metrics: Metrics) -> None:
+        """New tokens at `now`: the first ones give the TTFT, later ones the gap since the last
+        (divided among them when a step brings several)."""
+        if not tokens:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = now
+            metrics.ttft.observe(now - self.created)
+        elif self.last_token_at is not None:
+            metrics.itl.observe((now - self.last_token_at) / len(tokens))
+        self.last_token_at = now
+        self.tokens.extend(tokens)

@@ -1,0 +1,272 @@
+"""One tensor-parallel rank of a daemon, in its own process.
+
+Rank 0 takes the daemon's commands and broadcasts them at the start of each step; every rank
+then applies them and runs the same engine step (the model's all-reduces keep them in step,
+`TPGroup.verdicts` agrees on transfer outcomes). Rank 0 reports its engine's output; every rank
+reports a `Snapshot` twice a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from kvferry.daemon.engine.builder import EngineSettings, build_engine
+from kvferry.daemon.engine.group import TPGroup
+from kvferry.daemon.model.llama import Model
+from kvferry.daemon.model.tokenizer import load_tokenizer
+from kvferry.daemon.model.weights import full_weights
+from kvferry.daemon.server import protocol
+from kvferry.daemon.server.config import DaemonConfig
+
+log = logging.getLogger(__name__)
+SNAPSHOT_S = 0.5
+IDLE_WAIT_S, PENDING_WAIT_S = 0.02, 0.001  # rank 0's wait for commands: nothing to do / transfers
+STOP_DRAIN_S = 5.0  # at stop: time for aborts to reach the peers
+
+
+def worker_main(
+    config: DaemonConfig, rank: int, dist_address: str, bootstrap: str | None, token: bytes, conn
+):
+    """Process entry point: build the rank, report Ready (or Fatal), serve until Stop. A prefill
+    rank registers with the bootstrap server at `bootstrap` showing `token`."""
+    # the daemon decides when its ranks stop (a terminal's Ctrl-C reaches the whole group)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        level=os.environ.get("KVFERRY_LOG_LEVEL", "WARNING"),
+        format=f"%(asctime)s {config.name or config.role}[{rank}] %(levelname)s %(message)s",
+    )
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, config.tp)))
+    try:
+        worker = Worker(config, rank, dist_address, bootstrap, token, conn)
+    except Exception as exc:
+        log.exception("rank %d failed to start", rank)
+        conn.send(protocol.Fatal(rank, f"rank {rank} failed to start: {exc}"))
+        raise SystemExit(1) from None
+    conn.send(protocol.Ready(rank))
+    try:
+        worker.run()
+    except (BrokenPipeError, EOFError, ConnectionResetError):
+        log.error("rank %d: the daemon went away", rank)
+        raise SystemExit(1) from None
+    except Exception as exc:
+        log.exception("rank %d failed", rank)
+        with contextlib.suppress(OSError):
+            conn.send(protocol.Fatal(rank, f"rank {rank} failed: {type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
+    finally:
+        worker.close()
+
+
+class TransferThreadDied(RuntimeError):
+    """The rank's transfer loop has stopped on its own."""
+
+
+class Worker:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        rank: int,
+        dist_address: str,
+        bootstrap: str | None,
+        token: bytes,
+        conn,
+    ) -> None:
+        self.config, self.rank, self.conn = config, rank, conn
+        self.device = _device(config, rank)
+        self.group = _join_group(config, rank, dist_address, self.device)
+        self.engine = _build_engine(config, rank, self.device, self.group, bootstrap, token)
+        self.agent = self.engine.agent
+        self._next_snapshot = 0.0
+
+    def run(self) -> None:
+        stop_at = None
+        while True:
+            self._check_transfer_thread()
+            commands = self.group.broadcast(self._take_commands() if self.group.leader else None)
+            for command in commands:
+                if isinstance(command, protocol.Stop) and stop_at is None:
+                    stop_at = time.monotonic() + STOP_DRAIN_S
+                    self._abort_all(command.reason)
+                else:
+                    self._apply(command)
+            forwarded = self.engine.step()
+            self._report()
+            if stop_at is not None:
+                done = self.group.broadcast(not self.engine.busy or time.monotonic() > stop_at)
+                if done:
+                    return
+            if not forwarded and self.group.leader:
+                self._wait(PENDING_WAIT_S if self.engine.busy else IDLE_WAIT_S)
+
+    def _check_transfer_thread(self) -> None:
+        """Without its transfer thread no KV moves: the rank ends (Fatal), and with it the
+        daemon, rather than fail every request while looking alive."""
+        failure = self.agent.thread_failure
+        if failure is not None:
+            raise TransferThreadDied(f"the {failure}")
+
+    def close(self) -> None:
+        self.agent.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _take_commands(self) -> list:
+        commands = []
+        while self.conn.poll():
+            commands.append(self.conn.recv())
+        return commands
+
+    def _wait(self, timeout_s: float) -> None:
+        self.conn.poll(timeout_s)
+
+    def _apply(self, command) -> None:
+        engine = self.engine
+        if isinstance(command, protocol.Abort):
+            engine.abort(command.room, command.reason)
+            return
+        try:
+            if self.config.role == "decode":
+                engine.submit(command.room, command.prompt, command.params, command.bootstrap)
+            else:
+                engine.submit(command.room, command.prompt, command.params)
+        except ValueError as exc:  # the same on every rank: the request cannot be served
+            self.engine.refuse(command.room, str(exc))
+
+    def _abort_all(self, reason: str) -> None:
+        for room in self.engine.live_rooms():
+            self.engine.abort(room, reason)
+
+    def _report(self) -> None:
+        progress = self.engine.take_output()
+        if self.group.leader and (progress.outputs or progress.reserved or progress.done):
+            self.conn.send(progress)
+        now = time.monotonic()
+        if now >= self._next_snapshot:
+            self._next_snapshot = now + SNAPSHOT_S
+            self.conn.send(self._snapshot())
+
+    def _snapshot(self) -> protocol.Snapshot:
+        engine, agent = self.engine, self.agent.stats()
+        blocks = engine.runner.blocks
+        samples = engine.samples.take()
+        return protocol.Snapshot(
+            rank=self.rank,
+            rooms=agent.rooms,
+            ring_used=agent.ring_used,
+            ring_capacity=agent.ring_capacity,
+            ring_high_water=agent.ring_high_water,
+            kv_pages_used=blocks.used_pages,
+            kv_pages_total=blocks.num_pages,
+            queues=engine.queues(),
+            bytes_sent=agent.bytes_sent,
+            bytes_received=agent.bytes_received,
+            messages_sent=agent.messages_sent,
+            messages_received=agent.messages_received,
+            ring_waits=agent.ring_waits,
+            ring_wait_s=agent.ring_wait_s,
+            bad_frames=agent.bad_frames,
+            internal_errors=agent.internal_errors,
+            failures=agent.failures,
+            peers=agent.peers,
+            forward_s=samples.forward_s,
+            transfer_s=samples.transfer_s,
+            rooms_succeeded=agent.rooms_succeeded,
+            transfer_cpu_s=agent.transfer_cpu_s,
+            engine_cpu_s=time.thread_time(),
+            kv_pool_bytes=engine.runner.kv.numel() * engine.runner.kv.element_size(),
+            memory_peak=_memory_peak(engine.runner.kv.device),
+            control_address=agent.control_address,
+            pid=os.getpid(),
+        )
+
+
+def _memory_peak(device: torch.device) -> int:
+    """Peak bytes the torch allocator has held on the rank's GPU; the staging ring (its own
+    allocation) is reported separately as the ring capacity."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _device(config: DaemonConfig, rank: int) -> torch.device:
+    if config.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for, but this host has no CUDA device")
+    count = torch.cuda.device_count()
+    index = config.gpus[rank % len(config.gpus)] if config.gpus else rank % count
+    if index >= count:
+        raise RuntimeError(f"gpus={config.gpus}: GPU {index} is not here ({count} visible)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def _join_group(config: DaemonConfig, rank: int, address: str, device: torch.device) -> TPGroup:
+    """NCCL for the model when every rank has its own GPU, gloo otherwise; control messages
+    (commands, verdicts) always over a gloo group of host tensors."""
+    if config.tp == 1:
+        return TPGroup()
+    gpus = set(config.gpus) if config.gpus else range(torch.cuda.device_count())
+    own_gpus = device.type == "cuda" and len(gpus) >= config.tp  # one GPU per rank
+    backend = "nccl" if own_gpus else "gloo"
+    timeout = timedelta(seconds=config.transfer.transfer_timeout_s)
+    dist.init_process_group(
+        backend,
+        init_method=address,
+        rank=rank,
+        world_size=config.tp,
+        timeout=timeout,
+        device_id=device if own_gpus else None,
+    )
+    control = dist.new_group(backend="gloo", timeout=timeout) if own_gpus else dist.group.WORLD
+    return TPGroup(config.tp, rank, control)
+
+
+def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, bootstrap, token):
+    from kvferry.transport.ucx import UcxDataPlane
+
+    model = _load_model(config, rank, device)
+    eos = None
+    if config.role == "decode":  # before the agent starts, so that a bad tokenizer leaks nothing
+        eos = load_tokenizer(config.model.path, model.config.eos_token_id).eos_id
+    cuda = device.index if device.type == "cuda" else None
+    return build_engine(
+        config.role,
+        model,
+        EngineSettings(
+            page_size=config.cache.page_size,
+            num_pages=config.cache.num_pages,
+            prefill_chunk_tokens=config.scheduler.prefill_chunk_tokens,
+            max_batch_tokens=config.scheduler.max_batch_tokens,
+            max_running=config.scheduler.max_running,
+        ),
+        config.transfer,
+        lambda: UcxDataPlane(config.transfer.ucx_tls, cuda, config.transfer.host),
+        model_name=config.model.name,
+        tp_rank=rank,
+        group=group,
+        bootstrap=bootstrap,
+        token=token,
+        eos_id=eos,
+    )
+
+
+def _load_model(config: DaemonConfig, rank: int, device: torch.device) -> Model:
+    model_config = config.model.model_config()
+    weights = full_weights(model_config, config.model.path, config.model.seed)
+    dtype = getattr(torch, config.model.dtype)
+    return Model(
+        model_config,
+        weights,
+        tp_size=config.tp,
+        tp_rank=rank,
+        dtype=dtype,
+        device=str(device),
+    )

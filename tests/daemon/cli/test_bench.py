@@ -1,0 +1,264 @@
+"""`kvferry bench`'s pieces on their own: the workload, the statistics, the table, and sending
+against a fake client. The command itself: test_bench_command.py."""
+
+import itertools
+import json
+import random
+import threading
+import time
+
+import pytest
+
+from kvferry.daemon.cli.bench.report import (
+    Counters,
+    RequestRecord,
+    failure_category,
+    format_table,
+    latency,
+    percentile,
+    summarize,
+    table,
+)
+from kvferry.daemon.cli.bench.run import BenchSpec, Progress, send
+from kvferry.daemon.cli.bench.workload import (
+    BenchError,
+    Prompt,
+    dataset_prompts,
+    load_sharegpt,
+    poisson_schedule,
+    random_prompts,
+    sample_length,
+)
+from kvferry.daemon.cli.client import Completion, ServerError
+
+# --- workload -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("length", "ratio", "low"), [(100, 0.5, 50), (100, 1.0, 100), (3, 0, 1)])
+def test_lengths_are_uniform_within_the_range_ratio(length, ratio, low):
+    rng = random.Random(0)
+    drawn = [sample_length(rng, length, ratio) for _ in range(2000)]
+    assert min(drawn) == low
+    assert max(drawn) == length
+
+
+def test_random_prompts_stay_in_the_vocab_and_repeat_with_the_seed():
+    prompts = random_prompts(random.Random(7), 20, 32, 8, 0.5, vocab=5)
+    assert all(0 <= i < 5 for p in prompts for i in p.prompt)
+    assert all(len(p.prompt) == p.input_len and 16 <= p.input_len <= 32 for p in prompts)
+    assert all(4 <= p.output_len <= 8 for p in prompts)
+    assert random_prompts(random.Random(7), 20, 32, 8, 0.5, vocab=5) == prompts
+
+
+def test_sharegpt_keeps_entries_with_both_turns(tmp_path):
+    path = tmp_path / "data.json"
+    entries = [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "héllo"}]},
+        {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "why"},
+                           {"from": "gpt", "value": "x" * 500}]},
+        {"conversations": [{"from": "human", "value": "only a question"}]},
+        {"conversations": [{"from": "gpt", "value": "an answer"}, {"from": "human", "value": "q"}]},
+        {"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "empty"}]},
+        {"conversations": "not a list"},
+        {"id": "no conversations"},
+        "not an object",
+        {"conversations": [None, {"from": "human", "value": "ok"}, {"from": "gpt", "value": 3}]},
+    ]  # fmt: skip
+    path.write_text(json.dumps(entries))
+    prompts = load_sharegpt(path, output_len=64)
+    assert prompts == [
+        Prompt(prompt="hi", input_len=2, output_len=6),  # "héllo" is 6 UTF-8 bytes
+        Prompt(prompt="why", input_len=3, output_len=64),  # capped by output_len
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [("{not json", "cannot read"), ('{"a": 1}', "expected a JSON list"), ("[{}]", "no entry")],
+)
+def test_sharegpt_files_that_cannot_be_used(tmp_path, text, complaint):
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    with pytest.raises(BenchError, match=complaint):
+        load_sharegpt(path, 64)
+
+
+def test_dataset_draws_without_replacement_while_it_can():
+    entries = [Prompt(prompt=str(i), input_len=1, output_len=1) for i in range(10)]
+    assert len({p.prompt for p in dataset_prompts(random.Random(0), entries, 10)}) == 10
+    assert len(dataset_prompts(random.Random(0), entries, 25)) == 25
+
+
+def test_poisson_schedule_is_deterministic_with_a_seed():
+    times = poisson_schedule(rate=4.0, count=2000, seed=3)
+    assert times == poisson_schedule(rate=4.0, count=2000, seed=3)
+    assert times != poisson_schedule(rate=4.0, count=2000, seed=4)
+    assert times[0] == 0.0
+    assert all(a < b for a, b in itertools.pairwise(times))
+    assert times[-1] / (len(times) - 1) == pytest.approx(1 / 4.0, rel=0.1)
+
+
+def test_spec_checks_its_points():
+    with pytest.raises(BenchError, match="exactly one"):
+        BenchSpec()
+    with pytest.raises(BenchError, match="exactly one"):
+        BenchSpec(concurrency=(1,), request_rate=(2.0,))
+    with pytest.raises(BenchError, match="> 0"):
+        BenchSpec(request_rate=(0.0,))
+    assert BenchSpec(request_rate=(2.0, 8.0)).mode == "request_rate"
+
+
+# --- statistics and table -------------------------------------------------------------------
+
+
+def test_percentiles_interpolate_between_ranks():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 90) == pytest.approx(4.6)
+    assert percentile(values, 100) == 5.0
+    assert percentile([7.0], 99) == 7.0
+    assert latency([]).median is None
+    assert latency([0.001, 0.003]).mean == pytest.approx(2.0)
+
+
+def test_failure_categories_cut_the_reason_like_the_daemon_metrics():
+    assert failure_category("HTTP 502: transfer failed: peer lost (rank 0)") == (
+        "HTTP 502: transfer failed"
+    )
+    assert failure_category("timeout: request_timeout_s ran out") == "timeout"
+    assert failure_category("connection refused") == "connection refused"
+
+
+def _record(index, tokens=5, ttft=0.1, latency_s=0.5, error=None):
+    return RequestRecord(
+        index=index, sent_s=0.0, input_len=10, output_len=5, output_tokens=tokens,
+        ttft_s=ttft, latency_s=latency_s, error=error,
+    )  # fmt: skip
+
+
+def test_a_point_counts_ok_and_failed_requests():
+    records = [
+        _record(0),
+        _record(1, tokens=1),
+        _record(2, tokens=0, ttft=None, error="HTTP 504: timeout"),
+    ]
+    moved = Counters(kv_bytes=3e9, messages=12, ring_high_water_bytes=4096)
+    point = summarize("concurrency", 4, records, duration_s=2.0, moved=moved)
+    assert (point.ok, point.failed, point.failures) == (2, 1, {"HTTP 504: timeout": 1})
+    assert point.request_throughput == 1.0
+    assert point.output_throughput == 3.0  # 6 tokens of ok requests in 2 s
+    assert point.total_token_throughput == 13.0
+    assert point.itl_ms.mean == pytest.approx(100.0)  # (0.5 - 0.1) / 4; one token has no gap
+    assert (point.kv_gbps, point.messages_per_request) == (1.5, 4.0)
+
+
+def test_counters_since_keep_the_gauges_and_count_what_grew():
+    before = Counters(
+        kv_bytes=10,
+        messages=2,
+        ring_high_water_bytes=5,
+        transfer_failures={"a": 1},
+        transfer_cpu_s={"prefill": 1.0, "decode": 2.0},
+        transfer_rooms={"prefill": 10, "decode": 10},
+        memory_peak_bytes=7,
+    )
+    after = Counters(
+        kv_bytes=30,
+        messages=5,
+        ring_high_water_bytes=8,
+        transfer_failures={"a": 1, "timeout": 2},
+        transfer_cpu_s={"prefill": 1.5, "decode": 2.0004},
+        transfer_rooms={"prefill": 20, "decode": 14},
+        memory_peak_bytes=9,
+    )
+    moved = after.since(before)
+    assert (moved.kv_bytes, moved.messages, moved.ring_high_water_bytes) == (20, 3, 8)
+    assert moved.transfer_failures == {"timeout": 2} and moved.memory_peak_bytes == 9
+    assert moved.control_cpu_us() == pytest.approx({"prefill": 50_000, "decode": 100})
+
+
+def test_table_aligns_columns_under_their_groups():
+    header = [("", "point"), ("", "ok"), ("TTFT ms", "p50"), ("TTFT ms", "p99")]
+    text = format_table(header, [["c=1", "8", "12.5", "20.0"], ["c=16", "128", "130.25", "7.0"]])
+    groups, names, *rows = text.splitlines()
+    assert names.split() == ["point", "ok", "p50", "p99"]
+    assert groups.strip() == "TTFT ms" and groups.index("TTFT") >= names.index("ok") + 2
+    # right-aligned numbers: each column ends where its header ends
+    for line in rows:
+        for name in ("ok", "p50", "p99"):
+            end = names.index(name) + len(name)
+            assert line[end - 1] != " " and (end == len(line) or line[end] == " ")
+    assert rows[0].startswith("c=1 ") and rows[1].startswith("c=16")
+
+
+def test_the_result_table_has_one_row_per_point():
+    points = [summarize("request_rate", r, [_record(0)], 1.0, Counters()) for r in (2.0, 8.0)]
+    lines = table(points).splitlines()
+    assert len(lines) == 4  # groups, names, two points
+    assert lines[2].startswith("rate=2/s") and lines[3].startswith("rate=8/s")
+
+
+def test_progress_redraws_one_line():
+    class Out:
+        text = ""
+
+        def write(self, s):
+            self.text += s
+
+        def flush(self):
+            pass
+
+    out = Out()
+    progress = Progress(out, "point 2/3 c=16", total=4, width=8)
+    progress.advance(_record(0))
+    progress.advance(_record(1, error="boom"))
+    progress.close()
+    assert out.text.split("\r")[-1] == "point 2/3 c=16 [####....] 2/4 (1 failed)\n"
+
+
+# --- sending, against a fake client --------------------------------------------------------
+
+
+class _FakeClient:
+    """Answers after `delay` s, counts requests in flight; prompts of [0] fail."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.in_flight, self.most = delay, 0, 0
+        self._lock = threading.Lock()
+
+    def stream(self, request):
+        with self._lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        time.sleep(self.delay)
+        with self._lock:
+            self.in_flight -= 1
+        if request.prompt == [0]:
+            raise ServerError("http://fake", "HTTP 502: transfer failed: peer lost", 502)
+        assert request.stream and request.temperature == 0.0
+        ids = list(range(request.max_tokens))
+        return Completion(
+            text="", token_ids=ids, prompt_tokens=len(request.prompt), finish_reason="length",
+            ttft_s=self.delay / 2, latency_s=self.delay,
+        )  # fmt: skip
+
+
+def test_send_keeps_the_concurrency_and_records_every_request():
+    fake = _FakeClient(delay=0.05)
+    prompts = [
+        Prompt(prompt=[1, 2] if i != 3 else [0], input_len=2, output_len=3) for i in range(12)
+    ]
+    records, duration = send(fake, prompts, [0.0] * 12, workers=4)
+    assert fake.most == 4
+    assert [r.index for r in records] == list(range(12))
+    assert [r.ok for r in records].count(False) == 1 and "transfer failed" in records[3].error
+    assert all(r.output_tokens == 3 for r in records if r.ok)
+    assert duration >= 3 * 0.05
+
+
+def test_send_follows_the_arrival_times():
+    fake = _FakeClient(delay=0.01)
+    prompts = [Prompt(prompt=[1], input_len=1, output_len=1)] * 3
+    records, _ = send(fake, prompts, [0.0, 0.1, 0.2], workers=256)
+    assert [r.sent_s for r in records] == pytest.approx([0.0, 0.1, 0.2], abs=0.03)

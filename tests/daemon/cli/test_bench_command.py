@@ -1,0 +1,116 @@
+"""`kvferry bench` as a command: usage errors, then real runs against a small deployment
+(prefill TP1 -> decode TP1, random model) and plots of their results."""
+
+import json
+
+import pytest
+
+from support.cli_sim import invoke
+from support.cluster import decode, prefill, running, write
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--url", "http://127.0.0.1:1", "--config", "x.yaml"],
+        ["--concurrency", "1,4", "--request-rate", "2"],
+        ["--concurrency", "1,zero"],
+        ["--request-rate", "-1"],
+        ["--num-requests", "3", "plot", "--out", "x.png", __file__],
+        ["--compare", __file__],
+    ],
+)
+def test_usage_mistakes_exit_2(args):
+    result = invoke("bench", *args)
+    assert result.exit_code == 2, result.output
+
+
+def test_help():
+    assert invoke("bench", "--help").exit_code == 0
+    assert invoke("bench", "plot", "--help").exit_code == 0
+
+
+def test_an_unreachable_daemon_is_one_line_and_exit_1():
+    result = invoke("bench", "--url", "http://127.0.0.1:1", "--concurrency", "1", "--warmup", "0")
+    assert result.exit_code == 1
+    assert "connection refused" in result.stderr
+
+
+BENCH_ARGS = ["--num-requests", "8", "--warmup", "1", "--input-len", "32", "--output-len", "8"]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    p = prefill("prefill-0")
+    return write(tmp_path_factory.mktemp("bench"), [p, decode("decode-0", [p])])
+
+
+@pytest.fixture(scope="module")
+def result_file(deployment, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results") / "homo.json"
+    with running(deployment) as launcher:
+        urls = {child.role: child.url for child in launcher.children}
+        result = invoke(
+            "bench", "--url", urls["decode"], "--metrics-url", urls["prefill"],
+            "--concurrency", "1,4", *BENCH_ARGS, "--label", "homo", "--out", str(out),
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out, result.stdout
+
+
+def test_a_sweep_against_real_daemons(result_file):
+    path, stdout = result_file
+    result = json.loads(path.read_text())
+    assert result["label"] == "homo" and result["config"]["vocab"] == 256
+    assert [p["value"] for p in result["points"]] == [1, 4]
+    for point in result["points"]:
+        assert (point["ok"], point["failed"], len(point["requests"])) == (8, 0, 8)
+        records = point["requests"]
+        assert all(r["error"] is None and 1 <= r["output_tokens"] <= 8 for r in records)
+        tokens = sum(r["output_tokens"] for r in records)
+        assert point["output_throughput"] * point["duration_s"] == pytest.approx(tokens)
+        assert point["kv_bytes"] > 0 and point["messages_per_request"] > 0
+        assert point["ring_high_water_bytes"] > 0 and point["transfer_failures"] == {}
+        assert point["ttft_ms"]["median"] > 0
+        assert set(point["control_cpu_us"]) == {"prefill", "decode"}
+        assert all(us > 0 for us in point["control_cpu_us"].values())
+        assert point["kv_pool_bytes"] > 0 and point["memory_peak_bytes"] == 0  # CPU daemons
+    lines = stdout.splitlines()
+    assert lines[2].startswith("c=1 ") and lines[3].startswith("c=4 ")
+
+
+def test_a_deployment_it_starts_itself_with_a_request_rate(deployment, result_file, tmp_path):
+    out, png = tmp_path / "rate.json", tmp_path / "rate.png"
+    result = invoke(
+        "bench", "--config", str(deployment), "--request-rate", "20", *BENCH_ARGS,
+        "--out", str(out), "--plot", str(png), "--compare", str(result_file[0]),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    point = json.loads(out.read_text())["points"][0]
+    assert (point["mode"], point["ok"]) == ("request_rate", 8)
+    assert json.loads(out.read_text())["config"]["vocab"] == 258  # from the model's config
+
+
+def test_plot_of_two_result_files(result_file, tmp_path):
+    path, _ = result_file
+    other = json.loads(path.read_text())
+    other["label"] = "hetero"
+    for point in other["points"]:
+        point["output_throughput"] *= 2
+    second = tmp_path / "hetero.json"
+    second.write_text(json.dumps(other))
+    png = tmp_path / "chart.png"
+    result = invoke("bench", "plot", "--out", str(png), str(path), str(second))
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 1000
+
+
+def test_plot_of_a_file_that_is_no_result(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"points": 3}')
+    result = invoke("bench", "plot", "--out", str(tmp_path / "x.png"), str(bad))
+    assert result.exit_code == 1
+    assert "not a kvferry bench result" in result.stderr

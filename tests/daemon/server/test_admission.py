@@ -1,0 +1,125 @@
+"""A prefill daemon computes a prompt only once a decode rank has registered its room, and holds
+a bounded number of prompts per submitting peer until then."""
+
+import time
+
+import pytest
+import zmq
+
+from kvferry.daemon.engine.group import TPGroup, Verdict
+from kvferry.daemon.engine.sequence import SamplingParams
+from kvferry.daemon.model.weights import full_weights
+from kvferry.daemon.server.config import ModelSection
+from kvferry.daemon.server.prompt_quota import PromptQuota
+from kvferry.transport.control import request
+from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt
+from kvferry.transport.room import KVPoll
+from support.cluster import decode, generate, prefill, running, wait_idle, write
+from support.engine_sim import engines, run_until_finished
+
+
+@pytest.fixture
+def tiny():
+    config = ModelSection().model_config()
+    server, prefill, decode = engines(
+        None, model=(config, full_weights(config, None, seed=0)), bootstrap_timeout_s=1.0
+    )
+    yield server, prefill, decode
+    decode.agent.close()
+    prefill.agent.close()
+    server.close()
+
+
+def step_idle(prefill, until, timeout_s=10.0):
+    """Step the prefill engine, asserting that no forward runs, until `until(progress)`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert not prefill.step(), "a forward ran for a room nobody registered"
+        progress = prefill.take_output()
+        if until(progress):
+            return progress
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_prompt_nobody_registered_runs_no_forward_and_fails_at_the_timeout(tiny):
+    _, prefill, _ = tiny
+    prefill.submit(7, list(range(1, 200)), SamplingParams(max_tokens=1))
+    assert prefill.queues() == {"registering": 1, "prefilling": 0, "sending": 0}
+    progress = step_idle(prefill, lambda p: p.done)
+    [done] = progress.done
+    assert done.room == 7 and "timeout" in done.error and "registration" in done.error
+    assert not progress.reserved and not prefill.busy
+    assert prefill.runner.blocks.used_pages == 0 and not prefill.scheduler.waiting
+    assert prefill.samples.take().forward_s == []
+
+
+def test_a_held_prompt_runs_once_its_room_is_registered(tiny):
+    server, prefill, decode = tiny
+    prompt = [5, 17, 99, 3, 250, 42, 7, 7, 128, 64, 1, 200]
+    prefill.submit(1000, prompt, SamplingParams(max_tokens=3))
+    step_idle(prefill, lambda p: True)  # held: no forward without the registration
+    decode.submit(1000, prompt, SamplingParams(max_tokens=3), bootstrap=server.address)
+    outputs = run_until_finished(prefill, decode, 1)
+    tokens, finish = outputs[1000]
+    assert finish == "length" and len(tokens) == 3
+    assert prefill.runner.blocks.used_pages == 0 and decode.runner.blocks.used_pages == 0
+
+
+def test_a_prompt_whose_room_is_already_registered_runs_at_its_first_step(tiny):
+    server, prefill, decode = tiny
+    prompt = [5, 17, 99, 3, 250, 42, 7, 7, 128, 64, 1, 200]
+    decode.submit(2000, prompt, SamplingParams(max_tokens=2), bootstrap=server.address)
+    deadline = time.monotonic() + 10
+    while not prefill.agent.registered(2000):  # decode's registration comes first
+        decode.step()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    prefill.submit(2000, prompt, SamplingParams(max_tokens=2))
+    assert prefill.step(), "a registered room waited a step for its handle to be claimed"
+    tokens, finish = run_until_finished(prefill, decode, 1)[2000]
+    assert finish == "length" and len(tokens) == 2
+
+
+def test_verdicts_hold_a_room_until_every_rank_is_past_bootstrapping():
+    states = [KVPoll.Bootstrapping, KVPoll.WaitingForInput, KVPoll.Success, KVPoll.Failed]
+    assert TPGroup().verdicts(states) == [
+        Verdict.BOOTSTRAPPING,
+        Verdict.WAIT,
+        Verdict.SUCCESS,
+        Verdict.FAILED,
+    ]
+
+
+def test_quota_bounds_prompts_per_peer_and_in_total():
+    quota = PromptQuota(per_peer=2, total=3)
+    assert quota.take(1, "10.0.0.1") is None and quota.take(2, "10.0.0.1") is None
+    refused = quota.take(3, "10.0.0.1")
+    assert "10.0.0.1" in refused and "max_unregistered_prompts_per_peer=2" in refused
+    assert quota.take(4, "10.0.0.2") is None
+    assert "max_unregistered_prompts=3" in quota.take(5, "10.0.0.3")
+    quota.release(1)
+    quota.release(1)  # released twice (registered, then done): counted once
+    quota.release(99)
+    assert quota.take(6, "10.0.0.1") is None and len(quota) == 3
+
+
+def test_a_prefill_daemon_bounds_the_prompts_one_host_may_leave_unregistered(tmp_path):
+    scheduler = {
+        "prefill_chunk_tokens": 8,
+        "max_batch_tokens": 24,
+        "max_unregistered_prompts_per_peer": 2,
+    }
+    p = prefill("prefill-0", scheduler=scheduler)
+    path = write(tmp_path, [p, decode("decode-0", [p])])
+    with running(path) as launcher:
+        bootstrap = f"tcp://127.0.0.1:{p['bootstrap_port']}"
+        ctx, codec = zmq.Context.instance(), Codec()
+        replies = [
+            request(ctx, codec, bootstrap, SubmitPrompt(room, [1, 2, 3]), 10) for room in (1, 2, 3)
+        ]
+        assert [type(r) for r in replies] == [Ack, Ack, ErrorReply]
+        assert "max_unregistered_prompts_per_peer=2" in replies[2].reason
+        wait_idle(launcher)  # nobody registers them: they fail at the bootstrap timeout
+        result = generate(launcher, "decode-0", [5, 6, 7])  # this host may submit again
+        assert result.finish_reason in ("length", "stop")

@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import pytest
+
+from kvferry.daemon.model.config import ModelConfig
+from kvferry.daemon.server.config import ConfigError, DaemonConfig, check_against, load, parse
+
+
+def test_the_embedded_default_loads():
+    deployment = load("deploy/local.yaml")
+    prefill, decode = deployment.daemons
+    assert (prefill.role, prefill.tp, decode.role, decode.tp) == ("prefill", 2, "decode", 1)
+    assert decode.prefill == ["tcp://127.0.0.1:17100"]
+    model = ModelConfig(
+        vocab_size=258,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=16,
+    )
+    for daemon in deployment.daemons:
+        check_against(daemon, model)
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"role": "prefill", "tpp": 2}, "tpp"),
+        ({"role": "prefill", "tp": "two"}, r"\$\.tp"),
+        ({"role": "prefill", "tp": 0}, "tp=0"),
+        ({"role": "router"}, r"\$\.role"),
+        ({"role": "decode"}, "prefill bootstrap address"),
+        ({"role": "prefill", "cache": {"page_size": -4}}, "page_size=-4"),
+        ({"role": "prefill", "transfer": {"chunk_tokens": 0}}, "chunk_tokens=0"),
+        ({"role": "prefill", "scheduler": {"max_running": 1.5}}, r"\$\.scheduler\.max_running"),
+        ({"role": "prefill", "bootstrap_port": 70000}, "bootstrap_port=70000"),
+        ({"role": "prefill", "gpus": [0, 1]}, "needs device: cuda"),
+        ({"role": "prefill", "device": "cuda", "gpus": [-1]}, "indices are >= 0"),
+        ({"role": "prefill", "transfer": {"layer_group": -2}}, "layer_group=-2"),
+    ],
+)
+def test_bad_values_name_the_field(raw, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse(raw, DaemonConfig)
+
+
+def test_model_dependent_checks():
+    model = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    with pytest.raises(ConfigError, match="tp_size=3"):
+        check_against(parse({"role": "prefill", "tp": 3}, DaemonConfig), model)
+    tiny_ring = parse(
+        {"role": "prefill", "transfer": {"staging_bytes": 1024, "chunk_tokens": 64}}, DaemonConfig
+    )
+    with pytest.raises(ConfigError, match="staging_bytes=1024"):
+        check_against(tiny_ring, model)
+
+
+def test_unreadable_files_are_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"missing\.yaml"):
+        load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("daemons: [\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml"):
+        load(bad)
+
+
+SHIPPED = sorted(Path(__file__).parents[3].glob("deploy/*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_shipped_deployment_files_are_valid(path):
+    for daemon in load(path).daemons:
+        if daemon.model.path is None:  # checkpoints of the examples are not here
+            check_against(daemon, daemon.model.model_config())
+
+
+def test_the_shipped_deployment_files_are_found():
+    assert len(SHIPPED) >= 6, SHIPPED  # the parametrized check above must not run on nothing
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        (
+            {
+                "daemons": [
+                    {"role": "prefill"},
+                    {"role": "prefill", "scheduler": {"chunk_tokens": 8}},
+                ]
+            },
+            "daemons[1].scheduler.chunk_tokens was renamed scheduler.prefill_chunk_tokens",
+        ),
+        (
+            {"role": "prefill", "scheduler": {"chunk_tokens": 8}},
+            "scheduler.chunk_tokens was renamed scheduler.prefill_chunk_tokens",
+        ),
+    ],
+)
+def test_a_renamed_key_is_refused_with_its_new_name(raw, fragment):
+    kind = DaemonConfig if "role" in raw else None
+    with pytest.raises(ConfigError) as info:
+        parse(raw, kind) if kind else parse(raw)
+    assert fragment in str(info.value)
+    assert "transfer.chunk_tokens is the transfer chunk" in str(info.value)

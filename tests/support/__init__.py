@@ -1,0 +1,1 @@
+"""Helpers the tests share: simulated clusters, engines, transfers, clients."""
