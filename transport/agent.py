@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kvferry.transport.core import AgentCore
+from kvferry.transport.failure import Failure
 from kvferry.transport.stats import AgentStats, agent_stats
 
 
@@ -27,7 +28,7 @@ class TransferAgent:
         return agent_stats(self.core, self.rooms.values(), self.ring)
 
     @property
-    def thread_failure(self) -> str | None:
+    def thread_failure(self) -> Failure | None:
         """Why the transfer (loop) thread died, or None while it runs; safe from any thread."""
         return self.core.thread_failure
 

@@ -17,6 +17,7 @@ from kvferry.staging.layout import KVLayout
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import ControlChannel
 from kvferry.transport.dataplane import DataPlane
+from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.log_limit import RateLimitedLog
 from kvferry.transport.loop import AgentLoop
 from kvferry.transport.messages import Codec, ErrorReply, Heartbeat, Message, WireError
@@ -39,11 +40,11 @@ class TransferStats:
     rooms_succeeded: int = 0
     copy_s: float = 0.0  # summed time from queuing a gather/scatter to its completion
     wire_s: float = 0.0  # summed time from posting a send/receive to its completion
-    failures: dict[str, int] = field(default_factory=dict)  # by reason category
+    failures: dict[str, int] = field(default_factory=dict)  # by FailureKind value
 
-    def failed(self, reason: str) -> None:
-        category = reason.split(":", 1)[0]
-        self.failures[category] = self.failures.get(category, 0) + 1
+    def failed(self, failure: Failure) -> None:
+        kind = failure.kind.value
+        self.failures[kind] = self.failures.get(kind, 0) + 1
 
 
 class AgentCore:
@@ -56,11 +57,11 @@ class AgentCore:
         data: DataPlane,
         on_message: Callable[[str, Message], None],
         step: Callable[[float], bool],
-        on_peer_lost: Callable[[str, str], None],
-        fail_room: Callable[[int, str], None],
+        on_peer_lost: Callable[[str, Failure], None],
+        fail_room: Callable[[int, Failure], None],
         on_dropped: Callable[[str], None] | None = None,
     ) -> None:
-        """`fail_room(room, reason)` fails a room a message named when handling it raised;
+        """`fail_room(room, failure)` fails a room a message named when handling it raised;
         `on_dropped(peer)`, if given, hears of every outbound connection that dropped."""
         _check_planes(layout, planes)
         self.config, self.layout, self.planes, self.data = config, layout, planes, data
@@ -89,10 +90,10 @@ class AgentCore:
         return self._zmq
 
     @property
-    def thread_failure(self) -> str | None:
+    def thread_failure(self) -> Failure | None:
         """Why the loop thread died, or None while it runs (or before it started)."""
         if self.loop.error is not None:
-            return f"transfer thread died: {self.loop.error!r}"
+            return Failure(FailureKind.RANK_EXITED, f"transfer thread died: {self.loop.error!r}")
         return None
 
     def close(self) -> None:
@@ -116,12 +117,12 @@ class AgentCore:
         self.log.warning("refused", "refused a frame from %r: %s", peer, reason)
         self.control.reply(peer, ErrorReply(reason, room))
 
-    def contain(self, exc: Exception, what: str) -> str:
+    def contain(self, exc: Exception, what: str) -> Failure:
         """Count and log an exception raised while handling one message or one room (that
-        room fails, not the thread); the reason to fail the room with."""
+        room fails, not the thread); the failure to fail the room with."""
         self.stats.internal_errors += 1
         self.log.warning("internal", "error handling %s", what, exc_info=exc)
-        return f"internal error: {type(exc).__name__}: {exc}"
+        return Failure(FailureKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
     def _read_frames(self, ready) -> None:
         for peer, message in self.control.receive(ready):
@@ -139,11 +140,11 @@ class AgentCore:
             self._on_message(peer, message)
         except Exception as exc:  # one message's failure is its room's, never the thread's
             room = getattr(message, "room", None)
-            reason = self.contain(exc, f"{type(message).__name__} from {peer!r}")
+            failure = self.contain(exc, f"{type(message).__name__} from {peer!r}")
             if room is None:
-                self.control.reply(peer, ErrorReply(reason))
+                self.control.reply(peer, ErrorReply(str(failure)))
             else:
-                self._fail_room(room, reason)
+                self._fail_room(room, failure)
 
     def _dropped(self, peer: str) -> None:
         """The connection to `peer` dropped: whether it comes back is for heartbeats to tell
@@ -156,9 +157,8 @@ class AgentCore:
         for peer in self.peers.due_heartbeats(now):
             self.control.send(peer, Heartbeat())
         for peer in self.peers.silent(now):
-            self._on_peer_lost(
-                peer, f"peer lost: {peer} silent for over {self.config.heartbeat_timeout_s:g}s"
-            )
+            silent = f"peer lost: {peer} silent for over {self.config.heartbeat_timeout_s:g}s"
+            self._on_peer_lost(peer, Failure(FailureKind.PEER_LOST, silent))
             self.peers.forget(peer)
             self.control.forget(peer)
         if now >= self._next_reclaim:

@@ -19,6 +19,8 @@ from typing import ClassVar
 
 import torch
 
+from kvferry.transport.failure import Failure, FailureKind
+
 U64 = 1 << 64
 MAX_ENDPOINTS = 256  # open endpoints per rank (a UCX endpoint holds sockets while open)
 
@@ -32,15 +34,21 @@ class EndpointLimitError(RuntimeError):
     """No endpoint can be opened to a new peer: the rank holds too many already."""
 
 
-PEER_LOST = "peer lost: "  # how a backend's error says the peer (process or link) is gone
+def data_failure(reason: str, peer_gone: bool = False) -> Failure:
+    """How a backend tells why a send or receive failed: the peer (process or link) is gone,
+    or the operation itself failed."""
+    if peer_gone:
+        return Failure(FailureKind.PEER_LOST, f"peer lost: {reason}")
+    return Failure(FailureKind.DATA_PLANE, reason)
 
 
-def failure(operation: str, error: str) -> str:
-    """The reason a room fails with when its `operation` ("send", "receive") failed with
-    `error`: a peer that went away stays a peer loss, whatever was in flight."""
-    if error.startswith(PEER_LOST):
-        return f"{PEER_LOST}{operation} failed: {error.removeprefix(PEER_LOST)}"
-    return f"{operation} failed: {error}"
+def failure(operation: str, error: Failure) -> Failure:
+    """What a room fails with when its `operation` ("send", "receive") failed with `error`:
+    a peer that went away stays a peer loss, whatever was in flight."""
+    if error.kind is FailureKind.PEER_LOST:
+        detail = error.detail.removeprefix("peer lost: ")
+        return Failure(error.kind, f"peer lost: {operation} failed: {detail}")
+    return Failure(error.kind, f"{operation} failed: {error.detail}")
 
 
 class Request:
@@ -49,20 +57,19 @@ class Request:
     def done(self) -> bool:
         raise NotImplementedError
 
-    def error(self) -> str | None:
-        """Why it failed, once done (starting with PEER_LOST when the peer is gone); None on
-        success."""
+    def error(self) -> Failure | None:
+        """Why it failed, once done (`data_failure`); None on success."""
         raise NotImplementedError
 
 
 class DoneRequest(Request):
-    def __init__(self, error: str | None = None) -> None:
-        self._error = error
+    def __init__(self, error: str | None = None, peer_gone: bool = False) -> None:
+        self._error = data_failure(error, peer_gone) if error is not None else None
 
     def done(self) -> bool:
         return True
 
-    def error(self) -> str | None:
+    def error(self) -> Failure | None:
         return self._error
 
 
@@ -192,7 +199,7 @@ class LoopbackDataPlane(DataPlane):
         with self._registry_lock:
             peer = self._registry.get(endpoint)
         if peer is None:
-            return DoneRequest(f"loopback peer {endpoint!r} is gone")
+            return DoneRequest(f"loopback peer {endpoint!r} is gone", peer_gone=True)
         payload = buffer.cpu().view(torch.uint8).numpy().tobytes()
         with peer._lock:
             peer._queue.append((tag, payload))

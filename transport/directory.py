@@ -19,6 +19,7 @@ from kvferry.staging.layout import KVLayout
 from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import request
+from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import (
     Codec,
     Peers,
@@ -29,7 +30,8 @@ from kvferry.transport.messages import (
 from kvferry.transport.tags import MAX_WRITERS
 
 LOOKUP_RETRY_S = 0.05
-Resolved = Callable[[list, list[RankInfo] | None, str | None], None]  # (waiters, ranks, error)
+# (waiters, ranks, failure)
+Resolved = Callable[[list, list[RankInfo] | None, Failure | None], None]
 
 
 class PrefillDirectory:
@@ -76,7 +78,7 @@ class PrefillDirectory:
         try:
             ranks = future.result()
         except Exception as exc:  # a failed lookup fails exactly the rooms that needed it
-            done(waiters, None, f"bootstrap failed: {exc}")
+            done(waiters, None, Failure(FailureKind.PEER_LOST, f"bootstrap failed: {exc}"))
             return
         if not any(info.control_address in lost for info in ranks):
             self._cache[bootstrap] = ranks
@@ -98,38 +100,51 @@ class PrefillDirectory:
             time.sleep(LOOKUP_RETRY_S)
 
 
-def check_addresses(ranks: list[RankInfo]) -> str | None:
+def check_addresses(ranks: list[RankInfo]) -> Failure | None:
     """Why these prefill ranks cannot be reached (no ranks, or a malformed control address: a
     socket connecting to it would raise), or None. Decoding checks the addresses already; a
     bootstrap server's answer is checked again before anything connects to it."""
     if not ranks:
-        return "invalid: bootstrap server lists no prefill ranks"
+        return Failure(FailureKind.BAD_MESSAGE, "invalid: bootstrap server lists no prefill ranks")
     for info in ranks:
         try:
             check_control_address(info.control_address, "control_address")
         except ValueError as exc:
-            return f"invalid: prefill rank {info.layout.tp_rank}: {exc}"
+            return Failure(
+                FailureKind.BAD_MESSAGE, f"invalid: prefill rank {info.layout.tp_rank}: {exc}"
+            )
     return None
 
 
-def check_ranks(layout: KVLayout, ranks: list[RankInfo]) -> str | None:
+def check_ranks(layout: KVLayout, ranks: list[RankInfo]) -> Failure | None:
     """Why the decode rank with `layout` cannot take KV from these prefill ranks, or None."""
     error = check_addresses(ranks)
     if error:
         return error
     if [info.layout.tp_rank for info in ranks] != list(range(len(ranks))):
-        return "invalid: bootstrap server lists prefill ranks out of order"
+        return Failure(
+            FailureKind.BAD_MESSAGE, "invalid: bootstrap server lists prefill ranks out of order"
+        )
     if len(ranks) > MAX_WRITERS:
-        return f"unsupported: {len(ranks)} prefill ranks exceed {MAX_WRITERS} writers"
+        return Failure(
+            FailureKind.INCOMPATIBLE,
+            f"unsupported: {len(ranks)} prefill ranks exceed {MAX_WRITERS} writers",
+        )
     sizes = {info.layout.tp_size for info in ranks}
     if sizes != {len(ranks)}:
-        return f"invalid: bootstrap server lists {len(ranks)} ranks of groups of {sorted(sizes)}"
+        return Failure(
+            FailureKind.BAD_MESSAGE,
+            f"invalid: bootstrap server lists {len(ranks)} ranks of groups of {sorted(sizes)}",
+        )
     for info in ranks:
         mismatch = layout.mismatch(info.layout)
         if mismatch:
-            return f"incompatible: prefill rank {info.layout.tp_rank}: {mismatch}"
+            return Failure(
+                FailureKind.INCOMPATIBLE,
+                f"incompatible: prefill rank {info.layout.tp_rank}: {mismatch}",
+            )
     try:
         plan_head_transfers(layout.num_kv_heads, len(ranks), layout.tp_size, layout.mla)
     except ValueError as exc:
-        return f"incompatible: {exc}"
+        return Failure(FailureKind.INCOMPATIBLE, f"incompatible: {exc}")
     return None

@@ -15,12 +15,16 @@ import torch
 
 from kvferry.staging.copy_stream import Fence
 from kvferry.staging.kv_copy import host_slots
+from kvferry.transport.failure import Failure, aborted
 from kvferry.transport.room import KVPoll, TransferFailed
 from kvferry.transport.send_room import Ready
 
 if TYPE_CHECKING:
     from kvferry.transport.receiver import DecodeAgent
     from kvferry.transport.sender import PrefillAgent
+
+PREFILL_ABORT = aborted("aborted by the prefill engine")
+DECODE_ABORT = aborted("aborted by the decode engine")
 
 
 class KVSender:
@@ -48,7 +52,7 @@ class KVSender:
         `layers_ready`: (n, event) pairs, n ascending — layers [0, n) are written once that
         event fires, so layer-wise messages can leave before the whole forward is done."""
         if self.poll() == KVPoll.Failed:
-            raise TransferFailed(self.failure_reason)
+            raise TransferFailed(self.failure)
         slots = host_slots(slots).copy()
         self._tokens += len(slots)
         if self._tokens > self.num_tokens:
@@ -68,13 +72,14 @@ class KVSender:
         return self._loop_state(self.status.state)
 
     @property
-    def failure_reason(self) -> str | None:
-        if self.status is not None and self.status.reason:
-            return self.status.reason
+    def failure(self) -> Failure | None:
+        """Why the room failed (None unless it did)."""
+        if self.status is not None and self.status.failure:
+            return self.status.failure
         return self.agent.thread_failure
 
-    def abort(self, reason: str = "aborted by the prefill engine") -> None:
-        self.agent.post(lambda: self.agent.abort_on_loop(self.room, reason))
+    def abort(self, failure: Failure = PREFILL_ABORT) -> None:
+        self.agent.post(lambda: self.agent.abort_on_loop(self.room, failure))
 
     def _loop_state(self, state: KVPoll) -> KVPoll:
         if state < KVPoll.Success and self.agent.thread_failure:
@@ -96,7 +101,7 @@ class KVReceiver:
         self.num_tokens = len(slots)
         self.status = None  # the room's RoomStatus, set on the loop thread
         self.first_token: int | None = None  # sampled by prefill; set before Success shows
-        self._rejected: str | None = None
+        self._rejected: Failure | None = None
 
     def poll(self) -> KVPoll:
         if self._rejected or (self.status is None and self.agent.thread_failure):
@@ -108,15 +113,16 @@ class KVReceiver:
         return self.status.state
 
     @property
-    def failure_reason(self) -> str | None:
+    def failure(self) -> Failure | None:
+        """Why the room failed (None unless it did)."""
         if self._rejected:
             return self._rejected
-        if self.status is not None and self.status.reason:
-            return self.status.reason
+        if self.status is not None and self.status.failure:
+            return self.status.failure
         return self.agent.thread_failure
 
-    def abort(self, reason: str = "aborted by the decode engine") -> None:
-        self.agent.post(lambda: self.agent.abort_on_loop(self, reason))
+    def abort(self, failure: Failure = DECODE_ABORT) -> None:
+        self.agent.post(lambda: self.agent.abort_on_loop(self, failure))
 
-    def reject(self, reason: str) -> None:
-        self._rejected = reason
+    def reject(self, failure: Failure) -> None:
+        self._rejected = failure

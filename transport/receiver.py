@@ -19,6 +19,7 @@ from kvferry.transport.control import PeerLimitError
 from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import DataPlane
 from kvferry.transport.directory import PrefillDirectory, check_addresses, check_ranks
+from kvferry.transport.failure import Failure, FailureKind, timeout
 from kvferry.transport.handles import KVReceiver
 from kvferry.transport.messages import (
     Abort,
@@ -80,19 +81,20 @@ class DecodeAgent(TransferAgent):
         self.directory.close()
         self.core.close()
 
-    def abort_on_loop(self, handle: KVReceiver, reason: str) -> None:
-        """KVReceiver.abort on the loop thread: fail `handle`'s room with `reason` and tell
+    def abort_on_loop(self, handle: KVReceiver, failure: Failure) -> None:
+        """KVReceiver.abort on the loop thread: fail `handle`'s room with `failure` and tell
         its prefill ranks — unless the room open under its id is another handle's (this one
         was rejected as a duplicate) or is gone."""
         room = self.rooms.get(handle.room)
         if room is not None and room.handle is handle:
-            self._fail(room, reason)
+            self._fail(room, failure)
 
     # --- bootstrapping -----------------------------------------------------------------------
 
     def _open(self, handle: KVReceiver) -> None:
         if handle.room in self.rooms:
-            handle.reject(f"duplicate: room {handle.room:#x} is already open on this rank")
+            duplicate = f"duplicate: room {handle.room:#x} is already open on this rank"
+            handle.reject(Failure(FailureKind.INTERNAL, duplicate))
             return
         room = RecvRoom(
             handle, next(self._keys), self.config.chunk_tokens, self._groups, time.monotonic()
@@ -101,7 +103,7 @@ class DecodeAgent(TransferAgent):
         self.directory.resolve(handle.bootstrap, room, self._resolved)
 
     def _resolved(
-        self, rooms: list[RecvRoom], ranks: list[RankInfo] | None, error: str | None
+        self, rooms: list[RecvRoom], ranks: list[RankInfo] | None, error: Failure | None
     ) -> None:
         error = error or check_addresses(ranks)  # before anything connects to them
         for room in rooms:
@@ -111,7 +113,9 @@ class DecodeAgent(TransferAgent):
                 self._register(room, ranks)
             else:  # failed while the lookup ran: the prefill ranks still need to hear of it
                 for info in ranks:
-                    self.core.control.send(info.control_address, Abort(room.room, room.failing))
+                    self.core.control.send(
+                        info.control_address, Abort(room.room, str(room.failing))
+                    )
 
     def _register(self, room: RecvRoom, peers: list[RankInfo]) -> None:
         room.rank_peers = {info.layout.tp_rank: info.control_address for info in peers}
@@ -129,10 +133,12 @@ class DecodeAgent(TransferAgent):
         largest = self.planes.layers(room.groups[0], self.layout.num_layers)
         need = largest.staging_bytes(min(room.chunk_tokens, room.num_tokens), widest)
         if not self.slice_mode and need > self.config.staging_bytes:
+            small = f"ring too small: a chunk needs {need} bytes, "
             self._fail(
                 room,
-                f"ring too small: a chunk needs {need} bytes, "
-                f"the ring holds {self.config.staging_bytes}",
+                Failure(
+                    FailureKind.INCOMPATIBLE, small + f"the ring holds {self.config.staging_bytes}"
+                ),
             )
             return
         message = RegisterRoom(
@@ -149,13 +155,13 @@ class DecodeAgent(TransferAgent):
         for info in peers:
             self.core.control.send(info.control_address, message)
 
-    def _open_peers(self, peers: list[RankInfo]) -> str | None:
+    def _open_peers(self, peers: list[RankInfo]) -> Failure | None:
         """Open the control sockets to a group's ranks; why not, or None."""
         try:
             for info in peers:
                 self.core.control.open(info.control_address)
         except (PeerLimitError, ValueError) as exc:
-            return str(exc)
+            return Failure(FailureKind.REFUSED, str(exc))
         return None
 
     # --- control messages --------------------------------------------------------------------
@@ -169,7 +175,8 @@ class DecodeAgent(TransferAgent):
         elif isinstance(message, TransferDone) and room is not None:
             self._on_done(room, message)
         elif isinstance(message, (Abort, ErrorReply)) and room is not None:
-            self._fail(room, f"aborted by prefill: {message.reason}", skip_peer=peer)
+            aborted = Failure(FailureKind.PEER_ABORTED, f"aborted by prefill: {message.reason}")
+            self._fail(room, aborted, skip_peer=peer)
         elif isinstance(message, ErrorReply):
             self.core.log.warning("peer error", "peer %r reports: %s", peer, message.reason)
         elif not isinstance(message, (RoomAccepted, TransferDone, Abort)):
@@ -177,22 +184,21 @@ class DecodeAgent(TransferAgent):
 
     def _on_done(self, room: RecvRoom, message: TransferDone) -> None:
         if message.src_rank not in room.rank_peers or message.num_chunks != room.num_chunks:
+            done = f"protocol: TransferDone from rank {message.src_rank} "
             self._fail(
                 room,
-                f"protocol: TransferDone from rank {message.src_rank} "
-                f"for {message.num_chunks} chunks",
+                Failure(FailureKind.BAD_MESSAGE, done + f"for {message.num_chunks} chunks"),
             )
             return
         room.first_tokens[message.src_rank] = message.first_token
         if len(set(room.first_tokens.values())) > 1:
-            self._fail(
-                room, f"mismatch: prefill ranks sampled different first tokens {room.first_tokens}"
-            )
+            tokens = f"mismatch: prefill ranks sampled different first tokens {room.first_tokens}"
+            self._fail(room, Failure(FailureKind.BAD_MESSAGE, tokens))
 
-    def _abort(self, room_id: int, reason: str) -> None:
+    def _abort(self, room_id: int, failure: Failure) -> None:
         room = self.rooms.get(room_id)
         if room is not None:
-            self._fail(room, reason)
+            self._fail(room, failure)
 
     def _on_dropped(self, peer: str) -> None:
         """The connection to a prefill rank dropped (its daemon stopped or restarted: a new
@@ -200,10 +206,10 @@ class DecodeAgent(TransferAgent):
         judged by heartbeats, as a dropped connection may come back."""
         self.directory.forget(peer)
 
-    def _on_peer_lost(self, peer: str, reason: str) -> None:
+    def _on_peer_lost(self, peer: str, failure: Failure) -> None:
         self.directory.forget(peer)
         for room in [r for r in self.rooms.values() if peer in r.rank_peers.values()]:
-            self._fail(room, reason, skip_peer=peer)
+            self._fail(room, failure, skip_peer=peer)
 
     # --- progress ----------------------------------------------------------------------------
 
@@ -227,10 +233,11 @@ class DecodeAgent(TransferAgent):
         age = now - room.created
         if room.status.state == KVPoll.Bootstrapping and age > self.config.bootstrap_timeout_s:
             self._fail(
-                room, f"timeout: room not registered with every prefill rank after {age:.1f}s"
+                room,
+                timeout(f"timeout: room not registered with every prefill rank after {age:.1f}s"),
             )
         elif age > self.config.transfer_timeout_s:
-            self._fail(room, f"timeout: transfer unfinished after {age:.1f}s")
+            self._fail(room, timeout(f"timeout: transfer unfinished after {age:.1f}s"))
         elif room.writers and room.complete(self.slice_mode, self.planes.num_planes):
             room.handle.first_token = next(iter(room.first_tokens.values()))
             room.status.advance(KVPoll.Success)
@@ -238,17 +245,17 @@ class DecodeAgent(TransferAgent):
             self._close(room)
 
     def _fail(
-        self, room: RecvRoom, reason: str, notify: bool = True, skip_peer: str | None = None
+        self, room: RecvRoom, failure: Failure, notify: bool = True, skip_peer: str | None = None
     ) -> None:
         if not room.open:
             return
-        room.failing = reason
-        self.core.stats.failed(reason)
-        log.info("room %#x failed: %s", room.room, reason)
+        room.failing = failure
+        self.core.stats.failed(failure)
+        log.info("room %#x failed: %s", room.room, failure)
         if notify:
             for peer in room.rank_peers.values():
                 if peer != skip_peer:
-                    self.core.control.send(peer, Abort(room.room, reason))
+                    self.core.control.send(peer, Abort(room.room, str(failure)))
         self._check_room(room, time.monotonic())
 
     def _close(self, room: RecvRoom) -> None:

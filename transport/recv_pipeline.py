@@ -17,6 +17,7 @@ from kvferry.staging.kv_copy import KVPlanes
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import failure
+from kvferry.transport.failure import Failure, ring_full
 from kvferry.transport.recv_room import Arrival, Piece, RecvRoom
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tags import unpack_tag
@@ -31,7 +32,7 @@ class RecvPipeline:
         config: TransferConfig,
         planes: KVPlanes,
         room_of_key: Callable[[int], RecvRoom | None],
-        fail_room: Callable[[RecvRoom, str], None],
+        fail_room: Callable[[RecvRoom, Failure], None],
     ) -> None:
         self.core, self.config, self.planes = core, config, planes
         self.slice_mode = config.mode == "slice"
@@ -93,10 +94,10 @@ class RecvPipeline:
         """Fail the room of a message whose handling raised, and discard the message (its
         sender is released; were it left queued, every probe would find it again). False if
         even the discard raised: the message stays, and this turn takes no more."""
-        reason = self.core.contain(exc, f"data message {tag:#x}")
+        contained = self.core.contain(exc, f"data message {tag:#x}")
         room = self._room_of_key(unpack_tag(tag)[0])
         if room is not None:
-            self._fail_room(room, reason)
+            self._fail_room(room, contained)
         try:
             self._discards.append(self.core.data.discard(tag))
         except Exception as discard_exc:
@@ -136,9 +137,7 @@ class RecvPipeline:
             self._ring_blocked_since = now
             self.core.stats.ring_waits += 1
         elif now - self._ring_blocked_since > self.config.ring_wait_timeout_s:
-            self._fail_room(
-                room, f"ring full: no staging room for {self.config.ring_wait_timeout_s:g}s"
-            )
+            self._fail_room(room, ring_full(self.config.ring_wait_timeout_s))
             self._ring_blocked_since = None
         return False
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.plan import HeadSlice
+from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.room import RoomStatus
 
 
@@ -56,7 +57,7 @@ class RecvRoom:
         self.taken: dict[tuple[int, int], int] = {}  # (piece, writer) -> messages taken
         self.done_units = 0  # staged: chunks scattered; slice: rows received
         self.busy = 0  # receives or scatters that may still write into the KV pages or ring
-        self.failing: str | None = None
+        self.failing: Failure | None = None
 
     @property
     def num_chunks(self) -> int:
@@ -88,20 +89,29 @@ class RecvRoom:
         peer. Returns (error, what the message carries)."""
         head_slice = self.writers.get(writer)
         if head_slice is None:
-            return f"protocol: prefill rank {writer} sends no heads to this rank", None
+            return Failure(
+                FailureKind.BAD_MESSAGE,
+                f"protocol: prefill rank {writer} sends no heads to this rank",
+            ), None
         chunk, group = divmod(piece, len(self.groups))
         if chunk >= self.num_chunks:
-            return f"protocol: piece {piece} of a room of {self.num_chunks} chunks", None
+            return Failure(
+                FailureKind.BAD_MESSAGE,
+                f"protocol: piece {piece} of a room of {self.num_chunks} chunks",
+            ), None
         slots = self.chunk_slots(chunk)
         planes = planes.layers(self.groups[group], self.groups[-1].stop)
         index = self.taken.get((piece, writer), 0)
         rows = planes.num_planes * len(slots) if slice_mode else 1  # messages per piece
         expected = planes.staging_bytes(len(slots), head_slice.num_heads) // rows
         if index >= rows:
-            return f"protocol: piece {piece} from prefill rank {writer} arrived twice", None
+            return Failure(
+                FailureKind.BAD_MESSAGE,
+                f"protocol: piece {piece} from prefill rank {writer} arrived twice",
+            ), None
         if nbytes != expected:
             error = f"protocol: {nbytes} bytes for piece {piece} from rank {writer}, "
-            return error + f"expected {expected}", None
+            return Failure(FailureKind.BAD_MESSAGE, error + f"expected {expected}"), None
         self.taken[(piece, writer)] = index + 1
         return None, Piece(head_slice, slots, planes, index)
 

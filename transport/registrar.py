@@ -20,6 +20,7 @@ from kvferry.transport.control import PeerLimitError
 from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import EndpointLimitError, InvalidAddress
 from kvferry.transport.endpoints import EndpointPool
+from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import RegisterRoom, RoomAccepted
 from kvferry.transport.send_room import Dest, SendRoom, check_registration
 from kvferry.transport.tombstones import Tombstones
@@ -37,7 +38,7 @@ class Registrar:
         rooms: dict[int, SendRoom],
         tombstones: Tombstones,
         endpoints: EndpointPool,
-        fail_room: Callable[[SendRoom, str], None],
+        fail_room: Callable[[SendRoom, Failure], None],
     ) -> None:
         """`rooms` and `tombstones` are the agent's own: a new room is added to `rooms`."""
         self.core, self.config, self.layout, self.planes = core, config, layout, planes
@@ -52,7 +53,7 @@ class Registrar:
         error = self._check_sender(peer, msg) or room.register(msg, self.layout.num_layers)
         endpoint, error = (None, error) if error else self._connect(peer, msg)
         if error:
-            self.core.refuse(peer, error, msg.room)
+            self.core.refuse(peer, str(error), msg.room)
             self._fail_room(room, error)
             return
         room.dests[msg.layout.tp_rank] = self._dest(peer, msg, endpoint)
@@ -64,7 +65,7 @@ class Registrar:
         none to register with."""
         room = self.rooms.get(room_id)
         if room is None and room_id in self.tombstones:
-            self.core.refuse(peer, self.tombstones.reason(room_id), room_id)
+            self.core.refuse(peer, str(self.tombstones.reason(room_id)), room_id)
             return None
         if room is None and len(self.rooms) >= MAX_ROOMS:
             self.core.refuse(peer, f"busy: {MAX_ROOMS} rooms already open on this rank", room_id)
@@ -72,34 +73,35 @@ class Registrar:
         if room is None:
             room = self.rooms[room_id] = SendRoom(room_id, time.monotonic(), self.config)
         elif room.status.finished:
-            self.core.refuse(peer, room.status.reason or "room already finished", room_id)
+            self.core.refuse(peer, str(room.status.failure or "room already finished"), room_id)
             return None
         return room
 
-    def _check_sender(self, peer: str, msg: RegisterRoom) -> str | None:
+    def _check_sender(self, peer: str, msg: RegisterRoom) -> Failure | None:
         if msg.control_address != peer:
-            return (
+            invalid = (
                 f"invalid: control_address {msg.control_address!r} is not the address the "
                 f"frame came from ({peer!r})"
             )
+            return Failure(FailureKind.BAD_MESSAGE, invalid)
         return check_registration(msg, self.layout, self.planes, self.config)
 
-    def _connect(self, peer: str, msg: RegisterRoom) -> tuple[object, str | None]:
+    def _connect(self, peer: str, msg: RegisterRoom) -> tuple[object, Failure | None]:
         """Open the control socket to a checked decode rank and hold the data-plane endpoint
         to it for the room: (endpoint, None), or (None, why not) with nothing opened for it
         left behind."""
         try:
             self.core.control.open(peer)
         except (PeerLimitError, ValueError) as exc:
-            return None, str(exc)
+            return None, Failure(FailureKind.REFUSED, str(exc))
         try:
             return self.endpoints.hold(msg.ucx_address, msg.room), None
         except (InvalidAddress, EndpointLimitError) as exc:
             if not self.core.peers.rooms_of(peer):
                 self.core.control.forget(peer)
             if isinstance(exc, InvalidAddress):
-                return None, f"invalid: ucx_address: {exc}"
-            return None, str(exc)
+                return None, Failure(FailureKind.BAD_MESSAGE, f"invalid: ucx_address: {exc}")
+            return None, Failure(FailureKind.REFUSED, str(exc))
 
     def _dest(self, peer: str, msg: RegisterRoom, endpoint) -> Dest:
         plan = cached_plan(

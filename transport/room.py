@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import time
 
+from kvferry.transport.failure import Failure
+
 
 class KVPoll(enum.IntEnum):
     """Bootstrapping -> WaitingForInput -> Transferring -> Success | Failed (forward only)."""
@@ -17,16 +19,16 @@ class KVPoll(enum.IntEnum):
 
 
 class RoomStatus:
-    """A room's state on one rank: moves forward only; Failed is sticky and keeps its reason.
+    """A room's state on one rank: moves forward only; Failed is sticky and keeps its failure.
 
     Written by the agent thread; read by any thread (single attribute reads).
     """
 
-    __slots__ = ("created", "reason", "state")
+    __slots__ = ("created", "failure", "state")
 
     def __init__(self) -> None:
         self.state = KVPoll.Bootstrapping
-        self.reason: str | None = None
+        self.failure: Failure | None = None
         self.created = time.monotonic()
 
     @property
@@ -39,14 +41,18 @@ class RoomStatus:
             assert state != KVPoll.Failed, "use fail() to fail a room"
             self.state = state
 
-    def fail(self, reason: str) -> bool:
+    def fail(self, failure: Failure) -> bool:
         """Fail the room; False (and nothing changes) if it had already finished."""
         if self.finished:
             return False
-        self.reason = reason
+        self.failure = failure
         self.state = KVPoll.Failed
         return True
 
 
 class TransferFailed(RuntimeError):
     """Raised by KVSender/KVReceiver methods on a room that has failed."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(str(failure))
+        self.failure = failure

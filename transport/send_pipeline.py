@@ -15,6 +15,7 @@ from collections.abc import Callable
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import failure
+from kvferry.transport.failure import Failure, ring_full
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_room import Outgoing
 
@@ -26,7 +27,7 @@ class SendPipeline:
         self,
         core: AgentCore,
         config: TransferConfig,
-        fail_room: Callable[[object, str], None],
+        fail_room: Callable[[object, Failure], None],
     ) -> None:
         self.staging, self.copies, self.data, self.stats = (
             core.staging,
@@ -90,9 +91,7 @@ class SendPipeline:
             self.stats.ring_waits += 1
         if now - item.queued > self.config.ring_wait_timeout_s:
             self._release(self._queue.popleft())
-            self._fail_room(
-                item.room, f"ring full: no staging room for {self.config.ring_wait_timeout_s:g}s"
-            )
+            self._fail_room(item.room, ring_full(self.config.ring_wait_timeout_s))
 
     def _note_ring_wait(self, item: Outgoing, now: float) -> None:
         if item.waited:

@@ -13,6 +13,7 @@ from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.layout import KVLayout, layer_groups
 from kvferry.staging.plan import HeadSlice, cached_plan
 from kvferry.transport.config import TransferConfig
+from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import RegisterRoom
 from kvferry.transport.room import RoomStatus
 from kvferry.transport.tags import MAX_KEY, MAX_PIECES, MAX_WRITERS, pack_tag
@@ -126,21 +127,28 @@ class SendRoom:
         if self.num_tokens is None:
             self.num_tokens = handle.num_tokens
 
-    def register(self, msg: RegisterRoom, num_layers: int) -> str | None:
-        """Record one decode rank's registration; an error string if it contradicts the room."""
+    def register(self, msg: RegisterRoom, num_layers: int) -> Failure | None:
+        """Record one decode rank's registration; the failure if it contradicts the room."""
         if self.num_tokens is not None and msg.num_tokens != self.num_tokens:
-            return (
+            mismatch = (
                 f"mismatch: num_tokens {msg.num_tokens} at decode vs {self.num_tokens} at prefill"
             )
+            return Failure(FailureKind.INCOMPATIBLE, mismatch)
         proposal = (msg.layout.tp_size, msg.chunk_tokens, msg.layer_group)
         if self.dst_tp is not None and proposal != (
             self.dst_tp,
             self.chunk_tokens,
             self.layer_group,
         ):
-            return "mismatch: decode ranks proposed different tp_size, chunk_tokens or layer_group"
+            return Failure(
+                FailureKind.INCOMPATIBLE,
+                "mismatch: decode ranks proposed different tp_size, chunk_tokens or layer_group",
+            )
         if msg.layout.tp_rank in self.dests:
-            return f"mismatch: decode rank {msg.layout.tp_rank} registered twice"
+            return Failure(
+                FailureKind.INCOMPATIBLE,
+                f"mismatch: decode rank {msg.layout.tp_rank} registered twice",
+            )
         self.num_tokens = msg.num_tokens
         self.dst_tp, self.chunk_tokens, self.layer_group = proposal
         self.groups = layer_groups(num_layers, msg.layer_group)
@@ -148,16 +156,19 @@ class SendRoom:
 
     def add_tokens(
         self, slots: np.ndarray, ready: Ready, first_token: int | None, last: bool
-    ) -> str | None:
+    ) -> Failure | None:
         if self.input_done:
-            return "engine error: tokens added after the last chunk"
+            return Failure(FailureKind.INTERNAL, "engine error: tokens added after the last chunk")
         self._slots.append(slots)
         self._ready.append(ready)
         self._tokens_added += len(slots)
         if last:
             if self._tokens_added != self.num_tokens:
                 end = self._tokens_added
-                return f"engine error: last chunk ends at token {end} of {self.num_tokens}"
+                return Failure(
+                    FailureKind.INTERNAL,
+                    f"engine error: last chunk ends at token {end} of {self.num_tokens}",
+                )
             self.input_done, self.first_token = True, first_token
         return None
 
@@ -174,28 +185,37 @@ class SendRoom:
             yield self._next_chunk, slots[: end - start], ready
             self._next_chunk += 1
 
-    def expired(self, now: float) -> str | None:
+    def expired(self, now: float) -> Failure | None:
         age = now - self.created
         if not self.registered or self.handle is None:
             if age > self.config.bootstrap_timeout_s:
                 waiting = "the engine" if self.handle is None else "decode registrations"
-                return f"timeout: room still waiting for {waiting} after {age:.1f}s"
+                return Failure(
+                    FailureKind.TIMEOUT,
+                    f"timeout: room still waiting for {waiting} after {age:.1f}s",
+                )
         elif age > self.config.transfer_timeout_s:
-            return f"timeout: transfer unfinished after {age:.1f}s"
+            return Failure(FailureKind.TIMEOUT, f"timeout: transfer unfinished after {age:.1f}s")
         return None
 
 
 def check_registration(
     msg: RegisterRoom, layout: KVLayout, planes: KVPlanes, config: TransferConfig
-) -> str | None:
+) -> Failure | None:
     """Why a decode rank's registration cannot be served here, or None."""
     if msg.mode != config.mode:
-        return f"mismatch: mode {msg.mode!r} at decode vs {config.mode!r} at prefill"
+        return Failure(
+            FailureKind.INCOMPATIBLE,
+            f"mismatch: mode {msg.mode!r} at decode vs {config.mode!r} at prefill",
+        )
     mismatch = layout.mismatch(msg.layout)
     if mismatch:
-        return f"incompatible: {mismatch}"
+        return Failure(FailureKind.INCOMPATIBLE, f"incompatible: {mismatch}")
     if layout.tp_size > MAX_WRITERS:
-        return f"unsupported: prefill tp_size {layout.tp_size} exceeds {MAX_WRITERS}"
+        return Failure(
+            FailureKind.INCOMPATIBLE,
+            f"unsupported: prefill tp_size {layout.tp_size} exceeds {MAX_WRITERS}",
+        )
     if (
         msg.num_tokens < 1
         or msg.chunk_tokens < 1
@@ -203,22 +223,29 @@ def check_registration(
         or msg.layer_group < 0
         or (msg.layer_group and msg.mode == "slice")
     ):
-        return (
+        invalid = (
             f"invalid: num_tokens={msg.num_tokens} chunk_tokens={msg.chunk_tokens} "
             f"recv_key={msg.recv_key} layer_group={msg.layer_group} (mode {msg.mode!r})"
         )
+        return Failure(FailureKind.BAD_MESSAGE, invalid)
     groups = layer_groups(layout.num_layers, msg.layer_group)
     if -(-msg.num_tokens // msg.chunk_tokens) * len(groups) > MAX_PIECES:
         pieces = f"{msg.num_tokens} tokens in chunks of {msg.chunk_tokens}"
         pieces += f" x {len(groups)} layer groups"
-        return f"unsupported: {pieces} exceed {MAX_PIECES} messages per writer"
+        return Failure(
+            FailureKind.INCOMPATIBLE,
+            f"unsupported: {pieces} exceed {MAX_PIECES} messages per writer",
+        )
     try:
         plan = cached_plan(layout.num_kv_heads, layout.tp_size, msg.layout.tp_size, layout.mla)
     except ValueError as exc:
-        return f"incompatible: {exc}"
+        return Failure(FailureKind.INCOMPATIBLE, f"incompatible: {exc}")
     widest = max(s.num_heads for s in plan)
     largest = planes.layers(groups[0], layout.num_layers)  # the first group is never smaller
     need = largest.staging_bytes(min(msg.chunk_tokens, msg.num_tokens), widest)
     if config.mode == "staged" and need > config.staging_bytes:
-        return f"ring too small: a chunk needs {need} bytes, the ring holds {config.staging_bytes}"
+        return Failure(
+            FailureKind.INCOMPATIBLE,
+            f"ring too small: a chunk needs {need} bytes, the ring holds {config.staging_bytes}",
+        )
     return None

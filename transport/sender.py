@@ -18,6 +18,7 @@ from kvferry.transport.control import request
 from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import DataPlane
 from kvferry.transport.endpoints import EndpointPool
+from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.handles import KVSender
 from kvferry.transport.messages import (
     Abort,
@@ -37,6 +38,8 @@ from kvferry.transport.send_room import Outgoing, Ready, SendRoom
 from kvferry.transport.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
+# what a room that succeeded leaves behind: a late registration for it is refused with this
+_FINISHED = Failure(FailureKind.REFUSED, "room already finished")
 
 
 class PrefillAgent(TransferAgent):
@@ -123,10 +126,10 @@ class PrefillAgent(TransferAgent):
         if tomb is not None:
             self._fail(room, tomb, notify=False)
         elif room.num_tokens is not None and room.num_tokens != handle.num_tokens:
+            mismatch = f"mismatch: num_tokens {handle.num_tokens} at prefill "
             self._fail(
                 room,
-                f"mismatch: num_tokens {handle.num_tokens} at prefill "
-                f"vs {room.num_tokens} at decode",
+                Failure(FailureKind.INCOMPATIBLE, mismatch + f"vs {room.num_tokens} at decode"),
             )
 
     def add_tokens_on_loop(
@@ -141,11 +144,11 @@ class PrefillAgent(TransferAgent):
         if error:
             self._fail(room, error)
 
-    def abort_on_loop(self, room_id: int, reason: str) -> None:
-        """Fail room `room_id` with `reason` and tell its decode ranks; on the loop thread."""
+    def abort_on_loop(self, room_id: int, failure: Failure) -> None:
+        """Fail room `room_id` with `failure` and tell its decode ranks; on the loop thread."""
         room = self.rooms.get(room_id)
         if room is not None:
-            self._fail(room, reason)
+            self._fail(room, failure)
 
     # --- control messages --------------------------------------------------------------------
 
@@ -163,17 +166,17 @@ class PrefillAgent(TransferAgent):
 
     def _on_abort(self, peer: str, msg: Abort) -> None:
         room = self.rooms.get(msg.room)
-        reason = f"aborted by decode: {msg.reason}"
+        aborted = Failure(FailureKind.PEER_ABORTED, f"aborted by decode: {msg.reason}")
         if room is None:  # the engine may claim it yet: it must find the room failed
-            self.tombstones.bury(msg.room, reason, time.monotonic())
+            self.tombstones.bury(msg.room, aborted, time.monotonic())
         else:
-            self._fail(room, reason, skip_peer=peer)
+            self._fail(room, aborted, skip_peer=peer)
 
-    def _on_peer_lost(self, peer: str, reason: str) -> None:
+    def _on_peer_lost(self, peer: str, failure: Failure) -> None:
         for room in [
             r for r in self.rooms.values() if any(d.peer == peer for d in r.dests.values())
         ]:
-            self._fail(room, reason, skip_peer=peer)
+            self._fail(room, failure, skip_peer=peer)
 
     def _on_endpoint_error(self, ucx_address: bytes, why: str) -> None:
         self.core.data.drop_endpoint(ucx_address)
@@ -182,7 +185,7 @@ class PrefillAgent(TransferAgent):
             for r in self.rooms.values()
             if any(d.ucx_address == ucx_address for d in r.dests.values())
         ]:
-            self._fail(room, f"peer lost: {why}")
+            self._fail(room, Failure(FailureKind.PEER_LOST, f"peer lost: {why}"))
 
     # --- progress ----------------------------------------------------------------------------
 
@@ -233,17 +236,17 @@ class PrefillAgent(TransferAgent):
             self._release_peers(room)
 
     def _fail(
-        self, room: SendRoom, reason: str, notify: bool = True, skip_peer: str | None = None
+        self, room: SendRoom, failure: Failure, notify: bool = True, skip_peer: str | None = None
     ) -> None:
-        if not room.status.fail(reason):
+        if not room.status.fail(failure):
             return
-        self.core.stats.failed(reason)
+        self.core.stats.failed(failure)
         if room.handle is not None:  # a room only a peer opened is counted, not logged: peers
-            log.info("room %#x failed: %s", room.room, reason)  # decide how many there are
+            log.info("room %#x failed: %s", room.room, failure)  # decide how many there are
         if notify:
             for dest in room.dests.values():
                 if dest.peer != skip_peer:
-                    self.core.control.send(dest.peer, Abort(room.room, reason))
+                    self.core.control.send(dest.peer, Abort(room.room, str(failure)))
         self._release_peers(room)
 
     def _release_peers(self, room: SendRoom) -> None:
@@ -257,7 +260,7 @@ class PrefillAgent(TransferAgent):
             r for r, room in self.rooms.items() if room.status.finished and room.in_flight == 0
         ]:
             room = self.rooms.pop(room_id)
-            self.tombstones.bury(room_id, room.status.reason or "room already finished", now)
+            self.tombstones.bury(room_id, room.status.failure or _FINISHED, now)
             for dest in room.dests.values():  # nothing of it is in flight any more
                 self.endpoints.release(dest.ucx_address, room_id, now)
         self.tombstones.expire(now)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from kvferry.transport.failure import Failure
+
 KEEP_S = 600.0  # how long a finished room is remembered
 MAX_TOMBSTONES = 8192
 
@@ -16,7 +18,7 @@ MAX_TOMBSTONES = 8192
 class Tombstones:
     def __init__(self, keep_s: float = KEEP_S, limit: int = MAX_TOMBSTONES) -> None:
         self.keep_s, self.limit = keep_s, limit
-        self._reasons: OrderedDict[int, tuple[str, float]] = OrderedDict()  # oldest first
+        self._reasons: OrderedDict[int, tuple[Failure, float]] = OrderedDict()  # oldest first
 
     def __len__(self) -> int:
         return len(self._reasons)
@@ -24,18 +26,18 @@ class Tombstones:
     def __contains__(self, room: int) -> bool:
         return room in self._reasons
 
-    def reason(self, room: int) -> str | None:
+    def reason(self, room: int) -> Failure | None:
         """Why `room` finished, if it is remembered."""
         entry = self._reasons.get(room)
         return None if entry is None else entry[0]
 
-    def bury(self, room: int, reason: str, now: float) -> None:
+    def bury(self, room: int, reason: Failure, now: float) -> None:
         self._reasons[room] = (reason, now)
         self._reasons.move_to_end(room)
         if len(self._reasons) > self.limit:
             self._reasons.popitem(last=False)
 
-    def pop(self, room: int) -> str | None:
+    def pop(self, room: int) -> Failure | None:
         """Forget `room`; why it finished, if it was remembered."""
         entry = self._reasons.pop(room, None)
         return None if entry is None else entry[0]

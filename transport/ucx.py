@@ -16,7 +16,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from kvferry.transport.dataplane import PEER_LOST, DataPlane, DoneRequest, InvalidAddress, Request
+from kvferry.transport.dataplane import (
+    DataPlane,
+    DoneRequest,
+    InvalidAddress,
+    Request,
+    data_failure,
+)
+from kvferry.transport.failure import Failure
 from kvferry.transport.netdev import ucx_net_devices
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 
@@ -79,12 +86,12 @@ class UcxRequest(Request):
     def done(self) -> bool:
         return self._request.completed
 
-    def error(self) -> str | None:
+    def error(self) -> Failure | None:
         try:
             self._request.check_error()
         except Exception as exc:  # ucxx raises its own typed errors; the reason is what we keep
             reason = f"{type(exc).__name__}: {exc}"
-            return PEER_LOST + reason if type(exc).__name__ in PEER_GONE else reason
+            return data_failure(reason, peer_gone=type(exc).__name__ in PEER_GONE)
         return None
 
 

@@ -24,7 +24,10 @@ _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 class ClientError(Exception):
-    """No usable answer; `reason` says why, the message names the URL as well."""
+    """No usable answer; `reason` says why, the message names the URL as well; `kind` is a
+    short fixed name for tables and counts."""
+
+    kind = "connection"
 
     def __init__(self, url: str, reason: str) -> None:
         super().__init__(f"{url}: {reason}")
@@ -35,17 +38,25 @@ class ClientError(Exception):
 class Unreachable(ClientError):
     """Nothing answered: connection refused, unknown host, no connection within the timeout."""
 
+    kind = "unreachable"
+
 
 class RequestTimeout(ClientError):
     """Connected, but the answer (or the stream's next event) came too late."""
 
+    kind = "client_timeout"
+
 
 class ServerError(ClientError):
-    """The daemon answered with an error: an HTTP error status or an error event in a stream."""
+    """The daemon answered with an error: an HTTP error status or an error event in a stream.
+    `kind` is the daemon's failure kind (the error's `code`), else `http_<status>`."""
 
-    def __init__(self, url: str, reason: str, status: int | None = None) -> None:
+    def __init__(
+        self, url: str, reason: str, status: int | None = None, code: str | None = None
+    ) -> None:
         super().__init__(url, reason)
         self.status = status
+        self.kind = code or (f"http_{status}" if status else "server_error")
 
 
 class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -169,8 +180,8 @@ class DaemonClient:
                 sock.settimeout(_left(deadline))
                 response = conn.getresponse()
                 if not 200 <= response.status < 300:
-                    reason = _error_reason(response.status, response.read())
-                    raise ServerError(self.url, reason, response.status)
+                    reason, code = _error_reason(response.status, response.read())
+                    raise ServerError(self.url, reason, response.status, code)
             yield _Reply(self.url, self.timeout, response, sock, deadline)
         finally:
             conn.close()
@@ -214,7 +225,7 @@ class _Reply:
         except ValueError:
             raise ClientError(self.url, f"not a JSON event: {payload[:200]!r}") from None
         if "error" in event:
-            raise ServerError(self.url, _message(event["error"]))
+            raise ServerError(self.url, _message(event["error"]), code=_code(event["error"]))
         return event
 
     def _readline(self) -> str:
@@ -287,14 +298,25 @@ def _os_reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
-def _error_reason(status: int, body: bytes) -> str:
-    """`HTTP 400: <message>` from {"error": {...}}, {"status": ...} or a plain body."""
+def _error_reason(status: int, body: bytes) -> tuple[str, str | None]:
+    """(`HTTP 400: <message>`, the failure kind if the daemon gave one) from
+    {"error": {...}}, {"status": ...} or a plain body."""
+    code = None
     try:
         answer = json.loads(body)
-        detail = _message(answer["error"]) if "error" in answer else str(answer["status"])
+        if "error" in answer:
+            detail, code = _message(answer["error"]), _code(answer["error"])
+        else:
+            detail = str(answer["status"])
     except (ValueError, KeyError, TypeError):
         detail = body.decode("utf-8", errors="replace").strip()[:200]
-    return f"HTTP {status}: {detail or http.client.responses.get(status, 'error')}"
+    return f"HTTP {status}: {detail or http.client.responses.get(status, 'error')}", code
+
+
+def _code(error) -> str | None:
+    """The failure kind an error carries (`code`), if it is a short name."""
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) and code.isidentifier() and len(code) <= 40 else None
 
 
 def _message(error) -> str:

@@ -19,9 +19,13 @@ from kvferry.daemon.engine.outputs import Samples, StepOutput, TokenOutput
 from kvferry.daemon.engine.runner import ModelRunner
 from kvferry.daemon.engine.scheduler import DecodeScheduler
 from kvferry.daemon.engine.sequence import SamplingParams, Sequence
+from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.handles import KVReceiver
 from kvferry.transport.receiver import DecodeAgent
 from kvferry.transport.room import KVPoll
+
+# a room another TP rank failed; that rank's transfer metrics count why
+ELSEWHERE = Failure(FailureKind.OTHER_RANK, "KV transfer failed on another rank")
 
 
 @dataclass
@@ -74,9 +78,9 @@ class DecodeEngine:
             )
         self.queued.append(_Request(room, seq, bootstrap))
 
-    def refuse(self, room: int, reason: str) -> None:
+    def refuse(self, room: int, failure: Failure) -> None:
         """Report a submission that could not be taken."""
-        self.outputs.append(TokenOutput(room, [], "error", reason))
+        self.outputs.append(TokenOutput(room, [], "error", failure))
 
     def live_rooms(self) -> list[int]:
         rooms = [r.room for r in self.queued] + list(self.arriving)
@@ -94,22 +98,22 @@ class DecodeEngine:
         self.outputs, self.reserved = [], []
         return progress
 
-    def abort(self, room: int, reason: str) -> None:
+    def abort(self, room: int, failure: Failure) -> None:
         for request in self.queued:
             if request.room == room:
                 self.queued.remove(request)
-                self.outputs.append(TokenOutput(room, [], "abort", reason))
+                self.outputs.append(TokenOutput(room, [], "abort", failure))
                 return
         request = self.arriving.pop(room, None)
         if request is not None:
-            request.receiver.abort(reason)
+            request.receiver.abort(failure)
             self.draining[room] = request
-            self.outputs.append(TokenOutput(room, [], "abort", reason))
+            self.outputs.append(TokenOutput(room, [], "abort", failure))
             return
         for request in list(self.running.values()):
             if request.room == room:
                 request.seq.finish("abort")
-                self.outputs.append(TokenOutput(room, [], "abort", reason))
+                self.outputs.append(TokenOutput(room, [], "abort", failure))
                 if not request.seq.in_flight:  # else its pages go when its last token is in
                     self.scheduler.remove(request.seq)
                     self._release(request)
@@ -161,7 +165,8 @@ class DecodeEngine:
             request = self.running.get(seq_id)
             if request is not None and not request.seq.finished:
                 request.seq.finish("error")
-                self.outputs.append(TokenOutput(request.room, [], "error", error))
+                failure = Failure(FailureKind.INTERNAL, error)
+                self.outputs.append(TokenOutput(request.room, [], "error", failure))
 
     def _reserve(self) -> None:
         """FIFO: the oldest queued request takes pages first, later ones wait behind it."""
@@ -192,12 +197,11 @@ class DecodeEngine:
                 self._admit(request)
             elif verdict is Verdict.FAILED:
                 del self.arriving[request.room]
-                reason = request.receiver.failure_reason or "KV transfer failed on another rank"
-                request.receiver.abort(reason)
+                failure = request.receiver.failure or ELSEWHERE
+                request.receiver.abort(failure)
                 self.draining[request.room] = request
-                self.outputs.append(
-                    TokenOutput(request.room, [], "error", f"transfer failed: {reason}")
-                )
+                told = Failure(failure.kind, f"transfer failed: {failure.detail}")
+                self.outputs.append(TokenOutput(request.room, [], "error", told))
         for request, verdict in zip(draining, verdicts[len(arriving) :], strict=True):
             if verdict is Verdict.SUCCESS:
                 del self.draining[request.room]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvferry.transport.failure import Failure
+
 
 @dataclass(frozen=True)
 class TokenOutput:
@@ -14,7 +16,7 @@ class TokenOutput:
     room: int
     tokens: list[int]
     finish: str | None = None
-    error: str | None = None
+    error: Failure | None = None
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class RoomDone:
     """Prefill: a room left this daemon: its KV was delivered, or it failed with `error`."""
 
     room: int
-    error: str | None
+    error: Failure | None
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,13 @@ from kvferry.daemon.engine.outputs import RoomDone, Samples, StepOutput
 from kvferry.daemon.engine.runner import ModelRunner
 from kvferry.daemon.engine.scheduler import PrefillScheduler
 from kvferry.daemon.engine.sequence import SamplingParams, Sequence
+from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.handles import KVSender
 from kvferry.transport.room import TransferFailed
 from kvferry.transport.sender import PrefillAgent
+
+# a room another TP rank failed; that rank's transfer metrics count why
+ELSEWHERE = Failure(FailureKind.OTHER_RANK, "transfer failed on another prefill rank")
 
 
 @dataclass
@@ -66,9 +70,9 @@ class PrefillEngine:
         self.rooms[room] = _Room(seq, self.agent.sender(room, len(prompt)))
         return seq
 
-    def refuse(self, room: int, reason: str) -> None:
+    def refuse(self, room: int, failure: Failure) -> None:
         """Report a submission that could not be taken."""
-        self.done.append(RoomDone(room, reason))
+        self.done.append(RoomDone(room, failure))
 
     def live_rooms(self) -> list[int]:
         return list(self.rooms)
@@ -86,11 +90,11 @@ class PrefillEngine:
         self.admitted, self.done = [], []
         return progress
 
-    def abort(self, room: int, reason: str) -> None:
+    def abort(self, room: int, failure: Failure) -> None:
         """Stop computing and sending `room`; its pages go back once its sender has let go."""
         entry = self.rooms.get(room)
         if entry is not None:
-            entry.sender.abort(reason)
+            entry.sender.abort(failure)
 
     def step(self) -> bool:
         """Settle finished rooms, then one forward over the scheduled chunks; False when no
@@ -108,7 +112,8 @@ class PrefillEngine:
         for work in batch:
             _, entry = rooms[work.seq.id]
             if work.seq.id in failed:  # its first token could not be drawn: the room fails
-                entry.sender.abort(failed[work.seq.id])  # and is settled like any failure
+                drawn = Failure(FailureKind.INTERNAL, failed[work.seq.id])
+                entry.sender.abort(drawn)  # and is settled like any failure
                 continue
             slots = self.runner.blocks.slots(work.seq.id, work.start, work.count)
             with contextlib.suppress(TransferFailed):  # settled with the other ranks next step
@@ -148,7 +153,7 @@ class PrefillEngine:
                 continue
             error = None
             if verdict is Verdict.FAILED:
-                error = entry.sender.failure_reason or "transfer failed on another prefill rank"
+                error = entry.sender.failure or ELSEWHERE
                 entry.sender.abort(error)
                 if not entry.seq.finished:
                     self.scheduler.remove(entry.seq)

@@ -24,23 +24,21 @@ from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.model.tokenizer import ByteTokenizer, load_tokenizer
 from kvferry.daemon.server import protocol
 from kvferry.daemon.server.config import DaemonConfig, check_against
+from kvferry.daemon.server.http_front import start_http
 from kvferry.daemon.server.metrics import Metrics
 from kvferry.daemon.server.prefill_probe import PrefillProbe
 from kvferry.daemon.server.prompt_handoff import PromptHandoff
 from kvferry.daemon.server.prompt_intake import PromptIntake
 from kvferry.daemon.server.prompt_quota import PromptQuota
 from kvferry.daemon.server.ranks import RankFailed, Ranks
-from kvferry.daemon.server.request import Request, check_prompt
+from kvferry.daemon.server.request import Request, Unavailable, check_prompt
 from kvferry.transport.bootstrap import TOKEN_BYTES, BootstrapServer
+from kvferry.transport.failure import Failure, FailureKind, timeout
 from kvferry.transport.messages import Codec
 
 log = logging.getLogger("kvferry.daemon")
 TICK_S = 0.05
 ANSWER_S = 5.0  # at exit: how long HTTP handlers get to answer their finished requests
-
-
-class Unavailable(RuntimeError):
-    """The daemon is not taking requests (starting, stopping or broken)."""
 
 
 def serve(config: DaemonConfig) -> int:
@@ -125,8 +123,6 @@ class Daemon:
             self.bootstrap = BootstrapServer(c.tp, token, c.host, c.bootstrap_port, limit, submit)
             self.metrics.count_bootstrap(self.bootstrap.counters)
             bootstrap_address = self.bootstrap.address
-        from kvferry.daemon.server.http_front import start_http
-
         self.http = start_http(self, c.host, c.http_port)
         if self.probe is not None:
             self.probe.start()
@@ -143,10 +139,11 @@ class Daemon:
             try:
                 self.ranks.take_reports(self._report, TICK_S)
             except RankFailed as exc:
-                return self._fail_all(str(exc))
+                return self._fail_all(Failure(FailureKind.RANK_EXITED, str(exc)))
             dead = self._dead_thread()
             if dead is not None:
-                return self._fail_all(f"{self.name}: the {dead} thread died")
+                died = f"{self.name}: the {dead} thread died"
+                return self._fail_all(Failure(FailureKind.INTERNAL, died))
             now = time.monotonic()
             self._expire(now)
             if self._stop_reason and stop_by is None:
@@ -173,15 +170,15 @@ class Daemon:
         elif isinstance(message, StepOutput):
             self._progress(message)
 
-    def _fail_all(self, reason: str) -> int:
+    def _fail_all(self, failure: Failure) -> int:
         """A rank is gone: fail every request, stop the other ranks, exit non-zero."""
-        log.error("%s: failing every request", reason)
+        log.error("%s: failing every request", failure)
         self.state = "failed"
         with self._lock:
             requests = list(self.requests.values())
         for request in requests:
-            self._finish(request, "error", reason)
-        self._send(protocol.Stop(reason))
+            self._finish(request, "error", failure)
+        self._send(protocol.Stop(str(failure)))
         self._stop_ranks()
         return 1
 
@@ -191,7 +188,8 @@ class Daemon:
         with self._lock:
             requests = list(self.requests.values())
         for request in requests:
-            self._finish(request, "abort", f"{self.name} stopped before the request finished")
+            stopped = f"{self.name} stopped before the request finished"
+            self._finish(request, "abort", Failure(FailureKind.UNAVAILABLE, stopped))
         return 0 if clean and self.state != "failed" else 1
 
     def _shutdown(self) -> None:
@@ -241,8 +239,8 @@ class Daemon:
         self._send(protocol.Submit(room, prompt, params, request.prefill))
         return request
 
-    def abort(self, room: int, reason: str) -> None:
-        self._send(protocol.Abort(room, reason))
+    def abort(self, room: int, failure: Failure) -> None:
+        self._send(protocol.Abort(room, failure))
 
     def _refusal(self) -> str | None:
         """Why the daemon takes no new request or prompt now; None while serving."""
@@ -270,7 +268,7 @@ class Daemon:
             self._count(done.error)
 
     def _finish(
-        self, request: Request, finish: str, error: str | None, tokens: list[int] = ()
+        self, request: Request, finish: str, error: Failure | None, tokens: list[int] = ()
     ) -> None:
         with self._lock:
             if self.requests.pop(request.room, None) is None:
@@ -281,8 +279,8 @@ class Daemon:
         self._count(error)
         request.events.put((list(tokens), finish))
 
-    def _count(self, error: str | None) -> None:
-        self.metrics.finished("error" if error else "ok", error)
+    def _count(self, error: Failure | None) -> None:
+        self.metrics.finished("error" if error is not None else "ok", error)
 
     def _expire(self, now: float) -> None:
         with self._lock:
@@ -290,7 +288,7 @@ class Daemon:
         for request in late:
             request.deadline = float("inf")  # abort once; the ranks answer with its end
             limit = self.config.scheduler.request_timeout_s
-            self.abort(request.room, f"timeout: request unfinished after {limit:g}s")
+            self.abort(request.room, timeout(f"timeout: request unfinished after {limit:g}s"))
 
     def in_flight(self) -> int:
         """Decode requests and prefill prompts not finished yet."""

@@ -22,6 +22,8 @@ import msgspec
 from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.server import status as shown
 from kvferry.daemon.server.metrics import CONTENT_TYPE
+from kvferry.daemon.server.request import Unavailable
+from kvferry.transport.failure import Failure, FailureKind, aborted
 
 MAX_BODY_BYTES = 1 << 20
 POLL_S = 1.0  # a waiting handler checks its client and the daemon this often
@@ -41,9 +43,34 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+    """An error answer: HTTP status, OpenAI error type, and the failure kind (`code`) when a
+    request failed."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.kind = status, kind
+        self.status, self.kind, self.code = status, kind, code
+
+    @classmethod
+    def of(cls, failure: Failure) -> HTTPError:
+        status, kind = HTTP_STATUS.get(failure.kind, (502, "server_error"))
+        return cls(status, failure.detail, kind, failure.kind.value)
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "code": self.code}}
+
+
+# HTTP status and OpenAI error type of a failed request, by its failure's kind; 502 otherwise
+HTTP_STATUS = {
+    FailureKind.TIMEOUT: (504, "timeout"),
+    FailureKind.UNAVAILABLE: (503, "unavailable"),
+    FailureKind.INVALID_REQUEST: (400, "invalid_request_error"),
+}
 
 
 def start_http(daemon, host: str, port: int) -> ThreadingHTTPServer:
@@ -122,8 +149,6 @@ class _Handler(BaseHTTPRequestHandler):
             raise HTTPError(400, "body is nested too deeply") from None
 
     def _completion(self, body: CompletionRequest) -> None:
-        from kvferry.daemon.server.daemon import Unavailable
-
         daemon = self.daemon
         prompt = (
             body.prompt if isinstance(body.prompt, list) else daemon.tokenizer.encode(body.prompt)
@@ -142,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._whole(request, completion_id)
         except (BrokenPipeError, ConnectionResetError):
-            daemon.abort(request.room, "client went away")
+            daemon.abort(request.room, aborted("client went away"))
 
     def _events(self, request):
         """(new tokens, finish) as they come; ConnectionResetError once the client has gone
@@ -170,7 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
         for _ in self._events(request):
             pass
         if request.error:
-            raise HTTPError(*_failure(request.error))
+            raise HTTPError.of(request.error)
         text = self.daemon.tokenizer.decode(request.tokens)
         self._json(200, self._chunk(request, completion_id, text, request.tokens, request.finish))
 
@@ -184,8 +209,7 @@ class _Handler(BaseHTTPRequestHandler):
         tokenizer, ids, shown, sent = self.daemon.tokenizer, [], "", 0
         for tokens, finish in self._events(request):
             if finish is not None and request.error:
-                status, message, kind = _failure(request.error)
-                self._event({"error": {"message": message, "type": kind, "code": status}})
+                self._event(HTTPError.of(request.error).body())
                 break
             ids.extend(tokens)
             text = tokenizer.decode(ids)
@@ -225,7 +249,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(payload).encode(), "application/json")
 
     def _error(self, exc: HTTPError) -> None:
-        self._json(exc.status, {"error": {"message": str(exc), "type": exc.kind}})
+        self._json(exc.status, exc.body())
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
@@ -246,14 +270,3 @@ def _client_gone(sock: socket.socket) -> bool:
         return False
     except OSError:  # reset, or closed under us
         return True
-
-
-def _failure(error: str) -> tuple[int, str, str]:
-    """HTTP status, message and type for a request that failed with `error`."""
-    if error.startswith("timeout"):
-        return 504, error, "timeout"
-    if "stopping" in error:
-        return 503, error, "unavailable"
-    if error.startswith(("a prompt", "prompt", "token id")):
-        return 400, error, "invalid_request_error"
-    return 502, error, "server_error"

@@ -23,6 +23,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvferry.daemon.server.protocol import Snapshot
+from kvferry.transport.failure import Failure
 
 # Without this every counter and histogram also exports an `<name>_created` gauge (its creation
 # time) in the text format: a second series per label set that reads like a metric of its own
@@ -138,7 +139,7 @@ class Metrics:
             "kvferry_requests", "Requests finished, by outcome", ["outcome"], registry=r
         )
         self.failures = Counter(
-            "kvferry_request_failures", "Failed requests, by reason", ["reason"], registry=r
+            "kvferry_request_failures", "Failed requests, by kind", ["kind"], registry=r
         )
         self.in_flight = Gauge("kvferry_requests_in_flight", "Requests in flight", registry=r)
         self.prefill_reachable = Gauge(
@@ -164,10 +165,10 @@ class Metrics:
     def bootstrap_counters(self) -> dict[str, int]:
         return self._bootstrap() if self._bootstrap is not None else {}
 
-    def finished(self, outcome: str, reason: str | None = None) -> None:
+    def finished(self, outcome: str, failure: Failure | None = None) -> None:
         self.requests.labels(outcome).inc()
-        if reason:
-            self.failures.labels(failure_category(reason)).inc()
+        if failure is not None:
+            self.failures.labels(failure.kind.value).inc()
 
     def snapshots(self) -> list[Snapshot]:
         with self._lock:
@@ -175,12 +176,6 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def failure_category(reason: str) -> str:
-    """A bounded label for a failure reason: its text up to the first ": " (not ":", which
-    would cut "prefill tcp://host:port refused the prompt: ..." inside the address)."""
-    return reason.split(": ", 1)[0].strip()[:60] or "unknown"
 
 
 class _SnapshotCollector:
@@ -200,7 +195,7 @@ class _SnapshotCollector:
                 family.add_metric([str(s.rank)], getattr(s, attr))
             yield family
         failures = CounterMetricFamily(
-            "kvferry_transfer_failures", "Failed transfers, by reason", labels=["rank", "reason"]
+            "kvferry_transfer_failures", "Failed transfers, by kind", labels=["rank", "kind"]
         )
         rooms = GaugeMetricFamily(
             "kvferry_rooms", "Transfer rooms by state", labels=["rank", "state"]
@@ -209,8 +204,8 @@ class _SnapshotCollector:
             "kvferry_queue_depth", "Requests by stage on each rank", labels=["rank", "queue"]
         )
         for s in snapshots:
-            for reason, count in s.failures.items():
-                failures.add_metric([str(s.rank), reason], count)
+            for kind, count in s.failures.items():
+                failures.add_metric([str(s.rank), kind], count)
             for state, count in s.rooms.items():
                 rooms.add_metric([str(s.rank), state], count)
             for queue, count in s.queues.items():

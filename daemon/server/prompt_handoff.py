@@ -15,20 +15,21 @@ import zmq
 
 from kvferry.daemon.server.request import Request
 from kvferry.transport.control import request as control_request
+from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt, WireError
 
 log = logging.getLogger("kvferry.daemon")
 
 
 class PromptHandoff:
-    """`abort(room, reason)`: ends the request on the ranks, which answer with its end."""
+    """`abort(room, failure)`: ends the request on the ranks, which answer with its end."""
 
     def __init__(
         self,
         context: zmq.Context,
         codec: Codec,
         timeout_s: float,
-        abort: Callable[[int, str], None],
+        abort: Callable[[int, Failure], None],
     ) -> None:
         self._context, self._codec, self._timeout_s, self._abort = context, codec, timeout_s, abort
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="kvferry-submit")
@@ -54,4 +55,5 @@ class PromptHandoff:
             reply = ErrorReply(f"{type(exc).__name__}: {exc}")
         if not isinstance(reply, Ack):
             reason = reply.reason if isinstance(reply, ErrorReply) else f"unexpected {reply!r}"
-            self._abort(request.room, f"prefill {request.prefill} refused the prompt: {reason}")
+            refused = f"prefill {request.prefill} refused the prompt: {reason}"
+            self._abort(request.room, Failure(FailureKind.REFUSED, refused))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvferry.daemon.engine.sequence import SamplingParams
+from kvferry.transport.failure import Failure
 
 
 # --- daemon -> rank 0 ---------------------------------------------------------------------------
@@ -24,7 +25,7 @@ class Submit:
 @dataclass(frozen=True)
 class Abort:
     room: int
-    reason: str
+    failure: Failure
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvferry.daemon.engine.sequence import SamplingParams
+from kvferry.transport.failure import Failure
 
 if TYPE_CHECKING:
     from kvferry.daemon.server.metrics import Metrics
+
+
+class Unavailable(RuntimeError):
+    """The daemon is not taking requests (starting, stopping or broken)."""
 
 
 def check_prompt(prompt: list[int], limit: int, vocab: int) -> None:
@@ -41,7 +46,7 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish: str | None = None
-    error: str | None = None
+    error: Failure | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
 
     def take(self, tokens: list[int], now: float, metrics: Metrics) -> None:

@@ -25,6 +25,7 @@ from kvferry.daemon.model.tokenizer import load_tokenizer
 from kvferry.daemon.model.weights import full_weights
 from kvferry.daemon.server import protocol
 from kvferry.daemon.server.config import DaemonConfig
+from kvferry.transport.failure import Failure, FailureKind
 
 log = logging.getLogger(__name__)
 SNAPSHOT_S = 0.5
@@ -131,7 +132,7 @@ class Worker:
     def _apply(self, command) -> None:
         engine = self.engine
         if isinstance(command, protocol.Abort):
-            engine.abort(command.room, command.reason)
+            engine.abort(command.room, command.failure)
             return
         try:
             if self.config.role == "decode":
@@ -139,11 +140,11 @@ class Worker:
             else:
                 engine.submit(command.room, command.prompt, command.params)
         except ValueError as exc:  # the same on every rank: the request cannot be served
-            self.engine.refuse(command.room, str(exc))
+            self.engine.refuse(command.room, Failure(FailureKind.INVALID_REQUEST, str(exc)))
 
     def _abort_all(self, reason: str) -> None:
         for room in self.engine.live_rooms():
-            self.engine.abort(room, reason)
+            self.engine.abort(room, Failure(FailureKind.UNAVAILABLE, reason))
 
     def _report(self) -> None:
         progress = self.engine.take_output()

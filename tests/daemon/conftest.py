@@ -7,6 +7,7 @@ import pytest
 
 from kvferry.daemon.server.metrics import Metrics
 from kvferry.daemon.server.protocol import Snapshot
+from kvferry.transport.failure import Failure, FailureKind, ring_full
 from support.cli_sim import STATUS, StubDaemon
 from support.metrics_sim import decode_snapshots, snapshot
 
@@ -38,6 +39,7 @@ def rendered() -> tuple[str, list[Snapshot]]:
     metrics.prefill_reachable.labels("tcp://127.0.0.1:17100").set(1)
     metrics.finished("ok")
     metrics.finished("ok")
-    metrics.finished("error", "prefill tcp://127.0.0.1:17100 refused the prompt: not serving")
-    metrics.finished("error", "transfer failed: ring full: no staging room for 30s")
+    refused = "prefill tcp://127.0.0.1:17100 refused the prompt: not serving"
+    metrics.finished("error", Failure(FailureKind.REFUSED, refused))
+    metrics.finished("error", ring_full(30))
     return metrics.render().decode(), decode_snapshots()

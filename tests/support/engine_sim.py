@@ -48,7 +48,7 @@ def engines(
 
 def run_until_finished(prefill, decode, count, timeout_s=60):
     """Step both engines until `count` rooms finished on decode and prefill let go of every
-    room; {room: (tokens, finish reason)}."""
+    room; {room: (tokens, its Failure or finish reason)}."""
     tokens, finish = {}, {}
     deadline = time.monotonic() + timeout_s
     while len(finish) < count or prefill.busy:

@@ -91,7 +91,7 @@ def decode_snapshots() -> list[Snapshot]:
             kv_pages_used=7,
             kv_pages_total=512,
             queues=queues,
-            failures={"peer lost": 1, "ring full": 4},
+            failures={"peer_lost": 1, "ring_full": 4},
             rooms={**snapshot(1).rooms, "Failed": 1},
             forward_s=[0.015],
         ),

@@ -8,6 +8,7 @@ exactly the heads it owns.
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import torch
@@ -169,6 +170,19 @@ def wait_for(predicate, timeout_s=10.0) -> bool:
             return True
         time.sleep(0.005)
     return False
+
+
+def settle(agents, turns=3, timeout_s=10.0) -> bool:
+    """True once every agent's loop has run everything posted before this call and taken
+    `turns` more turns: what those calls set off has had its chance to happen."""
+    for _ in range(turns):
+        ran = [threading.Event() for _ in agents]
+        for agent, event in zip(agents, ran, strict=True):
+            agent.post(event.set)
+        deadline = time.monotonic() + timeout_s
+        if not all(event.wait(max(deadline - time.monotonic(), 0)) for event in ran):
+            return False
+    return True
 
 
 def wait_idle(groups, timeout_s=10.0) -> bool:

@@ -97,7 +97,7 @@ class Side:
         matches = None
         if self.server is None and all(s == KVPoll.Success for s in states):
             matches = decode_matches(self.group, self.requests[seed])
-        return states, [h.failure_reason for h in self.handles[seed]], matches
+        return states, [str(h.failure) for h in self.handles[seed]], matches
 
     def idle(self, timeout_s=10.0):
         """Whether every ring is back to empty; and the data-plane message count."""

@@ -10,6 +10,7 @@ import zmq
 from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.control import request
 from kvferry.transport.directory import check_ranks
+from kvferry.transport.failure import FailureKind
 from kvferry.transport.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -111,9 +112,14 @@ def test_malformed_control_addresses_are_refused_at_the_door(server, address):
 def test_check_ranks_refuses_malformed_addresses_however_they_arrived():
     rank = info()
     msgspec.structs.force_setattr(rank, "control_address", "tcp://[bad")
-    assert "control_address" in check_ranks(layout_for(4, 1, 0), [rank])
-    assert "no prefill ranks" in check_ranks(layout_for(4, 1, 0), [])
-    assert "groups of [2]" in check_ranks(layout_for(4, 1, 0), [info(tp=2)])
+    for ranks, fragment in (
+        ([rank], "control_address"),
+        ([], "no prefill ranks"),
+        ([info(tp=2)], "groups of [2]"),
+    ):
+        failure = check_ranks(layout_for(4, 1, 0), ranks)
+        assert fragment in failure.detail
+        assert failure.kind is FailureKind.BAD_MESSAGE
 
 
 def test_multipart_frames_get_an_error_and_the_server_keeps_serving(server):
@@ -181,7 +187,9 @@ def test_a_bootstrap_answering_garbage_fails_the_room_not_the_decode_rank(answer
         req = Request(dep.prefill.layouts[0], 16, seed=3, offset=100)
         receiver = agent.receiver(req.room, req_slots(cache, req), fake.address)
         assert wait_all([receiver]) == [KVPoll.Failed]
-        assert receiver.failure_reason.startswith(("bootstrap failed", "invalid"))
+        failure = receiver.failure
+        assert failure.detail.startswith(("bootstrap failed", "invalid"))
+        assert failure.kind in (FailureKind.PEER_LOST, FailureKind.BAD_MESSAGE)
         assert agent.core.loop.alive
         req, senders, receivers = dep.run(num_tokens=24)  # the rank still serves real rooms
         assert wait_all(senders + receivers) == [KVPoll.Success] * 2

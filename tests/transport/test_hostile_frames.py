@@ -8,6 +8,7 @@ import msgspec
 import zmq
 
 from kvferry.transport.dataplane import InvalidAddress, LoopbackDataPlane
+from kvferry.transport.failure import FailureKind
 from kvferry.transport.log_limit import RateLimitedLog
 from kvferry.transport.messages import Abort, Codec, ErrorReply, RegisterRoom
 from kvferry.transport.room import KVPoll
@@ -117,7 +118,7 @@ def test_a_message_whose_handling_raises_fails_only_its_room(deployments, monkey
     sock = stranger(agent.core.control.address)
     sock.send(CODEC.encode(registration(room=11)))
     assert wait_all([handle], timeout_s=5) == [KVPoll.Failed]
-    assert "internal error: RuntimeError: handler bug" in handle.failure_reason
+    assert "internal error: RuntimeError: handler bug" in str(handle.failure)
     sock.close()
     assert agent.core.stats.internal_errors == 1
     monkeypatch.undo()
@@ -235,7 +236,7 @@ def test_unclaimed_rooms_are_purged_at_the_bootstrap_timeout(deployments):
     sock.send(CODEC.encode(registration(room=21)))
     assert wait_for(lambda: 21 in agent.rooms or 21 in agent.tombstones)
     assert wait_for(lambda: 21 not in agent.rooms)
-    assert "timeout" in agent.tombstones.reason(21)
+    assert agent.tombstones.reason(21).kind is FailureKind.TIMEOUT
     assert wait_for(lambda: len(agent.core.peers) == 0)
     sock.close()
 

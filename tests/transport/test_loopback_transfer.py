@@ -11,7 +11,7 @@ from support.transfer_sim import Deployment, decode_matches, small_config, wait_
 def _transfer_ok(dep: Deployment, num_tokens: int) -> None:
     req, senders, receivers = dep.run(num_tokens=num_tokens)
     states = wait_all(senders + receivers)
-    assert states == [KVPoll.Success] * len(states), [h.failure_reason for h in senders + receivers]
+    assert states == [KVPoll.Success] * len(states), [str(h.failure) for h in senders + receivers]
     assert decode_matches(dep.decode, req)
     assert all(r.first_token == 42 for r in receivers)
     assert wait_idle([dep.prefill, dep.decode])

@@ -7,7 +7,8 @@ import torch
 import zmq
 
 from kvferry.transport.control import request
-from kvferry.transport.dataplane import LoopbackDataPlane, failure
+from kvferry.transport.dataplane import LoopbackDataPlane, data_failure, failure
+from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import Codec, ErrorReply, QueryPeers, RegisterRoom
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tags import pack_tag, unpack_tag
@@ -71,7 +72,7 @@ def test_bad_data_message_fails_only_its_room(dep, piece, writer, nbytes, fragme
     other, other_rx = waiting_room(dep, seed=2, offset=64)
     inject(dep, req.room, piece, writer, nbytes)
     assert wait_all(receivers) == [KVPoll.Failed]
-    assert fragment in receivers[0].failure_reason
+    assert fragment in str(receivers[0].failure)
     other_tx = start_senders(dep.prefill, other)
     assert wait_all(other_rx + other_tx) == [KVPoll.Success] * 2
     assert decode_matches(dep.decode, other)
@@ -93,7 +94,7 @@ def test_data_message_whose_handling_raises_fails_only_its_room(dep, monkeypatch
     monkeypatch.setattr(data, "recv", broken_recv)
     inject(dep, req.room, 0, 0, 6144)
     assert wait_all(receivers) == [KVPoll.Failed]
-    assert "internal error: RuntimeError: recv bug" in receivers[0].failure_reason
+    assert "internal error: RuntimeError: recv bug" in str(receivers[0].failure)
     assert agent.core.stats.internal_errors == 1
     assert data.probe() is None  # discarded: its sender is not left waiting
     assert wait_idle([dep.decode])  # the ring region it was given is free again
@@ -107,7 +108,7 @@ def test_duplicate_chunk_is_refused(dep):
     inject(dep, req.room, 0, 0, 6144)
     inject(dep, req.room, 0, 0, 6144)
     assert wait_all(receivers) == [KVPoll.Failed]
-    assert "arrived twice" in receivers[0].failure_reason
+    assert "arrived twice" in str(receivers[0].failure)
     assert wait_idle([dep.decode])
 
 
@@ -163,7 +164,7 @@ def test_bad_registrations_fail_the_room_and_the_rank_keeps_serving(dep, changes
     register(agent.core.control.address, room=5, **changes)
     sender = agent.sender(5, changes.get("num_tokens", 10) or 10)
     assert wait_all([sender], timeout_s=5) == [KVPoll.Failed]
-    assert fragment in sender.failure_reason
+    assert fragment in str(sender.failure)
     req, receivers = waiting_room(dep, seed=3)
     senders = start_senders(dep.prefill, req)
     assert wait_all(senders + receivers) == [KVPoll.Success] * 2
@@ -181,7 +182,7 @@ def test_decode_ranks_proposing_different_layer_groups_fail_the_room(dep):
     )
     sender = agent.sender(6, 10)
     assert wait_all([sender], timeout_s=5) == [KVPoll.Failed]
-    assert "layer_group" in sender.failure_reason
+    assert "layer_group" in str(sender.failure)
     req, receivers = waiting_room(dep, seed=5)
     assert wait_all(start_senders(dep.prefill, req) + receivers) == [KVPoll.Success] * 2
 
@@ -221,7 +222,11 @@ def test_request_times_out_on_a_silent_server():
 
 
 def test_a_transfer_cut_by_a_lost_peer_fails_as_a_peer_loss():
-    assert failure("receive", "peer lost: UCXXConnectionResetError: reset") == (
-        "peer lost: receive failed: UCXXConnectionResetError: reset"
+    lost = data_failure("UCXXConnectionResetError: reset", peer_gone=True)
+    assert failure("receive", lost) == Failure(
+        FailureKind.PEER_LOST, "peer lost: receive failed: UCXXConnectionResetError: reset"
     )
-    assert failure("send", "no message with tag 0x5") == "send failed: no message with tag 0x5"
+    missing = data_failure("no message with tag 0x5")
+    assert failure("send", missing) == Failure(
+        FailureKind.DATA_PLANE, "send failed: no message with tag 0x5"
+    )

@@ -4,12 +4,14 @@ import time
 
 import pytest
 
+from kvferry.transport.failure import FailureKind, aborted
 from kvferry.transport.room import KVPoll
 from support.transfer_sim import (
     Request,
     decode_matches,
     prefill_fill,
     req_slots,
+    settle,
     small_config,
     start_receivers,
     start_senders,
@@ -20,7 +22,7 @@ from support.transfer_sim import (
 
 
 def reasons(handles):
-    return [h.failure_reason for h in handles]
+    return [str(h.failure) for h in handles]
 
 
 def test_mla_latent_goes_to_every_decode_rank(deployments):
@@ -69,7 +71,7 @@ def test_incompatible_layouts_fail_both_sides_naming_the_field(deployments, fiel
     _, senders, receivers = dep.run(num_tokens=20)
     handles = senders + receivers
     assert wait_all(handles) == [KVPoll.Failed] * len(handles)
-    assert all(field in h.failure_reason for h in handles), reasons(handles)
+    assert all(field in str(h.failure) for h in handles), reasons(handles)
     assert wait_idle([dep.prefill, dep.decode])
 
 
@@ -80,7 +82,7 @@ def test_prompt_length_disagreement_fails_both_sides(deployments):
     receivers = start_receivers(dep.decode, req, dep.server.address)
     sender = dep.prefill.agents[0].sender(req.room, 31)
     assert wait_all([*receivers, sender]) == [KVPoll.Failed] * 2
-    assert "num_tokens" in sender.failure_reason and "num_tokens" in receivers[0].failure_reason
+    assert "num_tokens" in str(sender.failure) and "num_tokens" in str(receivers[0].failure)
 
 
 def test_ring_too_small_for_one_chunk_fails_that_room_only(deployments):
@@ -118,18 +120,22 @@ def test_abort_reaches_the_other_side(deployments, side, when):
         senders = partial_senders(dep, req, 20)
         assert wait_for(lambda: all(r.poll() == KVPoll.Transferring for r in receivers))
     if side == "decode":
-        receivers[0].abort("client went away")
+        receivers[0].abort(aborted("client went away"))
     else:
         senders = senders or [
             agent.sender(req.room, req.num_tokens) for agent in dep.prefill.agents
         ]
-        senders[0].abort("prefill preempted")
+        senders[0].abort(aborted("prefill preempted"))
     if not senders:
         senders = [agent.sender(req.room, req.num_tokens) for agent in dep.prefill.agents]
     handles = senders + receivers
     assert wait_all(handles) == [KVPoll.Failed] * len(handles), [h.poll() for h in handles]
     word = "client went away" if side == "decode" else "prefill preempted"
     assert all(word in r for r in reasons(handles)), reasons(handles)
+    aborter = receivers[0] if side == "decode" else senders[0]  # the others heard from a peer
+    assert aborter.failure.kind is FailureKind.ABORTED
+    others = [h for h in handles if h is not aborter]
+    assert all(h.failure.kind is FailureKind.PEER_ABORTED for h in others), reasons(others)
     assert wait_idle([dep.prefill, dep.decode])
 
 
@@ -139,8 +145,9 @@ def test_abort_after_success_changes_nothing(deployments):
     assert wait_all(senders + receivers) == [KVPoll.Success] * 2
     receivers[0].abort()
     senders[0].abort()
-    time.sleep(0.1)
+    assert settle(dep.prefill.agents + dep.decode.agents)  # the aborts ran, and turns after
     assert [h.poll() for h in senders + receivers] == [KVPoll.Success] * 2
+    assert [h.failure for h in senders + receivers] == [None, None]
 
 
 def test_silent_prefill_fails_decode_rooms_within_heartbeat_window(deployments):
@@ -156,7 +163,8 @@ def test_silent_prefill_fails_decode_rooms_within_heartbeat_window(deployments):
     began = time.monotonic()
     assert wait_all(receivers, timeout_s=5) == [KVPoll.Failed]
     assert time.monotonic() - began < 2.0
-    assert "peer lost" in receivers[0].failure_reason
+    assert "peer lost" in str(receivers[0].failure)
+    assert receivers[0].failure.kind is FailureKind.PEER_LOST
     assert wait_idle([dep.decode])
 
 
@@ -165,14 +173,15 @@ def test_bootstrap_timeout_when_prefill_never_registers(deployments):
     req = Request(dep.prefill.layouts[0], 10, seed=2)
     receivers = start_receivers(dep.decode, req, "tcp://127.0.0.1:9")  # nobody listens there
     assert wait_all(receivers, timeout_s=5) == [KVPoll.Failed]
-    assert "bootstrap" in receivers[0].failure_reason
+    assert "bootstrap" in str(receivers[0].failure)
 
 
 def test_sender_without_decode_times_out(deployments):
     dep = deployments(4, 1, 1, config=small_config(bootstrap_timeout_s=0.3))
     sender = dep.prefill.agents[0].sender(room=77, num_tokens=10)
     assert wait_all([sender], timeout_s=5) == [KVPoll.Failed]
-    assert "timeout" in sender.failure_reason
+    assert "timeout" in str(sender.failure)
+    assert sender.failure.kind is FailureKind.TIMEOUT
 
 
 def test_other_rooms_survive_a_failed_one(deployments):
@@ -183,7 +192,7 @@ def test_other_rooms_survive_a_failed_one(deployments):
         prefill_fill(dep.prefill, req)
     good_rx = start_receivers(dep.decode, good, dep.server.address)
     bad_rx = start_receivers(dep.decode, bad, dep.server.address)
-    bad_rx[0].abort("bad one")
+    bad_rx[0].abort(aborted("bad one"))
     good_tx = start_senders(dep.prefill, good)
     assert wait_all(good_rx + good_tx) == [KVPoll.Success] * 3
     assert decode_matches(dep.decode, good)

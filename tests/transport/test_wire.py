@@ -8,6 +8,7 @@ from kvferry.staging.copy_stream import Fence
 from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import request
+from kvferry.transport.failure import Failure, FailureKind, aborted
 from kvferry.transport.messages import (
     PROTOCOL_VERSION,
     Abort,
@@ -110,13 +111,14 @@ def test_room_states_move_forward_and_failure_sticks():
     status.advance(KVPoll.Transferring)
     status.advance(KVPoll.WaitingForInput)
     assert status.state == KVPoll.Transferring
-    assert status.fail("first reason")
-    assert not status.fail("second reason")
+    first = Failure(FailureKind.TIMEOUT, "first reason")
+    assert status.fail(first)
+    assert not status.fail(Failure(FailureKind.INTERNAL, "second reason"))
     status.advance(KVPoll.Success)
-    assert (status.state, status.reason) == (KVPoll.Failed, "first reason")
+    assert (status.state, status.failure) == (KVPoll.Failed, first)
     done = RoomStatus()
     done.advance(KVPoll.Success)
-    assert not done.fail("too late") and done.state == KVPoll.Success
+    assert not done.fail(aborted("too late")) and done.state == KVPoll.Success
 
 
 @pytest.mark.parametrize(

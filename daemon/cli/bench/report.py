@@ -25,6 +25,7 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     ttft_s: float | None = None
     latency_s: float = 0.0
     error: str | None = None  # None: ok
+    error_kind: str | None = None  # the failure's kind (ClientError.kind)
 
     @property
     def ok(self) -> bool:
@@ -45,7 +46,7 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     kv_bytes: float = 0.0  # KV bytes received (decode)
     messages: float = 0.0  # data-plane messages received (decode)
     ring_high_water_bytes: float = 0.0  # the most of any one ring, ever: a maximum, not a sum
-    transfer_failures: dict[str, float] = msgspec.field(default_factory=dict)  # by reason
+    transfer_failures: dict[str, float] = msgspec.field(default_factory=dict)  # by kind
     transfer_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # by role
     transfer_rooms: dict[str, float] = msgspec.field(default_factory=dict)  # by role
     memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank
@@ -91,7 +92,7 @@ class Point(msgspec.Struct, kw_only=True):
     value: float
     ok: int
     failed: int
-    failures: dict[str, int]  # by reason category
+    failures: dict[str, int]  # by failure kind
     duration_s: float
     request_throughput: float  # ok requests / s
     output_throughput: float  # output tokens / s
@@ -132,13 +133,6 @@ def latency(seconds: list[float]) -> Latency:
     )
 
 
-def failure_category(reason: str) -> str:
-    """`HTTP 502: transfer failed` of `HTTP 502: transfer failed: peer lost …`: the daemon's
-    reason up to its first ": " (as its failure metrics count it), at most 60 characters."""
-    status, sep, rest = reason.partition(": ") if reason.startswith("HTTP ") else ("", "", reason)
-    return (status + sep + rest.split(": ", 1)[0])[:60]
-
-
 def summarize(
     mode: str, value: float, records: list[RequestRecord], duration_s: float, moved: Counters
 ) -> Point:
@@ -151,7 +145,7 @@ def summarize(
         value=value,
         ok=len(ok),
         failed=len(records) - len(ok),
-        failures=dict(Counter(failure_category(r.error) for r in records if not r.ok)),
+        failures=dict(Counter(r.error_kind or "unknown" for r in records if not r.ok)),
         duration_s=duration_s,
         request_throughput=len(ok) * per_s,
         output_throughput=output * per_s,

@@ -129,7 +129,7 @@ def scrape(urls: Sequence[str], timeout: float = 10.0, settle: bool = True) -> C
                 by_role[_BY_ROLE[family.name]][role] += sum(s.value for s in totals)
             elif family.name == "kvferry_transfer_failures":
                 for sample in totals:
-                    failures[sample.labels.get("reason", "?")] += sample.value
+                    failures[sample.labels.get("kind", "?")] += sample.value
             elif family.name in _MAXIMA:
                 key = _MAXIMA[family.name]
                 maxima[key] = max([maxima[key], *(s.value for s in family.samples)])
@@ -260,7 +260,7 @@ def _request(client, index: int, prompt: Prompt, start: float, on_done) -> Reque
     try:
         completion = client.stream(request)
     except ClientError as exc:
-        record.error = exc.reason
+        record.error, record.error_kind = exc.reason, exc.kind
         record.latency_s = time.monotonic() - sent
     else:
         record.input_len = completion.prompt_tokens or prompt.input_len

@@ -12,7 +12,6 @@ import pytest
 from kvferry.daemon.cli.bench.report import (
     Counters,
     RequestRecord,
-    failure_category,
     format_table,
     latency,
     percentile,
@@ -122,18 +121,10 @@ def test_percentiles_interpolate_between_ranks():
     assert latency([0.001, 0.003]).mean == pytest.approx(2.0)
 
 
-def test_failure_categories_cut_the_reason_like_the_daemon_metrics():
-    assert failure_category("HTTP 502: transfer failed: peer lost (rank 0)") == (
-        "HTTP 502: transfer failed"
-    )
-    assert failure_category("timeout: request_timeout_s ran out") == "timeout"
-    assert failure_category("connection refused") == "connection refused"
-
-
-def _record(index, tokens=5, ttft=0.1, latency_s=0.5, error=None):
+def _record(index, tokens=5, ttft=0.1, latency_s=0.5, error=None, kind=None):
     return RequestRecord(
         index=index, sent_s=0.0, input_len=10, output_len=5, output_tokens=tokens,
-        ttft_s=ttft, latency_s=latency_s, error=error,
+        ttft_s=ttft, latency_s=latency_s, error=error, error_kind=kind,
     )  # fmt: skip
 
 
@@ -141,11 +132,16 @@ def test_a_point_counts_ok_and_failed_requests():
     records = [
         _record(0),
         _record(1, tokens=1),
-        _record(2, tokens=0, ttft=None, error="HTTP 504: timeout"),
+        _record(
+            2, tokens=0, ttft=None, error="HTTP 504: timeout: request unfinished", kind="timeout"
+        ),
+        _record(3, tokens=0, ttft=None, error="HTTP 504: timeout: after 5s", kind="timeout"),
+        _record(4, tokens=0, ttft=None, error="connection refused", kind="unreachable"),
     ]
-    moved = Counters(kv_bytes=3e9, messages=12, ring_high_water_bytes=4096)
+    moved = Counters(kv_bytes=3e9, messages=20, ring_high_water_bytes=4096)
     point = summarize("concurrency", 4, records, duration_s=2.0, moved=moved)
-    assert (point.ok, point.failed, point.failures) == (2, 1, {"HTTP 504: timeout": 1})
+    # failures group by kind, whatever their texts say
+    assert (point.ok, point.failed, point.failures) == (2, 3, {"timeout": 2, "unreachable": 1})
     assert point.request_throughput == 1.0
     assert point.output_throughput == 3.0  # 6 tokens of ok requests in 2 s
     assert point.total_token_throughput == 13.0

@@ -8,6 +8,7 @@ import pytest
 from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.model.weights import full_weights
 from kvferry.daemon.server.config import ModelSection
+from kvferry.transport.failure import FailureKind
 from support.engine_sim import engines, run_until_finished, submit_all
 
 DOOMED, HEALTHY = [5, 6, 7, 8, 9], list(range(20, 31))
@@ -37,7 +38,10 @@ def test_a_failed_draw_fails_only_its_request(side):
         doomed, healthy = submit_all(server, prefill, decode, [DOOMED, HEALTHY], params)
         outputs = run_until_finished(prefill, decode, 2)
         tokens, reason = outputs[doomed]
-        assert "sampling failed: logits are not finite" in reason
+        assert "sampling failed: logits are not finite" in str(reason)
+        # decode drew it: an internal failure; prefill drew it: decode hears prefill's abort
+        told = FailureKind.INTERNAL if side == "decode" else FailureKind.PEER_ABORTED
+        assert reason.kind is told
         assert len(tokens) == (0 if side == "prefill" else 1)  # decode: prefill's token only
         tokens, reason = outputs[healthy]
         assert reason in ("length", "stop") and tokens

@@ -12,6 +12,7 @@ from kvferry.daemon.model.weights import full_weights
 from kvferry.daemon.server.config import ModelSection
 from kvferry.daemon.server.prompt_quota import PromptQuota
 from kvferry.transport.control import request
+from kvferry.transport.failure import FailureKind
 from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt
 from kvferry.transport.room import KVPoll
 from support.cluster import decode, generate, prefill, running, wait_idle, write
@@ -48,7 +49,8 @@ def test_a_prompt_nobody_registered_runs_no_forward_and_fails_at_the_timeout(tin
     assert prefill.queues() == {"registering": 1, "prefilling": 0, "sending": 0}
     progress = step_idle(prefill, lambda p: p.done)
     [done] = progress.done
-    assert done.room == 7 and "timeout" in done.error and "registration" in done.error
+    assert done.room == 7 and done.error.kind is FailureKind.TIMEOUT
+    assert "registration" in done.error.detail
     assert not progress.reserved and not prefill.busy
     assert prefill.runner.blocks.used_pages == 0 and not prefill.scheduler.waiting
     assert prefill.samples.take().forward_s == []

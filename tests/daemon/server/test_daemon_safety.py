@@ -92,7 +92,8 @@ def test_a_non_streaming_client_that_leaves_aborts_its_request(pair):
         head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
         sock.sendall(head.encode() + body)
         wait_for(lambda: decoder.status()["requests"]["in_flight"], "the request in flight")
-    wait_for(lambda: "client went away" in decoder.metrics(), "the request aborted", 60)
+    aborted = 'kvferry_request_failures_total{kind="aborted"} 1.0'
+    wait_for(lambda: aborted in decoder.metrics(), "the request aborted", 60)
     wait_for(lambda: not decoder.status()["requests"]["in_flight"], "the request ended")
     _normal_request_works(pair)
 

@@ -196,6 +196,7 @@ def test_prefill_killed_mid_request(tmp_path, qwen3):
             kill(next(c for c in launcher.children if c.name == "doomed").process.pid)
             error = pending.result(timeout=60)
         assert error.status == 502 and ("peer lost" in str(error) or "prefill" in str(error))
+        assert error.kind in ("peer_lost", "refused"), error  # the daemon's failure kind
         assert generate(launcher, "decode-0", PROMPTS[0]).token_ids == expected[0]  # spare
         wait_idle(launcher, ["decode-0", "spare"])
         assert client(launcher, "decode-0").health()["status"] == "ok"
@@ -222,6 +223,7 @@ def test_decode_rank_killed_mid_request(tmp_path, qwen3):
                 os.kill(pid, signal.SIGKILL)
             error = pending.result(timeout=60)
         assert "rank 0" in str(error), error
+        assert error.kind == "rank_exited", error
         assert daemon.wait(timeout=60) != 0
         assert generate(launcher, "spare", PROMPTS[2]).token_ids == expected[2]
         wait_idle(launcher, ["prefill-0", "spare"])
