@@ -62,7 +62,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=8 if gpu else 2)
     p.add_argument("--intermediate", type=int, default=5632 if gpu else 512)
     p.add_argument("--prompt", type=int, default=2048 if gpu else 256, help="tokens per prompt")
-    p.add_argument("--chunk", type=int, default=512 if gpu else 64, help="prefill chunk tokens")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=512 if gpu else 64,
+        help="tokens per prefill forward (prefill_chunk_tokens) and per transfer chunk",
+    )
     p.add_argument("--layer-group", type=int, default=4 if gpu else 1)
     p.add_argument("--requests", type=int, default=16 if gpu else 4, help="throughput batch")
     p.add_argument("--repeats", type=int, default=5 if gpu else 3, help="latency samples")

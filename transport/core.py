@@ -22,6 +22,8 @@ from kvferry.transport.log_limit import RateLimitedLog
 from kvferry.transport.loop import AgentLoop
 from kvferry.transport.messages import Codec, ErrorReply, Heartbeat, Message, WireError
 from kvferry.transport.peers import PeerTracker
+from kvferry.transport.slice_mode import SliceMode
+from kvferry.transport.staged_mode import StagedMode
 
 log = logging.getLogger(__name__)
 PEER_IDLE_S = 60.0  # an outbound socket to a peer holding no room is closed after this long
@@ -70,6 +72,8 @@ class AgentCore:
             StagingBuffer(config.staging_bytes, planes.device) if config.mode == "staged" else None
         )
         self.copies = CopyStream(planes.device)
+        # how KV is packed into data messages; the pipelines move items through its steps
+        self.mode = SliceMode() if config.mode == "slice" else StagedMode(self.staging, self.copies)
         self._zmq = zmq.Context()
         self.loop = AgentLoop(name, self._read_frames, self._turn)
         self.control = ControlChannel(

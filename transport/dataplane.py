@@ -51,7 +51,7 @@ def failure(operation: str, error: Failure) -> Failure:
     return Failure(error.kind, f"{operation} failed: {error.detail}")
 
 
-class Request:
+class DataOp:
     """A send or receive in flight."""
 
     def done(self) -> bool:
@@ -62,7 +62,7 @@ class Request:
         raise NotImplementedError
 
 
-class DoneRequest(Request):
+class DoneOp(DataOp):
     def __init__(self, error: str | None = None, peer_gone: bool = False) -> None:
         self._error = data_failure(error, peer_gone) if error is not None else None
 
@@ -117,7 +117,7 @@ class DataPlane:
     def open_endpoints(self) -> int:
         return len(self._endpoints)
 
-    def send(self, endpoint, buffer: torch.Tensor, tag: int) -> Request:
+    def send(self, endpoint, buffer: torch.Tensor, tag: int) -> DataOp:
         _check(buffer, tag)
         self.messages_sent += 1
         self.bytes_sent += buffer.numel() * buffer.element_size()
@@ -127,14 +127,14 @@ class DataPlane:
         """(tag, length) of the oldest message that arrived and was not taken yet."""
         return self._probe()
 
-    def recv(self, tag: int, buffer: torch.Tensor) -> Request:
+    def recv(self, tag: int, buffer: torch.Tensor) -> DataOp:
         """Take the message with `tag` (seen by probe) into `buffer`."""
         _check(buffer, tag)
         self.messages_received += 1
         self.bytes_received += buffer.numel() * buffer.element_size()
         return self._recv(tag, buffer)
 
-    def discard(self, tag: int) -> Request:
+    def discard(self, tag: int) -> DataOp:
         """Take the message with `tag` and throw it away (its sender is released)."""
         return self._discard(tag)
 
@@ -149,16 +149,16 @@ class DataPlane:
     def _disconnect(self, endpoint) -> None:
         """Close an endpoint made by _connect (its error callback must not fire any more)."""
 
-    def _send(self, endpoint, buffer: torch.Tensor, tag: int) -> Request:
+    def _send(self, endpoint, buffer: torch.Tensor, tag: int) -> DataOp:
         raise NotImplementedError
 
     def _probe(self) -> tuple[int, int] | None:
         raise NotImplementedError
 
-    def _recv(self, tag: int, buffer: torch.Tensor) -> Request:
+    def _recv(self, tag: int, buffer: torch.Tensor) -> DataOp:
         raise NotImplementedError
 
-    def _discard(self, tag: int) -> Request:
+    def _discard(self, tag: int) -> DataOp:
         raise NotImplementedError
 
 
@@ -195,15 +195,15 @@ class LoopbackDataPlane(DataPlane):
     def _connect(self, address: bytes, on_error):
         return address
 
-    def _send(self, endpoint, buffer, tag) -> Request:
+    def _send(self, endpoint, buffer, tag) -> DataOp:
         with self._registry_lock:
             peer = self._registry.get(endpoint)
         if peer is None:
-            return DoneRequest(f"loopback peer {endpoint!r} is gone", peer_gone=True)
+            return DoneOp(f"loopback peer {endpoint!r} is gone", peer_gone=True)
         payload = buffer.cpu().view(torch.uint8).numpy().tobytes()
         with peer._lock:
             peer._queue.append((tag, payload))
-        return DoneRequest()
+        return DoneOp()
 
     def _probe(self):
         with self._lock:
@@ -220,16 +220,16 @@ class LoopbackDataPlane(DataPlane):
                     return payload
         return None
 
-    def _recv(self, tag, buffer) -> Request:
+    def _recv(self, tag, buffer) -> DataOp:
         payload = self._take(tag)
         if payload is None:
-            return DoneRequest(f"no message with tag {tag:#x}")
+            return DoneOp(f"no message with tag {tag:#x}")
         if len(payload) != buffer.numel() * buffer.element_size():
-            return DoneRequest(f"message of {len(payload)} bytes, buffer of {buffer.nbytes} bytes")
+            return DoneOp(f"message of {len(payload)} bytes, buffer of {buffer.nbytes} bytes")
         source = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         buffer.view(torch.uint8).view(-1).copy_(source.to(buffer.device))
-        return DoneRequest()
+        return DoneOp()
 
-    def _discard(self, tag) -> Request:
+    def _discard(self, tag) -> DataOp:
         self._take(tag)
-        return DoneRequest()
+        return DoneOp()

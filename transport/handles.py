@@ -17,7 +17,7 @@ from kvferry.staging.copy_stream import Fence
 from kvferry.staging.kv_copy import host_slots
 from kvferry.transport.failure import Failure, aborted
 from kvferry.transport.room import KVPoll, TransferFailed
-from kvferry.transport.send_room import Ready
+from kvferry.transport.send_room import KVWritten
 
 if TYPE_CHECKING:
     from kvferry.transport.receiver import DecodeAgent
@@ -60,7 +60,7 @@ class KVSender:
                 f"room {self.room:#x}: {self._tokens} tokens added, "
                 f"the prompt has {self.num_tokens}"
             )
-        written = Ready(Fence(ready), [(n, Fence(event)) for n, event in layers_ready])
+        written = KVWritten(Fence(ready), [(n, Fence(event)) for n, event in layers_ready])
         self.agent.post(
             lambda: self.agent.add_tokens_on_loop(self.room, slots, written, first_token, last)
         )

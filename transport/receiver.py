@@ -57,7 +57,6 @@ class DecodeAgent(TransferAgent):
             on_dropped=self._on_dropped,
         )
         self.config, self.layout, self.planes = config, layout, planes
-        self.slice_mode = config.mode == "slice"
         self._groups = layer_groups(layout.num_layers, config.layer_group)
         self.rooms: dict[int, RecvRoom] = {}
         self._by_key: dict[int, RecvRoom] = {}
@@ -132,14 +131,9 @@ class DecodeAgent(TransferAgent):
         widest = max(s.num_heads for s in room.writers.values())
         largest = self.planes.layers(room.groups[0], self.layout.num_layers)
         need = largest.staging_bytes(min(room.chunk_tokens, room.num_tokens), widest)
-        if not self.slice_mode and need > self.config.staging_bytes:
-            small = f"ring too small: a chunk needs {need} bytes, "
-            self._fail(
-                room,
-                Failure(
-                    FailureKind.INCOMPATIBLE, small + f"the ring holds {self.config.staging_bytes}"
-                ),
-            )
+        too_small = self.core.mode.ring_too_small(need, self.config)
+        if too_small:
+            self._fail(room, too_small)
             return
         message = RegisterRoom(
             room.room,
@@ -238,7 +232,7 @@ class DecodeAgent(TransferAgent):
             )
         elif age > self.config.transfer_timeout_s:
             self._fail(room, timeout(f"timeout: transfer unfinished after {age:.1f}s"))
-        elif room.writers and room.complete(self.slice_mode, self.planes.num_planes):
+        elif room.writers and room.complete(self.core.mode, self.planes.num_planes):
             room.handle.first_token = next(iter(room.first_tokens.values()))
             room.status.advance(KVPoll.Success)
             self.core.stats.rooms_succeeded += 1

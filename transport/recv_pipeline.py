@@ -1,6 +1,6 @@
 """Decode rank's receive pipeline: each data message goes from a probe, through checks against
-its room, into the staging ring (or, in slice mode, straight into its cache row), through a
-scatter into the paged KV cache, to the release of its ring region.
+its room, to where its mode lands it (a region of the staging ring: `staged_mode.py`), through
+what its mode does once it is in (a scatter into the paged KV cache), to its release.
 
 Every stage is polled, oldest first; nothing waits on the host. A message that finds the ring
 full stays queued in the data plane (later ones wait behind it) for at most ring_wait_timeout_s,
@@ -35,7 +35,7 @@ class RecvPipeline:
         fail_room: Callable[[RecvRoom, Failure], None],
     ) -> None:
         self.core, self.config, self.planes = core, config, planes
-        self.slice_mode = config.mode == "slice"
+        self.mode = core.mode
         self._room_of_key, self._fail_room = room_of_key, fail_room
         self._receiving: deque[Arrival] = deque()  # receives posted, oldest first
         self._scattering: deque[Arrival] = deque()  # scatters queued, in stream order
@@ -79,7 +79,7 @@ class RecvPipeline:
             self.core.stats.unexpected_messages += 1
             self._discards.append(self.core.data.discard(tag))
             return True
-        error, piece_of = room.expect(piece, writer, nbytes, self.planes, self.slice_mode)
+        error, piece_of = room.expect(piece, writer, nbytes, self.planes, self.mode)
         if error:
             self._discards.append(self.core.data.discard(tag))
             self._fail_room(room, error)
@@ -107,20 +107,10 @@ class RecvPipeline:
 
     def _take(self, room: RecvRoom, tag: int, nbytes: int, piece: Piece, now: float) -> bool:
         arrival = Arrival(room, piece)
-        if self.slice_mode:  # straight into the cache row: plane index // tokens, token % tokens
-            plane = piece.planes.planes[piece.index // len(piece.slots)]
-            arrival.region = plane[int(piece.slots[piece.index % len(piece.slots)])].narrow(
-                0, piece.slice.dst_head_start, piece.slice.num_heads
-            )
-        else:
-            offset = self.core.staging.alloc(nbytes)
-            if offset is None:
-                return self._ring_full(room, now)
-            self._ring_unblocked(now)
-            arrival.offset = offset
+        if not self.mode.land(arrival, nbytes):
+            return self._ring_full(room, now)
+        self._ring_unblocked(now)
         try:
-            if arrival.offset is not None:
-                arrival.region = self.core.staging.view(arrival.offset, nbytes)
             arrival.request = self.core.data.recv(tag, arrival.region)
         except BaseException:
             if arrival.offset is not None:  # nothing was posted into it
@@ -160,18 +150,12 @@ class RecvPipeline:
                 if error:
                     self._fail_room(room, failure("receive", error))
                 self._release(arrival)
-            elif self.slice_mode:
+                continue
+            arrival.fence = self.mode.received(arrival)
+            if arrival.fence is None:  # in place already
                 room.done_units += 1
                 self._release(arrival)
             else:
-                piece = arrival.piece
-                arrival.fence = self.core.copies.scatter(
-                    arrival.region,
-                    piece.planes,
-                    piece.slots,
-                    piece.slice.dst_head_start,
-                    piece.slice.num_heads,
-                )
                 self._scattering.append(arrival)
 
     def _finish_scatters(self) -> None:

@@ -3,7 +3,7 @@ and the checks every arriving message must pass before a byte of it is taken."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -12,6 +12,10 @@ from kvferry.staging.plan import HeadSlice
 from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.room import RoomStatus
 
+if TYPE_CHECKING:
+    from kvferry.transport.slice_mode import SliceMode
+    from kvferry.transport.staged_mode import StagedMode
+
 
 class Piece(NamedTuple):
     """What one checked message carries: whose heads, which tokens, which layers' planes."""
@@ -19,11 +23,11 @@ class Piece(NamedTuple):
     slice: HeadSlice
     slots: np.ndarray
     planes: KVPlanes
-    index: int  # slice mode: the row within its chunk
+    index: int  # which of the piece's messages (several per piece in slice mode)
 
 
 class Arrival:
-    """A data message being taken in: its receive, then (staged) its scatter."""
+    """A data message being taken in: its receive, then what its mode does once it is in."""
 
     __slots__ = ("fence", "offset", "piece", "region", "request", "room", "started")
 
@@ -55,7 +59,7 @@ class RecvRoom:
         self.accepted: set[int] = set()
         self.first_tokens: dict[int, int | None] = {}  # TransferDone per prefill rank
         self.taken: dict[tuple[int, int], int] = {}  # (piece, writer) -> messages taken
-        self.done_units = 0  # staged: chunks scattered; slice: rows received
+        self.done_units = 0  # messages whose KV is in the cache
         self.busy = 0  # receives or scatters that may still write into the KV pages or ring
         self.failing: Failure | None = None
 
@@ -72,19 +76,14 @@ class RecvRoom:
         start = chunk * self.chunk_tokens
         return self.slots[start : min(start + self.chunk_tokens, self.num_tokens)]
 
-    def units(self, slice_mode: bool, num_planes: int) -> int:
-        """Messages the room needs in total: one per (piece, writer), or per (row, writer)."""
-        per_writer = self.num_tokens * num_planes if slice_mode else self.num_chunks
-        return per_writer * len(self.groups) * len(self.writers)
-
     def expect(
         self,
         piece: int,
         writer: int,
         nbytes: int,
         planes: KVPlanes,
-        slice_mode: bool,
-    ) -> tuple[str | None, Piece | None]:
+        mode: StagedMode | SliceMode,
+    ) -> tuple[Failure | None, Piece | None]:
         """Check a message of `nbytes` for (piece, writer), every field of which comes from the
         peer. Returns (error, what the message carries)."""
         head_slice = self.writers.get(writer)
@@ -102,7 +101,7 @@ class RecvRoom:
         slots = self.chunk_slots(chunk)
         planes = planes.layers(self.groups[group], self.groups[-1].stop)
         index = self.taken.get((piece, writer), 0)
-        rows = planes.num_planes * len(slots) if slice_mode else 1  # messages per piece
+        rows = mode.messages_per_piece(planes, len(slots))
         expected = planes.staging_bytes(len(slots), head_slice.num_heads) // rows
         if index >= rows:
             return Failure(
@@ -115,7 +114,7 @@ class RecvRoom:
         self.taken[(piece, writer)] = index + 1
         return None, Piece(head_slice, slots, planes, index)
 
-    def complete(self, slice_mode: bool, num_planes: int) -> bool:
-        return len(self.first_tokens) == len(self.rank_peers) > 0 and self.done_units == self.units(
-            slice_mode, num_planes
-        )
+    def complete(self, mode: StagedMode | SliceMode, num_planes: int) -> bool:
+        """Every writer's every message is in the cache, and every prefill rank is done."""
+        units = mode.messages_per_writer(self, num_planes) * len(self.writers)
+        return len(self.first_tokens) == len(self.rank_peers) > 0 and self.done_units == units

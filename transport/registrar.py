@@ -84,7 +84,7 @@ class Registrar:
                 f"frame came from ({peer!r})"
             )
             return Failure(FailureKind.BAD_MESSAGE, invalid)
-        return check_registration(msg, self.layout, self.planes, self.config)
+        return check_registration(msg, self.layout, self.planes, self.config, self.core.mode)
 
     def _connect(self, peer: str, msg: RegisterRoom) -> tuple[object, Failure | None]:
         """Open the control socket to a checked decode rank and hold the data-plane endpoint

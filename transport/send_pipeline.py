@@ -1,5 +1,5 @@
-"""Prefill rank's send pipeline: (piece, destination) items go from a queue, through a gather
-into the staging ring (or, in slice mode, straight to per-row sends), to completed sends.
+"""Prefill rank's send pipeline: (piece, destination) items go from a queue, through their
+mode's staging (a gather into the staging ring: `staged_mode.py`), to completed sends.
 
 Every stage is polled, oldest first; nothing waits on the host. An item that finds the ring
 full stays at the head of the queue (later items wait behind it, so space is not starved by
@@ -19,7 +19,7 @@ from kvferry.transport.failure import Failure, ring_full
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_room import Outgoing
 
-SLICE_SENDS_PER_TURN = 256  # bounds one turn, so heartbeats and other rooms keep going
+SENDS_PER_TURN = 256  # bounds one turn, so heartbeats and other rooms keep going
 
 
 class SendPipeline:
@@ -29,9 +29,9 @@ class SendPipeline:
         config: TransferConfig,
         fail_room: Callable[[object, Failure], None],
     ) -> None:
-        self.staging, self.copies, self.data, self.stats = (
+        self.staging, self.mode, self.data, self.stats = (
             core.staging,
-            core.copies,
+            core.mode,
             core.data,
             core.stats,
         )
@@ -55,33 +55,18 @@ class SendPipeline:
         self._complete_sends()
 
     def _stage(self, now: float) -> None:
-        """Gather queued chunks into the ring, oldest first, while it has room."""
+        """Stage queued items (gather them into the ring), oldest first, while it has room."""
         while self._queue:
             item = self._queue[0]
             if item.room.status.finished:
                 self._release(self._queue.popleft())
                 continue
-            if self.config.mode == "slice":
-                self._staged.append(self._queue.popleft())
-                continue
-            nbytes = item.planes.staging_bytes(len(item.slots), item.dest.slice.num_heads)
-            offset = self.staging.alloc(nbytes)
-            if offset is None:
+            if not self.mode.stage(item):
                 self._wait_for_ring(item, now)
                 return
             self._queue.popleft()
             self._note_ring_wait(item, now)
-            item.offset = offset
             item.staged = now
-            item.region = self.staging.view(offset, nbytes)
-            item.fence = self.copies.gather(
-                item.planes,
-                item.slots,
-                item.dest.slice.src_head_start,
-                item.dest.slice.num_heads,
-                item.region,
-                after=item.fence,
-            )
             item.room.status.advance(KVPoll.Transferring)
             self._staged.append(item)
 
@@ -105,27 +90,14 @@ class SendPipeline:
             if item.room.status.finished:
                 self._release(item)
                 continue
-            if self.config.mode == "slice":
-                item.room.status.advance(KVPoll.Transferring)
-                item.todo = self._slice_rows(item)
-            else:
-                item.requests = deque([self.data.send(item.dest.endpoint, item.region, item.tag)])
+            item.todo = self.mode.payloads(item)
             self._sending.append(item)
 
-    def _slice_rows(self, item: Outgoing):
-        """Slice mode: one message per (plane, token), in that order, straight from the cache."""
-        s = item.dest.slice
-        slots = item.slots.tolist()
-        for plane in item.planes.planes:
-            heads = plane.narrow(1, s.src_head_start, s.num_heads)  # [slots, h, D]
-            for slot in slots:
-                yield heads[slot]
-
     def _complete_sends(self) -> None:
-        budget = SLICE_SENDS_PER_TURN
+        budget = SENDS_PER_TURN
         for _ in range(len(self._sending)):
             item = self._sending.popleft()
-            budget -= self._post_rows(item, budget)
+            budget -= self._post_sends(item, budget)
             while item.requests and item.requests[0].done():
                 error = item.requests.popleft().error()
                 if error and not item.room.status.finished:
@@ -136,14 +108,15 @@ class SendPipeline:
             self.stats.wire_s += time.monotonic() - item.queued
             self._release(item)
 
-    def _post_rows(self, item: Outgoing, budget: int) -> int:
+    def _post_sends(self, item: Outgoing, budget: int) -> int:
+        """Post up to `budget` of `item`'s sends still to go; how many were posted."""
         posted = 0
         while item.todo is not None and posted < budget:
-            row = next(item.todo, None)
-            if row is None or item.room.status.finished:
+            payload = next(item.todo, None)
+            if payload is None or item.room.status.finished:
                 item.todo = None
                 break
-            item.requests.append(self.data.send(item.dest.endpoint, row, item.tag))
+            item.requests.append(self.data.send(item.dest.endpoint, payload, item.tag))
             posted += 1
         return posted
 

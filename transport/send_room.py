@@ -5,6 +5,7 @@ layer group of them when the decode side asked for layer-wise messages."""
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,10 @@ from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import RegisterRoom
 from kvferry.transport.room import RoomStatus
 from kvferry.transport.tags import MAX_KEY, MAX_PIECES, MAX_WRITERS, pack_tag
+
+if TYPE_CHECKING:
+    from kvferry.transport.slice_mode import SliceMode
+    from kvferry.transport.staged_mode import StagedMode
 
 
 class Dest:
@@ -32,7 +37,7 @@ class Dest:
         self.slice = head_slice  # what this prefill rank sends it; None: nothing
 
 
-class Ready:
+class KVWritten:
     """When one forward's KV is in place: all of it once `fence` fires; layers [0, n) already
     once the fence paired with n in `layers` fires (ascending n; empty: no finer events)."""
 
@@ -85,7 +90,7 @@ class Outgoing:
         self.offset: int | None = None  # staging ring region, while held
         self.region = None
         self.requests: deque = deque()
-        self.todo = None  # slice mode: rows still to send
+        self.todo = None  # its mode's payloads still to send
         self.staged = queued  # when its gather was queued
         self.waited = False
 
@@ -105,7 +110,7 @@ class SendRoom:
         self.input_done = False
         self.in_flight = 0  # work items queued, staged or sending
         self._slots: list[np.ndarray] = []
-        self._ready: list[Ready] = []
+        self._ready: list[KVWritten] = []
         self._tokens_added = 0
         self._next_chunk = 0
 
@@ -155,7 +160,7 @@ class SendRoom:
         return None
 
     def add_tokens(
-        self, slots: np.ndarray, ready: Ready, first_token: int | None, last: bool
+        self, slots: np.ndarray, ready: KVWritten, first_token: int | None, last: bool
     ) -> Failure | None:
         if self.input_done:
             return Failure(FailureKind.INTERNAL, "engine error: tokens added after the last chunk")
@@ -200,9 +205,14 @@ class SendRoom:
 
 
 def check_registration(
-    msg: RegisterRoom, layout: KVLayout, planes: KVPlanes, config: TransferConfig
+    msg: RegisterRoom,
+    layout: KVLayout,
+    planes: KVPlanes,
+    config: TransferConfig,
+    mode: StagedMode | SliceMode,
 ) -> Failure | None:
-    """Why a decode rank's registration cannot be served here, or None."""
+    """Why a decode rank's registration cannot be served here (`mode`: this rank's
+    `StagedMode` or `SliceMode`), or None."""
     if msg.mode != config.mode:
         return Failure(
             FailureKind.INCOMPATIBLE,
@@ -243,9 +253,4 @@ def check_registration(
     widest = max(s.num_heads for s in plan)
     largest = planes.layers(groups[0], layout.num_layers)  # the first group is never smaller
     need = largest.staging_bytes(min(msg.chunk_tokens, msg.num_tokens), widest)
-    if config.mode == "staged" and need > config.staging_bytes:
-        return Failure(
-            FailureKind.INCOMPATIBLE,
-            f"ring too small: a chunk needs {need} bytes, the ring holds {config.staging_bytes}",
-        )
-    return None
+    return mode.ring_too_small(need, config)

@@ -34,7 +34,7 @@ from kvferry.transport.messages import (
 from kvferry.transport.registrar import Registrar
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_pipeline import SendPipeline
-from kvferry.transport.send_room import Outgoing, Ready, SendRoom
+from kvferry.transport.send_room import KVWritten, Outgoing, SendRoom
 from kvferry.transport.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class PrefillAgent(TransferAgent):
             )
 
     def add_tokens_on_loop(
-        self, room_id: int, slots: np.ndarray, ready: Ready, first_token, last: bool
+        self, room_id: int, slots: np.ndarray, ready: KVWritten, first_token, last: bool
     ) -> None:
         """KVSender.add_tokens on the loop thread: queue `slots` (KV written once `ready`
         fires) for room `room_id`; a finished or unknown room ignores them."""

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from kvferry.transport.dataplane import (
+    DataOp,
     DataPlane,
-    DoneRequest,
+    DoneOp,
     InvalidAddress,
-    Request,
     data_failure,
 )
 from kvferry.transport.failure import Failure
@@ -76,7 +76,7 @@ PEER_GONE = frozenset(
 )
 
 
-class UcxRequest(Request):
+class UcxOp(DataOp):
     __slots__ = ("_buffer", "_request")
 
     def __init__(self, request, buffer) -> None:
@@ -149,25 +149,25 @@ class UcxDataPlane(DataPlane):
         endpoint.remove_close_callback()
         endpoint.close()
 
-    def _send(self, endpoint, buffer, tag) -> Request:
+    def _send(self, endpoint, buffer, tag) -> DataOp:
         array = _array(buffer)
-        return UcxRequest(endpoint.tag_send(array, self._ucx.UCXXTag(tag)), array)
+        return UcxOp(endpoint.tag_send(array, self._ucx.UCXXTag(tag)), array)
 
     def _probe(self):
         tag, mask = self._match_all
         probe = self._worker.tag_probe(tag, mask, remove=False)
         return (probe.sender_tag.value, int(probe.length)) if probe.matched else None
 
-    def _take(self, tag: int, array) -> Request:
+    def _take(self, tag: int, array) -> DataOp:
         probe = self._worker.tag_probe(self._ucx.UCXXTag(tag), remove=True)
         if not probe.matched:
-            return DoneRequest(f"no message with tag {tag:#x}")
-        return UcxRequest(self._worker.tag_recv_with_handle(array, probe), array)
+            return DoneOp(f"no message with tag {tag:#x}")
+        return UcxOp(self._worker.tag_recv_with_handle(array, probe), array)
 
-    def _recv(self, tag, buffer) -> Request:
+    def _recv(self, tag, buffer) -> DataOp:
         return self._take(tag, _array(buffer))
 
-    def _discard(self, tag) -> Request:
+    def _discard(self, tag) -> DataOp:
         from ucxx._lib.arr import Array
 
         return self._take(tag, Array(self._scratch))

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.config import ConfigError, DaemonConfig
 
 DEFAULT_URL = "http://127.0.0.1:17000"
@@ -57,15 +58,6 @@ class ServerError(ClientError):
         super().__init__(url, reason)
         self.status = status
         self.kind = code or (f"http_{status}" if status else "server_error")
-
-
-class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
-    prompt: str | list[int]  # text, or token ids
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stream: bool = False
 
 
 class Completion(msgspec.Struct, kw_only=True):

@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvferry.daemon.cli.bench.report import Counters, percentile
 from kvferry.daemon.cli.bench.run import scrape
-from kvferry.daemon.cli.client import CompletionRequest, DaemonClient
+from kvferry.daemon.cli.client import DaemonClient
 from kvferry.daemon.cli.launcher import Launcher
+from kvferry.daemon.server.api import CompletionRequest
 
 SHOWCASE = [
     "The KV cache of a long prompt",

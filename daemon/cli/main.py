@@ -18,19 +18,13 @@ import msgspec
 import yaml
 
 from kvferry.daemon.cli.bench.command import bench
-from kvferry.daemon.cli.client import (
-    DEFAULT_URL,
-    ClientError,
-    Completion,
-    CompletionRequest,
-    DaemonClient,
-    daemon_url,
-)
+from kvferry.daemon.cli.client import DEFAULT_URL, ClientError, Completion, DaemonClient, daemon_url
 from kvferry.daemon.cli.common import CONFIG_PATH, SECONDS, note, stop_on_sigterm
 from kvferry.daemon.cli.demo import run_demo
 from kvferry.daemon.cli.fuzz.command import fuzz
 from kvferry.daemon.cli.launcher import Launcher, LaunchError, describe_exit
 from kvferry.daemon.cli.status import status
+from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.config import ConfigError, DaemonConfig, Deployment, check_against, load
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)

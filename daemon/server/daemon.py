@@ -31,7 +31,7 @@ from kvferry.daemon.server.prompt_handoff import PromptHandoff
 from kvferry.daemon.server.prompt_intake import PromptIntake
 from kvferry.daemon.server.prompt_quota import PromptQuota
 from kvferry.daemon.server.ranks import RankFailed, Ranks
-from kvferry.daemon.server.request import Request, Unavailable, check_prompt
+from kvferry.daemon.server.request import DecodeRequest, Unavailable, check_prompt
 from kvferry.transport.bootstrap import TOKEN_BYTES, BootstrapServer
 from kvferry.transport.failure import Failure, FailureKind, timeout
 from kvferry.transport.messages import Codec
@@ -67,7 +67,7 @@ class Daemon:
             else ByteTokenizer()
         )
         self.state = "starting"
-        self.requests: dict[int, Request] = {}
+        self.requests: dict[int, DecodeRequest] = {}
         self._check_prompt = partial(
             check_prompt,
             limit=config.scheduler.max_prompt_tokens,
@@ -214,7 +214,7 @@ class Daemon:
 
     # --- decode: requests -------------------------------------------------------------------
 
-    def generate(self, prompt: list[int], params: SamplingParams) -> Request:
+    def generate(self, prompt: list[int], params: SamplingParams) -> DecodeRequest:
         """Start a request; ValueError for a prompt that cannot be served, Unavailable when
         not serving."""
         refusal = self._refusal()
@@ -232,7 +232,7 @@ class Daemon:
             room = secrets.randbits(64)
             while room in self.requests:
                 room = secrets.randbits(64)
-            request = Request(room, prompt, params, prefill)
+            request = DecodeRequest(room, prompt, params, prefill)
             request.deadline = request.created + self.config.scheduler.request_timeout_s
             self.requests[room] = request
         self.metrics.in_flight.inc()
@@ -240,7 +240,7 @@ class Daemon:
         return request
 
     def abort(self, room: int, failure: Failure) -> None:
-        self._send(protocol.Abort(room, failure))
+        self._send(protocol.AbortRoom(room, failure))
 
     def _refusal(self) -> str | None:
         """Why the daemon takes no new request or prompt now; None while serving."""
@@ -268,7 +268,7 @@ class Daemon:
             self._count(done.error)
 
     def _finish(
-        self, request: Request, finish: str, error: Failure | None, tokens: list[int] = ()
+        self, request: DecodeRequest, finish: str, error: Failure | None, tokens: list[int] = ()
     ) -> None:
         with self._lock:
             if self.requests.pop(request.room, None) is None:

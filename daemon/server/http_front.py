@@ -21,6 +21,7 @@ import msgspec
 
 from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.server import status as shown
+from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.metrics import CONTENT_TYPE
 from kvferry.daemon.server.request import Unavailable
 from kvferry.transport.failure import Failure, FailureKind, aborted
@@ -29,17 +30,6 @@ MAX_BODY_BYTES = 1 << 20
 POLL_S = 1.0  # a waiting handler checks its client and the daemon this often
 _lock = threading.Lock()
 MAX_HELD = 4  # tokens held back while the text ends in an incomplete character (UTF-8: <= 4)
-
-
-class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """The fields of an OpenAI completion request kvferry uses (others are ignored)."""
-
-    prompt: str | list[int]
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stream: bool = False
 
 
 class HTTPError(Exception):

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
-from kvferry.daemon.server.request import Request
+from kvferry.daemon.server.request import DecodeRequest
 from kvferry.transport.control import request as control_request
 from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt, WireError
@@ -34,14 +34,14 @@ class PromptHandoff:
         self._context, self._codec, self._timeout_s, self._abort = context, codec, timeout_s, abort
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="kvferry-submit")
 
-    def submit(self, request: Request) -> None:
+    def submit(self, request: DecodeRequest) -> None:
         self._pool.submit(self._hand, request)
 
     def close(self) -> None:
         """Hand-offs not started are dropped: the daemon fails their requests as it stops."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _hand(self, request: Request) -> None:
+    def _hand(self, request: DecodeRequest) -> None:
         p = request.params
         message = SubmitPrompt(request.room, request.prompt, p.temperature, p.top_p, p.seed)
         try:

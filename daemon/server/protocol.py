@@ -23,7 +23,7 @@ class Submit:
 
 
 @dataclass(frozen=True)
-class Abort:
+class AbortRoom:
     room: int
     failure: Failure
 
@@ -33,12 +33,12 @@ class Stop:
     reason: str
 
 
-Command = Submit | Abort | Stop
+Command = Submit | AbortRoom | Stop
 
 
 # --- ranks -> daemon ----------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Ready:
+class RankReady:
     rank: int
 
 

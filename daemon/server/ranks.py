@@ -67,7 +67,7 @@ class Ranks:
                     message = conn.recv()
                     if isinstance(message, protocol.Fatal):
                         raise RankFailed(message.error)
-                    if isinstance(message, protocol.Ready):
+                    if isinstance(message, protocol.RankReady):
                         pending.discard(rank)
             for rank, proc in enumerate(self.procs):
                 if rank in pending and not proc.is_alive():

@@ -33,7 +33,7 @@ def check_prompt(prompt: list[int], limit: int, vocab: int) -> None:
 
 
 @dataclass
-class Request:
+class DecodeRequest:
     """`events` feeds the HTTP handler: (new tokens, finish reason or None)."""
 
     room: int

@@ -52,7 +52,7 @@ def worker_main(
         log.exception("rank %d failed to start", rank)
         conn.send(protocol.Fatal(rank, f"rank {rank} failed to start: {exc}"))
         raise SystemExit(1) from None
-    conn.send(protocol.Ready(rank))
+    conn.send(protocol.RankReady(rank))
     try:
         worker.run()
     except (BrokenPipeError, EOFError, ConnectionResetError):
@@ -131,7 +131,7 @@ class Worker:
 
     def _apply(self, command) -> None:
         engine = self.engine
-        if isinstance(command, protocol.Abort):
+        if isinstance(command, protocol.AbortRoom):
             engine.abort(command.room, command.failure)
             return
         try:

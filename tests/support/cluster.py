@@ -12,8 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from kvferry.daemon.cli.client import CompletionRequest, DaemonClient, ServerError
+from kvferry.daemon.cli.client import DaemonClient, ServerError
 from kvferry.daemon.cli.launcher import Launcher
+from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.config import load
 from ports import free_port
 

@@ -23,7 +23,7 @@ from kvferry.transport.messages import (
     WireError,
 )
 from kvferry.transport.room import KVPoll, RoomStatus
-from kvferry.transport.send_room import Ready
+from kvferry.transport.send_room import KVWritten
 from kvferry.transport.tags import MAX_KEY, pack_tag, unpack_tag
 from support.transfer_sim import layout_for
 
@@ -99,11 +99,11 @@ def test_tags_round_trip_and_refuse_out_of_range():
 
 def test_a_piece_waits_for_the_first_event_covering_its_layers():
     whole, first, second = (Fence() for _ in range(3))
-    ready = Ready(whole, [(4, first), (8, second)])
+    ready = KVWritten(whole, [(4, first), (8, second)])
     assert ready.for_layers(1) is first and ready.for_layers(4) is first
     assert ready.for_layers(5) is second and ready.for_layers(8) is second
     assert ready.for_layers(9) is whole
-    assert Ready(whole, []).for_layers(1) is whole
+    assert KVWritten(whole, []).for_layers(1) is whole
 
 
 def test_room_states_move_forward_and_failure_sticks():

@@ -30,8 +30,9 @@ from kvferry.daemon.cli.bench.workload import (
     poisson_schedule,
     random_prompts,
 )
-from kvferry.daemon.cli.client import ClientError, CompletionRequest, DaemonClient
+from kvferry.daemon.cli.client import ClientError, DaemonClient
 from kvferry.daemon.cli.launcher import Launcher
+from kvferry.daemon.server.api import CompletionRequest
 
 SNAPSHOT_PERIOD_S = 0.6  # ranks send their counters twice a second; wait this long to see them
 BYTE_VOCAB = 256  # the byte tokenizer's byte ids, without BOS/EOS

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import msgspec
 import zmq
 
-from kvferry.daemon.cli.client import ClientError, CompletionRequest, DaemonClient
+from kvferry.daemon.cli.client import ClientError, DaemonClient
 from kvferry.daemon.cli.fuzz.frames import FrameMaker
 from kvferry.daemon.cli.fuzz.http_requests import HttpMaker, send_http
 from kvferry.daemon.cli.fuzz.targets import (
@@ -32,6 +32,7 @@ from kvferry.daemon.cli.fuzz.targets import (
     measure,
 )
 from kvferry.daemon.cli.fuzz.zmq_sender import ZmqFuzzer
+from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.config import Deployment
 
 CHECK_EVERY = 100  # frames between liveness checks of every process

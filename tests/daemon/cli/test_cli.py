@@ -9,13 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvferry.daemon.cli.client import (
-    ClientError,
-    CompletionRequest,
-    DaemonClient,
-    RequestTimeout,
-    ServerError,
-)
+from kvferry.daemon.cli.client import ClientError, DaemonClient, RequestTimeout, ServerError
+from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.config import load, parse
 from ports import free_ports
 from support.cli_sim import invoke, one_error_line, two_daemons, write_yaml

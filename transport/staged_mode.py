@@ -1,0 +1,79 @@
+"""How KV is packed into data messages: the staged mode, and the contract every mode keeps.
+
+Staged (the real path): one bulk message per piece (a chunk's layers, or one layer group of
+them) and destination. Prefill gathers the destination's head slice of every plane of the
+piece into a region of the staging ring and sends the region; decode receives it into a
+region of its own ring and scatters it into the paged cache. The pipelines
+(`send_pipeline.py`, `recv_pipeline.py`) move items through a mode's steps and own the
+rest: queues, timeouts, counters, failures. `transfer.mode: slice`, the per-token comparison
+path, keeps the same contract in `slice_mode.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from kvferry.staging.buffer import StagingBuffer
+from kvferry.staging.copy_stream import CopyStream
+from kvferry.staging.kv_copy import KVPlanes
+from kvferry.transport.config import TransferConfig
+from kvferry.transport.failure import Failure, FailureKind
+from kvferry.transport.recv_room import Arrival, RecvRoom
+from kvferry.transport.send_room import Outgoing
+
+
+class StagedMode:
+    def __init__(self, staging: StagingBuffer, copies: CopyStream) -> None:
+        self.staging, self.copies = staging, copies
+
+    # --- prefill -------------------------------------------------------------------------------
+
+    def stage(self, item: Outgoing) -> bool:
+        """Start what must happen before `item` can be sent; False (nothing started) when it
+        must wait for ring room. The pipeline sends once `item.fence` has fired."""
+        nbytes = item.planes.staging_bytes(len(item.slots), item.dest.slice.num_heads)
+        offset = self.staging.alloc(nbytes)
+        if offset is None:
+            return False
+        item.offset, item.region = offset, self.staging.view(offset, nbytes)
+        s = item.dest.slice
+        item.fence = self.copies.gather(
+            item.planes, item.slots, s.src_head_start, s.num_heads, item.region, after=item.fence
+        )
+        return True
+
+    def payloads(self, item: Outgoing) -> Iterator:
+        """The buffers to send for `item`, in order: its ring region."""
+        yield item.region
+
+    # --- decode --------------------------------------------------------------------------------
+
+    def messages_per_piece(self, planes: KVPlanes, num_tokens: int) -> int:
+        return 1
+
+    def messages_per_writer(self, room: RecvRoom, num_planes: int) -> int:
+        """Messages each writer sends a room in all."""
+        return room.num_chunks * len(room.groups)
+
+    def land(self, arrival: Arrival, nbytes: int) -> bool:
+        """Where an arriving message goes (`arrival.region`); False when the ring is full."""
+        offset = self.staging.alloc(nbytes)
+        if offset is None:
+            return False
+        arrival.offset, arrival.region = offset, self.staging.view(offset, nbytes)
+        return True
+
+    def received(self, arrival: Arrival):
+        """A message is in: the fence after which its KV is in the cache (None: already)."""
+        piece = arrival.piece
+        s = piece.slice
+        return self.copies.scatter(
+            arrival.region, piece.planes, piece.slots, s.dst_head_start, s.num_heads
+        )
+
+    def ring_too_small(self, need: int, config: TransferConfig) -> Failure | None:
+        """Why a room whose largest message is `need` bytes can never be staged, or None."""
+        if need <= config.staging_bytes:
+            return None
+        small = f"ring too small: a chunk needs {need} bytes, "
+        return Failure(FailureKind.INCOMPATIBLE, small + f"the ring holds {config.staging_bytes}")
