@@ -44,8 +44,8 @@ def test_decode_loop_never_synchronises_the_host(model):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            for _ in range(steps):
-                assert decode.step()  # every step queues a forward
+            for step in range(steps):  # every step queues a forward
+                assert decode.step(), (step, [(o.room, o.finish, o.error) for o in decode.outputs])
         finally:
             torch.cuda.set_sync_debug_mode("default")
         while decode.busy:
