@@ -25,12 +25,18 @@ def model():
     return config, full_weights(config, None, seed=0)
 
 
+# The first forwards and copies on a fresh machine compile kernels and initialise CUDA while
+# holding the GIL, for seconds; both engines share this process, so their transfer threads'
+# heartbeats wait too. Liveness timeouts fit for a test, not for a cold start, would fail rooms.
+COLD_START = dict(heartbeat_timeout_s=60.0, bootstrap_timeout_s=60.0, transfer_timeout_s=120.0)
+
+
 def cpu_greedy(model, prompt, steps):
     return greedy(Model(*model), prompt, steps)
 
 
 def test_decode_loop_never_synchronises_the_host(model):
-    server, prefill, decode = engines(None, device="cuda", model=model)
+    server, prefill, decode = engines(None, device="cuda", model=model, **COLD_START)
     steps = 24
     try:
         submit_all(server, prefill, decode, PROMPTS, SamplingParams(max_tokens=steps + 40))
@@ -65,7 +71,9 @@ def test_decode_loop_never_synchronises_the_host(model):
 @pytest.mark.parametrize("layer_group", [0, 1])
 def test_disaggregated_greedy_on_gpu_equals_cpu(model, layer_group):
     """Layer-wise (an event after every layer, a message per layer) or whole-chunk transfers."""
-    server, prefill, decode = engines(None, device="cuda", model=model, layer_group=layer_group)
+    server, prefill, decode = engines(
+        None, device="cuda", model=model, layer_group=layer_group, **COLD_START
+    )
     try:
         submit_all(server, prefill, decode, PROMPTS, SamplingParams(max_tokens=10))
         outputs = run_until_finished(prefill, decode, len(PROMPTS))
