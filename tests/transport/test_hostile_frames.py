@@ -8,7 +8,7 @@ import msgspec
 import zmq
 
 from kvferry.transport.dataplane import InvalidAddress, LoopbackDataPlane
-from kvferry.transport.failure import FailureKind
+from kvferry.transport.failure import FailureKind, aborted
 from kvferry.transport.log_limit import RateLimitedLog
 from kvferry.transport.messages import Abort, Codec, ErrorReply, RegisterRoom
 from kvferry.transport.room import KVPoll
@@ -285,8 +285,8 @@ def test_rate_limited_log_says_how_many_lines_it_left_out(caplog):
 def test_tombstones_forget_the_oldest_first_and_expire_from_the_oldest_end():
     tombs = Tombstones(keep_s=10.0, limit=3)
     for room in range(4):
-        tombs.bury(room, f"reason {room}", now=float(room))
+        tombs.bury(room, aborted(f"reason {room}"), now=float(room))
     assert 0 not in tombs and len(tombs) == 3
     tombs.expire(now=12.5)  # rooms 1 and 2 are older than 10 s
     assert [r for r in range(4) if r in tombs] == [3]
-    assert tombs.pop(3) == "reason 3" and tombs.pop(3) is None
+    assert tombs.pop(3) == aborted("reason 3") and tombs.pop(3) is None
