@@ -9,6 +9,7 @@ daemon submits the prompt to a prefill daemon; tokens come back in `StepOutput.o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -92,6 +93,7 @@ class Daemon:
         self.http = None
         self.ranks: Ranks | None = None
         self.answering = 0  # HTTP handlers with a request in flight (the front counts them)
+        self._answers = threading.Condition()  # notified as each of them finishes
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -192,10 +194,21 @@ class Daemon:
             self._finish(request, "abort", Failure(FailureKind.UNAVAILABLE, stopped))
         return 0 if clean and self.state != "failed" else 1
 
+    @contextlib.contextmanager
+    def answering_one(self):
+        """Around an HTTP handler with a request in flight: shutdown waits for it to answer."""
+        with self._answers:
+            self.answering += 1
+        try:
+            yield
+        finally:
+            with self._answers:
+                self.answering -= 1
+                self._answers.notify_all()
+
     def _shutdown(self) -> None:
-        deadline = time.monotonic() + ANSWER_S  # let the HTTP handlers write their last answers
-        while self.answering and time.monotonic() < deadline:
-            time.sleep(0.01)
+        with self._answers:  # let the HTTP handlers write their last answers
+            self._answers.wait_for(lambda: not self.answering, ANSWER_S)
         if self.ranks is not None:
             self.ranks.kill()
         if self.http is not None:

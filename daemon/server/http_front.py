@@ -28,7 +28,6 @@ from kvferry.transport.failure import Failure, FailureKind, aborted
 
 MAX_BODY_BYTES = 1 << 20
 POLL_S = 1.0  # a waiting handler checks its client and the daemon this often
-_lock = threading.Lock()
 MAX_HELD = 4  # tokens held back while the text ends in an incomplete character (UTF-8: <= 4)
 
 
@@ -101,13 +100,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(exc)
 
     def do_POST(self) -> None:
-        with _lock:
-            self.daemon.answering += 1
-        try:
+        with self.daemon.answering_one():
             self._post()
-        finally:
-            with _lock:
-                self.daemon.answering -= 1
 
     def _post(self) -> None:
         path = self.path.split("?", 1)[0]
