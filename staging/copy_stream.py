@@ -1,9 +1,15 @@
 """Where gathers and scatters run: a CUDA side stream ordered by events, or inline on a CPU.
 
-Every copy returns a Fence the transfer thread polls; nothing here waits on the host.
+Every copy returns a Fence; `done()` never blocks. Whoever waits for fences is told when one
+fires: a waiter thread sleeps in the CUDA event (blocking sync, the GIL released) of each copy
+in stream order and calls `notify` as it completes, so the transfer thread needs no polling.
 """
 
 from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -30,11 +36,13 @@ DONE = Fence()
 
 
 class CopyStream:
-    """Gathers and scatters for one rank's cache, off the compute stream."""
+    """Gathers and scatters for one rank's cache, off the compute stream. `notify` is called
+    (from a waiter thread) each time a copy's fence fires."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, notify: Callable[[], None] | None = None) -> None:
         self.device = device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._waiter = _Waiter(device, notify) if self._stream is not None and notify else None
 
     def gather(
         self,
@@ -59,6 +67,10 @@ class CopyStream:
     ) -> Fence:
         return self._run(scatter, (src, planes, slots, head_start, num_heads), after)
 
+    def close(self) -> None:
+        if self._waiter is not None:
+            self._waiter.stop()
+
     def _run(self, copy, args, after: Fence | None) -> Fence:
         if self._stream is None:
             copy(*args)  # CPU: the copy is done when it returns
@@ -67,6 +79,50 @@ class CopyStream:
             if after is not None and after.event is not None:
                 self._stream.wait_event(after.event)
             copy(*args)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # a host wait on it sleeps, never spins
             event.record(self._stream)
+        if self._waiter is not None:
+            self._waiter.watch(event)
         return Fence(event)
+
+
+class _Waiter:
+    """One thread that waits for copy events in the order they were recorded (one stream: they
+    fire in that order) and calls `notify` after each."""
+
+    def __init__(self, device: torch.device, notify: Callable[[], None]) -> None:
+        self._device, self._notify = device, notify
+        self._events: deque[torch.cuda.Event] = deque()
+        self._ready = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def watch(self, event: torch.cuda.Event) -> None:
+        with self._ready:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kvferry-copies")
+                self._thread.daemon = True
+                self._thread.start()
+            self._events.append(event)
+            self._ready.notify()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        torch.cuda.set_device(self._device)
+        while True:
+            with self._ready:
+                while not self._events and not self._stopping:
+                    self._ready.wait()
+                if self._stopping:
+                    return
+                event = self._events[0]
+            event.synchronize()  # releases the GIL; a blocking-sync event sleeps in the driver
+            with self._ready:
+                self._events.popleft()
+            self._notify()

@@ -28,6 +28,13 @@ class TransferAgent:
         return agent_stats(self.core, self.rooms.values(), self.ring)
 
     @property
+    def bell(self):
+        """Rings whenever one of this agent's rooms changes state (or its thread dies): the
+        engine's thread sleeps on it (`fileno()`, then `clear()` before looking) instead of
+        polling the handles."""
+        return self.core.bell
+
+    @property
     def thread_failure(self) -> Failure | None:
         """Why the transfer (loop) thread died, or None while it runs; safe from any thread."""
         return self.core.thread_failure

@@ -14,6 +14,7 @@ from kvferry.staging.buffer import StagingBuffer
 from kvferry.staging.copy_stream import CopyStream
 from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.layout import KVLayout
+from kvferry.transport.bell import Bell
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import ControlChannel
 from kvferry.transport.dataplane import DataPlane
@@ -28,6 +29,10 @@ from kvferry.transport.staged_mode import StagedMode
 log = logging.getLogger(__name__)
 PEER_IDLE_S = 60.0  # an outbound socket to a peer holding no room is closed after this long
 RECLAIM_EVERY_S = 1.0  # how often idle outbound sockets are looked for
+# while data operations are in flight, the loop also takes a turn this often without an event:
+# a backstop only (the data plane's descriptor and the copy waiter wake it first); counted as
+# timer turns, so a backend that fails to signal shows in the metrics
+IN_FLIGHT_CHECK_S = 0.005
 
 
 @dataclass
@@ -63,7 +68,8 @@ class AgentCore:
         fail_room: Callable[[int, Failure], None],
         on_dropped: Callable[[str], None] | None = None,
     ) -> None:
-        """`fail_room(room, failure)` fails a room a message named when handling it raised;
+        """`step(now)` advances the role's work and says whether operations are in flight;
+        `fail_room(room, failure)` fails a room a message named when handling it raised;
         `on_dropped(peer)`, if given, hears of every outbound connection that dropped."""
         _check_planes(layout, planes)
         self.config, self.layout, self.planes, self.data = config, layout, planes, data
@@ -71,11 +77,18 @@ class AgentCore:
         self.staging = (
             StagingBuffer(config.staging_bytes, planes.device) if config.mode == "staged" else None
         )
-        self.copies = CopyStream(planes.device)
+        # rung on every change of a room's state: the engine's thread sleeps on it
+        self.bell = Bell()
+        self._zmq = zmq.Context()
+        self.loop = AgentLoop(
+            name, self._read_frames, self._turn, data.on_loop_start, self.bell.ring
+        )
+        self.copies = CopyStream(planes.device, notify=self.loop.wake)
         # how KV is packed into data messages; the pipelines move items through its steps
         self.mode = SliceMode() if config.mode == "slice" else StagedMode(self.staging, self.copies)
-        self._zmq = zmq.Context()
-        self.loop = AgentLoop(name, self._read_frames, self._turn)
+        if data.wake_fd is not None:
+            self.loop.watch(data.wake_fd, True)
+        self.again = False  # the step left work for the next turn (its budget ran out)
         self.control = ControlChannel(
             self._zmq,
             Codec(config.max_frame_bytes),
@@ -102,6 +115,8 @@ class AgentCore:
 
     def close(self) -> None:
         self.loop.stop()
+        self.copies.close()
+        self.bell.close()
         self.control.close()
         self.data.close()
         self._zmq.term()
@@ -157,7 +172,18 @@ class AgentCore:
         if not self.peers.rooms_of(peer):
             self.control.forget(peer)
 
-    def _turn(self, now: float) -> bool:
+    def _turn(self, now: float) -> float:
+        """One turn of the loop; how long it may sleep before the next without an event."""
+        self.data.progress()
+        in_flight = self._timers(now)
+        if self.again:
+            self.again = False
+            return 0.0
+        if not self.data.arm():  # events came in meanwhile: progress them first
+            return 0.0
+        return IN_FLIGHT_CHECK_S if in_flight else self.config.heartbeat_interval_s
+
+    def _timers(self, now: float) -> bool:
         for peer in self.peers.due_heartbeats(now):
             self.control.send(peer, Heartbeat())
         for peer in self.peers.silent(now):

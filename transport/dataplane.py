@@ -7,10 +7,16 @@ everything above run without UCX.
 Receiving is probe-driven: the owner asks which message arrived (tag, length), validates both
 against what it expects, finds room for it, and only then takes it. Messages it does not want
 are discarded (taken into a scratch buffer, which also releases a waiting sender).
+
+Nothing here blocks or spins: a backend offers a file descriptor (`wake_fd`) that turns
+readable when something happened (a completion, an arrival); its owner sleeps on it, then calls
+`progress()`, looks at its operations, and calls `arm()` before sleeping again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import uuid
 from collections import deque
@@ -87,6 +93,21 @@ class DataPlane:
     @property
     def address(self) -> bytes:
         raise NotImplementedError
+
+    @property
+    def wake_fd(self) -> int | None:
+        """Readable when progress() has something to do; None: nothing to watch."""
+        return None
+
+    def on_loop_start(self) -> None:
+        """Set up the thread that will drive this plane (called on it, before anything else)."""
+
+    def progress(self) -> None:
+        """Let the backend advance what is in flight (operations complete here)."""
+
+    def arm(self) -> bool:
+        """Before sleeping on `wake_fd`: False if events are pending already (progress again)."""
+        return True
 
     def endpoint(self, address: bytes, on_error: Callable[[str], None]):
         """The (cached) endpoint to the peer at `address`; `on_error` fires if it breaks.
@@ -180,6 +201,9 @@ class LoopbackDataPlane(DataPlane):
         self._address = f"loopback:{uuid.uuid4().hex}".encode()
         self._queue: deque[tuple[int, bytes]] = deque()
         self._lock = threading.Lock()
+        self._wake_read, self._wake_write = os.pipe()  # a send to this plane writes a byte
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
         with self._registry_lock:
             self._registry[self._address] = self
 
@@ -187,9 +211,20 @@ class LoopbackDataPlane(DataPlane):
     def address(self) -> bytes:
         return self._address
 
+    @property
+    def wake_fd(self) -> int:
+        return self._wake_read
+
+    def progress(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_read, 4096):
+                pass
+
     def close(self) -> None:
         with self._registry_lock:
-            self._registry.pop(self._address, None)
+            if self._registry.pop(self._address, None) is not None:
+                os.close(self._wake_read)
+                os.close(self._wake_write)
         super().close()
 
     def _connect(self, address: bytes, on_error):
@@ -203,6 +238,10 @@ class LoopbackDataPlane(DataPlane):
         payload = buffer.cpu().view(torch.uint8).numpy().tobytes()
         with peer._lock:
             peer._queue.append((tag, payload))
+        with self._registry_lock:  # the peer closes its pipe under this lock
+            if self._registry.get(endpoint) is peer:
+                with contextlib.suppress(BlockingIOError):
+                    os.write(peer._wake_write, b"x")
         return DoneOp()
 
     def _probe(self):

@@ -1,9 +1,12 @@
 """The thread that drives one rank's transfers.
 
-Each turn: run calls posted by other threads, read every waiting control frame, then let the
-owner make progress (start copies, post sends, take arrived data, check timers). It sleeps in
-zmq.Poller only while the owner reports nothing in flight; otherwise it polls at a short period.
-The owner says which sockets the poller watches (`watch`); each turn it is handed the readable ones.
+It sleeps in one zmq.Poller until something happens: a control frame, a call posted by another
+thread (a wake-up pipe), the data plane's own event descriptor (a UCX completion or arrival),
+a copy finishing (the copy stream's waiter writes the pipe), or the owner's next deadline.
+Each turn then runs the posted calls, reads every waiting control frame and lets the owner make
+progress (start copies, post sends, take arrived data, check timers). The owner's step says how
+long the loop may sleep before its next turn without an event: 0 when it left work for later in
+this turn's budget, its timer period otherwise. Nothing spins.
 
 A failure of one message or one room is the owner's to contain; an exception that reaches this
 loop is a failure of the machinery itself: the thread ends and `alive` turns False (fatal).
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -23,19 +27,21 @@ import zmq
 
 log = logging.getLogger(__name__)
 
-BUSY_SLEEP_S = 0.0002  # pause between turns while copies or messages are in flight
-IDLE_POLL_MS = 50  # longest sleep while idle (timers are checked at least this often)
-
 
 class AgentLoop:
     def __init__(
         self,
         name: str,
         on_frames: Callable[[set], None],
-        step: Callable[[float], bool],
+        step: Callable[[float], float],
+        on_start: Callable[[], None] | None = None,
+        on_exit: Callable[[], None] | None = None,
     ) -> None:
+        """`step(now)` -> seconds the loop may sleep without an event; `on_start` runs first,
+        on the loop thread, `on_exit` last (also when the thread dies)."""
         self._on_frames = on_frames  # on_frames(readable sockets)
-        self._step = step  # step(now) -> True while work is in flight
+        self._step = step
+        self._on_start, self._on_exit = on_start, on_exit
         self._posted: deque[Callable[[], None]] = deque()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -45,14 +51,17 @@ class AgentLoop:
         self._stopping = threading.Event()
         self._pipe_lock = threading.Lock()
         self.error: BaseException | None = None
+        self.turns = 0  # turns taken; an idle loop takes one per timer period
+        self.timer_turns = 0  # of which nothing but the timeout woke the loop
         self._cpu_at_exit = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def watch(self, socket: zmq.Socket, on: bool) -> None:
-        """Start (on) or stop waking for frames on `socket`: before start or on the loop thread."""
+    def watch(self, socket, on: bool) -> None:
+        """Start (on) or stop waking for input on `socket` (a zmq socket or a file descriptor):
+        before start or on the loop thread."""
         if on:
             self._poller.register(socket, zmq.POLLIN)
         else:
@@ -64,6 +73,7 @@ class AgentLoop:
         self.wake()
 
     def wake(self) -> None:
+        """Give the loop a turn now; safe from any thread."""
         with self._pipe_lock:  # the pipe is closed under this lock: never write to a stale fd
             if self._stopping.is_set():
                 return
@@ -98,23 +108,28 @@ class AgentLoop:
             return self._cpu_at_exit
 
     def _run(self) -> None:
-        busy = False
+        sleep_s = 0.0
         try:
+            if self._on_start is not None:
+                self._on_start()
             while not self._stopping.is_set():
-                events = dict(self._poller.poll(0 if busy else IDLE_POLL_MS))
-                if busy and not events and not self._posted:
-                    time.sleep(BUSY_SLEEP_S)
+                events = dict(self._poller.poll(math.ceil(sleep_s * 1000)))
+                self.turns += 1
+                if not events and sleep_s > 0:
+                    self.timer_turns += 1
                 if self._wake_read in events:
                     self._drain_wakeups()
-                while self._posted:
+                for _ in range(len(self._posted)):  # not those they post: the frames come first
                     self._posted.popleft()()
                 self._on_frames(events.keys() - {self._wake_read})
-                busy = self._step(time.monotonic())
+                sleep_s = 0.0 if self._posted else self._step(time.monotonic())
         except BaseException as exc:  # the owner fails every room on this; nothing may hang
             log.exception("transfer loop %s died", self._thread.name)
             self.error = exc
         finally:
             self._cpu_at_exit = time.thread_time()
+            if self._on_exit is not None:
+                self._on_exit()
 
     def _drain_wakeups(self) -> None:
         try:

@@ -94,9 +94,15 @@ class DecodeAgent(TransferAgent):
         if handle.room in self.rooms:
             duplicate = f"duplicate: room {handle.room:#x} is already open on this rank"
             handle.reject(Failure(FailureKind.INTERNAL, duplicate))
+            self.core.bell.ring()
             return
         room = RecvRoom(
-            handle, next(self._keys), self.config.chunk_tokens, self._groups, time.monotonic()
+            handle,
+            next(self._keys),
+            self.config.chunk_tokens,
+            self._groups,
+            time.monotonic(),
+            self.core.bell.ring,
         )
         self.rooms[room.room], self._by_key[room.key] = room, room
         self.directory.resolve(handle.bootstrap, room, self._resolved)
@@ -209,14 +215,12 @@ class DecodeAgent(TransferAgent):
 
     def _step(self, now: float) -> bool:
         self.arrivals.step(now)
-        expecting = False  # data arrivals wake nothing: poll while a room waits for data
         for room in list(self.rooms.values()):
             try:
                 self._check_room(room, now)
             except Exception as exc:  # one room's failure is its own, never the thread's
                 self._fail(room, self.core.contain(exc, f"room {room.room:#x}"))
-            expecting = expecting or (room.open and room.status.state >= KVPoll.WaitingForInput)
-        return expecting or self.arrivals.busy
+        return self.arrivals.busy
 
     def _check_room(self, room: RecvRoom, now: float) -> None:
         if room.failing is not None:

@@ -3,6 +3,7 @@ and the checks every arriving message must pass before a byte of it is taken."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -42,8 +43,15 @@ class Arrival:
 
 class RecvRoom:
     def __init__(
-        self, handle, key: int, chunk_tokens: int, groups: list[range], created: float
+        self,
+        handle,
+        key: int,
+        chunk_tokens: int,
+        groups: list[range],
+        created: float,
+        notify: Callable[[], None],
     ) -> None:
+        """`notify`: called on every change of the room's state."""
         self.handle, self.room, self.key = handle, handle.room, key
         self.num_tokens, self.slots, self.chunk_tokens = (
             handle.num_tokens,
@@ -52,7 +60,7 @@ class RecvRoom:
         )
         self.groups = groups  # the layers of each message of a chunk (one group: all layers)
         self.created = created
-        self.status = RoomStatus()
+        self.status = RoomStatus(notify)
         handle.status = self.status
         self.writers: dict[int, HeadSlice] = {}  # prefill rank -> the heads it sends us
         self.rank_peers: dict[int, str] = {}  # prefill rank -> its control address

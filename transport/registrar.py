@@ -71,7 +71,9 @@ class Registrar:
             self.core.refuse(peer, f"busy: {MAX_ROOMS} rooms already open on this rank", room_id)
             return None
         if room is None:
-            room = self.rooms[room_id] = SendRoom(room_id, time.monotonic(), self.config)
+            room = self.rooms[room_id] = SendRoom(
+                room_id, time.monotonic(), self.config, self.core.bell.ring
+            )
         elif room.status.finished:
             self.core.refuse(peer, str(room.status.failure or "room already finished"), room_id)
             return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 
 from kvferry.transport.failure import Failure
 
@@ -21,15 +22,17 @@ class KVPoll(enum.IntEnum):
 class RoomStatus:
     """A room's state on one rank: moves forward only; Failed is sticky and keeps its failure.
 
-    Written by the agent thread; read by any thread (single attribute reads).
+    Written by the agent thread; read by any thread (single attribute reads). `notify` is
+    called after every change (it wakes the engine that reads the state).
     """
 
-    __slots__ = ("created", "failure", "state")
+    __slots__ = ("created", "failure", "notify", "state")
 
-    def __init__(self) -> None:
+    def __init__(self, notify: Callable[[], None] | None = None) -> None:
         self.state = KVPoll.Bootstrapping
         self.failure: Failure | None = None
         self.created = time.monotonic()
+        self.notify = notify
 
     @property
     def finished(self) -> bool:
@@ -40,6 +43,8 @@ class RoomStatus:
         if not self.finished and state > self.state:
             assert state != KVPoll.Failed, "use fail() to fail a room"
             self.state = state
+            if self.notify is not None:
+                self.notify()
 
     def fail(self, failure: Failure) -> bool:
         """Fail the room; False (and nothing changes) if it had already finished."""
@@ -47,6 +52,8 @@ class RoomStatus:
             return False
         self.failure = failure
         self.state = KVPoll.Failed
+        if self.notify is not None:
+            self.notify()
         return True
 
 

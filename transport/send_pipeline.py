@@ -29,6 +29,7 @@ class SendPipeline:
         config: TransferConfig,
         fail_room: Callable[[object, Failure], None],
     ) -> None:
+        self.core = core
         self.staging, self.mode, self.data, self.stats = (
             core.staging,
             core.mode,
@@ -98,6 +99,8 @@ class SendPipeline:
         for _ in range(len(self._sending)):
             item = self._sending.popleft()
             budget -= self._post_sends(item, budget)
+            if budget <= 0 and item.todo is not None:
+                self.core.again = True  # the rest in the next turn, after the others' news
             while item.requests and item.requests[0].done():
                 error = item.requests.popleft().error()
                 if error and not item.room.status.finished:

@@ -5,6 +5,7 @@ layer group of them when the decode side asked for layer-wise messages."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -96,9 +97,12 @@ class Outgoing:
 
 
 class SendRoom:
-    def __init__(self, room: int, now: float, config: TransferConfig) -> None:
+    def __init__(
+        self, room: int, now: float, config: TransferConfig, notify: Callable[[], None]
+    ) -> None:
+        """`notify`: called on every change of the room's state."""
         self.room, self.created, self.config = room, now, config
-        self.status = RoomStatus()
+        self.status = RoomStatus(notify)
         self.handle = None
         self.dests: dict[int, Dest] = {}
         self.num_tokens: int | None = None

@@ -121,7 +121,9 @@ class PrefillAgent(TransferAgent):
         tomb = self.tombstones.pop(handle.room)
         room = self.rooms.get(handle.room)
         if room is None:
-            room = self.rooms[handle.room] = SendRoom(handle.room, time.monotonic(), self.config)
+            room = self.rooms[handle.room] = SendRoom(
+                handle.room, time.monotonic(), self.config, self.core.bell.ring
+            )
         room.attach(handle)
         if tomb is not None:
             self._fail(room, tomb, notify=False)

@@ -39,6 +39,8 @@ class AgentStats:
     peers: list[str]  # peers this rank has rooms with
     transfer_cpu_s: float  # CPU time of the loop thread
     control_address: str
+    loop_turns: int = 0  # turns the loop thread took (each woken by an event or its timer)
+    loop_timer_turns: int = 0  # of which only the timer woke it
 
 
 def agent_stats(core: AgentCore, rooms: Iterable, ring: RingAllocator | None) -> AgentStats:
@@ -67,4 +69,6 @@ def agent_stats(core: AgentCore, rooms: Iterable, ring: RingAllocator | None) ->
         peers=core.peers.active(),
         transfer_cpu_s=core.loop.cpu_seconds(),
         control_address=core.control.address,
+        loop_turns=core.loop.turns,
+        loop_timer_turns=core.loop.timer_turns,
     )

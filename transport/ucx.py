@@ -1,4 +1,10 @@
-"""UCX data plane over ucxx: one worker per rank with its own progress thread.
+"""UCX data plane over ucxx: one worker per rank, progressed by the rank's transfer thread.
+
+No progress thread: the worker runs in blocking progress mode and its event descriptor sits in
+the transfer loop's poller, beside the control sockets. The loop progresses the worker when the
+descriptor fires (a message arrived, an operation completed, a CUDA copy of UCX's own finished)
+and arms it again before sleeping. One thread owns the worker, so no lock is taken and no second
+thread holds the GIL for completions.
 
 UCX reads its options when ucxx is first imported, so `load_ucxx` sets them (from the
 transfer config) before that import and refuses to change them afterwards.
@@ -28,7 +34,6 @@ from kvferry.transport.netdev import ucx_net_devices
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 
 DISCARD_BYTES = 256  # scratch a discarded message is truncated into
-EPOLL_TIMEOUT_MS = 10  # blocking progress thread: longest sleep without network events
 
 
 def load_ucxx(tls: str | None = None, host: str | None = None):
@@ -97,7 +102,7 @@ class UcxOp(DataOp):
 
 class UcxDataPlane(DataPlane):
     """`cuda_device`: the GPU whose memory will be sent or received, if any; UCX needs its
-    context current on every thread that drives transfers (ours and the progress thread).
+    context current on the thread that drives transfers (`on_loop_start`).
     `host`: the interface the transport binds to (TransferConfig.host); UCX listens there only."""
 
     def __init__(
@@ -105,22 +110,13 @@ class UcxDataPlane(DataPlane):
     ) -> None:
         super().__init__()
         self._ucx = load_ucxx(tls, host)
-        if cuda_device is not None:
-            from ucxx._cuda_context import ensure_cuda_context
-
-            ensure_cuda_context(cuda_device)
+        self._cuda_device = cuda_device
+        self.on_loop_start()  # the creating thread too: UCX sets up its CUDA transports here
         self._context = self._ucx.UCXContext(
             feature_flags=(self._ucx.Feature.TAG, self._ucx.Feature.WAKEUP)
         )
         self._worker = self._ucx.UCXWorker(self._context)
-        if cuda_device is not None:
-            self._worker.set_progress_thread_start_callback(
-                ensure_cuda_context, cb_args=(cuda_device,)
-            )
-        # GPU copies (cuda_ipc, cuda_copy) complete through CUDA events, which wake no file
-        # descriptor: a blocking progress thread would only notice them at its epoll timeout.
-        polling = cuda_device is not None
-        self._worker.start_progress_thread(polling_mode=polling, epoll_timeout=EPOLL_TIMEOUT_MS)
+        self._worker.init_blocking_progress_mode()
         self._address = self._worker.address.tobytes()
         self._local = _own_address(self._address)
         self._match_all = (self._ucx.UCXXTag(0), self._ucx.UCXXTagMask(0))
@@ -130,9 +126,25 @@ class UcxDataPlane(DataPlane):
     def address(self) -> bytes:
         return self._address
 
+    @property
+    def wake_fd(self) -> int:
+        return self._worker.epoll_file_descriptor
+
+    def on_loop_start(self) -> None:
+        if self._cuda_device is not None:
+            from ucxx._cuda_context import ensure_cuda_context
+
+            ensure_cuda_context(self._cuda_device)
+
+    def progress(self) -> None:
+        self._worker.progress()
+
     def close(self) -> None:
         super().close()
-        self._worker.stop_progress_thread()
+        self._worker.progress()  # the endpoints' closing, with the loop thread gone
+
+    def arm(self) -> bool:
+        return self._worker.arm()
 
     def _connect(self, address: bytes, on_error: Callable[[str], None]):
         check_peer_address(address, self._local)
@@ -141,7 +153,7 @@ class UcxDataPlane(DataPlane):
             endpoint = self._worker.create_endpoint_from_worker_address(peer, True)
         except self._ucx.UCXError as exc:  # e.g. no transport reaches the peer
             raise InvalidAddress(f"UCX cannot connect to the peer: {exc}") from exc
-        # Called on the progress thread: on_error must only hand the news to the agent thread.
+        # Called inside progress(), on the loop thread; on_error posts the news for after it.
         endpoint.set_close_callback(lambda *args: on_error("UCX endpoint to the peer closed"))
         return endpoint
 

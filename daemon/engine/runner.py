@@ -3,7 +3,6 @@ calls the forward, samples. Owns the rank's paged KV cache."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,8 +14,6 @@ from kvferry.daemon.engine.sampler import Sampled, Sampler
 from kvferry.daemon.engine.scheduler import Work
 from kvferry.daemon.model.llama import Model, SeqBatch
 from kvferry.staging.kv_copy import KVPlanes
-
-WAIT_POLL_S = 20e-6
 
 
 class ModelRunner:
@@ -82,7 +79,7 @@ class ModelRunner:
             return Future(batch, tokens, rows, tokens, None, errors)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # waiting on it sleeps in the driver
         event.record()
         return Future(batch, tokens, rows, host, event, errors)
 
@@ -101,10 +98,11 @@ class Future:
     errors: dict[int, str] = field(default_factory=dict)
 
     def result(self) -> list[int]:
-        """The host tokens; waits for the copy by polling its event, so the host never blocks
-        in a CUDA call (the device meanwhile runs the step queued after this one)."""
-        while self.event is not None and not self.event.query():
-            time.sleep(WAIT_POLL_S)
+        """The host tokens, once their copy is done (the device meanwhile runs the step queued
+        after this one). The wait sleeps in a blocking-sync event with the GIL released: no
+        spinning, and the transfer thread runs meanwhile."""
+        if self.event is not None:
+            self.event.synchronize()
         return self.host.tolist()
 
 

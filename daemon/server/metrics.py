@@ -59,6 +59,17 @@ _COUNTERS = (
         "transfer_cpu_s",
     ),
     (
+        "kvferry_transfer_loop_turns",
+        "Turns of the rank's transfer loop: each woken by a frame, a completion, a posted call "
+        "or its timer (an idle rank takes one per heartbeat interval)",
+        "loop_turns",
+    ),
+    (
+        "kvferry_transfer_loop_timer_turns",
+        "Transfer loop turns that only the loop's timer woke (heartbeats, timeouts, backstop)",
+        "loop_timer_turns",
+    ),
+    (
         "kvferry_engine_cpu_seconds",
         "CPU time of the rank's engine thread (scheduling, input building, kernel launches)",
         "engine_cpu_s",

@@ -81,3 +81,5 @@ class Snapshot:
     control_address: str = ""  # the rank's control ROUTER (where peers send frames)
     pid: int = 0  # the rank's process
     internal_errors: int = 0  # control messages or rooms whose handling raised (room failed)
+    loop_turns: int = 0  # turns of the rank's transfer loop (woken by an event or its timer)
+    loop_timer_turns: int = 0  # of which only the loop's timer woke it

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from datetime import timedelta
+from multiprocessing.connection import wait
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,10 @@ from kvferry.transport.failure import Failure, FailureKind
 
 log = logging.getLogger(__name__)
 SNAPSHOT_S = 0.5
-IDLE_WAIT_S, PENDING_WAIT_S = 0.02, 0.001  # rank 0's wait for commands: nothing to do / transfers
+# Rank 0 sleeps until a command comes, its transfer agent's bell rings (a room changed state)
+# or the next snapshot is due. Other ranks' rooms ring their own bells, which rank 0 cannot
+# hear: with several ranks and transfers pending it also looks again after this long.
+OTHER_RANKS_WAIT_S = 0.002
 STOP_DRAIN_S = 5.0  # at stop: time for aborts to reach the peers
 
 
@@ -106,7 +110,7 @@ class Worker:
                 if done:
                     return
             if not forwarded and self.group.leader:
-                self._wait(PENDING_WAIT_S if self.engine.busy else IDLE_WAIT_S)
+                self._wait()
 
     def _check_transfer_thread(self) -> None:
         """Without its transfer thread no KV moves: the rank ends (Fatal), and with it the
@@ -126,8 +130,12 @@ class Worker:
             commands.append(self.conn.recv())
         return commands
 
-    def _wait(self, timeout_s: float) -> None:
-        self.conn.poll(timeout_s)
+    def _wait(self) -> None:
+        timeout_s = max(self._next_snapshot - time.monotonic(), 0.0)
+        if self.engine.busy and self.group.size > 1:
+            timeout_s = min(timeout_s, OTHER_RANKS_WAIT_S)
+        wait([self.conn, self.agent.bell], timeout_s)
+        self.agent.bell.clear()
 
     def _apply(self, command) -> None:
         engine = self.engine
@@ -182,6 +190,8 @@ class Worker:
             transfer_s=samples.transfer_s,
             rooms_succeeded=agent.rooms_succeeded,
             transfer_cpu_s=agent.transfer_cpu_s,
+            loop_turns=agent.loop_turns,
+            loop_timer_turns=agent.loop_timer_turns,
             engine_cpu_s=time.thread_time(),
             kv_pool_bytes=engine.runner.kv.numel() * engine.runner.kv.element_size(),
             memory_peak=_memory_peak(engine.runner.kv.device),

@@ -76,6 +76,8 @@ def decode_snapshots() -> list[Snapshot]:
             rooms_succeeded=5,
             transfer_cpu_s=0.125,
             engine_cpu_s=2.5,
+            loop_turns=40,
+            loop_timer_turns=7,
             kv_pool_bytes=1 << 30,
             memory_peak=3 << 30,
             rooms={**snapshot(0).rooms, "Transferring": 2},

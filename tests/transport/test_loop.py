@@ -1,4 +1,5 @@
-"""The transfer thread's loop: posted calls run on it, and its CPU time is readable."""
+"""The transfer thread's loop: posted calls run on it, it sleeps until woken or its step's
+deadline, and its CPU time is readable."""
 
 import threading
 import time
@@ -12,7 +13,7 @@ def test_posted_calls_run_on_the_loop_and_its_cpu_time_is_counted():
     def step(now):
         turns[0] += 1
         sum(range(20000))  # some work per turn
-        return turns[0] < 200  # busy for 200 turns, then idle
+        return 0.0 if turns[0] < 200 else 60.0  # 200 turns at once, then a long sleep
 
     loop = AgentLoop("kvferry-test-loop", lambda ready: None, step)
     assert loop.cpu_seconds() == 0.0
@@ -26,3 +27,20 @@ def test_posted_calls_run_on_the_loop_and_its_cpu_time_is_counted():
     assert used > 0
     loop.stop()
     assert loop.cpu_seconds() >= used  # kept after the thread is gone
+
+
+def test_an_idle_loop_sleeps_until_woken_or_its_deadline():
+    woken = threading.Event()
+
+    def step(now):
+        return 0.2  # the owner's timer period
+
+    loop = AgentLoop("kvferry-test-idle", lambda ready: None, step)
+    loop.start()
+    time.sleep(1.0)
+    idle_turns = loop.turns
+    assert idle_turns <= 1 / 0.2 + 2  # one turn per timer period (and the first), no spinning
+    assert loop.timer_turns >= idle_turns - 2
+    loop.post(woken.set)  # a posted call wakes it at once, long before its deadline
+    assert woken.wait(5)
+    loop.stop()

@@ -195,20 +195,25 @@ import json, time
 import torch
 from kvferry.transport.ucx import UcxDataPlane
 
+def progress():  # no transfer thread here: this one drives both workers
+    plane.progress()
+    peer.progress()
+    time.sleep(0.001)
+
 def wait(request):
     deadline = time.monotonic() + 30
     while not request.done() and time.monotonic() < deadline:
-        time.sleep(0.001)
+        progress()
     return "unfinished" if not request.done() else request.error()
 
 def exchange(sender, receiver, endpoint, tag):
     data = torch.arange(64, dtype=torch.uint8)
-    errors = [wait(sender.send(endpoint, data, tag))]
+    send = sender.send(endpoint, data, tag)
     deadline = time.monotonic() + 30
     while receiver.probe() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
+        progress()
     into = torch.zeros(64, dtype=torch.uint8)
-    errors.append(wait(receiver.recv(tag, into)))
+    errors = [wait(receiver.recv(tag, into)), wait(send)]
     return errors == [None, None] and torch.equal(into, data)
 
 plane, peer = UcxDataPlane("tcp,sm,self"), UcxDataPlane("tcp,sm,self")

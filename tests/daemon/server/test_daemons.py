@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -29,6 +31,7 @@ from support.cluster import (
     wait_idle,
     write,
 )
+from support.metrics_sim import samples
 from support.model_helpers import checkpoint, greedy, hf_greedy
 
 # several pages (4 and 8 tokens) and several prefill and transfer chunks (8 tokens)
@@ -145,7 +148,6 @@ def test_bad_requests_get_a_clear_error(mixed):
         (json.dumps({"prompt": [1, 2, 100000]}).encode(), 400, "token id 100000"),
     ]
     import urllib.error
-    import urllib.request
 
     for body, status, text in cases:
         request = urllib.request.Request(f"{url}/v1/completions", body, method="POST")
@@ -171,6 +173,38 @@ def test_incompatible_prefill_fails_its_requests_only(mixed):
         if not isinstance(outcome, str):
             assert outcome == want
     wait_idle(launcher)
+
+
+IDLE_S = 4.0
+
+
+def test_idle_daemons_sleep(mixed):
+    """An idle daemon's transfer loops take one turn per heartbeat interval, not hundreds: they
+    sleep until a frame, a completion, a posted call or their timer wakes them."""
+    launcher, _ = mixed
+    wait_idle(launcher)
+    names = [c.name for c in launcher.children]
+    before = {name: _loop_turns(launcher, name) for name in names}
+    time.sleep(IDLE_S)
+    after = {name: _loop_turns(launcher, name) for name in names}
+    # one turn per heartbeat interval, plus what the snapshots' lag (up to 0.5 s) adds each side;
+    # a loop that polled even every 50 ms would take 80 turns
+    beat = FAST_TRANSFER["heartbeat_interval_s"]
+    limit = (IDLE_S + 2 * 0.5) / beat + 2
+    for name in names:
+        assert before[name].keys() == after[name].keys() and after[name], name
+        for rank, turns in after[name].items():
+            assert turns - before[name][rank] <= limit, (name, rank, before, after)
+
+
+def _loop_turns(launcher, name: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{client(launcher, name).url}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    return {
+        dict(labels)["rank"]: value
+        for (metric, labels), value in samples(text).items()
+        if metric == "kvferry_transfer_loop_turns_total"
+    }
 
 
 LONG = [(11 * i) % 250 for i in range(3000)]  # hundreds of prefill chunks: time to kill
