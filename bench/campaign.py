@@ -52,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--deploy", default=None, help="deployment file of the e2e stage")
     p.add_argument("--concurrency", default=None, help="e2e points (default 1,8,32; quick 1,4)")
     p.add_argument("--layer-group", type=int, default=4, help="layers per message, layer-wise")
+    p.add_argument("--prompts", default=None, help="overlap prompt lengths (default 2048,8192,"
+                   "32768 on a GPU, quick 2048; on a CPU 256)")  # fmt: skip
+    p.add_argument("--variants", default=",".join(VARIANTS), help="e2e deployment variants")
     p.add_argument("--stage-timeout", type=float, default=900, help="seconds per stage")
     args = p.parse_args()
     stages = [s for s in args.stages.split(",") if s]
@@ -64,6 +67,12 @@ def parse_args() -> argparse.Namespace:
         ROOT / "deploy" / ("one-gpu.yaml" if args.gpu else "local.yaml")
     )
     args.concurrency = args.concurrency or ("1,4" if args.quick else "1,8,32")
+    prompts = {(True, False): "2048,8192,32768", (True, True): "2048"}.get(
+        (args.gpu, args.quick), "256"
+    )
+    prompts = args.prompts or prompts
+    args.prompts = [int(n) for n in prompts.split(",")]
+    args.variants = [v for v in VARIANTS if v in args.variants.split(",")]
     args.out_dir = Path(args.out_dir or f"campaign-{time.strftime('%Y%m%d-%H%M%S')}")
     return args
 
@@ -211,10 +220,19 @@ def _free_port() -> int:
 
 
 def stage_overlap(stage: Stage) -> None:
-    out = stage.args.out_dir / "overlap.json"
-    sizes = ["--requests", "3", "--repeats", "2"] if stage.args.quick else []
     group = ["--layer-group", str(stage.args.layer_group if stage.args.gpu else 1)]
-    stage.run(python("overlap.py", *sizes, *group, "--json", str(out)))
+    failed = []
+    for prompt in stage.args.prompts:
+        out = stage.args.out_dir / f"overlap-{prompt}.json"
+        sizes = ["--prompt", str(prompt), "--chunk", str(min(prompt, 2048))]
+        if stage.args.quick:
+            sizes += ["--requests", "3", "--repeats", "2"]
+        elif prompt > 4096:  # the throughput batch in tokens stays near the default's
+            sizes += ["--requests", str(max(2, 32768 // prompt)), "--repeats", "3"]
+        if not stage.run(python("overlap.py", *sizes, *group, "--json", str(out))):
+            failed.append(str(prompt))
+    stage.ok = not failed
+    stage.note = f"failed at prompts {', '.join(failed)}; see {stage.log}" if failed else ""
 
 
 def stage_e2e(stage: Stage) -> None:
@@ -225,7 +243,7 @@ def stage_e2e(stage: Stage) -> None:
         load = ["--num-requests", "64", "--warmup", "4", "--input-len", "1024"]
         load += ["--output-len", "64", "--range-ratio", "0.5"]
     failed = []
-    for variant in VARIANTS:
+    for variant in args.variants:
         path = args.out_dir / f"deploy-{variant}.yaml"
         path.write_text(yaml.safe_dump(deployment_variant(base, variant, args.layer_group)))
         out = args.out_dir / f"e2e-{variant}.json"
@@ -235,7 +253,7 @@ def stage_e2e(stage: Stage) -> None:
             failed.append(variant)
     stage.ok = not failed
     stage.note = f"failed: {', '.join(failed)}; see {stage.log}" if failed else ""
-    outs = [str(args.out_dir / f"e2e-{v}.json") for v in VARIANTS if v not in failed]
+    outs = [str(args.out_dir / f"e2e-{v}.json") for v in args.variants if v not in failed]
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -86,15 +86,8 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
         if perftest and perftest.get("gbps"):
             rows.append(Row("raw ucxx vs ucx_perftest", raw["gbps"] / perftest["gbps"], None, "%",
                             detail=f"perftest {perftest['gbps']:.3g} GB/s"))  # fmt: skip
-    overlap = read_json(out_dir / "overlap.json")
-    if overlap:
-        for run in overlap["runs"][1:]:
-            rows.append(Row(f"prefill throughput with transfers, {run['name']}",
-                            run["throughput_ratio"], 0.95, "%"))  # fmt: skip
-            rows.append(Row(f"TTFT overhead vs colocated, {run['name']}",
-                            run["latency_overhead"], None, "%",
-                            detail=f"{run['latency_ms']:.3g} vs "
-                                   f"{overlap['runs'][0]['latency_ms']:.3g} ms"))  # fmt: skip
+    for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
+        rows += overlap_rows(read_json(path) or {})
     e2e = {v: read_json(out_dir / f"e2e-{v}.json") for v in VARIANTS}
     homo = e2e.get("homo")
     for variant in ("hetero", "layerwise", "slice"):
@@ -112,6 +105,8 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
                                 detail=f"{point['output_throughput']:.4g} vs "
                                        f"{other['output_throughput']:.4g}"))  # fmt: skip
     hetero = e2e.get("hetero")
+    for variant, result in e2e.items():
+        rows += scaling_rows(variant, result)
     if hetero:
         for role in ("prefill", "decode"):
             values = [p["control_cpu_us"].get(role) for p in hetero["points"]]
@@ -128,6 +123,61 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
             detail = f"KV pool {pool:.3g} GiB, staging ring {ring:.3g} GiB"
             rows.append(Row("peak device memory (torch allocator)", peak / 2**30, None, " GiB",
                             detail=detail))  # fmt: skip
+    return rows
+
+
+def _prompt_of(path: Path) -> int:
+    data = read_json(path) or {}
+    return data.get("args", {}).get("prompt", 0)
+
+
+def overlap_rows(overlap: dict) -> list[Row]:
+    """Prefill throughput and TTFT with transfers against the same forwards without (the
+    first run), per transfer setting; and layer-wise against whole-chunk."""
+    runs = overlap.get("runs") or []
+    if not runs:
+        return []
+    prompt = overlap.get("args", {}).get("prompt", "?")
+    local, rows, by_name = runs[0], [], {run["name"]: run for run in runs}
+    for run in runs[1:]:
+        layerwise = run["name"].startswith("layer")
+        rows.append(Row(f"prefill throughput with transfers, {run['name']}, {prompt} tokens",
+                        run["throughput_ratio"], 0.95, "%"))  # fmt: skip
+        rows.append(Row(f"TTFT overhead vs colocated, {run['name']}, {prompt} tokens",
+                        run["latency_overhead"], 0.05 if layerwise else 0.10, "%",
+                        higher_is_better=False,
+                        detail=_versus(run, local)))  # fmt: skip
+    whole = next((r for n, r in by_name.items() if n.startswith("whole")), None)
+    layer = next((r for n, r in by_name.items() if n.startswith("layer")), None)
+    if whole and layer:
+        rows.append(Row(f"TTFT layer-wise / whole-chunk, {prompt} tokens",
+                        layer["latency_ms"] / whole["latency_ms"], 1.0, "x",
+                        higher_is_better=False,
+                        detail=_versus(layer, whole)))  # fmt: skip
+    return rows
+
+
+def _versus(run: dict, other: dict) -> str:
+    return f"{run['latency_ms']:.4g} vs {other['latency_ms']:.4g} ms"
+
+
+def scaling_rows(variant: str, result: dict | None) -> list[Row]:
+    """TTFT p50 at the highest concurrency over c=1, and the ranks' idle CPU."""
+    if not result:
+        return []
+    rows = []
+    points = sorted(result["points"], key=lambda p: p["value"])
+    first, last = points[0], points[-1]
+    if len(points) > 1 and first["ttft_ms"]["median"] and last["ttft_ms"]["median"]:
+        ratio = last["ttft_ms"]["median"] / first["ttft_ms"]["median"]
+        rows.append(Row(f"{variant}: TTFT p50 c={last['value']:g} / c={first['value']:g}",
+                        ratio, 2.0 if variant == "hetero" else None, "x",
+                        higher_is_better=False,
+                        detail=f"{last['ttft_ms']['median']:.4g} vs "
+                               f"{first['ttft_ms']['median']:.4g} ms"))  # fmt: skip
+    for role, value in sorted((result.get("idle_cpu_s_per_min") or {}).items()):
+        rows.append(Row(f"{variant}: idle ranks' CPU per minute, {role}", value, None, " s",
+                        higher_is_better=False))  # fmt: skip
     return rows
 
 

@@ -217,8 +217,6 @@ def main() -> None:
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
     ).model_config()
-    if args.prompt > config.max_position_embeddings:
-        raise SystemExit(f"--prompt {args.prompt} exceeds {config.max_position_embeddings}")
     model = Model(
         config, full_weights(config, None), device=device, dtype=getattr(torch, args.dtype)
     )

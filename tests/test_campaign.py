@@ -79,12 +79,14 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "staged vs raw ucxx, same bytes",
         "staged vs per-token slices",
         "raw ucxx vs ucx_perftest",
-        "prefill throughput with transfers, whole-chunk",
+        "prefill throughput with transfers, whole-chunk, 256 tokens",
         "hetero vs homogeneous output tok/s, c=2",
         "control-plane CPU per request, decode (worst point)",
     ):
         assert figures[name]["value"] is not None and figures[name]["value"] > 0, name
     assert figures["UCX messages per request / (chunks x writers)"]["verdict"] == "met"
+    assert figures["hetero: TTFT p50 c=2 / c=1"]["value"] > 0
+    assert figures["hetero: idle ranks' CPU per minute, decode"]["value"] >= 0
     for variant in campaign_summary.VARIANTS:
         points = json.loads((out / f"e2e-{variant}.json").read_text())["points"]
         assert [p["ok"] for p in points] == [8, 8], variant

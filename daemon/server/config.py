@@ -73,7 +73,8 @@ class SchedulerSection(_Section):
     prefill_chunk_tokens: int = 256
     max_batch_tokens: int = 1024  # prefill tokens per forward, all sequences
     max_running: int = 32  # decode batch size
-    max_prompt_tokens: int = 4096
+    # longest prompt served; unset: what the KV pool holds (DaemonConfig.prompt_limit)
+    max_prompt_tokens: int | None = None
     request_timeout_s: float = 600.0  # a request still unfinished after this fails
     # prefill: prompts held until a decode rank registers their room (no forward runs before),
     # from one submitting host and from all of them; more are refused
@@ -86,10 +87,11 @@ class SchedulerSection(_Section):
             "prefill_chunk_tokens",
             "max_batch_tokens",
             "max_running",
-            "max_prompt_tokens",
             "max_unregistered_prompts_per_peer",
             "max_unregistered_prompts",
         )
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1")
         if not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s={self.request_timeout_s} must be > 0")
 
@@ -123,6 +125,14 @@ class DaemonConfig(_Section):
             raise ValueError(f"gpus={self.gpus} needs device: cuda")
         if any(gpu < 0 for gpu in self.gpus):
             raise ValueError(f"gpus={self.gpus}: GPU indices are >= 0")
+        pool = self.cache.num_pages * self.cache.page_size
+        limit = self.scheduler.max_prompt_tokens
+        if limit is not None and limit >= pool:
+            raise ValueError(
+                f"scheduler.max_prompt_tokens={limit} does not fit the KV pool: "
+                f"cache.num_pages={self.cache.num_pages} x cache.page_size={self.cache.page_size}"
+                f" = {pool} tokens, one of them kept for the first output token"
+            )
         if self.role == "decode" and not self.prefill:
             raise ValueError(
                 "a decode daemon needs at least one prefill bootstrap address in `prefill`"
@@ -174,6 +184,17 @@ def parse(raw, kind: type = Deployment, source: str = "config"):
         return msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def prompt_limit(daemon: DaemonConfig, model: ModelConfig) -> int:
+    """The longest prompt the daemon serves: scheduler.max_prompt_tokens if set, else all the
+    KV pool holds but the first output token's slot, and never past a checkpoint's context."""
+    limit = daemon.scheduler.max_prompt_tokens
+    if limit is None:
+        limit = daemon.cache.num_pages * daemon.cache.page_size - 1
+    if daemon.model.path is not None:
+        limit = min(limit, model.max_position_embeddings)
+    return limit
 
 
 def check_against(daemon: DaemonConfig, model: ModelConfig) -> None:

@@ -70,6 +70,14 @@ _COUNT = click.IntRange(min=1)
 @click.option("--vocab", type=_COUNT, help="Prompt ids in [0, N).  [model's, else 256]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--timeout", type=SECONDS, default=300.0, show_default=True, help="Per request, s.")
+@click.option(
+    "--idle",
+    "idle_s",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds of idle CPU measured before the first point (0: skip).",
+)
 @click.option("--label", help="Name of this run in the JSON and in plots.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
 @click.option(
@@ -119,6 +127,9 @@ def bench(
     except BenchError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(table(result.points))
+    if result.idle_cpu_s_per_min:
+        idle = ", ".join(f"{r} {s:.3f}" for r, s in sorted(result.idle_cpu_s_per_min.items()))
+        click.echo(f"idle ranks' CPU, seconds per minute: {idle}")
     if out is not None:
         write_result(result, out)
     if plot_path is not None:

@@ -48,6 +48,7 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     ring_high_water_bytes: float = 0.0  # the most of any one ring, ever: a maximum, not a sum
     transfer_failures: dict[str, float] = msgspec.field(default_factory=dict)  # by kind
     transfer_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # by role
+    engine_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # by role
     transfer_rooms: dict[str, float] = msgspec.field(default_factory=dict)  # by role
     memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank
     kv_pool_bytes: float = 0.0
@@ -61,6 +62,7 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
             messages=self.messages - before.messages,
             transfer_failures=_grown(self.transfer_failures, before.transfer_failures),
             transfer_cpu_s=_grown(self.transfer_cpu_s, before.transfer_cpu_s),
+            engine_cpu_s=_grown(self.engine_cpu_s, before.engine_cpu_s),
             transfer_rooms=_grown(self.transfer_rooms, before.transfer_rooms),
         )
 

@@ -54,6 +54,7 @@ class BenchSpec(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     timeout_s: float = 300.0  # one request, whole
     label: str | None = None
+    idle_s: float = 5.0  # before the first point: the ranks' CPU while nothing is asked of them
 
     def __post_init__(self) -> None:
         if bool(self.concurrency) == bool(self.request_rate):
@@ -87,10 +88,16 @@ class Result(msgspec.Struct, kw_only=True):
     deployment: str | None  # the file of a deployment the run started itself
     config: BenchSpec
     points: list[Point]
+    # CPU seconds per minute the ranks (transfer and engine threads) used while idle, by role
+    idle_cpu_s_per_min: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 _SUMS = {"kvferry_kv_bytes_received": "kv_bytes", "kvferry_ucx_messages_received": "messages"}
-_BY_ROLE = {"kvferry_transfer_cpu_seconds": "transfer_cpu_s", "kvferry_transfer_rooms": "rooms"}
+_BY_ROLE = {
+    "kvferry_transfer_cpu_seconds": "transfer_cpu_s",
+    "kvferry_engine_cpu_seconds": "engine_cpu_s",
+    "kvferry_transfer_rooms": "rooms",
+}
 _MAXIMA = {
     "kvferry_ring_high_water_bytes": "ring_high_water_bytes",
     "kvferry_device_memory_peak_bytes": "memory_peak_bytes",
@@ -139,6 +146,7 @@ def scrape(urls: Sequence[str], timeout: float = 10.0, settle: bool = True) -> C
         **maxima,
         transfer_failures=dict(failures),
         transfer_cpu_s=dict(by_role["transfer_cpu_s"]),
+        engine_cpu_s=dict(by_role["engine_cpu_s"]),
         transfer_rooms=dict(by_role["rooms"]),
     )
 
@@ -157,6 +165,7 @@ def run_bench(
     rng = random.Random(spec.seed)
     entries = load_sharegpt(spec.dataset, spec.output_len) if spec.dataset else None
     metrics_urls = list(dict.fromkeys([url, *metrics_urls]))
+    idle = idle_cpu(metrics_urls, spec.idle_s) if spec.idle_s > 0 else {}
     points = []
     for index, value in enumerate(spec.points):
         prompts = _prompts(spec, rng, entries)
@@ -171,7 +180,19 @@ def run_bench(
         deployment=deployment,
         config=spec,
         points=points,
+        idle_cpu_s_per_min=idle,
     )
+
+
+def idle_cpu(metrics_urls: Sequence[str], seconds: float) -> dict[str, float]:
+    """CPU seconds per minute the daemons' ranks (transfer and engine threads) use over
+    `seconds` in which nothing is asked of them, by role."""
+    before = scrape(metrics_urls)
+    time.sleep(seconds)
+    moved = scrape(metrics_urls).since(before)
+    roles = moved.transfer_cpu_s.keys() | moved.engine_cpu_s.keys()
+    used = {r: moved.transfer_cpu_s.get(r, 0.0) + moved.engine_cpu_s.get(r, 0.0) for r in roles}
+    return {role: cpu * 60 / seconds for role, cpu in used.items()}
 
 
 def run_deployment(

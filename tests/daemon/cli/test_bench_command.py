@@ -77,8 +77,11 @@ def test_a_sweep_against_real_daemons(result_file):
         assert set(point["control_cpu_us"]) == {"prefill", "decode"}
         assert all(us > 0 for us in point["control_cpu_us"].values())
         assert point["kv_pool_bytes"] > 0 and point["memory_peak_bytes"] == 0  # CPU daemons
+    assert set(result["idle_cpu_s_per_min"]) == {"prefill", "decode"}
+    assert all(s >= 0 for s in result["idle_cpu_s_per_min"].values())
     lines = stdout.splitlines()
     assert lines[2].startswith("c=1 ") and lines[3].startswith("c=4 ")
+    assert lines[4].startswith("idle ranks' CPU, seconds per minute: decode ")
 
 
 def test_a_deployment_it_starts_itself_with_a_request_rate(deployment, result_file, tmp_path):

@@ -3,7 +3,14 @@ from pathlib import Path
 import pytest
 
 from kvferry.daemon.model.config import ModelConfig
-from kvferry.daemon.server.config import ConfigError, DaemonConfig, check_against, load, parse
+from kvferry.daemon.server.config import (
+    ConfigError,
+    DaemonConfig,
+    check_against,
+    load,
+    parse,
+    prompt_limit,
+)
 
 
 def test_the_embedded_default_loads():
@@ -39,6 +46,11 @@ def test_the_embedded_default_loads():
         ({"role": "prefill", "gpus": [0, 1]}, "needs device: cuda"),
         ({"role": "prefill", "device": "cuda", "gpus": [-1]}, "indices are >= 0"),
         ({"role": "prefill", "transfer": {"layer_group": -2}}, "layer_group=-2"),
+        ({"role": "prefill", "scheduler": {"max_prompt_tokens": 0}}, "max_prompt_tokens=0"),
+        (
+            {"role": "prefill", "cache": {"num_pages": 4}, "scheduler": {"max_prompt_tokens": 64}},
+            r"max_prompt_tokens=64 does not fit the KV pool: cache.num_pages=4 x .* = 64 tokens",
+        ),
     ],
 )
 def test_bad_values_name_the_field(raw, fragment):
@@ -112,3 +124,25 @@ def test_a_renamed_key_is_refused_with_its_new_name(raw, fragment):
         parse(raw, kind) if kind else parse(raw)
     assert fragment in str(info.value)
     assert "transfer.chunk_tokens is the transfer chunk" in str(info.value)
+
+
+def test_the_prompt_limit_follows_the_kv_pool():
+    model = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1000,
+    )
+    pool = {"cache": {"page_size": 16, "num_pages": 2048}}  # 32768 tokens
+    assert prompt_limit(parse({"role": "prefill", **pool}, DaemonConfig), model) == 32767
+    set_ = parse({"role": "prefill", **pool, "scheduler": {"max_prompt_tokens": 500}}, DaemonConfig)
+    assert prompt_limit(set_, model) == 500
+    checkpoint = parse({"role": "prefill", **pool, "model": {"path": "/ckpt"}}, DaemonConfig)
+    assert prompt_limit(checkpoint, model) == 1000  # never past the checkpoint's context
+    for path in ("deploy/one-gpu.yaml", "deploy/one-gpu-slice.yaml", "deploy/one-gpu-homo.yaml"):
+        for daemon in load(path).daemons:
+            assert prompt_limit(daemon, daemon.model.model_config()) >= 32768, (path, daemon.name)

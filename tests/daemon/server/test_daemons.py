@@ -144,7 +144,7 @@ def test_bad_requests_get_a_clear_error(mixed):
         (b"{not json", 400, "not valid JSON"),
         (b'{"prompt": 5}', 400, "$.prompt"),
         (b'{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens=0"),
-        (json.dumps({"prompt": list(range(5000))}).encode(), 400, "max_prompt_tokens=4096"),
+        (json.dumps({"prompt": list(range(5000))}).encode(), 400, "max_prompt_tokens=1023"),
         (json.dumps({"prompt": [1, 2, 100000]}).encode(), 400, "token id 100000"),
     ]
     import urllib.error
