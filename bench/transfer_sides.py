@@ -102,9 +102,10 @@ class Side:
         )
 
     def stats(self):
-        """Summed copy and wire seconds over this side's agents."""
+        """Summed copy and wire seconds and loop turns over this side's agents."""
         stats = [a.stats() for a in self.agents]
-        return {k: sum(getattr(s, k) for s in stats) for k in ("copy_s", "wire_s")}
+        keys = ("copy_s", "wire_s", "loop_turns", "loop_timer_turns")
+        return {k: sum(getattr(s, k) for s in stats) for k in keys}
 
     def raw_open(self, nbytes: int):
         """A bare UCX worker and a receive buffer of `nbytes`; returns the worker's address."""

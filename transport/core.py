@@ -29,10 +29,12 @@ from kvferry.transport.staged_mode import StagedMode
 log = logging.getLogger(__name__)
 PEER_IDLE_S = 60.0  # an outbound socket to a peer holding no room is closed after this long
 RECLAIM_EVERY_S = 1.0  # how often idle outbound sockets are looked for
-# while data operations are in flight, the loop also takes a turn this often without an event:
-# a backstop only (the data plane's descriptor and the copy waiter wake it first); counted as
-# timer turns, so a backend that fails to signal shows in the metrics
+# While data operations are in flight, the loop also takes a turn this often without an event:
+# a backstop where the data plane signals every completion (its descriptor and the copy waiter
+# wake the loop first), the period it progresses at where some complete unsignalled (UCX's CUDA
+# transports). Counted as timer turns.
 IN_FLIGHT_CHECK_S = 0.005
+UNSIGNALLED_CHECK_S = 0.001  # the poller's finest timeout
 
 
 @dataclass
@@ -181,7 +183,9 @@ class AgentCore:
             return 0.0
         if not self.data.arm():  # events came in meanwhile: progress them first
             return 0.0
-        return IN_FLIGHT_CHECK_S if in_flight else self.config.heartbeat_interval_s
+        if not in_flight:
+            return self.config.heartbeat_interval_s
+        return IN_FLIGHT_CHECK_S if self.data.signals_completions else UNSIGNALLED_CHECK_S
 
     def _timers(self, now: float) -> bool:
         for peer in self.peers.due_heartbeats(now):

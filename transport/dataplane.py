@@ -99,6 +99,10 @@ class DataPlane:
         """Readable when progress() has something to do; None: nothing to watch."""
         return None
 
+    # whether `wake_fd` turns readable for every completion; where some complete unsignalled,
+    # the owner progresses at a short period while operations are in flight
+    signals_completions = True
+
     def on_loop_start(self) -> None:
         """Set up the thread that will drive this plane (called on it, before anything else)."""
 

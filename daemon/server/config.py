@@ -188,12 +188,10 @@ def parse(raw, kind: type = Deployment, source: str = "config"):
 
 def prompt_limit(daemon: DaemonConfig, model: ModelConfig) -> int:
     """The longest prompt the daemon serves: scheduler.max_prompt_tokens if set, else all the
-    KV pool holds but the first output token's slot, and never past a checkpoint's context."""
+    KV pool holds but the first output token's slot."""
     limit = daemon.scheduler.max_prompt_tokens
     if limit is None:
         limit = daemon.cache.num_pages * daemon.cache.page_size - 1
-    if daemon.model.path is not None:
-        limit = min(limit, model.max_position_embeddings)
     return limit
 
 

@@ -135,14 +135,11 @@ def test_the_prompt_limit_follows_the_kv_pool():
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
-        max_position_embeddings=1000,
     )
     pool = {"cache": {"page_size": 16, "num_pages": 2048}}  # 32768 tokens
     assert prompt_limit(parse({"role": "prefill", **pool}, DaemonConfig), model) == 32767
     set_ = parse({"role": "prefill", **pool, "scheduler": {"max_prompt_tokens": 500}}, DaemonConfig)
     assert prompt_limit(set_, model) == 500
-    checkpoint = parse({"role": "prefill", **pool, "model": {"path": "/ckpt"}}, DaemonConfig)
-    assert prompt_limit(checkpoint, model) == 1000  # never past the checkpoint's context
     for path in ("deploy/one-gpu.yaml", "deploy/one-gpu-slice.yaml", "deploy/one-gpu-homo.yaml"):
         for daemon in load(path).daemons:
             assert prompt_limit(daemon, daemon.model.model_config()) >= 32768, (path, daemon.name)

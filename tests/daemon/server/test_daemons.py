@@ -184,7 +184,7 @@ def test_idle_daemons_sleep(mixed):
     launcher, _ = mixed
     wait_idle(launcher)
     names = [c.name for c in launcher.children]
-    before = {name: _loop_turns(launcher, name) for name in names}
+    before = {name: _fresh_loop_turns(launcher, name) for name in names}
     time.sleep(IDLE_S)
     after = {name: _loop_turns(launcher, name) for name in names}
     # one turn per heartbeat interval, plus what the snapshots' lag (up to 0.5 s) adds each side;
@@ -195,6 +195,14 @@ def test_idle_daemons_sleep(mixed):
         assert before[name].keys() == after[name].keys() and after[name], name
         for rank, turns in after[name].items():
             assert turns - before[name][rank] <= limit, (name, rank, before, after)
+
+
+def _fresh_loop_turns(launcher, name: str) -> dict[str, float]:
+    """The turns of a snapshot the ranks sent just now (the first after a change): a rank's
+    snapshot can be some time old when it has just been busy."""
+    first = _loop_turns(launcher, name)
+    wait_for(lambda: _loop_turns(launcher, name) != first, f"a fresh snapshot of {name}")
+    return _loop_turns(launcher, name)
 
 
 def _loop_turns(launcher, name: str) -> dict[str, float]:
