@@ -7,6 +7,7 @@ The contract with the agents is their public methods only: `post` (to the loop t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -61,8 +62,9 @@ class KVSender:
                 f"the prompt has {self.num_tokens}"
             )
         written = KVWritten(Fence(ready), [(n, Fence(event)) for n, event in layers_ready])
+        at = time.time()
         self.agent.post(
-            lambda: self.agent.add_tokens_on_loop(self.room, slots, written, first_token, last)
+            lambda: self.agent.add_tokens_on_loop(self.room, slots, written, first_token, last, at)
         )
 
     def poll(self) -> KVPoll:
@@ -101,6 +103,7 @@ class KVReceiver:
         self.num_tokens = len(slots)
         self.status = None  # the room's RoomStatus, set on the loop thread
         self.first_token: int | None = None  # sampled by prefill; set before Success shows
+        self.marks: dict[str, float] = {}  # the room's timeline (timeline.py); set with Success
         self._rejected: Failure | None = None
 
     def poll(self) -> KVPoll:

@@ -103,6 +103,7 @@ class TransferDone(_Msg):
     src_rank: int
     num_chunks: int
     first_token: int | None = None
+    marks: dict[str, float] = {}  # when this rank's stages of the room ended (timeline.py)
 
 
 class Abort(_Msg):

@@ -34,6 +34,7 @@ from kvferry.transport.recv_pipeline import RecvPipeline
 from kvferry.transport.recv_room import RecvRoom
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tags import MAX_KEY
+from kvferry.transport.timeline import first, merge_prefill
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class DecodeAgent(TransferAgent):
         if isinstance(message, RoomAccepted) and room is not None:
             room.accepted.add(message.src_rank)
             if room.open and len(room.accepted) == len(room.rank_peers):
+                first(room.marks, "registered")
                 room.status.advance(KVPoll.WaitingForInput)
         elif isinstance(message, TransferDone) and room is not None:
             self._on_done(room, message)
@@ -191,6 +193,7 @@ class DecodeAgent(TransferAgent):
             )
             return
         room.first_tokens[message.src_rank] = message.first_token
+        merge_prefill(room.marks, message.marks)
         if len(set(room.first_tokens.values())) > 1:
             tokens = f"mismatch: prefill ranks sampled different first tokens {room.first_tokens}"
             self._fail(room, Failure(FailureKind.BAD_MESSAGE, tokens))
@@ -238,6 +241,7 @@ class DecodeAgent(TransferAgent):
             self._fail(room, timeout(f"timeout: transfer unfinished after {age:.1f}s"))
         elif room.writers and room.complete(self.core.mode, self.planes.num_planes):
             room.handle.first_token = next(iter(room.first_tokens.values()))
+            room.handle.marks = dict(room.marks)
             room.status.advance(KVPoll.Success)
             self.core.stats.rooms_succeeded += 1
             self._close(room)

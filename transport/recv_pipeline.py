@@ -21,6 +21,7 @@ from kvferry.transport.failure import Failure, ring_full
 from kvferry.transport.recv_room import Arrival, Piece, RecvRoom
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tags import unpack_tag
+from kvferry.transport.timeline import first, last
 
 PROBES_PER_TURN = 256  # bounds one turn of the loop when many messages are waiting
 
@@ -121,6 +122,7 @@ class RecvPipeline:
                 self.core.staging.free(arrival.offset)
             raise
         arrival.started = now
+        first(room.marks, "first_data")
         room.busy += 1
         room.status.advance(KVPoll.Transferring)
         self._receiving.append(arrival)
@@ -155,6 +157,7 @@ class RecvPipeline:
                     self._fail_room(room, failure("receive", error))
                 self._release(arrival)
                 continue
+            last(room.marks, "received_data")
             arrival.fence = self.mode.received(arrival)
             if arrival.fence is None:  # in place already
                 room.done_units += 1
@@ -166,6 +169,7 @@ class RecvPipeline:
         while self._scattering and self._scattering[0].fence.done():
             arrival = self._scattering.popleft()
             self.core.stats.copy_s += time.monotonic() - arrival.started
+            last(arrival.room.marks, "scattered")
             arrival.room.done_units += 1
             self._release(arrival)
 

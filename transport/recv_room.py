@@ -12,6 +12,7 @@ from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.plan import HeadSlice
 from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.room import RoomStatus
+from kvferry.transport.timeline import Marks
 
 if TYPE_CHECKING:
     from kvferry.transport.slice_mode import SliceMode
@@ -70,6 +71,7 @@ class RecvRoom:
         self.done_units = 0  # messages whose KV is in the cache
         self.busy = 0  # receives or scatters that may still write into the KV pages or ring
         self.failing: Failure | None = None
+        self.marks: Marks = {}  # stages' times (timeline.py), handed to the engine at Success
 
     @property
     def num_chunks(self) -> int:

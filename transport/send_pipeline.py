@@ -18,6 +18,7 @@ from kvferry.transport.dataplane import failure
 from kvferry.transport.failure import Failure, ring_full
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_room import Outgoing
+from kvferry.transport.timeline import last
 
 SENDS_PER_TURN = 256  # bounds one turn, so heartbeats and other rooms keep going
 
@@ -88,6 +89,7 @@ class SendPipeline:
             item = self._staged.popleft()
             item.queued = time.monotonic()
             self.stats.copy_s += item.queued - item.staged
+            last(item.room.marks, "prefill_gathered")
             if item.room.status.finished:
                 self._release(item)
                 continue
@@ -109,6 +111,7 @@ class SendPipeline:
                 self._sending.append(item)
                 continue
             self.stats.wire_s += time.monotonic() - item.queued
+            last(item.room.marks, "prefill_sent")
             self._release(item)
 
     def _post_sends(self, item: Outgoing, budget: int) -> int:

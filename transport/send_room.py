@@ -19,6 +19,7 @@ from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import RegisterRoom
 from kvferry.transport.room import RoomStatus
 from kvferry.transport.tags import MAX_KEY, MAX_PIECES, MAX_WRITERS, pack_tag
+from kvferry.transport.timeline import Marks, first, last
 
 if TYPE_CHECKING:
     from kvferry.transport.slice_mode import SliceMode
@@ -113,6 +114,7 @@ class SendRoom:
         self.first_token: int | None = None
         self.input_done = False
         self.in_flight = 0  # work items queued, staged or sending
+        self.marks: Marks = {}  # stages' times (timeline.py), sent with TransferDone
         self._slots: list[np.ndarray] = []
         self._ready: list[KVWritten] = []
         self._tokens_added = 0
@@ -164,8 +166,10 @@ class SendRoom:
         return None
 
     def add_tokens(
-        self, slots: np.ndarray, ready: KVWritten, first_token: int | None, last: bool
+        self, slots: np.ndarray, ready: KVWritten, first_token: int | None, last: bool, at: float
     ) -> Failure | None:
+        """`at`: when the engine launched the forward that writes them (wall clock)."""
+        self._note_forward(at)
         if self.input_done:
             return Failure(FailureKind.INTERNAL, "engine error: tokens added after the last chunk")
         self._slots.append(slots)
@@ -180,6 +184,10 @@ class SendRoom:
                 )
             self.input_done, self.first_token = True, first_token
         return None
+
+    def _note_forward(self, at: float) -> None:
+        first(self.marks, "prefill_first_forward", at)
+        last(self.marks, "prefill_last_forward", at)
 
     def ready_chunks(self):
         """(chunk, slots, ready) for every chunk whose tokens have all been added, in order."""

@@ -35,6 +35,7 @@ from kvferry.transport.registrar import Registrar
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_pipeline import SendPipeline
 from kvferry.transport.send_room import KVWritten, Outgoing, SendRoom
+from kvferry.transport.timeline import first
 from kvferry.transport.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
@@ -135,14 +136,20 @@ class PrefillAgent(TransferAgent):
             )
 
     def add_tokens_on_loop(
-        self, room_id: int, slots: np.ndarray, ready: KVWritten, first_token, last: bool
+        self,
+        room_id: int,
+        slots: np.ndarray,
+        ready: KVWritten,
+        first_token,
+        last: bool,
+        at: float,
     ) -> None:
         """KVSender.add_tokens on the loop thread: queue `slots` (KV written once `ready`
         fires) for room `room_id`; a finished or unknown room ignores them."""
         room = self.rooms.get(room_id)
         if room is None or room.status.finished:
             return
-        error = room.add_tokens(slots, ready, first_token, last)
+        error = room.add_tokens(slots, ready, first_token, last, at)
         if error:
             self._fail(room, error)
 
@@ -212,6 +219,7 @@ class PrefillAgent(TransferAgent):
         if room.handle is None or not room.registered:
             return
         room.status.advance(KVPoll.WaitingForInput)
+        first(room.marks, "prefill_registered")
         num_layers, groups = self.layout.num_layers, room.groups
         for chunk, slots, ready in room.ready_chunks():
             for g, layers in enumerate(groups):  # all of group g, then g + 1: the forward's order
@@ -230,7 +238,11 @@ class PrefillAgent(TransferAgent):
                 self.core.control.send(
                     dest.peer,
                     TransferDone(
-                        room.room, self.layout.tp_rank, room.num_chunks, _token(room.first_token)
+                        room.room,
+                        self.layout.tp_rank,
+                        room.num_chunks,
+                        _token(room.first_token),
+                        room.marks,
                     ),
                 )
             room.status.advance(KVPoll.Success)

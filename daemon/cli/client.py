@@ -69,6 +69,8 @@ class Completion(msgspec.Struct, kw_only=True):
         float | None
     )  # request sent -> first event carrying tokens, measured here; None unstreamed
     latency_s: float  # request sent -> whole answer
+    # the daemon's account of where the time went: stage -> seconds after it got the request
+    timeline: dict[str, float] | None = None
 
 
 def daemon_url(daemon: DaemonConfig) -> str:
@@ -239,6 +241,7 @@ class _Tally:
         self.prompt_tokens: int | None = None
         self.finish_reason: str | None = None
         self.ttft_s: float | None = None
+        self.timeline: dict[str, float] | None = None
 
     def add(self, event: dict, streamed: bool) -> str:
         """Takes one event (or the whole unstreamed answer); returns its new text."""
@@ -251,6 +254,9 @@ class _Tally:
         self.finish_reason = choice.get("finish_reason") or self.finish_reason
         usage = event.get("usage") or {}
         self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+        timeline = event.get("timeline")
+        if isinstance(timeline, dict):
+            self.timeline = {k: v for k, v in timeline.items() if isinstance(v, int | float)}
         return text
 
     def result(self) -> Completion:
@@ -260,6 +266,7 @@ class _Tally:
             prompt_tokens=self.prompt_tokens,
             finish_reason=self.finish_reason,
             ttft_s=self.ttft_s,
+            timeline=self.timeline,
             latency_s=time.monotonic() - self.start,
         )
 

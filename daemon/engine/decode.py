@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvferry.daemon.engine.group import TPGroup, Verdict
@@ -119,12 +120,15 @@ class DecodeEngine:
                     self._release(request)
                 return
 
-    def step(self) -> bool:
+    def step(self, before_forward: Callable[[], None] | None = None) -> bool:
         """Reserve, admit arrivals, drain, queue one decode step, then take in the tokens of
         the step before it (the device runs the new step meanwhile); False when no forward
-        was queued."""
+        was queued. `before_forward` runs after the reservations and admissions, before the
+        forward: the caller reports them (pages held, first tokens) a whole step sooner."""
         self._reserve()
         self._settle()
+        if before_forward is not None:
+            before_forward()
         batch = self.scheduler.schedule()
         launched = None
         if batch:
@@ -213,7 +217,9 @@ class DecodeEngine:
         seq.append(request.receiver.first_token)
         request.emitted = 1
         finish = seq.finish_reason if seq.finished else None
-        self.outputs.append(TokenOutput(request.room, [request.receiver.first_token], finish))
+        marks = {**request.receiver.marks, "admitted": time.time()}
+        first_token = [request.receiver.first_token]
+        self.outputs.append(TokenOutput(request.room, first_token, finish, marks=marks))
         if seq.finished:
             self._release(request)
         else:

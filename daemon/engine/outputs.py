@@ -17,6 +17,7 @@ class TokenOutput:
     tokens: list[int]
     finish: str | None = None
     error: Failure | None = None
+    marks: dict[str, float] | None = None  # with the first token: the transfer's timeline
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,10 +97,13 @@ class PrefillEngine:
         if entry is not None:
             entry.sender.abort(failure)
 
-    def step(self) -> bool:
+    def step(self, before_forward: Callable[[], None] | None = None) -> bool:
         """Settle finished rooms, then one forward over the scheduled chunks; False when no
-        forward ran."""
+        forward ran. `before_forward` runs once the rooms are settled, before the forward is
+        launched: the caller reports what settled without waiting for the forward."""
         self._settle()
+        if before_forward is not None:
+            before_forward()
         batch = self.scheduler.schedule()
         if not batch:
             return False

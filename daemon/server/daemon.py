@@ -266,11 +266,14 @@ class Daemon:
         for room in progress.reserved:
             request = self.requests.get(room)
             if request is not None:
+                request.marks["reserved"] = time.time()
                 self.handoff.submit(request)
         for out in progress.outputs:
             request = self.requests.get(out.room)
             if request is None:
                 continue
+            if out.marks:
+                request.marks.update(out.marks)
             request.take(out.tokens, time.monotonic(), self.metrics)
             if out.finish:
                 self._finish(request, out.finish, out.error, out.tokens)
@@ -287,6 +290,7 @@ class Daemon:
             if self.requests.pop(request.room, None) is None:
                 return
         request.finish, request.error = finish, error
+        request.marks["done"] = time.time()
         self.metrics.in_flight.dec()
         self.metrics.latency.observe(time.monotonic() - request.created)
         self._count(error)

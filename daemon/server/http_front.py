@@ -181,7 +181,9 @@ class _Handler(BaseHTTPRequestHandler):
         if request.error:
             raise HTTPError.of(request.error)
         text = self.daemon.tokenizer.decode(request.tokens)
-        self._json(200, self._chunk(request, completion_id, text, request.tokens, request.finish))
+        whole = self._chunk(request, completion_id, text, request.tokens, request.finish)
+        whole["timeline"] = request.timeline()
+        self._json(200, whole)
 
     def _stream(self, request, completion_id: str) -> None:
         self.send_response(200)
@@ -203,6 +205,8 @@ class _Handler(BaseHTTPRequestHandler):
             shown, sent = text, len(ids)
             if finish is None:
                 del chunk["usage"]
+            else:  # kvferry's own: where this request's time went (transport/timeline.py)
+                chunk["timeline"] = request.timeline()
             self._event(chunk)
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()

@@ -8,6 +8,7 @@ a refusal, or no reply, aborts the request with the reason.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,7 +54,9 @@ class PromptHandoff:
         except Exception as exc:  # this runs in a pool, which would keep it silent: fail now
             log.exception("submitting room %#x to %s failed", request.room, request.prefill)
             reply = ErrorReply(f"{type(exc).__name__}: {exc}")
-        if not isinstance(reply, Ack):
+        if isinstance(reply, Ack):
+            request.marks["prompt_at_prefill"] = time.time()
+        else:
             reason = reply.reason if isinstance(reply, ErrorReply) else f"unexpected {reply!r}"
             refused = f"prefill {request.prefill} refused the prompt: {reason}"
             self._abort(request.room, Failure(FailureKind.REFUSED, refused))

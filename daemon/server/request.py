@@ -48,6 +48,14 @@ class DecodeRequest:
     finish: str | None = None
     error: Failure | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
+    # when each stage ended, wall clock (transport/timeline.py): the daemon's and the ranks'
+    marks: dict[str, float] = field(default_factory=lambda: {"received": time.time()})
+
+    def timeline(self) -> dict[str, float]:
+        """Each stage's end in seconds after the request was received, in order."""
+        start = self.marks["received"]
+        ordered = sorted(list(self.marks.items()), key=lambda item: item[1])  # one GIL step
+        return {stage: round(at - start, 6) for stage, at in ordered}
 
     def take(self, tokens: list[int], now: float, metrics: Metrics) -> None:
         """New tokens at `now`: the first ones give the TTFT, later ones the gap since the last
@@ -56,6 +64,7 @@ class DecodeRequest:
             return
         if self.first_token_at is None:
             self.first_token_at = now
+            self.marks["first_token_out"] = time.time()
             metrics.ttft.observe(now - self.created)
         elif self.last_token_at is not None:
             metrics.itl.observe((now - self.last_token_at) / len(tokens))

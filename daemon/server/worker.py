@@ -103,7 +103,7 @@ class Worker:
                     self._abort_all(command.reason)
                 else:
                     self._apply(command)
-            forwarded = self.engine.step()
+            forwarded = self.engine.step(before_forward=self._send_progress)
             self._report()
             if stop_at is not None:
                 done = self.group.broadcast(not self.engine.busy or time.monotonic() > stop_at)
@@ -154,10 +154,14 @@ class Worker:
         for room in self.engine.live_rooms():
             self.engine.abort(room, Failure(FailureKind.UNAVAILABLE, reason))
 
-    def _report(self) -> None:
+    def _send_progress(self) -> None:
+        """Hand the daemon what the engine has for it (tokens, reservations, finished rooms)."""
         progress = self.engine.take_output()
         if self.group.leader and (progress.outputs or progress.reserved or progress.done):
             self.conn.send(progress)
+
+    def _report(self) -> None:
+        self._send_progress()
         now = time.monotonic()
         if now >= self._next_snapshot:
             self._next_snapshot = now + SNAPSHOT_S

@@ -9,6 +9,7 @@ import msgspec
 
 from kvferry.daemon.cli.bench.report import plot, plot_results, read_result, table
 from kvferry.daemon.cli.bench.run import BenchSpec, run_bench, run_deployment, write_result
+from kvferry.daemon.cli.bench.timeline import stage_table, write_trace
 from kvferry.daemon.cli.bench.workload import BenchError
 from kvferry.daemon.cli.client import DEFAULT_URL
 from kvferry.daemon.cli.common import CONFIG_PATH, SECONDS, note, stop_on_sigterm
@@ -81,6 +82,12 @@ _COUNT = click.IntRange(min=1)
 @click.option("--label", help="Name of this run in the JSON and in plots.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
 @click.option(
+    "--trace",
+    "trace_path",
+    type=click.Path(dir_okay=False),
+    help="Write each request's stage timeline here, one JSON line per request.",
+)
+@click.option(
     "--plot",
     "plot_path",
     type=click.Path(dir_okay=False),
@@ -94,7 +101,17 @@ _COUNT = click.IntRange(min=1)
 )
 @click.pass_context
 def bench(
-    ctx, url, metrics_urls, config_path, concurrency, request_rate, out, plot_path, compare, **load
+    ctx,
+    url,
+    metrics_urls,
+    config_path,
+    concurrency,
+    request_rate,
+    out,
+    trace_path,
+    plot_path,
+    compare,
+    **load,
 ) -> None:
     """Load a decode daemon, sweeping concurrency or request rate; print one row per point.
 
@@ -130,6 +147,11 @@ def bench(
     if result.idle_cpu_s_per_min:
         idle = ", ".join(f"{r} {s:.3f}" for r, s in sorted(result.idle_cpu_s_per_min.items()))
         click.echo(f"idle ranks' CPU, seconds per minute: {idle}")
+    stages = stage_table(result.points)
+    if stages:
+        click.echo(stages)
+    if trace_path is not None:
+        write_trace(result, trace_path)
     if out is not None:
         write_result(result, out)
     if plot_path is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import msgspec
 
+from kvferry.daemon.cli.bench.timeline import stage_shares
 from kvferry.daemon.cli.bench.workload import BenchError
 
 
@@ -26,6 +27,7 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     latency_s: float = 0.0
     error: str | None = None  # None: ok
     error_kind: str | None = None  # the failure's kind (ClientError.kind)
+    timeline: dict[str, float] | None = None  # the daemon's: stage -> s after it got it
 
     @property
     def ok(self) -> bool:
@@ -110,6 +112,8 @@ class Point(msgspec.Struct, kw_only=True):
     requests: list[RequestRecord]
     control_cpu_us: dict[str, float] = msgspec.field(default_factory=dict)  # per request, by role
     memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank (0 on a CPU)
+    # each stage's share of TTFT over the requests with a timeline: stage -> {p50, p90}
+    stages: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
     kv_pool_bytes: float = 0.0  # of that size of rank: the budgets the peak holds
     ring_capacity_bytes: float = 0.0
 
@@ -165,6 +169,7 @@ def summarize(
         memory_peak_bytes=moved.memory_peak_bytes,
         kv_pool_bytes=moved.kv_pool_bytes,
         ring_capacity_bytes=moved.ring_capacity_bytes,
+        stages=stage_shares([r.timeline for r in ok if r.timeline]),
     )
 
 

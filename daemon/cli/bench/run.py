@@ -288,6 +288,7 @@ def _request(client, index: int, prompt: Prompt, start: float, on_done) -> Reque
         record.input_len = completion.prompt_tokens or prompt.input_len
         record.output_tokens = len(completion.token_ids)
         record.ttft_s, record.latency_s = completion.ttft_s, completion.latency_s
+        record.timeline = completion.timeline
     if on_done is not None:
         on_done(record)
     return record

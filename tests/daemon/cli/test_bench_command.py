@@ -77,11 +77,20 @@ def test_a_sweep_against_real_daemons(result_file):
         assert set(point["control_cpu_us"]) == {"prefill", "decode"}
         assert all(us > 0 for us in point["control_cpu_us"].values())
         assert point["kv_pool_bytes"] > 0 and point["memory_peak_bytes"] == 0  # CPU daemons
+    for point in result["points"]:  # where TTFT went: the stages of both daemons, in order
+        stages = list(point["stages"])
+        for stage in ("reserved", "prefill_sent", "scattered", "admitted", "first_token_out"):
+            assert stage in stages, (stage, stages)
+        assert stages.index("reserved") < stages.index("prefill_sent") < stages.index("admitted")
+        assert all(0 <= s["p50"] <= s["p90"] <= 1 for s in point["stages"].values())
+        timelines = [r["timeline"] for r in point["requests"]]
+        assert all(t["received"] == 0 and t["done"] >= t["first_token_out"] for t in timelines)
     assert set(result["idle_cpu_s_per_min"]) == {"prefill", "decode"}
     assert all(s >= 0 for s in result["idle_cpu_s_per_min"].values())
     lines = stdout.splitlines()
     assert lines[2].startswith("c=1 ") and lines[3].startswith("c=4 ")
     assert lines[4].startswith("idle ranks' CPU, seconds per minute: decode ")
+    assert lines[5] == "where TTFT goes, c=1 (stage ends; length and share of TTFT):"
 
 
 def test_a_deployment_it_starts_itself_with_a_request_rate(deployment, result_file, tmp_path):
@@ -89,8 +98,11 @@ def test_a_deployment_it_starts_itself_with_a_request_rate(deployment, result_fi
     result = invoke(
         "bench", "--config", str(deployment), "--request-rate", "20", *BENCH_ARGS,
         "--out", str(out), "--plot", str(png), "--compare", str(result_file[0]),
+        "--trace", str(tmp_path / "trace.jsonl"), "--idle", "0",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    trace = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert len(trace) == 8 and all(t["ok"] and "prefill_sent" in t["timeline"] for t in trace)
     assert png.read_bytes().startswith(PNG_MAGIC)
     point = json.loads(out.read_text())["points"][0]
     assert (point["mode"], point["ok"]) == ("request_rate", 8)
