@@ -108,10 +108,12 @@ def test_generate_json_reports_the_streamed_completion(stub):
         "finish_reason",
         "ttft_s",
         "latency_s",
+        "timeline",
     ]
     assert answer["text"] == "Hello" and answer["token_ids"] == [72, 101, 108]
     assert (answer["prompt_tokens"], answer["finish_reason"]) == (3, "length")
     assert 0 <= answer["ttft_s"] <= answer["latency_s"]
+    assert answer["timeline"] is None  # this stub sends none; kvferry's daemons do
     assert stub.seen == [
         {
             "prompt": "hi",
