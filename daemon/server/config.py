@@ -113,6 +113,13 @@ class DaemonConfig(_Section):
     scheduler: SchedulerSection = SchedulerSection()
     transfer: TransferConfig = TransferConfig()
 
+    @property
+    def prompt_limit(self) -> int:
+        """The longest prompt served: scheduler.max_prompt_tokens if set, else all the KV pool
+        holds but the first output token's slot."""
+        limit = self.scheduler.max_prompt_tokens
+        return self.cache.num_pages * self.cache.page_size - 1 if limit is None else limit
+
     def __post_init__(self) -> None:
         _positive(self, "tp")
         for name in ("start_timeout_s", "drain_timeout_s"):
@@ -184,15 +191,6 @@ def parse(raw, kind: type = Deployment, source: str = "config"):
         return msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-
-
-def prompt_limit(daemon: DaemonConfig, model: ModelConfig) -> int:
-    """The longest prompt the daemon serves: scheduler.max_prompt_tokens if set, else all the
-    KV pool holds but the first output token's slot."""
-    limit = daemon.scheduler.max_prompt_tokens
-    if limit is None:
-        limit = daemon.cache.num_pages * daemon.cache.page_size - 1
-    return limit
 
 
 def check_against(daemon: DaemonConfig, model: ModelConfig) -> None:

@@ -24,7 +24,7 @@ from kvferry.daemon.engine.outputs import StepOutput
 from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.model.tokenizer import ByteTokenizer, load_tokenizer
 from kvferry.daemon.server import protocol
-from kvferry.daemon.server.config import DaemonConfig, check_against, prompt_limit
+from kvferry.daemon.server.config import DaemonConfig, check_against
 from kvferry.daemon.server.http_front import start_http
 from kvferry.daemon.server.metrics import Metrics
 from kvferry.daemon.server.prefill_probe import PrefillProbe
@@ -71,7 +71,7 @@ class Daemon:
         self.requests: dict[int, DecodeRequest] = {}
         self._check_prompt = partial(
             check_prompt,
-            limit=prompt_limit(config, self.model_config),
+            limit=config.prompt_limit,
             vocab=self.model_config.vocab_size,
         )
         s = config.scheduler  # prefill: prompts whose room no decode rank registered yet

@@ -191,14 +191,15 @@ def test_gpu_caches_over_cuda_ipc(procs, heads, src_tp, dst_tp):
 # Runs in a child (UCX reads its settings once per process): an endpoint closed once nothing
 # is sent over it fires no error, and a new one to the same peer carries messages again.
 ENDPOINT_CHILD = r"""
-import json, time
+import json, select, time
 import torch
 from kvferry.transport.ucx import UcxDataPlane
 
-def progress():  # no transfer thread here: this one drives both workers
-    plane.progress()
-    peer.progress()
-    time.sleep(0.001)
+def progress():  # no transfer thread here: this one drives both workers, sleeping between
+    for p in (plane, peer):
+        p.progress()
+    if all(p.arm() for p in (plane, peer)):
+        select.select([plane.wake_fd, peer.wake_fd], [], [], 1.0)
 
 def wait(request):
     deadline = time.monotonic() + 30

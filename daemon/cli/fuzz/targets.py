@@ -17,7 +17,7 @@ import zmq
 
 from kvferry.daemon.cli.client import DaemonClient, daemon_url
 from kvferry.daemon.cli.fuzz.values import Learned
-from kvferry.daemon.server.config import Deployment, prompt_limit
+from kvferry.daemon.server.config import Deployment
 from kvferry.transport.control import request
 from kvferry.transport.messages import Codec, Peers, QueryPeers
 
@@ -72,9 +72,8 @@ def discover(deployment: Deployment, timeout_s: float = 10.0) -> Targets:
             _add_prefill(targets, name, daemon, timeout_s)
         learned = targets.learned
         learned.max_frame_bytes = daemon.transfer.max_frame_bytes
-        model = daemon.model.model_config()
-        learned.max_prompt_tokens = prompt_limit(daemon, model)
-        learned.vocab_size = model.vocab_size
+        learned.max_prompt_tokens = daemon.prompt_limit
+        learned.vocab_size = daemon.model.model_config().vocab_size
     targets.processes = [p for p in targets.processes if p.pid]
     return targets
 

@@ -3,14 +3,7 @@ from pathlib import Path
 import pytest
 
 from kvferry.daemon.model.config import ModelConfig
-from kvferry.daemon.server.config import (
-    ConfigError,
-    DaemonConfig,
-    check_against,
-    load,
-    parse,
-    prompt_limit,
-)
+from kvferry.daemon.server.config import ConfigError, DaemonConfig, check_against, load, parse
 
 
 def test_the_embedded_default_loads():
@@ -127,19 +120,10 @@ def test_a_renamed_key_is_refused_with_its_new_name(raw, fragment):
 
 
 def test_the_prompt_limit_follows_the_kv_pool():
-    model = ModelConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
     pool = {"cache": {"page_size": 16, "num_pages": 2048}}  # 32768 tokens
-    assert prompt_limit(parse({"role": "prefill", **pool}, DaemonConfig), model) == 32767
-    set_ = parse({"role": "prefill", **pool, "scheduler": {"max_prompt_tokens": 500}}, DaemonConfig)
-    assert prompt_limit(set_, model) == 500
+    assert parse({"role": "prefill", **pool}, DaemonConfig).prompt_limit == 32767
+    limited = {"role": "prefill", **pool, "scheduler": {"max_prompt_tokens": 500}}
+    assert parse(limited, DaemonConfig).prompt_limit == 500
     for path in ("deploy/one-gpu.yaml", "deploy/one-gpu-slice.yaml", "deploy/one-gpu-homo.yaml"):
-        for daemon in load(path).daemons:
-            assert prompt_limit(daemon, daemon.model.model_config()) >= 32768, (path, daemon.name)
+        for daemon in load(path).daemons:  # the GPU deployments take 32k-token prompts
+            assert daemon.prompt_limit >= 32768, (path, daemon.name)
