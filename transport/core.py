@@ -177,7 +177,7 @@ class AgentCore:
     def _turn(self, now: float) -> float:
         """One turn of the loop; how long it may sleep before the next without an event."""
         self.data.progress()
-        in_flight = self._timers(now)
+        in_flight = self._advance(now)
         if self.again:
             self.again = False
             return 0.0
@@ -187,7 +187,9 @@ class AgentCore:
             return self.config.heartbeat_interval_s
         return IN_FLIGHT_CHECK_S if self.data.signals_completions else UNSIGNALLED_CHECK_S
 
-    def _timers(self, now: float) -> bool:
+    def _advance(self, now: float) -> bool:
+        """Heartbeats, silent peers, idle sockets, then the owner's step: whether operations
+        are in flight."""
         for peer in self.peers.due_heartbeats(now):
             self.control.send(peer, Heartbeat())
         for peer in self.peers.silent(now):
