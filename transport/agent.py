@@ -39,6 +39,10 @@ class TransferAgent:
         """Why the transfer (loop) thread died, or None while it runs; safe from any thread."""
         return self.core.thread_failure
 
+    def wake(self) -> None:
+        """Give the loop thread a turn now (e.g. the engine filled in a KVWritten)."""
+        self.core.loop.wake()
+
     def post(self, call: Callable[[], None]) -> None:
         """Run `call()` on the loop thread, soon; the only way to reach a `*_on_loop` method
         from another thread."""

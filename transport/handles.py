@@ -2,12 +2,14 @@
 rank. Usable by any scheduler; thread-safe, and no method blocks: they post work to the rank's
 transfer thread and read the room's status.
 
+`KVWritten` (from send_room.py) is part of the engine's side: how a prefill engine describes,
+while it launches a forward, when each layer group's KV is written.
+
 The contract with the agents is their public methods only: `post` (to the loop thread),
 `add_tokens_on_loop` / `abort_on_loop` (run there), `registered` and `thread_failure`."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -46,12 +48,16 @@ class KVSender:
         first_token: int | torch.Tensor | None = None,
         last: bool = False,
         layers_ready: Sequence[tuple[int, torch.cuda.Event]] = (),
+        written: KVWritten | None = None,
     ) -> None:
         """KV of the next len(slots) prompt tokens is (or, once `ready` fires, will be) in
         `slots`; `last` with the prompt's final tokens, carrying the sampled `first_token` (an
         int, or a one-element host tensor that is filled by the time `ready` fires).
         `layers_ready`: (n, event) pairs, n ascending — layers [0, n) are written once that
-        event fires, so layer-wise messages can leave before the whole forward is done."""
+        event fires, so layer-wise messages can leave before the whole forward is done.
+        `written`, instead of `ready` and `layers_ready`: a KVWritten the engine fills in while
+        it launches the forward (handed over before it); the first token of `last` tokens then
+        follows with `first_token_is`."""
         if self.poll() == KVPoll.Failed:
             raise TransferFailed(self.failure)
         slots = host_slots(slots).copy()
@@ -61,11 +67,19 @@ class KVSender:
                 f"room {self.room:#x}: {self._tokens} tokens added, "
                 f"the prompt has {self.num_tokens}"
             )
-        written = KVWritten(Fence(ready), [(n, Fence(event)) for n, event in layers_ready])
-        at = time.time()
+        later = written is not None and last and first_token is None
+        if written is None:
+            written = KVWritten(Fence(ready), [(n, Fence(event)) for n, event in layers_ready])
         self.agent.post(
-            lambda: self.agent.add_tokens_on_loop(self.room, slots, written, first_token, last, at)
+            lambda: self.agent.add_tokens_on_loop(
+                self.room, slots, written, first_token, last, later
+            )
         )
+
+    def first_token_is(self, token: int | torch.Tensor) -> None:
+        """The first token, after tokens added with `written` and `last` (an int, or a
+        one-element host tensor filled by the time the forward's fence fires)."""
+        self.agent.post(lambda: self.agent.first_token_on_loop(self.room, token))
 
     def poll(self) -> KVPoll:
         if self.status is None:  # not claimed yet: the registrations may have come first

@@ -18,7 +18,7 @@ from kvferry.transport.dataplane import failure
 from kvferry.transport.failure import Failure, ring_full
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_room import Outgoing
-from kvferry.transport.timeline import last
+from kvferry.transport.timeline import first, last
 
 SENDS_PER_TURN = 256  # bounds one turn, so heartbeats and other rooms keep going
 
@@ -63,6 +63,12 @@ class SendPipeline:
             if item.room.status.finished:
                 self._release(self._queue.popleft())
                 continue
+            written = item.fence = item.written.for_layers(item.layers_end)
+            if written is None:  # its layers are not queued on the device yet: wait for them
+                return
+            if item.written.fence is written:  # the whole forward is queued
+                first(item.room.marks, "prefill_first_forward", item.written.at)
+                last(item.room.marks, "prefill_last_forward", item.written.at)
             if not self.mode.stage(item):
                 self._wait_for_ring(item, now)
                 return

@@ -4,11 +4,13 @@ layer group of them when the decode side asked for layer-wise messages."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from kvferry.staging.copy_stream import Fence
 from kvferry.staging.kv_copy import KVPlanes
@@ -19,7 +21,7 @@ from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import RegisterRoom
 from kvferry.transport.room import RoomStatus
 from kvferry.transport.tags import MAX_KEY, MAX_PIECES, MAX_WRITERS, pack_tag
-from kvferry.transport.timeline import Marks, first, last
+from kvferry.transport.timeline import Marks
 
 if TYPE_CHECKING:
     from kvferry.transport.slice_mode import SliceMode
@@ -41,16 +43,34 @@ class Dest:
 
 class KVWritten:
     """When one forward's KV is in place: all of it once `fence` fires; layers [0, n) already
-    once the fence paired with n in `layers` fires (ascending n; empty: no finer events)."""
+    once the fence paired with n in `layers` fires (ascending n; empty: no finer events).
 
-    __slots__ = ("fence", "layers")
+    The engine may hand it over before it launches the forward and fill it in meanwhile, on its
+    own thread: `layers_written` as each layer group is queued, `complete` once the whole
+    forward is. The transfer thread gathers a layer range as soon as a fence covering it
+    exists (`for_layers`), so the first layer groups travel while later layers compute."""
 
-    def __init__(self, fence: Fence, layers: list[tuple[int, Fence]]) -> None:
-        self.fence, self.layers = fence, layers
+    __slots__ = ("at", "fence", "layers")
 
-    def for_layers(self, end: int) -> Fence:
-        """The earliest fence after which layers [0, end) are written."""
-        for written, fence in self.layers:
+    def __init__(
+        self, fence: Fence | None = None, layers: list[tuple[int, Fence]] | None = None
+    ) -> None:
+        self.fence, self.layers = fence, layers if layers is not None else []
+        self.at = time.time() if fence is not None else 0.0  # when the forward was queued
+
+    def layers_written(self, layers: int, event: torch.cuda.Event) -> None:
+        """Layers [0, `layers`) are written once `event` (recorded) fires."""
+        self.layers.append((layers, Fence(event)))
+
+    def complete(self, event: torch.cuda.Event | None) -> None:
+        """The whole forward is queued; all of it is written once `event` fires (None: now)."""
+        self.at = time.time()
+        self.fence = Fence(event)
+
+    def for_layers(self, end: int) -> Fence | None:
+        """The earliest fence after which layers [0, end) are written; None while the forward
+        that writes them is not queued yet."""
+        for written, fence in list(self.layers):  # a snapshot: the engine may append
             if written >= end:
                 return fence
         return self.fence
@@ -62,6 +82,7 @@ class Outgoing:
     __slots__ = (
         "dest",
         "fence",
+        "layers_end",
         "offset",
         "planes",
         "queued",
@@ -73,6 +94,7 @@ class Outgoing:
         "tag",
         "todo",
         "waited",
+        "written",
     )
 
     def __init__(
@@ -83,11 +105,15 @@ class Outgoing:
         dest: Dest,
         slots: np.ndarray,
         planes: KVPlanes,
-        fence: Fence,
+        written: KVWritten,
+        layers_end: int,
         queued: float,
     ) -> None:
-        self.room, self.dest, self.slots, self.fence, self.queued = room, dest, slots, fence, queued
-        self.planes = planes  # the piece's layers
+        """`planes`: the piece's layers, all of [0, `layers_end`) written once `written`
+        says so."""
+        self.room, self.dest, self.slots, self.queued = room, dest, slots, queued
+        self.planes, self.written, self.layers_end = planes, written, layers_end
+        self.fence: Fence | None = None  # what its send waits for, once it is staged
         self.tag = pack_tag(dest.recv_key, piece, writer)
         self.offset: int | None = None  # staging ring region, while held
         self.region = None
@@ -113,6 +139,7 @@ class SendRoom:
         self.groups: list[range] = []  # the layers of each piece of a chunk, once registered
         self.first_token: int | None = None
         self.input_done = False
+        self.first_known = False  # the first token is here (with the last tokens, or after)
         self.in_flight = 0  # work items queued, staged or sending
         self.marks: Marks = {}  # stages' times (timeline.py), sent with TransferDone
         self._slots: list[np.ndarray] = []
@@ -130,7 +157,12 @@ class SendRoom:
 
     @property
     def complete(self) -> bool:
-        return self.input_done and self._next_chunk == self.num_chunks and self.in_flight == 0
+        return (
+            self.input_done
+            and self.first_known
+            and self._next_chunk == self.num_chunks
+            and self.in_flight == 0
+        )
 
     def attach(self, handle) -> None:
         self.handle = handle
@@ -166,10 +198,14 @@ class SendRoom:
         return None
 
     def add_tokens(
-        self, slots: np.ndarray, ready: KVWritten, first_token: int | None, last: bool, at: float
+        self,
+        slots: np.ndarray,
+        ready: KVWritten,
+        first_token: int | None,
+        last: bool,
+        first_later: bool = False,
     ) -> Failure | None:
-        """`at`: when the engine launched the forward that writes them (wall clock)."""
-        self._note_forward(at)
+        """`first_later`: the last tokens' first token comes with `first_token_is`."""
         if self.input_done:
             return Failure(FailureKind.INTERNAL, "engine error: tokens added after the last chunk")
         self._slots.append(slots)
@@ -183,11 +219,11 @@ class SendRoom:
                     f"engine error: last chunk ends at token {end} of {self.num_tokens}",
                 )
             self.input_done, self.first_token = True, first_token
+            self.first_known = not first_later
         return None
 
-    def _note_forward(self, at: float) -> None:
-        first(self.marks, "prefill_first_forward", at)
-        last(self.marks, "prefill_last_forward", at)
+    def first_token_is(self, token) -> None:
+        self.first_token, self.first_known = token, True
 
     def ready_chunks(self):
         """(chunk, slots, ready) for every chunk whose tokens have all been added, in order."""

@@ -142,16 +142,22 @@ class PrefillAgent(TransferAgent):
         ready: KVWritten,
         first_token,
         last: bool,
-        at: float,
+        first_later: bool = False,
     ) -> None:
         """KVSender.add_tokens on the loop thread: queue `slots` (KV written once `ready`
         fires) for room `room_id`; a finished or unknown room ignores them."""
         room = self.rooms.get(room_id)
         if room is None or room.status.finished:
             return
-        error = room.add_tokens(slots, ready, first_token, last, at)
+        error = room.add_tokens(slots, ready, first_token, last, first_later)
         if error:
             self._fail(room, error)
+
+    def first_token_on_loop(self, room_id: int, token) -> None:
+        """KVSender.first_token_is on the loop thread."""
+        room = self.rooms.get(room_id)
+        if room is not None and not room.status.finished:
+            room.first_token_is(token)
 
     def abort_on_loop(self, room_id: int, failure: Failure) -> None:
         """Fail room `room_id` with `failure` and tell its decode ranks; on the loop thread."""
@@ -224,15 +230,11 @@ class PrefillAgent(TransferAgent):
         for chunk, slots, ready in room.ready_chunks():
             for g, layers in enumerate(groups):  # all of group g, then g + 1: the forward's order
                 planes = self.planes.layers(layers, num_layers)
-                fence = ready.for_layers(layers.stop)
                 for dest in room.dests.values():
                     if dest.slice is not None:
                         piece = chunk * len(groups) + g
-                        self.pipeline.add(
-                            Outgoing(
-                                room, piece, self.layout.tp_rank, dest, slots, planes, fence, now
-                            )
-                        )
+                        item = (room, piece, self.layout.tp_rank, dest, slots, planes)
+                        self.pipeline.add(Outgoing(*item, ready, layers.stop, now))
         if room.complete:
             for dest in room.dests.values():
                 self.core.control.send(

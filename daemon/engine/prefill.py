@@ -23,7 +23,7 @@ from kvferry.daemon.engine.runner import ModelRunner
 from kvferry.daemon.engine.scheduler import PrefillScheduler
 from kvferry.daemon.engine.sequence import SamplingParams, Sequence
 from kvferry.transport.failure import Failure, FailureKind
-from kvferry.transport.handles import KVSender
+from kvferry.transport.handles import KVSender, KVWritten
 from kvferry.transport.room import TransferFailed
 from kvferry.transport.sender import PrefillAgent
 
@@ -54,7 +54,10 @@ class PrefillEngine:
         self.admitted: list[int] = []  # rooms handed to the scheduler; drained likewise
         self.samples = Samples()  # drained by the caller
         self.marks = _LayerMarks(
-            agent.config.layer_group, runner.model.config.num_hidden_layers, runner.kv.device
+            agent.config.layer_group,
+            runner.model.config.num_hidden_layers,
+            runner.kv.device,
+            agent.wake,
         )
 
     @property
@@ -108,26 +111,26 @@ class PrefillEngine:
         if not batch:
             return False
         began = time.perf_counter()
-        marks = self.marks.begin()
-        logits = self.runner.forward(batch, after_layer=marks)
-        ready, firsts, failed = self._first_tokens(batch, logits)
-        self.samples.forward_s.append(time.perf_counter() - began)
         rooms = {entry.seq.id: (room, entry) for room, entry in self.rooms.items()}
+        # handed over before the forward, filled in while it is launched: the transfer thread
+        # gathers each layer group as soon as its layers are queued on the device
+        written = KVWritten()
         for work in batch:
-            _, entry = rooms[work.seq.id]
-            if work.seq.id in failed:  # its first token could not be drawn: the room fails
-                drawn = Failure(FailureKind.INTERNAL, failed[work.seq.id])
-                entry.sender.abort(drawn)  # and is settled like any failure
-                continue
             slots = self.runner.blocks.slots(work.seq.id, work.start, work.count)
             with contextlib.suppress(TransferFailed):  # settled with the other ranks next step
-                entry.sender.add_tokens(
-                    slots,
-                    ready,
-                    first_token=firsts.get(work.seq.id),
-                    last=work.completes_prompt,
-                    layers_ready=self.marks.events,
-                )
+                sender = rooms[work.seq.id][1].sender
+                sender.add_tokens(slots, written=written, last=work.completes_prompt)
+        logits = self.runner.forward(batch, after_layer=self.marks.begin(written))
+        ready, firsts, failed = self._first_tokens(batch, logits)
+        written.complete(ready)
+        self.agent.wake()
+        self.samples.forward_s.append(time.perf_counter() - began)
+        for work in batch:
+            sender = rooms[work.seq.id][1].sender
+            if work.seq.id in failed:  # its first token could not be drawn: the room fails
+                sender.abort(Failure(FailureKind.INTERNAL, failed[work.seq.id]))
+            elif work.completes_prompt:
+                sender.first_token_is(firsts[work.seq.id])
         for seq in self.scheduler.computed(batch):
             seq.finish("prefilled")
             rooms[seq.id][1].computed_at = time.monotonic()
@@ -177,24 +180,29 @@ class PrefillEngine:
 
 class _LayerMarks:
     """Events on the compute stream after every `group` layers of a forward (none after the
-    last layer: the forward's own event covers it). Inactive on a CPU, where the forward is
+    last layer: the forward's own event covers it), each handed to the forward's KVWritten as
+    it is recorded, and the transfer thread woken. Inactive on a CPU, where the forward is
     done when it returns, and in whole-chunk mode."""
 
-    def __init__(self, group: int, num_layers: int, device: torch.device) -> None:
-        self.group, self.num_layers = group, num_layers
+    def __init__(
+        self, group: int, num_layers: int, device: torch.device, wake: Callable[[], None]
+    ) -> None:
+        self.group, self.num_layers, self.wake = group, num_layers, wake
         self.active = bool(group) and device.type == "cuda" and group < num_layers
-        self.events: list[tuple[int, torch.cuda.Event]] = []  # of the latest forward
+        self._written: KVWritten | None = None
 
-    def begin(self):
-        """For the next forward: the `after_layer` hook to give it, None when inactive."""
-        self.events = []
+    def begin(self, written: KVWritten):
+        """For the next forward, whose KV `written` describes: the `after_layer` hook to give
+        it, None when inactive."""
+        self._written = written
         return self.record if self.active else None
 
     def record(self, layers_done: int) -> None:
         if layers_done % self.group == 0 and layers_done < self.num_layers:
             event = torch.cuda.Event()
             event.record()
-            self.events.append((layers_done, event))
+            self._written.layers_written(layers_done, event)
+            self.wake()
 
 
 def _forward_event(device: torch.device) -> torch.cuda.Event | None:

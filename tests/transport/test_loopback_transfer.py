@@ -3,9 +3,22 @@
 import pytest
 
 from kvferry.staging.plan import plan_head_transfers
+from kvferry.transport.handles import KVWritten
 from kvferry.transport.room import KVPoll
 from support.kvsim import TP_PAIRS
-from support.transfer_sim import Deployment, decode_matches, small_config, wait_all, wait_idle
+from support.transfer_sim import (
+    Deployment,
+    Request,
+    decode_matches,
+    prefill_fill,
+    req_slots,
+    settle,
+    small_config,
+    start_receivers,
+    wait_all,
+    wait_for,
+    wait_idle,
+)
 
 
 def _transfer_ok(dep: Deployment, num_tokens: int) -> None:
@@ -46,5 +59,38 @@ def test_layer_wise_mla_latent_arrives_bit_exact():
     dep = Deployment(1, 2, 2, config=config, layers=3, mla=True, head_dim=32)
     try:
         _transfer_ok(dep, num_tokens=20)
+    finally:
+        dep.close()
+
+
+def test_layer_groups_leave_as_soon_as_the_forward_has_queued_them():
+    """A prefill engine hands a chunk over before it launches the forward (a KVWritten it fills
+    in meanwhile): nothing leaves until a layer group is announced, then that group's messages
+    do while the rest wait for the forward; the first token follows on its own."""
+    config = small_config(layer_group=1)  # three layers: three messages per chunk and writer
+    dep = Deployment(2, 1, 1, config=config, layers=3, d_page_size=4)
+    try:
+        req = Request(dep.prefill.layouts[0], 16, seed=3)  # one chunk
+        receivers = start_receivers(dep.decode, req, dep.server.address)
+        agent, cache = dep.prefill.agents[0], dep.prefill.caches[0]
+        sender = agent.sender(req.room, req.num_tokens)
+        assert wait_for(lambda: sender.poll() == KVPoll.WaitingForInput)
+        written = KVWritten()
+        sender.add_tokens(req_slots(cache, req), written=written, last=True)
+        sent = agent.core.data
+
+        assert settle([agent]) and sent.messages_sent == 0  # no layer is queued yet
+        prefill_fill(dep.prefill, req)  # the forward: the KV is written, then announced
+        written.layers_written(1, None)
+        assert wait_for(lambda: sent.messages_sent == 1)  # layer 0 has left, 1 and 2 wait
+        assert settle([agent]) and sent.messages_sent == 1
+        written.complete(None)
+        agent.wake()
+        assert wait_for(lambda: sent.messages_sent == 3)
+        assert settle([agent]) and sender.poll() == KVPoll.Transferring  # no first token yet
+        sender.first_token_is(42)
+        assert wait_all([sender, *receivers]) == [KVPoll.Success] * 2
+        assert decode_matches(dep.decode, req) and receivers[0].first_token == 42
+        assert wait_idle([dep.prefill, dep.decode])
     finally:
         dep.close()
