@@ -6,7 +6,8 @@ transfer thread and read the room's status.
 while it launches a forward, when each layer group's KV is written.
 
 The contract with the agents is their public methods only: `post` (to the loop thread),
-`add_tokens_on_loop` / `abort_on_loop` (run there), `registered` and `thread_failure`."""
+`add_tokens_on_loop` / `first_token_on_loop` / `abort_on_loop` (run there), `registered` and
+`thread_failure`."""
 
 from __future__ import annotations
 
