@@ -14,12 +14,22 @@ class Bell:
         os.set_blocking(self._write, False)
         self._rung = False
         self._closed = False
+        self._forward: int | None = None
+
+    def forward_to(self, fd: int) -> None:
+        """Also write a byte to `fd` (a pipe someone else sleeps on) at every ring, uncoalesced:
+        only the owner of that pipe knows when it has looked."""
+        os.set_blocking(fd, False)
+        self._forward = fd
 
     def fileno(self) -> int:
         return self._read
 
     def ring(self) -> None:
         """Wake whoever waits on the bell; safe from any thread, never blocks."""
+        if self._forward is not None and not self._closed:
+            with contextlib.suppress(BlockingIOError, OSError):  # full: it is awake anyway
+                os.write(self._forward, b"x")
         if self._rung or self._closed:
             return
         self._rung = True
@@ -30,12 +40,20 @@ class Bell:
         """Silence the bell before looking at what it rang for: a ring after this wakes the
         next wait."""
         self._rung = False
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._read, 4096):
-                pass
+        drain(self._read)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             os.close(self._read)
             os.close(self._write)
+
+
+def drain(fd: int) -> bool:
+    """Read a non-blocking pipe empty; False once every writer has closed it."""
+    try:
+        while True:
+            if not os.read(fd, 4096):
+                return False
+    except BlockingIOError:
+        return True

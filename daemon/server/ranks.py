@@ -40,17 +40,24 @@ class Ranks:
         dist_address = f"file://{self._rendezvous}/store"
         self.procs, self.conns = [], []
         self._send_lock = threading.Lock()  # sends come from HTTP and bootstrap threads too
+        # every rank rings rank 0 when one of its rooms changes state: rank 0 sleeps on this
+        woken, wake = ctx.Pipe(duplex=False)
         for rank in range(config.tp):
             parent, child = ctx.Pipe()
+            bell = (woken if rank == 0 else None, wake if rank > 0 else None)
+            if config.tp == 1:  # no other rank to hear (and a pipe nobody writes reads as EOF)
+                bell = (None, None)
             proc = ctx.Process(
                 target=worker_main,
-                args=(config, rank, dist_address, bootstrap, token, child),
+                args=(config, rank, dist_address, bootstrap, token, child, bell),
                 name=f"{name}-rank{rank}",
             )
             proc.start()
             child.close()
             self.procs.append(proc)
             self.conns.append(parent)
+        woken.close()
+        wake.close()
 
     def wait_ready(self, timeout_s: float, stopping: Callable[[], str | None]) -> None:
         """Until every rank reported Ready; raises when one fails, on timeout or a stop."""

@@ -26,22 +26,26 @@ from kvferry.daemon.model.tokenizer import load_tokenizer
 from kvferry.daemon.model.weights import full_weights
 from kvferry.daemon.server import protocol
 from kvferry.daemon.server.config import DaemonConfig
+from kvferry.transport.bell import drain
 from kvferry.transport.failure import Failure, FailureKind
 
 log = logging.getLogger(__name__)
 SNAPSHOT_S = 0.5
-# Rank 0 sleeps until a command comes, its transfer agent's bell rings (a room changed state)
-# or the next snapshot is due. Other ranks' rooms ring their own bells, which rank 0 cannot
-# hear: with several ranks and transfers pending it also looks again after this long.
-OTHER_RANKS_WAIT_S = 0.002
 STOP_DRAIN_S = 5.0  # at stop: time for aborts to reach the peers
 
 
 def worker_main(
-    config: DaemonConfig, rank: int, dist_address: str, bootstrap: str | None, token: bytes, conn
+    config: DaemonConfig,
+    rank: int,
+    dist_address: str,
+    bootstrap: str | None,
+    token: bytes,
+    conn,
+    bell=(None, None),
 ):
     """Process entry point: build the rank, report Ready (or Fatal), serve until Stop. A prefill
-    rank registers with the bootstrap server at `bootstrap` showing `token`."""
+    rank registers with the bootstrap server at `bootstrap` showing `token`. `bell`: (the end
+    rank 0 sleeps on, the end the other ranks ring) of a pipe, the one this rank uses set."""
     # the daemon decides when its ranks stop (a terminal's Ctrl-C reaches the whole group)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -51,7 +55,7 @@ def worker_main(
     )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, config.tp)))
     try:
-        worker = Worker(config, rank, dist_address, bootstrap, token, conn)
+        worker = Worker(config, rank, dist_address, bootstrap, token, conn, bell)
     except Exception as exc:
         log.exception("rank %d failed to start", rank)
         conn.send(protocol.Fatal(rank, f"rank {rank} failed to start: {exc}"))
@@ -84,12 +88,21 @@ class Worker:
         bootstrap: str | None,
         token: bytes,
         conn,
+        bell=(None, None),
     ) -> None:
         self.config, self.rank, self.conn = config, rank, conn
         self.device = _device(config, rank)
         self.group = _join_group(config, rank, dist_address, self.device)
         self.engine = _build_engine(config, rank, self.device, self.group, bootstrap, token)
         self.agent = self.engine.agent
+        # Rank 0 sleeps until a command comes, a room of any rank changes state (its own bell,
+        # and the other ranks' rings on the group's pipe) or the next snapshot is due.
+        self._woken, wake = bell
+        if self._woken is not None:
+            os.set_blocking(self._woken.fileno(), False)
+        if wake is not None:
+            self.agent.bell.forward_to(wake.fileno())
+            self._wake = wake  # keeps the pipe open
         self._next_snapshot = 0.0
 
     def run(self) -> None:
@@ -131,11 +144,13 @@ class Worker:
         return commands
 
     def _wait(self) -> None:
-        timeout_s = max(self._next_snapshot - time.monotonic(), 0.0)
-        if self.engine.busy and self.group.size > 1:
-            timeout_s = min(timeout_s, OTHER_RANKS_WAIT_S)
-        wait([self.conn, self.agent.bell], timeout_s)
+        sources = [self.conn, self.agent.bell]
+        if self._woken is not None:
+            sources.append(self._woken)
+        wait(sources, max(self._next_snapshot - time.monotonic(), 0.0))
         self.agent.bell.clear()
+        if self._woken is not None and not drain(self._woken.fileno()):
+            self._woken = None  # every other rank has gone: their exit shows elsewhere
 
     def _apply(self, command) -> None:
         engine = self.engine

@@ -1,9 +1,11 @@
 """The transfer thread's loop: posted calls run on it, it sleeps until woken or its step's
 deadline, and its CPU time is readable."""
 
+import os
 import threading
 import time
 
+from kvferry.transport.bell import Bell, drain
 from kvferry.transport.loop import AgentLoop
 
 
@@ -44,3 +46,20 @@ def test_an_idle_loop_sleeps_until_woken_or_its_deadline():
     loop.post(woken.set)  # a posted call wakes it at once, long before its deadline
     assert woken.wait(5)
     loop.stop()
+
+
+def test_a_bell_rings_its_own_pipe_once_per_clear_and_forwards_every_ring():
+    bell, (other, forward) = Bell(), os.pipe()
+    bell.forward_to(forward)
+    for _ in range(3):
+        bell.ring()
+    assert os.read(bell.fileno(), 100) == b"x"  # coalesced until the owner clears it
+    assert os.read(other, 100) == b"xxx"  # the other waiter cannot clear: every ring counts
+    bell.clear()
+    assert drain(bell.fileno())  # empty and open
+    bell.ring()
+    assert os.read(bell.fileno(), 100) == b"x"
+    os.close(forward)
+    assert not drain(other)  # every writer gone: the pipe reads as closed
+    bell.close()
+    os.close(other)
