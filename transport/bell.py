@@ -1,10 +1,13 @@
 """A doorbell one thread rings and another sleeps on: a pipe whose read end any poller or
-`multiprocessing.connection.wait` can watch. Rings between two clears coalesce into one byte."""
+`multiprocessing.connection.wait` can watch. Rings between two clears coalesce into one byte.
+The transfer loop's wake-ups, the loopback data plane's arrivals and the engine's room news
+are all bells."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 
 class Bell:
@@ -14,6 +17,7 @@ class Bell:
         os.set_blocking(self._write, False)
         self._rung = False
         self._closed = False
+        self._lock = threading.Lock()  # the pipe is closed under it: never write a stale fd
         self._forward: int | None = None
 
     def forward_to(self, fd: int) -> None:
@@ -27,14 +31,17 @@ class Bell:
 
     def ring(self) -> None:
         """Wake whoever waits on the bell; safe from any thread, never blocks."""
-        if self._forward is not None and not self._closed:
-            with contextlib.suppress(BlockingIOError, OSError):  # full: it is awake anyway
+        if self._forward is not None:
+            with contextlib.suppress(OSError):  # full: it is awake anyway
                 os.write(self._forward, b"x")
-        if self._rung or self._closed:
+        if self._rung:  # a byte is waiting already (a stale answer: the waiter clears first)
             return
-        self._rung = True
-        with contextlib.suppress(BlockingIOError, OSError):  # full: it is ringing already
-            os.write(self._write, b"x")
+        with self._lock:
+            if self._closed:
+                return
+            self._rung = True
+            with contextlib.suppress(BlockingIOError):  # full: it is ringing already
+                os.write(self._write, b"x")
 
     def clear(self) -> None:
         """Silence the bell before looking at what it rang for: a ring after this wakes the
@@ -43,10 +50,11 @@ class Bell:
         drain(self._read)
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            os.close(self._read)
-            os.close(self._write)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._read)
+                os.close(self._write)
 
 
 def drain(fd: int) -> bool:

@@ -15,8 +15,6 @@ readable when something happened (a completion, an arrival); its owner sleeps on
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 import uuid
 from collections import deque
@@ -25,6 +23,7 @@ from typing import ClassVar
 
 import torch
 
+from kvferry.transport.bell import Bell
 from kvferry.transport.failure import Failure, FailureKind
 
 U64 = 1 << 64
@@ -205,9 +204,7 @@ class LoopbackDataPlane(DataPlane):
         self._address = f"loopback:{uuid.uuid4().hex}".encode()
         self._queue: deque[tuple[int, bytes]] = deque()
         self._lock = threading.Lock()
-        self._wake_read, self._wake_write = os.pipe()  # a send to this plane writes a byte
-        os.set_blocking(self._wake_read, False)
-        os.set_blocking(self._wake_write, False)
+        self._arrived = Bell()  # rung by every send to this plane
         with self._registry_lock:
             self._registry[self._address] = self
 
@@ -217,18 +214,15 @@ class LoopbackDataPlane(DataPlane):
 
     @property
     def wake_fd(self) -> int:
-        return self._wake_read
+        return self._arrived.fileno()
 
     def progress(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._wake_read, 4096):
-                pass
+        self._arrived.clear()
 
     def close(self) -> None:
         with self._registry_lock:
-            if self._registry.pop(self._address, None) is not None:
-                os.close(self._wake_read)
-                os.close(self._wake_write)
+            self._registry.pop(self._address, None)
+        self._arrived.close()
         super().close()
 
     def _connect(self, address: bytes, on_error):
@@ -242,10 +236,7 @@ class LoopbackDataPlane(DataPlane):
         payload = buffer.cpu().view(torch.uint8).numpy().tobytes()
         with peer._lock:
             peer._queue.append((tag, payload))
-        with self._registry_lock:  # the peer closes its pipe under this lock
-            if self._registry.get(endpoint) is peer:
-                with contextlib.suppress(BlockingIOError):
-                    os.write(peer._wake_write, b"x")
+        peer._arrived.ring()  # a closed plane's bell stays silent
         return DoneOp()
 
     def _probe(self):

@@ -1,8 +1,8 @@
 """The thread that drives one rank's transfers.
 
 It sleeps in one zmq.Poller until something happens: a control frame, a call posted by another
-thread (a wake-up pipe), the data plane's own event descriptor (a UCX completion or arrival),
-a copy finishing (the copy stream's waiter writes the pipe), or the owner's next deadline.
+thread (its bell), the data plane's own event descriptor (a UCX completion or arrival), a copy
+finishing (the copy stream's waiter rings the bell), or the owner's next deadline.
 Each turn then runs the posted calls, reads every waiting control frame and lets the owner make
 progress (start copies, post sends, take arrived data, check timers). The owner's step says how
 long the loop may sleep before its next turn without an event: 0 when it left work for later in
@@ -14,16 +14,16 @@ loop is a failure of the machinery itself: the thread ends and `alive` turns Fal
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
 import zmq
+
+from kvferry.transport.bell import Bell
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,10 @@ class AgentLoop:
         self._step = step
         self._on_start, self._on_exit = on_start, on_exit
         self._posted: deque[Callable[[], None]] = deque()
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        os.set_blocking(self._wake_write, False)
+        self._bell = Bell()  # posted calls, finished copies, stop
         self._poller = zmq.Poller()
-        self._poller.register(self._wake_read, zmq.POLLIN)
+        self._poller.register(self._bell.fileno(), zmq.POLLIN)
         self._stopping = threading.Event()
-        self._pipe_lock = threading.Lock()
         self.error: BaseException | None = None
         self.turns = 0  # turns taken; an idle loop takes one per timer period
         self.timer_turns = 0  # of which nothing but the timeout woke the loop
@@ -74,25 +71,17 @@ class AgentLoop:
 
     def wake(self) -> None:
         """Give the loop a turn now; safe from any thread."""
-        with self._pipe_lock:  # the pipe is closed under this lock: never write to a stale fd
-            if self._stopping.is_set():
-                return
-            with contextlib.suppress(BlockingIOError):  # a full pipe: the loop wakes anyway
-                os.write(self._wake_write, b"x")
+        self._bell.ring()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the thread and release its wake-up pipe; idempotent."""
-        with self._pipe_lock:
-            if self._stopping.is_set():
-                return
-            self._stopping.set()
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._wake_write, b"x")
+        """Stop the thread and release its bell; idempotent."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._bell.ring()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
-        with self._pipe_lock:
-            os.close(self._wake_read)
-            os.close(self._wake_write)
+        self._bell.close()
 
     @property
     def alive(self) -> bool:
@@ -117,11 +106,11 @@ class AgentLoop:
                 self.turns += 1
                 if not events and sleep_s > 0:
                     self.timer_turns += 1
-                if self._wake_read in events:
-                    self._drain_wakeups()
+                if self._bell.fileno() in events:
+                    self._bell.clear()
                 for _ in range(len(self._posted)):  # not those they post: the frames come first
                     self._posted.popleft()()
-                self._on_frames(events.keys() - {self._wake_read})
+                self._on_frames(events.keys() - {self._bell.fileno()})
                 sleep_s = 0.0 if self._posted else self._step(time.monotonic())
         except BaseException as exc:  # the owner fails every room on this; nothing may hang
             log.exception("transfer loop %s died", self._thread.name)
@@ -130,10 +119,3 @@ class AgentLoop:
             self._cpu_at_exit = time.thread_time()
             if self._on_exit is not None:
                 self._on_exit()
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while os.read(self._wake_read, 4096):
-                pass
-        except BlockingIOError:
-            pass
