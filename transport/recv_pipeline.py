@@ -58,23 +58,20 @@ class RecvPipeline:
             self._discards.popleft()
 
     def _take_arrivals(self, now: float) -> None:
-        self.core.again = True  # unless the queue is emptied (or must wait) within the budget
         for _ in range(PROBES_PER_TURN):
             probed = self.core.data.probe()
             if probed is None:
-                self.core.again = False
                 return
             tag, nbytes = probed
             try:
                 taken = self._arrive(tag, nbytes, now)
             except Exception as exc:  # one message's failure is its room's, never the thread's
                 if not self._contain(tag, exc):
-                    self.core.again = False
                     return
                 continue
             if not taken:
-                self.core.again = False
                 return
+        self.core.again = True  # the budget ran out: the rest in the next turn
 
     def _arrive(self, tag: int, nbytes: int, now: float) -> bool:
         """Take or discard the message probed; False if it must stay queued (ring full)."""
