@@ -45,9 +45,13 @@ class Bell:
 
     def clear(self) -> None:
         """Silence the bell before looking at what it rang for: a ring after this wakes the
-        next wait."""
-        self._rung = False
-        drain(self._read)
+        next wait. Emptied before it is marked silent, under the lock a ringer writes under:
+        were a ring's byte drained after it saw the bell silent, later rings would take it
+        for ringing and skip their byte, and nothing would wake the waiter again."""
+        with self._lock:
+            if not self._closed:
+                drain(self._read)
+            self._rung = False
 
     def close(self) -> None:
         with self._lock:

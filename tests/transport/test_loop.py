@@ -2,6 +2,7 @@
 deadline, and its CPU time is readable."""
 
 import os
+import select
 import threading
 import time
 
@@ -63,3 +64,26 @@ def test_a_bell_rings_its_own_pipe_once_per_clear_and_forwards_every_ring():
     assert not drain(other)  # every writer gone: the pipe reads as closed
     bell.close()
     os.close(other)
+
+
+def test_a_ring_while_the_bell_is_cleared_never_leaves_it_mute(monkeypatch):
+    """Another thread rings just as the waiter empties the pipe: whichever way that falls, a
+    ring after clear() returns must wake the next wait."""
+    from kvferry.transport import bell as bell_module
+
+    bell = Bell()
+    bell.ring()
+
+    def drain_racing_a_ring(fd: int) -> bool:
+        ringer = threading.Thread(target=bell.ring)
+        ringer.start()
+        ringer.join(0.5)  # it finishes, or waits for clear() to let go of the bell
+        return drain(fd)
+
+    monkeypatch.setattr(bell_module, "drain", drain_racing_a_ring)
+    bell.clear()
+    monkeypatch.setattr(bell_module, "drain", drain)
+    bell.ring()
+    readable, _, _ = select.select([bell.fileno()], [], [], 1.0)
+    assert readable, "the bell stayed silent after a ring"
+    bell.close()
