@@ -15,7 +15,7 @@ from collections.abc import Callable
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import failure
-from kvferry.transport.failure import Failure, ring_full
+from kvferry.transport.failure import Failure, FailureKind, ring_full
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_room import Outgoing
 from kvferry.transport.timeline import first, last
@@ -41,6 +41,7 @@ class SendPipeline:
         self._queue: deque[Outgoing] = deque()  # waiting for staging room, oldest first
         self._staged: deque[Outgoing] = deque()  # gathered (or gathering), not yet sent
         self._sending: deque[Outgoing] = deque()  # sent, not yet completed
+        self._ring_waiting = False  # the queue's head waits for ring room (a timeout runs)
 
     def add(self, item: Outgoing) -> None:
         item.room.in_flight += 1
@@ -48,7 +49,10 @@ class SendPipeline:
 
     @property
     def busy(self) -> bool:
-        return bool(self._queue or self._staged or self._sending)
+        """Whether operations are in flight (or a ring wait's timeout runs): the loop keeps a
+        timer. Items whose KV is not yet queued on the device are not: the engine wakes the
+        loop when it queues them."""
+        return bool(self._staged or self._sending or self._ring_waiting)
 
     def step(self, now: float) -> None:
         """Advance every item that can move."""
@@ -58,6 +62,7 @@ class SendPipeline:
 
     def _stage(self, now: float) -> None:
         """Stage queued items (gather them into the ring), oldest first, while it has room."""
+        self._ring_waiting = False
         while self._queue:
             item = self._queue[0]
             if item.room.status.finished:
@@ -79,6 +84,7 @@ class SendPipeline:
             self._staged.append(item)
 
     def _wait_for_ring(self, item: Outgoing, now: float) -> None:
+        self._ring_waiting = True
         if not item.waited:
             item.waited = True
             self.stats.ring_waits += 1
@@ -96,6 +102,9 @@ class SendPipeline:
             item.queued = time.monotonic()
             self.stats.copy_s += item.queued - item.staged
             last(item.room.marks, "prefill_gathered")
+            error = item.fence.failed()
+            if error and not item.room.status.finished:
+                self._fail_room(item.room, Failure(FailureKind.INTERNAL, error))
             if item.room.status.finished:
                 self._release(item)
                 continue
