@@ -11,8 +11,7 @@ anything is written, since they derive from what a peer sent.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -156,22 +155,6 @@ def scatter(
         _launch(planes, slots_np, head_start, num_heads, src, gather=False)
     else:
         _torch_scatter(src, planes, slots_np, head_start, num_heads)
-
-
-def host_copy(
-    planes: KVPlanes,
-    slots: torch.Tensor | np.ndarray | Sequence[int],
-    head_start: int,
-    num_heads: int,
-    staging: torch.Tensor,
-    gather: bool,
-) -> Callable[[], None]:
-    """Check a copy between CPU planes and `staging` now (raising ValueError as gather and
-    scatter do); the call returned performs it, on whichever thread runs it."""
-    slots_np = _checked(planes, slots, head_start, num_heads, staging)
-    if gather:
-        return partial(_torch_gather, planes, slots_np, head_start, num_heads, staging)
-    return partial(_torch_scatter, staging, planes, slots_np, head_start, num_heads)
 
 
 def _checked(planes: KVPlanes, slots, head_start: int, num_heads: int, staging: torch.Tensor):
