@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import select
 import statistics
 import time
 
@@ -46,7 +47,7 @@ from kvferry.transport.receiver import DecodeAgent
 from kvferry.transport.room import KVPoll
 
 GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
-POLL_S = 50e-6
+WAIT_S = 0.5  # the longest sleep without news (a lost ring would show as this)
 
 
 def parse_args() -> argparse.Namespace:
@@ -177,12 +178,18 @@ class Bench:
             slots = np.arange(i * len(prompt), (i + 1) * len(prompt))
             receivers.append(self.receiver_agent.receiver(room, slots, self.server.address))
             self.engine.submit(room, prompt, SamplingParams(max_tokens=1))
-        while self.engine.busy or any(r.poll() < KVPoll.Success for r in receivers):
-            if not self.engine.step():
-                time.sleep(POLL_S)
+        bells = [self.agent.bell, self.receiver_agent.bell]
+        while True:
+            forwarded = self.engine.step()
             self.engine.take_output()
             self.engine.samples.take()
-        failed = [r.failure_reason for r in receivers if r.poll() != KVPoll.Success]
+            if not self.engine.busy and all(r.poll() >= KVPoll.Success for r in receivers):
+                break
+            if not forwarded:  # as a rank does: sleep until one of the rooms has news
+                select.select(bells, [], [], WAIT_S)
+                for bell in bells:
+                    bell.clear()
+        failed = [r.failure for r in receivers if r.poll() != KVPoll.Success]
         if failed:
             raise RuntimeError(f"transfer failed: {failed[0]}")
 

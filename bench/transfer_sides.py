@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import select
 import time
 import traceback
 
@@ -76,7 +77,7 @@ class Side:
             agent.receiver(room, slots[:tokens], self.address)
             for agent, slots in zip(self.agents, self.slots, strict=True)
         ]
-        _wait(self.handles[room], KVPoll.WaitingForInput)
+        _wait(self.handles[room], KVPoll.WaitingForInput, self.agents)
         return self._counters()
 
     def send(self, room: int, tokens: int):
@@ -91,7 +92,7 @@ class Side:
 
     def wait(self, room: int):
         """Wait for Success everywhere; (end time, messages received, bytes received)."""
-        _wait(self.handles[room], KVPoll.Success)
+        _wait(self.handles[room], KVPoll.Success, self.agents)
         return (time.monotonic(), *self._counters())
 
     def _counters(self):
@@ -147,15 +148,20 @@ class Side:
             self.server.close()
 
 
-def _wait(handles, state, timeout_s=600.0):
+def _wait(handles, state, agents, timeout_s=600.0):
+    """Until every handle reaches `state`, sleeping on the agents' bells (rung at every change
+    of a room's state) as an engine does."""
+    bells = [agent.bell for agent in agents]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        for bell in bells:
+            bell.clear()
         states = [h.poll() for h in handles]
         if KVPoll.Failed in states:
-            raise RuntimeError(f"transfer failed: {[h.failure_reason for h in handles]}")
+            raise RuntimeError(f"transfer failed: {[h.failure for h in handles]}")
         if all(s >= state for s in states):
             return
-        time.sleep(0.0002)
+        select.select(bells, [], [], deadline - time.monotonic())
     raise TimeoutError(f"rooms did not reach {state.name}")
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import failure
-from kvferry.transport.failure import Failure, FailureKind, ring_full
+from kvferry.transport.failure import Failure, ring_full
 from kvferry.transport.room import KVPoll
 from kvferry.transport.send_room import Outgoing
 from kvferry.transport.timeline import first, last
@@ -42,10 +42,12 @@ class SendPipeline:
         self._staged: deque[Outgoing] = deque()  # gathered (or gathering), not yet sent
         self._sending: deque[Outgoing] = deque()  # sent, not yet completed
         self._ring_waiting = False  # the queue's head waits for ring room (a timeout runs)
+        self.added = 0  # items ever queued
 
     def add(self, item: Outgoing) -> None:
         item.room.in_flight += 1
         self._queue.append(item)
+        self.added += 1
 
     @property
     def busy(self) -> bool:
@@ -102,9 +104,6 @@ class SendPipeline:
             item.queued = time.monotonic()
             self.stats.copy_s += item.queued - item.staged
             last(item.room.marks, "prefill_gathered")
-            error = item.fence.failed()
-            if error and not item.room.status.finished:
-                self._fail_room(item.room, Failure(FailureKind.INTERNAL, error))
             if item.room.status.finished:
                 self._release(item)
                 continue

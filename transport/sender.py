@@ -206,14 +206,21 @@ class PrefillAgent(TransferAgent):
 
     def _step(self, now: float) -> bool:
         self.pipeline.step(now)
-        for room in list(self.rooms.values()):  # after the pipeline: rooms it just completed
+        added = self.pipeline.added
+        self._advance_rooms(now)  # after the pipeline: rooms it just completed
+        if self.pipeline.added != added:  # pieces the rooms just queued: start them now (no
+            self.pipeline.step(now)  # event would come for KV that is written already), then
+            self._advance_rooms(now)  # finish the rooms whose last sends completed at once
+        self._purge(now)
+        self.endpoints.reclaim(now)
+        return self.pipeline.busy
+
+    def _advance_rooms(self, now: float) -> None:
+        for room in list(self.rooms.values()):
             try:
                 self._advance(room, now)
             except Exception as exc:  # one room's failure is its own, never the thread's
                 self._fail(room, self.core.contain(exc, f"room {room.room:#x}"))
-        self._purge(now)
-        self.endpoints.reclaim(now)
-        return self.pipeline.busy
 
     def _advance(self, room: SendRoom, now: float) -> None:
         if room.status.finished:

@@ -94,3 +94,23 @@ def test_layer_groups_leave_as_soon_as_the_forward_has_queued_them():
         assert wait_idle([dep.prefill, dep.decode])
     finally:
         dep.close()
+
+
+@pytest.mark.parametrize("layer_group", [0, 1])
+def test_every_step_of_a_transfer_is_woken_by_an_event_not_a_timer(layer_group):
+    """With heartbeats a minute apart the loops take no timer turn during a transfer: KV handed
+    over already written, registrations, copies, messages and the first token must each wake
+    whoever acts next, or the transfer stalls until a heartbeat."""
+    config = small_config(
+        layer_group=layer_group, heartbeat_interval_s=60.0, heartbeat_timeout_s=180.0
+    )
+    dep = Deployment(4, 2, 1, config=config, layers=3, d_page_size=4)
+    try:
+        for seed, num_tokens in enumerate((45, 16), start=1):  # several chunks, then one
+            req, senders, receivers = dep.run(num_tokens=num_tokens, seed=seed)
+            states = wait_all(senders + receivers, timeout_s=20.0)
+            why = [str(h.failure) for h in senders + receivers]
+            assert states == [KVPoll.Success] * len(states), why
+            assert decode_matches(dep.decode, req)
+    finally:
+        dep.close()

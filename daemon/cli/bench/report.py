@@ -52,6 +52,7 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     transfer_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # by role
     engine_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # by role
     transfer_rooms: dict[str, float] = msgspec.field(default_factory=dict)  # by role
+    loop_turns: dict[str, float] = msgspec.field(default_factory=dict)  # by role
     memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank
     kv_pool_bytes: float = 0.0
     ring_capacity_bytes: float = 0.0
@@ -66,12 +67,20 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
             transfer_cpu_s=_grown(self.transfer_cpu_s, before.transfer_cpu_s),
             engine_cpu_s=_grown(self.engine_cpu_s, before.engine_cpu_s),
             transfer_rooms=_grown(self.transfer_rooms, before.transfer_rooms),
+            loop_turns=_grown(self.loop_turns, before.loop_turns),
         )
 
     def control_cpu_us(self) -> dict[str, float]:
         """Transfer-thread CPU µs per room delivered, by role (summed over the role's ranks)."""
+        return self._per_room(self.transfer_cpu_s, 1e6)
+
+    def loop_turns_per_room(self) -> dict[str, float]:
+        """Transfer-loop turns per room delivered, by role (summed over the role's ranks)."""
+        return self._per_room(self.loop_turns, 1.0)
+
+    def _per_room(self, totals: dict[str, float], scale: float) -> dict[str, float]:
         return {
-            role: self.transfer_cpu_s.get(role, 0.0) / rooms * 1e6
+            role: totals.get(role, 0.0) / rooms * scale
             for role, rooms in self.transfer_rooms.items()
             if rooms > 0
         }
@@ -111,6 +120,7 @@ class Point(msgspec.Struct, kw_only=True):
     transfer_failures: dict[str, float]
     requests: list[RequestRecord]
     control_cpu_us: dict[str, float] = msgspec.field(default_factory=dict)  # per request, by role
+    loop_turns: dict[str, float] = msgspec.field(default_factory=dict)  # per request, by role
     memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank (0 on a CPU)
     # each stage's share of TTFT over the requests with a timeline: stage -> {p50, p90}
     stages: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
@@ -166,6 +176,7 @@ def summarize(
         transfer_failures=moved.transfer_failures,
         requests=records,
         control_cpu_us=moved.control_cpu_us(),
+        loop_turns=moved.loop_turns_per_room(),
         memory_peak_bytes=moved.memory_peak_bytes,
         kv_pool_bytes=moved.kv_pool_bytes,
         ring_capacity_bytes=moved.ring_capacity_bytes,

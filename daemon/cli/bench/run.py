@@ -97,6 +97,7 @@ _BY_ROLE = {
     "kvferry_transfer_cpu_seconds": "transfer_cpu_s",
     "kvferry_engine_cpu_seconds": "engine_cpu_s",
     "kvferry_transfer_rooms": "rooms",
+    "kvferry_transfer_loop_turns": "loop_turns",
 }
 _MAXIMA = {
     "kvferry_ring_high_water_bytes": "ring_high_water_bytes",
@@ -148,6 +149,7 @@ def scrape(urls: Sequence[str], timeout: float = 10.0, settle: bool = True) -> C
         transfer_cpu_s=dict(by_role["transfer_cpu_s"]),
         engine_cpu_s=dict(by_role["engine_cpu_s"]),
         transfer_rooms=dict(by_role["rooms"]),
+        loop_turns=dict(by_role["loop_turns"]),
     )
 
 

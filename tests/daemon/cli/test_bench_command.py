@@ -76,6 +76,8 @@ def test_a_sweep_against_real_daemons(result_file):
         assert point["ttft_ms"]["median"] > 0
         assert set(point["control_cpu_us"]) == {"prefill", "decode"}
         assert all(us > 0 for us in point["control_cpu_us"].values())
+        assert all(turns >= 1 for turns in point["loop_turns"].values())  # per request
+        assert set(point["loop_turns"]) == {"prefill", "decode"}
         assert point["kv_pool_bytes"] > 0 and point["memory_peak_bytes"] == 0  # CPU daemons
     for point in result["points"]:  # where TTFT went: the stages of both daemons, in order
         stages = list(point["stages"])
