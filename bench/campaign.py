@@ -11,6 +11,8 @@ the others still run):
   kernels   bench/kernels.py: gather/scatter vs the copy roofline and torch indexing
   transfer  bench/transfer.py: staged vs raw ucxx vs per-token slices, same bytes
   perftest  ucx_perftest (from the libucx wheel): UCX's own tag bandwidth for the same size
+  host      bench/host_costs.py: host CPU per step of the transfer thread (a loop turn, a
+            copy launch, UCX calls), quiet and while another thread runs a forward
   overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
             time to first token, whole-chunk vs layer-wise
   e2e       `kvferry bench` on four variants of one deployment file: heterogeneous TP staged,
@@ -39,7 +41,7 @@ from campaign_summary import VARIANTS, print_table, read_json, summary_rows
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-STAGES = ("check", "kernels", "transfer", "perftest", "overlap", "e2e")
+STAGES = ("check", "kernels", "transfer", "perftest", "host", "overlap", "e2e")
 
 
 def parse_args() -> argparse.Namespace:
@@ -147,6 +149,12 @@ def stage_transfer(stage: Stage) -> None:
         sizes = ["--tokens", "512", "--chunk", "128", "--layers", "4", "--slice-tokens", "16"]
         sizes += ["--requests", "2", "--staging-mib", "16", "--raw-mib", "16"]
     stage.run(python("transfer.py", *sizes, "--json", str(out)))
+
+
+def stage_host(stage: Stage) -> None:
+    out = stage.args.out_dir / "host.json"
+    sizes = ["--calls", "200", "--tokens", "1024", "--chunk", "128"] if stage.args.quick else []
+    stage.run(python("host_costs.py", *sizes, "--json", str(out)))
 
 
 def stage_perftest(stage: Stage) -> None:

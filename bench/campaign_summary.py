@@ -86,6 +86,16 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
         if perftest and perftest.get("gbps"):
             rows.append(Row("raw ucxx vs ucx_perftest", raw["gbps"] / perftest["gbps"], None, "%",
                             detail=f"perftest {perftest['gbps']:.3g} GB/s"))  # fmt: skip
+    host = read_json(out_dir / "host.json")
+    if host:
+        for step, what in (
+            ("loop turn (idle, woken by a posted call)", "transfer loop turn, host CPU"),
+            ("gather launch (checks, index upload, kernel)", "gather launch, host CPU"),
+        ):
+            quiet, busy = host["steps"][step][0], host["during a forward"][step][0]
+            rows.append(Row(f"{what}, quiet", quiet, None, " us"))
+            rows.append(Row(f"{what}, during a forward", busy, None, " us",
+                            detail=f"{busy / quiet:.3g}x quiet"))  # fmt: skip
     for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
         rows += overlap_rows(read_json(path) or {})
     e2e = {v: read_json(out_dir / f"e2e-{v}.json") for v in VARIANTS}
@@ -116,6 +126,11 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
                 rows.append(Row(f"control-plane CPU per request, {role} (worst point)",
                                 max(values), 200.0, " us", higher_is_better=False,
                                 detail=on_cpu))  # fmt: skip
+            turns = [p.get("loop_turns", {}).get(role) for p in hetero["points"]]
+            turns = [t for t in turns if t is not None]
+            if turns:
+                what = f"transfer loop turns per request, {role} (worst point)"
+                rows.append(Row(what, max(turns), None, detail="summed over the role's ranks"))
         peak = max(p.get("memory_peak_bytes", 0) for p in hetero["points"])
         if peak:
             point = hetero["points"][-1]

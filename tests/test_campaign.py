@@ -82,6 +82,9 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "prefill throughput with transfers, whole-chunk, 256 tokens",
         "hetero vs homogeneous output tok/s, c=2",
         "control-plane CPU per request, decode (worst point)",
+        "transfer loop turns per request, decode (worst point)",
+        "transfer loop turn, host CPU, quiet",
+        "gather launch, host CPU, during a forward",
     ):
         assert figures[name]["value"] is not None and figures[name]["value"] > 0, name
     assert figures["UCX messages per request / (chunks x writers)"]["verdict"] == "met"
