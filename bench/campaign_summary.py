@@ -76,6 +76,10 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
                         detail=f"{staged['gbps']:.3g} vs {raw['gbps']:.3g} GB/s"))  # fmt: skip
         if sliced["gbps"] and sliced["gbps"] == sliced["gbps"]:  # not NaN
             rows.append(Row("staged vs per-token slices", staged["gbps"] / sliced["gbps"], 50.0))
+        for side, us in staged.get("cpu_us_per_message", {}).items():
+            rows.append(Row(f"transfer-thread CPU per staged message, {side}", us, None, " us",
+                            detail=f"{staged['request_mib'] / staged['messages_per_request']:.3g}"
+                                   " MiB messages, ranks summed"))  # fmt: skip
         args = transfer["args"]
         chunks = -(-args["tokens"] // args["chunk"])
         pairs = staged["messages_per_request"] / chunks

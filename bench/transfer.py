@@ -30,7 +30,7 @@ def run_mode(args, mode: str, tokens: int) -> dict:
     prefill = side("prefill", args, mode)
     decode = side("decode", args, mode, prefill.address)
     try:
-        rates, messages = [], []
+        rates, messages, warm = [], [], {}
         for i in range(args.requests + 1):
             room = 1000 + i
             before = decode("open", room, tokens)
@@ -39,9 +39,17 @@ def run_mode(args, mode: str, tokens: int) -> dict:
             if i:  # the first request warms up endpoints, kernels and the ring
                 rates.append((nbytes - before[1]) / (ended - began) / 1e9)
                 messages.append(msgs - before[0])
+            else:
+                warm = {"prefill": prefill("stats"), "decode": decode("stats")}
         phases = {"prefill": prefill("stats"), "decode": decode("stats")}
+        sent = sum(messages)  # data messages the decode side received
         return {
             "phases_s": phases,
+            # transfer-thread CPU per data message after the warm-up, each side's ranks summed
+            "cpu_us_per_message": {
+                side: (phases[side]["transfer_cpu_s"] - warm[side]["transfer_cpu_s"]) / sent * 1e6
+                for side in phases
+            },
             "mode": mode,
             "tokens": tokens,
             "gbps": float(np.median(rates)),
@@ -147,6 +155,11 @@ def main() -> None:
     print(
         "summed seconds over all requests (copy = gather or scatter, wire = send or receive):",
         json.dumps(staged["phases_s"]),
+    )
+    cpu = staged["cpu_us_per_message"]
+    print(
+        f"transfer-thread CPU per staged message (after the warm-up): prefill "
+        f"{cpu['prefill']:.0f} us, decode {cpu['decode']:.0f} us"
     )
     if args.json:
         with open(args.json, "w") as f:

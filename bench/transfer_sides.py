@@ -103,9 +103,10 @@ class Side:
         )
 
     def stats(self):
-        """Summed copy and wire seconds and loop turns over this side's agents."""
+        """Summed copy and wire seconds, loop turns and transfer-thread CPU seconds over this
+        side's agents."""
         stats = [a.stats() for a in self.agents]
-        keys = ("copy_s", "wire_s", "loop_turns", "loop_timer_turns")
+        keys = ("copy_s", "wire_s", "loop_turns", "loop_timer_turns", "transfer_cpu_s")
         return {k: sum(getattr(s, k) for s in stats) for k in keys}
 
     def raw_open(self, nbytes: int):

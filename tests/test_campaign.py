@@ -84,6 +84,7 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "control-plane CPU per request, decode (worst point)",
         "transfer loop turns per request, decode (worst point)",
         "transfer loop turn, host CPU, quiet",
+        "transfer-thread CPU per staged message, prefill",
         "gather launch, host CPU, during a forward",
     ):
         assert figures[name]["value"] is not None and figures[name]["value"] > 0, name
