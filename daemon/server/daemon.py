@@ -213,7 +213,6 @@ class Daemon:
             self.ranks.kill()
         if self.http is not None:
             self.http.shutdown()
-            self.http.server_close()
         if self.bootstrap is not None:
             self.bootstrap.close()
         self.handoff.close()
@@ -227,9 +226,10 @@ class Daemon:
 
     # --- decode: requests -------------------------------------------------------------------
 
-    def generate(self, prompt: list[int], params: SamplingParams) -> DecodeRequest:
+    def generate(self, prompt: list[int], params: SamplingParams, events=None) -> DecodeRequest:
         """Start a request; ValueError for a prompt that cannot be served, Unavailable when
-        not serving."""
+        not serving. `events.put((new tokens, finish reason or None))` is called from the
+        daemon's thread as they come (default: the request's own queue)."""
         refusal = self._refusal()
         if refusal:
             raise Unavailable(refusal)
@@ -246,6 +246,8 @@ class Daemon:
             while room in self.requests:
                 room = secrets.randbits(64)
             request = DecodeRequest(room, prompt, params, prefill)
+            if events is not None:
+                request.events = events
             request.deadline = request.created + self.config.scheduler.request_timeout_s
             self.requests[room] = request
         self.metrics.in_flight.inc()

@@ -1,23 +1,31 @@
 """The daemons' HTTP front: `POST /v1/completions` (decode; OpenAI-style, with server-sent
 events when streaming), `GET /health`, `GET /status` and `GET /metrics` (both roles).
 
-Each connection runs on its own thread; a handler talks to the daemon through `generate`,
-`abort` and `metrics` only, and shows it as `daemon/server/status.py` reads it. A client that goes
-away aborts its request.
+An ASGI app (Starlette) on uvicorn, on one event loop in one thread: connections are kept
+alive, streams cost a coroutine rather than a thread, and the listening socket is the daemon's
+own, bound before the ranks start, with a backlog for bursts of clients. A handler talks to the
+daemon through `generate`, `abort` and `metrics` only, and shows it as `daemon/server/status.py`
+reads it; the daemon's thread hands each request's tokens to the loop. A client that goes away
+aborts its request, streaming or not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-import queue
-import select
+import math
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import msgspec
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.server import status as shown
@@ -27,7 +35,10 @@ from kvferry.daemon.server.request import Unavailable
 from kvferry.transport.failure import Failure, FailureKind, aborted
 
 MAX_BODY_BYTES = 1 << 20
-POLL_S = 1.0  # a waiting handler checks its client and the daemon this often
+BACKLOG = 2048  # connections the kernel holds while the loop accepts (a burst of clients)
+KEEP_ALIVE_S = 5.0  # an idle kept-alive connection is closed after this long
+STOP_S = 10.0  # on shutdown, how long open connections get to finish
+LOST_AFTER_S = 30.0  # past its deadline, a request the ranks never answer gets a 504
 MAX_HELD = 4  # tokens held back while the text ends in an incomplete character (UTF-8: <= 4)
 
 
@@ -62,158 +73,215 @@ HTTP_STATUS = {
 }
 
 
-def start_http(daemon, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve on host:port (0: any free port) from a background thread."""
-    handler = type("Handler", (_Handler,), {"daemon": daemon})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    # the daemon watches this thread: without it nobody can reach the daemon
-    server.thread = threading.Thread(target=server.serve_forever, name="kvferry-http", daemon=True)
-    server.thread.start()
-    return server
+class HTTPFront:
+    """The front of `daemon`, serving on host:port (0: any free port) from its own thread."""
 
-
-class _Handler(BaseHTTPRequestHandler):
-    daemon = None  # set per server
-    protocol_version = "HTTP/1.1"
-    server_version = "kvferry"
-
-    def handle(self) -> None:
-        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # the client left
-            super().handle()
-
-    def log_message(self, format, *args) -> None:
-        pass  # requests are counted in the metrics, not logged line by line
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        try:
-            if path == "/health":
-                self._json(*shown.health(self.daemon))
-            elif path == "/status":
-                self._json(200, shown.status(self.daemon))
-            elif path == "/metrics":
-                self._send(200, self.daemon.metrics.render(), CONTENT_TYPE)
-            else:
-                raise HTTPError(404, f"no such path: {path}", "not_found")
-        except HTTPError as exc:
-            self._error(exc)
-
-    def do_POST(self) -> None:
-        with self.daemon.answering_one():
-            self._post()
-
-    def _post(self) -> None:
-        path = self.path.split("?", 1)[0]
-        try:
-            if path != "/v1/completions" or self.daemon.config.role != "decode":
-                raise HTTPError(404, f"no such path: POST {path}", "not_found")
-            self._completion(self._body())
-        except HTTPError as exc:
-            self._error(exc)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    # --- completions ------------------------------------------------------------------------
-
-    def _body(self) -> CompletionRequest:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise HTTPError(411, "a JSON body with Content-Length is required")
-        if int(length) > MAX_BODY_BYTES:
-            raise HTTPError(413, f"body of {length} bytes exceeds {MAX_BODY_BYTES}")
-        raw = self.rfile.read(int(length))
-        try:
-            return msgspec.json.decode(raw, type=CompletionRequest)
-        except msgspec.ValidationError as exc:
-            raise HTTPError(400, f"bad request body: {exc}") from None
-        except msgspec.DecodeError as exc:
-            raise HTTPError(400, f"body is not valid JSON: {exc}") from None
-        except RecursionError:  # msgspec walks the fields it skips recursively too
-            raise HTTPError(400, "body is nested too deeply") from None
-
-    def _completion(self, body: CompletionRequest) -> None:
-        daemon = self.daemon
-        prompt = (
-            body.prompt if isinstance(body.prompt, list) else daemon.tokenizer.encode(body.prompt)
+    def __init__(self, daemon, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.create_server((host, port), family=family, backlog=BACKLOG)
+        self.server_port = self._socket.getsockname()[1]
+        config = uvicorn.Config(
+            _app(daemon),
+            log_config=None,  # the daemon's logging stays as it is
+            log_level="warning",
+            access_log=False,  # requests are counted in the metrics, not logged line by line
+            lifespan="off",
+            timeout_keep_alive=KEEP_ALIVE_S,
+            timeout_graceful_shutdown=STOP_S,
+            server_header=False,
         )
-        try:
-            params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed)
-            request = daemon.generate(prompt, params)
-        except ValueError as exc:
-            raise HTTPError(400, str(exc)) from None
-        except Unavailable as exc:
-            raise HTTPError(503, str(exc), "unavailable") from None
-        completion_id = f"cmpl-{request.room:016x}"
-        try:
-            if body.stream:
-                self._stream(request, completion_id)
-            else:
-                self._whole(request, completion_id)
-        except (BrokenPipeError, ConnectionResetError):
-            daemon.abort(request.room, aborted("client went away"))
+        self._server = uvicorn.Server(config)
+        # the daemon watches this thread: without it nobody can reach the daemon
+        self.thread = threading.Thread(
+            target=self._server.run, args=([self._socket],), name="kvferry-http", daemon=True
+        )
+        self.thread.start()
 
-    def _events(self, request):
-        """(new tokens, finish) as they come; ConnectionResetError once the client has gone
-        (checked every POLL_S, tokens or not: a non-streaming answer writes nothing until the
-        end), HTTPError if the daemon stops answering."""
-        check_at = time.monotonic() + POLL_S
-        while True:
+    def shutdown(self) -> None:
+        """Stop taking connections, let open ones finish (up to STOP_S), end the thread."""
+        self._server.should_exit = True
+        self.thread.join(STOP_S + 5.0)
+        self._socket.close()
+
+
+def start_http(daemon, host: str, port: int) -> HTTPFront:
+    return HTTPFront(daemon, host, port)
+
+
+def _app(daemon) -> Starlette:
+    app = Starlette(
+        routes=[
+            Route("/health", _health),
+            Route("/status", _status),
+            Route("/metrics", _metrics),
+            Route("/v1/completions", _completions, methods=["POST"]),
+        ],
+        exception_handlers={HTTPError: _error, HTTPException: _no_route},
+    )
+    app.state.daemon = daemon
+    return app
+
+
+# --- plain answers (sync: Starlette runs them in its thread pool) ---------------------------
+
+
+def _health(request: Request) -> Response:
+    status, payload = shown.health(request.app.state.daemon)
+    return JSONResponse(payload, status)
+
+
+def _status(request: Request) -> Response:
+    return JSONResponse(shown.status(request.app.state.daemon))
+
+
+def _metrics(request: Request) -> Response:
+    return Response(request.app.state.daemon.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _error(request: Request, exc: HTTPError) -> Response:
+    return JSONResponse(exc.body(), exc.status)
+
+
+def _no_route(request: Request, exc: HTTPException) -> Response:
+    where = request.url.path if request.method == "GET" else f"{request.method} {request.url.path}"
+    return _error(request, HTTPError(404, f"no such path: {where}", "not_found"))
+
+
+# --- completions ----------------------------------------------------------------------------
+
+
+async def _completions(request: Request) -> Response:
+    daemon = request.app.state.daemon
+    if daemon.config.role != "decode":
+        raise HTTPError(404, f"no such path: POST {request.url.path}", "not_found")
+    body = await _body(request)
+    prompt = body.prompt if isinstance(body.prompt, list) else daemon.tokenizer.encode(body.prompt)
+    events = _Events(asyncio.get_running_loop())
+    try:
+        params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed)
+        started = daemon.generate(prompt, params, events)
+    except ValueError as exc:
+        raise HTTPError(400, str(exc)) from None
+    except Unavailable as exc:
+        raise HTTPError(503, str(exc), "unavailable") from None
+    answer = _Answer(daemon, started, events, request)
+    if body.stream:
+        headers = {"Cache-Control": "no-cache"}
+        return StreamingResponse(answer.stream(), media_type="text/event-stream", headers=headers)
+    return await answer.whole()
+
+
+async def _body(request: Request) -> CompletionRequest:
+    length = request.headers.get("content-length")
+    if length is None or not length.isdigit():
+        raise HTTPError(411, "a JSON body with Content-Length is required")
+    if int(length) > MAX_BODY_BYTES:
+        raise HTTPError(413, f"body of {length} bytes exceeds {MAX_BODY_BYTES}")
+    raw = await request.body()
+    try:
+        return msgspec.json.decode(raw, type=CompletionRequest)
+    except msgspec.ValidationError as exc:
+        raise HTTPError(400, f"bad request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise HTTPError(400, f"body is not valid JSON: {exc}") from None
+    except RecursionError:  # msgspec walks the fields it skips recursively too
+        raise HTTPError(400, "body is nested too deeply") from None
+
+
+class _Events:
+    """One request's (new tokens, finish reason or None), put by the daemon's thread and
+    awaited on the front's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop, self._queue = loop, asyncio.Queue()
+
+    def put(self, item) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self, timeout_s: float):
+        """The next event; TimeoutError after `timeout_s` (inf: none)."""
+        timeout = None if math.isinf(timeout_s) else max(timeout_s, 0.0)
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+
+class _Answer:
+    """Writes one request's answer, whole or streamed; aborts the request if its client goes
+    away first."""
+
+    def __init__(self, daemon, request, events: _Events, http: Request) -> None:
+        self.daemon, self.request, self.events, self.http = daemon, request, events, http
+        self.id = f"cmpl-{request.room:016x}"
+
+    async def whole(self) -> Response:
+        with self.daemon.answering_one():
+            gone = asyncio.ensure_future(_disconnected(self.http))
             try:
-                tokens, finish = request.events.get(timeout=POLL_S)
-            except queue.Empty:
-                if request.finish is None and time.monotonic() > request.deadline + 30:
+                async for _ in self._events(gone):
+                    pass
+            finally:
+                gone.cancel()
+        if self.request.error:
+            raise HTTPError.of(self.request.error)
+        text = self.daemon.tokenizer.decode(self.request.tokens)
+        whole = self._chunk(text, self.request.tokens, self.request.finish)
+        whole["timeline"] = self.request.timeline()
+        return JSONResponse(whole)
+
+    async def stream(self):
+        """The events of a streamed answer (Starlette cancels this when the client leaves)."""
+        tokenizer, ids, shown_text, sent = self.daemon.tokenizer, [], "", 0
+        with self.daemon.answering_one():
+            try:
+                async for tokens, finish in self._events(None):
+                    if finish is not None and self.request.error:
+                        yield _event(HTTPError.of(self.request.error).body())
+                        break
+                    ids.extend(tokens)
+                    text = tokenizer.decode(ids)
+                    if text.endswith("\ufffd") and finish is None and len(ids) - sent < MAX_HELD:
+                        continue  # maybe half a character: wait a little for the rest
+                    chunk = self._chunk(text[len(shown_text) :], ids[sent:], finish)
+                    shown_text, sent = text, len(ids)
+                    if finish is None:
+                        del chunk["usage"]
+                    else:  # kvferry's own: where this request's time went (timeline.py)
+                        chunk["timeline"] = self.request.timeline()
+                    yield _event(chunk)
+            except HTTPError as exc:
+                yield _event(exc.body())
+        yield b"data: [DONE]\n\n"
+
+    async def _events(self, gone: asyncio.Future | None):
+        """(new tokens, finish) as they come until the finish; HTTPError if the ranks never
+        answer. The request is aborted if this stops early: its client left (`gone` fired,
+        or the stream was cancelled)."""
+        finished = False
+        try:
+            while True:
+                wait = self.request.deadline + LOST_AFTER_S - time.monotonic()
+                get = asyncio.ensure_future(self.events.get(wait))
+                if gone is not None:
+                    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():
+                        get.cancel()
+                        return
+                try:
+                    tokens, finish = await get
+                except asyncio.TimeoutError:
                     raise HTTPError(504, "request lost: no answer from the ranks") from None
-                tokens, finish = None, None
-            if finish is None and time.monotonic() >= check_at:
-                check_at = time.monotonic() + POLL_S
-                if _client_gone(self.connection):
-                    raise ConnectionResetError("the client closed its connection")
-            if tokens is None:
-                continue
-            yield tokens, finish
-            if finish is not None:
-                return
+                yield tokens, finish
+                if finish is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished and self.request.finish is None:
+                self.daemon.abort(self.request.room, aborted("client went away"))
 
-    def _whole(self, request, completion_id: str) -> None:
-        for _ in self._events(request):
-            pass
-        if request.error:
-            raise HTTPError.of(request.error)
-        text = self.daemon.tokenizer.decode(request.tokens)
-        whole = self._chunk(request, completion_id, text, request.tokens, request.finish)
-        whole["timeline"] = request.timeline()
-        self._json(200, whole)
-
-    def _stream(self, request, completion_id: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        tokenizer, ids, shown, sent = self.daemon.tokenizer, [], "", 0
-        for tokens, finish in self._events(request):
-            if finish is not None and request.error:
-                self._event(HTTPError.of(request.error).body())
-                break
-            ids.extend(tokens)
-            text = tokenizer.decode(ids)
-            if text.endswith("\ufffd") and finish is None and len(ids) - sent < MAX_HELD:
-                continue  # maybe half a character: wait a little for the rest
-            chunk = self._chunk(request, completion_id, text[len(shown) :], ids[sent:], finish)
-            shown, sent = text, len(ids)
-            if finish is None:
-                del chunk["usage"]
-            else:  # kvferry's own: where this request's time went (transport/timeline.py)
-                chunk["timeline"] = request.timeline()
-            self._event(chunk)
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
-
-    def _chunk(self, request, completion_id, text, token_ids, finish) -> dict:
+    def _chunk(self, text, token_ids, finish) -> dict:
+        request = self.request
         return {
-            "id": completion_id,
+            "id": self.id,
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.daemon.config.model.name,
@@ -227,34 +295,12 @@ class _Handler(BaseHTTPRequestHandler):
             },
         }
 
-    # --- plumbing ---------------------------------------------------------------------------
 
-    def _event(self, payload: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-        self.wfile.flush()
-
-    def _json(self, status: int, payload: dict) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json")
-
-    def _error(self, exc: HTTPError) -> None:
-        self._json(exc.status, exc.body())
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+async def _disconnected(http: Request) -> None:
+    """Returns once the client has closed its connection (the body is read by then)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
-def _client_gone(sock: socket.socket) -> bool:
-    """Whether the client has closed its end: the socket reads as end of file. A client waiting
-    for its answer sends nothing, so a readable socket that is not at its end holds a pipelined
-    next request, which stays unread."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:  # reset, or closed under us
-        return True
+def _event(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"

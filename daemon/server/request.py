@@ -34,7 +34,7 @@ def check_prompt(prompt: list[int], limit: int, vocab: int) -> None:
 
 @dataclass
 class DecodeRequest:
-    """`events` feeds the HTTP handler: (new tokens, finish reason or None)."""
+    """`events` feeds the HTTP handler: (new tokens, finish reason or None) through `put`."""
 
     room: int
     prompt: list[int]

@@ -1,0 +1,119 @@
+"""The decode daemon's HTTP front as users' tools meet it: the official `openai` client, a
+streaming client that leaves mid-answer, a burst of clients connecting at once, and a kept-alive
+connection serving several requests."""
+
+import http.client
+import json
+import socket
+import threading
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+
+from support.cluster import client, decode, prefill, running, wait_for, write
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """prefill-0 -> decode-0, the embedded random model."""
+    p = prefill("prefill-0")
+    path = write(tmp_path_factory.mktemp("front"), [p, decode("decode-0", [p])])
+    with running(path) as launcher:
+        yield launcher
+
+
+@pytest.fixture(scope="module")
+def openai_client(pair):
+    return openai.OpenAI(base_url=client(pair, "decode-0").url + "/v1", api_key="unused")
+
+
+def test_the_openai_client_completes_a_prompt(openai_client):
+    answer = openai_client.completions.create(model="kvferry", prompt="hello", max_tokens=5)
+    (choice,) = answer.choices
+    assert choice.finish_reason in ("length", "stop") and isinstance(choice.text, str)
+    assert answer.usage.completion_tokens >= 1
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+
+def test_the_openai_client_streams_the_same_tokens_as_a_whole_answer(openai_client):
+    ids = [5, 6, 7, 8]
+    whole = openai_client.completions.create(model="kvferry", prompt=ids, max_tokens=6)
+    chunks = list(
+        openai_client.completions.create(model="kvferry", prompt=ids, max_tokens=6, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    streamed = [t for c in chunks for t in c.choices[0].model_extra["token_ids"]]
+    assert streamed == whole.choices[0].model_extra["token_ids"]
+
+
+def test_an_error_reaches_the_openai_client_in_its_shape(openai_client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.completions.create(model="kvferry", prompt=[], max_tokens=5)
+    assert "the prompt is empty" in str(caught.value)
+
+
+def test_a_streaming_client_that_leaves_aborts_its_request(pair):
+    decoder = client(pair, "decode-0")
+    parts = urlsplit(decoder.url)
+    body = json.dumps({"prompt": [9, 8, 7], "max_tokens": 1000, "stream": True}).encode()
+    before = _aborted(decoder.metrics())
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode() + body)
+        received = b""
+        while b"data: " not in received:  # the stream has begun
+            more = sock.recv(65536)
+            assert more, received
+            received += more
+    wait_for(lambda: _aborted(decoder.metrics()) == before + 1, "the request aborted", 60)
+    wait_for(lambda: not decoder.status()["requests"]["in_flight"], "the request ended")
+
+
+def test_a_burst_of_clients_connecting_at_once_all_get_answers(pair):
+    """More clients than a small listen backlog holds, all connecting at the same moment."""
+    parts = urlsplit(client(pair, "decode-0").url)
+    start, answers = threading.Barrier(64), []
+
+    def one(i: int) -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        start.wait()
+        try:
+            body = json.dumps({"prompt": [1 + i % 50, 2, 3], "max_tokens": 2})
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            answers.append((reply.status, json.loads(reply.read())))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert len(answers) == 64
+    assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
+
+
+def test_one_kept_alive_connection_serves_request_after_request(pair):
+    parts = urlsplit(client(pair, "decode-0").url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        for n in range(3):
+            body = json.dumps({"prompt": [3, 4, 5 + n], "max_tokens": 2, "stream": n == 1})
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            assert reply.status == 200 and reply.read()
+            assert reply.getheader("Connection") != "close"
+        conn.request("GET", "/health")
+        assert json.loads(conn.getresponse().read())["status"] == "ok"
+    finally:
+        conn.close()
+
+
+def _aborted(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith('kvferry_request_failures_total{kind="aborted"}'):
+            return float(line.split()[-1])
+    return 0.0
