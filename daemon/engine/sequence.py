@@ -18,6 +18,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
+    stop_ids: tuple[int, ...] = ()  # sampling one of these ends the sequence, as EOS does
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -74,9 +75,10 @@ class Sequence:
         return self.status is SeqStatus.FINISHED
 
     def append(self, token: int) -> None:
-        """Record a sampled token; finishes the sequence on EOS or at max_tokens."""
+        """Record a sampled token; finishes the sequence on EOS or a stop token, or at
+        max_tokens."""
         self.output.append(token)
-        if token == self.eos_id:
+        if token == self.eos_id or token in self.params.stop_ids:
             self.finish("stop")
         elif len(self.output) >= self.params.max_tokens:
             self.finish("length")

@@ -10,6 +10,7 @@ daemon submits the prompt to a prefill daemon; tokens come back in `StepOutput.o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -34,7 +35,7 @@ from kvferry.daemon.server.prompt_quota import PromptQuota
 from kvferry.daemon.server.ranks import RankFailed, Ranks
 from kvferry.daemon.server.request import DecodeRequest, Unavailable, check_prompt
 from kvferry.transport.bootstrap import TOKEN_BYTES, BootstrapServer
-from kvferry.transport.failure import Failure, FailureKind, timeout
+from kvferry.transport.failure import Failure, FailureKind, aborted, timeout
 from kvferry.transport.messages import Codec
 
 log = logging.getLogger("kvferry.daemon")
@@ -69,6 +70,7 @@ class Daemon:
         )
         self.state = "starting"
         self.requests: dict[int, DecodeRequest] = {}
+        self.started = time.time()  # for /v1/models
         self._check_prompt = partial(
             check_prompt,
             limit=config.prompt_limit,
@@ -235,9 +237,7 @@ class Daemon:
             raise Unavailable(refusal)
         self._check_prompt(prompt)
         if params.seed is None:  # every rank (and prefill) must draw the same numbers
-            params = SamplingParams(
-                params.max_tokens, params.temperature, params.top_p, secrets.randbits(63)
-            )
+            params = dataclasses.replace(params, seed=secrets.randbits(63))
         prefill = self.probe.pick()
         if prefill is None:
             raise Unavailable(f"no prefill daemon can be reached ({self.probe.why_none()})")
@@ -256,6 +256,14 @@ class Daemon:
 
     def abort(self, room: int, failure: Failure) -> None:
         self._send(protocol.AbortRoom(room, failure))
+
+    def end(self, room: int) -> None:
+        """Stop generating for a request whose answer is complete (the front met a stop
+        string): it finishes as "stop", not as a failure."""
+        request = self.requests.get(room)
+        if request is not None and not request.ended:
+            request.ended = True
+            self.abort(room, aborted("the answer reached a stop string"))
 
     def _refusal(self) -> str | None:
         """Why the daemon takes no new request or prompt now; None while serving."""
@@ -277,7 +285,9 @@ class Daemon:
             if out.marks:
                 request.marks.update(out.marks)
             request.take(out.tokens, time.monotonic(), self.metrics)
-            if out.finish:
+            if out.finish and request.ended:  # ended by the front: complete, not failed
+                self._finish(request, "stop", None, out.tokens)
+            elif out.finish:
                 self._finish(request, out.finish, out.error, out.tokens)
             else:
                 request.events.put((out.tokens, None))

@@ -1,5 +1,6 @@
-"""The daemons' HTTP front: `POST /v1/completions` (decode; OpenAI-style, with server-sent
-events when streaming), `GET /health`, `GET /status` and `GET /metrics` (both roles).
+"""The daemons' HTTP front: `POST /v1/completions` and `GET /v1/models` (decode; OpenAI's API,
+with server-sent events when streaming), `GET /health`, `GET /status` and `GET /metrics`
+(both roles).
 
 An ASGI app (Starlette) on uvicorn, on one event loop in one thread: connections are kept
 alive, streams cost a coroutine rather than a thread, and the listening socket is the daemon's
@@ -115,6 +116,7 @@ def _app(daemon) -> Starlette:
             Route("/status", _status),
             Route("/metrics", _metrics),
             Route("/v1/completions", _completions, methods=["POST"]),
+            Route("/v1/models", _models),
         ],
         exception_handlers={HTTPError: _error, HTTPException: _no_route},
     )
@@ -150,21 +152,34 @@ def _no_route(request: Request, exc: HTTPException) -> Response:
 # --- completions ----------------------------------------------------------------------------
 
 
+def _models(request: Request) -> Response:
+    daemon = request.app.state.daemon
+    if daemon.config.role != "decode":
+        raise HTTPError(404, f"no such path: {request.url.path}", "not_found")
+    model = {"id": daemon.config.model.name, "object": "model", "owned_by": "kvferry"}
+    return JSONResponse({"object": "list", "data": [{**model, "created": int(daemon.started)}]})
+
+
 async def _completions(request: Request) -> Response:
     daemon = request.app.state.daemon
     if daemon.config.role != "decode":
         raise HTTPError(404, f"no such path: POST {request.url.path}", "not_found")
     body = await _body(request)
+    refused = body.unsupported()
+    if refused:
+        raise HTTPError(400, refused)
     prompt = body.prompt if isinstance(body.prompt, list) else daemon.tokenizer.encode(body.prompt)
     events = _Events(asyncio.get_running_loop())
     try:
-        params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed)
+        params = SamplingParams(
+            body.max_tokens, body.temperature, body.top_p, body.seed, body.stop_ids
+        )
         started = daemon.generate(prompt, params, events)
     except ValueError as exc:
         raise HTTPError(400, str(exc)) from None
     except Unavailable as exc:
         raise HTTPError(503, str(exc), "unavailable") from None
-    answer = _Answer(daemon, started, events, request)
+    answer = _Answer(daemon, started, events, request, body)
     if body.stream:
         headers = {"Cache-Control": "no-cache"}
         return StreamingResponse(answer.stream(), media_type="text/event-stream", headers=headers)
@@ -205,49 +220,93 @@ class _Events:
         return await asyncio.wait_for(self._queue.get(), timeout)
 
 
+class _Text:
+    """A request's tokens in, its text out as it may be shown: held back while it ends in part
+    of a character, or in what may be the start of a stop string; cut before the first stop
+    string, which ends the answer (`stopped`)."""
+
+    def __init__(self, tokenizer, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.hold = max((len(stop) for stop in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.shown, self.sent, self.stopped = "", 0, False
+
+    def add(self, tokens: list[int], last: bool) -> tuple[str, list[int]] | None:
+        """(new text, new token ids) to send now; None: nothing yet."""
+        self.ids.extend(tokens)
+        text = self.tokenizer.decode(self.ids)
+        cut = self._stop_at(text)
+        if cut is not None:
+            text, last, self.stopped = text[:cut], True, True
+        if not last:
+            if text.endswith("\ufffd") and len(self.ids) - self.sent < MAX_HELD:
+                return None  # maybe half a character: wait a little for the rest
+            text = text[: max(len(text) - self.hold, len(self.shown))]
+        new, ids = text[len(self.shown) :], self.ids[self.sent :]
+        if not (new or ids or last):
+            return None
+        self.shown, self.sent = self.shown + new, len(self.ids)
+        return new, ids
+
+    def _stop_at(self, text: str) -> int | None:
+        since = max(len(self.shown) - self.hold, 0)
+        found = [i for i in (text.find(stop, since) for stop in self.stops) if i >= 0]
+        return min(found) if found else None
+
+
 class _Answer:
     """Writes one request's answer, whole or streamed; aborts the request if its client goes
-    away first."""
+    away first, ends it early at a stop string."""
 
-    def __init__(self, daemon, request, events: _Events, http: Request) -> None:
+    def __init__(self, daemon, request, events: _Events, http: Request, body) -> None:
         self.daemon, self.request, self.events, self.http = daemon, request, events, http
         self.id = f"cmpl-{request.room:016x}"
+        self.text = _Text(daemon.tokenizer, body.stop_strings)
+        self.usage_chunk = body.include_usage
 
     async def whole(self) -> Response:
         with self.daemon.answering_one():
             gone = asyncio.ensure_future(_disconnected(self.http))
             try:
-                async for _ in self._events(gone):
-                    pass
+                async for tokens, finish in self._events(gone):
+                    self.text.add(tokens, finish is not None)
+                    if self.text.stopped:  # the answer is complete: the rest is not wanted
+                        finish = "stop"
+                        self.daemon.end(self.request.room)
+                        break
             finally:
                 gone.cancel()
-        if self.request.error:
+        if self.request.error and not self.text.stopped:
             raise HTTPError.of(self.request.error)
-        text = self.daemon.tokenizer.decode(self.request.tokens)
-        whole = self._chunk(text, self.request.tokens, self.request.finish)
+        whole = self._chunk(self.text.shown, self.text.ids, finish)
         whole["timeline"] = self.request.timeline()
         return JSONResponse(whole)
 
     async def stream(self):
         """The events of a streamed answer (Starlette cancels this when the client leaves)."""
-        tokenizer, ids, shown_text, sent = self.daemon.tokenizer, [], "", 0
         with self.daemon.answering_one():
             try:
                 async for tokens, finish in self._events(None):
                     if finish is not None and self.request.error:
                         yield _event(HTTPError.of(self.request.error).body())
                         break
-                    ids.extend(tokens)
-                    text = tokenizer.decode(ids)
-                    if text.endswith("\ufffd") and finish is None and len(ids) - sent < MAX_HELD:
-                        continue  # maybe half a character: wait a little for the rest
-                    chunk = self._chunk(text[len(shown_text) :], ids[sent:], finish)
-                    shown_text, sent = text, len(ids)
+                    piece = self.text.add(tokens, finish is not None)
+                    if piece is None:
+                        continue
+                    if self.text.stopped:  # the answer is complete: the rest is not wanted
+                        finish = "stop"
+                        self.daemon.end(self.request.room)
+                    chunk = self._chunk(*piece, finish)
                     if finish is None:
                         del chunk["usage"]
                     else:  # kvferry's own: where this request's time went (timeline.py)
                         chunk["timeline"] = self.request.timeline()
                     yield _event(chunk)
+                    if finish is not None:
+                        break
+                if self.usage_chunk:
+                    usage = self._chunk("", [], None)
+                    yield _event({**usage, "choices": []})
             except HTTPError as exc:
                 yield _event(exc.body())
         yield b"data: [DONE]\n\n"
@@ -275,11 +334,11 @@ class _Answer:
                     finished = True
                     return
         finally:
-            if not finished and self.request.finish is None:
+            if not finished and not self.text.stopped and self.request.finish is None:
                 self.daemon.abort(self.request.room, aborted("client went away"))
 
     def _chunk(self, text, token_ids, finish) -> dict:
-        request = self.request
+        request, completion_tokens = self.request, len(self.text.ids)
         return {
             "id": self.id,
             "object": "text_completion",
@@ -290,8 +349,8 @@ class _Answer:
             ],
             "usage": {
                 "prompt_tokens": len(request.prompt),
-                "completion_tokens": len(request.tokens),
-                "total_tokens": len(request.prompt) + len(request.tokens),
+                "completion_tokens": completion_tokens,
+                "total_tokens": len(request.prompt) + completion_tokens,
             },
         }
 

@@ -47,6 +47,7 @@ class DecodeRequest:
     last_token_at: float | None = None
     finish: str | None = None
     error: Failure | None = None
+    ended: bool = False  # the front has its answer (a stop string): ending it is no failure
     events: queue.Queue = field(default_factory=queue.Queue)
     # when each stage ended, wall clock (transport/timeline.py): the daemon's and the ranks'
     marks: dict[str, float] = field(default_factory=lambda: {"received": time.time()})

@@ -73,8 +73,11 @@ def test_extreme_temperatures_are_served(pair, temperature):
         (b'{"prompt": [1, 2, 3], "temperature": 1e400}', "$.temperature"),
         (b'{"prompt": [1, 2, 3], "top_p": 1e400}', "$.top_p"),
         (b'{"prompt": [1, 2, 3], "temperature": NaN}', "not valid JSON"),
-        (b'{"prompt": [1, 2, 3], "x": ' + b"[" * 50000 + b"]" * 50000 + b"}", "nested too deep"),
-        (b'{"prompt": [1, 2, 3], "x": ' + b"[" * 50000, "nested too deep"),
+        (b'{"prompt": [1, 2, 3], "x": ' + b"[" * 50000 + b"]" * 50000 + b"}", "unknown field `x`"),
+        (b'{"prompt": [1, 2, 3], "x": ' + b"[" * 50000, "unknown field `x`"),
+        (b'{"prompt": [1, 2, 3], "stop": ' + b"[" * 50000, "$.stop"),
+        (b'{"prompt": [1, 2, 3], "n": 2}', "n=2 is not supported"),
+        (b'{"prompt": [1, 2, 3], "tools": []}', "unknown field `tools`"),
     ],
 )
 def test_values_that_cannot_be_served_get_a_400_naming_them(pair, body, text):

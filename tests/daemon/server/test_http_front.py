@@ -117,3 +117,58 @@ def _aborted(metrics: str) -> float:
         if line.startswith('kvferry_request_failures_total{kind="aborted"}'):
             return float(line.split()[-1])
     return 0.0
+
+
+def test_the_openai_client_lists_the_served_model(openai_client):
+    (model,) = openai_client.models.list().data
+    answer = openai_client.completions.create(model=model.id, prompt=[1, 2], max_tokens=1)
+    assert model.id == answer.model and model.owned_by == "kvferry"
+
+
+def test_a_stream_with_include_usage_ends_with_a_usage_chunk(openai_client):
+    chunks = list(
+        openai_client.completions.create(
+            model="kvferry",
+            prompt=[7, 8, 9],
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert chunks[-1].usage.prompt_tokens == 3
+
+
+def test_stop_token_ids_end_the_answer_at_the_first_of_them(openai_client):
+    prompt = [11, 12, 13]
+    free = openai_client.completions.create(model="kvferry", prompt=prompt, max_tokens=8)
+    ids = free.choices[0].model_extra["token_ids"]
+    stop = ids[3]
+    stopped = openai_client.completions.create(
+        model="kvferry", prompt=prompt, max_tokens=8, extra_body={"stop_token_ids": [stop]}
+    )
+    assert stopped.choices[0].model_extra["token_ids"] == ids[: ids.index(stop) + 1]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_cuts_the_answer_before_it_and_is_no_failure(openai_client, pair, stream):
+    prompt = [21, 22, 23]
+    free = openai_client.completions.create(model="kvferry", prompt=prompt, max_tokens=16)
+    text = free.choices[0].text
+    stop = next(c for c in text[1:] if c.isascii() and c.isprintable())
+    decoder = client(pair, "decode-0")
+    failures = _failures(decoder.metrics())
+    answer = openai_client.completions.create(
+        model="kvferry", prompt=prompt, max_tokens=16, stop=[stop], stream=stream
+    )
+    chunks = list(answer) if stream else [answer]
+    assert "".join(c.choices[0].text for c in chunks) == text[: text.index(stop, 1)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    wait_for(lambda: not decoder.status()["requests"]["in_flight"], "the request ended")
+    assert _failures(decoder.metrics()) == failures
+
+
+def _failures(metrics: str) -> float:
+    lines = metrics.splitlines()
+    return sum(float(x.split()[-1]) for x in lines if x.startswith("kvferry_request_failures_"))
