@@ -236,6 +236,10 @@ class Daemon:
         if refusal:
             raise Unavailable(refusal)
         self._check_prompt(prompt)
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in params.stop_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids: {bad} is outside the vocabulary [0, {vocab})")
         if params.seed is None:  # every rank (and prefill) must draw the same numbers
             params = dataclasses.replace(params, seed=secrets.randbits(63))
         prefill = self.probe.pick()

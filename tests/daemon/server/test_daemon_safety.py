@@ -77,6 +77,8 @@ def test_extreme_temperatures_are_served(pair, temperature):
         (b'{"prompt": [1, 2, 3], "x": ' + b"[" * 50000, "unknown field `x`"),
         (b'{"prompt": [1, 2, 3], "stop": ' + b"[" * 50000, "$.stop"),
         (b'{"prompt": [1, 2, 3], "n": 2}', "n=2 is not supported"),
+        (b'{"prompt": [1, 2, 3], "stop_token_ids": [-1]}', "stop_token_ids: -1 is outside"),
+        (b'{"prompt": [1, 2, 3], "stop": ""}', "stop strings must not be empty"),
         (b'{"prompt": [1, 2, 3], "tools": []}', "unknown field `tools`"),
     ],
 )
