@@ -269,6 +269,9 @@ class _Answer:
             gone = asyncio.ensure_future(_disconnected(self.http))
             try:
                 async for tokens, finish in self._events(gone):
+                    if finish is None and not self.text.stops:  # nothing to look for yet
+                        self.text.ids.extend(tokens)
+                        continue
                     self.text.add(tokens, finish is not None)
                     if self.text.stopped:  # the answer is complete: the rest is not wanted
                         finish = "stop"
