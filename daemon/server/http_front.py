@@ -1,77 +1,35 @@
 """The daemons' HTTP front: `POST /v1/completions` and `GET /v1/models` (decode; OpenAI's API,
-with server-sent events when streaming), `GET /health`, `GET /status` and `GET /metrics`
-(both roles).
+with server-sent events when streaming: `completions.py`), `GET /health`, `GET /status` and
+`GET /metrics` (both roles).
 
 An ASGI app (Starlette) on uvicorn, on one event loop in one thread: connections are kept
 alive, streams cost a coroutine rather than a thread, and the listening socket is the daemon's
 own, bound before the ranks start, with a backlog for bursts of clients. A handler talks to the
-daemon through `generate`, `abort` and `metrics` only, and shows it as `daemon/server/status.py`
-reads it; the daemon's thread hands each request's tokens to the loop. A client that goes away
-aborts its request, streaming or not.
+daemon through `generate`, `end`, `abort` and `metrics` only, and shows it as
+`daemon/server/status.py` reads it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import math
 import socket
 import threading
-import time
 
-import msgspec
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.server import status as shown
-from kvferry.daemon.server.api import CompletionRequest
+from kvferry.daemon.server.completions import HTTPError, completions, models
 from kvferry.daemon.server.metrics import CONTENT_TYPE
-from kvferry.daemon.server.request import Unavailable
-from kvferry.transport.failure import Failure, FailureKind, aborted
 
-MAX_BODY_BYTES = 1 << 20
+__all__ = ["HTTPError", "HTTPFront", "start_http"]
+
 BACKLOG = 2048  # connections the kernel holds while the loop accepts (a burst of clients)
 KEEP_ALIVE_S = 5.0  # an idle kept-alive connection is closed after this long
 STOP_S = 10.0  # on shutdown, how long open connections get to finish
-LOST_AFTER_S = 30.0  # past its deadline, a request the ranks never answer gets a 504
-MAX_HELD = 4  # tokens held back while the text ends in an incomplete character (UTF-8: <= 4)
-
-
-class HTTPError(Exception):
-    """An error answer: HTTP status, OpenAI error type, and the failure kind (`code`) when a
-    request failed."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.code = status, kind, code
-
-    @classmethod
-    def of(cls, failure: Failure) -> HTTPError:
-        status, kind = HTTP_STATUS.get(failure.kind, (502, "server_error"))
-        return cls(status, failure.detail, kind, failure.kind.value)
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.kind, "code": self.code}}
-
-
-# HTTP status and OpenAI error type of a failed request, by its failure's kind; 502 otherwise
-HTTP_STATUS = {
-    FailureKind.TIMEOUT: (504, "timeout"),
-    FailureKind.UNAVAILABLE: (503, "unavailable"),
-    FailureKind.INVALID_REQUEST: (400, "invalid_request_error"),
-}
 
 
 class HTTPFront:
@@ -115,8 +73,8 @@ def _app(daemon) -> Starlette:
             Route("/health", _health),
             Route("/status", _status),
             Route("/metrics", _metrics),
-            Route("/v1/completions", _completions, methods=["POST"]),
-            Route("/v1/models", _models),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/models", models),
         ],
         exception_handlers={HTTPError: _error, HTTPException: _no_route},
     )
@@ -147,222 +105,3 @@ def _error(request: Request, exc: HTTPError) -> Response:
 def _no_route(request: Request, exc: HTTPException) -> Response:
     where = request.url.path if request.method == "GET" else f"{request.method} {request.url.path}"
     return _error(request, HTTPError(404, f"no such path: {where}", "not_found"))
-
-
-# --- completions ----------------------------------------------------------------------------
-
-
-def _models(request: Request) -> Response:
-    daemon = request.app.state.daemon
-    if daemon.config.role != "decode":
-        raise HTTPError(404, f"no such path: {request.url.path}", "not_found")
-    model = {"id": daemon.config.model.name, "object": "model", "owned_by": "kvferry"}
-    return JSONResponse({"object": "list", "data": [{**model, "created": int(daemon.started)}]})
-
-
-async def _completions(request: Request) -> Response:
-    daemon = request.app.state.daemon
-    if daemon.config.role != "decode":
-        raise HTTPError(404, f"no such path: POST {request.url.path}", "not_found")
-    body = await _body(request)
-    refused = body.unsupported()
-    if refused:
-        raise HTTPError(400, refused)
-    prompt = body.prompt if isinstance(body.prompt, list) else daemon.tokenizer.encode(body.prompt)
-    events = _Events(asyncio.get_running_loop())
-    try:
-        params = SamplingParams(
-            body.max_tokens, body.temperature, body.top_p, body.seed, body.stop_ids
-        )
-        started = daemon.generate(prompt, params, events)
-    except ValueError as exc:
-        raise HTTPError(400, str(exc)) from None
-    except Unavailable as exc:
-        raise HTTPError(503, str(exc), "unavailable") from None
-    answer = _Answer(daemon, started, events, request, body)
-    if body.stream:
-        headers = {"Cache-Control": "no-cache"}
-        return StreamingResponse(answer.stream(), media_type="text/event-stream", headers=headers)
-    return await answer.whole()
-
-
-async def _body(request: Request) -> CompletionRequest:
-    length = request.headers.get("content-length")
-    if length is None or not length.isdigit():
-        raise HTTPError(411, "a JSON body with Content-Length is required")
-    if int(length) > MAX_BODY_BYTES:
-        raise HTTPError(413, f"body of {length} bytes exceeds {MAX_BODY_BYTES}")
-    raw = await request.body()
-    try:
-        return msgspec.json.decode(raw, type=CompletionRequest)
-    except msgspec.ValidationError as exc:
-        raise HTTPError(400, f"bad request body: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise HTTPError(400, f"body is not valid JSON: {exc}") from None
-    except RecursionError:  # msgspec walks the fields it skips recursively too
-        raise HTTPError(400, "body is nested too deeply") from None
-
-
-class _Events:
-    """One request's (new tokens, finish reason or None), put by the daemon's thread and
-    awaited on the front's loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop, self._queue = loop, asyncio.Queue()
-
-    def put(self, item) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-
-    async def get(self, timeout_s: float):
-        """The next event; TimeoutError after `timeout_s` (inf: none)."""
-        timeout = None if math.isinf(timeout_s) else max(timeout_s, 0.0)
-        return await asyncio.wait_for(self._queue.get(), timeout)
-
-
-class _Text:
-    """A request's tokens in, its text out as it may be shown: held back while it ends in part
-    of a character, or in what may be the start of a stop string; cut before the first stop
-    string, which ends the answer (`stopped`)."""
-
-    def __init__(self, tokenizer, stops: list[str]) -> None:
-        self.tokenizer, self.stops = tokenizer, stops
-        self.hold = max((len(stop) for stop in stops), default=1) - 1
-        self.ids: list[int] = []
-        self.shown, self.sent, self.stopped = "", 0, False
-
-    def add(self, tokens: list[int], last: bool) -> tuple[str, list[int]] | None:
-        """(new text, new token ids) to send now; None: nothing yet."""
-        self.ids.extend(tokens)
-        text = self.tokenizer.decode(self.ids)
-        cut = self._stop_at(text)
-        if cut is not None:
-            text, last, self.stopped = text[:cut], True, True
-        if not last:
-            if text.endswith("\ufffd") and len(self.ids) - self.sent < MAX_HELD:
-                return None  # maybe half a character: wait a little for the rest
-            text = text[: max(len(text) - self.hold, len(self.shown))]
-        new, ids = text[len(self.shown) :], self.ids[self.sent :]
-        if not (new or ids or last):
-            return None
-        self.shown, self.sent = self.shown + new, len(self.ids)
-        return new, ids
-
-    def _stop_at(self, text: str) -> int | None:
-        since = max(len(self.shown) - self.hold, 0)
-        found = [i for i in (text.find(stop, since) for stop in self.stops) if i >= 0]
-        return min(found) if found else None
-
-
-class _Answer:
-    """Writes one request's answer, whole or streamed; aborts the request if its client goes
-    away first, ends it early at a stop string."""
-
-    def __init__(self, daemon, request, events: _Events, http: Request, body) -> None:
-        self.daemon, self.request, self.events, self.http = daemon, request, events, http
-        self.id = f"cmpl-{request.room:016x}"
-        self.text = _Text(daemon.tokenizer, body.stop_strings)
-        self.usage_chunk = body.include_usage
-
-    async def whole(self) -> Response:
-        with self.daemon.answering_one():
-            gone = asyncio.ensure_future(_disconnected(self.http))
-            try:
-                async for tokens, finish in self._events(gone):
-                    if finish is None and not self.text.stops:  # nothing to look for yet
-                        self.text.ids.extend(tokens)
-                        continue
-                    self.text.add(tokens, finish is not None)
-                    if self.text.stopped:  # the answer is complete: the rest is not wanted
-                        finish = "stop"
-                        self.daemon.end(self.request.room)
-                        break
-            finally:
-                gone.cancel()
-        if self.request.error and not self.text.stopped:
-            raise HTTPError.of(self.request.error)
-        whole = self._chunk(self.text.shown, self.text.ids, finish)
-        whole["timeline"] = self.request.timeline()
-        return JSONResponse(whole)
-
-    async def stream(self):
-        """The events of a streamed answer (Starlette cancels this when the client leaves)."""
-        with self.daemon.answering_one():
-            try:
-                async for tokens, finish in self._events(None):
-                    if finish is not None and self.request.error:
-                        yield _event(HTTPError.of(self.request.error).body())
-                        break
-                    piece = self.text.add(tokens, finish is not None)
-                    if piece is None:
-                        continue
-                    if self.text.stopped:  # the answer is complete: the rest is not wanted
-                        finish = "stop"
-                        self.daemon.end(self.request.room)
-                    chunk = self._chunk(*piece, finish)
-                    if finish is None:
-                        del chunk["usage"]
-                    else:  # kvferry's own: where this request's time went (timeline.py)
-                        chunk["timeline"] = self.request.timeline()
-                    yield _event(chunk)
-                    if finish is not None:
-                        break
-                if self.usage_chunk:
-                    usage = self._chunk("", [], None)
-                    yield _event({**usage, "choices": []})
-            except HTTPError as exc:
-                yield _event(exc.body())
-        yield b"data: [DONE]\n\n"
-
-    async def _events(self, gone: asyncio.Future | None):
-        """(new tokens, finish) as they come until the finish; HTTPError if the ranks never
-        answer. The request is aborted if this stops early: its client left (`gone` fired,
-        or the stream was cancelled)."""
-        finished = False
-        try:
-            while True:
-                wait = self.request.deadline + LOST_AFTER_S - time.monotonic()
-                get = asyncio.ensure_future(self.events.get(wait))
-                if gone is not None:
-                    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-                    if not get.done():
-                        get.cancel()
-                        return
-                try:
-                    tokens, finish = await get
-                except asyncio.TimeoutError:
-                    raise HTTPError(504, "request lost: no answer from the ranks") from None
-                yield tokens, finish
-                if finish is not None:
-                    finished = True
-                    return
-        finally:
-            if not finished and not self.text.stopped and self.request.finish is None:
-                self.daemon.abort(self.request.room, aborted("client went away"))
-
-    def _chunk(self, text, token_ids, finish) -> dict:
-        request, completion_tokens = self.request, len(self.text.ids)
-        return {
-            "id": self.id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.daemon.config.model.name,
-            "choices": [
-                {"index": 0, "text": text, "token_ids": list(token_ids), "finish_reason": finish}
-            ],
-            "usage": {
-                "prompt_tokens": len(request.prompt),
-                "completion_tokens": completion_tokens,
-                "total_tokens": len(request.prompt) + completion_tokens,
-            },
-        }
-
-
-async def _disconnected(http: Request) -> None:
-    """Returns once the client has closed its connection (the body is read by then)."""
-    while (await http.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _event(payload: dict) -> bytes:
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
