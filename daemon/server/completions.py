@@ -1,7 +1,8 @@
-"""`POST /v1/completions` and `GET /v1/models` of the decode daemon's HTTP front: OpenAI's
-completions, whole or streamed as server-sent events; stop strings, a client that leaves, and
-the errors, all in OpenAI's shape. The daemon's thread hands each request's tokens to the
-front's event loop (`_Events`)."""
+"""`POST /v1/completions`, `POST /v1/chat/completions` and `GET /v1/models` of the decode
+daemon's HTTP front: OpenAI's completions and chat completions (the messages through the
+model's chat template, `model/chat.py`), whole or streamed as server-sent events; stop
+strings, a client that leaves, and the errors, all in OpenAI's shape. The daemon's thread
+hands each request's tokens to the front's event loop (`_Events`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvferry.daemon.engine.sequence import SamplingParams
-from kvferry.daemon.server.api import CompletionRequest
+from kvferry.daemon.server.api import ChatCompletionRequest, CompletionRequest
 from kvferry.daemon.server.request import Unavailable
 from kvferry.transport.failure import Failure, FailureKind, aborted
 
@@ -65,32 +66,50 @@ def models(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
+    daemon = _decode(request)
+    body = await _body(request, CompletionRequest)
+    prompt = body.prompt if isinstance(body.prompt, list) else daemon.tokenizer.encode(body.prompt)
+    return await _answer(daemon, request, body, prompt, chat=False)
+
+
+async def chat_completions(request: Request) -> Response:
+    daemon = _decode(request)
+    body = await _body(request, ChatCompletionRequest)
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    try:
+        prompt = daemon.tokenizer.encode(daemon.chat_template.render(messages))
+    except ValueError as exc:
+        raise HTTPError(400, str(exc)) from None
+    return await _answer(daemon, request, body, prompt, chat=True)
+
+
+def _decode(request: Request):
     daemon = request.app.state.daemon
     if daemon.config.role != "decode":
         raise HTTPError(404, f"no such path: POST {request.url.path}", "not_found")
-    body = await _body(request)
-    refused = body.unsupported()
-    if refused:
-        raise HTTPError(400, refused)
-    prompt = body.prompt if isinstance(body.prompt, list) else daemon.tokenizer.encode(body.prompt)
+    return daemon
+
+
+async def _answer(daemon, request: Request, body, prompt: list[int], chat: bool) -> Response:
     events = _Events(asyncio.get_running_loop())
     try:
         params = SamplingParams(
-            body.max_tokens, body.temperature, body.top_p, body.seed, body.stop_ids
+            body.token_limit, body.temperature, body.top_p, body.seed, body.stop_ids
         )
         started = daemon.generate(prompt, params, events)
     except ValueError as exc:
         raise HTTPError(400, str(exc)) from None
     except Unavailable as exc:
         raise HTTPError(503, str(exc), "unavailable") from None
-    answer = _Answer(daemon, started, events, request, body)
+    answer = _Answer(daemon, started, events, request, body, chat)
     if body.stream:
         headers = {"Cache-Control": "no-cache"}
         return StreamingResponse(answer.stream(), media_type="text/event-stream", headers=headers)
     return await answer.whole()
 
 
-async def _body(request: Request) -> CompletionRequest:
+async def _body(request: Request, kind: type):
+    """The body as a `kind` (an api.py request), checked: HTTPError naming what is wrong."""
     length = request.headers.get("content-length")
     if length is None or not length.isdigit():
         raise HTTPError(411, "a JSON body with Content-Length is required")
@@ -98,13 +117,17 @@ async def _body(request: Request) -> CompletionRequest:
         raise HTTPError(413, f"body of {length} bytes exceeds {MAX_BODY_BYTES}")
     raw = await request.body()
     try:
-        return msgspec.json.decode(raw, type=CompletionRequest)
+        body = msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
         raise HTTPError(400, f"bad request body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise HTTPError(400, f"body is not valid JSON: {exc}") from None
     except RecursionError:  # msgspec walks the fields it skips recursively too
         raise HTTPError(400, "body is nested too deeply") from None
+    refused = body.unsupported()
+    if refused:
+        raise HTTPError(400, refused)
+    return body
 
 
 class _Events:
@@ -162,9 +185,10 @@ class _Answer:
     """Writes one request's answer, whole or streamed; aborts the request if its client goes
     away first, ends it early at a stop string."""
 
-    def __init__(self, daemon, request, events: _Events, http: Request, body) -> None:
+    def __init__(self, daemon, request, events: _Events, http: Request, body, chat: bool) -> None:
         self.daemon, self.request, self.events, self.http = daemon, request, events, http
-        self.id = f"cmpl-{request.room:016x}"
+        self.chat, self.first = chat, True  # chat: OpenAI's chat shapes; first: no chunk yet
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request.room:016x}"
         self.text = _Text(daemon.tokenizer, body.stop_strings)
         self.usage_chunk = body.include_usage
 
@@ -185,7 +209,7 @@ class _Answer:
                 gone.cancel()
         if self.request.error and not self.text.stopped:
             raise HTTPError.of(self.request.error)
-        whole = self._chunk(self.text.shown, self.text.ids, finish)
+        whole = self._chunk(self.text.shown, self.text.ids, finish, whole=True)
         whole["timeline"] = self.request.timeline()
         return JSONResponse(whole)
 
@@ -244,16 +268,22 @@ class _Answer:
             if not finished and not self.text.stopped and self.request.finish is None:
                 self.daemon.abort(self.request.room, aborted("client went away"))
 
-    def _chunk(self, text, token_ids, finish) -> dict:
+    def _chunk(self, text, token_ids, finish, whole: bool = False) -> dict:
         request, completion_tokens = self.request, len(self.text.ids)
+        choice = {"index": 0, "text": text}
+        if self.chat:
+            choice = {"index": 0, "message" if whole else "delta": {"content": text}}
+            if whole or self.first:
+                choice["message" if whole else "delta"]["role"] = "assistant"
+        self.first = False
+        choice.update(token_ids=list(token_ids), finish_reason=finish)
+        kind = "chat.completion" if whole else "chat.completion.chunk"
         return {
             "id": self.id,
-            "object": "text_completion",
+            "object": kind if self.chat else "text_completion",
             "created": int(time.time()),
             "model": self.daemon.config.model.name,
-            "choices": [
-                {"index": 0, "text": text, "token_ids": list(token_ids), "finish_reason": finish}
-            ],
+            "choices": [choice],
             "usage": {
                 "prompt_tokens": len(request.prompt),
                 "completion_tokens": completion_tokens,

@@ -23,6 +23,7 @@ import zmq
 
 from kvferry.daemon.engine.outputs import StepOutput
 from kvferry.daemon.engine.sequence import SamplingParams
+from kvferry.daemon.model.chat import ChatTemplate
 from kvferry.daemon.model.tokenizer import ByteTokenizer, load_tokenizer
 from kvferry.daemon.server import protocol
 from kvferry.daemon.server.config import DaemonConfig, check_against
@@ -68,6 +69,7 @@ class Daemon:
             if config.model.path
             else ByteTokenizer()
         )
+        self.chat_template = ChatTemplate.of_checkpoint(config.model.path)
         self.state = "starting"
         self.requests: dict[int, DecodeRequest] = {}
         self.started = time.time()  # for /v1/models

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kvferry.daemon.server import status as shown
-from kvferry.daemon.server.completions import HTTPError, completions, models
+from kvferry.daemon.server.completions import HTTPError, chat_completions, completions, models
 from kvferry.daemon.server.metrics import CONTENT_TYPE
 
 __all__ = ["HTTPError", "HTTPFront", "start_http"]
@@ -74,6 +74,7 @@ def _app(daemon) -> Starlette:
             Route("/status", _status),
             Route("/metrics", _metrics),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models),
         ],
         exception_handlers={HTTPError: _error, HTTPException: _no_route},

@@ -172,3 +172,29 @@ def test_a_stop_string_cuts_the_answer_before_it_and_is_no_failure(openai_client
 def _failures(metrics: str) -> float:
     lines = metrics.splitlines()
     return sum(float(x.split()[-1]) for x in lines if x.startswith("kvferry_request_failures_"))
+
+
+def test_the_openai_client_chats_whole_and_streamed(openai_client):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    whole = openai_client.chat.completions.create(
+        model="kvferry", messages=messages, max_completion_tokens=6
+    )
+    (choice,) = whole.choices
+    assert choice.message.role == "assistant" and whole.object == "chat.completion"
+    assert whole.usage.completion_tokens == len(choice.model_extra["token_ids"])
+    chunks = list(
+        openai_client.chat.completions.create(
+            model="kvferry", messages=messages, max_tokens=6, stream=True
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
+def test_chat_parameters_kvferry_cannot_honour_are_refused_by_name(openai_client):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError, match="tools="):
+        openai_client.chat.completions.create(
+            model="kvferry", messages=[{"role": "user", "content": "hi"}], tools=[tool]
+        )
