@@ -193,6 +193,7 @@ class _Answer:
         self.usage_chunk = body.include_usage
 
     async def whole(self) -> Response:
+        finish = None  # stays None only if the client left first
         with self.daemon.answering_one():
             gone = asyncio.ensure_future(_disconnected(self.http))
             try:
