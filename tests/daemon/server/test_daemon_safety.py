@@ -21,17 +21,8 @@ from kvferry.daemon.server.daemon import Daemon
 from kvferry.transport.control import request as control_request
 from kvferry.transport.messages import Codec, ErrorReply, SubmitPrompt
 from ports import free_port
-from support.cluster import client, decode, prefill, running, wait_for, write
+from support.cluster import client, decode, prefill, wait_for, write
 from support.rank_faults import rank_whose_transfer_thread_dies
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """prefill-0 -> decode-0, the embedded random model."""
-    p = prefill("prefill-0")
-    path = write(tmp_path_factory.mktemp("pair"), [p, decode("decode-0", [p])])
-    with running(path) as launcher:
-        yield launcher
 
 
 def _post(url: str, body: bytes, timeout: float = 60) -> tuple[int, dict]:

@@ -11,16 +11,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 
-from support.cluster import client, decode, prefill, running, wait_for, write
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """prefill-0 -> decode-0, the embedded random model."""
-    p = prefill("prefill-0")
-    path = write(tmp_path_factory.mktemp("front"), [p, decode("decode-0", [p])])
-    with running(path) as launcher:
-        yield launcher
+from support.cluster import client, wait_for
 
 
 @pytest.fixture(scope="module")
