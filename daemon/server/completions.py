@@ -45,6 +45,11 @@ class HTTPError(Exception):
         status, kind = HTTP_STATUS.get(failure.kind, (502, "server_error"))
         return cls(status, failure.detail, kind, failure.kind.value)
 
+    @classmethod
+    def no_route(cls, method: str, path: str) -> HTTPError:
+        where = path if method == "GET" else f"{method} {path}"
+        return cls(404, f"no such path: {where}", "not_found")
+
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.kind, "code": self.code}}
 
@@ -58,9 +63,7 @@ HTTP_STATUS = {
 
 
 def models(request: Request) -> Response:
-    daemon = request.app.state.daemon
-    if daemon.config.role != "decode":
-        raise HTTPError(404, f"no such path: {request.url.path}", "not_found")
+    daemon = _decode(request)
     model = {"id": daemon.config.model.name, "object": "model", "owned_by": "kvferry"}
     return JSONResponse({"object": "list", "data": [{**model, "created": int(daemon.started)}]})
 
@@ -84,9 +87,10 @@ async def chat_completions(request: Request) -> Response:
 
 
 def _decode(request: Request):
+    """The daemon, if it serves this API (decode); 404 for a prefill daemon."""
     daemon = request.app.state.daemon
     if daemon.config.role != "decode":
-        raise HTTPError(404, f"no such path: POST {request.url.path}", "not_found")
+        raise HTTPError.no_route(request.method, request.url.path)
     return daemon
 
 

@@ -104,5 +104,4 @@ def _error(request: Request, exc: HTTPError) -> Response:
 
 
 def _no_route(request: Request, exc: HTTPException) -> Response:
-    where = request.url.path if request.method == "GET" else f"{request.method} {request.url.path}"
-    return _error(request, HTTPError(404, f"no such path: {where}", "not_found"))
+    return _error(request, HTTPError.no_route(request.method, request.url.path))
