@@ -189,3 +189,22 @@ def test_chat_parameters_kvferry_cannot_honour_are_refused_by_name(openai_client
         openai_client.chat.completions.create(
             model="kvferry", messages=[{"role": "user", "content": "hi"}], tools=[tool]
         )
+
+
+def test_unknown_paths_and_a_prefill_daemons_api_are_404s_in_openai_shape(pair):
+    for name, method, path in [
+        ("decode-0", "GET", "/nope"),
+        ("decode-0", "GET", "/v1/completions"),
+        ("prefill-0", "POST", "/v1/completions"),
+        ("prefill-0", "GET", "/v1/models"),
+    ]:
+        parts = urlsplit(client(pair, name).url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        try:
+            conn.request(method, path, b"{}" if method == "POST" else None)
+            reply = conn.getresponse()
+            error = json.loads(reply.read())["error"]
+        finally:
+            conn.close()
+        assert reply.status == 404 and error["type"] == "not_found", (name, path)
+        assert error["message"].startswith("no such path") and path in error["message"]
