@@ -34,7 +34,7 @@ from kvferry.daemon.server.prompt_handoff import PromptHandoff
 from kvferry.daemon.server.prompt_intake import PromptIntake
 from kvferry.daemon.server.prompt_quota import PromptQuota
 from kvferry.daemon.server.ranks import RankFailed, Ranks
-from kvferry.daemon.server.request import DecodeRequest, Unavailable, check_prompt
+from kvferry.daemon.server.request import DecodeRequest, Events, Unavailable, check_prompt
 from kvferry.transport.bootstrap import TOKEN_BYTES, BootstrapServer
 from kvferry.transport.failure import Failure, FailureKind, aborted, timeout
 from kvferry.transport.messages import Codec
@@ -230,10 +230,10 @@ class Daemon:
 
     # --- decode: requests -------------------------------------------------------------------
 
-    def generate(self, prompt: list[int], params: SamplingParams, events=None) -> DecodeRequest:
+    def generate(self, prompt: list[int], params: SamplingParams, events: Events) -> DecodeRequest:
         """Start a request; ValueError for a prompt that cannot be served, Unavailable when
         not serving. `events.put((new tokens, finish reason or None))` is called from the
-        daemon's thread as they come (default: the request's own queue)."""
+        daemon's thread as they come."""
         refusal = self._refusal()
         if refusal:
             raise Unavailable(refusal)
@@ -251,9 +251,7 @@ class Daemon:
             room = secrets.randbits(64)
             while room in self.requests:
                 room = secrets.randbits(64)
-            request = DecodeRequest(room, prompt, params, prefill)
-            if events is not None:
-                request.events = events
+            request = DecodeRequest(room, prompt, params, prefill, events)
             request.deadline = request.created + self.config.scheduler.request_timeout_s
             self.requests[room] = request
         self.metrics.in_flight.inc()

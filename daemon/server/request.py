@@ -4,16 +4,19 @@ front and the ranks."""
 
 from __future__ import annotations
 
-import queue
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.transport.failure import Failure
 
 if TYPE_CHECKING:
     from kvferry.daemon.server.metrics import Metrics
+
+
+class Events(Protocol):
+    def put(self, item: tuple[list[int], str | None]) -> None: ...
 
 
 class Unavailable(RuntimeError):
@@ -34,12 +37,14 @@ def check_prompt(prompt: list[int], limit: int, vocab: int) -> None:
 
 @dataclass
 class DecodeRequest:
-    """`events` feeds the HTTP handler: (new tokens, finish reason or None) through `put`."""
+    """`events.put((new tokens, finish reason or None))` feeds the HTTP handler, called from
+    the daemon's thread."""
 
     room: int
     prompt: list[int]
     params: SamplingParams
     prefill: str | None
+    events: Events
     created: float = field(default_factory=time.monotonic)
     deadline: float = 0.0
     tokens: list[int] = field(default_factory=list)
@@ -48,7 +53,6 @@ class DecodeRequest:
     finish: str | None = None
     error: Failure | None = None
     ended: bool = False  # the front has its answer (a stop string): ending it is no failure
-    events: queue.Queue = field(default_factory=queue.Queue)
     # when each stage ended, wall clock (transport/timeline.py): the daemon's and the ranks'
     marks: dict[str, float] = field(default_factory=lambda: {"received": time.time()})
 
