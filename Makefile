@@ -12,7 +12,7 @@ ifeq ($(HAS_GPU),yes)
   EXTRAS ?= dev,cu13
 else
   TORCH  ?= torch==2.13.0
-  EXTRAS ?= dev,ucx
+  EXTRAS ?= dev,ucx,interpret
 endif
 
 .PHONY: setup run test test-gpu lint bench-ring bench-kernels bench-transfer bench-overlap \

@@ -15,6 +15,9 @@ the others still run):
             copy launch, UCX calls), quiet and while another thread runs a forward
   overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
             time to first token, whole-chunk vs layer-wise
+  engine    bench/engine.py: decode step at batch 1/8/32/128 and contexts 1k/8k, eager vs CUDA
+            graphs, against the memory floor; prefill tok/s, paged kernel vs contiguous SDPA
+            (the decode model of deploy/h200-llama8b.yaml)
   e2e       `kvferry bench` on four variants of one deployment file: heterogeneous TP staged,
             the same layer-wise, the same in slice mode, and homogeneous TP (decode TP =
             prefill TP)
@@ -41,7 +44,7 @@ from campaign_summary import VARIANTS, print_table, read_json, summary_rows
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-STAGES = ("check", "kernels", "transfer", "perftest", "host", "overlap", "e2e")
+STAGES = ("check", "kernels", "transfer", "perftest", "host", "overlap", "engine", "e2e")
 
 
 def parse_args() -> argparse.Namespace:
@@ -241,6 +244,12 @@ def stage_overlap(stage: Stage) -> None:
             failed.append(str(prompt))
     stage.ok = not failed
     stage.note = f"failed at prompts {', '.join(failed)}; see {stage.log}" if failed else ""
+
+
+def stage_engine(stage: Stage) -> None:
+    out = stage.args.out_dir / "engine.json"
+    sizes = ["--quick"] if stage.args.quick or not stage.args.gpu else []
+    stage.run(python("engine.py", *sizes, "--json", str(out)))
 
 
 def stage_e2e(stage: Stage) -> None:

@@ -102,6 +102,7 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
                             detail=f"{busy / quiet:.3g}x quiet"))  # fmt: skip
     for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
         rows += overlap_rows(read_json(path) or {})
+    rows += engine_rows(read_json(out_dir / "engine.json"))
     e2e = {v: read_json(out_dir / f"e2e-{v}.json") for v in VARIANTS}
     homo = e2e.get("homo")
     for variant in ("hetero", "layerwise", "slice"):
@@ -142,6 +143,29 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
             detail = f"KV pool {pool:.3g} GiB, staging ring {ring:.3g} GiB"
             rows.append(Row("peak device memory (torch allocator)", peak / 2**30, None, " GiB",
                             detail=detail))  # fmt: skip
+    return rows
+
+
+def engine_rows(engine: dict | None) -> list[Row]:
+    """Decode steps against the memory floor and eager; prefill against contiguous SDPA."""
+    if not engine:
+        return []
+    rows = []
+    for row in engine["decode"]:
+        if "skipped" in row:
+            continue
+        where = f"batch {row['batch']}, context {row['context']}"
+        detail = f"{row.get('graph_ms', row['eager_ms']):.3g} vs floor {row['floor_ms']:.3g} ms"
+        target = 1.3 if row["batch"] == 1 else None
+        rows.append(Row(f"decode step / memory floor, {where}", row["vs_floor"], target,
+                        higher_is_better=False, detail=detail))  # fmt: skip
+        if "graph_ms" in row:
+            rows.append(Row(f"decode step, eager / CUDA graphs, {where}", row["graph_vs_eager"],
+                            None, detail=f"eager {row['eager_ms']:.3g} ms"))  # fmt: skip
+    for row in engine["prefill"]:
+        what = f"prefill tok/s, paged kernel / contiguous SDPA, {row['prompt']} tokens"
+        detail = f"{row['paged_tok_s']:.4g} vs {row['sdpa_tok_s']:.4g} tok/s"
+        rows.append(Row(what, row["paged_vs_sdpa"], 0.8, "%", detail=detail))
     return rows
 
 
@@ -194,6 +218,11 @@ def scaling_rows(variant: str, result: dict | None) -> list[Row]:
                         higher_is_better=False,
                         detail=f"{last['ttft_ms']['median']:.4g} vs "
                                f"{first['ttft_ms']['median']:.4g} ms"))  # fmt: skip
+    for point in (first, last) if len(points) > 1 else (first,):
+        itl = point.get("itl_ms", {}).get("median")
+        rows.append(Row(f"{variant}: ITL p50, c={point['value']:g}", itl, None, " ms",
+                        higher_is_better=False,
+                        detail=f"output {point['output_throughput']:.4g} tok/s"))  # fmt: skip
     for role, value in sorted((result.get("idle_cpu_s_per_min") or {}).items()):
         rows.append(Row(f"{variant}: idle ranks' CPU per minute, {role}", value, None, " s",
                         higher_is_better=False))  # fmt: skip

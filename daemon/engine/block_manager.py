@@ -16,6 +16,7 @@ class BlockManager:
         self.num_pages, self.page_size = num_pages, page_size
         self._free: deque[int] = deque(range(num_pages))
         self._owned: dict[int, list[int]] = {}  # sequence id -> its pages, in token order
+        self._tables: dict[int, np.ndarray] = {}  # the same as int32 arrays, built on demand
 
     @property
     def free_pages(self) -> int:
@@ -41,12 +42,23 @@ class BlockManager:
             raise MemoryError(
                 f"sequence {seq_id} needs {need} more pages, {len(self._free)} are free"
             )
-        pages.extend(self._free.popleft() for _ in range(max(need, 0)))
+        if need > 0:
+            pages.extend(self._free.popleft() for _ in range(need))
+            self._tables.pop(seq_id, None)
         return pages
 
     def deallocate(self, seq_id: int) -> None:
         """Give back every page of the sequence (unknown ids are ignored: freeing is idempotent)."""
         self._free.extend(self._owned.pop(seq_id, ()))
+        self._tables.pop(seq_id, None)
+
+    def table(self, seq_id: int) -> np.ndarray:
+        """The sequence's pages as int32, in token order (a forward's page-table row); rebuilt
+        only when the sequence gains pages, every page_size tokens."""
+        table = self._tables.get(seq_id)
+        if table is None:
+            table = self._tables[seq_id] = np.array(self._owned.get(seq_id, ()), dtype=np.int32)
+        return table
 
     def slots(self, seq_id: int, start: int, count: int) -> np.ndarray:
         """Cache slots of tokens [start, start + count) of the sequence."""

@@ -34,6 +34,7 @@ class EngineSettings:
     prefill_chunk_tokens: int = 256  # prefill: tokens per sequence per forward
     max_batch_tokens: int = 1024  # prefill: tokens per forward, all sequences
     max_running: int = 32  # decode: batch size
+    cuda_graphs: bool = True  # decode: capture the step per batch size (where it can be)
 
 
 def build_engine(
@@ -56,7 +57,8 @@ def build_engine(
     compare in the KV layout. A prefill agent registers with the bootstrap server at
     `bootstrap` showing `token`; `eos_id` (decode) ends a sequence when sampled."""
     blocks = BlockManager(settings.num_pages, settings.page_size)
-    runner = ModelRunner(model, blocks)
+    graph_batch = settings.max_running if role == "decode" and settings.cuda_graphs else 0
+    runner = ModelRunner(model, blocks, graph_batch=graph_batch)
     layout = kv_layout(model, model_name, settings.page_size, tp_rank)
     data = data_plane()
     if role == "prefill":

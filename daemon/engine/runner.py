@@ -8,25 +8,42 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from kvferry.daemon.engine.block_manager import BlockManager
+from kvferry.daemon.engine.graphs import DecodeGraphs
+from kvferry.daemon.engine.inputs import Uploader, host_inputs, new_slots
 from kvferry.daemon.engine.sampler import Sampled, Sampler
 from kvferry.daemon.engine.scheduler import Work
-from kvferry.daemon.model.llama import Model, SeqBatch
+from kvferry.daemon.model.batch import Batch
+from kvferry.daemon.model.llama import Model
+from kvferry.daemon.model.ops import KernelOps
 from kvferry.staging.kv_copy import KVPlanes
 
 
 class ModelRunner:
     def __init__(
-        self, model: Model, blocks: BlockManager, kv_dtype: torch.dtype | None = None
+        self,
+        model: Model,
+        blocks: BlockManager,
+        kv_dtype: torch.dtype | None = None,
+        graph_batch: int = 0,  # capture decode graphs up to this batch size (0: none)
     ) -> None:
         c = model.config
         self.model, self.blocks = model, blocks
-        slots = blocks.num_pages * blocks.page_size
-        shape = (2 * c.num_hidden_layers, slots, model.local_kv, c.head_dim)  # K planes, V planes
+        graphs = graph_batch > 0 and graphs_usable(model)
+        pages = blocks.num_pages + graphs  # the last page: scratch for a graph's spare rows
+        shape = (2 * c.num_hidden_layers, pages * blocks.page_size, model.local_kv, c.head_dim)
         self.kv = torch.zeros(shape, dtype=kv_dtype or model.dtype, device=model.device)
         self.planes = KVPlanes.from_cache(self.kv)
         self.sampler = Sampler()
+        self.uploader = Uploader(model.device)
+        self.graphs = None
+        if graphs:
+            self.graphs = DecodeGraphs(
+                model, self.kv, blocks.page_size, blocks.num_pages, graph_batch, blocks.num_pages
+            )
+            self.graphs.capture()
 
     def forward(
         self,
@@ -36,23 +53,31 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Logits [len(batch), vocab] at the last token of each work item. A decode input whose
         token the host has not seen yet is taken from `future`, on the device. `after_layer`:
-        see Model.forward."""
-        tokens, positions, seqs, rows = [], [], [], []
-        for work in batch:
-            end = work.start + work.count
-            known = min(end, work.seq.num_prompt + len(work.seq.output))
-            tokens.extend(_token_range(work.seq, work.start, known))
-            if known < end:  # one token in flight, sampled by the previous step
-                tokens.append(0)
-                rows.append((len(tokens) - 1, future.rows[work.seq.id]))
-            positions.extend(range(work.start, end))
-            seqs.append(SeqBatch(work.count, self.blocks.slots(work.seq.id, 0, end)))
-        tokens = torch.tensor(tokens)
-        if rows:
-            tokens = self.model.upload(tokens)
-            where, source = self.model.upload(np.array(rows, dtype=np.int64).T.copy())
-            tokens[where] = future.tokens[source]
-        return self.model.forward(tokens, torch.tensor(positions), seqs, self.kv, after_layer)
+        see Model.run."""
+        inputs = host_inputs(batch, self.blocks, future.rows if future is not None else {})
+        sampled = future.tokens if future is not None else None
+        if self.graphs is not None and inputs.decode and len(batch) <= self.graphs.max_batch:
+            tokens, positions, table, pending = self.uploader.upload(
+                inputs.tokens, inputs.positions, inputs.table, inputs.pending
+            )
+            return self.graphs.run(tokens, positions, table, pending, sampled)
+        ends = np.cumsum(inputs.counts)
+        tokens, positions, slots, table, lengths, starts, pending = self.uploader.upload(
+            inputs.tokens,
+            inputs.positions,
+            new_slots(inputs, self.blocks.page_size),
+            inputs.table,
+            inputs.lengths,
+            np.concatenate([[0], ends]),
+            inputs.pending,
+        )
+        if pending.shape[1]:
+            tokens[pending[0].long()] = sampled[pending[1].long()].to(tokens.dtype)
+        forward = Batch(
+            tokens, positions, slots, starts[1:].long() - 1, table, lengths, starts,
+            page_size=self.blocks.page_size, max_new=int(inputs.counts.max()),
+        )  # fmt: skip
+        return self.model.run(forward, self.kv, after_layer)
 
     def sample(self, logits: torch.Tensor, seqs) -> Sampled:
         return self.sampler.sample(logits, seqs)
@@ -106,9 +131,9 @@ class Future:
         return self.host.tolist()
 
 
-def _token_range(seq, start: int, end: int) -> list[int]:
-    """Tokens [start, end) of prompt + output, without building the whole list per step."""
-    prompt = seq.prompt[start:end]
-    if end <= seq.num_prompt:
-        return prompt
-    return prompt + seq.output[max(start - seq.num_prompt, 0) : end - seq.num_prompt]
+def graphs_usable(model: Model) -> bool:
+    """Whether the decode forward can be captured: on a GPU, through the kernels (the eager
+    attention reads context lengths back), and with a TP all-reduce a graph can hold (NCCL)."""
+    if model.device.type != "cuda" or not isinstance(model.ops, KernelOps):
+        return False
+    return model.tp_size == 1 or dist.get_backend() == "nccl"

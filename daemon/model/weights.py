@@ -3,6 +3,7 @@ sharded for one tensor-parallel rank."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ def full_weights(
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the model under its Hugging Face name (float32 for the random init)."""
     if path is None:
-        return _random(config, seed)
+        return dict(random_weights(config, seed))
     from safetensors.torch import load_file  # deferred: only checkpoints need it
 
     files = sorted(Path(path).glob("*.safetensors"))
@@ -28,43 +29,38 @@ def full_weights(
     return weights
 
 
-def _random(c: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+def random_weights(c: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The seeded random model, one float32 tensor at a time: a consumer that keeps only its
+    shard in its own dtype never holds the whole model in float32 (32 GB for an 8B shape)."""
     gen = torch.Generator().manual_seed(seed)
 
     def normal(*shape):
-        return torch.randn(shape, generator=gen) * 0.02
+        return torch.randn(shape, generator=gen).mul_(0.02)
+
+    def ones(n):
+        return torch.ones(n)
 
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    w = {
-        "model.embed_tokens.weight": normal(c.vocab_size, c.hidden_size),
-        "model.norm.weight": torch.ones(c.hidden_size),
-    }
+    yield "model.embed_tokens.weight", normal(c.vocab_size, c.hidden_size)
+    yield "model.norm.weight", ones(c.hidden_size)
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        w |= {
-            p + "input_layernorm.weight": torch.ones(c.hidden_size),
-            p + "post_attention_layernorm.weight": torch.ones(c.hidden_size),
-            p + "self_attn.q_proj.weight": normal(q, c.hidden_size),
-            p + "self_attn.k_proj.weight": normal(kv, c.hidden_size),
-            p + "self_attn.v_proj.weight": normal(kv, c.hidden_size),
-            p + "self_attn.o_proj.weight": normal(c.hidden_size, q),
-            p + "mlp.gate_proj.weight": normal(c.intermediate_size, c.hidden_size),
-            p + "mlp.up_proj.weight": normal(c.intermediate_size, c.hidden_size),
-            p + "mlp.down_proj.weight": normal(c.hidden_size, c.intermediate_size),
-        }
+        yield p + "input_layernorm.weight", ones(c.hidden_size)
+        yield p + "post_attention_layernorm.weight", ones(c.hidden_size)
+        for name, rows in (("q", q), ("k", kv), ("v", kv)):
+            yield p + f"self_attn.{name}_proj.weight", normal(rows, c.hidden_size)
+        yield p + "self_attn.o_proj.weight", normal(c.hidden_size, q)
+        yield p + "mlp.gate_proj.weight", normal(c.intermediate_size, c.hidden_size)
+        yield p + "mlp.up_proj.weight", normal(c.intermediate_size, c.hidden_size)
+        yield p + "mlp.down_proj.weight", normal(c.hidden_size, c.intermediate_size)
         if c.qkv_bias:
-            w |= {
-                p + f"self_attn.{n}_proj.bias": normal(d)
-                for n, d in (("q", q), ("k", kv), ("v", kv))
-            }
+            for name, rows in (("q", q), ("k", kv), ("v", kv)):
+                yield p + f"self_attn.{name}_proj.bias", normal(rows)
         if c.qk_norm:
-            w |= {
-                p + "self_attn.q_norm.weight": torch.ones(c.head_dim),
-                p + "self_attn.k_norm.weight": torch.ones(c.head_dim),
-            }
+            yield p + "self_attn.q_norm.weight", ones(c.head_dim)
+            yield p + "self_attn.k_norm.weight", ones(c.head_dim)
     if not c.tie_word_embeddings:
-        w["lm_head.weight"] = normal(c.vocab_size, c.hidden_size)
-    return w
+        yield "lm_head.weight", normal(c.vocab_size, c.hidden_size)
 
 
 class Shard:

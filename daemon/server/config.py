@@ -96,6 +96,14 @@ class SchedulerSection(_Section):
             raise ValueError(f"request_timeout_s={self.request_timeout_s} must be > 0")
 
 
+class EngineSection(_Section):
+    # decode on a GPU: capture the step as CUDA graphs, one per batch size up to
+    # scheduler.max_running (needs the attention kernels, and NCCL when tp > 1)
+    cuda_graphs: bool = True
+    # on a GPU: Triton kernels for attention and the fused layer steps; off: the eager path
+    kernels: bool = True
+
+
 class DaemonConfig(_Section):
     role: Literal["prefill", "decode"]
     name: str = ""
@@ -111,6 +119,7 @@ class DaemonConfig(_Section):
     model: ModelSection = ModelSection()
     cache: CacheSection = CacheSection()
     scheduler: SchedulerSection = SchedulerSection()
+    engine: EngineSection = EngineSection()
     transfer: TransferConfig = TransferConfig()
 
     @property

@@ -23,7 +23,7 @@ from kvferry.daemon.engine.builder import EngineSettings, build_engine
 from kvferry.daemon.engine.group import TPGroup
 from kvferry.daemon.model.llama import Model
 from kvferry.daemon.model.tokenizer import load_tokenizer
-from kvferry.daemon.model.weights import full_weights
+from kvferry.daemon.model.weights import full_weights, random_weights
 from kvferry.daemon.server import protocol
 from kvferry.daemon.server.config import DaemonConfig
 from kvferry.transport.bell import drain
@@ -276,6 +276,7 @@ def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, boots
             prefill_chunk_tokens=config.scheduler.prefill_chunk_tokens,
             max_batch_tokens=config.scheduler.max_batch_tokens,
             max_running=config.scheduler.max_running,
+            cuda_graphs=config.engine.cuda_graphs,
         ),
         config.transfer,
         lambda: UcxDataPlane(config.transfer.ucx_tls, cuda, config.transfer.host),
@@ -290,7 +291,8 @@ def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, boots
 
 def _load_model(config: DaemonConfig, rank: int, device: torch.device) -> Model:
     model_config = config.model.model_config()
-    weights = full_weights(model_config, config.model.path, config.model.seed)
+    path, seed = config.model.path, config.model.seed
+    weights = full_weights(model_config, path) if path else random_weights(model_config, seed)
     dtype = getattr(torch, config.model.dtype)
     return Model(
         model_config,
@@ -299,4 +301,5 @@ def _load_model(config: DaemonConfig, rank: int, device: torch.device) -> Model:
         tp_rank=rank,
         dtype=dtype,
         device=str(device),
+        kernels=None if config.engine.kernels else False,
     )

@@ -1,0 +1,1 @@
+"""Triton kernels of the decoder (CUDA; Triton's interpreter runs them on a CPU in tests)."""
