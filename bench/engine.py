@@ -42,7 +42,7 @@ PAGE = 16
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--deploy", default=str(ROOT / "deploy" / "h200-llama8b.yaml"))
-    p.add_argument("--batches", default="1,8,32,128")
+    p.add_argument("--batches", default="1,8,32,128", help="none: no decode points")
     p.add_argument("--contexts", default="1024,8192")
     p.add_argument("--prompts", default="2048,8192")
     p.add_argument("--steps", type=int, default=30, help="timed decode steps per point")
@@ -52,7 +52,8 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.batches, args.contexts, args.prompts, args.steps = "1,4", "64,256", "128", 5
     for name in ("batches", "contexts", "prompts"):
-        setattr(args, name, [int(v) for v in getattr(args, name).split(",")])
+        values = getattr(args, name)
+        setattr(args, name, [] if values == "none" else [int(v) for v in values.split(",")])
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
 
@@ -123,6 +124,8 @@ def decode_rows(model: Model, args, bandwidth: float) -> list[dict]:
     per_token = kv_bytes_per_token(model)
     free = torch.cuda.mem_get_info()[0] if args.device == "cuda" else 8 << 30
     room = int(free * 0.7) // per_token  # tokens of KV that fit beside the step's activations
+    if not args.batches:
+        return []
     wanted = max(b * c for b in args.batches for c in args.contexts)
     pages = -(-min(room, wanted) // PAGE) + max(args.batches)
     blocks = BlockManager(pages, PAGE)
@@ -164,8 +167,8 @@ def decode_rows(model: Model, args, bandwidth: float) -> list[dict]:
 
 
 class ContiguousSdpa:
-    """The model's ops with attention by torch SDPA over K/V read as one contiguous run of
-    slots (the prompt's pages are allocated in order from page 0)."""
+    """The model's ops with attention by torch SDPA's flash kernel over K/V read as one
+    contiguous run of slots (the prompt's pages are allocated in order from page 0)."""
 
     def __init__(self, ops) -> None:
         self.ops, self.backend = ops, "flash, GQA in the kernel"
@@ -174,16 +177,20 @@ class ContiguousSdpa:
         return getattr(self.ops, name)
 
     def attend(self, q, k_cache, v_cache, forward):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         n = q.shape[0]
-        q, k, v = q.transpose(0, 1), k_cache[:n].transpose(0, 1), v_cache[:n].transpose(0, 1)
-        try:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        except RuntimeError:  # no GQA in this build's kernels: heads repeated first
-            self.backend = "K/V heads repeated"
-            groups = q.shape[0] // k.shape[0]
-            k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return o.transpose(0, 1).reshape(n, -1)
+        q = q.transpose(0, 1)[None]  # [1, Hq, n, D]
+        k, v = (c[:n].transpose(0, 1)[None] for c in (k_cache, v_cache))  # [1, Hkv, n, D]
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            try:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            except RuntimeError:  # no GQA in this build's flash kernel: heads repeated first
+                self.backend = "flash, K/V heads repeated"
+                groups = q.shape[1] // k.shape[1]
+                k, v = (t.repeat_interleave(groups, 1) for t in (k, v))
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return o[0].transpose(0, 1).reshape(n, -1)
 
 
 @contextmanager

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from kvferry.daemon.engine.builder import EngineSettings, build_engine
 from kvferry.daemon.engine.group import TPGroup
 from kvferry.daemon.model.llama import Model
+from kvferry.daemon.model.shared_reduce import SharedDeviceAllReduce
 from kvferry.daemon.model.tokenizer import load_tokenizer
 from kvferry.daemon.model.weights import full_weights, random_weights
 from kvferry.daemon.server import protocol
@@ -302,4 +303,14 @@ def _load_model(config: DaemonConfig, rank: int, device: torch.device) -> Model:
         dtype=dtype,
         device=str(device),
         kernels=None if config.engine.kernels else False,
+        all_reduce=_shared_reduce(config, rank, device, model_config.hidden_size, dtype),
     )
+
+
+def _shared_reduce(config: DaemonConfig, rank: int, device, hidden: int, dtype):
+    """The all-reduce of TP ranks that all run on one GPU (None otherwise: the group's own)."""
+    gpus = set(config.gpus) if config.gpus else set(range(torch.cuda.device_count()))
+    if config.tp == 1 or device.type != "cuda" or len(gpus) != 1:
+        return None
+    tokens = max(config.scheduler.max_batch_tokens, config.scheduler.max_running)
+    return SharedDeviceAllReduce(dist.group.WORLD, rank, config.tp, device, tokens * hidden, dtype)
