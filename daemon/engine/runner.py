@@ -83,18 +83,23 @@ class ModelRunner:
         return self.sampler.sample(logits, seqs)
 
     def sample_prompt_ends(self, batch: list[Work], logits: torch.Tensor) -> Future | None:
-        """`sample_async` for the work items that complete their prompt (their first token);
+        """`sample_async` for the work items that complete their prompt (their first token),
+        with failed draws known at once (the sender is told before the tokens are read);
         None when no item does."""
         rows = [i for i, work in enumerate(batch) if work.completes_prompt]
         if not rows:
             return None
-        return self.sample_async(logits[rows], [batch[i] for i in rows])
+        return self.sample_async(logits[rows], [batch[i] for i in rows], on_device=False)
 
-    def sample_async(self, logits: torch.Tensor, batch: list[Work]) -> Future:
+    def sample_async(self, logits: torch.Tensor, batch: list[Work], on_device=True) -> Future:
         """Sample without waiting for the device: the tokens stay on it (for the next step's
-        inputs) and are copied to pinned host memory, ready once `event` fires."""
-        seqs, errors = [work.seq for work in batch], {}
-        if any(seq.params.temperature > 0 for seq in seqs):  # sampling draws on the host
+        inputs) and are copied to pinned host memory, ready once `event` fires. On a GPU
+        (`on_device`) the draws are made there too, and failed draws are known once the
+        tokens are; otherwise sampled rows draw on the host at once."""
+        seqs, errors, failed = [work.seq for work in batch], {}, None
+        if on_device and logits.device.type == "cuda":
+            tokens, failed = self.sampler.sample_on_device(logits, seqs, self.uploader.upload)
+        elif any(seq.params.temperature > 0 for seq in seqs):  # sampling draws on the host
             sampled = self.sampler.sample(logits, seqs)
             tokens, errors = self.model.upload(torch.tensor(sampled.tokens)), sampled.errors
         else:
@@ -104,9 +109,13 @@ class ModelRunner:
             return Future(batch, tokens, rows, tokens, None, errors)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
+        host_failed = None
+        if failed is not None:
+            host_failed = torch.empty(failed.shape, dtype=torch.bool, pin_memory=True)
+            host_failed.copy_(failed, non_blocking=True)
         event = torch.cuda.Event(blocking=True)  # waiting on it sleeps in the driver
         event.record()
-        return Future(batch, tokens, rows, host, event, errors)
+        return Future(batch, tokens, rows, host, event, errors, host_failed)
 
 
 @dataclass
@@ -121,13 +130,18 @@ class Future:
     host: torch.Tensor
     event: torch.cuda.Event | None
     errors: dict[int, str] = field(default_factory=dict)
+    failed: torch.Tensor | None = None  # [B] host bool, draws made on the device: read in result
 
     def result(self) -> list[int]:
         """The host tokens, once their copy is done (the device meanwhile runs the step queued
-        after this one). The wait sleeps in a blocking-sync event with the GIL released: no
-        spinning, and the transfer thread runs meanwhile."""
+        after this one); `errors` is complete from here on. The wait sleeps in a blocking-sync
+        event with the GIL released: no spinning, and the transfer thread runs meanwhile."""
         if self.event is not None:
             self.event.synchronize()
+        if self.failed is not None:
+            for work, failed in zip(self.batch, self.failed.tolist(), strict=True):
+                if failed:
+                    self.errors[work.seq.id] = "sampling failed: logits are not finite"
         return self.host.tolist()
 
 

@@ -1,4 +1,5 @@
-"""Next-token sampling: greedy, or temperature + top-p with a per-sequence seeded generator.
+"""Next-token sampling: greedy, or temperature + top-p with a per-sequence seeded generator —
+on the host (`sample`), or on the GPU without a host round trip (`sample_on_device`).
 
 A draw that fails (non-finite logits) fails its own sequence, never the batch or the rank: every
 TP rank computes the same logits and draws with the same seed, so the same sequence fails on
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvferry.daemon.engine.sequence import SamplingParams
@@ -26,6 +28,7 @@ class Sampled:
 class Sampler:
     def __init__(self) -> None:
         self._generators: dict[int, torch.Generator] = {}  # per sequence, for seeded sampling
+        self._device_generators: dict[int, torch.Generator] = {}  # the same, on the GPU
 
     def sample(self, logits: torch.Tensor, seqs) -> Sampled:
         """One token per row of `logits` [B, vocab] (float32), for the matching sequences."""
@@ -38,19 +41,64 @@ class Sampler:
                     result.errors[seq.id] = f"sampling failed: {exc}"
         return result
 
+    def sample_on_device(self, logits: torch.Tensor, seqs, upload) -> tuple[torch.Tensor, ...]:
+        """(tokens [B] int64, failed [B] bool or None when no row draws), both on the logits'
+        device, nothing read back: greedy rows by argmax, the others drawn by `draw_batch`
+        with noise from their own seeded device generators. `upload`: int32 arrays to the
+        device (the runner's Uploader)."""
+        tokens = logits.argmax(dim=-1)
+        rows = [i for i, seq in enumerate(seqs) if seq.params.temperature > 0]
+        if not rows:
+            return tokens, None
+        drawn = [seqs[i] for i in rows]
+        knobs = np.array([[s.params.temperature, s.params.top_p] for s in drawn], np.float32)
+        where, knobs = upload(np.array(rows, np.int32), knobs.view(np.int32))
+        where, knobs = where.long(), knobs.view(torch.float32)
+        noise = torch.empty(len(rows), logits.shape[-1], dtype=torch.float64, device=logits.device)
+        for row, seq in enumerate(drawn):
+            noise[row].exponential_(generator=self._generator(seq, noise.device))
+        choice, finite = draw_batch(logits[where], knobs[:, 0], knobs[:, 1], noise)
+        tokens[where] = choice
+        failed = torch.zeros_like(tokens, dtype=torch.bool)
+        failed[where] = ~finite
+        return tokens, failed
+
     def forget(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
+        self._device_generators.pop(seq_id, None)
 
-    def _generator(self, seq) -> torch.Generator:
-        gen = self._generators.get(seq.id)
+    def _generator(self, seq, device: torch.device | None = None) -> torch.Generator:
+        on_host = device is None or device.type == "cpu"
+        generators = self._generators if on_host else self._device_generators
+        gen = generators.get(seq.id)
         if gen is None:
-            gen = torch.Generator()
+            gen = torch.Generator(device or "cpu")
             if seq.params.seed is not None:
                 gen.manual_seed(seq.params.seed)
             else:
                 gen.seed()
-            self._generators[seq.id] = gen
+            generators[seq.id] = gen
         return gen
+
+
+def draw_batch(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [R], finite [R]) for logits [R, vocab]: one draw per row from softmax(logits / T)
+    restricted to its top-p nucleus, by the exponential race — argmax of p / E with E ~ Exp(1)
+    (`noise`, [R, vocab]) picks token i with probability p_i. In float64, safe for every T > 0
+    as `draw` is; a row whose logits are not finite comes out `finite` False (its token is a
+    placeholder)."""
+    x = logits.double()
+    top = x.max(dim=-1, keepdim=True).values  # NaN when any logit is NaN
+    finite = torch.isfinite(top).squeeze(-1)
+    scale = temperature.double().clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    probs = torch.where(finite[:, None], (x - top) / scale, 0.0).softmax(dim=-1)
+    ordered, order = probs.sort(dim=-1, descending=True)
+    keep = ordered.cumsum(dim=-1) - ordered < top_p.double()[:, None]  # always keeps the top
+    probs = torch.zeros_like(probs).scatter_(-1, order, ordered * keep)
+    race = probs / noise.clamp_min(torch.finfo(torch.float64).tiny)
+    return race.argmax(dim=-1), finite
 
 
 def draw(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:

@@ -85,3 +85,22 @@ def test_disaggregated_greedy_on_gpu_equals_cpu(model, layer_group):
         decode.agent.close()
         prefill.agent.close()
         server.close()
+
+
+def test_seeded_sampling_on_the_device_repeats(model):
+    """Temperature + top-p drawn on the GPU: the same seeds give the same tokens run after run,
+    and the draws are real (not the greedy tokens)."""
+    runs = []
+    for _ in range(2):
+        server, prefill, decode = engines(None, device="cuda", model=model, **COLD_START)
+        try:
+            params = SamplingParams(max_tokens=12, temperature=1.2, top_p=0.95, seed=11)
+            submit_all(server, prefill, decode, PROMPTS, params)
+            runs.append(run_until_finished(prefill, decode, len(PROMPTS)))
+        finally:
+            decode.agent.close()
+            prefill.agent.close()
+            server.close()
+    assert runs[0] == runs[1]
+    greedy_tokens = [cpu_greedy(model, prompt, 12) for prompt in PROMPTS]
+    assert [runs[0][1000 + i][0] for i in range(len(PROMPTS))] != greedy_tokens

@@ -28,10 +28,18 @@ def _poison(runner, prompt: list[int]) -> None:
     runner.forward = poisoned
 
 
+# a GPU draws on the device (failures known once the step's tokens are read); a CPU on the host
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+COLD_START = dict(heartbeat_timeout_s=60.0, bootstrap_timeout_s=60.0, transfer_timeout_s=120.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("side", ["prefill", "decode"])
-def test_a_failed_draw_fails_only_its_request(side):
+def test_a_failed_draw_fails_only_its_request(side, device):
     config = ModelSection().model_config()
-    server, prefill, decode = engines(None, model=(config, full_weights(config, None, seed=0)))
+    model = (config, full_weights(config, None, seed=0))
+    slow = COLD_START if device == "cuda" else {}
+    server, prefill, decode = engines(None, device=device, model=model, **slow)
     _poison((prefill if side == "prefill" else decode).runner, DOOMED)
     params = SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=3)
     try:
