@@ -47,7 +47,7 @@ bench-ring: $(STAMP)
 	$(BIN)/python bench/ring.py
 
 bench-kernels: $(STAMP)
-	$(BIN)/python bench/kernels.py
+	$(BIN)/python bench/copy_kernels.py
 
 bench-transfer: $(STAMP)
 	$(BIN)/python bench/transfer.py

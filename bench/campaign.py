@@ -8,7 +8,7 @@ Stages, each a separate process whose output is kept in OUT_DIR (a failed stage 
 the others still run):
 
   check     the gpu-marked tests (they build the CUDA kernels); skipped without a GPU
-  kernels   bench/kernels.py: gather/scatter vs the copy roofline and torch indexing
+  kernels   bench/copy_kernels.py: gather/scatter vs the copy roofline and torch indexing
   transfer  bench/transfer.py: staged vs raw ucxx vs per-token slices, same bytes
   perftest  ucx_perftest (from the libucx wheel): UCX's own tag bandwidth for the same size
   host      bench/host_costs.py: host CPU per step of the transfer thread (a loop turn, a
@@ -142,7 +142,7 @@ def stage_check(stage: Stage) -> None:
 def stage_kernels(stage: Stage) -> None:
     out = stage.args.out_dir / "kernels.json"
     sizes = ["--tokens", "512,2048", "--layers", "8", "--iters", "3"] if stage.args.quick else []
-    stage.run(python("kernels.py", *sizes, "--json", str(out)))
+    stage.run(python("copy_kernels.py", *sizes, "--json", str(out)))
 
 
 def stage_transfer(stage: Stage) -> None:

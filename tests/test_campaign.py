@@ -1,5 +1,6 @@
 """bench/campaign.py: its pieces, then a quick run of every stage on this machine (CPU)."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -11,9 +12,20 @@ import yaml
 from ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import campaign  # noqa: E402  (bench/ is not a package)
-import campaign_summary  # noqa: E402
+
+
+def bench_module(name: str):
+    """Import a script of bench/ (not a package) without leaving bench/ on sys.path, where its
+    file names would shadow installed packages for every later test."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+campaign = bench_module("campaign")
+campaign_summary = bench_module("campaign_summary")
 
 
 def test_variants_change_only_what_they_name():
