@@ -1,6 +1,6 @@
 """Gather/scatter bandwidth beside the copy roofline and a per-layer torch-indexing gather.
 
-    python bench/copy_kernels.py                          # GPU defaults: 80 layers, 8 KV heads, bf16
+    python bench/copy_kernels.py                     # GPU defaults: 80 layers, 8 KV heads, bf16
     python bench/copy_kernels.py --tokens 4096,32768 --fractions 8,1 --json out.json
 
 Every figure counts bytes read + written. The roofline is one large device-to-device copy
