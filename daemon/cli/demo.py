@@ -40,22 +40,26 @@ def run_demo(
         say(f"starting {config_path}")
         launcher.start()
         decode = next(c for c in launcher.children if c.role == "decode")
-        client = DaemonClient(decode.url, timeout=300)
-        say("\na few completions (streamed):")
-        for prompt in SHOWCASE:
-            result = client.stream(CompletionRequest(prompt=prompt, max_tokens=16))
-            say(f"  {prompt!r} -> {result.text!r}")
-            say(f"    token ids {result.token_ids}")
-            say(f"    TTFT {result.ttft_s * 1e3:.1f} ms, latency {result.latency_s * 1e3:.1f} ms")
-        decode_urls = [child.url for child in launcher.children if child.role == "decode"]
-        before = scrape(decode_urls)
-        say(f"\nburst: {requests} requests, {concurrency} at a time, {max_tokens} tokens each")
-        results, wall = _burst(client, requests, concurrency, max_tokens, seed)
-        moved = scrape(decode_urls).since(before)
-        _summary(say, results, wall, moved, requests)
+        with DaemonClient(decode.url, timeout=300) as client:
+            _showcase(client, say)
+            decode_urls = [child.url for child in launcher.children if child.role == "decode"]
+            before = scrape(decode_urls)
+            say(f"\nburst: {requests} requests, {concurrency} at a time, {max_tokens} tokens each")
+            results, wall = _burst(client, requests, concurrency, max_tokens, seed)
+            moved = scrape(decode_urls).since(before)
+            _summary(say, results, wall, moved, requests)
         say("\nstopping")
         codes = launcher.stop()
     return 0 if all(code == 0 for code in codes.values()) else 1
+
+
+def _showcase(client: DaemonClient, say: Callable[[str], None]) -> None:
+    say("\na few completions (streamed):")
+    for prompt in SHOWCASE:
+        result = client.stream(CompletionRequest(prompt=prompt, max_tokens=16))
+        say(f"  {prompt!r} -> {result.text!r}")
+        say(f"    token ids {result.token_ids}")
+        say(f"    TTFT {result.ttft_s * 1e3:.1f} ms, latency {result.latency_s * 1e3:.1f} ms")
 
 
 def _burst(client: DaemonClient, requests: int, concurrency: int, max_tokens: int, seed: int):

@@ -186,7 +186,8 @@ class Launcher:
             raise LaunchError(f"{child.name} {describe_exit(child.returncode)} before it was ready")
 
     def _ready(self, child: Child) -> bool:
-        pid = DaemonClient(child.url, timeout=_PROBE_TIMEOUT_S).ready_pid()
+        with DaemonClient(child.url, timeout=_PROBE_TIMEOUT_S) as client:
+            pid = client.ready_pid()
         if pid is None:
             return False
         if pid not in (0, child.process.pid):

@@ -147,10 +147,10 @@ def generate(prompt, prompt_ids, url, config_path, stream, as_json, timeout, **s
     if prompt == "-":
         prompt = click.get_text_stream("stdin").read()
     request = CompletionRequest(prompt=prompt_ids or prompt, **sampling)
-    client = DaemonClient(_decode_url(url, config_path), timeout)
     out = _TextOut(enabled=not as_json)
     try:
-        completion = client.stream(request, out) if stream else client.complete(request)
+        with DaemonClient(_decode_url(url, config_path), timeout) as client:
+            completion = client.stream(request, out) if stream else client.complete(request)
         if not stream:
             out(completion.text)
     finally:

@@ -34,7 +34,8 @@ def status(urls: tuple[str, ...], config_path: str | None, as_json: bool, timeou
     answers, failed = [], False
     for name, url in _targets(urls, config_path):
         try:
-            answer = DaemonClient(url, timeout).status()
+            with DaemonClient(url, timeout) as client:
+                answer = client.status()
         except ClientError as exc:
             failed = True
             kind = "unreachable" if isinstance(exc, Unreachable) else "error"

@@ -244,20 +244,22 @@ def _check_process(result: FuzzResult, process: ProcessRun, spec: FuzzSpec) -> N
 
 
 def _complete(url: str, spec: FuzzSpec) -> list[int]:
-    client = DaemonClient(url, spec.completion_timeout_s)
     request = CompletionRequest(prompt=list(spec.prompt), max_tokens=spec.max_tokens)
-    return client.complete(request).token_ids
+    with DaemonClient(url, spec.completion_timeout_s) as client:
+        return client.complete(request).token_ids
 
 
 def _health(url: str) -> str:
     try:
-        return str(DaemonClient(url, 10.0).health().get("status", "?"))
+        with DaemonClient(url, 10.0) as client:
+            return str(client.health().get("status", "?"))
     except ClientError as exc:
         return exc.reason
 
 
 def _bad_frames(url: str) -> int:
     try:
-        return bad_frames(DaemonClient(url, 10.0).metrics())
+        with DaemonClient(url, 10.0) as client:
+            return bad_frames(client.metrics())
     except ClientError:
         return -1

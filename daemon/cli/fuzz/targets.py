@@ -59,11 +59,12 @@ def discover(deployment: Deployment, timeout_s: float = 10.0) -> Targets:
     targets = Targets()
     for daemon in deployment.daemons:
         name, url = daemon.name or daemon.role, daemon_url(daemon)
-        client = DaemonClient(url, timeout_s)
         targets.urls[name] = url
         targets.sockets.append(Target(f"{name} http", "http", url))
-        targets.processes.append(Process(name, int(client.health().get("pid") or 0)))
-        for rank in _ranks(client, daemon.tp, timeout_s):
+        with DaemonClient(url, timeout_s) as client:
+            targets.processes.append(Process(name, int(client.health().get("pid") or 0)))
+            ranks = _ranks(client, daemon.tp, timeout_s)
+        for rank in ranks:
             targets.processes.append(Process(f"{name} rank {rank['rank']}", rank.get("pid") or 0))
             if daemon.role == "decode" and rank.get("control_address"):
                 where = f"{name} rank {rank['rank']} control"

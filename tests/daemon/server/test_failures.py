@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kvferry.daemon.cli.client import ServerError, _error_reason
+from kvferry.daemon.cli.replies import ServerError, error_reason
 from kvferry.daemon.server.http_front import HTTPError
 from kvferry.transport.failure import Failure, FailureKind
 
@@ -34,14 +34,14 @@ def test_the_answer_is_derived_from_the_kind_and_read_back(kind, status, kind_ty
         "type": kind_type,
         "code": kind.value,
     }
-    reason, code = _error_reason(status, json.dumps(body).encode())
+    reason, code = error_reason(status, json.dumps(body).encode())
     assert code == kind.value and reason.startswith(f"HTTP {status}: timeout: words")
     assert ServerError("http://d", reason, status, code).kind == kind.value
 
 
 def test_an_answer_without_a_kind_is_named_by_its_status():
-    reason, code = _error_reason(404, b'{"error": {"message": "no route", "type": "not_found"}}')
+    reason, code = error_reason(404, b'{"error": {"message": "no route", "type": "not_found"}}')
     assert (reason, code) == ("HTTP 404: no route", None)
     assert ServerError("http://d", reason, 404, code).kind == "http_404"
-    _, code = _error_reason(500, b'{"error": {"message": "x", "code": "not a short name!"}}')
+    _, code = error_reason(500, b'{"error": {"message": "x", "code": "not a short name!"}}')
     assert code is None
