@@ -95,14 +95,16 @@ def translated(url: str, timeout: float):
 
 
 def _os_reason(exc: BaseException) -> str:
-    """The operating system's reason under httpx's wrappers, else httpx's own words."""
+    """The operating system's reason under httpx's (and anyio's) wrappers, else httpx's own
+    words."""
     cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        grouped = getattr(cause, "exceptions", None)  # one per address tried
+        cause = grouped[0] if grouped else cause.__cause__ or cause.__context__
     return str(exc) or type(exc).__name__
 
 

@@ -17,6 +17,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -123,6 +124,9 @@ class Metrics:
         self.registry.register(_SnapshotCollector(self))
         self.registry.register(_BootstrapCollector(self))
         r = self.registry
+        # process_resident_memory_bytes, process_open_fds, …: the daemon's own process, which
+        # holds the HTTP connections (the ranks are processes of their own)
+        ProcessCollector(registry=r)
         Gauge("kvferry_info", "The daemon", ["role", "name"], registry=r).labels(role, name).set(1)
         self.forward = Histogram(
             "kvferry_forward_seconds", "Host time of one forward pass", buckets=_STEP, registry=r

@@ -10,14 +10,17 @@ from kvferry.daemon.server.protocol import Snapshot
 from kvferry.transport.room import KVPoll
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
-_ROW = re.compile(r"^\| `(kvferry_\w+)` \| (\w+) \| ([^|]*) \| (?:prefill|decode|both) \|", re.M)
+_ROW = re.compile(
+    r"^\| `((?:kvferry|process)_\w+)` \| (\w+) \| ([^|]*) \| (?:prefill|decode|both) \|", re.M
+)
 
 
 def documented() -> dict[str, tuple[str, frozenset[str]]]:
-    """The metric tables of docs/metrics.md: exported name -> (type, label names)."""
+    """The metric tables of docs/metrics.md (kvferry's and the process's): exported name ->
+    (type, label names)."""
     text = DOC.read_text()
     rows = _ROW.findall(text)
-    assert len(rows) == len(re.findall(r"^\| `kvferry_", text, re.M)), "a malformed table row"
+    assert len(rows) == len(re.findall(r"^\| `(?:kvferry|process)_", text, re.M)), "a bad row"
     table = {}
     for name, kind, labels in rows:
         assert name not in table, f"{name} is documented twice"

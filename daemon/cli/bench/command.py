@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import msgspec
 
-from kvferry.daemon.cli.bench.report import plot, plot_results, read_result, table
+from kvferry.daemon.cli.bench.report import plot, plot_results, read_result, rss_lines, table
 from kvferry.daemon.cli.bench.run import BenchSpec, run_bench, run_deployment, write_result
 from kvferry.daemon.cli.bench.timeline import stage_table, write_trace
 from kvferry.daemon.cli.bench.workload import BenchError
@@ -150,6 +150,8 @@ def bench(
     stages = stage_table(result.points)
     if stages:
         click.echo(stages)
+    for line in rss_lines(result.points):
+        click.echo(line)
     if trace_path is not None:
         write_trace(result, trace_path)
     if out is not None:

@@ -56,6 +56,8 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank
     kv_pool_bytes: float = 0.0
     ring_capacity_bytes: float = 0.0
+    # resident memory of each daemon's own process (not its ranks'), by daemon name: a gauge
+    rss_bytes: dict[str, float] = msgspec.field(default_factory=dict)
 
     def since(self, before: Counters) -> Counters:
         """What changed after `before`; the byte gauges stay as they are now."""
@@ -126,6 +128,15 @@ class Point(msgspec.Struct, kw_only=True):
     stages: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
     kv_pool_bytes: float = 0.0  # of that size of rank: the budgets the peak holds
     ring_capacity_bytes: float = 0.0
+    # each scraped daemon's process RSS before and after the measured requests, by name
+    rss_before_bytes: dict[str, float] = msgspec.field(default_factory=dict)
+    rss_after_bytes: dict[str, float] = msgspec.field(default_factory=dict)
+
+    @property
+    def resets(self) -> int:
+        """Requests whose connection the daemon's side closed or reset before the answer
+        ended (ClientError kind `reset`)."""
+        return self.failures.get("reset", 0)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -150,7 +161,12 @@ def latency(seconds: list[float]) -> Latency:
 
 
 def summarize(
-    mode: str, value: float, records: list[RequestRecord], duration_s: float, moved: Counters
+    mode: str,
+    value: float,
+    records: list[RequestRecord],
+    duration_s: float,
+    moved: Counters,
+    rss_before: dict[str, float] | None = None,
 ) -> Point:
     ok = [r for r in records if r.ok]
     output = sum(r.output_tokens for r in ok)
@@ -181,6 +197,8 @@ def summarize(
         kv_pool_bytes=moved.kv_pool_bytes,
         ring_capacity_bytes=moved.ring_capacity_bytes,
         stages=stage_shares([r.timeline for r in ok if r.timeline]),
+        rss_before_bytes=rss_before or {},
+        rss_after_bytes=moved.rss_bytes,
     )
 
 
@@ -190,8 +208,8 @@ def point_name(mode: str, value: float) -> str:
 
 _LATENCY_COLUMNS = [("mean", "mean"), ("p50", "median"), ("p90", "p90"), ("p99", "p99")]
 HEADER = [
-    ("", "point"), ("", "ok"), ("", "fail"), ("", "s"), ("", "req/s"), ("", "out tok/s"),
-    ("", "tot tok/s"),
+    ("", "point"), ("", "ok"), ("", "fail"), ("", "reset"), ("", "s"), ("", "req/s"),
+    ("", "out tok/s"), ("", "tot tok/s"),
     *[(group, name) for group in ("TTFT ms", "ITL ms", "E2E ms") for name, _ in _LATENCY_COLUMNS],
     ("KV", "MiB"), ("KV", "GB/s"), ("KV", "msg/req"), ("KV", "ring MiB"), ("KV", "xfer fail"),
     ("ctl CPU us/req", "P"), ("ctl CPU us/req", "D"), ("", "peak GiB"),
@@ -203,7 +221,8 @@ def table(points: list[Point]) -> str:
 
 
 def _row(p: Point) -> list[str]:
-    cells = [point_name(p.mode, p.value), str(p.ok), str(p.failed), f"{p.duration_s:.2f}"]
+    cells = [point_name(p.mode, p.value), str(p.ok), str(p.failed), str(p.resets)]
+    cells.append(f"{p.duration_s:.2f}")
     cells += [f"{p.request_throughput:.2f}", f"{p.output_throughput:.1f}"]
     cells.append(f"{p.total_token_throughput:.1f}")
     for lat in (p.ttft_ms, p.itl_ms, p.e2e_ms):
@@ -213,6 +232,23 @@ def _row(p: Point) -> list[str]:
     cells += [_num(p.control_cpu_us.get(role)) for role in ("prefill", "decode")]
     cells.append(f"{p.memory_peak_bytes / 2**30:.2f}" if p.memory_peak_bytes else "-")
     return cells
+
+
+def rss_lines(points: list[Point]) -> list[str]:
+    """Per point with RSS figures: each daemon's process RSS before -> after, in MiB."""
+    lines = []
+    for p in points:
+        names = sorted(p.rss_before_bytes.keys() | p.rss_after_bytes.keys())
+        if not names:
+            continue
+        before, after = p.rss_before_bytes, p.rss_after_bytes
+        shown = [f"{n} {_mib(before.get(n))} -> {_mib(after.get(n))}" for n in names]
+        lines.append(f"daemons' RSS MiB, {point_name(p.mode, p.value)}: {', '.join(shown)}")
+    return lines
+
+
+def _mib(value: float | None) -> str:
+    return "?" if value is None else f"{value / 2**20:.1f}"
 
 
 def _num(value: float | None) -> str:

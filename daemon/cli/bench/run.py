@@ -7,13 +7,12 @@ daemons' own counters, so they count what crossed the data plane.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
@@ -21,6 +20,7 @@ from typing import TextIO
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvferry.daemon.cli.async_client import AsyncDaemonClient
 from kvferry.daemon.cli.bench.report import Counters, Point, RequestRecord, point_name, summarize
 from kvferry.daemon.cli.bench.workload import (
     BenchError,
@@ -33,6 +33,7 @@ from kvferry.daemon.cli.bench.workload import (
 from kvferry.daemon.cli.client import ClientError, DaemonClient
 from kvferry.daemon.cli.launcher import Launcher
 from kvferry.daemon.server.api import CompletionRequest
+from kvferry.daemon.server.open_files import allow_open_files
 
 SNAPSHOT_PERIOD_S = 0.6  # ranks send their counters twice a second; wait this long to see them
 BYTE_VOCAB = 256  # the byte tokenizer's byte ids, without BOS/EOS
@@ -77,6 +78,11 @@ class BenchSpec(msgspec.Struct, frozen=True, kw_only=True):
     def points(self) -> tuple[float, ...]:
         return self.concurrency or self.request_rate
 
+    @property
+    def connections(self) -> int:
+        """The most requests any point has in flight: the client's pool of connections."""
+        return int(max(self.concurrency)) if self.concurrency else self.max_concurrency
+
 
 class Result(msgspec.Struct, kw_only=True):
     """Everything a run measured, as written by --out."""
@@ -119,17 +125,12 @@ def scrape(urls: Sequence[str], timeout: float = 10.0, settle: bool = True) -> C
         Counter(),
     )
     by_role = {name: Counter() for name in _BY_ROLE.values()}
+    rss: dict[str, float] = {}
     for url in urls:
-        families = list(text_string_to_metric_families(DaemonClient(url, timeout).metrics()))
-        role = next(
-            (
-                s.labels.get("role", "?")
-                for f in families
-                if f.name == "kvferry_info"
-                for s in f.samples
-            ),
-            "?",
-        )
+        with DaemonClient(url, timeout) as client:
+            families = list(text_string_to_metric_families(client.metrics()))
+        info = next((s.labels for f in families if f.name == "kvferry_info" for s in f.samples), {})
+        role = info.get("role", "?")
         for family in families:
             totals = [s for s in family.samples if s.name.endswith("_total")]
             if family.name in _SUMS:
@@ -142,6 +143,8 @@ def scrape(urls: Sequence[str], timeout: float = 10.0, settle: bool = True) -> C
             elif family.name in _MAXIMA:
                 key = _MAXIMA[family.name]
                 maxima[key] = max([maxima[key], *(s.value for s in family.samples)])
+            elif family.name == "process_resident_memory_bytes" and family.samples:
+                rss[info.get("name") or url] = family.samples[0].value
     return Counters(
         **sums,
         **maxima,
@@ -150,6 +153,7 @@ def scrape(urls: Sequence[str], timeout: float = 10.0, settle: bool = True) -> C
         engine_cpu_s=dict(by_role["engine_cpu_s"]),
         transfer_rooms=dict(by_role["rooms"]),
         loop_turns=dict(by_role["loop_turns"]),
+        rss_bytes=rss,
     )
 
 
@@ -163,17 +167,11 @@ def run_bench(
     """Every point of `spec` against the decode daemon at `url`; progress goes to `out`
     (default stderr)."""
     spec = msgspec.structs.replace(spec, vocab=spec.vocab or BYTE_VOCAB)
-    client = DaemonClient(url, spec.timeout_s)
-    rng = random.Random(spec.seed)
     entries = load_sharegpt(spec.dataset, spec.output_len) if spec.dataset else None
     metrics_urls = list(dict.fromkeys([url, *metrics_urls]))
+    allow_open_files(spec.connections + 64)  # a socket per stream, and a few for the rest
     idle = idle_cpu(metrics_urls, spec.idle_s) if spec.idle_s > 0 else {}
-    points = []
-    for index, value in enumerate(spec.points):
-        prompts = _prompts(spec, rng, entries)
-        title = f"point {index + 1}/{len(spec.points)} {point_name(spec.mode, value)}"
-        progress = Progress(out or sys.stderr, title, spec.num_requests)
-        points.append(_point(spec, client, metrics_urls, value, prompts, rng, progress))
+    points = asyncio.run(_points(spec, url, metrics_urls, entries, out or sys.stderr))
     return Result(
         label=spec.label,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -232,7 +230,20 @@ def _prompts(spec: BenchSpec, rng: random.Random, entries: list[Prompt] | None) 
     return random_prompts(rng, count, spec.input_len, spec.output_len, spec.range_ratio, spec.vocab)
 
 
-def _point(spec, client, metrics_urls, value, prompts, rng, progress) -> Point:
+async def _points(spec: BenchSpec, url: str, metrics_urls, entries, out: TextIO) -> list[Point]:
+    """Every point, on this one event loop, through one pool of kept-alive connections."""
+    rng = random.Random(spec.seed)
+    points = []
+    async with AsyncDaemonClient(url, spec.timeout_s, spec.connections) as client:
+        for index, value in enumerate(spec.points):
+            prompts = _prompts(spec, rng, entries)
+            title = f"point {index + 1}/{len(spec.points)} {point_name(spec.mode, value)}"
+            progress = Progress(out, title, spec.num_requests)
+            points.append(await _point(spec, client, metrics_urls, value, prompts, rng, progress))
+    return points
+
+
+async def _point(spec, client, metrics_urls, value, prompts, rng, progress) -> Point:
     warmup, measured = prompts[: spec.warmup], prompts[spec.warmup :]
     if spec.mode == "concurrency":
         workers, arrivals = int(value), [0.0] * len(measured)
@@ -240,40 +251,46 @@ def _point(spec, client, metrics_urls, value, prompts, rng, progress) -> Point:
         workers = spec.max_concurrency
         arrivals = poisson_schedule(value, len(measured), rng.randrange(2**32))
     if warmup:
-        send(client, warmup, [0.0] * len(warmup), min(workers, len(warmup)))
-    before = scrape(metrics_urls)
+        await send(client, warmup, [0.0] * len(warmup), min(workers, len(warmup)))
+    before = await asyncio.to_thread(scrape, metrics_urls)  # blocking HTTP, off the loop
     try:
-        records, duration = send(client, measured, arrivals, workers, progress.advance)
+        records, duration = await send(client, measured, arrivals, workers, progress.advance)
     finally:
         progress.close()
-    moved = scrape(metrics_urls).since(before)
-    return summarize(spec.mode, value, records, duration, moved)
+    moved = (await asyncio.to_thread(scrape, metrics_urls)).since(before)
+    return summarize(spec.mode, value, records, duration, moved, before.rss_bytes)
 
 
-def send(
-    client: DaemonClient,
+async def send(
+    client: AsyncDaemonClient,
     prompts: list[Prompt],
     arrivals: list[float],
     workers: int,
     on_done: Callable[[RequestRecord], None] | None = None,
 ) -> tuple[list[RequestRecord], float]:
     """Sends prompts[i] `arrivals[i]` s after the start (or later: at most `workers` in flight);
-    the records, in prompt order, and the seconds from the start until the last one finished."""
+    the records, in prompt order, and the seconds from the start until the last one finished.
+    Cancelled (Ctrl-C), it cancels the requests in flight and drops those not sent yet."""
     start = time.monotonic()
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="kvferry-bench")
+    slots = asyncio.Semaphore(workers)
+
+    async def one(index: int, prompt: Prompt) -> RequestRecord:
+        async with slots:
+            return await _request(client, index, prompt, start, on_done)
+
+    tasks = []
     try:
-        futures = []
         for index, (prompt, at) in enumerate(zip(prompts, arrivals, strict=True)):
-            time.sleep(max(0.0, start + at - time.monotonic()))
-            futures.append(pool.submit(_request, client, index, prompt, start, on_done))
-        records = [future.result() for future in futures]
+            await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+            tasks.append(asyncio.ensure_future(one(index, prompt)))
+        records = await asyncio.gather(*tasks)
     finally:
-        # On Ctrl-C: requests not yet sent are dropped; those in flight end by their timeout.
-        pool.shutdown(wait=False, cancel_futures=True)
-    return records, time.monotonic() - start
+        for task in tasks:
+            task.cancel()  # nothing left to cancel unless this ended early
+    return list(records), time.monotonic() - start
 
 
-def _request(client, index: int, prompt: Prompt, start: float, on_done) -> RequestRecord:
+async def _request(client, index: int, prompt: Prompt, start: float, on_done) -> RequestRecord:
     sent = time.monotonic()
     record = RequestRecord(
         index=index, sent_s=sent - start, input_len=prompt.input_len, output_len=prompt.output_len
@@ -282,7 +299,7 @@ def _request(client, index: int, prompt: Prompt, start: float, on_done) -> Reque
         prompt=prompt.prompt, max_tokens=prompt.output_len, temperature=0.0, stream=True
     )
     try:
-        completion = client.stream(request)
+        completion = await client.stream(request)
     except ClientError as exc:
         record.error, record.error_kind = exc.reason, exc.kind
         record.latency_s = time.monotonic() - sent
@@ -302,19 +319,16 @@ class Progress:
     def __init__(self, out: TextIO, title: str, total: int, width: int = 30) -> None:
         self.out, self.title, self.total, self.width = out, title, total, width
         self.done = self.failed = 0
-        self._lock = threading.Lock()  # requests finish on the pool's threads
         self._draw()
 
     def advance(self, record: RequestRecord) -> None:
-        with self._lock:
-            self.done += 1
-            self.failed += not record.ok
-            self._draw()
+        self.done += 1
+        self.failed += not record.ok
+        self._draw()
 
     def close(self) -> None:
-        with self._lock:
-            self.out.write("\n")
-            self.out.flush()
+        self.out.write("\n")
+        self.out.flush()
 
     def _draw(self) -> None:
         filled = self.width * self.done // max(self.total, 1)

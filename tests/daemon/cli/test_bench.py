@@ -1,20 +1,22 @@
-"""`kvferry bench`'s pieces on their own: the workload, the statistics, the table, and sending
-against a fake client. The command itself: test_bench_command.py."""
+"""`kvferry bench`'s pieces on their own: the workload, the statistics, the table, sending
+against a fake client, and its client against a stub daemon. The command itself:
+test_bench_command.py."""
 
+import asyncio
 import itertools
 import json
 import random
-import threading
-import time
 
 import pytest
 
+from kvferry.daemon.cli.async_client import AsyncDaemonClient
 from kvferry.daemon.cli.bench.report import (
     Counters,
     RequestRecord,
     format_table,
     latency,
     percentile,
+    rss_lines,
     summarize,
     table,
 )
@@ -28,7 +30,15 @@ from kvferry.daemon.cli.bench.workload import (
     random_prompts,
     sample_length,
 )
-from kvferry.daemon.cli.client import Completion, ServerError
+from kvferry.daemon.cli.client import (
+    Completion,
+    ConnectionReset,
+    RequestTimeout,
+    ServerError,
+    Unreachable,
+)
+from kvferry.daemon.server.api import CompletionRequest
+from ports import free_port
 
 # --- workload -------------------------------------------------------------------------------
 
@@ -188,6 +198,16 @@ def test_table_aligns_columns_under_their_groups():
     assert rows[0].startswith("c=1 ") and rows[1].startswith("c=16")
 
 
+def test_resets_are_failures_of_their_own_column_and_rss_is_shown_per_daemon():
+    records = [_record(0), _record(1, error="connection lost", kind="reset")]
+    moved = Counters(rss_bytes={"decode-0": 3 * 2**20, "prefill-0": 2**20})
+    point = summarize("concurrency", 2, records, 1.0, moved, {"decode-0": 2 * 2**20})
+    assert (point.failed, point.resets, point.failures) == (1, 1, {"reset": 1})
+    names, row = table([point]).splitlines()[1:]
+    assert row.split()[names.split().index("reset")] == "1"
+    assert rss_lines([point]) == ["daemons' RSS MiB, c=2: decode-0 2.0 -> 3.0, prefill-0 ? -> 1.0"]
+
+
 def test_the_result_table_has_one_row_per_point():
     points = [summarize("request_rate", r, [_record(0)], 1.0, Counters()) for r in (2.0, 8.0)]
     lines = table(points).splitlines()
@@ -221,15 +241,12 @@ class _FakeClient:
 
     def __init__(self, delay: float) -> None:
         self.delay, self.in_flight, self.most = delay, 0, 0
-        self._lock = threading.Lock()
 
-    def stream(self, request):
-        with self._lock:
-            self.in_flight += 1
-            self.most = max(self.most, self.in_flight)
-        time.sleep(self.delay)
-        with self._lock:
-            self.in_flight -= 1
+    async def stream(self, request):
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        await asyncio.sleep(self.delay)
+        self.in_flight -= 1
         if request.prompt == [0]:
             raise ServerError("http://fake", "HTTP 502: transfer failed: peer lost", 502)
         assert request.stream and request.temperature == 0.0
@@ -245,7 +262,7 @@ def test_send_keeps_the_concurrency_and_records_every_request():
     prompts = [
         Prompt(prompt=[1, 2] if i != 3 else [0], input_len=2, output_len=3) for i in range(12)
     ]
-    records, duration = send(fake, prompts, [0.0] * 12, workers=4)
+    records, duration = asyncio.run(send(fake, prompts, [0.0] * 12, workers=4))
     assert fake.most == 4
     assert [r.index for r in records] == list(range(12))
     assert [r.ok for r in records].count(False) == 1 and "transfer failed" in records[3].error
@@ -256,5 +273,39 @@ def test_send_keeps_the_concurrency_and_records_every_request():
 def test_send_follows_the_arrival_times():
     fake = _FakeClient(delay=0.01)
     prompts = [Prompt(prompt=[1], input_len=1, output_len=1)] * 3
-    records, _ = send(fake, prompts, [0.0, 0.1, 0.2], workers=256)
+    records, _ = asyncio.run(send(fake, prompts, [0.0, 0.1, 0.2], workers=256))
     assert [r.sent_s for r in records] == pytest.approx([0.0, 0.1, 0.2], abs=0.03)
+
+
+# --- the bench's client against a stub daemon -----------------------------------------------
+
+
+def _streamed(url: str, prompt, timeout: float = 5.0):
+    """What AsyncDaemonClient.stream makes of `prompt`: a Completion or the ClientError."""
+
+    async def run():
+        async with AsyncDaemonClient(url, timeout, connections=2) as client:
+            try:
+                return await client.stream(CompletionRequest(prompt=prompt, max_tokens=3))
+            except Exception as exc:
+                return exc
+
+    return asyncio.run(run())
+
+
+def test_the_async_client_streams_and_names_each_failure(stub):
+    done = _streamed(stub.url, "hi")
+    assert done.token_ids == [72, 101, 108] and done.text == "Hello" and done.ttft_s > 0
+    assert (done.prompt_tokens, done.finish_reason) == (3, "length")
+    assert stub.seen[-1]["stream"] is True
+    failures = {
+        "too long": (ServerError, "http_400"),
+        "fail midway": (ServerError, "server_error"),
+        "cut short": (ConnectionReset, "reset"),
+    }
+    for prompt, (kind, name) in failures.items():
+        failed = _streamed(stub.url, prompt)
+        assert isinstance(failed, kind) and failed.kind == name, (prompt, failed)
+    assert isinstance(_streamed(stub.url, "slow", timeout=0.3), RequestTimeout)
+    refused = _streamed(f"http://127.0.0.1:{free_port()}", "hi")
+    assert isinstance(refused, Unreachable) and refused.reason == "connection refused"

@@ -79,6 +79,8 @@ def test_a_sweep_against_real_daemons(result_file):
         assert all(turns >= 1 for turns in point["loop_turns"].values())  # per request
         assert set(point["loop_turns"]) == {"prefill", "decode"}
         assert point["kv_pool_bytes"] > 0 and point["memory_peak_bytes"] == 0  # CPU daemons
+        for rss in (point["rss_before_bytes"], point["rss_after_bytes"]):
+            assert set(rss) == {"prefill-0", "decode-0"} and min(rss.values()) > 2**20
     for point in result["points"]:  # where TTFT went: the stages of both daemons, in order
         stages = list(point["stages"])
         for stage in ("reserved", "prefill_sent", "scattered", "admitted", "first_token_out"):
@@ -93,6 +95,8 @@ def test_a_sweep_against_real_daemons(result_file):
     assert lines[2].startswith("c=1 ") and lines[3].startswith("c=4 ")
     assert lines[4].startswith("idle ranks' CPU, seconds per minute: decode ")
     assert lines[5] == "where TTFT goes, c=1 (stage ends; length and share of TTFT):"
+    assert lines[-2].startswith("daemons' RSS MiB, c=1: decode-0 ")
+    assert lines[-1].startswith("daemons' RSS MiB, c=4: decode-0 ") and "prefill-0" in lines[-1]
 
 
 def test_a_deployment_it_starts_itself_with_a_request_rate(deployment, result_file, tmp_path):
