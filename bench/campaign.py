@@ -69,7 +69,7 @@ def parse_args() -> argparse.Namespace:
     args.stages = [s for s in STAGES if s in stages]
     args.gpu = _gpu()
     args.deploy = args.deploy or str(
-        ROOT / "deploy" / ("h200-llama8b.yaml" if args.gpu else "local.yaml")
+        ROOT / "deploy" / ("h200-llama8b.yaml" if args.gpu else "tiny.yaml")
     )
     args.concurrency = args.concurrency or ("1,4" if args.quick else "1,8,32")
     prompts = {(True, False): "2048,8192,32768", (True, True): "2048"}.get(

@@ -29,7 +29,7 @@ campaign_summary = bench_module("campaign_summary")
 
 
 def test_variants_change_only_what_they_name():
-    base = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    base = yaml.safe_load((ROOT / "deploy" / "tiny.yaml").read_text())
     hetero = campaign.deployment_variant(base, "hetero", 4)
     assert hetero == {
         "daemons": [{**d, "transfer": d.get("transfer", {})} for d in base["daemons"]]
@@ -65,7 +65,7 @@ def test_perftest_bandwidth_is_read_from_the_final_row(tmp_path):
 
 def test_a_quick_campaign_runs_every_stage(tmp_path):
     """Every stage on CPU with small sizes; the GPU check reports itself skipped, not passed."""
-    deploy = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    deploy = yaml.safe_load((ROOT / "deploy" / "tiny.yaml").read_text())
     prefill, decode = deploy["daemons"]
     http_p, boot, http_d = free_ports(3)
     prefill.update(http_port=http_p, bootstrap_port=boot)

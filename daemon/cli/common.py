@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import signal
 import sys
+from importlib import resources
 
 import click
 
 SECONDS = click.FloatRange(min=0, min_open=True)
 CONFIG_PATH = click.Path(dir_okay=False)
+# deploy/local.yaml as installed with the package: `kvferry demo` runs it from any directory
+EMBEDDED_DEFAULT = resources.files("kvferry.deploy") / "local.yaml"
 
 
 def stop_on_sigterm() -> None:

@@ -19,7 +19,13 @@ import yaml
 
 from kvferry.daemon.cli.bench.command import bench
 from kvferry.daemon.cli.client import DEFAULT_URL, ClientError, Completion, DaemonClient, daemon_url
-from kvferry.daemon.cli.common import CONFIG_PATH, SECONDS, note, stop_on_sigterm
+from kvferry.daemon.cli.common import (
+    CONFIG_PATH,
+    EMBEDDED_DEFAULT,
+    SECONDS,
+    note,
+    stop_on_sigterm,
+)
 from kvferry.daemon.cli.demo import run_demo
 from kvferry.daemon.cli.fuzz.command import fuzz
 from kvferry.daemon.cli.launcher import Launcher, LaunchError, describe_exit
@@ -165,8 +171,8 @@ def generate(prompt, prompt_ids, url, config_path, stream, as_json, timeout, **s
 @click.option(
     "--config",
     "config_path",
-    default="deploy/local.yaml",
-    show_default=True,
+    default=str(EMBEDDED_DEFAULT),
+    show_default="the embedded default, deploy/local.yaml",
     type=CONFIG_PATH,
     help="Deployment to start (and stop afterwards).",
 )

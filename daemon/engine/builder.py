@@ -49,13 +49,13 @@ def build_engine(
     group: TPGroup | None = None,
     bootstrap: str | None = None,
     token: bytes | None = None,
-    eos_id: int | None = None,
+    eos_ids: frozenset[int] = frozenset(),
 ) -> PrefillEngine | DecodeEngine:
     """The engine of rank `tp_rank` of `role` over `model` (already sharded for that rank),
     with a paged KV cache and batches of `settings`' sizes. `data_plane` makes the agent's
     data plane (called once, after the cache is allocated); `model_name` is the identity peers
     compare in the KV layout. A prefill agent registers with the bootstrap server at
-    `bootstrap` showing `token`; `eos_id` (decode) ends a sequence when sampled."""
+    `bootstrap` showing `token`; `eos_ids` (decode) end a sequence when sampled."""
     blocks = BlockManager(settings.num_pages, settings.page_size)
     graph_batch = settings.max_running if role == "decode" and settings.cuda_graphs else 0
     runner = ModelRunner(model, blocks, graph_batch=graph_batch)
@@ -67,7 +67,7 @@ def build_engine(
         return PrefillEngine(runner, prefill, agent, group)
     agent = DecodeAgent(transfer, layout, runner.planes, data)
     decode = DecodeScheduler(blocks, settings.max_running)
-    return DecodeEngine(runner, decode, agent, eos_id, group)
+    return DecodeEngine(runner, decode, agent, eos_ids, group)
 
 
 def kv_layout(model: Model, model_name: str, page_size: int, tp_rank: int = 0) -> KVLayout:

@@ -45,10 +45,10 @@ class DecodeEngine:
         runner: ModelRunner,
         scheduler: DecodeScheduler,
         agent: DecodeAgent,
-        eos_id: int | None = None,
+        eos_ids: frozenset[int] = frozenset(),
         group: TPGroup | None = None,
     ) -> None:
-        self.runner, self.scheduler, self.agent, self.eos_id = runner, scheduler, agent, eos_id
+        self.runner, self.scheduler, self.agent, self.eos_ids = runner, scheduler, agent, eos_ids
         self.group = group or TPGroup()
         self.queued: deque[_Request] = deque()  # waiting for KV pages
         self.arriving: dict[int, _Request] = {}
@@ -70,7 +70,7 @@ class DecodeEngine:
         when its prompt can never fit this rank's cache."""
         if room in self.arriving or any(r.room == room for r in self.queued):
             raise ValueError(f"room {room} is already in use")
-        seq = Sequence(prompt, params, eos_id=self.eos_id)
+        seq = Sequence(prompt, params, eos_ids=self.eos_ids)
         blocks = self.runner.blocks
         if blocks.pages_for(seq.num_prompt + 1) > blocks.num_pages:
             raise ValueError(

@@ -40,14 +40,14 @@ class SeqStatus(enum.Enum):
 
 class Sequence:
     def __init__(
-        self, prompt: list[int], params: SamplingParams, eos_id: int | None = None
+        self, prompt: list[int], params: SamplingParams, eos_ids: frozenset[int] = frozenset()
     ) -> None:
         if not prompt:
             raise ValueError("a prompt needs at least one token")
         self.id = next(_ids)
         self.prompt = list(prompt)
         self.output: list[int] = []
-        self.params, self.eos_id = params, eos_id
+        self.params, self.eos_ids = params, eos_ids
         self.status = SeqStatus.WAITING
         self.num_computed = 0  # leading tokens whose KV is in the cache
         self.in_flight = 0  # tokens sampled on the device that the host has not seen yet
@@ -78,7 +78,7 @@ class Sequence:
         """Record a sampled token; finishes the sequence on EOS or a stop token, or at
         max_tokens."""
         self.output.append(token)
-        if token == self.eos_id or token in self.params.stop_ids:
+        if token in self.eos_ids or token in self.params.stop_ids:
             self.finish("stop")
         elif len(self.output) >= self.params.max_tokens:
             self.finish("length")

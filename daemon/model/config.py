@@ -36,7 +36,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
     qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head
     max_position_embeddings: int = 4096
-    eos_token_id: int | None = None  # generation stops here (the first one, if a list)
+    eos_token_ids: tuple[int, ...] = ()  # config.json's eos_token_id: generation stops at each
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -72,7 +72,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            eos_token_id=_first(hf.get("eos_token_id")),
+            eos_token_ids=_as_tuple(hf.get("eos_token_id")),
         )
 
     def kv_layout(self, model: str, dtype: str, page_size: int, tp_size: int, tp_rank: int):
@@ -97,7 +97,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"{file}: {exc}") from None
 
 
-def _first(value: int | list[int] | None) -> int | None:
-    if isinstance(value, list):
-        return value[0] if value else None
-    return value
+def _as_tuple(value: int | list[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (value,)

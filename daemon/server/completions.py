@@ -71,7 +71,12 @@ def models(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     daemon = _decode(request)
     body = await _body(request, CompletionRequest)
-    prompt = body.prompt if isinstance(body.prompt, list) else daemon.tokenizer.encode(body.prompt)
+    try:
+        prompt = (
+            body.prompt if isinstance(body.prompt, list) else daemon.tokenizer.encode(body.prompt)
+        )
+    except ValueError as exc:  # a checkpoint without a tokenizer
+        raise HTTPError(400, str(exc)) from None
     return await _answer(daemon, request, body, prompt, chat=False)
 
 

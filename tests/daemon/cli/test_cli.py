@@ -15,7 +15,7 @@ from kvferry.daemon.server.config import load, parse
 from ports import free_ports
 from support.cli_sim import invoke, one_error_line, two_daemons, write_yaml
 
-LOCAL_YAML = Path(__file__).parents[3] / "deploy" / "local.yaml"
+LOCAL_YAML = Path(__file__).parents[3] / "deploy" / "tiny.yaml"  # no model to fetch
 
 
 # --- config, serve, help ---------------------------------------------------------------------

@@ -6,7 +6,11 @@ from kvferry.daemon.engine.sequence import SamplingParams, SeqStatus, Sequence
 
 
 def seq(n, max_tokens=4, eos=None):
-    return Sequence(list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens), eos_id=eos)
+    return Sequence(
+        list(range(1, n + 1)),
+        SamplingParams(max_tokens=max_tokens),
+        eos_ids=frozenset({eos} - {None}),
+    )
 
 
 def test_chunked_prefill_under_a_token_budget():

@@ -6,11 +6,28 @@ from kvferry.daemon.model.config import ModelConfig
 from kvferry.daemon.server.config import ConfigError, DaemonConfig, check_against, load, parse
 
 
-def test_the_embedded_default_loads():
-    deployment = load("deploy/local.yaml")
+def test_the_embedded_default_is_smollm2_prefill_tp3_to_decode_tp1():
+    prefill, decode = load("deploy/local.yaml").daemons
+    assert (prefill.role, prefill.tp, decode.role, decode.tp) == ("prefill", 3, "decode", 1)
+    assert decode.prefill == ["tcp://127.0.0.1:17100"]
+    assert prefill.model == decode.model and decode.model.path.endswith(".gguf")
+    smollm2 = ModelConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+    )
+    for daemon in (prefill, decode):
+        check_against(daemon, smollm2)
+
+
+def test_the_tiny_deployment_loads():
+    deployment = load("deploy/tiny.yaml")
     prefill, decode = deployment.daemons
     assert (prefill.role, prefill.tp, decode.role, decode.tp) == ("prefill", 2, "decode", 1)
-    assert decode.prefill == ["tcp://127.0.0.1:17100"]
     model = ModelConfig(
         vocab_size=258,
         hidden_size=128,

@@ -3,6 +3,7 @@ transformers' greedy generation, and faults end in clear errors while the rest k
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,6 +69,28 @@ def test_generation_through_daemons_equals_transformers(tmp_path, qwen3, prefill
             assert result.token_ids == want
             assert result.finish_reason in ("length", "stop")
         wait_idle(launcher)
+
+
+def test_a_checkpoint_without_tokenizer_stops_at_its_eos_and_refuses_text(tmp_path, qwen3):
+    """config.json + safetensors only: generation stops at generation_config.json's EOS (not
+    the byte tokenizer's 257), text prompts get a 400 that says why, and the model is served
+    under its folder's name."""
+    model, expected = qwen3
+    checkpoint = tmp_path / "my-qwen3"
+    shutil.copytree(model["path"], checkpoint)
+    tokens = expected[0]
+    end = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])
+    eos = tokens[end]  # a greedy token of the first prompt, not sampled before
+    (checkpoint / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
+    p = prefill("prefill-0")
+    path = write(tmp_path, [p, decode("decode-0", [p])], {"path": str(checkpoint)})
+    with running(path) as launcher:
+        result = generate(launcher, "decode-0", PROMPTS[0])
+        assert (result.token_ids, result.finish_reason) == (tokens[: end + 1], "stop")
+        assert "no tokenizer.json" in str(failure(launcher, "decode-0", "some text"))
+        url = next(c.url for c in launcher.children if c.name == "decode-0")
+        with urllib.request.urlopen(url + "/v1/models", timeout=30) as answer:
+            assert [m["id"] for m in json.load(answer)["data"]] == ["my-qwen3"]
 
 
 @pytest.mark.gpu
