@@ -4,13 +4,16 @@ with server-sent events when streaming: `completions.py`), `GET /health`, `GET /
 
 An ASGI app (Starlette) on uvicorn, on one event loop in one thread: connections are kept
 alive, streams cost a coroutine rather than a thread, and the listening socket is the daemon's
-own, bound before the ranks start, with a backlog for bursts of clients. A handler talks to the
+own, bound before the ranks start, with a backlog for bursts of clients. A client gets
+`http_header_timeout_s` to send each request's headers (`http_protocol.py`), and requests
+beyond MAX_CONNECTIONS connections or answers at once get a 503. A handler talks to the
 daemon through `generate`, `end`, `abort` and `metrics` only, and shows it as
 `daemon/server/status.py` reads it.
 """
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 
@@ -23,19 +26,28 @@ from starlette.routing import Route
 
 from kvferry.daemon.server import status as shown
 from kvferry.daemon.server.completions import HTTPError, chat_completions, completions, models
+from kvferry.daemon.server.http_protocol import HeaderTimeoutProtocol
 from kvferry.daemon.server.metrics import CONTENT_TYPE
+from kvferry.daemon.server.open_files import allow_open_files
 
 __all__ = ["HTTPError", "HTTPFront", "start_http"]
 
 BACKLOG = 2048  # connections the kernel holds while the loop accepts (a burst of clients)
 KEEP_ALIVE_S = 5.0  # an idle kept-alive connection is closed after this long
 STOP_S = 10.0  # on shutdown, how long open connections get to finish
+# Past this many open connections, or answers in progress, a new request gets a 503 at once.
+# Well above the thousand streams one daemon is loaded with; a connection is a file
+# descriptor, and the limit on those is raised to match at start.
+MAX_CONNECTIONS = 4096
+SPARE_FILES = 1024  # descriptors besides the connections: ZeroMQ, pipes to the ranks, logs
 
 
 class HTTPFront:
-    """The front of `daemon`, serving on host:port (0: any free port) from its own thread."""
+    """The front of `daemon`, serving on host:port (0: any free port) from its own thread;
+    a client has `header_timeout_s` to send each request's headers."""
 
-    def __init__(self, daemon, host: str, port: int) -> None:
+    def __init__(self, daemon, host: str, port: int, header_timeout_s: float) -> None:
+        allow_open_files(MAX_CONNECTIONS + SPARE_FILES)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.create_server((host, port), family=family, backlog=BACKLOG)
         self.server_port = self._socket.getsockname()[1]
@@ -45,7 +57,9 @@ class HTTPFront:
             log_level="warning",
             access_log=False,  # requests are counted in the metrics, not logged line by line
             lifespan="off",
+            http=functools.partial(HeaderTimeoutProtocol, header_timeout_s=header_timeout_s),
             timeout_keep_alive=KEEP_ALIVE_S,
+            limit_concurrency=MAX_CONNECTIONS,
             timeout_graceful_shutdown=STOP_S,
             server_header=False,
         )
@@ -63,8 +77,8 @@ class HTTPFront:
         self._socket.close()
 
 
-def start_http(daemon, host: str, port: int) -> HTTPFront:
-    return HTTPFront(daemon, host, port)
+def start_http(daemon, host: str, port: int, header_timeout_s: float) -> HTTPFront:
+    return HTTPFront(daemon, host, port, header_timeout_s)
 
 
 def _app(daemon) -> Starlette:
