@@ -145,6 +145,16 @@ class DaemonClient:
         tally.add(answer, streamed=False)
         return tally.result()
 
+    def chat(self, messages: list[dict], max_tokens: int = 64) -> str:
+        """One unstreamed, greedy chat answer (POST /v1/chat/completions): its text."""
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        with self._exchange("POST", "/v1/chat/completions", msgspec.json.encode(body)) as reply:
+            answer = json_answer(self.url, reply.read())
+        try:
+            return answer["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise ServerError(self.url, f"not a chat answer: {answer!r}", 200) from None
+
     def stream(
         self, request: CompletionRequest, on_text: Callable[[str], None] | None = None
     ) -> Completion:

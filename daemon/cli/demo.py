@@ -24,6 +24,7 @@ SHOWCASE = [
     "Prefill and decode run on different GPUs, so",
     "Heterogeneous tensor parallelism means",
 ]
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
 def run_demo(
@@ -60,11 +61,14 @@ def _showcase(client: DaemonClient, say: Callable[[str], None]) -> None:
         say(f"  {prompt!r} -> {result.text!r}")
         say(f"    token ids {result.token_ids}")
         say(f"    TTFT {result.ttft_s * 1e3:.1f} ms, latency {result.latency_s * 1e3:.1f} ms")
+    say("\na chat answer (/v1/chat/completions, the model's chat template):")
+    say(f"  {CHAT[0]['content']!r}")
+    say(f"  -> {client.chat(CHAT, max_tokens=48)!r}")
 
 
 def _burst(client: DaemonClient, requests: int, concurrency: int, max_tokens: int, seed: int):
     rng = random.Random(seed)
-    prompts = [[rng.randrange(256) for _ in range(rng.randint(16, 400))] for _ in range(requests)]
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(16, 256))] for _ in range(requests)]
 
     def one(prompt):
         return client.stream(CompletionRequest(prompt=prompt, max_tokens=max_tokens))
