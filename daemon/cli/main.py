@@ -69,7 +69,14 @@ def serve(config_path: str, name: str | None, log_level: str) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", required=True, type=CONFIG_PATH, help="Deployment file.")
+@click.option(
+    "--config",
+    "config_path",
+    default=str(EMBEDDED_DEFAULT),
+    show_default="the embedded default, deploy/local.yaml",
+    type=CONFIG_PATH,
+    help="Deployment file.",
+)
 @click.option(
     "--start-timeout",
     type=SECONDS,
