@@ -25,6 +25,7 @@ from kvferry.transport.messages import (
     ErrorReply,
     Message,
     Peers,
+    PrefillLoad,
     QueryPeers,
     RankInfo,
     RegisterRank,
@@ -49,8 +50,11 @@ class BootstrapServer:
         port: int = 0,
         max_frame_bytes: int = 1 << 20,
         on_submit: OnSubmit | None = None,
+        load: Callable[[], PrefillLoad] | None = None,
     ) -> None:
-        self.tp_size, self.on_submit = tp_size, on_submit
+        """`load`: the daemon's current load, sent with every Peers answer (called on the
+        server's thread)."""
+        self.tp_size, self.on_submit, self.load = tp_size, on_submit, load
         self.token = token if token is not None else secrets.token_bytes(TOKEN_BYTES)
         self.codec = Codec(max_frame_bytes)
         self._context = zmq.Context()
@@ -178,7 +182,13 @@ class BootstrapServer:
             return ErrorReply(
                 f"{len(self.ranks)} of {self.tp_size} prefill ranks registered so far"
             )
-        return Peers([self.ranks[r] for r in range(self.tp_size)])
+        load = None
+        if self.load is not None:
+            try:
+                load = self.load()
+            except Exception as exc:  # the daemon's bug: answer without a load
+                self._log.warning("load", "reading the load failed: %r", exc)
+        return Peers([self.ranks[r] for r in range(self.tp_size)], load)
 
 
 def _peer_address(frame: zmq.Frame) -> str:

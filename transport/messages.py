@@ -10,6 +10,7 @@ Protocol versions (a peer of another version is refused at its first frame):
 2. RegisterRoom carries `layer_group` (layer-wise messages).
 3. RegisterRank carries the daemon's registration token (only the ranks it started may register);
    control addresses must be `tcp://<host>:<port>`.
+4. Peers carries the prefill daemon's load (`PrefillLoad`): decode daemons pick the least loaded.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import msgspec
 
 from kvferry.staging.layout import KVLayout
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 _VERSION = struct.Struct(">H")
 U64_MAX = (1 << 64) - 1
 MAX_ADDRESS_CHARS = 256
 # a host name or IPv4 address, or an IPv6 address in brackets; then a port
-_TCP_ADDRESS = re.compile(r"tcp://([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+TCP_ADDRESS = re.compile(r"tcp://([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 
 
 class WireError(ValueError):
@@ -40,7 +41,7 @@ class _Msg(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
 def check_control_address(address: str, field: str) -> None:
     """ValueError naming `field` unless `address` is `tcp://<host>:<port>` with a port ZeroMQ
     can connect to (anything else would make the socket that connects to it raise)."""
-    match = _TCP_ADDRESS.fullmatch(address) if len(address) <= MAX_ADDRESS_CHARS else None
+    match = TCP_ADDRESS.fullmatch(address) if len(address) <= MAX_ADDRESS_CHARS else None
     if match is None or not 0 < int(match.group(2)) < 65536:
         raise ValueError(f"{field}={address[:MAX_ADDRESS_CHARS]!r} is not tcp://<host>:<port>")
 
@@ -68,10 +69,19 @@ class QueryPeers(_Msg):
     """Decode rank -> bootstrap server: which prefill ranks are there?"""
 
 
+class PrefillLoad(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a prefill daemon has taken and not finished, as its bootstrap server last saw it."""
+
+    prompts: int = 0  # prompts taken, not done
+    prompt_tokens: int = 0  # their tokens
+    free_pages: int = 0  # KV pages free on its fullest rank
+
+
 class Peers(_Msg):
-    """Bootstrap server -> decode rank, once every prefill rank has registered."""
+    """Bootstrap server -> decode rank or daemon, once every prefill rank has registered."""
 
     ranks: list[RankInfo]
+    load: PrefillLoad | None = None  # None: a server that does not report it
 
 
 class RegisterRoom(_Msg):

@@ -37,7 +37,7 @@ from kvferry.daemon.server.ranks import RankFailed, Ranks
 from kvferry.daemon.server.request import DecodeRequest, Events, Unavailable, check_prompt
 from kvferry.transport.bootstrap import TOKEN_BYTES, BootstrapServer
 from kvferry.transport.failure import Failure, FailureKind, aborted, timeout
-from kvferry.transport.messages import Codec
+from kvferry.transport.messages import Codec, PrefillLoad
 
 log = logging.getLogger("kvferry.daemon")
 TICK_S = 0.05
@@ -87,13 +87,13 @@ class Daemon:
         self._stop_reason: str | None = None
         self._zmq = zmq.Context()
         self._codec = Codec(config.transfer.max_frame_bytes)
-        self.handoff = PromptHandoff(
-            self._zmq, self._codec, config.transfer.bootstrap_timeout_s, self.abort
-        )
         self.probe = (
-            PrefillProbe(config.prefill, self._zmq, self._codec, self.metrics.prefill_reachable)
+            PrefillProbe(config.prefill, self._zmq, self._codec, self.metrics)
             if config.prefill
             else None
+        )
+        self.handoff = PromptHandoff(
+            self._zmq, self._codec, config.transfer.bootstrap_timeout_s, self.abort, self._refused
         )
         self.bootstrap: BootstrapServer | None = None
         self.http = None
@@ -128,7 +128,9 @@ class Daemon:
         token = secrets.token_bytes(TOKEN_BYTES)
         if c.role == "prefill":
             limit, submit = c.transfer.max_frame_bytes, self.intake.submit
-            self.bootstrap = BootstrapServer(c.tp, token, c.host, c.bootstrap_port, limit, submit)
+            self.bootstrap = BootstrapServer(
+                c.tp, token, c.host, c.bootstrap_port, limit, submit, self._load
+            )
             self.metrics.count_bootstrap(self.bootstrap.counters)
             bootstrap_address = self.bootstrap.address
         self.http = start_http(self, c.host, c.http_port, c.http_header_timeout_s)
@@ -246,7 +248,7 @@ class Daemon:
             raise ValueError(f"stop_token_ids: {bad} is outside the vocabulary [0, {vocab})")
         if params.seed is None:  # every rank (and prefill) must draw the same numbers
             params = dataclasses.replace(params, seed=secrets.randbits(63))
-        prefill = self.probe.pick()
+        prefill = self.probe.pick(len(prompt))
         if prefill is None:
             raise Unavailable(f"no prefill daemon can be reached ({self.probe.why_none()})")
         with self._lock:
@@ -259,6 +261,11 @@ class Daemon:
         self.metrics.in_flight.inc()
         self._send(protocol.Submit(room, prompt, params, request.prefill))
         return request
+
+    def _refused(self, prefill: str, reason: str) -> None:
+        """A prefill refused a prompt or did not answer: it backs off."""
+        self.metrics.prefill_backoffs.labels(prefill).inc()
+        self.probe.failed(prefill, reason)
 
     def abort(self, room: int, failure: Failure) -> None:
         self._send(protocol.AbortRoom(room, failure))
@@ -324,6 +331,13 @@ class Daemon:
             request.deadline = float("inf")  # abort once; the ranks answer with its end
             limit = self.config.scheduler.request_timeout_s
             self.abort(request.room, timeout(f"timeout: request unfinished after {limit:g}s"))
+
+    def _load(self) -> PrefillLoad:
+        """Prefill: what its bootstrap server reports to decode daemons choosing a prefill."""
+        prompts, tokens = self.intake.load()
+        snapshots = self.metrics.snapshots()
+        free = min((s.kv_pages_total - s.kv_pages_used for s in snapshots), default=0)
+        return PrefillLoad(prompts, tokens, free)
 
     def in_flight(self) -> int:
         """Decode requests and prefill prompts not finished yet."""

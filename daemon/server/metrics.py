@@ -9,6 +9,7 @@ daemon's bootstrap server keeps its own counters of what it refused; they are re
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 
@@ -163,6 +164,24 @@ class Metrics:
             ["prefill"],
             registry=r,
         )
+        self.prefill_picks = Counter(
+            "kvferry_prefill_picks",
+            "Decode: requests handed to each prefill daemon (the least loaded usable one)",
+            ["prefill"],
+            registry=r,
+        )
+        self.prefill_backoffs = Counter(
+            "kvferry_prefill_backoffs",
+            "Decode: hand-offs a prefill daemon failed (it then gets no request for a while)",
+            ["prefill"],
+            registry=r,
+        )
+
+    def forget_prefill(self, address: str) -> None:
+        """A prefill daemon left the deployment (its name no longer stands for it)."""
+        for metric in (self.prefill_reachable, self.prefill_picks, self.prefill_backoffs):
+            with contextlib.suppress(KeyError):
+                metric.remove(address)
 
     def take(self, snapshot: Snapshot) -> None:
         with self._lock:

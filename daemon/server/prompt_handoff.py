@@ -31,8 +31,11 @@ class PromptHandoff:
         codec: Codec,
         timeout_s: float,
         abort: Callable[[int, Failure], None],
+        refused: Callable[[str, str], None],
     ) -> None:
+        """`refused(prefill, reason)`: told of each prefill that refused or did not answer."""
         self._context, self._codec, self._timeout_s, self._abort = context, codec, timeout_s, abort
+        self._refused = refused
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="kvferry-submit")
 
     def submit(self, request: DecodeRequest) -> None:
@@ -59,4 +62,5 @@ class PromptHandoff:
         else:
             reason = reply.reason if isinstance(reply, ErrorReply) else f"unexpected {reply!r}"
             refused = f"prefill {request.prefill} refused the prompt: {reason}"
+            self._refused(request.prefill, reason)
             self._abort(request.room, Failure(FailureKind.REFUSED, refused))

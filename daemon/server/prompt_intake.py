@@ -9,7 +9,6 @@ handed to rank 0 as `Submit`.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 from kvferry.daemon.engine.sequence import SamplingParams
@@ -30,7 +29,8 @@ class PromptIntake:
         send: Callable[[protocol.Submit], None],
     ) -> None:
         self.quota, self._refusal, self._check, self._send = quota, refusal, check, send
-        self.rooms: dict[int, float] = {}  # room -> when taken
+        self.rooms: dict[int, int] = {}  # room -> its prompt's tokens
+        self.prompt_tokens = 0  # of every room taken
         # the rooms and the quota: the bootstrap thread takes, the daemon's loop releases
         self._lock = threading.Lock()
 
@@ -56,7 +56,8 @@ class PromptIntake:
             refused = self.quota.take(room, peer)
             if refused:
                 return ErrorReply(f"prompt refused: {refused}", room=room)
-            self.rooms[room] = time.monotonic()
+            self.rooms[room] = len(message.prompt)
+            self.prompt_tokens += len(message.prompt)
         self._send(protocol.Submit(room, message.prompt, params))
         return Ack()
 
@@ -70,5 +71,10 @@ class PromptIntake:
     def done(self, room: int) -> None:
         """The ranks are done with `room`, delivered or failed."""
         with self._lock:
-            self.rooms.pop(room, None)
+            self.prompt_tokens -= self.rooms.pop(room, 0)
             self.quota.release(room)
+
+    def load(self) -> tuple[int, int]:
+        """(prompts taken and not done, their tokens)."""
+        with self._lock:
+            return len(self.rooms), self.prompt_tokens
