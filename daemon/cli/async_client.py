@@ -14,7 +14,7 @@ import time
 import httpx
 import msgspec
 
-from kvferry.daemon.cli.client import JSON_BODY, base_url, tls_context
+from kvferry.daemon.cli.client import JSON_BODY, KEEPALIVE_EXPIRY_S, base_url, tls_context
 from kvferry.daemon.cli.replies import Completion, EventReader, ServerError, Tally, translated
 from kvferry.daemon.server.api import CompletionRequest
 
@@ -28,7 +28,11 @@ class AsyncDaemonClient:
         assert connections >= 1, connections
         self.url = base_url(url)
         self.timeout = timeout
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        limits = httpx.Limits(
+            max_connections=connections,
+            max_keepalive_connections=connections,
+            keepalive_expiry=KEEPALIVE_EXPIRY_S,
+        )
         self._http = httpx.AsyncClient(
             base_url=self.url,
             limits=limits,

@@ -50,6 +50,9 @@ __all__ = [
 
 DEFAULT_URL = "http://127.0.0.1:17000"
 JSON_BODY = {"Content-Type": "application/json"}
+# An idle pooled connection is dropped after this, well before a daemon closes it (5 s idle):
+# reusing one just as the daemon closes it would fail the request on a reset connection.
+KEEPALIVE_EXPIRY_S = 2.0
 
 # A daemon bound to every interface is reached through loopback.
 _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
@@ -91,7 +94,9 @@ class DaemonClient:
         self.timeout = timeout
         # No cap on connections: the callers' threads are the cap. No proxies from the
         # environment: a daemon is reached directly.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
+        limits = httpx.Limits(
+            max_connections=None, max_keepalive_connections=32, keepalive_expiry=KEEPALIVE_EXPIRY_S
+        )
         self._http = httpx.Client(
             base_url=self.url, limits=limits, verify=tls_context(), trust_env=False
         )

@@ -281,7 +281,9 @@ async def send(
     tasks = []
     try:
         for index, (prompt, at) in enumerate(zip(prompts, arrivals, strict=True)):
-            await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+            wait = start + at - time.monotonic()
+            if wait > 0:  # not when due: a burst is sent as one, not as the loop lets it go
+                await asyncio.sleep(wait)
             tasks.append(asyncio.ensure_future(one(index, prompt)))
         records = await asyncio.gather(*tasks)
     finally:

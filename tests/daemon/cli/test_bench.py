@@ -31,6 +31,7 @@ from kvferry.daemon.cli.bench.workload import (
     sample_length,
 )
 from kvferry.daemon.cli.client import (
+    KEEPALIVE_EXPIRY_S,
     Completion,
     ConnectionReset,
     RequestTimeout,
@@ -38,6 +39,7 @@ from kvferry.daemon.cli.client import (
     Unreachable,
 )
 from kvferry.daemon.server.api import CompletionRequest
+from kvferry.daemon.server.http_front import KEEP_ALIVE_S
 from ports import free_port
 
 # --- workload -------------------------------------------------------------------------------
@@ -309,3 +311,8 @@ def test_the_async_client_streams_and_names_each_failure(stub):
     assert isinstance(_streamed(stub.url, "slow", timeout=0.3), RequestTimeout)
     refused = _streamed(f"http://127.0.0.1:{free_port()}", "hi")
     assert isinstance(refused, Unreachable) and refused.reason == "connection refused"
+
+
+def test_clients_let_idle_connections_go_before_a_daemon_closes_them():
+    """Else a request could go out on a connection the daemon is closing: a reset."""
+    assert KEEPALIVE_EXPIRY_S < KEEP_ALIVE_S
