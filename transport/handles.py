@@ -131,6 +131,11 @@ class KVReceiver:
         return self.status.state
 
     @property
+    def kv_arrived(self) -> bool:
+        """Whether any of the room's KV reached this rank (before it succeeded or failed)."""
+        return self.status is not None and self.status.reached >= KVPoll.Transferring
+
+    @property
     def failure(self) -> Failure | None:
         """Why the room failed (None unless it did)."""
         if self._rejected:

@@ -10,7 +10,8 @@ Protocol versions (a peer of another version is refused at its first frame):
 2. RegisterRoom carries `layer_group` (layer-wise messages).
 3. RegisterRank carries the daemon's registration token (only the ranks it started may register);
    control addresses must be `tcp://<host>:<port>`.
-4. Peers carries the prefill daemon's load (`PrefillLoad`): decode daemons pick the least loaded.
+4. Peers carries the prefill daemon's load (`PrefillLoad`): decode daemons pick the least loaded;
+   ErrorReply says when a prompt was refused only for now (`busy`: sent again, it may be taken).
 """
 
 from __future__ import annotations
@@ -143,10 +144,12 @@ class Ack(_Msg):
 
 
 class ErrorReply(_Msg):
-    """A request could not be served; `room` when the error concerns one."""
+    """A request could not be served; `room` when the error concerns one. `busy`: not now, for
+    want of room — the same request may be sent again shortly."""
 
     reason: str
     room: int | None = None
+    busy: bool = False
 
 
 Message = (

@@ -26,10 +26,11 @@ class RoomStatus:
     called after every change (it wakes the engine that reads the state).
     """
 
-    __slots__ = ("created", "failure", "notify", "state")
+    __slots__ = ("created", "failure", "notify", "reached", "state")
 
     def __init__(self, notify: Callable[[], None] | None = None) -> None:
         self.state = KVPoll.Bootstrapping
+        self.reached = KVPoll.Bootstrapping  # the furthest state before any failure
         self.failure: Failure | None = None
         self.created = time.monotonic()
         self.notify = notify
@@ -42,7 +43,7 @@ class RoomStatus:
         """Move to `state` if it is ahead; a finished room stays where it is."""
         if not self.finished and state > self.state:
             assert state != KVPoll.Failed, "use fail() to fail a room"
-            self.state = state
+            self.state = self.reached = state
             if self.notify is not None:
                 self.notify()
 

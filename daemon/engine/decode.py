@@ -65,8 +65,16 @@ class DecodeEngine:
             self.queued or self.arriving or self.draining or self.running or self._in_flight
         )
 
-    def submit(self, room: int, prompt: list[int], params: SamplingParams, bootstrap: str) -> None:
-        """Queue a request whose KV the prefill group behind `bootstrap` will send; ValueError
+    def submit(
+        self,
+        room: int,
+        prompt: list[int],
+        params: SamplingParams,
+        bootstrap: str,
+        retry: bool = False,
+    ) -> None:
+        """Queue a request whose KV the prefill group behind `bootstrap` will send (a `retry`
+        of one that failed elsewhere goes first: it has waited its turn once); ValueError
         when its prompt can never fit this rank's cache."""
         if room in self.arriving or any(r.room == room for r in self.queued):
             raise ValueError(f"room {room} is already in use")
@@ -77,7 +85,11 @@ class DecodeEngine:
                 f"a prompt of {seq.num_prompt} tokens exceeds the KV cache "
                 f"({blocks.num_pages} pages of {blocks.page_size} tokens)"
             )
-        self.queued.append(_Request(room, seq, bootstrap))
+        request = _Request(room, seq, bootstrap)
+        if retry:
+            self.queued.appendleft(request)
+        else:
+            self.queued.append(request)
 
     def refuse(self, room: int, failure: Failure) -> None:
         """Report a submission that could not be taken."""
@@ -205,7 +217,8 @@ class DecodeEngine:
                 request.receiver.abort(failure)
                 self.draining[request.room] = request
                 told = Failure(failure.kind, f"transfer failed: {failure.detail}")
-                self.outputs.append(TokenOutput(request.room, [], "error", told))
+                untouched = not request.receiver.kv_arrived
+                self.outputs.append(TokenOutput(request.room, [], "error", told, None, untouched))
         for request, verdict in zip(draining, verdicts[len(arriving) :], strict=True):
             if verdict is Verdict.SUCCESS:
                 del self.draining[request.room]

@@ -18,6 +18,8 @@ class TokenOutput:
     finish: str | None = None
     error: Failure | None = None
     marks: dict[str, float] | None = None  # with the first token: the transfer's timeline
+    # a failed transfer of which no KV reached this rank: another prefill may serve the request
+    retryable: bool = False
 
 
 @dataclass(frozen=True)

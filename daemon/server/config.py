@@ -95,6 +95,9 @@ class SchedulerSection(_Section):
     # longest prompt served; unset: what the KV pool holds (DaemonConfig.prompt_limit)
     max_prompt_tokens: int | None = None
     request_timeout_s: float = 600.0  # a request still unfinished after this fails
+    # decode: prefill daemons a request may try, one after another, while no KV has reached it
+    # (refused, unreachable, or lost before its first KV byte); within request_timeout_s
+    prefill_attempts: int = 3
     # prefill: prompts held until a decode rank registers their room (no forward runs before),
     # from one submitting host and from all of them; more are refused
     max_unregistered_prompts_per_peer: int = 128
@@ -108,6 +111,7 @@ class SchedulerSection(_Section):
             "max_running",
             "max_unregistered_prompts_per_peer",
             "max_unregistered_prompts",
+            "prefill_attempts",
         )
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1")

@@ -30,11 +30,18 @@ from kvferry.daemon.server.config import DaemonConfig, check_against
 from kvferry.daemon.server.http_front import start_http
 from kvferry.daemon.server.metrics import Metrics
 from kvferry.daemon.server.prefill_probe import PrefillProbe
+from kvferry.daemon.server.prefill_retry import PrefillRetry
 from kvferry.daemon.server.prompt_handoff import PromptHandoff
 from kvferry.daemon.server.prompt_intake import PromptIntake
 from kvferry.daemon.server.prompt_quota import PromptQuota
 from kvferry.daemon.server.ranks import RankFailed, Ranks
-from kvferry.daemon.server.request import DecodeRequest, Events, Unavailable, check_prompt
+from kvferry.daemon.server.request import (
+    DecodeRequest,
+    Events,
+    Requests,
+    Unavailable,
+    check_prompt,
+)
 from kvferry.transport.bootstrap import TOKEN_BYTES, BootstrapServer
 from kvferry.transport.failure import Failure, FailureKind, aborted, timeout
 from kvferry.transport.messages import Codec, PrefillLoad
@@ -73,7 +80,7 @@ class Daemon:
             )  # fmt: skip
         self.chat_template = ChatTemplate.of_checkpoint(checkpoint)
         self.state = "starting"
-        self.requests: dict[int, DecodeRequest] = {}
+        self.requests = Requests()
         self.started = time.time()  # for /v1/models
         self._check_prompt = partial(
             check_prompt,
@@ -83,7 +90,6 @@ class Daemon:
         s = config.scheduler  # prefill: prompts whose room no decode rank registered yet
         quota = PromptQuota(s.max_unregistered_prompts_per_peer, s.max_unregistered_prompts)
         self.intake = PromptIntake(quota, self._refusal, self._check_prompt, self._send)
-        self._lock = threading.Lock()  # requests
         self._stop_reason: str | None = None
         self._zmq = zmq.Context()
         self._codec = Codec(config.transfer.max_frame_bytes)
@@ -93,8 +99,10 @@ class Daemon:
             else None
         )
         self.handoff = PromptHandoff(
-            self._zmq, self._codec, config.transfer.bootstrap_timeout_s, self.abort, self._refused
+            self._zmq, self._codec, config.transfer.bootstrap_timeout_s, self._handoff_failed
         )
+        attempts = config.scheduler.prefill_attempts
+        self.retry = PrefillRetry(self.probe, self.metrics, attempts, self._resubmit)
         self.bootstrap: BootstrapServer | None = None
         self.http = None
         self.ranks: Ranks | None = None
@@ -129,7 +137,7 @@ class Daemon:
         if c.role == "prefill":
             limit, submit = c.transfer.max_frame_bytes, self.intake.submit
             self.bootstrap = BootstrapServer(
-                c.tp, token, c.host, c.bootstrap_port, limit, submit, self._load
+                c.tp, token, c.host, c.bootstrap_port, limit, submit, self._prefill_load
             )
             self.metrics.count_bootstrap(self.bootstrap.counters)
             bootstrap_address = self.bootstrap.address
@@ -184,9 +192,7 @@ class Daemon:
         """A rank is gone: fail every request, stop the other ranks, exit non-zero."""
         log.error("%s: failing every request", failure)
         self.state = "failed"
-        with self._lock:
-            requests = list(self.requests.values())
-        for request in requests:
+        for request in self.requests.all():
             self._finish(request, "error", failure)
         self._send(protocol.Stop(str(failure)))
         self._stop_ranks()
@@ -195,9 +201,7 @@ class Daemon:
     def _stop_ranks(self) -> int:
         """After Stop: the ranks exit; requests nobody answered fail."""
         clean = self.ranks.join(self._report)
-        with self._lock:
-            requests = list(self.requests.values())
-        for request in requests:
+        for request in self.requests.all():
             stopped = f"{self.name} stopped before the request finished"
             self._finish(request, "abort", Failure(FailureKind.UNAVAILABLE, stopped))
         return 0 if clean and self.state != "failed" else 1
@@ -251,21 +255,26 @@ class Daemon:
         prefill = self.probe.pick(len(prompt))
         if prefill is None:
             raise Unavailable(f"no prefill daemon can be reached ({self.probe.why_none()})")
-        with self._lock:
-            room = secrets.randbits(64)
-            while room in self.requests:
-                room = secrets.randbits(64)
-            request = DecodeRequest(room, prompt, params, prefill, events)
-            request.deadline = request.created + self.config.scheduler.request_timeout_s
-            self.requests[room] = request
+        request = DecodeRequest(0, prompt, params, prefill, events)
+        request.deadline = request.created + self.config.scheduler.request_timeout_s
+        self.requests.add(request)
         self.metrics.in_flight.inc()
-        self._send(protocol.Submit(room, prompt, params, request.prefill))
+        self._send(protocol.Submit(request.room, prompt, params, request.prefill))
         return request
 
-    def _refused(self, prefill: str, reason: str) -> None:
-        """A prefill refused a prompt or did not answer: it backs off."""
-        self.metrics.prefill_backoffs.labels(prefill).inc()
-        self.probe.failed(prefill, reason)
+    def _resubmit(self, request: DecodeRequest, prefill: str) -> bool:
+        """`request` again, as a new room at `prefill` (its old room's end is ignored)."""
+        if not self.requests.move(request):
+            return False  # it ended meanwhile
+        request.prefill = prefill
+        self._send(protocol.Submit(request.room, request.prompt, request.params, prefill, True))
+        return True
+
+    def _handoff_failed(self, request: DecodeRequest, room: int, failure: Failure) -> None:
+        """The prefill of `room` refused its prompt or did not answer."""
+        if request.room == room:  # else a failure of this room moved it on already
+            told = self.retry.failed(request, failure)
+            self.abort(room, told or aborted(f"moved to {request.prefill}"))
 
     def abort(self, room: int, failure: Failure) -> None:
         self._send(protocol.AbortRoom(room, failure))
@@ -300,6 +309,10 @@ class Daemon:
             request.take(out.tokens, time.monotonic(), self.metrics)
             if out.finish and request.ended:  # ended by the front: complete, not failed
                 self._finish(request, "stop", None, out.tokens)
+            elif out.retryable:  # no KV of it arrived: another prefill may serve it
+                told = self.retry.failed(request, out.error)
+                if told is not None:
+                    self._finish(request, out.finish, told, out.tokens)
             elif out.finish:
                 self._finish(request, out.finish, out.error, out.tokens)
             else:
@@ -311,9 +324,8 @@ class Daemon:
     def _finish(
         self, request: DecodeRequest, finish: str, error: Failure | None, tokens: list[int] = ()
     ) -> None:
-        with self._lock:
-            if self.requests.pop(request.room, None) is None:
-                return
+        if not self.requests.remove(request):
+            return
         request.finish, request.error = finish, error
         request.marks["done"] = time.time()
         self.metrics.in_flight.dec()
@@ -325,22 +337,14 @@ class Daemon:
         self.metrics.finished("error" if error is not None else "ok", error)
 
     def _expire(self, now: float) -> None:
-        with self._lock:
-            late = [r for r in self.requests.values() if now > r.deadline]
-        for request in late:
+        for request in [r for r in self.requests.all() if now > r.deadline]:
             request.deadline = float("inf")  # abort once; the ranks answer with its end
             limit = self.config.scheduler.request_timeout_s
             self.abort(request.room, timeout(f"timeout: request unfinished after {limit:g}s"))
 
-    def _load(self) -> PrefillLoad:
-        """Prefill: what its bootstrap server reports to decode daemons choosing a prefill."""
-        prompts, tokens = self.intake.load()
-        snapshots = self.metrics.snapshots()
-        free = min((s.kv_pages_total - s.kv_pages_used for s in snapshots), default=0)
-        return PrefillLoad(prompts, tokens, free)
+    def _prefill_load(self) -> PrefillLoad:
+        return self.intake.load(self.metrics.snapshots())
 
     def in_flight(self) -> int:
         """Decode requests and prefill prompts not finished yet."""
-        with self._lock:
-            requests = len(self.requests)
-        return requests + len(self.intake)
+        return len(self.requests) + len(self.intake)

@@ -177,6 +177,12 @@ class Metrics:
             registry=r,
         )
 
+        self.prefill_retries = Counter(
+            "kvferry_prefill_retries",
+            "Decode: requests resubmitted to another prefill after a failure before any KV",
+            registry=r,
+        )
+
     def forget_prefill(self, address: str) -> None:
         """A prefill daemon left the deployment (its name no longer stands for it)."""
         for metric in (self.prefill_reachable, self.prefill_picks, self.prefill_backoffs):

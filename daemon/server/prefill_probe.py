@@ -31,6 +31,7 @@ PROBE_INTERVAL_S = 1.0  # pause between two rounds of probes
 PROBE_TIMEOUT_S = 2.0  # longest wait for one bootstrap server's answer
 RESOLVE_INTERVAL_S = 10.0  # how often names are looked up again (and after each failure)
 BACKOFF_S = 5.0  # a prefill that failed a hand-off gets no new request for this long
+MISSES = 2  # probes in a row without an answer before a prefill counts as unreachable
 
 
 @dataclass
@@ -43,6 +44,7 @@ class PrefillState:
     handed_prompts: int = 0  # handed since that answer
     handed_tokens: int = 0
     backoff_until: float = 0.0  # monotonic
+    misses: int = 0  # probes in a row it did not answer (a saturated host may miss one)
     last_pick: int = 0  # order of the last pick: ties go to the least recently picked
 
     def usable(self, now: float) -> bool:
@@ -168,12 +170,14 @@ class PrefillProbe:
                 self._by_spec[spec] = self._resolve(spec)
             except (OSError, ValueError) as exc:  # keep what it stood for until it answers
                 log.warning("prefill %s: %s (keeping %s)", spec, exc, self._by_spec[spec])
-        current = {address for addresses in self._by_spec.values() for address in addresses}
+        # in the configured order: equally loaded prefills are picked in it
+        current = dict.fromkeys(a for addresses in self._by_spec.values() for a in addresses)
         with self._lock:
-            for address in current - self._states.keys():
-                log.info("prefill %s joined", address)
-                self._states[address] = PrefillState(address)
-            for address in self._states.keys() - current:
+            for address in current:
+                if address not in self._states:
+                    log.info("prefill %s joined", address)
+                    self._states[address] = PrefillState(address)
+            for address in self._states.keys() - current.keys():
                 log.info("prefill %s retired: its name no longer stands for it", address)
                 del self._states[address]
                 self._metrics.forget_prefill(address)
@@ -198,15 +202,17 @@ class PrefillProbe:
 
     def _record(self, state: PrefillState, error: str | None, load: PrefillLoad | None) -> None:
         with self._lock:
+            state.misses = 0 if error is None else state.misses + 1
+            reachable = error is None or (state.misses < MISSES and state.reachable is not False)
             if error is None:
                 state.last_seen = time.time()
                 state.load, state.handed_prompts, state.handed_tokens = load, 0, 0
-            elif state.reachable is not False:
+            elif not reachable and state.reachable is not False:
                 log.warning("prefill %s unreachable: %s", state.address, error)
             if error is None and state.reachable is False:
                 log.info("prefill %s reachable again", state.address)
-            state.reachable = error is None
+            state.reachable = reachable
             state.last_error = error or state.last_error  # kept after a recovery, for /status
             if state.address not in self._states:
                 return  # retired while probed
-        self._metrics.prefill_reachable.labels(state.address).set(1 if error is None else 0)
+        self._metrics.prefill_reachable.labels(state.address).set(1 if reachable else 0)

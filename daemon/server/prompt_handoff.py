@@ -2,12 +2,14 @@
 bootstrap server) once the ranks have reserved its pages.
 
 Each hand-off waits for the prefill's reply, so it runs on a small pool, off the daemon's loop;
-a refusal, or no reply, aborts the request with the reason.
+a refusal, or no reply, goes to the daemon with the reason: it tries another prefill
+(`prefill_retry.py`) or ends the request.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +22,8 @@ from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt, WireError
 
 log = logging.getLogger("kvferry.daemon")
+BUSY_PAUSE_S = 0.01  # the first pause before a prompt refused as `busy` is sent again
+BUSY_PAUSE_MAX_S = 0.2
 
 
 class PromptHandoff:
@@ -30,37 +34,47 @@ class PromptHandoff:
         context: zmq.Context,
         codec: Codec,
         timeout_s: float,
-        abort: Callable[[int, Failure], None],
-        refused: Callable[[str, str], None],
+        failed: Callable[[DecodeRequest, int, Failure], None],
     ) -> None:
-        """`refused(prefill, reason)`: told of each prefill that refused or did not answer."""
-        self._context, self._codec, self._timeout_s, self._abort = context, codec, timeout_s, abort
-        self._refused = refused
-        self._pool = ThreadPoolExecutor(4, thread_name_prefix="kvferry-submit")
+        """`failed(request, room, failure)`: the prefill refused the prompt of `room` or did
+        not answer; the daemon tries another or ends the request."""
+        self._context, self._codec, self._timeout_s = context, codec, timeout_s
+        self._failed = failed
+        self._closed = threading.Event()
+        self._pool = ThreadPoolExecutor(8, thread_name_prefix="kvferry-submit")
 
     def submit(self, request: DecodeRequest) -> None:
         self._pool.submit(self._hand, request)
 
     def close(self) -> None:
         """Hand-offs not started are dropped: the daemon fails their requests as it stops."""
+        self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _hand(self, request: DecodeRequest) -> None:
-        p = request.params
-        message = SubmitPrompt(request.room, request.prompt, p.temperature, p.top_p, p.seed)
-        try:
-            reply = control_request(
-                self._context, self._codec, request.prefill, message, self._timeout_s
-            )
-        except (TimeoutError, WireError, zmq.ZMQError) as exc:
-            reply = ErrorReply(str(exc))
-        except Exception as exc:  # this runs in a pool, which would keep it silent: fail now
-            log.exception("submitting room %#x to %s failed", request.room, request.prefill)
-            reply = ErrorReply(f"{type(exc).__name__}: {exc}")
+        p, room, prefill = request.params, request.room, request.prefill
+        message = SubmitPrompt(room, request.prompt, p.temperature, p.top_p, p.seed)
+        # a prefill too busy to hold the prompt now takes it once its other rooms register:
+        # the same prompt again after a pause, until the registration deadline
+        pause, give_up = BUSY_PAUSE_S, time.monotonic() + self._timeout_s
+        reply = self._exchange(prefill, message)
+        while isinstance(reply, ErrorReply) and reply.busy and request.room == room:
+            if time.monotonic() + pause > give_up or self._closed.wait(pause):
+                break
+            pause = min(2 * pause, BUSY_PAUSE_MAX_S)
+            reply = self._exchange(prefill, message)
         if isinstance(reply, Ack):
             request.marks["prompt_at_prefill"] = time.time()
         else:
             reason = reply.reason if isinstance(reply, ErrorReply) else f"unexpected {reply!r}"
-            refused = f"prefill {request.prefill} refused the prompt: {reason}"
-            self._refused(request.prefill, reason)
-            self._abort(request.room, Failure(FailureKind.REFUSED, refused))
+            refused = f"prefill {prefill} refused the prompt: {reason}"
+            self._failed(request, room, Failure(FailureKind.REFUSED, refused))
+
+    def _exchange(self, prefill: str, message: SubmitPrompt):
+        try:
+            return control_request(self._context, self._codec, prefill, message, self._timeout_s)
+        except (TimeoutError, WireError, zmq.ZMQError) as exc:
+            return ErrorReply(str(exc))
+        except Exception as exc:  # this runs in a pool, which would keep it silent: fail now
+            log.exception("submitting room %#x to %s failed", message.room, prefill)
+            return ErrorReply(f"{type(exc).__name__}: {exc}")

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.server import protocol
 from kvferry.daemon.server.prompt_quota import PromptQuota
-from kvferry.transport.messages import Ack, ErrorReply, SubmitPrompt
+from kvferry.daemon.server.protocol import Snapshot
+from kvferry.transport.messages import Ack, ErrorReply, PrefillLoad, SubmitPrompt
 
 
 class PromptIntake:
@@ -55,7 +56,7 @@ class PromptIntake:
                 return ErrorReply(f"room {room} is already in use", room=room)
             refused = self.quota.take(room, peer)
             if refused:
-                return ErrorReply(f"prompt refused: {refused}", room=room)
+                return ErrorReply(f"prompt refused: {refused}", room=room, busy=True)
             self.rooms[room] = len(message.prompt)
             self.prompt_tokens += len(message.prompt)
         self._send(protocol.Submit(room, message.prompt, params))
@@ -74,7 +75,9 @@ class PromptIntake:
             self.prompt_tokens -= self.rooms.pop(room, 0)
             self.quota.release(room)
 
-    def load(self) -> tuple[int, int]:
-        """(prompts taken and not done, their tokens)."""
+    def load(self, snapshots: list[Snapshot]) -> PrefillLoad:
+        """What the bootstrap server reports to decode daemons choosing a prefill: the prompts
+        taken and not done, and the free KV pages of the fullest rank (its latest snapshot)."""
+        free = min((s.kv_pages_total - s.kv_pages_used for s in snapshots), default=0)
         with self._lock:
-            return len(self.rooms), self.prompt_tokens
+            return PrefillLoad(len(self.rooms), self.prompt_tokens, free)

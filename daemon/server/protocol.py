@@ -20,6 +20,7 @@ class Submit:
     prompt: list[int]
     params: SamplingParams
     bootstrap: str | None = None  # decode: the prefill group that sends the KV
+    retry: bool = False  # decode: another attempt at a request that failed at another prefill
 
 
 @dataclass(frozen=True)

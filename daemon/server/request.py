@@ -4,6 +4,8 @@ front and the ranks."""
 
 from __future__ import annotations
 
+import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -53,6 +55,7 @@ class DecodeRequest:
     finish: str | None = None
     error: Failure | None = None
     ended: bool = False  # the front has its answer (a stop string): ending it is no failure
+    attempts: list[str] = field(default_factory=list)  # each failed prefill and why
     # when each stage ended, wall clock (transport/timeline.py): the daemon's and the ranks'
     marks: dict[str, float] = field(default_factory=lambda: {"received": time.time()})
 
@@ -75,3 +78,49 @@ class DecodeRequest:
             metrics.itl.observe((now - self.last_token_at) / len(tokens))
         self.last_token_at = now
         self.tokens.extend(tokens)
+
+
+class Requests:
+    """A decode daemon's requests in flight, by room. Thread-safe: HTTP threads add them, the
+    daemon's loop ends them, a failed hand-off moves one to a new room."""
+
+    def __init__(self) -> None:
+        self._by_room: dict[int, DecodeRequest] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_room)
+
+    def get(self, room: int) -> DecodeRequest | None:
+        return self._by_room.get(room)
+
+    def all(self) -> list[DecodeRequest]:
+        with self._lock:
+            return list(self._by_room.values())
+
+    def add(self, request: DecodeRequest) -> None:
+        """Under a room id of its own: drawn here, so no two requests share one."""
+        with self._lock:
+            request.room = self._new_room()
+            self._by_room[request.room] = request
+
+    def move(self, request: DecodeRequest) -> bool:
+        """To a new room (what arrives for the old one is then ignored); False if it ended."""
+        with self._lock:
+            if self._by_room.pop(request.room, None) is not request:
+                return False
+            request.room = self._new_room()
+            self._by_room[request.room] = request
+            return True
+
+    def remove(self, request: DecodeRequest) -> bool:
+        """False when it had ended already: each request ends once."""
+        with self._lock:
+            return self._by_room.pop(request.room, None) is not None
+
+    def _new_room(self) -> int:
+        room = secrets.randbits(64)
+        while room in self._by_room:
+            room = secrets.randbits(64)
+        return room

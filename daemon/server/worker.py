@@ -160,7 +160,9 @@ class Worker:
             return
         try:
             if self.config.role == "decode":
-                engine.submit(command.room, command.prompt, command.params, command.bootstrap)
+                engine.submit(
+                    command.room, command.prompt, command.params, command.bootstrap, command.retry
+                )
             else:
                 engine.submit(command.room, command.prompt, command.params)
         except ValueError as exc:  # the same on every rank: the request cannot be served

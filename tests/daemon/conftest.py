@@ -37,6 +37,9 @@ def rendered() -> tuple[str, list[Snapshot]]:
     metrics.transfer.observe(0.1)
     metrics.in_flight.inc(3)
     metrics.prefill_reachable.labels("tcp://127.0.0.1:17100").set(1)
+    metrics.prefill_picks.labels("tcp://127.0.0.1:17100").inc(4)
+    metrics.prefill_backoffs.labels("tcp://127.0.0.1:17100").inc()
+    metrics.prefill_retries.inc()
     metrics.finished("ok")
     metrics.finished("ok")
     refused = "prefill tcp://127.0.0.1:17100 refused the prompt: not serving"

@@ -28,5 +28,5 @@ def test_without_a_tokenizer_text_is_refused_naming_the_checkpoint(tmp_path):
 @pytest.mark.parametrize("eos", ['"2"', "[1, -1]", "true"])
 def test_a_malformed_generation_config_is_named(tmp_path, eos):
     (tmp_path / "generation_config.json").write_text(f'{{"eos_token_id": {eos}}}')
-    with pytest.raises(ValueError, match="generation_config.json: eos_token_id="):
+    with pytest.raises(ValueError, match=r"generation_config\.json: eos_token_id="):
         load_tokenizer(tmp_path)

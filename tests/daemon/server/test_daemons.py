@@ -148,7 +148,7 @@ def _generate_cli(cli, path, prompt):
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory, qwen3):
-    """decode-0 round-robins over a compatible prefill and one serving another model."""
+    """decode-0 over a compatible prefill and one serving another model."""
     model, expected = qwen3
     good = prefill("good", model=model)
     other = prefill("other", model={**model, "name": "another-model"})
@@ -166,7 +166,7 @@ def test_bad_requests_get_a_clear_error(mixed):
     cases = [
         (b"{not json", 400, "not valid JSON"),
         (b'{"prompt": 5}', 400, "$.prompt"),
-        (b'{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens=0"),
+        (b'{"prompt": [1], "max_tokens": 0}', 400, "max_tokens=0"),
         (json.dumps({"prompt": list(range(5000))}).encode(), 400, "max_prompt_tokens=1023"),
         (json.dumps({"prompt": [1, 2, 100000]}).encode(), 400, "token id 100000"),
     ]
@@ -180,21 +180,17 @@ def test_bad_requests_get_a_clear_error(mixed):
         assert text in json.loads(info.value.read())["error"]["message"]
 
 
-def test_incompatible_prefill_fails_its_requests_only(mixed):
+def test_a_request_that_meets_an_incompatible_prefill_is_served_by_the_other(mixed):
+    """The other prefill serves another model: a request handed to it fails at registration,
+    before any KV, so it is retried on the good prefill; the other one backs off, named."""
     launcher, expected = mixed
-    outcomes = []
-    for prompt in PROMPTS[:4]:
-        try:
-            outcomes.append(generate(launcher, "decode-0", prompt).token_ids)
-        except Exception as exc:
-            outcomes.append(str(exc))
-    errors = [o for o in outcomes if isinstance(o, str)]
-    assert len(errors) == 2, outcomes  # round-robin: every other request met the other model
-    for error in errors:
-        assert "model" in error, error
-    for outcome, want in zip(outcomes, expected, strict=False):
-        if not isinstance(outcome, str):
-            assert outcome == want
+    outcomes = [generate(launcher, "decode-0", prompt).token_ids for prompt in PROMPTS[:4]]
+    assert outcomes == expected[:4]
+    decode_client = client(launcher, "decode-0")
+    metrics = samples(decode_client.metrics())
+    assert metrics[("kvferry_prefill_retries_total", frozenset())] >= 1
+    (other,) = [s for s in decode_client.status()["prefill"] if s["last_error"]]
+    assert "model" in other["last_error"], other
     wait_idle(launcher)
 
 
@@ -239,6 +235,7 @@ def _loop_turns(launcher, name: str) -> dict[str, float]:
 
 
 LONG = [(11 * i) % 250 for i in range(3000)]  # hundreds of prefill chunks: time to kill
+MEDIUM = LONG[:400]  # a SLOW prefill takes seconds, a spare one a moment
 BIG_CACHE = {"cache": {"page_size": 8, "num_pages": 512}}
 SLOW = {
     "scheduler": {"prefill_chunk_tokens": 2, "max_batch_tokens": 2},
@@ -254,10 +251,8 @@ def test_prefill_killed_mid_request(tmp_path, qwen3):
     with running(path, expect_clean_exit=False) as launcher:
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(failure, launcher, "decode-0", LONG)  # round-robin: doomed
-            wait_for(
-                lambda: client(launcher, "doomed").status()["requests"]["in_flight"],
-                "the prompt on prefill",
-            )
+            # KV has started arriving: the request is not tried on another prefill
+            wait_for(lambda: kv_bytes_received(launcher) > 0, "KV from the doomed prefill")
             kill(next(c for c in launcher.children if c.name == "doomed").process.pid)
             error = pending.result(timeout=60)
         assert error.status == 502 and ("peer lost" in str(error) or "prefill" in str(error))
@@ -265,6 +260,38 @@ def test_prefill_killed_mid_request(tmp_path, qwen3):
         assert generate(launcher, "decode-0", PROMPTS[0]).token_ids == expected[0]  # spare
         wait_idle(launcher, ["decode-0", "spare"])
         assert client(launcher, "decode-0").health()["status"] == "ok"
+        codes = launcher.stop()
+    assert codes["decode-0"] == 0 and codes["spare"] == 0
+
+
+def kv_bytes_received(launcher) -> float:
+    metrics = samples(client(launcher, "decode-0").metrics())
+    return sum(v for (name, _), v in metrics.items() if name == "kvferry_kv_bytes_received_total")
+
+
+def test_prefill_killed_before_any_kv_arrived_is_retried_on_another(tmp_path, qwen3):
+    """A prompt's KV is sent only once its whole prefill is done (decode asks for one transfer
+    chunk), so killing the doomed prefill mid-prefill loses nothing of the request's: it is
+    resubmitted to the spare prefill and answers as if nothing happened."""
+    model, _ = qwen3
+    whole = {**FAST_TRANSFER, "chunk_tokens": 4096, "staging_bytes": 64 << 20}
+    doomed = prefill("doomed", transfer=whole, **SLOW)
+    spare = prefill("spare", transfer=whole, **BIG_CACHE)
+    d = decode("decode-0", [doomed, spare], transfer=whole, **BIG_CACHE)
+    path = write(tmp_path, [doomed, spare, d], model)
+    with running(path, expect_clean_exit=False) as launcher:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(generate, launcher, "decode-0", MEDIUM, 4)  # the tie: doomed
+            wait_for(
+                lambda: client(launcher, "doomed").status()["requests"]["in_flight"],
+                "the prompt on prefill",
+            )
+            kill(next(c for c in launcher.children if c.name == "doomed").process.pid)
+            result = pending.result(timeout=120)
+        assert result.token_ids == generate(launcher, "decode-0", MEDIUM, 4).token_ids
+        metrics = samples(client(launcher, "decode-0").metrics())
+        assert metrics[("kvferry_prefill_retries_total", frozenset())] == 1
+        wait_idle(launcher, ["decode-0", "spare"])
         codes = launcher.stop()
     assert codes["decode-0"] == 0 and codes["spare"] == 0
 

@@ -2,6 +2,8 @@
 to the least-loaded prefill, and a prefill that a name starts to stand for receives prompts
 without decode restarting."""
 
+import signal
+
 import zmq
 
 from kvferry.daemon.cli.client import DaemonClient
@@ -84,3 +86,31 @@ def test_a_prefill_joins_when_its_name_starts_to_stand_for_it(tmp_path, monkeypa
         for _ in range(2):
             assert generate(launcher, "decode-0", PROMPT).finish_reason == "length"
         assert picks(decode_client)[joined] >= 1
+
+
+def test_a_prompt_refused_by_a_stopping_prefill_is_served_by_another(tmp_path):
+    """A prefill draining at stop still answers probes but refuses new prompts: the request it
+    refuses goes to the other prefill, which backs the refuser off."""
+    stopping = prefill("stopping", transfer=PATIENT, drain_timeout_s=60)
+    spare = prefill("spare", transfer=PATIENT, drain_timeout_s=5)
+    path = write(tmp_path, [stopping, spare, decode("decode-0", [stopping, spare])])
+    stopping_address = f"tcp://127.0.0.1:{stopping['bootstrap_port']}"
+    spare_address = f"tcp://127.0.0.1:{spare['bootstrap_port']}"
+    with running(path, expect_clean_exit=False) as launcher, zmq.Context() as context:
+        # held prompts: one token keeps `stopping` draining, fifty make the spare look busier
+        for address, held in ((stopping_address, [1]), (spare_address, list(range(50)))):
+            reply = control_request(context, Codec(), address, SubmitPrompt(1, held), 10)
+            assert isinstance(reply, Ack)
+        decode_client = client(launcher, "decode-0")
+        wait_for(lambda: queued_tokens(decode_client, spare_address) == 50, "the spare's load")
+        process = next(c for c in launcher.children if c.name == "stopping").process
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: client(launcher, "stopping").status()["state"] == "stopping", "drain")
+        answers = [generate(launcher, "decode-0", PROMPT, max_tokens=2) for _ in range(3)]
+        assert all(a.finish_reason == "length" for a in answers)
+        assert answers[0].token_ids == answers[1].token_ids == answers[2].token_ids
+        metrics = samples(decode_client.metrics())
+        assert metrics[("kvferry_prefill_retries_total", frozenset())] >= 1
+        backoffs = ("kvferry_prefill_backoffs_total", frozenset({("prefill", stopping_address)}))
+        assert metrics[backoffs] >= 1
+        process.kill()
