@@ -124,7 +124,11 @@ async def _body(request: Request, kind: type):
         raise HTTPError(411, "a JSON body with Content-Length is required")
     if int(length) > MAX_BODY_BYTES:
         raise HTTPError(413, f"body of {length} bytes exceeds {MAX_BODY_BYTES}")
-    raw = await request.body()
+    limit = request.app.state.daemon.config.http_body_timeout_s
+    try:
+        raw = await asyncio.wait_for(request.body(), limit)
+    except asyncio.TimeoutError:
+        raise HTTPError(408, f"the request body did not arrive within {limit:g} s") from None
     try:
         body = msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:

@@ -137,6 +137,8 @@ class DaemonConfig(_Section):
     http_port: int = 0  # /health, /status, /metrics; decode also /v1/completions (0: any free)
     # a client's time to send each request's headers, from connecting or the previous answer
     http_header_timeout_s: float = 10.0
+    # ... and to send a request's body once its headers are in (a slow body gets a 408)
+    http_body_timeout_s: float = 30.0
     bootstrap_port: int = 0  # prefill: where decode daemons register rooms and submit prompts
     prefill: list[str] = []  # decode: bootstrap addresses of prefill daemons (round-robin)
     start_timeout_s: float = 300.0  # every rank built and registered
@@ -156,7 +158,12 @@ class DaemonConfig(_Section):
 
     def __post_init__(self) -> None:
         _positive(self, "tp")
-        for name in ("start_timeout_s", "drain_timeout_s", "http_header_timeout_s"):
+        for name in (
+            "start_timeout_s",
+            "drain_timeout_s",
+            "http_header_timeout_s",
+            "http_body_timeout_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         for name in ("http_port", "bootstrap_port"):

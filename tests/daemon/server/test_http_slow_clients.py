@@ -12,13 +12,16 @@ from kvferry.daemon.server.config import ConfigError, DaemonConfig, parse
 from support.cluster import client, decode, generate, prefill, running, write
 
 HEADER_TIMEOUT_S = 0.5
+BODY_TIMEOUT_S = 5.0  # the slow body below takes about 2 s
 GIVE_UP_S = 60.0  # far beyond the timeout: a connection still open by then is never closed
 
 
 @pytest.fixture(scope="module")
 def slow_pair(tmp_path_factory):
     p = prefill("prefill-0")
-    d = decode("decode-0", [p], http_header_timeout_s=HEADER_TIMEOUT_S)
+    d = decode(
+        "decode-0", [p], http_header_timeout_s=HEADER_TIMEOUT_S, http_body_timeout_s=BODY_TIMEOUT_S
+    )
     path = write(tmp_path_factory.mktemp("slow"), [p, d])
     with running(path) as launcher:
         yield launcher
@@ -62,7 +65,15 @@ def test_a_kept_alive_connection_gets_the_timeout_again_for_its_next_request(con
     assert _closed_while_trickling(sock, b"GET /health HTTP/1.1\r\n")
 
 
-def test_once_the_headers_are_in_the_request_is_not_limited(connect):
+def test_a_body_that_never_ends_gets_a_408(connect):
+    sock = connect()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    sock.sendall(head + b'{"prompt": [1,')  # and nothing more
+    answer = _response(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 5 s" in answer
+
+
+def test_once_the_headers_are_in_the_body_has_its_own_time(connect):
     """The body comes slowly, over several times the header timeout: still answered."""
     sock = connect()
     body = b'{"prompt": [4, 5, 6], "max_tokens": 2}'
