@@ -21,8 +21,8 @@ from kvferry.daemon.cli.bench.command import bench
 from kvferry.daemon.cli.client import DEFAULT_URL, ClientError, Completion, DaemonClient, daemon_url
 from kvferry.daemon.cli.common import (
     CONFIG_PATH,
-    EMBEDDED_DEFAULT,
     SECONDS,
+    deployment_option,
     note,
     stop_on_sigterm,
 )
@@ -69,14 +69,7 @@ def serve(config_path: str, name: str | None, log_level: str) -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    default=str(EMBEDDED_DEFAULT),
-    show_default="the embedded default, deploy/local.yaml",
-    type=CONFIG_PATH,
-    help="Deployment file.",
-)
+@deployment_option("Deployment file.")
 @click.option(
     "--start-timeout",
     type=SECONDS,
@@ -175,14 +168,7 @@ def generate(prompt, prompt_ids, url, config_path, stream, as_json, timeout, **s
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    default=str(EMBEDDED_DEFAULT),
-    show_default="the embedded default, deploy/local.yaml",
-    type=CONFIG_PATH,
-    help="Deployment to start (and stop afterwards).",
-)
+@deployment_option("Deployment to start (and stop afterwards).")
 @click.option("--requests", type=click.IntRange(min=1), default=24, show_default=True)
 @click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True)
