@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 import msgspec
 
-from kvferry.daemon.cli.bench.report import plot, plot_results, read_result, rss_lines, table
+from kvferry.daemon.cli.bench.plot import plot, plot_results, read_result
+from kvferry.daemon.cli.bench.report import rss_lines, table
 from kvferry.daemon.cli.bench.run import BenchSpec, run_bench, run_deployment, write_result
 from kvferry.daemon.cli.bench.timeline import stage_table, write_trace
 from kvferry.daemon.cli.bench.workload import BenchError
