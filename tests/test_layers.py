@@ -1,4 +1,4 @@
-"""The layer rule: imports only go down, `cli → server → engine → model` and
+"""The layer rule: imports only go down, `cli → router → server → engine → model` and
 `engine → transport → staging → cuda`, and the CLI entry point imports without torch.
 
 Every module's imports are read from its AST, function-level and `TYPE_CHECKING` ones included:
@@ -16,12 +16,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("daemon", "transport", "staging", "cuda")
-DAEMON_FLOORS = ("cli", "server", "engine", "model")
+DAEMON_FLOORS = ("cli", "router", "server", "engine", "model")
 
 # What each floor may import besides itself: everything below it. The daemon's model floor
 # sits beside transport, both above staging (KV layouts, TP head plans).
 BELOW = {
-    "cli": {"server", "engine", "model", "transport", "staging", "cuda"},
+    "cli": {"router", "server", "engine", "model", "transport", "staging", "cuda"},
+    "router": {"server", "engine", "model", "transport", "staging", "cuda"},
     "server": {"engine", "model", "transport", "staging", "cuda"},
     "engine": {"model", "transport", "staging", "cuda"},
     "model": {"staging", "cuda"},

@@ -1,7 +1,9 @@
-"""Runs a deployment: one `kvferry serve` child process per daemon.
+"""Runs a deployment: one `kvferry serve` child process per daemon, one `kvferry router` per
+router.
 
 Prefill daemons start first; decode daemons start once every prefill daemon answers /health,
-because they register with prefill at start-up. Stopping goes the other way: decode first (it
+because they register with prefill at start-up; routers start once every decode daemon answers.
+Stopping goes the other way: routers first (they send requests to decode), then decode (it
 holds rooms on prefill), then prefill. Children run in their own session, so a terminal's Ctrl-C
 reaches only the launcher, which then stops them in that order.
 """
@@ -17,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvferry.daemon.cli.client import DaemonClient, daemon_url
-from kvferry.daemon.server.config import ConfigError, DaemonConfig, Deployment, load
+from kvferry.daemon.server.config import ConfigError, DaemonConfig, Deployment, RouterConfig, load
 
-CommandBuilder = Callable[[DaemonConfig], Sequence[str]]
+CommandBuilder = Callable[[DaemonConfig | RouterConfig], Sequence[str]]
 
-START_ORDER = ("prefill", "decode")
+START_ORDER = ("prefill", "decode", "router")
 _PROBE_TIMEOUT_S = 1.0  # one /health request while waiting for readiness
 _REAP_AFTER_KILL_S = 10.0
 
@@ -31,10 +33,11 @@ class LaunchError(RuntimeError):
 
 
 def serve_command(config_path: str | Path, log_level: str | None = None) -> CommandBuilder:
-    """The command line that serves one daemon of the file at `config_path`."""
+    """The command line that serves one daemon (or router) of the file at `config_path`."""
 
-    def build(daemon: DaemonConfig) -> list[str]:
-        command = [sys.executable, "-m", "kvferry.daemon.cli.main", "serve"]
+    def build(daemon: DaemonConfig | RouterConfig) -> list[str]:
+        verb = "router" if daemon.role == "router" else "serve"
+        command = [sys.executable, "-m", "kvferry.daemon.cli.main", verb]
         command += ["--config", str(config_path), "--name", daemon.name]
         return command + (["--log-level", log_level] if log_level else [])
 
@@ -55,9 +58,9 @@ def describe_exit(code: int | None) -> str:
 
 @dataclass
 class Child:
-    """One daemon of the deployment and, once started, its process."""
+    """One daemon (or router) of the deployment and, once started, its process."""
 
-    daemon: DaemonConfig
+    daemon: DaemonConfig | RouterConfig
     url: str
     process: subprocess.Popen | None = None
     started_at: float = 0.0  # time.monotonic() at spawn
@@ -90,7 +93,8 @@ class Launcher:
         poll_s: float = 0.1,
     ) -> None:
         check_runnable(deployment)
-        self.children = [Child(daemon, daemon_url(daemon)) for daemon in deployment.daemons]
+        members = [*deployment.daemons, *deployment.routers]
+        self.children = [Child(daemon, daemon_url(daemon)) for daemon in members]
         self.stop_timeout = stop_timeout
         self._command = command
         self._log = log or _to_stderr
@@ -105,7 +109,8 @@ class Launcher:
         return cls(load(path), command=serve_command(path, log_level), **kwargs)
 
     def start(self, timeout: float = 120.0) -> None:
-        """Prefill daemons, then decode; each group must answer /health within `timeout` s."""
+        """Prefill daemons, then decode, then routers; each group must answer /health within
+        `timeout` s."""
         assert all(child.process is None for child in self.children), "start() runs once"
         for role in START_ORDER:
             group = [child for child in self.children if child.role == role]
@@ -146,8 +151,8 @@ class Launcher:
         return None
 
     def stop(self, timeout: float | None = None) -> dict[str, int | None]:
-        """SIGTERM to decode daemons, then prefill; a group still running after `timeout` s
-        (default: stop_timeout) gets SIGKILL. Returns each started daemon's exit code."""
+        """SIGTERM to routers, then decode daemons, then prefill; a group still running after
+        `timeout` s (default: stop_timeout) gets SIGKILL. Returns each started one's exit code."""
         timeout = self.stop_timeout if timeout is None else timeout
         codes: dict[str, int | None] = {}
         for role in reversed(START_ORDER):
@@ -214,19 +219,21 @@ class Launcher:
 
 
 def check_runnable(deployment: Deployment) -> None:
-    """What running a whole deployment needs beyond a valid file: daemons, each with a unique
-    name and a fixed http_port (readiness is checked on it)."""
+    """What running a whole deployment needs beyond a valid file: daemons, each daemon and
+    router with a unique name and a fixed http_port (readiness is checked on it)."""
     if not deployment.daemons:
         raise ConfigError("the deployment lists no daemons")
-    names = [daemon.name for daemon in deployment.daemons]
-    for index, daemon in enumerate(deployment.daemons):
+    members = [(f"daemons[{i}]", d) for i, d in enumerate(deployment.daemons)]
+    members += [(f"routers[{i}]", r) for i, r in enumerate(deployment.routers)]
+    names = [daemon.name for _, daemon in members]
+    for where, daemon in members:
         if not daemon.name:
             raise ConfigError(
-                f"daemons[{index}] ({daemon.role}) has no name; running a deployment needs a "
-                "unique `name` on every daemon"
+                f"{where} ({daemon.role}) has no name; running a deployment needs a "
+                "unique `name` on every daemon and router"
             )
         if names.count(daemon.name) > 1:
-            raise ConfigError(f"daemons[{index}]: name {daemon.name!r} is used more than once")
+            raise ConfigError(f"{where}: name {daemon.name!r} is used more than once")
         if daemon.http_port == 0:
             raise ConfigError(
                 f"{daemon.name}: http_port is 0 (any free port), but the launcher needs to know "

@@ -29,6 +29,7 @@ from kvferry.daemon.cli.common import (
 from kvferry.daemon.cli.demo import run_demo
 from kvferry.daemon.cli.fuzz.command import fuzz
 from kvferry.daemon.cli.launcher import Launcher, LaunchError, describe_exit
+from kvferry.daemon.cli.router import router
 from kvferry.daemon.cli.status import status
 from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.config import ConfigError, DaemonConfig, Deployment, check_against, load
@@ -87,11 +88,12 @@ def serve(config_path: str, name: str | None, log_level: str) -> None:
 )
 @click.option("--log-level", type=LOG_LEVELS, help="Passed to every daemon.")
 def up(config_path: str, start_timeout: float, stop_timeout: float, log_level: str | None) -> None:
-    """Run every daemon of a deployment until Ctrl-C or SIGTERM.
+    """Run every daemon and router of a deployment until Ctrl-C or SIGTERM.
 
     Prefill daemons start first; decode daemons start once every prefill daemon answers
-    GET /health. Stopping sends SIGTERM to decode daemons first, then prefill. Every daemon needs
-    a unique name and a fixed http_port. Exits 0 when every daemon exited 0.
+    GET /health, routers once every decode daemon does. Stopping sends SIGTERM to routers first,
+    then decode daemons, then prefill. Every daemon and router needs a unique name and a fixed
+    http_port. Exits 0 when every one of them exited 0.
     """
     launcher = Launcher.from_file(
         config_path, log_level=log_level, log=note, stop_timeout=stop_timeout
@@ -192,8 +194,9 @@ def config_check(file: str) -> None:
     deployment = load(file)
     for daemon in deployment.daemons:
         check_against(daemon, _model_config(daemon))
-    count = len(deployment.daemons)
-    click.echo(f"{file}: ok ({count} daemon{'' if count == 1 else 's'})")
+    count, routers = len(deployment.daemons), len(deployment.routers)
+    also = f", {routers} router{'' if routers == 1 else 's'}" if routers else ""
+    click.echo(f"{file}: ok ({count} daemon{'' if count == 1 else 's'}{also})")
 
 
 @config_group.command("show")
@@ -281,6 +284,7 @@ def _calling_on_signals(callback):
 main.add_command(bench)
 main.add_command(fuzz)
 main.add_command(status)
+main.add_command(router)
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -187,10 +188,77 @@ class DaemonConfig(_Section):
             )
 
 
+class RouterConfig(_Section, kw_only=True):
+    """One `kvferry router`: an OpenAI-compatible entry point in front of decode daemons, each
+    request sent to the least-loaded one (docs/fleet.md)."""
+
+    name: str = ""
+    host: str = "127.0.0.1"
+    http_port: int = 0  # /v1/*, /health, /status, /metrics (0: any free)
+    # decode daemons' HTTP addresses, http://<host>:<port>; a host that is a DNS name stands for
+    # every address it resolves to (a Kubernetes headless service), looked up again periodically
+    targets: list[str]
+    attempts: int = 3  # decode daemons one request may try while nothing was sent to its client
+    request_timeout_s: float = 600.0  # a request's time, all its attempts together
+    connect_timeout_s: float = 5.0  # to open a connection to a decode daemon
+    poll_interval_s: float = 1.0  # each target's /health and /status are read this often
+    probe_timeout_s: float = 2.0  # one /health or /status read
+    backoff_s: float = 5.0  # a target that failed a request gets none for this long
+    resolve_interval_s: float = 10.0  # DNS names looked up again this often, and after a failure
+    http_header_timeout_s: float = 10.0  # as a daemon's
+    http_body_timeout_s: float = 30.0  # as a daemon's
+    drain_timeout_s: float = 30.0  # at SIGTERM: requests in flight get this long to finish
+
+    @property
+    def role(self) -> str:
+        """What the launcher and logs call it, beside the daemons' roles."""
+        return "router"
+
+    def __post_init__(self) -> None:
+        _positive(self, "attempts")
+        for name in _ROUTER_SECONDS:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name):g} must be > 0")
+        if not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port={self.http_port} is not a TCP port")
+        if not self.targets:
+            raise ValueError("a router needs at least one decode daemon address in `targets`")
+        for index, url in enumerate(self.targets):
+            _check_target(f"targets[{index}]", url)
+        if len(set(self.targets)) < len(self.targets):
+            raise ValueError(f"targets={self.targets} lists an address twice")
+
+
+_ROUTER_SECONDS = (
+    "request_timeout_s",
+    "connect_timeout_s",
+    "poll_interval_s",
+    "probe_timeout_s",
+    "backoff_s",
+    "resolve_interval_s",
+    "http_header_timeout_s",
+    "http_body_timeout_s",
+    "drain_timeout_s",
+)
+
+
+def _check_target(where: str, url: str) -> None:
+    """A router target must be http(s)://<host>[:<port>] and nothing more."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    extra = parts.path not in ("", "/") or parts.query or parts.fragment or parts.username
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or extra:
+        raise ValueError(f"{where}={url!r} is not http://<host>:<port> (a daemon, no path)")
+
+
 class Deployment(_Section):
-    """What `kvferry up` starts: every daemon the file lists."""
+    """What `kvferry up` starts: every daemon the file lists, then its routers."""
 
     daemons: list[DaemonConfig]
+    routers: list[RouterConfig] = []
 
 
 def load(path: str | Path, kind: type = Deployment):

@@ -1,0 +1,112 @@
+"""A decode daemon's stream passed on to the client: read up to its first event before anything
+is sent (until then a failure may still go to another daemon), then event by event as it
+arrives.
+
+Only whole events go out (cut after their blank line), so a stream that breaks mid-event ends
+with the error event on a line of its own, never glued to half an event.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+from starlette.responses import StreamingResponse
+
+from kvferry.daemon.router.errors import RouterError
+
+# OpenAI error types a decode daemon gives a stream that failed before its first token and
+# that another daemon may serve: its 502 (a transfer failed) and 503 (unavailable) kinds
+RETRY_TYPES = frozenset({"server_error", "unavailable"})
+TARGET_HEADER = "x-kvferry-target"  # which decode daemon answered
+
+
+class Splitter:
+    """Cuts a byte stream after its last complete server-sent event."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The whole events `chunk` completes (b"" if none); the rest is kept."""
+        data = self.pending + chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.pending = data
+            return b""
+        self.pending = data[end + 2 :]
+        return data[: end + 2]
+
+
+async def head(response: httpx.Response) -> tuple[bytes, AsyncIterator[bytes]]:
+    """The stream's bytes up to the end of its first data event at least (comments before it
+    are kept), and the rest to come; httpx.RemoteProtocolError if it ends first."""
+    chunks = response.aiter_bytes()
+    data = b""
+    async for chunk in chunks:
+        data += chunk
+        if _first_data(data) is not None:
+            return data, chunks
+    raise httpx.RemoteProtocolError("the stream ended before its first event")
+
+
+def refused(data: bytes) -> str | None:
+    """Why a stream that begins with `data` failed before any token, if another daemon may
+    serve it (its first data event is an error of a RETRY_TYPES kind); else None."""
+    first = _first_data(data) or b""
+    if b'"error"' not in first:
+        return None
+    try:
+        error = json.loads(first[len(b"data:") :])["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(error, dict) or error.get("type") not in RETRY_TYPES:
+        return None
+    return f"its stream began with an error ({error.get('type')}: {error.get('message')})"
+
+
+def _first_data(data: bytes) -> bytes | None:
+    """The first complete event of `data` that carries data (not only comments), if any."""
+    events = data.split(b"\n\n")
+    return next((event for event in events[:-1] if event.startswith(b"data")), None)
+
+
+class Relay:
+    """One stream on its way to the client. It owns the upstream response from `head` on:
+    `done(outcome)` runs exactly once when the stream ends, however (ok, broken, cancelled)."""
+
+    def __init__(
+        self,
+        target: str,
+        data: bytes,
+        rest: AsyncIterator[bytes],
+        first_sent: Callable[[], None],
+        done: Callable[[str, str | None], Awaitable[None]],
+    ) -> None:
+        self.target, self.data, self.rest = target, data, rest
+        self.first_sent, self.done = first_sent, done
+
+    def response(self) -> StreamingResponse:
+        headers = {"Cache-Control": "no-cache", TARGET_HEADER: self.target}
+        return StreamingResponse(self._events(), media_type="text/event-stream", headers=headers)
+
+    async def _events(self):
+        # Starlette cancels this generator when the client leaves: `done` still runs (finally)
+        outcome, why, events = "cancelled", None, Splitter()
+        try:
+            yield events.feed(self.data)
+            self.first_sent()
+            async for chunk in self.rest:
+                whole = events.feed(chunk)
+                if whole:
+                    yield whole
+            if events.pending.strip():
+                raise httpx.RemoteProtocolError("the stream ended inside an event")
+            outcome = "ok"
+        except httpx.HTTPError as exc:
+            outcome, why = "broken", str(exc) or type(exc).__name__
+            message = f"decode daemon {self.target} failed mid-stream: {why}"
+            yield RouterError(502, message, "server_error", "broken").event()
+        finally:
+            await self.done(outcome, why)
