@@ -106,12 +106,12 @@ def status(in_flight: int = 0, free_pages: int = 100) -> dict:
     return {"requests": requests, "ranks": [{"kv_pages": {"used": 0, "total": free_pages}}]}
 
 
-def stub_server(name: str) -> ThreadingHTTPServer:
-    """A stub decode daemon on loopback, serving from its own thread: .url, .mode, .health,
+def stub_server(name: str, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """A stub decode daemon on `host`, serving from its own thread: .url, .mode, .health,
     .status and .seen (the bodies it got) are the test's to read and change."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
+    server = ThreadingHTTPServer((host, port), StubHandler)
     server.daemon_threads = True
-    server.name, server.url = name, f"http://127.0.0.1:{server.server_port}"
+    server.name, server.url = name, f"http://{host}:{server.server_port}"
     server.mode, server.health, server.status, server.seen = "ok", 200, status(), []
     server.hung, server.left = threading.Event(), threading.Event()
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()

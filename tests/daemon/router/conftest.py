@@ -10,11 +10,14 @@ from support.router_sim import FAST, stub_server
 
 @pytest.fixture
 def stubs():
-    """stubs(n) -> n stub decode daemons on loopback, each with .url, .mode, .health, .seen."""
+    """stubs(n, hosts, port) -> n stub decode daemons on loopback (on `hosts` in turn), each
+    with .url, .mode, .health, .seen."""
     servers = []
 
-    def make(count: int) -> list:
-        servers.extend(stub_server(f"stub-{len(servers)}") for _ in range(count))
+    def make(count: int, hosts: tuple[str, ...] = ("127.0.0.1",), port: int = 0) -> list:
+        for index in range(count):
+            host = hosts[index % len(hosts)]
+            servers.append(stub_server(f"stub-{len(servers)}", host, port))
         return servers[-count:]
 
     yield make
