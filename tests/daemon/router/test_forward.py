@@ -3,11 +3,16 @@ target and what is not, the errors naming each attempt, a client that leaves."""
 
 import contextlib
 import json
+import re
+from pathlib import Path
 
 import httpx
 
 from support.cluster import wait_for
+from support.metrics_sim import exported
 from support.router_sim import attempts, complete, events, metric
+
+FLEET = Path(__file__).resolve().parents[3] / "docs" / "fleet.md"
 
 
 def test_whole_and_streamed_answers_pass_through(stubs, routers):
@@ -178,3 +183,14 @@ def _target(router, url: str) -> dict:
 
 def _state(router, url: str) -> str:
     return _target(router, url)["state"]
+
+
+def test_the_metrics_are_those_docs_fleet_md_lists(stubs, routers):
+    (stub,) = stubs(1)
+    router = routers([stub.url])
+    assert complete(router.url).status_code == 200
+    rows = re.findall(r"^\| `(kvferry_router_\w+)` \| (\w+) \| ([^|]*) \|", FLEET.read_text(), re.M)
+    listed = {name: (kind, frozenset(re.findall(r"`(\w+)`", cell))) for name, kind, cell in rows}
+    text = httpx.get(f"{router.url}/metrics", timeout=10).text
+    found = {n: v for n, v in exported(text).items() if n.startswith("kvferry_router_")}
+    assert found == listed
