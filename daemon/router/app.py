@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import msgspec
 from starlette.applications import Starlette
@@ -73,16 +74,20 @@ async def _answer(request: Request, router: Router, call) -> Response:
     assert router.forwarder is not None, "requests are served only while the app runs"
     work = asyncio.ensure_future(router.forwarder.forward(call))
     gone = asyncio.ensure_future(_disconnected(request))
+    # the attempts time themselves out; this is the backstop of an answer that trickles in
+    limit = call.deadline - time.monotonic() + CANCEL_S
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work, gone}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
         if not work.done():
             work.cancel()
             await asyncio.wait({work}, timeout=CANCEL_S)
-    if work.cancelled():
+    if work.done() and not work.cancelled():
+        return work.result()  # even if the client left: a stream's relay must run to its end
+    if gone.done() and not gone.cancelled():
         return Response(status_code=GONE)
-    return work.result()  # a RouterError goes to _error
+    raise RouterError(504, "no answer within request_timeout_s", "timeout", "timeout")
 
 
 async def _body(request: Request, timeout_s: float) -> bytes:

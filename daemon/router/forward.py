@@ -149,7 +149,7 @@ class Forwarder:
             await response.aread()
             detail = f"answered {status} ({_message(response)})"
             return AttemptFailure(target.url, AttemptKind.REFUSED, detail)
-        if call.stream and status == 200:
+        if call.stream and status == 200 and relay.is_stream(response):
             data, rest = await relay.head(response)
             why = relay.refused(data)
             if why is not None:

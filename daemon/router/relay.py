@@ -39,6 +39,10 @@ class Splitter:
         return data[: end + 2]
 
 
+def is_stream(response: httpx.Response) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")
+
+
 async def head(response: httpx.Response) -> tuple[bytes, AsyncIterator[bytes]]:
     """The stream's bytes up to the end of its first data event at least (comments before it
     are kept), and the rest to come; httpx.RemoteProtocolError if it ends first."""

@@ -153,6 +153,19 @@ def test_a_client_that_leaves_closes_its_request_on_the_target(stubs, routers):
     assert _target(router, stub.url)["in_flight"] == 0
 
 
+def test_a_request_past_its_timeout_is_a_504_and_the_target_is_not_blamed(stubs, routers):
+    slow, spare = stubs(2)
+    slow.mode = spare.mode = "hang"
+    router = routers([slow.url, spare.url], request_timeout_s=1.0)
+    late = complete(router.url)
+    assert late.status_code == 504
+    error = late.json()["error"]
+    assert error["type"] == "timeout" and "timed out after 1 attempt" in error["message"]
+    (tried,) = [stub for stub in (slow, spare) if stub.seen]
+    assert attempts(router.url) == {(tried.url, "timeout"): 1}
+    assert _state(router, tried.url) == "up"  # the request's time ran out, not the daemon
+
+
 def test_the_router_own_paths(stubs, routers):
     (stub,) = stubs(1)
     router = routers([stub.url])
