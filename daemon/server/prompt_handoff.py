@@ -44,15 +44,18 @@ class PromptHandoff:
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="kvferry-submit")
 
     def submit(self, request: DecodeRequest) -> None:
-        self._pool.submit(self._hand, request)
+        """Hand over the prompt of the room `request` has now (reserved on the ranks)."""
+        self._pool.submit(self._hand, request, request.room, request.prefill)
 
     def close(self) -> None:
         """Hand-offs not started are dropped: the daemon fails their requests as it stops."""
         self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _hand(self, request: DecodeRequest) -> None:
-        p, room, prefill = request.params, request.room, request.prefill
+    def _hand(self, request: DecodeRequest, room: int, prefill: str) -> None:
+        if request.room != room:
+            return  # it moved to another room (and prefill) while this waited in the pool
+        p = request.params
         message = SubmitPrompt(room, request.prompt, p.temperature, p.top_p, p.seed)
         # a prefill too busy to hold the prompt now takes it once its other rooms register:
         # the same prompt again after a pause, until the registration deadline
