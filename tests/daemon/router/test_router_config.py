@@ -74,6 +74,7 @@ def test_router_command_serves_the_named_router(tmp_path, monkeypatch):
     assert "no router named 'decode-0' (routers: router-0, router-1)" in line
     none = write_yaml(tmp_path, with_routers(), "none.yaml")
     assert "add one under `routers:`" in one_error_line(invoke("router", "--config", none))
+    assert "Serve one router of a deployment file" in invoke("router", "--help").output
 
 
 def test_the_launcher_starts_routers_last_with_their_own_command(tmp_path):
