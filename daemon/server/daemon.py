@@ -272,9 +272,8 @@ class Daemon:
 
     def _handoff_failed(self, request: DecodeRequest, room: int, failure: Failure) -> None:
         """The prefill of `room` refused its prompt or did not answer."""
-        if request.room == room:  # else a failure of this room moved it on already
-            told = self.retry.failed(request, failure)
-            self.abort(room, told or aborted(f"moved to {request.prefill}"))
+        told = self.retry.failed(request, room, failure)
+        self.abort(room, told or aborted(f"moved to {request.prefill}"))
 
     def abort(self, room: int, failure: Failure) -> None:
         self._send(protocol.AbortRoom(room, failure))
@@ -310,7 +309,7 @@ class Daemon:
             if out.finish and request.ended:  # ended by the front: complete, not failed
                 self._finish(request, "stop", None, out.tokens)
             elif out.retryable:  # no KV of it arrived: another prefill may serve it
-                told = self.retry.failed(request, out.error)
+                told = self.retry.failed(request, out.room, out.error)
                 if told is not None:
                     self._finish(request, out.finish, told, out.tokens)
             elif out.finish:

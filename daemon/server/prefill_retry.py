@@ -10,6 +10,7 @@ transfer that failed after KV started arriving is not retried: it fails as it is
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -43,10 +44,19 @@ class PrefillRetry:
         self._probe, self._metrics, self._attempts, self._resubmit = (
             probe, metrics, attempts, resubmit,
         )  # fmt: skip
+        # one decision per room: its hand-off and its transfer may both fail it, on two threads
+        self._lock = threading.Lock()
 
-    def failed(self, request: DecodeRequest, failure: Failure) -> Failure | None:
-        """`request`'s prefill failed it before any KV arrived. None when it went to another
-        prefill; else the failure to end it with, naming every attempt."""
+    def failed(self, request: DecodeRequest, room: int, failure: Failure) -> Failure | None:
+        """`request`'s prefill failed its `room` before any KV arrived. None when it went to
+        another prefill (now or already); else the failure to end it with, naming every
+        attempt."""
+        with self._lock:
+            if request.room != room:
+                return None  # the other failure of this room moved it on already
+            return self._failed(request, failure)
+
+    def _failed(self, request: DecodeRequest, failure: Failure) -> Failure | None:
         prefill = request.prefill
         self._metrics.prefill_backoffs.labels(prefill).inc()
         self._probe.failed(prefill, failure.detail)
