@@ -20,6 +20,7 @@ import uvicorn
 from kvferry.daemon.router.app import build_app
 from kvferry.daemon.router.resolver import Resolver, system_resolver
 from kvferry.daemon.router.service import MAX_UPSTREAM_CONNECTIONS, Router
+from kvferry.daemon.server.api_key import RequireApiKey
 from kvferry.daemon.server.config import RouterConfig
 from kvferry.daemon.server.http_protocol import HeaderTimeoutProtocol
 from kvferry.daemon.server.open_files import allow_open_files
@@ -58,7 +59,7 @@ class RouterServer:
         )
         self._server = uvicorn.Server(
             uvicorn.Config(
-                build_app(self.router),
+                _guarded(build_app(self.router), self.router.api_key),
                 log_config=None,  # the process's logging stays as it is
                 log_level="warning",
                 access_log=False,  # requests are counted in the metrics
@@ -122,3 +123,7 @@ def serve(config: RouterConfig) -> int:
     log.info("stopping: requests in flight get up to %g s", config.drain_timeout_s)
     server.stop()
     return 0
+
+
+def _guarded(app, key: str | None):
+    return RequireApiKey(app, key) if key else app

@@ -19,6 +19,7 @@ from kvferry.daemon.router.metrics import RouterMetrics
 from kvferry.daemon.router.pool import TargetPool
 from kvferry.daemon.router.resolver import Resolver, system_resolver
 from kvferry.daemon.router.watcher import Watcher
+from kvferry.daemon.server.api_key import read_api_key
 from kvferry.daemon.server.config import RouterConfig
 
 MAX_UPSTREAM_CONNECTIONS = 4096  # to all targets together; one per request in flight
@@ -33,6 +34,7 @@ class Router:
 
     def __init__(self, config: RouterConfig, resolver: Resolver = system_resolver) -> None:
         self.config, self.resolver = config, resolver
+        self.api_key = read_api_key(config.api_key_file, config.api_key_env)
         self.pool = TargetPool()
         self.metrics = RouterMetrics(self.pool)
         self.state = "starting"  # serving, stopping, stopped
@@ -48,7 +50,9 @@ class Router:
         )
         # trust_env off: a proxy set for the host's outgoing traffic must not sit between the
         # router and its daemons
-        async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+        # one key for the deployment: the router shows its own to the decode daemons
+        headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        async with httpx.AsyncClient(limits=limits, headers=headers, trust_env=False) as client:
             watcher = Watcher(self.config, self.pool, client, self.resolver)
             self.forwarder = Forwarder(self.config, self.pool, client, self.metrics, watcher.failed)
             await watcher.start()

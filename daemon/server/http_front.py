@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kvferry.daemon.server import status as shown
+from kvferry.daemon.server.api_key import RequireApiKey, read_api_key
 from kvferry.daemon.server.completions import HTTPError, chat_completions, completions, models
 from kvferry.daemon.server.http_protocol import HeaderTimeoutProtocol
 from kvferry.daemon.server.metrics import CONTENT_TYPE
@@ -51,8 +52,10 @@ class HTTPFront:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.create_server((host, port), family=family, backlog=BACKLOG)
         self.server_port = self._socket.getsockname()[1]
+        app = _app(daemon)
+        key = read_api_key(daemon.config.api_key_file, daemon.config.api_key_env)
         config = uvicorn.Config(
-            _app(daemon),
+            RequireApiKey(app, key) if key else app,
             log_config=None,  # the daemon's logging stays as it is
             log_level="warning",
             access_log=False,  # requests are counted in the metrics, not logged line by line

@@ -53,6 +53,7 @@ class StubHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.seen.append(body)
+        self.server.keys.append(self.headers.get("Authorization"))
         mode = self.server.mode
         if mode in ("unavailable", "bad", "late-error"):
             code = {"unavailable": 503, "bad": 400, "late-error": 504}[mode]
@@ -108,12 +109,13 @@ def status(in_flight: int = 0, free_pages: int = 100) -> dict:
 
 def stub_server(name: str, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """A stub decode daemon on `host`, serving from its own thread: .url, .mode, .health,
-    .status and .seen (the bodies it got) are the test's to read and change."""
+    .status, .seen (the bodies it got) and .keys (their Authorization headers) are the test's
+    to read and change."""
     server = ThreadingHTTPServer((host, port), StubHandler)
     server.daemon_threads = True
     server.name, server.url = name, f"http://{host}:{server.server_port}"
     server.mode, server.health, server.status, server.seen = "ok", 200, status(), []
-    server.hung, server.left = threading.Event(), threading.Event()
+    server.hung, server.left, server.keys = threading.Event(), threading.Event(), []
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     return server
 
