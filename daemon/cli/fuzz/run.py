@@ -24,8 +24,8 @@ from kvferry.daemon.cli.client import ClientError, DaemonClient
 from kvferry.daemon.cli.fuzz.frames import FrameMaker
 from kvferry.daemon.cli.fuzz.http_requests import HttpMaker, send_http
 from kvferry.daemon.cli.fuzz.targets import (
+    FuzzedSocket,
     ProcessFigures,
-    Target,
     Targets,
     bad_frames,
     discover,
@@ -120,7 +120,9 @@ def run_fuzz(
     return result
 
 
-def _fuzz_socket(target: Target, targets: Targets, spec: FuzzSpec, seed: int, result) -> SocketRun:
+def _fuzz_socket(
+    target: FuzzedSocket, targets: Targets, spec: FuzzSpec, seed: int, result
+) -> SocketRun:
     run = SocketRun(name=target.name, kind=target.kind, address=target.address)
     families, outcomes, recent = Counter(), Counter(), Counter()
     opener = _http_sender if target.kind == "http" else _zmq_sender
@@ -158,7 +160,7 @@ class _Sender:
         self._close()
 
 
-def _zmq_sender(target: Target, targets: Targets, spec: FuzzSpec, seed: int) -> _Sender:
+def _zmq_sender(target: FuzzedSocket, targets: Targets, spec: FuzzSpec, seed: int) -> _Sender:
     maker = FrameMaker(target.kind, seed, targets.learned, spec.max_message_bytes)
     context = zmq.Context()
     fuzzer = ZmqFuzzer(context, target.address, seed)
@@ -179,7 +181,7 @@ def _zmq_sender(target: Target, targets: Targets, spec: FuzzSpec, seed: int) -> 
     return _Sender(send, outcomes, close)
 
 
-def _http_sender(target: Target, targets: Targets, spec: FuzzSpec, seed: int) -> _Sender:
+def _http_sender(target: FuzzedSocket, targets: Targets, spec: FuzzSpec, seed: int) -> _Sender:
     parts = urlsplit(target.address)
     host, port = parts.hostname, parts.port
     maker = HttpMaker(seed, targets.learned.vocab_size, f"{host}:{port}")
@@ -192,7 +194,7 @@ def _http_sender(target: Target, targets: Targets, spec: FuzzSpec, seed: int) ->
     return _Sender(send)
 
 
-def _note_deaths(result: FuzzResult, target: Target, n: int, recent: Counter) -> None:
+def _note_deaths(result: FuzzResult, target: FuzzedSocket, n: int, recent: Counter) -> None:
     """Name each process found dead for the first time, with what was just sent."""
     for process in result.processes:
         if process.after is None and not measure(process.pid).alive:

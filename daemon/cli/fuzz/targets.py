@@ -26,7 +26,7 @@ _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 @dataclass(frozen=True)
-class Target:
+class FuzzedSocket:
     name: str  # "prefill-0 bootstrap", "decode-0 rank 0 control", "decode-0 http"
     kind: str  # bootstrap, prefill-control, decode-control, http
     address: str  # tcp://host:port, or the daemon's base URL
@@ -40,7 +40,7 @@ class Process:
 
 @dataclass
 class Targets:
-    sockets: list[Target] = field(default_factory=list)
+    sockets: list[FuzzedSocket] = field(default_factory=list)
     processes: list[Process] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)  # daemon name -> base URL
     learned: Learned = field(default_factory=Learned)
@@ -60,7 +60,7 @@ def discover(deployment: Deployment, timeout_s: float = 10.0) -> Targets:
     for daemon in deployment.daemons:
         name, url = daemon.name or daemon.role, daemon_url(daemon)
         targets.urls[name] = url
-        targets.sockets.append(Target(f"{name} http", "http", url))
+        targets.sockets.append(FuzzedSocket(f"{name} http", "http", url))
         with DaemonClient(url, timeout_s) as client:
             targets.processes.append(Process(name, int(client.health().get("pid") or 0)))
             ranks = _ranks(client, daemon.tp, timeout_s)
@@ -68,7 +68,9 @@ def discover(deployment: Deployment, timeout_s: float = 10.0) -> Targets:
             targets.processes.append(Process(f"{name} rank {rank['rank']}", rank.get("pid") or 0))
             if daemon.role == "decode" and rank.get("control_address"):
                 where = f"{name} rank {rank['rank']} control"
-                targets.sockets.append(Target(where, "decode-control", rank["control_address"]))
+                targets.sockets.append(
+                    FuzzedSocket(where, "decode-control", rank["control_address"])
+                )
         if daemon.role == "prefill":
             _add_prefill(targets, name, daemon, timeout_s)
         learned = targets.learned
@@ -93,7 +95,7 @@ def _ranks(client: DaemonClient, tp: int, timeout_s: float) -> list[dict]:
 def _add_prefill(targets: Targets, name: str, daemon, timeout_s: float) -> None:
     host = _LOOPBACK.get(daemon.host, daemon.host)
     bootstrap = f"tcp://{host}:{daemon.bootstrap_port}"
-    targets.sockets.append(Target(f"{name} bootstrap", "bootstrap", bootstrap))
+    targets.sockets.append(FuzzedSocket(f"{name} bootstrap", "bootstrap", bootstrap))
     context = zmq.Context()
     try:
         reply = request(context, Codec(1 << 30), bootstrap, QueryPeers(), timeout_s)
@@ -104,7 +106,7 @@ def _add_prefill(targets: Targets, name: str, daemon, timeout_s: float) -> None:
     targets.learned.ranks.extend(reply.ranks)
     for info in reply.ranks:
         where = f"{name} rank {info.layout.tp_rank} control"
-        targets.sockets.append(Target(where, "prefill-control", info.control_address))
+        targets.sockets.append(FuzzedSocket(where, "prefill-control", info.control_address))
 
 
 def measure(pid: int) -> ProcessFigures:
