@@ -29,7 +29,7 @@ def resolve(address: str) -> list[str]:
     ips = _from_hosts_file(host) or _from_dns(host, port)
     if not ips:
         raise OSError(f"{host} resolves to no address")
-    return sorted(f"tcp://{_bracketed(ip)}:{port}" for ip in set(ips))
+    return sorted(f"tcp://{bracketed(ip)}:{port}" for ip in set(ips))
 
 
 def _from_dns(host: str, port: int) -> list[str]:
@@ -67,5 +67,6 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def _bracketed(ip: str) -> str:
+def bracketed(ip: str) -> str:
+    """An IPv6 address as URLs and ZeroMQ addresses write it: in brackets."""
     return f"[{ip}]" if ":" in ip else ip

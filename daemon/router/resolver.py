@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
-from kvferry.transport.resolve import resolve
+from kvferry.transport.resolve import bracketed, resolve
 
 # A configured target URL -> the URLs of the decode daemons it stands for (OSError: none now).
 Resolver = Callable[[str], Awaitable[list[str]]]
@@ -25,22 +25,18 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 def canonical(url: str) -> str:
     """`url` as the pool names it: scheme://host:port, no trailing slash, port spelt out."""
     parts = urlsplit(url)
+    assert parts.hostname, "targets are checked for a host at load"
     port = parts.port or _DEFAULT_PORTS[parts.scheme]
-    return f"{parts.scheme}://{_bracketed(parts.hostname)}:{port}"
+    return f"{parts.scheme}://{bracketed(parts.hostname)}:{port}"
 
 
 async def system_resolver(url: str) -> list[str]:
     """One URL per address the host has (hosts file first, then DNS), sorted; an IP address
     as itself. OSError when the name has no address, or the lookup takes too long."""
     parts = urlsplit(canonical(url))
-    tcp = f"tcp://{_bracketed(parts.hostname)}:{parts.port}"
+    tcp = f"tcp://{bracketed(parts.hostname)}:{parts.port}"
     try:
         found = await asyncio.wait_for(asyncio.to_thread(resolve, tcp), RESOLVE_TIMEOUT_S)
     except asyncio.TimeoutError:
         raise OSError(f"{parts.hostname}: no answer within {RESOLVE_TIMEOUT_S:g} s") from None
     return [f"{parts.scheme}://{address.removeprefix('tcp://')}" for address in found]
-
-
-def _bracketed(host: str | None) -> str:
-    assert host, "targets are checked for a host at load"
-    return f"[{host}]" if ":" in host else host
