@@ -70,23 +70,27 @@ def load_tokenizer(checkpoint: Path | None, model_eos: tuple[int, ...] = ()):
 
 def _generation_eos(checkpoint: Path) -> frozenset[int]:
     file = checkpoint / "generation_config.json"
-    if not file.exists():
-        return frozenset()
-    try:
-        eos = json.loads(file.read_text()).get("eos_token_id")
-    except (ValueError, AttributeError) as exc:
-        raise ValueError(f"{file}: {exc}") from None
-    return frozenset(_ids(eos, file))
+    return frozenset(_ids(_fields(file).get("eos_token_id"), file))
 
 
 def _tokenizer_eos(checkpoint: Path, tok) -> frozenset[int]:
-    file = checkpoint / "tokenizer_config.json"
-    if not file.exists():
-        return frozenset()
-    eos = json.loads(file.read_text()).get("eos_token")
+    eos = _fields(checkpoint / "tokenizer_config.json").get("eos_token")
     text = eos.get("content") if isinstance(eos, dict) else eos
     token = tok.token_to_id(text) if isinstance(text, str) else None
     return frozenset() if token is None else frozenset({token})
+
+
+def _fields(file: Path) -> dict:
+    """A checkpoint's JSON file as a dict ({} when absent); ValueError naming it otherwise."""
+    if not file.exists():
+        return {}
+    try:
+        fields = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{file}: {exc}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{file}: not a JSON object")
+    return fields
 
 
 def _ids(value, file: Path) -> list[int]:
