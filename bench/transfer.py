@@ -50,6 +50,14 @@ def run_mode(args, mode: str, tokens: int) -> dict:
                 side: (phases[side]["transfer_cpu_s"] - warm[side]["transfer_cpu_s"]) / sent * 1e6
                 for side in phases
             },
+            # of which the loop's wait (poll, re-taking the GIL) and UCX's progress/arm calls
+            "cpu_parts_us_per_message": {
+                side: {
+                    part: (phases[side][f"{part}_cpu_s"] - warm[side][f"{part}_cpu_s"]) / sent * 1e6
+                    for part in ("wait", "ucx")
+                }
+                for side in phases
+            },
             "mode": mode,
             "tokens": tokens,
             "gbps": float(np.median(rates)),
@@ -159,7 +167,8 @@ def main() -> None:
     cpu = staged["cpu_us_per_message"]
     print(
         f"transfer-thread CPU per staged message (after the warm-up): prefill "
-        f"{cpu['prefill']:.0f} us, decode {cpu['decode']:.0f} us"
+        f"{cpu['prefill']:.0f} us, decode {cpu['decode']:.0f} us; of which waiting (poll, GIL) "
+        f"and in UCX: {json.dumps(staged['cpu_parts_us_per_message'])}"
     )
     if args.json:
         with open(args.json, "w") as f:

@@ -107,6 +107,7 @@ class Side:
         side's agents."""
         stats = [a.stats() for a in self.agents]
         keys = ("copy_s", "wire_s", "loop_turns", "loop_timer_turns", "transfer_cpu_s")
+        keys += ("wait_cpu_s", "ucx_cpu_s")
         return {k: sum(getattr(s, k) for s in stats) for k in keys}
 
     def raw_open(self, nbytes: int):

@@ -5,6 +5,7 @@ control channel, data plane, peer liveness and the loop thread. The role-specifi
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ class TransferStats:
     rooms_succeeded: int = 0
     copy_s: float = 0.0  # summed time from queuing a gather/scatter to its completion
     wire_s: float = 0.0  # summed time from posting a send/receive to its completion
+    ucx_cpu_s: float = 0.0  # loop-thread CPU inside UCX's progress and arm calls
     failures: dict[str, int] = field(default_factory=dict)  # by FailureKind value
 
     def failed(self, failure: Failure) -> None:
@@ -176,12 +178,18 @@ class AgentCore:
 
     def _turn(self, now: float) -> float:
         """One turn of the loop; how long it may sleep before the next without an event."""
+        began = time.thread_time()
         self.data.progress()
+        progressed = time.thread_time()
         in_flight = self._advance(now)
         if self.again:
             self.again = False
+            self.stats.ucx_cpu_s += progressed - began
             return 0.0
-        if not self.data.arm():  # events came in meanwhile: progress them first
+        advanced = time.thread_time()
+        armed = self.data.arm()
+        self.stats.ucx_cpu_s += progressed - began + time.thread_time() - advanced
+        if not armed:  # events came in meanwhile: progress them first
             return 0.0
         if not in_flight:
             return self.config.heartbeat_interval_s

@@ -57,6 +57,9 @@ class AgentLoop:
         self.error: BaseException | None = None
         self.turns = 0  # turns taken; an idle loop takes one per timer period
         self.timer_turns = 0  # of which nothing but the timeout woke the loop
+        # CPU the thread spent in its wait: the poll itself and re-taking the GIL after it
+        # (which costs wake-ups while another thread of the process runs Python)
+        self.wait_cpu_s = 0.0
         self._cpu_at_exit = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -113,7 +116,9 @@ class AgentLoop:
             if self._on_start is not None:
                 self._on_start()
             while not self._stopping.is_set():
+                before = time.thread_time()
                 events = dict(self._poller.poll(math.ceil(sleep_s * 1000)))
+                self.wait_cpu_s += time.thread_time() - before
                 self.turns += 1
                 if not events and sleep_s > 0:
                     self.timer_turns += 1

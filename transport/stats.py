@@ -41,6 +41,9 @@ class AgentStats:
     control_address: str
     loop_turns: int = 0  # turns the loop thread took (each woken by an event or its timer)
     loop_timer_turns: int = 0  # of which only the timer woke it
+    # parts of transfer_cpu_s: the loop's wait (poll, re-taking the GIL) and UCX's calls
+    wait_cpu_s: float = 0.0
+    ucx_cpu_s: float = 0.0
 
 
 def agent_stats(core: AgentCore, rooms: Iterable, ring: RingAllocator | None) -> AgentStats:
@@ -71,4 +74,6 @@ def agent_stats(core: AgentCore, rooms: Iterable, ring: RingAllocator | None) ->
         control_address=core.control.address,
         loop_turns=core.loop.turns,
         loop_timer_turns=core.loop.timer_turns,
+        wait_cpu_s=core.loop.wait_cpu_s,
+        ucx_cpu_s=stats.ucx_cpu_s,
     )

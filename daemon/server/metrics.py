@@ -61,6 +61,16 @@ _COUNTERS = (
         "transfer_cpu_s",
     ),
     (
+        "kvferry_transfer_wait_cpu_seconds",
+        "Of the transfer thread's CPU time: its wait (the poll, and re-taking the GIL after it)",
+        "wait_cpu_s",
+    ),
+    (
+        "kvferry_transfer_ucx_cpu_seconds",
+        "Of the transfer thread's CPU time: inside UCX's progress and arm calls",
+        "ucx_cpu_s",
+    ),
+    (
         "kvferry_transfer_loop_turns",
         "Turns of the rank's transfer loop: each woken by a frame, a completion, a posted call "
         "or its timer (an idle rank takes one per heartbeat interval)",

@@ -214,6 +214,8 @@ class Worker:
             transfer_cpu_s=agent.transfer_cpu_s,
             loop_turns=agent.loop_turns,
             loop_timer_turns=agent.loop_timer_turns,
+            wait_cpu_s=agent.wait_cpu_s,
+            ucx_cpu_s=agent.ucx_cpu_s,
             engine_cpu_s=time.thread_time(),
             kv_pool_bytes=engine.runner.kv.numel() * engine.runner.kv.element_size(),
             memory_peak=_memory_peak(engine.runner.kv.device),

@@ -50,6 +50,9 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     engine_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # by role
     transfer_rooms: dict[str, float] = msgspec.field(default_factory=dict)  # by role
     loop_turns: dict[str, float] = msgspec.field(default_factory=dict)  # by role
+    # parts of transfer_cpu_s, by role: the loop's wait (poll, GIL) and UCX's own calls
+    wait_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)
+    ucx_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)
     memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank
     kv_pool_bytes: float = 0.0
     ring_capacity_bytes: float = 0.0
@@ -67,11 +70,23 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
             engine_cpu_s=_grown(self.engine_cpu_s, before.engine_cpu_s),
             transfer_rooms=_grown(self.transfer_rooms, before.transfer_rooms),
             loop_turns=_grown(self.loop_turns, before.loop_turns),
+            wait_cpu_s=_grown(self.wait_cpu_s, before.wait_cpu_s),
+            ucx_cpu_s=_grown(self.ucx_cpu_s, before.ucx_cpu_s),
         )
 
     def control_cpu_us(self) -> dict[str, float]:
         """Transfer-thread CPU µs per room delivered, by role (summed over the role's ranks)."""
         return self._per_room(self.transfer_cpu_s, 1e6)
+
+    def control_cpu_parts_us(self) -> dict[str, dict[str, float]]:
+        """control_cpu_us split, by role: the loop's wait, UCX's calls, and the rest (kvferry's
+        own Python: frames, rooms, copies, sends)."""
+        wait, ucx = self._per_room(self.wait_cpu_s, 1e6), self._per_room(self.ucx_cpu_s, 1e6)
+        parts = {}
+        for role, cpu in self.control_cpu_us().items():
+            waited, in_ucx = wait.get(role, 0.0), ucx.get(role, 0.0)
+            parts[role] = {"wait": waited, "ucx": in_ucx, "rest": cpu - waited - in_ucx}
+        return parts
 
     def loop_turns_per_room(self) -> dict[str, float]:
         """Transfer-loop turns per room delivered, by role (summed over the role's ranks)."""
@@ -119,6 +134,8 @@ class Point(msgspec.Struct, kw_only=True):
     transfer_failures: dict[str, float]
     requests: list[RequestRecord]
     control_cpu_us: dict[str, float] = msgspec.field(default_factory=dict)  # per request, by role
+    # the same split into the loop's wait, UCX's calls and the rest, by role
+    control_cpu_parts_us: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
     loop_turns: dict[str, float] = msgspec.field(default_factory=dict)  # per request, by role
     memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank (0 on a CPU)
     # each stage's share of TTFT over the requests with a timeline: stage -> {p50, p90}
@@ -189,6 +206,7 @@ def summarize(
         transfer_failures=moved.transfer_failures,
         requests=records,
         control_cpu_us=moved.control_cpu_us(),
+        control_cpu_parts_us=moved.control_cpu_parts_us(),
         loop_turns=moved.loop_turns_per_room(),
         memory_peak_bytes=moved.memory_peak_bytes,
         kv_pool_bytes=moved.kv_pool_bytes,

@@ -104,6 +104,8 @@ _BY_ROLE = {
     "kvferry_engine_cpu_seconds": "engine_cpu_s",
     "kvferry_transfer_rooms": "rooms",
     "kvferry_transfer_loop_turns": "loop_turns",
+    "kvferry_transfer_wait_cpu_seconds": "wait_cpu_s",
+    "kvferry_transfer_ucx_cpu_seconds": "ucx_cpu_s",
 }
 _MAXIMA = {
     "kvferry_ring_high_water_bytes": "ring_high_water_bytes",
@@ -153,6 +155,8 @@ def scrape(urls: Sequence[str], timeout: float = 10.0, settle: bool = True) -> C
         engine_cpu_s=dict(by_role["engine_cpu_s"]),
         transfer_rooms=dict(by_role["rooms"]),
         loop_turns=dict(by_role["loop_turns"]),
+        wait_cpu_s=dict(by_role["wait_cpu_s"]),
+        ucx_cpu_s=dict(by_role["ucx_cpu_s"]),
         rss_bytes=rss,
     )
 
