@@ -42,6 +42,9 @@ class CopyStream:
     def __init__(self, device: torch.device, notify: Callable[[], None] | None = None) -> None:
         self.device = device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # the raw handle: copies are launched on it directly, without making it torch's current
+        # stream (entering and leaving that context costs more host time than the launch)
+        self._handle = self._stream.cuda_stream if self._stream is not None else None
         self._waiter = _Waiter(device, notify) if self._stream is not None and notify else None
 
     def gather(
@@ -75,12 +78,11 @@ class CopyStream:
         if self._stream is None:
             copy(*args)  # CPU: the copy is done when it returns
             return DONE
-        with torch.cuda.stream(self._stream):
-            if after is not None and after.event is not None:
-                self._stream.wait_event(after.event)
-            copy(*args)
-            event = torch.cuda.Event(blocking=True)  # a host wait on it sleeps, never spins
-            event.record(self._stream)
+        if after is not None and after.event is not None:
+            self._stream.wait_event(after.event)
+        copy(*args, stream=self._handle)
+        event = torch.cuda.Event(blocking=True)  # a host wait on it sleeps, never spins
+        event.record(self._stream)
         if self._waiter is not None:
             self._waiter.watch(event)
         return Fence(event)

@@ -127,16 +127,18 @@ def gather(
     num_heads: int,
     out: torch.Tensor,
     backend: str = "auto",
+    stream: int | None = None,
 ) -> None:
     """Copy heads [head_start, +num_heads) of `slots` in every plane into `out`.
 
     `out`: a contiguous region of exactly staging_bytes(len(slots), num_heads) bytes on the
     planes' device, any dtype; it is written as [plane][token][head][head_dim].
-    On GPU the copy is queued on the current torch stream and nothing waits for it.
+    On GPU the copy is queued on `stream` (a raw cudaStream_t; the kernel path only), else on
+    the current torch stream, and nothing waits for it.
     """
     slots_np = _checked(planes, slots, head_start, num_heads, out)
     if _use_kernel(planes, backend):
-        _launch(planes, slots_np, head_start, num_heads, out, gather=True)
+        _launch(planes, slots_np, head_start, num_heads, out, True, stream)
     else:
         _torch_gather(planes, slots_np, head_start, num_heads, out)
 
@@ -148,11 +150,12 @@ def scatter(
     head_start: int,
     num_heads: int,
     backend: str = "auto",
+    stream: int | None = None,
 ) -> None:
     """The inverse of gather: write staging `src` into heads [head_start, +num_heads) of `slots`."""
     slots_np = _checked(planes, slots, head_start, num_heads, src)
     if _use_kernel(planes, backend):
-        _launch(planes, slots_np, head_start, num_heads, src, gather=False)
+        _launch(planes, slots_np, head_start, num_heads, src, False, stream)
     else:
         _torch_scatter(src, planes, slots_np, head_start, num_heads)
 
@@ -202,7 +205,7 @@ def _torch_scatter(src, planes, slots_np, head_start, num_heads) -> None:
         plane.view(bits).narrow(1, head_start, num_heads).index_copy_(0, index, rows)
 
 
-def _launch(planes, slots_np, head_start, num_heads, staging, gather: bool) -> None:
+def _launch(planes, slots_np, head_start, num_heads, staging, gather: bool, stream) -> None:
     from kvferry.staging.kv_launch import launch_kv_copy  # deferred: needs cupy
 
-    launch_kv_copy(planes, slots_np, head_start, num_heads, staging, gather)
+    launch_kv_copy(planes, slots_np, head_start, num_heads, staging, gather, stream)

@@ -27,8 +27,10 @@ def launch_kv_copy(
     num_heads: int,
     staging: torch.Tensor,
     gather: bool,
+    stream_handle: int | None = None,
 ) -> None:
-    """Queue one gather (or scatter) over all planes on the current torch stream."""
+    """Queue one gather (or scatter) over all planes on `stream_handle` (a raw cudaStream_t),
+    else on the current torch stream."""
     if len(slots_np) == 0:
         return
     row_bytes = num_heads * planes.head_dim * planes.itemsize
@@ -46,7 +48,8 @@ def launch_kv_copy(
     grid = (min(-(-per_plane // (BLOCK * UNROLL)), MAX_GRID_X), planes.num_planes)
     uploader = _uploader(planes.device)
     kernel = kv_copy_kernel(width, gather, planes.device.index)
-    stream = _current_stream(planes.device.index)
+    index = planes.device.index
+    stream = _stream_for(stream_handle, index) if stream_handle else _current_stream(index)
     with uploader.lock:
         device_slots, ticket = uploader.upload(slots_np.astype(np.int32), stream)
         args = (
