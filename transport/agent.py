@@ -43,7 +43,7 @@ class TransferAgent:
         """Give the loop thread a turn now (e.g. the engine filled in a KVWritten)."""
         self.core.loop.wake()
 
-    def post(self, call: Callable[[], None]) -> None:
+    def post(self, call: Callable[[], None], wake: bool = True) -> None:
         """Run `call()` on the loop thread, soon; the only way to reach a `*_on_loop` method
-        from another thread."""
-        self.core.loop.post(call)
+        from another thread. `wake=False`: at the loop's next turn (the caller wakes it)."""
+        self.core.loop.post(call, wake)

@@ -69,18 +69,24 @@ class KVSender:
                 f"the prompt has {self.num_tokens}"
             )
         later = written is not None and last and first_token is None
+        # A KVWritten is filled in while the forward is launched, and the engine wakes the loop
+        # as it does (each layer group, then the whole forward): nothing can leave before that,
+        # so this call waits for that turn instead of taking one of its own during the launch.
+        wake = written is None
         if written is None:
             written = KVWritten(Fence(ready), [(n, Fence(event)) for n, event in layers_ready])
         self.agent.post(
             lambda: self.agent.add_tokens_on_loop(
                 self.room, slots, written, first_token, last, later
-            )
+            ),
+            wake,
         )
 
-    def first_token_is(self, token: int | torch.Tensor) -> None:
+    def first_token_is(self, token: int | torch.Tensor, wake: bool = True) -> None:
         """The first token, after tokens added with `written` and `last` (an int, or a
-        one-element host tensor filled by the time the forward's fence fires)."""
-        self.agent.post(lambda: self.agent.first_token_on_loop(self.room, token))
+        one-element host tensor filled by the time the forward's fence fires). `wake=False`
+        for a caller that wakes the agent itself right after."""
+        self.agent.post(lambda: self.agent.first_token_on_loop(self.room, token), wake)
 
     def poll(self) -> KVPoll:
         if self.status is None:  # not claimed yet: the registrations may have come first

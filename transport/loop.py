@@ -78,10 +78,13 @@ class AgentLoop:
         else:
             self._poller.unregister(socket)
 
-    def post(self, call: Callable[[], None]) -> None:
-        """Run `call` on the loop thread soon; safe from any thread."""
+    def post(self, call: Callable[[], None], wake: bool = True) -> None:
+        """Run `call` on the loop thread soon; safe from any thread. `wake=False` leaves it for
+        the loop's next turn: for a caller that wakes the loop itself a little later, so that
+        several calls cost one turn."""
         self._posted.append(call)
-        self.wake()
+        if wake:
+            self.wake()
 
     def wake(self) -> None:
         """Give the loop a turn now; safe from any thread."""

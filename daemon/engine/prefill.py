@@ -123,14 +123,14 @@ class PrefillEngine:
         logits = self.runner.forward(batch, after_layer=self.marks.begin(written))
         ready, firsts, failed = self._first_tokens(batch, logits)
         written.complete(ready)
-        self.agent.wake()
-        self.samples.forward_s.append(time.perf_counter() - began)
         for work in batch:
             sender = rooms[work.seq.id][1].sender
             if work.seq.id in failed:  # its first token could not be drawn: the room fails
                 sender.abort(Failure(FailureKind.INTERNAL, failed[work.seq.id]))
             elif work.completes_prompt:
-                sender.first_token_is(firsts[work.seq.id])
+                sender.first_token_is(firsts[work.seq.id], wake=False)
+        self.agent.wake()  # one turn for the chunks handed over above and their first tokens
+        self.samples.forward_s.append(time.perf_counter() - began)
         for seq in self.scheduler.computed(batch):
             seq.finish("prefilled")
             rooms[seq.id][1].computed_at = time.monotonic()

@@ -49,6 +49,26 @@ def test_an_idle_loop_sleeps_until_woken_or_its_deadline():
     loop.stop()
 
 
+def test_calls_posted_without_waking_wait_for_one_turn_together():
+    """An engine hands a chunk over before it launches a forward and its first token after:
+    posted with wake=False, both run in the one turn its wake-up after the forward gives."""
+    ran, both, stepped = [], threading.Event(), threading.Event()
+    loop = AgentLoop("kvferry-test-quiet", lambda ready: None, lambda now: (stepped.set(), 60.0)[1])
+    loop.start()
+    assert stepped.wait(5)  # the first turn
+    stepped.clear()
+    loop.wake()
+    assert stepped.wait(5)  # past this turn's look at the posted calls: it sleeps next
+    turns = loop.turns
+    loop.post(lambda: ran.append("chunk"), wake=False)
+    loop.post(lambda: (ran.append("first token"), both.set()), wake=False)
+    assert ran == [] and loop.turns == turns  # nothing woke the loop
+    loop.wake()
+    assert both.wait(5)
+    assert ran == ["chunk", "first token"] and loop.turns == turns + 1
+    loop.stop()
+
+
 def test_a_bell_rings_its_own_pipe_once_per_clear_and_forwards_every_ring():
     bell, (other, forward) = Bell(), os.pipe()
     bell.forward_to(forward)

@@ -82,6 +82,7 @@ def test_layer_groups_leave_as_soon_as_the_forward_has_queued_them():
         assert settle([agent]) and sent.messages_sent == 0  # no layer is queued yet
         prefill_fill(dep.prefill, req)  # the forward: the KV is written, then announced
         written.layers_written(1, None)
+        agent.wake()  # as the engine does after each layer group
         assert wait_for(lambda: sent.messages_sent == 1)  # layer 0 has left, 1 and 2 wait
         assert settle([agent]) and sent.messages_sent == 1
         written.complete(None)
