@@ -150,6 +150,7 @@ class DaemonConfig(_Section):
     api_key_env: str | None = None
     # /v1/* requests one client host may have in progress at once; more get a 429
     http_max_requests_per_client: int = 1024
+    http_max_body_bytes: int = 1 << 20  # a request body above this gets a 413, unread
     bootstrap_port: int = 0  # prefill: where decode daemons register rooms and submit prompts
     prefill: list[str] = []  # decode: bootstrap addresses of prefill daemons (round-robin)
     start_timeout_s: float = 300.0  # every rank built and registered
@@ -168,7 +169,7 @@ class DaemonConfig(_Section):
         return self.cache.num_pages * self.cache.page_size - 1 if limit is None else limit
 
     def __post_init__(self) -> None:
-        _positive(self, "tp", "http_max_requests_per_client")
+        _positive(self, "tp", "http_max_requests_per_client", "http_max_body_bytes")
         _one_key_source(self)
         for name in (
             "start_timeout_s",
@@ -222,6 +223,7 @@ class RouterConfig(_Section, kw_only=True):
     api_key_file: str | None = None
     api_key_env: str | None = None
     http_max_requests_per_client: int = 1024  # as a daemon's
+    http_max_body_bytes: int = 1 << 20  # as a daemon's
     drain_timeout_s: float = 30.0  # at SIGTERM: requests in flight get this long to finish
 
     @property
@@ -230,7 +232,7 @@ class RouterConfig(_Section, kw_only=True):
         return "router"
 
     def __post_init__(self) -> None:
-        _positive(self, "attempts", "http_max_requests_per_client")
+        _positive(self, "attempts", "http_max_requests_per_client", "http_max_body_bytes")
         _one_key_source(self)
         for name in _ROUTER_SECONDS:
             if not getattr(self, name) > 0:
