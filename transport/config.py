@@ -23,10 +23,20 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0  # peer silent this long: its rooms fail
     max_frame_bytes: int = 1 << 20  # control frames above this are refused unread
+    # prefill: rooms one decode rank (control address) may hold on a rank at once, and of
+    # those, rooms it registered that no prompt has claimed yet; past either it is refused
+    max_rooms_per_peer: int = 2048
+    max_pending_rooms_per_peer: int = 512
     ucx_tls: str | None = None  # UCX_TLS for the data plane; None keeps UCX's own choice
 
     def __post_init__(self) -> None:
-        for name in ("chunk_tokens", "staging_bytes", "max_frame_bytes"):
+        for name in (
+            "chunk_tokens",
+            "staging_bytes",
+            "max_frame_bytes",
+            "max_rooms_per_peer",
+            "max_pending_rooms_per_peer",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.layer_group < 0:

@@ -52,10 +52,14 @@ class TransferStats:
     wire_s: float = 0.0  # summed time from posting a send/receive to its completion
     ucx_cpu_s: float = 0.0  # loop-thread CPU inside UCX's progress and arm calls
     failures: dict[str, int] = field(default_factory=dict)  # by FailureKind value
+    limit_refusals: dict[str, int] = field(default_factory=dict)  # by the limit's config name
 
     def failed(self, failure: Failure) -> None:
         kind = failure.kind.value
         self.failures[kind] = self.failures.get(kind, 0) + 1
+
+    def refused_by(self, limit: str) -> None:
+        self.limit_refusals[limit] = self.limit_refusals.get(limit, 0) + 1
 
 
 class AgentCore:

@@ -47,6 +47,8 @@ class Registrar:
 
     def register(self, peer: str, msg: RegisterRoom) -> None:
         """Admit `peer`'s registration of a room, or refuse it (and fail the room)."""
+        if self._over_limit(peer, msg.room):
+            return
         room = self._room_for(peer, msg.room)
         if room is None:
             return
@@ -78,6 +80,25 @@ class Registrar:
             self.core.refuse(peer, str(room.status.failure or "room already finished"), room_id)
             return None
         return room
+
+    def _over_limit(self, peer: str, room_id: int) -> bool:
+        """Whether one more room would take `peer` past its share of this rank; if so it is
+        told, and nothing is opened or failed for it (the rank's own rooms are not its to
+        fail)."""
+        held = self.core.peers.rooms_of(peer)
+        if room_id in held:
+            return False
+        limit, value = "max_rooms_per_peer", self.config.max_rooms_per_peer
+        if len(held) < value:
+            room = self.rooms.get(room_id)
+            if room is not None and room.handle is not None:
+                return False  # a prompt here claims it: not a pending registration
+            limit, value = "max_pending_rooms_per_peer", self.config.max_pending_rooms_per_peer
+            if sum(self.rooms[r].handle is None for r in held if r in self.rooms) < value:
+                return False
+        self.core.stats.refused_by(limit)
+        self.core.refuse(peer, f"busy: {limit}={value} reached by this peer", room_id)
+        return True
 
     def _check_sender(self, peer: str, msg: RegisterRoom) -> Failure | None:
         if msg.control_address != peer:

@@ -5,7 +5,7 @@ core, loop, ring or peers."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvferry.transport.room import KVPoll
@@ -44,6 +44,7 @@ class AgentStats:
     # parts of transfer_cpu_s: the loop's wait (poll, re-taking the GIL) and UCX's calls
     wait_cpu_s: float = 0.0
     ucx_cpu_s: float = 0.0
+    limit_refusals: dict[str, int] = field(default_factory=dict)  # frames refused, by limit
 
 
 def agent_stats(core: AgentCore, rooms: Iterable, ring: RingAllocator | None) -> AgentStats:
@@ -76,4 +77,5 @@ def agent_stats(core: AgentCore, rooms: Iterable, ring: RingAllocator | None) ->
         loop_timer_turns=core.loop.timer_turns,
         wait_cpu_s=core.loop.wait_cpu_s,
         ucx_cpu_s=stats.ucx_cpu_s,
+        limit_refusals=dict(stats.limit_refusals),
     )

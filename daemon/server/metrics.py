@@ -124,6 +124,16 @@ _BOOTSTRAP = (
         "failed_frames",
     ),
 )
+# the limits whose refusals kvferry_limit_refusals_total counts, by their config names: the
+# daemon counts its HTTP front's and prompts'; the ranks count their control sockets'
+LIMITS = (
+    "max_prompt_tokens",
+    "http_max_requests_per_client",
+    "http_max_body_bytes",
+    "max_frame_bytes",
+    "max_rooms_per_peer",
+    "max_pending_rooms_per_peer",
+)
 
 
 class Metrics:
@@ -132,7 +142,9 @@ class Metrics:
         self._snapshots: dict[int, Snapshot] = {}
         self._lock = threading.Lock()
         self._bootstrap: Callable[[], dict[str, int]] | None = None
+        self._limits = dict.fromkeys(LIMITS, 0)  # refusals the daemon process made
         self.registry.register(_SnapshotCollector(self))
+        self.registry.register(_LimitCollector(self))
         self.registry.register(_BootstrapCollector(self))
         r = self.registry
         # process_resident_memory_bytes, process_open_fds, …: the daemon's own process, which
@@ -215,6 +227,20 @@ class Metrics:
     def bootstrap_counters(self) -> dict[str, int]:
         return self._bootstrap() if self._bootstrap is not None else {}
 
+    def refused(self, limit: str) -> None:
+        """Count a request or frame turned away by `limit` (one of LIMITS); any thread."""
+        with self._lock:
+            self._limits[limit] += 1
+
+    def limit_refusals(self) -> dict[str, int]:
+        """Refusals by limit: the daemon's own and its ranks' (their latest snapshots)."""
+        with self._lock:
+            counts = dict(self._limits)
+            for snapshot in self._snapshots.values():
+                for limit, count in snapshot.limit_refusals.items():
+                    counts[limit] = counts.get(limit, 0) + count
+        return counts
+
     def finished(self, outcome: str, failure: Failure | None = None) -> None:
         self.requests.labels(outcome).inc()
         if failure is not None:
@@ -271,3 +297,18 @@ class _BootstrapCollector:
         counters = self.metrics.bootstrap_counters()
         for name, text, key in _BOOTSTRAP:
             yield CounterMetricFamily(name, text, value=counters.get(key, 0))
+
+
+class _LimitCollector:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "kvferry_limit_refusals",
+            "Requests and frames refused because they would pass a configured limit, by limit",
+            labels=["limit"],
+        )
+        for limit, count in sorted(self.metrics.limit_refusals().items()):
+            family.add_metric([limit], count)
+        yield family

@@ -7,7 +7,7 @@ metrics now and then; rank 0 also reports what its engine produced (`engine.outp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.transport.failure import Failure
@@ -86,3 +86,4 @@ class Snapshot:
     loop_timer_turns: int = 0  # of which only the loop's timer woke it
     wait_cpu_s: float = 0.0  # of transfer_cpu_s: the loop's wait (poll, re-taking the GIL)
     ucx_cpu_s: float = 0.0  # of transfer_cpu_s: inside UCX's progress and arm
+    limit_refusals: dict[str, int] = field(default_factory=dict)  # control frames refused, by limit

@@ -220,6 +220,7 @@ class Worker:
             kv_pool_bytes=engine.runner.kv.numel() * engine.runner.kv.element_size(),
             memory_peak=_memory_peak(engine.runner.kv.device),
             control_address=agent.control_address,
+            limit_refusals=agent.limit_refusals,
             pid=os.getpid(),
         )
 
