@@ -25,7 +25,6 @@ from kvferry.daemon.router.service import Router
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1 << 20  # as a decode daemon takes
 CANCEL_S = 10.0  # a request whose client left: how long its attempt gets to wind down
 GONE = 499  # answered to nobody: the client has left
 
@@ -56,7 +55,7 @@ def build_app(router: Router) -> Starlette:
 async def _post(request: Request) -> Response:
     router: Router = request.app.state.router
     try:
-        body = await _body(request, router.config.http_body_timeout_s)
+        body = await _body(request, router)
     except ClientDisconnect:
         return Response(status_code=GONE)
     call = router.call("POST", request.url.path, body, _streams(body))
@@ -90,22 +89,25 @@ async def _answer(request: Request, router: Router, call) -> Response:
     raise RouterError(504, "no answer within request_timeout_s", "timeout", "timeout")
 
 
-async def _body(request: Request, timeout_s: float) -> bytes:
+async def _body(request: Request, router: Router) -> bytes:
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise RouterError(413, f"body of {length} bytes exceeds {MAX_BODY_BYTES}")
+    most, timeout_s = router.config.http_max_body_bytes, router.config.http_body_timeout_s
+    if length.isdigit() and int(length) > most:
+        router.metrics.refused("http_max_body_bytes")
+        raise RouterError(413, f"body of {length} bytes exceeds http_max_body_bytes={most}")
     try:
-        return await asyncio.wait_for(_read(request), timeout_s)
+        return await asyncio.wait_for(_read(request, router), timeout_s)
     except asyncio.TimeoutError:
         raise RouterError(408, f"the body was not in within {timeout_s:g} s") from None
 
 
-async def _read(request: Request) -> bytes:
-    chunks, size = [], 0
+async def _read(request: Request, router: Router) -> bytes:
+    chunks, size, most = [], 0, router.config.http_max_body_bytes
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise RouterError(413, f"body exceeds {MAX_BODY_BYTES} bytes")
+        if size > most:
+            router.metrics.refused("http_max_body_bytes")
+            raise RouterError(413, f"body exceeds http_max_body_bytes={most}")
         chunks.append(chunk)
     return b"".join(chunks)
 

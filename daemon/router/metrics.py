@@ -68,8 +68,19 @@ class RouterMetrics:
             buckets=_SECONDS,
             registry=r,
         )
+        self.limit_refusals = Counter(
+            "kvferry_limit_refusals",
+            "Requests refused because they would pass a configured limit, by limit",
+            ["limit"],
+            registry=r,
+        )
+        for limit in ("http_max_requests_per_client", "http_max_body_bytes"):
+            self.limit_refusals.labels(limit)  # a series at 0 from the start
         r.register(_Targets(pool, clock))
         ProcessCollector(registry=r)
+
+    def refused(self, limit: str) -> None:
+        self.limit_refusals.labels(limit).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

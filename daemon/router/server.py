@@ -21,6 +21,7 @@ from kvferry.daemon.router.app import build_app
 from kvferry.daemon.router.resolver import Resolver, system_resolver
 from kvferry.daemon.router.service import MAX_UPSTREAM_CONNECTIONS, Router
 from kvferry.daemon.server.api_key import RequireApiKey
+from kvferry.daemon.server.client_limit import ClientLimit
 from kvferry.daemon.server.config import RouterConfig
 from kvferry.daemon.server.http_protocol import HeaderTimeoutProtocol
 from kvferry.daemon.server.open_files import allow_open_files
@@ -59,7 +60,7 @@ class RouterServer:
         )
         self._server = uvicorn.Server(
             uvicorn.Config(
-                _guarded(build_app(self.router), self.router.api_key),
+                _guarded(self._limited(build_app(self.router)), self.router.api_key),
                 log_config=None,  # the process's logging stays as it is
                 log_level="warning",
                 access_log=False,  # requests are counted in the metrics
@@ -74,6 +75,10 @@ class RouterServer:
         self._thread = threading.Thread(
             target=self._server.run, args=([self._socket],), name="kvferry-router", daemon=True
         )
+
+    def _limited(self, app) -> ClientLimit:
+        limit = self.config.http_max_requests_per_client
+        return ClientLimit(app, limit, self.router.metrics.refused)
 
     @property
     def url(self) -> str:

@@ -21,7 +21,6 @@ from kvferry.daemon.server.api import ChatCompletionRequest, CompletionRequest
 from kvferry.daemon.server.request import Unavailable
 from kvferry.transport.failure import Failure, FailureKind, aborted
 
-MAX_BODY_BYTES = 1 << 20
 LOST_AFTER_S = 30.0  # past its deadline, a request the ranks never answer gets a 504
 MAX_HELD = 4  # tokens held back while the text ends in an incomplete character (UTF-8: <= 4)
 
@@ -122,9 +121,12 @@ async def _body(request: Request, kind: type):
     length = request.headers.get("content-length")
     if length is None or not length.isdigit():
         raise HTTPError(411, "a JSON body with Content-Length is required")
-    if int(length) > MAX_BODY_BYTES:
-        raise HTTPError(413, f"body of {length} bytes exceeds {MAX_BODY_BYTES}")
-    limit = request.app.state.daemon.config.http_body_timeout_s
+    daemon = request.app.state.daemon
+    if int(length) > daemon.config.http_max_body_bytes:
+        daemon.metrics.refused("http_max_body_bytes")
+        most = daemon.config.http_max_body_bytes
+        raise HTTPError(413, f"body of {length} bytes exceeds http_max_body_bytes={most}")
+    limit = daemon.config.http_body_timeout_s
     try:
         raw = await asyncio.wait_for(request.body(), limit)
     except asyncio.TimeoutError:

@@ -86,6 +86,7 @@ class Daemon:
             check_prompt,
             limit=config.prompt_limit,
             vocab=self.model_config.vocab_size,
+            refused=self.metrics.refused,
         )
         s = config.scheduler  # prefill: prompts whose room no decode rank registered yet
         quota = PromptQuota(s.max_unregistered_prompts_per_peer, s.max_unregistered_prompts)

@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from kvferry.daemon.server import status as shown
 from kvferry.daemon.server.api_key import RequireApiKey, read_api_key
+from kvferry.daemon.server.client_limit import ClientLimit
 from kvferry.daemon.server.completions import HTTPError, chat_completions, completions, models
 from kvferry.daemon.server.http_protocol import HeaderTimeoutProtocol
 from kvferry.daemon.server.metrics import CONTENT_TYPE
@@ -52,8 +53,9 @@ class HTTPFront:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.create_server((host, port), family=family, backlog=BACKLOG)
         self.server_port = self._socket.getsockname()[1]
-        app = _app(daemon)
-        key = read_api_key(daemon.config.api_key_file, daemon.config.api_key_env)
+        own = daemon.config
+        app = ClientLimit(_app(daemon), own.http_max_requests_per_client, daemon.metrics.refused)
+        key = read_api_key(own.api_key_file, own.api_key_env)
         config = uvicorn.Config(
             RequireApiKey(app, key) if key else app,
             log_config=None,  # the daemon's logging stays as it is

@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,12 +26,17 @@ class Unavailable(RuntimeError):
     """The daemon is not taking requests (starting, stopping or broken)."""
 
 
-def check_prompt(prompt: list[int], limit: int, vocab: int) -> None:
+def check_prompt(
+    prompt: list[int], limit: int, vocab: int, refused: Callable[[str], None] | None = None
+) -> None:
     """ValueError, naming the bad value, for a prompt the daemon cannot serve: empty, longer
-    than `limit` (scheduler.max_prompt_tokens), or with a token outside the vocabulary."""
+    than `limit` (scheduler.max_prompt_tokens: `refused` is told), or with a token outside the
+    vocabulary."""
     if not prompt:
         raise ValueError("the prompt is empty")
     if len(prompt) > limit:
+        if refused is not None:
+            refused("max_prompt_tokens")
         raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_prompt_tokens={limit}")
     bad = next((t for t in prompt if not 0 <= t < vocab), None)
     if bad is not None:
