@@ -1,5 +1,5 @@
-"""Streamed completions from one daemon, many at a time on one asyncio event loop, over one
-pool of kept-alive connections (httpx): what `kvferry bench` loads a daemon with. A stream
+"""Completions (streamed or whole) from one daemon, many at a time on one asyncio event loop,
+over one pool of kept-alive connections (httpx): what `kvferry bench` loads a daemon with. A stream
 costs the client a coroutine and a connection, so a thousand of them in flight are a thousand
 coroutines on one thread, not a thousand threads.
 
@@ -15,7 +15,14 @@ import httpx
 import msgspec
 
 from kvferry.daemon.cli.client import JSON_BODY, KEEPALIVE_EXPIRY_S, base_url, tls_context
-from kvferry.daemon.cli.replies import Completion, EventReader, ServerError, Tally, translated
+from kvferry.daemon.cli.replies import (
+    Completion,
+    EventReader,
+    ServerError,
+    Tally,
+    json_answer,
+    translated,
+)
 from kvferry.daemon.server.api import CompletionRequest
 
 
@@ -52,6 +59,21 @@ class AsyncDaemonClient:
         start = time.monotonic()
         with translated(self.url, self.timeout):
             return await asyncio.wait_for(self._stream(request, start), self.timeout)
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        """One unstreamed completion."""
+        start = time.monotonic()
+        with translated(self.url, self.timeout):
+            return await asyncio.wait_for(self._complete(request, start), self.timeout)
+
+    async def _complete(self, request: CompletionRequest, start: float) -> Completion:
+        body = msgspec.json.encode(msgspec.structs.replace(request, stream=False))
+        reply = await self._http.post("/v1/completions", content=body, headers=JSON_BODY)
+        if not reply.is_success:
+            raise ServerError.of_status(self.url, reply.status_code, reply.content)
+        tally = Tally(start)
+        tally.add(json_answer(self.url, reply.content), streamed=False)
+        return tally.result()
 
     async def _stream(self, request: CompletionRequest, start: float) -> Completion:
         body = msgspec.json.encode(msgspec.structs.replace(request, stream=True))

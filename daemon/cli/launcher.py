@@ -166,6 +166,19 @@ class Launcher:
                 codes[child.name] = self._reap(child, deadline, timeout)
         return codes
 
+    def restart(self, name: str, timeout: float) -> Child:
+        """Stops the child `name` (SIGTERM; SIGKILL after stop_timeout) and starts it again on
+        the same addresses; returns once it answers /health (LaunchError if it does not within
+        `timeout` s)."""
+        child = next(c for c in self.children if c.name == name)
+        if child.returncode is None:
+            self._log(f"restarting {child.name}")
+            child.process.terminate()
+            self._reap(child, time.monotonic() + self.stop_timeout, self.stop_timeout)
+        self._spawn(child)
+        self.wait_ready([child], timeout)
+        return child
+
     def __enter__(self) -> Launcher:
         return self
 

@@ -30,6 +30,7 @@ from kvferry.daemon.cli.demo import run_demo
 from kvferry.daemon.cli.fuzz.command import fuzz
 from kvferry.daemon.cli.launcher import Launcher, LaunchError, describe_exit
 from kvferry.daemon.cli.router import router
+from kvferry.daemon.cli.soak.command import soak
 from kvferry.daemon.cli.status import status
 from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.config import ConfigError, DaemonConfig, Deployment, check_against, load
@@ -283,6 +284,7 @@ def _calling_on_signals(callback):
 
 main.add_command(bench)
 main.add_command(fuzz)
+main.add_command(soak)
 main.add_command(status)
 main.add_command(router)
 

@@ -1,0 +1,1 @@
+"""`kvferry soak`: mixed load for a while, peers restarted, resources measured."""

@@ -1,0 +1,51 @@
+"""Every daemon and rank process of a deployment, measured when first seen (the start, or just
+after its restart) and at the end: resident memory, open file descriptors, threads. The pids come
+from the daemons' answers (/health, /status) as for the fuzzer."""
+
+from __future__ import annotations
+
+import threading
+
+import msgspec
+
+from kvferry.daemon.cli.fuzz.targets import ProcessFigures, discover, measure
+from kvferry.daemon.server.config import Deployment
+
+
+class ProcessRecord(msgspec.Struct, kw_only=True):
+    name: str  # "prefill-0", "prefill-0 rank 1"
+    pid: int
+    start: ProcessFigures
+    end: ProcessFigures | None = None  # measured at the end; None until then
+
+
+class Processes:
+    """The processes seen so far, one record per pid."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self._deployment = deployment
+        self._lock = threading.Lock()  # the restart thread adds, the main thread reads
+        self.records: dict[int, ProcessRecord] = {}
+
+    def look(self) -> None:
+        """Measures the processes not seen before."""
+        for process in discover(self._deployment).processes:
+            with self._lock:
+                if process.pid not in self.records:
+                    figures = measure(process.pid)
+                    self.records[process.pid] = ProcessRecord(
+                        name=process.name, pid=process.pid, start=figures
+                    )
+
+    def finish(self) -> tuple[list[ProcessRecord], list[ProcessRecord]]:
+        """Measures every process seen: (those serving now, those replaced by a restart)."""
+        current = {p.pid for p in discover(self._deployment).processes}
+        self.look()
+        with self._lock:
+            records = list(self.records.values())
+        for record in records:
+            record.end = measure(record.pid)
+        return (
+            [r for r in records if r.pid in current],
+            [r for r in records if r.pid not in current],
+        )
