@@ -14,6 +14,7 @@ import time
 import httpx
 import msgspec
 
+from kvferry.daemon.cli.api_key import bearer
 from kvferry.daemon.cli.client import JSON_BODY, KEEPALIVE_EXPIRY_S, base_url, tls_context
 from kvferry.daemon.cli.replies import (
     Completion,
@@ -31,7 +32,9 @@ class AsyncDaemonClient:
     for a connection); `timeout` bounds each whole request, waiting for a connection
     included. Use it in an `async with` block, on the loop that runs its requests."""
 
-    def __init__(self, url: str, timeout: float, connections: int) -> None:
+    def __init__(
+        self, url: str, timeout: float, connections: int, api_key: str | None = None
+    ) -> None:
         assert connections >= 1, connections
         self.url = base_url(url)
         self.timeout = timeout
@@ -44,6 +47,7 @@ class AsyncDaemonClient:
             base_url=self.url,
             limits=limits,
             timeout=timeout,
+            headers=bearer(api_key),  # the key, if the daemon asks one: never logged
             verify=tls_context(),
             trust_env=False,  # no proxies from the environment: the daemon is reached directly
         )

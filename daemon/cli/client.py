@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 
+from kvferry.daemon.cli.api_key import bearer
 from kvferry.daemon.cli.replies import (
     ClientError,
     Completion,
@@ -89,7 +90,10 @@ def tls_context() -> ssl.SSLContext:
 class DaemonClient:
     """Talks to one daemon at `url`; `timeout` bounds each whole request, in seconds."""
 
-    def __init__(self, url: str = DEFAULT_URL, timeout: float = 120.0) -> None:
+    def __init__(
+        self, url: str = DEFAULT_URL, timeout: float = 120.0, api_key: str | None = None
+    ) -> None:
+        """`api_key`: sent with every request (a daemon asks it of `/v1/*` only)."""
         self.url = base_url(url)
         self.timeout = timeout
         # No cap on connections: the callers' threads are the cap. No proxies from the
@@ -98,7 +102,11 @@ class DaemonClient:
             max_connections=None, max_keepalive_connections=32, keepalive_expiry=KEEPALIVE_EXPIRY_S
         )
         self._http = httpx.Client(
-            base_url=self.url, limits=limits, verify=tls_context(), trust_env=False
+            base_url=self.url,
+            limits=limits,
+            headers=bearer(api_key),
+            verify=tls_context(),
+            trust_env=False,
         )
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ import click
 import msgspec
 import yaml
 
+from kvferry.daemon.cli.api_key import api_key_option, client_api_key
 from kvferry.daemon.cli.bench.command import bench
 from kvferry.daemon.cli.client import DEFAULT_URL, ClientError, Completion, DaemonClient, daemon_url
 from kvferry.daemon.cli.common import (
@@ -144,7 +145,10 @@ class _TokenIds(click.ParamType):
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Ask for SSE events.")
 @click.option("--json", "as_json", is_flag=True, help="Print only one JSON object at the end.")
 @click.option("--timeout", type=SECONDS, default=120.0, show_default=True, help="Seconds.")
-def generate(prompt, prompt_ids, url, config_path, stream, as_json, timeout, **sampling) -> None:
+@api_key_option()
+def generate(
+    prompt, prompt_ids, url, config_path, stream, as_json, timeout, api_key_file, **sampling
+) -> None:
     """Complete PROMPT (text; - reads stdin) or --prompt-ids on a decode daemon.
 
     Text is printed as it streams in and a summary line goes to stderr. With --json, stdout gets
@@ -158,7 +162,9 @@ def generate(prompt, prompt_ids, url, config_path, stream, as_json, timeout, **s
     request = CompletionRequest(prompt=prompt_ids or prompt, **sampling)
     out = _TextOut(enabled=not as_json)
     try:
-        with DaemonClient(_decode_url(url, config_path), timeout) as client:
+        target, daemon = _decode_target(url, config_path)
+        key = client_api_key(api_key_file, daemon)
+        with DaemonClient(target, timeout, key) as client:
             completion = client.stream(request, out) if stream else client.complete(request)
         if not stream:
             out(completion.text)
@@ -233,15 +239,16 @@ def _model_config(daemon: DaemonConfig):
         raise ConfigError(f"{daemon.name or daemon.role}: model: {exc}") from None
 
 
-def _decode_url(url: str | None, config_path: str | None) -> str:
+def _decode_target(url: str | None, config_path: str | None) -> tuple[str, DaemonConfig | None]:
+    """The decode daemon's URL and, with --config, its config (which names its key)."""
     if url is not None and config_path is not None:
         raise click.UsageError("give --url or --config, not both")
     if config_path is None:
-        return url or DEFAULT_URL
+        return url or DEFAULT_URL, None
     decode = [daemon for daemon in load(config_path).daemons if daemon.role == "decode"]
     if not decode:
         raise click.ClickException(f"{config_path} lists no decode daemon")
-    return daemon_url(decode[0])
+    return daemon_url(decode[0]), decode[0]
 
 
 def _completion_summary(completion: Completion) -> str:

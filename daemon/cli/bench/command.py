@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 import msgspec
 
+from kvferry.daemon.cli.api_key import api_key_option, client_api_key
 from kvferry.daemon.cli.bench.plot import plot, plot_results, read_result
 from kvferry.daemon.cli.bench.report import rss_lines, table
 from kvferry.daemon.cli.bench.run import BenchSpec, run_bench, run_deployment, write_result
@@ -80,6 +81,7 @@ _COUNT = click.IntRange(min=1)
     show_default=True,
     help="Seconds of idle CPU measured before the first point (0: skip).",
 )
+@api_key_option()
 @click.option("--label", help="Name of this run in the JSON and in plots.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
 @click.option(
@@ -112,6 +114,7 @@ def bench(
     trace_path,
     plot_path,
     compare,
+    api_key_file,
     **load,
 ) -> None:
     """Load a decode daemon, sweeping concurrency or request rate; print one row per point.
@@ -138,10 +141,12 @@ def bench(
         earlier = [(Path(file).stem, read_result(file)) for file in compare]  # checked up front
         concurrency = concurrency or (() if request_rate else (1, 4, 16))
         spec = BenchSpec(concurrency=concurrency, request_rate=request_rate or (), **load)
+        key = client_api_key(api_key_file)  # else, with --config, what the file names
         if config_path is None:
-            result, codes = run_bench(spec, url or DEFAULT_URL, metrics_urls), {}
+            target = url or DEFAULT_URL
+            result, codes = run_bench(spec, target, metrics_urls, api_key=key), {}
         else:
-            result, codes = run_deployment(spec, config_path, metrics_urls, log=note)
+            result, codes = run_deployment(spec, config_path, metrics_urls, log=note, api_key=key)
     except BenchError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(table(result.points))

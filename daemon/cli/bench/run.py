@@ -33,6 +33,7 @@ from kvferry.daemon.cli.bench.workload import (
 from kvferry.daemon.cli.client import ClientError, DaemonClient
 from kvferry.daemon.cli.launcher import Launcher
 from kvferry.daemon.server.api import CompletionRequest
+from kvferry.daemon.server.api_key import read_api_key
 from kvferry.daemon.server.open_files import allow_open_files
 
 SNAPSHOT_PERIOD_S = 0.6  # ranks send their counters twice a second; wait this long to see them
@@ -167,15 +168,16 @@ def run_bench(
     metrics_urls: Sequence[str],
     out: TextIO | None = None,
     deployment: str | None = None,
+    api_key: str | None = None,
 ) -> Result:
-    """Every point of `spec` against the decode daemon at `url`; progress goes to `out`
-    (default stderr)."""
+    """Every point of `spec` against the decode daemon at `url`, presenting `api_key` (kept
+    out of the result); progress goes to `out` (default stderr)."""
     spec = msgspec.structs.replace(spec, vocab=spec.vocab or BYTE_VOCAB)
     entries = load_sharegpt(spec.dataset, spec.output_len) if spec.dataset else None
     metrics_urls = list(dict.fromkeys([url, *metrics_urls]))
     allow_open_files(spec.connections + 64)  # a socket per stream, and a few for the rest
     idle = idle_cpu(metrics_urls, spec.idle_s) if spec.idle_s > 0 else {}
-    points = asyncio.run(_points(spec, url, metrics_urls, entries, out or sys.stderr))
+    points = asyncio.run(_points(spec, url, metrics_urls, entries, out or sys.stderr, api_key))
     return Result(
         label=spec.label,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -206,9 +208,11 @@ def run_deployment(
     out: TextIO | None = None,
     log: Callable[[str], None] | None = None,
     start_timeout: float = 300.0,
+    api_key: str | None = None,
 ) -> tuple[Result, dict[str, int | None]]:
     """Starts the deployment in `config_path`, runs `spec` against its first decode daemon
-    (scraping every daemon), stops it; the result and each daemon's exit code."""
+    (scraping every daemon), stops it; the result and each daemon's exit code. `api_key`:
+    what to present, else the key the decode daemon's config names."""
     with Launcher.from_file(config_path, log=log) as launcher:
         launcher.start(start_timeout)
         decode = next((c for c in launcher.children if c.role == "decode"), None)
@@ -217,7 +221,8 @@ def run_deployment(
         vocab = spec.vocab or decode.daemon.model.model_config().vocab_size
         spec = msgspec.structs.replace(spec, vocab=vocab)
         urls = [child.url for child in launcher.children] + list(metrics_urls)
-        result = run_bench(spec, decode.url, urls, out, deployment=config_path)
+        api_key = api_key or read_api_key(decode.daemon.api_key_file, decode.daemon.api_key_env)
+        result = run_bench(spec, decode.url, urls, out, config_path, api_key)
         return result, launcher.stop()
 
 
@@ -234,11 +239,11 @@ def _prompts(spec: BenchSpec, rng: random.Random, entries: list[Prompt] | None) 
     return random_prompts(rng, count, spec.input_len, spec.output_len, spec.range_ratio, spec.vocab)
 
 
-async def _points(spec: BenchSpec, url: str, metrics_urls, entries, out: TextIO) -> list[Point]:
+async def _points(spec, url, metrics_urls, entries, out: TextIO, api_key) -> list[Point]:
     """Every point, on this one event loop, through one pool of kept-alive connections."""
     rng = random.Random(spec.seed)
     points = []
-    async with AsyncDaemonClient(url, spec.timeout_s, spec.connections) as client:
+    async with AsyncDaemonClient(url, spec.timeout_s, spec.connections, api_key) as client:
         for index, value in enumerate(spec.points):
             prompts = _prompts(spec, rng, entries)
             title = f"point {index + 1}/{len(spec.points)} {point_name(spec.mode, value)}"
