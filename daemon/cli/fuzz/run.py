@@ -12,6 +12,7 @@ check that it still serves.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from kvferry.daemon.cli.fuzz.targets import (
 )
 from kvferry.daemon.cli.fuzz.zmq_sender import ZmqFuzzer
 from kvferry.daemon.server.api import CompletionRequest
+from kvferry.daemon.server.api_key import read_api_key
 from kvferry.daemon.server.config import Deployment
 
 CHECK_EVERY = 100  # frames between liveness checks of every process
@@ -103,10 +105,14 @@ def run_fuzz(
     decode = next((d for d in deployment.daemons if d.role == "decode"), None)
     if decode is None:
         raise FuzzError("the deployment lists no decode daemon to take completions from")
-    decode_url = targets.urls[decode.name or decode.role]
+    try:
+        key = read_api_key(decode.api_key_file, decode.api_key_env)  # what its /v1/* asks
+    except ValueError as exc:
+        raise FuzzError(f"API key: {exc}") from None
+    complete = functools.partial(_complete, targets.urls[decode.name or decode.role], spec, key)
     result = FuzzResult(spec=spec)
     try:
-        result.completion_before = _complete(decode_url, spec)
+        result.completion_before = complete()
     except ClientError as exc:
         raise FuzzError(f"no completion before fuzzing: {exc}") from None
     result.processes = [
@@ -116,7 +122,7 @@ def run_fuzz(
     for index, target in enumerate(t for t in targets.sockets if t.kind in spec.kinds):
         log(f"fuzzing {target.name} ({target.address}): {spec.frames} frames")
         result.sockets.append(_fuzz_socket(target, targets, spec, spec.seed * 1009 + index, result))
-    _check_after(result, targets, decode_url, before)
+    _check_after(result, targets, complete, before)
     return result
 
 
@@ -206,14 +212,14 @@ def _note_deaths(result: FuzzResult, target: FuzzedSocket, n: int, recent: Count
             )
 
 
-def _check_after(result: FuzzResult, targets: Targets, decode_url: str, before: dict) -> None:
+def _check_after(result: FuzzResult, targets: Targets, complete: Callable, before: dict) -> None:
     spec = result.spec
     for name, url in targets.urls.items():
         result.health[name] = _health(url)
         if result.health[name] != "ok":
             result.problems.append(f"{name}: /health says {result.health[name]} after the fuzz")
     try:
-        result.completion_after = _complete(decode_url, spec)
+        result.completion_after = complete()
         if result.completion_after != result.completion_before:
             result.problems.append(
                 f"the completion changed: {result.completion_before} before the fuzz, "
@@ -245,9 +251,9 @@ def _check_process(result: FuzzResult, process: ProcessRun, spec: FuzzSpec) -> N
             result.problems.append(f"{process.name}: {what} grew by {grew} (bound {bound})")
 
 
-def _complete(url: str, spec: FuzzSpec) -> list[int]:
+def _complete(url: str, spec: FuzzSpec, key: str | None) -> list[int]:
     request = CompletionRequest(prompt=list(spec.prompt), max_tokens=spec.max_tokens)
-    with DaemonClient(url, spec.completion_timeout_s) as client:
+    with DaemonClient(url, spec.completion_timeout_s, key) as client:
         return client.complete(request).token_ids
 
 
