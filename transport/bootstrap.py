@@ -23,6 +23,7 @@ from kvferry.transport.messages import (
     Ack,
     Codec,
     ErrorReply,
+    FrameTooLarge,
     Message,
     Peers,
     PrefillLoad,
@@ -31,6 +32,7 @@ from kvferry.transport.messages import (
     RegisterRank,
     SubmitPrompt,
     WireError,
+    multipart_error,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class BootstrapServer:
         self.refused_registrations = 0  # RegisterRank without this daemon's token
         self.dropped_replies = 0  # replies ZeroMQ would not queue (unroutable ones it drops)
         self.failed_frames = 0  # frames whose handling raised (a bug, not the sender's fault)
+        self.oversized_frames = 0  # of bad_frames: messages of more than max_frame_bytes
         self._log = RateLimitedLog(log)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kvferry-bootstrap", daemon=True)
@@ -90,6 +93,7 @@ class BootstrapServer:
             "refused_registrations": self.refused_registrations,
             "dropped_replies": self.dropped_replies,
             "failed_frames": self.failed_frames,
+            "oversized_frames": self.oversized_frames,
         }
 
     def close(self) -> None:
@@ -111,10 +115,12 @@ class BootstrapServer:
                 )
 
     def _serve_one(self) -> None:
-        identity, frame, parts = self._receive()
+        identity, frame, parts, size = self._receive()
         if parts != 1:
             self.bad_frames += 1
-            reply = ErrorReply(f"expected 1 frame, got {parts}")
+            error = multipart_error(parts, size, self.codec.max_frame_bytes)
+            self.oversized_frames += isinstance(error, FrameTooLarge)
+            reply = ErrorReply(str(error))
         else:
             reply = self._handle(frame.bytes, _peer_address(frame))
         try:
@@ -122,17 +128,18 @@ class BootstrapServer:
         except zmq.ZMQError:  # the sender is gone or not draining: the reply is dropped
             self.dropped_replies += 1
 
-    def _receive(self) -> tuple[bytes, zmq.Frame | None, int]:
-        """(sender identity, first message part, number of parts). Parts after the first are
-        read one at a time and dropped, so a long multipart message is never held whole."""
+    def _receive(self) -> tuple[bytes, zmq.Frame | None, int, int]:
+        """(sender identity, first message part, number of parts, their bytes). Parts after
+        the first are read one at a time and dropped, so a long multipart message is never
+        held whole."""
         part = self._socket.recv(copy=False, flags=zmq.NOBLOCK)
-        identity, first, parts = part.bytes, None, 0
+        identity, first, parts, size = part.bytes, None, 0, 0
         while part.more:
             part = self._socket.recv(copy=False)
-            parts += 1
+            parts, size = parts + 1, size + len(part)
             if first is None:
                 first = part
-        return identity, first, parts
+        return identity, first, parts, size
 
     def _handle(self, frame: bytes, peer: str) -> Message:
         try:
@@ -146,6 +153,7 @@ class BootstrapServer:
             raise WireError(f"unexpected {type(message).__name__} at the bootstrap server")
         except WireError as exc:
             self.bad_frames += 1
+            self.oversized_frames += isinstance(exc, FrameTooLarge)
             self._log.warning("bad", "bad bootstrap frame from %s: %s", peer, exc)
             return ErrorReply(str(exc))
 

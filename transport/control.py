@@ -21,7 +21,7 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from kvferry.transport.messages import Codec, Message, WireError
+from kvferry.transport.messages import Codec, Message, WireError, multipart_error
 
 MAX_PEERS = 256  # outbound sockets per rank (each holds file descriptors while open)
 MAX_FRAMES_PER_TURN = 1024  # bounds one turn's reading, so a flood cannot starve the rest
@@ -183,13 +183,14 @@ class ControlChannel:
             message = _recv_message(socket, 2 if peer is None else 1)
             if message is None:
                 return
-            parts, count = message
+            parts, count, size = message
             if peer is None:  # ROUTER: the first part is the sender's identity
-                sender, parts, count = peer_name(parts[0].bytes), parts[1:], count - 1
+                sender, size = peer_name(parts[0].bytes), size - len(parts[0])
+                parts, count = parts[1:], count - 1
             else:
                 sender = peer
             if count != 1:
-                received.append((sender, WireError(f"expected 1 frame, got {count}")))
+                received.append((sender, multipart_error(count, size, self.codec.max_frame_bytes)))
                 continue
             try:
                 received.append((sender, self.codec.decode(parts[0].bytes)))
@@ -207,20 +208,21 @@ class ControlChannel:
                 self._dropped.append(peer)
 
 
-def _recv_message(socket: zmq.Socket, keep: int) -> tuple[list[zmq.Frame], int] | None:
-    """One whole message: its first `keep` parts and how many parts it had; None if none is
-    waiting. Parts past `keep` are released as they are read, never joined."""
+def _recv_message(socket: zmq.Socket, keep: int) -> tuple[list[zmq.Frame], int, int] | None:
+    """One whole message: its first `keep` parts, how many parts it had and their bytes in
+    all; None if none is waiting. Parts past `keep` are released as they are read, never
+    joined."""
     try:
         first = socket.recv(zmq.NOBLOCK, copy=False)
     except zmq.Again:
         return None
-    parts, count, more = [first], 1, first.more
+    parts, count, size, more = [first], 1, len(first), first.more
     while more:
         part = socket.recv(copy=False)  # ZeroMQ delivers a message's parts together: no wait
-        count, more = count + 1, part.more
+        count, size, more = count + 1, size + len(part), part.more
         if len(parts) < keep:
             parts.append(part)
-    return parts, count
+    return parts, count, size
 
 
 def request(

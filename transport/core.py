@@ -22,7 +22,14 @@ from kvferry.transport.dataplane import DataPlane
 from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.log_limit import RateLimitedLog
 from kvferry.transport.loop import AgentLoop
-from kvferry.transport.messages import Codec, ErrorReply, Heartbeat, Message, WireError
+from kvferry.transport.messages import (
+    Codec,
+    ErrorReply,
+    FrameTooLarge,
+    Heartbeat,
+    Message,
+    WireError,
+)
 from kvferry.transport.peers import PeerTracker
 from kvferry.transport.slice_mode import SliceMode
 from kvferry.transport.staged_mode import StagedMode
@@ -154,6 +161,8 @@ class AgentCore:
     def _read_frames(self, ready) -> None:
         for peer, message in self.control.receive(ready):
             if isinstance(message, WireError):
+                if isinstance(message, FrameTooLarge):
+                    self.stats.refused_by("max_frame_bytes")
                 self.refuse(peer, str(message))
                 continue
             self.peers.heard(peer)

@@ -35,6 +35,19 @@ class WireError(ValueError):
     """A control frame that cannot be accepted."""
 
 
+class FrameTooLarge(WireError):
+    """A message of more bytes than `max_frame_bytes` (a refusal by that limit)."""
+
+
+def multipart_error(parts: int, size: int, limit: int) -> WireError:
+    """Why a message of `parts` parts and `size` bytes in all is refused."""
+    if size > limit:
+        return FrameTooLarge(
+            f"message of {parts} parts, {size} bytes, exceeds max_frame_bytes={limit}"
+        )
+    return WireError(f"expected 1 frame, got {parts}")
+
+
 class _Msg(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     pass
 
@@ -180,8 +193,9 @@ class Codec:
 
     def decode(self, frame: bytes) -> Message:
         if len(frame) > self.max_frame_bytes:
-            raise WireError(
-                f"frame of {len(frame)} bytes exceeds the limit of {self.max_frame_bytes}"
+            raise FrameTooLarge(
+                f"frame of {len(frame)} bytes exceeds the limit of {self.max_frame_bytes} "
+                "(max_frame_bytes)"
             )
         if len(frame) < _VERSION.size:
             raise WireError(f"frame of {len(frame)} bytes is too short for a protocol version")

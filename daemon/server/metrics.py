@@ -239,6 +239,7 @@ class Metrics:
             for snapshot in self._snapshots.values():
                 for limit, count in snapshot.limit_refusals.items():
                     counts[limit] = counts.get(limit, 0) + count
+        counts["max_frame_bytes"] += self.bootstrap_counters().get("oversized_frames", 0)
         return counts
 
     def finished(self, outcome: str, failure: Failure | None = None) -> None:
