@@ -43,7 +43,7 @@ def test_a_rank_refuses_and_counts_a_message_over_the_limit(deployments):
     sock = dealer(agent.core.control.address)
     sock.send_multipart([b"x" * 3000, b"y" * 3000])  # each part fits; together they do not
     reply = answer(sock)
-    assert isinstance(reply, ErrorReply) and f"limit={LIMIT}" in reply.reason
+    assert isinstance(reply, ErrorReply) and f"max_frame_bytes={LIMIT}" in reply.reason
     sock.send_multipart([b"x" * 10, b"y" * 10])  # several parts, but small: not this limit
     assert "expected 1 frame" in answer(sock).reason
     assert agent.stats().limit_refusals == {"max_frame_bytes": 1}
@@ -56,7 +56,7 @@ def test_the_bootstrap_server_refuses_and_counts_a_message_over_the_limit():
         sock = dealer(srv.address)
         sock.send_multipart([b"x" * 3000, b"y" * 3000])
         reply = answer(sock)
-        assert isinstance(reply, ErrorReply) and f"limit={LIMIT}" in reply.reason
+        assert isinstance(reply, ErrorReply) and f"max_frame_bytes={LIMIT}" in reply.reason
         sock.send_multipart([b"x" * 10, b"y" * 10])
         assert "expected 1 frame" in answer(sock).reason
         assert srv.counters()["oversized_frames"] == 1 and srv.counters()["bad_frames"] == 2
