@@ -10,7 +10,9 @@ import httpx
 import pytest
 
 from kvferry.daemon.server.client_limit import ClientLimit
+from kvferry.daemon.server.metrics import Metrics
 from support.cluster import client, decode, prefill, running, write
+from support.metrics_sim import samples, snapshot
 
 PER_CLIENT, BODY, PROMPT = 2, 4096, 16
 
@@ -116,3 +118,24 @@ def test_a_client_with_nothing_in_progress_leaves_no_trace():
     assert calls == ["/v1/models"] and limit.in_progress("10.0.0.1") == 0
     asyncio.run(limit(scope, None, None))  # the count went back down: served again
     assert calls == ["/v1/models"] * 2
+
+
+def test_refusals_add_the_daemons_the_ranks_and_the_bootstrap_servers():
+    metrics = Metrics("prefill", "p")
+    metrics.refused("max_prompt_tokens")
+    metrics.take(snapshot(0, limit_refusals={"max_rooms_per_peer": 2, "max_frame_bytes": 1}))
+    metrics.take(snapshot(1, limit_refusals={"max_rooms_per_peer": 3}))
+    metrics.count_bootstrap(lambda: {"oversized_frames": 4})
+    counts = {
+        dict(labels)["limit"]: value
+        for (name, labels), value in samples(metrics.render().decode()).items()
+        if name == "kvferry_limit_refusals_total"
+    }
+    assert counts == {
+        "max_prompt_tokens": 1,
+        "http_max_requests_per_client": 0,
+        "http_max_body_bytes": 0,
+        "max_frame_bytes": 5,
+        "max_rooms_per_peer": 5,
+        "max_pending_rooms_per_peer": 0,
+    }
