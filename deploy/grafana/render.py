@@ -71,6 +71,8 @@ def draw(prometheus: str, start: float, end: float, out: Path, step_s: float = 5
         ax.tick_params(labelsize=7)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, loc="upper left")
+        else:  # Grafana's "No data": e.g. no failure of any kind yet
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     for ax in axes.flat[len(shown) :]:
         ax.axis("off")
     for ax in axes[-1]:
