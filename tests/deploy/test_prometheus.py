@@ -175,3 +175,19 @@ def test_dashboard_and_alerts_on_a_live_deployment(prometheus_bin, tmp_path):
     bare = {re.sub(r"_(bucket|count|sum)$", "", n) for n in named}
     assert bare <= families, f"not exported: {sorted(bare - families)}"
     assert out.stat().st_size > 20_000
+
+
+def test_dashboard_panels_are_well_formed():
+    """What Grafana needs to import the dashboard: unique panel ids and refIds, a grid place,
+    every query on the dashboard's own data-source variable."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["type"] == "datasource" and variable["query"] == "prometheus"
+    source = {"type": "prometheus", "uid": f"${{{variable['name']}}}"}
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    for panel in panels:
+        assert set(panel["gridPos"]) == {"h", "w", "x", "y"} and panel["datasource"] == source
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(set(refs)) == len(refs) and all(t["expr"] for t in panel["targets"])
+        assert all(t["datasource"] == source for t in panel["targets"])
