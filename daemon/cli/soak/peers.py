@@ -13,6 +13,8 @@ import msgspec
 
 from kvferry.daemon.cli.launcher import Launcher, LaunchError
 
+LOOK_AGAIN_S = 1.0  # between tries to measure a restarted daemon's new processes
+
 
 class Restart(msgspec.Struct):
     name: str
@@ -34,12 +36,13 @@ class Restarter:
         names: Sequence[str],
         every_s: float,
         ready_timeout_s: float,
-        on_restart: Callable[[], None] = lambda: None,
+        on_restart: Callable[[], bool] = lambda: True,
     ) -> None:
         self.restarts: list[Restart] = []
         self._launcher, self._names, self._every_s = launcher, list(names), every_s
         self._ready_timeout_s = ready_timeout_s
-        self._on_restart = on_restart  # after each restart: the caller measures the new pids
+        # after each restart, until it returns True: the caller measures the new processes
+        self._on_restart = on_restart
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak-restarts", daemon=True)
 
@@ -65,7 +68,8 @@ class Restarter:
         try:
             self._launcher.restart(name, self._ready_timeout_s)
             restart.ready = time.monotonic()
-            self._on_restart()
+            while not self._on_restart() and not self._stopped.wait(LOOK_AGAIN_S):
+                pass
         except LaunchError as exc:
             restart.error = str(exc)
 

@@ -47,7 +47,8 @@ def run_soak(deployment: Deployment, spec: SoakSpec, launcher: Launcher | None, 
     if spec.restart and launcher is None:
         raise SoakError("restarts need a deployment this command starts (not --running)")
     processes = Processes(deployment)
-    processes.look()
+    if not processes.look():
+        raise SoakError("a daemon of the deployment does not answer /health with 200")
     restarter = Restarter(
         launcher, spec.restart, spec.restart_every_s, spec.ready_timeout_s, processes.look
     )
