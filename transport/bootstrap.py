@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import zmq
 
+from kvferry.transport import curve
+from kvferry.transport.curve import CurveKeys
 from kvferry.transport.log_limit import RateLimitedLog
 from kvferry.transport.messages import (
     Ack,
@@ -53,14 +55,16 @@ class BootstrapServer:
         max_frame_bytes: int = 1 << 20,
         on_submit: OnSubmit | None = None,
         load: Callable[[], PrefillLoad] | None = None,
+        keys: CurveKeys | None = None,
     ) -> None:
         """`load`: the daemon's current load, sent with every Peers answer (called on the
-        server's thread)."""
+        server's thread). `keys`: the deployment's CURVE pair; only its members get through."""
         self.tp_size, self.on_submit, self.load = tp_size, on_submit, load
         self.token = token if token is not None else secrets.token_bytes(TOKEN_BYTES)
         self.codec = Codec(max_frame_bytes)
-        self._context = zmq.Context()
+        self._context = curve.context(keys)
         self._socket = self._context.socket(zmq.ROUTER)
+        curve.serve(self._socket)
         self._socket.setsockopt(zmq.LINGER, 0)
         # a larger frame disconnects its sender before ZeroMQ allocates it
         self._socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
@@ -100,7 +104,7 @@ class BootstrapServer:
         self._stop.set()
         self._thread.join(timeout=5)
         self._socket.close(linger=0)
-        self._context.term()
+        curve.close(self._context)
 
     def _serve(self) -> None:
         while not self._stop.is_set():

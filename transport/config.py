@@ -28,6 +28,14 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_rooms_per_peer: int = 2048
     max_pending_rooms_per_peer: int = 512
     ucx_tls: str | None = None  # UCX_TLS for the data plane; None keeps UCX's own choice
+    # "LOW-HIGH": the TCP ports the control sockets bind in, and UCX's tcp transport listens and
+    # connects from (UCX_TCP_PORT_RANGE); None: any port the OS chooses
+    control_ports: str | None = None
+    ucx_ports: str | None = None
+
+    @property
+    def control_port_range(self) -> tuple[int, int] | None:
+        return port_range(self.control_ports)
 
     def __post_init__(self) -> None:
         for name in (
@@ -52,8 +60,27 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("control_ports", "ucx_ports"):
+            try:
+                port_range(getattr(self, name))
+            except ValueError as exc:
+                raise ValueError(f"{name}={getattr(self, name)!r}: {exc}") from None
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError(
                 f"heartbeat_timeout_s={self.heartbeat_timeout_s} must exceed "
                 f"heartbeat_interval_s={self.heartbeat_interval_s}"
             )
+
+
+def port_range(spec: str | None) -> tuple[int, int] | None:
+    """(low, high), both included, of "LOW-HIGH" (or one port); None for None."""
+    if spec is None:
+        return None
+    low, _, high = spec.partition("-")
+    try:
+        first, last = int(low), int(high or low)
+    except ValueError:
+        raise ValueError("not LOW-HIGH (e.g. 31000-31099)") from None
+    if not 1 <= first <= last < 65536:
+        raise ValueError("not a range of TCP ports (1-65535, low <= high)")
+    return first, last

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from kvferry.transport import curve
 from kvferry.transport.messages import Codec, Message, WireError, multipart_error
 
 MAX_PEERS = 256  # outbound sockets per rank (each holds file descriptors while open)
@@ -48,6 +49,20 @@ def limit_receive(socket: zmq.Socket, max_frame_bytes: int) -> None:
     socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
 
 
+def bind(socket: zmq.Socket, host: str, ports: tuple[int, int] | None) -> int:
+    """Bind `socket` to the first free port of `ports` on `host` (any port if None)."""
+    if ports is None:
+        return socket.bind_to_random_port(f"tcp://{host}")
+    for port in range(ports[0], ports[1] + 1):
+        try:
+            socket.bind(f"tcp://{host}:{port}")
+            return port
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE:
+                raise
+    raise zmq.ZMQError(zmq.EADDRINUSE, f"no free port in {ports[0]}-{ports[1]} on {host}")
+
+
 class ControlChannel:
     def __init__(
         self,
@@ -56,7 +71,10 @@ class ControlChannel:
         host: str,
         watch: Watch | None = None,
         monitor_peers: bool = False,
+        ports: tuple[int, int] | None = None,
     ) -> None:
+        """`ports`: (low, high) the inbound socket binds in; None: any free port. A context made
+        by `curve.context(keys)` makes the inbound socket a CURVE server, the outbound clients."""
         self.codec = codec
         self._context = context
         self._watch: Watch = watch or (lambda socket, on: None)
@@ -65,7 +83,8 @@ class ControlChannel:
         self.inbound = context.socket(zmq.ROUTER)
         self.inbound.setsockopt(zmq.LINGER, 0)
         limit_receive(self.inbound, codec.max_frame_bytes)  # the identity part is added locally
-        port = self.inbound.bind_to_random_port(f"tcp://{host}")
+        curve.serve(self.inbound)
+        port = bind(self.inbound, host, ports)
         self.address = f"tcp://{host}:{port}"
         self._outbound: dict[str, zmq.Socket] = {}
         self._peer_of: dict[zmq.Socket, str] = {}  # outbound socket -> its peer

@@ -15,9 +15,11 @@ from kvferry.staging.buffer import StagingBuffer
 from kvferry.staging.copy_stream import CopyStream
 from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.layout import KVLayout
+from kvferry.transport import curve
 from kvferry.transport.bell import Bell
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import ControlChannel
+from kvferry.transport.curve import CurveKeys
 from kvferry.transport.dataplane import DataPlane
 from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.log_limit import RateLimitedLog
@@ -82,10 +84,12 @@ class AgentCore:
         on_peer_lost: Callable[[str, Failure], None],
         fail_room: Callable[[int, Failure], None],
         on_dropped: Callable[[str], None] | None = None,
+        keys: CurveKeys | None = None,
     ) -> None:
         """`step(now)` advances the role's work and says whether operations are in flight;
         `fail_room(room, failure)` fails a room a message named when handling it raised;
-        `on_dropped(peer)`, if given, hears of every outbound connection that dropped."""
+        `on_dropped(peer)`, if given, hears of every outbound connection that dropped; `keys`:
+        the deployment's CURVE pair (control sockets admit its members only)."""
         _check_planes(layout, planes)
         self.config, self.layout, self.planes, self.data = config, layout, planes, data
         self.stats = TransferStats()
@@ -94,7 +98,7 @@ class AgentCore:
         )
         # rung on every change of a room's state: the engine's thread sleeps on it
         self.bell = Bell()
-        self._zmq = zmq.Context()
+        self._zmq = curve.context(keys)
         self.loop = AgentLoop(
             name, self._read_frames, self._turn, data.on_loop_start, self.bell.ring
         )
@@ -110,6 +114,7 @@ class AgentCore:
             config.host,
             watch=self.loop.watch,
             monitor_peers=on_dropped is not None,
+            ports=config.control_port_range,
         )
         self.peers = PeerTracker(config.heartbeat_interval_s, config.heartbeat_timeout_s)
         self._on_message, self._step, self._on_peer_lost = on_message, step, on_peer_lost
@@ -134,7 +139,7 @@ class AgentCore:
         self.bell.close()
         self.control.close()
         self.data.close()
-        self._zmq.term()
+        curve.close(self._zmq)
         if self.staging is not None:
             self.staging.close()
 

@@ -17,6 +17,7 @@ from kvferry.transport.agent import TransferAgent
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import PeerLimitError
 from kvferry.transport.core import AgentCore
+from kvferry.transport.curve import CurveKeys
 from kvferry.transport.dataplane import DataPlane
 from kvferry.transport.directory import PrefillDirectory, check_addresses, check_ranks
 from kvferry.transport.failure import Failure, FailureKind, timeout
@@ -43,7 +44,12 @@ class DecodeAgent(TransferAgent):
     """One decode rank's transfer agent."""
 
     def __init__(
-        self, config: TransferConfig, layout: KVLayout, planes: KVPlanes, data: DataPlane
+        self,
+        config: TransferConfig,
+        layout: KVLayout,
+        planes: KVPlanes,
+        data: DataPlane,
+        keys: CurveKeys | None = None,
     ) -> None:
         self.core = AgentCore(
             f"kvferry-decode-{layout.tp_rank}",
@@ -56,6 +62,7 @@ class DecodeAgent(TransferAgent):
             self._on_peer_lost,
             self._abort,
             on_dropped=self._on_dropped,
+            keys=keys,
         )
         self.config, self.layout, self.planes = config, layout, planes
         self._groups = layer_groups(layout.num_layers, config.layer_group)

@@ -16,6 +16,7 @@ from kvferry.transport.agent import TransferAgent
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import request
 from kvferry.transport.core import AgentCore
+from kvferry.transport.curve import CurveKeys
 from kvferry.transport.dataplane import DataPlane
 from kvferry.transport.endpoints import EndpointPool
 from kvferry.transport.failure import Failure, FailureKind
@@ -55,6 +56,7 @@ class PrefillAgent(TransferAgent):
         data: DataPlane,
         bootstrap: str,
         token: bytes,
+        keys: CurveKeys | None = None,
     ) -> None:
         self.core = AgentCore(
             f"kvferry-prefill-{layout.tp_rank}",
@@ -66,6 +68,7 @@ class PrefillAgent(TransferAgent):
             self._step,
             self._on_peer_lost,
             self.abort_on_loop,
+            keys=keys,
         )
         self.config, self.layout, self.planes = config, layout, planes
         self.rooms: dict[int, SendRoom] = {}

@@ -36,13 +36,16 @@ from kvferry.transport.ucx_address import check_peer_address, parse_worker_addre
 DISCARD_BYTES = 256  # scratch a discarded message is truncated into
 
 
-def load_ucxx(tls: str | None = None, host: str | None = None):
-    """The ucxx low-level API, importing it with UCX_TLS=`tls` if given, and with UCX's
-    network transports kept to the interface of `host` unless UCX_NET_DEVICES is set.
-    Only the first call's `host` counts: UCX never rereads its devices."""
+def load_ucxx(tls: str | None = None, host: str | None = None, ports: str | None = None):
+    """The ucxx low-level API, importing it with UCX_TLS=`tls` if given, with UCX's network
+    transports kept to the interface of `host` unless UCX_NET_DEVICES is set, and its tcp
+    transport's ports in `ports` ("LOW-HIGH", UCX_TCP_PORT_RANGE) if given. Only the first
+    call's `host` and `ports` count: UCX never rereads them."""
     if "ucxx" not in sys.modules:
         if tls:
             os.environ["UCX_TLS"] = tls
+        if ports:
+            os.environ["UCX_TCP_PORT_RANGE"] = ports
         devices = ucx_net_devices(host) if "UCX_NET_DEVICES" not in os.environ else None
         if devices:
             os.environ["UCX_NET_DEVICES"] = devices
@@ -106,10 +109,15 @@ class UcxDataPlane(DataPlane):
     `host`: the interface the transport binds to (TransferConfig.host); UCX listens there only."""
 
     def __init__(
-        self, tls: str | None = None, cuda_device: int | None = None, host: str | None = None
+        self,
+        tls: str | None = None,
+        cuda_device: int | None = None,
+        host: str | None = None,
+        ports: str | None = None,
     ) -> None:
+        """`ports`: "LOW-HIGH", the TCP ports of UCX's tcp transport (TransferConfig.ucx_ports)."""
         super().__init__()
-        self._ucx = load_ucxx(tls, host)
+        self._ucx = load_ucxx(tls, host, ports)
         self._cuda_device = cuda_device
         # UCX's CUDA transports finish their copies (a cuda_ipc receive, say) on CUDA events
         # that, measured on an H200 with UCX 1.21, do not make the worker's descriptor readable

@@ -29,6 +29,7 @@ from kvferry.daemon.cli.common import (
 )
 from kvferry.daemon.cli.demo import run_demo
 from kvferry.daemon.cli.fuzz.command import fuzz
+from kvferry.daemon.cli.keys import keys
 from kvferry.daemon.cli.launcher import Launcher, LaunchError, describe_exit
 from kvferry.daemon.cli.router import router
 from kvferry.daemon.cli.soak.command import soak
@@ -291,6 +292,7 @@ def _calling_on_signals(callback):
 
 main.add_command(bench)
 main.add_command(fuzz)
+main.add_command(keys)
 main.add_command(soak)
 main.add_command(status)
 main.add_command(router)

@@ -20,6 +20,7 @@ from kvferry.daemon.engine.scheduler import DecodeScheduler, PrefillScheduler
 from kvferry.daemon.model.llama import Model
 from kvferry.staging.layout import KVLayout
 from kvferry.transport.config import TransferConfig
+from kvferry.transport.curve import CurveKeys
 from kvferry.transport.dataplane import DataPlane
 from kvferry.transport.receiver import DecodeAgent
 from kvferry.transport.sender import PrefillAgent
@@ -49,23 +50,25 @@ def build_engine(
     group: TPGroup | None = None,
     bootstrap: str | None = None,
     token: bytes | None = None,
+    keys: CurveKeys | None = None,
     eos_ids: frozenset[int] = frozenset(),
 ) -> PrefillEngine | DecodeEngine:
     """The engine of rank `tp_rank` of `role` over `model` (already sharded for that rank),
     with a paged KV cache and batches of `settings`' sizes. `data_plane` makes the agent's
     data plane (called once, after the cache is allocated); `model_name` is the identity peers
     compare in the KV layout. A prefill agent registers with the bootstrap server at
-    `bootstrap` showing `token`; `eos_ids` (decode) end a sequence when sampled."""
+    `bootstrap` showing `token`; `keys`: the deployment's CURVE pair, if any; `eos_ids`
+    (decode) end a sequence when sampled."""
     blocks = BlockManager(settings.num_pages, settings.page_size)
     graph_batch = settings.max_running if role == "decode" and settings.cuda_graphs else 0
     runner = ModelRunner(model, blocks, graph_batch=graph_batch)
     layout = kv_layout(model, model_name, settings.page_size, tp_rank)
     data = data_plane()
     if role == "prefill":
-        agent = PrefillAgent(transfer, layout, runner.planes, data, bootstrap, token)
+        agent = PrefillAgent(transfer, layout, runner.planes, data, bootstrap, token, keys)
         prefill = PrefillScheduler(blocks, settings.prefill_chunk_tokens, settings.max_batch_tokens)
         return PrefillEngine(runner, prefill, agent, group)
-    agent = DecodeAgent(transfer, layout, runner.planes, data)
+    agent = DecodeAgent(transfer, layout, runner.planes, data, keys)
     decode = DecodeScheduler(blocks, settings.max_running)
     return DecodeEngine(runner, decode, agent, eos_ids, group)
 

@@ -16,6 +16,7 @@ import yaml
 
 from kvferry.daemon.model import source
 from kvferry.daemon.model.config import ModelConfig
+from kvferry.daemon.server.security import SecuritySection, check_binds
 from kvferry.staging.plan import check_tp
 from kvferry.transport.config import TransferConfig
 
@@ -160,6 +161,7 @@ class DaemonConfig(_Section):
     scheduler: SchedulerSection = SchedulerSection()
     engine: EngineSection = EngineSection()
     transfer: TransferConfig = TransferConfig()
+    security: SecuritySection = SecuritySection()  # CURVE keys; binding beyond loopback
 
     @property
     def prompt_limit(self) -> int:
@@ -198,6 +200,7 @@ class DaemonConfig(_Section):
             raise ValueError(
                 "a decode daemon needs at least one prefill bootstrap address in `prefill`"
             )
+        check_binds(self)
 
 
 class RouterConfig(_Section, kw_only=True):

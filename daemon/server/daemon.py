@@ -19,8 +19,6 @@ import threading
 import time
 from functools import partial
 
-import zmq
-
 from kvferry.daemon.engine.outputs import StepOutput
 from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.model.chat import ChatTemplate
@@ -42,6 +40,7 @@ from kvferry.daemon.server.request import (
     Unavailable,
     check_prompt,
 )
+from kvferry.transport import curve
 from kvferry.transport.bootstrap import TOKEN_BYTES, BootstrapServer
 from kvferry.transport.failure import Failure, FailureKind, aborted, timeout
 from kvferry.transport.messages import Codec, PrefillLoad
@@ -92,7 +91,9 @@ class Daemon:
         quota = PromptQuota(s.max_unregistered_prompts_per_peer, s.max_unregistered_prompts)
         self.intake = PromptIntake(quota, self._refusal, self._check_prompt, self._send)
         self._stop_reason: str | None = None
-        self._zmq = zmq.Context()
+        # read once: the key file may change under a running daemon, its ranks get these bytes
+        self._keys = config.security.keys()
+        self._zmq = curve.context(self._keys)
         self._codec = Codec(config.transfer.max_frame_bytes)
         self.probe = (
             PrefillProbe(config.prefill, self._zmq, self._codec, self.metrics)
@@ -138,14 +139,15 @@ class Daemon:
         if c.role == "prefill":
             limit, submit = c.transfer.max_frame_bytes, self.intake.submit
             self.bootstrap = BootstrapServer(
-                c.tp, token, c.host, c.bootstrap_port, limit, submit, self._prefill_load
-            )
+                c.tp, token, c.host, c.bootstrap_port, limit, submit, self._prefill_load,
+                self._keys,
+            )  # fmt: skip
             self.metrics.count_bootstrap(self.bootstrap.counters)
             bootstrap_address = self.bootstrap.address
         self.http = start_http(self, c.host, c.http_port, c.http_header_timeout_s)
         if self.probe is not None:
             self.probe.start()
-        self.ranks = Ranks(c, self.name, bootstrap_address, token)
+        self.ranks = Ranks(c, self.name, bootstrap_address, token, self._keys)
         self.ranks.wait_ready(c.start_timeout_s, lambda: self._stop_reason)
         self.state = "serving"
         where = f"http://{c.host}:{self.http.server_port}"
@@ -231,7 +233,7 @@ class Daemon:
         self.handoff.close()
         if self.probe is not None:
             self.probe.stop()  # its sockets must be closed before the context ends
-        self._zmq.term()
+        curve.close(self._zmq)
 
     def _send(self, command) -> None:
         if self.ranks is not None:

@@ -19,6 +19,7 @@ from multiprocessing.connection import wait
 from kvferry.daemon.server import protocol
 from kvferry.daemon.server.config import DaemonConfig
 from kvferry.daemon.server.worker import worker_main
+from kvferry.transport.curve import CurveKeys
 
 log = logging.getLogger("kvferry.daemon")
 EXIT_S = 15.0  # after Stop: how long the ranks get to exit before they are killed
@@ -30,10 +31,16 @@ class RankFailed(RuntimeError):
 
 class Ranks:
     def __init__(
-        self, config: DaemonConfig, name: str, bootstrap: str | None, token: bytes
+        self,
+        config: DaemonConfig,
+        name: str,
+        bootstrap: str | None,
+        token: bytes,
+        keys: CurveKeys | None = None,
     ) -> None:
         """`token`: what a prefill rank shows the bootstrap server at `bootstrap` to register;
-        it travels in the spawn arguments (pickled over a pipe), never in the environment."""
+        it travels in the spawn arguments (pickled over a pipe), never in the environment or
+        argv, as do `keys` (the deployment's CURVE pair)."""
         ctx = mp.get_context("spawn")
         # The ranks meet through a file store: no port to pick, so nothing to race for.
         self._rendezvous = tempfile.mkdtemp(prefix=f"kvferry-{name}-")
@@ -49,7 +56,7 @@ class Ranks:
                 bell = (None, None)
             proc = ctx.Process(
                 target=worker_main,
-                args=(config, rank, dist_address, bootstrap, token, child, bell),
+                args=(config, rank, dist_address, bootstrap, token, child, bell, keys),
                 name=f"{name}-rank{rank}",
             )
             proc.start()

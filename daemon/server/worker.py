@@ -28,6 +28,7 @@ from kvferry.daemon.model.weights import full_weights, random_weights
 from kvferry.daemon.server import protocol
 from kvferry.daemon.server.config import DaemonConfig
 from kvferry.transport.bell import drain
+from kvferry.transport.curve import CurveKeys
 from kvferry.transport.failure import Failure, FailureKind
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,12 @@ def worker_main(
     token: bytes,
     conn,
     bell=(None, None),
+    keys: CurveKeys | None = None,
 ):
     """Process entry point: build the rank, report Ready (or Fatal), serve until Stop. A prefill
     rank registers with the bootstrap server at `bootstrap` showing `token`. `bell`: (the end
-    rank 0 sleeps on, the end the other ranks ring) of a pipe, the one this rank uses set."""
+    rank 0 sleeps on, the end the other ranks ring) of a pipe, the one this rank uses set.
+    `keys`: the deployment's CURVE pair (None: plain ZeroMQ)."""
     # the daemon decides when its ranks stop (a terminal's Ctrl-C reaches the whole group)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -56,7 +59,7 @@ def worker_main(
     )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, config.tp)))
     try:
-        worker = Worker(config, rank, dist_address, bootstrap, token, conn, bell)
+        worker = Worker(config, rank, dist_address, bootstrap, token, conn, bell, keys)
     except Exception as exc:
         log.exception("rank %d failed to start", rank)
         conn.send(protocol.Fatal(rank, f"rank {rank} failed to start: {exc}"))
@@ -90,11 +93,12 @@ class Worker:
         token: bytes,
         conn,
         bell=(None, None),
+        keys: CurveKeys | None = None,
     ) -> None:
         self.config, self.rank, self.conn = config, rank, conn
         self.device = _device(config, rank)
         self.group = _join_group(config, rank, dist_address, self.device)
-        self.engine = _build_engine(config, rank, self.device, self.group, bootstrap, token)
+        self.engine = _build_engine(config, rank, self.device, self.group, bootstrap, (token, keys))
         self.agent = self.engine.agent
         # Rank 0 sleeps until a command comes, a room of any rank changes state (its own bell,
         # and the other ranks' rings on the group's pipe) or the next snapshot is due.
@@ -265,7 +269,8 @@ def _join_group(config: DaemonConfig, rank: int, address: str, device: torch.dev
     return TPGroup(config.tp, rank, control)
 
 
-def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, bootstrap, token):
+def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, bootstrap, secrets):
+    """`secrets`: (the daemon's registration token, the deployment's CURVE pair or None)."""
     from kvferry.transport.ucx import UcxDataPlane
 
     model = _load_model(config, rank, device)
@@ -285,12 +290,15 @@ def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, boots
             cuda_graphs=config.engine.cuda_graphs,
         ),
         config.transfer,
-        lambda: UcxDataPlane(config.transfer.ucx_tls, cuda, config.transfer.host),
+        lambda: UcxDataPlane(
+            config.transfer.ucx_tls, cuda, config.transfer.host, config.transfer.ucx_ports
+        ),
         model_name=config.model.name,
         tp_rank=rank,
         group=group,
         bootstrap=bootstrap,
-        token=token,
+        token=secrets[0],
+        keys=secrets[1],
         eos_ids=eos,
     )
 
