@@ -1,0 +1,85 @@
+"""Daemons that hold a request in a chosen stage, for the fault matrix (test-only). A prompt whose
+first token is one of the markers below stays in its stage for good: the fault under test, or the
+request's own deadline, ends it. Everything else is served as usual.
+
+The daemon runs from `serve()` (a `kvferry serve` with the holds patched in); its rank processes
+are spawned with `held_rank` as their entry point, so the holds reach them too."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REGISTERING = 250  # prefill holds the prompt: the room is never admitted to its scheduler
+WAITING_FOR_PROMPT = 251  # the prefill daemon accepts the prompt but never hands it to its ranks
+COMPUTING = 252  # prefill holds the prompt's pages but never runs its forward
+DECODING = 253  # decode holds the sequence after its first token until the gate file exists
+GATE = "KVFERRY_TEST_DECODE_GATE"  # the gate file's path, for the rank processes
+
+
+def _held(prompt, marker: int) -> bool:
+    return len(prompt) > 0 and prompt[0] == marker
+
+
+def held_rank(*args) -> None:
+    """`worker_main`, with the rank-side holds (registering, computing)."""
+    from kvferry.daemon.engine import prefill, scheduler
+    from kvferry.daemon.server import worker
+
+    admit = prefill.PrefillEngine._admit
+    schedule = scheduler.PrefillScheduler.schedule
+    decode_schedule = scheduler.DecodeScheduler.schedule
+    gate = Path(os.environ[GATE])
+
+    def held_admit(self, room, entry) -> None:
+        if not _held(entry.seq.prompt, REGISTERING):
+            admit(self, room, entry)
+
+    def held_schedule(self):
+        return [w for w in schedule(self) if not _held(w.seq.prompt, COMPUTING)]
+
+    def held_decode_schedule(self):
+        batch, kept = decode_schedule(self), []
+        for work in batch:
+            if _held(work.seq.prompt, DECODING) and not gate.exists():
+                work.seq.in_flight -= 1  # not computed this step after all
+            else:
+                kept.append(work)
+        return kept
+
+    prefill.PrefillEngine._admit = held_admit
+    scheduler.DecodeScheduler.schedule = held_decode_schedule
+    scheduler.PrefillScheduler.schedule = held_schedule
+    worker.worker_main(*args)
+
+
+def serve(gate: str) -> None:
+    """`kvferry serve` with the daemon-side hold (waiting for the prompt) and held ranks, the
+    decoding hold released once the file `gate` exists; arguments as for `kvferry serve`."""
+    from kvferry.daemon.cli.main import main
+    from kvferry.daemon.server import prompt_intake, ranks
+    from kvferry.transport.messages import Ack
+
+    submit = prompt_intake.PromptIntake.submit
+
+    def held_submit(self, message, peer):
+        if not _held(message.prompt, WAITING_FOR_PROMPT):
+            return submit(self, message, peer)
+        return Ack()  # taken, and never handed to the ranks
+
+    prompt_intake.PromptIntake.submit = held_submit
+    ranks.worker_main = held_rank
+    os.environ[GATE] = gate
+    main(["serve", *sys.argv[1:]])
+
+
+def serve_command(tests_dir: str, config_path: str, gate: str):
+    """A Launcher command builder: each daemon of `config_path` served by `serve(gate)`."""
+
+    def build(daemon) -> list[str]:
+        code = f"import sys; sys.path.insert(0, {tests_dir!r}); import support.held_stages as h"
+        code += f"; h.serve({gate!r})"
+        return [sys.executable, "-c", code, "--config", str(config_path), "--name", daemon.name]
+
+    return build
