@@ -13,13 +13,13 @@ check that it still serves.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import msgspec
-import zmq
 
 from kvferry.daemon.cli.client import ClientError, DaemonClient
 from kvferry.daemon.cli.fuzz.frames import FrameMaker
@@ -36,7 +36,9 @@ from kvferry.daemon.cli.fuzz.zmq_sender import ZmqFuzzer
 from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.api_key import read_api_key
 from kvferry.daemon.server.config import Deployment
+from kvferry.transport import curve
 
+REPORT_LAG_S = 1.0  # twice the interval of the ranks' reports (daemon/server/worker.py)
 CHECK_EVERY = 100  # frames between liveness checks of every process
 SOCKET_KINDS = ("bootstrap", "prefill-control", "decode-control", "http")
 
@@ -63,6 +65,7 @@ class SocketRun(msgspec.Struct, kw_only=True):
     name: str
     kind: str
     address: str
+    mode: str = ""  # with CURVE keys: "stranger" (without them) or "member"
     frames: int = 0
     bytes: int = 0
     seconds: float = 0.0
@@ -119,21 +122,49 @@ def run_fuzz(
         ProcessRun(name=p.name, pid=p.pid, before=measure(p.pid)) for p in targets.processes
     ]
     before = {name: _bad_frames(url) for name, url in targets.urls.items()}
-    for index, target in enumerate(t for t in targets.sockets if t.kind in spec.kinds):
-        log(f"fuzzing {target.name} ({target.address}): {spec.frames} frames")
-        result.sockets.append(_fuzz_socket(target, targets, spec, spec.seed * 1009 + index, result))
+    chosen = [(i, t) for i, t in enumerate(targets.sockets) if t.kind in spec.kinds]
+    if targets.keys is not None:  # strangers first: nothing counted yet, nothing to lag behind
+        strangers = [(i, t) for i, t in chosen if t.kind != "http"]
+        for index, target in strangers:
+            _fuzz(target, targets, spec, index, result, log, "stranger")
+        _check_unread(result, targets, before, [t.name for _, t in strangers])
+    for index, target in chosen:
+        mode = "member" if targets.keys is not None and target.kind != "http" else ""
+        _fuzz(target, targets, spec, index, result, log, mode)
     _check_after(result, targets, complete, before)
     return result
 
 
+def _fuzz(target: FuzzedSocket, targets: Targets, spec: FuzzSpec, index, result, log, mode):
+    """With CURVE keys, a ZeroMQ socket is fuzzed by a "stranger" without the secret key and
+    by a "member" holding it; without keys, once ("")."""
+    log(f"fuzzing {target.name}{mode and f' as a {mode}'} ({target.address})")
+    seed = spec.seed * 1009 + index
+    result.sockets.append(_fuzz_socket(target, targets, spec, seed, result, mode))
+
+
+def _check_unread(result: FuzzResult, targets: Targets, before: dict, fuzzed: list) -> None:
+    """A stranger's frames must be refused in the handshake: no daemon counts one. Ranks
+    report their counters every half second, so they are read after a second's wait."""
+    threading.Event().wait(REPORT_LAG_S)
+    for name, url in targets.urls.items():
+        after = _bad_frames(url)
+        if after != before[name]:
+            result.problems.append(
+                f"{name}: bad frames counted {before[name]} -> {after} while a stranger "
+                f"without keys fuzzed {', '.join(fuzzed)}: its frames were read"
+            )
+
+
 def _fuzz_socket(
-    target: FuzzedSocket, targets: Targets, spec: FuzzSpec, seed: int, result
+    target: FuzzedSocket, targets: Targets, spec: FuzzSpec, seed: int, result, mode: str = ""
 ) -> SocketRun:
-    run = SocketRun(name=target.name, kind=target.kind, address=target.address)
+    name = f"{target.name} ({mode})" if mode else target.name
+    run = SocketRun(name=name, kind=target.kind, address=target.address, mode=mode)
     families, outcomes, recent = Counter(), Counter(), Counter()
     opener = _http_sender if target.kind == "http" else _zmq_sender
     start = time.monotonic()
-    with opener(target, targets, spec, seed) as send:
+    with opener(target, targets, spec, seed, mode) as send:
         for n in range(1, spec.frames + 1):
             family, size, outcome = send()
             families[family] += 1
@@ -166,10 +197,14 @@ class _Sender:
         self._close()
 
 
-def _zmq_sender(target: FuzzedSocket, targets: Targets, spec: FuzzSpec, seed: int) -> _Sender:
+def _zmq_sender(
+    target: FuzzedSocket, targets: Targets, spec: FuzzSpec, seed: int, mode: str
+) -> _Sender:
+    """`mode`: "stranger" (no secret key), "member" (the deployment's keys) or "" (no keys)."""
     maker = FrameMaker(target.kind, seed, targets.learned, spec.max_message_bytes)
-    context = zmq.Context()
-    fuzzer = ZmqFuzzer(context, target.address, seed)
+    stranger = mode == "stranger"
+    context = curve.context(None if stranger else targets.keys)
+    fuzzer = ZmqFuzzer(context, target.address, seed, targets.keys.public if stranger else None)
 
     def send():
         frame = maker.next()
@@ -182,12 +217,14 @@ def _zmq_sender(target: FuzzedSocket, targets: Targets, spec: FuzzSpec, seed: in
 
     def close() -> None:
         fuzzer.close()
-        context.term()
+        curve.close(context)
 
     return _Sender(send, outcomes, close)
 
 
-def _http_sender(target: FuzzedSocket, targets: Targets, spec: FuzzSpec, seed: int) -> _Sender:
+def _http_sender(
+    target: FuzzedSocket, targets: Targets, spec: FuzzSpec, seed: int, mode: str
+) -> _Sender:
     parts = urlsplit(target.address)
     host, port = parts.hostname, parts.port
     maker = HttpMaker(seed, targets.learned.vocab_size, f"{host}:{port}")

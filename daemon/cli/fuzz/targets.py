@@ -13,12 +13,13 @@ import time
 from dataclasses import dataclass, field
 
 import msgspec
-import zmq
 
 from kvferry.daemon.cli.client import DaemonClient, daemon_url
 from kvferry.daemon.cli.fuzz.values import Learned
 from kvferry.daemon.server.config import Deployment
+from kvferry.transport import curve
 from kvferry.transport.control import request
+from kvferry.transport.curve import CurveKeys
 from kvferry.transport.messages import Codec, Peers, QueryPeers
 
 RANKS_POLL_S = 0.2
@@ -44,6 +45,7 @@ class Targets:
     processes: list[Process] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)  # daemon name -> base URL
     learned: Learned = field(default_factory=Learned)
+    keys: CurveKeys | None = None  # the deployment's CURVE pair: fuzz as a stranger and a member
 
 
 class ProcessFigures(msgspec.Struct, kw_only=True):
@@ -56,7 +58,7 @@ class ProcessFigures(msgspec.Struct, kw_only=True):
 def discover(deployment: Deployment, timeout_s: float = 10.0) -> Targets:
     """Every socket and process of the running deployment; ClientError if a daemon does not
     answer."""
-    targets = Targets()
+    targets = Targets(keys=deployment_keys(deployment))
     for daemon in deployment.daemons:
         name, url = daemon.name or daemon.role, daemon_url(daemon)
         targets.urls[name] = url
@@ -96,17 +98,25 @@ def _add_prefill(targets: Targets, name: str, daemon, timeout_s: float) -> None:
     host = _LOOPBACK.get(daemon.host, daemon.host)
     bootstrap = f"tcp://{host}:{daemon.bootstrap_port}"
     targets.sockets.append(FuzzedSocket(f"{name} bootstrap", "bootstrap", bootstrap))
-    context = zmq.Context()
+    context = curve.context(targets.keys)
     try:
         reply = request(context, Codec(1 << 30), bootstrap, QueryPeers(), timeout_s)
     finally:
-        context.term()
+        curve.close(context)
     if not isinstance(reply, Peers):
         raise RuntimeError(f"{name}: bootstrap server {bootstrap} answered {reply!r}")
     targets.learned.ranks.extend(reply.ranks)
     for info in reply.ranks:
         where = f"{name} rank {info.layout.tp_rank} control"
         targets.sockets.append(FuzzedSocket(where, "prefill-control", info.control_address))
+
+
+def deployment_keys(deployment: Deployment) -> CurveKeys | None:
+    """The CURVE pair of the deployment's daemons (one file for all), None without one."""
+    files = {d.security.curve_key_file for d in deployment.daemons} - {None}
+    if len(files) > 1:
+        raise ValueError(f"the daemons name different CURVE key files: {sorted(files)}")
+    return curve.load(files.pop()) if files else None
 
 
 def measure(pid: int) -> ProcessFigures:

@@ -24,8 +24,13 @@ CLOSE_LINGER_MS = 200  # a fresh socket's frame gets this long to leave once it 
 
 
 class ZmqFuzzer:
-    def __init__(self, context: zmq.Context, address: str, seed: int) -> None:
-        self.address = address
+    def __init__(
+        self, context: zmq.Context, address: str, seed: int, stranger_of: bytes | None = None
+    ) -> None:
+        """`stranger_of`: the public key of a deployment this fuzzer has no secret key of: every
+        frame goes out on a fresh socket (a new handshake, refused), plain or CURVE with a key
+        pair of its own in turn, so no refused queue fills and blocks the sender."""
+        self.address, self._stranger_of = address, stranger_of
         self._context = context
         self._rng = random.Random(seed)
         self._codec = Codec(1 << 30)
@@ -52,6 +57,8 @@ class ZmqFuzzer:
         self._recent.clear()
 
     def _for(self, identity: str) -> zmq.Socket:
+        if self._stranger_of is not None:
+            return self._fresh(None if identity == "default" else closed_address().encode())
         if identity == "default":
             return self._default
         if identity == "foreign":
@@ -62,6 +69,10 @@ class ZmqFuzzer:
             name = bytes([self._rng.randint(1, 255)]) + self._rng.randbytes(
                 self._rng.randint(0, 254)
             )
+        return self._fresh(name)
+
+    def _fresh(self, name: bytes | None) -> zmq.Socket:
+        """A socket for one frame, closed RECENT_SOCKETS frames later."""
         socket = self._socket(name)
         self._recent.append(socket)
         if len(self._recent) > RECENT_SOCKETS:
@@ -75,6 +86,9 @@ class ZmqFuzzer:
         socket.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
         socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         socket.setsockopt(zmq.RCVHWM, 1000)
+        if self._stranger_of is not None and self._rng.random() < 0.5:
+            socket.curve_serverkey = self._stranger_of  # knows the public key, not the secret
+            socket.curve_publickey, socket.curve_secretkey = zmq.curve_keypair()
         socket.connect(self.address)
         return socket
 
