@@ -86,3 +86,16 @@ def test_bench_without_the_key_fails_its_requests(deployment, tmp_path):
     invoke("bench", "--url", url, *args, *sizes)
     [point] = json.loads(out.read_text())["points"]
     assert point["ok"] == 0
+
+
+def test_bench_of_a_deployment_reads_the_key_its_config_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVFERRY_TEST_BENCH_KEY", KEY)
+    p = prefill("prefill-0")
+    path = write(tmp_path, [p, decode("decode-0", [p], api_key_env="KVFERRY_TEST_BENCH_KEY")])
+    out = tmp_path / "bench.json"
+    args = ["--concurrency", "1", "--num-requests", "2", "--warmup", "0", "--idle", "0"]
+    sizes = ["--input-len", "8", "--output-len", "4", "--out", str(out)]
+    result = invoke("bench", "--config", str(path), *args, *sizes)
+    assert result.exit_code == 0, result.output
+    [point] = json.loads(out.read_text())["points"]
+    assert point["ok"] == 2 and KEY not in out.read_text()
