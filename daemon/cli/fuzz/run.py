@@ -5,7 +5,8 @@ check that it still serves.
 2. Measure every daemon and rank process (RSS, fds, threads) and the bad-frame counters.
 3. Send `frames` fuzz frames to each socket in turn (frames.py / http_requests.py), checking
    every CHECK_EVERY frames that every process is alive, so a death is pinned to a socket and
-   the frame families just sent.
+   the frame families just sent. With CURVE keys, every ZeroMQ socket first as a stranger
+   without them (no daemon may count a frame of it), then as a member holding them.
 4. Check /health, take the same completion again (it must be equal), measure again, and name
    every process that died or grew past the bounds.
 """
