@@ -143,3 +143,26 @@ def test_headless_services_are_what_the_config_names(tmp_path):
     assert decode_port["port"] == members["decode"].http_port
     (router_port,) = services["kvferry"]["spec"]["ports"]
     assert router_port["port"] == members["router"].http_port
+
+
+def test_the_keyed_variant_passes_config_check(tmp_path):
+    """docs/deploy.md's way to close the sockets: the CURVE key file and an API key from the
+    Secret, no allow_insecure_bind."""
+    cli = [sys.executable, "-m", "kvferry.daemon.cli.main"]
+    keys = tmp_path / "keys"
+    subprocess.run([*cli, "keys", "generate", str(keys)], check=True, capture_output=True)
+    (keys / "api-key").write_text("a-test-key\n")
+    raw = yaml.safe_load(_config(tmp_path).read_text())
+    for daemon in raw["daemons"]:
+        daemon["security"] = {"curve_key_file": str(keys / "kvferry.key_secret")}
+    for member in [d for d in raw["daemons"] if d["role"] == "decode"] + raw["routers"]:
+        member["api_key_file"] = str(keys / "api-key")
+    path = tmp_path / "keyed.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = subprocess.run(
+        [*cli, "config", "check", str(path)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    for name, workload in _workloads().items():
+        (container,) = workload["spec"]["template"]["spec"]["containers"]
+        assert "/etc/kvferry-keys" in {m["mountPath"] for m in container["volumeMounts"]}, name
