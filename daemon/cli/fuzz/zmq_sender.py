@@ -19,6 +19,7 @@ from kvferry.transport.messages import Codec, WireError
 
 RECENT_SOCKETS = 32
 SEND_TIMEOUT_MS = 2000  # a ROUTER that stops reading shows up as refused sends, not a hang
+STRANGER_SEND_TIMEOUT_MS = 100
 SEND_HWM = 100  # messages queued per socket at most (some are tens of MiB)
 CLOSE_LINGER_MS = 200  # a fresh socket's frame gets this long to leave once it is closed
 
@@ -86,9 +87,14 @@ class ZmqFuzzer:
         socket.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
         socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         socket.setsockopt(zmq.RCVHWM, 1000)
-        if self._stranger_of is not None and self._rng.random() < 0.5:
-            socket.curve_serverkey = self._stranger_of  # knows the public key, not the secret
-            socket.curve_publickey, socket.curve_secretkey = zmq.curve_keypair()
+        if self._stranger_of is not None:
+            # refused once is enough: no reconnects while the socket waits to be closed, and a
+            # frame that cannot be queued once the refusal came is counted, not waited on
+            socket.setsockopt(zmq.RECONNECT_IVL, -1)
+            socket.setsockopt(zmq.SNDTIMEO, STRANGER_SEND_TIMEOUT_MS)
+            if self._rng.random() < 0.5:  # knows the public key, not the secret
+                socket.curve_serverkey = self._stranger_of
+                socket.curve_publickey, socket.curve_secretkey = zmq.curve_keypair()
         socket.connect(self.address)
         return socket
 
