@@ -89,11 +89,13 @@ class Held:
 def _holding(launcher) -> bool:
     """The prefill rank holds a room waiting for its prompt, two registered (one of them with
     its pages); decode runs the decoding one."""
-    (rank,) = client(launcher, "prefill-0").status()["ranks"]
-    rooms = rank["rooms"]
-    held = rooms["Bootstrapping"] >= 1 and rooms["WaitingForInput"] >= 2
-    running = client(launcher, "decode-0").status()["requests"]["running"]
-    return held and rank["kv_pages"]["used"] >= 1 and running >= 1
+    ranks = client(launcher, "prefill-0").status()["ranks"]  # once its rank has reported
+    if not ranks:
+        return False
+    rooms, pages = ranks[0]["rooms"], ranks[0]["kv_pages"]["used"]
+    held = rooms["Bootstrapping"] >= 1 and rooms["WaitingForInput"] >= 2 and pages >= 1
+    running = client(launcher, "decode-0").status()["requests"].get("running", 0)
+    return held and running >= 1
 
 
 def _target(launcher, process: str) -> tuple[str, int, list[int]]:
@@ -117,6 +119,7 @@ def _served_again(launcher) -> None:
 
 @pytest.mark.parametrize("process, fault", CELLS)
 def test_fault(cluster, process, fault):
+    wait_idle(cluster)  # nothing left of an earlier cell that failed
     name, pid, pids = _target(cluster, process)
     cluster.gate.unlink(missing_ok=True)
     held = Held(client(cluster, "decode-0").url)

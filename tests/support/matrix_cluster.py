@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kvferry.daemon.cli.launcher import Launcher
 from kvferry.daemon.server.config import load
-from support.cluster import client, decode, prefill, write
+from support.cluster import client, decode, prefill, wait_for, write
 from support.held_stages import serve_command
 
 TESTS_DIR = str(Path(__file__).resolve().parents[1])
@@ -53,7 +53,10 @@ def daemon_pid(launcher: Launcher, name: str) -> int:
 
 
 def rank_pid(launcher: Launcher, name: str) -> int:
-    (rank,) = client(launcher, name).status()["ranks"]
+    """Its one rank's pid, once the rank has reported (twice a second)."""
+    daemon = client(launcher, name)
+    wait_for(lambda: daemon.status()["ranks"], f"{name}'s rank to report")
+    (rank,) = daemon.status()["ranks"]
     return rank["pid"]
 
 
