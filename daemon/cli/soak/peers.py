@@ -37,12 +37,14 @@ class Restarter:
         every_s: float,
         ready_timeout_s: float,
         on_restart: Callable[[], bool] = lambda: True,
+        before_restart: Callable[[str], None] = lambda name: None,
     ) -> None:
         self.restarts: list[Restart] = []
         self._launcher, self._names, self._every_s = launcher, list(names), every_s
         self._ready_timeout_s = ready_timeout_s
         # after each restart, until it returns True: the caller measures the new processes
         self._on_restart = on_restart
+        self._before_restart = before_restart  # the caller measures what is about to stop
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak-restarts", daemon=True)
 
@@ -63,6 +65,7 @@ class Restarter:
             turn += 1
 
     def _restart(self, name: str) -> None:
+        self._before_restart(name)
         restart = Restart(name, time.monotonic())
         self.restarts.append(restart)
         try:

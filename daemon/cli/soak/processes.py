@@ -20,7 +20,9 @@ class ProcessRecord(msgspec.Struct, kw_only=True):
     name: str  # "prefill-0", "prefill-0 rank 1"
     pid: int
     start: ProcessFigures
-    end: ProcessFigures | None = None  # measured at the end; None until then
+    # at the end, or (a replaced incarnation) just before its daemon was restarted
+    end: ProcessFigures | None = None
+    alive_at_end: bool = True
 
 
 class Processes:
@@ -47,13 +49,26 @@ class Processes:
                     )
         return True
 
+    def before_restart(self, name: str) -> None:
+        """Measures the processes of daemon `name` before it is stopped: its incarnation's
+        end figures."""
+        with self._lock:
+            records = [r for r in self.records.values() if r.name.split(" rank ")[0] == name]
+        for record in records:
+            figures = measure(record.pid)
+            if figures.alive:
+                record.end = figures
+
     def finish(self) -> tuple[list[ProcessRecord], list[ProcessRecord]]:
         """Measures every process seen: (those serving now, those replaced by a restart)."""
         current = {p.pid for p in self._settled().processes}
         with self._lock:
             records = list(self.records.values())
         for record in records:
-            record.end = measure(record.pid)
+            figures = measure(record.pid)
+            record.alive_at_end = figures.alive
+            if record.end is None or record.pid in current:
+                record.end = figures
         return (
             [r for r in records if r.pid in current],
             [r for r in records if r.pid not in current],

@@ -71,11 +71,13 @@ def problems(result: SoakResult, bounds: Bounds) -> list[str]:
     found = [f"{n} {kind} failures not injected" for kind, n in result.other.items()]
     found += [f"restart of {r.name}: {r.error}" for r in result.restarts if r.error]
     found += [
-        f"{r.name} (pid {r.pid}) outlived its restart" for r in result.replaced if r.end.alive
+        f"{r.name} (pid {r.pid}) outlived its restart" for r in result.replaced if r.alive_at_end
     ]
-    for record in result.processes:
+    for record in result.processes + result.replaced:
         start, end = record.start, record.end
-        if not end.alive:
+        if end is None or not end.alive:
+            if record in result.replaced:
+                continue  # gone before it could be measured: nothing to compare
             found.append(f"{record.name} (pid {record.pid}) is gone")
         elif end.fds - start.fds > bounds.fds:
             found.append(f"{record.name}: fds {start.fds} -> {end.fds}")
@@ -97,11 +99,12 @@ def table(result: SoakResult) -> str:
     for restart in result.restarts:
         took = "not ready" if restart.seconds is None else f"ready in {restart.seconds:.1f} s"
         lines.append(f"restart {restart.name}: {took}")
-    lines.append(f"{'process':<22}{'pid':>8}  {'RSS MiB':>13}  {'fds':>9}  {'threads':>9}")
-    for record in result.processes:
+    lines.append(f"{'process':<28}{'pid':>8}  {'RSS MiB':>13}  {'fds':>9}  {'threads':>9}")
+    for record in result.processes + [r for r in result.replaced if _alive(r)]:
         s, e = record.start, record.end
+        rss = _arrow(_mib(s.rss_bytes), _mib(e.rss_bytes))
         lines.append(
-            f"{record.name:<22}{record.pid:>8}  {_arrow(_mib(s.rss_bytes), _mib(e.rss_bytes)):>13}"
+            f"{_label(record, result):<28}{record.pid:>8}  {rss:>13}"
             f"  {_arrow(s.fds, e.fds):>9}  {_arrow(s.threads, e.threads):>9}"
         )
     return "\n".join(lines)
@@ -125,3 +128,8 @@ def _mib(n: int) -> int:
 
 def _alive(record: ProcessRecord) -> bool:
     return record.end is not None and record.end.alive
+
+
+def _label(record: ProcessRecord, result: SoakResult) -> str:
+    """A replaced incarnation's figures end just before its restart."""
+    return record.name + (" (old)" if record in result.replaced else "")

@@ -50,7 +50,12 @@ def run_soak(deployment: Deployment, spec: SoakSpec, launcher: Launcher | None, 
     if not processes.look():
         raise SoakError("a daemon of the deployment does not answer /health with 200")
     restarter = Restarter(
-        launcher, spec.restart, spec.restart_every_s, spec.ready_timeout_s, processes.look
+        launcher,
+        spec.restart,
+        spec.restart_every_s,
+        spec.ready_timeout_s,
+        on_restart=processes.look,
+        before_restart=processes.before_restart,
     )
     log(f"soak: {spec.load.duration_s:g} s of load on {decode_url(deployment)}")
     started = time.monotonic()

@@ -49,6 +49,7 @@ def test_growth_past_the_bounds_and_lingering_processes_are_problems():
         _record("d", 4, start, ProcessFigures(alive=False)),
     ]
     old = [_record("e", 5, start, ProcessFigures(**start))]
+    old[0].alive_at_end = True
     bounds = Bounds(fds=64, threads=3, rss_bytes=200 * MIB)
     result = summarize([Outcome(0, 1, "ok")], [], (grown, old), 1.0, 5.0, bounds)
     assert result.problems == [
@@ -78,4 +79,6 @@ def test_two_minute_soak_with_a_prefill_restart(tmp_path):
     assert restarts and all(r["name"] == "prefill-0" and r["ready"] for r in restarts)
     names = {p["name"] for p in figures["processes"]}
     assert names == {"prefill-0", "prefill-0 rank 0", "decode-0", "decode-0 rank 0"}
-    assert len(figures["replaced"]) == 2 * len(restarts)  # each old prefill-0 and its rank: gone
+    replaced = figures["replaced"]  # each old prefill-0 and its rank: gone, measured before
+    assert len(replaced) == 2 * len(restarts) and not any(r["alive_at_end"] for r in replaced)
+    assert all(r["end"]["alive"] for r in replaced)
