@@ -129,6 +129,12 @@ def _values(url: str, expr: str) -> list[float]:
     return [float(s["value"][1]) for s in render.api(url, "query", query=expr)["result"]]
 
 
+def _serve_one(launcher) -> bool:
+    """One more completion through the router (False: it is load, not a check)."""
+    generate(launcher, "router-0", list(range(1, 12)), max_tokens=4)
+    return False
+
+
 def _shows_data(url: str, panel: dict) -> bool:
     values = [v for expr, _ in panel["targets"] for v in _values(url, expr)]
     return any(math.isfinite(v) and v > 0 for v in values)
@@ -152,7 +158,13 @@ def test_dashboard_and_alerts_on_a_live_deployment(prometheus_bin, tmp_path):
                 generate(launcher, "decode-0", prompt, max_tokens=8)
             panels = {p["title"]: p for p in render.panels(DASHBOARD)}
             for title in CORE:
-                wait_for(lambda t=title: _shows_data(url, panels[t]), f"data in {title!r}", 60)
+                # a rate needs the counter to grow between two scrapes: a series first scraped
+                # after the requests above shows none, so keep serving while waiting
+                wait_for(
+                    lambda t=title: _serve_one(launcher) or _shows_data(url, panels[t]),
+                    f"data in {title!r}",
+                    60,
+                )
             for panel in panels.values():
                 for expr, _ in panel["targets"]:
                     render.api(url, "query", query=expr)  # raises with Prometheus' error
