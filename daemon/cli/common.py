@@ -26,6 +26,25 @@ def deployment_option(help_text: str):
     )
 
 
+def target_deployment(verb: str):
+    """`--config FILE` (required) and `--start/--running`: a command that `verb`s either a
+    deployment it starts and stops itself, or daemons already running from the file."""
+
+    def decorate(command):
+        command = click.option(
+            "--start/--running",
+            default=True,
+            show_default=True,
+            help=f"Start the deployment (and stop it after), or {verb} daemons already running "
+            "from it.",
+        )(command)
+        return click.option(
+            "--config", "config_path", required=True, type=CONFIG_PATH, help="Deployment file."
+        )(command)
+
+    return decorate
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM unwinds like Ctrl-C, so a deployment this command started is stopped too."""
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvferry.daemon.cli.common import CONFIG_PATH, SECONDS, note, stop_on_sigterm
+from kvferry.daemon.cli.common import SECONDS, note, stop_on_sigterm, target_deployment
 from kvferry.daemon.cli.fuzz.report import families, problems, table, write_json
 from kvferry.daemon.cli.fuzz.run import SOCKET_KINDS, FuzzError, FuzzSpec, run_fuzz
 from kvferry.daemon.cli.launcher import Launcher, describe_exit
@@ -14,13 +14,7 @@ KINDS = click.Choice(SOCKET_KINDS)
 
 
 @click.command()
-@click.option("--config", "config_path", required=True, type=CONFIG_PATH, help="Deployment file.")
-@click.option(
-    "--start/--running",
-    default=True,
-    show_default=True,
-    help="Start the deployment (and stop it after), or fuzz daemons already running from it.",
-)
+@target_deployment("fuzz")
 @click.option(
     "--frames", type=click.IntRange(min=1), default=2000, show_default=True, help="Per socket."
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvferry.daemon.cli.common import CONFIG_PATH, SECONDS, note, stop_on_sigterm
+from kvferry.daemon.cli.common import SECONDS, note, stop_on_sigterm, target_deployment
 from kvferry.daemon.cli.launcher import Launcher, describe_exit
 from kvferry.daemon.cli.soak.load import LoadSpec
 from kvferry.daemon.cli.soak.report import Bounds, table, write_json
@@ -15,13 +15,7 @@ RANGE = click.IntRange(min=1)
 
 
 @click.command()
-@click.option("--config", "config_path", required=True, type=CONFIG_PATH, help="Deployment file.")
-@click.option(
-    "--start/--running",
-    default=True,
-    show_default=True,
-    help="Start the deployment (and stop it after), or soak daemons already running from it.",
-)
+@target_deployment("soak")
 @click.option("--duration", type=SECONDS, default=600.0, show_default=True, help="Seconds.")
 @click.option("--workers", type=RANGE, default=4, show_default=True, help="Requests in flight.")
 @click.option("--prompt-len", type=(RANGE, RANGE), default=(1, 200), show_default=True)
