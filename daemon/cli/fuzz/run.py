@@ -33,7 +33,7 @@ from kvferry.daemon.cli.fuzz.targets import (
     discover,
     measure,
 )
-from kvferry.daemon.cli.fuzz.zmq_sender import ZmqFuzzer
+from kvferry.daemon.cli.fuzz.zmq_sender import CLOSE_WAIT_S, ZmqFuzzer
 from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.api_key import read_api_key
 from kvferry.daemon.server.config import Deployment
@@ -41,7 +41,12 @@ from kvferry.transport import curve
 
 REPORT_LAG_S = 1.0  # twice the interval of the ranks' reports (daemon/server/worker.py)
 CHECK_EVERY = 100  # frames between liveness checks of every process
+LEFT_OPEN = "left open"  # outcome: sockets whose multipart message never left (zmq_sender.py)
 SOCKET_KINDS = ("bootstrap", "prefill-control", "decode-control", "http")
+
+# contexts with fuzzer sockets that could not be closed safely, kept from the garbage collector
+# (which would close them) until the process exits
+_abandoned: list = []
 
 
 class FuzzError(RuntimeError):
@@ -141,7 +146,13 @@ def _fuzz(target: FuzzedSocket, targets: Targets, spec: FuzzSpec, index, result,
     by a "member" holding it; without keys, once ("")."""
     log(f"fuzzing {target.name}{mode and f' as a {mode}'} ({target.address})")
     seed = spec.seed * 1009 + index
-    result.sockets.append(_fuzz_socket(target, targets, spec, seed, result, mode))
+    run = _fuzz_socket(target, targets, spec, seed, result, mode)
+    result.sockets.append(run)
+    if run.outcomes.get(LEFT_OPEN):
+        result.problems.append(
+            f"{run.name}: {run.outcomes[LEFT_OPEN]} fuzzer sockets left open: a multipart "
+            f"message of theirs did not leave within {CLOSE_WAIT_S:.0f} s (not read?)"
+        )
 
 
 def _check_unread(result: FuzzResult, targets: Targets, before: dict, fuzzed: list) -> None:
@@ -213,12 +224,15 @@ def _zmq_sender(
         return frame.family, size, None if fuzzer.send(frame) else "refused"
 
     def outcomes() -> dict[str, int]:
-        fuzzer.drain()
-        return {f"reply {kind}": count for kind, count in fuzzer.replies.items()}
+        left_open = fuzzer.close()  # drains the last replies first
+        found = {f"reply {kind}": count for kind, count in fuzzer.replies.items()}
+        return found | ({LEFT_OPEN: left_open} if left_open else {})
 
     def close() -> None:
-        fuzzer.close()
-        curve.close(context)
+        if fuzzer.close() == 0:
+            curve.close(context)
+        else:  # terminating it would close them, which may abort this process (zmq_sender.py)
+            _abandoned.append(context)
 
     return _Sender(send, outcomes, close)
 
