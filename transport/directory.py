@@ -2,17 +2,22 @@
 
 Lookups run on a small thread pool (a bootstrap server may be slow or absent; the transfer
 thread never waits on it) and are retried until every prefill rank has registered or the
-bootstrap timeout passes. Answers are cached per address until one of its ranks is lost; an
-answer naming a rank that was lost while its lookup ran is handed to its waiters but not cached
-(the bootstrap server may have answered before it heard of the loss).
+bootstrap timeout passes. Answers are cached per address until one of its ranks is lost, or
+until the daemon says the group behind the address is another incarnation (`expect`: its probe
+saw a restarted prefill daemon, whose ranks have new addresses, while this rank had no room
+there to lose). An answer naming a rank lost while its lookup ran, or of an incarnation other
+than the one expected, is handed to its waiters but not cached (the bootstrap server may have
+answered before it heard of the loss, or before it was restarted).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import msgspec
 import zmq
 
 from kvferry.staging.layout import KVLayout
@@ -32,6 +37,16 @@ from kvferry.transport.tags import MAX_WRITERS
 LOOKUP_RETRY_S = 0.05
 # (waiters, ranks, failure)
 Resolved = Callable[[list, list[RankInfo] | None, Failure | None], None]
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def incarnation(ranks: list[RankInfo]) -> str:
+    """Names one incarnation of a prefill group: a digest of its ranks as the bootstrap server
+    lists them (layouts, UCX worker addresses, control addresses). Every answer of one
+    incarnation has the same digest; a restarted daemon's ranks have new UCX worker addresses
+    (and control ports), so its digest is new, as it is when a rank registers again. The
+    decode daemon's probe and its ranks compute it alike from the same `Peers` answers."""
+    return hashlib.blake2b(_ENCODER.encode(ranks), digest_size=8).hexdigest()
 
 
 class PrefillDirectory:
@@ -42,17 +57,21 @@ class PrefillDirectory:
         post: Callable[[Callable[[], None]], None],
     ) -> None:
         self._context, self._config, self._post = context, config, post
-        self._cache: dict[str, list[RankInfo]] = {}
+        # bootstrap address -> (incarnation, ranks); an entry's incarnation is the expected
+        # one wherever the daemon said which it expects
+        self._cache: dict[str, tuple[str, list[RankInfo]]] = {}
+        self._expected: dict[str, str] = {}  # bootstrap address -> incarnation the daemon saw
         self._waiting: dict[str, list] = {}
         # bootstrap address -> control addresses forgotten while its lookup runs
         self._lost_during: dict[str, set[str]] = {}
+        self._stale_lookups: set[str] = set()  # addresses forgotten whole while looked up
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvferry-lookup")
 
     def resolve(self, bootstrap: str, waiter, done: Resolved) -> None:
         """Call done([waiter, ...], ranks, error) on the transfer thread once resolved."""
-        ranks = self._cache.get(bootstrap)
-        if ranks is not None:
-            done([waiter], ranks, None)
+        cached = self._cache.get(bootstrap)
+        if cached is not None:
+            done([waiter], cached[1], None)
             return
         waiting = self._waiting.setdefault(bootstrap, [])
         waiting.append(waiter)
@@ -63,11 +82,29 @@ class PrefillDirectory:
 
     def forget(self, control_address: str) -> None:
         """A prefill rank was lost: look its group up afresh next time."""
-        for bootstrap, ranks in list(self._cache.items()):
+        for bootstrap, (_, ranks) in list(self._cache.items()):
             if any(info.control_address == control_address for info in ranks):
                 del self._cache[bootstrap]
         for lost in self._lost_during.values():
             lost.add(control_address)
+
+    def expect(self, bootstrap: str, seen: str | None) -> None:
+        """The decode daemon's probe sees incarnation `seen` of the group behind `bootstrap`
+        (None: that bootstrap server stopped answering): what this rank knows of any other
+        incarnation is forgotten and never used again. Safe from any thread; it takes effect
+        on the transfer thread before anything posted there after it (a room opened later)."""
+        self._post(lambda: self._expect(bootstrap, seen))
+
+    def _expect(self, bootstrap: str, seen: str | None) -> None:
+        if seen is None:
+            self._expected.pop(bootstrap, None)
+        else:
+            self._expected[bootstrap] = seen
+        cached = self._cache.get(bootstrap)
+        if cached is not None and cached[0] != seen:
+            del self._cache[bootstrap]
+        if bootstrap in self._waiting:  # its answer may come from the old incarnation
+            self._stale_lookups.add(bootstrap)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -75,13 +112,18 @@ class PrefillDirectory:
     def _finish(self, bootstrap: str, future, done: Resolved) -> None:
         waiters = self._waiting.pop(bootstrap, [])
         lost = self._lost_during.pop(bootstrap, set())
+        stale = bootstrap in self._stale_lookups
+        self._stale_lookups.discard(bootstrap)
         try:
             ranks = future.result()
         except Exception as exc:  # a failed lookup fails exactly the rooms that needed it
             done(waiters, None, Failure(FailureKind.PEER_LOST, f"bootstrap failed: {exc}"))
             return
-        if not any(info.control_address in lost for info in ranks):
-            self._cache[bootstrap] = ranks
+        seen, expected = incarnation(ranks), self._expected.get(bootstrap)
+        # an answer of the expected incarnation is current however long its lookup took
+        current = seen == expected if expected is not None else not stale
+        if current and not any(info.control_address in lost for info in ranks):
+            self._cache[bootstrap] = (seen, ranks)
         done(waiters, ranks, None)
 
     def _lookup(self, bootstrap: str) -> list[RankInfo]:

@@ -96,7 +96,13 @@ class Daemon:
         self._zmq = curve.context(self._keys)
         self._codec = Codec(config.transfer.max_frame_bytes)
         self.probe = (
-            PrefillProbe(config.prefill, self._zmq, self._codec, self.metrics)
+            PrefillProbe(
+                config.prefill,
+                self._zmq,
+                self._codec,
+                self.metrics,
+                on_incarnation=self._prefill_changed,
+            )
             if config.prefill
             else None
         )
@@ -238,6 +244,11 @@ class Daemon:
     def _send(self, command) -> None:
         if self.ranks is not None:
             self.ranks.send(command)
+
+    def _prefill_changed(self, address: str, incarnation: str | None) -> None:
+        """The probe saw a new incarnation of a prefill (None: lost it): the ranks forget the
+        old one's ranks before any request picked from now on reaches them."""
+        self._send(protocol.ForgetPrefill(address, incarnation))
 
     # --- decode: requests -------------------------------------------------------------------
 

@@ -7,6 +7,13 @@ for its ranks (`QueryPeers`) every PROBE_INTERVAL_S; the answer carries the daem
 request goes to the least-loaded usable prefill: reachable, and not seen failing within
 BACKOFF_S.
 
+Each answer also names the prefill group's incarnation (`transport.directory.incarnation`): when
+it changes (a prefill daemon restarted on the same address; its ranks have new addresses) or the
+prefill stops answering, `on_incarnation(address, incarnation or None)` is called before the
+state says so, and the daemon tells its ranks to drop what they cached of the old one. A request
+picked after the new incarnation was seen reaches the ranks after that news (one pipe to rank 0,
+read in order), so it never registers its room with the old ranks.
+
 A prefill not probed yet counts as reachable: at start the launcher has just seen it healthy,
 and refusing requests until the first probe ends would only add a start-up race.
 """
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 import zmq
 
 from kvferry.transport.control import request as control_request
+from kvferry.transport.directory import incarnation
 from kvferry.transport.messages import Codec, ErrorReply, Peers, PrefillLoad, QueryPeers, WireError
 from kvferry.transport.resolve import resolve as resolve_address
 
@@ -46,6 +54,7 @@ class PrefillState:
     backoff_until: float = 0.0  # monotonic
     misses: int = 0  # probes in a row it did not answer (a saturated host may miss one)
     last_pick: int = 0  # order of the last pick: ties go to the least recently picked
+    incarnation: str | None = None  # of the last answer; None after a miss, or before any
 
     def usable(self, now: float) -> bool:
         return self.reachable is not False and now >= self.backoff_until
@@ -71,6 +80,7 @@ class PrefillState:
             "queued_prompts": prompts,
             "queued_tokens": tokens,
             "free_pages": load.free_pages,
+            "incarnation": self.incarnation,
         }
 
 
@@ -82,9 +92,13 @@ class PrefillProbe:
         codec: Codec,
         metrics,
         resolve: Callable[[str], list[str]] = resolve_address,
+        on_incarnation: Callable[[str, str | None], None] = lambda address, seen: None,
     ) -> None:
-        """`metrics`: the daemon's Metrics (prefill_reachable, prefill_picks by address)."""
+        """`metrics`: the daemon's Metrics (prefill_reachable, prefill_picks by address).
+        `on_incarnation(address, incarnation)`: called on the probe's thread when a prefill's
+        incarnation changes, with None when it stops answering (see the module's docstring)."""
         self._context, self._codec, self._metrics, self._resolve = context, codec, metrics, resolve
+        self._on_incarnation = on_incarnation
         self._specs = list(addresses)
         self._by_spec: dict[str, list[str]] = {spec: [] for spec in self._specs}
         self._states: dict[str, PrefillState] = {}
@@ -183,7 +197,7 @@ class PrefillProbe:
                 self._metrics.forget_prefill(address)
 
     def _probe(self, state: PrefillState) -> None:
-        error, load = None, None
+        error, load, seen = None, None, None
         try:
             reply = control_request(
                 self._context, self._codec, state.address, QueryPeers(), PROBE_TIMEOUT_S
@@ -191,17 +205,25 @@ class PrefillProbe:
             if isinstance(reply, ErrorReply):
                 error = f"not ready: {reply.reason}"
             elif isinstance(reply, Peers):
-                load = reply.load
+                load, seen = reply.load, incarnation(reply.ranks)
             else:
                 error = f"unexpected reply {type(reply).__name__}"
         except (TimeoutError, WireError, zmq.ZMQError) as exc:
             error = str(exc)
         except Exception as exc:  # a probe's surprise must not end the probing
             error = f"{type(exc).__name__}: {exc}"
-        self._record(state, error, load)
+        if seen != state.incarnation:  # only this thread writes it
+            if seen is not None and state.incarnation is not None:
+                log.info("prefill %s is a new incarnation (%s)", state.address, seen)
+            # before the state below says so: picks from then on come after this news
+            self._on_incarnation(state.address, seen)
+        self._record(state, error, load, seen)
 
-    def _record(self, state: PrefillState, error: str | None, load: PrefillLoad | None) -> None:
+    def _record(
+        self, state: PrefillState, error: str | None, load: PrefillLoad | None, seen: str | None
+    ) -> None:
         with self._lock:
+            state.incarnation = seen
             state.misses = 0 if error is None else state.misses + 1
             reachable = error is None or (state.misses < MISSES and state.reachable is not False)
             if error is None:

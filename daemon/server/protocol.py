@@ -30,11 +30,20 @@ class AbortRoom:
 
 
 @dataclass(frozen=True)
+class ForgetPrefill:
+    """Decode: the prefill group behind `bootstrap` is now `incarnation` (None: it stopped
+    answering); the ranks drop what they cached of any other and never use it again."""
+
+    bootstrap: str
+    incarnation: str | None
+
+
+@dataclass(frozen=True)
 class Stop:
     reason: str
 
 
-Command = Submit | AbortRoom | Stop
+Command = Submit | AbortRoom | ForgetPrefill | Stop
 
 
 # --- ranks -> daemon ----------------------------------------------------------------------------

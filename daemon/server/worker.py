@@ -162,6 +162,9 @@ class Worker:
         if isinstance(command, protocol.AbortRoom):
             engine.abort(command.room, command.failure)
             return
+        if isinstance(command, protocol.ForgetPrefill):  # decode only: before later rooms
+            self.agent.directory.expect(command.bootstrap, command.incarnation)
+            return
         try:
             if self.config.role == "decode":
                 engine.submit(

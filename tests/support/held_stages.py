@@ -16,6 +16,9 @@ WAITING_FOR_PROMPT = 251  # the prefill daemon accepts the prompt but never hand
 COMPUTING = 252  # prefill holds the prompt's pages but never runs its forward
 DECODING = 253  # decode holds the sequence after its first token until the gate file exists
 GATE = "KVFERRY_TEST_DECODE_GATE"  # the gate file's path, for the rank processes
+# set (to anything): ranks do not watch their outbound control connections, as when a socket
+# idle for PEER_IDLE_S was closed: a peer's restart is then noticed only by other means
+UNWATCHED = "KVFERRY_TEST_UNWATCHED"
 
 
 def _held(prompt, marker: int) -> bool:
@@ -48,15 +51,20 @@ def held_rank(*args) -> None:
                 kept.append(work)
         return kept
 
+    if os.environ.get(UNWATCHED):
+        from kvferry.transport import control
+
+        control.ControlChannel._monitor = lambda self, peer, socket: None
     prefill.PrefillEngine._admit = held_admit
     scheduler.DecodeScheduler.schedule = held_decode_schedule
     scheduler.PrefillScheduler.schedule = held_schedule
     worker.worker_main(*args)
 
 
-def serve(gate: str) -> None:
+def serve(gate: str, unwatched: bool = False) -> None:
     """`kvferry serve` with the daemon-side hold (waiting for the prompt) and held ranks, the
-    decoding hold released once the file `gate` exists; arguments as for `kvferry serve`."""
+    decoding hold released once the file `gate` exists; arguments as for `kvferry serve`.
+    `unwatched`: the ranks do not watch their control connections (UNWATCHED)."""
     from kvferry.daemon.cli.main import main
     from kvferry.daemon.server import prompt_intake, ranks
     from kvferry.transport.messages import Ack
@@ -71,15 +79,18 @@ def serve(gate: str) -> None:
     prompt_intake.PromptIntake.submit = held_submit
     ranks.worker_main = held_rank
     os.environ[GATE] = gate
+    if unwatched:
+        os.environ[UNWATCHED] = "1"
     main(["serve", *sys.argv[1:]])
 
 
-def serve_command(tests_dir: str, config_path: str, gate: str):
-    """A Launcher command builder: each daemon of `config_path` served by `serve(gate)`."""
+def serve_command(tests_dir: str, config_path: str, gate: str, unwatched: bool = False):
+    """A Launcher command builder: each daemon of `config_path` served by `serve(gate,
+    unwatched)`."""
 
     def build(daemon) -> list[str]:
         code = f"import sys; sys.path.insert(0, {tests_dir!r}); import support.held_stages as h"
-        code += f"; h.serve({gate!r})"
+        code += f"; h.serve({gate!r}, {unwatched!r})"
         return [sys.executable, "-c", code, "--config", str(config_path), "--name", daemon.name]
 
     return build

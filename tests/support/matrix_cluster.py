@@ -30,7 +30,8 @@ TRANSFER = {
 
 
 @contextlib.contextmanager
-def matrix_cluster(tmp_path: Path):
+def matrix_cluster(tmp_path: Path, unwatched: bool = False):
+    """`unwatched`: ranks do not watch their control connections (held_stages.UNWATCHED)."""
     p = prefill("prefill-0", transfer=TRANSFER, drain_timeout_s=DRAIN_S)
     d = decode(
         "decode-0",
@@ -40,7 +41,7 @@ def matrix_cluster(tmp_path: Path):
     )
     path = write(tmp_path, [p, d])
     gate = str(tmp_path / "decode-gate")
-    command = serve_command(TESTS_DIR, str(path), gate)
+    command = serve_command(TESTS_DIR, str(path), gate, unwatched)
     launcher = Launcher(load(path), command=command, log=lambda line: None)
     launcher.gate = Path(gate)
     with launcher:

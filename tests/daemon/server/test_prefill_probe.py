@@ -8,23 +8,26 @@ import pytest
 from kvferry.daemon.server import prefill_probe
 from kvferry.daemon.server.metrics import Metrics
 from kvferry.daemon.server.prefill_probe import PrefillProbe
-from kvferry.transport.messages import Peers, PrefillLoad
+from kvferry.transport.directory import incarnation
+from kvferry.transport.messages import Peers, PrefillLoad, RankInfo
 from kvferry.transport.resolve import HOSTS_FILE_ENV, resolve
 from support.cluster import wait_for
+from support.transfer_sim import layout_for
 
 A, B = "tcp://10.0.0.1:7000", "tcp://10.0.0.2:7000"
 
 
 @pytest.fixture
 def answers(monkeypatch):
-    """address -> what its bootstrap server answers (a PrefillLoad, or an exception raised)."""
+    """address -> what its bootstrap server answers (a PrefillLoad, a whole Peers answer, or an
+    exception raised)."""
     table = {}
 
     def answer(context, codec, address, message, timeout):
         reply = table[address]
         if isinstance(reply, Exception):
             raise reply
-        return Peers([], reply)
+        return reply if isinstance(reply, Peers) else Peers([], reply)
 
     monkeypatch.setattr(prefill_probe, "control_request", answer)
     return table
@@ -120,6 +123,30 @@ def test_a_name_that_resolves_to_nothing_keeps_its_last_addresses(answers):
         wait_for(lambda: probe.pick() == A, "the last addresses kept")
     finally:
         probe.stop()
+
+
+def test_a_new_incarnation_is_told_before_the_state_shows_it(answers, monkeypatch):
+    monkeypatch.setattr(prefill_probe, "PROBE_INTERVAL_S", 0.02)
+    ranks = [RankInfo(layout_for(4, 1, 0), b"ucx", "tcp://10.0.0.1:7001")]
+    restarted = [RankInfo(layout_for(4, 1, 0), b"ucx-2", "tcp://10.0.0.1:7002")]
+    old, new = incarnation(ranks), incarnation(restarted)
+    told = []  # (address, incarnation, what /status showed when told)
+
+    def tell(address, seen):
+        told.append((address, seen, probe.states()[0]["incarnation"]))
+
+    answers[A] = Peers(ranks)
+    probe = PrefillProbe([A], None, None, Metrics("decode", "test"), on_incarnation=tell)
+    probe.start()
+    try:
+        wait_for(lambda: told, "the first answer's incarnation")
+        answers[A] = TimeoutError("restarting")
+        wait_for(lambda: len(told) == 2, "the miss")
+        answers[A] = Peers(restarted)
+        wait_for(lambda: probe.states()[0]["incarnation"] == new, "the new incarnation")
+    finally:
+        probe.stop()
+    assert told == [(A, old, None), (A, None, old), (A, new, None)]  # once per change
 
 
 def test_resolve_reads_the_hosts_file_before_dns(tmp_path, monkeypatch):
