@@ -18,13 +18,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import msgspec
 
 from kvferry.daemon.cli.client import ClientError, DaemonClient
-from kvferry.daemon.cli.fuzz.frames import FrameMaker
-from kvferry.daemon.cli.fuzz.http_requests import HttpMaker, send_http
+from kvferry.daemon.cli.fuzz.senders import LEFT_OPEN, http_sender, zmq_sender
 from kvferry.daemon.cli.fuzz.targets import (
     FuzzedSocket,
     ProcessFigures,
@@ -33,20 +31,14 @@ from kvferry.daemon.cli.fuzz.targets import (
     discover,
     measure,
 )
-from kvferry.daemon.cli.fuzz.zmq_sender import CLOSE_WAIT_S, ZmqFuzzer
+from kvferry.daemon.cli.fuzz.zmq_sender import CLOSE_WAIT_S
 from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.api_key import read_api_key
 from kvferry.daemon.server.config import Deployment
-from kvferry.transport import curve
 
 REPORT_LAG_S = 1.0  # twice the interval of the ranks' reports (daemon/server/worker.py)
 CHECK_EVERY = 100  # frames between liveness checks of every process
-LEFT_OPEN = "left open"  # outcome: sockets whose multipart message never left (zmq_sender.py)
 SOCKET_KINDS = ("bootstrap", "prefill-control", "decode-control", "http")
-
-# contexts with fuzzer sockets that could not be closed safely, kept from the garbage collector
-# (which would close them) until the process exits
-_abandoned: list = []
 
 
 class FuzzError(RuntimeError):
@@ -174,9 +166,12 @@ def _fuzz_socket(
     name = f"{target.name} ({mode})" if mode else target.name
     run = SocketRun(name=name, kind=target.kind, address=target.address, mode=mode)
     families, outcomes, recent = Counter(), Counter(), Counter()
-    opener = _http_sender if target.kind == "http" else _zmq_sender
+    if target.kind == "http":
+        opened = http_sender(target, targets, seed, spec.http_timeout_s)
+    else:
+        opened = zmq_sender(target, targets, seed, mode, spec.max_message_bytes)
     start = time.monotonic()
-    with opener(target, targets, spec, seed, mode) as send:
+    with opened as send:
         for n in range(1, spec.frames + 1):
             family, size, outcome = send()
             families[family] += 1
@@ -191,65 +186,6 @@ def _fuzz_socket(
     run.seconds = time.monotonic() - start
     run.frames, run.families, run.outcomes = sum(families.values()), dict(families), dict(outcomes)
     return run
-
-
-class _Sender:
-    """send() -> (family, bytes, outcome or None); closing_outcomes() what came back."""
-
-    def __init__(self, send, outcomes=lambda: {}, close=lambda: None) -> None:
-        self._send, self.closing_outcomes, self._close = send, outcomes, close
-
-    def __call__(self):
-        return self._send()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._close()
-
-
-def _zmq_sender(
-    target: FuzzedSocket, targets: Targets, spec: FuzzSpec, seed: int, mode: str
-) -> _Sender:
-    """`mode`: "stranger" (no secret key), "member" (the deployment's keys) or "" (no keys)."""
-    maker = FrameMaker(target.kind, seed, targets.learned, spec.max_message_bytes)
-    stranger = mode == "stranger"
-    context = curve.context(None if stranger else targets.keys)
-    fuzzer = ZmqFuzzer(context, target.address, seed, targets.keys.public if stranger else None)
-
-    def send():
-        frame = maker.next()
-        size = sum(len(part) for part in frame.parts)
-        return frame.family, size, None if fuzzer.send(frame) else "refused"
-
-    def outcomes() -> dict[str, int]:
-        left_open = fuzzer.close()  # drains the last replies first
-        found = {f"reply {kind}": count for kind, count in fuzzer.replies.items()}
-        return found | ({LEFT_OPEN: left_open} if left_open else {})
-
-    def close() -> None:
-        if fuzzer.close() == 0:
-            curve.close(context)
-        else:  # terminating it would close them, which may abort this process (zmq_sender.py)
-            _abandoned.append(context)
-
-    return _Sender(send, outcomes, close)
-
-
-def _http_sender(
-    target: FuzzedSocket, targets: Targets, spec: FuzzSpec, seed: int, mode: str
-) -> _Sender:
-    parts = urlsplit(target.address)
-    host, port = parts.hostname, parts.port
-    maker = HttpMaker(seed, targets.learned.vocab_size, f"{host}:{port}")
-
-    def send():
-        request = maker.next()
-        status = send_http(host, port, request, spec.http_timeout_s)
-        return request.family, len(request.data), status
-
-    return _Sender(send)
 
 
 def _note_deaths(result: FuzzResult, target: FuzzedSocket, n: int, recent: Counter) -> None:
