@@ -16,7 +16,13 @@ import pytest
 from kvferry.daemon.cli.client import ClientError, DaemonClient
 from kvferry.daemon.server.api import CompletionRequest
 from support.cluster import client, wait_for, wait_idle
-from support.held_stages import COMPUTING, DECODING, REGISTERING, WAITING_FOR_PROMPT
+from support.held_stages import (
+    COMPUTING,
+    DECODING,
+    REGISTERING,
+    TRANSFERRING,
+    WAITING_FOR_PROMPT,
+)
 from support.matrix_cluster import (
     REQUEST_TIMEOUT_S,
     alive,
@@ -26,12 +32,18 @@ from support.matrix_cluster import (
     recover,
 )
 
-HELD = {"registering": REGISTERING, "waiting for the prompt": WAITING_FOR_PROMPT}
-HELD["computing"] = COMPUTING
+# stage -> the prompt held there (a marker first); the transferring one spans two chunks
+HELD = {
+    "registering": [REGISTERING, 7, 8, 9],
+    "waiting for the prompt": [WAITING_FOR_PROMPT, 7, 8, 9],
+    "computing": [COMPUTING, 7, 8, 9],
+    "transferring": [TRANSFERRING, *range(1, 16)],
+}
 CLIENT_TIMEOUT_S = REQUEST_TIMEOUT_S + 30  # past this a request has not ended "within its time"
 OK, ERROR = "served", "error"
 
-# what each held request must come to; a cell not listed takes ERROR for every stage
+# what each held request must come to; a cell not listed takes ERROR for every stage (the
+# transferring one ends in an error in every cell: its last chunk never leaves)
 EXPECTED = {
     ("prefill daemon", "kill"): {"decoding": OK},
     ("prefill daemon", "stop"): {"decoding": OK},
@@ -55,9 +67,7 @@ class Held:
 
     def __init__(self, url: str) -> None:
         self.url, self.pool = url, ThreadPoolExecutor(len(HELD) + 1)
-        self.futures = {
-            stage: self.pool.submit(self._send, [m, 7, 8, 9]) for stage, m in HELD.items()
-        }
+        self.futures = {stage: self.pool.submit(self._send, p) for stage, p in HELD.items()}
         self.futures["decoding"] = self.pool.submit(self._stream)
 
     def _send(self, prompt: list[int]):
@@ -88,14 +98,18 @@ class Held:
 
 def _holding(launcher) -> bool:
     """The prefill rank holds a room waiting for its prompt, two registered (one of them with
-    its pages); decode runs the decoding one."""
-    ranks = client(launcher, "prefill-0").status()["ranks"]  # once its rank has reported
-    if not ranks:
+    its pages) and one mid-transfer, as does the decode rank, its prompt all computed (only the
+    computing hold still waits for a forward); decode runs the decoding one."""
+    prefiller = client(launcher, "prefill-0").status()
+    decoder = client(launcher, "decode-0").status()
+    if not prefiller["ranks"] or not decoder["ranks"]:  # once its rank has reported
         return False
-    rooms, pages = ranks[0]["rooms"], ranks[0]["kv_pages"]["used"]
+    rooms, pages = prefiller["ranks"][0]["rooms"], prefiller["ranks"][0]["kv_pages"]["used"]
     held = rooms["Bootstrapping"] >= 1 and rooms["WaitingForInput"] >= 2 and pages >= 1
-    running = client(launcher, "decode-0").status()["requests"].get("running", 0)
-    return held and running >= 1
+    sending = rooms["Transferring"] >= 1 and decoder["ranks"][0]["rooms"]["Transferring"] >= 1
+    computed = prefiller["requests"].get("prefilling") == 1
+    running = decoder["requests"].get("running", 0)
+    return held and sending and computed and running >= 1
 
 
 def _target(launcher, process: str) -> tuple[str, int, list[int]]:

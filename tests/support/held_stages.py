@@ -15,6 +15,10 @@ REGISTERING = 250  # prefill holds the prompt: the room is never admitted to its
 WAITING_FOR_PROMPT = 251  # the prefill daemon accepts the prompt but never hands it to its ranks
 COMPUTING = 252  # prefill holds the prompt's pages but never runs its forward
 DECODING = 253  # decode holds the sequence after its first token until the gate file exists
+# prefill computes the whole prompt and sends every chunk of its KV but the last, which never
+# leaves: both sides' rooms stay Transferring, decode holding the chunks that arrived (the prompt
+# must span two transfer chunks or more)
+TRANSFERRING = 254
 GATE = "KVFERRY_TEST_DECODE_GATE"  # the gate file's path, for the rank processes
 # set (to anything): ranks do not watch their outbound control connections, as when a socket
 # idle for PEER_IDLE_S was closed: a peer's restart is then noticed only by other means
@@ -26,10 +30,11 @@ def _held(prompt, marker: int) -> bool:
 
 
 def held_rank(*args) -> None:
-    """`worker_main`, with the rank-side holds (registering, computing)."""
+    """`worker_main`, with the rank-side holds (registering, computing, transferring)."""
     from kvferry.daemon.engine import prefill, scheduler
     from kvferry.daemon.server import worker
 
+    _hold_last_chunks(prefill.PrefillEngine)
     admit = prefill.PrefillEngine._admit
     schedule = scheduler.PrefillScheduler.schedule
     decode_schedule = scheduler.DecodeScheduler.schedule
@@ -59,6 +64,29 @@ def held_rank(*args) -> None:
     scheduler.DecodeScheduler.schedule = held_decode_schedule
     scheduler.PrefillScheduler.schedule = held_schedule
     worker.worker_main(*args)
+
+
+def _hold_last_chunks(engine_class) -> None:
+    """The transferring hold: a held prompt's room never hands its last chunk to the send
+    pipeline, so that chunk is never sent and the room never completes (no TransferDone)."""
+    from kvferry.transport import send_room
+
+    submit, ready_chunks = engine_class.submit, send_room.SendRoom.ready_chunks
+    held_rooms: set[int] = set()  # written by the engine thread, read by the transfer thread
+
+    def held_submit(self, room, prompt, params):
+        if _held(prompt, TRANSFERRING):
+            held_rooms.add(room)
+        return submit(self, room, prompt, params)
+
+    def held_ready_chunks(self):
+        for chunk, slots, ready in ready_chunks(self):
+            if self.room in held_rooms and chunk == self.num_chunks - 1:
+                return  # not yielded: the generator never counts it as queued
+            yield chunk, slots, ready
+
+    engine_class.submit = held_submit
+    send_room.SendRoom.ready_chunks = held_ready_chunks
 
 
 def serve(gate: str, unwatched: bool = False) -> None:
