@@ -84,6 +84,7 @@ class Bench:
         self.args, self.model = args, model
         self.transfers = layer_group is not None
         self.next_room = itertools.count(1)
+        self.timelines: list[dict[str, float]] = []  # per prompt sent: stage -> ms after submit
         pages = -(-args.prompt // args.page_size) * (args.requests + 1)
         if self.transfers:
             settings = EngineSettings(
@@ -172,7 +173,7 @@ class Bench:
             self.blocks.deallocate(seq.id)
 
     def _transfer(self, prompts: list[list[int]]) -> None:
-        receivers = []
+        submitted, receivers = time.time(), []
         for i, prompt in enumerate(prompts):
             room = next(self.next_room)
             slots = np.arange(i * len(prompt), (i + 1) * len(prompt))
@@ -192,14 +193,30 @@ class Bench:
         failed = [r.failure for r in receivers if r.poll() != KVPoll.Success]
         if failed:
             raise RuntimeError(f"transfer failed: {failed[0]}")
+        for receiver in receivers:  # the room's stages (transport/timeline.py)
+            marks = receiver.marks.items()
+            self.timelines.append({k: (at - submitted) * 1e3 for k, at in marks})
 
 
 def measure(args, model: Model, name: str, layer_group: int | None) -> dict:
     bench = Bench(args, model, layer_group)
     try:
         prompts = bench.prompts(args.requests)
-        bench.run(prompts[:1])  # warm-up: kernels, endpoints, the ring
+        # warm-up: kernels, endpoints, the ring, and the batch's own shapes (a first batched
+        # forward pays for them once, and only the first variant measured would)
+        bench.run(prompts[:1])
+        bench.run(prompts)
+        bench.timelines.clear()
         latency = [bench.run([prompt]) for prompt in prompts[: args.repeats]]
+        stages = (
+            {  # median ms after submission at which each stage ended, one prompt at a time
+                stage: statistics.median(t[stage] for t in bench.timelines)
+                for stage in bench.timelines[0]
+                if all(stage in t for t in bench.timelines)
+            }
+            if bench.timelines
+            else {}
+        )
         batch = bench.run(prompts)
         tokens = args.prompt * len(prompts)
         return {
@@ -208,6 +225,7 @@ def measure(args, model: Model, name: str, layer_group: int | None) -> dict:
             "latency_ms": statistics.median(latency) * 1e3,
             "batch_s": batch,
             "tokens_per_s": tokens / batch,
+            "stages_ms": dict(sorted(stages.items(), key=lambda item: item[1])),
         }
     finally:
         bench.close()
@@ -246,6 +264,9 @@ def main() -> None:
             f"{run['name']:24}{run['latency_ms']:12.1f}{run['latency_overhead']:+10.1%}"
             f"{run['tokens_per_s']:15.0f}{run['throughput_ratio']:10.1%}"
         )
+    for run in runs[1:]:
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in run["stages_ms"].items())
+        print(f"{run['name']}: stages end, ms after submission (median): {stages}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "args": vars(args), "runs": runs}, f, indent=1)

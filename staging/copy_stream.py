@@ -3,6 +3,8 @@
 Every copy returns a Fence; `done()` never blocks. Whoever waits for fences is told when one
 fires: a waiter thread sleeps in the CUDA event (blocking sync, the GIL released) of each copy
 in stream order and calls `notify` as it completes, so the transfer thread needs no polling.
+The waiter then marks the fence fired and puts its event back in a pool: creating a CUDA event
+costs more host time than recording one, and a copy is on every data message's path.
 """
 
 from __future__ import annotations
@@ -25,11 +27,18 @@ class Fence:
         self._event = event
 
     def done(self) -> bool:
-        return self._event is None or self._event.query()
+        event = self._event
+        return event is None or event.query()
 
     @property
     def event(self) -> torch.cuda.Event | None:
+        """The CUDA event to order later work after; None once fired (nothing to wait for)."""
         return self._event
+
+    def fired(self) -> torch.cuda.Event | None:
+        """Mark the fence fired (its work is known complete); its event, now free for reuse."""
+        event, self._event = self._event, None
+        return event
 
 
 DONE = Fence()
@@ -45,7 +54,13 @@ class CopyStream:
         # the raw handle: copies are launched on it directly, without making it torch's current
         # stream (entering and leaving that context costs more host time than the launch)
         self._handle = self._stream.cuda_stream if self._stream is not None else None
-        self._waiter = _Waiter(device, notify) if self._stream is not None and notify else None
+        # events of fired fences, ready to record again (appended by the waiter thread)
+        self._spare: list[torch.cuda.Event] = []
+        self._waiter = (
+            _Waiter(device, notify, self._spare.append)
+            if self._stream is not None and notify
+            else None
+        )
 
     def gather(
         self,
@@ -81,31 +96,38 @@ class CopyStream:
         if after is not None and after.event is not None:
             self._stream.wait_event(after.event)
         copy(*args, stream=self._handle)
-        event = torch.cuda.Event(blocking=True)  # a host wait on it sleeps, never spins
+        # blocking: a host wait on it sleeps, never spins
+        event = self._spare.pop() if self._spare else torch.cuda.Event(blocking=True)
         event.record(self._stream)
+        fence = Fence(event)
         if self._waiter is not None:
-            self._waiter.watch(event)
-        return Fence(event)
+            self._waiter.watch(fence)
+        return fence
 
 
 class _Waiter:
-    """One thread that waits for copy events in the order they were recorded (one stream: they
-    fire in that order) and calls `notify` after each."""
+    """One thread that waits for copy fences in the order they were recorded (one stream: they
+    fire in that order), marks each fired, hands its event to `recycle`, then calls `notify`."""
 
-    def __init__(self, device: torch.device, notify: Callable[[], None]) -> None:
-        self._device, self._notify = device, notify
-        self._events: deque[torch.cuda.Event] = deque()
+    def __init__(
+        self,
+        device: torch.device,
+        notify: Callable[[], None],
+        recycle: Callable[[torch.cuda.Event], None],
+    ) -> None:
+        self._device, self._notify, self._recycle = device, notify, recycle
+        self._fences: deque[Fence] = deque()
         self._ready = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-    def watch(self, event: torch.cuda.Event) -> None:
+    def watch(self, fence: Fence) -> None:
         with self._ready:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kvferry-copies")
                 self._thread.daemon = True
                 self._thread.start()
-            self._events.append(event)
+            self._fences.append(fence)
             self._ready.notify()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -116,15 +138,17 @@ class _Waiter:
             self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        torch.cuda.set_device(self._device)
+        if self._device.index is not None:
+            torch.cuda.set_device(self._device)
         while True:
             with self._ready:
-                while not self._events and not self._stopping:
+                while not self._fences and not self._stopping:
                     self._ready.wait()
                 if self._stopping:
                     return
-                event = self._events[0]
-            event.synchronize()  # releases the GIL; a blocking-sync event sleeps in the driver
+                fence = self._fences[0]
+            fence.event.synchronize()  # releases the GIL; a blocking event sleeps in the driver
             with self._ready:
-                self._events.popleft()
+                self._fences.popleft()
+            self._recycle(fence.fired())
             self._notify()

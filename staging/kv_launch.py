@@ -1,4 +1,10 @@
-"""Launcher for the gather/scatter RawKernels: picks the vector width, grid and stream.
+"""Launcher for the gather/scatter RawKernels: picks the vector width, grid and stream, and
+launches through the driver with a parameter block it keeps.
+
+A launch is on every data message's path, so its host cost is a transfer's floor. cupy's
+`Function.__call__` boxes and type-checks each argument on every call (about 50 µs of an
+H200 host's time); here the arguments live in one ctypes structure per device, rewritten in
+place, and `cuLaunchKernel` reads them through a fixed array of pointers into it.
 
 Only imported when a cache lives on a GPU; everything it receives has been validated by
 kvferry.staging.kv_copy.
@@ -6,6 +12,7 @@ kvferry.staging.kv_copy.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import cupy
@@ -18,6 +25,46 @@ from kvferry.staging.upload import IndexUploader
 BLOCK = 512  # threads per block; matches __launch_bounds__ in kv_copy.cu
 UNROLL = 2  # vectors per thread per iteration; matches kUnroll in kv_copy.cu
 MAX_GRID_X = 1 << 16  # beyond this the kernel's grid-stride loop takes over
+
+
+class _Args(ctypes.Structure):
+    """kv_copy's parameters, in the kernel's order and types (cuda/kv_copy.cu)."""
+
+    _fields_ = (
+        ("planes", ctypes.c_uint64),
+        ("slots", ctypes.c_uint64),
+        ("staging", ctypes.c_uint64),
+        ("num_tokens", ctypes.c_uint32),
+        ("row_len", ctypes.c_uint32),
+        ("slot_len", ctypes.c_int64),
+        ("head_offset", ctypes.c_int64),
+    )
+
+
+class _Launcher:
+    """One device's kernels, index uploader and parameter block (used under the uploader's
+    lock: the driver copies the parameters before cuLaunchKernel returns)."""
+
+    def __init__(self, device: torch.device) -> None:
+        with torch.cuda.device(device):
+            self.uploader = IndexUploader(device)
+        self.index = device.index
+        self.args = _Args()
+        base = ctypes.addressof(self.args)
+        pointers = [base + getattr(_Args, name).offset for name, _ in _Args._fields_]
+        self._pointers = (ctypes.c_void_p * len(pointers))(*pointers)
+        self.params = ctypes.addressof(self._pointers)
+
+        self._functions: dict[tuple[int, bool], int] = {}  # (width, gather) -> CUfunction
+
+    def launch(self, width: int, gather: bool, grid: tuple[int, int], stream) -> None:
+        """Launch the kernel for (width, gather) with the parameters now in `args`."""
+        function = self._functions.get((width, gather))
+        if function is None:  # a cupy RawKernel's `kernel` is its loaded Function
+            function = kv_copy_kernel(width, gather, self.index).kernel.ptr
+            self._functions[(width, gather)] = function
+        launch = cupy.cuda.driver.launchKernel
+        launch(function, grid[0], grid[1], 1, BLOCK, 1, 1, 0, stream.ptr, self.params, 0)
 
 
 def launch_kv_copy(
@@ -36,8 +83,9 @@ def launch_kv_copy(
     row_bytes = num_heads * planes.head_dim * planes.itemsize
     slot_bytes = planes.num_heads * planes.head_dim * planes.itemsize
     offset_bytes = head_start * planes.head_dim * planes.itemsize
+    staging_address = staging.data_ptr()
     width = _vector_width(
-        row_bytes, slot_bytes, offset_bytes, staging.data_ptr(), planes.address_alignment
+        row_bytes, slot_bytes, offset_bytes, staging_address, planes.address_alignment
     )
     row_len = row_bytes // width
     per_plane = len(slots_np) * row_len
@@ -46,25 +94,23 @@ def launch_kv_copy(
             f"{len(slots_np)} tokens x {row_bytes} B per plane is too large for one launch"
         )
     grid = (min(-(-per_plane // (BLOCK * UNROLL)), MAX_GRID_X), planes.num_planes)
-    uploader = _uploader(planes.device)
-    kernel = kv_copy_kernel(width, gather, planes.device.index)
     index = planes.device.index
-    stream = _stream_for(stream_handle, index) if stream_handle else _current_stream(index)
-    with uploader.lock:
-        device_slots, ticket = uploader.upload(slots_np.astype(np.int32), stream)
-        args = (
-            np.uint64(planes.pointers.data_ptr()),
-            np.uint64(device_slots),
-            np.uint64(staging.data_ptr()),
-            np.uint32(len(slots_np)),
-            np.uint32(row_len),
-            np.int64(slot_bytes // width),
-            np.int64(offset_bytes // width),
-        )
+    launcher = _launcher(planes.device)
+    stream = _stream_for(stream_handle or _raw_current_stream(index), index)
+    with launcher.uploader.lock:
+        device_slots, ticket = launcher.uploader.upload(slots_np, stream)
+        args = launcher.args
+        args.planes = planes.pointers.data_ptr()
+        args.slots = device_slots
+        args.staging = staging_address
+        args.num_tokens = len(slots_np)
+        args.row_len = row_len
+        args.slot_len = slot_bytes // width
+        args.head_offset = offset_bytes // width
         try:
-            kernel(grid, (BLOCK,), args, stream=stream)
+            launcher.launch(width, gather, grid, stream)
         finally:  # the upload region is reclaimed after whatever the stream has queued
-            uploader.done(ticket, stream)
+            launcher.uploader.done(ticket, stream)
 
 
 def _vector_width(*quantities: int) -> int:
@@ -76,9 +122,8 @@ def _vector_width(*quantities: int) -> int:
 
 
 @functools.cache
-def _uploader(device: torch.device) -> IndexUploader:
-    with torch.cuda.device(device):
-        return IndexUploader(device)
+def _launcher(device: torch.device) -> _Launcher:
+    return _Launcher(device)
 
 
 class _StreamHandle:
@@ -97,11 +142,6 @@ def _stream_for(handle: int, device_index: int) -> cupy.cuda.Stream:
         with cupy.cuda.Device(device_index):
             return cupy.cuda.Stream.from_external(_StreamHandle(handle))
     return cupy.cuda.ExternalStream(handle, device_index)  # cupy < 14
-
-
-def _current_stream(device_index: int) -> cupy.cuda.Stream:
-    """torch's current stream on the device, as a cupy stream (cached per raw handle)."""
-    return _stream_for(_raw_current_stream(device_index), device_index)
 
 
 def _raw_current_stream(device_index: int) -> int:

@@ -6,9 +6,9 @@ fall back to cudaHostAlloc. Instead one pinned buffer and one device buffer of t
 carved by a RingAllocator; a region is reclaimed when the event recorded after its consumer
 kernel has fired. Only when the ring is full of unfinished work does an upload wait (counted).
 
-The copies run on the uploader's own stream, so they overlap whatever the consumer stream still
-has queued; the consumer only waits on an event. Driven through cupy's runtime bindings: an
-upload costs a few microseconds of host time.
+The copy is queued on the consumer's own stream, just before the consumer: stream order alone
+makes the kernel see the indices, so an upload costs one async copy and, once the consumer is
+queued, one event (a few microseconds of host time, through cupy's runtime bindings).
 """
 
 from __future__ import annotations
@@ -35,62 +35,54 @@ class IndexUploader:
         with cupy.cuda.Device(device.index):
             self._pinned = cupy.cuda.alloc_pinned_memory(capacity)
             self._device_buf = cupy.cuda.alloc(capacity)
-            self._stream = cupy.cuda.Stream(non_blocking=True)
-        self._host = np.frombuffer(self._pinned, dtype=np.uint8, count=capacity)
-        # (ticket, events to recycle, consumer-done event), oldest first
-        self._in_flight: deque[tuple[int, cupy.cuda.Event, cupy.cuda.Event]] = deque()
-        self._copied: cupy.cuda.Event | None = None  # of the upload awaiting done()
+        self._host = np.frombuffer(self._pinned, dtype=np.int32, count=capacity // 4)
+        # (ticket, consumer-done event), oldest first
+        self._in_flight: deque[tuple[int, cupy.cuda.Event]] = deque()
         self._spare_events: list[cupy.cuda.Event] = []
         self.lock = threading.Lock()
         self.waits = 0  # uploads that found the ring full and waited for the GPU
 
     def upload(self, values: np.ndarray, stream: cupy.cuda.Stream) -> tuple[int, int]:
-        """(device address of an int32 copy of `values`, ticket), ready for work on `stream`."""
+        """(device address of an int32 copy of `values`, ticket), queued on `stream` for work
+        queued after it there. `values` must fit in int32."""
         nbytes = values.size * 4
         if nbytes > self.ring.capacity:
             raise ValueError(
                 f"{values.size} indices exceed the upload ring of {self.ring.capacity} B"
             )
         offset = self._alloc(max(nbytes, 1))
-        self._host[offset : offset + nbytes].view(np.int32)[:] = values
+        start = offset // 4
+        self._host[start : start + values.size] = values  # casts; the region's last reader ran
         target = self._device_buf.ptr + offset
-        # Both regions are free to overwrite: their previous consumer's event has fired.
         cupy.cuda.runtime.memcpyAsync(
             target,
             self._pinned.ptr + offset,
             nbytes,
             cupy.cuda.runtime.memcpyHostToDevice,
-            self._stream.ptr,
+            stream.ptr,
         )
-        self._copied = self._event()
-        self._copied.record(self._stream)
-        stream.wait_event(self._copied)
         return target, offset
 
     def done(self, ticket: int, stream: cupy.cuda.Stream) -> None:
         """The work reading upload `ticket` is queued on `stream`: reclaim it once that ran."""
-        consumed = self._event()
+        consumed = (
+            self._spare_events.pop() if self._spare_events else cupy.cuda.Event(disable_timing=True)
+        )
         consumed.record(stream)
-        self._in_flight.append((ticket, self._copied, consumed))
-        self._copied = None
+        self._in_flight.append((ticket, consumed))
 
     def _alloc(self, nbytes: int) -> int:
         self._reclaim()
         offset = self.ring.alloc(nbytes)
         while offset is None:  # every region is still in use by queued work: wait for the oldest
             self.waits += 1
-            self._in_flight[0][2].synchronize()
+            self._in_flight[0][1].synchronize()
             self._reclaim()
             offset = self.ring.alloc(nbytes)
         return offset
 
-    def _event(self) -> cupy.cuda.Event:
-        return (
-            self._spare_events.pop() if self._spare_events else cupy.cuda.Event(disable_timing=True)
-        )
-
     def _reclaim(self) -> None:
-        while self._in_flight and self._in_flight[0][2].done:
-            ticket, copied, consumed = self._in_flight.popleft()
+        while self._in_flight and self._in_flight[0][1].done:
+            ticket, consumed = self._in_flight.popleft()
             self.ring.free(ticket)
-            self._spare_events += (copied, consumed)
+            self._spare_events.append(consumed)
