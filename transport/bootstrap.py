@@ -19,6 +19,7 @@ from collections.abc import Callable
 import zmq
 
 from kvferry.transport import curve
+from kvferry.transport.control import limit_receive
 from kvferry.transport.curve import CurveKeys
 from kvferry.transport.log_limit import RateLimitedLog
 from kvferry.transport.messages import (
@@ -67,7 +68,7 @@ class BootstrapServer:
         curve.serve(self._socket)
         self._socket.setsockopt(zmq.LINGER, 0)
         # a larger frame disconnects its sender before ZeroMQ allocates it
-        self._socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+        limit_receive(self._socket, max_frame_bytes)
         if port:
             self._socket.bind(f"tcp://{host}:{port}")
         else:

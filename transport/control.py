@@ -45,8 +45,9 @@ def peer_name(raw: bytes) -> str:
 
 
 def limit_receive(socket: zmq.Socket, max_frame_bytes: int) -> None:
-    """Let `socket` drop a connection that sends a message part over the limit, unread."""
-    socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+    """Let `socket` drop a connection that sends a message part over the limit (plus what CURVE
+    adds to it on the wire), unread; a part within that margin reaches the codec's check."""
+    socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + curve.WIRE_OVERHEAD)
 
 
 def bind(socket: zmq.Socket, host: str, ports: tuple[int, int] | None) -> int:

@@ -19,6 +19,11 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 KEY_FILE = "kvferry.key_secret"  # the name `generate` gives the key file
+# What CURVE adds to a message part on the wire (its MESSAGE command's name, nonce, MAC and
+# flags: 33 bytes), rounded up. ZeroMQ's ZMQ_MAXMSGSIZE applies to the part as it travels, so a
+# receive limit of max_frame_bytes is raised by this much: a member's part of up to
+# max_frame_bytes is read (and the codec's own limit applies), never its connection dropped.
+WIRE_OVERHEAD = 64
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 

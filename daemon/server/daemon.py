@@ -10,7 +10,6 @@ daemon submits the prompt to a prefill daemon; tokens come back in `StepOutput.o
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import secrets
@@ -39,6 +38,7 @@ from kvferry.daemon.server.request import (
     Requests,
     Unavailable,
     check_prompt,
+    decode_params,
 )
 from kvferry.transport import curve
 from kvferry.transport.bootstrap import TOKEN_BYTES, BootstrapServer
@@ -95,17 +95,12 @@ class Daemon:
         self._keys = config.security.keys()
         self._zmq = curve.context(self._keys)
         self._codec = Codec(config.transfer.max_frame_bytes)
-        self.probe = (
-            PrefillProbe(
-                config.prefill,
-                self._zmq,
-                self._codec,
-                self.metrics,
+        self.probe: PrefillProbe | None = None
+        if config.prefill:
+            self.probe = PrefillProbe(
+                config.prefill, self._zmq, self._codec, self.metrics,
                 on_incarnation=self._prefill_changed,
-            )
-            if config.prefill
-            else None
-        )
+            )  # fmt: skip
         self.handoff = PromptHandoff(
             self._zmq, self._codec, config.transfer.bootstrap_timeout_s, self._handoff_failed
         )
@@ -260,12 +255,7 @@ class Daemon:
         if refusal:
             raise Unavailable(refusal)
         self._check_prompt(prompt)
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in params.stop_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"stop_token_ids: {bad} is outside the vocabulary [0, {vocab})")
-        if params.seed is None:  # every rank (and prefill) must draw the same numbers
-            params = dataclasses.replace(params, seed=secrets.randbits(63))
+        params = decode_params(params, self.model_config.vocab_size)
         prefill = self.probe.pick(len(prompt))
         if prefill is None:
             raise Unavailable(f"no prefill daemon can be reached ({self.probe.why_none()})")

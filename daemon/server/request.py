@@ -8,7 +8,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from kvferry.daemon.engine.sequence import SamplingParams
@@ -41,6 +41,17 @@ def check_prompt(
     bad = next((t for t in prompt if not 0 <= t < vocab), None)
     if bad is not None:
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+
+
+def decode_params(params: SamplingParams, vocab: int) -> SamplingParams:
+    """`params` as every rank and the prefill daemon must use them: ValueError for a stop token
+    outside the vocabulary; a seed drawn if none was given (all must draw the same numbers)."""
+    bad = next((t for t in params.stop_ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"stop_token_ids: {bad} is outside the vocabulary [0, {vocab})")
+    if params.seed is None:
+        params = replace(params, seed=secrets.randbits(63))
+    return params
 
 
 @dataclass

@@ -116,11 +116,11 @@ class Worker:
             self._check_transfer_thread()
             commands = self.group.broadcast(self._take_commands() if self.group.leader else None)
             for command in commands:
-                if isinstance(command, protocol.Stop) and stop_at is None:
+                if not isinstance(command, protocol.Stop):
+                    self._apply(command)
+                elif stop_at is None:  # a later Stop changes nothing: the drain runs already
                     stop_at = time.monotonic() + STOP_DRAIN_S
                     self._abort_all(command.reason)
-                else:
-                    self._apply(command)
             forwarded = self.engine.step(before_forward=self._send_progress)
             self._report()
             if stop_at is not None:

@@ -135,3 +135,21 @@ def _stranger(address: str, server_public: bytes | None) -> zmq.Socket:
         socket.curve_publickey, socket.curve_secretkey = zmq.curve_keypair()
     socket.connect(address)
     return socket
+
+
+def test_a_members_part_at_the_frame_limit_is_read_whatever_curve_adds(keys, member):
+    """CURVE makes each part longer on the wire; the receive limit allows for it, so a part of
+    exactly max_frame_bytes reaches the codec (refused, answered) instead of the connection
+    being dropped unread."""
+    server = BootstrapServer(1, max_frame_bytes=4096, keys=keys)
+    socket = member.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(server.address)
+        socket.send(b"\xc1" * 4096)  # not msgpack: a bad frame, answered as one
+        assert socket.poll(10_000), "the part was dropped with its connection, unread"
+        assert isinstance(CODEC.decode(socket.recv()), ErrorReply)
+        assert server.bad_frames == 1
+    finally:
+        socket.close()
+        server.close()
