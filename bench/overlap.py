@@ -4,8 +4,9 @@
     python bench/overlap.py --prompt 4096 --chunk 1024 --layer-group 4 --json out.json
 
 One process holds a prefill engine (random Llama-family model, paged KV cache, chunked prefill)
-and a decode-side transfer agent with its own cache, joined by UCX (cuda_ipc/cuda_copy on a
-GPU). Three ways to prefill the same prompts, side by side:
+and a decode-side transfer agent with its own cache (`--decode-process`: the agent in a process
+of its own), joined by UCX (cuda_ipc/cuda_copy on a GPU). Three ways to prefill the same
+prompts, side by side:
 
 - local:       the forwards and the first token only, nothing sent — what a colocated engine
                does before its first token;
@@ -31,6 +32,7 @@ import time
 
 import numpy as np
 import torch
+from decode_side import DecodeProcess, LocalDecode, Spec  # bench/ is on sys.path as a script
 
 from kvferry.daemon.engine.block_manager import BlockManager
 from kvferry.daemon.engine.builder import EngineSettings, build_engine
@@ -40,11 +42,8 @@ from kvferry.daemon.engine.sequence import SamplingParams, Sequence
 from kvferry.daemon.model.llama import Model
 from kvferry.daemon.model.weights import full_weights
 from kvferry.daemon.server.config import ModelSection
-from kvferry.staging.kv_copy import KVPlanes
 from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.config import TransferConfig
-from kvferry.transport.receiver import DecodeAgent
-from kvferry.transport.room import KVPoll
 
 GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
 WAIT_S = 0.5  # the longest sleep without news (a lost ring would show as this)
@@ -73,6 +72,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=16 if gpu else 4, help="throughput batch")
     p.add_argument("--repeats", type=int, default=5 if gpu else 3, help="latency samples")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument(
+        "--decode-process",
+        action="store_true",
+        help="run the decode agent in a process of its own (no GIL shared with the prefill "
+        "engine, as in a deployment; on one GPU the two processes then time-slice it)",
+    )
     p.add_argument("--json", help="write the results here as JSON")
     return p.parse_args()
 
@@ -102,20 +107,20 @@ class Bench:
         self.blocks = self.runner.blocks
 
     def _build_transfers(self, settings: EngineSettings, layer_group: int) -> None:
-        """The prefill engine, and a decode agent receiving into a cache of its own."""
+        """The prefill engine, and a decode agent receiving into a cache of its own (the prefill
+        cache's planes, fewer slots)."""
         from kvferry.transport.ucx import UcxDataPlane
 
         args, model = self.args, self.model
         cfg, device = model.config, model.device
         slots = args.prompt * args.requests
         shape = (2 * cfg.num_hidden_layers, slots, model.local_kv, cfg.head_dim)
-        self.decode_cache = torch.zeros(shape, dtype=model.dtype, device=device)
-        planes = KVPlanes.from_cache(self.decode_cache)  # the prefill cache's planes, fewer slots
+        chunk_bytes = 2 * cfg.num_hidden_layers * args.chunk * model.local_kv * cfg.head_dim
         tls = GPU_TLS if device.type == "cuda" else CPU_TLS
         config = TransferConfig(
             chunk_tokens=args.chunk,
             layer_group=layer_group,
-            staging_bytes=2 * planes.staging_bytes(args.chunk, model.local_kv),
+            staging_bytes=2 * chunk_bytes * model.dtype.itemsize,
             ucx_tls=tls,
         )
         self.server = BootstrapServer(1)
@@ -132,13 +137,13 @@ class Bench:
         )
         self.agent, self.runner = self.engine.agent, self.engine.runner
         self.scheduler = self.engine.scheduler
-        self.receiver_agent = DecodeAgent(
-            config, self.agent.layout, planes, UcxDataPlane(tls, cuda)
-        )
+        # the prefill's layout (TP 1): the decode side's too
+        spec = Spec(config, self.agent.layout, shape, args.dtype, str(device), tls)
+        self.decode = DecodeProcess(spec) if args.decode_process else LocalDecode(spec)
 
     def close(self) -> None:
         if self.transfers:
-            self.receiver_agent.close()
+            self.decode.close()
             self.agent.close()
             self.server.close()
 
@@ -173,29 +178,30 @@ class Bench:
             self.blocks.deallocate(seq.id)
 
     def _transfer(self, prompts: list[list[int]]) -> None:
-        submitted, receivers = time.time(), []
+        submitted, waiting, ended = time.time(), set(), []
         for i, prompt in enumerate(prompts):
             room = next(self.next_room)
             slots = np.arange(i * len(prompt), (i + 1) * len(prompt))
-            receivers.append(self.receiver_agent.receiver(room, slots, self.server.address))
+            self.decode.open(room, slots, self.server.address)
             self.engine.submit(room, prompt, SamplingParams(max_tokens=1))
-        bells = [self.agent.bell, self.receiver_agent.bell]
+            waiting.add(room)
         while True:
             forwarded = self.engine.step()
             self.engine.take_output()
             self.engine.samples.take()
-            if not self.engine.busy and all(r.poll() >= KVPoll.Success for r in receivers):
+            for room in self.decode.take_done():
+                waiting.discard(room.room)
+                ended.append(room)
+            if not self.engine.busy and not waiting:
                 break
             if not forwarded:  # as a rank does: sleep until one of the rooms has news
-                select.select(bells, [], [], WAIT_S)
-                for bell in bells:
-                    bell.clear()
-        failed = [r.failure for r in receivers if r.poll() != KVPoll.Success]
+                select.select([self.agent.bell, self.decode], [], [], WAIT_S)
+                self.agent.bell.clear()
+        failed = [room.failure for room in ended if room.failure is not None]
         if failed:
             raise RuntimeError(f"transfer failed: {failed[0]}")
-        for receiver in receivers:  # the room's stages (transport/timeline.py)
-            marks = receiver.marks.items()
-            self.timelines.append({k: (at - submitted) * 1e3 for k, at in marks})
+        for room in ended:  # the room's stages (transport/timeline.py)
+            self.timelines.append({k: (at - submitted) * 1e3 for k, at in room.marks.items()})
 
 
 def measure(args, model: Model, name: str, layer_group: int | None) -> dict:
