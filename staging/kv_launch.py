@@ -54,7 +54,6 @@ class _Launcher:
         pointers = [base + getattr(_Args, name).offset for name, _ in _Args._fields_]
         self._pointers = (ctypes.c_void_p * len(pointers))(*pointers)
         self.params = ctypes.addressof(self._pointers)
-
         self._functions: dict[tuple[int, bool], int] = {}  # (width, gather) -> CUfunction
 
     def launch(self, width: int, gather: bool, grid: tuple[int, int], stream) -> None:
