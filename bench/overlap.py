@@ -115,12 +115,12 @@ class Bench:
         cfg, device = model.config, model.device
         slots = args.prompt * args.requests
         shape = (2 * cfg.num_hidden_layers, slots, model.local_kv, cfg.head_dim)
-        chunk_bytes = 2 * cfg.num_hidden_layers * args.chunk * model.local_kv * cfg.head_dim
+        token_bytes = shape[0] * shape[2] * shape[3] * model.dtype.itemsize  # all planes
         tls = GPU_TLS if device.type == "cuda" else CPU_TLS
         config = TransferConfig(
             chunk_tokens=args.chunk,
             layer_group=layer_group,
-            staging_bytes=2 * chunk_bytes * model.dtype.itemsize,
+            staging_bytes=2 * args.chunk * token_bytes,
             ucx_tls=tls,
         )
         self.server = BootstrapServer(1)
