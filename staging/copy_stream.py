@@ -1,17 +1,19 @@
 """Where gathers and scatters run: a CUDA side stream ordered by events, or inline on a CPU.
 
-Every copy returns a Fence; `done()` never blocks. Whoever waits for fences is told when one
-fires: a waiter thread sleeps in the CUDA event (blocking sync, the GIL released) of each copy
-in stream order and calls `notify` as it completes, so the transfer thread needs no polling.
-The waiter then marks the fence fired and puts its event back in a pool: creating a CUDA event
-costs more host time than recording one, and a copy is on every data message's path.
+Every copy returns a Fence; `done()` never blocks. On a GPU each copy's event is followed on
+the stream by a host function that makes `wake_fd` readable: whoever sleeps on that descriptor
+(the transfer loop) is woken by the driver itself once the copy is done, with no thread of ours
+in between, and calls `collect()`, which marks the fences that fired and takes their events
+back for reuse (creating a CUDA event costs more host time than recording one, and a copy is on
+every data message's path).
 """
 
 from __future__ import annotations
 
-import threading
+import contextlib
+import ctypes
+import os
 from collections import deque
-from collections.abc import Callable
 
 import torch
 
@@ -45,22 +47,24 @@ DONE = Fence()
 
 
 class CopyStream:
-    """Gathers and scatters for one rank's cache, off the compute stream. `notify` is called
-    (from a waiter thread) each time a copy's fence fires."""
+    """Gathers and scatters for one rank's cache, off the compute stream. Used from one thread
+    (the transfer loop)."""
 
-    def __init__(self, device: torch.device, notify: Callable[[], None] | None = None) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # the raw handle: copies are launched on it directly, without making it torch's current
         # stream (entering and leaving that context costs more host time than the launch)
         self._handle = self._stream.cuda_stream if self._stream is not None else None
-        # events of fired fences, ready to record again (appended by the waiter thread)
-        self._spare: list[torch.cuda.Event] = []
-        self._waiter = (
-            _Waiter(device, notify, self._spare.append)
-            if self._stream is not None and notify
-            else None
-        )
+        self._signal = HostSignal() if self._stream is not None else None
+        self._pending: deque[Fence] = deque()  # not yet seen fired, in stream order
+        self._spare: list[torch.cuda.Event] = []  # events of fired fences, to record again
+
+    @property
+    def wake_fd(self) -> int | None:
+        """Readable once a copy has finished (then call `collect()`); None on a CPU, where
+        copies finish before they return."""
+        return None if self._signal is None else self._signal.fd
 
     def gather(
         self,
@@ -85,9 +89,19 @@ class CopyStream:
     ) -> Fence:
         return self._run(scatter, (src, planes, slots, head_start, num_heads), after)
 
+    def collect(self) -> None:
+        """After `wake_fd` turned readable: mark the fences whose copies finished fired (their
+        events go back to the pool)."""
+        if self._signal is None:
+            return
+        self._signal.clear()
+        while self._pending and self._pending[0].done():
+            self._spare.append(self._pending.popleft().fired())
+
     def close(self) -> None:
-        if self._waiter is not None:
-            self._waiter.stop()
+        if self._signal is not None:
+            self._stream.synchronize()  # no host function may write to the descriptor after
+            self._signal.close()
 
     def _run(self, copy, args, after: Fence | None) -> Fence:
         if self._stream is None:
@@ -96,59 +110,54 @@ class CopyStream:
         if after is not None and after.event is not None:
             self._stream.wait_event(after.event)
         copy(*args, stream=self._handle)
-        # blocking: a host wait on it sleeps, never spins
-        event = self._spare.pop() if self._spare else torch.cuda.Event(blocking=True)
+        event = self._spare.pop() if self._spare else torch.cuda.Event()
         event.record(self._stream)
+        self._signal.queue(self._handle)
         fence = Fence(event)
-        if self._waiter is not None:
-            self._waiter.watch(fence)
+        self._pending.append(fence)
         return fence
 
 
-class _Waiter:
-    """One thread that waits for copy fences in the order they were recorded (one stream: they
-    fire in that order), marks each fired, hands its event to `recycle`, then calls `notify`."""
+class HostSignal:
+    """An eventfd that work queued on a CUDA stream makes readable: `queue(stream)` adds a host
+    function that writes to it once everything queued before has finished.
 
-    def __init__(
-        self,
-        device: torch.device,
-        notify: Callable[[], None],
-        recycle: Callable[[torch.cuda.Event], None],
-    ) -> None:
-        self._device, self._notify, self._recycle = device, notify, recycle
-        self._fences: deque[Fence] = deque()
-        self._ready = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+    The host function must be native code (the driver runs it on its own thread, and one that
+    took the GIL could deadlock against a thread holding the GIL while it waits for the
+    device). It is UCX's `ucs_async_eventfd_signal(int fd)` from libucs, which UCX's own CUDA
+    transports use the same way and which the data plane's UCX brings: a host function gets one
+    pointer-sized argument, and the descriptor travels in it."""
 
-    def watch(self, fence: Fence) -> None:
-        with self._ready:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="kvferry-copies")
-                self._thread.daemon = True
-                self._thread.start()
-            self._fences.append(fence)
-            self._ready.notify()
+    def __init__(self) -> None:
+        self._launch, self._function = _host_function()
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        with self._ready:
-            self._stopping = True
-            self._ready.notify()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+    def queue(self, stream: int) -> None:
+        status = self._launch(stream, self._function, self.fd)
+        if status != 0:
+            raise RuntimeError(f"cuLaunchHostFunc failed with CUDA error {status}")
 
-    def _run(self) -> None:
-        if self._device.index is not None:
-            torch.cuda.set_device(self._device)
-        while True:
-            with self._ready:
-                while not self._fences and not self._stopping:
-                    self._ready.wait()
-                if self._stopping:
-                    return
-                fence = self._fences[0]
-            fence.event.synchronize()  # releases the GIL; a blocking event sleeps in the driver
-            with self._ready:
-                self._fences.popleft()
-            self._recycle(fence.fired())
-            self._notify()
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # nothing signalled since the last clear
+            os.eventfd_read(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+_HOST_FUNCTION: tuple | None = None
+
+
+def _host_function() -> tuple:
+    """(cuLaunchHostFunc, the address of UCX's eventfd signaller), loaded once."""
+    global _HOST_FUNCTION
+    if _HOST_FUNCTION is None:
+        import libucx  # the UCX wheel of the data plane
+
+        libucx.load_library()
+        ucs = ctypes.CDLL(os.path.join(os.path.dirname(libucx.__file__), "lib", "libucs.so"))
+        launch = ctypes.CDLL("libcuda.so.1").cuLaunchHostFunc
+        launch.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+        launch.restype = ctypes.c_int
+        _HOST_FUNCTION = (launch, ctypes.cast(ucs.ucs_async_eventfd_signal, ctypes.c_void_p))
+    return _HOST_FUNCTION

@@ -39,12 +39,11 @@ from kvferry.transport.staged_mode import StagedMode
 log = logging.getLogger(__name__)
 PEER_IDLE_S = 60.0  # an outbound socket to a peer holding no room is closed after this long
 RECLAIM_EVERY_S = 1.0  # how often idle outbound sockets are looked for
-# While data operations are in flight, the loop also takes a turn this often without an event:
-# a backstop where the data plane signals every completion (its descriptor and the copy waiter
-# wake the loop first), the period it progresses at where some complete unsignalled (UCX's CUDA
-# transports). Counted as timer turns.
+# While data operations are in flight, the loop also takes a turn this often without an event: a
+# backstop only, since every completion wakes it first (UCX's descriptor, which its CUDA
+# transports make readable from a host function queued after their copies, and the copy
+# stream's). Counted as timer turns.
 IN_FLIGHT_CHECK_S = 0.005
-UNSIGNALLED_CHECK_S = 0.001  # the poller's finest timeout
 
 
 @dataclass
@@ -102,7 +101,9 @@ class AgentCore:
         self.loop = AgentLoop(
             name, self._read_frames, self._turn, data.on_loop_start, self.bell.ring
         )
-        self.copies = CopyStream(planes.device, notify=self.loop.wake)
+        self.copies = CopyStream(planes.device)
+        if self.copies.wake_fd is not None:
+            self.loop.watch(self.copies.wake_fd, True)
         # how KV is packed into data messages; the pipelines move items through its steps
         self.mode = SliceMode() if config.mode == "slice" else StagedMode(self.staging, self.copies)
         if data.wake_fd is not None:
@@ -121,6 +122,8 @@ class AgentCore:
         self._fail_room, self._on_dropped = fail_room, on_dropped
         self.log = RateLimitedLog(log)
         self._next_reclaim = 0.0
+        self._data_fd = data.wake_fd
+        self._progress_due = True  # progress the data plane in the next turn (see _turn)
 
     @property
     def zmq_context(self) -> zmq.Context:
@@ -164,6 +167,10 @@ class AgentCore:
         return Failure(FailureKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
     def _read_frames(self, ready) -> None:
+        if self._data_fd in ready:
+            self._progress_due = True
+        if self.copies.wake_fd in ready:
+            self.copies.collect()
         for peer, message in self.control.receive(ready):
             if isinstance(message, WireError):
                 if isinstance(message, FrameTooLarge):
@@ -195,23 +202,31 @@ class AgentCore:
             self.control.forget(peer)
 
     def _turn(self, now: float) -> float:
-        """One turn of the loop; how long it may sleep before the next without an event."""
-        began = time.thread_time()
-        self.data.progress()
-        progressed = time.thread_time()
+        """One turn of the loop; how long it may sleep before the next without an event.
+
+        The data plane is progressed (and armed again) only when it may have something to do:
+        its descriptor fired, operations were posted since it last ran, its last arm found
+        events pending, or the timer woke the loop. A turn woken by anything else (a posted
+        call, a finished copy, a control frame) leaves UCX alone."""
+        progressing = self._progress_due or self.data.posted or self.loop.timed_out
+        self._progress_due = False
+        if progressing:
+            began = time.thread_time()
+            self.data.progress()
+            self.stats.ucx_cpu_s += time.thread_time() - began
         in_flight = self._advance(now)
-        if self.again:
+        if self.again:  # the step left work for the next turn, which comes at once
             self.again = False
-            self.stats.ucx_cpu_s += progressed - began
+            self._progress_due = True
             return 0.0
-        advanced = time.thread_time()
-        armed = self.data.arm()
-        self.stats.ucx_cpu_s += progressed - began + time.thread_time() - advanced
-        if not armed:  # events came in meanwhile: progress them first
-            return 0.0
-        if not in_flight:
-            return self.config.heartbeat_interval_s
-        return IN_FLIGHT_CHECK_S if self.data.signals_completions else UNSIGNALLED_CHECK_S
+        if progressing or self.data.posted:
+            began = time.thread_time()
+            armed = self.data.arm()
+            self.stats.ucx_cpu_s += time.thread_time() - began
+            if not armed:  # events came in meanwhile: progress them first
+                self._progress_due = True
+                return 0.0
+        return IN_FLIGHT_CHECK_S if in_flight else self.config.heartbeat_interval_s
 
     def _advance(self, now: float) -> bool:
         """Heartbeats, silent peers, idle sockets, then the owner's step: whether operations

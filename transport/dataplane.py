@@ -88,6 +88,9 @@ class DataPlane:
         self.bytes_sent = 0
         self.messages_received = 0
         self.bytes_received = 0
+        # operations were posted (or endpoints opened or closed) since the last progress():
+        # the owner progresses after them even if the descriptor stayed silent
+        self.posted = False
 
     @property
     def address(self) -> bytes:
@@ -95,18 +98,17 @@ class DataPlane:
 
     @property
     def wake_fd(self) -> int | None:
-        """Readable when progress() has something to do; None: nothing to watch."""
+        """Readable when progress() has something to do, completions included; None: nothing
+        to watch."""
         return None
-
-    # whether `wake_fd` turns readable for every completion; where some complete unsignalled,
-    # the owner progresses at a short period while operations are in flight
-    signals_completions = True
 
     def on_loop_start(self) -> None:
         """Set up the thread that will drive this plane (called on it, before anything else)."""
 
     def progress(self) -> None:
         """Let the backend advance what is in flight (operations complete here)."""
+        self.posted = False
+        self._progress()
 
     def arm(self) -> bool:
         """Before sleeping on `wake_fd`: False if events are pending already (progress again)."""
@@ -124,6 +126,7 @@ class DataPlane:
                 )
             endpoint = self._connect(address, on_error)
             self._endpoints[address] = endpoint
+            self.posted = True
         return endpoint
 
     def drop_endpoint(self, address: bytes) -> None:
@@ -136,6 +139,7 @@ class DataPlane:
         endpoint = self._endpoints.pop(address, None)
         if endpoint is not None:
             self._disconnect(endpoint)
+            self.posted = True
 
     @property
     def open_endpoints(self) -> int:
@@ -145,6 +149,7 @@ class DataPlane:
         _check(buffer, tag)
         self.messages_sent += 1
         self.bytes_sent += buffer.numel() * buffer.element_size()
+        self.posted = True
         return self._send(endpoint, buffer, tag)
 
     def probe(self) -> tuple[int, int] | None:
@@ -156,10 +161,12 @@ class DataPlane:
         _check(buffer, tag)
         self.messages_received += 1
         self.bytes_received += buffer.numel() * buffer.element_size()
+        self.posted = True
         return self._recv(tag, buffer)
 
     def discard(self, tag: int) -> DataOp:
         """Take the message with `tag` and throw it away (its sender is released)."""
+        self.posted = True
         return self._discard(tag)
 
     def close(self) -> None:
@@ -167,6 +174,9 @@ class DataPlane:
             self.close_endpoint(address)
 
     # backend hooks
+    def _progress(self) -> None:
+        """What progress() does in this backend."""
+
     def _connect(self, address: bytes, on_error: Callable[[str], None]):
         raise NotImplementedError
 
@@ -216,7 +226,7 @@ class LoopbackDataPlane(DataPlane):
     def wake_fd(self) -> int:
         return self._arrived.fileno()
 
-    def progress(self) -> None:
+    def _progress(self) -> None:
         self._arrived.clear()
 
     def close(self) -> None:

@@ -2,7 +2,8 @@
 
 It sleeps in one zmq.Poller until something happens: a control frame, a call posted by another
 thread (its bell), the data plane's own event descriptor (a UCX completion or arrival), a copy
-finishing (the copy stream's waiter rings the bell), or the owner's next deadline.
+finishing (the copy stream's descriptor, which the driver makes readable), or the owner's next
+deadline.
 Each turn then runs the posted calls, reads every waiting control frame and lets the owner make
 progress (start copies, post sends, take arrived data, check timers). The owner's step says how
 long the loop may sleep before its next turn without an event: 0 when it left work for later in
@@ -50,13 +51,14 @@ class AgentLoop:
         self._step = step
         self._on_start, self._on_exit = on_start, on_exit
         self._posted: deque[Callable[[], None]] = deque()
-        self._bell = Bell()  # posted calls, finished copies, stop
+        self._bell = Bell()  # posted calls, stop
         self._poller = zmq.Poller()
         self._poller.register(self._bell.fileno(), zmq.POLLIN)
         self._stopping = threading.Event()
         self.error: BaseException | None = None
         self.turns = 0  # turns taken; an idle loop takes one per timer period
         self.timer_turns = 0  # of which nothing but the timeout woke the loop
+        self.timed_out = False  # the turn running now was woken by the timeout alone
         # CPU the thread spent in its wait: the poll itself and re-taking the GIL after it
         # (which costs wake-ups while another thread of the process runs Python)
         self.wait_cpu_s = 0.0
@@ -123,8 +125,8 @@ class AgentLoop:
                 events = dict(self._poller.poll(math.ceil(sleep_s * 1000)))
                 self.wait_cpu_s += time.thread_time() - before
                 self.turns += 1
-                if not events and sleep_s > 0:
-                    self.timer_turns += 1
+                self.timed_out = not events and sleep_s > 0
+                self.timer_turns += self.timed_out
                 if self._bell.fileno() in events:
                     self._bell.clear()
                 for _ in range(len(self._posted)):  # not those they post: the frames come first

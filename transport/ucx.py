@@ -119,9 +119,6 @@ class UcxDataPlane(DataPlane):
         super().__init__()
         self._ucx = load_ucxx(tls, host, ports)
         self._cuda_device = cuda_device
-        # UCX's CUDA transports finish their copies (a cuda_ipc receive, say) on CUDA events
-        # that, measured on an H200 with UCX 1.21, do not make the worker's descriptor readable
-        self.signals_completions = cuda_device is None
         self.on_loop_start()  # the creating thread too: UCX sets up its CUDA transports here
         self._context = self._ucx.UCXContext(
             feature_flags=(self._ucx.Feature.TAG, self._ucx.Feature.WAKEUP)
@@ -147,7 +144,7 @@ class UcxDataPlane(DataPlane):
 
             ensure_cuda_context(self._cuda_device)
 
-    def progress(self) -> None:
+    def _progress(self) -> None:
         self._worker.progress()
 
     def close(self) -> None:

@@ -141,3 +141,34 @@ def test_index_uploader_waits_when_its_ring_is_full():
     assert uploader.waits == 1
     assert torch.equal(copies[0].cpu(), torch.arange(200, dtype=torch.int32))
     assert torch.equal(copies[1].cpu(), torch.arange(1000, 1200, dtype=torch.int32))
+
+
+def test_copy_stream_descriptor_turns_readable_when_a_copy_finishes():
+    import select
+
+    from kvferry.staging.copy_stream import CopyStream, Fence
+
+    gen = torch.Generator().manual_seed(6)
+    cache = random_bits((8, 1024, 4, 64), torch.bfloat16, gen).cuda()
+    planes = KVPlanes.from_cache(cache)
+    out = torch.empty(planes.staging_bytes(1024, 2), dtype=torch.uint8, device="cuda")
+    copies = CopyStream(torch.device("cuda"))
+    try:
+        gate = torch.cuda.Event()
+        with torch.cuda.stream(torch.cuda.Stream()):
+            torch.cuda._sleep(200_000_000)  # the copy waits behind this (about 0.1 s)
+            gate.record()
+        fence = copies.gather(planes, range(1024), 1, 2, out, after=Fence(gate))
+        assert not select.select([copies.wake_fd], [], [], 0)[0]  # still waiting for the gate
+        assert select.select([copies.wake_fd], [], [], 30)[0]  # woken, nobody polling
+        assert fence.done()
+        copies.collect()
+        assert fence.event is None  # fired: its event went back to the pool
+        assert not select.select([copies.wake_fd], [], [], 0)[0]  # cleared
+        assert torch.equal(out, bits(cache[:, :, 1:3]).flatten())
+        again = copies.gather(planes, range(1024), 0, 2, out)  # the pooled event, recorded again
+        assert select.select([copies.wake_fd], [], [], 30)[0]
+        copies.collect()
+        assert again.done() and again.event is None
+    finally:
+        copies.close()

@@ -3,6 +3,7 @@
 import pytest
 
 from kvferry.staging.plan import plan_head_transfers
+from kvferry.transport.dataplane import LoopbackDataPlane
 from kvferry.transport.handles import KVWritten
 from kvferry.transport.room import KVPoll
 from support.kvsim import TP_PAIRS
@@ -113,5 +114,39 @@ def test_every_step_of_a_transfer_is_woken_by_an_event_not_a_timer(layer_group):
             why = [str(h.failure) for h in senders + receivers]
             assert states == [KVPoll.Success] * len(states), why
             assert decode_matches(dep.decode, req)
+    finally:
+        dep.close()
+
+
+class CountingPlane(LoopbackDataPlane):
+    """A loopback plane that counts how often its owner progresses it."""
+
+    def __init__(self):
+        super().__init__()
+        self.progressed = 0
+
+    def _progress(self):
+        self.progressed += 1
+        super()._progress()
+
+
+def test_turns_with_nothing_for_the_data_plane_leave_it_alone():
+    """A turn woken by a posted call progresses the data plane only if operations were posted
+    since it last ran; turns woken by its descriptor still progress it (the transfer works)."""
+    config = small_config(heartbeat_interval_s=60.0, heartbeat_timeout_s=180.0)
+    dep = Deployment(4, 1, 1, config=config, data_plane=CountingPlane)
+    try:
+        req, senders, receivers = dep.run(num_tokens=40)
+        assert wait_all(senders + receivers) == [KVPoll.Success] * 2
+        assert decode_matches(dep.decode, req)
+        agents = dep.prefill.agents + dep.decode.agents
+        assert settle(agents)
+        planes = [agent.core.data for agent in agents]
+        before = [plane.progressed for plane in planes]
+        turns = [agent.core.loop.turns for agent in agents]
+        assert settle(agents, turns=20)
+        taken = [agent.core.loop.turns - t for agent, t in zip(agents, turns, strict=True)]
+        assert min(taken) >= 20
+        assert [plane.progressed for plane in planes] == before
     finally:
         dep.close()
