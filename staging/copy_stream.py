@@ -86,8 +86,17 @@ class CopyStream:
         head_start: int,
         num_heads: int,
         after: Fence | None = None,
+        wake: bool = True,
     ) -> Fence:
-        return self._run(scatter, (src, planes, slots, head_start, num_heads), after)
+        """`wake=False`: `wake_fd` stays silent for this one; a later copy's wake (or
+        `wake_when_done`) covers it, as the stream runs them in order."""
+        return self._run(scatter, (src, planes, slots, head_start, num_heads), after, wake)
+
+    def wake_when_done(self) -> None:
+        """Make `wake_fd` readable once every copy queued so far has finished (for copies
+        queued with `wake=False` that someone now waits for)."""
+        if self._pending:
+            self._signal.queue(self._handle)
 
     def collect(self) -> None:
         """After `wake_fd` turned readable: mark the fences whose copies finished fired (their
@@ -103,7 +112,7 @@ class CopyStream:
             self._stream.synchronize()  # no host function may write to the descriptor after
             self._signal.close()
 
-    def _run(self, copy, args, after: Fence | None) -> Fence:
+    def _run(self, copy, args, after: Fence | None, wake: bool = True) -> Fence:
         if self._stream is None:
             copy(*args)  # CPU: the copy is done when it returns
             return DONE
@@ -112,7 +121,8 @@ class CopyStream:
         copy(*args, stream=self._handle)
         event = self._spare.pop() if self._spare else torch.cuda.Event()
         event.record(self._stream)
-        self._signal.queue(self._handle)
+        if wake:
+            self._signal.queue(self._handle)
         fence = Fence(event)
         self._pending.append(fence)
         return fence

@@ -124,6 +124,7 @@ class AgentCore:
         self._next_reclaim = 0.0
         self._data_fd = data.wake_fd
         self._progress_due = True  # progress the data plane in the next turn (see _turn)
+        self.progressed = False  # this turn progressed it (new arrivals may be waiting)
 
     @property
     def zmq_context(self) -> zmq.Context:
@@ -208,7 +209,9 @@ class AgentCore:
         its descriptor fired, operations were posted since it last ran, its last arm found
         events pending, or the timer woke the loop. A turn woken by anything else (a posted
         call, a finished copy, a control frame) leaves UCX alone."""
-        progressing = self._progress_due or self.data.posted or self.loop.timed_out
+        progressing = self.progressed = (
+            self._progress_due or self.data.posted or self.loop.timed_out
+        )
         self._progress_due = False
         if progressing:
             began = time.thread_time()

@@ -58,6 +58,10 @@ class RecvPipeline:
             self._discards.popleft()
 
     def _take_arrivals(self, now: float) -> None:
+        """Take what arrived, oldest first: after the data plane progressed (only then can a
+        message be new), or while the oldest waits for ring room."""
+        if not (self.core.progressed or self._ring_blocked_since is not None):
+            return
         for _ in range(PROBES_PER_TURN):
             probed = self.core.data.probe()
             if probed is None:
@@ -126,6 +130,7 @@ class RecvPipeline:
         return True
 
     def _ring_full(self, room: RecvRoom, now: float) -> bool:
+        self.core.copies.wake_when_done()  # the scatters that free ring room now have a waiter
         if self._ring_blocked_since is None:
             self._ring_blocked_since = now
             self.core.stats.ring_waits += 1
@@ -155,7 +160,11 @@ class RecvPipeline:
                 self._release(arrival)
                 continue
             last(room.marks, "received_data")
-            arrival.fence = self.mode.received(arrival)
+            room.received_units += 1
+            # Only the room's last scatter wakes the loop when it finishes: the stream runs them
+            # in order, so that wake covers the others (and a ring wait asks for its own).
+            last_one = room.received_units >= room.units(self.mode, self.planes.num_planes)
+            arrival.fence = self.mode.received(arrival, wake=last_one)
             if arrival.fence is None:  # in place already
                 room.done_units += 1
                 self._release(arrival)

@@ -68,6 +68,7 @@ class RecvRoom:
         self.accepted: set[int] = set()
         self.first_tokens: dict[int, int | None] = {}  # TransferDone per prefill rank
         self.taken: dict[tuple[int, int], int] = {}  # (piece, writer) -> messages taken
+        self.received_units = 0  # messages received (their KV in the ring or in place)
         self.done_units = 0  # messages whose KV is in the cache
         self.busy = 0  # receives or scatters that may still write into the KV pages or ring
         self.failing: Failure | None = None
@@ -124,7 +125,11 @@ class RecvRoom:
         self.taken[(piece, writer)] = index + 1
         return None, Piece(head_slice, slots, planes, index)
 
+    def units(self, mode: StagedMode | SliceMode, num_planes: int) -> int:
+        """Messages the room takes in all, from every writer."""
+        return mode.messages_per_writer(self, num_planes) * len(self.writers)
+
     def complete(self, mode: StagedMode | SliceMode, num_planes: int) -> bool:
         """Every writer's every message is in the cache, and every prefill rank is done."""
-        units = mode.messages_per_writer(self, num_planes) * len(self.writers)
+        units = self.units(mode, num_planes)
         return len(self.first_tokens) == len(self.rank_peers) > 0 and self.done_units == units

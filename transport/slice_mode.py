@@ -50,7 +50,7 @@ class SliceMode:
         arrival.region = row.narrow(0, piece.slice.dst_head_start, piece.slice.num_heads)
         return True
 
-    def received(self, arrival: Arrival):
+    def received(self, arrival: Arrival, wake: bool):
         return None  # the row is in place already
 
     def ring_too_small(self, need: int, config: TransferConfig) -> Failure | None:

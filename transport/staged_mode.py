@@ -63,12 +63,13 @@ class StagedMode:
         arrival.offset, arrival.region = offset, self.staging.view(offset, nbytes)
         return True
 
-    def received(self, arrival: Arrival):
-        """A message is in: the fence after which its KV is in the cache (None: already)."""
+    def received(self, arrival: Arrival, wake: bool):
+        """A message is in: the fence after which its KV is in the cache (None: already).
+        `wake`: whether its completion must wake the loop (else a later one's covers it)."""
         piece = arrival.piece
         s = piece.slice
         return self.copies.scatter(
-            arrival.region, piece.planes, piece.slots, s.dst_head_start, s.num_heads
+            arrival.region, piece.planes, piece.slots, s.dst_head_start, s.num_heads, wake=wake
         )
 
     def ring_too_small(self, need: int, config: TransferConfig) -> Failure | None:

@@ -64,8 +64,26 @@ def _array(buffer: torch.Tensor):
     from ucxx._lib.arr import Array
 
     if buffer.device.type == "cuda":
-        return Array(buffer.view(torch.uint8).view(-1))
+        return Array(_DeviceBytes(buffer))
     return Array(buffer.view(torch.uint8).view(-1).numpy())
+
+
+class _DeviceBytes:
+    """A contiguous device tensor's bytes as the CUDA array interface describes them, which is
+    what ucxx's Array reads: a tensor's own `__cuda_array_interface__` is a Python property
+    that checks and converts on every read, and a data message is on every read's path."""
+
+    __slots__ = ("__cuda_array_interface__", "_owner")
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self._owner = buffer  # the memory lives as long as the receive or send holds this
+        self.__cuda_array_interface__ = {
+            "data": (buffer.data_ptr(), False),
+            "shape": (buffer.numel() * buffer.element_size(),),
+            "typestr": "|u1",
+            "strides": None,
+            "version": 2,
+        }
 
 
 def _own_address(address: bytes):

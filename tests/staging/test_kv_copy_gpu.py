@@ -170,5 +170,16 @@ def test_copy_stream_descriptor_turns_readable_when_a_copy_finishes():
         assert select.select([copies.wake_fd], [], [], 30)[0]
         copies.collect()
         assert again.done() and again.event is None
+
+        target = torch.zeros_like(cache)
+        quiet = copies.scatter(out, KVPlanes.from_cache(target), range(1024), 0, 2, wake=False)
+        torch.cuda.synchronize()
+        assert quiet.done()
+        assert not select.select([copies.wake_fd], [], [], 0.2)[0]  # it asked for no wake
+        copies.wake_when_done()  # now someone waits for it
+        assert select.select([copies.wake_fd], [], [], 30)[0]
+        copies.collect()
+        assert quiet.event is None
+        assert torch.equal(bits(target[:, :, 0:2]), bits(cache[:, :, 0:2]))
     finally:
         copies.close()

@@ -237,3 +237,17 @@ def test_closed_endpoint_fires_no_error_and_reopens():
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"first": True, "open": 0, "second": True, "broke": []}
+
+
+def test_device_bytes_describe_exactly_the_tensors_bytes():
+    """The light array interface a data message's device buffer is handed to UCX with."""
+    import torch
+    from ucxx._lib.arr import Array
+
+    from kvferry.transport.ucx import _DeviceBytes
+
+    backing = torch.zeros(4096, dtype=torch.uint8)
+    region = backing.narrow(0, 1000, 3000).view(torch.bfloat16)  # an offset, a wider dtype
+    array = Array(_DeviceBytes(region))
+    assert (array.ptr, array.nbytes) == (backing.data_ptr() + 1000, 3000)
+    assert array.cuda and array.contiguous
