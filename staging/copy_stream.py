@@ -108,9 +108,12 @@ class CopyStream:
             self._spare.append(self._pending.popleft().fired())
 
     def close(self) -> None:
-        if self._signal is not None:
-            self._stream.synchronize()  # no host function may write to the descriptor after
+        """Release the descriptor, unless copies are still queued: a host function of theirs
+        will write to it, so it stays open (never reused for another file) rather than make
+        closing wait for a device that may not finish."""
+        if self._signal is not None and self._stream.query():
             self._signal.close()
+        self._signal = None
 
     def _run(self, copy, args, after: Fence | None, wake: bool = True) -> Fence:
         if self._stream is None:

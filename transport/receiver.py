@@ -33,7 +33,7 @@ from kvferry.transport.messages import (
 )
 from kvferry.transport.recv_pipeline import RecvPipeline
 from kvferry.transport.recv_room import RecvRoom
-from kvferry.transport.room import KVPoll
+from kvferry.transport.room import KVPoll, RoomVisits
 from kvferry.transport.tags import MAX_KEY
 from kvferry.transport.timeline import first, merge_prefill
 
@@ -73,7 +73,10 @@ class DecodeAgent(TransferAgent):
             k for k in iter(lambda: secrets.randbelow(MAX_KEY) + 1, 0) if k not in self._by_key
         )
         self.directory = PrefillDirectory(self.core.zmq_context, config, self.core.loop.post)
-        self.arrivals = RecvPipeline(self.core, config, planes, self._by_key.get, self._fail)
+        self._visits = RoomVisits()  # rooms the next step checks (received, done, failing)
+        self.arrivals = RecvPipeline(
+            self.core, config, planes, self._by_key.get, self._fail, self._visits.touch
+        )
         self.core.loop.start()
 
     def receiver(self, room: int, slots, bootstrap: str) -> KVReceiver:
@@ -183,6 +186,7 @@ class DecodeAgent(TransferAgent):
                 room.status.advance(KVPoll.WaitingForInput)
         elif isinstance(message, TransferDone) and room is not None:
             self._on_done(room, message)
+            self._visits.touch(room.room)
         elif isinstance(message, (Abort, ErrorReply)) and room is not None:
             aborted = Failure(FailureKind.PEER_ABORTED, f"aborted by prefill: {message.reason}")
             self._fail(room, aborted, skip_peer=peer)
@@ -225,7 +229,10 @@ class DecodeAgent(TransferAgent):
 
     def _step(self, now: float) -> bool:
         self.arrivals.step(now)
-        for room in list(self.rooms.values()):
+        for room_id in self._visits.take(self.rooms, now):
+            room = self.rooms.get(room_id)
+            if room is None:
+                continue
             try:
                 self._check_room(room, now)
             except Exception as exc:  # one room's failure is its own, never the thread's

@@ -34,10 +34,12 @@ class RecvPipeline:
         planes: KVPlanes,
         room_of_key: Callable[[int], RecvRoom | None],
         fail_room: Callable[[RecvRoom, Failure], None],
+        touch: Callable[[int], None],
     ) -> None:
+        """`touch(room id)`: something happened to the room (a message of it is done)."""
         self.core, self.config, self.planes = core, config, planes
         self.mode = core.mode
-        self._room_of_key, self._fail_room = room_of_key, fail_room
+        self._room_of_key, self._fail_room, self._touch = room_of_key, fail_room, touch
         self._receiving: deque[Arrival] = deque()  # receives posted, oldest first
         self._scattering: deque[Arrival] = deque()  # scatters queued, in stream order
         self._discards: deque = deque()  # discards of unwanted messages not yet done
@@ -184,3 +186,4 @@ class RecvPipeline:
             self.core.staging.free(arrival.offset)
             arrival.offset = None
         arrival.room.busy -= 1
+        self._touch(arrival.room.room)

@@ -58,6 +58,38 @@ class RoomStatus:
         return True
 
 
+# A step looks at every room this often even without news of it: timeouts need no event.
+ROOM_SWEEP_S = 0.1
+
+
+class RoomVisits:
+    """Which rooms a step must look at: those something happened to since the last step
+    (`touch`), and every room once per sweep period. A turn then costs the rooms it concerns,
+    not every room open: under load most rooms are waiting, each for its own event."""
+
+    def __init__(self, sweep_s: float = ROOM_SWEEP_S) -> None:
+        self._sweep_s = sweep_s
+        self._touched: set[int] = set()
+        self._next_sweep = 0.0
+
+    def touch(self, room: int) -> None:
+        self._touched.add(room)
+
+    def take(self, rooms: dict[int, object], now: float) -> list[int]:
+        """The ids to visit now (all of `rooms` when a sweep is due); forgets them."""
+        if now >= self._next_sweep:
+            self._next_sweep = now + self._sweep_s
+            self._touched.clear()
+            return list(rooms)
+        return self.take_touched()
+
+    def take_touched(self) -> list[int]:
+        """The ids touched since the last take; forgets them."""
+        touched = list(self._touched)
+        self._touched.clear()
+        return touched
+
+
 class TransferFailed(RuntimeError):
     """Raised by KVSender/KVReceiver methods on a room that has failed."""
 

@@ -29,7 +29,9 @@ class SendPipeline:
         core: AgentCore,
         config: TransferConfig,
         fail_room: Callable[[object, Failure], None],
+        touch: Callable[[int], None],
     ) -> None:
+        """`touch(room id)`: something happened to the room (an item of it left)."""
         self.core = core
         self.staging, self.mode, self.data, self.stats = (
             core.staging,
@@ -37,7 +39,7 @@ class SendPipeline:
             core.data,
             core.stats,
         )
-        self.config, self._fail_room = config, fail_room
+        self.config, self._fail_room, self._touch = config, fail_room, touch
         self._queue: deque[Outgoing] = deque()  # waiting for staging room, oldest first
         self._staged: deque[Outgoing] = deque()  # gathered (or gathering), not yet sent
         self._sending: deque[Outgoing] = deque()  # sent, not yet completed
@@ -145,3 +147,4 @@ class SendPipeline:
             self.staging.free(item.offset)
             item.offset = None
         item.room.in_flight -= 1
+        self._touch(item.room.room)

@@ -33,7 +33,7 @@ from kvferry.transport.messages import (
     TransferDone,
 )
 from kvferry.transport.registrar import Registrar
-from kvferry.transport.room import KVPoll
+from kvferry.transport.room import KVPoll, RoomVisits
 from kvferry.transport.send_pipeline import SendPipeline
 from kvferry.transport.send_room import KVWritten, Outgoing, SendRoom
 from kvferry.transport.timeline import first
@@ -73,7 +73,8 @@ class PrefillAgent(TransferAgent):
         self.config, self.layout, self.planes = config, layout, planes
         self.rooms: dict[int, SendRoom] = {}
         self.tombstones = Tombstones()
-        self.pipeline = SendPipeline(self.core, config, self._fail)
+        self._visits = RoomVisits()  # rooms the next step advances (news of each, or a sweep)
+        self.pipeline = SendPipeline(self.core, config, self._fail, self._visits.touch)
         self.endpoints = EndpointPool(self.core, self._on_endpoint_error)
         self.registrar = Registrar(
             self.core,
@@ -129,6 +130,7 @@ class PrefillAgent(TransferAgent):
                 handle.room, time.monotonic(), self.config, self.core.bell.ring
             )
         room.attach(handle)
+        self._visits.touch(room.room)
         if tomb is not None:
             self._fail(room, tomb, notify=False)
         elif room.num_tokens is not None and room.num_tokens != handle.num_tokens:
@@ -152,6 +154,7 @@ class PrefillAgent(TransferAgent):
         room = self.rooms.get(room_id)
         if room is None or room.status.finished:
             return
+        self._visits.touch(room_id)
         error = room.add_tokens(slots, ready, first_token, last, first_later)
         if error:
             self._fail(room, error)
@@ -161,6 +164,7 @@ class PrefillAgent(TransferAgent):
         room = self.rooms.get(room_id)
         if room is not None and not room.status.finished:
             room.first_token_is(token)
+            self._visits.touch(room_id)
 
     def abort_on_loop(self, room_id: int, failure: Failure) -> None:
         """Fail room `room_id` with `failure` and tell its decode ranks; on the loop thread."""
@@ -173,6 +177,7 @@ class PrefillAgent(TransferAgent):
     def _on_message(self, peer: str, message: Message) -> None:
         if isinstance(message, RegisterRoom):
             self.registrar.register(peer, message)
+            self._visits.touch(message.room)
         elif isinstance(message, Abort):
             self._on_abort(peer, message)
         elif isinstance(message, ErrorReply):
@@ -210,20 +215,28 @@ class PrefillAgent(TransferAgent):
     def _step(self, now: float) -> bool:
         self.pipeline.step(now)
         added = self.pipeline.added
-        self._advance_rooms(now)  # after the pipeline: rooms it just completed
-        if self.pipeline.added != added:  # pieces the rooms just queued: start them now (no
-            self.pipeline.step(now)  # event would come for KV that is written already), then
-            self._advance_rooms(now)  # finish the rooms whose last sends completed at once
-        self._purge(now)
+        # after the pipeline: the rooms whose items it just finished are among those touched
+        visited = self._advance_rooms(self._visits.take(self.rooms, now), now)
+        if self.pipeline.added != added:
+            # pieces the rooms just queued: start them now (no event would come for KV that is
+            # written already), then finish the rooms whose last sends completed at once
+            self.pipeline.step(now)
+            visited += self._advance_rooms(self._visits.take_touched(), now)
+        self._purge(visited, now)
         self.endpoints.reclaim(now)
         return self.pipeline.busy
 
-    def _advance_rooms(self, now: float) -> None:
-        for room in list(self.rooms.values()):
+    def _advance_rooms(self, room_ids: list[int], now: float) -> list[int]:
+        """Advance the rooms `room_ids` (those gone are skipped); returns `room_ids`."""
+        for room_id in room_ids:
+            room = self.rooms.get(room_id)
+            if room is None:
+                continue
             try:
                 self._advance(room, now)
             except Exception as exc:  # one room's failure is its own, never the thread's
                 self._fail(room, self.core.contain(exc, f"room {room.room:#x}"))
+        return room_ids
 
     def _advance(self, room: SendRoom, now: float) -> None:
         if room.status.finished:
@@ -266,6 +279,7 @@ class PrefillAgent(TransferAgent):
     ) -> None:
         if not room.status.fail(failure):
             return
+        self._visits.touch(room.room)  # to be purged once nothing of it is in flight
         self.core.stats.failed(failure)
         if room.handle is not None:  # a room only a peer opened is counted, not logged: peers
             log.info("room %#x failed: %s", room.room, failure)  # decide how many there are
@@ -279,13 +293,14 @@ class PrefillAgent(TransferAgent):
         for dest in room.dests.values():
             self.core.peers.remove_room(dest.peer, room.room)
 
-    def _purge(self, now: float) -> None:
-        """Finished rooms become tombstones: late registrations or aborts must not open them
-        again, and an engine claiming one late finds it failed."""
-        for room_id in [
-            r for r, room in self.rooms.items() if room.status.finished and room.in_flight == 0
-        ]:
-            room = self.rooms.pop(room_id)
+    def _purge(self, room_ids: list[int], now: float) -> None:
+        """Those of `room_ids` that finished become tombstones: late registrations or aborts
+        must not open them again, and an engine claiming one late finds it failed."""
+        for room_id in room_ids:
+            room = self.rooms.get(room_id)
+            if room is None or not room.status.finished or room.in_flight:
+                continue
+            del self.rooms[room_id]
             self.tombstones.bury(room_id, room.status.failure or _FINISHED, now)
             for dest in room.dests.values():  # nothing of it is in flight any more
                 self.endpoints.release(dest.ucx_address, room_id, now)

@@ -212,3 +212,19 @@ def test_a_peer_back_after_an_idle_spell_gets_a_fresh_heartbeat_window():
     tracker.add_room("tcp://peer", 2)
     assert tracker.silent(now + 1) == []
     assert tracker.silent(now + 10) == ["tcp://peer"]  # and silence from now on still counts
+
+
+def test_a_step_visits_the_rooms_touched_and_all_of_them_once_per_sweep():
+    from kvferry.transport.room import RoomVisits
+
+    visits = RoomVisits(sweep_s=1.0)
+    rooms = {room: object() for room in range(100)}
+    assert sorted(visits.take(rooms, 10.0)) == list(range(100))  # the first step sweeps
+    visits.touch(7)
+    visits.touch(7)
+    visits.touch(42)
+    assert sorted(visits.take(rooms, 10.5)) == [7, 42]
+    assert visits.take(rooms, 10.6) == []  # nothing happened since
+    visits.touch(3)
+    assert sorted(visits.take(rooms, 11.0)) == list(range(100))  # a sweep covers the touched
+    assert visits.take_touched() == []
