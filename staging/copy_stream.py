@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 from collections import deque
 
@@ -158,19 +159,19 @@ class HostSignal:
         os.close(self.fd)
 
 
-_HOST_FUNCTION: tuple | None = None
-
-
+@functools.cache
 def _host_function() -> tuple:
-    """(cuLaunchHostFunc, the address of UCX's eventfd signaller), loaded once."""
-    global _HOST_FUNCTION
-    if _HOST_FUNCTION is None:
+    """(cuLaunchHostFunc, the address of UCX's eventfd signaller)."""
+    try:
         import libucx  # the UCX wheel of the data plane
-
-        libucx.load_library()
-        ucs = ctypes.CDLL(os.path.join(os.path.dirname(libucx.__file__), "lib", "libucs.so"))
-        launch = ctypes.CDLL("libcuda.so.1").cuLaunchHostFunc
-        launch.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
-        launch.restype = ctypes.c_int
-        _HOST_FUNCTION = (launch, ctypes.cast(ucs.ucs_async_eventfd_signal, ctypes.c_void_p))
-    return _HOST_FUNCTION
+    except ImportError as exc:
+        raise RuntimeError(
+            "copies on a GPU signal their completion through UCX's libucs: install the UCX "
+            "wheels (kvferry's cu12 or cu13 extra)"
+        ) from exc
+    libucx.load_library()
+    ucs = ctypes.CDLL(os.path.join(os.path.dirname(libucx.__file__), "lib", "libucs.so"))
+    launch = ctypes.CDLL("libcuda.so.1").cuLaunchHostFunc
+    launch.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+    launch.restype = ctypes.c_int
+    return launch, ctypes.cast(ucs.ucs_async_eventfd_signal, ctypes.c_void_p)
