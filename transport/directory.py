@@ -21,7 +21,7 @@ import msgspec
 import zmq
 
 from kvferry.staging.layout import KVLayout
-from kvferry.staging.plan import plan_head_transfers
+from kvferry.staging.plan import cached_plan
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.control import request
 from kvferry.transport.failure import Failure, FailureKind
@@ -186,7 +186,7 @@ def check_ranks(layout: KVLayout, ranks: list[RankInfo]) -> Failure | None:
                 f"incompatible: prefill rank {info.layout.tp_rank}: {mismatch}",
             )
     try:
-        plan_head_transfers(layout.num_kv_heads, len(ranks), layout.tp_size, layout.mla)
+        cached_plan(layout.num_kv_heads, len(ranks), layout.tp_size, layout.mla)
     except ValueError as exc:
         return Failure(FailureKind.INCOMPATIBLE, f"incompatible: {exc}")
     return None
