@@ -12,7 +12,8 @@ the others still run):
   transfer  bench/transfer.py: staged vs raw ucxx vs per-token slices, same bytes
   perftest  ucx_perftest (from the libucx wheel): UCX's own tag bandwidth for the same size
   host      bench/host_costs.py: host CPU per step of the transfer thread (a loop turn, a
-            copy launch, UCX calls), quiet and while another thread runs a forward
+            copy launch, UCX calls), quiet and while another thread runs a forward; then
+            bench/control_path.py: the transfer threads' CPU per request with a tiny KV
   overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
             time to first token, whole-chunk vs layer-wise
   engine    bench/engine.py: decode step at batch 1/8/32/128 and contexts 1k/8k, eager vs CUDA
@@ -157,7 +158,10 @@ def stage_transfer(stage: Stage) -> None:
 def stage_host(stage: Stage) -> None:
     out = stage.args.out_dir / "host.json"
     sizes = ["--calls", "200", "--tokens", "1024", "--chunk", "128"] if stage.args.quick else []
-    stage.run(python("host_costs.py", *sizes, "--json", str(out)))
+    if stage.run(python("host_costs.py", *sizes, "--json", str(out))):
+        requests = ["--requests", "30", "--warmup", "5"] if stage.args.quick else []
+        control = stage.args.out_dir / "control.json"
+        stage.run(python("control_path.py", *requests, "--json", str(control)))
 
 
 def stage_perftest(stage: Stage) -> None:

@@ -100,6 +100,15 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
             rows.append(Row(f"{what}, quiet", quiet, None, " us"))
             rows.append(Row(f"{what}, during a forward", busy, None, " us",
                             detail=f"{busy / quiet:.3g}x quiet"))  # fmt: skip
+    control = read_json(out_dir / "control.json")
+    if control:
+        for side, row in control["sides"].items():
+            parts = row["cpu_parts_us"]
+            detail = (f"tiny KV; wait {parts['wait']:.0f}, UCX {parts['ucx']:.0f}, rest "
+                      f"{parts['rest']:.0f}; {row['turns']:.3g} turns")  # fmt: skip
+            rows.append(Row(f"control path alone: transfer-thread CPU per request, {side}",
+                            row["cpu_us"], 200.0, " us", higher_is_better=False,
+                            detail=detail))  # fmt: skip
     for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
         rows += overlap_rows(read_json(path) or {})
     rows += engine_rows(read_json(out_dir / "engine.json"))

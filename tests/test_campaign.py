@@ -98,6 +98,8 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "transfer loop turn, host CPU, quiet",
         "transfer-thread CPU per staged message, prefill",
         "gather launch, host CPU, during a forward",
+        "control path alone: transfer-thread CPU per request, prefill",
+        "control path alone: transfer-thread CPU per request, decode",
     ):
         assert figures[name]["value"] is not None and figures[name]["value"] > 0, name
     assert figures["UCX messages per request / (chunks x writers)"]["verdict"] == "met"

@@ -1,0 +1,116 @@
+"""What one request costs the transfer threads when its KV is tiny: the control path alone.
+
+    python bench/control_path.py                  # GPU if present (cuda_ipc), else CPU (tcp/sm)
+    python bench/control_path.py --requests 500 --json out.json
+
+A prefill process (all prefill TP ranks) and a decode process (all decode ranks), as in
+bench/transfer.py, move --requests rooms one after the other: the decode ranks register each
+room, the prefill ranks hand its KV over, every rank reports Success. The KV is a few tokens of
+a small cache, so the copies and the wire cost next to nothing and what is measured is the
+rest: frames, rooms, posted calls, turns, launches and posts. The figure is the transfer
+threads' CPU per request, each side's ranks summed (what `kvferry bench` reports as
+control-plane CPU per request, without a model, an engine or HTTP around it), split as the
+loop's wait / UCX's calls / the rest, with the loop turns per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from transfer_sides import Remote  # bench/ is on sys.path when this runs as a script
+
+GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
+PARTS = ("wait", "ucx")
+
+
+def parse_args() -> argparse.Namespace:
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda" if gpu else "cpu")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=32, help="prompt tokens per request")
+    p.add_argument("--chunk", type=int, default=16, help="transfer chunk tokens")
+    p.add_argument("--src-tp", type=int, default=2)
+    p.add_argument("--dst-tp", type=int, default=1)
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--staging-mib", type=int, default=16)
+    p.add_argument("--tls", default=None, help=f"UCX_TLS (default {GPU_TLS!r} on GPU, {CPU_TLS!r})")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)
+    args.slice_tokens, args.raw_mib = 0, 0  # what transfer_sides reads and this bench skips
+    return args
+
+
+def per_request(before: dict, after: dict, requests: int) -> dict:
+    """One side's transfer-thread CPU µs (total and parts) and loop turns per request."""
+    grown = {key: after[key] - before[key] for key in after}
+    total = grown["transfer_cpu_s"] / requests * 1e6
+    parts = {part: grown[f"{part}_cpu_s"] / requests * 1e6 for part in PARTS}
+    parts["rest"] = total - sum(parts.values())
+    return {
+        "cpu_us": total,
+        "cpu_parts_us": parts,
+        "turns": grown["loop_turns"] / requests,
+        "timer_turns": grown["loop_timer_turns"] / requests,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    prefill = Remote("prefill", args, "staged")
+    decode = Remote("decode", args, "staged", prefill.address)
+    try:
+        opened, moved = [], []
+        for i in range(args.warmup + args.requests):
+            if i == args.warmup:
+                before = {"prefill": prefill("stats"), "decode": decode("stats")}
+            room = 1000 + i
+            began = time.monotonic()
+            decode("open", room, args.tokens)  # registered with every prefill rank
+            handed = prefill("send", room, args.tokens)
+            ended = decode("wait", room)[0]
+            if i >= args.warmup:
+                opened.append(handed - began)
+                moved.append(ended - handed)
+        after = {"prefill": prefill("stats"), "decode": decode("stats")}
+    finally:
+        decode.close()
+        prefill.close()
+    result = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "args": vars(args),
+        "sides": {s: per_request(before[s], after[s], args.requests) for s in before},
+        "open_ms_p50": float(np.median(opened)) * 1e3,
+        "transfer_ms_p50": float(np.median(moved)) * 1e3,
+    }
+    print(
+        f"{args.requests} requests of {args.tokens} tokens, TP{args.src_tp} -> TP{args.dst_tp}, "
+        f"{args.layers} layers, on {result['device']}: registration {result['open_ms_p50']:.2f}"
+        f" ms, hand-over to Success {result['transfer_ms_p50']:.2f} ms (p50)"
+    )
+    print(f"{'side':8} {'CPU us/request':>15} {'wait':>7} {'ucx':>7} {'rest':>7} {'turns':>6}")
+    for side, row in result["sides"].items():
+        parts = row["cpu_parts_us"]
+        print(
+            f"{side:8} {row['cpu_us']:15.1f} {parts['wait']:7.1f} {parts['ucx']:7.1f} "
+            f"{parts['rest']:7.1f} {row['turns']:6.2f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
