@@ -49,7 +49,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)
-    args.slice_tokens, args.raw_mib = 0, 0  # what transfer_sides reads and this bench skips
     return args
 
 
