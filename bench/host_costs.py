@@ -179,7 +179,7 @@ def measure(agent: DecodeAgent, planes: KVPlanes, args) -> dict:
     slots = np.random.default_rng(0).permutation(args.tokens)[: args.chunk].astype(np.int64)
     nbytes = planes.staging_bytes(args.chunk, planes.num_heads)
     offset = core.staging.alloc(nbytes)
-    region = core.staging.view(offset, nbytes)
+    region = core.staging.region(offset, nbytes)
     gpu = planes.device.type == "cuda"
 
     def gather() -> None:

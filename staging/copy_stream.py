@@ -18,29 +18,36 @@ from collections import deque
 
 import torch
 
+from kvferry.staging import cuda_driver as driver  # loads the driver on first use only
 from kvferry.staging.kv_copy import KVPlanes, gather, scatter
 
 
 class Fence:
-    """Completion of queued device work; `done()` never blocks."""
+    """Completion of queued device work; `done()` never blocks. Wraps a driver Event (a copy's)
+    or a torch.cuda.Event (a forward's), queried through the driver with the GIL held."""
 
-    __slots__ = ("_event",)
+    __slots__ = ("_event", "_handle")
 
-    def __init__(self, event: torch.cuda.Event | None = None) -> None:
-        self._event = event
+    def __init__(self, event=None) -> None:
+        self._event = event  # kept alive while the fence may be queried or waited on
+        self._handle = 0 if event is None else driver.handle_of(event)
 
     def done(self) -> bool:
-        event = self._event
-        return event is None or event.query()
+        return not self._handle or driver.query_event(self._handle)
 
     @property
-    def event(self) -> torch.cuda.Event | None:
-        """The CUDA event to order later work after; None once fired (nothing to wait for)."""
+    def event(self):
+        """The event to order later work after; None once fired (nothing to wait for)."""
         return self._event
 
-    def fired(self) -> torch.cuda.Event | None:
+    @property
+    def handle(self) -> int:
+        """The raw CUevent to wait on; 0 once fired or if there is nothing to wait for."""
+        return self._handle
+
+    def fired(self):
         """Mark the fence fired (its work is known complete); its event, now free for reuse."""
-        event, self._event = self._event, None
+        event, self._event, self._handle = self._event, None, 0
         return event
 
 
@@ -54,12 +61,13 @@ class CopyStream:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._index = self._stream.device.index if self._stream is not None else None
         # the raw handle: copies are launched on it directly, without making it torch's current
         # stream (entering and leaving that context costs more host time than the launch)
         self._handle = self._stream.cuda_stream if self._stream is not None else None
         self._signal = HostSignal() if self._stream is not None else None
         self._pending: deque[Fence] = deque()  # not yet seen fired, in stream order
-        self._spare: list[torch.cuda.Event] = []  # events of fired fences, to record again
+        self._spare: list = []  # driver events of fired fences, to record again
 
     @property
     def wake_fd(self) -> int | None:
@@ -97,6 +105,7 @@ class CopyStream:
         """Make `wake_fd` readable once every copy queued so far has finished (for copies
         queued with `wake=False` that someone now waits for)."""
         if self._pending:
+            driver.use_device(self._index)
             self._signal.queue(self._handle)
 
     def collect(self) -> None:
@@ -115,16 +124,20 @@ class CopyStream:
         if self._signal is not None and self._stream.query():
             self._signal.close()
         self._signal = None
+        for event in self._spare:
+            event.destroy()
+        self._spare = []
 
     def _run(self, copy, args, after: Fence | None, wake: bool = True) -> Fence:
         if self._stream is None:
             copy(*args)  # CPU: the copy is done when it returns
             return DONE
-        if after is not None and after.event is not None:
-            self._stream.wait_event(after.event)
+        driver.use_device(self._index)
+        if after is not None and after.handle:
+            driver.wait_event(self._handle, after.handle)
         copy(*args, stream=self._handle)
-        event = self._spare.pop() if self._spare else torch.cuda.Event()
-        event.record(self._stream)
+        event = self._spare.pop() if self._spare else driver.Event()
+        event.record(self._handle)
         if wake:
             self._signal.queue(self._handle)
         fence = Fence(event)
@@ -143,13 +156,11 @@ class HostSignal:
     pointer-sized argument, and the descriptor travels in it."""
 
     def __init__(self) -> None:
-        self._launch, self._function = _host_function()
+        self._function = _eventfd_signal()
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     def queue(self, stream: int) -> None:
-        status = self._launch(stream, self._function, self.fd)
-        if status != 0:
-            raise RuntimeError(f"cuLaunchHostFunc failed with CUDA error {status}")
+        driver.launch_host_function(stream, self._function, self.fd)
 
     def clear(self) -> None:
         with contextlib.suppress(BlockingIOError):  # nothing signalled since the last clear
@@ -160,8 +171,8 @@ class HostSignal:
 
 
 @functools.cache
-def _host_function() -> tuple:
-    """(cuLaunchHostFunc, the address of UCX's eventfd signaller)."""
+def _eventfd_signal() -> int:
+    """The address of UCX's eventfd signaller."""
     try:
         import libucx  # the UCX wheel of the data plane
     except ImportError as exc:
@@ -171,7 +182,4 @@ def _host_function() -> tuple:
         ) from exc
     libucx.load_library()
     ucs = ctypes.CDLL(os.path.join(os.path.dirname(libucx.__file__), "lib", "libucs.so"))
-    launch = ctypes.CDLL("libcuda.so.1").cuLaunchHostFunc
-    launch.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
-    launch.restype = ctypes.c_int
-    return launch, ctypes.cast(ucs.ucs_async_eventfd_signal, ctypes.c_void_p)
+    return ctypes.cast(ucs.ucs_async_eventfd_signal, ctypes.c_void_p).value

@@ -131,8 +131,9 @@ def gather(
 ) -> None:
     """Copy heads [head_start, +num_heads) of `slots` in every plane into `out`.
 
-    `out`: a contiguous region of exactly staging_bytes(len(slots), num_heads) bytes on the
-    planes' device, any dtype; it is written as [plane][token][head][head_dim].
+    `out`: a contiguous tensor (any dtype) or a staging Region of exactly
+    staging_bytes(len(slots), num_heads) bytes on the planes' device; it is written as
+    [plane][token][head][head_dim].
     On GPU the copy is queued on `stream` (a raw cudaStream_t; the kernel path only), else on
     the current torch stream, and nothing waits for it.
     """

@@ -4,7 +4,9 @@ launches through the driver with a parameter block it keeps.
 A launch is on every data message's path, so its host cost is a transfer's floor. cupy's
 `Function.__call__` boxes and type-checks each argument on every call (about 50 µs of an
 H200 host's time); here the arguments live in one ctypes structure per device, rewritten in
-place, and `cuLaunchKernel` reads them through a fixed array of pointers into it.
+place, and `cuLaunchKernel` reads them through a fixed array of pointers into it. The index
+upload and the launch go through cuda_driver.py, with the GIL held: a launch never hands the
+transfer thread's turn to the engine's.
 
 Only imported when a cache lives on a GPU; everything it receives has been validated by
 kvferry.staging.kv_copy.
@@ -15,11 +17,11 @@ from __future__ import annotations
 import ctypes
 import functools
 
-import cupy
 import numpy as np
 import torch
 
 from kvferry.cuda.kernels import VECTOR_TYPES, kv_copy_kernel
+from kvferry.staging import cuda_driver as driver
 from kvferry.staging.upload import IndexUploader
 
 BLOCK = 512  # threads per block; matches __launch_bounds__ in kv_copy.cu
@@ -48,7 +50,7 @@ class _Launcher:
     def __init__(self, device: torch.device) -> None:
         with torch.cuda.device(device):
             self.uploader = IndexUploader(device)
-        self.index = device.index
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
         self.args = _Args()
         base = ctypes.addressof(self.args)
         pointers = [base + getattr(_Args, name).offset for name, _ in _Args._fields_]
@@ -56,14 +58,13 @@ class _Launcher:
         self.params = ctypes.addressof(self._pointers)
         self._functions: dict[tuple[int, bool], int] = {}  # (width, gather) -> CUfunction
 
-    def launch(self, width: int, gather: bool, grid: tuple[int, int], stream) -> None:
+    def launch(self, width: int, gather: bool, grid: tuple[int, int], stream: int) -> None:
         """Launch the kernel for (width, gather) with the parameters now in `args`."""
         function = self._functions.get((width, gather))
         if function is None:  # a cupy RawKernel's `kernel` is its loaded Function
             function = kv_copy_kernel(width, gather, self.index).kernel.ptr
             self._functions[(width, gather)] = function
-        launch = cupy.cuda.driver.launchKernel
-        launch(function, grid[0], grid[1], 1, BLOCK, 1, 1, 0, stream.ptr, self.params, 0)
+        driver.launch_kernel(function, grid, BLOCK, stream, self.params)
 
 
 def launch_kv_copy(
@@ -93,9 +94,10 @@ def launch_kv_copy(
             f"{len(slots_np)} tokens x {row_bytes} B per plane is too large for one launch"
         )
     grid = (min(-(-per_plane // (BLOCK * UNROLL)), MAX_GRID_X), planes.num_planes)
-    index = planes.device.index
     launcher = _launcher(planes.device)
-    stream = _stream_for(stream_handle or _raw_current_stream(index), index)
+    index = launcher.index
+    stream = stream_handle or _raw_current_stream(index)
+    driver.use_device(index)
     with launcher.uploader.lock:
         device_slots, ticket = launcher.uploader.upload(slots_np, stream)
         args = launcher.args
@@ -123,24 +125,6 @@ def _vector_width(*quantities: int) -> int:
 @functools.cache
 def _launcher(device: torch.device) -> _Launcher:
     return _Launcher(device)
-
-
-class _StreamHandle:
-    """A raw cudaStream_t speaking the CUDA stream protocol."""
-
-    def __init__(self, handle: int) -> None:
-        self.handle = handle
-
-    def __cuda_stream__(self) -> tuple[int, int]:
-        return (0, self.handle)
-
-
-@functools.lru_cache(maxsize=64)
-def _stream_for(handle: int, device_index: int) -> cupy.cuda.Stream:
-    if hasattr(cupy.cuda.Stream, "from_external"):
-        with cupy.cuda.Device(device_index):
-            return cupy.cuda.Stream.from_external(_StreamHandle(handle))
-    return cupy.cuda.ExternalStream(handle, device_index)  # cupy < 14
 
 
 def _raw_current_stream(device_index: int) -> int:

@@ -8,7 +8,7 @@ kernel has fired. Only when the ring is full of unfinished work does an upload w
 
 The copy is queued on the consumer's own stream, just before the consumer: stream order alone
 makes the kernel see the indices, so an upload costs one async copy and, once the consumer is
-queued, one event (a few microseconds of host time, through cupy's runtime bindings).
+queued, one event (a few microseconds of host time, through cuda_driver.py with the GIL held).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import cupy
 import numpy as np
 import torch
 
+from kvferry.staging import cuda_driver as driver
 from kvferry.staging.ring import RingAllocator
 
 
@@ -37,14 +38,14 @@ class IndexUploader:
             self._device_buf = cupy.cuda.alloc(capacity)
         self._host = np.frombuffer(self._pinned, dtype=np.int32, count=capacity // 4)
         # (ticket, consumer-done event), oldest first
-        self._in_flight: deque[tuple[int, cupy.cuda.Event]] = deque()
-        self._spare_events: list[cupy.cuda.Event] = []
+        self._in_flight: deque[tuple[int, driver.Event]] = deque()
+        self._spare_events: list[driver.Event] = []
         self.lock = threading.Lock()
         self.waits = 0  # uploads that found the ring full and waited for the GPU
 
-    def upload(self, values: np.ndarray, stream: cupy.cuda.Stream) -> tuple[int, int]:
-        """(device address of an int32 copy of `values`, ticket), queued on `stream` for work
-        queued after it there. `values` must fit in int32."""
+    def upload(self, values: np.ndarray, stream: int) -> tuple[int, int]:
+        """(device address of an int32 copy of `values`, ticket), queued on `stream` (a raw
+        cudaStream_t) for work queued after it there. `values` must fit in int32."""
         nbytes = values.size * 4
         if nbytes > self.ring.capacity:
             raise ValueError(
@@ -54,20 +55,12 @@ class IndexUploader:
         start = offset // 4
         self._host[start : start + values.size] = values  # casts; the region's last reader ran
         target = self._device_buf.ptr + offset
-        cupy.cuda.runtime.memcpyAsync(
-            target,
-            self._pinned.ptr + offset,
-            nbytes,
-            cupy.cuda.runtime.memcpyHostToDevice,
-            stream.ptr,
-        )
+        driver.copy_to_device(target, self._pinned.ptr + offset, nbytes, stream)
         return target, offset
 
-    def done(self, ticket: int, stream: cupy.cuda.Stream) -> None:
+    def done(self, ticket: int, stream: int) -> None:
         """The work reading upload `ticket` is queued on `stream`: reclaim it once that ran."""
-        consumed = (
-            self._spare_events.pop() if self._spare_events else cupy.cuda.Event(disable_timing=True)
-        )
+        consumed = self._spare_events.pop() if self._spare_events else driver.Event()
         consumed.record(stream)
         self._in_flight.append((ticket, consumed))
 
@@ -82,7 +75,7 @@ class IndexUploader:
         return offset
 
     def _reclaim(self) -> None:
-        while self._in_flight and self._in_flight[0][1].done:
+        while self._in_flight and self._in_flight[0][1].query():
             ticket, consumed = self._in_flight.popleft()
             self.ring.free(ticket)
             self._spare_events.append(consumed)

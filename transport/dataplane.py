@@ -23,6 +23,7 @@ from typing import ClassVar
 
 import torch
 
+from kvferry.staging.buffer import Region
 from kvferry.transport.bell import Bell
 from kvferry.transport.failure import Failure, FailureKind
 
@@ -145,7 +146,8 @@ class DataPlane:
     def open_endpoints(self) -> int:
         return len(self._endpoints)
 
-    def send(self, endpoint, buffer: torch.Tensor, tag: int) -> DataOp:
+    def send(self, endpoint, buffer: torch.Tensor | Region, tag: int) -> DataOp:
+        """Send `buffer` (a contiguous tensor or a staging Region) as one message."""
         _check(buffer, tag)
         self.messages_sent += 1
         self.bytes_sent += buffer.numel() * buffer.element_size()
@@ -156,7 +158,7 @@ class DataPlane:
         """(tag, length) of the oldest message that arrived and was not taken yet."""
         return self._probe()
 
-    def recv(self, tag: int, buffer: torch.Tensor) -> DataOp:
+    def recv(self, tag: int, buffer: torch.Tensor | Region) -> DataOp:
         """Take the message with `tag` (seen by probe) into `buffer`."""
         _check(buffer, tag)
         self.messages_received += 1
@@ -243,7 +245,7 @@ class LoopbackDataPlane(DataPlane):
             peer = self._registry.get(endpoint)
         if peer is None:
             return DoneOp(f"loopback peer {endpoint!r} is gone", peer_gone=True)
-        payload = buffer.cpu().view(torch.uint8).numpy().tobytes()
+        payload = buffer.view(torch.uint8).cpu().numpy().tobytes()
         with peer._lock:
             peer._queue.append((tag, payload))
         peer._arrived.ring()  # a closed plane's bell stays silent
@@ -268,8 +270,9 @@ class LoopbackDataPlane(DataPlane):
         payload = self._take(tag)
         if payload is None:
             return DoneOp(f"no message with tag {tag:#x}")
-        if len(payload) != buffer.numel() * buffer.element_size():
-            return DoneOp(f"message of {len(payload)} bytes, buffer of {buffer.nbytes} bytes")
+        nbytes = buffer.numel() * buffer.element_size()
+        if len(payload) != nbytes:
+            return DoneOp(f"message of {len(payload)} bytes, buffer of {nbytes} bytes")
         source = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         buffer.view(torch.uint8).view(-1).copy_(source.to(buffer.device))
         return DoneOp()

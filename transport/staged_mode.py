@@ -35,7 +35,7 @@ class StagedMode:
         offset = self.staging.alloc(nbytes)
         if offset is None:
             return False
-        item.offset, item.region = offset, self.staging.view(offset, nbytes)
+        item.offset, item.region = offset, self.staging.region(offset, nbytes)
         s = item.dest.slice
         item.fence = self.copies.gather(
             item.planes, item.slots, s.src_head_start, s.num_heads, item.region, after=item.fence
@@ -60,7 +60,7 @@ class StagedMode:
         offset = self.staging.alloc(nbytes)
         if offset is None:
             return False
-        arrival.offset, arrival.region = offset, self.staging.view(offset, nbytes)
+        arrival.offset, arrival.region = offset, self.staging.region(offset, nbytes)
         return True
 
     def received(self, arrival: Arrival, wake: bool):

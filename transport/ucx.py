@@ -15,6 +15,8 @@ it, since UCX's own unpacker aborts the process on malformed input.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -34,6 +36,7 @@ from kvferry.transport.netdev import ucx_net_devices
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 
 DISCARD_BYTES = 256  # scratch a discarded message is truncated into
+UCS_OK, UCS_ERR_BUSY = 0, -15  # ucs/type/status.h
 
 
 def load_ucxx(tls: str | None = None, host: str | None = None, ports: str | None = None):
@@ -84,6 +87,18 @@ class _DeviceBytes:
             "strides": None,
             "version": 2,
         }
+
+
+@functools.cache
+def _worker_arm():
+    """libucp's ucp_worker_arm, called with the GIL held."""
+    import libucx  # the UCX wheel ucxx loads
+
+    libucx.load_library()
+    ucp = ctypes.PyDLL(os.path.join(os.path.dirname(libucx.__file__), "lib", "libucp.so"))
+    arm = ucp.ucp_worker_arm
+    arm.argtypes, arm.restype = (ctypes.c_void_p,), ctypes.c_int
+    return arm
 
 
 def _own_address(address: bytes):
@@ -143,6 +158,7 @@ class UcxDataPlane(DataPlane):
         )
         self._worker = self._ucx.UCXWorker(self._context)
         self._worker.init_blocking_progress_mode()
+        self._handle = self._worker.handle  # the ucp_worker_h
         self._address = self._worker.address.tobytes()
         self._local = _own_address(self._address)
         self._match_all = (self._ucx.UCXXTag(0), self._ucx.UCXXTagMask(0))
@@ -170,7 +186,15 @@ class UcxDataPlane(DataPlane):
         self._worker.progress()  # the endpoints' closing, with the loop thread gone
 
     def arm(self) -> bool:
-        return self._worker.arm()
+        # ucp_worker_arm itself, as ucxx's arm() calls it, but with the GIL held (PyDLL): the
+        # call never blocks, and letting the GIL go around it hands the loop's turn to any
+        # other thread of the process running Python (an engine's forward)
+        status = _worker_arm()(self._handle)
+        if status == UCS_ERR_BUSY:
+            return False
+        if status != UCS_OK:
+            raise RuntimeError(f"ucp_worker_arm failed with UCS status {status}")
+        return True
 
     def _connect(self, address: bytes, on_error: Callable[[str], None]):
         check_peer_address(address, self._local)

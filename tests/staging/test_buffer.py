@@ -13,12 +13,25 @@ def test_regions_are_views_of_one_buffer():
     assert buf.storage[256:556].eq(7).all()
     assert buf.storage[:256].ne(7).all() and buf.storage[556:].ne(7).all()
     view = buf.view(b, 300)
-    assert view.data_ptr() == buf.data_ptr + 256
+    assert view.data_ptr() == buf.address + 256
     as_words = buf.view(a, 96, torch.float32)
-    assert as_words.shape == (24,) and as_words.data_ptr() == buf.data_ptr
+    assert as_words.shape == (24,) and as_words.data_ptr() == buf.address
     buf.free(a)
     buf.free(b)
     assert buf.ring.used_bytes == 0
+
+
+def test_a_region_describes_its_bytes_and_views_them():
+    buf = StagingBuffer(4096)
+    buf.storage.zero_()
+    region = buf.region(256, 300)
+    assert (region.data_ptr(), region.numel(), region.element_size()) == (buf.address + 256, 300, 1)
+    assert region.nbytes == 300 and region.is_contiguous() and region.device == buf.device
+    region.view().fill_(7)
+    assert buf.storage[256:556].eq(7).all() and buf.storage[:256].eq(0).all()
+    assert region.view(torch.int32).shape == (75,)
+    with pytest.raises(ValueError, match=r"\[4000, 4200\) is outside"):
+        buf.region(4000, 200)
 
 
 @pytest.mark.parametrize(

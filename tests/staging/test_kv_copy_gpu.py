@@ -122,12 +122,11 @@ def test_index_uploader_waits_when_its_ring_is_full():
     import cupy
     import numpy as np
 
-    from kvferry.staging.kv_launch import _stream_for
     from kvferry.staging.upload import IndexUploader
 
     uploader = IndexUploader(torch.device("cuda:0"), capacity=1024)
     side = torch.cuda.Stream()
-    stream = _stream_for(side.cuda_stream, 0)
+    stream = side.cuda_stream
     copies = []
     with torch.cuda.stream(side):
         for first in (0, 1000):  # 800 B each, aligned to 1024: only one fits at a time
