@@ -100,6 +100,11 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
             rows.append(Row(f"{what}, quiet", quiet, None, " us"))
             rows.append(Row(f"{what}, during a forward", busy, None, " us",
                             detail=f"{busy / quiet:.3g}x quiet"))  # fmt: skip
+        # wall time: what the transfer thread waits for the GIL around the launch's calls
+        step = "gather launch (checks, index upload, kernel)"
+        quiet, busy = host["steps"][step][1], host["during a forward"][step][1]
+        rows.append(Row("gather launch, wall, during a forward", busy, None, " us",
+                        detail=f"{busy / quiet:.3g}x quiet ({quiet:.3g} us)"))  # fmt: skip
     control = read_json(out_dir / "control.json")
     if control:
         for side, row in control["sides"].items():

@@ -98,6 +98,7 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "transfer loop turn, host CPU, quiet",
         "transfer-thread CPU per staged message, prefill",
         "gather launch, host CPU, during a forward",
+        "gather launch, wall, during a forward",
         "control path alone: transfer-thread CPU per request, prefill",
         "control path alone: transfer-thread CPU per request, decode",
     ):
