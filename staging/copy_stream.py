@@ -10,7 +10,6 @@ every data message's path).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import os
@@ -19,6 +18,7 @@ from collections import deque
 import torch
 
 from kvferry.staging import cuda_driver as driver  # loads the driver on first use only
+from kvferry.staging import fd_read
 from kvferry.staging.kv_copy import KVPlanes, gather, scatter
 
 
@@ -163,8 +163,7 @@ class HostSignal:
         driver.launch_host_function(stream, self._function, self.fd)
 
     def clear(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # nothing signalled since the last clear
-            os.eventfd_read(self.fd)
+        fd_read.drain(self.fd)  # with the GIL held; nothing signalled since the last clear is fine
 
     def close(self) -> None:
         os.close(self.fd)

@@ -9,6 +9,8 @@ import contextlib
 import os
 import threading
 
+from kvferry.staging import fd_read
+
 
 class Bell:
     def __init__(self) -> None:
@@ -52,8 +54,8 @@ class Bell:
             if not self._closed:
                 # One read empties it: a byte is written only under this lock by a ringer that
                 # saw the bell silent, so a few bytes at most wait (a cleared bell reads none).
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._read, 4096)
+                # Read with the GIL held: the loop thread clears its bell on every turn.
+                fd_read.drain(self._read)
             self._rung = False
 
     def close(self) -> None:
