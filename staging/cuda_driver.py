@@ -8,7 +8,7 @@ wake), so each hop of a transfer could wait a millisecond behind a forward. Call
 `ctypes.PyDLL`, which keeps the GIL, the calls below cost a microsecond or two each and never
 hand the thread's turn away. Each of them only queues work or reads a status: none blocks.
 
-Only imported where a cache lives on a GPU.
+Importing it needs no GPU: the driver library is loaded at the first call.
 """
 
 from __future__ import annotations
