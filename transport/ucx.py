@@ -19,6 +19,7 @@ import ctypes
 import functools
 import os
 import sys
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -36,6 +37,7 @@ from kvferry.transport.netdev import ucx_net_devices
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 
 DISCARD_BYTES = 256  # scratch a discarded message is truncated into
+FULL_PROGRESS_EVERY_S = 1.0  # ucxx's own progress (request cancelling included) at least this often
 UCS_OK, UCS_ERR_BUSY = 0, -15  # ucs/type/status.h
 
 
@@ -90,15 +92,17 @@ class _DeviceBytes:
 
 
 @functools.cache
-def _worker_arm():
-    """libucp's ucp_worker_arm, called with the GIL held."""
+def _ucp():
+    """libucp (the one ucxx loaded), whose worker calls below are made with the GIL held:
+    ucp_worker_arm (status) and ucp_worker_progress (whether it progressed anything)."""
     import libucx  # the UCX wheel ucxx loads
 
     libucx.load_library()
     ucp = ctypes.PyDLL(os.path.join(os.path.dirname(libucx.__file__), "lib", "libucp.so"))
-    arm = ucp.ucp_worker_arm
-    arm.argtypes, arm.restype = (ctypes.c_void_p,), ctypes.c_int
-    return arm
+    ucp.ucp_worker_arm.argtypes, ucp.ucp_worker_arm.restype = (ctypes.c_void_p,), ctypes.c_int
+    progress = ucp.ucp_worker_progress
+    progress.argtypes, progress.restype = (ctypes.c_void_p,), ctypes.c_uint
+    return ucp
 
 
 def _own_address(address: bytes):
@@ -159,6 +163,8 @@ class UcxDataPlane(DataPlane):
         self._worker = self._ucx.UCXWorker(self._context)
         self._worker.init_blocking_progress_mode()
         self._handle = self._worker.handle  # the ucp_worker_h
+        self._cancels_due = False  # an endpoint closed: progress through ucxx next time
+        self._next_full_progress = 0.0
         self._address = self._worker.address.tobytes()
         self._local = _own_address(self._address)
         self._match_all = (self._ucx.UCXXTag(0), self._ucx.UCXXTagMask(0))
@@ -179,7 +185,19 @@ class UcxDataPlane(DataPlane):
             ensure_cuda_context(self._cuda_device)
 
     def _progress(self) -> None:
-        self._worker.progress()
+        # ucxx's progress() is ucp_worker_progress until it reports nothing, then the
+        # cancelling of requests left on endpoints that closed (ucxx Worker::progress). The
+        # first part runs here with the GIL held, as arm() does; ucxx's own call runs after an
+        # endpoint closed or broke, and once a second in any case.
+        now = time.monotonic()
+        if self._cancels_due or now >= self._next_full_progress:
+            self._cancels_due = False
+            self._next_full_progress = now + FULL_PROGRESS_EVERY_S
+            self._worker.progress()
+            return
+        progress, handle = _ucp().ucp_worker_progress, self._handle
+        while progress(handle):
+            pass
 
     def close(self) -> None:
         super().close()
@@ -189,7 +207,7 @@ class UcxDataPlane(DataPlane):
         # ucp_worker_arm itself, as ucxx's arm() calls it, but with the GIL held (PyDLL): the
         # call never blocks, and letting the GIL go around it hands the loop's turn to any
         # other thread of the process running Python (an engine's forward)
-        status = _worker_arm()(self._handle)
+        status = _ucp().ucp_worker_arm(self._handle)
         if status == UCS_ERR_BUSY:
             return False
         if status != UCS_OK:
@@ -204,12 +222,19 @@ class UcxDataPlane(DataPlane):
         except self._ucx.UCXError as exc:  # e.g. no transport reaches the peer
             raise InvalidAddress(f"UCX cannot connect to the peer: {exc}") from exc
         # Called inside progress(), on the loop thread; on_error posts the news for after it.
-        endpoint.set_close_callback(lambda *args: on_error("UCX endpoint to the peer closed"))
+        endpoint.set_close_callback(
+            lambda *args: self._closed("UCX endpoint to the peer closed", on_error)
+        )
         return endpoint
+
+    def _closed(self, why: str, on_error: Callable[[str], None]) -> None:
+        self._cancels_due = True  # ucxx cancels what was left on it in its own progress()
+        on_error(why)
 
     def _disconnect(self, endpoint) -> None:
         endpoint.remove_close_callback()
         endpoint.close()
+        self._cancels_due = True
 
     def _send(self, endpoint, buffer, tag) -> DataOp:
         array = _array(buffer)
