@@ -69,6 +69,13 @@ def parse_args() -> argparse.Namespace:
         help="tokens per prefill forward (prefill_chunk_tokens) and per transfer chunk",
     )
     p.add_argument("--layer-group", type=int, default=4 if gpu else 1)
+    p.add_argument(
+        "--staging-chunks",
+        type=int,
+        default=2,
+        help="each side's staging ring, in chunks' KV (the throughput batch's chunks wait for "
+        "ring room beyond this)",
+    )
     p.add_argument("--requests", type=int, default=16 if gpu else 4, help="throughput batch")
     p.add_argument("--repeats", type=int, default=5 if gpu else 3, help="latency samples")
     p.add_argument("--page-size", type=int, default=16)
@@ -120,7 +127,7 @@ class Bench:
         config = TransferConfig(
             chunk_tokens=args.chunk,
             layer_group=layer_group,
-            staging_bytes=2 * args.chunk * token_bytes,
+            staging_bytes=args.staging_chunks * args.chunk * token_bytes,
             ucx_tls=tls,
         )
         self.server = BootstrapServer(1)
@@ -214,16 +221,15 @@ def measure(args, model: Model, name: str, layer_group: int | None) -> dict:
         bench.run(prompts)
         bench.timelines.clear()
         latency = [bench.run([prompt]) for prompt in prompts[: args.repeats]]
-        stages = (
-            {  # median ms after submission at which each stage ended, one prompt at a time
-                stage: statistics.median(t[stage] for t in bench.timelines)
-                for stage in bench.timelines[0]
-                if all(stage in t for t in bench.timelines)
-            }
-            if bench.timelines
-            else {}
-        )
+        # median ms after submission at which each stage ended, one prompt at a time
+        stages = _stages(bench.timelines, statistics.median)
+        bench.timelines.clear()
         batch = bench.run(prompts)
+        # the throughput batch: when the first and the last of its prompts reached each stage
+        batch_stages = {
+            stage: [at, _stages(bench.timelines, max)[stage]]
+            for stage, at in _stages(bench.timelines, min).items()
+        }
         tokens = args.prompt * len(prompts)
         return {
             "name": name,
@@ -232,9 +238,19 @@ def measure(args, model: Model, name: str, layer_group: int | None) -> dict:
             "batch_s": batch,
             "tokens_per_s": tokens / batch,
             "stages_ms": dict(sorted(stages.items(), key=lambda item: item[1])),
+            "batch_stages_ms": dict(sorted(batch_stages.items(), key=lambda item: item[1])),
         }
     finally:
         bench.close()
+
+
+def _stages(timelines: list[dict[str, float]], over) -> dict[str, float]:
+    """`over` (median, min, max) of each stage's ms after submission, for the stages every
+    prompt reached."""
+    if not timelines:
+        return {}
+    reached = [stage for stage in timelines[0] if all(stage in t for t in timelines)]
+    return {stage: over(t[stage] for t in timelines) for stage in reached}
 
 
 def main() -> None:
@@ -273,6 +289,8 @@ def main() -> None:
     for run in runs[1:]:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in run["stages_ms"].items())
         print(f"{run['name']}: stages end, ms after submission (median): {stages}")
+        stages = ", ".join(f"{k} {a:.1f}-{b:.1f}" for k, (a, b) in run["batch_stages_ms"].items())
+        print(f"{run['name']}, batch of {args.requests}: first-last prompt, ms: {stages}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "args": vars(args), "runs": runs}, f, indent=1)
