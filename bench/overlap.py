@@ -18,7 +18,10 @@ Latency: one request at a time; time from submission to the first token on the h
 or to the KV on the decode side with the first token (transfers) — the time to first token of
 a colocated vs a disaggregated deployment, less HTTP and scheduling. Throughput: --requests
 prompts submitted at once; prompt tokens per second of forward work, and the ratio with
-transfers running to without.
+transfers running to without. The transfer runs' clock starts once the decode side has
+registered every room, so that their prompts share the forwards as in the local run (started
+earlier, the first forward takes the rooms registered by then and the batch splits into
+smaller, slower forwards); registration is part of each latency figure.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from kvferry.daemon.model.weights import full_weights
 from kvferry.daemon.server.config import ModelSection
 from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.config import TransferConfig
+from kvferry.transport.room import KVPoll
 
 GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
 WAIT_S = 0.5  # the longest sleep without news (a lost ring would show as this)
@@ -159,14 +163,21 @@ class Bench:
         vocab = self.model.config.vocab_size
         return [rng.integers(0, vocab, self.args.prompt).tolist() for _ in range(count)]
 
-    def run(self, prompts: list[list[int]]) -> float:
+    def run(self, prompts: list[list[int]], registered: bool = False) -> float:
         """Prefill `prompts` (all submitted at once); seconds until every first token is on the
-        host (local) or every prompt's KV and first token is on the decode side."""
-        began = time.perf_counter()
-        if self.transfers:
-            self._transfer(prompts)
-        else:
+        host (local) or every prompt's KV and first token is on the decode side. `registered`:
+        the clock starts once the decode side has registered every room with the prefill side,
+        so that the prompts go into the forwards together, as in the local run (otherwise the
+        first forward takes those registered by then, and the batch splits by arrival)."""
+        began, submitted = time.perf_counter(), time.time()
+        if not self.transfers:
             self._local(prompts)
+            return time.perf_counter() - began
+        rooms = self._submit(prompts)
+        if registered:
+            self._await_registration(rooms)
+            began, submitted = time.perf_counter(), time.time()
+        self._transfer(rooms, submitted)
         return time.perf_counter() - began
 
     def _local(self, prompts: list[list[int]]) -> None:
@@ -184,14 +195,28 @@ class Bench:
         for seq in seqs:
             self.blocks.deallocate(seq.id)
 
-    def _transfer(self, prompts: list[list[int]]) -> None:
-        submitted, waiting, ended = time.time(), set(), []
+    def _submit(self, prompts: list[list[int]]) -> set[int]:
+        """Open each prompt's room on the decode side and submit it to the prefill engine."""
+        rooms = set()
         for i, prompt in enumerate(prompts):
             room = next(self.next_room)
             slots = np.arange(i * len(prompt), (i + 1) * len(prompt))
             self.decode.open(room, slots, self.server.address)
             self.engine.submit(room, prompt, SamplingParams(max_tokens=1))
-            waiting.add(room)
+            rooms.add(room)
+        return rooms
+
+    def _await_registration(self, rooms: set[int]) -> None:
+        senders = [self.engine.rooms[room].sender for room in rooms]
+        deadline = time.monotonic() + 30.0
+        while any(sender.poll() is KVPoll.Bootstrapping for sender in senders):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the decode side did not register the rooms within 30 s")
+            select.select([self.agent.bell], [], [], WAIT_S)
+            self.agent.bell.clear()
+
+    def _transfer(self, waiting: set[int], submitted: float) -> None:
+        ended = []
         while True:
             forwarded = self.engine.step()
             self.engine.take_output()
@@ -224,7 +249,7 @@ def measure(args, model: Model, name: str, layer_group: int | None) -> dict:
         # median ms after submission at which each stage ended, one prompt at a time
         stages = _stages(bench.timelines, statistics.median)
         bench.timelines.clear()
-        batch = bench.run(prompts)
+        batch = bench.run(prompts, registered=True)
         # the throughput batch: when the first and the last of its prompts reached each stage
         batch_stages = {
             stage: [at, _stages(bench.timelines, max)[stage]]
