@@ -23,7 +23,9 @@ class RoomStatus:
     """A room's state on one rank: moves forward only; Failed is sticky and keeps its failure.
 
     Written by the agent thread; read by any thread (single attribute reads). `notify` is
-    called after every change (it wakes the engine that reads the state).
+    called after every change an engine acts on (it wakes the engine that reads the state):
+    registered, done, failed. The move to Transferring is not one of them: no engine does
+    anything then, and waking one would take the GIL from the transfer thread in mid-transfer.
     """
 
     __slots__ = ("created", "failure", "notify", "reached", "state")
@@ -44,7 +46,7 @@ class RoomStatus:
         if not self.finished and state > self.state:
             assert state != KVPoll.Failed, "use fail() to fail a room"
             self.state = self.reached = state
-            if self.notify is not None:
+            if self.notify is not None and state != KVPoll.Transferring:
                 self.notify()
 
     def fail(self, failure: Failure) -> bool:

@@ -106,6 +106,17 @@ def test_a_piece_waits_for_the_first_event_covering_its_layers():
     assert KVWritten(whole, []).for_layers(1) is whole
 
 
+def test_a_room_wakes_its_engine_for_the_states_an_engine_acts_on():
+    woken = []
+    status = RoomStatus(lambda: woken.append(status.state))
+    for state in (KVPoll.WaitingForInput, KVPoll.Transferring, KVPoll.Success):
+        status.advance(state)
+    failed = RoomStatus(lambda: woken.append(failed.state))
+    failed.advance(KVPoll.Transferring)
+    failed.fail(Failure(FailureKind.TIMEOUT, "late"))
+    assert woken == [KVPoll.WaitingForInput, KVPoll.Success, KVPoll.Failed]
+
+
 def test_room_states_move_forward_and_failure_sticks():
     status = RoomStatus()
     status.advance(KVPoll.Transferring)
