@@ -14,7 +14,8 @@ the others still run):
   host      bench/host_costs.py: host CPU per step of the transfer thread (a loop turn, a
             copy launch, UCX calls), quiet and while another thread runs a forward; then
             bench/control_path.py: the transfer threads' CPU per request with a tiny KV
-  overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
+  overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated;
+            bench/hops.py: one prompt's transfer, hop by hop
             time to first token, whole-chunk vs layer-wise
   engine    bench/engine.py: decode step at batch 1/8/32/128 and contexts 1k/8k, eager vs CUDA
             graphs, against the memory floor; prefill tok/s, paged kernel vs contiguous SDPA
@@ -246,6 +247,13 @@ def stage_overlap(stage: Stage) -> None:
             sizes += ["--requests", str(max(2, 32768 // prompt)), "--repeats", "3"]
         if not stage.run(python("overlap.py", *sizes, *group, "--json", str(out))):
             failed.append(str(prompt))
+    # one prompt of the first length at a time, traced hop by hop (whole-chunk)
+    prompt = stage.args.prompts[0]
+    runs = ["--runs", "5" if stage.args.quick else "200"]
+    sizes = ["--prompt", str(prompt), "--chunk", str(min(prompt, 2048)), "--layer-group", "0"]
+    hops = str(stage.args.out_dir / "hops.json")
+    if not stage.run(python("hops.py", *sizes, *runs, "--json", hops)):
+        failed.append("hops")
     stage.ok = not failed
     stage.note = f"failed at prompts {', '.join(failed)}; see {stage.log}" if failed else ""
 

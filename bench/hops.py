@@ -1,0 +1,252 @@
+"""Where one prompt's transfer spends its time, hop by hop: bench/overlap.py's latency run,
+traced.
+
+    python bench/hops.py                          # whole-chunk, a 2,048-token prompt on a GPU
+    python bench/hops.py --runs 300 --layer-group 4 --json hops.json
+
+A hop is a thread woken by an event (a control frame, a copy or UCX completion, a call posted
+by the engine) that then runs its turn. This bench wraps, in its own process, the transfer
+loops' poll (when each loop went to sleep and when it woke with the GIL) and the calls a turn
+is made of (UCX progress, arm, send, probe, receive; a copy's launch and its parts; control
+frames; the role's step), then runs `--runs` single-prompt transfers one at a time and prints:
+
+- for each stage of the request timeline (transport/timeline.py), in order: ms after the
+  previous stage, split into the time until the thread that reached it woke and the time from
+  its wake to the stage within its turn (medians over the runs);
+- each traced call's median and p90 µs, and how often it ran per request;
+- the wakes per request of each thread (the two loops and the engine's).
+
+It reads the library's internals by name (it is a diagnostic, not an API): the names below
+must follow them. The decode side runs in this process (`--decode-process` is not traced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import functools
+import json
+import select
+import statistics
+import sys
+import threading
+import time
+from collections import defaultdict
+
+import overlap  # bench/ is on sys.path as a script
+import torch
+
+from kvferry.daemon.model.llama import Model
+from kvferry.daemon.model.weights import full_weights
+from kvferry.daemon.server.config import ModelSection
+from kvferry.staging import cuda_driver, kv_copy
+from kvferry.staging.copy_stream import CopyStream
+from kvferry.transport import loop as loop_module
+from kvferry.transport.core import AgentCore
+from kvferry.transport.dataplane import DataPlane
+from kvferry.transport.ucx import UcxDataPlane
+
+ENGINE = "engine"  # the thread that runs the prefill engine's steps (this one)
+
+
+class Trace:
+    """Sleeps and wakes of every loop and of the engine thread, and spans of traced calls."""
+
+    def __init__(self) -> None:
+        self.wakes: dict[str, list[tuple[float, float]]] = defaultdict(list)  # (woke, slept)
+        self.spans: dict[str, list[tuple[str, float, float]]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        """Wrap the polls and calls; before any agent is built."""
+        trace = self
+        original_select, original_init = select.select, loop_module.AgentLoop.__init__
+
+        def traced_select(*args):
+            slept = time.time()
+            ready = original_select(*args)
+            if threading.current_thread() is threading.main_thread():
+                trace.woke(ENGINE, slept)
+            return ready
+
+        overlap.select.select = traced_select  # the bench's engine loop sleeps in it
+
+        def init(loop, name, *args, **kwargs):
+            original_init(loop, name, *args, **kwargs)
+            loop._poller = _TracedPoller(loop._poller, name, trace)
+
+        loop_module.AgentLoop.__init__ = init
+        for owner, name, label in (
+            (AgentCore, "_read_frames", "control frames, copy completions"),
+            (AgentCore, "_advance", "the role's step"),
+            (DataPlane, "progress", "UCX progress"),
+            (UcxDataPlane, "arm", "UCX arm"),
+            (DataPlane, "send", "UCX send"),
+            (DataPlane, "recv", "UCX receive"),
+            (DataPlane, "probe", "UCX probe"),
+            (CopyStream, "_run", "copy launch (all of it)"),
+            (kv_copy, "_checked", "  its checks"),
+            (cuda_driver, "copy_to_device", "  its index upload"),
+            (cuda_driver, "launch_kernel", "  its kernel launch"),
+            (cuda_driver, "launch_host_function", "  its wake's host function"),
+        ):
+            self._wrap(owner, name, label)
+
+    def woke(self, thread: str, slept: float) -> None:
+        with self._lock:
+            self.wakes[thread].append((time.time(), slept))
+
+    def _wrap(self, owner, name: str, label: str) -> None:
+        original, spans = getattr(owner, name), self.spans
+
+        @functools.wraps(original)
+        def traced(*args, **kwargs):
+            began = time.time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spans[label].append((threading.current_thread().name, began, time.time()))
+
+        setattr(owner, name, traced)
+
+
+class _TracedPoller:
+    def __init__(self, poller, name: str, trace: Trace) -> None:
+        self._poller, self._name, self._trace = poller, name, trace
+
+    def register(self, *args):
+        return self._poller.register(*args)
+
+    def unregister(self, *args):
+        return self._poller.unregister(*args)
+
+    def poll(self, timeout=None):
+        slept = time.time()
+        ready = self._poller.poll(timeout)
+        self._trace.woke(self._name, slept)
+        return ready
+
+
+def owner_of(stage: str) -> str:
+    """The thread that reaches `stage`: the engine hands the forward over, the prefill loop
+    the other prefill stages, the decode loop the decode stages."""
+    if stage.endswith("_forward"):
+        return ENGINE
+    return "kvferry-prefill-0" if stage.startswith("prefill") else "kvferry-decode-0"
+
+
+def analyse(trace: Trace, runs: list[tuple[float, dict[str, float]]]) -> dict:
+    """`runs`: (submission time, the room's marks in absolute seconds) per request."""
+    wakes = {thread: sorted(w) for thread, w in trace.wakes.items()}
+    parts: dict[str, dict[str, list[float]]] = {}
+    woken: dict[str, list[int]] = defaultdict(list)
+    for submitted, marks in runs:
+        end = max(marks.values())
+        for thread, times in wakes.items():
+            woken[thread].append(sum(submitted <= woke <= end for woke, _ in times))
+        previous = submitted
+        for stage, at in sorted(marks.items(), key=lambda item: item[1]):
+            times = wakes.get(owner_of(stage), [])
+            i = bisect.bisect_right(times, (at, float("inf"))) - 1
+            if i < 0:
+                continue
+            woke = times[i][0]
+            row = parts.setdefault(stage, {"after": [], "to_wake": [], "in_turn": []})
+            row["after"].append((at - previous) * 1e3)
+            row["to_wake"].append(max(woke - previous, 0.0) * 1e3)
+            row["in_turn"].append((at - max(woke, previous)) * 1e3)
+            previous = at
+    stages = [
+        {"stage": stage, **{k: statistics.median(v) for k, v in row.items()}}
+        for stage, row in parts.items()
+    ]
+    order = {s: statistics.median(m[s] - t for t, m in runs if s in m) for s in parts}
+    stages.sort(key=lambda row: order[row["stage"]])
+    calls = {}
+    for label, spans in trace.spans.items():
+        inside = [
+            (t1 - t0) * 1e6
+            for _, t0, t1 in spans
+            if any(t <= t0 <= max(m.values()) for t, m in runs)
+        ]
+        if inside:
+            inside.sort()
+            calls[label] = {
+                "median_us": statistics.median(inside),
+                "p90_us": inside[int(0.9 * (len(inside) - 1))],
+                "per_request": len(inside) / len(runs),
+            }
+    chain = [m["scattered"] - m["prefill_last_forward"] for _, m in runs if _chain(m)]
+    return {
+        "stages": stages,
+        "calls": calls,
+        "wakes_per_request": {t: statistics.median(n) for t, n in woken.items()},
+        "forward_to_decode_cache_ms": statistics.median(chain) * 1e3 if chain else None,
+    }
+
+
+def _chain(marks: dict[str, float]) -> bool:
+    return "scattered" in marks and "prefill_last_forward" in marks
+
+
+def main() -> None:
+    runs_parser = argparse.ArgumentParser(add_help=False)
+    runs_parser.add_argument("--runs", type=int, default=200, help="single-prompt transfers")
+    own, rest = runs_parser.parse_known_args()
+    sys.argv[1:] = rest
+    args = overlap.parse_args()  # the model, prompt and transfer settings of bench/overlap.py
+    if args.decode_process:
+        raise SystemExit("hops.py traces its own process only: drop --decode-process")
+    trace = Trace()
+    trace.install()
+    device = torch.device(args.device)
+    config = ModelSection(
+        vocab_size=32000,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+    ).model_config()
+    model = Model(
+        config, full_weights(config, None), device=device, dtype=getattr(torch, args.dtype)
+    )
+    bench = overlap.Bench(args, model, args.layer_group)
+    try:
+        prompt = bench.prompts(1)
+        for _ in range(5):  # warm-up: kernels, endpoints, the ring
+            bench.run(prompt)
+        bench.timelines.clear()
+        starts = []
+        for _ in range(own.runs):
+            starts.append(time.time())
+            bench.run(prompt)
+    finally:
+        bench.close()
+    runs = [
+        (start, {k: start + ms / 1e3 for k, ms in timeline.items()})
+        for start, timeline in zip(starts, bench.timelines, strict=True)
+    ]
+    result = analyse(trace, runs)
+    mode = f"layer-wise ({args.layer_group})" if args.layer_group else "whole-chunk"
+    print(f"{own.runs} single-prompt transfers of {args.prompt} tokens, {mode}, on {device}")
+    print(f"{'stage':24}{'after the last':>16}{'until woken':>13}{'in its turn':>13}  (ms)")
+    for row in result["stages"]:
+        print(f"{row['stage']:24}{row['after']:16.3f}{row['to_wake']:13.3f}{row['in_turn']:13.3f}")
+    chain = result["forward_to_decode_cache_ms"]
+    if chain is not None:
+        print(f"forward handed over -> KV in the decode cache: {chain:.3f} ms (median)")
+    print(f"{'call':36}{'median us':>11}{'p90 us':>9}{'per request':>13}")
+    for label, call in result["calls"].items():
+        print(
+            f"{label:36}{call['median_us']:11.1f}{call['p90_us']:9.1f}{call['per_request']:13.2f}"
+        )
+    woken = ", ".join(f"{t} {n:g}" for t, n in result["wakes_per_request"].items())
+    print(f"wakes per request: {woken}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "runs": own.runs, **result}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
