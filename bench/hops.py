@@ -34,11 +34,7 @@ import time
 from collections import defaultdict
 
 import overlap  # bench/ is on sys.path as a script
-import torch
 
-from kvferry.daemon.model.llama import Model
-from kvferry.daemon.model.weights import full_weights
-from kvferry.daemon.server.config import ModelSection
 from kvferry.staging import cuda_driver, kv_copy
 from kvferry.staging.copy_stream import CopyStream
 from kvferry.transport import loop as loop_module
@@ -199,18 +195,8 @@ def main() -> None:
         raise SystemExit("hops.py traces its own process only: drop --decode-process")
     trace = Trace()
     trace.install()
-    device = torch.device(args.device)
-    config = ModelSection(
-        vocab_size=32000,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-    ).model_config()
-    model = Model(
-        config, full_weights(config, None), device=device, dtype=getattr(torch, args.dtype)
-    )
+    model = overlap.build_model(args)
+    device = model.device
     bench = overlap.Bench(args, model, args.layer_group)
     try:
         prompt = bench.prompts(1)

@@ -278,10 +278,9 @@ def _stages(timelines: list[dict[str, float]], over) -> dict[str, float]:
     return {stage: over(t[stage] for t in timelines) for stage in reached}
 
 
-def main() -> None:
-    args = parse_args()
-    device = torch.device(args.device)
-    config = ModelSection(  # the daemons' random model, at these sizes
+def build_model(args) -> Model:
+    """The daemons' random model, at the sizes in `args`."""
+    config = ModelSection(
         vocab_size=32000,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
@@ -289,9 +288,14 @@ def main() -> None:
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
     ).model_config()
-    model = Model(
-        config, full_weights(config, None), device=device, dtype=getattr(torch, args.dtype)
-    )
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    return Model(config, full_weights(config, None), device=device, dtype=dtype)
+
+
+def main() -> None:
+    args = parse_args()
+    model = build_model(args)
+    device = model.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"device: {name}; {args.layers} layers, hidden {args.hidden}, {args.kv_heads} KV heads, "
