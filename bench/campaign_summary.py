@@ -117,11 +117,11 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
     for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
         rows += overlap_rows(read_json(path) or {})
     hops = read_json(out_dir / "hops.json")
-    if hops and hops.get("forward_to_decode_cache_ms") is not None:
+    if hops and hops.get("forward_to_kv_landed_ms") is not None:
         wakes = "/".join(f"{n:g}" for n in hops["wakes_per_request"].values())
         launch = hops["calls"].get("copy launch (all of it)", {}).get("median_us", 0.0)
-        rows.append(Row(f"one prompt, forward handed over -> KV in the decode cache, "
-                        f"{hops['args']['prompt']} tokens", hops["forward_to_decode_cache_ms"],
+        rows.append(Row(f"one prompt, forward handed over -> KV landed at decode, "
+                        f"{hops['args']['prompt']} tokens", hops["forward_to_kv_landed_ms"],
                         None, " ms", detail=f"wakes {wakes} "
                         f"({'/'.join(hops['wakes_per_request'])}); a copy launch "
                         f"{launch:.0f} us"))  # fmt: skip

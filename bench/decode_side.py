@@ -72,6 +72,8 @@ class LocalDecode:
             state = receiver.poll()
             if state >= KVPoll.Success or state == KVPoll.Failed:
                 failure = None if state == KVPoll.Success else str(receiver.failure)
+                if failure is None:  # as a decode engine admits it: its stream after the KV
+                    receiver.order_kv()
                 ended.append(Ended(room, failure, dict(receiver.marks)))
                 del self._receivers[room]
         return ended

@@ -172,17 +172,17 @@ def analyse(trace: Trace, runs: list[tuple[float, dict[str, float]]]) -> dict:
                 "p90_us": inside[int(0.9 * (len(inside) - 1))],
                 "per_request": len(inside) / len(runs),
             }
-    chain = [m["scattered"] - m["prefill_last_forward"] for _, m in runs if _chain(m)]
+    chain = [m["scatter_queued"] - m["prefill_last_forward"] for _, m in runs if _chain(m)]
     return {
         "stages": stages,
         "calls": calls,
         "wakes_per_request": {t: statistics.median(n) for t, n in woken.items()},
-        "forward_to_decode_cache_ms": statistics.median(chain) * 1e3 if chain else None,
+        "forward_to_kv_landed_ms": statistics.median(chain) * 1e3 if chain else None,
     }
 
 
 def _chain(marks: dict[str, float]) -> bool:
-    return "scattered" in marks and "prefill_last_forward" in marks
+    return "scatter_queued" in marks and "prefill_last_forward" in marks
 
 
 def main() -> None:
@@ -219,9 +219,10 @@ def main() -> None:
     print(f"{'stage':24}{'after the last':>16}{'until woken':>13}{'in its turn':>13}  (ms)")
     for row in result["stages"]:
         print(f"{row['stage']:24}{row['after']:16.3f}{row['to_wake']:13.3f}{row['in_turn']:13.3f}")
-    chain = result["forward_to_decode_cache_ms"]
+    chain = result["forward_to_kv_landed_ms"]
     if chain is not None:
-        print(f"forward handed over -> KV in the decode cache: {chain:.3f} ms (median)")
+        landed = "KV landed at decode (its last scatter queued)"
+        print(f"forward handed over -> {landed}: {chain:.3f} ms (median)")
     print(f"{'call':36}{'median us':>11}{'p90 us':>9}{'per request':>13}")
     for label, call in result["calls"].items():
         print(

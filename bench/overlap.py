@@ -15,8 +15,10 @@ prompts, side by side:
                written those layers, while the later layers still compute.
 
 Latency: one request at a time; time from submission to the first token on the host (local)
-or to the KV on the decode side with the first token (transfers) — the time to first token of
-a colocated vs a disaggregated deployment, less HTTP and scheduling. Throughput: --requests
+or to the room's Success on the decode side (transfers: the first token there, and the KV
+received with its scatter queued ahead of whatever the decode engine runs next, as the engine
+admits it) — the time to first token of a colocated vs a disaggregated deployment, less HTTP
+and scheduling. Throughput: --requests
 prompts submitted at once; prompt tokens per second of forward work, and the ratio with
 transfers running to without. The transfer runs' clock starts once the decode side has
 registered every room, so that their prompts share the forwards as in the local run (started

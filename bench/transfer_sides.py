@@ -16,6 +16,7 @@ from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.layout import KVLayout
 from kvferry.staging.slots import token_slots
 from kvferry.transport.config import TransferConfig
+from kvferry.transport.handles import KVReceiver
 from kvferry.transport.room import KVPoll
 
 
@@ -91,8 +92,12 @@ class Side:
         return began
 
     def wait(self, room: int):
-        """Wait for Success everywhere; (end time, messages received, bytes received)."""
+        """Wait for Success everywhere, and on decode for the KV in the cache (its last scatter
+        may still be queued at Success); (end time, messages received, bytes received)."""
         _wait(self.handles[room], KVPoll.Success, self.agents)
+        for handle in self.handles[room]:
+            if isinstance(handle, KVReceiver):
+                handle.wait_kv()
         return (time.monotonic(), *self._counters())
 
     def _counters(self):

@@ -45,6 +45,20 @@ class Fence:
         """The raw CUevent to wait on; 0 once fired or if there is nothing to wait for."""
         return self._handle
 
+    def order(self, stream: int, device: int) -> None:
+        """Make work queued later on `stream` (a raw cudaStream_t of device `device`) wait for
+        this fence's work; nothing to do once it fired."""
+        handle = self._handle
+        if handle:
+            driver.use_device(device)
+            driver.wait_event(stream, handle)
+
+    def synchronize(self) -> None:
+        """Block until this fence's work is done (the GIL let go meanwhile)."""
+        handle = self._handle
+        if handle:
+            driver.synchronize_event(handle)
+
     def fired(self):
         """Mark the fence fired (its work is known complete); its event, now free for reuse."""
         event, self._event, self._handle = self._event, None, 0

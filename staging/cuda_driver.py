@@ -143,13 +143,18 @@ class Event:
     def synchronize(self) -> None:
         """Block until the recorded work is done; the only call here that waits, so the only
         one that lets the GIL go meanwhile."""
-        _check(_blocking().cuEventSynchronize(self.handle), "cuEventSynchronize")
+        synchronize_event(self.handle)
 
     def destroy(self) -> None:
         """Release the event (the driver frees it once recorded work is done)."""
         if self.handle:
             _check(_lib().cuEventDestroy_v2(self.handle), "cuEventDestroy")
             self.handle = None
+
+
+def synchronize_event(event: int) -> None:
+    """Block until the work recorded by `event` (a raw CUevent) is done, the GIL let go."""
+    _check(_blocking().cuEventSynchronize(event), "cuEventSynchronize")
 
 
 def handle_of(event) -> int:

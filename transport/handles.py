@@ -113,8 +113,12 @@ class KVSender:
 class KVReceiver:
     """The engine's handle on one room at a decode rank. Thread-safe; never blocks.
 
+    Success: every message is in, and the scatters that put it into the KV pages are queued on
+    the rank's copy stream (the last one is `kv_fence`). Whatever reads the pages is ordered
+    after them: an engine calls `order_kv()` before queuing work that reads them, a host reader
+    `wait_kv()`. Work queued after that on either stream may then also reuse the pages.
     Failed is reported only once nothing queued for the room can still write into its KV pages,
-    so the engine may reuse them as soon as it sees Failed (or Success).
+    so the engine may reuse them as soon as it sees Failed.
     """
 
     def __init__(self, agent: DecodeAgent, room: int, slots: np.ndarray, bootstrap: str) -> None:
@@ -125,6 +129,7 @@ class KVReceiver:
         self.status = None  # the room's RoomStatus, set on the loop thread
         self.first_token: int | None = None  # sampled by prefill; set before Success shows
         self.marks: dict[str, float] = {}  # the room's timeline (timeline.py); set with Success
+        self.kv_fence: Fence | None = None  # the last scatter of the room's KV; set with Success
         self._rejected: Failure | None = None
 
     def poll(self) -> KVPoll:
@@ -135,6 +140,23 @@ class KVReceiver:
         if self.status.state < KVPoll.Success and self.agent.thread_failure:
             return KVPoll.Failed
         return self.status.state
+
+    def order_kv(self, stream: int | None = None) -> None:
+        """After Success: make work queued later on `stream` (a raw cudaStream_t; by default
+        torch's current stream on the cache's device) wait until the room's KV is in the cache.
+        Nothing to do on a CPU, or once the scatters ran."""
+        fence = self.kv_fence
+        if fence is None or not fence.handle:
+            return
+        device = self.agent.planes.device.index or 0
+        if stream is None:
+            stream = torch.cuda.current_stream(device).cuda_stream
+        fence.order(stream, device)
+
+    def wait_kv(self) -> None:
+        """After Success: block until the room's KV is in the cache (for a reader on the host)."""
+        if self.kv_fence is not None:
+            self.kv_fence.synchronize()
 
     @property
     def kv_arrived(self) -> bool:

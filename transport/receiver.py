@@ -1,8 +1,9 @@
 """Decode side: registers each room with the prefill ranks; its receive pipeline
 (recv_pipeline.py) takes each arriving region into the staging ring, scatters it into the
 paged KV cache, and frees the region once the scatter has run. A room succeeds when every
-writer's chunks are scattered and every prefill rank has said it is done (with the first
-sampled token)."""
+writer's chunks are in with their scatters queued, and every prefill rank has said it is done
+(with the first sampled token): the engine orders its stream after the last scatter
+(`KVReceiver.order_kv`) rather than waiting for a wake-up that says the scatter ran."""
 
 from __future__ import annotations
 
@@ -256,6 +257,7 @@ class DecodeAgent(TransferAgent):
         elif room.writers and room.complete(self.core.mode, self.planes.num_planes):
             room.handle.first_token = next(iter(room.first_tokens.values()))
             room.handle.marks = dict(room.marks)
+            room.handle.kv_fence = room.kv_fence
             room.status.advance(KVPoll.Success)
             self.core.stats.rooms_succeeded += 1
             self._close(room)

@@ -1,6 +1,7 @@
 """Decode rank's receive pipeline: each data message goes from a probe, through checks against
 its room, to where its mode lands it (a region of the staging ring: `staged_mode.py`), through
-what its mode does once it is in (a scatter into the paged KV cache), to its release.
+what its mode does once it is in (a scatter into the paged KV cache, queued on the copy
+stream: the message has landed then), to its release once the scatter has run.
 
 Every stage is polled, oldest first; nothing waits on the host. A message that finds the ring
 full stays queued in the data plane (later ones wait behind it) for at most ring_wait_timeout_s,
@@ -164,21 +165,22 @@ class RecvPipeline:
             last(room.marks, "received_data")
             room.received_units += 1
             # Only the room's last scatter wakes the loop when it finishes: the stream runs them
-            # in order, so that wake covers the others (and a ring wait asks for its own).
+            # in order, so that wake covers the others (and a ring wait asks for its own). The
+            # room can succeed before that: its engine orders its own stream after `kv_fence`.
             last_one = room.received_units >= room.units(self.mode, self.planes.num_planes)
             arrival.fence = self.mode.received(arrival, wake=last_one)
+            room.landed_units += 1
             if arrival.fence is None:  # in place already
-                room.done_units += 1
                 self._release(arrival)
             else:
+                room.kv_fence = arrival.fence
+                last(room.marks, "scatter_queued")
                 self._scattering.append(arrival)
 
     def _finish_scatters(self) -> None:
         while self._scattering and self._scattering[0].fence.done():
             arrival = self._scattering.popleft()
             self.core.stats.copy_s += time.monotonic() - arrival.started
-            last(arrival.room.marks, "scattered")
-            arrival.room.done_units += 1
             self._release(arrival)
 
     def _release(self, arrival: Arrival) -> None:

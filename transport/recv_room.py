@@ -15,6 +15,7 @@ from kvferry.transport.room import RoomStatus
 from kvferry.transport.timeline import Marks
 
 if TYPE_CHECKING:
+    from kvferry.staging.copy_stream import Fence
     from kvferry.transport.slice_mode import SliceMode
     from kvferry.transport.staged_mode import StagedMode
 
@@ -69,7 +70,8 @@ class RecvRoom:
         self.first_tokens: dict[int, int | None] = {}  # TransferDone per prefill rank
         self.taken: dict[tuple[int, int], int] = {}  # (piece, writer) -> messages taken
         self.received_units = 0  # messages received (their KV in the ring or in place)
-        self.done_units = 0  # messages whose KV is in the cache
+        self.landed_units = 0  # of which in the cache, or scattered there by queued work
+        self.kv_fence: Fence | None = None  # the last scatter queued (they run in order)
         self.busy = 0  # receives or scatters that may still write into the KV pages or ring
         self.failing: Failure | None = None
         self.marks: Marks = {}  # stages' times (timeline.py), handed to the engine at Success
@@ -130,6 +132,7 @@ class RecvRoom:
         return mode.messages_per_writer(self, num_planes) * len(self.writers)
 
     def complete(self, mode: StagedMode | SliceMode, num_planes: int) -> bool:
-        """Every writer's every message is in the cache, and every prefill rank is done."""
+        """Every writer's every message is in the cache or its scatter queued (`kv_fence`),
+        and every prefill rank is done."""
         units = self.units(mode, num_planes)
-        return len(self.first_tokens) == len(self.rank_peers) > 0 and self.done_units == units
+        return len(self.first_tokens) == len(self.rank_peers) > 0 and self.landed_units == units

@@ -225,6 +225,8 @@ class DecodeEngine:
                 self._release(request)
 
     def _admit(self, request: _Request) -> None:
+        # the KV's last scatter may still be queued: every later forward runs after it
+        request.receiver.order_kv()
         seq = request.seq
         self.running[seq.id] = request
         seq.append(request.receiver.first_token)

@@ -96,6 +96,8 @@ class Side:
         states = [int(s) for s in wait_all(self.handles[seed], timeout_s)]
         matches = None
         if self.server is None and all(s == KVPoll.Success for s in states):
+            for handle in self.handles[seed]:
+                handle.wait_kv()  # a scatter may still be queued at Success
             matches = decode_matches(self.group, self.requests[seed])
         return states, [str(h.failure) for h in self.handles[seed]], matches
 
