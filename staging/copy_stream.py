@@ -47,7 +47,9 @@ class Fence:
 
     def order(self, stream: int, device: int) -> None:
         """Make work queued later on `stream` (a raw cudaStream_t of device `device`) wait for
-        this fence's work; nothing to do once it fired."""
+        this fence's work; nothing to do once it fired. Safe from another thread than the
+        copies' own: should the event fire and be recorded again for a later copy meanwhile,
+        the wait covers that copy too, which the copy stream runs after this one."""
         handle = self._handle
         if handle:
             driver.use_device(device)
