@@ -26,6 +26,10 @@ def _transfer_ok(dep: Deployment, num_tokens: int) -> None:
     req, senders, receivers = dep.run(num_tokens=num_tokens)
     states = wait_all(senders + receivers)
     assert states == [KVPoll.Success] * len(states), [str(h.failure) for h in senders + receivers]
+    for receiver in receivers:  # Success hands over the room's last scatter (inline on a CPU)
+        assert receiver.kv_fence is not None and receiver.kv_fence.done()
+        receiver.order_kv()
+        receiver.wait_kv()
     assert decode_matches(dep.decode, req)
     assert all(r.first_token == 42 for r in receivers)
     assert wait_idle([dep.prefill, dep.decode])
