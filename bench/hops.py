@@ -158,13 +158,10 @@ def analyse(trace: Trace, runs: list[tuple[float, dict[str, float]]]) -> dict:
     ]
     order = {s: statistics.median(m[s] - t for t, m in runs if s in m) for s in parts}
     stages.sort(key=lambda row: order[row["stage"]])
+    windows = [(submitted, max(marks.values())) for submitted, marks in runs]
     calls = {}
     for label, spans in trace.spans.items():
-        inside = [
-            (t1 - t0) * 1e6
-            for _, t0, t1 in spans
-            if any(t <= t0 <= max(m.values()) for t, m in runs)
-        ]
+        inside = [(t1 - t0) * 1e6 for _, t0, t1 in spans if any(a <= t0 <= b for a, b in windows)]
         if inside:
             inside.sort()
             calls[label] = {

@@ -70,33 +70,22 @@ def main() -> None:
         ended.synchronize()
         return began.elapsed_time(ended) / 1e3
 
-    def spin() -> float:
-        start = time.perf_counter()
-        copy()
+    # each waits, after the copy was queued, until the copy is done; timed with the queuing
+    def spin() -> None:
         event.record(raw)
         while not event.query():
             pass
-        return time.perf_counter() - start
 
-    def host_function(queue_copy: bool = True) -> float:
-        start = time.perf_counter()
-        if queue_copy:
-            copy()
+    def host_function() -> None:
         signal.queue(raw)
         poller.poll(10_000)
         signal.clear()
-        return time.perf_counter() - start
 
-    def blocking_sync() -> float:
-        start = time.perf_counter()
-        copy()
+    def blocking_sync() -> None:
         blocking.record(stream)
         blocking.synchronize()
-        return time.perf_counter() - start
 
-    def waiter_thread() -> float:
-        start = time.perf_counter()
-        copy()
+    def waiter_thread() -> None:
         blocking.record(stream)
         waiter = threading.Thread(
             target=lambda: (blocking.synchronize(), os.eventfd_write(waiter_fd, 1))
@@ -105,25 +94,31 @@ def main() -> None:
         waiter_poll.poll(10_000)
         os.eventfd_read(waiter_fd)
         waiter.join()
-        return time.perf_counter() - start
 
-    def query_yield() -> float:
-        start = time.perf_counter()
-        copy()
+    def query_yield() -> None:
         event.record(raw)
         while not event.query():
             os.sched_yield()
-        return time.perf_counter() - start
+
+    def timed(wait, queue_copy: bool = True):
+        def measure() -> float:
+            start = time.perf_counter()
+            if queue_copy:
+                copy()
+            wait()
+            return time.perf_counter() - start
+
+        return measure
 
     print(f"{torch.cuda.get_device_name()}: a {args.mib} MiB copy, {args.calls} calls each")
     for name, measure in (
         ("the copy alone, GPU time", gpu_time),
-        ("spin on cuEventQuery (the floor)", spin),
-        ("host function -> eventfd -> poll (kvferry)", host_function),
-        ("blocking-sync event, synchronized", blocking_sync),
-        ("waiter thread -> eventfd -> poll", waiter_thread),
-        ("cuEventQuery + sched_yield loop", query_yield),
-        ("host function alone, idle stream", lambda: host_function(False)),
+        ("spin on cuEventQuery (the floor)", timed(spin)),
+        ("host function -> eventfd -> poll (kvferry)", timed(host_function)),
+        ("blocking-sync event, synchronized", timed(blocking_sync)),
+        ("waiter thread -> eventfd -> poll", timed(waiter_thread)),
+        ("cuEventQuery + sched_yield loop", timed(query_yield)),
+        ("host function alone, idle stream", timed(host_function, queue_copy=False)),
     ):
         for _ in range(20):
             measure()
