@@ -48,7 +48,7 @@ from kvferry.daemon.model.llama import Model
 from kvferry.daemon.model.weights import full_weights
 from kvferry.daemon.server.config import ModelSection
 from kvferry.transport.bootstrap import BootstrapServer
-from kvferry.transport.config import TransferConfig
+from kvferry.transport.config import TransferConfig, prefill_ring_bytes
 from kvferry.transport.room import KVPoll
 
 GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
@@ -78,9 +78,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--staging-chunks",
         type=int,
-        default=2,
+        default=None,
         help="each side's staging ring, in chunks' KV (the throughput batch's chunks wait for "
-        "ring room beyond this)",
+        "ring room beyond this); default: what a prefill daemon sizes it to, one forward's KV",
     )
     p.add_argument("--requests", type=int, default=16 if gpu else 4, help="throughput batch")
     p.add_argument("--repeats", type=int, default=5 if gpu else 3, help="latency samples")
@@ -133,7 +133,7 @@ class Bench:
         config = TransferConfig(
             chunk_tokens=args.chunk,
             layer_group=layer_group,
-            staging_bytes=args.staging_chunks * args.chunk * token_bytes,
+            staging_bytes=self._ring_bytes(settings, token_bytes),
             ucx_tls=tls,
         )
         self.server = BootstrapServer(1)
@@ -153,6 +153,11 @@ class Bench:
         # the prefill's layout (TP 1): the decode side's too
         spec = Spec(config, self.agent.layout, shape, args.dtype, str(device), tls)
         self.decode = DecodeProcess(spec) if args.decode_process else LocalDecode(spec)
+
+    def _ring_bytes(self, settings: EngineSettings, token_bytes: int) -> int:
+        if self.args.staging_chunks is not None:
+            return self.args.staging_chunks * self.args.chunk * token_bytes
+        return prefill_ring_bytes(settings.max_batch_tokens, token_bytes)
 
     def close(self) -> None:
         if self.transfers:

@@ -6,6 +6,16 @@ from typing import Literal
 
 import msgspec
 
+DEFAULT_STAGING_BYTES = 256 << 20  # a rank's staging ring when nothing sizes it
+
+
+def prefill_ring_bytes(batch_tokens: int, bytes_per_token: int) -> int:
+    """The staging ring a prefill rank gets unless configured: one forward's KV
+    (`batch_tokens` x the rank's `bytes_per_token`, all layers), so that every chunk of a
+    forward is gathered as soon as it is written instead of waiting for an earlier one's send;
+    at least DEFAULT_STAGING_BYTES."""
+    return max(DEFAULT_STAGING_BYTES, batch_tokens * bytes_per_token)
+
 
 class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How KV moves between ranks. Every wait the transport makes is bounded by one of these."""
@@ -15,7 +25,9 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # Layers per message (decode proposes it too); prefill records a ready event every this
     # many layers of its forward, so a group is sent while later layers compute. 0: whole chunk.
     layer_group: int = 0
-    staging_bytes: int = 256 << 20  # each rank's staging ring
+    # each rank's staging ring; None: DEFAULT_STAGING_BYTES, or what a daemon sizes it to
+    # (prefill: one forward's KV, `prefill_ring_bytes`)
+    staging_bytes: int | None = None
     host: str = "127.0.0.1"  # interface the control sockets bind to
     bootstrap_timeout_s: float = 30.0  # registration of a room with every peer rank
     transfer_timeout_s: float = 300.0  # a room's whole life, registration to Success
@@ -34,13 +46,19 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ucx_ports: str | None = None
 
     @property
+    def ring_bytes(self) -> int:
+        """The staging ring's size."""
+        return DEFAULT_STAGING_BYTES if self.staging_bytes is None else self.staging_bytes
+
+    @property
     def control_port_range(self) -> tuple[int, int] | None:
         return port_range(self.control_ports)
 
     def __post_init__(self) -> None:
+        if self.staging_bytes is not None and self.staging_bytes < 1:
+            raise ValueError(f"staging_bytes={self.staging_bytes} must be >= 1")
         for name in (
             "chunk_tokens",
-            "staging_bytes",
             "max_frame_bytes",
             "max_rooms_per_peer",
             "max_pending_rooms_per_peer",

@@ -93,7 +93,7 @@ class AgentCore:
         self.config, self.layout, self.planes, self.data = config, layout, planes, data
         self.stats = TransferStats()
         self.staging = (
-            StagingBuffer(config.staging_bytes, planes.device) if config.mode == "staged" else None
+            StagingBuffer(config.ring_bytes, planes.device) if config.mode == "staged" else None
         )
         # rung on every change of a room's state: the engine's thread sleeps on it
         self.bell = Bell()

@@ -74,7 +74,7 @@ class StagedMode:
 
     def ring_too_small(self, need: int, config: TransferConfig) -> Failure | None:
         """Why a room whose largest message is `need` bytes can never be staged, or None."""
-        if need <= config.staging_bytes:
+        if need <= config.ring_bytes:
             return None
         small = f"ring too small: a chunk needs {need} bytes, "
-        return Failure(FailureKind.INCOMPATIBLE, small + f"the ring holds {config.staging_bytes}")
+        return Failure(FailureKind.INCOMPATIBLE, small + f"the ring holds {config.ring_bytes}")

@@ -26,7 +26,7 @@ from kvferry.daemon.model.shared_reduce import SharedDeviceAllReduce
 from kvferry.daemon.model.tokenizer import load_tokenizer
 from kvferry.daemon.model.weights import full_weights, random_weights
 from kvferry.daemon.server import protocol
-from kvferry.daemon.server.config import DaemonConfig
+from kvferry.daemon.server.config import DaemonConfig, transfer_for
 from kvferry.transport.bell import drain
 from kvferry.transport.curve import CurveKeys
 from kvferry.transport.failure import Failure, FailureKind
@@ -292,7 +292,7 @@ def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, boots
             max_running=config.scheduler.max_running,
             cuda_graphs=config.engine.cuda_graphs,
         ),
-        config.transfer,
+        transfer_for(config, model.config),
         lambda: UcxDataPlane(
             config.transfer.ucx_tls, cuda, config.transfer.host, config.transfer.ucx_ports
         ),

@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 
 from kvferry.daemon.model.config import ModelConfig
-from kvferry.daemon.server.config import ConfigError, DaemonConfig, check_against, load, parse
+from kvferry.daemon.server.config import (
+    ConfigError,
+    DaemonConfig,
+    check_against,
+    load,
+    parse,
+    transfer_for,
+)
+from kvferry.transport.config import DEFAULT_STAGING_BYTES
 
 
 def test_the_embedded_default_is_smollm2_prefill_tp3_to_decode_tp1():
@@ -85,6 +93,37 @@ def test_model_dependent_checks():
     )
     with pytest.raises(ConfigError, match="staging_bytes=1024"):
         check_against(tiny_ring, model)
+
+
+def test_an_unset_prefill_ring_holds_one_forwards_kv():
+    model = ModelConfig(
+        vocab_size=64,
+        hidden_size=512,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=64,
+    )
+    per_token = 8 * 2 * 4 * 64 * 4  # layers x (K, V) x heads per rank (TP 2) x head_dim x fp32
+    scheduler = {"max_batch_tokens": 65536, "prefill_chunk_tokens": 2048}
+    cache = {"num_pages": 8192, "page_size": 16}
+    prefill = parse(
+        {"role": "prefill", "tp": 2, "scheduler": scheduler, "cache": cache}, DaemonConfig
+    )
+    assert transfer_for(prefill, model).staging_bytes == 65536 * per_token  # 1 GiB
+    check_against(prefill, model)
+    # a forward cannot hold more KV than the pool; below the transport's default, the default
+    small_pool = parse(
+        {"role": "prefill", "tp": 2, "scheduler": scheduler, "cache": {"num_pages": 256}},
+        DaemonConfig,
+    )
+    assert transfer_for(small_pool, model).staging_bytes == DEFAULT_STAGING_BYTES
+    # decode, and a ring the file sets, stay as they are
+    decode = parse({"role": "decode", "prefill": ["tcp://127.0.0.1:1"]}, DaemonConfig)
+    assert transfer_for(decode, model).ring_bytes == DEFAULT_STAGING_BYTES
+    fixed = parse({"role": "prefill", "transfer": {"staging_bytes": 1 << 30}}, DaemonConfig)
+    assert transfer_for(fixed, model).staging_bytes == 1 << 30
 
 
 def test_unreadable_files_are_one_clear_error(tmp_path):
