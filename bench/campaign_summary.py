@@ -72,8 +72,12 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
     perftest = read_json(out_dir / "perftest.json")
     if transfer:
         raw, staged, sliced = transfer["rows"]
-        rows.append(Row("staged vs raw ucxx, same bytes", staged["gbps"] / raw["gbps"], 0.9, "%",
-                        detail=f"{staged['gbps']:.3g} vs {raw['gbps']:.3g} GB/s"))  # fmt: skip
+        # both sides share one device, which moves the bytes three times (gather, copy, scatter)
+        # where raw moves them once: the target is 30% here (90% where the wire is the limit)
+        layout = transfer["args"].get("layout", "role")
+        rows.append(Row("staged vs raw ucxx, same bytes, one device", staged["gbps"] / raw["gbps"],
+                        0.3, "%", detail=f"{staged['gbps']:.3g} vs {raw['gbps']:.3g} GB/s, "
+                                         f"a process per {layout}"))  # fmt: skip
         if sliced["gbps"] and sliced["gbps"] == sliced["gbps"]:  # not NaN
             rows.append(Row("staged vs per-token slices", staged["gbps"] / sliced["gbps"], 50.0))
         for side, us in staged.get("cpu_us_per_message", {}).items():

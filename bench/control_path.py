@@ -3,9 +3,9 @@
     python bench/control_path.py                  # GPU if present (cuda_ipc), else CPU (tcp/sm)
     python bench/control_path.py --requests 500 --json out.json
 
-A prefill process (all prefill TP ranks) and a decode process (all decode ranks), as in
-bench/transfer.py, move --requests rooms one after the other: the decode ranks register each
-room, the prefill ranks hand its KV over, every rank reports Success. The KV is a few tokens of
+The prefill and decode ranks, each a process of its own as in bench/transfer.py, move
+--requests rooms one after the other: the decode ranks register each room, the prefill ranks
+hand its KV over, every rank reports Success. The KV is a few tokens of
 a small cache, so the copies and the wire cost next to nothing and what is measured is the
 rest: frames, rooms, posted calls, turns, launches and posts. The figure is the transfer
 threads' CPU per request, each side's ranks summed (what `kvferry bench` reports as
@@ -21,7 +21,9 @@ import time
 
 import numpy as np
 import torch
-from transfer_sides import Remote  # bench/ is on sys.path when this runs as a script
+from transfer_sides import Role  # bench/ is on sys.path when this runs as a script
+
+from kvferry.transport.bootstrap import BootstrapServer
 
 GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
 PARTS = ("wait", "ucx")
@@ -46,6 +48,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--staging-mib", type=int, default=16)
     p.add_argument("--tls", default=None, help=f"UCX_TLS (default {GPU_TLS!r} on GPU, {CPU_TLS!r})")
+    p.add_argument(
+        "--layout",
+        choices=("rank", "role", "one"),
+        default="rank",
+        help="rank: a process per rank, as the daemons run them; role: every rank of a role in "
+        "one process; one: every rank in this process",
+    )
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)
@@ -68,8 +77,9 @@ def per_request(before: dict, after: dict, requests: int) -> dict:
 
 def main() -> None:
     args = parse_args()
-    prefill = Remote("prefill", args, "staged")
-    decode = Remote("decode", args, "staged", prefill.address)
+    server = BootstrapServer(args.src_tp)
+    prefill = Role("prefill", args, "staged", server.address, server.token)
+    decode = Role("decode", args, "staged", server.address)
     try:
         opened, moved = [], []
         for i in range(args.warmup + args.requests):
@@ -87,6 +97,7 @@ def main() -> None:
     finally:
         decode.close()
         prefill.close()
+        server.close()
     result = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "args": vars(args),

@@ -3,8 +3,8 @@
     python bench/transfer.py                      # GPU if present (cuda_ipc), else CPU (tcp/sm)
     python bench/transfer.py --src-tp 2 --dst-tp 1 --tokens 8192 --json out.json
 
-A prefill process (all prefill TP ranks, one agent each) sends each request's KV to a decode
-process (all decode ranks). "raw" sends the same number of bytes as one message per decode
+Each prefill rank (a process of its own, as a daemon runs it: `--layout`) sends each request's
+KV to the decode ranks (likewise). "raw" sends the same number of bytes as one message per decode
 rank between two bare UCX workers: the transport ceiling. "staged" is kvferry's transfer (one
 message per chunk and writer). "slice" sends one message per token and layer plane, the way
 per-token RDMA designs do; it runs on --slice-tokens tokens (it is slow) and is reported in the
@@ -19,16 +19,18 @@ import json
 
 import numpy as np
 import torch
-from transfer_sides import Local, Remote  # bench/ is on sys.path when this runs as a script
+from transfer_sides import Remote, Role  # bench/ is on sys.path when this runs as a script
+
+from kvferry.transport.bootstrap import BootstrapServer
 
 GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
 
 
 def run_mode(args, mode: str, tokens: int) -> dict:
     """GB/s and messages per request of `mode` over args.requests requests (after a warm-up)."""
-    side = Local if args.one_process else Remote
-    prefill = side("prefill", args, mode)
-    decode = side("decode", args, mode, prefill.address)
+    server = BootstrapServer(args.src_tp)
+    prefill = Role("prefill", args, mode, server.address, server.token)
+    decode = Role("decode", args, mode, server.address)
     try:
         rates, messages, warm = [], [], {}
         for i in range(args.requests + 1):
@@ -67,16 +69,20 @@ def run_mode(args, mode: str, tokens: int) -> dict:
     finally:
         decode.close()
         prefill.close()
+        server.close()
 
 
 def run_raw(args, nbytes_per_rank: int) -> dict:
-    sender, receiver = Remote("prefill", args, "staged"), Remote("decode", args, "staged", "none")
+    # bare UCX workers in two processes, whatever the layout: no agents, no bootstrap
+    sender = Remote("prefill", args, "staged", [], "none")
+    receiver = Remote("decode", args, "staged", [], "none")
+    sender.receive(), receiver.receive()  # built
     try:
         rates = []
         sender("raw_open", nbytes_per_rank)
         address = receiver("raw_open", nbytes_per_rank)
         for i in range(args.requests + 1):
-            receiver.conn.send(("raw_recv", ()))
+            receiver.ask("raw_recv")
             began = sender("raw_send", address)
             ended = receiver.receive()
             if i:
@@ -112,9 +118,11 @@ def parse_args():
     )
     p.add_argument("--raw-mib", type=int, default=1024, help="largest raw message per decode rank")
     p.add_argument(
-        "--one-process",
-        action="store_true",
-        help="run prefill and decode ranks in one process (raw stays two processes)",
+        "--layout",
+        choices=("rank", "role", "one"),
+        default="rank",
+        help="rank: a process per rank, as the daemons run them; role: every rank of a role in "
+        "one process; one: every rank in this process (raw stays two processes)",
     )
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()

@@ -1,5 +1,7 @@
-"""The two sides of bench/transfer.py: every rank of one role in one process (or in this
-process with --one-process), driven command by command through a pipe."""
+"""The two sides of bench/transfer.py, driven command by command: each rank in a process of its
+own, as the daemons run them (`--layout rank`), every rank of a role in one process (`role`),
+or everything in the bench's own process (`one`). The bootstrap server runs in the bench's
+process."""
 
 from __future__ import annotations
 
@@ -21,10 +23,17 @@ from kvferry.transport.room import KVPoll
 
 
 class Side:
-    """All ranks of one role in this process, each with a cache of `capacity` tokens."""
+    """Ranks `ranks` of one role in this process, each with a cache of `args.tokens` tokens."""
 
-    def __init__(self, role: str, args: dict, mode: str, bootstrap: str | None = None) -> None:
-        from kvferry.transport.bootstrap import BootstrapServer
+    def __init__(
+        self,
+        role: str,
+        args: dict,
+        mode: str,
+        ranks: list[int],
+        bootstrap: str,
+        token: bytes | None = None,
+    ) -> None:
         from kvferry.transport.receiver import DecodeAgent
         from kvferry.transport.sender import PrefillAgent
         from kvferry.transport.ucx import UcxDataPlane
@@ -41,12 +50,11 @@ class Side:
             transfer_timeout_s=600,
             bootstrap_timeout_s=60,
         )
-        self.server = BootstrapServer(tp) if role == "prefill" else None
-        bootstrap = self.server.address if self.server else bootstrap
         cuda = self.device.index or 0 if self.device.type == "cuda" else None
         self.agents, self.slots = [], []
-        rng = np.random.default_rng(1 if role == "prefill" else 2)
-        for rank in range(tp):
+        for rank in ranks:
+            # each rank's own pages, whichever process holds it
+            rng = np.random.default_rng((1 if role == "prefill" else 2, rank))
             layout = KVLayout(
                 model="bench",
                 num_layers=a.layers,
@@ -64,7 +72,7 @@ class Side:
             plane = UcxDataPlane(a.tls, cuda)
             planes = KVPlanes.from_cache(cache)
             agent = (
-                PrefillAgent(config, layout, planes, plane, bootstrap, self.server.token)
+                PrefillAgent(config, layout, planes, plane, bootstrap, token)
                 if role == "prefill"
                 else DecodeAgent(config, layout, planes, plane)
             )
@@ -151,8 +159,6 @@ class Side:
             self.raw.close()
         for agent in self.agents:
             agent.close()
-        if self.server is not None:
-            self.server.close()
 
 
 def _wait(handles, state, agents, timeout_s=600.0):
@@ -172,10 +178,10 @@ def _wait(handles, state, agents, timeout_s=600.0):
     raise TimeoutError(f"rooms did not reach {state.name}")
 
 
-def child(conn, role, args, mode, bootstrap):
+def child(conn, role, args, mode, ranks, bootstrap, token):
     try:
-        side = Side(role, args, mode, bootstrap)
-        conn.send(side.address)
+        side = Side(role, args, mode, ranks, bootstrap, token)
+        conn.send(None)
         while True:
             name, params = conn.recv()
             if name == "close":
@@ -193,19 +199,25 @@ class RemoteError(RuntimeError):
 
 
 class Remote:
-    def __init__(self, role, args, mode, bootstrap=None):
+    """Ranks `ranks` of a role in a process of their own."""
+
+    def __init__(self, role, args, mode, ranks, bootstrap, token=None):
         ctx = mp.get_context("spawn")
         self.conn, other = ctx.Pipe()
         self.role = role
         self.proc = ctx.Process(
-            target=child, args=(other, role, vars(args), mode, bootstrap), daemon=True
+            target=child,
+            args=(other, role, vars(args), mode, ranks, bootstrap, token),
+            daemon=True,
         )
         self.proc.start()
-        self.address = self.receive()
 
     def __call__(self, name, *params):
-        self.conn.send((name, params))
+        self.ask(name, *params)
         return self.receive()
+
+    def ask(self, name, *params):
+        self.conn.send((name, params))
 
     def receive(self):
         if not self.conn.poll(900):
@@ -222,14 +234,55 @@ class Remote:
 
 
 class Local:
-    """A side in this process (--one-process): isolates GPU time-slicing between processes."""
+    """Ranks of a role in this process (--layout one)."""
 
-    def __init__(self, role, args, mode, bootstrap=None):
-        self.side = Side(role, vars(args), mode, bootstrap)
-        self.address = self.side.address
+    def __init__(self, role, args, mode, ranks, bootstrap, token=None):
+        self.side = Side(role, vars(args), mode, ranks, bootstrap, token)
+        self._reply = None
 
-    def __call__(self, name, *params):
-        return getattr(self.side, name)(*params)
+    def ask(self, name, *params):
+        self._reply = getattr(self.side, name)(*params)
+
+    def receive(self):
+        return self._reply
 
     def close(self):
         self.side.close()
+
+
+class Role:
+    """Every rank of one role, in the processes `layout` puts them in; a command goes to all of
+    them at once and their answers are merged (the earliest start, the latest end, the sums)."""
+
+    def __init__(self, role, args, mode, bootstrap, token=None, ranks=None):
+        tp = args.src_tp if role == "prefill" else args.dst_tp
+        ranks = list(range(tp)) if ranks is None else ranks
+        groups = [[r] for r in ranks] if args.layout == "rank" else [ranks]
+        kind = Local if args.layout == "one" else Remote
+        # started together: a prefill rank's start waits for its whole group to register
+        self.parts = [kind(role, args, mode, group, bootstrap, token) for group in groups]
+        for part in self.parts:
+            if kind is Remote:
+                part.receive()  # built
+
+    def __call__(self, name, *params):
+        for part in self.parts:
+            part.ask(name, *params)
+        return _merge(name, [part.receive() for part in self.parts])
+
+    def close(self):
+        for part in self.parts:
+            part.close()
+
+
+def _merge(name, replies):
+    if name == "send":
+        return min(replies)
+    if name == "wait":
+        return (max(r[0] for r in replies), *(sum(r[i] for r in replies) for i in (1, 2)))
+    if name == "open":
+        return tuple(sum(r[i] for r in replies) for i in (0, 1))
+    if name == "stats":
+        return {key: sum(r[key] for r in replies) for key in replies[0]}
+    [reply] = replies  # raw commands go to one process
+    return reply

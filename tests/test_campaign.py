@@ -88,7 +88,7 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
     figures = {row["what"]: row for row in summary["rows"]}
     for name in (
         "gather vs copy roofline (worst)",
-        "staged vs raw ucxx, same bytes",
+        "staged vs raw ucxx, same bytes, one device",
         "staged vs per-token slices",
         "raw ucxx vs ucx_perftest",
         "prefill throughput with transfers, whole-chunk, 256 tokens",
