@@ -32,15 +32,18 @@ def run_mode(args, mode: str, tokens: int) -> dict:
     prefill = Role("prefill", args, mode, server.address, server.token)
     decode = Role("decode", args, mode, server.address)
     try:
-        rates, messages, warm = [], [], {}
+        rates, messages, timelines, warm = [], [], [], {}
         for i in range(args.requests + 1):
             room = 1000 + i
             before = decode("open", room, tokens)
-            began = prefill("send", room, tokens)
-            ended, msgs, nbytes = decode("wait", room)
+            began, began_wall = prefill("send", room, tokens)
+            ended, msgs, nbytes, marks = decode("wait", room)
             if i:  # the first request warms up endpoints, kernels and the ring
                 rates.append((nbytes - before[1]) / (ended - began) / 1e9)
                 messages.append(msgs - before[0])
+                timeline = {stage: (at - began_wall) * 1e3 for stage, at in marks.items()}
+                timeline["kv_in_cache"] = (ended - began) * 1e3
+                timelines.append(timeline)
             else:
                 warm = {"prefill": prefill("stats"), "decode": decode("stats")}
         phases = {"prefill": prefill("stats"), "decode": decode("stats")}
@@ -60,6 +63,9 @@ def run_mode(args, mode: str, tokens: int) -> dict:
                 }
                 for side in phases
             },
+            # ms after the hand-over at which each stage ended (the last message's, for the
+            # stages every message passes), median over the requests
+            "stages_ms": _stages(timelines),
             "mode": mode,
             "tokens": tokens,
             "gbps": float(np.median(rates)),
@@ -70,6 +76,12 @@ def run_mode(args, mode: str, tokens: int) -> dict:
         decode.close()
         prefill.close()
         server.close()
+
+
+def _stages(timelines: list[dict[str, float]]) -> dict[str, float]:
+    reached = [stage for stage in timelines[0] if all(stage in t for t in timelines)]
+    medians = {stage: float(np.median([t[stage] for t in timelines])) for stage in reached}
+    return dict(sorted(medians.items(), key=lambda item: item[1]))
 
 
 def run_raw(args, nbytes_per_rank: int) -> dict:
@@ -172,6 +184,8 @@ def main() -> None:
         "summed seconds over all requests (copy = gather or scatter, wire = send or receive):",
         json.dumps(staged["phases_s"]),
     )
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in staged["stages_ms"].items())
+    print(f"staged, ms after the hand-over (median; a stage's last message): {stages}")
     cpu = staged["cpu_us_per_message"]
     print(
         f"transfer-thread CPU per staged message (after the warm-up): prefill "

@@ -90,8 +90,9 @@ class Side:
         return self._counters()
 
     def send(self, room: int, tokens: int):
-        """Prefill: hand the whole prompt's KV over at once; returns the hand-over time."""
-        began = time.monotonic()
+        """Prefill: hand the whole prompt's KV over at once; returns the hand-over time
+        (monotonic, and wall-clock as the rooms' marks are)."""
+        began = time.monotonic(), time.time()
         self.handles[room] = []
         for agent, slots in zip(self.agents, self.slots, strict=True):
             sender = agent.sender(room, tokens)
@@ -101,12 +102,16 @@ class Side:
 
     def wait(self, room: int):
         """Wait for Success everywhere, and on decode for the KV in the cache (its last scatter
-        may still be queued at Success); (end time, messages received, bytes received)."""
+        may still be queued at Success); (end time, messages received, bytes received, the
+        room's marks: each stage's latest time over this side's ranks)."""
         _wait(self.handles[room], KVPoll.Success, self.agents)
+        marks = {}
         for handle in self.handles[room]:
             if isinstance(handle, KVReceiver):
                 handle.wait_kv()
-        return (time.monotonic(), *self._counters())
+                for stage, at in handle.marks.items():
+                    marks[stage] = max(at, marks.get(stage, at))
+        return (time.monotonic(), *self._counters(), marks)
 
     def _counters(self):
         stats = [a.stats() for a in self.agents]
@@ -279,7 +284,11 @@ def _merge(name, replies):
     if name == "send":
         return min(replies)
     if name == "wait":
-        return (max(r[0] for r in replies), *(sum(r[i] for r in replies) for i in (1, 2)))
+        marks = {}
+        for reply in replies:
+            for stage, at in reply[3].items():
+                marks[stage] = max(at, marks.get(stage, at))
+        return (max(r[0] for r in replies), *(sum(r[i] for r in replies) for i in (1, 2)), marks)
     if name == "open":
         return tuple(sum(r[i] for r in replies) for i in (0, 1))
     if name == "stats":
