@@ -88,7 +88,7 @@ def main() -> None:
             room = 1000 + i
             began = time.monotonic()
             decode("open", room, args.tokens)  # registered with every prefill rank
-            handed = prefill("send", room, args.tokens)
+            handed = prefill("send", room, args.tokens)[0]  # monotonic
             ended = decode("wait", room)[0]
             if i >= args.warmup:
                 opened.append(handed - began)
