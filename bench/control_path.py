@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import torch
-from transfer_sides import Role  # bench/ is on sys.path when this runs as a script
+from transfer_sides import Role, add_layout_argument  # bench/ is on sys.path (a script)
 
 from kvferry.transport.bootstrap import BootstrapServer
 
@@ -48,13 +48,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--staging-mib", type=int, default=16)
     p.add_argument("--tls", default=None, help=f"UCX_TLS (default {GPU_TLS!r} on GPU, {CPU_TLS!r})")
-    p.add_argument(
-        "--layout",
-        choices=("rank", "role", "one"),
-        default="rank",
-        help="rank: a process per rank, as the daemons run them; role: every rank of a role in "
-        "one process; one: every rank in this process",
-    )
+    add_layout_argument(p)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)

@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 import torch
-from transfer_sides import Remote, Role  # bench/ is on sys.path when this runs as a script
+from transfer_sides import Remote, Role, add_layout_argument  # bench/ on sys.path (a script)
 
 from kvferry.transport.bootstrap import BootstrapServer
 
@@ -129,13 +129,7 @@ def parse_args():
         "--tls", default=None, help=f"UCX_TLS (default {GPU_TLS!r} on GPU, {CPU_TLS!r} on CPU)"
     )
     p.add_argument("--raw-mib", type=int, default=1024, help="largest raw message per decode rank")
-    p.add_argument(
-        "--layout",
-        choices=("rank", "role", "one"),
-        default="rank",
-        help="rank: a process per rank, as the daemons run them; role: every rank of a role in "
-        "one process; one: every rank in this process (raw stays two processes)",
-    )
+    add_layout_argument(p)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)

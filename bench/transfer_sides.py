@@ -22,6 +22,17 @@ from kvferry.transport.handles import KVReceiver
 from kvferry.transport.room import KVPoll
 
 
+def add_layout_argument(parser: argparse.ArgumentParser) -> None:
+    """`--layout`: which processes `Role` puts the ranks in."""
+    parser.add_argument(
+        "--layout",
+        choices=("rank", "role", "one"),
+        default="rank",
+        help="rank: a process per rank, as the daemons run them; role: every rank of a role in "
+        "one process; one: every rank in this process",
+    )
+
+
 class Side:
     """Ranks `ranks` of one role in this process, each with a cache of `args.tokens` tokens."""
 

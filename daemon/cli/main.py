@@ -35,7 +35,8 @@ from kvferry.daemon.cli.router import router
 from kvferry.daemon.cli.soak.command import soak
 from kvferry.daemon.cli.status import status
 from kvferry.daemon.server.api import CompletionRequest
-from kvferry.daemon.server.config import ConfigError, DaemonConfig, Deployment, check_against, load
+from kvferry.daemon.server.config import ConfigError, DaemonConfig, Deployment, load
+from kvferry.daemon.server.model_fit import check_against
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 

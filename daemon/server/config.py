@@ -2,7 +2,7 @@
 
 Unknown keys, wrong types and impossible values are refused at load with the field's path and
 the offending value. Checks that need the model (TP against its heads, the staging ring against
-a chunk) run in `check_against`, once the model config is known.
+a chunk) run once the model config is known: `model_fit.py`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import yaml
 from kvferry.daemon.model import source
 from kvferry.daemon.model.config import ModelConfig
 from kvferry.daemon.server.security import SecuritySection, check_binds
-from kvferry.staging.plan import check_tp
-from kvferry.transport.config import TransferConfig, prefill_ring_bytes
+from kvferry.transport.config import TransferConfig
 
 
 class ConfigError(ValueError):
@@ -321,46 +320,3 @@ def parse(raw, kind: type = Deployment, source: str = "config"):
         return msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-
-
-def check_against(daemon: DaemonConfig, model: ModelConfig) -> None:
-    """Checks that need the model config: TP against its heads, ring against one chunk."""
-    where = daemon.name or daemon.role
-    try:
-        check_tp(model.num_key_value_heads, daemon.tp)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: tp: {exc}") from None
-    if model.num_attention_heads % daemon.tp:
-        raise ConfigError(
-            f"{where}: tp={daemon.tp} does not divide "
-            f"num_attention_heads={model.num_attention_heads}"
-        )
-    per_token = _bytes_per_token(daemon, model)
-    chunk = per_token * daemon.transfer.chunk_tokens
-    ring = transfer_for(daemon, model).ring_bytes
-    if daemon.transfer.mode == "staged" and chunk > ring:
-        raise ConfigError(
-            f"{where}: transfer.staging_bytes={ring} is smaller than one chunk's KV "
-            f"({daemon.transfer.chunk_tokens} tokens x {per_token} B = {chunk} B)"
-        )
-
-
-def transfer_for(daemon: DaemonConfig, model: ModelConfig) -> TransferConfig:
-    """The daemon's transfer section with the ring sized where the file leaves it unset: on
-    prefill, one forward's KV (`scheduler.max_batch_tokens` tokens, at most the KV pool's);
-    on decode, the transport's default."""
-    transfer = daemon.transfer
-    if transfer.staging_bytes is not None or daemon.role != "prefill":
-        return transfer
-    pool = daemon.cache.num_pages * daemon.cache.page_size
-    tokens = min(daemon.scheduler.max_batch_tokens, pool)
-    ring = prefill_ring_bytes(tokens, _bytes_per_token(daemon, model))
-    return msgspec.structs.replace(transfer, staging_bytes=ring)
-
-
-def _bytes_per_token(daemon: DaemonConfig, model: ModelConfig) -> int:
-    """One token's KV on one rank (every rank holds as many heads), all layers."""
-    layout = model.kv_layout(
-        daemon.model.name, daemon.model.dtype, daemon.cache.page_size, daemon.tp, 0
-    )
-    return layout.bytes_per_token

@@ -23,9 +23,10 @@ from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.model.chat import ChatTemplate
 from kvferry.daemon.model.tokenizer import NoTokenizer, load_tokenizer
 from kvferry.daemon.server import protocol
-from kvferry.daemon.server.config import DaemonConfig, check_against
+from kvferry.daemon.server.config import DaemonConfig
 from kvferry.daemon.server.http_front import start_http
 from kvferry.daemon.server.metrics import Metrics
+from kvferry.daemon.server.model_fit import check_against
 from kvferry.daemon.server.prefill_probe import PrefillProbe
 from kvferry.daemon.server.prefill_retry import PrefillRetry
 from kvferry.daemon.server.prompt_handoff import PromptHandoff

@@ -26,7 +26,8 @@ from kvferry.daemon.model.shared_reduce import SharedDeviceAllReduce
 from kvferry.daemon.model.tokenizer import load_tokenizer
 from kvferry.daemon.model.weights import full_weights, random_weights
 from kvferry.daemon.server import protocol
-from kvferry.daemon.server.config import DaemonConfig, transfer_for
+from kvferry.daemon.server.config import DaemonConfig
+from kvferry.daemon.server.model_fit import transfer_for
 from kvferry.transport.bell import drain
 from kvferry.transport.curve import CurveKeys
 from kvferry.transport.failure import Failure, FailureKind

@@ -3,14 +3,8 @@ from pathlib import Path
 import pytest
 
 from kvferry.daemon.model.config import ModelConfig
-from kvferry.daemon.server.config import (
-    ConfigError,
-    DaemonConfig,
-    check_against,
-    load,
-    parse,
-    transfer_for,
-)
+from kvferry.daemon.server.config import ConfigError, DaemonConfig, load, parse
+from kvferry.daemon.server.model_fit import check_against, transfer_for
 from kvferry.transport.config import DEFAULT_STAGING_BYTES
 
 
@@ -76,16 +70,21 @@ def test_bad_values_name_the_field(raw, fragment):
         parse(raw, DaemonConfig)
 
 
-def test_model_dependent_checks():
-    model = ModelConfig(
+def small_model(layers: int, heads: int, head_dim: int) -> ModelConfig:
+    """A model config of `layers` layers and `heads` attention and KV heads of `head_dim`."""
+    return ModelConfig(
         vocab_size=64,
-        hidden_size=32,
+        hidden_size=heads * head_dim,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=head_dim,
     )
+
+
+def test_model_dependent_checks():
+    model = small_model(layers=2, heads=4, head_dim=8)
     with pytest.raises(ConfigError, match="tp_size=3"):
         check_against(parse({"role": "prefill", "tp": 3}, DaemonConfig), model)
     tiny_ring = parse(
@@ -96,15 +95,7 @@ def test_model_dependent_checks():
 
 
 def test_an_unset_prefill_ring_holds_one_forwards_kv():
-    model = ModelConfig(
-        vocab_size=64,
-        hidden_size=512,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        head_dim=64,
-    )
+    model = small_model(layers=8, heads=8, head_dim=64)
     per_token = 8 * 2 * 4 * 64 * 4  # layers x (K, V) x heads per rank (TP 2) x head_dim x fp32
     scheduler = {"max_batch_tokens": 65536, "prefill_chunk_tokens": 2048}
     cache = {"num_pages": 8192, "page_size": 16}
