@@ -28,21 +28,22 @@ def check_against(daemon: DaemonConfig, model: ModelConfig) -> None:
     chunk = per_token * daemon.transfer.chunk_tokens
     ring = transfer_for(daemon, model).ring_bytes
     if daemon.transfer.mode == "staged" and chunk > ring:
+        unset = " (unset: the default)" if daemon.transfer.staging_bytes is None else ""
         raise ConfigError(
-            f"{where}: transfer.staging_bytes={ring} is smaller than one chunk's KV "
+            f"{where}: transfer.staging_bytes={ring}{unset} is smaller than one chunk's KV "
             f"({daemon.transfer.chunk_tokens} tokens x {per_token} B = {chunk} B)"
         )
 
 
 def transfer_for(daemon: DaemonConfig, model: ModelConfig) -> TransferConfig:
     """The daemon's transfer section with the ring sized where the file leaves it unset: on
-    prefill, one forward's KV (`scheduler.max_batch_tokens` tokens, at most the KV pool's);
-    on decode, the transport's default."""
+    prefill, one forward's KV (`scheduler.max_batch_tokens` tokens, at most the KV pool's) or
+    one transfer chunk's, whichever is more; on decode, the transport's default."""
     transfer = daemon.transfer
     if transfer.staging_bytes is not None or daemon.role != "prefill":
         return transfer
     pool = daemon.cache.num_pages * daemon.cache.page_size
-    tokens = min(daemon.scheduler.max_batch_tokens, pool)
+    tokens = max(min(daemon.scheduler.max_batch_tokens, pool), transfer.chunk_tokens)
     ring = prefill_ring_bytes(tokens, _bytes_per_token(daemon, model))
     return msgspec.structs.replace(transfer, staging_bytes=ring)
 

@@ -115,6 +115,26 @@ def test_an_unset_prefill_ring_holds_one_forwards_kv():
     assert transfer_for(decode, model).ring_bytes == DEFAULT_STAGING_BYTES
     fixed = parse({"role": "prefill", "transfer": {"staging_bytes": 1 << 30}}, DaemonConfig)
     assert transfer_for(fixed, model).staging_bytes == 1 << 30
+    # a transfer chunk longer than a forward spans forwards: the ring holds the chunk
+    long_chunk = parse(
+        {
+            "role": "prefill",
+            "tp": 2,
+            "scheduler": {"max_batch_tokens": 1024},
+            "cache": cache,
+            "transfer": {"chunk_tokens": 65536},
+        },
+        DaemonConfig,
+    )
+    assert transfer_for(long_chunk, model).staging_bytes == 65536 * per_token
+    check_against(long_chunk, model)
+    # decode's unset ring is the default, and a chunk beyond it is refused naming both
+    big_chunk = parse(
+        {"role": "decode", "prefill": ["tcp://127.0.0.1:1"], "transfer": {"chunk_tokens": 65536}},
+        DaemonConfig,
+    )
+    with pytest.raises(ConfigError, match=r"staging_bytes=268435456 \(unset: the default\)"):
+        check_against(big_chunk, model)
 
 
 def test_unreadable_files_are_one_clear_error(tmp_path):
