@@ -38,6 +38,7 @@ import time
 import numpy as np
 import torch
 from decode_side import DecodeProcess, LocalDecode, Spec  # bench/ is on sys.path as a script
+from timelines import stage_times
 
 from kvferry.daemon.engine.block_manager import BlockManager
 from kvferry.daemon.engine.builder import EngineSettings, build_engine
@@ -254,13 +255,13 @@ def measure(args, model: Model, name: str, layer_group: int | None) -> dict:
         bench.timelines.clear()
         latency = [bench.run([prompt]) for prompt in prompts[: args.repeats]]
         # median ms after submission at which each stage ended, one prompt at a time
-        stages = _stages(bench.timelines, statistics.median)
+        stages = stage_times(bench.timelines, statistics.median)
         bench.timelines.clear()
         batch = bench.run(prompts, registered=True)
         # the throughput batch: when the first and the last of its prompts reached each stage
+        last = stage_times(bench.timelines, max)
         batch_stages = {
-            stage: [at, _stages(bench.timelines, max)[stage]]
-            for stage, at in _stages(bench.timelines, min).items()
+            stage: [at, last[stage]] for stage, at in stage_times(bench.timelines, min).items()
         }
         tokens = args.prompt * len(prompts)
         return {
@@ -269,20 +270,11 @@ def measure(args, model: Model, name: str, layer_group: int | None) -> dict:
             "latency_ms": statistics.median(latency) * 1e3,
             "batch_s": batch,
             "tokens_per_s": tokens / batch,
-            "stages_ms": dict(sorted(stages.items(), key=lambda item: item[1])),
-            "batch_stages_ms": dict(sorted(batch_stages.items(), key=lambda item: item[1])),
+            "stages_ms": stages,
+            "batch_stages_ms": batch_stages,
         }
     finally:
         bench.close()
-
-
-def _stages(timelines: list[dict[str, float]], over) -> dict[str, float]:
-    """`over` (median, min, max) of each stage's ms after submission, for the stages every
-    prompt reached."""
-    if not timelines:
-        return {}
-    reached = [stage for stage in timelines[0] if all(stage in t for t in timelines)]
-    return {stage: over(t[stage] for t in timelines) for stage in reached}
 
 
 def build_model(args) -> Model:

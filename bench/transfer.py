@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import numpy as np
 import torch
-from transfer_sides import Remote, Role, add_layout_argument  # bench/ on sys.path (a script)
+from timelines import stage_times  # bench/ is on sys.path (a script)
+from transfer_sides import Remote, Role, add_layout_argument
 
 from kvferry.transport.bootstrap import BootstrapServer
 
@@ -65,7 +67,7 @@ def run_mode(args, mode: str, tokens: int) -> dict:
             },
             # ms after the hand-over at which each stage ended (the last message's, for the
             # stages every message passes), median over the requests
-            "stages_ms": _stages(timelines),
+            "stages_ms": stage_times(timelines, statistics.median),
             "mode": mode,
             "tokens": tokens,
             "gbps": float(np.median(rates)),
@@ -76,12 +78,6 @@ def run_mode(args, mode: str, tokens: int) -> dict:
         decode.close()
         prefill.close()
         server.close()
-
-
-def _stages(timelines: list[dict[str, float]]) -> dict[str, float]:
-    reached = [stage for stage in timelines[0] if all(stage in t for t in timelines)]
-    medians = {stage: float(np.median([t[stage] for t in timelines])) for stage in reached}
-    return dict(sorted(medians.items(), key=lambda item: item[1]))
 
 
 def run_raw(args, nbytes_per_rank: int) -> dict:

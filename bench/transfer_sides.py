@@ -88,13 +88,13 @@ class Side:
                 else DecodeAgent(config, layout, planes, plane)
             )
             self.agents.append(agent)
-        self.address = bootstrap
+        self.bootstrap = bootstrap
         self.handles = {}
 
     def open(self, room: int, tokens: int):
         """Decode: register the room with every prefill rank and wait until it is accepted."""
         self.handles[room] = [
-            agent.receiver(room, slots[:tokens], self.address)
+            agent.receiver(room, slots[:tokens], self.bootstrap)
             for agent, slots in zip(self.agents, self.slots, strict=True)
         ]
         _wait(self.handles[room], KVPoll.WaitingForInput, self.agents)
@@ -270,16 +270,14 @@ class Role:
     """Every rank of one role, in the processes `layout` puts them in; a command goes to all of
     them at once and their answers are merged (the earliest start, the latest end, the sums)."""
 
-    def __init__(self, role, args, mode, bootstrap, token=None, ranks=None):
-        tp = args.src_tp if role == "prefill" else args.dst_tp
-        ranks = list(range(tp)) if ranks is None else ranks
+    def __init__(self, role, args, mode, bootstrap, token=None):
+        ranks = list(range(args.src_tp if role == "prefill" else args.dst_tp))
         groups = [[r] for r in ranks] if args.layout == "rank" else [ranks]
         kind = Local if args.layout == "one" else Remote
         # started together: a prefill rank's start waits for its whole group to register
         self.parts = [kind(role, args, mode, group, bootstrap, token) for group in groups]
         for part in self.parts:
-            if kind is Remote:
-                part.receive()  # built
+            part.receive()  # built
 
     def __call__(self, name, *params):
         for part in self.parts:
