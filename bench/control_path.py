@@ -21,7 +21,12 @@ import time
 
 import numpy as np
 import torch
-from transfer_sides import Role, add_layout_argument  # bench/ is on sys.path (a script)
+from transfer_sides import (  # bench/ is on sys.path (a script)
+    Role,
+    add_layout_argument,
+    add_receives_argument,
+    receive_paths,
+)
 
 from kvferry.transport.bootstrap import BootstrapServer
 
@@ -49,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--staging-mib", type=int, default=16)
     p.add_argument("--tls", default=None, help=f"UCX_TLS (default {GPU_TLS!r} on GPU, {CPU_TLS!r})")
     add_layout_argument(p)
+    add_receives_argument(p)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)
@@ -69,8 +75,9 @@ def per_request(before: dict, after: dict, requests: int) -> dict:
     }
 
 
-def main() -> None:
-    args = parse_args()
+def run(args: argparse.Namespace) -> dict:
+    """args.requests rooms after args.warmup: each side's CPU per request, registration and
+    hand-over-to-Success times."""
     server = BootstrapServer(args.src_tp)
     prefill = Role("prefill", args, "staged", server.address, server.token)
     decode = Role("decode", args, "staged", server.address)
@@ -92,25 +99,41 @@ def main() -> None:
         decode.close()
         prefill.close()
         server.close()
-    result = {
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "args": vars(args),
+    return {
         "sides": {s: per_request(before[s], after[s], args.requests) for s in before},
         "open_ms_p50": float(np.median(opened)) * 1e3,
         "transfer_ms_p50": float(np.median(moved)) * 1e3,
     }
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    runs = {}
+    for native in receive_paths(args):
+        args.native = native
+        runs["native" if native else "ucxx"] = run(args)
+    first = next(iter(runs))
+    args.native = first == "native"
+    result = {"device": device, "args": vars(args), **runs[first], "receives": first}
+    if len(runs) == 2:
+        result["ucxx_receives"] = runs["ucxx"]
     print(
         f"{args.requests} requests of {args.tokens} tokens, TP{args.src_tp} -> TP{args.dst_tp}, "
-        f"{args.layers} layers, on {result['device']}: registration {result['open_ms_p50']:.2f}"
-        f" ms, hand-over to Success {result['transfer_ms_p50']:.2f} ms (p50)"
+        f"{args.layers} layers, on {device}"
     )
-    print(f"{'side':8} {'CPU us/request':>15} {'wait':>7} {'ucx':>7} {'rest':>7} {'turns':>6}")
-    for side, row in result["sides"].items():
-        parts = row["cpu_parts_us"]
-        print(
-            f"{side:8} {row['cpu_us']:15.1f} {parts['wait']:7.1f} {parts['ucx']:7.1f} "
-            f"{parts['rest']:7.1f} {row['turns']:6.2f}"
-        )
+    print(
+        f"{'receives':9} {'side':8} {'CPU us/request':>15} {'wait':>7} {'ucx':>7} {'rest':>7} "
+        f"{'turns':>6} {'register ms':>12} {'hand-over to Success ms':>24}"
+    )
+    for receives, one in runs.items():
+        for side, row in one["sides"].items():
+            parts = row["cpu_parts_us"]
+            print(
+                f"{receives:9} {side:8} {row['cpu_us']:15.1f} {parts['wait']:7.1f} "
+                f"{parts['ucx']:7.1f} {parts['rest']:7.1f} {row['turns']:6.2f} "
+                f"{one['open_ms_p50']:12.2f} {one['transfer_ms_p50']:24.2f}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -21,7 +21,13 @@ import statistics
 import numpy as np
 import torch
 from timelines import stage_times  # bench/ is on sys.path (a script)
-from transfer_sides import Remote, Role, add_layout_argument
+from transfer_sides import (
+    Remote,
+    Role,
+    add_layout_argument,
+    add_receives_argument,
+    receive_paths,
+)
 
 from kvferry.transport.bootstrap import BootstrapServer
 
@@ -126,6 +132,7 @@ def parse_args():
     )
     p.add_argument("--raw-mib", type=int, default=1024, help="largest raw message per decode rank")
     add_layout_argument(p)
+    add_receives_argument(p)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)
@@ -134,7 +141,13 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
-    staged = run_mode(args, "staged", args.tokens)
+    runs = {}
+    for native in receive_paths(args):
+        args.native = native
+        runs[native] = run_mode(args, "staged", args.tokens)
+        runs[native]["receives"] = "native" if native else "ucxx"
+    staged = runs[receive_paths(args)[0]]
+    args.native = staged["receives"] == "native"
     per_rank = int(staged["request_mib"] * 2**20) // args.dst_tp
     raw = run_raw(args, min(per_rank, args.raw_mib << 20))
     sliced = run_mode(args, "slice", args.slice_tokens) if args.slice_tokens else None
@@ -157,11 +170,12 @@ def main() -> None:
         "messages_per_request": 0,
         "tokens": 0,
     }
-    for row in (raw, staged, sliced):
+    for row in (raw, *runs.values(), sliced):
         tokens = row.get("tokens", args.tokens)
         mib = row.get("request_mib", staged["request_mib"])
+        name = row["mode"] if row["mode"] != "staged" else f"{row['receives']}"
         print(
-            f"{row['mode']:<8}{tokens:>8}{mib:>10.1f}{row['gbps']:>9.2f}"
+            f"{name:<8}{tokens:>8}{mib:>10.1f}{row['gbps']:>9.2f}"
             f"{row['messages_per_request']:>10}"
             f"{row['gbps'] / raw['gbps']:>8.2f}{row['gbps'] / sliced['gbps']:>10.1f}"
         )
@@ -174,19 +188,29 @@ def main() -> None:
         "summed seconds over all requests (copy = gather or scatter, wire = send or receive):",
         json.dumps(staged["phases_s"]),
     )
-    stages = ", ".join(f"{k} {v:.2f}" for k, v in staged["stages_ms"].items())
-    print(f"staged, ms after the hand-over (median; a stage's last message): {stages}")
-    cpu = staged["cpu_us_per_message"]
-    print(
-        f"transfer-thread CPU per staged message (after the warm-up): prefill "
-        f"{cpu['prefill']:.0f} us, decode {cpu['decode']:.0f} us; of which waiting (poll, GIL) "
-        f"and in UCX: {json.dumps(staged['cpu_parts_us_per_message'])}"
-    )
+    for run in runs.values():
+        receives = run["receives"]
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in run["stages_ms"].items())
+        print(f"staged, {receives} receives, ms after the hand-over (median): {stages}")
+        cpu = run["cpu_us_per_message"]
+        print(
+            f"  transfer-thread CPU per message (after the warm-up): prefill "
+            f"{cpu['prefill']:.0f} us, decode {cpu['decode']:.0f} us; of which waiting (poll, "
+            f"GIL) and in UCX: {json.dumps(run['cpu_parts_us_per_message'])}"
+        )
+    if len(runs) == 2:
+        native, ucxx = runs[True], runs[False]
+        print(
+            f"native / ucxx receives: {native['gbps'] / ucxx['gbps']:.2f}x the GB/s, "
+            f"{native['cpu_us_per_message']['decode'] / ucxx['cpu_us_per_message']['decode']:.2f}x"
+            " the decode CPU per message"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {"device": name, "args": vars(args), "rows": [raw, staged, sliced]}, f, indent=1
-            )
+            result = {"device": name, "args": vars(args), "rows": [raw, staged, sliced]}
+            if len(runs) == 2:
+                result["ucxx_receives"] = runs[False]
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,23 @@ def add_layout_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_receives_argument(parser: argparse.ArgumentParser) -> None:
+    """`--receives`: how the decode ranks receive (`receive_paths` lists the runs)."""
+    parser.add_argument(
+        "--receives",
+        choices=("native", "ucxx", "both"),
+        default="both",
+        help="native: transport/native.py, each scatter launched by its receive's completion "
+        "(the default of a daemon); ucxx: through ucxx's Python API, the scatter launched by "
+        "the receive pipeline; both: one run each, side by side",
+    )
+
+
+def receive_paths(args: argparse.Namespace) -> list[bool]:
+    """The runs `--receives` asks for, as TransferConfig.native_receives values, native first."""
+    return {"native": [True], "ucxx": [False], "both": [True, False]}[args.receives]
+
+
 class Side:
     """Ranks `ranks` of one role in this process, each with a cache of `args.tokens` tokens."""
 
@@ -80,7 +97,7 @@ class Side:
             shape = (layout.num_planes, pages * a.page_size, layout.local_heads, a.head_dim)
             cache = torch.randn(shape, device=self.device).to(getattr(torch, a.dtype))
             self.slots.append(token_slots(rng.permutation(pages), a.page_size, 0, a.tokens))
-            plane = UcxDataPlane(a.tls, cuda)
+            plane = UcxDataPlane(a.tls, cuda, native=a.native)
             planes = KVPlanes.from_cache(cache)
             agent = (
                 PrefillAgent(config, layout, planes, plane, bootstrap, token)
@@ -144,7 +161,7 @@ class Side:
         from kvferry.transport.ucx import UcxDataPlane
 
         cuda = self.device.index or 0 if self.device.type == "cuda" else None
-        self.raw = UcxDataPlane(self.args.tls, cuda)
+        self.raw = UcxDataPlane(self.args.tls, cuda, native=False)  # raw ucxx, as ever
         self.raw_buffers = [
             torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             for _ in range(self.args.dst_tp)

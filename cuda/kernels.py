@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from pathlib import Path
+
+
+class KVCopyArgs(ctypes.Structure):
+    """kv_copy's parameters, in the kernel's order and types (kv_copy.cu): what a launch's
+    parameter array points into, from Python (staging/kv_launch.py) or from native code
+    (transport/ucx_receives.c)."""
+
+    _fields_ = (
+        ("planes", ctypes.c_uint64),
+        ("slots", ctypes.c_uint64),
+        ("staging", ctypes.c_uint64),
+        ("num_tokens", ctypes.c_uint32),
+        ("row_len", ctypes.c_uint32),
+        ("slot_len", ctypes.c_int64),
+        ("head_offset", ctypes.c_int64),
+    )
+
 
 # Vector types by width in bytes; the kernels copy whole vectors.
 VECTOR_TYPES = {16: "uint4", 8: "uint2", 4: "unsigned int", 2: "unsigned short", 1: "unsigned char"}

@@ -14,12 +14,13 @@ import ctypes
 import functools
 import os
 from collections import deque
+from typing import NamedTuple
 
 import torch
 
 from kvferry.staging import cuda_driver as driver  # loads the driver on first use only
 from kvferry.staging import fd_read
-from kvferry.staging.kv_copy import KVPlanes, gather, scatter
+from kvferry.staging.kv_copy import KVPlanes, gather, plan_scatter, scatter
 
 
 class Fence:
@@ -117,6 +118,39 @@ class CopyStream:
         `wake_when_done`) covers it, as the stream runs them in order."""
         return self._run(scatter, (src, planes, slots, head_start, num_heads), after, wake)
 
+    def chain_scatter(
+        self, launch, src, planes: KVPlanes, slots, head_start: int, num_heads: int
+    ) -> Chained | None:
+        """Prepare a scatter for native code to launch on this stream, and write it into
+        `launch` (a native receive's record, transport/native.py): the receive's completion
+        launches it and records its event. None when there is nothing to copy (`launch` is
+        left empty). Then `chained_done` once the receive has completed."""
+        driver.use_device(self._index)
+        planned = plan_scatter(src, planes, slots, head_start, num_heads, self._handle, launch.args)
+        if planned is None:
+            return None
+        event = self._spare.pop() if self._spare else driver.Event()
+        launch.function, launch.stream, launch.event = planned.function, self._handle, event.handle
+        launch.grid_x, launch.grid_y = planned.grid
+        launch.block = planned.block
+        launch.expected = src.nbytes
+        return Chained(planned, event)
+
+    def chained_done(self, chained: Chained, launched: bool, last: bool) -> Fence | None:
+        """The receive of a chained scatter completed; `launched`: whether its scatter was
+        queued. Its fence, None if it never ran. `last`: the room's last message: native code
+        queues scatters in the order receives complete, which need not be the order their
+        owner sees them, so the fence returned is then recorded now, after every copy queued
+        so far, and `wake_fd` fires when it is done."""
+        driver.use_device(self._index)
+        chained.planned.finish(self._handle)
+        if not launched:
+            self._spare.append(chained.event)
+            return None
+        fence = Fence(chained.event)
+        self._pending.append(fence)
+        return self._fence(wake=True) if last else fence
+
     def wake_when_done(self) -> None:
         """Make `wake_fd` readable once every copy queued so far has finished (for copies
         queued with `wake=False` that someone now waits for)."""
@@ -152,6 +186,10 @@ class CopyStream:
         if after is not None and after.handle:
             driver.wait_event(self._handle, after.handle)
         copy(*args, stream=self._handle)
+        return self._fence(wake)
+
+    def _fence(self, wake: bool) -> Fence:
+        """A fence after everything queued so far (`wake`: `wake_fd` fires once it is done)."""
         event = self._spare.pop() if self._spare else driver.Event()
         event.record(self._handle)
         if wake:
@@ -159,6 +197,14 @@ class CopyStream:
         fence = Fence(event)
         self._pending.append(fence)
         return fence
+
+
+class Chained(NamedTuple):
+    """A scatter native code launches once its bytes arrive: its uploaded indices and the event
+    recorded after it."""
+
+    planned: object  # staging/kv_launch.py PlannedCopy
+    event: driver.Event
 
 
 class HostSignal:

@@ -89,6 +89,12 @@ def use_device(index: int) -> None:
     _thread.device = index
 
 
+def entry_points(*names: str) -> tuple[int, ...]:
+    """The addresses of driver functions, for native code that calls them (with the same
+    signatures as above)."""
+    return tuple(ctypes.cast(getattr(_lib(), name), ctypes.c_void_p).value for name in names)
+
+
 def launch_kernel(function: int, grid: tuple[int, int], block: int, stream: int, params) -> None:
     """cuLaunchKernel of `function` over grid (x, y) with `params` (the address of its array of
     argument pointers)."""

@@ -16,31 +16,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from kvferry.cuda.kernels import VECTOR_TYPES, kv_copy_kernel
+from kvferry.cuda.kernels import VECTOR_TYPES, KVCopyArgs, kv_copy_kernel
 from kvferry.staging import cuda_driver as driver
 from kvferry.staging.upload import IndexUploader
 
 BLOCK = 512  # threads per block; matches __launch_bounds__ in kv_copy.cu
 UNROLL = 2  # vectors per thread per iteration; matches kUnroll in kv_copy.cu
 MAX_GRID_X = 1 << 16  # beyond this the kernel's grid-stride loop takes over
-
-
-class _Args(ctypes.Structure):
-    """kv_copy's parameters, in the kernel's order and types (cuda/kv_copy.cu)."""
-
-    _fields_ = (
-        ("planes", ctypes.c_uint64),
-        ("slots", ctypes.c_uint64),
-        ("staging", ctypes.c_uint64),
-        ("num_tokens", ctypes.c_uint32),
-        ("row_len", ctypes.c_uint32),
-        ("slot_len", ctypes.c_int64),
-        ("head_offset", ctypes.c_int64),
-    )
 
 
 class _Launcher:
@@ -51,20 +38,20 @@ class _Launcher:
         with torch.cuda.device(device):
             self.uploader = IndexUploader(device)
         self.index = device.index if device.index is not None else torch.cuda.current_device()
-        self.args = _Args()
+        self.args = KVCopyArgs()
         base = ctypes.addressof(self.args)
-        pointers = [base + getattr(_Args, name).offset for name, _ in _Args._fields_]
+        pointers = [base + getattr(KVCopyArgs, name).offset for name, _ in KVCopyArgs._fields_]
         self._pointers = (ctypes.c_void_p * len(pointers))(*pointers)
         self.params = ctypes.addressof(self._pointers)
         self._functions: dict[tuple[int, bool], int] = {}  # (width, gather) -> CUfunction
 
-    def launch(self, width: int, gather: bool, grid: tuple[int, int], stream: int) -> None:
-        """Launch the kernel for (width, gather) with the parameters now in `args`."""
+    def function(self, width: int, gather: bool) -> int:
+        """The CUfunction of the kernel for (width, gather), loaded once."""
         function = self._functions.get((width, gather))
         if function is None:  # a cupy RawKernel's `kernel` is its loaded Function
             function = kv_copy_kernel(width, gather, self.index).kernel.ptr
             self._functions[(width, gather)] = function
-        driver.launch_kernel(function, grid, BLOCK, stream, self.params)
+        return function
 
 
 def launch_kv_copy(
@@ -72,7 +59,7 @@ def launch_kv_copy(
     slots_np: np.ndarray,
     head_start: int,
     num_heads: int,
-    staging: torch.Tensor,
+    staging,
     gather: bool,
     stream_handle: int | None = None,
 ) -> None:
@@ -80,6 +67,60 @@ def launch_kv_copy(
     else on the current torch stream."""
     if len(slots_np) == 0:
         return
+    launcher = _launcher(planes.device)
+    stream = stream_handle or _raw_current_stream(launcher.index)
+    driver.use_device(launcher.index)
+    with launcher.uploader.lock:
+        copy = _plan(launcher, launcher.args, planes, slots_np, head_start, num_heads, staging,
+                     gather, stream)  # fmt: skip
+        try:
+            driver.launch_kernel(copy.function, copy.grid, BLOCK, stream, launcher.params)
+        finally:  # the upload region is reclaimed after whatever the stream has queued
+            launcher.uploader.done(copy.ticket, stream)
+
+
+class PlannedCopy(NamedTuple):
+    """A copy whose indices are uploaded and whose parameters are written, to be launched by
+    whoever holds them; `finish` once it is launched (or never will be)."""
+
+    function: int
+    grid: tuple[int, int]
+    block: int
+    ticket: int
+    device: torch.device
+
+    def finish(self, stream: int) -> None:
+        """The copy is queued on `stream` (or abandoned): its index upload is reclaimed after
+        whatever the stream holds now."""
+        uploader = _launcher(self.device).uploader
+        with uploader.lock:
+            uploader.done(self.ticket, stream)
+
+
+def plan_kv_copy(
+    args: KVCopyArgs,
+    planes,
+    slots_np: np.ndarray,
+    head_start: int,
+    num_heads: int,
+    staging,
+    gather: bool,
+    stream: int,
+) -> PlannedCopy:
+    """Upload the slots (queued on `stream`) and write a copy's parameters into `args`, for a
+    launch of the returned function on `stream` later: by native code, once the bytes to
+    scatter have arrived (transport/ucx_receives.c). `slots_np` is not empty."""
+    launcher = _launcher(planes.device)
+    driver.use_device(launcher.index)
+    with launcher.uploader.lock:
+        return _plan(launcher, args, planes, slots_np, head_start, num_heads, staging, gather,
+                     stream)  # fmt: skip
+
+
+def _plan(
+    launcher: _Launcher, args: KVCopyArgs, planes, slots_np, head_start, num_heads, staging,
+    gather: bool, stream: int,
+) -> PlannedCopy:  # fmt: skip
     row_bytes = num_heads * planes.head_dim * planes.itemsize
     slot_bytes = planes.num_heads * planes.head_dim * planes.itemsize
     offset_bytes = head_start * planes.head_dim * planes.itemsize
@@ -94,24 +135,15 @@ def launch_kv_copy(
             f"{len(slots_np)} tokens x {row_bytes} B per plane is too large for one launch"
         )
     grid = (min(-(-per_plane // (BLOCK * UNROLL)), MAX_GRID_X), planes.num_planes)
-    launcher = _launcher(planes.device)
-    index = launcher.index
-    stream = stream_handle or _raw_current_stream(index)
-    driver.use_device(index)
-    with launcher.uploader.lock:
-        device_slots, ticket = launcher.uploader.upload(slots_np, stream)
-        args = launcher.args
-        args.planes = planes.pointers.data_ptr()
-        args.slots = device_slots
-        args.staging = staging_address
-        args.num_tokens = len(slots_np)
-        args.row_len = row_len
-        args.slot_len = slot_bytes // width
-        args.head_offset = offset_bytes // width
-        try:
-            launcher.launch(width, gather, grid, stream)
-        finally:  # the upload region is reclaimed after whatever the stream has queued
-            launcher.uploader.done(ticket, stream)
+    device_slots, ticket = launcher.uploader.upload(slots_np, stream)
+    args.planes = planes.pointers.data_ptr()
+    args.slots = device_slots
+    args.staging = staging_address
+    args.num_tokens = len(slots_np)
+    args.row_len = row_len
+    args.slot_len = slot_bytes // width
+    args.head_offset = offset_bytes // width
+    return PlannedCopy(launcher.function(width, gather), grid, BLOCK, ticket, planes.device)
 
 
 def _vector_width(*quantities: int) -> int:

@@ -158,13 +158,23 @@ class DataPlane:
         """(tag, length) of the oldest message that arrived and was not taken yet."""
         return self._probe()
 
-    def recv(self, tag: int, buffer: torch.Tensor | Region) -> DataOp:
-        """Take the message with `tag` (seen by probe) into `buffer`."""
+    @property
+    def chains_copies(self) -> bool:
+        """Whether `recv` can launch a copy the moment the bytes are in (its `then`)."""
+        return False
+
+    def recv(
+        self, tag: int, buffer: torch.Tensor | Region, then: Callable[[object], None] | None = None
+    ) -> DataOp:
+        """Take the message with `tag` (seen by probe) into `buffer`. `then(launch)`, where the
+        plane chains copies: called before the receive is posted, to write into `launch` the
+        copy its completion launches (staged_mode.chain); a receive that cannot chain one
+        (its backend ran out of native records) does not call it."""
         _check(buffer, tag)
         self.messages_received += 1
         self.bytes_received += buffer.numel() * buffer.element_size()
         self.posted = True
-        return self._recv(tag, buffer)
+        return self._recv(tag, buffer, then)
 
     def discard(self, tag: int) -> DataOp:
         """Take the message with `tag` and throw it away (its sender is released)."""
@@ -191,7 +201,7 @@ class DataPlane:
     def _probe(self) -> tuple[int, int] | None:
         raise NotImplementedError
 
-    def _recv(self, tag: int, buffer: torch.Tensor) -> DataOp:
+    def _recv(self, tag: int, buffer: torch.Tensor, then) -> DataOp:
         raise NotImplementedError
 
     def _discard(self, tag: int) -> DataOp:
@@ -266,7 +276,7 @@ class LoopbackDataPlane(DataPlane):
                     return payload
         return None
 
-    def _recv(self, tag, buffer) -> DataOp:
+    def _recv(self, tag, buffer, then) -> DataOp:
         payload = self._take(tag)
         if payload is None:
             return DoneOp(f"no message with tag {tag:#x}")

@@ -10,6 +10,7 @@ then fails its room. A message no open room wants is discarded, which releases i
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -45,6 +46,8 @@ class RecvPipeline:
         self._scattering: deque[Arrival] = deque()  # scatters queued, in stream order
         self._discards: deque = deque()  # discards of unwanted messages not yet done
         self._ring_blocked_since: float | None = None
+        # the data plane launches each scatter as its receive completes (native receives)
+        self._chains = core.data.chains_copies and self.mode.chains
 
     @property
     def busy(self) -> bool:
@@ -119,9 +122,11 @@ class RecvPipeline:
         if not self.mode.land(arrival, nbytes):
             return self._ring_full(room, now)
         self._ring_unblocked(now)
+        chain = functools.partial(self.mode.chain, arrival) if self._chains else None
         try:
-            arrival.request = self.core.data.recv(tag, arrival.region)
+            arrival.request = self.core.data.recv(tag, arrival.region, chain)
         except BaseException:
+            self.mode.abandon(arrival)  # nothing was posted: nothing was launched
             if arrival.offset is not None:  # nothing was posted into it
                 self.core.staging.free(arrival.offset)
             raise
@@ -160,7 +165,11 @@ class RecvPipeline:
             if error or not room.open:
                 if error:
                     self._fail_room(room, failure("receive", error))
-                self._release(arrival)
+                arrival.fence = self.mode.abandon(arrival)
+                if arrival.fence is None:
+                    self._release(arrival)
+                else:  # launched all the same: the region is free once it has run
+                    self._scattering.append(arrival)
                 continue
             last(room.marks, "received_data")
             room.received_units += 1

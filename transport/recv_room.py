@@ -32,7 +32,7 @@ class Piece(NamedTuple):
 class Arrival:
     """A data message being taken in: its receive, then what its mode does once it is in."""
 
-    __slots__ = ("fence", "offset", "piece", "region", "request", "room", "started")
+    __slots__ = ("chained", "fence", "offset", "piece", "region", "request", "room", "started")
 
     def __init__(self, room: RecvRoom, piece: Piece) -> None:
         self.room, self.piece = room, piece
@@ -40,6 +40,7 @@ class Arrival:
         self.region = None
         self.request = None
         self.fence = None
+        self.chained = None  # a scatter its receive's completion launches (staged_mode.chain)
         self.started = 0.0  # when its receive (then its scatter) was posted
 
 

@@ -50,8 +50,13 @@ class SliceMode:
         arrival.region = row.narrow(0, piece.slice.dst_head_start, piece.slice.num_heads)
         return True
 
+    chains = False  # nothing to launch after a receive
+
     def received(self, arrival: Arrival, wake: bool):
         return None  # the row is in place already
+
+    def abandon(self, arrival: Arrival):
+        return None  # nothing was launched for it
 
     def ring_too_small(self, need: int, config: TransferConfig) -> Failure | None:
         return None  # no ring

@@ -63,14 +63,39 @@ class StagedMode:
         arrival.offset, arrival.region = offset, self.staging.region(offset, nbytes)
         return True
 
+    chains = True  # its scatter can be launched by the data plane's receive completion
+
+    def chain(self, arrival: Arrival, launch) -> None:
+        """Write the arrival's scatter into `launch`, the record of its native receive, whose
+        completion then launches it (`DataPlane.chains_copies`)."""
+        piece = arrival.piece
+        s = piece.slice
+        arrival.chained = self.copies.chain_scatter(
+            launch, arrival.region, piece.planes, piece.slots, s.dst_head_start, s.num_heads
+        )
+
     def received(self, arrival: Arrival, wake: bool):
         """A message is in: the fence after which its KV is in the cache (None: already).
-        `wake`: whether its completion must wake the loop (else a later one's covers it)."""
+        `wake`: whether its completion must wake the loop (else a later one's covers it);
+        the room's last message is the one that wakes."""
+        if arrival.chained is not None:
+            chained, arrival.chained = arrival.chained, None
+            return self.copies.chained_done(chained, arrival.request.launched, last=wake)
         piece = arrival.piece
         s = piece.slice
         return self.copies.scatter(
             arrival.region, piece.planes, piece.slots, s.dst_head_start, s.num_heads, wake=wake
         )
+
+    def abandon(self, arrival: Arrival):
+        """A message that will not land (its receive failed or its room closed): the fence of a
+        scatter its receive launched all the same, which must run before its ring region is
+        reused (it wakes the loop when done); None if none was."""
+        chained, arrival.chained = arrival.chained, None
+        if chained is None:
+            return None
+        launched = getattr(arrival.request, "launched", False)  # None yet: never posted
+        return self.copies.chained_done(chained, launched, last=True)
 
     def ring_too_small(self, need: int, config: TransferConfig) -> Failure | None:
         """Why a room whose largest message is `need` bytes can never be staged, or None."""

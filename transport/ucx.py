@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import sys
 import time
@@ -33,9 +34,11 @@ from kvferry.transport.dataplane import (
     data_failure,
 )
 from kvferry.transport.failure import Failure
+from kvferry.transport.native import NativeReceives, NativeUnavailable
 from kvferry.transport.netdev import ucx_net_devices
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 
+log = logging.getLogger(__name__)
 DISCARD_BYTES = 256  # scratch a discarded message is truncated into
 FULL_PROGRESS_EVERY_S = 1.0  # ucxx's own progress (request cancelling included) at least this often
 UCS_OK, UCS_ERR_BUSY = 0, -15  # ucs/type/status.h
@@ -151,8 +154,12 @@ class UcxDataPlane(DataPlane):
         cuda_device: int | None = None,
         host: str | None = None,
         ports: str | None = None,
+        native: bool = True,
     ) -> None:
-        """`ports`: "LOW-HIGH", the TCP ports of UCX's tcp transport (TransferConfig.ucx_ports)."""
+        """`ports`: "LOW-HIGH", the TCP ports of UCX's tcp transport (TransferConfig.ucx_ports).
+        `native`: probe and receive through transport/native.py (TransferConfig.native_receives),
+        which on a GPU launches each scatter from the receive's completion; ucxx's API if it
+        cannot be built here (logged)."""
         super().__init__()
         self._ucx = load_ucxx(tls, host, ports)
         self._cuda_device = cuda_device
@@ -169,6 +176,29 @@ class UcxDataPlane(DataPlane):
         self._local = _own_address(self._address)
         self._match_all = (self._ucx.UCXXTag(0), self._ucx.UCXXTagMask(0))
         self._scratch = np.empty(DISCARD_BYTES, dtype=np.uint8)
+        self._native = self._native_receives() if native else None
+
+    def _native_receives(self) -> NativeReceives | None:
+        try:
+            if self._cuda_device is None:
+                return NativeReceives(self._handle)
+            from kvferry.staging import cuda_driver
+
+            launch, record = cuda_driver.entry_points("cuLaunchKernel", "cuEventRecord")
+            return NativeReceives(self._handle, launch, record)
+        except NativeUnavailable as exc:
+            log.warning("receiving through ucxx's API: the native receive path is unavailable: %s",
+                        exc)  # fmt: skip
+            return None
+
+    @property
+    def native(self) -> bool:
+        """Whether receives go through the native path."""
+        return self._native is not None
+
+    @property
+    def chains_copies(self) -> bool:
+        return self._native is not None and self._cuda_device is not None
 
     @property
     def address(self) -> bytes:
@@ -194,14 +224,23 @@ class UcxDataPlane(DataPlane):
             self._cancels_due = False
             self._next_full_progress = now + FULL_PROGRESS_EVERY_S
             self._worker.progress()
+            if self._native is not None:
+                self._native.reap()
             return
         progress, handle = _ucp().ucp_worker_progress, self._handle
         while progress(handle):
             pass
+        if self._native is not None:
+            self._native.reap()
 
     def close(self) -> None:
         super().close()
+        if self._native is not None:  # what is still in flight ends, cancelled
+            self._native.cancel_all()
         self._worker.progress()  # the endpoints' closing, with the loop thread gone
+        if self._native is not None:
+            self._native.reap()
+            self._native.close()
 
     def arm(self) -> bool:
         # ucp_worker_arm itself, as ucxx's arm() calls it, but with the GIL held (PyDLL): the
@@ -241,6 +280,8 @@ class UcxDataPlane(DataPlane):
         return UcxOp(endpoint.tag_send(array, self._ucx.UCXXTag(tag)), array)
 
     def _probe(self):
+        if self._native is not None:
+            return self._native.peek()
         tag, mask = self._match_all
         probe = self._worker.tag_probe(tag, mask, remove=False)
         return (probe.sender_tag.value, int(probe.length)) if probe.matched else None
@@ -251,8 +292,16 @@ class UcxDataPlane(DataPlane):
             return DoneOp(f"no message with tag {tag:#x}")
         return UcxOp(self._worker.tag_recv_with_handle(array, probe), array)
 
-    def _recv(self, tag, buffer) -> DataOp:
-        return self._take(tag, _array(buffer))
+    def _recv(self, tag, buffer, then) -> DataOp:
+        record = self._native.record() if self._native is not None else None
+        if record is None:  # through ucxx (or every native record is in flight)
+            return self._take(tag, _array(buffer))
+        op_id, launch = record
+        if then is not None:
+            then(launch)
+        nbytes = buffer.numel() * buffer.element_size()
+        op = self._native.post(op_id, tag, buffer.data_ptr(), nbytes)
+        return DoneOp(f"no message with tag {tag:#x}") if op is None else op
 
     def _discard(self, tag) -> DataOp:
         from ucxx._lib.arr import Array

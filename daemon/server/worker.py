@@ -295,7 +295,11 @@ def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, boots
         ),
         transfer_for(config, model.config),
         lambda: UcxDataPlane(
-            config.transfer.ucx_tls, cuda, config.transfer.host, config.transfer.ucx_ports
+            config.transfer.ucx_tls,
+            cuda,
+            config.transfer.host,
+            config.transfer.ucx_ports,
+            config.transfer.native_receives,
         ),
         model_name=config.model.name,
         tp_rank=rank,

@@ -32,7 +32,13 @@ class Side:
         self.config = TransferConfig(**config)
         self.server = BootstrapServer(tp) if role == "prefill" else None
         cuda = 0 if device == "cuda" else None
-        plane = functools.partial(UcxDataPlane, self.config.ucx_tls, cuda, self.config.host)
+        plane = functools.partial(
+            UcxDataPlane,
+            self.config.ucx_tls,
+            cuda,
+            self.config.host,
+            native=self.config.native_receives,
+        )
         bootstrap = self.server.address if self.server else None
         token = self.server.token if self.server else b""
         page = 16 if role == "prefill" else 4

@@ -86,10 +86,10 @@ def test_data_message_whose_handling_raises_fails_only_its_room(dep, monkeypatch
     data, key = agent.core.data, agent.rooms[req.room].key
     real_recv = data.recv
 
-    def broken_recv(tag, buffer):
+    def broken_recv(tag, buffer, then=None):
         if unpack_tag(tag)[0] == key:
             raise RuntimeError("recv bug")
-        return real_recv(tag, buffer)
+        return real_recv(tag, buffer, then)
 
     monkeypatch.setattr(data, "recv", broken_recv)
     inject(dep, req.room, 0, 0, 6144)

@@ -175,9 +175,12 @@ def test_prefill_killed_mid_transfer(procs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("native", [True, False], ids=["native", "ucxx"])
 @pytest.mark.parametrize("heads, src_tp, dst_tp", [(8, 2, 1), (2, 4, 1)])
-def test_gpu_caches_over_cuda_ipc(procs, heads, src_tp, dst_tp):
-    config = dict(CONFIG, ucx_tls="cuda_ipc,cuda_copy,tcp,sm,self")
+def test_gpu_caches_over_cuda_ipc(procs, heads, src_tp, dst_tp, native):
+    """Bit-exact KV on decode, with the scatters launched by the native receives' completions
+    and by the receive pipeline."""
+    config = dict(CONFIG, ucx_tls="cuda_ipc,cuda_copy,tcp,sm,self", native_receives=native)
     prefill = procs("prefill", heads, src_tp, config, device="cuda")
     decode = procs("decode", heads, dst_tp, config, device="cuda")
     for (p_states, p_reasons, _), (d_states, d_reasons, matches) in transfer(

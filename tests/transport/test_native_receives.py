@@ -1,0 +1,130 @@
+"""The native receive path (transport/native.py, ucx_receives.c) against ucxx's, over real UCX
+on loopback. Each case runs in a child: UCX reads its settings once per process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("ucxx", reason="the UCX data plane needs the ucxx package")
+
+CHILD = r"""
+import json, logging, select, sys, time
+import torch
+from kvferry.transport.dataplane import DoneOp
+from kvferry.transport.ucx import UcxDataPlane
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+native = sys.argv[1] == "native"
+plane, peer = UcxDataPlane("tcp,sm,self"), UcxDataPlane("tcp,sm,self", native=native)
+
+def progress():  # no transfer thread here: this one drives both workers, sleeping between
+    for p in (plane, peer):
+        p.progress()
+    if all(p.arm() for p in (plane, peer)):
+        select.select([plane.wake_fd, peer.wake_fd], [], [], 1.0)
+
+def wait(op):
+    deadline = time.monotonic() + 30
+    while not op.done() and time.monotonic() < deadline:
+        progress()
+    return "unfinished" if not op.done() else (op.error() and op.error().detail)
+
+def arrived():
+    deadline = time.monotonic() + 30
+    while peer.probe() is None and time.monotonic() < deadline:
+        progress()
+    return peer.probe()
+
+def take(tag, into):
+    # receive `tag` once it is in (probe shows only the oldest message): the op, and the
+    # launch records `then` was handed
+    deadline = time.monotonic() + 30
+    while True:
+        handed = []
+        op = peer.recv(tag, into, then=handed.append)
+        if not isinstance(op, DoneOp) or time.monotonic() > deadline:
+            return op, handed
+        progress()
+
+endpoint = plane.endpoint(peer.address, lambda why: None)
+report = {"native": peer.native, "chains": peer.chains_copies}
+tags = [11, 12, 13]
+payloads = {tag: torch.full((1000 + tag,), tag, dtype=torch.uint8) for tag in tags}
+sends = [plane.send(endpoint, payloads[tag], tag) for tag in tags]
+report["probed"] = arrived()
+launches = []
+received = {}
+for tag in reversed(tags):  # taken out of the order they came in
+    into = torch.zeros(1000 + tag, dtype=torch.uint8)
+    op, handed = take(tag, into)
+    received[tag] = (op, into)
+    launches += handed
+report["errors"] = [wait(op) for op, _ in received.values()] + [wait(op) for op in sends]
+report["equal"] = all(torch.equal(into, payloads[tag]) for tag, (_, into) in received.items())
+report["then"] = [launch.function is None for launch in launches]
+report["launched"] = [getattr(op, "launched", None) for op, _ in received.values()]
+report["missing"] = wait(peer.recv(99, torch.zeros(8, dtype=torch.uint8)))
+if peer.native:  # every record in flight: the receive goes through ucxx, and chains nothing
+    free, peer._native._free = peer._native._free, []
+    send = plane.send(endpoint, payloads[11], 21)
+    into = torch.zeros(1011, dtype=torch.uint8)
+    op, handed = take(21, into)
+    report["fallback"] = [type(op).__name__, wait(op), torch.equal(into, payloads[11]), handed]
+    peer._native._free = free
+    wait(send)
+# a large message whose sender stops progressing: its receive outlives the plane's close
+big = torch.ones(8 << 20, dtype=torch.uint8)
+send = plane.send(endpoint, big, 31)
+op, _ = take(31, torch.zeros(8 << 20, dtype=torch.uint8))
+peer.close()
+from kvferry.transport import native as native_module
+report["closed"] = [op.done(), peer.native and peer._native.posted, len(native_module._ORPHANED)]
+print(json.dumps(report), flush=True)
+plane.close()
+"""
+
+
+def run_child(path: str, **env) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, path],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **env},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    return json.loads(line) | {"log": proc.stderr}
+
+
+def test_native_receives_take_messages_in_any_order_and_end_cleanly():
+    report = run_child("native")
+    assert report["native"] and not report["chains"]  # on a CPU: nothing to launch
+    assert report["probed"][0] == 11  # the oldest message, with its length
+    assert report["probed"][1] == 1011
+    assert report["errors"] == [None] * 6 and report["equal"]
+    assert report["then"] == [True, True, True]  # each handed an empty launch record
+    assert report["launched"] == [False, False, False]
+    assert report["missing"] == "no message with tag 0x63"
+    assert report["fallback"] == ["UcxOp", None, True, []]
+    # closing did not wait for it: the record UCX may still complete into stays alive
+    assert report["closed"] == [False, 1, 1]
+
+
+def test_ucxx_receives_agree():
+    report = run_child("ucxx")
+    assert not report["native"]
+    assert report["errors"] == [None] * 6 and report["equal"]
+    assert report["then"] == [] and report["launched"] == [None, None, None]
+    assert report["missing"] == "no message with tag 0x63"
+
+
+def test_without_a_compiler_the_plane_receives_through_ucxx_and_says_why(tmp_path):
+    report = run_child("native", CC=str(tmp_path / "no-such-cc"), KVFERRY_CACHE_DIR=str(tmp_path))
+    assert not report["native"]
+    assert "native receive path is unavailable" in report["log"]
+    assert "no-such-cc" in report["log"]
+    assert report["errors"] == [None] * 6 and report["equal"]

@@ -1,0 +1,283 @@
+"""Native receives for the UCX data plane (ucx_receives.c): probe, post, and a completion
+callback that launches the message's scatter with no Python in between.
+
+The C file is compiled at first use with the host's C compiler (`CC`, else `cc`) against the
+headers of the libucx wheel that ucxx loads, and cached under `$KVFERRY_CACHE_DIR` (default
+`~/.cache/kvferry`) by a hash of the source and the include path, the way Triton builds its
+launchers. `build()` raises NativeUnavailable with the reason when that cannot be done; the data
+plane then receives through ucxx's API instead, and says so once in its log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from kvferry.cuda.kernels import KVCopyArgs
+from kvferry.transport.dataplane import DataOp, data_failure
+from kvferry.transport.failure import Failure
+
+SOURCE = Path(__file__).with_name("ucx_receives.c")
+CAPACITY = 4096  # receives in flight at once; past this a receive goes through ucxx
+_POSTED_OK, _NO_MESSAGE = 0, 1
+UCS_OK, UCS_ERR_CANCELED = 0, -16
+# UCS statuses that mean the peer's process or link went away (ucs/type/status.h)
+_PEER_GONE = frozenset({-6, -25, -80})  # UNREACHABLE, CONNECTION_RESET, ENDPOINT_TIMEOUT
+_ORPHANED: list = []  # records of closed receivers that UCX may still complete into
+
+
+class NativeUnavailable(RuntimeError):
+    """The native receive path cannot be built or loaded here (the reason is the message)."""
+
+
+class Launch(ctypes.Structure):
+    """The head of one receive's C record (kvf_op): the copy to launch once its bytes are in,
+    which the receive's owner writes before posting it. `function` 0: nothing to launch."""
+
+    _fields_ = (
+        ("function", ctypes.c_void_p),
+        ("stream", ctypes.c_void_p),
+        ("event", ctypes.c_void_p),
+        ("grid_x", ctypes.c_uint32),
+        ("grid_y", ctypes.c_uint32),
+        ("block", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("expected", ctypes.c_uint64),
+        ("args", KVCopyArgs),
+    )
+
+
+class _Op(ctypes.Structure):
+    _fields_ = (
+        ("launch", Launch),
+        ("params", ctypes.c_void_p * 7),
+        ("receiver", ctypes.c_void_p),
+        ("request", ctypes.c_void_p),
+        ("state", ctypes.c_int32),
+        ("status", ctypes.c_int32),
+        ("launch_status", ctypes.c_int32),
+        ("launched", ctypes.c_int32),
+        ("length", ctypes.c_uint64),
+    )
+
+
+class _Receiver(ctypes.Structure):
+    _fields_ = (
+        ("worker", ctypes.c_void_p),
+        ("launch", ctypes.c_void_p),
+        ("record", ctypes.c_void_p),
+        ("ops", ctypes.c_void_p),
+        ("done", ctypes.c_void_p),
+        ("capacity", ctypes.c_uint32),
+        ("done_head", ctypes.c_uint32),
+        ("done_count", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    )
+
+
+class NativeOp(DataOp):
+    """A receive posted by NativeReceives; done once a progress has reaped it."""
+
+    __slots__ = ("_receives", "finished", "launch_status", "launched", "status")
+
+    def __init__(self, receives: NativeReceives) -> None:
+        self._receives = receives
+        self.finished = False
+        self.status = UCS_OK
+        self.launch_status = 0
+        self.launched = False  # its copy is queued on the copy stream
+
+    def done(self) -> bool:
+        return self.finished
+
+    def error(self) -> Failure | None:
+        if self.status != UCS_OK:
+            reason = f"UCX receive failed: {self._receives.status_name(self.status)}"
+            return data_failure(reason, peer_gone=self.status in _PEER_GONE)
+        if self.launch_status:
+            return data_failure(f"the scatter's launch failed with CUDA error {self.launch_status}")
+        return None
+
+
+class NativeReceives:
+    """One UCX worker's receives through ucx_receives.c. Used from the worker's thread only.
+
+    `launch`, `record`: addresses of the CUDA driver's cuLaunchKernel and cuEventRecord, for
+    receives that launch a copy on completion (0 on a host without CUDA)."""
+
+    def __init__(self, worker: int, launch: int = 0, record: int = 0) -> None:
+        lib = build()
+        self._lib = lib
+        self._ops = (_Op * CAPACITY)()
+        self._done = (ctypes.c_uint32 * CAPACITY)()
+        self._reaped = (ctypes.c_uint32 * CAPACITY)()
+        self._r = _Receiver(
+            worker=worker,
+            launch=launch or None,
+            record=record or None,
+            ops=ctypes.addressof(self._ops),
+            done=ctypes.addressof(self._done),
+            capacity=CAPACITY,
+        )
+        self._receiver = ctypes.byref(self._r)
+        lib.kvf_init(self._receiver)
+        self._worker = worker
+        self._peeked = (ctypes.c_uint64 * 2)()
+        self._free = list(range(CAPACITY - 1, -1, -1))
+        self._posted: dict[int, NativeOp] = {}  # op id -> its receive, until reaped
+
+    @property
+    def posted(self) -> int:
+        return len(self._posted)
+
+    def peek(self) -> tuple[int, int] | None:
+        """(tag, length) of the oldest message waiting to be taken, or None."""
+        if not self._lib.kvf_peek(self._worker, self._peeked):
+            return None
+        return self._peeked[0], self._peeked[1]
+
+    def record(self) -> tuple[int, Launch] | None:
+        """A free receive record to fill (its id and its Launch, cleared), or None if every
+        record is in flight."""
+        if not self._free:
+            return None
+        op_id = self._free[-1]
+        launch = self._ops[op_id].launch
+        launch.function = None
+        return op_id, launch
+
+    def post(self, op_id: int, tag: int, address: int, nbytes: int) -> NativeOp | None:
+        """Take the message tagged `tag` into [address, +nbytes) with record `op_id` (from
+        `record`); None if no such message waits. Raises on a UCX error."""
+        status = self._lib.kvf_post(self._receiver, op_id, tag, address, nbytes)
+        if status == _NO_MESSAGE:
+            return None
+        if status != _POSTED_OK:
+            raise RuntimeError(f"posting a UCX receive failed: {self.status_name(status)}")
+        self._free.pop()
+        op = self._posted[op_id] = NativeOp(self)
+        return op
+
+    def reap(self) -> int:
+        """Mark the receives whose completion ran (in a progress since the last reap) done;
+        how many."""
+        count = self._lib.kvf_reap(self._receiver, self._reaped, CAPACITY)
+        for i in range(count):
+            op_id = self._reaped[i]
+            record = self._ops[op_id]
+            op = self._posted.pop(op_id)
+            op.status, op.launch_status = record.status, record.launch_status
+            op.launched = bool(record.launched)
+            op.finished = True
+            self._free.append(op_id)
+        return count
+
+    def cancel_all(self) -> None:
+        """Cancel every receive in flight: each completes, cancelled, in a later progress."""
+        self._lib.kvf_cancel_all(self._receiver)
+
+    def close(self) -> None:
+        """After `cancel_all`, a progress and a `reap`: a receive UCX still holds keeps the
+        records it writes into alive for the rest of the process."""
+        if self._posted:
+            _ORPHANED.append((self._ops, self._done, self._r))
+
+    def status_name(self, status: int) -> str:
+        return f"{_ucs_status_string(status)} (UCS status {status})"
+
+
+def build() -> ctypes.PyDLL:
+    """The compiled library, loaded (built first if the cache lacks it). PyDLL: its calls keep
+    the GIL, as a transfer thread's calls must (transport/ucx.py)."""
+    try:
+        return _load()
+    except NativeUnavailable:
+        raise
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+@functools.cache
+def _load() -> ctypes.PyDLL:
+    include, libdir = _ucx_dirs()
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise NativeUnavailable("no C compiler (set CC, or install cc)")
+    key = hashlib.sha256(SOURCE.read_bytes() + str(include).encode() + compiler.encode())
+    cache = Path(os.environ.get("KVFERRY_CACHE_DIR") or Path.home() / ".cache" / "kvferry")
+    target = cache / "native" / f"ucx_receives-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        _compile(compiler, include, libdir, target)
+    lib = ctypes.PyDLL(str(target))
+    p, u32, u64 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64
+    signatures = {
+        "kvf_op_size": ((), ctypes.c_size_t),
+        "kvf_receiver_size": ((), ctypes.c_size_t),
+        "kvf_init": ((p,), None),
+        "kvf_peek": ((p, p), ctypes.c_int),
+        "kvf_post": ((p, u32, u64, p, u64), ctypes.c_int),
+        "kvf_reap": ((p, p, u32), u32),
+        "kvf_cancel_all": ((p,), None),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, restype
+    sizes = (lib.kvf_op_size(), lib.kvf_receiver_size())
+    if sizes != (ctypes.sizeof(_Op), ctypes.sizeof(_Receiver)):
+        raise NativeUnavailable(
+            f"{target} has record sizes {sizes}, this module expects "
+            f"{(ctypes.sizeof(_Op), ctypes.sizeof(_Receiver))}"
+        )
+    return lib
+
+
+def _ucx_dirs() -> tuple[Path, Path]:
+    try:
+        import libucx  # the UCX wheel ucxx loads
+    except ImportError as exc:
+        raise NativeUnavailable("the libucx wheel is not installed") from exc
+    libucx.load_library()
+    root = Path(libucx.__file__).parent
+    include, libdir = root / "include", root / "lib"
+    if not (include / "ucp" / "api" / "ucp.h").is_file():
+        raise NativeUnavailable(f"no UCX headers under {include}")
+    return include, libdir
+
+
+def _compile(compiler: str, include: Path, libdir: Path, target: Path) -> None:
+    """Compile into a file of its own, then rename it into place: ranks starting together each
+    build, and none ever loads a half-written library."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    command = [
+        compiler, "-O2", "-std=gnu11", "-shared", "-fPIC", f"-I{include}", str(SOURCE),
+        f"-L{libdir}", "-lucp", "-lucs", f"-Wl,-rpath,{libdir}", "-o", scratch,
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise NativeUnavailable(f"{' '.join(command)} failed:\n{result.stderr.strip()}")
+        os.replace(scratch, target)
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+
+
+@functools.cache
+def _ucs() -> ctypes.CDLL:
+    import libucx
+
+    lib = ctypes.CDLL(str(Path(libucx.__file__).parent / "lib" / "libucs.so"))
+    lib.ucs_status_string.argtypes, lib.ucs_status_string.restype = (ctypes.c_int,), ctypes.c_char_p
+    return lib
+
+
+def _ucs_status_string(status: int) -> str:
+    return (_ucs().ucs_status_string(status) or b"unknown").decode()

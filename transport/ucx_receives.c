@@ -1,0 +1,174 @@
+/* A decode rank's data-message receives, posted and completed in native code.
+ *
+ * Python probes a message, checks it against its room and finds it a ring region; from then on
+ * this file has it. kvf_post takes the probed message into the region with a UCX receive whose
+ * completion callback (run by UCX inside ucp_worker_progress, on the transfer thread) launches
+ * the scatter that moves the bytes into the paged KV cache and records the event that fences
+ * it: no Python runs between the bytes landing and the copy starting. Python then takes every
+ * completed receive of a turn in one call (kvf_reap).
+ *
+ * Built at first use by transport/native.py, against the UCX headers of the libucx wheel that
+ * ucxx loads. The CUDA driver's two entry points it calls are handed in as addresses, so the
+ * library needs no CUDA to build or load: on a CPU host a receive has nothing to launch.
+ *
+ * Every function here is called with the GIL held and none of them blocks.
+ */
+#include <stdint.h>
+#include <stddef.h>
+#include <ucp/api/ucp.h>
+
+enum { KVF_IDLE = 0, KVF_POSTED = 1, KVF_DONE = 2 };
+enum { KVF_POSTED_OK = 0, KVF_NO_MESSAGE = 1 };
+
+typedef int (*cu_launch_kernel_t)(void *function, unsigned grid_x, unsigned grid_y,
+                                  unsigned grid_z, unsigned block_x, unsigned block_y,
+                                  unsigned block_z, unsigned shared_bytes, void *stream,
+                                  void **params, void **extra);
+typedef int (*cu_event_record_t)(void *event, void *stream);
+
+/* kv_copy's parameters, in the kernel's order and types (cuda/kv_copy.cu). */
+typedef struct {
+    uint64_t planes, slots, staging;
+    uint32_t num_tokens, row_len;
+    int64_t slot_len, head_offset;
+} kvf_copy_args;
+
+#define KVF_COPY_PARAMS 7
+
+typedef struct kvf_receiver kvf_receiver;
+
+typedef struct {
+    /* The copy to launch once the bytes are in: written by Python before kvf_post. */
+    void *function;  /* CUfunction; NULL: nothing to launch */
+    void *stream;    /* CUstream */
+    void *event;     /* CUevent, recorded after the launch */
+    uint32_t grid_x, grid_y, block, id;
+    uint64_t expected; /* the bytes the message must hold for the copy to run */
+    kvf_copy_args args;
+    void *params[KVF_COPY_PARAMS];
+    /* The receive: written here. */
+    kvf_receiver *receiver;
+    void *request;
+    int32_t state;
+    int32_t status;        /* ucs_status_t of the receive */
+    int32_t launch_status; /* CUresult of the launch or the record; 0: fine or none */
+    int32_t launched;      /* the copy is queued on the stream */
+    uint64_t length;       /* bytes received */
+} kvf_op;
+
+struct kvf_receiver {
+    ucp_worker_h worker;
+    cu_launch_kernel_t launch;
+    cu_event_record_t record;
+    kvf_op *ops;
+    uint32_t *done; /* ids of completed receives not yet reaped: a ring of `capacity` */
+    uint32_t capacity, done_head, done_count, _pad;
+};
+
+/* The sizes Python's ctypes mirror of these structures must match (native.py checks). */
+size_t kvf_op_size(void) { return sizeof(kvf_op); }
+size_t kvf_receiver_size(void) { return sizeof(kvf_receiver); }
+
+/* Point every op's parameter array at its own arguments and back at the receiver. */
+void kvf_init(kvf_receiver *r) {
+    for (uint32_t i = 0; i < r->capacity; i++) {
+        kvf_op *op = &r->ops[i];
+        kvf_copy_args *a = &op->args;
+        void *params[KVF_COPY_PARAMS] = {&a->planes,   &a->slots,    &a->staging,   &a->num_tokens,
+                                         &a->row_len,  &a->slot_len, &a->head_offset};
+        for (int p = 0; p < KVF_COPY_PARAMS; p++)
+            op->params[p] = params[p];
+        op->receiver = r;
+        op->id = i;
+        op->state = KVF_IDLE;
+    }
+}
+
+static void on_received(void *request, ucs_status_t status, const ucp_tag_recv_info_t *info,
+                        void *user_data) {
+    kvf_op *op = user_data;
+    kvf_receiver *r = op->receiver;
+    (void)request; /* freed by kvf_reap: it may run before ucp_tag_msg_recv_nbx returns it */
+    op->status = status;
+    op->length = status == UCS_OK ? info->length : 0;
+    if (status == UCS_OK && op->function != NULL && op->length == op->expected) {
+        int rc = r->launch(op->function, op->grid_x, op->grid_y, 1, op->block, 1, 1, 0,
+                           op->stream, op->params, NULL);
+        op->launched = rc == 0;
+        if (rc == 0)
+            rc = r->record(op->event, op->stream);
+        op->launch_status = rc;
+    }
+    op->state = KVF_DONE;
+    r->done[(r->done_head + r->done_count) % r->capacity] = op->id;
+    r->done_count++;
+}
+
+/* The oldest message waiting to be taken: 1 and its (tag, length) in out, else 0. */
+int kvf_peek(ucp_worker_h worker, uint64_t *out) {
+    ucp_tag_recv_info_t info;
+    if (ucp_tag_probe_nb(worker, 0, 0, 0, &info) == NULL)
+        return 0;
+    out[0] = info.sender_tag;
+    out[1] = info.length;
+    return 1;
+}
+
+/* Take the message tagged `tag` into `buffer` with op `id`, launching its copy (if the op has
+ * one) once it is in. KVF_POSTED_OK, KVF_NO_MESSAGE, or a negative ucs_status_t. */
+int kvf_post(kvf_receiver *r, uint32_t id, uint64_t tag, void *buffer, uint64_t length) {
+    ucp_tag_recv_info_t info;
+    ucp_tag_message_h message = ucp_tag_probe_nb(r->worker, tag, ~(ucp_tag_t)0, 1, &info);
+    if (message == NULL)
+        return KVF_NO_MESSAGE;
+    kvf_op *op = &r->ops[id];
+    op->request = NULL;
+    op->status = UCS_INPROGRESS;
+    op->launch_status = 0;
+    op->launched = 0;
+    op->length = 0;
+    op->state = KVF_POSTED;
+    ucp_request_param_t param = {
+        .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                        UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FLAG_NO_IMM_CMPL,
+        .cb.recv = on_received,
+        .datatype = ucp_dt_make_contig(1),
+        .user_data = op,
+    };
+    ucs_status_ptr_t request = ucp_tag_msg_recv_nbx(r->worker, buffer, length, message, &param);
+    if (UCS_PTR_IS_ERR(request)) {
+        op->state = KVF_IDLE;
+        return UCS_PTR_STATUS(request);
+    }
+    op->request = request; /* its callback may have run already: kvf_reap frees it */
+    return KVF_POSTED_OK;
+}
+
+/* Move up to `max` completed receives' ids to `out`, oldest completion first, releasing their
+ * UCX requests; the ops are idle again once their results are read. Returns how many. */
+uint32_t kvf_reap(kvf_receiver *r, uint32_t *out, uint32_t max) {
+    uint32_t n = 0;
+    while (n < max && r->done_count > 0) {
+        uint32_t id = r->done[r->done_head];
+        r->done_head = (r->done_head + 1) % r->capacity;
+        r->done_count--;
+        kvf_op *op = &r->ops[id];
+        if (op->request != NULL) {
+            ucp_request_free(op->request);
+            op->request = NULL;
+        }
+        op->state = KVF_IDLE;
+        out[n++] = id;
+    }
+    return n;
+}
+
+/* Cancel every posted receive; each completes (UCS_ERR_CANCELED, or UCS_OK had it finished)
+ * in the next progress. */
+void kvf_cancel_all(kvf_receiver *r) {
+    for (uint32_t i = 0; i < r->capacity; i++) {
+        kvf_op *op = &r->ops[i];
+        if (op->state == KVF_POSTED && op->request != NULL)
+            ucp_request_cancel(r->worker, op->request);
+    }
+}
