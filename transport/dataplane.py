@@ -284,7 +284,10 @@ class LoopbackDataPlane(DataPlane):
         if len(payload) != nbytes:
             return DoneOp(f"message of {len(payload)} bytes, buffer of {nbytes} bytes")
         source = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        buffer.view(torch.uint8).view(-1).copy_(source.to(buffer.device))
+        # straight from the host: a blocking copy_ is complete when it returns, where a copy
+        # from a device tensor would only be queued on this thread's stream, unordered with
+        # the copy stream's scatter of the same bytes
+        buffer.view(torch.uint8).view(-1).copy_(source)
         return DoneOp()
 
     def _discard(self, tag) -> DataOp:
