@@ -14,13 +14,13 @@ import ctypes
 import functools
 import os
 from collections import deque
-from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from kvferry.staging import cuda_driver as driver  # loads the driver on first use only
 from kvferry.staging import fd_read
-from kvferry.staging.kv_copy import KVPlanes, gather, plan_scatter, scatter
+from kvferry.staging.kv_copy import KVPlanes, gather, scatter
 
 
 class Fence:
@@ -118,38 +118,56 @@ class CopyStream:
         `wake_when_done`) covers it, as the stream runs them in order."""
         return self._run(scatter, (src, planes, slots, head_start, num_heads), after, wake)
 
-    def chain_scatter(
-        self, launch, src, planes: KVPlanes, slots, head_start: int, num_heads: int
-    ) -> Chained | None:
-        """Prepare a scatter for native code to launch on this stream, and write it into
-        `launch` (a native receive's record, transport/native.py): the receive's completion
-        launches it and records its event. None when there is nothing to copy (`launch` is
-        left empty). Then `chained_done` once the receive has completed."""
-        driver.use_device(self._index)
-        planned = plan_scatter(src, planes, slots, head_start, num_heads, self._handle, launch.args)
-        if planned is None:
-            return None
-        event = self._spare.pop() if self._spare else driver.Event()
-        launch.function, launch.stream, launch.event = planned.function, self._handle, event.handle
-        launch.grid_x, launch.grid_y = planned.grid
-        launch.block = planned.block
-        launch.expected = src.nbytes
-        return Chained(planned, event)
+    def upload_slots(self, slots: np.ndarray) -> torch.Tensor:
+        """`slots` as int32 on the device, uploaded on this stream: what `chain_scatter`s read.
+        The tensor belongs to this stream: it may be dropped once no copy queued later needs it
+        (its memory is reused only by work queued on this stream after that)."""
+        host = torch.from_numpy(slots.astype(np.int32)).pin_memory()
+        with torch.cuda.stream(self._stream):
+            return host.to(self.device, non_blocking=True)
 
-    def chained_done(self, chained: Chained, launched: bool, last: bool) -> Fence | None:
-        """The receive of a chained scatter completed; `launched`: whether its scatter was
-        queued. Its fence, None if it never ran. `last`: the room's last message: native code
-        queues scatters in the order receives complete, which need not be the order their
-        owner sees them, so the fence returned is then recorded now, after every copy queued
-        so far, and `wake_fd` fires when it is done."""
-        driver.use_device(self._index)
-        chained.planned.finish(self._handle)
+    def chain_scatter(
+        self,
+        launch,
+        src,
+        planes: KVPlanes,
+        device_slots: int,
+        num_tokens: int,
+        head_start: int,
+        num_heads: int,
+    ) -> driver.Event:
+        """Write into `launch` (a native receive's record, transport/native.py) the scatter of
+        `src` into heads [head_start, +num_heads) of `num_tokens` slots (int32 at
+        `device_slots`, from `upload_slots`): the receive's completion launches it on this
+        stream and records the returned event. Then `chained_done` once the receive completed.
+        Everything given has been checked by the caller."""
+        from kvferry.staging.kv_launch import write_kv_copy  # deferred: needs cupy
+
+        event = self._spare.pop() if self._spare else driver.Event()
+        launch.function, grid, launch.block = write_kv_copy(
+            launch.args, planes, device_slots, num_tokens, head_start, num_heads,
+            src.data_ptr(), gather=False,
+        )  # fmt: skip
+        launch.grid_x, launch.grid_y = grid
+        launch.stream, launch.event = self._handle, event.handle
+        launch.expected = src.nbytes
+        return event
+
+    def chained_done(self, event: driver.Event, launched: bool, last: bool) -> Fence | None:
+        """The receive of a chained scatter (its event) completed; `launched`: whether its
+        scatter was queued. Its fence, None if it never ran. `last`: the room's last message:
+        native code queues scatters in the order receives complete, which need not be the
+        order their owner sees them, so the fence returned is then recorded now, after every
+        copy queued so far, and `wake_fd` fires when it is done."""
         if not launched:
-            self._spare.append(chained.event)
+            self._spare.append(event)
             return None
-        fence = Fence(chained.event)
+        fence = Fence(event)
         self._pending.append(fence)
-        return self._fence(wake=True) if last else fence
+        if not last:
+            return fence
+        driver.use_device(self._index)
+        return self._fence(wake=True)
 
     def wake_when_done(self) -> None:
         """Make `wake_fd` readable once every copy queued so far has finished (for copies
@@ -197,14 +215,6 @@ class CopyStream:
         fence = Fence(event)
         self._pending.append(fence)
         return fence
-
-
-class Chained(NamedTuple):
-    """A scatter native code launches once its bytes arrive: its uploaded indices and the event
-    recorded after it."""
-
-    planned: object  # staging/kv_launch.py PlannedCopy
-    event: driver.Event
 
 
 class HostSignal:

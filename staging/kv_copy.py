@@ -161,19 +161,6 @@ def scatter(
         _torch_scatter(src, planes, slots_np, head_start, num_heads)
 
 
-def plan_scatter(src, planes: KVPlanes, slots, head_start: int, num_heads: int, stream: int, args):
-    """Check a scatter as `scatter` does and prepare it for a launch on `stream` (a raw
-    cudaStream_t) by native code: its slots are uploaded (queued on `stream`) and its
-    parameters written into `args` (a KVCopyArgs). The PlannedCopy (staging/kv_launch.py), or
-    None when there is nothing to copy. A cache on a GPU only."""
-    from kvferry.staging.kv_launch import plan_kv_copy  # deferred: needs cupy
-
-    slots_np = _checked(planes, slots, head_start, num_heads, src)
-    if len(slots_np) == 0:
-        return None
-    return plan_kv_copy(args, planes, slots_np, head_start, num_heads, src, False, stream)
-
-
 def _checked(planes: KVPlanes, slots, head_start: int, num_heads: int, staging: torch.Tensor):
     slots_np = host_slots(slots)
     planes.check_slice(slots_np, head_start, num_heads)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -71,79 +70,74 @@ def launch_kv_copy(
     stream = stream_handle or _raw_current_stream(launcher.index)
     driver.use_device(launcher.index)
     with launcher.uploader.lock:
-        copy = _plan(launcher, launcher.args, planes, slots_np, head_start, num_heads, staging,
-                     gather, stream)  # fmt: skip
+        function, grid, ticket = _plan(launcher, launcher.args, planes, slots_np, head_start,
+                                       num_heads, staging, gather, stream)  # fmt: skip
         try:
-            driver.launch_kernel(copy.function, copy.grid, BLOCK, stream, launcher.params)
+            driver.launch_kernel(function, grid, BLOCK, stream, launcher.params)
         finally:  # the upload region is reclaimed after whatever the stream has queued
-            launcher.uploader.done(copy.ticket, stream)
+            launcher.uploader.done(ticket, stream)
 
 
-class PlannedCopy(NamedTuple):
-    """A copy whose indices are uploaded and whose parameters are written, to be launched by
-    whoever holds them; `finish` once it is launched (or never will be)."""
-
-    function: int
-    grid: tuple[int, int]
-    block: int
-    ticket: int
-    device: torch.device
-
-    def finish(self, stream: int) -> None:
-        """The copy is queued on `stream` (or abandoned): its index upload is reclaimed after
-        whatever the stream holds now."""
-        uploader = _launcher(self.device).uploader
-        with uploader.lock:
-            uploader.done(self.ticket, stream)
-
-
-def plan_kv_copy(
+def write_kv_copy(
     args: KVCopyArgs,
     planes,
-    slots_np: np.ndarray,
+    device_slots: int,
+    num_tokens: int,
     head_start: int,
     num_heads: int,
-    staging,
+    staging_address: int,
     gather: bool,
-    stream: int,
-) -> PlannedCopy:
-    """Upload the slots (queued on `stream`) and write a copy's parameters into `args`, for a
-    launch of the returned function on `stream` later: by native code, once the bytes to
-    scatter have arrived (transport/ucx_receives.c). `slots_np` is not empty."""
+) -> tuple[int, tuple[int, int], int]:
+    """Write the parameters of a copy of `num_tokens` token slots (int32, already on the device
+    at `device_slots`) into `args`: (function, grid, block) to launch it with, which native
+    code does once the bytes to scatter have arrived (transport/ucx_receives.c)."""
     launcher = _launcher(planes.device)
-    driver.use_device(launcher.index)
-    with launcher.uploader.lock:
-        return _plan(launcher, args, planes, slots_np, head_start, num_heads, staging, gather,
-                     stream)  # fmt: skip
+    function, grid = _write(launcher, args, planes, device_slots, num_tokens, head_start,
+                            num_heads, staging_address, gather)  # fmt: skip
+    return function, grid, BLOCK
 
 
 def _plan(
     launcher: _Launcher, args: KVCopyArgs, planes, slots_np, head_start, num_heads, staging,
     gather: bool, stream: int,
-) -> PlannedCopy:  # fmt: skip
+) -> tuple[int, tuple[int, int], int]:  # fmt: skip
+    """Upload the slots on `stream` and write the copy's parameters into `args`: (function,
+    grid, upload ticket)."""
+    device_slots, ticket = launcher.uploader.upload(slots_np, stream)
+    try:
+        function, grid = _write(launcher, args, planes, device_slots, len(slots_np), head_start,
+                                num_heads, staging.data_ptr(), gather)  # fmt: skip
+    except BaseException:
+        launcher.uploader.done(ticket, stream)
+        raise
+    return function, grid, ticket
+
+
+def _write(
+    launcher: _Launcher, args: KVCopyArgs, planes, device_slots: int, num_tokens: int,
+    head_start: int, num_heads: int, staging_address: int, gather: bool,
+) -> tuple[int, tuple[int, int]]:  # fmt: skip
     row_bytes = num_heads * planes.head_dim * planes.itemsize
     slot_bytes = planes.num_heads * planes.head_dim * planes.itemsize
     offset_bytes = head_start * planes.head_dim * planes.itemsize
-    staging_address = staging.data_ptr()
     width = _vector_width(
         row_bytes, slot_bytes, offset_bytes, staging_address, planes.address_alignment
     )
     row_len = row_bytes // width
-    per_plane = len(slots_np) * row_len
+    per_plane = num_tokens * row_len
     if per_plane >= 1 << 31:
         raise ValueError(
-            f"{len(slots_np)} tokens x {row_bytes} B per plane is too large for one launch"
+            f"{num_tokens} tokens x {row_bytes} B per plane is too large for one launch"
         )
-    grid = (min(-(-per_plane // (BLOCK * UNROLL)), MAX_GRID_X), planes.num_planes)
-    device_slots, ticket = launcher.uploader.upload(slots_np, stream)
     args.planes = planes.pointers.data_ptr()
     args.slots = device_slots
     args.staging = staging_address
-    args.num_tokens = len(slots_np)
+    args.num_tokens = num_tokens
     args.row_len = row_len
     args.slot_len = slot_bytes // width
     args.head_offset = offset_bytes // width
-    return PlannedCopy(launcher.function(width, gather), grid, BLOCK, ticket, planes.device)
+    grid = (min(-(-per_plane // (BLOCK * UNROLL)), MAX_GRID_X), planes.num_planes)
+    return launcher.function(width, gather), grid
 
 
 def _vector_width(*quantities: int) -> int:

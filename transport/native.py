@@ -84,7 +84,7 @@ class _Receiver(ctypes.Structure):
 class NativeOp(DataOp):
     """A receive posted by NativeReceives; done once a progress has reaped it."""
 
-    __slots__ = ("_receives", "finished", "launch_status", "launched", "status")
+    __slots__ = ("_receives", "finished", "launch_status", "launched", "short", "status")
 
     def __init__(self, receives: NativeReceives) -> None:
         self._receives = receives
@@ -92,6 +92,7 @@ class NativeOp(DataOp):
         self.status = UCS_OK
         self.launch_status = 0
         self.launched = False  # its copy is queued on the copy stream
+        self.short: tuple[int, int] | None = None  # (received, expected) bytes: not copied
 
     def done(self) -> bool:
         return self.finished
@@ -102,6 +103,9 @@ class NativeOp(DataOp):
             return data_failure(reason, peer_gone=self.status in _PEER_GONE)
         if self.launch_status:
             return data_failure(f"the scatter's launch failed with CUDA error {self.launch_status}")
+        if self.short is not None:
+            received, expected = self.short
+            return data_failure(f"received {received} bytes where {expected} were expected")
         return None
 
 
@@ -174,6 +178,8 @@ class NativeReceives:
             op = self._posted.pop(op_id)
             op.status, op.launch_status = record.status, record.launch_status
             op.launched = bool(record.launched)
+            if record.launch.function and record.status == UCS_OK and not op.launched:
+                op.short = (record.length, record.launch.expected)  # its copy was not launched
             op.finished = True
             self._free.append(op_id)
         return count

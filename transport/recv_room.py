@@ -27,6 +27,7 @@ class Piece(NamedTuple):
     slots: np.ndarray
     planes: KVPlanes
     index: int  # which of the piece's messages (several per piece in slice mode)
+    first: int  # where its slots start in the room's
 
 
 class Arrival:
@@ -73,6 +74,8 @@ class RecvRoom:
         self.received_units = 0  # messages received (their KV in the ring or in place)
         self.landed_units = 0  # of which in the cache, or scattered there by queued work
         self.kv_fence: Fence | None = None  # the last scatter queued (they run in order)
+        # the slots on the device (tensor, address), for scatters native code launches
+        self.device_slots: tuple | None = None
         self.busy = 0  # receives or scatters that may still write into the KV pages or ring
         self.failing: Failure | None = None
         self.marks: Marks = {}  # stages' times (timeline.py), handed to the engine at Success
@@ -126,7 +129,7 @@ class RecvRoom:
             error = f"protocol: {nbytes} bytes for piece {piece} from rank {writer}, "
             return Failure(FailureKind.BAD_MESSAGE, error + f"expected {expected}"), None
         self.taken[(piece, writer)] = index + 1
-        return None, Piece(head_slice, slots, planes, index)
+        return None, Piece(head_slice, slots, planes, index, chunk * self.chunk_tokens)
 
     def units(self, mode: StagedMode | SliceMode, num_planes: int) -> int:
         """Messages the room takes in all, from every writer."""

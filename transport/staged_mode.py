@@ -67,11 +67,23 @@ class StagedMode:
 
     def chain(self, arrival: Arrival, launch) -> None:
         """Write the arrival's scatter into `launch`, the record of its native receive, whose
-        completion then launches it (`DataPlane.chains_copies`)."""
-        piece = arrival.piece
+        completion then launches it (`DataPlane.chains_copies`). A room's slots are checked and
+        uploaded once, at its first message; each message's scatter reads its chunk of them."""
+        piece, room = arrival.piece, arrival.room
+        if room.device_slots is None:
+            piece.planes.check_slice(room.slots, 0, piece.planes.num_heads)
+            slots = self.copies.upload_slots(room.slots)
+            room.device_slots = (slots, slots.data_ptr())
         s = piece.slice
+        piece.planes.check_slice(piece.slots[:0], s.dst_head_start, s.num_heads)
         arrival.chained = self.copies.chain_scatter(
-            launch, arrival.region, piece.planes, piece.slots, s.dst_head_start, s.num_heads
+            launch,
+            arrival.region,
+            piece.planes,
+            room.device_slots[1] + 4 * piece.first,  # int32 slots
+            len(piece.slots),
+            s.dst_head_start,
+            s.num_heads,
         )
 
     def received(self, arrival: Arrival, wake: bool):

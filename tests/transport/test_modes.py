@@ -36,7 +36,7 @@ def test_a_slice_lands_in_its_cache_row():
     slots = np.array([5, 1, 3])
     heads = HeadSlice(src_rank=0, dst_rank=0, src_head_start=0, dst_head_start=1, num_heads=2)
     # message 4 of the piece: plane 4 // 3 = 1, token 4 % 3 = 1, so slot 1
-    arrival = Arrival(None, Piece(heads, slots, planes, 4))
+    arrival = Arrival(None, Piece(heads, slots, planes, 4, 0))
     assert SliceMode().land(arrival, nbytes=2 * 2 * 4)
     arrival.region.fill_(-1)
     assert bool((cache[1, 1, 1:3] == -1).all()) and int((cache == -1).sum()) == 4
