@@ -78,10 +78,10 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
         rows.append(Row("staged vs raw ucxx, same bytes, one device", staged["gbps"] / raw["gbps"],
                         0.3, "%", detail=f"{staged['gbps']:.3g} vs {raw['gbps']:.3g} GB/s, "
                                          f"a process per {layout}"))  # fmt: skip
-        ucxx = transfer.get("ucxx_receives")
+        ucxx = transfer.get("ucxx_path")
         if ucxx:
             cpu, ucxx_cpu = staged["cpu_us_per_message"], ucxx["cpu_us_per_message"]
-            rows.append(Row("staged GB/s, native receives / ucxx's", staged["gbps"] / ucxx["gbps"],
+            rows.append(Row("staged GB/s, native data path / ucxx's", staged["gbps"] / ucxx["gbps"],
                             None, "x", detail=f"decode CPU per message {cpu['decode']:.0f} vs "
                                               f"{ucxx_cpu['decode']:.0f} us"))  # fmt: skip
         if sliced["gbps"] and sliced["gbps"] == sliced["gbps"]:  # not NaN
@@ -121,9 +121,9 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
             parts = row["cpu_parts_us"]
             detail = (f"tiny KV; wait {parts['wait']:.0f}, UCX {parts['ucx']:.0f}, rest "
                       f"{parts['rest']:.0f}; {row['turns']:.3g} turns")  # fmt: skip
-            ucxx = control.get("ucxx_receives")
+            ucxx = control.get("ucxx_path")
             if ucxx:
-                detail += f"; ucxx receives {ucxx['sides'][side]['cpu_us']:.0f}"
+                detail += f"; ucxx path {ucxx['sides'][side]['cpu_us']:.0f}"
             rows.append(Row(f"control path alone: transfer-thread CPU per request, {side}",
                             row["cpu_us"], 200.0, " us", higher_is_better=False,
                             detail=detail))  # fmt: skip

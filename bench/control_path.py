@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from transfer_sides import (  # bench/ is on sys.path (a script)
     Role,
+    add_data_path_argument,
     add_layout_argument,
-    add_receives_argument,
-    receive_paths,
+    data_paths,
 )
 
 from kvferry.transport.bootstrap import BootstrapServer
@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--staging-mib", type=int, default=16)
     p.add_argument("--tls", default=None, help=f"UCX_TLS (default {GPU_TLS!r} on GPU, {CPU_TLS!r})")
     add_layout_argument(p)
-    add_receives_argument(p)
+    add_data_path_argument(p)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)
@@ -110,27 +110,27 @@ def main() -> None:
     args = parse_args()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     runs = {}
-    for native in receive_paths(args):
+    for native in data_paths(args):
         args.native = native
         runs["native" if native else "ucxx"] = run(args)
     first = next(iter(runs))
     args.native = first == "native"
-    result = {"device": device, "args": vars(args), **runs[first], "receives": first}
+    result = {"device": device, "args": vars(args), **runs[first], "path": first}
     if len(runs) == 2:
-        result["ucxx_receives"] = runs["ucxx"]
+        result["ucxx_path"] = runs["ucxx"]
     print(
         f"{args.requests} requests of {args.tokens} tokens, TP{args.src_tp} -> TP{args.dst_tp}, "
         f"{args.layers} layers, on {device}"
     )
     print(
-        f"{'receives':9} {'side':8} {'CPU us/request':>15} {'wait':>7} {'ucx':>7} {'rest':>7} "
+        f"{'path':9} {'side':8} {'CPU us/request':>15} {'wait':>7} {'ucx':>7} {'rest':>7} "
         f"{'turns':>6} {'register ms':>12} {'hand-over to Success ms':>24}"
     )
-    for receives, one in runs.items():
+    for path, one in runs.items():
         for side, row in one["sides"].items():
             parts = row["cpu_parts_us"]
             print(
-                f"{receives:9} {side:8} {row['cpu_us']:15.1f} {parts['wait']:7.1f} "
+                f"{path:9} {side:8} {row['cpu_us']:15.1f} {parts['wait']:7.1f} "
                 f"{parts['ucx']:7.1f} {parts['rest']:7.1f} {row['turns']:6.2f} "
                 f"{one['open_ms_p50']:12.2f} {one['transfer_ms_p50']:24.2f}"
             )

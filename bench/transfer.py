@@ -24,9 +24,9 @@ from timelines import stage_times  # bench/ is on sys.path (a script)
 from transfer_sides import (
     Remote,
     Role,
+    add_data_path_argument,
     add_layout_argument,
-    add_receives_argument,
-    receive_paths,
+    data_paths,
 )
 
 from kvferry.transport.bootstrap import BootstrapServer
@@ -132,7 +132,7 @@ def parse_args():
     )
     p.add_argument("--raw-mib", type=int, default=1024, help="largest raw message per decode rank")
     add_layout_argument(p)
-    add_receives_argument(p)
+    add_data_path_argument(p)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)
@@ -142,12 +142,12 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     runs = {}
-    for native in receive_paths(args):
+    for native in data_paths(args):
         args.native = native
         runs[native] = run_mode(args, "staged", args.tokens)
-        runs[native]["receives"] = "native" if native else "ucxx"
-    staged = runs[receive_paths(args)[0]]
-    args.native = staged["receives"] == "native"
+        runs[native]["path"] = "native" if native else "ucxx"
+    staged = runs[data_paths(args)[0]]
+    args.native = staged["path"] == "native"
     per_rank = int(staged["request_mib"] * 2**20) // args.dst_tp
     raw = run_raw(args, min(per_rank, args.raw_mib << 20))
     sliced = run_mode(args, "slice", args.slice_tokens) if args.slice_tokens else None
@@ -173,7 +173,7 @@ def main() -> None:
     for row in (raw, *runs.values(), sliced):
         tokens = row.get("tokens", args.tokens)
         mib = row.get("request_mib", staged["request_mib"])
-        name = row["mode"] if row["mode"] != "staged" else f"{row['receives']}"
+        name = row["mode"] if row["mode"] != "staged" else f"{row['path']}"
         print(
             f"{name:<8}{tokens:>8}{mib:>10.1f}{row['gbps']:>9.2f}"
             f"{row['messages_per_request']:>10}"
@@ -189,9 +189,9 @@ def main() -> None:
         json.dumps(staged["phases_s"]),
     )
     for run in runs.values():
-        receives = run["receives"]
+        path = run["path"]
         stages = ", ".join(f"{k} {v:.2f}" for k, v in run["stages_ms"].items())
-        print(f"staged, {receives} receives, ms after the hand-over (median): {stages}")
+        print(f"staged, {path} path, ms after the hand-over (median): {stages}")
         cpu = run["cpu_us_per_message"]
         print(
             f"  transfer-thread CPU per message (after the warm-up): prefill "
@@ -201,7 +201,7 @@ def main() -> None:
     if len(runs) == 2:
         native, ucxx = runs[True], runs[False]
         print(
-            f"native / ucxx receives: {native['gbps'] / ucxx['gbps']:.2f}x the GB/s, "
+            f"native / ucxx data path: {native['gbps'] / ucxx['gbps']:.2f}x the GB/s, "
             f"{native['cpu_us_per_message']['decode'] / ucxx['cpu_us_per_message']['decode']:.2f}x"
             " the decode CPU per message"
         )
@@ -209,7 +209,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             result = {"device": name, "args": vars(args), "rows": [raw, staged, sliced]}
             if len(runs) == 2:
-                result["ucxx_receives"] = runs[False]
+                result["ucxx_path"] = runs[False]
             json.dump(result, f, indent=1)
 
 

@@ -33,21 +33,22 @@ def add_layout_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_receives_argument(parser: argparse.ArgumentParser) -> None:
-    """`--receives`: how the decode ranks receive (`receive_paths` lists the runs)."""
+def add_data_path_argument(parser: argparse.ArgumentParser) -> None:
+    """`--data-path`: how the ranks send and receive data messages (`data_paths` lists the
+    runs)."""
     parser.add_argument(
-        "--receives",
+        "--data-path",
         choices=("native", "ucxx", "both"),
         default="both",
         help="native: transport/native.py, each scatter launched by its receive's completion "
-        "(the default of a daemon); ucxx: through ucxx's Python API, the scatter launched by "
-        "the receive pipeline; both: one run each, side by side",
+        "(a daemon's default); ucxx: ucxx's Python API, the scatter launched by the receive "
+        "pipeline; both: one run each, side by side",
     )
 
 
-def receive_paths(args: argparse.Namespace) -> list[bool]:
-    """The runs `--receives` asks for, as TransferConfig.native_receives values, native first."""
-    return {"native": [True], "ucxx": [False], "both": [True, False]}[args.receives]
+def data_paths(args: argparse.Namespace) -> list[bool]:
+    """The runs `--data-path` asks for, as TransferConfig.native_ucx values, native first."""
+    return {"native": [True], "ucxx": [False], "both": [True, False]}[args.data_path]
 
 
 class Side:

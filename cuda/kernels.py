@@ -10,7 +10,7 @@ from pathlib import Path
 class KVCopyArgs(ctypes.Structure):
     """kv_copy's parameters, in the kernel's order and types (kv_copy.cu): what a launch's
     parameter array points into, from Python (staging/kv_launch.py) or from native code
-    (transport/ucx_receives.c)."""
+    (transport/ucx_native.c)."""
 
     _fields_ = (
         ("planes", ctypes.c_uint64),

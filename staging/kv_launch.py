@@ -90,7 +90,7 @@ def write_kv_copy(
 ) -> tuple[int, tuple[int, int], int]:
     """Write the parameters of a copy of `num_tokens` token slots (int32, already on the device
     at `device_slots`) into `args`: (function, grid, block) to launch it with, which native
-    code does once the bytes to scatter have arrived (transport/ucx_receives.c)."""
+    code does once the bytes to scatter have arrived (transport/ucx_native.c)."""
     launcher = _launcher(planes.device)
     function, grid = _write(launcher, args, planes, device_slots, num_tokens, head_start,
                             num_heads, staging_address, gather)  # fmt: skip

@@ -44,9 +44,9 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # connects from (UCX_TCP_PORT_RANGE); None: any port the OS chooses
     control_ports: str | None = None
     ucx_ports: str | None = None
-    # decode: receive data messages through native code (transport/ucx_receives.c, built at
-    # first use), whose completion launches the scatter; false: through ucxx's Python API
-    native_receives: bool = True
+    # send and receive data messages through native code (transport/ucx_native.c, built at
+    # first use): a receive's completion launches its scatter; false: ucxx's Python API
+    native_ucx: bool = True
 
     @property
     def ring_bytes(self) -> int:

@@ -1,11 +1,12 @@
-"""Native receives for the UCX data plane (ucx_receives.c): probe, post, and a completion
-callback that launches the message's scatter with no Python in between.
+"""Native sends and receives for the UCX data plane (ucx_native.c): a probe, a receive whose
+completion callback launches the message's scatter with no Python in between, a send, and one
+call per turn that takes every completion.
 
 The C file is compiled at first use with the host's C compiler (`CC`, else `cc`) against the
 headers of the libucx wheel that ucxx loads, and cached under `$KVFERRY_CACHE_DIR` (default
 `~/.cache/kvferry`) by a hash of the source and the include path, the way Triton builds its
 launchers. `build()` raises NativeUnavailable with the reason when that cannot be done; the data
-plane then receives through ucxx's API instead, and says so once in its log.
+plane then sends and receives through ucxx's API instead, and says so in its log.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from kvferry.cuda.kernels import KVCopyArgs
 from kvferry.transport.dataplane import DataOp, data_failure
 from kvferry.transport.failure import Failure
 
-SOURCE = Path(__file__).with_name("ucx_receives.c")
-CAPACITY = 4096  # receives in flight at once; past this a receive goes through ucxx
+SOURCE = Path(__file__).with_name("ucx_native.c")
+CAPACITY = 4096  # operations in flight at once; past this one goes through ucxx
 _POSTED_OK, _NO_MESSAGE = 0, 1
 UCS_OK, UCS_ERR_CANCELED = 0, -16
 # UCS statuses that mean the peer's process or link went away (ucs/type/status.h)
@@ -33,7 +34,7 @@ _ORPHANED: list = []  # records of closed receivers that UCX may still complete 
 
 
 class NativeUnavailable(RuntimeError):
-    """The native receive path cannot be built or loaded here (the reason is the message)."""
+    """The native path cannot be built or loaded here (the reason is the message)."""
 
 
 class Launch(ctypes.Structure):
@@ -57,7 +58,7 @@ class _Op(ctypes.Structure):
     _fields_ = (
         ("launch", Launch),
         ("params", ctypes.c_void_p * 7),
-        ("receiver", ctypes.c_void_p),
+        ("plane", ctypes.c_void_p),
         ("request", ctypes.c_void_p),
         ("state", ctypes.c_int32),
         ("status", ctypes.c_int32),
@@ -67,7 +68,7 @@ class _Op(ctypes.Structure):
     )
 
 
-class _Receiver(ctypes.Structure):
+class _Plane(ctypes.Structure):
     _fields_ = (
         ("worker", ctypes.c_void_p),
         ("launch", ctypes.c_void_p),
@@ -82,12 +83,15 @@ class _Receiver(ctypes.Structure):
 
 
 class NativeOp(DataOp):
-    """A receive posted by NativeReceives; done once a progress has reaped it."""
+    """A send or receive posted by NativeOps; done once a progress has reaped it."""
 
-    __slots__ = ("_receives", "finished", "launch_status", "launched", "short", "status")
+    __slots__ = (
+        "_buffer", "_ops", "finished", "kind", "launch_status", "launched", "short", "status"
+    )  # fmt: skip
 
-    def __init__(self, receives: NativeReceives) -> None:
-        self._receives = receives
+    def __init__(self, ops: NativeOps, kind: str, buffer) -> None:
+        self._ops, self.kind = ops, kind
+        self._buffer = buffer  # the memory stays alive while UCX may touch it
         self.finished = False
         self.status = UCS_OK
         self.launch_status = 0
@@ -99,7 +103,7 @@ class NativeOp(DataOp):
 
     def error(self) -> Failure | None:
         if self.status != UCS_OK:
-            reason = f"UCX receive failed: {self._receives.status_name(self.status)}"
+            reason = f"UCX {self.kind} failed: {self._ops.status_name(self.status)}"
             return data_failure(reason, peer_gone=self.status in _PEER_GONE)
         if self.launch_status:
             return data_failure(f"the scatter's launch failed with CUDA error {self.launch_status}")
@@ -109,8 +113,10 @@ class NativeOp(DataOp):
         return None
 
 
-class NativeReceives:
-    """One UCX worker's receives through ucx_receives.c. Used from the worker's thread only.
+class NativeOps:
+    """One UCX worker's sends and receives through ucx_native.c. Used from the worker's thread
+    only. Each operation takes a record until it is reaped; past CAPACITY in flight, `record`
+    answers None and the caller goes through ucxx.
 
     `launch`, `record`: addresses of the CUDA driver's cuLaunchKernel and cuEventRecord, for
     receives that launch a copy on completion (0 on a host without CUDA)."""
@@ -121,7 +127,7 @@ class NativeReceives:
         self._ops = (_Op * CAPACITY)()
         self._done = (ctypes.c_uint32 * CAPACITY)()
         self._reaped = (ctypes.c_uint32 * CAPACITY)()
-        self._r = _Receiver(
+        self._r = _Plane(
             worker=worker,
             launch=launch or None,
             record=record or None,
@@ -129,12 +135,12 @@ class NativeReceives:
             done=ctypes.addressof(self._done),
             capacity=CAPACITY,
         )
-        self._receiver = ctypes.byref(self._r)
-        lib.kvf_init(self._receiver)
+        self._plane = ctypes.byref(self._r)
+        lib.kvf_init(self._plane)
         self._worker = worker
         self._peeked = (ctypes.c_uint64 * 2)()
         self._free = list(range(CAPACITY - 1, -1, -1))
-        self._posted: dict[int, NativeOp] = {}  # op id -> its receive, until reaped
+        self._posted: dict[int, NativeOp] = {}  # op id -> its operation, until reaped
 
     @property
     def posted(self) -> int:
@@ -147,8 +153,8 @@ class NativeReceives:
         return self._peeked[0], self._peeked[1]
 
     def record(self) -> tuple[int, Launch] | None:
-        """A free receive record to fill (its id and its Launch, cleared), or None if every
-        record is in flight."""
+        """A free record to fill (its id and its Launch, cleared), or None if every record is
+        in flight."""
         if not self._free:
             return None
         op_id = self._free[-1]
@@ -156,22 +162,31 @@ class NativeReceives:
         launch.function = None
         return op_id, launch
 
-    def post(self, op_id: int, tag: int, address: int, nbytes: int) -> NativeOp | None:
-        """Take the message tagged `tag` into [address, +nbytes) with record `op_id` (from
-        `record`); None if no such message waits. Raises on a UCX error."""
-        status = self._lib.kvf_post(self._receiver, op_id, tag, address, nbytes)
+    def post(self, op_id: int, tag: int, buffer, nbytes: int) -> NativeOp | None:
+        """Take the message tagged `tag` into `buffer` (nbytes at its data_ptr()) with record
+        `op_id` (from `record`); None if no such message waits. Raises on a UCX error."""
+        status = self._lib.kvf_post(self._plane, op_id, tag, buffer.data_ptr(), nbytes)
         if status == _NO_MESSAGE:
             return None
+        return self._started(op_id, status, "receive", buffer)
+
+    def send(self, op_id: int, endpoint: int, tag: int, buffer, nbytes: int) -> NativeOp:
+        """Send `buffer` (nbytes at its data_ptr()) tagged `tag` over `endpoint` (a ucp_ep_h)
+        with record `op_id`. Raises on a UCX error."""
+        status = self._lib.kvf_send(self._plane, op_id, endpoint, tag, buffer.data_ptr(), nbytes)
+        return self._started(op_id, status, "send", buffer)
+
+    def _started(self, op_id: int, status: int, kind: str, buffer) -> NativeOp:
         if status != _POSTED_OK:
-            raise RuntimeError(f"posting a UCX receive failed: {self.status_name(status)}")
+            raise RuntimeError(f"posting a UCX {kind} failed: {self.status_name(status)}")
         self._free.pop()
-        op = self._posted[op_id] = NativeOp(self)
+        op = self._posted[op_id] = NativeOp(self, kind, buffer)
         return op
 
     def reap(self) -> int:
-        """Mark the receives whose completion ran (in a progress since the last reap) done;
+        """Mark the operations whose completion ran (in a progress since the last reap) done;
         how many."""
-        count = self._lib.kvf_reap(self._receiver, self._reaped, CAPACITY)
+        count = self._lib.kvf_reap(self._plane, self._reaped, CAPACITY)
         for i in range(count):
             op_id = self._reaped[i]
             record = self._ops[op_id]
@@ -181,12 +196,13 @@ class NativeReceives:
             if record.launch.function and record.status == UCS_OK and not op.launched:
                 op.short = (record.length, record.launch.expected)  # its copy was not launched
             op.finished = True
+            op._buffer = None
             self._free.append(op_id)
         return count
 
     def cancel_all(self) -> None:
         """Cancel every receive in flight: each completes, cancelled, in a later progress."""
-        self._lib.kvf_cancel_all(self._receiver)
+        self._lib.kvf_cancel_all(self._plane)
 
     def close(self) -> None:
         """After `cancel_all`, a progress and a `reap`: a receive UCX still holds keeps the
@@ -217,28 +233,29 @@ def _load() -> ctypes.PyDLL:
         raise NativeUnavailable("no C compiler (set CC, or install cc)")
     key = hashlib.sha256(SOURCE.read_bytes() + str(include).encode() + compiler.encode())
     cache = Path(os.environ.get("KVFERRY_CACHE_DIR") or Path.home() / ".cache" / "kvferry")
-    target = cache / "native" / f"ucx_receives-{key.hexdigest()[:16]}.so"
+    target = cache / "native" / f"ucx_native-{key.hexdigest()[:16]}.so"
     if not target.exists():
         _compile(compiler, include, libdir, target)
     lib = ctypes.PyDLL(str(target))
     p, u32, u64 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64
     signatures = {
         "kvf_op_size": ((), ctypes.c_size_t),
-        "kvf_receiver_size": ((), ctypes.c_size_t),
+        "kvf_plane_size": ((), ctypes.c_size_t),
         "kvf_init": ((p,), None),
         "kvf_peek": ((p, p), ctypes.c_int),
         "kvf_post": ((p, u32, u64, p, u64), ctypes.c_int),
+        "kvf_send": ((p, u32, p, u64, p, u64), ctypes.c_int),
         "kvf_reap": ((p, p, u32), u32),
         "kvf_cancel_all": ((p,), None),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = argtypes, restype
-    sizes = (lib.kvf_op_size(), lib.kvf_receiver_size())
-    if sizes != (ctypes.sizeof(_Op), ctypes.sizeof(_Receiver)):
+    sizes = (lib.kvf_op_size(), lib.kvf_plane_size())
+    if sizes != (ctypes.sizeof(_Op), ctypes.sizeof(_Plane)):
         raise NativeUnavailable(
             f"{target} has record sizes {sizes}, this module expects "
-            f"{(ctypes.sizeof(_Op), ctypes.sizeof(_Receiver))}"
+            f"{(ctypes.sizeof(_Op), ctypes.sizeof(_Plane))}"
         )
     return lib
 

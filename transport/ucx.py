@@ -9,6 +9,11 @@ thread holds the GIL for completions.
 UCX reads its options when ucxx is first imported, so `load_ucxx` sets them (from the
 transfer config) before that import and refuses to change them afterwards.
 
+Data messages are probed, sent and received through native code (transport/native.py) by
+default: a receive's completion callback launches its scatter inside the progress call, and
+one call per turn takes every completion. ucxx's own API is the path where that cannot be
+built (no C compiler), with `transfer.native_ucx: false`, and for discards.
+
 Peer addresses come off the wire: each is parsed by transport/ucx_address.py before UCX sees
 it, since UCX's own unpacker aborts the process on malformed input.
 """
@@ -34,7 +39,7 @@ from kvferry.transport.dataplane import (
     data_failure,
 )
 from kvferry.transport.failure import Failure
-from kvferry.transport.native import NativeReceives, NativeUnavailable
+from kvferry.transport.native import NativeOps, NativeUnavailable
 from kvferry.transport.netdev import ucx_net_devices
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 
@@ -157,9 +162,9 @@ class UcxDataPlane(DataPlane):
         native: bool = True,
     ) -> None:
         """`ports`: "LOW-HIGH", the TCP ports of UCX's tcp transport (TransferConfig.ucx_ports).
-        `native`: probe and receive through transport/native.py (TransferConfig.native_receives),
-        which on a GPU launches each scatter from the receive's completion; ucxx's API if it
-        cannot be built here (logged)."""
+        `native`: probe, send and receive through transport/native.py
+        (TransferConfig.native_ucx), which on a GPU launches each scatter from its receive's
+        completion; ucxx's API if it cannot be built here (logged)."""
         super().__init__()
         self._ucx = load_ucxx(tls, host, ports)
         self._cuda_device = cuda_device
@@ -176,24 +181,24 @@ class UcxDataPlane(DataPlane):
         self._local = _own_address(self._address)
         self._match_all = (self._ucx.UCXXTag(0), self._ucx.UCXXTagMask(0))
         self._scratch = np.empty(DISCARD_BYTES, dtype=np.uint8)
-        self._native = self._native_receives() if native else None
+        self._native = self._native_ucx() if native else None
 
-    def _native_receives(self) -> NativeReceives | None:
+    def _native_ucx(self) -> NativeOps | None:
         try:
             if self._cuda_device is None:
-                return NativeReceives(self._handle)
+                return NativeOps(self._handle)
             from kvferry.staging import cuda_driver
 
             launch, record = cuda_driver.entry_points("cuLaunchKernel", "cuEventRecord")
-            return NativeReceives(self._handle, launch, record)
+            return NativeOps(self._handle, launch, record)
         except NativeUnavailable as exc:
-            log.warning("receiving through ucxx's API: the native receive path is unavailable: %s",
-                        exc)  # fmt: skip
+            log.warning("data messages go through ucxx's API: the native path is unavailable: "
+                        "%s", exc)  # fmt: skip
             return None
 
     @property
     def native(self) -> bool:
-        """Whether receives go through the native path."""
+        """Whether sends and receives go through the native path."""
         return self._native is not None
 
     @property
@@ -276,8 +281,12 @@ class UcxDataPlane(DataPlane):
         self._cancels_due = True
 
     def _send(self, endpoint, buffer, tag) -> DataOp:
-        array = _array(buffer)
-        return UcxOp(endpoint.tag_send(array, self._ucx.UCXXTag(tag)), array)
+        record = self._native.record() if self._native is not None else None
+        if record is None:  # through ucxx (or every native record is in flight)
+            array = _array(buffer)
+            return UcxOp(endpoint.tag_send(array, self._ucx.UCXXTag(tag)), array)
+        nbytes = buffer.numel() * buffer.element_size()
+        return self._native.send(record[0], endpoint.handle, tag, buffer, nbytes)
 
     def _probe(self):
         if self._native is not None:
@@ -300,7 +309,7 @@ class UcxDataPlane(DataPlane):
         if then is not None:
             then(launch)
         nbytes = buffer.numel() * buffer.element_size()
-        op = self._native.post(op_id, tag, buffer.data_ptr(), nbytes)
+        op = self._native.post(op_id, tag, buffer, nbytes)
         return DoneOp(f"no message with tag {tag:#x}") if op is None else op
 
     def _discard(self, tag) -> DataOp:

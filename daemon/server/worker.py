@@ -299,7 +299,7 @@ def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, boots
             cuda,
             config.transfer.host,
             config.transfer.ucx_ports,
-            config.transfer.native_receives,
+            config.transfer.native_ucx,
         ),
         model_name=config.model.name,
         tp_rank=rank,

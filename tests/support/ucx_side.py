@@ -37,7 +37,7 @@ class Side:
             self.config.ucx_tls,
             cuda,
             self.config.host,
-            native=self.config.native_receives,
+            native=self.config.native_ucx,
         )
         bootstrap = self.server.address if self.server else None
         token = self.server.token if self.server else b""

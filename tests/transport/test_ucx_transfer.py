@@ -180,7 +180,7 @@ def test_prefill_killed_mid_transfer(procs):
 def test_gpu_caches_over_cuda_ipc(procs, heads, src_tp, dst_tp, native):
     """Bit-exact KV on decode, with the scatters launched by the native receives' completions
     and by the receive pipeline."""
-    config = dict(CONFIG, ucx_tls="cuda_ipc,cuda_copy,tcp,sm,self", native_receives=native)
+    config = dict(CONFIG, ucx_tls="cuda_ipc,cuda_copy,tcp,sm,self", native_ucx=native)
     prefill = procs("prefill", heads, src_tp, config, device="cuda")
     decode = procs("decode", heads, dst_tp, config, device="cuda")
     for (p_states, p_reasons, _), (d_states, d_reasons, matches) in transfer(

@@ -1,11 +1,12 @@
-/* A decode rank's data-message receives, posted and completed in native code.
+/* A rank's data messages, posted and completed in native code.
  *
- * Python probes a message, checks it against its room and finds it a ring region; from then on
- * this file has it. kvf_post takes the probed message into the region with a UCX receive whose
- * completion callback (run by UCX inside ucp_worker_progress, on the transfer thread) launches
- * the scatter that moves the bytes into the paged KV cache and records the event that fences
- * it: no Python runs between the bytes landing and the copy starting. Python then takes every
- * completed receive of a turn in one call (kvf_reap).
+ * Decode: Python probes a message, checks it against its room and finds it a ring region; from
+ * then on this file has it. kvf_post takes the probed message into the region with a UCX
+ * receive whose completion callback (run by UCX inside ucp_worker_progress, on the transfer
+ * thread) launches the scatter that moves the bytes into the paged KV cache and records the
+ * event that fences it: no Python runs between the bytes landing and the copy starting.
+ * Prefill: kvf_send posts a gathered region's send. Python takes every completed operation of
+ * a turn in one call (kvf_reap).
  *
  * Built at first use by transport/native.py, against the UCX headers of the libucx wheel that
  * ucxx loads. The CUDA driver's two entry points it calls are handed in as addresses, so the
@@ -35,7 +36,7 @@ typedef struct {
 
 #define KVF_COPY_PARAMS 7
 
-typedef struct kvf_receiver kvf_receiver;
+typedef struct kvf_plane kvf_plane;
 
 typedef struct {
     /* The copy to launch once the bytes are in: written by Python before kvf_post. */
@@ -47,7 +48,7 @@ typedef struct {
     kvf_copy_args args;
     void *params[KVF_COPY_PARAMS];
     /* The receive: written here. */
-    kvf_receiver *receiver;
+    kvf_plane *plane;
     void *request;
     int32_t state;
     int32_t status;        /* ucs_status_t of the receive */
@@ -56,7 +57,7 @@ typedef struct {
     uint64_t length;       /* bytes received */
 } kvf_op;
 
-struct kvf_receiver {
+struct kvf_plane {
     ucp_worker_h worker;
     cu_launch_kernel_t launch;
     cu_event_record_t record;
@@ -67,10 +68,10 @@ struct kvf_receiver {
 
 /* The sizes Python's ctypes mirror of these structures must match (native.py checks). */
 size_t kvf_op_size(void) { return sizeof(kvf_op); }
-size_t kvf_receiver_size(void) { return sizeof(kvf_receiver); }
+size_t kvf_plane_size(void) { return sizeof(kvf_plane); }
 
-/* Point every op's parameter array at its own arguments and back at the receiver. */
-void kvf_init(kvf_receiver *r) {
+/* Point every op's parameter array at its own arguments and back at its plane. */
+void kvf_init(kvf_plane *r) {
     for (uint32_t i = 0; i < r->capacity; i++) {
         kvf_op *op = &r->ops[i];
         kvf_copy_args *a = &op->args;
@@ -78,16 +79,30 @@ void kvf_init(kvf_receiver *r) {
                                          &a->row_len,  &a->slot_len, &a->head_offset};
         for (int p = 0; p < KVF_COPY_PARAMS; p++)
             op->params[p] = params[p];
-        op->receiver = r;
+        op->plane = r;
         op->id = i;
         op->state = KVF_IDLE;
     }
 }
 
+static void completed(kvf_op *op) {
+    kvf_plane *r = op->plane;
+    op->state = KVF_DONE;
+    r->done[(r->done_head + r->done_count) % r->capacity] = op->id;
+    r->done_count++;
+}
+
+static void on_sent(void *request, ucs_status_t status, void *user_data) {
+    kvf_op *op = user_data;
+    (void)request; /* freed by kvf_reap */
+    op->status = status;
+    completed(op);
+}
+
 static void on_received(void *request, ucs_status_t status, const ucp_tag_recv_info_t *info,
                         void *user_data) {
     kvf_op *op = user_data;
-    kvf_receiver *r = op->receiver;
+    kvf_plane *r = op->plane;
     (void)request; /* freed by kvf_reap: it may run before ucp_tag_msg_recv_nbx returns it */
     op->status = status;
     op->length = status == UCS_OK ? info->length : 0;
@@ -99,9 +114,16 @@ static void on_received(void *request, ucs_status_t status, const ucp_tag_recv_i
             rc = r->record(op->event, op->stream);
         op->launch_status = rc;
     }
-    op->state = KVF_DONE;
-    r->done[(r->done_head + r->done_count) % r->capacity] = op->id;
-    r->done_count++;
+    completed(op);
+}
+
+static void start(kvf_op *op) {
+    op->request = NULL;
+    op->status = UCS_INPROGRESS;
+    op->launch_status = 0;
+    op->launched = 0;
+    op->length = 0;
+    op->state = KVF_POSTED;
 }
 
 /* The oldest message waiting to be taken: 1 and its (tag, length) in out, else 0. */
@@ -116,18 +138,13 @@ int kvf_peek(ucp_worker_h worker, uint64_t *out) {
 
 /* Take the message tagged `tag` into `buffer` with op `id`, launching its copy (if the op has
  * one) once it is in. KVF_POSTED_OK, KVF_NO_MESSAGE, or a negative ucs_status_t. */
-int kvf_post(kvf_receiver *r, uint32_t id, uint64_t tag, void *buffer, uint64_t length) {
+int kvf_post(kvf_plane *r, uint32_t id, uint64_t tag, void *buffer, uint64_t length) {
     ucp_tag_recv_info_t info;
     ucp_tag_message_h message = ucp_tag_probe_nb(r->worker, tag, ~(ucp_tag_t)0, 1, &info);
     if (message == NULL)
         return KVF_NO_MESSAGE;
     kvf_op *op = &r->ops[id];
-    op->request = NULL;
-    op->status = UCS_INPROGRESS;
-    op->launch_status = 0;
-    op->launched = 0;
-    op->length = 0;
-    op->state = KVF_POSTED;
+    start(op);
     ucp_request_param_t param = {
         .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
                         UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FLAG_NO_IMM_CMPL,
@@ -144,9 +161,31 @@ int kvf_post(kvf_receiver *r, uint32_t id, uint64_t tag, void *buffer, uint64_t 
     return KVF_POSTED_OK;
 }
 
+/* Send [buffer, +length) tagged `tag` over endpoint `ep` with op `id`. 0, or a negative
+ * ucs_status_t. */
+int kvf_send(kvf_plane *r, uint32_t id, ucp_ep_h ep, uint64_t tag, void *buffer,
+             uint64_t length) {
+    kvf_op *op = &r->ops[id];
+    start(op);
+    ucp_request_param_t param = {
+        .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                        UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FLAG_NO_IMM_CMPL,
+        .cb.send = on_sent,
+        .datatype = ucp_dt_make_contig(1),
+        .user_data = op,
+    };
+    ucs_status_ptr_t request = ucp_tag_send_nbx(ep, buffer, length, tag, &param);
+    if (UCS_PTR_IS_ERR(request)) {
+        op->state = KVF_IDLE;
+        return UCS_PTR_STATUS(request);
+    }
+    op->request = request; /* its callback may have run already: kvf_reap frees it */
+    return KVF_POSTED_OK;
+}
+
 /* Move up to `max` completed receives' ids to `out`, oldest completion first, releasing their
  * UCX requests; the ops are idle again once their results are read. Returns how many. */
-uint32_t kvf_reap(kvf_receiver *r, uint32_t *out, uint32_t max) {
+uint32_t kvf_reap(kvf_plane *r, uint32_t *out, uint32_t max) {
     uint32_t n = 0;
     while (n < max && r->done_count > 0) {
         uint32_t id = r->done[r->done_head];
@@ -163,9 +202,9 @@ uint32_t kvf_reap(kvf_receiver *r, uint32_t *out, uint32_t max) {
     return n;
 }
 
-/* Cancel every posted receive; each completes (UCS_ERR_CANCELED, or UCS_OK had it finished)
+/* Cancel every operation in flight; each completes (UCS_ERR_CANCELED, or UCS_OK had it finished)
  * in the next progress. */
-void kvf_cancel_all(kvf_receiver *r) {
+void kvf_cancel_all(kvf_plane *r) {
     for (uint32_t i = 0; i < r->capacity; i++) {
         kvf_op *op = &r->ops[i];
         if (op->state == KVF_POSTED && op->request != NULL)

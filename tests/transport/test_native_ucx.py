@@ -1,5 +1,5 @@
-"""The native receive path (transport/native.py, ucx_receives.c) against ucxx's, over real UCX
-on loopback. Each case runs in a child: UCX reads its settings once per process."""
+"""The native data path (transport/native.py, ucx_native.c) against ucxx's, over real UCX on
+loopback. Each case runs in a child: UCX reads its settings once per process."""
 
 import json
 import os
@@ -18,7 +18,8 @@ from kvferry.transport.ucx import UcxDataPlane
 
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 native = sys.argv[1] == "native"
-plane, peer = UcxDataPlane("tcp,sm,self"), UcxDataPlane("tcp,sm,self", native=native)
+plane = UcxDataPlane("tcp,sm,self", native=native)
+peer = UcxDataPlane("tcp,sm,self", native=native)
 
 def progress():  # no transfer thread here: this one drives both workers, sleeping between
     for p in (plane, peer):
@@ -54,6 +55,7 @@ report = {"native": peer.native, "chains": peer.chains_copies}
 tags = [11, 12, 13]
 payloads = {tag: torch.full((1000 + tag,), tag, dtype=torch.uint8) for tag in tags}
 sends = [plane.send(endpoint, payloads[tag], tag) for tag in tags]
+report["sends"] = sorted({type(op).__name__ for op in sends})
 report["probed"] = arrived()
 launches = []
 received = {}
@@ -100,9 +102,10 @@ def run_child(path: str, **env) -> dict:
     return json.loads(line) | {"log": proc.stderr}
 
 
-def test_native_receives_take_messages_in_any_order_and_end_cleanly():
+def test_native_ucx_take_messages_in_any_order_and_end_cleanly():
     report = run_child("native")
     assert report["native"] and not report["chains"]  # on a CPU: nothing to launch
+    assert report["sends"] == ["NativeOp"]
     assert report["probed"][0] == 11  # the oldest message, with its length
     assert report["probed"][1] == 1011
     assert report["errors"] == [None] * 6 and report["equal"]
@@ -114,17 +117,17 @@ def test_native_receives_take_messages_in_any_order_and_end_cleanly():
     assert report["closed"] == [False, 1, 1]
 
 
-def test_ucxx_receives_agree():
+def test_ucxx_path_agrees():
     report = run_child("ucxx")
-    assert not report["native"]
+    assert not report["native"] and report["sends"] == ["UcxOp"]
     assert report["errors"] == [None] * 6 and report["equal"]
     assert report["then"] == [] and report["launched"] == [None, None, None]
     assert report["missing"] == "no message with tag 0x63"
 
 
-def test_without_a_compiler_the_plane_receives_through_ucxx_and_says_why(tmp_path):
+def test_without_a_compiler_the_plane_goes_through_ucxx_and_says_why(tmp_path):
     report = run_child("native", CC=str(tmp_path / "no-such-cc"), KVFERRY_CACHE_DIR=str(tmp_path))
     assert not report["native"]
-    assert "native receive path is unavailable" in report["log"]
+    assert "native path is unavailable" in report["log"]
     assert "no-such-cc" in report["log"]
     assert report["errors"] == [None] * 6 and report["equal"]
