@@ -122,9 +122,15 @@ class CopyStream:
         """`slots` as int32 on the device, uploaded on this stream: what `chain_scatter`s read.
         The tensor belongs to this stream: it may be dropped once no copy queued later needs it
         (its memory is reused only by work queued on this stream after that)."""
-        host = torch.from_numpy(slots.astype(np.int32)).pin_memory()
+        from kvferry.staging.kv_launch import uploader_of  # deferred: needs cupy
+
         with torch.cuda.stream(self._stream):
-            return host.to(self.device, non_blocking=True)
+            device = torch.empty(len(slots), dtype=torch.int32, device=self.device)
+        uploader = uploader_of(self.device)
+        driver.use_device(self._index)
+        with uploader.lock:
+            uploader.upload_to(device.data_ptr(), slots, self._handle)
+        return device
 
     def chain_scatter(
         self,

@@ -148,6 +148,11 @@ def _vector_width(*quantities: int) -> int:
     raise AssertionError("unreachable: width 1 divides everything")
 
 
+def uploader_of(device: torch.device) -> IndexUploader:
+    """The device's index uploader (use it under its lock)."""
+    return _launcher(device).uploader
+
+
 @functools.cache
 def _launcher(device: torch.device) -> _Launcher:
     return _Launcher(device)

@@ -58,6 +58,20 @@ class IndexUploader:
         driver.copy_to_device(target, self._pinned.ptr + offset, nbytes, stream)
         return target, offset
 
+    def upload_to(self, target: int, values: np.ndarray, stream: int) -> None:
+        """Queue an int32 copy of `values` to device memory at `target` (the caller's) on
+        `stream`, in pieces of at most half the ring; the pinned regions they pass through are
+        reclaimed once the copies have run."""
+        step = self.ring.capacity // 8  # values per piece: half the ring's bytes
+        for first in range(0, values.size, step):
+            piece = values[first : first + step]
+            offset = self._alloc(piece.size * 4)
+            start = offset // 4
+            self._host[start : start + piece.size] = piece
+            address = self._pinned.ptr + offset
+            driver.copy_to_device(target + first * 4, address, piece.size * 4, stream)
+            self.done(offset, stream)
+
     def done(self, ticket: int, stream: int) -> None:
         """The work reading upload `ticket` is queued on `stream`: reclaim it once that ran."""
         consumed = self._spare_events.pop() if self._spare_events else driver.Event()

@@ -142,6 +142,20 @@ def test_index_uploader_waits_when_its_ring_is_full():
     assert torch.equal(copies[1].cpu(), torch.arange(1000, 1200, dtype=torch.int32))
 
 
+def test_index_uploader_copies_more_than_its_ring_into_memory_of_the_callers():
+    import numpy as np
+
+    from kvferry.staging.upload import IndexUploader
+
+    uploader = IndexUploader(torch.device("cuda:0"), capacity=1024)  # 128 values a piece
+    side = torch.cuda.Stream()
+    values = np.arange(1000, 1700, dtype=np.int64)  # cast to int32 on the way
+    target = torch.zeros(700, dtype=torch.int32, device="cuda")
+    uploader.upload_to(target.data_ptr(), values, side.cuda_stream)
+    side.synchronize()
+    assert torch.equal(target.cpu(), torch.arange(1000, 1700, dtype=torch.int32))
+
+
 def test_copy_stream_descriptor_turns_readable_when_a_copy_finishes():
     import select
 
