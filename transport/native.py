@@ -3,9 +3,9 @@ completion callback launches the message's scatter with no Python in between, a 
 call per turn that takes every completion.
 
 The C file is compiled at first use with the host's C compiler (`CC`, else `cc`) against the
-headers of the libucx wheel that ucxx loads, and cached under `$KVFERRY_CACHE_DIR` (default
-`~/.cache/kvferry`) by a hash of the source and the include path, the way Triton builds its
-launchers. `build()` raises NativeUnavailable with the reason when that cannot be done; the data
+headers of the libucx wheel that ucxx loads, and cached under `$KVFERRY_CACHE/native` (default
+`~/.cache/kvferry`, where converted checkpoints go too) by a hash of the source, the include path
+and the compiler, the way Triton builds its launchers. `build()` raises NativeUnavailable with the reason when that cannot be done; the data
 plane then sends and receives through ucxx's API instead, and says so in its log.
 """
 
@@ -232,7 +232,7 @@ def _load() -> ctypes.PyDLL:
     if not compiler:
         raise NativeUnavailable("no C compiler (set CC, or install cc)")
     key = hashlib.sha256(SOURCE.read_bytes() + str(include).encode() + compiler.encode())
-    cache = Path(os.environ.get("KVFERRY_CACHE_DIR") or Path.home() / ".cache" / "kvferry")
+    cache = Path(os.environ.get("KVFERRY_CACHE") or Path.home() / ".cache" / "kvferry")
     target = cache / "native" / f"ucx_native-{key.hexdigest()[:16]}.so"
     if not target.exists():
         _compile(compiler, include, libdir, target)

@@ -126,7 +126,7 @@ def test_ucxx_path_agrees():
 
 
 def test_without_a_compiler_the_plane_goes_through_ucxx_and_says_why(tmp_path):
-    report = run_child("native", CC=str(tmp_path / "no-such-cc"), KVFERRY_CACHE_DIR=str(tmp_path))
+    report = run_child("native", CC=str(tmp_path / "no-such-cc"), KVFERRY_CACHE=str(tmp_path))
     assert not report["native"]
     assert "native path is unavailable" in report["log"]
     assert "no-such-cc" in report["log"]
