@@ -4,9 +4,10 @@ call per turn that takes every completion.
 
 The C file is compiled at first use with the host's C compiler (`CC`, else `cc`) against the
 headers of the libucx wheel that ucxx loads, and cached under `$KVFERRY_CACHE/native` (default
-`~/.cache/kvferry`, where converted checkpoints go too) by a hash of the source, the include path
-and the compiler, the way Triton builds its launchers. `build()` raises NativeUnavailable with the reason when that cannot be done; the data
-plane then sends and receives through ucxx's API instead, and says so in its log.
+`~/.cache/kvferry`, where converted checkpoints go too) by a hash of the source, the include
+path and the compiler, the way Triton builds its launchers. `build()` raises NativeUnavailable
+with the reason when that cannot be done; the data plane then sends and receives through ucxx's
+API instead, and says so in its log.
 """
 
 from __future__ import annotations
