@@ -16,6 +16,8 @@ from kvferry.transport.send_room import Outgoing
 
 
 class SliceMode:
+    chains = False  # nothing to launch after a receive
+
     # --- prefill -------------------------------------------------------------------------------
 
     def stage(self, item: Outgoing) -> bool:
@@ -49,8 +51,6 @@ class SliceMode:
         row = plane[int(piece.slots[piece.index % tokens])]
         arrival.region = row.narrow(0, piece.slice.dst_head_start, piece.slice.num_heads)
         return True
-
-    chains = False  # nothing to launch after a receive
 
     def received(self, arrival: Arrival, wake: bool):
         return None  # the row is in place already

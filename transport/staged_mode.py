@@ -23,6 +23,8 @@ from kvferry.transport.send_room import Outgoing
 
 
 class StagedMode:
+    chains = True  # its scatter can be launched by the data plane's receive completion
+
     def __init__(self, staging: StagingBuffer, copies: CopyStream) -> None:
         self.staging, self.copies = staging, copies
 
@@ -62,8 +64,6 @@ class StagedMode:
             return False
         arrival.offset, arrival.region = offset, self.staging.region(offset, nbytes)
         return True
-
-    chains = True  # its scatter can be launched by the data plane's receive completion
 
     def chain(self, arrival: Arrival, launch) -> None:
         """Write the arrival's scatter into `launch`, the record of its native receive, whose
