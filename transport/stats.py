@@ -45,6 +45,7 @@ class AgentStats:
     wait_cpu_s: float = 0.0
     ucx_cpu_s: float = 0.0
     limit_refusals: dict[str, int] = field(default_factory=dict)  # frames refused, by limit
+    native_data_path: bool = False  # data messages go through transport/native.py
 
 
 def agent_stats(core: AgentCore, rooms: Iterable, ring: RingAllocator | None) -> AgentStats:
@@ -78,4 +79,5 @@ def agent_stats(core: AgentCore, rooms: Iterable, ring: RingAllocator | None) ->
         wait_cpu_s=core.loop.wait_cpu_s,
         ucx_cpu_s=stats.ucx_cpu_s,
         limit_refusals=dict(stats.limit_refusals),
+        native_data_path=getattr(data, "native", False),
     )

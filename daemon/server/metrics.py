@@ -89,6 +89,11 @@ _COUNTERS = (
 )
 _GAUGES = (
     ("kvferry_ring_used_bytes", "Staging ring bytes in use", "ring_used"),
+    (
+        "kvferry_native_data_path",
+        "1 if the rank's data messages go through kvferry's native path, 0 through ucxx's API",
+        "native_data_path",
+    ),
     ("kvferry_ring_capacity_bytes", "Staging ring size", "ring_capacity"),
     ("kvferry_ring_high_water_bytes", "Most staging ring bytes ever in use", "ring_high_water"),
     ("kvferry_kv_pages_used", "KV cache pages held by requests", "kv_pages_used"),

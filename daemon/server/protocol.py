@@ -96,3 +96,4 @@ class Snapshot:
     wait_cpu_s: float = 0.0  # of transfer_cpu_s: the loop's wait (poll, re-taking the GIL)
     ucx_cpu_s: float = 0.0  # of transfer_cpu_s: inside UCX's progress and arm
     limit_refusals: dict[str, int] = field(default_factory=dict)  # control frames refused, by limit
+    native_data_path: int = 0  # 1: data messages go through transport/native.py, 0: ucxx's API

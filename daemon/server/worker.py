@@ -229,6 +229,7 @@ class Worker:
             memory_peak=_memory_peak(engine.runner.kv.device),
             control_address=agent.control_address,
             limit_refusals=agent.limit_refusals,
+            native_data_path=int(agent.native_data_path),
             pid=os.getpid(),
         )
 

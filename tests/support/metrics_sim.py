@@ -83,6 +83,7 @@ def decode_snapshots() -> list[Snapshot]:
             loop_timer_turns=7,
             kv_pool_bytes=1 << 30,
             memory_peak=3 << 30,
+            native_data_path=1,  # rank 1: 0, through ucxx
             rooms={**snapshot(0).rooms, "Transferring": 2},
             forward_s=[0.01, 0.02],
             transfer_s=[0.3],

@@ -26,6 +26,7 @@ PER_RANK = {
     "kvferry_bad_frames_total": "bad_frames",
     "kvferry_ring_used_bytes": "ring_used",
     "kvferry_ring_capacity_bytes": "ring_capacity",
+    "kvferry_native_data_path": "native_data_path",
     "kvferry_ring_high_water_bytes": "ring_high_water",
     "kvferry_kv_pages_used": "kv_pages_used",
     "kvferry_kv_pages_capacity": "kv_pages_total",
