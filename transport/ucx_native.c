@@ -117,13 +117,31 @@ static void on_received(void *request, ucs_status_t status, const ucp_tag_recv_i
     completed(op);
 }
 
-static void start(kvf_op *op) {
+/* Op `id`, reset for an operation about to be posted, and the parameters that post it: its
+ * completion comes to `op` (the callback, set by the caller), never inline. */
+static kvf_op *start(kvf_plane *r, uint32_t id, ucp_request_param_t *param) {
+    kvf_op *op = &r->ops[id];
     op->request = NULL;
     op->status = UCS_INPROGRESS;
     op->launch_status = 0;
     op->launched = 0;
     op->length = 0;
     op->state = KVF_POSTED;
+    param->op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                          UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+    param->datatype = ucp_dt_make_contig(1);
+    param->user_data = op;
+    return op;
+}
+
+/* What posting `op` returned: KVF_POSTED_OK, or the negative ucs_status_t it failed with. */
+static int posted(kvf_op *op, ucs_status_ptr_t request) {
+    if (UCS_PTR_IS_ERR(request)) {
+        op->state = KVF_IDLE;
+        return UCS_PTR_STATUS(request);
+    }
+    op->request = request; /* its callback may have run already: kvf_reap frees it */
+    return KVF_POSTED_OK;
 }
 
 /* The oldest message waiting to be taken: 1 and its (tag, length) in out, else 0. */
@@ -143,47 +161,23 @@ int kvf_post(kvf_plane *r, uint32_t id, uint64_t tag, void *buffer, uint64_t len
     ucp_tag_message_h message = ucp_tag_probe_nb(r->worker, tag, ~(ucp_tag_t)0, 1, &info);
     if (message == NULL)
         return KVF_NO_MESSAGE;
-    kvf_op *op = &r->ops[id];
-    start(op);
-    ucp_request_param_t param = {
-        .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
-                        UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FLAG_NO_IMM_CMPL,
-        .cb.recv = on_received,
-        .datatype = ucp_dt_make_contig(1),
-        .user_data = op,
-    };
-    ucs_status_ptr_t request = ucp_tag_msg_recv_nbx(r->worker, buffer, length, message, &param);
-    if (UCS_PTR_IS_ERR(request)) {
-        op->state = KVF_IDLE;
-        return UCS_PTR_STATUS(request);
-    }
-    op->request = request; /* its callback may have run already: kvf_reap frees it */
-    return KVF_POSTED_OK;
+    ucp_request_param_t param = {0};
+    kvf_op *op = start(r, id, &param);
+    param.cb.recv = on_received;
+    return posted(op, ucp_tag_msg_recv_nbx(r->worker, buffer, length, message, &param));
 }
 
 /* Send [buffer, +length) tagged `tag` over endpoint `ep` with op `id`. 0, or a negative
  * ucs_status_t. */
 int kvf_send(kvf_plane *r, uint32_t id, ucp_ep_h ep, uint64_t tag, void *buffer,
              uint64_t length) {
-    kvf_op *op = &r->ops[id];
-    start(op);
-    ucp_request_param_t param = {
-        .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
-                        UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FLAG_NO_IMM_CMPL,
-        .cb.send = on_sent,
-        .datatype = ucp_dt_make_contig(1),
-        .user_data = op,
-    };
-    ucs_status_ptr_t request = ucp_tag_send_nbx(ep, buffer, length, tag, &param);
-    if (UCS_PTR_IS_ERR(request)) {
-        op->state = KVF_IDLE;
-        return UCS_PTR_STATUS(request);
-    }
-    op->request = request; /* its callback may have run already: kvf_reap frees it */
-    return KVF_POSTED_OK;
+    ucp_request_param_t param = {0};
+    kvf_op *op = start(r, id, &param);
+    param.cb.send = on_sent;
+    return posted(op, ucp_tag_send_nbx(ep, buffer, length, tag, &param));
 }
 
-/* Move up to `max` completed receives' ids to `out`, oldest completion first, releasing their
+/* Move up to `max` completed operations' ids to `out`, oldest completion first, releasing their
  * UCX requests; the ops are idle again once their results are read. Returns how many. */
 uint32_t kvf_reap(kvf_plane *r, uint32_t *out, uint32_t max) {
     uint32_t n = 0;

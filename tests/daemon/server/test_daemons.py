@@ -216,17 +216,6 @@ def test_idle_daemons_sleep(mixed):
             assert turns - before[name][rank] <= limit, (name, rank, before, after)
 
 
-def test_every_rank_moves_kv_through_the_native_data_path(mixed):
-    """The daemons build ucx_native.c at their ranks' start (the machine has a C compiler)."""
-    launcher, _ = mixed
-    for child in launcher.children:
-        with urllib.request.urlopen(f"{client(launcher, child.name).url}/metrics") as reply:
-            got = samples(reply.read().decode())
-        native = {dict(labels)["rank"]: value for (metric, labels), value in got.items()
-                  if metric == "kvferry_native_data_path"}  # fmt: skip
-        assert native and set(native.values()) == {1.0}, (child.name, native)
-
-
 def _fresh_loop_turns(launcher, name: str) -> dict[str, float]:
     """The turns of a snapshot the ranks sent just now (the first after a change): a rank's
     snapshot can be some time old when it has just been busy."""

@@ -32,7 +32,8 @@ def test_promtool_accepts_the_rendered_registry(rendered, promtool):
 
 def test_promtool_accepts_scrapes_of_a_deployment(tmp_path, promtool):
     """prefill TP2 -> decode TP1 with the random model; one request, then both daemons scraped
-    once their snapshots show its KV: sent by prefill's ranks = received by decode's."""
+    once their snapshots show its KV: sent by prefill's ranks = received by decode's, every
+    rank over the native data path (ucx_native.c, built at the ranks' start)."""
     p = prefill("prefill-0", tp=2)
     path = write(tmp_path, [p, decode("decode-0", [p])])
     with running(path) as launcher:
@@ -55,6 +56,8 @@ def test_promtool_accepts_scrapes_of_a_deployment(tmp_path, promtool):
         for family, (_, labels) in families.items():
             assert not labels or labels == docs[family][1], (name, family)
         assert _sum(text, "kvferry_requests_total") == 1, name
+        native = [v for (n, _), v in samples(text).items() if n == "kvferry_native_data_path"]
+        assert native and set(native) == {1.0}, (name, native)
 
 
 def _sum(text: str, name: str) -> float:
