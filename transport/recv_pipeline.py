@@ -3,6 +3,10 @@ its room, to where its mode lands it (a region of the staging ring: `staged_mode
 what its mode does once it is in (a scatter into the paged KV cache, queued on the copy
 stream: the message has landed then), to its release once the scatter has run.
 
+Where the data plane chains copies (the native path on a GPU), a message's scatter is written
+into its receive before the receive is posted (`StagedMode.chain`), and the receive's completion
+launches it: the pipeline then only accounts for what has landed.
+
 Every stage is polled, oldest first; nothing waits on the host. A message that finds the ring
 full stays queued in the data plane (later ones wait behind it) for at most ring_wait_timeout_s,
 then fails its room. A message no open room wants is discarded, which releases its sender.
