@@ -23,6 +23,24 @@ from support.transfer_sim import (
     wait_idle,
 )
 
+# The helpers of a child script that drives two data planes, `plane` and `peer` (which the script
+# makes), from its one thread, with no transfer loop: prepend it to the script.
+TWO_PLANES = r"""
+import select, time
+
+def progress():  # both workers progressed, then a sleep on their descriptors
+    for p in (plane, peer):
+        p.progress()
+    if all(p.arm() for p in (plane, peer)):
+        select.select([plane.wake_fd, peer.wake_fd], [], [], 1.0)
+
+def wait(op):  # "unfinished" after 30 s, else the op's error (None: it succeeded)
+    deadline = time.monotonic() + 30
+    while not op.done() and time.monotonic() < deadline:
+        progress()
+    return "unfinished" if not op.done() else op.error()
+"""
+
 
 class Side:
     def __init__(self, role, heads, tp, config: dict, capacity=512, device="cpu", **layout):

@@ -8,10 +8,14 @@ import sys
 
 import pytest
 
+from support.ucx_side import TWO_PLANES
+
 pytest.importorskip("ucxx", reason="the UCX data plane needs the ucxx package")
 
-CHILD = r"""
-import json, logging, select, sys, time
+CHILD = (
+    TWO_PLANES
+    + r"""
+import json, logging, sys
 import torch
 from kvferry.transport.dataplane import DoneOp
 from kvferry.transport.ucx import UcxDataPlane
@@ -21,17 +25,9 @@ native = sys.argv[1] == "native"
 plane = UcxDataPlane("tcp,sm,self", native=native)
 peer = UcxDataPlane("tcp,sm,self", native=native)
 
-def progress():  # no transfer thread here: this one drives both workers, sleeping between
-    for p in (plane, peer):
-        p.progress()
-    if all(p.arm() for p in (plane, peer)):
-        select.select([plane.wake_fd, peer.wake_fd], [], [], 1.0)
-
-def wait(op):
-    deadline = time.monotonic() + 30
-    while not op.done() and time.monotonic() < deadline:
-        progress()
-    return "unfinished" if not op.done() else (op.error() and op.error().detail)
+def outcome(op):  # wait's answer as JSON can carry it
+    error = wait(op)
+    return getattr(error, "detail", error)
 
 def arrived():
     deadline = time.monotonic() + 30
@@ -64,17 +60,17 @@ for tag in reversed(tags):  # taken out of the order they came in
     op, handed = take(tag, into)
     received[tag] = (op, into)
     launches += handed
-report["errors"] = [wait(op) for op, _ in received.values()] + [wait(op) for op in sends]
+report["errors"] = [outcome(op) for op, _ in received.values()] + [outcome(op) for op in sends]
 report["equal"] = all(torch.equal(into, payloads[tag]) for tag, (_, into) in received.items())
 report["then"] = [launch.function is None for launch in launches]
 report["launched"] = [getattr(op, "launched", None) for op, _ in received.values()]
-report["missing"] = wait(peer.recv(99, torch.zeros(8, dtype=torch.uint8)))
+report["missing"] = outcome(peer.recv(99, torch.zeros(8, dtype=torch.uint8)))
 if peer.native:  # every record in flight: the receive goes through ucxx, and chains nothing
     free, peer._native._free = peer._native._free, []
     send = plane.send(endpoint, payloads[11], 21)
     into = torch.zeros(1011, dtype=torch.uint8)
     op, handed = take(21, into)
-    report["fallback"] = [type(op).__name__, wait(op), torch.equal(into, payloads[11]), handed]
+    report["fallback"] = [type(op).__name__, outcome(op), torch.equal(into, payloads[11]), handed]
     peer._native._free = free
     wait(send)
 # a large message whose sender stops progressing: its receive outlives the plane's close
@@ -87,6 +83,7 @@ report["closed"] = [op.done(), peer.native and peer._native.posted, len(native_m
 print(json.dumps(report), flush=True)
 plane.close()
 """
+)
 
 
 def run_child(path: str, **env) -> dict:

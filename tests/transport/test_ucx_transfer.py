@@ -15,7 +15,7 @@ from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.room import KVPoll
 from support.kvsim import TP_PAIRS
 from support.transfer_sim import small_config
-from support.ucx_side import main
+from support.ucx_side import TWO_PLANES, main
 
 pytest.importorskip("ucxx", reason="the UCX data plane needs the ucxx package")
 
@@ -193,22 +193,12 @@ def test_gpu_caches_over_cuda_ipc(procs, heads, src_tp, dst_tp, native):
 
 # Runs in a child (UCX reads its settings once per process): an endpoint closed once nothing
 # is sent over it fires no error, and a new one to the same peer carries messages again.
-ENDPOINT_CHILD = r"""
-import json, select, time
+ENDPOINT_CHILD = (
+    TWO_PLANES
+    + r"""
+import json
 import torch
 from kvferry.transport.ucx import UcxDataPlane
-
-def progress():  # no transfer thread here: this one drives both workers, sleeping between
-    for p in (plane, peer):
-        p.progress()
-    if all(p.arm() for p in (plane, peer)):
-        select.select([plane.wake_fd, peer.wake_fd], [], [], 1.0)
-
-def wait(request):
-    deadline = time.monotonic() + 30
-    while not request.done() and time.monotonic() < deadline:
-        progress()
-    return "unfinished" if not request.done() else request.error()
 
 def exchange(sender, receiver, endpoint, tag):
     data = torch.arange(64, dtype=torch.uint8)
@@ -231,6 +221,7 @@ print(json.dumps(report), flush=True)
 plane.close()
 peer.close()
 """
+)
 
 
 def test_closed_endpoint_fires_no_error_and_reopens():
