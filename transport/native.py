@@ -28,10 +28,10 @@ from kvferry.transport.failure import Failure
 SOURCE = Path(__file__).with_name("ucx_native.c")
 CAPACITY = 4096  # operations in flight at once; past this one goes through ucxx
 _POSTED_OK, _NO_MESSAGE = 0, 1
-UCS_OK, UCS_ERR_CANCELED = 0, -16
+UCS_OK = 0
 # UCS statuses that mean the peer's process or link went away (ucs/type/status.h)
 _PEER_GONE = frozenset({-6, -25, -80})  # UNREACHABLE, CONNECTION_RESET, ENDPOINT_TIMEOUT
-_ORPHANED: list = []  # records of closed receivers that UCX may still complete into
+_ORPHANED: list = []  # records of closed planes that UCX may still complete into
 
 
 class NativeUnavailable(RuntimeError):
@@ -39,8 +39,8 @@ class NativeUnavailable(RuntimeError):
 
 
 class Launch(ctypes.Structure):
-    """The head of one receive's C record (kvf_op): the copy to launch once its bytes are in,
-    which the receive's owner writes before posting it. `function` 0: nothing to launch."""
+    """The head of one operation's C record (kvf_op): the copy to launch once a receive's bytes
+    are in, which its owner writes before posting it. `function` 0: nothing to launch."""
 
     _fields_ = (
         ("function", ctypes.c_void_p),
@@ -56,6 +56,8 @@ class Launch(ctypes.Structure):
 
 
 class _Op(ctypes.Structure):
+    """kvf_op of ucx_native.c (its size is checked at load)."""
+
     _fields_ = (
         ("launch", Launch),
         ("params", ctypes.c_void_p * 7),
@@ -70,6 +72,8 @@ class _Op(ctypes.Structure):
 
 
 class _Plane(ctypes.Structure):
+    """kvf_plane of ucx_native.c (its size is checked at load)."""
+
     _fields_ = (
         ("worker", ctypes.c_void_p),
         ("launch", ctypes.c_void_p),
