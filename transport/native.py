@@ -206,11 +206,12 @@ class NativeOps:
         return count
 
     def cancel_all(self) -> None:
-        """Cancel every receive in flight: each completes, cancelled, in a later progress."""
+        """Cancel every operation in flight: each completes, cancelled (or done, had it
+        finished), in a later progress; one UCX cannot cancel ends when its peer does."""
         self._lib.kvf_cancel_all(self._plane)
 
     def close(self) -> None:
-        """After `cancel_all`, a progress and a `reap`: a receive UCX still holds keeps the
+        """After `cancel_all`, a progress and a `reap`: an operation UCX still holds keeps the
         records it writes into alive for the rest of the process."""
         if self._posted:
             _ORPHANED.append((self._ops, self._done, self._r))
