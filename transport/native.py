@@ -151,6 +151,12 @@ class NativeOps:
     def posted(self) -> int:
         return len(self._posted)
 
+    @property
+    def completed(self) -> bool:
+        """Whether completions wait to be reaped (one can run inside a post, with no event on
+        the worker's descriptor to say so)."""
+        return self._r.done_count > 0
+
     def peek(self) -> tuple[int, int] | None:
         """(tag, length) of the oldest message waiting to be taken, or None."""
         if not self._lib.kvf_peek(self._worker, self._peeked):

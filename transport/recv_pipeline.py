@@ -64,6 +64,10 @@ class RecvPipeline:
         self._take_arrivals(now)
         self._finish_receives()
         self._finish_scatters()
+        if self._ring_blocked_since is not None:
+            # the scatters that free ring room now have a waiter: asked for after the receives'
+            # completions are taken, so that it covers the scatters their completions launched
+            self.core.copies.wake_when_done()
         while self._discards and self._discards[0].done():
             self._discards.popleft()
 
@@ -142,7 +146,6 @@ class RecvPipeline:
         return True
 
     def _ring_full(self, room: RecvRoom, now: float) -> bool:
-        self.core.copies.wake_when_done()  # the scatters that free ring room now have a waiter
         if self._ring_blocked_since is None:
             self._ring_blocked_since = now
             self.core.stats.ring_waits += 1

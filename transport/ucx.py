@@ -251,6 +251,8 @@ class UcxDataPlane(DataPlane):
         # ucp_worker_arm itself, as ucxx's arm() calls it, but with the GIL held (PyDLL): the
         # call never blocks, and letting the GIL go around it hands the loop's turn to any
         # other thread of the process running Python (an engine's forward)
+        if self._native is not None and self._native.completed:
+            return False  # completions that ran inside a post: no event will tell of them
         status = _ucp().ucp_worker_arm(self._handle)
         if status == UCS_ERR_BUSY:
             return False

@@ -73,6 +73,11 @@ if peer.native:  # every record in flight: the receive goes through ucxx, and ch
     report["fallback"] = [type(op).__name__, outcome(op), torch.equal(into, payloads[11]), handed]
     peer._native._free = free
     wait(send)
+# a small message is in whole when probed: its receive completes inside the post, with no event
+# on the descriptor, so arm() must say there is more to progress (or the loop would sleep)
+send = plane.send(endpoint, payloads[12], 41)
+op, _ = take(41, torch.zeros(1012, dtype=torch.uint8))
+report["inline"] = [op.done(), peer.arm(), outcome(op), op.done(), outcome(send)]
 # a large message whose sender stops progressing: its receive outlives the plane's close
 big = torch.ones(8 << 20, dtype=torch.uint8)
 send = plane.send(endpoint, big, 31)
@@ -110,6 +115,7 @@ def test_native_ucx_take_messages_in_any_order_and_end_cleanly():
     assert report["launched"] == [False, False, False]
     assert report["missing"] == "no message with tag 0x63"
     assert report["fallback"] == ["UcxOp", None, True, []]
+    assert report["inline"] == [False, False, None, True, None]
     # closing did not wait for it: the record UCX may still complete into stays alive
     assert report["closed"] == [False, 1, 1]
 
