@@ -75,6 +75,7 @@ class StagedMode:
             slots = self.copies.upload_slots(room.slots)
             room.device_slots = (slots, slots.data_ptr())
         s = piece.slice
+        # the heads only: the slots were checked with the room's
         piece.planes.check_slice(piece.slots[:0], s.dst_head_start, s.num_heads)
         arrival.chained = self.copies.chain_scatter(
             launch,
