@@ -147,10 +147,11 @@ class CopyStream:
         `device_slots`, from `upload_slots`): the receive's completion launches it on this
         stream and records the returned event. Then `chained_done` once the receive completed.
         Everything given has been checked by the caller."""
-        from kvferry.staging.kv_launch import write_kv_copy  # deferred: needs cupy
+        from kvferry.staging.kv_launch import BLOCK, write_kv_copy  # deferred: needs cupy
 
         event = self._spare.pop() if self._spare else driver.Event()
-        launch.function, grid, launch.block = write_kv_copy(
+        launch.block = BLOCK
+        launch.function, grid = write_kv_copy(
             launch.args, planes, device_slots, num_tokens, head_start, num_heads,
             src.data_ptr(), gather=False,
         )  # fmt: skip

@@ -70,9 +70,12 @@ def launch_kv_copy(
     stream = stream_handle or _raw_current_stream(launcher.index)
     driver.use_device(launcher.index)
     with launcher.uploader.lock:
-        function, grid, ticket = _plan(launcher, launcher.args, planes, slots_np, head_start,
-                                       num_heads, staging, gather, stream)  # fmt: skip
+        device_slots, ticket = launcher.uploader.upload(slots_np, stream)
         try:
+            function, grid = write_kv_copy(
+                launcher.args, planes, device_slots, len(slots_np), head_start, num_heads,
+                staging.data_ptr(), gather,
+            )  # fmt: skip
             driver.launch_kernel(function, grid, BLOCK, stream, launcher.params)
         finally:  # the upload region is reclaimed after whatever the stream has queued
             launcher.uploader.done(ticket, stream)
@@ -87,36 +90,11 @@ def write_kv_copy(
     num_heads: int,
     staging_address: int,
     gather: bool,
-) -> tuple[int, tuple[int, int], int]:
+) -> tuple[int, tuple[int, int]]:
     """Write the parameters of a copy of `num_tokens` token slots (int32, already on the device
-    at `device_slots`) into `args`: (function, grid, block) to launch it with, which native
-    code does once the bytes to scatter have arrived (transport/ucx_native.c)."""
-    launcher = _launcher(planes.device)
-    function, grid = _write(launcher, args, planes, device_slots, num_tokens, head_start,
-                            num_heads, staging_address, gather)  # fmt: skip
-    return function, grid, BLOCK
-
-
-def _plan(
-    launcher: _Launcher, args: KVCopyArgs, planes, slots_np, head_start, num_heads, staging,
-    gather: bool, stream: int,
-) -> tuple[int, tuple[int, int], int]:  # fmt: skip
-    """Upload the slots on `stream` and write the copy's parameters into `args`: (function,
-    grid, upload ticket)."""
-    device_slots, ticket = launcher.uploader.upload(slots_np, stream)
-    try:
-        function, grid = _write(launcher, args, planes, device_slots, len(slots_np), head_start,
-                                num_heads, staging.data_ptr(), gather)  # fmt: skip
-    except BaseException:
-        launcher.uploader.done(ticket, stream)
-        raise
-    return function, grid, ticket
-
-
-def _write(
-    launcher: _Launcher, args: KVCopyArgs, planes, device_slots: int, num_tokens: int,
-    head_start: int, num_heads: int, staging_address: int, gather: bool,
-) -> tuple[int, tuple[int, int]]:  # fmt: skip
+    at `device_slots`) into `args`: (function, grid) to launch it with, BLOCK threads a block.
+    `launch_kv_copy` launches it at once; native code once the bytes to scatter have arrived
+    (transport/ucx_native.c)."""
     row_bytes = num_heads * planes.head_dim * planes.itemsize
     slot_bytes = planes.num_heads * planes.head_dim * planes.itemsize
     offset_bytes = head_start * planes.head_dim * planes.itemsize
@@ -137,7 +115,7 @@ def _write(
     args.slot_len = slot_bytes // width
     args.head_offset = offset_bytes // width
     grid = (min(-(-per_plane // (BLOCK * UNROLL)), MAX_GRID_X), planes.num_planes)
-    return launcher.function(width, gather), grid
+    return _launcher(planes.device).function(width, gather), grid
 
 
 def _vector_width(*quantities: int) -> int:

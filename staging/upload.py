@@ -46,17 +46,11 @@ class IndexUploader:
     def upload(self, values: np.ndarray, stream: int) -> tuple[int, int]:
         """(device address of an int32 copy of `values`, ticket), queued on `stream` (a raw
         cudaStream_t) for work queued after it there. `values` must fit in int32."""
-        nbytes = values.size * 4
-        if nbytes > self.ring.capacity:
+        if values.size * 4 > self.ring.capacity:
             raise ValueError(
                 f"{values.size} indices exceed the upload ring of {self.ring.capacity} B"
             )
-        offset = self._alloc(max(nbytes, 1))
-        start = offset // 4
-        self._host[start : start + values.size] = values  # casts; the region's last reader ran
-        target = self._device_buf.ptr + offset
-        driver.copy_to_device(target, self._pinned.ptr + offset, nbytes, stream)
-        return target, offset
+        return self._copy(values, None, stream)
 
     def upload_to(self, target: int, values: np.ndarray, stream: int) -> None:
         """Queue an int32 copy of `values` to device memory at `target` (the caller's) on
@@ -64,13 +58,20 @@ class IndexUploader:
         reclaimed once the copies have run."""
         step = self.ring.capacity // 8  # values per piece: half the ring's bytes
         for first in range(0, values.size, step):
-            piece = values[first : first + step]
-            offset = self._alloc(piece.size * 4)
-            start = offset // 4
-            self._host[start : start + piece.size] = piece
-            address = self._pinned.ptr + offset
-            driver.copy_to_device(target + first * 4, address, piece.size * 4, stream)
-            self.done(offset, stream)
+            _, ticket = self._copy(values[first : first + step], target + first * 4, stream)
+            self.done(ticket, stream)
+
+    def _copy(self, values: np.ndarray, target: int | None, stream: int) -> tuple[int, int]:
+        """Through a pinned region to `target` (None: the ring's own device region):
+        (target, ticket)."""
+        nbytes = values.size * 4
+        offset = self._alloc(max(nbytes, 1))
+        start = offset // 4
+        self._host[start : start + values.size] = values  # casts; the region's last reader ran
+        if target is None:
+            target = self._device_buf.ptr + offset
+        driver.copy_to_device(target, self._pinned.ptr + offset, nbytes, stream)
+        return target, offset
 
     def done(self, ticket: int, stream: int) -> None:
         """The work reading upload `ticket` is queued on `stream`: reclaim it once that ran."""
