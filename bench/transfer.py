@@ -144,9 +144,9 @@ def main() -> None:
     runs = {}
     for native in data_paths(args):
         args.native = native
-        runs[native] = run_mode(args, "staged", args.tokens)
-        runs[native]["path"] = "native" if native else "ucxx"
-    staged = runs[data_paths(args)[0]]
+        path = "native" if native else "ucxx"
+        runs[path] = run_mode(args, "staged", args.tokens) | {"path": path}
+    staged = next(iter(runs.values()))
     args.native = staged["path"] == "native"
     per_rank = int(staged["request_mib"] * 2**20) // args.dst_tp
     raw = run_raw(args, min(per_rank, args.raw_mib << 20))
@@ -199,7 +199,7 @@ def main() -> None:
             f"GIL) and in UCX: {json.dumps(run['cpu_parts_us_per_message'])}"
         )
     if len(runs) == 2:
-        native, ucxx = runs[True], runs[False]
+        native, ucxx = runs["native"], runs["ucxx"]
         print(
             f"native / ucxx data path: {native['gbps'] / ucxx['gbps']:.2f}x the GB/s, "
             f"{native['cpu_us_per_message']['decode'] / ucxx['cpu_us_per_message']['decode']:.2f}x"
@@ -209,7 +209,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             result = {"device": name, "args": vars(args), "rows": [raw, staged, sliced]}
             if len(runs) == 2:
-                result["ucxx_path"] = runs[False]
+                result["ucxx_path"] = runs["ucxx"]
             json.dump(result, f, indent=1)
 
 
