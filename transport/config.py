@@ -28,6 +28,10 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # each rank's staging ring; None: DEFAULT_STAGING_BYTES, or what a daemon sizes it to
     # (prefill: one forward's KV, `prefill_ring_bytes`)
     staging_bytes: int | None = None
+    # decode: the largest data message it takes (decode proposes it too). Chunks that are ready
+    # together travel as one message up to this size (and half the prefill rank's ring), which
+    # saves the host time of the messages it replaces. 0: one message per chunk
+    max_message_bytes: int = 0
     host: str = "127.0.0.1"  # interface the control sockets bind to
     bootstrap_timeout_s: float = 30.0  # registration of a room with every peer rank
     transfer_timeout_s: float = 300.0  # a room's whole life, registration to Success
@@ -60,6 +64,10 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     def __post_init__(self) -> None:
         if self.staging_bytes is not None and self.staging_bytes < 1:
             raise ValueError(f"staging_bytes={self.staging_bytes} must be >= 1")
+        if self.max_message_bytes < 0:
+            raise ValueError(
+                f"max_message_bytes={self.max_message_bytes} must be >= 0 (0: a chunk per message)"
+            )
         for name in (
             "chunk_tokens",
             "max_frame_bytes",

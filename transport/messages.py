@@ -23,7 +23,7 @@ import msgspec
 
 from kvferry.staging.layout import KVLayout
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5  # 5: RegisterRoom.max_message_bytes (messages of several chunks)
 _VERSION = struct.Struct(">H")
 U64_MAX = (1 << 64) - 1
 MAX_ADDRESS_CHARS = 256
@@ -110,6 +110,9 @@ class RegisterRoom(_Msg):
     chunk_tokens: int
     mode: str
     layer_group: int = 0  # layers per message; 0: every layer of a chunk in one message
+    # the largest data message this rank takes: chunks that are ready together may travel as
+    # one message up to this size; 0: one chunk per message
+    max_message_bytes: int = 0
 
     def __post_init__(self) -> None:
         check_control_address(self.control_address, "control_address")

@@ -153,6 +153,7 @@ class DecodeAgent(TransferAgent):
         if too_small:
             self._fail(room, too_small)
             return
+        room.max_message_bytes = self.core.mode.max_message_bytes(self.config)
         message = RegisterRoom(
             room.room,
             self.layout,
@@ -163,6 +164,7 @@ class DecodeAgent(TransferAgent):
             room.chunk_tokens,
             self.config.mode,
             self.config.layer_group,
+            room.max_message_bytes,
         )
         for info in peers:
             self.core.control.send(info.control_address, message)

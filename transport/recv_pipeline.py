@@ -106,7 +106,7 @@ class RecvPipeline:
             return True
         self.core.peers.heard(room.rank_peers[writer])  # data counts as a sign of life
         if not self._take(room, tag, nbytes, piece_of, now):
-            room.taken[(piece, writer)] -= 1  # not taken after all: it stays queued
+            room.untake(piece_of)  # not taken after all: it stays queued
             return False
         return True
 
@@ -179,13 +179,13 @@ class RecvPipeline:
                     self._scattering.append(arrival)
                 continue
             last(room.marks, "received_data")
-            room.received_units += 1
+            room.received_units += arrival.piece.units
             # Only the room's last scatter wakes the loop when it finishes: the stream runs them
             # in order, so that wake covers the others (and a ring wait asks for its own). The
             # room can succeed before that: its engine orders its own stream after `kv_fence`.
             last_one = room.received_units >= room.units(self.mode, self.planes.num_planes)
             arrival.fence = self.mode.received(arrival, wake=last_one)
-            room.landed_units += 1
+            room.landed_units += arrival.piece.units
             if arrival.fence is None:  # in place already
                 self._release(arrival)
             else:

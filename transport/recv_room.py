@@ -28,6 +28,14 @@ class Piece(NamedTuple):
     planes: KVPlanes
     index: int  # which of the piece's messages (several per piece in slice mode)
     first: int  # where its slots start in the room's
+    # the (piece, writer) keys of `RecvRoom.taken` it counts in: one, or one per chunk of a
+    # message that carries several chunks (`RecvRoom.expect`)
+    keys: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def units(self) -> int:
+        """How many of the room's messages this one stands for."""
+        return max(1, len(self.keys))
 
 
 class Arrival:
@@ -63,6 +71,9 @@ class RecvRoom:
             chunk_tokens,
         )
         self.groups = groups  # the layers of each message of a chunk (one group: all layers)
+        # the largest message that may carry several chunks (the registration's
+        # max_message_bytes; 0: one chunk per message)
+        self.max_message_bytes = 0
         self.created = created
         self.status = RoomStatus(notify)
         handle.status = self.status
@@ -117,19 +128,47 @@ class RecvRoom:
             ), None
         slots = self.chunk_slots(chunk)
         planes = planes.layers(self.groups[group], self.groups[-1].stop)
-        index = self.taken.get((piece, writer), 0)
         rows = mode.messages_per_piece(planes, len(slots))
         expected = planes.staging_bytes(len(slots), head_slice.num_heads) // rows
+        chunks = 1
+        if rows == 1 and nbytes != expected:  # perhaps this chunk and the ones after it
+            chunks = self._chunks_in(chunk, nbytes, planes.staging_bytes(1, head_slice.num_heads))
+            if chunks < 2:
+                error = f"protocol: {nbytes} bytes for piece {piece} from rank {writer}, "
+                error += f"expected {expected}"
+                if self.max_message_bytes:
+                    error += f" (or whole chunks from it on, up to {self.max_message_bytes})"
+                return Failure(FailureKind.BAD_MESSAGE, error), None
+            start = chunk * self.chunk_tokens
+            slots = self.slots[start : min(start + chunks * self.chunk_tokens, self.num_tokens)]
+        keys = tuple(((chunk + i) * len(self.groups) + group, writer) for i in range(chunks))
+        index = max(self.taken.get(key, 0) for key in keys)
         if index >= rows:
             return Failure(
                 FailureKind.BAD_MESSAGE,
                 f"protocol: piece {piece} from prefill rank {writer} arrived twice",
             ), None
-        if nbytes != expected:
-            error = f"protocol: {nbytes} bytes for piece {piece} from rank {writer}, "
-            return Failure(FailureKind.BAD_MESSAGE, error + f"expected {expected}"), None
-        self.taken[(piece, writer)] = index + 1
-        return None, Piece(head_slice, slots, planes, index, chunk * self.chunk_tokens)
+        for key in keys:
+            self.taken[key] = self.taken.get(key, 0) + 1
+        return None, Piece(head_slice, slots, planes, index, chunk * self.chunk_tokens, keys)
+
+    def _chunks_in(self, chunk: int, nbytes: int, token_bytes: int) -> int:
+        """How many whole chunks from `chunk` on a message of `nbytes` carries (0: none fits:
+        not whole tokens, not ending at a chunk's end, past the room or over the size the
+        registration allowed)."""
+        tokens, rest = divmod(nbytes, token_bytes)
+        start = chunk * self.chunk_tokens
+        end = start + tokens
+        if rest or nbytes > self.max_message_bytes or not start < end <= self.num_tokens:
+            return 0
+        if end != self.num_tokens and end % self.chunk_tokens:
+            return 0
+        return -(-tokens // self.chunk_tokens)
+
+    def untake(self, piece: Piece) -> None:
+        """`piece` was checked but not taken after all (the ring is full): it stays queued."""
+        for key in piece.keys:
+            self.taken[key] -= 1
 
     def units(self, mode: StagedMode | SliceMode, num_planes: int) -> int:
         """Messages the room takes in all, from every writer."""

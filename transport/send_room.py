@@ -137,6 +137,8 @@ class SendRoom:
         self.chunk_tokens: int | None = None
         self.layer_group: int | None = None
         self.groups: list[range] = []  # the layers of each piece of a chunk, once registered
+        # the largest message every decode rank of the room takes (several chunks in one)
+        self.max_message_bytes: int | None = None
         self.first_token: int | None = None
         self.input_done = False
         self.first_known = False  # the first token is here (with the last tokens, or after)
@@ -194,6 +196,8 @@ class SendRoom:
             )
         self.num_tokens = msg.num_tokens
         self.dst_tp, self.chunk_tokens, self.layer_group = proposal
+        if self.max_message_bytes is None or msg.max_message_bytes < self.max_message_bytes:
+            self.max_message_bytes = msg.max_message_bytes
         self.groups = layer_groups(num_layers, msg.layer_group)
         return None
 
@@ -280,10 +284,12 @@ def check_registration(
         or not 0 <= msg.recv_key <= MAX_KEY
         or msg.layer_group < 0
         or (msg.layer_group and msg.mode == "slice")
+        or msg.max_message_bytes < 0
     ):
         invalid = (
             f"invalid: num_tokens={msg.num_tokens} chunk_tokens={msg.chunk_tokens} "
-            f"recv_key={msg.recv_key} layer_group={msg.layer_group} (mode {msg.mode!r})"
+            f"recv_key={msg.recv_key} layer_group={msg.layer_group} "
+            f"max_message_bytes={msg.max_message_bytes} (mode {msg.mode!r})"
         )
         return Failure(FailureKind.BAD_MESSAGE, invalid)
     groups = layer_groups(layout.num_layers, msg.layer_group)

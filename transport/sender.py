@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -250,7 +251,7 @@ class PrefillAgent(TransferAgent):
         room.status.advance(KVPoll.WaitingForInput)
         first(room.marks, "prefill_registered")
         num_layers, groups = self.layout.num_layers, room.groups
-        for chunk, slots, ready in room.ready_chunks():
+        for chunk, slots, ready in self._messages(room, list(room.ready_chunks())):
             for g, layers in enumerate(groups):  # all of group g, then g + 1: the forward's order
                 planes = self.planes.layers(layers, num_layers)
                 for dest in room.dests.values():
@@ -273,6 +274,33 @@ class PrefillAgent(TransferAgent):
             room.status.advance(KVPoll.Success)
             self.core.stats.rooms_succeeded += 1
             self._release_peers(room)
+
+    def _messages(self, room: SendRoom, chunks: list) -> Iterator[tuple[int, np.ndarray, object]]:
+        """(first chunk, slots, ready) of each message to cut from `chunks` (chunk, slots,
+        ready), chunks that became ready together: runs of them travel as one message, up to
+        the size every decode rank of the room takes and half this rank's ring (none where a
+        decode rank takes one chunk per message)."""
+        limit = min(room.max_message_bytes or 0, self.config.ring_bytes // 2)
+        if not limit or len(chunks) < 2:  # nothing to join: the common case costs nothing more
+            yield from chunks
+            return
+        sizes = [
+            self.planes.layers(layers, self.layout.num_layers).staging_bytes(1, d.slice.num_heads)
+            for layers in room.groups
+            for d in room.dests.values()
+            if d.slice is not None
+        ]
+        most = limit // max(sizes) if sizes else 0  # tokens in one message
+        start = 0
+        while start < len(chunks):
+            end, tokens = start + 1, len(chunks[start][1])
+            while end < len(chunks) and tokens + len(chunks[end][1]) <= most:
+                tokens += len(chunks[end][1])
+                end += 1
+            run = chunks[start:end]
+            slots = run[0][1] if len(run) == 1 else np.concatenate([s for _, s, _ in run])
+            yield run[0][0], slots, run[-1][2]  # the last one's ready covers the run
+            start = end
 
     def _fail(
         self, room: SendRoom, failure: Failure, notify: bool = True, skip_peer: str | None = None

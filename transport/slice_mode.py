@@ -38,6 +38,9 @@ class SliceMode:
     def messages_per_piece(self, planes: KVPlanes, num_tokens: int) -> int:
         return planes.num_planes * num_tokens
 
+    def max_message_bytes(self, config: TransferConfig) -> int:
+        return 0  # one row per message, always
+
     def messages_per_writer(self, room: RecvRoom, num_planes: int) -> int:
         """Messages each writer sends a room in all."""
         return room.num_tokens * num_planes  # one group: slice mode sends whole rows

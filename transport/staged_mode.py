@@ -53,6 +53,10 @@ class StagedMode:
     def messages_per_piece(self, planes: KVPlanes, num_tokens: int) -> int:
         return 1
 
+    def max_message_bytes(self, config: TransferConfig) -> int:
+        """The largest message this rank takes (several chunks that were ready together)."""
+        return config.max_message_bytes
+
     def messages_per_writer(self, room: RecvRoom, num_planes: int) -> int:
         """Messages each writer sends a room in all."""
         return room.num_chunks * len(room.groups)

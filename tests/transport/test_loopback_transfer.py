@@ -59,6 +59,49 @@ def test_layer_wise_messages_arrive_bit_exact(heads, src_tp, dst_tp, layer_group
         dep.close()
 
 
+@pytest.mark.parametrize("layer_group, groups", [(0, 1), (2, 2)])
+@pytest.mark.parametrize("heads, src_tp, dst_tp", [(4, 2, 1), (2, 1, 4)])
+def test_chunks_handed_over_together_travel_as_one_message(
+    heads, src_tp, dst_tp, layer_group, groups
+):
+    """Decode takes messages of several chunks (up to 256 KiB): a prompt's 45 tokens handed over
+    at once (one forward) go as one message per (layer group, writer pair), and land
+    bit-exact."""
+    config = small_config(layer_group=layer_group, max_message_bytes=256 << 10)
+    dep = Deployment(heads, src_tp, dst_tp, config=config, layers=3, d_page_size=4)
+    try:
+        req, senders, receivers = dep.run(num_tokens=45, step=45)
+        assert wait_all(senders + receivers) == [KVPoll.Success] * len(senders + receivers)
+        for receiver in receivers:
+            receiver.wait_kv()
+        assert decode_matches(dep.decode, req)
+        sent = sum(agent.core.data.messages_sent for agent in dep.prefill.agents)
+        assert sent == groups * len(plan_head_transfers(heads, src_tp, dst_tp))
+    finally:
+        dep.close()
+
+
+def test_a_message_of_chunks_stays_within_what_decode_takes():
+    """With room for two chunks of a writer in the largest message decode takes, the three
+    chunks handed over together go as two messages (two chunks, then one)."""
+    heads, src_tp, dst_tp, layers, head_dim = 4, 2, 1, 3, 8
+    token_bytes = 2 * layers * (heads // src_tp) * head_dim * 2  # K and V planes, bf16
+    config = small_config(max_message_bytes=2 * 16 * token_bytes)  # chunks of 16 tokens
+    dep = Deployment(
+        heads, src_tp, dst_tp, config=config, layers=layers, head_dim=head_dim, d_page_size=4
+    )
+    try:
+        assert dep.prefill.layouts[0].local_heads == heads // src_tp
+        req, senders, receivers = dep.run(num_tokens=45, step=45)
+        assert wait_all(senders + receivers) == [KVPoll.Success] * len(senders + receivers)
+        for receiver in receivers:
+            receiver.wait_kv()
+        assert decode_matches(dep.decode, req)
+        assert [agent.core.data.messages_sent for agent in dep.prefill.agents] == [2, 2]
+    finally:
+        dep.close()
+
+
 def test_layer_wise_mla_latent_arrives_bit_exact():
     config = small_config(layer_group=2)
     dep = Deployment(1, 2, 2, config=config, layers=3, mla=True, head_dim=32)

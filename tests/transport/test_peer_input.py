@@ -18,6 +18,7 @@ from support.transfer_sim import (
     decode_matches,
     layout_for,
     prefill_fill,
+    small_config,
     start_receivers,
     start_senders,
     wait_all,
@@ -63,6 +64,7 @@ def inject(dep, room_id, chunk, writer, nbytes):
     "piece, writer, nbytes, fragment",
     [
         (0, 0, 100, "100 bytes for piece 0"),
+        (0, 0, 2 * 6144, "12288 bytes for piece 0"),  # two chunks: this decode takes one
         (9, 0, 3072, "piece 9 of a room of 2 chunks"),
         (0, 3, 3072, "prefill rank 3 sends no heads"),
     ],
@@ -112,6 +114,53 @@ def test_duplicate_chunk_is_refused(dep):
     assert wait_idle([dep.decode])
 
 
+@pytest.fixture
+def spans():
+    """A deployment whose decode ranks take messages of several chunks (up to 12 KiB: two)."""
+    deployment = Deployment(4, 1, 1, config=small_config(max_message_bytes=2 * 6144))
+    yield deployment
+    deployment.close()
+
+
+@pytest.mark.parametrize(
+    "piece, nbytes, fragment",
+    [
+        (0, 6144 + 384, "6528 bytes for piece 0"),  # ends inside the second chunk
+        (1, 2 * 6144, "12288 bytes for piece 1"),  # two chunks from the last one on
+    ],
+)
+def test_a_message_of_chunks_must_end_on_a_chunk_of_the_room(spans, piece, nbytes, fragment):
+    req, receivers = waiting_room(spans)
+    inject(spans, req.room, piece, 0, nbytes)
+    assert wait_all(receivers) == [KVPoll.Failed]
+    assert fragment + " from rank 0, expected 6144 (or whole chunks from it on, up to 12288)" in (
+        str(receivers[0].failure)
+    )
+    assert wait_idle([spans.decode])
+
+
+def test_a_message_of_chunks_one_of_which_came_already_is_refused(spans):
+    req, receivers = waiting_room(spans)
+    inject(spans, req.room, 1, 0, 6144)  # the second chunk
+    inject(spans, req.room, 0, 0, 2 * 6144)  # both chunks
+    assert wait_all(receivers) == [KVPoll.Failed]
+    assert "arrived twice" in str(receivers[0].failure)
+    assert wait_idle([spans.decode])
+
+
+def test_a_message_of_chunks_over_what_decode_takes_is_refused():
+    dep = Deployment(4, 1, 1, config=small_config(max_message_bytes=4096))
+    try:
+        req, receivers = waiting_room(dep)
+        inject(dep, req.room, 0, 0, 2 * 6144)
+        assert wait_all(receivers) == [KVPoll.Failed]
+        expected = "12288 bytes for piece 0 from rank 0, expected 6144 (or whole chunks from it "
+        assert expected + "on, up to 4096)" in str(receivers[0].failure)
+        assert wait_idle([dep.decode])
+    finally:
+        dep.close()
+
+
 def test_messages_for_unknown_rooms_are_discarded(dep):
     rogue = LoopbackDataPlane()
     address = dep.decode.agents[0].core.data.address
@@ -154,6 +203,7 @@ def register(address, **changes):
         ({"chunk_tokens": 1, "num_tokens": 70000}, "exceed 65536 messages"),
         ({"chunk_tokens": 1, "num_tokens": 30000, "layer_group": 1}, "x 3 layer groups"),
         ({"layer_group": -1}, "layer_group=-1"),
+        ({"max_message_bytes": -1}, "max_message_bytes=-1"),
         ({"recv_key": 1 << 41}, "recv_key"),
         ({"mode": "slice"}, "mode"),
         ({"layout": layout_for(4, 1, 0, head_dim=4)}, "head_dim"),

@@ -86,10 +86,11 @@ def reaches(side, seed, state, timeout_s=30.0):
     return False
 
 
-def transfer(prefill, decode, seeds, num_tokens=50):
+def transfer(prefill, decode, seeds, num_tokens=50, step=16):
+    """Move requests `seeds`, their KV handed over `step` tokens at a time."""
     for i, seed in enumerate(seeds):
         decode("recv", seed, num_tokens, i * num_tokens, prefill.ready)
-        prefill("send", seed, num_tokens, i * num_tokens)
+        prefill("send", seed, num_tokens, i * num_tokens, None, step)
     return [(prefill("wait", seed), decode("wait", seed)) for seed in seeds]
 
 
@@ -111,18 +112,27 @@ def test_bit_exact_over_ucx(procs, heads, src_tp, dst_tp, layout):
     assert sent == received == -(-50 // 16) * pairs  # one message per (chunk, writer, reader)
 
 
-def test_layer_wise_messages_over_ucx(procs):
-    config = dict(CONFIG, layer_group=1)  # three layers: three messages per chunk and pair
+@pytest.mark.parametrize(
+    "max_message_bytes, step, per_pair",
+    [(0, 16, -(-50 // 16)), (256 << 10, 50, 1)],
+    ids=["message-per-chunk", "chunks-together"],
+)
+def test_layer_wise_messages_over_ucx(procs, max_message_bytes, step, per_pair):
+    """Three layers, a message per (chunk, layer, writer); where decode takes messages of
+    several chunks (up to 256 KiB), the 50 tokens handed over at once go as one message per
+    (layer, writer)."""
+    config = dict(CONFIG, layer_group=1, max_message_bytes=max_message_bytes)
     prefill = procs("prefill", 4, 2, config)
     decode = procs("decode", 4, 1, config)
-    for (p_states, p_reasons, _), (d_states, d_reasons, matches) in transfer(prefill, decode, [2]):
+    results = transfer(prefill, decode, [2], step=step)
+    for (p_states, p_reasons, _), (d_states, d_reasons, matches) in results:
         assert p_states == [SUCCESS] * 2, p_reasons
         assert d_states == [SUCCESS], d_reasons
         assert matches
     p_idle, sent, _ = prefill("idle")
     d_idle, _, received = decode("idle")
     assert p_idle and d_idle
-    assert sent == received == -(-50 // 16) * 3 * 2
+    assert sent == received == per_pair * 3 * 2
 
 
 def test_many_rooms_and_slice_mode_over_ucx(procs):
@@ -175,16 +185,19 @@ def test_prefill_killed_mid_transfer(procs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("together", [False, True], ids=["chunks", "together"])
 @pytest.mark.parametrize("native", [True, False], ids=["native", "ucxx"])
 @pytest.mark.parametrize("heads, src_tp, dst_tp", [(8, 2, 1), (2, 4, 1)])
-def test_gpu_caches_over_cuda_ipc(procs, heads, src_tp, dst_tp, native):
+def test_gpu_caches_over_cuda_ipc(procs, heads, src_tp, dst_tp, native, together):
     """Bit-exact KV on decode, with the scatters launched by the native receives' completions
-    and by the receive pipeline."""
+    and by the receive pipeline; a message per chunk, or the whole prompt's chunks in one."""
     config = dict(CONFIG, ucx_tls="cuda_ipc,cuda_copy,tcp,sm,self", native_ucx=native)
+    if together:
+        config["max_message_bytes"] = 256 << 10
     prefill = procs("prefill", heads, src_tp, config, device="cuda")
     decode = procs("decode", heads, dst_tp, config, device="cuda")
     for (p_states, p_reasons, _), (d_states, d_reasons, matches) in transfer(
-        prefill, decode, [1, 2]
+        prefill, decode, [1, 2], step=50 if together else 16
     ):
         assert p_states == [SUCCESS] * src_tp, p_reasons
         assert d_states == [SUCCESS] * dst_tp and matches, d_reasons

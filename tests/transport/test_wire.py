@@ -141,6 +141,7 @@ def test_room_states_move_forward_and_failure_sticks():
         ({"mode": "fast"}, "mode"),
         ({"layer_group": -1}, "layer_group=-1"),
         ({"layer_group": 2, "mode": "slice"}, "staged mode only"),
+        ({"max_message_bytes": -1}, "max_message_bytes=-1"),
     ],
 )
 def test_config_validation(changes, fragment):

@@ -184,7 +184,9 @@ def _room(rng, learned, **changes) -> dict:
 
 def _invalid_room(rng, learned):
     """Refused by validation, from a sender that cannot be answered (ZeroMQ's own identity)."""
-    bad = rng.choice(({"mode": "bogus"}, {"num_tokens": 0}, {"chunk_tokens": -1}))
+    bad = rng.choice(
+        ({"mode": "bogus"}, {"num_tokens": 0}, {"chunk_tokens": -1}, {"max_message_bytes": -1})
+    )
     return "invalid-register-room", "RegisterRoom", _room(rng, learned, **bad), "default"
 
 

@@ -124,6 +124,7 @@ def templates(rng: random.Random, learned: Learned) -> dict[str, dict]:
             "chunk_tokens": 64,
             "mode": "staged",
             "layer_group": 0,
+            "max_message_bytes": rng.choice((0, 1 << 20, 1 << 62)),
         },
         "RoomAccepted": {"room": r, "src_rank": rng.randint(0, 1)},
         "TransferDone": {"room": r, "src_rank": 0, "num_chunks": 1, "first_token": 5},
