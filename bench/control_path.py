@@ -21,11 +21,14 @@ import time
 
 import numpy as np
 import torch
+from loop_profile import add_profile_argument
 from transfer_sides import (  # bench/ is on sys.path (a script)
     Role,
     add_data_path_argument,
     add_layout_argument,
+    add_message_size_argument,
     data_paths,
+    max_message_bytes,
 )
 
 from kvferry.transport.bootstrap import BootstrapServer
@@ -55,9 +58,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tls", default=None, help=f"UCX_TLS (default {GPU_TLS!r} on GPU, {CPU_TLS!r})")
     add_layout_argument(p)
     add_data_path_argument(p)
+    add_profile_argument(p)
+    add_message_size_argument(p)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)
+    max_message_bytes(args)
     return args
 
 

@@ -20,15 +20,19 @@ import statistics
 
 import numpy as np
 import torch
+from loop_profile import add_profile_argument
 from timelines import stage_times  # bench/ is on sys.path (a script)
 from transfer_sides import (
     Remote,
     Role,
     add_data_path_argument,
     add_layout_argument,
+    add_message_size_argument,
     data_paths,
+    max_message_bytes,
 )
 
+from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.bootstrap import BootstrapServer
 
 GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
@@ -133,9 +137,22 @@ def parse_args():
     p.add_argument("--raw-mib", type=int, default=1024, help="largest raw message per decode rank")
     add_layout_argument(p)
     add_data_path_argument(p)
+    add_profile_argument(p)
+    add_message_size_argument(p)
+    p.add_argument(
+        "--together-mib",
+        type=int,
+        default=None,
+        help="also run the first data path with the decode ranks taking messages of several "
+        "chunks up to this (transfer.max_message_bytes), side by side (default: a quarter of "
+        "the ring; 0: no such run)",
+    )
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.tls = args.tls or (GPU_TLS if args.device.startswith("cuda") else CPU_TLS)
+    max_message_bytes(args)
+    if args.together_mib is None:
+        args.together_mib = args.staging_mib // 4
     return args
 
 
@@ -148,6 +165,10 @@ def main() -> None:
         runs[path] = run_mode(args, "staged", args.tokens) | {"path": path}
     staged = next(iter(runs.values()))
     args.native = staged["path"] == "native"
+    if args.together_mib:  # the comparison: chunks ready together travel as one message
+        limit, args.max_message_bytes = args.max_message_bytes, args.together_mib << 20
+        runs["together"] = run_mode(args, "staged", args.tokens) | {"path": "together"}
+        args.max_message_bytes = limit
     per_rank = int(staged["request_mib"] * 2**20) // args.dst_tp
     raw = run_raw(args, min(per_rank, args.raw_mib << 20))
     sliced = run_mode(args, "slice", args.slice_tokens) if args.slice_tokens else None
@@ -161,7 +182,7 @@ def main() -> None:
     print(
         "".join(
             f"{t:{w}}"
-            for t, w in zip(titles, ("<8", ">8", ">10", ">9", ">10", ">8", ">10"), strict=True)
+            for t, w in zip(titles, ("<10", ">8", ">10", ">9", ">10", ">8", ">10"), strict=True)
         )
     )
     sliced = sliced or {
@@ -175,14 +196,15 @@ def main() -> None:
         mib = row.get("request_mib", staged["request_mib"])
         name = row["mode"] if row["mode"] != "staged" else f"{row['path']}"
         print(
-            f"{name:<8}{tokens:>8}{mib:>10.1f}{row['gbps']:>9.2f}"
+            f"{name:<10}{tokens:>8}{mib:>10.1f}{row['gbps']:>9.2f}"
             f"{row['messages_per_request']:>10}"
             f"{row['gbps'] / raw['gbps']:>8.2f}{row['gbps'] / sliced['gbps']:>10.1f}"
         )
     chunks = -(-args.tokens // args.chunk)
+    pairs = len(plan_head_transfers(args.heads, args.src_tp, args.dst_tp))
     print(
         f"staged messages per request {staged['messages_per_request']} "
-        f"(chunks x writer-reader pairs = {chunks} x {staged['messages_per_request'] // chunks})"
+        f"(chunks x writer-reader pairs = {chunks} x {pairs})"
     )
     print(
         "summed seconds over all requests (copy = gather or scatter, wire = send or receive):",
@@ -198,7 +220,15 @@ def main() -> None:
             f"{cpu['prefill']:.0f} us, decode {cpu['decode']:.0f} us; of which waiting (poll, "
             f"GIL) and in UCX: {json.dumps(run['cpu_parts_us_per_message'])}"
         )
-    if len(runs) == 2:
+    if "together" in runs:
+        together = runs["together"]
+        print(
+            f"chunks ready together in one message of up to {args.together_mib} MiB / the "
+            f"first run: {together['gbps'] / staged['gbps']:.2f}x the GB/s "
+            f"({together['messages_per_request']} vs {staged['messages_per_request']} messages "
+            "per request)"
+        )
+    if "native" in runs and "ucxx" in runs:
         native, ucxx = runs["native"], runs["ucxx"]
         print(
             f"native / ucxx data path: {native['gbps'] / ucxx['gbps']:.2f}x the GB/s, "
@@ -208,8 +238,10 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             result = {"device": name, "args": vars(args), "rows": [raw, staged, sliced]}
-            if len(runs) == 2:
+            if "ucxx" in runs and "native" in runs:
                 result["ucxx_path"] = runs["ucxx"]
+            if "together" in runs:
+                result["together"] = runs["together"]
             json.dump(result, f, indent=1)
 
 

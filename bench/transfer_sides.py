@@ -13,6 +13,7 @@ import traceback
 
 import numpy as np
 import torch
+from loop_profile import profile_loops  # bench/ is on sys.path (a script)
 
 from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.layout import KVLayout
@@ -46,6 +47,23 @@ def add_data_path_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_message_size_argument(parser: argparse.ArgumentParser) -> None:
+    """`--max-message-mib`: the decode ranks' transfer.max_message_bytes (`max_message_bytes`
+    turns it into bytes)."""
+    parser.add_argument(
+        "--max-message-mib",
+        type=int,
+        default=0,
+        help="the decode ranks' largest message (transfer.max_message_bytes; default 0: a "
+        "message per chunk): chunks ready together travel as one message up to this",
+    )
+
+
+def max_message_bytes(args: argparse.Namespace) -> None:
+    """Set args.max_message_bytes from --max-message-mib."""
+    args.max_message_bytes = (args.max_message_mib or 0) << 20
+
+
 def data_paths(args: argparse.Namespace) -> list[bool]:
     """The runs `--data-path` asks for, as TransferConfig.native_ucx values, native first."""
     return {"native": [True], "ucxx": [False], "both": [True, False]}[args.data_path]
@@ -69,12 +87,14 @@ class Side:
 
         a = argparse.Namespace(**args)
         self.args, self.role = a, role
+        profile_loops(a.profile)
         self.device = torch.device(a.device)
         tp = a.src_tp if role == "prefill" else a.dst_tp
         config = TransferConfig(
             mode=mode,
             chunk_tokens=a.chunk,
             staging_bytes=a.staging_mib << 20,
+            max_message_bytes=getattr(a, "max_message_bytes", 0),
             ucx_tls=a.tls,
             transfer_timeout_s=600,
             bootstrap_timeout_s=60,

@@ -85,12 +85,13 @@ class Side:
         self.requests[seed] = req
         return req
 
-    def send(self, seed, num_tokens, offset=0, tokens=None):
-        """Hand the prefill KV of request `seed` to the agents (only `tokens` of it if given)."""
+    def send(self, seed, num_tokens, offset=0, tokens=None, step=16):
+        """Hand the prefill KV of request `seed` to the agents, `step` tokens at a time (only
+        `tokens` of it if given)."""
         req = self._request(seed, num_tokens, offset)
         prefill_fill(self.group, req)
         if tokens is None:
-            self.handles[seed] = start_senders(self.group, req, step=16)
+            self.handles[seed] = start_senders(self.group, req, step=step)
         else:
             self.handles[seed] = []
             for agent, cache in zip(self.group.agents, self.group.caches, strict=True):

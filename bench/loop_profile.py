@@ -1,0 +1,49 @@
+"""`--profile DIR` of the transfer benches: each rank's transfer thread under cProfile.
+
+On Python 3.12, cProfile records every thread of the process while it is enabled (it is built
+on sys.monitoring), so each file also holds what the rank's other threads ran meanwhile; sort by
+`tottime` and look at the transfer modules' functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import os
+
+
+def add_profile_argument(parser: argparse.ArgumentParser) -> None:
+    """`--profile DIR`: each transfer thread runs under cProfile (see `profile_loops`)."""
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="run each rank's transfer thread under cProfile and write its statistics to "
+        "DIR/<thread>-<pid>.prof when it ends (python -m pstats reads them); the CPU figures "
+        "then include the profiler's own cost",
+    )
+
+
+def profile_loops(directory: str | None) -> None:
+    """Make every transfer loop started in this process from now on run under cProfile, its
+    statistics written into `directory` as it ends (a no-op for None)."""
+    from kvferry.transport.loop import AgentLoop
+
+    if directory is None or getattr(AgentLoop._run, "profiled", False):
+        return
+    os.makedirs(directory, exist_ok=True)
+    run = AgentLoop._run
+
+    @functools.wraps(run)
+    def profiled(loop: AgentLoop) -> None:
+        profile = cProfile.Profile()
+        profile.enable()
+        try:
+            run(loop)
+        finally:
+            profile.disable()
+            name = f"{loop._thread.name}-{os.getpid()}.prof"
+            profile.dump_stats(os.path.join(directory, name))
+
+    profiled.profiled = True
+    AgentLoop._run = profiled
