@@ -20,9 +20,9 @@ the others still run):
   engine    bench/engine.py: decode step at batch 1/8/32/128 and contexts 1k/8k, eager vs CUDA
             graphs, against the memory floor; prefill tok/s, paged kernel vs contiguous SDPA
             (the decode model of deploy/h200-llama8b.yaml)
-  e2e       `kvferry bench` on four variants of one deployment file: heterogeneous TP staged,
-            the same layer-wise, the same in slice mode, and homogeneous TP (decode TP =
-            prefill TP)
+  e2e       `kvferry bench` on five variants of one deployment file: heterogeneous TP staged,
+            the same layer-wise, in slice mode, with messages of several chunks (`together`),
+            and homogeneous TP (decode TP = prefill TP)
 
 Then one table (bench/campaign_summary.py): every target of docs/benchmarks.md, what was
 measured, and the ratio.
@@ -31,7 +31,6 @@ measured, and the ratio.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -41,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+from campaign_e2e import stage_e2e  # noqa: F401 (a stage: main finds it by name)
 from campaign_summary import VARIANTS, print_table, read_json, summary_rows
 
 BENCH = Path(__file__).resolve().parent
@@ -62,6 +61,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompts", default=None, help="overlap prompt lengths (default 2048,8192,"
                    "32768 on a GPU, quick 2048; on a CPU 256)")  # fmt: skip
     p.add_argument("--variants", default=",".join(VARIANTS), help="e2e deployment variants")
+    p.add_argument("--e2e-rounds", type=int, default=1, help="run the e2e variants this many "
+                   "times, in alternating order; each point is the round with the median TTFT "
+                   "p50")  # fmt: skip
     p.add_argument("--stage-timeout", type=float, default=900, help="seconds per stage")
     args = p.parse_args()
     stages = [s for s in args.stages.split(",") if s]
@@ -262,54 +264,6 @@ def stage_engine(stage: Stage) -> None:
     out = stage.args.out_dir / "engine.json"
     sizes = ["--quick"] if stage.args.quick or not stage.args.gpu else []
     stage.run(python("engine.py", *sizes, "--json", str(out)))
-
-
-def stage_e2e(stage: Stage) -> None:
-    args = stage.args
-    base = yaml.safe_load(Path(args.deploy).read_text())
-    load = ["--num-requests", "8", "--warmup", "1", "--input-len", "64", "--output-len", "8"]
-    if not args.quick:
-        load = ["--num-requests", "64", "--warmup", "4", "--input-len", "1024"]
-        load += ["--output-len", "64", "--range-ratio", "0.5"]
-    failed = []
-    for variant in args.variants:
-        path = args.out_dir / f"deploy-{variant}.yaml"
-        path.write_text(yaml.safe_dump(deployment_variant(base, variant, args.layer_group)))
-        out = args.out_dir / f"e2e-{variant}.json"
-        command = [sys.executable, "-m", "kvferry.daemon.cli.main", "bench", "--config", str(path)]
-        command += ["--concurrency", args.concurrency, *load, "--label", variant, "--out", str(out)]
-        if not stage.run(command):
-            failed.append(variant)
-    stage.ok = not failed
-    stage.note = f"failed: {', '.join(failed)}; see {stage.log}" if failed else ""
-    outs = [str(args.out_dir / f"e2e-{v}.json") for v in args.variants if v not in failed]
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("[e2e] no matplotlib here: plot later with `kvferry bench plot`", flush=True)
-        return
-    if outs:
-        png = str(args.out_dir / "e2e.png")
-        subprocess.run(
-            [sys.executable, "-m", "kvferry.daemon.cli.main", "bench", "plot", "--out", png, *outs],
-            check=False,
-        )
-
-
-def deployment_variant(base: dict, variant: str, layer_group: int) -> dict:
-    """`base` (heterogeneous TP, staged, whole-chunk) turned into one campaign variant."""
-    raw = copy.deepcopy(base)
-    daemons = raw["daemons"]
-    prefill_tp = max(d.get("tp", 1) for d in daemons if d["role"] == "prefill")
-    for daemon in daemons:
-        transfer = daemon.setdefault("transfer", {})
-        if variant == "layerwise":
-            transfer["layer_group"] = layer_group
-        elif variant == "slice":
-            transfer["mode"] = "slice"
-        elif variant == "homo" and daemon["role"] == "decode":
-            daemon["tp"] = prefill_tp
-    return raw
 
 
 def _write_json(path: Path, value) -> None:

@@ -9,7 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-VARIANTS = ("hetero", "layerwise", "slice", "homo")  # the e2e stage's deployment variants
+from kvferry.staging.plan import plan_head_transfers
+
+# the e2e stage's deployment variants (together: hetero with chunks ready together travelling as
+# one message, transfer.max_message_bytes)
+VARIANTS = ("hetero", "layerwise", "slice", "homo", "together")
 
 
 def read_json(path: Path) -> dict | None:
@@ -92,11 +96,20 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
                                    " MiB messages, ranks summed"))  # fmt: skip
         args = transfer["args"]
         chunks = -(-args["tokens"] // args["chunk"])
-        pairs = staged["messages_per_request"] / chunks
-        detail = f"{staged['messages_per_request']} messages, {chunks} chunks"
+        pairs = len(plan_head_transfers(args["heads"], args["src_tp"], args["dst_tp"]))
+        detail = f"{staged['messages_per_request']} messages, {chunks} chunks x {pairs} pairs"
         rows.append(Row("UCX messages per request / (chunks x writers)",
-                        staged["messages_per_request"] / (chunks * max(pairs, 1)), 1.0,
+                        staged["messages_per_request"] / (chunks * pairs), 1.0,
                         higher_is_better=False, detail=detail))  # fmt: skip
+        together = transfer.get("together")
+        if together:
+            detail = (
+                f"{together['messages_per_request']} vs {staged['messages_per_request']} "
+                "messages per request"
+            )
+            ratio = together["gbps"] / staged["gbps"]
+            rows.append(Row("staged GB/s, chunks ready together in one message / one per chunk",
+                            ratio, None, "x", detail=detail))  # fmt: skip
         if perftest and perftest.get("gbps"):
             rows.append(Row("raw ucxx vs ucx_perftest", raw["gbps"] / perftest["gbps"], None, "%",
                             detail=f"perftest {perftest['gbps']:.3g} GB/s"))  # fmt: skip
@@ -172,6 +185,7 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
             if turns:
                 what = f"transfer loop turns per request, {role} (worst point)"
                 rows.append(Row(what, max(turns), None, detail="summed over the role's ranks"))
+        rows += together_rows(hetero, e2e.get("together"))
         peak = max(p.get("memory_peak_bytes", 0) for p in hetero["points"])
         if peak:
             point = hetero["points"][-1]
@@ -180,6 +194,35 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
             rows.append(Row("peak device memory (torch allocator)", peak / 2**30, None, " GiB",
                             detail=detail))  # fmt: skip
     return rows
+
+
+def together_rows(hetero: dict, together: dict | None) -> list[Row]:
+    """together (chunks ready together in one message) ÷ hetero (a message per chunk): the
+    control-plane CPU per request of each side and TTFT p50, at every concurrency both ran."""
+    if not together:
+        return []
+    rows, theirs = [], {p["value"]: p for p in hetero["points"]}
+    for point in together["points"]:
+        other = theirs.get(point["value"])
+        if not other:
+            continue
+        c, what = f"c={point['value']:g}", "chunks together ÷ a message per chunk"
+        for role in ("prefill", "decode"):
+            mine, base = point["control_cpu_us"].get(role), other["control_cpu_us"].get(role)
+            if mine and base:
+                rows.append(Row(f"{what}: control-plane CPU, {role}, {c}", mine / base, None, "x",
+                                detail=f"{mine:.0f} vs {base:.0f} us"))  # fmt: skip
+        mine, base = point["ttft_ms"]["median"], other["ttft_ms"]["median"]
+        if mine and base:
+            detail = f"{mine:.4g} vs {base:.4g} ms"
+            if "rounds_ttft_ms" in point:  # --e2e-rounds: the median round, and every round's
+                detail += f"; rounds {_ms(point)} vs {_ms(other)}"
+            rows.append(Row(f"{what}: TTFT p50, {c}", mine / base, None, "x", detail=detail))
+    return rows
+
+
+def _ms(point: dict) -> str:
+    return "/".join("-" if t is None else f"{t:.0f}" for t in point.get("rounds_ttft_ms", []))
 
 
 def engine_rows(engine: dict | None) -> list[Row]:

@@ -25,22 +25,40 @@ def bench_module(name: str):
 
 
 campaign = bench_module("campaign")
+campaign_e2e = bench_module("campaign_e2e")
 campaign_summary = bench_module("campaign_summary")
 
 
 def test_variants_change_only_what_they_name():
     base = yaml.safe_load((ROOT / "deploy" / "tiny.yaml").read_text())
-    hetero = campaign.deployment_variant(base, "hetero", 4)
+    hetero = campaign_e2e.deployment_variant(base, "hetero", 4)
     assert hetero == {
         "daemons": [{**d, "transfer": d.get("transfer", {})} for d in base["daemons"]]
     }
-    layerwise = campaign.deployment_variant(base, "layerwise", 4)
+    layerwise = campaign_e2e.deployment_variant(base, "layerwise", 4)
     assert all(d["transfer"]["layer_group"] == 4 for d in layerwise["daemons"])
-    sliced = campaign.deployment_variant(base, "slice", 4)
+    sliced = campaign_e2e.deployment_variant(base, "slice", 4)
     assert all(d["transfer"]["mode"] == "slice" for d in sliced["daemons"])
-    homo = campaign.deployment_variant(base, "homo", 4)
+    homo = campaign_e2e.deployment_variant(base, "homo", 4)
     assert [d["tp"] for d in homo["daemons"]] == [2, 2]
+    together = campaign_e2e.deployment_variant(base, "together", 4)
+    prefill, decode = together["daemons"]
+    ring = decode["transfer"].get("staging_bytes") or (256 << 20)
+    assert "max_message_bytes" not in prefill["transfer"]
+    assert decode["transfer"]["max_message_bytes"] == ring // 4
     assert [d["tp"] for d in base["daemons"]] == [2, 1]  # the base is left alone
+
+
+def test_rounds_keep_at_each_point_the_round_of_median_ttft():
+    def result(*ttfts):
+        pairs = zip((1, 32), ttfts, strict=True)
+        points = [{"value": c, "ttft_ms": {"median": t}, "ok": 8} for c, t in pairs]
+        return {"label": "x", "points": points}
+
+    merged = campaign_e2e.median_round([result(90, 600), result(95, 1900), result(None, 1200)])
+    assert [p["ttft_ms"]["median"] for p in merged["points"]] == [95, 1200]
+    assert [p["rounds_ttft_ms"] for p in merged["points"]] == [[90, 95, None], [600, 1900, 1200]]
+    assert merged["label"] == "x"
 
 
 def test_rows_judge_against_their_targets():

@@ -53,6 +53,9 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     # parts of transfer_cpu_s, by role: the loop's wait (poll, GIL) and UCX's own calls
     wait_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)
     ucx_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)
+    # chunks that found a staging ring full, and the seconds they waited for room, by role
+    ring_waits: dict[str, float] = msgspec.field(default_factory=dict)
+    ring_wait_s: dict[str, float] = msgspec.field(default_factory=dict)
     memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank
     kv_pool_bytes: float = 0.0
     ring_capacity_bytes: float = 0.0
@@ -65,13 +68,7 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
             self,
             kv_bytes=self.kv_bytes - before.kv_bytes,
             messages=self.messages - before.messages,
-            transfer_failures=_grown(self.transfer_failures, before.transfer_failures),
-            transfer_cpu_s=_grown(self.transfer_cpu_s, before.transfer_cpu_s),
-            engine_cpu_s=_grown(self.engine_cpu_s, before.engine_cpu_s),
-            transfer_rooms=_grown(self.transfer_rooms, before.transfer_rooms),
-            loop_turns=_grown(self.loop_turns, before.loop_turns),
-            wait_cpu_s=_grown(self.wait_cpu_s, before.wait_cpu_s),
-            ucx_cpu_s=_grown(self.ucx_cpu_s, before.ucx_cpu_s),
+            **{name: _grown(getattr(self, name), getattr(before, name)) for name in _KEYED},
         )
 
     def control_cpu_us(self) -> dict[str, float]:
@@ -92,12 +89,31 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
         """Transfer-loop turns per room delivered, by role (summed over the role's ranks)."""
         return self._per_room(self.loop_turns, 1.0)
 
+    def ring_waits_per_room(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Chunks that found a staging ring full, and the milliseconds they waited for room,
+        per room delivered, by role."""
+        return self._per_room(self.ring_waits, 1.0), self._per_room(self.ring_wait_s, 1e3)
+
     def _per_room(self, totals: dict[str, float], scale: float) -> dict[str, float]:
         return {
             role: totals.get(role, 0.0) / rooms * scale
             for role, rooms in self.transfer_rooms.items()
             if rooms > 0
         }
+
+
+# the counters kept by key (failure kind or role): `since` subtracts them key by key
+_KEYED = (
+    "transfer_failures",
+    "transfer_cpu_s",
+    "engine_cpu_s",
+    "transfer_rooms",
+    "loop_turns",
+    "wait_cpu_s",
+    "ucx_cpu_s",
+    "ring_waits",
+    "ring_wait_s",
+)
 
 
 def _grown(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -137,6 +153,10 @@ class Point(msgspec.Struct, kw_only=True):
     # the same split into the loop's wait, UCX's calls and the rest, by role
     control_cpu_parts_us: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
     loop_turns: dict[str, float] = msgspec.field(default_factory=dict)  # per request, by role
+    # chunks that found a staging ring full, and the ms they waited for room, per request, by
+    # role: where a transfer queues for ring room
+    ring_waits: dict[str, float] = msgspec.field(default_factory=dict)
+    ring_wait_ms: dict[str, float] = msgspec.field(default_factory=dict)
     memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank (0 on a CPU)
     # each stage's share of TTFT over the requests with a timeline: stage -> {p50, p90}
     stages: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
@@ -183,6 +203,7 @@ def summarize(
     rss_before: dict[str, float] | None = None,
 ) -> Point:
     ok = [r for r in records if r.ok]
+    waits, waited = moved.ring_waits_per_room()
     output = sum(r.output_tokens for r in ok)
     prompt = sum(r.input_len for r in ok)
     per_s = 1 / duration_s if duration_s > 0 else 0.0
@@ -208,6 +229,8 @@ def summarize(
         control_cpu_us=moved.control_cpu_us(),
         control_cpu_parts_us=moved.control_cpu_parts_us(),
         loop_turns=moved.loop_turns_per_room(),
+        ring_waits=waits,
+        ring_wait_ms=waited,
         memory_peak_bytes=moved.memory_peak_bytes,
         kv_pool_bytes=moved.kv_pool_bytes,
         ring_capacity_bytes=moved.ring_capacity_bytes,

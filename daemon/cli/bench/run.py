@@ -103,10 +103,12 @@ _SUMS = {"kvferry_kv_bytes_received": "kv_bytes", "kvferry_ucx_messages_received
 _BY_ROLE = {
     "kvferry_transfer_cpu_seconds": "transfer_cpu_s",
     "kvferry_engine_cpu_seconds": "engine_cpu_s",
-    "kvferry_transfer_rooms": "rooms",
+    "kvferry_transfer_rooms": "transfer_rooms",
     "kvferry_transfer_loop_turns": "loop_turns",
     "kvferry_transfer_wait_cpu_seconds": "wait_cpu_s",
     "kvferry_transfer_ucx_cpu_seconds": "ucx_cpu_s",
+    "kvferry_ring_waits": "ring_waits",
+    "kvferry_ring_wait_seconds": "ring_wait_s",
 }
 _MAXIMA = {
     "kvferry_ring_high_water_bytes": "ring_high_water_bytes",
@@ -152,12 +154,7 @@ def scrape(urls: Sequence[str], timeout: float = 10.0, settle: bool = True) -> C
         **sums,
         **maxima,
         transfer_failures=dict(failures),
-        transfer_cpu_s=dict(by_role["transfer_cpu_s"]),
-        engine_cpu_s=dict(by_role["engine_cpu_s"]),
-        transfer_rooms=dict(by_role["rooms"]),
-        loop_turns=dict(by_role["loop_turns"]),
-        wait_cpu_s=dict(by_role["wait_cpu_s"]),
-        ucx_cpu_s=dict(by_role["ucx_cpu_s"]),
+        **{name: dict(values) for name, values in by_role.items()},
         rss_bytes=rss,
     )
 

@@ -169,6 +169,8 @@ def test_counters_since_keep_the_gauges_and_count_what_grew():
         transfer_failures={"a": 1},
         transfer_cpu_s={"prefill": 1.0, "decode": 2.0},
         transfer_rooms={"prefill": 10, "decode": 10},
+        ring_waits={"prefill": 1},
+        ring_wait_s={"prefill": 0.5},
         memory_peak_bytes=7,
     )
     after = Counters(
@@ -178,12 +180,18 @@ def test_counters_since_keep_the_gauges_and_count_what_grew():
         transfer_failures={"a": 1, "timeout": 2},
         transfer_cpu_s={"prefill": 1.5, "decode": 2.0004},
         transfer_rooms={"prefill": 20, "decode": 14},
+        ring_waits={"prefill": 4, "decode": 2},
+        ring_wait_s={"prefill": 0.6, "decode": 0.04},
         memory_peak_bytes=9,
     )
     moved = after.since(before)
     assert (moved.kv_bytes, moved.messages, moved.ring_high_water_bytes) == (20, 3, 8)
     assert moved.transfer_failures == {"timeout": 2} and moved.memory_peak_bytes == 9
     assert moved.control_cpu_us() == pytest.approx({"prefill": 50_000, "decode": 100})
+    assert moved.ring_waits == {"prefill": 3, "decode": 2}
+    waits, waited = moved.ring_waits_per_room()
+    assert waits == pytest.approx({"prefill": 0.3, "decode": 0.5})  # per room delivered
+    assert waited == pytest.approx({"prefill": 10.0, "decode": 10.0})
 
 
 def test_table_aligns_columns_under_their_groups():
