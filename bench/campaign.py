@@ -243,6 +243,8 @@ def stage_overlap(stage: Stage) -> None:
     for prompt in stage.args.prompts:
         out = stage.args.out_dir / f"overlap-{prompt}.json"
         sizes = ["--prompt", str(prompt), "--chunk", str(min(prompt, 2048))]
+        if prompt == stage.args.prompts[0]:  # and held until registered, at the first length
+            sizes.append("--held")
         if stage.args.quick:
             sizes += ["--requests", "3", "--repeats", "2"]
         elif prompt > 4096:  # the throughput batch in tokens stays near the default's

@@ -12,7 +12,10 @@ prompts, side by side:
                does before its first token;
 - whole-chunk: kvferry's transfer, one message per chunk (gathered after the chunk's forward);
 - layer-wise:  one message per `--layer-group` layers, each gathered as soon as the forward has
-               written those layers, while the later layers still compute.
+               written those layers, while the later layers still compute;
+- with `--held`, also whole-chunk with every prompt held until its room is registered (no
+  `scheduler.unregistered_prefill_tokens`: the forward waits for the registration's trip, as
+  every prompt did before prefill started on a prompt's arrival).
 
 Latency: one request at a time; time from submission to the first token on the host (local)
 or to the room's Success on the decode side (transfers: the first token there, and the KV
@@ -92,6 +95,12 @@ def parse_args() -> argparse.Namespace:
         help="run the decode agent in a process of its own (no GIL shared with the prefill "
         "engine, as in a deployment; on one GPU the two processes then time-slice it)",
     )
+    p.add_argument(
+        "--held",
+        action="store_true",
+        help="also run whole-chunk with each prompt held until its room is registered, and "
+        "print whole-chunk's TTFT over it",
+    )
     p.add_argument("--json", help="write the results here as JSON")
     return p.parse_args()
 
@@ -99,7 +108,9 @@ def parse_args() -> argparse.Namespace:
 class Bench:
     """The model, its prefill engine and the receiving side, for one transfer setting."""
 
-    def __init__(self, args, model: Model, layer_group: int | None) -> None:
+    def __init__(self, args, model: Model, layer_group: int | None, held: bool = False) -> None:
+        """`held`: every prompt waits for its room's registration (else the daemons' default:
+        up to one forward's tokens of prompts compute before it)."""
         self.args, self.model = args, model
         self.transfers = layer_group is not None
         self.next_room = itertools.count(1)
@@ -111,6 +122,7 @@ class Bench:
                 num_pages=pages,
                 prefill_chunk_tokens=args.chunk,
                 max_batch_tokens=args.chunk * args.requests,
+                unregistered_prefill_tokens=0 if held else args.chunk * args.requests,
             )
             self._build_transfers(settings, layer_group)
         else:  # the forwards alone: no agent, no engine
@@ -244,8 +256,8 @@ class Bench:
             self.timelines.append({k: (at - submitted) * 1e3 for k, at in room.marks.items()})
 
 
-def measure(args, model: Model, name: str, layer_group: int | None) -> dict:
-    bench = Bench(args, model, layer_group)
+def measure(args, model: Model, name: str, layer_group: int | None, held: bool = False) -> dict:
+    bench = Bench(args, model, layer_group, held)
     try:
         prompts = bench.prompts(args.requests)
         # warm-up: kernels, endpoints, the ring, and the batch's own shapes (a first batched
@@ -267,6 +279,7 @@ def measure(args, model: Model, name: str, layer_group: int | None) -> dict:
         return {
             "name": name,
             "layer_group": layer_group,
+            "held": held,
             "latency_ms": statistics.median(latency) * 1e3,
             "batch_s": batch,
             "tokens_per_s": tokens / batch,
@@ -305,6 +318,8 @@ def main() -> None:
         measure(args, model, "whole-chunk", 0),
         measure(args, model, f"layer-wise ({args.layer_group})", args.layer_group),
     ]
+    if args.held:
+        runs.append(measure(args, model, "whole-chunk, held", 0, held=True))
     local = runs[0]
     print(f"{'':24}{'latency ms':>12}{'vs local':>10}{'prefill tok/s':>15}{'vs local':>10}")
     for run in runs:
@@ -313,6 +328,13 @@ def main() -> None:
         print(
             f"{run['name']:24}{run['latency_ms']:12.1f}{run['latency_overhead']:+10.1%}"
             f"{run['tokens_per_s']:15.0f}{run['throughput_ratio']:10.1%}"
+        )
+    if args.held:
+        whole, held = runs[1], runs[-1]
+        print(
+            f"whole-chunk, prefill on the prompt's arrival / held until registered: TTFT "
+            f"{whole['latency_ms'] / held['latency_ms']:.2f}x ({whole['latency_ms']:.2f} vs "
+            f"{held['latency_ms']:.2f} ms)"
         )
     for run in runs[1:]:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in run["stages_ms"].items())

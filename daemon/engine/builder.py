@@ -36,6 +36,8 @@ class EngineSettings:
     max_batch_tokens: int = 1024  # prefill: tokens per forward, all sequences
     max_running: int = 32  # decode: batch size
     cuda_graphs: bool = True  # decode: capture the step per batch size (where it can be)
+    # prefill: prompt tokens of rooms not registered yet that may compute meanwhile (0: none)
+    unregistered_prefill_tokens: int = 0
 
 
 def build_engine(
@@ -67,7 +69,7 @@ def build_engine(
     if role == "prefill":
         agent = PrefillAgent(transfer, layout, runner.planes, data, bootstrap, token, keys)
         prefill = PrefillScheduler(blocks, settings.prefill_chunk_tokens, settings.max_batch_tokens)
-        return PrefillEngine(runner, prefill, agent, group)
+        return PrefillEngine(runner, prefill, agent, group, settings.unregistered_prefill_tokens)
     agent = DecodeAgent(transfer, layout, runner.planes, data, keys)
     decode = DecodeScheduler(blocks, settings.max_running)
     return DecodeEngine(runner, decode, agent, eos_ids, group)

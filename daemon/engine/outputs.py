@@ -33,7 +33,8 @@ class RoomDone:
 @dataclass(frozen=True)
 class StepOutput:
     """Rank 0's engine output of one step: decode `outputs`; `reserved` rooms (decode: their
-    pages are reserved; prefill: a decode rank registered them, their prompts are scheduled);
+    pages are reserved; prefill: every rank's decode peers registered them, their prompts are
+    scheduled, if they were not already);
     prefill `done` rooms."""
 
     outputs: list[TokenOutput] = field(default_factory=list)

@@ -3,10 +3,15 @@ soon as the forward that wrote it is queued — with an event every `transfer.la
 so layer-wise messages leave while later layers compute; the first token travels with the last
 chunk.
 
-A submitted prompt is held — no forward, no KV pages — until a decode rank has registered its
-room with every prefill rank (the ranks agree on it in `TPGroup.verdicts`): only then is the
-prompt known to be wanted by the decode side. A room nobody registers fails at the transfer's
-bootstrap timeout, having cost nothing but its place in `rooms`."""
+A prompt is known to be wanted by the decode side once a decode rank has registered its room
+with every prefill rank (the ranks agree on it in `TPGroup.verdicts`). A decode daemon
+registers a room as it submits the prompt, so the two race; waiting for the registration would
+put its trip and a step boundary before every forward. Instead prompts start computing at once,
+while the prompt tokens of rooms not registered yet stay within `unregistered_tokens` (their
+KV waits in the pages until the registration says where it goes); a prompt past that budget is
+held — no forward, no KV pages — until its room is registered. A room nobody registers fails at
+the transfer's bootstrap timeout: a stranger's prompts cost at most that budget of pages and
+forward tokens for that long, never the registered prompts' place in the queue beyond it."""
 
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ ELSEWHERE = Failure(FailureKind.OTHER_RANK, "transfer failed on another prefill 
 class _Room:
     seq: Sequence
     sender: KVSender
-    admitted: bool = False  # registered on every rank: in the scheduler
+    admitted: bool = False  # in the scheduler (registered, or within the unregistered budget)
+    registered: bool = False  # registered on every rank (a verdict past BOOTSTRAPPING)
     computed_at: float | None = None  # when the prompt's last chunk was queued
 
 
@@ -46,12 +52,18 @@ class PrefillEngine:
         scheduler: PrefillScheduler,
         agent: PrefillAgent,
         group: TPGroup | None = None,
+        unregistered_tokens: int = 0,
     ) -> None:
+        """`unregistered_tokens`: prompt tokens of rooms not registered yet that may compute
+        meanwhile (0: every prompt waits for its room's registration)."""
+        if unregistered_tokens < 0:
+            raise ValueError(f"unregistered_tokens={unregistered_tokens} must be >= 0")
         self.runner, self.scheduler, self.agent = runner, scheduler, agent
+        self.unregistered_tokens = unregistered_tokens
         self.group = group or TPGroup()
         self.rooms: dict[int, _Room] = {}
         self.done: list[RoomDone] = []  # drained by take_output()
-        self.admitted: list[int] = []  # rooms handed to the scheduler; drained likewise
+        self.registered: list[int] = []  # rooms now registered on every rank; drained likewise
         self.samples = Samples()  # drained by the caller
         self.marks = _LayerMarks(
             agent.config.layer_group,
@@ -65,8 +77,8 @@ class PrefillEngine:
         return bool(self.rooms)
 
     def submit(self, room: int, prompt: list[int], params: SamplingParams) -> Sequence:
-        """Hold `prompt` for room `room` until the room is registered; ValueError when it can
-        never fit."""
+        """Take `prompt` for room `room` (computed from the next step on, or held until the room
+        is registered: see the module's docstring); ValueError when it can never fit."""
         if room in self.rooms:
             raise ValueError(f"room {room} is already in use")
         seq = Sequence(prompt, params)
@@ -82,16 +94,16 @@ class PrefillEngine:
         return list(self.rooms)
 
     def queues(self) -> dict[str, int]:
-        held = sum(not entry.admitted for entry in self.rooms.values())
+        unregistered = sum(not entry.registered for entry in self.rooms.values())
         return {
-            "registering": held,
+            "registering": unregistered,
             "prefilling": len(self.scheduler.waiting),
-            "sending": len(self.rooms) - held,
+            "sending": len(self.rooms) - unregistered,
         }
 
     def take_output(self) -> StepOutput:
-        progress = StepOutput(reserved=self.admitted, done=self.done)
-        self.admitted, self.done = [], []
+        progress = StepOutput(reserved=self.registered, done=self.done)
+        self.registered, self.done = [], []
         return progress
 
     def abort(self, room: int, failure: Failure) -> None:
@@ -147,16 +159,28 @@ class PrefillEngine:
         return future.event, firsts, future.errors
 
     def _settle(self) -> None:
-        """Rooms now registered on every rank go to the scheduler; rooms delivered on every
-        rank, or failed on any, leave: the prompt stops computing and its pages are freed (a
-        failed room's sender is aborted here first, so nothing reads the pages afterwards)."""
+        """Rooms now registered on every rank go to the scheduler (and new ones within the
+        unregistered budget before that); rooms delivered on every rank, or failed on any,
+        leave: the prompt stops computing and its pages are freed (a failed room's sender is
+        aborted here first, so nothing reads the pages afterwards). Every rank decides the same
+        from the same rooms and verdicts."""
         rooms = list(self.rooms.items())
         verdicts = self.group.verdicts([entry.sender.poll() for _, entry in rooms])
+        budget = self.unregistered_tokens - sum(
+            entry.seq.num_prompt for entry in self.rooms.values() if entry.admitted
+            and not entry.registered
+        )  # fmt: skip
         for (room, entry), verdict in zip(rooms, verdicts, strict=True):
             if verdict is Verdict.BOOTSTRAPPING:
+                if not entry.admitted and entry.seq.num_prompt <= budget:
+                    budget -= entry.seq.num_prompt
+                    self._admit(entry)
                 continue
+            if verdict is not Verdict.FAILED and not entry.registered:  # the same step on
+                entry.registered = True  # every rank, in submission order
+                self.registered.append(room)
             if verdict is Verdict.WAIT:
-                self._admit(room, entry)
+                self._admit(entry)
                 continue
             error = None
             if verdict is Verdict.FAILED:
@@ -171,11 +195,10 @@ class PrefillEngine:
                 self.samples.transfer_s.append(time.monotonic() - entry.computed_at)
             self.done.append(RoomDone(room, error))
 
-    def _admit(self, room: int, entry: _Room) -> None:
-        if not entry.admitted:  # every rank admits at the same step, in submission order
+    def _admit(self, entry: _Room) -> None:
+        if not entry.admitted:
             entry.admitted = True
             self.scheduler.add(entry.seq)
-            self.admitted.append(room)
 
 
 class _LayerMarks:

@@ -104,10 +104,15 @@ class SchedulerSection(_Section):
     # decode: prefill daemons a request may try, one after another, while no KV has reached it
     # (refused, unreachable, or lost before its first KV byte); within request_timeout_s
     prefill_attempts: int = 3
-    # prefill: prompts held until a decode rank registers their room (no forward runs before),
-    # from one submitting host and from all of them; more are refused
+    # prefill: prompts whose room no decode rank has registered yet (held, or computing within
+    # unregistered_prefill_tokens), from one submitting host and from all of them; more are
+    # refused
     max_unregistered_prompts_per_peer: int = 128
     max_unregistered_prompts: int = 512
+    # prefill: prompt tokens of rooms not registered yet that compute meanwhile (a decode
+    # daemon registers as it submits: the forward need not wait for it); prompts past it are
+    # held until registered. Unset: max_batch_tokens (one forward's worth); 0: hold every one
+    unregistered_prefill_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _positive(
@@ -119,10 +124,21 @@ class SchedulerSection(_Section):
             "max_unregistered_prompts",
             "prefill_attempts",
         )
+        if self.unregistered_prefill_tokens is not None and self.unregistered_prefill_tokens < 0:
+            raise ValueError(
+                f"unregistered_prefill_tokens={self.unregistered_prefill_tokens} must be >= 0 "
+                "(0: every prompt waits for its room's registration)"
+            )
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1")
         if not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s={self.request_timeout_s} must be > 0")
+
+    def unregistered_tokens(self) -> int:
+        """`unregistered_prefill_tokens`, its default resolved."""
+        if self.unregistered_prefill_tokens is None:
+            return self.max_batch_tokens
+        return self.unregistered_prefill_tokens
 
 
 class EngineSection(_Section):

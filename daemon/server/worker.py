@@ -293,6 +293,7 @@ def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, boots
             max_batch_tokens=config.scheduler.max_batch_tokens,
             max_running=config.scheduler.max_running,
             cuda_graphs=config.engine.cuda_graphs,
+            unregistered_prefill_tokens=config.scheduler.unregistered_tokens(),
         ),
         transfer_for(config, model.config),
         lambda: UcxDataPlane(

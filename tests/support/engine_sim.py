@@ -14,11 +14,19 @@ from support.transfer_sim import small_config
 
 
 def engines(
-    path, prefill_page=16, decode_page=4, device="cpu", model=None, layer_group=0, **transfer
+    path,
+    prefill_page=16,
+    decode_page=4,
+    device="cpu",
+    model=None,
+    layer_group=0,
+    unregistered_tokens=0,
+    **transfer,
 ):
     """Bootstrap server, prefill and decode engines over the loopback data plane, serving the
     checkpoint at `path` (or `model`: (config, weights)); KV moves in messages of
-    `layer_group` layers (0: whole chunks); `transfer`: other TransferConfig changes."""
+    `layer_group` layers (0: whole chunks); prefill computes up to `unregistered_tokens` of
+    prompts before their rooms are registered; `transfer`: other TransferConfig changes."""
     config, weights = model or (ModelConfig.from_dir(path), None)
     weights = weights if weights is not None else full_weights(config, path)
     transfer = small_config(chunk_tokens=8, layer_group=layer_group, **transfer)
@@ -27,7 +35,11 @@ def engines(
         "prefill",
         Model(config, weights, device=device),
         EngineSettings(
-            page_size=prefill_page, num_pages=32, prefill_chunk_tokens=8, max_batch_tokens=24
+            page_size=prefill_page,
+            num_pages=32,
+            prefill_chunk_tokens=8,
+            max_batch_tokens=24,
+            unregistered_prefill_tokens=unregistered_tokens,
         ),
         transfer,
         LoopbackDataPlane,

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-REGISTERING = 250  # prefill holds the prompt: the room is never admitted to its scheduler
+REGISTERING = 250  # prefill holds the prompt: it never enters its scheduler, registered or not
 WAITING_FOR_PROMPT = 251  # the prefill daemon accepts the prompt but never hands it to its ranks
 COMPUTING = 252  # prefill holds the prompt's pages but never runs its forward
 DECODING = 253  # decode holds the sequence after its first token until the gate file exists
@@ -40,9 +40,9 @@ def held_rank(*args) -> None:
     decode_schedule = scheduler.DecodeScheduler.schedule
     gate = Path(os.environ[GATE])
 
-    def held_admit(self, room, entry) -> None:
+    def held_admit(self, entry) -> None:
         if not _held(entry.seq.prompt, REGISTERING):
-            admit(self, room, entry)
+            admit(self, entry)
 
     def held_schedule(self):
         return [w for w in schedule(self) if not _held(w.seq.prompt, COMPUTING)]

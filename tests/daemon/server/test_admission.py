@@ -1,5 +1,6 @@
-"""A prefill daemon computes a prompt only once a decode rank has registered its room, and holds
-a bounded number of prompts per submitting peer until then."""
+"""A prefill daemon computes a prompt before a decode rank has registered its room only within
+its budget of unregistered tokens, holds the others until then, and bounds the prompts per
+submitting peer that wait for it."""
 
 import time
 
@@ -81,6 +82,72 @@ def test_a_prompt_whose_room_is_already_registered_runs_at_its_first_step(tiny):
     assert prefill.step(), "a registered room waited a step for its handle to be claimed"
     tokens, finish = run_until_finished(prefill, decode, 1)[2000]
     assert finish == "length" and len(tokens) == 2
+
+
+@pytest.fixture
+def early():
+    """Engines whose prefill computes up to 24 tokens of prompts before their registration."""
+    config = ModelSection().model_config()
+    model = (config, full_weights(config, None, seed=0))
+    server, prefill, decode = engines(
+        None, model=model, bootstrap_timeout_s=1.0, unregistered_tokens=24
+    )
+    yield server, prefill, decode
+    decode.agent.close()
+    prefill.agent.close()
+    server.close()
+
+
+def register(decode, prefill, server, room, prompt, max_tokens):
+    """Open `room` on decode and step it until every prefill rank has its registration."""
+    decode.submit(room, prompt, SamplingParams(max_tokens=max_tokens), bootstrap=server.address)
+    deadline = time.monotonic() + 10
+    while not prefill.agent.registered(room):
+        decode.step()
+        assert time.monotonic() < deadline, f"room {room} was not registered"
+        time.sleep(0.005)
+
+
+def test_a_prompt_within_the_budget_computes_before_its_registration_and_arrives_the_same(early):
+    server, prefill, decode = early
+    prompt = [5, 17, 99, 3, 250, 42, 7, 7, 128, 64, 1, 200]
+    prefill.submit(3000, prompt, SamplingParams(max_tokens=3))
+    assert prefill.step(), "a prompt within the budget waited for its registration"
+    assert prefill.step() and not prefill.scheduler.waiting  # in chunks of 8 and 4: computed
+    assert prefill.runner.blocks.used_pages > 0
+    progress = prefill.take_output()
+    assert not progress.reserved and not progress.done
+    assert prefill.queues() == {"registering": 1, "prefilling": 0, "sending": 0}
+    decode.submit(3000, prompt, SamplingParams(max_tokens=3), bootstrap=server.address)
+    early_tokens = run_until_finished(prefill, decode, 1)[3000]
+    register(decode, prefill, server, 3001, prompt, 3)  # the other order: registered first
+    prefill.submit(3001, prompt, SamplingParams(max_tokens=3))
+    assert run_until_finished(prefill, decode, 1)[3001] == early_tokens
+    assert early_tokens[1] == "length" and len(early_tokens[0]) == 3
+    assert prefill.runner.blocks.used_pages == 0 and decode.runner.blocks.used_pages == 0
+
+
+def test_prompts_past_the_budget_wait_and_an_unregistered_one_frees_it_at_the_timeout(early):
+    _, prefill, _ = early
+    prefill.submit(1, list(range(1, 21)), SamplingParams(max_tokens=1))  # 20 of 24 tokens
+    assert prefill.step()
+    time.sleep(0.5)  # so that room 2 times out well after room 1 (1 s each)
+    prefill.submit(2, list(range(1, 11)), SamplingParams(max_tokens=1))  # 10: past the budget
+    forwards = 1
+    while prefill.scheduler.waiting:
+        forwards += prefill.step()
+    assert prefill.queues() == {"registering": 2, "prefilling": 0, "sending": 0}
+    deadline, done = time.monotonic() + 10, {}
+    while len(done) < 2:  # 1 times out; 2 then takes its place in the budget, and times out
+        assert time.monotonic() < deadline
+        forwards += prefill.step()
+        for room in prefill.take_output().done:
+            done[room.room] = room.error
+        time.sleep(0.01)
+    assert all(error.kind is FailureKind.TIMEOUT for error in done.values())
+    assert list(done) == [1, 2]
+    assert forwards == 5  # prompt 1 in chunks of 8, 8, 4; then prompt 2 in 8, 2
+    assert prefill.runner.blocks.used_pages == 0 and not prefill.busy
 
 
 def test_verdicts_hold_a_room_until_every_rank_is_past_bootstrapping():

@@ -60,6 +60,10 @@ def test_the_tiny_deployment_loads():
         ({"role": "prefill", "transfer": {"layer_group": -2}}, "layer_group=-2"),
         ({"role": "prefill", "scheduler": {"max_prompt_tokens": 0}}, "max_prompt_tokens=0"),
         (
+            {"role": "prefill", "scheduler": {"unregistered_prefill_tokens": -1}},
+            "unregistered_prefill_tokens=-1",
+        ),
+        (
             {"role": "prefill", "cache": {"num_pages": 4}, "scheduler": {"max_prompt_tokens": 64}},
             r"max_prompt_tokens=64 does not fit the KV pool: cache.num_pages=4 x .* = 64 tokens",
         ),
