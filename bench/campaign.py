@@ -165,6 +165,9 @@ def stage_host(stage: Stage) -> None:
         requests = ["--requests", "30", "--warmup", "5"] if stage.args.quick else []
         control = stage.args.out_dir / "control.json"
         stage.run(python("control_path.py", *requests, "--json", str(control)))
+        calls = ["--calls", "100", "--rounds", "3"] if stage.args.quick else []
+        group = stage.args.out_dir / "group.json"
+        stage.run(python("group_exchange.py", *calls, "--json", str(group)))
 
 
 def stage_perftest(stage: Stage) -> None:

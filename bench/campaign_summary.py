@@ -140,6 +140,16 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
             rows.append(Row(f"control path alone: transfer-thread CPU per request, {side}",
                             row["cpu_us"], 200.0, " us", higher_is_better=False,
                             detail=detail))  # fmt: skip
+    group = read_json(out_dir / "group.json")
+    if group:  # a TP rank's step: the commands' broadcast and the rooms' verdicts
+        ops = group["operations"]
+        step = [op for op in ops if op.startswith(("broadcast, no", "verdicts"))]
+        gloo, pipes = (sum(ops[op][way] for op in step) for way in ("gloo_us", "pipes_us"))
+        barrier = ops["barrier"]
+        detail = f"{gloo:.0f} vs {pipes:.0f} us; barrier {barrier['gloo_us']:.0f} vs "
+        detail += f"{barrier['pipes_us']:.0f} us"
+        rows.append(Row("TP step exchange (broadcast + verdicts), gloo / the ranks' pipes",
+                        gloo / pipes, None, "x", detail=detail))  # fmt: skip
     for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
         rows += overlap_rows(read_json(path) or {})
     hops = read_json(out_dir / "hops.json")

@@ -121,6 +121,7 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "control path alone: transfer-thread CPU per request, decode",
         "one prompt, forward handed over -> KV landed at decode, 256 tokens",
         "TTFT whole-chunk, prefill on arrival / held until registered, 256 tokens",
+        "TP step exchange (broadcast + verdicts), gloo / the ranks' pipes",
     ):
         assert figures[name]["value"] is not None and figures[name]["value"] > 0, name
     assert figures["UCX messages per request / (chunks x writers)"]["verdict"] == "met"

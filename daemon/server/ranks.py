@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 
+from kvferry.daemon.engine.links import close_links, make_links
 from kvferry.daemon.server import protocol
 from kvferry.daemon.server.config import DaemonConfig
 from kvferry.daemon.server.worker import worker_main
@@ -49,6 +50,8 @@ class Ranks:
         self._send_lock = threading.Lock()  # sends come from HTTP and bootstrap threads too
         # every rank rings rank 0 when one of its rooms changes state: rank 0 sleeps on this
         woken, wake = ctx.Pipe(duplex=False)
+        # a pipe between every two ranks: their per-step exchanges and barriers
+        links = make_links(ctx, config.tp)
         for rank in range(config.tp):
             parent, child = ctx.Pipe()
             bell = (woken if rank == 0 else None, wake if rank > 0 else None)
@@ -56,7 +59,7 @@ class Ranks:
                 bell = (None, None)
             proc = ctx.Process(
                 target=worker_main,
-                args=(config, rank, dist_address, bootstrap, token, child, bell, keys),
+                args=(config, rank, dist_address, bootstrap, token, child, bell, keys, links[rank]),
                 name=f"{name}-rank{rank}",
             )
             proc.start()
@@ -65,6 +68,7 @@ class Ranks:
             self.conns.append(parent)
         woken.close()
         wake.close()
+        close_links(links)
 
     def wait_ready(self, timeout_s: float, stopping: Callable[[], str | None]) -> None:
         """Until every rank reported Ready; raises when one fails, on timeout or a stop."""

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from kvferry.daemon.engine.builder import EngineSettings, build_engine
 from kvferry.daemon.engine.group import TPGroup
+from kvferry.daemon.engine.links import Links
 from kvferry.daemon.model.llama import Model
 from kvferry.daemon.model.shared_reduce import SharedDeviceAllReduce
 from kvferry.daemon.model.tokenizer import load_tokenizer
@@ -46,11 +47,13 @@ def worker_main(
     conn,
     bell=(None, None),
     keys: CurveKeys | None = None,
+    links: dict | None = None,
 ):
     """Process entry point: build the rank, report Ready (or Fatal), serve until Stop. A prefill
     rank registers with the bootstrap server at `bootstrap` showing `token`. `bell`: (the end
     rank 0 sleeps on, the end the other ranks ring) of a pipe, the one this rank uses set.
-    `keys`: the deployment's CURVE pair (None: plain ZeroMQ)."""
+    `keys`: the deployment's CURVE pair (None: plain ZeroMQ). `links`: {peer rank: this rank's
+    end of their pipe} (daemon/engine/links.py), for the group's exchanges; None: over gloo."""
     # the daemon decides when its ranks stop (a terminal's Ctrl-C reaches the whole group)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -60,7 +63,7 @@ def worker_main(
     )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, config.tp)))
     try:
-        worker = Worker(config, rank, dist_address, bootstrap, token, conn, bell, keys)
+        worker = Worker(config, rank, dist_address, bootstrap, token, conn, bell, keys, links)
     except Exception as exc:
         log.exception("rank %d failed to start", rank)
         conn.send(protocol.Fatal(rank, f"rank {rank} failed to start: {exc}"))
@@ -95,10 +98,11 @@ class Worker:
         conn,
         bell=(None, None),
         keys: CurveKeys | None = None,
+        links: dict | None = None,
     ) -> None:
         self.config, self.rank, self.conn = config, rank, conn
         self.device = _device(config, rank)
-        self.group = _join_group(config, rank, dist_address, self.device)
+        self.group = _join_group(config, rank, dist_address, self.device, links)
         self.engine = _build_engine(config, rank, self.device, self.group, bootstrap, (token, keys))
         self.agent = self.engine.agent
         # Rank 0 sleeps until a command comes, a room of any rank changes state (its own bell,
@@ -140,6 +144,8 @@ class Worker:
 
     def close(self) -> None:
         self.agent.close()
+        if self.group.links is not None:
+            self.group.links.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -253,9 +259,12 @@ def _device(config: DaemonConfig, rank: int) -> torch.device:
     return torch.device("cuda", index)
 
 
-def _join_group(config: DaemonConfig, rank: int, address: str, device: torch.device) -> TPGroup:
+def _join_group(
+    config: DaemonConfig, rank: int, address: str, device: torch.device, links: dict | None
+) -> TPGroup:
     """NCCL for the model when every rank has its own GPU, gloo otherwise; control messages
-    (commands, verdicts) always over a gloo group of host tensors."""
+    (commands, verdicts, barriers) over the ranks' pipes (`links`), else a gloo group of host
+    tensors."""
     if config.tp == 1:
         return TPGroup()
     gpus = set(config.gpus) if config.gpus else range(torch.cuda.device_count())
@@ -271,14 +280,15 @@ def _join_group(config: DaemonConfig, rank: int, address: str, device: torch.dev
         device_id=device if own_gpus else None,
     )
     control = dist.new_group(backend="gloo", timeout=timeout) if own_gpus else dist.group.WORLD
-    return TPGroup(config.tp, rank, control)
+    pipes = Links(rank, links, timeout.total_seconds()) if links else None
+    return TPGroup(config.tp, rank, control, pipes)
 
 
 def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, bootstrap, secrets):
     """`secrets`: (the daemon's registration token, the deployment's CURVE pair or None)."""
     from kvferry.transport.ucx import UcxDataPlane
 
-    model = _load_model(config, rank, device)
+    model = _load_model(config, rank, device, group)
     eos = frozenset()
     if config.role == "decode":  # before the agent starts, so that a bad tokenizer leaks nothing
         eos = load_tokenizer(config.model.checkpoint(), model.config.eos_token_ids).eos_ids
@@ -313,7 +323,7 @@ def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, boots
     )
 
 
-def _load_model(config: DaemonConfig, rank: int, device: torch.device) -> Model:
+def _load_model(config: DaemonConfig, rank: int, device: torch.device, group: TPGroup) -> Model:
     model_config = config.model.model_config()
     path, seed = config.model.checkpoint(), config.model.seed
     weights = full_weights(model_config, path) if path else random_weights(model_config, seed)
@@ -326,14 +336,17 @@ def _load_model(config: DaemonConfig, rank: int, device: torch.device) -> Model:
         dtype=dtype,
         device=str(device),
         kernels=None if config.engine.kernels else False,
-        all_reduce=_shared_reduce(config, rank, device, model_config.hidden_size, dtype),
+        all_reduce=_shared_reduce(config, group, device, model_config.hidden_size, dtype),
     )
 
 
-def _shared_reduce(config: DaemonConfig, rank: int, device, hidden: int, dtype):
-    """The all-reduce of TP ranks that all run on one GPU (None otherwise: the group's own)."""
+def _shared_reduce(config: DaemonConfig, group: TPGroup, device, hidden: int, dtype):
+    """The all-reduce of TP ranks that all run on one GPU (None otherwise: the group's own); its
+    barrier is the group's."""
     gpus = set(config.gpus) if config.gpus else set(range(torch.cuda.device_count()))
     if config.tp == 1 or device.type != "cuda" or len(gpus) != 1:
         return None
     tokens = max(config.scheduler.max_batch_tokens, config.scheduler.max_running)
-    return SharedDeviceAllReduce(dist.group.WORLD, rank, config.tp, device, tokens * hidden, dtype)
+    return SharedDeviceAllReduce(
+        dist.group.WORLD, group.rank, config.tp, device, tokens * hidden, dtype, group.barrier
+    )
