@@ -61,6 +61,10 @@ class TPGroup:
         else:
             dist.barrier(group=self.process_group)
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank."""
+        return bool(self._any([[flag]])[0][0]) if self.size > 1 else flag
+
     def verdicts(self, states: list[KVPoll]) -> list[Verdict]:
         """One verdict per room from every rank's state of it (same rooms, same order)."""
         flags = [

@@ -85,20 +85,36 @@ class SharedDeviceAllReduce(_SharedAllReduce):
         self._event.synchronize()
 
 
+class SharedMemoryUnavailable(RuntimeError):
+    """Some rank could not allocate its buffer (the reason is the message); every rank raises
+    it, so that all of them keep the process group's all-reduce."""
+
+
 class SharedHostAllReduce(_SharedAllReduce):
     """The same for TP ranks on CPUs (a daemon's ranks share its host), where gloo's
     all-reduce waits about a millisecond per call: the buffers are files in /dev/shm that every
     rank maps, unlinked once all have them (the memory goes with the last process). `group`: the
-    rank's TPGroup, which also names the files (its broadcast) and is the barrier."""
+    rank's TPGroup, which also names the files (its broadcast) and is the barrier. The files'
+    memory is allocated up front, so a full /dev/shm (a container's is often 64 MiB) is
+    SharedMemoryUnavailable on every rank, never a SIGBUS later."""
 
     def __init__(self, group, numel: int, dtype: torch.dtype, directory: str = "/dev/shm") -> None:
         super().__init__(group.process_group, group.rank, numel, group.barrier)
         stem = group.broadcast(f"kvferry-reduce-{os.getpid()}-{secrets.token_hex(8)}")
         path = os.path.join(directory, f"{stem}-{group.rank}")
         size = 2 * numel * dtype.itemsize
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd, error = -1, None
         try:
-            os.ftruncate(fd, size)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            error = f"rank {group.rank}: {size / 2**20:.1f} MiB in {directory}: {exc}"
+        if group.any_rank(error is not None):
+            if fd >= 0:
+                os.close(fd)
+                os.unlink(path)
+            raise SharedMemoryUnavailable(error or "another rank could not allocate its buffer")
+        try:
             group.barrier()  # every rank's file is there
             self._maps = [self._map(os.path.join(directory, f"{stem}-{r}"), size)
                           for r in range(group.size)]  # fmt: skip

@@ -23,7 +23,11 @@ from kvferry.daemon.engine.builder import EngineSettings, build_engine
 from kvferry.daemon.engine.group import TPGroup
 from kvferry.daemon.engine.links import Links
 from kvferry.daemon.model.llama import Model
-from kvferry.daemon.model.shared_reduce import SharedDeviceAllReduce
+from kvferry.daemon.model.shared_reduce import (
+    SharedDeviceAllReduce,
+    SharedHostAllReduce,
+    SharedMemoryUnavailable,
+)
 from kvferry.daemon.model.tokenizer import load_tokenizer
 from kvferry.daemon.model.weights import full_weights, random_weights
 from kvferry.daemon.server import protocol
@@ -341,12 +345,22 @@ def _load_model(config: DaemonConfig, rank: int, device: torch.device, group: TP
 
 
 def _shared_reduce(config: DaemonConfig, group: TPGroup, device, hidden: int, dtype):
-    """The all-reduce of TP ranks that all run on one GPU (None otherwise: the group's own); its
-    barrier is the group's."""
-    gpus = set(config.gpus) if config.gpus else set(range(torch.cuda.device_count()))
-    if config.tp == 1 or device.type != "cuda" or len(gpus) != 1:
+    """The all-reduce of TP ranks that all run on one GPU, or on CPUs over the ranks' pipes
+    (None otherwise: the group's own, NCCL); its barrier is the group's."""
+    if config.tp == 1:
         return None
     tokens = max(config.scheduler.max_batch_tokens, config.scheduler.max_running)
+    if device.type == "cpu":
+        if group.links is None:
+            return None
+        try:
+            return SharedHostAllReduce(group, tokens * hidden, dtype)
+        except SharedMemoryUnavailable as exc:
+            log.warning("TP all-reduce over gloo: no shared memory for it (%s)", exc)
+            return None
+    gpus = set(config.gpus) if config.gpus else set(range(torch.cuda.device_count()))
+    if len(gpus) != 1:
+        return None
     return SharedDeviceAllReduce(
         dist.group.WORLD, group.rank, config.tp, device, tokens * hidden, dtype, group.barrier
     )

@@ -11,7 +11,7 @@ import torch
 
 from kvferry.daemon.engine.group import TPGroup, Verdict
 from kvferry.daemon.engine.links import GroupError, Links, close_links, make_links
-from kvferry.daemon.model.shared_reduce import SharedHostAllReduce
+from kvferry.daemon.model.shared_reduce import SharedHostAllReduce, SharedMemoryUnavailable
 from kvferry.transport.room import KVPoll
 
 
@@ -118,4 +118,16 @@ def test_the_host_all_reduce_sums_in_rank_order_with_the_same_bits_everywhere(tm
     for call, (a, b, c) in zip(inputs, zip(*results, strict=True), strict=True):
         expected = call[0].clone().add_(call[1]).add_(call[2])
         assert torch.equal(a, expected) and torch.equal(b, expected) and torch.equal(c, expected)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rank_without_shared_memory_makes_every_rank_keep_the_groups_all_reduce(tmp_path):
+    def body(rank, links):
+        directory = tmp_path if rank == 0 else tmp_path / "missing"
+        SharedHostAllReduce(TPGroup(2, rank, links=links), 64, torch.float32, str(directory))
+
+    results = run_ranks(2, body)
+    assert all(isinstance(r, SharedMemoryUnavailable) for r in results)
+    assert "rank 1" in str(results[1]) and "missing" in str(results[1])
+    assert "another rank" in str(results[0])
     assert list(tmp_path.iterdir()) == []
