@@ -63,7 +63,7 @@ class PrefillEngine:
         self.group = group or TPGroup()
         self.rooms: dict[int, _Room] = {}
         self.done: list[RoomDone] = []  # drained by take_output()
-        self.registered: list[int] = []  # rooms now registered on every rank; drained likewise
+        self.newly_registered: list[int] = []  # registered on every rank now; drained likewise
         self.samples = Samples()  # drained by the caller
         self.marks = _LayerMarks(
             agent.config.layer_group,
@@ -102,8 +102,8 @@ class PrefillEngine:
         }
 
     def take_output(self) -> StepOutput:
-        progress = StepOutput(reserved=self.registered, done=self.done)
-        self.registered, self.done = [], []
+        progress = StepOutput(reserved=self.newly_registered, done=self.done)
+        self.newly_registered, self.done = [], []
         return progress
 
     def abort(self, room: int, failure: Failure) -> None:
@@ -178,7 +178,7 @@ class PrefillEngine:
                 continue
             if verdict is not Verdict.FAILED and not entry.registered:  # the same step on
                 entry.registered = True  # every rank, in submission order
-                self.registered.append(room)
+                self.newly_registered.append(room)
             if verdict is Verdict.WAIT:
                 self._admit(entry)
                 continue

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import time
-from datetime import timedelta
 from multiprocessing.connection import wait
 
 import torch
@@ -21,18 +20,13 @@ import torch.distributed as dist
 
 from kvferry.daemon.engine.builder import EngineSettings, build_engine
 from kvferry.daemon.engine.group import TPGroup
-from kvferry.daemon.engine.links import Links
 from kvferry.daemon.model.llama import Model
-from kvferry.daemon.model.shared_reduce import (
-    SharedDeviceAllReduce,
-    SharedHostAllReduce,
-    SharedMemoryUnavailable,
-)
 from kvferry.daemon.model.tokenizer import load_tokenizer
 from kvferry.daemon.model.weights import full_weights, random_weights
 from kvferry.daemon.server import protocol
 from kvferry.daemon.server.config import DaemonConfig
 from kvferry.daemon.server.model_fit import transfer_for
+from kvferry.daemon.server.rank_setup import join_group, model_all_reduce, rank_device
 from kvferry.transport.bell import drain
 from kvferry.transport.curve import CurveKeys
 from kvferry.transport.failure import Failure, FailureKind
@@ -105,8 +99,8 @@ class Worker:
         links: dict | None = None,
     ) -> None:
         self.config, self.rank, self.conn = config, rank, conn
-        self.device = _device(config, rank)
-        self.group = _join_group(config, rank, dist_address, self.device, links)
+        self.device = rank_device(config, rank)
+        self.group = join_group(config, rank, dist_address, self.device, links)
         self.engine = _build_engine(config, rank, self.device, self.group, bootstrap, (token, keys))
         self.agent = self.engine.agent
         # Rank 0 sleeps until a command comes, a room of any rank changes state (its own bell,
@@ -250,44 +244,6 @@ def _memory_peak(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
 
-def _device(config: DaemonConfig, rank: int) -> torch.device:
-    if config.device == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for, but this host has no CUDA device")
-    count = torch.cuda.device_count()
-    index = config.gpus[rank % len(config.gpus)] if config.gpus else rank % count
-    if index >= count:
-        raise RuntimeError(f"gpus={config.gpus}: GPU {index} is not here ({count} visible)")
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
-
-
-def _join_group(
-    config: DaemonConfig, rank: int, address: str, device: torch.device, links: dict | None
-) -> TPGroup:
-    """NCCL for the model when every rank has its own GPU, gloo otherwise; control messages
-    (commands, verdicts, barriers) over the ranks' pipes (`links`), else a gloo group of host
-    tensors."""
-    if config.tp == 1:
-        return TPGroup()
-    gpus = set(config.gpus) if config.gpus else range(torch.cuda.device_count())
-    own_gpus = device.type == "cuda" and len(gpus) >= config.tp  # one GPU per rank
-    backend = "nccl" if own_gpus else "gloo"
-    timeout = timedelta(seconds=config.transfer.transfer_timeout_s)
-    dist.init_process_group(
-        backend,
-        init_method=address,
-        rank=rank,
-        world_size=config.tp,
-        timeout=timeout,
-        device_id=device if own_gpus else None,
-    )
-    control = dist.new_group(backend="gloo", timeout=timeout) if own_gpus else dist.group.WORLD
-    pipes = Links(rank, links, timeout.total_seconds()) if links else None
-    return TPGroup(config.tp, rank, control, pipes)
-
-
 def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, bootstrap, secrets):
     """`secrets`: (the daemon's registration token, the deployment's CURVE pair or None)."""
     from kvferry.transport.ucx import UcxDataPlane
@@ -340,27 +296,5 @@ def _load_model(config: DaemonConfig, rank: int, device: torch.device, group: TP
         dtype=dtype,
         device=str(device),
         kernels=None if config.engine.kernels else False,
-        all_reduce=_shared_reduce(config, group, device, model_config.hidden_size, dtype),
-    )
-
-
-def _shared_reduce(config: DaemonConfig, group: TPGroup, device, hidden: int, dtype):
-    """The all-reduce of TP ranks that all run on one GPU, or on CPUs over the ranks' pipes
-    (None otherwise: the group's own, NCCL); its barrier is the group's."""
-    if config.tp == 1:
-        return None
-    tokens = max(config.scheduler.max_batch_tokens, config.scheduler.max_running)
-    if device.type == "cpu":
-        if group.links is None:
-            return None
-        try:
-            return SharedHostAllReduce(group, tokens * hidden, dtype)
-        except SharedMemoryUnavailable as exc:
-            log.warning("TP all-reduce over gloo: no shared memory for it (%s)", exc)
-            return None
-    gpus = set(config.gpus) if config.gpus else set(range(torch.cuda.device_count()))
-    if len(gpus) != 1:
-        return None
-    return SharedDeviceAllReduce(
-        dist.group.WORLD, group.rank, config.tp, device, tokens * hidden, dtype, group.barrier
+        all_reduce=model_all_reduce(config, group, device, model_config.hidden_size, dtype),
     )
