@@ -2,6 +2,7 @@
 its budget of unregistered tokens, holds the others until then, and bounds the prompts per
 submitting peer that wait for it."""
 
+import select
 import time
 
 import pytest
@@ -69,15 +70,28 @@ def test_a_held_prompt_runs_once_its_room_is_registered(tiny):
     assert prefill.runner.blocks.used_pages == 0 and decode.runner.blocks.used_pages == 0
 
 
+def register(decode, prefill, server, room, prompt, max_tokens):
+    """Open `room` on decode and step it until every prefill rank has its registration."""
+    decode.submit(room, prompt, SamplingParams(max_tokens=max_tokens), bootstrap=server.address)
+    deadline = time.monotonic() + 10
+    while not prefill.agent.registered(room):
+        decode.step()
+        assert time.monotonic() < deadline, f"room {room} was not registered"
+        wait_for_news(prefill, decode)
+
+
+def wait_for_news(*engines, timeout_s=0.05):
+    """Sleep until a room of one of `engines` changes state, or `timeout_s` passes."""
+    bells = [engine.agent.bell for engine in engines]
+    select.select(bells, [], [], timeout_s)
+    for bell in bells:
+        bell.clear()
+
+
 def test_a_prompt_whose_room_is_already_registered_runs_at_its_first_step(tiny):
     server, prefill, decode = tiny
     prompt = [5, 17, 99, 3, 250, 42, 7, 7, 128, 64, 1, 200]
-    decode.submit(2000, prompt, SamplingParams(max_tokens=2), bootstrap=server.address)
-    deadline = time.monotonic() + 10
-    while not prefill.agent.registered(2000):  # decode's registration comes first
-        decode.step()
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    register(decode, prefill, server, 2000, prompt, 2)  # decode's registration comes first
     prefill.submit(2000, prompt, SamplingParams(max_tokens=2))
     assert prefill.step(), "a registered room waited a step for its handle to be claimed"
     tokens, finish = run_until_finished(prefill, decode, 1)[2000]
@@ -96,16 +110,6 @@ def early():
     decode.agent.close()
     prefill.agent.close()
     server.close()
-
-
-def register(decode, prefill, server, room, prompt, max_tokens):
-    """Open `room` on decode and step it until every prefill rank has its registration."""
-    decode.submit(room, prompt, SamplingParams(max_tokens=max_tokens), bootstrap=server.address)
-    deadline = time.monotonic() + 10
-    while not prefill.agent.registered(room):
-        decode.step()
-        assert time.monotonic() < deadline, f"room {room} was not registered"
-        time.sleep(0.005)
 
 
 def test_a_prompt_within_the_budget_computes_before_its_registration_and_arrives_the_same(early):
@@ -143,7 +147,7 @@ def test_prompts_past_the_budget_wait_and_an_unregistered_one_frees_it_at_the_ti
         forwards += prefill.step()
         for room in prefill.take_output().done:
             done[room.room] = room.error
-        time.sleep(0.01)
+        wait_for_news(prefill, timeout_s=0.1)
     assert all(error.kind is FailureKind.TIMEOUT for error in done.values())
     assert list(done) == [1, 2]
     assert forwards == 5  # prompt 1 in chunks of 8, 8, 4; then prompt 2 in 8, 2
