@@ -10,8 +10,17 @@ Here every rank writes its part into a buffer that every rank maps (CUDA IPC; on
 and the same bits on every rank.
 
 Each rank's buffer has two halves used in turn. A rank refills a half only two calls later,
-after a barrier that every rank enters only once its own copy for the call in between is done,
-which is queued after its sum of the call before: so nobody still reads a half being refilled.
+after the barrier of the call in between, which every rank enters only after its sum of the
+half (on a host, done; on a GPU, queued and followed by an event the refill waits on): so
+nobody still reads a half being refilled.
+
+On a GPU nothing here waits for the device. The ranks order their streams with interprocess
+CUDA events: a rank records "my part is copied" before it enters the barrier, and waits on the
+others' records once it is through; it records "my sum is done" after its sum, and the others'
+streams wait on that before they refill the half two calls later. The barrier's pipe messages
+put every record before the waits that need it (a wait on an IPC event waits for its latest
+record), so the host queues a whole forward while the GPU runs it, instead of stopping twice a
+layer until the device has caught up (`ordering="host"`, kept for the benchmark).
 """
 
 from __future__ import annotations
@@ -47,20 +56,38 @@ class _SharedAllReduce:
             return x
         half, self._half = self._half, self._half ^ 1
         flat = x.view(-1)
+        self._refill(half)
         self.parts[self.rank][half, :n].copy_(flat)
-        self._copied()  # this rank's part is in place ...
+        self._copied(half)  # this rank's part is in place ...
         self._barrier()  # ... and every other rank's too
+        self._others_copied(half)
         parts = [part[half, :n] for part in self.parts]
         flat.copy_(parts[0])
         for part in parts[1:]:  # in rank order on every rank: the same bits everywhere
             flat.add_(part)
+        self._summed(half)
         return x
 
-    def _copied(self) -> None:
-        """Return once this rank's part is written (a host copy is, on return)."""
+    # Where a device orders the ranks' copies and sums; host copies and sums are done on return.
+    def _refill(self, half: int) -> None:
+        """Before this rank writes its part of `half` again: every rank's sum that read it is
+        done."""
+
+    def _copied(self, half: int) -> None:
+        """This rank's part of `half` is written, as far as the others will know."""
+
+    def _others_copied(self, half: int) -> None:
+        """After the barrier: the others' parts of `half` are written, as far as the sum knows."""
+
+    def _summed(self, half: int) -> None:
+        """This rank's sum of `half` is done, as far as the others will know."""
 
 
 class SharedDeviceAllReduce(_SharedAllReduce):
+    """The ranks' parts in CUDA IPC buffers; `ordering="events"` (default) orders the ranks'
+    streams with interprocess events, `"host"` waits on the host for this rank's copy before
+    the barrier (one device sync per call)."""
+
     def __init__(
         self,
         group,
@@ -70,19 +97,52 @@ class SharedDeviceAllReduce(_SharedAllReduce):
         numel: int,
         dtype: torch.dtype,
         barrier: Callable[[], None] | None = None,
+        ordering: str = "events",
     ) -> None:
         super().__init__(group, rank, numel, barrier)
-        own = torch.zeros(2, numel, dtype=dtype, device=device)  # [half, numel]
-        handles: list = [None] * world
-        dist.all_gather_object(handles, reduce_tensor(own), group=group)
-        # the other ranks' buffers, mapped here; `own` must outlive them (it is kept below)
-        self.parts = [own if r == rank else rebuild(*args) for r, (rebuild, args) in
-                      enumerate(handles)]  # fmt: skip
-        self._event = torch.cuda.Event(blocking=True)  # waiting on it sleeps in the driver
+        if ordering not in ("events", "host"):
+            raise ValueError(f"ordering must be 'events' or 'host', not {ordering!r}")
+        self._host_sync = ordering == "host"
+        with torch.cuda.device(device):
+            own = torch.zeros(2, numel, dtype=dtype, device=device)  # [half, numel]
+            # [copied, summed] x [half]: recorded here, waited on by the others
+            events = [[torch.cuda.Event(interprocess=True) for _ in range(2)] for _ in range(2)]
+            mine = (reduce_tensor(own), [[e.ipc_handle() for e in pair] for pair in events])
+            shared: list = [None] * world
+            dist.all_gather_object(shared, mine, group=group)
+            # the other ranks' buffers and events, opened here; `own` must outlive the others'
+            # mappings of it (it is kept below)
+            self.parts = [own if r == rank else rebuild(*args)
+                          for r, ((rebuild, args), _) in enumerate(shared)]  # fmt: skip
+            self._events = [events if r == rank else
+                            [[torch.cuda.Event.from_ipc_handle(device, h) for h in pair]
+                             for pair in handles]
+                            for r, (_, handles) in enumerate(shared)]  # fmt: skip
+        self._others = [r for r in range(world) if r != rank]
+        self._event = torch.cuda.Event(blocking=True)  # ordering="host": waiting sleeps
 
-    def _copied(self) -> None:
-        self._event.record()
-        self._event.synchronize()
+    def _refill(self, half: int) -> None:
+        if not self._host_sync:
+            stream = torch.cuda.current_stream()
+            for r in self._others:
+                stream.wait_event(self._events[r][1][half])
+
+    def _copied(self, half: int) -> None:
+        if self._host_sync:
+            self._event.record()
+            self._event.synchronize()
+        else:
+            self._events[self.rank][0][half].record()
+
+    def _others_copied(self, half: int) -> None:
+        if not self._host_sync:
+            stream = torch.cuda.current_stream()
+            for r in self._others:
+                stream.wait_event(self._events[r][0][half])
+
+    def _summed(self, half: int) -> None:
+        if not self._host_sync:
+            self._events[self.rank][1][half].record()
 
 
 class SharedMemoryUnavailable(RuntimeError):
