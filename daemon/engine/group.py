@@ -27,9 +27,8 @@ class Verdict(enum.Enum):
 
 
 class TPGroup:
-    """`size` ranks; `process_group` is a gloo group (host tensors) when `size` > 1. `links`:
-    the pipes between the ranks (links.py), which then carry the step's exchanges and the
-    barrier instead of the process group."""
+    """`size` ranks, whose step exchanges and barriers go over `links`, the pipes between the
+    ranks (links.py), or else over `process_group`, a gloo group (host tensors)."""
 
     def __init__(
         self, size: int = 1, rank: int = 0, process_group=None, links: Links | None = None

@@ -57,9 +57,10 @@ def join_group(
         timeout=timeout,
         device_id=device if own_gpus else None,
     )
+    if links:  # the pipes carry every control message: no process group of host tensors
+        return TPGroup(config.tp, rank, None, Links(rank, links, timeout.total_seconds()))
     control = dist.new_group(backend="gloo", timeout=timeout) if own_gpus else dist.group.WORLD
-    pipes = Links(rank, links, timeout.total_seconds()) if links else None
-    return TPGroup(config.tp, rank, control, pipes)
+    return TPGroup(config.tp, rank, control)
 
 
 def model_all_reduce(config: DaemonConfig, group: TPGroup, device, hidden: int, dtype):
