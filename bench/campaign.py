@@ -13,10 +13,13 @@ the others still run):
   perftest  ucx_perftest (from the libucx wheel): UCX's own tag bandwidth for the same size
   host      bench/host_costs.py: host CPU per step of the transfer thread (a loop turn, a
             copy launch, UCX calls), quiet and while another thread runs a forward; then
-            bench/control_path.py: the transfer threads' CPU per request with a tiny KV
-  overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated;
-            bench/hops.py: one prompt's transfer, hop by hop
-            time to first token, whole-chunk vs layer-wise
+            bench/control_path.py: the transfer threads' CPU per request with a tiny KV; then
+            bench/group_exchange.py: a TP group's step exchanges, gloo vs the ranks' pipes;
+            on a GPU, bench/device_reduce.py: TP ranks sharing it, a forward's all-reduces
+            ordered by interprocess events vs a host sync each
+  overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
+            time to first token, whole-chunk vs layer-wise; then bench/hops.py: one prompt's
+            transfer, hop by hop
   engine    bench/engine.py: decode step at batch 1/8/32/128 and contexts 1k/8k, eager vs CUDA
             graphs, against the memory floor; prefill tok/s, paged kernel vs contiguous SDPA
             (the decode model of deploy/h200-llama8b.yaml)
@@ -168,6 +171,9 @@ def stage_host(stage: Stage) -> None:
         calls = ["--calls", "100", "--rounds", "3"] if stage.args.quick else []
         group = stage.args.out_dir / "group.json"
         stage.run(python("group_exchange.py", *calls, "--json", str(group)))
+        if stage.args.gpu:  # TP ranks sharing the GPU: a forward's all-reduces, two orderings
+            reduce = stage.args.out_dir / "device_reduce.json"
+            stage.run(python("device_reduce.py", "--json", str(reduce)))
 
 
 def stage_perftest(stage: Stage) -> None:

@@ -150,6 +150,12 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
         detail += f"{barrier['pipes_us']:.0f} us"
         rows.append(Row("TP step exchange (broadcast + verdicts), gloo / the ranks' pipes",
                         gloo / pipes, None, "x", detail=detail))  # fmt: skip
+    reduce = read_json(out_dir / "device_reduce.json")
+    for shape, row in (reduce or {}).get("shapes", {}).items():
+        rows.append(Row(f"TP2 on one GPU, a forward's all-reduces: host sync / events, {shape}",
+                        row["host_over_events"], None, "x",
+                        detail=f"{row['host_ms']:.2f} vs {row['events_ms']:.2f} ms a forward; "
+                        f"gloo {row['gloo_ms']:.2f} ms"))  # fmt: skip
     for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
         rows += overlap_rows(read_json(path) or {})
     hops = read_json(out_dir / "hops.json")
