@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import tempfile
 import threading
@@ -24,6 +25,12 @@ from kvferry.transport.curve import CurveKeys
 
 log = logging.getLogger("kvferry.daemon")
 EXIT_S = 15.0  # after Stop: how long the ranks get to exit before they are killed
+# The ranks' OpenMP threads (torch's CPU ops) sleep between parallel regions instead of spinning
+# for a while first, unless the environment sets either knob. Spinning pays only on cores nobody
+# else wants; a CPU deployment's daemons share the host's cores (each rank sizes its pool to
+# them), and a spinning pool burns the cores the other processes' forwards wait for
+# (`bench/omp_wait.py` runs the embedded default both ways).
+OMP_KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 class RankFailed(RuntimeError):
@@ -43,6 +50,8 @@ class Ranks:
         it travels in the spawn arguments (pickled over a pipe), never in the environment or
         argv, as do `keys` (the deployment's CURVE pair)."""
         ctx = mp.get_context("spawn")
+        if not any(knob in os.environ for knob in OMP_KNOBS):  # the spawned ranks inherit it
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         # The ranks meet through a file store: no port to pick, so nothing to race for.
         self._rendezvous = tempfile.mkdtemp(prefix=f"kvferry-{name}-")
         dist_address = f"file://{self._rendezvous}/store"

@@ -11,12 +11,21 @@ import httpx
 import yaml
 
 from ports import free_port
-from support.cluster import child_pids, decode, prefill, running, wait_for, write
+from support.cluster import (
+    FAST_TRANSFER,
+    child_pids,
+    decode,
+    prefill,
+    running,
+    wait_for,
+    write,
+)
 from support.router_sim import FAST, attempts, metric
 
 PROMPT = list(range(1, 25))
-# prompts that take a while on prefill: requests queue there, none of their bytes out yet
-SLOW = {"prefill_chunk_tokens": 2, "max_batch_tokens": 4}
+# The prefill daemon is stopped (SIGSTOP) while the burst arrives, so that the doomed daemon
+# holds requests none of whose bytes are out yet; the timeouts outlast that pause.
+PATIENT = {**FAST_TRANSFER, "bootstrap_timeout_s": 30, "heartbeat_timeout_s": 15}
 
 
 def with_router(path, targets: list[dict]) -> str:
@@ -45,8 +54,9 @@ def started_before_it_failed(data: list[str]) -> bool:
 
 
 def test_a_decode_daemon_killed_in_a_burst_fails_no_request_not_yet_streaming(tmp_path):
-    p = prefill("prefill-0", scheduler=SLOW)
-    doomed, spare = decode("decode-0", [p]), decode("decode-1", [p])
+    p = prefill("prefill-0", transfer=PATIENT)
+    doomed = decode("decode-0", [p], transfer=PATIENT)
+    spare = decode("decode-1", [p], transfer=PATIENT)
     path = write(tmp_path, [p, doomed, spare])
     router_url = with_router(path, [doomed, spare])
     doomed_url = f"http://127.0.0.1:{doomed['http_port']}"
@@ -56,9 +66,14 @@ def test_a_decode_daemon_killed_in_a_burst_fails_no_request_not_yet_streaming(tm
             # at most 4 streams: with 5 requests held by the doomed daemon, one is a whole
             # answer, which has sent nothing when it dies
             kinds = [False] * 16 + [True] * 4
-            pending = [pool.submit(ask, router_url, stream) for stream in kinds]
-            wait_for(lambda: _held(router_url, doomed_url) >= 5, "requests on decode-0")
-            _kill(next(c for c in launcher.children if c.name == "decode-0").process)
+            frozen = _daemon(launcher, "prefill-0")
+            _signal(frozen, signal.SIGSTOP)
+            try:
+                pending = [pool.submit(ask, router_url, stream) for stream in kinds]
+                wait_for(lambda: _held(router_url, doomed_url) >= 5, "requests on decode-0")
+                _signal(_daemon(launcher, "decode-0"), signal.SIGKILL)
+            finally:
+                _signal(frozen, signal.SIGCONT)
             answers = [future.result(timeout=120) for future in pending]
         wholes = [status for (status, _), stream in zip(answers, kinds, strict=True) if not stream]
         assert wholes == [200] * 16
@@ -76,8 +91,11 @@ def _held(router_url: str, url: str) -> int:
     return next(t["in_flight"] for t in targets if t["url"] == url)
 
 
-def _kill(process) -> None:
-    """SIGKILL to a daemon and its rank processes: gone without a word to anyone."""
-    for pid in child_pids(process.pid):
-        os.kill(pid, signal.SIGKILL)
-    process.kill()
+def _daemon(launcher, name: str):
+    return next(c for c in launcher.children if c.name == name).process
+
+
+def _signal(process, signum: int) -> None:
+    """`signum` to a daemon and its rank processes (SIGKILL: gone without a word to anyone)."""
+    for pid in [*child_pids(process.pid), process.pid]:
+        os.kill(pid, signum)
