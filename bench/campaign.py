@@ -172,8 +172,8 @@ def stage_host(stage: Stage) -> None:
         group = stage.args.out_dir / "group.json"
         stage.run(python("group_exchange.py", *calls, "--json", str(group)))
         if stage.args.gpu:  # TP ranks sharing the GPU: a forward's all-reduces, two orderings
-            reduce = stage.args.out_dir / "device_reduce.json"
-            stage.run(python("device_reduce.py", "--json", str(reduce)))
+            reduce = stage.args.out_dir / "device_reduce.json"  # and on MPS where there is one
+            stage.run(python("device_reduce.py", "--mps", "--json", str(reduce)))
 
 
 def stage_perftest(stage: Stage) -> None:

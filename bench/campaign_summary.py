@@ -155,7 +155,15 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
         rows.append(Row(f"TP2 on one GPU, a forward's all-reduces: host sync / events, {shape}",
                         row["host_over_events"], None, "x",
                         detail=f"{row['host_ms']:.2f} vs {row['events_ms']:.2f} ms a forward; "
-                        f"gloo {row['gloo_ms']:.2f} ms"))  # fmt: skip
+                        f"gloo {row['gloo_ms']:.2f} ms; no all-reduce "
+                        f"{row.get('none_ms', float('nan')):.2f} ms"))  # fmt: skip
+    for shape, row in ((reduce or {}).get("mps") or {}).items():
+        rows.append(Row(f"TP2 on one GPU, a forward with events: time-sliced / MPS, {shape}",
+                        row["events_time_sliced_over_mps"], None, "x",
+                        detail=f"{row['events_ms']:.2f} ms a forward on MPS; no all-reduce "
+                        f"{row['none_ms']:.2f} ms"))  # fmt: skip
+    if reduce and reduce.get("mps_note"):
+        rows.append(Row("TP2 on one GPU on MPS", None, None, "", detail=reduce["mps_note"]))
     for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
         rows += overlap_rows(read_json(path) or {})
     hops = read_json(out_dir / "hops.json")

@@ -8,8 +8,10 @@ measured in the same run ("%roof"); "%copy" compares with a plain copy of the sa
 bytes, which pays the same launch and tail costs as the gather. Two per-layer torch gathers are
 the comparison: "isel" is kvferry's own torch path (index_select straight into staging,
 backend="torch"), "naive" the usual advanced-indexing copy `staging[p] = cache[p][slots, h0:h1]`.
-"host us" is what issuing one gather costs the calling thread; GB/s figures are device time,
-measured with the calls queued behind a sleep kernel so host overhead does not hide in them.
+"x plane" compares the scatter with one torch index_copy_ per plane (the torch path's scatter
+before it took the planes of a cache as one op). "host us" is what issuing one gather costs
+the calling thread; GB/s figures are device time, measured with the calls queued behind a
+sleep kernel so host overhead does not hide in them.
 On a CPU the same comparison runs at small sizes, for relative figures only.
 """
 
@@ -70,6 +72,16 @@ def naive_gather(planes: KVPlanes, slots: np.ndarray, head_start: int, num_heads
         dst.copy_(plane[index, head_start : head_start + num_heads])
 
 
+def per_plane_scatter(staging, planes: KVPlanes, slots: np.ndarray, num_heads: int) -> None:
+    """A scatter with one index_copy_ per plane: the torch path before it took a run of planes
+    evenly spaced in one storage (a whole cache) as one op."""
+    index = torch.from_numpy(slots).to(planes.device)
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[planes.itemsize]
+    staged = staging.view(bits).view(planes.staging_shape(len(slots), num_heads))
+    for plane, rows in zip(planes.planes, staged, strict=True):
+        plane.view(bits).narrow(1, 0, num_heads).index_copy_(0, index, rows)
+
+
 def paged_slots(num_tokens: int, page_size: int, num_pages: int, rng) -> np.ndarray:
     pages = rng.permutation(num_pages)[: -(-num_tokens // page_size)]
     return token_slots(pages, page_size, 0, num_tokens)
@@ -100,6 +112,9 @@ def measure(args, device, cache, target, roofline, tokens, fraction, rng) -> dic
         lambda: naive_gather(planes, slots, head_start, num_heads, check), few, device
     )
     assert torch.equal(staging, check), "kernel and advanced-indexing gathers differ"
+    t_plane, _ = timed(
+        lambda: per_plane_scatter(staging, dst_planes, dst_slots, num_heads), few, device
+    )
     t_copy, _ = timed(lambda: check.copy_(staging), args.iters, device)  # same bytes, contiguous
     gbps = lambda seconds: 2 * nbytes / seconds / 1e9  # noqa: E731
     return {
@@ -116,6 +131,7 @@ def measure(args, device, cache, target, roofline, tokens, fraction, rng) -> dic
         "gather_vs_torch": t_torch / t_gather,
         "naive_gbps": gbps(t_naive),
         "gather_vs_naive": t_naive / t_gather,
+        "scatter_vs_per_plane": t_plane / t_scatter,
         "gather_us": t_gather * 1e6,
         "launch_host_us": host_gather * 1e6,
     }
@@ -134,6 +150,7 @@ COLUMNS = [  # title, width, formatter
     ("x isel", 8, lambda r: f"{r['gather_vs_torch']:.1f}"),
     ("naive GB/s", 12, lambda r: f"{r['naive_gbps']:.0f}"),
     ("x naive", 9, lambda r: f"{r['gather_vs_naive']:.1f}"),
+    ("x plane", 9, lambda r: f"{r['scatter_vs_per_plane']:.1f}"),
     ("host us", 9, lambda r: f"{r['launch_host_us']:.0f}"),
 ]
 

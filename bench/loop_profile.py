@@ -1,4 +1,6 @@
-"""`--profile DIR` of the transfer benches: each rank's transfer thread under cProfile.
+"""`--profile DIR` of the transfer benches: each rank's transfer thread under cProfile, timed
+by the process's CPU clock (a wall clock would count the waits for events and for the GIL; the
+process's other threads hardly run in these benches).
 
 On Python 3.12, cProfile records every thread of the process while it is enabled (it is built
 on sys.monitoring), so each file also holds what the rank's other threads ran meanwhile; sort by
@@ -11,6 +13,7 @@ import argparse
 import cProfile
 import functools
 import os
+import time
 
 
 def add_profile_argument(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +39,7 @@ def profile_loops(directory: str | None) -> None:
 
     @functools.wraps(run)
     def profiled(loop: AgentLoop) -> None:
-        profile = cProfile.Profile()
+        profile = cProfile.Profile(time.process_time)
         profile.enable()
         try:
             run(loop)

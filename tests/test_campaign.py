@@ -61,6 +61,32 @@ def test_rounds_keep_at_each_point_the_round_of_median_ttft():
     assert merged["label"] == "x"
 
 
+def test_points_run_four_waves_of_the_highest_concurrency():
+    assert campaign_e2e.num_requests("1,8") == 64
+    assert campaign_e2e.num_requests("1,32") == 128
+    assert campaign_e2e.num_requests("64,1") == 256
+
+
+def test_shared_gpu_all_reduce_rows_with_and_without_mps(tmp_path):
+    shape = {"events_ms": 9.9, "host_ms": 15.6, "gloo_ms": 43.3, "none_ms": 4.0,
+             "host_over_events": 1.58, "events_over_none": 2.5}  # fmt: skip
+    on_mps = {**shape, "events_ms": 5.0, "events_time_sliced_over_mps": 1.98}
+    reduce = {"shapes": {"small": shape}, "mps": {"small": on_mps}, "mps_note": ""}
+    (tmp_path / "device_reduce.json").write_text(json.dumps(reduce))
+    rows = {row.what: row for row in campaign_summary.summary_rows(tmp_path, gpu=True)}
+    assert rows["TP2 on one GPU, a forward's all-reduces: host sync / events, small"].value == 1.58
+    assert (
+        "no all-reduce 4.00 ms"
+        in rows["TP2 on one GPU, a forward's all-reduces: host sync / events, small"].detail
+    )
+    assert rows["TP2 on one GPU, a forward with events: time-sliced / MPS, small"].value == 1.98
+    reduce.update(mps=None, mps_note="nvidia-cuda-mps-control is not on the PATH")
+    (tmp_path / "device_reduce.json").write_text(json.dumps(reduce))
+    rows = {row.what: row for row in campaign_summary.summary_rows(tmp_path, gpu=True)}
+    assert rows["TP2 on one GPU on MPS"].verdict == "not measured"
+    assert "not on the PATH" in rows["TP2 on one GPU on MPS"].detail
+
+
 def test_rows_judge_against_their_targets():
     assert campaign_summary.Row("x", 0.95, 0.9, "%").verdict == "met"
     assert campaign_summary.Row("x", 0.85, 0.9, "%").verdict == "MISSED"
