@@ -78,6 +78,7 @@ def per_request(before: dict, after: dict, requests: int) -> dict:
         "cpu_parts_us": parts,
         "turns": grown["loop_turns"] / requests,
         "timer_turns": grown["loop_timer_turns"] / requests,
+        "quiet_turns": grown["loop_quiet_turns"] / requests,
     }
 
 
@@ -130,7 +131,7 @@ def main() -> None:
     )
     print(
         f"{'path':9} {'side':8} {'CPU us/request':>15} {'wait':>7} {'ucx':>7} {'rest':>7} "
-        f"{'turns':>6} {'register ms':>12} {'hand-over to Success ms':>24}"
+        f"{'turns':>6} {'quiet':>6} {'register ms':>12} {'hand-over to Success ms':>24}"
     )
     for path, one in runs.items():
         for side, row in one["sides"].items():
@@ -138,6 +139,7 @@ def main() -> None:
             print(
                 f"{path:9} {side:8} {row['cpu_us']:15.1f} {parts['wait']:7.1f} "
                 f"{parts['ucx']:7.1f} {parts['rest']:7.1f} {row['turns']:6.2f} "
+                f"{row['quiet_turns']:6.2f} "
                 f"{one['open_ms_p50']:12.2f} {one['transfer_ms_p50']:24.2f}"
             )
     if args.json:

@@ -173,7 +173,8 @@ class Side:
         """Summed copy and wire seconds, loop turns and transfer-thread CPU seconds over this
         side's agents."""
         stats = [a.stats() for a in self.agents]
-        keys = ("copy_s", "wire_s", "loop_turns", "loop_timer_turns", "transfer_cpu_s")
+        keys = ("copy_s", "wire_s", "loop_turns", "loop_timer_turns", "loop_quiet_turns")
+        keys += ("transfer_cpu_s",)
         keys += ("wait_cpu_s", "ucx_cpu_s")
         return {k: sum(getattr(s, k) for s in stats) for k in keys}
 

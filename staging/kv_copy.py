@@ -93,7 +93,7 @@ class KVPlanes:
         """The planes as few [n, slots, heads, head_dim] views of their bits as possible, each
         over planes evenly spaced in one storage (a whole cache is one; a layer group's K and V
         planes two): (index of the view's first plane, view). Built once; what lets the torch
-        path scatter a message with an op per run instead of one per plane."""
+        path gather or scatter a message with an op per run instead of one per plane."""
         if self._runs is None:
             bits = _BITS_DTYPE[self.itemsize]
             views = [plane.view(bits) for plane in self.planes]
@@ -226,10 +226,11 @@ def _staging_view(planes: KVPlanes, staging: torch.Tensor, num_tokens: int, num_
 def _torch_gather(planes, slots_np, head_start, num_heads, out) -> None:
     index = torch.from_numpy(slots_np).to(planes.device)
     staged = _staging_view(planes, out, len(slots_np), num_heads)  # [P, T, h, D]
-    bits = _BITS_DTYPE[planes.itemsize]
-    for plane, dst in zip(planes.planes, staged, strict=True):
-        src = plane.view(bits).narrow(1, head_start, num_heads)  # [slots, h, D]
-        torch.index_select(src, 0, index, out=dst)
+    for start, run in planes.runs():  # [n, slots, heads, D]
+        # slots first on both sides: one index_select writes every plane's rows of the run
+        rows = staged.narrow(0, start, run.shape[0]).transpose(0, 1)  # [T, n, h, D]
+        src = run.narrow(2, head_start, num_heads).transpose(0, 1)  # [slots, n, h, D]
+        torch.index_select(src, 0, index, out=rows)
 
 
 def _torch_scatter(src, planes, slots_np, head_start, num_heads) -> None:

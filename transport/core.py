@@ -125,6 +125,9 @@ class AgentCore:
         self._data_fd = data.wake_fd
         self._progress_due = True  # progress the data plane in the next turn (see _turn)
         self.progressed = False  # this turn progressed it (new arrivals may be waiting)
+        self._data_only = False  # this turn was woken by the data plane's descriptor alone
+        self._step_due = 0.0  # when the owner's step asked to run again without an event
+        self.quiet_turns = 0  # turns that only progressed UCX's traffic (see _turn)
 
     @property
     def zmq_context(self) -> zmq.Context:
@@ -168,6 +171,7 @@ class AgentCore:
         return Failure(FailureKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
     def _read_frames(self, ready) -> None:
+        self._data_only = len(ready) == 1 and self._data_fd in ready and not self.loop.nudged
         if self._data_fd in ready:
             self._progress_due = True
         if self.copies.wake_fd in ready:
@@ -208,7 +212,13 @@ class AgentCore:
         The data plane is progressed (and armed again) only when it may have something to do:
         its descriptor fired, operations were posted since it last ran, its last arm found
         events pending, or the timer woke the loop. A turn woken by anything else (a posted
-        call, a finished copy, a control frame) leaves UCX alone."""
+        call, a finished copy, a control frame) leaves UCX alone.
+
+        A turn woken by the descriptor alone whose progress completed nothing and brought no
+        new message (`DataPlane.quiet`: UCX moved a fragment of a message still arriving, as
+        its tcp and shared-memory transports do many times a message) arms the plane again and
+        sleeps until the step's own deadline without running the step: nothing it looks at
+        has changed."""
         progressing = self.progressed = (
             self._progress_due or self.data.posted or self.loop.timed_out
         )
@@ -217,6 +227,9 @@ class AgentCore:
             began = time.thread_time()
             self.data.progress()
             self.stats.ucx_cpu_s += time.thread_time() - began
+            if self._data_only and self.data.quiet:
+                self.quiet_turns += 1
+                return self._rearm(now)
         in_flight = self._advance(now)
         if self.again:  # the step left work for the next turn, which comes at once
             self.again = False
@@ -229,7 +242,19 @@ class AgentCore:
             if not armed:  # events came in meanwhile: progress them first
                 self._progress_due = True
                 return 0.0
-        return IN_FLIGHT_CHECK_S if in_flight else self.config.heartbeat_interval_s
+        sleep_s = IN_FLIGHT_CHECK_S if in_flight else self.config.heartbeat_interval_s
+        self._step_due = now + sleep_s
+        return sleep_s
+
+    def _rearm(self, now: float) -> float:
+        """After a quiet progress: arm the plane and sleep until the step is due."""
+        began = time.thread_time()
+        armed = self.data.arm()
+        self.stats.ucx_cpu_s += time.thread_time() - began
+        if not armed:
+            self._progress_due = True
+            return 0.0
+        return max(0.0, self._step_due - now)
 
     def _advance(self, now: float) -> bool:
         """Heartbeats, silent peers, idle sockets, then the owner's step: whether operations

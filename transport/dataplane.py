@@ -92,6 +92,10 @@ class DataPlane:
         # operations were posted (or endpoints opened or closed) since the last progress():
         # the owner progresses after them even if the descriptor stayed silent
         self.posted = False
+        # the last progress() completed no operation and left no new message to probe: what
+        # woke it was UCX's own traffic (a fragment of a message still arriving). A backend
+        # that cannot tell leaves it False
+        self.quiet = False
 
     @property
     def address(self) -> bytes:
@@ -107,7 +111,8 @@ class DataPlane:
         """Set up the thread that will drive this plane (called on it, before anything else)."""
 
     def progress(self) -> None:
-        """Let the backend advance what is in flight (operations complete here)."""
+        """Let the backend advance what is in flight (operations complete here); `quiet` says
+        whether anything came of it."""
         self.posted = False
         self._progress()
 

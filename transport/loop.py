@@ -59,6 +59,7 @@ class AgentLoop:
         self.turns = 0  # turns taken; an idle loop takes one per timer period
         self.timer_turns = 0  # of which nothing but the timeout woke the loop
         self.timed_out = False  # the turn running now was woken by the timeout alone
+        self.nudged = False  # the turn running now was woken by its bell (posted calls, wake)
         # CPU the thread spent in its wait: the poll itself and re-taking the GIL after it
         # (which costs wake-ups while another thread of the process runs Python)
         self.wait_cpu_s = 0.0
@@ -127,7 +128,8 @@ class AgentLoop:
                 self.turns += 1
                 self.timed_out = not events and sleep_s > 0
                 self.timer_turns += self.timed_out
-                if self._bell.fileno() in events:
+                self.nudged = self._bell.fileno() in events
+                if self.nudged:
                     self._bell.clear()
                 for _ in range(len(self._posted)):  # not those they post: the frames come first
                     self._posted.popleft()()

@@ -45,6 +45,10 @@ from kvferry.transport.ucx_address import check_peer_address, parse_worker_addre
 
 log = logging.getLogger(__name__)
 DISCARD_BYTES = 256  # scratch a discarded message is truncated into
+# UCX's tcp transport moves a message in pieces of its segment size (8 KiB to send by default),
+# each piece an event the receiving loop wakes for; a data message is a chunk's KV (MiBs).
+# Set unless the environment says otherwise.
+TCP_SEGMENTS = {"UCX_TCP_TX_SEG_SIZE": "256k", "UCX_TCP_RX_SEG_SIZE": "256k"}
 FULL_PROGRESS_EVERY_S = 1.0  # ucxx's own progress (request cancelling included) at least this often
 UCS_OK, UCS_ERR_BUSY = 0, -15  # ucs/type/status.h
 
@@ -52,8 +56,9 @@ UCS_OK, UCS_ERR_BUSY = 0, -15  # ucs/type/status.h
 def load_ucxx(tls: str | None = None, host: str | None = None, ports: str | None = None):
     """The ucxx low-level API, importing it with UCX_TLS=`tls` if given, with UCX's network
     transports kept to the interface of `host` unless UCX_NET_DEVICES is set, and its tcp
-    transport's ports in `ports` ("LOW-HIGH", UCX_TCP_PORT_RANGE) if given. Only the first
-    call's `host` and `ports` count: UCX never rereads them."""
+    transport's ports in `ports` ("LOW-HIGH", UCX_TCP_PORT_RANGE) if given, and its segments
+    at TCP_SEGMENTS unless set. Only the first call's `host` and `ports` count: UCX never
+    rereads them."""
     if "ucxx" not in sys.modules:
         if tls:
             os.environ["UCX_TLS"] = tls
@@ -63,6 +68,8 @@ def load_ucxx(tls: str | None = None, host: str | None = None, ports: str | None
         if devices:
             os.environ["UCX_NET_DEVICES"] = devices
         os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+        for name, value in TCP_SEGMENTS.items():
+            os.environ.setdefault(name, value)
     elif tls and os.environ.get("UCX_TLS") != tls:
         raise RuntimeError(
             f"UCX is already loaded with UCX_TLS={os.environ.get('UCX_TLS')!r}; "
@@ -182,6 +189,7 @@ class UcxDataPlane(DataPlane):
         self._match_all = (self._ucx.UCXXTag(0), self._ucx.UCXXTagMask(0))
         self._scratch = np.empty(DISCARD_BYTES, dtype=np.uint8)
         self._native = self._native_ucx() if native else None
+        self._ucxx_ops: list[UcxOp] = []  # through ucxx's API, not yet seen done
 
     def _native_ucx(self) -> NativeOps | None:
         try:
@@ -225,6 +233,9 @@ class UcxDataPlane(DataPlane):
         # first part runs here with the GIL held, as arm() does; ucxx's own call runs after an
         # endpoint closed or broke, and once a second in any case.
         now = time.monotonic()
+        self.quiet = False
+        if self._ucxx_ops:  # through ucxx: its requests complete in its callbacks
+            self._ucxx_ops = [op for op in self._ucxx_ops if not op.done()]
         if self._cancels_due or now >= self._next_full_progress:
             self._cancels_due = False
             self._next_full_progress = now + FULL_PROGRESS_EVERY_S
@@ -235,8 +246,11 @@ class UcxDataPlane(DataPlane):
         progress, handle = _ucp().ucp_worker_progress, self._handle
         while progress(handle):
             pass
-        if self._native is not None:
-            self._native.reap()
+        if self._native is None:
+            return
+        # quiet: no native operation completed, none through ucxx is left to complete, and
+        # no message waits to be probed
+        self.quiet = not self._native.reap() and not self._ucxx_ops and self._native.peek() is None
 
     def close(self) -> None:
         super().close()
@@ -286,7 +300,7 @@ class UcxDataPlane(DataPlane):
         record = self._native.record() if self._native is not None else None
         if record is None:  # through ucxx (or every native record is in flight)
             array = _array(buffer)
-            return UcxOp(endpoint.tag_send(array, self._ucx.UCXXTag(tag)), array)
+            return self._ucxx_op(endpoint.tag_send(array, self._ucx.UCXXTag(tag)), array)
         nbytes = buffer.numel() * buffer.element_size()
         return self._native.send(record[0], endpoint.handle, tag, buffer, nbytes)
 
@@ -301,7 +315,12 @@ class UcxDataPlane(DataPlane):
         probe = self._worker.tag_probe(self._ucx.UCXXTag(tag), remove=True)
         if not probe.matched:
             return DoneOp(f"no message with tag {tag:#x}")
-        return UcxOp(self._worker.tag_recv_with_handle(array, probe), array)
+        return self._ucxx_op(self._worker.tag_recv_with_handle(array, probe), array)
+
+    def _ucxx_op(self, request, array) -> UcxOp:
+        op = UcxOp(request, array)
+        self._ucxx_ops.append(op)  # until a progress finds it done
+        return op
 
     def _recv(self, tag, buffer, then) -> DataOp:
         record = self._native.record() if self._native is not None else None

@@ -82,6 +82,12 @@ _COUNTERS = (
         "loop_timer_turns",
     ),
     (
+        "kvferry_transfer_loop_quiet_turns",
+        "Transfer loop turns that only progressed UCX's traffic (a fragment of a message still "
+        "arriving): no completion, no new message, so the step did not run",
+        "loop_quiet_turns",
+    ),
+    (
         "kvferry_engine_cpu_seconds",
         "CPU time of the rank's engine thread (scheduling, input building, kernel launches)",
         "engine_cpu_s",

@@ -81,6 +81,7 @@ def decode_snapshots() -> list[Snapshot]:
             engine_cpu_s=2.5,
             loop_turns=40,
             loop_timer_turns=7,
+            loop_quiet_turns=3,
             kv_pool_bytes=1 << 30,
             memory_peak=3 << 30,
             native_data_path=1,  # rank 1: 0, through ucxx

@@ -35,6 +35,7 @@ PER_RANK = {
     "kvferry_engine_cpu_seconds_total": "engine_cpu_s",
     "kvferry_transfer_loop_turns_total": "loop_turns",
     "kvferry_transfer_loop_timer_turns_total": "loop_timer_turns",
+    "kvferry_transfer_loop_quiet_turns_total": "loop_quiet_turns",
     "kvferry_kv_pool_bytes": "kv_pool_bytes",
     "kvferry_device_memory_peak_bytes": "memory_peak",
 }
