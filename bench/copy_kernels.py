@@ -5,15 +5,12 @@
 
 Every figure counts bytes read + written. The roofline is one large device-to-device copy
 measured in the same run ("%roof"); "%copy" compares with a plain copy of the same number of
-bytes, which pays the same launch and tail costs as the gather. Two torch gathers are the
-comparison: "isel" is kvferry's own torch path (index_select straight into staging, one op per
-run of planes evenly spaced in one storage: backend="torch"), "naive" the usual per-layer
-advanced-indexing copy `staging[p] = cache[p][slots, h0:h1]`. "x plane" compares the torch
-path's gather ("isel") and the scatter (on a GPU, the kernel's) with torch ops issued one plane
-at a time, as the torch path did before. "host us" is what issuing one gather costs the calling
-thread; GB/s figures are device time, measured with the calls queued behind a sleep kernel so
-host overhead does not hide in them. On a CPU the same comparison runs at small sizes, for
-relative figures only.
+bytes, which pays the same launch and tail costs as the gather. Two per-layer torch gathers are
+the comparison: "isel" is kvferry's own torch path (index_select straight into staging,
+backend="torch"), "naive" the usual advanced-indexing copy `staging[p] = cache[p][slots, h0:h1]`.
+"host us" is what issuing one gather costs the calling thread; GB/s figures are device time,
+measured with the calls queued behind a sleep kernel so host overhead does not hide in them.
+On a CPU the same comparison runs at small sizes, for relative figures only.
 """
 
 from __future__ import annotations
@@ -73,20 +70,6 @@ def naive_gather(planes: KVPlanes, slots: np.ndarray, head_start: int, num_heads
         dst.copy_(plane[index, head_start : head_start + num_heads])
 
 
-def per_plane(staging, planes: KVPlanes, slots: np.ndarray, num_heads: int, gather: bool):
-    """A gather (index_select) or scatter (index_copy_) with one op per plane: the torch path
-    before it took a run of planes evenly spaced in one storage (a whole cache) as one op."""
-    index = torch.from_numpy(slots).to(planes.device)
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[planes.itemsize]
-    staged = staging.view(bits).view(planes.staging_shape(len(slots), num_heads))
-    for plane, rows in zip(planes.planes, staged, strict=True):
-        heads = plane.view(bits).narrow(1, 0, num_heads)
-        if gather:
-            torch.index_select(heads, 0, index, out=rows)
-        else:
-            heads.index_copy_(0, index, rows)
-
-
 def paged_slots(num_tokens: int, page_size: int, num_pages: int, rng) -> np.ndarray:
     pages = rng.permutation(num_pages)[: -(-num_tokens // page_size)]
     return token_slots(pages, page_size, 0, num_tokens)
@@ -117,12 +100,6 @@ def measure(args, device, cache, target, roofline, tokens, fraction, rng) -> dic
         lambda: naive_gather(planes, slots, head_start, num_heads, check), few, device
     )
     assert torch.equal(staging, check), "kernel and advanced-indexing gathers differ"
-    t_plane_gather, _ = timed(
-        lambda: per_plane(check, planes, slots, num_heads, gather=True), few, device
-    )
-    t_plane_scatter, _ = timed(
-        lambda: per_plane(staging, dst_planes, dst_slots, num_heads, gather=False), few, device
-    )
     t_copy, _ = timed(lambda: check.copy_(staging), args.iters, device)  # same bytes, contiguous
     gbps = lambda seconds: 2 * nbytes / seconds / 1e9  # noqa: E731
     return {
@@ -139,8 +116,6 @@ def measure(args, device, cache, target, roofline, tokens, fraction, rng) -> dic
         "gather_vs_torch": t_torch / t_gather,
         "naive_gbps": gbps(t_naive),
         "gather_vs_naive": t_naive / t_gather,
-        "torch_vs_per_plane": t_plane_gather / t_torch,
-        "scatter_vs_per_plane": t_plane_scatter / t_scatter,
         "gather_us": t_gather * 1e6,
         "launch_host_us": host_gather * 1e6,
     }
@@ -159,8 +134,6 @@ COLUMNS = [  # title, width, formatter
     ("x isel", 8, lambda r: f"{r['gather_vs_torch']:.1f}"),
     ("naive GB/s", 12, lambda r: f"{r['naive_gbps']:.0f}"),
     ("x naive", 9, lambda r: f"{r['gather_vs_naive']:.1f}"),
-    ("isel x plane", 14, lambda r: f"{r['torch_vs_per_plane']:.1f}"),
-    ("scatter x plane", 17, lambda r: f"{r['scatter_vs_per_plane']:.1f}"),
     ("host us", 9, lambda r: f"{r['launch_host_us']:.0f}"),
 ]
 

@@ -43,7 +43,6 @@ class KVPlanes:
         self.dtype = first.dtype
         self.device = first.device
         self._pointers: torch.Tensor | None = None
-        self._runs: list[tuple[int, torch.Tensor]] | None = None
         self._subsets: dict[tuple[int, int], KVPlanes] = {}
         # Largest power of two (<= 16) dividing every plane's address: bounds the vector width.
         self.address_alignment = 16
@@ -89,28 +88,6 @@ class KVPlanes:
             self._pointers = torch.tensor(addresses, dtype=torch.uint64).to(self.device)
         return self._pointers
 
-    def runs(self) -> list[tuple[int, torch.Tensor]]:
-        """The planes as few [n, slots, heads, head_dim] views of their bits as possible, each
-        over planes evenly spaced in one storage (a whole cache is one; a layer group's K and V
-        planes two): (index of the view's first plane, view). Built once; what lets the torch
-        path gather or scatter a message with an op per run instead of one per plane."""
-        if self._runs is None:
-            bits = _BITS_DTYPE[self.itemsize]
-            views = [plane.view(bits) for plane in self.planes]
-            self._runs, start = [], 0
-            while start < len(views):
-                end = start + 1
-                step = _spacing(views[start], views[end]) if end < len(views) else None
-                while step is not None and end < len(views):
-                    if _spacing(views[end - 1], views[end]) != step:
-                        break
-                    end += 1
-                first = views[start]
-                size, stride = (end - start, *first.shape), (step or first.numel(), *first.stride())
-                self._runs.append((start, first.as_strided(size, stride, first.storage_offset())))
-                start = end
-        return self._runs
-
     def staging_shape(self, num_tokens: int, num_heads: int) -> tuple[int, int, int, int]:
         return (self.num_planes, num_tokens, num_heads, self.head_dim)
 
@@ -129,15 +106,6 @@ class KVPlanes:
         if slots.size and unsigned.max() >= self.num_slots:
             bad = slots[(slots < 0) | (slots >= self.num_slots)][0]
             raise ValueError(f"token slot {bad} is outside a cache of {self.num_slots} slots")
-
-
-def _spacing(a: torch.Tensor, b: torch.Tensor) -> int | None:
-    """Elements from plane `a` to plane `b` when `b` follows it in the same storage without
-    overlapping it, else None."""
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return None
-    step = b.storage_offset() - a.storage_offset()
-    return step if step >= a.numel() else None
 
 
 def host_slots(slots: torch.Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
@@ -223,22 +191,27 @@ def _staging_view(planes: KVPlanes, staging: torch.Tensor, num_tokens: int, num_
     return staging.view(torch.uint8).view(bits).view(planes.staging_shape(num_tokens, num_heads))
 
 
+# One op per plane, each small enough that torch runs it on the calling thread alone: a transfer
+# thread's op over every plane at once went parallel on the CPU (2-13x faster alone, for the
+# embedded default's shapes) and took the cores from the next forward (bench/overlap.py:
+# whole-chunk TTFT 25 -> 32 ms).
+
+
 def _torch_gather(planes, slots_np, head_start, num_heads, out) -> None:
     index = torch.from_numpy(slots_np).to(planes.device)
     staged = _staging_view(planes, out, len(slots_np), num_heads)  # [P, T, h, D]
-    for start, run in planes.runs():  # [n, slots, heads, D]
-        # slots first on both sides: one index_select writes every plane's rows of the run
-        rows = staged.narrow(0, start, run.shape[0]).transpose(0, 1)  # [T, n, h, D]
-        src = run.narrow(2, head_start, num_heads).transpose(0, 1)  # [slots, n, h, D]
-        torch.index_select(src, 0, index, out=rows)
+    bits = _BITS_DTYPE[planes.itemsize]
+    for plane, dst in zip(planes.planes, staged, strict=True):
+        src = plane.view(bits).narrow(1, head_start, num_heads)  # [slots, h, D]
+        torch.index_select(src, 0, index, out=dst)
 
 
 def _torch_scatter(src, planes, slots_np, head_start, num_heads) -> None:
     index = torch.from_numpy(slots_np).to(planes.device)
     staged = _staging_view(planes, src, len(slots_np), num_heads)  # [P, T, h, D]
-    for start, run in planes.runs():  # [n, slots, heads, D]
-        rows = staged.narrow(0, start, run.shape[0])
-        run.narrow(2, head_start, num_heads).index_copy_(1, index, rows)
+    bits = _BITS_DTYPE[planes.itemsize]
+    for plane, rows in zip(planes.planes, staged, strict=True):
+        plane.view(bits).narrow(1, head_start, num_heads).index_copy_(0, index, rows)
 
 
 def _launch(planes, slots_np, head_start, num_heads, staging, gather: bool, stream) -> None:

@@ -148,28 +148,3 @@ def test_every_dtype_round_trips_across_page_sizes():
         src.fill(kv)
         transfer([src], [dst], plan_head_transfers(2, 1, 1), 50)
         assert torch.equal(bits(dst.read()), bits(kv))
-
-
-@pytest.mark.parametrize("dtype, dim", [(torch.bfloat16, 2), (torch.float8_e4m3fn, 16)])
-def test_runs_of_planes_move_what_the_planes_one_by_one_would(dtype, dim):
-    gen = torch.Generator().manual_seed(3)
-    layers, slots, heads = 4, 9, 3
-    cache = random_bits((2 * layers, slots, heads, dim), dtype, gen)
-    apart = [p.clone() for p in cache.unbind(0)]  # each plane a storage of its own
-    whole, subset = KVPlanes.from_cache(cache), KVPlanes.from_cache(cache).layers(range(1, 3), 4)
-    assert [(start, tuple(run.shape)) for start, run in whole.runs()] == [(0, (8, 9, 3, dim))]
-    assert [start for start, _ in subset.runs()] == [0, 2]  # K of layers 1-2, then their V
-    assert [start for start, _ in KVPlanes(apart).runs()] == list(range(8))
-    for planes in (whole, subset, KVPlanes(apart)):
-        expected = [p.clone() for p in planes.planes]
-        targets = [3, 0, 7]
-        staged = random_bits((planes.num_planes, len(targets), 2, dim), dtype, gen)
-        out = torch.empty_like(staged)
-        gather(planes, targets, 1, 2, out.flatten())
-        for plane, rows in zip(planes.planes, out, strict=True):
-            assert torch.equal(bits(rows), bits(plane[targets, 1:3]))
-        scatter(staged.flatten(), planes, targets, 1, 2)
-        for plane, rows in zip(expected, staged, strict=True):
-            plane[targets, 1:3] = rows
-        for plane, want in zip(planes.planes, expected, strict=True):
-            assert torch.equal(bits(plane), bits(want))
