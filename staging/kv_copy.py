@@ -195,8 +195,6 @@ def _staging_view(planes: KVPlanes, staging: torch.Tensor, num_tokens: int, num_
 # thread's op over every plane at once went parallel on the CPU (2-13x faster alone, for the
 # embedded default's shapes) and took the cores from the next forward (bench/overlap.py:
 # whole-chunk TTFT 25 -> 32 ms).
-
-
 def _torch_gather(planes, slots_np, head_start, num_heads, out) -> None:
     index = torch.from_numpy(slots_np).to(planes.device)
     staged = _staging_view(planes, out, len(slots_np), num_heads)  # [P, T, h, D]

@@ -215,8 +215,8 @@ class AgentCore:
         call, a finished copy, a control frame) leaves UCX alone.
 
         A turn woken by the descriptor alone whose progress completed nothing and brought no
-        new message (`DataPlane.quiet`: UCX moved a fragment of a message still arriving, as
-        its tcp and shared-memory transports do many times a message) arms the plane again and
+        new message (`DataPlane.quiet`: UCX moved a piece of a message still arriving, as its
+        tcp transport does many times a message) arms the plane again and
         sleeps until the step's own deadline without running the step: nothing it looks at
         has changed."""
         progressing = self.progressed = (
