@@ -204,11 +204,18 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
                 rows.append(Row(f"control-plane CPU per request, {role} (worst point)",
                                 max(values), 200.0, " us", higher_is_better=False,
                                 detail=on_cpu))  # fmt: skip
-            turns = [p.get("loop_turns", {}).get(role) for p in hetero["points"]]
-            turns = [t for t in turns if t is not None]
-            if turns:
+            worst = max(
+                (p for p in hetero["points"] if role in p.get("loop_turns", {})),
+                key=lambda p: p["loop_turns"][role],
+                default=None,
+            )
+            if worst is not None:
                 what = f"transfer loop turns per request, {role} (worst point)"
-                rows.append(Row(what, max(turns), None, detail="summed over the role's ranks"))
+                detail = "summed over the role's ranks"
+                kinds = [worst.get(f"loop_{k}_turns", {}).get(role) for k in ("timer", "quiet")]
+                if None not in kinds:
+                    detail += f"; of which {kinds[0]:.3g} timer, {kinds[1]:.3g} quiet"
+                rows.append(Row(what, worst["loop_turns"][role], None, detail=detail))
         rows += together_rows(hetero, e2e.get("together"))
         peak = max(p.get("memory_peak_bytes", 0) for p in hetero["points"])
         if peak:

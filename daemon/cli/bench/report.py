@@ -50,6 +50,10 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     engine_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # by role
     transfer_rooms: dict[str, float] = msgspec.field(default_factory=dict)  # by role
     loop_turns: dict[str, float] = msgspec.field(default_factory=dict)  # by role
+    # of which only the loop's timer woke (a backstop while operations are in flight, timeouts,
+    # heartbeats), and those that only moved a piece of a message still arriving, by role
+    loop_timer_turns: dict[str, float] = msgspec.field(default_factory=dict)
+    loop_quiet_turns: dict[str, float] = msgspec.field(default_factory=dict)
     # parts of transfer_cpu_s, by role: the loop's wait (poll, GIL) and UCX's own calls
     wait_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)
     ucx_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)
@@ -89,6 +93,13 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
         """Transfer-loop turns per room delivered, by role (summed over the role's ranks)."""
         return self._per_room(self.loop_turns, 1.0)
 
+    def loop_turn_kinds_per_room(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Of those, the turns only the loop's timer woke and the quiet ones, per room
+        delivered, by role."""
+        return self._per_room(self.loop_timer_turns, 1.0), self._per_room(
+            self.loop_quiet_turns, 1.0
+        )
+
     def ring_waits_per_room(self) -> tuple[dict[str, float], dict[str, float]]:
         """Chunks that found a staging ring full, and the milliseconds they waited for room,
         per room delivered, by role."""
@@ -109,6 +120,8 @@ _KEYED = (
     "engine_cpu_s",
     "transfer_rooms",
     "loop_turns",
+    "loop_timer_turns",
+    "loop_quiet_turns",
     "wait_cpu_s",
     "ucx_cpu_s",
     "ring_waits",
@@ -153,6 +166,9 @@ class Point(msgspec.Struct, kw_only=True):
     # the same split into the loop's wait, UCX's calls and the rest, by role
     control_cpu_parts_us: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
     loop_turns: dict[str, float] = msgspec.field(default_factory=dict)  # per request, by role
+    # of which only the timer woke, and quiet ones (Counters.loop_timer_turns), per request
+    loop_timer_turns: dict[str, float] = msgspec.field(default_factory=dict)
+    loop_quiet_turns: dict[str, float] = msgspec.field(default_factory=dict)
     # chunks that found a staging ring full, and the ms they waited for room, per request, by
     # role: where a transfer queues for ring room
     ring_waits: dict[str, float] = msgspec.field(default_factory=dict)
@@ -204,6 +220,7 @@ def summarize(
 ) -> Point:
     ok = [r for r in records if r.ok]
     waits, waited = moved.ring_waits_per_room()
+    timer_turns, quiet_turns = moved.loop_turn_kinds_per_room()
     output = sum(r.output_tokens for r in ok)
     prompt = sum(r.input_len for r in ok)
     per_s = 1 / duration_s if duration_s > 0 else 0.0
@@ -229,6 +246,8 @@ def summarize(
         control_cpu_us=moved.control_cpu_us(),
         control_cpu_parts_us=moved.control_cpu_parts_us(),
         loop_turns=moved.loop_turns_per_room(),
+        loop_timer_turns=timer_turns,
+        loop_quiet_turns=quiet_turns,
         ring_waits=waits,
         ring_wait_ms=waited,
         memory_peak_bytes=moved.memory_peak_bytes,

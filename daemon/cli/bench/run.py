@@ -105,6 +105,8 @@ _BY_ROLE = {
     "kvferry_engine_cpu_seconds": "engine_cpu_s",
     "kvferry_transfer_rooms": "transfer_rooms",
     "kvferry_transfer_loop_turns": "loop_turns",
+    "kvferry_transfer_loop_timer_turns": "loop_timer_turns",
+    "kvferry_transfer_loop_quiet_turns": "loop_quiet_turns",
     "kvferry_transfer_wait_cpu_seconds": "wait_cpu_s",
     "kvferry_transfer_ucx_cpu_seconds": "ucx_cpu_s",
     "kvferry_ring_waits": "ring_waits",

@@ -78,6 +78,9 @@ def test_a_sweep_against_real_daemons(result_file):
         assert all(us > 0 for us in point["control_cpu_us"].values())
         assert all(turns >= 1 for turns in point["loop_turns"].values())  # per request
         assert set(point["loop_turns"]) == {"prefill", "decode"}
+        for kind in ("loop_timer_turns", "loop_quiet_turns"):  # parts of the turns, by role
+            assert set(point[kind]) == {"prefill", "decode"}
+            assert all(0 <= point[kind][r] <= point["loop_turns"][r] for r in point[kind])
         assert set(point["ring_waits"]) == set(point["ring_wait_ms"]) == {"prefill", "decode"}
         assert point["kv_pool_bytes"] > 0 and point["memory_peak_bytes"] == 0  # CPU daemons
         for rss in (point["rss_before_bytes"], point["rss_after_bytes"]):
