@@ -10,7 +10,8 @@ the comparison: "isel" is kvferry's own torch path (index_select straight into s
 backend="torch"), "naive" the usual advanced-indexing copy `staging[p] = cache[p][slots, h0:h1]`.
 "host us" is what issuing one gather costs the calling thread; GB/s figures are device time,
 measured with the calls queued behind a sleep kernel so host overhead does not hide in them.
-On a CPU the same comparison runs at small sizes, for relative figures only.
+On a CPU the same comparison runs at small sizes, the native host copies (staging/host_copy.c)
+in the kernels' columns, for relative figures only.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def measure(args, device, cache, target, roofline, tokens, fraction, rng) -> dic
     nbytes = planes.staging_bytes(tokens, num_heads)
     staging = torch.empty(nbytes, dtype=torch.uint8, device=device)
     check = torch.empty_like(staging)
-    fast = "cuda" if device.type == "cuda" else "torch"
+    fast = "cuda" if device.type == "cuda" else "auto"  # on a CPU: host_copy.c if it builds
     few = max(2, args.iters // 4)
     t_gather, host_gather = timed(
         lambda: gather(planes, slots, head_start, num_heads, staging, fast), args.iters, device

@@ -20,6 +20,7 @@ import torch
 
 from kvferry.staging import cuda_driver as driver  # loads the driver on first use only
 from kvferry.staging import fd_read
+from kvferry.staging.host_copy import write_host_copy
 from kvferry.staging.kv_copy import KVPlanes, gather, scatter
 
 
@@ -71,6 +72,14 @@ class Fence:
 DONE = Fence()
 
 
+class _HostCopy:
+    """What `chain_scatter` answers for a cache in host memory: the receive's completion runs
+    the copy itself, so there is nothing to wait for afterwards."""
+
+
+HOST_COPY = _HostCopy()
+
+
 class CopyStream:
     """Gathers and scatters for one rank's cache, off the compute stream. Used from one thread
     (the transfer loop)."""
@@ -119,9 +128,12 @@ class CopyStream:
         return self._run(scatter, (src, planes, slots, head_start, num_heads), after, wake)
 
     def upload_slots(self, slots: np.ndarray) -> torch.Tensor:
-        """`slots` as int32 on the device, uploaded on this stream: what `chain_scatter`s read.
-        The tensor belongs to this stream: it may be dropped once no copy queued later needs it
-        (its memory is reused only by work queued on this stream after that)."""
+        """`slots` as int32 on the device, uploaded on this stream: what `chain_scatter`s read
+        (on a CPU: as contiguous int64 in host memory, a copy). The tensor belongs to this
+        stream: it may be dropped once no copy queued later needs it (its memory is reused only
+        by work queued on this stream after that)."""
+        if self._stream is None:
+            return torch.from_numpy(np.array(slots, dtype=np.int64))
         from kvferry.staging.kv_launch import uploader_of  # deferred: needs cupy
 
         with torch.cuda.stream(self._stream):
@@ -141,12 +153,20 @@ class CopyStream:
         num_tokens: int,
         head_start: int,
         num_heads: int,
-    ) -> driver.Event:
+    ) -> driver.Event | _HostCopy:
         """Write into `launch` (a native receive's record, transport/native.py) the scatter of
-        `src` into heads [head_start, +num_heads) of `num_tokens` slots (int32 at
-        `device_slots`, from `upload_slots`): the receive's completion launches it on this
-        stream and records the returned event. Then `chained_done` once the receive completed.
-        Everything given has been checked by the caller."""
+        `src` into heads [head_start, +num_heads) of `num_tokens` slots (at `device_slots`, from
+        `upload_slots`): the receive's completion launches it on this stream and records the
+        returned event (on a CPU it copies: HOST_COPY). Then `chained_done` once the
+        receive completed. Everything given has been checked by the caller."""
+        launch.expected = src.nbytes
+        if self._stream is None:
+            launch.host, launch.grid_y = 1, planes.num_planes
+            write_host_copy(
+                launch.args, planes, device_slots, num_tokens, head_start, num_heads,
+                src.data_ptr(),
+            )  # fmt: skip
+            return HOST_COPY
         from kvferry.staging.kv_launch import BLOCK, write_kv_copy  # deferred: needs cupy
 
         event = self._spare.pop() if self._spare else driver.Event()
@@ -157,15 +177,18 @@ class CopyStream:
         )  # fmt: skip
         launch.grid_x, launch.grid_y = grid
         launch.stream, launch.event = self._handle, event.handle
-        launch.expected = src.nbytes
         return event
 
-    def chained_done(self, event: driver.Event, launched: bool, last: bool) -> Fence | None:
+    def chained_done(
+        self, event: driver.Event | _HostCopy, launched: bool, last: bool
+    ) -> Fence | None:
         """The receive of a chained scatter (its event) completed; `launched`: whether its
-        scatter was queued. Its fence, None if it never ran. `last`: the room's last message:
-        native code queues scatters in the order receives complete, which need not be the
-        order their owner sees them, so the fence returned is then recorded now, after every
-        copy queued so far, and `wake_fd` fires when it is done."""
+        scatter was queued. Its fence, None if it never ran or has run (a host copy). `last`:
+        the room's last message: native code queues scatters in the order receives complete,
+        which need not be the order their owner sees them, so the fence returned is then
+        recorded now, after every copy queued so far, and `wake_fd` fires when it is done."""
+        if event is HOST_COPY:  # done inside the receive's completion, if at all
+            return None
         if not launched:
             self._spare.append(event)
             return None

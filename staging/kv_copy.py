@@ -4,9 +4,10 @@ Staging layout of one (chunk, destination) region: [plane][token][head][head_dim
 K of every layer then V of every layer (or one latent plane per layer for MLA), tokens in the
 chunk's order. The two sides may therefore use different page sizes.
 
-Two paths produce bit-identical bytes: RawKernels (cuda/kv_copy.cu) for caches on a GPU, and
-torch indexing everywhere else. Token slots and head ranges are validated on the host before
-anything is written, since they derive from what a peer sent.
+Three paths produce bit-identical bytes: RawKernels (cuda/kv_copy.cu) for caches on a GPU,
+native code for caches in host memory (host_copy.c), and torch indexing where that cannot be
+built. Token slots and head ranges are validated on the host before anything is written, since
+they derive from what a peer sent.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from kvferry.staging.host_copy import host_copy, library
+
+BACKENDS = ("auto", "torch", "cuda", "host")
 # Same-size integer dtypes: the torch path moves bits, so NaN payloads and fp8 survive unchanged.
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -140,8 +144,11 @@ def gather(
     the current torch stream, and nothing waits for it.
     """
     slots_np = _checked(planes, slots, head_start, num_heads, out)
-    if _use_kernel(planes, backend):
+    path = _path(planes, backend)
+    if path == "cuda":
         _launch(planes, slots_np, head_start, num_heads, out, True, stream)
+    elif path == "host":
+        host_copy(planes, slots_np, head_start, num_heads, out, gather=True)
     else:
         _torch_gather(planes, slots_np, head_start, num_heads, out)
 
@@ -157,8 +164,11 @@ def scatter(
 ) -> None:
     """The inverse of gather: write staging `src` into heads [head_start, +num_heads) of `slots`."""
     slots_np = _checked(planes, slots, head_start, num_heads, src)
-    if _use_kernel(planes, backend):
+    path = _path(planes, backend)
+    if path == "cuda":
         _launch(planes, slots_np, head_start, num_heads, src, False, stream)
+    elif path == "host":
+        host_copy(planes, slots_np, head_start, num_heads, src, gather=False)
     else:
         _torch_scatter(src, planes, slots_np, head_start, num_heads)
 
@@ -178,12 +188,19 @@ def _checked(planes: KVPlanes, slots, head_start: int, num_heads: int, staging: 
     return slots_np
 
 
-def _use_kernel(planes: KVPlanes, backend: str) -> bool:
-    if backend not in ("auto", "torch", "cuda"):
-        raise ValueError(f"backend={backend!r} is not one of 'auto', 'torch', 'cuda'")
-    if backend == "cuda" and planes.device.type != "cuda":
+def _path(planes: KVPlanes, backend: str) -> str:
+    """Which copy runs: "cuda" (the kernels), "host" (host_copy.c) or "torch"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
+    on_gpu = planes.device.type == "cuda"
+    if backend == "cuda" and not on_gpu:
         raise ValueError(f"backend='cuda' needs a cache on a GPU, got {planes.device}")
-    return planes.device.type == "cuda" and backend != "torch"
+    if backend == "host" and (on_gpu or library() is None):
+        why = f"a cache on the host, got {planes.device}" if on_gpu else "a C compiler (see log)"
+        raise ValueError(f"backend='host' needs {why}")
+    if backend == "auto":
+        return "cuda" if on_gpu else "host" if library() is not None else "torch"
+    return backend
 
 
 def _staging_view(planes: KVPlanes, staging: torch.Tensor, num_tokens: int, num_heads: int):

@@ -2,26 +2,20 @@
 completion callback launches the message's scatter with no Python in between, a send, and one
 call per turn that takes every completion.
 
-The C file is compiled at first use with the host's C compiler (`CC`, else `cc`) against the
-headers of the libucx wheel that ucxx loads, and cached under `$KVFERRY_CACHE/native` (default
-`~/.cache/kvferry`, where converted checkpoints go too) by a hash of the source, the include
-path and the compiler, the way Triton builds its launchers. `build()` raises NativeUnavailable
-with the reason when that cannot be done; the data plane then sends and receives through ucxx's
-API instead, and says so in its log.
+The C file is compiled at first use against the headers of the libucx wheel that ucxx loads,
+and cached (staging/native_build.py). `build()` raises NativeUnavailable with the reason when
+that cannot be done; the data plane then sends and receives through ucxx's API instead, and
+says so in its log.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 from kvferry.cuda.kernels import KVCopyArgs
+from kvferry.staging.native_build import NativeUnavailable, cached_library
 from kvferry.transport.dataplane import DataOp, data_failure
 from kvferry.transport.failure import Failure
 
@@ -34,13 +28,10 @@ _PEER_GONE = frozenset({-6, -25, -80})  # UNREACHABLE, CONNECTION_RESET, ENDPOIN
 _ORPHANED: list = []  # records of closed planes that UCX may still complete into
 
 
-class NativeUnavailable(RuntimeError):
-    """The native path cannot be built or loaded here (the reason is the message)."""
-
-
 class Launch(ctypes.Structure):
-    """The head of one operation's C record (kvf_op): the copy to launch once a receive's bytes
-    are in, which its owner writes before posting it. `function` 0: nothing to launch."""
+    """The head of one operation's C record (kvf_op): the copy to run once a receive's bytes
+    are in, which its owner writes before posting it: a kernel launch (`function`), or with
+    `host` set a copy on the host (`args` in bytes, `grid_y` planes); neither: nothing."""
 
     _fields_ = (
         ("function", ctypes.c_void_p),
@@ -50,6 +41,7 @@ class Launch(ctypes.Structure):
         ("grid_y", ctypes.c_uint32),
         ("block", ctypes.c_uint32),
         ("id", ctypes.c_uint32),
+        ("host", ctypes.c_uint32),  # 1: a host copy (staging/host_copy.c) instead of a launch
         ("expected", ctypes.c_uint64),
         ("args", KVCopyArgs),
     )
@@ -78,6 +70,7 @@ class _Plane(ctypes.Structure):
         ("worker", ctypes.c_void_p),
         ("launch", ctypes.c_void_p),
         ("record", ctypes.c_void_p),
+        ("host_copy", ctypes.c_void_p),
         ("ops", ctypes.c_void_p),
         ("done", ctypes.c_void_p),
         ("capacity", ctypes.c_uint32),
@@ -124,9 +117,10 @@ class NativeOps:
     answers None and the caller goes through ucxx.
 
     `launch`, `record`: addresses of the CUDA driver's cuLaunchKernel and cuEventRecord, for
-    receives that launch a copy on completion (0 on a host without CUDA)."""
+    receives that launch a copy on completion (0 on a host without CUDA); `host_copy`: that of
+    staging/host_copy.c's kvf_host_copy, for receives that copy on the host (0: none)."""
 
-    def __init__(self, worker: int, launch: int = 0, record: int = 0) -> None:
+    def __init__(self, worker: int, launch: int = 0, record: int = 0, host_copy: int = 0) -> None:
         lib = build()
         self._lib = lib
         self._ops = (_Op * CAPACITY)()
@@ -136,6 +130,7 @@ class NativeOps:
             worker=worker,
             launch=launch or None,
             record=record or None,
+            host_copy=host_copy or None,
             ops=ctypes.addressof(self._ops),
             done=ctypes.addressof(self._done),
             capacity=CAPACITY,
@@ -150,6 +145,11 @@ class NativeOps:
     @property
     def posted(self) -> int:
         return len(self._posted)
+
+    @property
+    def host_copies(self) -> bool:
+        """Whether a receive can copy on the host once its bytes are in."""
+        return bool(self._r.host_copy)
 
     @property
     def completed(self) -> bool:
@@ -170,7 +170,7 @@ class NativeOps:
             return None
         op_id = self._free[-1]
         launch = self._ops[op_id].launch
-        launch.function = None
+        launch.function, launch.host = None, 0
         return op_id, launch
 
     def post(self, op_id: int, tag: int, buffer, nbytes: int) -> NativeOp | None:
@@ -204,7 +204,8 @@ class NativeOps:
             op = self._posted.pop(op_id)
             op.status, op.launch_status = record.status, record.launch_status
             op.launched = bool(record.launched)
-            if record.launch.function and record.status == UCS_OK and not op.launched:
+            staged = record.launch.function or record.launch.host
+            if staged and record.status == UCS_OK and not op.launched:
                 op.short = (record.length, record.launch.expected)  # its copy was not launched
             op.finished = True
             op._buffer = None
@@ -233,21 +234,15 @@ def build() -> ctypes.PyDLL:
         return _load()
     except NativeUnavailable:
         raise
-    except (OSError, subprocess.SubprocessError) as exc:
+    except OSError as exc:
         raise NativeUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
 @functools.cache
 def _load() -> ctypes.PyDLL:
     include, libdir = _ucx_dirs()
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise NativeUnavailable("no C compiler (set CC, or install cc)")
-    key = hashlib.sha256(SOURCE.read_bytes() + str(include).encode() + compiler.encode())
-    cache = Path(os.environ.get("KVFERRY_CACHE") or Path.home() / ".cache" / "kvferry")
-    target = cache / "native" / f"ucx_native-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        _compile(compiler, include, libdir, target)
+    flags = [f"-I{include}", f"-L{libdir}", "-lucp", "-lucs", f"-Wl,-rpath,{libdir}"]
+    target = cached_library(SOURCE, flags)
     lib = ctypes.PyDLL(str(target))
     p, u32, u64 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64
     signatures = {
@@ -283,26 +278,6 @@ def _ucx_dirs() -> tuple[Path, Path]:
     if not (include / "ucp" / "api" / "ucp.h").is_file():
         raise NativeUnavailable(f"no UCX headers under {include}")
     return include, libdir
-
-
-def _compile(compiler: str, include: Path, libdir: Path, target: Path) -> None:
-    """Compile into a file of its own, then rename it into place: ranks starting together each
-    build, and none ever loads a half-written library."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    command = [
-        compiler, "-O2", "-std=gnu11", "-shared", "-fPIC", f"-I{include}", str(SOURCE),
-        f"-L{libdir}", "-lucp", "-lucs", f"-Wl,-rpath,{libdir}", "-o", scratch,
-    ]  # fmt: skip
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            raise NativeUnavailable(f"{' '.join(command)} failed:\n{result.stderr.strip()}")
-        os.replace(scratch, target)
-    finally:
-        if os.path.exists(scratch):
-            os.unlink(scratch)
 
 
 @functools.cache

@@ -81,11 +81,12 @@ class StagedMode:
         s = piece.slice
         # the heads only: the slots were checked with the room's
         piece.planes.check_slice(piece.slots[:0], s.dst_head_start, s.num_heads)
+        slots, address = room.device_slots
         arrival.chained = self.copies.chain_scatter(
             launch,
             arrival.region,
             piece.planes,
-            room.device_slots[1] + 4 * piece.first,  # int32 slots
+            address + slots.element_size() * piece.first,
             len(piece.slots),
             s.dst_head_start,
             s.num_heads,

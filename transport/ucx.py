@@ -10,9 +10,10 @@ UCX reads its options when ucxx is first imported, so `load_ucxx` sets them (fro
 transfer config) before that import and refuses to change them afterwards.
 
 Data messages are probed, sent and received through native code (transport/native.py) by
-default: a receive's completion callback launches its scatter inside the progress call, and
-one call per turn takes every completion. ucxx's own API is the path where that cannot be
-built (no C compiler), with `transfer.native_ucx: false`, and for discards.
+default: a receive's completion callback launches its scatter (on a GPU; in host memory it
+copies it) inside the progress call, and one call per turn takes every completion. ucxx's own
+API is the path where that cannot be built (no C compiler), with `transfer.native_ucx: false`,
+and for discards.
 
 Peer addresses come off the wire: each is parsed by transport/ucx_address.py before UCX sees
 it, since UCX's own unpacker aborts the process on malformed input.
@@ -31,6 +32,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from kvferry.staging import host_copy
 from kvferry.transport.dataplane import (
     DataOp,
     DataPlane,
@@ -193,8 +195,10 @@ class UcxDataPlane(DataPlane):
 
     def _native_ucx(self) -> NativeOps | None:
         try:
-            if self._cuda_device is None:
-                return NativeOps(self._handle)
+            if self._cuda_device is None:  # a cache in host memory: scattered by host_copy.c
+                copies = host_copy.library()
+                address = ctypes.cast(copies.kvf_host_copy, ctypes.c_void_p).value if copies else 0
+                return NativeOps(self._handle, host_copy=address)
             from kvferry.staging import cuda_driver
 
             launch, record = cuda_driver.entry_points("cuLaunchKernel", "cuEventRecord")
@@ -211,7 +215,8 @@ class UcxDataPlane(DataPlane):
 
     @property
     def chains_copies(self) -> bool:
-        return self._native is not None and self._cuda_device is not None
+        native = self._native
+        return native is not None and (self._cuda_device is not None or native.host_copies)
 
     @property
     def address(self) -> bytes:

@@ -5,12 +5,13 @@
  * receive whose completion callback (run by UCX inside ucp_worker_progress, on the transfer
  * thread) launches the scatter that moves the bytes into the paged KV cache and records the
  * event that fences it: no Python runs between the bytes landing and the copy starting.
- * Prefill: kvf_send posts a gathered region's send. Python takes every completed operation of
- * a turn in one call (kvf_reap).
+ * A cache in host memory is scattered into the same way, by staging/host_copy.c's copy called
+ * from the callback. Prefill: kvf_send posts a gathered region's send. Python takes every
+ * completed operation of a turn in one call (kvf_reap).
  *
  * Built at first use by transport/native.py, against the UCX headers of the libucx wheel that
- * ucxx loads. The CUDA driver's two entry points it calls are handed in as addresses, so the
- * library needs no CUDA to build or load: on a CPU host a receive has nothing to launch.
+ * ucxx loads. The CUDA driver's two entry points it calls, and the host copy, are handed in as
+ * addresses, so the library needs no CUDA to build or load.
  *
  * Every function here is called with the GIL held and none of them blocks.
  */
@@ -36,14 +37,18 @@ typedef struct {
 
 #define KVF_COPY_PARAMS 7
 
+/* staging/host_copy.c: kvf_host_copy(args counted in bytes, planes, gather) */
+typedef void (*host_copy_t)(const kvf_copy_args *args, uint32_t num_planes, int gather);
+
 typedef struct kvf_plane kvf_plane;
 
 typedef struct {
-    /* The copy to launch once the bytes are in: written by Python before kvf_post. */
+    /* The copy to run once the bytes are in: written by Python before kvf_post. */
     void *function;  /* CUfunction; NULL: nothing to launch */
     void *stream;    /* CUstream */
     void *event;     /* CUevent, recorded after the launch */
     uint32_t grid_x, grid_y, block, id;
+    uint32_t host;     /* 1: copy on the host instead (args in bytes, grid_y planes) */
     uint64_t expected; /* the bytes the message must hold for the copy to run */
     kvf_copy_args args;
     void *params[KVF_COPY_PARAMS];
@@ -61,6 +66,7 @@ struct kvf_plane {
     ucp_worker_h worker;
     cu_launch_kernel_t launch;
     cu_event_record_t record;
+    host_copy_t host_copy; /* NULL where no host copy was built */
     kvf_op *ops;
     uint32_t *done; /* ids of completed receives not yet reaped: a ring of `capacity` */
     uint32_t capacity, done_head, done_count, _pad;
@@ -106,13 +112,18 @@ static void on_received(void *request, ucs_status_t status, const ucp_tag_recv_i
     (void)request; /* freed by kvf_reap: it may run before ucp_tag_msg_recv_nbx returns it */
     op->status = status;
     op->length = status == UCS_OK ? info->length : 0;
-    if (status == UCS_OK && op->function != NULL && op->length == op->expected) {
-        int rc = r->launch(op->function, op->grid_x, op->grid_y, 1, op->block, 1, 1, 0,
-                           op->stream, op->params, NULL);
-        op->launched = rc == 0;
-        if (rc == 0)
-            rc = r->record(op->event, op->stream);
-        op->launch_status = rc;
+    if (status == UCS_OK && op->length == op->expected) {
+        if (op->function != NULL) {
+            int rc = r->launch(op->function, op->grid_x, op->grid_y, 1, op->block, 1, 1, 0,
+                               op->stream, op->params, NULL);
+            op->launched = rc == 0;
+            if (rc == 0)
+                rc = r->record(op->event, op->stream);
+            op->launch_status = rc;
+        } else if (op->host && r->host_copy != NULL) {
+            r->host_copy(&op->args, op->grid_y, 0);
+            op->launched = 1;
+        }
     }
     completed(op);
 }

@@ -108,11 +108,11 @@ def test_the_entrypoint_is_a_kvferry_command(parsed):
 
 
 def test_the_image_can_build_the_native_data_path(parsed):
-    """transport/ucx_native.c is compiled with the image's gcc: at build time into the cache,
-    again at the first start where a volume hides the cache."""
+    """transport/ucx_native.c and staging/host_copy.c are compiled with the image's gcc: at
+    build time into the cache, again at the first start where a volume hides the cache."""
     runs = _instructions(parsed, "RUN")
     assert any("gcc" in run.split() and "libc6-dev" in run.split() for run in runs)
-    assert any("native.build()" in run for run in runs)
+    assert any("native.build()" in run and "host_copy.library()" in run for run in runs)
     users = [i["instruction"] for i in parsed["structure"]]
     build = next(
         i for i, entry in enumerate(parsed["structure"]) if "native.build()" in entry["value"]

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from kvferry.staging.host_copy import library
 from kvferry.staging.kv_copy import KVPlanes, gather, scatter
 from kvferry.staging.layout import layer_groups
 from kvferry.staging.plan import plan_head_transfers, rank_heads
@@ -148,3 +149,41 @@ def test_every_dtype_round_trips_across_page_sizes():
         src.fill(kv)
         transfer([src], [dst], plan_head_transfers(2, 1, 1), 50)
         assert torch.equal(bits(dst.read()), bits(kv))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_host_copies_match_torch_bit_for_bit(dtype):
+    """The native host copies (host_copy.c, the default on a CPU) against torch's indexing:
+    gathers of head slices in any slot order, scatters into caches of any other content."""
+    if library() is None:
+        pytest.fail("the host copies must build here (a C compiler is part of the test setup)")
+    gen = torch.Generator().manual_seed(11)
+    planes_n, slots_n, heads, head_dim = 6, 40, 5, 6
+    cache = random_bits((planes_n, slots_n, heads, head_dim), dtype, gen)
+    planes = KVPlanes.from_cache(cache)
+    for slots, head_start, num_heads in [([39, 0, 7, 7, 21], 1, 3), (list(range(40)), 0, 5),
+                                         ([5], 4, 1)]:  # fmt: skip
+        nbytes = planes.staging_bytes(len(slots), num_heads)
+        by_host, by_torch = (
+            torch.zeros(nbytes, dtype=torch.uint8),
+            torch.ones(nbytes, dtype=torch.uint8),
+        )
+        gather(planes, slots, head_start, num_heads, by_host, backend="host")
+        gather(planes, slots, head_start, num_heads, by_torch, backend="torch")
+        assert torch.equal(by_host, by_torch)
+        distinct = list(dict.fromkeys(slots))  # a slot twice: which write wins is not defined
+        src = random_bits((nbytes // dtype.itemsize,), dtype, gen).view(torch.uint8)
+        src = src[: planes.staging_bytes(len(distinct), num_heads)]
+        targets = [KVPlanes.from_cache(cache.clone()) for _ in range(2)]
+        for target, backend in zip(targets, ("host", "torch"), strict=True):
+            scatter(src, target, distinct, head_start, num_heads, backend=backend)
+        assert torch.equal(
+            bits(torch.stack(targets[0].planes)), bits(torch.stack(targets[1].planes))
+        )
+        assert not torch.equal(bits(torch.stack(targets[0].planes)), bits(cache))
+
+
+def test_a_backend_that_cannot_run_here_is_refused():
+    planes, _ = setup_small()
+    with pytest.raises(ValueError, match="not one of"):
+        gather(planes, [0], 0, 1, torch.empty(4), backend="fast")

@@ -106,7 +106,7 @@ def run_child(path: str, **env) -> dict:
 
 def test_native_ucx_take_messages_in_any_order_and_end_cleanly():
     report = run_child("native")
-    assert report["native"] and not report["chains"]  # on a CPU: nothing to launch
+    assert report["native"] and report["chains"]  # host memory: the completion copies
     assert report["sends"] == ["NativeOp"]
     assert report["probed"][0] == 11  # the oldest message, with its length
     assert report["probed"][1] == 1011
