@@ -9,7 +9,8 @@ the others still run):
 
   check     the gpu-marked tests (they build the CUDA kernels); skipped without a GPU
   kernels   bench/copy_kernels.py: gather/scatter vs the copy roofline and torch indexing
-  transfer  bench/transfer.py: staged vs raw ucxx vs per-token slices, same bytes
+  transfer  bench/transfer.py: staged vs raw ucxx vs per-token slices, same bytes; on a GPU
+            staged and raw again with every process on a private CUDA MPS server
   perftest  ucx_perftest (from the libucx wheel): UCX's own tag bandwidth for the same size
   host      bench/host_costs.py: host CPU per step of the transfer thread (a loop turn, a
             copy launch, UCX calls), quiet and while another thread runs a forward; then
@@ -45,6 +46,7 @@ from pathlib import Path
 
 from campaign_e2e import stage_e2e  # noqa: F401 (a stage: main finds it by name)
 from campaign_summary import VARIANTS, print_table, read_json, summary_rows
+from mps import CONTROL as MPS_CONTROL
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -158,7 +160,16 @@ def stage_transfer(stage: Stage) -> None:
     if stage.args.quick:
         sizes = ["--tokens", "512", "--chunk", "128", "--layers", "4", "--slice-tokens", "16"]
         sizes += ["--requests", "2", "--staging-mib", "16", "--raw-mib", "16"]
-    stage.run(python("transfer.py", *sizes, "--json", str(out)))
+    if not stage.run(python("transfer.py", *sizes, "--json", str(out))) or not stage.args.gpu:
+        return
+    # both sides' processes on one GPU take turns on it unless they share an MPS server: the
+    # staged and raw runs again on one, where there is one
+    on_mps = stage.args.out_dir / "transfer-mps.json"
+    if shutil.which(MPS_CONTROL) is None:
+        _write_json(on_mps, {"mps_note": f"not measured: {MPS_CONTROL} is not on the PATH"})
+        return
+    runs = ["--slice-tokens", "0", "--data-path", "native"]
+    stage.run(python("mps.py", "--", *python("transfer.py", *sizes, *runs, "--json", str(on_mps))))
 
 
 def stage_host(stage: Stage) -> None:

@@ -82,6 +82,7 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
         rows.append(Row("staged vs raw ucxx, same bytes, one device", staged["gbps"] / raw["gbps"],
                         0.3, "%", detail=f"{staged['gbps']:.3g} vs {raw['gbps']:.3g} GB/s, "
                                          f"a process per {layout}"))  # fmt: skip
+        rows += mps_transfer_rows(read_json(out_dir / "transfer-mps.json"))
         ucxx = transfer.get("ucxx_path")
         if ucxx:
             cpu, ucxx_cpu = staged["cpu_us_per_message"], ucxx["cpu_us_per_message"]
@@ -225,6 +226,19 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
             rows.append(Row("peak device memory (torch allocator)", peak / 2**30, None, " GiB",
                             detail=detail))  # fmt: skip
     return rows
+
+
+def mps_transfer_rows(on_mps: dict | None) -> list[Row]:
+    """Staged vs raw with every process of the transfer bench on one MPS server (the processes
+    sharing a GPU run their kernels side by side rather than taking turns), or why not."""
+    what = "staged vs raw ucxx, same bytes, one device, processes on MPS"
+    if not on_mps:
+        return []
+    if "rows" not in on_mps:
+        return [Row(what, None, None, "", detail=on_mps.get("mps_note", ""))]
+    raw, staged = on_mps["rows"][:2]
+    return [Row(what, staged["gbps"] / raw["gbps"], 0.3, "%",
+                detail=f"{staged['gbps']:.3g} vs {raw['gbps']:.3g} GB/s")]  # fmt: skip
 
 
 def together_rows(hetero: dict, together: dict | None) -> list[Row]:

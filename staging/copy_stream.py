@@ -183,12 +183,12 @@ class CopyStream:
         self, event: driver.Event | _HostCopy, launched: bool, last: bool
     ) -> Fence | None:
         """The receive of a chained scatter (its event) completed; `launched`: whether its
-        scatter was queued. Its fence, None if it never ran or has run (a host copy). `last`:
+        scatter was queued (a host copy: has run). Its fence, None if it never ran. `last`:
         the room's last message: native code queues scatters in the order receives complete,
         which need not be the order their owner sees them, so the fence returned is then
         recorded now, after every copy queued so far, and `wake_fd` fires when it is done."""
         if event is HOST_COPY:  # done inside the receive's completion, if at all
-            return None
+            return DONE if launched else None
         if not launched:
             self._spare.append(event)
             return None

@@ -87,6 +87,26 @@ def test_shared_gpu_all_reduce_rows_with_and_without_mps(tmp_path):
     assert "not on the PATH" in rows["TP2 on one GPU on MPS"].detail
 
 
+def test_staged_vs_raw_rows_time_sliced_and_on_mps(tmp_path):
+    def row(gbps):
+        return {"gbps": gbps, "request_mib": 64.0, "messages_per_request": 4}
+
+    args = {"tokens": 512, "chunk": 128, "heads": 8, "src_tp": 2, "dst_tp": 1}
+    transfer = {"rows": [row(1200.0), row(150.0), row(0.0)], "args": args}
+    (tmp_path / "transfer.json").write_text(json.dumps(transfer))
+    on_mps = {"rows": [row(1200.0), row(336.0)], "args": args}
+    (tmp_path / "transfer-mps.json").write_text(json.dumps(on_mps))
+    rows = {row.what: row for row in campaign_summary.summary_rows(tmp_path, gpu=True)}
+    assert rows["staged vs raw ucxx, same bytes, one device"].value == 0.125
+    mps = rows["staged vs raw ucxx, same bytes, one device, processes on MPS"]
+    assert mps.value == 0.28 and mps.verdict == "MISSED" and "336 vs 1.2e+03" in mps.detail
+    note = {"mps_note": "not measured: nvidia-cuda-mps-control is not on the PATH"}
+    (tmp_path / "transfer-mps.json").write_text(json.dumps(note))
+    rows = {row.what: row for row in campaign_summary.summary_rows(tmp_path, gpu=True)}
+    mps = rows["staged vs raw ucxx, same bytes, one device, processes on MPS"]
+    assert mps.verdict == "not measured" and "not on the PATH" in mps.detail
+
+
 def test_rows_judge_against_their_targets():
     assert campaign_summary.Row("x", 0.95, 0.9, "%").verdict == "met"
     assert campaign_summary.Row("x", 0.85, 0.9, "%").verdict == "MISSED"
