@@ -65,6 +65,8 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
         sliced = [r for r in kernels["rows"] if r["heads"] < kernels["args"]["heads"]]
         sliced = sliced or kernels["rows"]
         where = f"{kernels['device']}, launches ≥ 64 MiB"
+        if not gpu:
+            where += "; host copies keep to one core"
         for op in ("gather", "scatter"):
             worst = min(r[f"{op}_vs_roofline"] for r in large)
             rows.append(Row(f"{op} vs copy roofline (worst)", worst, 0.9, "%", detail=where))
