@@ -113,7 +113,7 @@ static void on_received(void *request, ucs_status_t status, const ucp_tag_recv_i
     op->status = status;
     op->length = status == UCS_OK ? info->length : 0;
     if (status == UCS_OK && op->length == op->expected) {
-        if (op->function != NULL) {
+        if (op->function != NULL && r->launch != NULL) {
             int rc = r->launch(op->function, op->grid_x, op->grid_y, 1, op->block, 1, 1, 0,
                                op->stream, op->params, NULL);
             op->launched = rc == 0;
