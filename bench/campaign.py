@@ -28,8 +28,8 @@ the others still run):
             the same layer-wise, in slice mode, with messages of several chunks (`together`),
             and homogeneous TP (decode TP = prefill TP)
 
-Then one table (bench/campaign_summary.py): every target of docs/benchmarks.md, what was
-measured, and the ratio.
+Then one table (bench/campaign_summary.py; the e2e stage's rows in bench/campaign_e2e.py): every
+target of docs/benchmarks.md, what was measured, and the ratio.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ import time
 from pathlib import Path
 
 from campaign_e2e import stage_e2e  # noqa: F401 (a stage: main finds it by name)
-from campaign_summary import VARIANTS, print_table, read_json, summary_rows
+from campaign_rows import print_table, read_json
+from campaign_summary import VARIANTS, summary_rows
 from mps import CONTROL as MPS_CONTROL
 
 BENCH = Path(__file__).resolve().parent

@@ -6,55 +6,16 @@ run simply contributes no rows.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from campaign_e2e import e2e_rows  # bench/ is on sys.path (a script)
+from campaign_rows import Row, read_json
 
 from kvferry.staging.plan import plan_head_transfers
 
 # the e2e stage's deployment variants (together: hetero with chunks ready together travelling as
 # one message, transfer.max_message_bytes)
 VARIANTS = ("hetero", "layerwise", "slice", "homo", "together")
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class Row:
-    """One line of the summary: a measured figure against its target (None: reported only)."""
-
-    def __init__(self, what: str, value: float | None, target: float | None, unit: str = "x",
-                 higher_is_better: bool = True, detail: str = "") -> None:  # fmt: skip
-        self.what, self.value, self.target, self.unit = what, value, target, unit
-        self.higher, self.detail = higher_is_better, detail
-
-    @property
-    def verdict(self) -> str:
-        if self.value is None:
-            return "not measured"
-        if self.target is None:
-            return "reported"
-        met = self.value >= self.target if self.higher else self.value <= self.target
-        return "met" if met else "MISSED"
-
-    def cells(self) -> list[str]:
-        fmt = (lambda v: f"{v:.0%}") if self.unit == "%" else (lambda v: f"{v:.3g}{self.unit}")
-        target = "" if self.target is None else ("≥ " if self.higher else "≤ ") + fmt(self.target)
-        value = "-" if self.value is None else fmt(self.value)
-        return [self.what, value, target, self.verdict, self.detail]
-
-    def as_dict(self) -> dict:
-        return {
-            "what": self.what,
-            "value": self.value,
-            "target": self.target,
-            "unit": self.unit,
-            "verdict": self.verdict,
-            "detail": self.detail,
-        }
 
 
 def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
@@ -179,54 +140,7 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
                         f"({'/'.join(hops['wakes_per_request'])}); a copy launch "
                         f"{launch:.0f} us"))  # fmt: skip
     rows += engine_rows(read_json(out_dir / "engine.json"))
-    e2e = {v: read_json(out_dir / f"e2e-{v}.json") for v in VARIANTS}
-    homo = e2e.get("homo")
-    for variant in ("hetero", "layerwise", "slice"):
-        result = e2e.get(variant)
-        if not (result and homo):
-            continue
-        theirs = {p["value"]: p for p in homo["points"]}
-        for point in result["points"]:
-            other = theirs.get(point["value"])
-            if other and other["output_throughput"]:
-                ratio = point["output_throughput"] / other["output_throughput"]
-                target = 0.95 if variant == "hetero" else None
-                rows.append(Row(f"{variant} vs homogeneous output tok/s, c={point['value']:g}",
-                                ratio, target, "%",
-                                detail=f"{point['output_throughput']:.4g} vs "
-                                       f"{other['output_throughput']:.4g}"))  # fmt: skip
-    hetero = e2e.get("hetero")
-    for variant, result in e2e.items():
-        rows += scaling_rows(variant, result)
-    if hetero:
-        for role in ("prefill", "decode"):
-            values = [p["control_cpu_us"].get(role) for p in hetero["points"]]
-            values = [v for v in values if v is not None]
-            if values:
-                on_cpu = "" if gpu else "CPU: copies run on this thread too"
-                rows.append(Row(f"control-plane CPU per request, {role} (worst point)",
-                                max(values), 200.0, " us", higher_is_better=False,
-                                detail=on_cpu))  # fmt: skip
-            worst = max(
-                (p for p in hetero["points"] if role in p.get("loop_turns", {})),
-                key=lambda p: p["loop_turns"][role],
-                default=None,
-            )
-            if worst is not None:
-                what = f"transfer loop turns per request, {role} (worst point)"
-                detail = "summed over the role's ranks"
-                kinds = [worst.get(f"loop_{k}_turns", {}).get(role) for k in ("timer", "quiet")]
-                if None not in kinds:
-                    detail += f"; of which {kinds[0]:.3g} timer, {kinds[1]:.3g} quiet"
-                rows.append(Row(what, worst["loop_turns"][role], None, detail=detail))
-        rows += together_rows(hetero, e2e.get("together"))
-        peak = max(p.get("memory_peak_bytes", 0) for p in hetero["points"])
-        if peak:
-            point = hetero["points"][-1]
-            pool, ring = point["kv_pool_bytes"] / 2**30, point["ring_capacity_bytes"] / 2**30
-            detail = f"KV pool {pool:.3g} GiB, staging ring {ring:.3g} GiB"
-            rows.append(Row("peak device memory (torch allocator)", peak / 2**30, None, " GiB",
-                            detail=detail))  # fmt: skip
+    rows += e2e_rows({v: read_json(out_dir / f"e2e-{v}.json") for v in VARIANTS}, gpu)
     return rows
 
 
@@ -241,35 +155,6 @@ def mps_transfer_rows(on_mps: dict | None) -> list[Row]:
     raw, staged = on_mps["rows"][:2]
     return [Row(what, staged["gbps"] / raw["gbps"], 0.3, "%",
                 detail=f"{staged['gbps']:.3g} vs {raw['gbps']:.3g} GB/s")]  # fmt: skip
-
-
-def together_rows(hetero: dict, together: dict | None) -> list[Row]:
-    """together (chunks ready together in one message) ÷ hetero (a message per chunk): the
-    control-plane CPU per request of each side and TTFT p50, at every concurrency both ran."""
-    if not together:
-        return []
-    rows, theirs = [], {p["value"]: p for p in hetero["points"]}
-    for point in together["points"]:
-        other = theirs.get(point["value"])
-        if not other:
-            continue
-        c, what = f"c={point['value']:g}", "chunks together ÷ a message per chunk"
-        for role in ("prefill", "decode"):
-            mine, base = point["control_cpu_us"].get(role), other["control_cpu_us"].get(role)
-            if mine and base:
-                rows.append(Row(f"{what}: control-plane CPU, {role}, {c}", mine / base, None, "x",
-                                detail=f"{mine:.0f} vs {base:.0f} us"))  # fmt: skip
-        mine, base = point["ttft_ms"]["median"], other["ttft_ms"]["median"]
-        if mine and base:
-            detail = f"{mine:.4g} vs {base:.4g} ms"
-            if "rounds_ttft_ms" in point:  # --e2e-rounds: the median round, and every round's
-                detail += f"; rounds {_ms(point)} vs {_ms(other)}"
-            rows.append(Row(f"{what}: TTFT p50, {c}", mine / base, None, "x", detail=detail))
-    return rows
-
-
-def _ms(point: dict) -> str:
-    return "/".join("-" if t is None else f"{t:.0f}" for t in point.get("rounds_ttft_ms", []))
 
 
 def engine_rows(engine: dict | None) -> list[Row]:
@@ -335,37 +220,3 @@ def overlap_rows(overlap: dict) -> list[Row]:
 
 def _versus(run: dict, other: dict) -> str:
     return f"{run['latency_ms']:.4g} vs {other['latency_ms']:.4g} ms"
-
-
-def scaling_rows(variant: str, result: dict | None) -> list[Row]:
-    """TTFT p50 at the highest concurrency over c=1, and the ranks' idle CPU."""
-    if not result:
-        return []
-    rows = []
-    points = sorted(result["points"], key=lambda p: p["value"])
-    first, last = points[0], points[-1]
-    if len(points) > 1 and first["ttft_ms"]["median"] and last["ttft_ms"]["median"]:
-        ratio = last["ttft_ms"]["median"] / first["ttft_ms"]["median"]
-        rows.append(Row(f"{variant}: TTFT p50 c={last['value']:g} / c={first['value']:g}",
-                        ratio, 2.0 if variant == "hetero" else None, "x",
-                        higher_is_better=False,
-                        detail=f"{last['ttft_ms']['median']:.4g} vs "
-                               f"{first['ttft_ms']['median']:.4g} ms"))  # fmt: skip
-    for point in (first, last) if len(points) > 1 else (first,):
-        itl = point.get("itl_ms", {}).get("median")
-        rows.append(Row(f"{variant}: ITL p50, c={point['value']:g}", itl, None, " ms",
-                        higher_is_better=False,
-                        detail=f"output {point['output_throughput']:.4g} tok/s"))  # fmt: skip
-    for role, value in sorted((result.get("idle_cpu_s_per_min") or {}).items()):
-        rows.append(Row(f"{variant}: idle ranks' CPU per minute, {role}", value, None, " s",
-                        higher_is_better=False))  # fmt: skip
-    return rows
-
-
-def print_table(rows: list[Row]) -> None:
-    header = ["figure", "measured", "target", "verdict", "detail"]
-    cells = [header, *(row.cells() for row in rows)]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    print()
-    for line in cells:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
