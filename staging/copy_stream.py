@@ -129,11 +129,11 @@ class CopyStream:
 
     def upload_slots(self, slots: np.ndarray) -> torch.Tensor:
         """`slots` as int32 on the device, uploaded on this stream: what `chain_scatter`s read
-        (on a CPU: as contiguous int64 in host memory, a copy). The tensor belongs to this
-        stream: it may be dropped once no copy queued later needs it (its memory is reused only
-        by work queued on this stream after that)."""
+        (on a CPU: `slots` themselves as contiguous int64, which their owner keeps). The
+        tensor belongs to this stream: it may be dropped once no copy queued later needs it
+        (its memory is reused only by work queued on this stream after that)."""
         if self._stream is None:
-            return torch.from_numpy(np.array(slots, dtype=np.int64))
+            return torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64))
         from kvferry.staging.kv_launch import uploader_of  # deferred: needs cupy
 
         with torch.cuda.stream(self._stream):

@@ -54,14 +54,11 @@ def write_host_copy(
     """Write into `args` the copy of heads [head_start, +num_heads) of `num_tokens` slots
     (contiguous host int64 at `slots_address`, kept alive by the caller until the copy ran)
     between `planes` and the staging bytes at `staging_address`: host_copy.c's parameters."""
-    head_bytes = planes.head_dim * planes.itemsize
     args.planes = planes.pointers.data_ptr()
     args.slots = slots_address
     args.staging = staging_address
     args.num_tokens = num_tokens
-    args.row_len = num_heads * head_bytes
-    args.slot_len = planes.num_heads * head_bytes
-    args.head_offset = head_start * head_bytes
+    args.row_len, args.slot_len, args.head_offset = planes.row_bytes(head_start, num_heads)
 
 
 def host_copy(planes, slots: np.ndarray, head_start: int, num_heads: int, staging, gather: bool):

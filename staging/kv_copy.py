@@ -95,6 +95,12 @@ class KVPlanes:
     def staging_shape(self, num_tokens: int, num_heads: int) -> tuple[int, int, int, int]:
         return (self.num_planes, num_tokens, num_heads, self.head_dim)
 
+    def row_bytes(self, head_start: int, num_heads: int) -> tuple[int, int, int]:
+        """(bytes of one token's heads [head_start, +num_heads) in a plane, bytes of one slot,
+        offset of head_start in a slot): what a copy kernel's row lengths are made of."""
+        head = self.head_dim * self.itemsize
+        return num_heads * head, self.num_heads * head, head_start * head
+
     def staging_bytes(self, num_tokens: int, num_heads: int) -> int:
         return self.num_planes * num_tokens * num_heads * self.head_dim * self.itemsize
 

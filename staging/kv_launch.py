@@ -95,9 +95,7 @@ def write_kv_copy(
     at `device_slots`) into `args`: (function, grid) to launch it with, BLOCK threads a block.
     `launch_kv_copy` launches it at once; native code once the bytes to scatter have arrived
     (transport/ucx_native.c)."""
-    row_bytes = num_heads * planes.head_dim * planes.itemsize
-    slot_bytes = planes.num_heads * planes.head_dim * planes.itemsize
-    offset_bytes = head_start * planes.head_dim * planes.itemsize
+    row_bytes, slot_bytes, offset_bytes = planes.row_bytes(head_start, num_heads)
     width = _vector_width(
         row_bytes, slot_bytes, offset_bytes, staging_address, planes.address_alignment
     )
