@@ -47,8 +47,9 @@ class KVWritten:
 
     The engine may hand it over before it launches the forward and fill it in meanwhile, on its
     own thread: `layers_written` as each layer group is queued, `complete` once the whole
-    forward is. The transfer thread gathers a layer range as soon as a fence covering it
-    exists (`for_layers`), so the first layer groups travel while later layers compute."""
+    forward is (which wakes the transfer thread). The transfer thread queues a layer range's
+    gather behind the first fence covering it (`for_layers`), so on a device that runs behind
+    the host the first layer groups travel while later layers compute."""
 
     __slots__ = ("at", "fence", "layers")
 

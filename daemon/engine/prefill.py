@@ -66,10 +66,7 @@ class PrefillEngine:
         self.newly_registered: list[int] = []  # registered on every rank now; drained likewise
         self.samples = Samples()  # drained by the caller
         self.marks = _LayerMarks(
-            agent.config.layer_group,
-            runner.model.config.num_hidden_layers,
-            runner.kv.device,
-            agent.wake,
+            agent.config.layer_group, runner.model.config.num_hidden_layers, runner.kv.device
         )
 
     @property
@@ -204,13 +201,18 @@ class PrefillEngine:
 class _LayerMarks:
     """Events on the compute stream after every `group` layers of a forward (none after the
     last layer: the forward's own event covers it), each handed to the forward's KVWritten as
-    it is recorded, and the transfer thread woken. Inactive on a CPU, where the forward is
-    done when it returns, and in whole-chunk mode."""
+    it is recorded. Inactive on a CPU, where the forward is done when it returns, and in
+    whole-chunk mode.
 
-    def __init__(
-        self, group: int, num_layers: int, device: torch.device, wake: Callable[[], None]
-    ) -> None:
-        self.group, self.num_layers, self.wake = group, num_layers, wake
+    The transfer thread is not woken per group: the forward's hand-over wakes it once, and it
+    queues every group's gather behind that group's event. Where the forward is bound by the
+    device, the host has queued it well ahead of the device and the first groups still travel
+    while later layers compute; where it is bound by the host (its Python), a wake per group
+    only took the GIL from the forward's launch for gathers the device could not run sooner
+    (docs/benchmarks.md, "Layer groups without a wake each")."""
+
+    def __init__(self, group: int, num_layers: int, device: torch.device) -> None:
+        self.group, self.num_layers = group, num_layers
         self.active = bool(group) and device.type == "cuda" and group < num_layers
         self._written: KVWritten | None = None
 
@@ -225,7 +227,6 @@ class _LayerMarks:
             event = torch.cuda.Event()
             event.record()
             self._written.layers_written(layers_done, event)
-            self.wake()
 
 
 def _forward_event(device: torch.device) -> torch.cuda.Event | None:
