@@ -19,102 +19,139 @@ VARIANTS = ("hetero", "layerwise", "slice", "homo", "together")
 
 
 def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
-    rows: list[Row] = []
-    kernels = read_json(out_dir / "kernels.json")
-    if kernels:
-        large = [r for r in kernels["rows"] if r["mib"] >= 64] or kernels["rows"]
-        sliced = [r for r in kernels["rows"] if r["heads"] < kernels["args"]["heads"]]
-        sliced = sliced or kernels["rows"]
-        where = f"{kernels['device']}, launches ≥ 64 MiB"
-        if not gpu:
-            where += "; host copies keep to one core"
-        for op in ("gather", "scatter"):
-            worst = min(r[f"{op}_vs_roofline"] for r in large)
-            rows.append(Row(f"{op} vs copy roofline (worst)", worst, 0.9, "%", detail=where))
-        best = max(r["gather_vs_torch"] for r in sliced)
-        worst = min(r["gather_vs_torch"] for r in sliced)
-        rows.append(Row("gather vs torch indexing, head slices (worst)", worst, 10.0,
-                        detail=f"best {best:.3g}x"))  # fmt: skip
-    transfer = read_json(out_dir / "transfer.json")
-    perftest = read_json(out_dir / "perftest.json")
-    if transfer:
-        raw, staged, sliced = transfer["rows"]
-        # both sides share one device, which moves the bytes three times (gather, copy, scatter)
-        # where raw moves them once: the target is 30% here (90% where the wire is the limit)
-        layout = transfer["args"].get("layout", "role")
-        rows.append(Row("staged vs raw ucxx, same bytes, one device", staged["gbps"] / raw["gbps"],
-                        0.3, "%", detail=f"{staged['gbps']:.3g} vs {raw['gbps']:.3g} GB/s, "
-                                         f"a process per {layout}"))  # fmt: skip
-        rows += mps_transfer_rows(read_json(out_dir / "transfer-mps.json"))
-        ucxx = transfer.get("ucxx_path")
+    def read(name: str) -> dict | None:
+        return read_json(out_dir / name)
+
+    rows = kernel_rows(read("kernels.json"), gpu)
+    rows += transfer_rows(read("transfer.json"), read("transfer-mps.json"), read("perftest.json"))
+    rows += host_rows(read("host.json"))
+    rows += control_rows(read("control.json"))
+    rows += group_rows(read("group.json"))
+    rows += reduce_rows(read("device_reduce.json"))
+    for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
+        rows += overlap_rows(read_json(path) or {})
+    rows += hops_rows(read("hops.json"))
+    rows += engine_rows(read("engine.json"))
+    rows += e2e_rows({v: read(f"e2e-{v}.json") for v in VARIANTS}, gpu)
+    return rows
+
+
+def kernel_rows(kernels: dict | None, gpu: bool) -> list[Row]:
+    if not kernels:
+        return []
+    rows = []
+    large = [r for r in kernels["rows"] if r["mib"] >= 64] or kernels["rows"]
+    sliced = [r for r in kernels["rows"] if r["heads"] < kernels["args"]["heads"]]
+    sliced = sliced or kernels["rows"]
+    where = f"{kernels['device']}, launches ≥ 64 MiB"
+    if not gpu:
+        where += "; host copies keep to one core"
+    for op in ("gather", "scatter"):
+        worst = min(r[f"{op}_vs_roofline"] for r in large)
+        rows.append(Row(f"{op} vs copy roofline (worst)", worst, 0.9, "%", detail=where))
+    best = max(r["gather_vs_torch"] for r in sliced)
+    worst = min(r["gather_vs_torch"] for r in sliced)
+    rows.append(Row("gather vs torch indexing, head slices (worst)", worst, 10.0,
+                    detail=f"best {best:.3g}x"))  # fmt: skip
+    return rows
+
+
+def transfer_rows(transfer: dict | None, on_mps: dict | None, perftest: dict | None) -> list[Row]:
+    if not transfer:
+        return []
+    raw, staged, sliced = transfer["rows"]
+    # both sides share one device, which moves the bytes three times (gather, copy, scatter)
+    # where raw moves them once: the target is 30% here (90% where the wire is the limit)
+    layout = transfer["args"].get("layout", "role")
+    rows = [Row("staged vs raw ucxx, same bytes, one device", staged["gbps"] / raw["gbps"],
+                0.3, "%", detail=f"{staged['gbps']:.3g} vs {raw['gbps']:.3g} GB/s, "
+                                 f"a process per {layout}")]  # fmt: skip
+    rows += mps_transfer_rows(on_mps)
+    ucxx = transfer.get("ucxx_path")
+    if ucxx:
+        cpu, ucxx_cpu = staged["cpu_us_per_message"], ucxx["cpu_us_per_message"]
+        rows.append(Row("staged GB/s, native data path / ucxx's", staged["gbps"] / ucxx["gbps"],
+                        None, "x", detail=f"decode CPU per message {cpu['decode']:.0f} vs "
+                                          f"{ucxx_cpu['decode']:.0f} us"))  # fmt: skip
+    if sliced["gbps"] and sliced["gbps"] == sliced["gbps"]:  # not NaN
+        rows.append(Row("staged vs per-token slices", staged["gbps"] / sliced["gbps"], 50.0))
+    for side, us in staged.get("cpu_us_per_message", {}).items():
+        rows.append(Row(f"transfer-thread CPU per staged message, {side}", us, None, " us",
+                        detail=f"{staged['request_mib'] / staged['messages_per_request']:.3g}"
+                               " MiB messages, ranks summed"))  # fmt: skip
+    args = transfer["args"]
+    chunks = -(-args["tokens"] // args["chunk"])
+    pairs = len(plan_head_transfers(args["heads"], args["src_tp"], args["dst_tp"]))
+    detail = f"{staged['messages_per_request']} messages, {chunks} chunks x {pairs} pairs"
+    rows.append(Row("UCX messages per request / (chunks x writers)",
+                    staged["messages_per_request"] / (chunks * pairs), 1.0,
+                    higher_is_better=False, detail=detail))  # fmt: skip
+    together = transfer.get("together")
+    if together:
+        detail = (
+            f"{together['messages_per_request']} vs {staged['messages_per_request']} "
+            "messages per request"
+        )
+        ratio = together["gbps"] / staged["gbps"]
+        rows.append(Row("staged GB/s, chunks ready together in one message / one per chunk",
+                        ratio, None, "x", detail=detail))  # fmt: skip
+    if perftest and perftest.get("gbps"):
+        rows.append(Row("raw ucxx vs ucx_perftest", raw["gbps"] / perftest["gbps"], None, "%",
+                        detail=f"perftest {perftest['gbps']:.3g} GB/s"))  # fmt: skip
+    return rows
+
+
+def host_rows(host: dict | None) -> list[Row]:
+    if not host:
+        return []
+    rows = []
+    for step, what in (
+        ("loop turn (idle, woken by a posted call)", "transfer loop turn, host CPU"),
+        ("gather launch (checks, index upload, kernel)", "gather launch, host CPU"),
+    ):
+        quiet, busy = host["steps"][step][0], host["during a forward"][step][0]
+        rows.append(Row(f"{what}, quiet", quiet, None, " us"))
+        rows.append(Row(f"{what}, during a forward", busy, None, " us",
+                        detail=f"{busy / quiet:.3g}x quiet"))  # fmt: skip
+    # wall time: what the transfer thread waits for the GIL around the launch's calls
+    step = "gather launch (checks, index upload, kernel)"
+    quiet, busy = host["steps"][step][1], host["during a forward"][step][1]
+    rows.append(Row("gather launch, wall, during a forward", busy, None, " us",
+                    detail=f"{busy / quiet:.3g}x quiet ({quiet:.3g} us)"))  # fmt: skip
+    return rows
+
+
+def control_rows(control: dict | None) -> list[Row]:
+    rows = []
+    for side, row in (control or {}).get("sides", {}).items():
+        parts = row["cpu_parts_us"]
+        detail = (f"tiny KV; wait {parts['wait']:.0f}, UCX {parts['ucx']:.0f}, rest "
+                  f"{parts['rest']:.0f}; {row['turns']:.3g} turns")  # fmt: skip
+        ucxx = control.get("ucxx_path")
         if ucxx:
-            cpu, ucxx_cpu = staged["cpu_us_per_message"], ucxx["cpu_us_per_message"]
-            rows.append(Row("staged GB/s, native data path / ucxx's", staged["gbps"] / ucxx["gbps"],
-                            None, "x", detail=f"decode CPU per message {cpu['decode']:.0f} vs "
-                                              f"{ucxx_cpu['decode']:.0f} us"))  # fmt: skip
-        if sliced["gbps"] and sliced["gbps"] == sliced["gbps"]:  # not NaN
-            rows.append(Row("staged vs per-token slices", staged["gbps"] / sliced["gbps"], 50.0))
-        for side, us in staged.get("cpu_us_per_message", {}).items():
-            rows.append(Row(f"transfer-thread CPU per staged message, {side}", us, None, " us",
-                            detail=f"{staged['request_mib'] / staged['messages_per_request']:.3g}"
-                                   " MiB messages, ranks summed"))  # fmt: skip
-        args = transfer["args"]
-        chunks = -(-args["tokens"] // args["chunk"])
-        pairs = len(plan_head_transfers(args["heads"], args["src_tp"], args["dst_tp"]))
-        detail = f"{staged['messages_per_request']} messages, {chunks} chunks x {pairs} pairs"
-        rows.append(Row("UCX messages per request / (chunks x writers)",
-                        staged["messages_per_request"] / (chunks * pairs), 1.0,
-                        higher_is_better=False, detail=detail))  # fmt: skip
-        together = transfer.get("together")
-        if together:
-            detail = (
-                f"{together['messages_per_request']} vs {staged['messages_per_request']} "
-                "messages per request"
-            )
-            ratio = together["gbps"] / staged["gbps"]
-            rows.append(Row("staged GB/s, chunks ready together in one message / one per chunk",
-                            ratio, None, "x", detail=detail))  # fmt: skip
-        if perftest and perftest.get("gbps"):
-            rows.append(Row("raw ucxx vs ucx_perftest", raw["gbps"] / perftest["gbps"], None, "%",
-                            detail=f"perftest {perftest['gbps']:.3g} GB/s"))  # fmt: skip
-    host = read_json(out_dir / "host.json")
-    if host:
-        for step, what in (
-            ("loop turn (idle, woken by a posted call)", "transfer loop turn, host CPU"),
-            ("gather launch (checks, index upload, kernel)", "gather launch, host CPU"),
-        ):
-            quiet, busy = host["steps"][step][0], host["during a forward"][step][0]
-            rows.append(Row(f"{what}, quiet", quiet, None, " us"))
-            rows.append(Row(f"{what}, during a forward", busy, None, " us",
-                            detail=f"{busy / quiet:.3g}x quiet"))  # fmt: skip
-        # wall time: what the transfer thread waits for the GIL around the launch's calls
-        step = "gather launch (checks, index upload, kernel)"
-        quiet, busy = host["steps"][step][1], host["during a forward"][step][1]
-        rows.append(Row("gather launch, wall, during a forward", busy, None, " us",
-                        detail=f"{busy / quiet:.3g}x quiet ({quiet:.3g} us)"))  # fmt: skip
-    control = read_json(out_dir / "control.json")
-    if control:
-        for side, row in control["sides"].items():
-            parts = row["cpu_parts_us"]
-            detail = (f"tiny KV; wait {parts['wait']:.0f}, UCX {parts['ucx']:.0f}, rest "
-                      f"{parts['rest']:.0f}; {row['turns']:.3g} turns")  # fmt: skip
-            ucxx = control.get("ucxx_path")
-            if ucxx:
-                detail += f"; ucxx path {ucxx['sides'][side]['cpu_us']:.0f}"
-            rows.append(Row(f"control path alone: transfer-thread CPU per request, {side}",
-                            row["cpu_us"], 200.0, " us", higher_is_better=False,
-                            detail=detail))  # fmt: skip
-    group = read_json(out_dir / "group.json")
-    if group:  # a TP rank's step: the commands' broadcast and the rooms' verdicts
-        ops = group["operations"]
-        step = [op for op in ops if op.startswith(("broadcast, no", "verdicts"))]
-        gloo, pipes = (sum(ops[op][way] for op in step) for way in ("gloo_us", "pipes_us"))
-        barrier = ops["barrier"]
-        detail = f"{gloo:.0f} vs {pipes:.0f} us; barrier {barrier['gloo_us']:.0f} vs "
-        detail += f"{barrier['pipes_us']:.0f} us"
-        rows.append(Row("TP step exchange (broadcast + verdicts), gloo / the ranks' pipes",
-                        gloo / pipes, None, "x", detail=detail))  # fmt: skip
-    reduce = read_json(out_dir / "device_reduce.json")
+            detail += f"; ucxx path {ucxx['sides'][side]['cpu_us']:.0f}"
+        rows.append(Row(f"control path alone: transfer-thread CPU per request, {side}",
+                        row["cpu_us"], 200.0, " us", higher_is_better=False,
+                        detail=detail))  # fmt: skip
+    return rows
+
+
+def group_rows(group: dict | None) -> list[Row]:
+    """A TP rank's step: the commands' broadcast and the rooms' verdicts, gloo vs pipes."""
+    if not group:
+        return []
+    ops = group["operations"]
+    step = [op for op in ops if op.startswith(("broadcast, no", "verdicts"))]
+    gloo, pipes = (sum(ops[op][way] for op in step) for way in ("gloo_us", "pipes_us"))
+    barrier = ops["barrier"]
+    detail = f"{gloo:.0f} vs {pipes:.0f} us; barrier {barrier['gloo_us']:.0f} vs "
+    detail += f"{barrier['pipes_us']:.0f} us"
+    return [Row("TP step exchange (broadcast + verdicts), gloo / the ranks' pipes",
+                gloo / pipes, None, "x", detail=detail)]  # fmt: skip
+
+
+def reduce_rows(reduce: dict | None) -> list[Row]:
+    rows = []
     for shape, row in (reduce or {}).get("shapes", {}).items():
         rows.append(Row(f"TP2 on one GPU, a forward's all-reduces: host sync / events, {shape}",
                         row["host_over_events"], None, "x",
@@ -128,20 +165,19 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
                         f"{row['none_ms']:.2f} ms"))  # fmt: skip
     if reduce and reduce.get("mps_note"):
         rows.append(Row("TP2 on one GPU on MPS", None, None, "", detail=reduce["mps_note"]))
-    for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
-        rows += overlap_rows(read_json(path) or {})
-    hops = read_json(out_dir / "hops.json")
-    if hops and hops.get("forward_to_kv_landed_ms") is not None:
-        wakes = "/".join(f"{n:g}" for n in hops["wakes_per_request"].values())
-        launch = hops["calls"].get("copy launch (all of it)", {}).get("median_us", 0.0)
-        rows.append(Row(f"one prompt, forward handed over -> KV landed at decode, "
-                        f"{hops['args']['prompt']} tokens", hops["forward_to_kv_landed_ms"],
-                        None, " ms", detail=f"wakes {wakes} "
-                        f"({'/'.join(hops['wakes_per_request'])}); a copy launch "
-                        f"{launch:.0f} us"))  # fmt: skip
-    rows += engine_rows(read_json(out_dir / "engine.json"))
-    rows += e2e_rows({v: read_json(out_dir / f"e2e-{v}.json") for v in VARIANTS}, gpu)
     return rows
+
+
+def hops_rows(hops: dict | None) -> list[Row]:
+    if not hops or hops.get("forward_to_kv_landed_ms") is None:
+        return []
+    wakes = "/".join(f"{n:g}" for n in hops["wakes_per_request"].values())
+    launch = hops["calls"].get("copy launch (all of it)", {}).get("median_us", 0.0)
+    return [Row(f"one prompt, forward handed over -> KV landed at decode, "
+                f"{hops['args']['prompt']} tokens", hops["forward_to_kv_landed_ms"],
+                None, " ms", detail=f"wakes {wakes} "
+                f"({'/'.join(hops['wakes_per_request'])}); a copy launch "
+                f"{launch:.0f} us")]  # fmt: skip
 
 
 def mps_transfer_rows(on_mps: dict | None) -> list[Row]:
