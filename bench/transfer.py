@@ -158,6 +158,29 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    runs, raw, sliced = measure(args)
+    staged = next(iter(runs.values()))
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    shape = f"{args.layers} layers x {args.heads} KV heads x {args.head_dim} {args.dtype}"
+    print(
+        f"device: {device}; UCX_TLS={args.tls}; prefill TP{args.src_tp} -> decode "
+        f"TP{args.dst_tp}; {shape}; chunk {args.chunk}"
+    )
+    print_table(args, runs, raw, sliced)
+    print_details(args, runs)
+    if args.json:
+        with open(args.json, "w") as f:
+            result = {"device": device, "args": vars(args), "rows": [raw, staged, sliced]}
+            if "ucxx" in runs and "native" in runs:
+                result["ucxx_path"] = runs["ucxx"]
+            if "together" in runs:
+                result["together"] = runs["together"]
+            json.dump(result, f, indent=1)
+
+
+def measure(args) -> tuple[dict[str, dict], dict, dict]:
+    """The staged runs by data path (and "together"), the raw run and the slice run (a row of
+    NaN where --slice-tokens is 0)."""
     runs = {}
     for native in data_paths(args):
         args.native = native
@@ -172,34 +195,33 @@ def main() -> None:
     per_rank = int(staged["request_mib"] * 2**20) // args.dst_tp
     raw = run_raw(args, min(per_rank, args.raw_mib << 20))
     sliced = run_mode(args, "slice", args.slice_tokens) if args.slice_tokens else None
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    shape = f"{args.layers} layers x {args.heads} KV heads x {args.head_dim} {args.dtype}"
-    print(
-        f"device: {name}; UCX_TLS={args.tls}; prefill TP{args.src_tp} -> decode TP{args.dst_tp}; "
-        f"{shape}; chunk {args.chunk}"
-    )
-    titles = ("mode", "tokens", "MiB/req", "GB/s", "msgs/req", "vs raw", "vs slice")
-    print(
-        "".join(
-            f"{t:{w}}"
-            for t, w in zip(titles, ("<10", ">8", ">10", ">9", ">10", ">8", ">10"), strict=True)
-        )
-    )
     sliced = sliced or {
         "mode": "slice",
         "gbps": float("nan"),
         "messages_per_request": 0,
         "tokens": 0,
     }
+    return runs, raw, sliced
+
+
+def print_table(args, runs: dict[str, dict], raw: dict, sliced: dict) -> None:
+    staged = next(iter(runs.values()))
+    titles = ("mode", "tokens", "MiB/req", "GB/s", "msgs/req", "vs raw", "vs slice")
+    widths = ("<10", ">8", ">10", ">9", ">10", ">8", ">10")
+    print("".join(f"{t:{w}}" for t, w in zip(titles, widths, strict=True)))
     for row in (raw, *runs.values(), sliced):
         tokens = row.get("tokens", args.tokens)
         mib = row.get("request_mib", staged["request_mib"])
-        name = row["mode"] if row["mode"] != "staged" else f"{row['path']}"
+        mode = row["mode"] if row["mode"] != "staged" else f"{row['path']}"
         print(
-            f"{name:<10}{tokens:>8}{mib:>10.1f}{row['gbps']:>9.2f}"
+            f"{mode:<10}{tokens:>8}{mib:>10.1f}{row['gbps']:>9.2f}"
             f"{row['messages_per_request']:>10}"
             f"{row['gbps'] / raw['gbps']:>8.2f}{row['gbps'] / sliced['gbps']:>10.1f}"
         )
+
+
+def print_details(args, runs: dict[str, dict]) -> None:
+    staged = next(iter(runs.values()))
     chunks = -(-args.tokens // args.chunk)
     pairs = len(plan_head_transfers(args.heads, args.src_tp, args.dst_tp))
     print(
@@ -211,9 +233,8 @@ def main() -> None:
         json.dumps(staged["phases_s"]),
     )
     for run in runs.values():
-        path = run["path"]
         stages = ", ".join(f"{k} {v:.2f}" for k, v in run["stages_ms"].items())
-        print(f"staged, {path} path, ms after the hand-over (median): {stages}")
+        print(f"staged, {run['path']} path, ms after the hand-over (median): {stages}")
         cpu = run["cpu_us_per_message"]
         print(
             f"  transfer-thread CPU per message (after the warm-up): prefill "
@@ -230,19 +251,11 @@ def main() -> None:
         )
     if "native" in runs and "ucxx" in runs:
         native, ucxx = runs["native"], runs["ucxx"]
+        cpu_ratio = native["cpu_us_per_message"]["decode"] / ucxx["cpu_us_per_message"]["decode"]
         print(
             f"native / ucxx data path: {native['gbps'] / ucxx['gbps']:.2f}x the GB/s, "
-            f"{native['cpu_us_per_message']['decode'] / ucxx['cpu_us_per_message']['decode']:.2f}x"
-            " the decode CPU per message"
+            f"{cpu_ratio:.2f}x the decode CPU per message"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            result = {"device": name, "args": vars(args), "rows": [raw, staged, sliced]}
-            if "ucxx" in runs and "native" in runs:
-                result["ucxx_path"] = runs["ucxx"]
-            if "together" in runs:
-                result["together"] = runs["together"]
-            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
