@@ -192,6 +192,8 @@ class RecvPipeline:
                 room.kv_fence = arrival.fence
                 last(room.marks, "scatter_queued")
                 self._scattering.append(arrival)
+                if last_one:  # it may succeed now, in this turn, not once the scatter has run
+                    self._touch(room.room)
 
     def _finish_scatters(self) -> None:
         while self._scattering and self._scattering[0].fence.done():

@@ -1,10 +1,13 @@
 """End-to-end transfers between in-process agents over the loopback data plane."""
 
+import time
+
 import pytest
 import torch
 
+from kvferry.staging.copy_stream import Fence
 from kvferry.staging.plan import plan_head_transfers
-from kvferry.transport.dataplane import DoneOp, LoopbackDataPlane
+from kvferry.transport.dataplane import DataOp, DoneOp, LoopbackDataPlane
 from kvferry.transport.handles import KVWritten
 from kvferry.transport.room import KVPoll
 from support.kvsim import TP_PAIRS
@@ -261,5 +264,62 @@ def test_wakes_for_pieces_of_a_message_skip_the_step_and_lose_nothing():
             assert decode_matches(dep.decode, req)
         assert decode.quiet_turns >= FragmentingPlane.PIECES - 1
         assert steps[0] <= decode.loop.turns - decode.quiet_turns
+    finally:
+        dep.close()
+
+
+def test_a_room_succeeds_once_its_last_scatter_is_queued_not_once_it_ran():
+    """The decode engine orders its stream after the room's last scatter (`kv_fence`), so the
+    room succeeds in the turn that queues it. Here every receive completes only once the
+    prefill ranks' TransferDone is in, every scatter's fence stays pending (a device still
+    running it) and the rooms' periodic sweep is pushed out of reach: the rooms succeed all
+    the same, holding their ring regions until the fences fire."""
+    dep = Deployment(4, 2, 1, d_page_size=4)
+    arrived = ran = False
+
+    class Receiving(DataOp):  # the bytes are in (loopback copies inline); the op says not yet
+        def __init__(self, op: DataOp) -> None:
+            self.op = op
+
+        def done(self) -> bool:
+            return arrived
+
+        def error(self):
+            return self.op.error()
+
+    class Running(Fence):  # likewise the scatter ran inline on the CPU
+        def done(self) -> bool:
+            return ran
+
+    try:
+        for agent in dep.decode.agents:
+            data, copies = agent.core.data, agent.core.copies
+            data._recv = lambda *a, _r=data._recv: Receiving(_r(*a))
+            copies.scatter = lambda *a, _s=copies.scatter, **k: (_s(*a, **k), Running())[1]
+            visits = agent._visits  # a room is visited only for news of it
+            visits._sweep_s, visits._next_sweep = 3600.0, time.monotonic() + 3600.0
+        req, senders, receivers = dep.run(num_tokens=45)
+
+        def told_done() -> bool:  # every prefill rank's TransferDone is in, at every decode rank
+            rooms = [room for agent in dep.decode.agents for room in agent.rooms.values()]
+            return len(rooms) == len(receivers) and all(
+                r.rank_peers and len(r.first_tokens) == len(r.rank_peers) for r in rooms
+            )
+
+        assert wait_for(told_done)
+        assert settle(dep.decode.agents)
+        assert [r.poll() for r in receivers] == [KVPoll.Transferring] * len(receivers)
+        arrived = True
+        for agent in dep.decode.agents:
+            agent.core.loop.wake()
+        states = wait_all(senders + receivers)
+        assert states == [KVPoll.Success] * len(states), [str(h.failure) for h in receivers]
+        assert all(isinstance(r.kv_fence, Running) for r in receivers)
+        assert all(a.ring.used_bytes > 0 for a in dep.decode.agents)  # not released yet
+        assert decode_matches(dep.decode, req)
+        ran = True
+        for agent in dep.decode.agents:
+            agent.core.loop.wake()
+        assert wait_idle([dep.prefill, dep.decode])
     finally:
         dep.close()
