@@ -154,6 +154,11 @@ class DecodeAgent(TransferAgent):
             self._fail(room, too_small)
             return
         room.max_message_bytes = self.core.mode.max_message_bytes(self.config)
+        try:
+            self.arrivals.prepare(room)
+        except Exception as exc:  # one room's failure is its own, never the thread's
+            self._fail(room, self.core.contain(exc, f"room {room.room:#x}"))
+            return
         message = RegisterRoom(
             room.room,
             self.layout,

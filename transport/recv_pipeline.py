@@ -53,6 +53,11 @@ class RecvPipeline:
         # the data plane launches each scatter as its receive completes (native receives)
         self._chains = core.data.chains_copies and self.mode.chains
 
+    def prepare(self, room: RecvRoom) -> None:
+        """A room registers: what its messages' chained scatters need, ready before they come."""
+        if self._chains:
+            self.mode.prepare(room, self.planes)
+
     @property
     def busy(self) -> bool:
         return bool(

@@ -69,15 +69,21 @@ class StagedMode:
         arrival.offset, arrival.region = offset, self.staging.region(offset, nbytes)
         return True
 
-    def chain(self, arrival: Arrival, launch) -> None:
-        """Write the arrival's scatter into `launch`, the record of its native receive, whose
-        completion then launches it (`DataPlane.chains_copies`). A room's slots are checked and
-        uploaded once, at its first message; each message's scatter reads its chunk of them."""
-        piece, room = arrival.piece, arrival.room
+    def prepare(self, room: RecvRoom, planes: KVPlanes) -> None:
+        """Check and upload the room's slots for the scatters its receives launch (`chain`):
+        done as the room registers, long before its first message, whose hop it would
+        otherwise lengthen. Each message's scatter reads its chunk of them."""
         if room.device_slots is None:
-            piece.planes.check_slice(room.slots, 0, piece.planes.num_heads)
+            planes.check_slice(room.slots, 0, planes.num_heads)
             slots = self.copies.upload_slots(room.slots)
             room.device_slots = (slots, slots.data_ptr())
+
+    def chain(self, arrival: Arrival, launch) -> None:
+        """Write the arrival's scatter into `launch`, the record of its native receive, whose
+        completion then launches it (`DataPlane.chains_copies`), reading the room's slots
+        (`prepare`)."""
+        piece, room = arrival.piece, arrival.room
+        self.prepare(room, piece.planes)
         s = piece.slice
         # the heads only: the slots were checked with the room's
         piece.planes.check_slice(piece.slots[:0], s.dst_head_start, s.num_heads)
