@@ -173,7 +173,7 @@ def hops_rows(hops: dict | None) -> list[Row]:
         return []
     wakes = "/".join(f"{n:g}" for n in hops["wakes_per_request"].values())
     launch = hops["calls"].get("copy launch (all of it)", {}).get("median_us", 0.0)
-    return [Row(f"one prompt, forward handed over -> KV landed at decode, "
+    return [Row(f"one prompt, forward handed over -> room succeeded at decode, "
                 f"{hops['args']['prompt']} tokens", hops["forward_to_kv_landed_ms"],
                 None, " ms", detail=f"wakes {wakes} "
                 f"({'/'.join(hops['wakes_per_request'])}); a copy launch "

@@ -169,7 +169,7 @@ def analyse(trace: Trace, runs: list[tuple[float, dict[str, float]]]) -> dict:
                 "p90_us": inside[int(0.9 * (len(inside) - 1))],
                 "per_request": len(inside) / len(runs),
             }
-    chain = [m["scatter_queued"] - m["prefill_last_forward"] for _, m in runs if _chain(m)]
+    chain = [m["kv_ready"] - m["prefill_last_forward"] for _, m in runs if _chain(m)]
     return {
         "stages": stages,
         "calls": calls,
@@ -179,7 +179,7 @@ def analyse(trace: Trace, runs: list[tuple[float, dict[str, float]]]) -> dict:
 
 
 def _chain(marks: dict[str, float]) -> bool:
-    return "scatter_queued" in marks and "prefill_last_forward" in marks
+    return "kv_ready" in marks and "prefill_last_forward" in marks
 
 
 def main() -> None:
@@ -218,7 +218,7 @@ def main() -> None:
         print(f"{row['stage']:24}{row['after']:16.3f}{row['to_wake']:13.3f}{row['in_turn']:13.3f}")
     chain = result["forward_to_kv_landed_ms"]
     if chain is not None:
-        landed = "KV landed at decode (its last scatter queued)"
+        landed = "KV ready at decode (its room succeeded there)"
         print(f"forward handed over -> {landed}: {chain:.3f} ms (median)")
     print(f"{'call':36}{'median us':>11}{'p90 us':>9}{'per request':>13}")
     for label, call in result["calls"].items():

@@ -36,7 +36,7 @@ from kvferry.transport.recv_pipeline import RecvPipeline
 from kvferry.transport.recv_room import RecvRoom
 from kvferry.transport.room import KVPoll, RoomVisits
 from kvferry.transport.tags import MAX_KEY
-from kvferry.transport.timeline import first, merge_prefill
+from kvferry.transport.timeline import first, last, merge_prefill
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,7 @@ class DecodeAgent(TransferAgent):
         elif age > self.config.transfer_timeout_s:
             self._fail(room, timeout(f"timeout: transfer unfinished after {age:.1f}s"))
         elif room.writers and room.complete(self.core.mode, self.planes.num_planes):
+            last(room.marks, "kv_ready")
             room.handle.first_token = next(iter(room.first_tokens.values()))
             room.handle.marks = dict(room.marks)
             room.handle.kv_fence = room.kv_fence

@@ -5,7 +5,8 @@ of one host line up; across hosts they are as good as the hosts' clock sync.
 
 Stage names, in a request's order: received, reserved, prompt_sent (decode daemon);
 prefill_registered, prefill_first_forward, prefill_last_forward, prefill_gathered, prefill_sent
-(the slowest prefill rank); registered, first_data, received_data, scatter_queued (decode rank);
+(the slowest prefill rank); registered, first_data, received_data, scatter_queued, kv_ready
+(decode rank);
 admitted (decode engine); first_token_out, done (decode daemon).
 """
 

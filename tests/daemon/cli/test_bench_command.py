@@ -87,9 +87,10 @@ def test_a_sweep_against_real_daemons(result_file):
             assert set(rss) == {"prefill-0", "decode-0"} and min(rss.values()) > 2**20
     for point in result["points"]:  # where TTFT went: the stages of both daemons, in order
         stages = list(point["stages"])
-        for stage in ("reserved", "prefill_sent", "scatter_queued", "admitted", "first_token_out"):
+        for stage in ("reserved", "prefill_sent", "scatter_queued", "kv_ready", "admitted"):
             assert stage in stages, (stage, stages)
         assert stages.index("reserved") < stages.index("prefill_sent") < stages.index("admitted")
+        assert stages.index("scatter_queued") < stages.index("kv_ready") < stages.index("admitted")
         assert all(0 <= s["p50"] <= s["p90"] <= 1 for s in point["stages"].values())
         timelines = [r["timeline"] for r in point["requests"]]
         assert all(t["received"] == 0 and t["done"] >= t["first_token_out"] for t in timelines)
