@@ -191,9 +191,7 @@ class DecodeAgent(TransferAgent):
             room.accepted.add(message.src_rank)
             if room.open and len(room.accepted) == len(room.rank_peers):
                 first(room.marks, "registered")
-                # the decode engine acts on a room's end only: waking it here would take the
-                # GIL from its step for nothing
-                room.status.advance(KVPoll.WaitingForInput, wake=False)
+                room.status.advance(KVPoll.WaitingForInput)
         elif isinstance(message, TransferDone) and room is not None:
             self._on_done(room, message)
             self._visits.touch(room.room)

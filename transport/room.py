@@ -24,9 +24,8 @@ class RoomStatus:
 
     Written by the agent thread; read by any thread (single attribute reads). `notify` is
     called after every change an engine acts on (it wakes the engine that reads the state):
-    registered (on a prefill rank), done, failed. The move to Transferring is not one of them:
-    no engine does anything then, and waking one would take the GIL from the transfer thread
-    in mid-transfer.
+    registered, done, failed. The move to Transferring is not one of them: no engine does
+    anything then, and waking one would take the GIL from the transfer thread in mid-transfer.
     """
 
     __slots__ = ("created", "failure", "notify", "reached", "state")
@@ -42,13 +41,12 @@ class RoomStatus:
     def finished(self) -> bool:
         return self.state in (KVPoll.Success, KVPoll.Failed)
 
-    def advance(self, state: KVPoll, wake: bool = True) -> None:
-        """Move to `state` if it is ahead; a finished room stays where it is. `wake=False`:
-        no engine acts on this move here (a decode room's registration), so none is woken."""
+    def advance(self, state: KVPoll) -> None:
+        """Move to `state` if it is ahead; a finished room stays where it is."""
         if not self.finished and state > self.state:
             assert state != KVPoll.Failed, "use fail() to fail a room"
             self.state = self.reached = state
-            if wake and self.notify is not None and state != KVPoll.Transferring:
+            if self.notify is not None and state != KVPoll.Transferring:
                 self.notify()
 
     def fail(self, failure: Failure) -> bool:

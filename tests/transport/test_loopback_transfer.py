@@ -323,22 +323,3 @@ def test_a_room_succeeds_once_its_last_scatter_is_queued_not_once_it_ran():
         assert wait_idle([dep.prefill, dep.decode])
     finally:
         dep.close()
-
-
-@pytest.mark.parametrize("heads, src_tp, dst_tp", [(4, 2, 1), (2, 1, 2)])
-def test_a_decode_engine_is_woken_once_a_room_by_its_end(heads, src_tp, dst_tp):
-    """A decode engine acts on a room's end only (admit it, or fail it): its registration with
-    the prefill ranks, and the transfer, wake no engine; the Success does, once."""
-    dep = Deployment(heads, src_tp, dst_tp, d_page_size=4)
-    rings = []
-    try:
-        for agent in dep.decode.agents:
-            bell = agent.core.bell
-            bell.ring = lambda _r=bell.ring, _a=agent: (rings.append(_a), _r())[1]
-        _, senders, receivers = dep.run(num_tokens=45)
-        states = wait_all(senders + receivers)
-        assert states == [KVPoll.Success] * len(states), [str(h.failure) for h in receivers]
-        assert settle(dep.decode.agents)
-        assert sorted(map(id, rings)) == sorted(id(a) for a in dep.decode.agents)
-    finally:
-        dep.close()
