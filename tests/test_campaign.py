@@ -166,7 +166,7 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "gather launch, wall, during a forward",
         "control path alone: transfer-thread CPU per request, prefill",
         "control path alone: transfer-thread CPU per request, decode",
-        "one prompt, forward handed over -> KV landed at decode, 256 tokens",
+        "one prompt, forward handed over -> room succeeded at decode, 256 tokens",
         "TTFT whole-chunk, prefill on arrival / held until registered, 256 tokens",
         "TP step exchange (broadcast + verdicts), gloo / the ranks' pipes",
     ):
