@@ -27,6 +27,10 @@ transfers running to without. The transfer runs' clock starts once the decode si
 registered every room, so that their prompts share the forwards as in the local run (started
 earlier, the first forward takes the rooms registered by then and the batch splits into
 smaller, slower forwards); registration is part of each latency figure.
+
+Forward launch: for each single-prompt run, how long the host took to launch its forward (and
+the first token's draw), and what this process's transfer threads did meanwhile (loop turns,
+CPU): where the forward is bound by the host, their Python is taken from its launch.
 """
 
 from __future__ import annotations
@@ -115,6 +119,7 @@ class Bench:
         self.transfers = layer_group is not None
         self.next_room = itertools.count(1)
         self.timelines: list[dict[str, float]] = []  # per prompt sent: stage -> ms after submit
+        self.launches: list[Launch] = []  # per forward: its host launch, the threads meanwhile
         pages = -(-args.prompt // args.page_size) * (args.requests + 1)
         if self.transfers:
             settings = EngineSettings(
@@ -206,7 +211,9 @@ class Bench:
             self.scheduler.add(seq)
         futures = []
         while batch := self.scheduler.schedule():
+            launch = Launch.begin([])
             future = self.runner.sample_prompt_ends(batch, self.runner.forward(batch))
+            self.launches.append(launch.end())
             if future is not None:
                 futures.append(future)
             self.scheduler.computed(batch)
@@ -236,9 +243,17 @@ class Bench:
             self.agent.bell.clear()
 
     def _transfer(self, waiting: set[int], submitted: float) -> None:
-        ended = []
+        ended, loops = [], self._loops()
         while True:
-            forwarded = self.engine.step()
+            launch = None
+
+            def began() -> None:
+                nonlocal launch
+                launch = Launch.begin(loops)
+
+            forwarded = self.engine.step(before_forward=began)
+            if forwarded:
+                self.launches.append(launch.end())
             self.engine.take_output()
             self.engine.samples.take()
             for room in self.decode.take_done():
@@ -255,6 +270,38 @@ class Bench:
         for room in ended:  # the room's stages (transport/timeline.py)
             self.timelines.append({k: (at - submitted) * 1e3 for k, at in room.marks.items()})
 
+    def _loops(self) -> list:
+        """The transfer threads of this process: the prefill rank's, and the decode side's when
+        it runs here."""
+        loops = [self.agent.core.loop]
+        if isinstance(self.decode, LocalDecode):
+            loops.append(self.decode.agent.core.loop)
+        return loops
+
+
+class Launch:
+    """One forward's launch on the host: its wall time, and the turns and CPU seconds of the
+    transfer threads `loops` meanwhile."""
+
+    def __init__(self, loops: list, began: float, turns: int, cpu_s: float) -> None:
+        self.loops, self.began, self.turns, self.cpu_s = loops, began, turns, cpu_s
+        self.ms = 0.0
+
+    @classmethod
+    def begin(cls, loops: list) -> Launch:
+        turns, cpu_s = cls._threads(loops)
+        return cls(loops, time.perf_counter(), turns, cpu_s)
+
+    def end(self) -> Launch:
+        self.ms = (time.perf_counter() - self.began) * 1e3
+        turns, cpu_s = self._threads(self.loops)
+        self.turns, self.cpu_s = turns - self.turns, cpu_s - self.cpu_s
+        return self
+
+    @staticmethod
+    def _threads(loops: list) -> tuple[int, float]:
+        return sum(loop.turns for loop in loops), sum(loop.cpu_seconds() for loop in loops)
+
 
 def measure(args, model: Model, name: str, layer_group: int | None, held: bool = False) -> dict:
     bench = Bench(args, model, layer_group, held)
@@ -265,7 +312,9 @@ def measure(args, model: Model, name: str, layer_group: int | None, held: bool =
         bench.run(prompts[:1])
         bench.run(prompts)
         bench.timelines.clear()
+        bench.launches.clear()
         latency = [bench.run([prompt]) for prompt in prompts[: args.repeats]]
+        launches = list(bench.launches)
         # median ms after submission at which each stage ended, one prompt at a time
         stages = stage_times(bench.timelines, statistics.median)
         bench.timelines.clear()
@@ -285,6 +334,10 @@ def measure(args, model: Model, name: str, layer_group: int | None, held: bool =
             "tokens_per_s": tokens / batch,
             "stages_ms": stages,
             "batch_stages_ms": batch_stages,
+            # one prompt's forwards: host launch ms, and the transfer threads meanwhile
+            "launch_ms": statistics.median(x.ms for x in launches),
+            "launch_thread_turns": statistics.median(x.turns for x in launches),
+            "launch_thread_cpu_ms": statistics.median(x.cpu_s for x in launches) * 1e3,
         }
     finally:
         bench.close()
@@ -328,6 +381,15 @@ def main() -> None:
         print(
             f"{run['name']:24}{run['latency_ms']:12.1f}{run['latency_overhead']:+10.1%}"
             f"{run['tokens_per_s']:15.0f}{run['throughput_ratio']:10.1%}"
+        )
+    print(
+        "one prompt's forward, launched on the host in (median ms), while this process's "
+        "transfer threads took (turns, CPU ms):"
+    )
+    for run in runs:
+        print(
+            f"  {run['name']:22}{run['launch_ms']:8.2f} ms  {run['launch_thread_turns']:5.1f} "
+            f"turns  {run['launch_thread_cpu_ms']:6.2f} ms CPU"
         )
     if args.held:
         whole, held = runs[1], runs[-1]

@@ -76,6 +76,7 @@ class SendPipeline:
             if written is None:  # its layers are not queued on the device yet: wait for them
                 return
             if item.written.fence is written:  # the whole forward is queued
+                first(item.room.marks, "prefill_scheduled", item.written.began)
                 first(item.room.marks, "prefill_first_forward", item.written.at)
                 last(item.room.marks, "prefill_last_forward", item.written.at)
             if not self.mode.stage(item):

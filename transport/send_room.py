@@ -51,13 +51,14 @@ class KVWritten:
     gather behind the first fence covering it (`for_layers`), so on a device that runs behind
     the host the first layer groups travel while later layers compute."""
 
-    __slots__ = ("at", "fence", "layers")
+    __slots__ = ("at", "began", "fence", "layers")
 
     def __init__(
         self, fence: Fence | None = None, layers: list[tuple[int, Fence]] | None = None
     ) -> None:
         self.fence, self.layers = fence, layers if layers is not None else []
         self.at = time.time() if fence is not None else 0.0  # when the forward was queued
+        self.began = time.time()  # when the engine began to launch it (handed over before that)
 
     def layers_written(self, layers: int, event: torch.cuda.Event) -> None:
         """Layers [0, `layers`) are written once `event` (recorded) fires."""

@@ -4,10 +4,10 @@ first token, and the daemon adds its own. Wall-clock seconds (time.time()), so t
 of one host line up; across hosts they are as good as the hosts' clock sync.
 
 Stage names, in a request's order: received, reserved, prompt_sent (decode daemon);
-prefill_registered, prefill_first_forward, prefill_last_forward, prefill_gathered, prefill_sent
-(the slowest prefill rank); registered, first_data, received_data, scatter_queued, kv_ready
-(decode rank);
-admitted (decode engine); first_token_out, done (decode daemon).
+prefill_registered, prefill_scheduled (its first forward began to launch), prefill_first_forward,
+prefill_last_forward, prefill_gathered, prefill_sent (the slowest prefill rank); registered,
+first_data, received_data, scatter_queued, kv_ready (decode rank); admitted (decode engine);
+first_token_out, done (decode daemon).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ Marks = dict[str, float]
 PREFILL_STAGES = frozenset(
     {
         "prefill_registered",
+        "prefill_scheduled",
         "prefill_first_forward",
         "prefill_last_forward",
         "prefill_gathered",
