@@ -85,11 +85,16 @@ class ModelRunner:
     def sample_prompt_ends(self, batch: list[Work], logits: torch.Tensor) -> Future | None:
         """`sample_async` for the work items that complete their prompt (their first token),
         with failed draws known at once (the sender is told before the tokens are read);
-        None when no item does."""
+        None when no item does. Nothing here waits for the device: the prefill engine hands
+        the forward's KV to the transfer thread once this returns, which should be while the
+        device still runs the forward (an index from a Python list would be copied to the
+        device from pageable memory, which makes the host wait for the stream first)."""
         rows = [i for i, work in enumerate(batch) if work.completes_prompt]
         if not rows:
             return None
-        return self.sample_async(logits[rows], [batch[i] for i in rows], on_device=False)
+        if len(rows) < len(batch):
+            logits = logits.index_select(0, self.model.upload(np.array(rows, np.int64)))
+        return self.sample_async(logits, [batch[i] for i in rows], on_device=False)
 
     def sample_async(self, logits: torch.Tensor, batch: list[Work], on_device=True) -> Future:
         """Sample without waiting for the device: the tokens stay on it (for the next step's

@@ -7,7 +7,10 @@ import time
 import pytest
 import torch
 
-from kvferry.daemon.engine.sequence import SamplingParams
+from kvferry.daemon.engine.block_manager import BlockManager
+from kvferry.daemon.engine.runner import ModelRunner
+from kvferry.daemon.engine.scheduler import PrefillScheduler
+from kvferry.daemon.engine.sequence import SamplingParams, Sequence
 from kvferry.daemon.model.llama import Model
 from kvferry.daemon.model.weights import full_weights
 from kvferry.daemon.server.config import ModelSection
@@ -66,6 +69,42 @@ def test_decode_loop_never_synchronises_the_host(model):
         decode.agent.close()
         prefill.agent.close()
         server.close()
+
+
+def test_a_prefill_forward_and_its_first_tokens_never_synchronise_the_host(model):
+    """The prefill engine hands a forward's KV to the transfer thread once the forward and its
+    first tokens' draw are queued: were the host to wait for the device there, the hand-over
+    (and so every gather) would come only once the device had run the whole forward. A batch
+    of some prompts' last chunks and other prompts' earlier ones (rows picked for the draw)."""
+    runner = ModelRunner(Model(*model, device="cuda"), BlockManager(32, 16))
+    scheduler = PrefillScheduler(runner.blocks, 8, 24)
+
+    def prefill(sync_mode: str) -> list[int]:
+        seqs = [Sequence(list(p), SamplingParams(max_tokens=1)) for p in PROMPTS]
+        for seq in seqs:
+            scheduler.add(seq)
+        futures, mixed = [], False
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            while batch := scheduler.schedule():
+                completing = [work.completes_prompt for work in batch]
+                mixed |= any(completing) and not all(completing)
+                future = runner.sample_prompt_ends(batch, runner.forward(batch))
+                futures += [future] if future is not None else []
+                scheduler.computed(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert mixed  # a forward drew the first tokens of some of its rows only
+        firsts = {}
+        for future in futures:
+            firsts.update(zip((w.seq.id for w in future.batch), future.result(), strict=True))
+        for seq in seqs:
+            runner.blocks.deallocate(seq.id)
+        return [firsts[seq.id] for seq in seqs]
+
+    prefill("default")  # kernels compiled, buffers and pinned blocks cached
+    firsts = prefill("error")
+    assert firsts == [cpu_greedy(model, prompt, 1)[0] for prompt in PROMPTS]
 
 
 @pytest.mark.parametrize("layer_group", [0, 1])
