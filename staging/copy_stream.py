@@ -199,6 +199,16 @@ class CopyStream:
         driver.use_device(self._index)
         return self._fence(wake=True)
 
+    def after(self, fence: Fence) -> Fence:
+        """A fence that fires once `fence` (work of another stream, e.g. a forward's) has, and
+        makes `wake_fd` readable then: for work someone waits for that no copy of its own
+        follows. DONE where there is nothing to wait for (a CPU, a fence that fired)."""
+        if self._stream is None or not fence.handle:
+            return DONE
+        driver.use_device(self._index)
+        driver.wait_event(self._handle, fence.handle)
+        return self._fence(wake=True)
+
     def wake_when_done(self) -> None:
         """Make `wake_fd` readable once every copy queued so far has finished (for copies
         queued with `wake=False` that someone now waits for)."""

@@ -141,7 +141,8 @@ class SendRoom:
         self.groups: list[range] = []  # the layers of each piece of a chunk, once registered
         # the largest message every decode rank of the room takes (several chunks in one)
         self.max_message_bytes: int | None = None
-        self.first_token: int | None = None
+        self.first_token: int | torch.Tensor | None = None
+        self.first_token_wake: Fence | None = None  # asked for once its fence has to fire
         self.input_done = False
         self.first_known = False  # the first token is here (with the last tokens, or after)
         self.in_flight = 0  # work items queued, staged or sending
@@ -230,6 +231,14 @@ class SendRoom:
 
     def first_token_is(self, token) -> None:
         self.first_token, self.first_known = token, True
+
+    def first_token_fence(self) -> Fence | None:
+        """What must fire before the first token can be read: an engine hands over a host
+        tensor that a copy queued with the last chunk's forward fills, and that chunk's
+        KVWritten fence covers the copy. None for a token known on the host."""
+        if not isinstance(self.first_token, torch.Tensor) or not self._ready:
+            return None
+        return self._ready[-1].fence
 
     def ready_chunks(self):
         """(chunk, slots, ready) for every chunk whose tokens have all been added, in order."""

@@ -323,3 +323,50 @@ def test_a_room_succeeds_once_its_last_scatter_is_queued_not_once_it_ran():
         assert wait_idle([dep.prefill, dep.decode])
     finally:
         dep.close()
+
+
+class _PendingFence:
+    """A forward's fence that fires when the test says (as the device would, later)."""
+
+    handle = 0
+    event = None
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def done(self) -> bool:
+        return self.fired
+
+
+def test_a_first_token_is_read_only_once_the_copy_that_fills_it_has_run():
+    """The engine hands over its first token as a host tensor that a copy queued after the
+    forward fills, and returns while the device still runs the forward. A prefill rank reads
+    it for TransferDone only once that copy has run: on a rank that sends the room nothing
+    (MLA, prefill TP 2 to decode TP 1: rank 1's latent is rank 0's to send) no gather waits for
+    it, and a rank that sends waits too."""
+    dep = Deployment(1, 2, 1, mla=True, head_dim=32)
+    try:
+        req = Request(dep.prefill.layouts[0], 16, seed=5)
+        receivers = start_receivers(dep.decode, req, dep.server.address)
+        agents = dep.prefill.agents
+        senders = [agent.sender(req.room, req.num_tokens) for agent in agents]
+        assert wait_for(lambda: all(s.poll() == KVPoll.WaitingForInput for s in senders))
+        prefill_fill(dep.prefill, req)
+        fence, token = _PendingFence(), torch.zeros(1, dtype=torch.int64)  # not copied yet
+        for sender, cache in zip(senders, dep.prefill.caches, strict=True):
+            written = KVWritten()
+            sender.add_tokens(req_slots(cache, req), written=written, last=True)
+            written.fence, written.at = fence, time.time()  # the forward is queued
+            sender.first_token_is(token)
+        assert settle(agents + dep.decode.agents)
+        assert [s.poll() for s in senders] == [KVPoll.Transferring, KVPoll.WaitingForInput]
+        assert receivers[0].poll() != KVPoll.Success
+        token[0], fence.fired = 42, True  # the copy has run
+        for agent in agents:
+            agent.wake()
+        assert wait_all([*senders, *receivers]) == [KVPoll.Success] * 3
+        assert receivers[0].first_token == 42
+        assert decode_matches(dep.decode, req)
+        assert wait_idle([dep.prefill, dep.decode])
+    finally:
+        dep.close()
