@@ -82,11 +82,19 @@ class KVSender:
             wake,
         )
 
-    def first_token_is(self, token: int | torch.Tensor, wake: bool = True) -> None:
+    def first_token_is(
+        self,
+        token: int | torch.Tensor,
+        wake: bool = True,
+        failed: torch.Tensor | None = None,
+        why: str = "",
+    ) -> None:
         """The first token, after tokens added with `written` and `last` (an int, or a
-        one-element host tensor filled by the time the forward's fence fires). `wake=False`
-        for a caller that wakes the agent itself right after."""
-        self.agent.post(lambda: self.agent.first_token_on_loop(self.room, token), wake)
+        one-element host tensor filled by the time the forward's fence fires). `failed`: a
+        one-element host bool tensor filled with it, set where the draw failed — the room then
+        fails for `why` instead of completing. `wake=False` for a caller that wakes the agent
+        itself right after."""
+        self.agent.post(lambda: self.agent.first_token_on_loop(self.room, token, failed, why), wake)
 
     def poll(self) -> KVPoll:
         if self.status is None:  # not claimed yet: the registrations may have come first

@@ -143,6 +143,8 @@ class SendRoom:
         self.max_message_bytes: int | None = None
         self.first_token: int | torch.Tensor | None = None
         self.first_token_wake: Fence | None = None  # asked for once its fence has to fire
+        self.first_failed: torch.Tensor | None = None  # filled with the token: its draw failed
+        self.first_failed_why = ""
         self.input_done = False
         self.first_known = False  # the first token is here (with the last tokens, or after)
         self.in_flight = 0  # work items queued, staged or sending
@@ -229,8 +231,14 @@ class SendRoom:
             self.first_known = not first_later
         return None
 
-    def first_token_is(self, token) -> None:
+    def first_token_is(self, token, failed=None, why: str = "") -> None:
+        """`failed`: a host flag filled with the token, set where its draw failed (`why`)."""
         self.first_token, self.first_known = token, True
+        self.first_failed, self.first_failed_why = failed, why
+
+    def first_draw_failed(self) -> bool:
+        """Whether the first token's draw failed (read once the token may be)."""
+        return self.first_failed is not None and bool(self.first_failed)
 
     def first_token_fence(self) -> Fence | None:
         """What must fire before the first token can be read: an engine hands over a host

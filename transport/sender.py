@@ -161,11 +161,11 @@ class PrefillAgent(TransferAgent):
         if error:
             self._fail(room, error)
 
-    def first_token_on_loop(self, room_id: int, token) -> None:
+    def first_token_on_loop(self, room_id: int, token, failed=None, why: str = "") -> None:
         """KVSender.first_token_is on the loop thread."""
         room = self.rooms.get(room_id)
         if room is not None and not room.status.finished:
-            room.first_token_is(token)
+            room.first_token_is(token, failed, why)
             self._visits.touch(room_id)
 
     def abort_on_loop(self, room_id: int, failure: Failure) -> None:
@@ -263,6 +263,9 @@ class PrefillAgent(TransferAgent):
                         item = (room, piece, self.layout.tp_rank, dest, slots, planes)
                         self.pipeline.add(Outgoing(*item, ready, layers.stop, now))
         if room.complete and self._first_token_readable(room):
+            if room.first_draw_failed():
+                self._fail(room, Failure(FailureKind.INTERNAL, room.first_failed_why))
+                return
             for dest in room.dests.values():
                 self.core.control.send(
                     dest.peer,

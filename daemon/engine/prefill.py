@@ -24,7 +24,7 @@ import torch
 
 from kvferry.daemon.engine.group import TPGroup, Verdict
 from kvferry.daemon.engine.outputs import RoomDone, Samples, StepOutput
-from kvferry.daemon.engine.runner import ModelRunner
+from kvferry.daemon.engine.runner import DRAW_FAILED, ModelRunner
 from kvferry.daemon.engine.scheduler import PrefillScheduler
 from kvferry.daemon.engine.sequence import SamplingParams, Sequence
 from kvferry.transport.failure import Failure, FailureKind
@@ -130,30 +130,25 @@ class PrefillEngine:
                 sender = rooms[work.seq.id][1].sender
                 sender.add_tokens(slots, written=written, last=work.completes_prompt)
         logits = self.runner.forward(batch, after_layer=self.marks.begin(written))
-        ready, firsts, failed = self._first_tokens(batch, logits)
-        written.complete(ready)
+        future = self.runner.sample_prompt_ends(batch, logits)
+        written.complete(future.event if future else _forward_event(self.runner.kv.device))
         for work in batch:
             sender = rooms[work.seq.id][1].sender
-            if work.seq.id in failed:  # its first token could not be drawn: the room fails
-                sender.abort(Failure(FailureKind.INTERNAL, failed[work.seq.id]))
-            elif work.completes_prompt:
-                sender.first_token_is(firsts[work.seq.id], wake=False)
+            if future is None or work.seq.id not in future.rows:
+                continue
+            row = future.rows[work.seq.id]
+            if work.seq.id in future.errors:  # its first token could not be drawn: the room fails
+                sender.abort(Failure(FailureKind.INTERNAL, future.errors[work.seq.id]))
+            else:  # drawn on the device: the sender reads the token, and whether the draw
+                # failed, once the forward's fence (the copy that fills them) has fired
+                failed = None if future.failed is None else future.failed[row]
+                sender.first_token_is(future.host[row], wake=False, failed=failed, why=DRAW_FAILED)
         self.agent.wake()  # one turn for the chunks handed over above and their first tokens
         self.samples.forward_s.append(time.perf_counter() - began)
         for seq in self.scheduler.computed(batch):
             seq.finish("prefilled")
             rooms[seq.id][1].computed_at = time.monotonic()
         return True
-
-    def _first_tokens(self, batch, logits):
-        """(event after the forward and the sampling, {seq id: its first token as a one-element
-        host tensor}, {seq id: why its draw failed}) — sampled on the device and copied out
-        asynchronously; the sender reads the value only after the event has fired."""
-        future = self.runner.sample_prompt_ends(batch, logits)
-        if future is None:
-            return _forward_event(self.runner.kv.device), {}, {}
-        firsts = {work.seq.id: future.host[i] for i, work in enumerate(future.batch)}
-        return future.event, firsts, future.errors
 
     def _settle(self) -> None:
         """Rooms now registered on every rank go to the scheduler (and new ones within the

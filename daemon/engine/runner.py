@@ -20,6 +20,8 @@ from kvferry.daemon.model.llama import Model
 from kvferry.daemon.model.ops import KernelOps
 from kvferry.staging.kv_copy import KVPlanes
 
+DRAW_FAILED = "sampling failed: logits are not finite"  # why a draw on the device failed
+
 
 class ModelRunner:
     def __init__(
@@ -83,27 +85,35 @@ class ModelRunner:
         return self.sampler.sample(logits, seqs)
 
     def sample_prompt_ends(self, batch: list[Work], logits: torch.Tensor) -> Future | None:
-        """`sample_async` for the work items that complete their prompt (their first token),
-        with failed draws known at once (the sender is told before the tokens are read);
+        """`sample_async` for the work items that complete their prompt (their first token);
         None when no item does. Nothing here waits for the device: the prefill engine hands
         the forward's KV to the transfer thread once this returns, which should be while the
         device still runs the forward (an index from a Python list would be copied to the
-        device from pageable memory, which makes the host wait for the stream first)."""
+        device from pageable memory, which makes the host wait for the stream first). On a
+        GPU the draws are made there, and a failed one is known once the tokens are
+        (`Future.failed`); on a CPU at once (`Future.errors`)."""
         rows = [i for i, work in enumerate(batch) if work.completes_prompt]
         if not rows:
             return None
         if len(rows) < len(batch):
             logits = logits.index_select(0, self.model.upload(np.array(rows, np.int64)))
-        return self.sample_async(logits, [batch[i] for i in rows], on_device=False)
+        return self.sample_async(logits, [batch[i] for i in rows], upload=self._upload_now)
 
-    def sample_async(self, logits: torch.Tensor, batch: list[Work], on_device=True) -> Future:
+    def _upload_now(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """Int32 arrays to the device through pinned blocks of their own: unlike the
+        Uploader's two buffers taken in turn, never waits for an earlier step's copy."""
+        return [self.model.upload(np.ascontiguousarray(a, np.int32)) for a in arrays]
+
+    def sample_async(self, logits: torch.Tensor, batch: list[Work], upload=None) -> Future:
         """Sample without waiting for the device: the tokens stay on it (for the next step's
-        inputs) and are copied to pinned host memory, ready once `event` fires. On a GPU
-        (`on_device`) the draws are made there too, and failed draws are known once the
-        tokens are; otherwise sampled rows draw on the host at once."""
+        inputs) and are copied to pinned host memory, ready once `event` fires. On a GPU the
+        draws are made there too, and failed draws are known once the tokens are; on a CPU
+        sampled rows draw on the host at once. `upload`: how the draws' knobs go to the
+        device (default: the Uploader)."""
         seqs, errors, failed = [work.seq for work in batch], {}, None
-        if on_device and logits.device.type == "cuda":
-            tokens, failed = self.sampler.sample_on_device(logits, seqs, self.uploader.upload)
+        if logits.device.type == "cuda":
+            upload = upload or self.uploader.upload
+            tokens, failed = self.sampler.sample_on_device(logits, seqs, upload)
         elif any(seq.params.temperature > 0 for seq in seqs):  # sampling draws on the host
             sampled = self.sampler.sample(logits, seqs)
             tokens, errors = self.model.upload(torch.tensor(sampled.tokens)), sampled.errors
@@ -146,7 +156,7 @@ class Future:
         if self.failed is not None:
             for work, failed in zip(self.batch, self.failed.tolist(), strict=True):
                 if failed:
-                    self.errors[work.seq.id] = "sampling failed: logits are not finite"
+                    self.errors[work.seq.id] = DRAW_FAILED
         return self.host.tolist()
 
 
