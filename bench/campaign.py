@@ -17,7 +17,8 @@ the others still run):
             bench/control_path.py: the transfer threads' CPU per request with a tiny KV; then
             bench/group_exchange.py: a TP group's step exchanges, gloo vs the ranks' pipes;
             on a GPU, bench/device_reduce.py: TP ranks sharing it, a forward's all-reduces
-            ordered by interprocess events vs a host sync each
+            ordered by interprocess events vs a host sync each; and bench/forward_host.py: a
+            prefill forward's launch on the host vs the device's time for it
   overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
             time to first token, whole-chunk vs layer-wise; then bench/hops.py: one prompt's
             transfer, hop by hop
@@ -186,6 +187,9 @@ def stage_host(stage: Stage) -> None:
         if stage.args.gpu:  # TP ranks sharing the GPU: a forward's all-reduces, two orderings
             reduce = stage.args.out_dir / "device_reduce.json"  # and on MPS where there is one
             stage.run(python("device_reduce.py", "--mps", "--json", str(reduce)))
+            # a prefill forward's launch on the host against the device's time for it
+            forward = stage.args.out_dir / "forward_host.json"
+            stage.run(python("forward_host.py", "--json", str(forward)))
 
 
 def stage_perftest(stage: Stage) -> None:

@@ -28,6 +28,7 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
     rows += control_rows(read("control.json"))
     rows += group_rows(read("group.json"))
     rows += reduce_rows(read("device_reduce.json"))
+    rows += forward_rows(read("forward_host.json"))
     for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
         rows += overlap_rows(read_json(path) or {})
     rows += hops_rows(read("hops.json"))
@@ -166,6 +167,19 @@ def reduce_rows(reduce: dict | None) -> list[Row]:
     if reduce and reduce.get("mps_note"):
         rows.append(Row("TP2 on one GPU on MPS", None, None, "", detail=reduce["mps_note"]))
     return rows
+
+
+def forward_rows(forward: dict | None) -> list[Row]:
+    if not forward:
+        return []
+    rows, tokens = forward["rows"], forward["args"]["prompt"]
+    alone, idle = rows["launch alone (device busy)"], rows["launch, device idle (colocated)"]
+    turns = rows["idle, + Python turns"]
+    return [Row(f"prefill forward, {tokens} tokens: host launch / device time", alone["launch_ms"]
+                / alone["device_ms"], None, "x", detail=f"{alone['launch_ms']:.2f} vs "
+                f"{alone['device_ms']:.2f} ms; another thread's Python turns "
+                f"({turns['other_cpu_ms']:.2f} ms CPU) add "
+                f"{turns['launch_ms'] - idle['launch_ms']:+.2f} ms to it")]  # fmt: skip
 
 
 def hops_rows(hops: dict | None) -> list[Row]:
