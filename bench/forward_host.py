@@ -31,7 +31,7 @@ import threading
 import time
 
 import torch
-from overlap import build_model  # bench/ is on sys.path as a script
+from overlap import add_model_args, build_model  # bench/ is on sys.path as a script
 
 from kvferry.daemon.engine.block_manager import BlockManager
 from kvferry.daemon.engine.runner import ModelRunner
@@ -46,13 +46,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--device", default="cuda" if gpu else "cpu")
-    p.add_argument("--dtype", default="bfloat16" if gpu else "float32")
-    p.add_argument("--layers", type=int, default=16 if gpu else 4)
-    p.add_argument("--hidden", type=int, default=2048 if gpu else 256)
-    p.add_argument("--heads", type=int, default=16 if gpu else 4)
-    p.add_argument("--kv-heads", type=int, default=8 if gpu else 2)
-    p.add_argument("--intermediate", type=int, default=5632 if gpu else 512)
+    add_model_args(p, gpu)
     p.add_argument("--prompt", type=int, default=2048 if gpu else 256)
     p.add_argument("--chunk", type=int, default=2048 if gpu else 256)
     p.add_argument("--page-size", type=int, default=16)

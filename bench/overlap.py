@@ -63,11 +63,9 @@ GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
 WAIT_S = 0.5  # the longest sleep without news (a lost ring would show as this)
 
 
-def parse_args() -> argparse.Namespace:
-    gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_model_args(p: argparse.ArgumentParser, gpu: bool) -> None:
+    """The random model's sizes and where it runs (`build_model`): a 16-layer model on a GPU,
+    a small one on a CPU."""
     p.add_argument("--device", default="cuda" if gpu else "cpu")
     p.add_argument("--dtype", default="bfloat16" if gpu else "float32")
     p.add_argument("--layers", type=int, default=16 if gpu else 4)
@@ -75,6 +73,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=16 if gpu else 4)
     p.add_argument("--kv-heads", type=int, default=8 if gpu else 2)
     p.add_argument("--intermediate", type=int, default=5632 if gpu else 512)
+
+
+def parse_args() -> argparse.Namespace:
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_args(p, gpu)
     p.add_argument("--prompt", type=int, default=2048 if gpu else 256, help="tokens per prompt")
     p.add_argument(
         "--chunk",
