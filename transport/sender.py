@@ -21,6 +21,7 @@ from kvferry.transport.curve import CurveKeys
 from kvferry.transport.dataplane import DataPlane
 from kvferry.transport.endpoints import EndpointPool
 from kvferry.transport.failure import Failure, FailureKind
+from kvferry.transport.first_token import FirstTokenWaits
 from kvferry.transport.handles import KVSender
 from kvferry.transport.messages import (
     Abort,
@@ -75,7 +76,7 @@ class PrefillAgent(TransferAgent):
         self.rooms: dict[int, SendRoom] = {}
         self.tombstones = Tombstones()
         self._visits = RoomVisits()  # rooms the next step advances (news of each, or a sweep)
-        self._token_waits: list[int] = []  # rooms whose first token's copy is waited for
+        self._first_tokens = FirstTokenWaits(self.core.copies, self._visits.touch)
         self.pipeline = SendPipeline(self.core, config, self._fail, self._visits.touch)
         self.endpoints = EndpointPool(self.core, self._on_endpoint_error)
         self.registrar = Registrar(
@@ -216,8 +217,7 @@ class PrefillAgent(TransferAgent):
 
     def _step(self, now: float) -> bool:
         self.pipeline.step(now)
-        if self._token_waits:
-            self._touch_first_tokens()
+        self._first_tokens.touch_arrived(self.rooms)
         added = self.pipeline.added
         # after the pipeline: the rooms whose items it just finished are among those touched
         visited = self._advance_rooms(self._visits.take(self.rooms, now), now)
@@ -262,7 +262,7 @@ class PrefillAgent(TransferAgent):
                         piece = chunk * len(groups) + g
                         item = (room, piece, self.layout.tp_rank, dest, slots, planes)
                         self.pipeline.add(Outgoing(*item, ready, layers.stop, now))
-        if room.complete and self._first_token_readable(room):
+        if room.complete and self._first_tokens.readable(room):
             if room.first_draw_failed():
                 self._fail(room, Failure(FailureKind.INTERNAL, room.first_failed_why))
                 return
@@ -280,31 +280,6 @@ class PrefillAgent(TransferAgent):
             room.status.advance(KVPoll.Success)
             self.core.stats.rooms_succeeded += 1
             self._release_peers(room)
-
-    def _first_token_readable(self, room: SendRoom) -> bool:
-        """Whether the room's first token may be read. A room's own gathers wait for the copy
-        that fills it, so by its last send it is in; a rank that sends the room nothing (its
-        heads are another rank's to send) may get here first, and is woken once it is."""
-        fence = room.first_token_fence()
-        if fence is None or fence.done():
-            return True
-        if room.first_token_wake is None:
-            room.first_token_wake = self.core.copies.after(fence)
-            self._token_waits.append(room.room)
-        return False
-
-    def _touch_first_tokens(self) -> None:
-        """Visit the rooms whose first token has come in since (the copy stream's wake)."""
-        waiting = []
-        for room_id in self._token_waits:
-            room = self.rooms.get(room_id)
-            if room is None or room.status.finished:
-                continue
-            if room.first_token_wake.done():
-                self._visits.touch(room_id)
-            else:
-                waiting.append(room_id)
-        self._token_waits = waiting
 
     def _messages(self, room: SendRoom, chunks: list) -> Iterator[tuple[int, np.ndarray, object]]:
         """(first chunk, slots, ready) of each message to cut from `chunks` (chunk, slots,
