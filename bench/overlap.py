@@ -45,7 +45,7 @@ import time
 import numpy as np
 import torch
 from decode_side import DecodeProcess, LocalDecode, Spec  # bench/ is on sys.path as a script
-from timelines import stage_times
+from timelines import Launch, stage_times
 
 from kvferry.daemon.engine.block_manager import BlockManager
 from kvferry.daemon.engine.builder import EngineSettings, build_engine
@@ -283,30 +283,6 @@ class Bench:
         if isinstance(self.decode, LocalDecode):
             loops.append(self.decode.agent.core.loop)
         return loops
-
-
-class Launch:
-    """One forward's launch on the host: its wall time, and the turns and CPU seconds of the
-    transfer threads `loops` meanwhile."""
-
-    def __init__(self, loops: list, began: float, turns: int, cpu_s: float) -> None:
-        self.loops, self.began, self.turns, self.cpu_s = loops, began, turns, cpu_s
-        self.ms = 0.0
-
-    @classmethod
-    def begin(cls, loops: list) -> Launch:
-        turns, cpu_s = cls._threads(loops)
-        return cls(loops, time.perf_counter(), turns, cpu_s)
-
-    def end(self) -> Launch:
-        self.ms = (time.perf_counter() - self.began) * 1e3
-        turns, cpu_s = self._threads(self.loops)
-        self.turns, self.cpu_s = turns - self.turns, cpu_s - self.cpu_s
-        return self
-
-    @staticmethod
-    def _threads(loops: list) -> tuple[int, float]:
-        return sum(loop.turns for loop in loops), sum(loop.cpu_seconds() for loop in loops)
 
 
 def measure(args, model: Model, name: str, layer_group: int | None, held: bool = False) -> dict:

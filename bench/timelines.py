@@ -1,8 +1,10 @@
 """Request timelines in the benches: per request, each stage's ms after it started (the rooms'
-marks, transport/timeline.py), taken over many requests."""
+marks, transport/timeline.py), taken over many requests; and a forward's launch on the host
+with what the transfer threads did meanwhile (`Launch`)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 
@@ -16,3 +18,27 @@ def stage_times(
     reached = [stage for stage in timelines[0] if all(stage in t for t in timelines)]
     times = {stage: float(over(t[stage] for t in timelines)) for stage in reached}
     return dict(sorted(times.items(), key=lambda item: item[1]))
+
+
+class Launch:
+    """One forward's launch on the host: its wall time, and the turns and CPU seconds of the
+    transfer threads `loops` meanwhile."""
+
+    def __init__(self, loops: list, began: float, turns: int, cpu_s: float) -> None:
+        self.loops, self.began, self.turns, self.cpu_s = loops, began, turns, cpu_s
+        self.ms = 0.0
+
+    @classmethod
+    def begin(cls, loops: list) -> Launch:
+        turns, cpu_s = cls._threads(loops)
+        return cls(loops, time.perf_counter(), turns, cpu_s)
+
+    def end(self) -> Launch:
+        self.ms = (time.perf_counter() - self.began) * 1e3
+        turns, cpu_s = self._threads(self.loops)
+        self.turns, self.cpu_s = turns - self.turns, cpu_s - self.cpu_s
+        return self
+
+    @staticmethod
+    def _threads(loops: list) -> tuple[int, float]:
+        return sum(loop.turns for loop in loops), sum(loop.cpu_seconds() for loop in loops)
