@@ -31,7 +31,7 @@ import threading
 import time
 
 import torch
-from overlap import add_model_args, build_model  # bench/ is on sys.path as a script
+from bench_model import add_model_args, build_model  # bench/ is on sys.path as a script
 
 from kvferry.daemon.engine.block_manager import BlockManager
 from kvferry.daemon.engine.runner import ModelRunner

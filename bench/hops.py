@@ -33,7 +33,8 @@ import threading
 import time
 from collections import defaultdict
 
-import overlap  # bench/ is on sys.path as a script
+import bench_model  # bench/ is on sys.path as a script
+import overlap
 
 from kvferry.staging import cuda_driver, kv_copy
 from kvferry.staging.copy_stream import CopyStream
@@ -192,7 +193,7 @@ def main() -> None:
         raise SystemExit("hops.py traces its own process only: drop --decode-process")
     trace = Trace()
     trace.install()
-    model = overlap.build_model(args)
+    model = bench_model.build_model(args)
     device = model.device
     bench = overlap.Bench(args, model, args.layer_group)
     try:

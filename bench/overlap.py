@@ -28,9 +28,8 @@ registered every room, so that their prompts share the forwards as in the local 
 earlier, the first forward takes the rooms registered by then and the batch splits into
 smaller, slower forwards); registration is part of each latency figure.
 
-Forward launch: for each single-prompt run, how long the host took to launch its forward (and
-the first token's draw), and what this process's transfer threads did meanwhile (loop turns,
-CPU): where the forward is bound by the host, their Python is taken from its launch.
+Forward launch: each variant's host launch of one prompt's forward and draw, and this process's
+transfer threads' turns and CPU meanwhile (Python taken from a host-bound launch).
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ import time
 
 import numpy as np
 import torch
+from bench_model import add_model_args, build_model
 from decode_side import DecodeProcess, LocalDecode, Spec  # bench/ is on sys.path as a script
 from timelines import Launch, stage_times
 
@@ -53,26 +53,12 @@ from kvferry.daemon.engine.runner import ModelRunner
 from kvferry.daemon.engine.scheduler import PrefillScheduler
 from kvferry.daemon.engine.sequence import SamplingParams, Sequence
 from kvferry.daemon.model.llama import Model
-from kvferry.daemon.model.weights import full_weights
-from kvferry.daemon.server.config import ModelSection
 from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.config import TransferConfig, prefill_ring_bytes
 from kvferry.transport.room import KVPoll
 
 GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
 WAIT_S = 0.5  # the longest sleep without news (a lost ring would show as this)
-
-
-def add_model_args(p: argparse.ArgumentParser, gpu: bool) -> None:
-    """The random model's sizes and where it runs (`build_model`): a 16-layer model on a GPU,
-    a small one on a CPU."""
-    p.add_argument("--device", default="cuda" if gpu else "cpu")
-    p.add_argument("--dtype", default="bfloat16" if gpu else "float32")
-    p.add_argument("--layers", type=int, default=16 if gpu else 4)
-    p.add_argument("--hidden", type=int, default=2048 if gpu else 256)
-    p.add_argument("--heads", type=int, default=16 if gpu else 4)
-    p.add_argument("--kv-heads", type=int, default=8 if gpu else 2)
-    p.add_argument("--intermediate", type=int, default=5632 if gpu else 512)
 
 
 def parse_args() -> argparse.Namespace:
@@ -251,15 +237,10 @@ class Bench:
     def _transfer(self, waiting: set[int], submitted: float) -> None:
         ended, loops = [], self._loops()
         while True:
-            launch = None
-
-            def began() -> None:
-                nonlocal launch
-                launch = Launch.begin(loops)
-
-            forwarded = self.engine.step(before_forward=began)
-            if forwarded:
-                self.launches.append(launch.end())
+            launch: list[Launch] = []  # the forward's, once it began
+            began = lambda launch=launch: launch.append(Launch.begin(loops))  # noqa: E731
+            if forwarded := self.engine.step(before_forward=began):
+                self.launches.append(launch[0].end())
             self.engine.take_output()
             self.engine.samples.take()
             for room in self.decode.take_done():
@@ -316,27 +297,10 @@ def measure(args, model: Model, name: str, layer_group: int | None, held: bool =
             "tokens_per_s": tokens / batch,
             "stages_ms": stages,
             "batch_stages_ms": batch_stages,
-            # one prompt's forwards: host launch ms, and the transfer threads meanwhile
-            "launch_ms": statistics.median(x.ms for x in launches),
-            "launch_thread_turns": statistics.median(x.turns for x in launches),
-            "launch_thread_cpu_ms": statistics.median(x.cpu_s for x in launches) * 1e3,
+            **Launch.medians(launches),  # one prompt's forwards, and the threads meanwhile
         }
     finally:
         bench.close()
-
-
-def build_model(args) -> Model:
-    """The daemons' random model, at the sizes in `args`."""
-    config = ModelSection(
-        vocab_size=32000,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-    ).model_config()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    return Model(config, full_weights(config, None), device=device, dtype=dtype)
 
 
 def main() -> None:
@@ -364,15 +328,7 @@ def main() -> None:
             f"{run['name']:24}{run['latency_ms']:12.1f}{run['latency_overhead']:+10.1%}"
             f"{run['tokens_per_s']:15.0f}{run['throughput_ratio']:10.1%}"
         )
-    print(
-        "one prompt's forward, launched on the host in (median ms), while this process's "
-        "transfer threads took (turns, CPU ms):"
-    )
-    for run in runs:
-        print(
-            f"  {run['name']:22}{run['launch_ms']:8.2f} ms  {run['launch_thread_turns']:5.1f} "
-            f"turns  {run['launch_thread_cpu_ms']:6.2f} ms CPU"
-        )
+    print(Launch.table(runs))
     if args.held:
         whole, held = runs[1], runs[-1]
         print(

@@ -4,6 +4,7 @@ with what the transfer threads did meanwhile (`Launch`)."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterable
 
@@ -42,3 +43,26 @@ class Launch:
     @staticmethod
     def _threads(loops: list) -> tuple[int, float]:
         return sum(loop.turns for loop in loops), sum(loop.cpu_seconds() for loop in loops)
+
+    @staticmethod
+    def medians(launches: list[Launch]) -> dict[str, float]:
+        """Median launch ms, transfer-thread turns and CPU ms over `launches`."""
+        return {
+            "launch_ms": statistics.median(x.ms for x in launches),
+            "launch_thread_turns": statistics.median(x.turns for x in launches),
+            "launch_thread_cpu_ms": statistics.median(x.cpu_s for x in launches) * 1e3,
+        }
+
+    @staticmethod
+    def table(runs: list[dict]) -> str:
+        """One line per run (its `medians`)."""
+        lines = [
+            "one prompt's forward, launched on the host in (median ms), while this process's "
+            "transfer threads took (turns, CPU ms):"
+        ]
+        for run in runs:
+            lines.append(
+                f"  {run['name']:22}{run['launch_ms']:8.2f} ms  {run['launch_thread_turns']:5.1f} "
+                f"turns  {run['launch_thread_cpu_ms']:6.2f} ms CPU"
+            )
+        return "\n".join(lines)
