@@ -132,11 +132,8 @@ class PrefillEngine:
         logits = self.runner.forward(batch, after_layer=self.marks.begin(written))
         future = self.runner.sample_prompt_ends(batch, logits)
         written.complete(future.event if future else _forward_event(self.runner.kv.device))
-        for work in batch:
+        for row, work in enumerate(future.batch if future else ()):  # the prompts it finished
             sender = rooms[work.seq.id][1].sender
-            if future is None or work.seq.id not in future.rows:
-                continue
-            row = future.rows[work.seq.id]
             if work.seq.id in future.errors:  # its first token could not be drawn: the room fails
                 sender.abort(Failure(FailureKind.INTERNAL, future.errors[work.seq.id]))
             else:  # drawn on the device: the sender reads the token, and whether the draw
