@@ -159,6 +159,13 @@ class DataPlane:
         self.posted = True
         return self._send(endpoint, buffer, tag)
 
+    def send_note(self, endpoint, payload: torch.Tensor, tag: int) -> DataOp:
+        """Send `payload` (bytes in a host tensor) as one message that is not KV: a writer's
+        TransferDone (tags.DONE_PIECE). Not counted with the data messages."""
+        _check(payload, tag)
+        self.posted = True
+        return self._send(endpoint, payload, tag)
+
     def probe(self) -> tuple[int, int] | None:
         """(tag, length) of the oldest message that arrived and was not taken yet."""
         return self._probe()
@@ -180,6 +187,12 @@ class DataPlane:
         self.bytes_received += buffer.numel() * buffer.element_size()
         self.posted = True
         return self._recv(tag, buffer, then)
+
+    def recv_note(self, tag: int, buffer: torch.Tensor) -> DataOp:
+        """Take the message with `tag` (seen by probe), one `send_note` sent, into `buffer`."""
+        _check(buffer, tag)
+        self.posted = True
+        return self._recv(tag, buffer, None)
 
     def discard(self, tag: int) -> DataOp:
         """Take the message with `tag` and throw it away (its sender is released)."""

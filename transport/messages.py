@@ -23,7 +23,9 @@ import msgspec
 
 from kvferry.staging.layout import KVLayout
 
-PROTOCOL_VERSION = 5  # 5: RegisterRoom.max_message_bytes (messages of several chunks)
+# 5: RegisterRoom.max_message_bytes (messages of several chunks); 6: a prefill rank's
+# TransferDone travels on the data plane, behind its data (transport/tags.py, DONE_PIECE)
+PROTOCOL_VERSION = 6
 _VERSION = struct.Struct(">H")
 U64_MAX = (1 << 64) - 1
 MAX_ADDRESS_CHARS = 256
@@ -124,7 +126,9 @@ class RoomAccepted(_Msg):
 
 
 class TransferDone(_Msg):
-    """Prefill rank -> decode rank: every chunk of the room has been sent to you."""
+    """Prefill rank -> decode rank: every chunk of the room has been sent to you (its sends
+    posted). Sent as the rank's last data message of the room (tags.DONE_PIECE), encoded as a
+    frame is; a decode rank takes it as a control frame too."""
 
     room: int
     src_rank: int

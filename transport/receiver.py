@@ -76,8 +76,9 @@ class DecodeAgent(TransferAgent):
         self.directory = PrefillDirectory(self.core.zmq_context, config, self.core.loop.post)
         self._visits = RoomVisits()  # rooms the next step checks (received, done, failing)
         self.arrivals = RecvPipeline(
-            self.core, config, planes, self._by_key.get, self._fail, self._visits.touch
-        )
+            self.core, config, planes, self._by_key.get, self._fail, self._visits.touch,
+            self._on_done,
+        )  # fmt: skip
         self.core.loop.start()
 
     def receiver(self, room: int, slots, bootstrap: str) -> KVReceiver:

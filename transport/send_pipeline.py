@@ -12,12 +12,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import torch
+
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import failure
 from kvferry.transport.failure import Failure, ring_full
 from kvferry.transport.room import KVPoll
-from kvferry.transport.send_room import Outgoing
+from kvferry.transport.send_room import Dest, Outgoing, SendRoom
+from kvferry.transport.tags import DONE_PIECE, pack_tag
 from kvferry.transport.timeline import first, last
 
 SENDS_PER_TURN = 256  # bounds one turn, so heartbeats and other rooms keep going
@@ -44,25 +47,38 @@ class SendPipeline:
         self._staged: deque[Outgoing] = deque()  # gathered (or gathering), not yet sent
         self._sending: deque[Outgoing] = deque()  # sent, not yet completed
         self._ring_waiting = False  # the queue's head waits for ring room (a timeout runs)
+        self._notes: deque = deque()  # (room, request, buffer) of TransferDone sends posted
         self.added = 0  # items ever queued
 
     def add(self, item: Outgoing) -> None:
         item.room.in_flight += 1
+        item.room.unposted += 1
         self._queue.append(item)
         self.added += 1
+
+    def send_done(self, room: SendRoom, dest: Dest, payload: bytes, writer: int) -> None:
+        """Post `payload`, the room's encoded TransferDone, to `dest` behind the room's data on
+        the same endpoint (tags.DONE_PIECE); the room is in flight until it has gone."""
+        buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        request = self.data.send_note(
+            dest.endpoint, buffer, pack_tag(dest.recv_key, DONE_PIECE, writer)
+        )
+        room.in_flight += 1
+        self._notes.append((room, request, buffer))
 
     @property
     def busy(self) -> bool:
         """Whether operations are in flight (or a ring wait's timeout runs): the loop keeps a
         timer. Items whose KV is not yet queued on the device are not: the engine wakes the
         loop when it queues them."""
-        return bool(self._staged or self._sending or self._ring_waiting)
+        return bool(self._staged or self._sending or self._ring_waiting or self._notes)
 
     def step(self, now: float) -> None:
         """Advance every item that can move."""
         self._stage(now)
         self._send_staged()
         self._complete_sends()
+        self._complete_notes()
 
     def _stage(self, now: float) -> None:
         """Stage queued items (gather them into the ring), oldest first, while it has room."""
@@ -120,6 +136,8 @@ class SendPipeline:
             budget -= self._post_sends(item, budget)
             if budget <= 0 and item.todo is not None:
                 self.core.again = True  # the rest in the next turn, after the others' news
+            elif item.todo is None:
+                self._posted(item)
             while item.requests and item.requests[0].done():
                 error = item.requests.popleft().error()
                 if error and not item.room.status.finished:
@@ -128,8 +146,28 @@ class SendPipeline:
                 self._sending.append(item)
                 continue
             self.stats.wire_s += time.monotonic() - item.queued
-            last(item.room.marks, "prefill_sent")
             self._release(item)
+
+    def _posted(self, item: Outgoing) -> None:
+        """`item`'s sends are all posted (or it leaves without them): once every item of its
+        room is, TransferDone may follow."""
+        if not item.posted:
+            item.posted = True
+            item.room.unposted -= 1
+            if item.room.unposted == 0:
+                self._touch(item.room.room)
+
+    def _complete_notes(self) -> None:
+        for _ in range(len(self._notes)):
+            room, request, buffer = self._notes.popleft()
+            if not request.done():
+                self._notes.append((room, request, buffer))
+                continue
+            error = request.error()
+            if error and not room.status.finished:
+                self._fail_room(room, failure("send", error))
+            room.in_flight -= 1
+            self._touch(room.room)
 
     def _post_sends(self, item: Outgoing, budget: int) -> int:
         """Post up to `budget` of `item`'s sends still to go; how many were posted."""
@@ -144,6 +182,7 @@ class SendPipeline:
         return posted
 
     def _release(self, item: Outgoing) -> None:
+        self._posted(item)
         if item.offset is not None:
             self.staging.free(item.offset)
             item.offset = None

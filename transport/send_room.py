@@ -87,6 +87,7 @@ class Outgoing:
         "layers_end",
         "offset",
         "planes",
+        "posted",
         "queued",
         "region",
         "requests",
@@ -123,6 +124,7 @@ class Outgoing:
         self.todo = None  # its mode's payloads still to send
         self.staged = queued  # when its gather was queued
         self.waited = False
+        self.posted = False  # all its sends are posted (or it left without any)
 
 
 class SendRoom:
@@ -147,7 +149,9 @@ class SendRoom:
         self.first_failed_why = ""
         self.input_done = False
         self.first_known = False  # the first token is here (with the last tokens, or after)
-        self.in_flight = 0  # work items queued, staged or sending
+        self.in_flight = 0  # work items queued, staged or sending; TransferDone sending
+        self.unposted = 0  # work items whose sends are not all posted yet
+        self.done_sent = False  # TransferDone is posted behind the data, to every destination
         self.marks: Marks = {}  # stages' times (timeline.py), sent with TransferDone
         self._slots: list[np.ndarray] = []
         self._ready: list[KVWritten] = []
@@ -163,13 +167,20 @@ class SendRoom:
         return -(-self.num_tokens // self.chunk_tokens)
 
     @property
-    def complete(self) -> bool:
+    def all_posted(self) -> bool:
+        """Every piece's sends are posted, and the first token is known: TransferDone may
+        follow them."""
         return (
             self.input_done
             and self.first_known
             and self._next_chunk == self.num_chunks
-            and self.in_flight == 0
+            and self.unposted == 0
         )
+
+    @property
+    def complete(self) -> bool:
+        """Every send has completed, TransferDone's included."""
+        return self.done_sent and self.in_flight == 0
 
     def attach(self, handle) -> None:
         self.handle = handle

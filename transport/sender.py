@@ -38,7 +38,7 @@ from kvferry.transport.registrar import Registrar
 from kvferry.transport.room import KVPoll, RoomVisits
 from kvferry.transport.send_pipeline import SendPipeline
 from kvferry.transport.send_room import KVWritten, Outgoing, SendRoom
-from kvferry.transport.timeline import first
+from kvferry.transport.timeline import first, last
 from kvferry.transport.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
@@ -262,24 +262,28 @@ class PrefillAgent(TransferAgent):
                         piece = chunk * len(groups) + g
                         item = (room, piece, self.layout.tp_rank, dest, slots, planes)
                         self.pipeline.add(Outgoing(*item, ready, layers.stop, now))
-        if room.complete and self._first_tokens.readable(room):
+        if not room.done_sent and room.all_posted and self._first_tokens.readable(room):
             if room.first_draw_failed():
                 self._fail(room, Failure(FailureKind.INTERNAL, room.first_failed_why))
                 return
-            for dest in room.dests.values():
-                self.core.control.send(
-                    dest.peer,
-                    TransferDone(
-                        room.room,
-                        self.layout.tp_rank,
-                        room.num_chunks,
-                        _token(room.first_token),
-                        room.marks,
-                    ),
-                )
+            self._send_done(room)
+        if room.complete:
             room.status.advance(KVPoll.Success)
             self.core.stats.rooms_succeeded += 1
             self._release_peers(room)
+
+    def _send_done(self, room: SendRoom) -> None:
+        """Every send of the room is posted: TransferDone follows them to each destination on
+        the same endpoint, so that its decode rank reads it with the data's last message rather
+        than in a turn of its own once the sends have completed here."""
+        last(room.marks, "prefill_sent")
+        done = TransferDone(
+            room.room, self.layout.tp_rank, room.num_chunks, _token(room.first_token), room.marks
+        )
+        payload = self.core.control.codec.encode(done)
+        for dest in room.dests.values():
+            self.pipeline.send_done(room, dest, payload, self.layout.tp_rank)
+        room.done_sent = True
 
     def _messages(self, room: SendRoom, chunks: list) -> Iterator[tuple[int, np.ndarray, object]]:
         """(first chunk, slots, ready) of each message to cut from `chunks` (chunk, slots,

@@ -10,6 +10,7 @@ from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.dataplane import DataOp, DoneOp, LoopbackDataPlane
 from kvferry.transport.handles import KVWritten
 from kvferry.transport.room import KVPoll
+from kvferry.transport.tags import DONE_PIECE, unpack_tag
 from support.kvsim import TP_PAIRS
 from support.transfer_sim import (
     Deployment,
@@ -294,7 +295,9 @@ def test_a_room_succeeds_once_its_last_scatter_is_queued_not_once_it_ran():
     try:
         for agent in dep.decode.agents:
             data, copies = agent.core.data, agent.core.copies
-            data._recv = lambda *a, _r=data._recv: Receiving(_r(*a))
+            data._recv = lambda tag, *a, _r=data._recv: (  # the KV's receives, not TransferDone's
+                _r(tag, *a) if unpack_tag(tag)[1] == DONE_PIECE else Receiving(_r(tag, *a))
+            )
             copies.scatter = lambda *a, _s=copies.scatter, **k: (_s(*a, **k), Running())[1]
             visits = agent._visits  # a room is visited only for news of it
             visits._sweep_s, visits._next_sweep = 3600.0, time.monotonic() + 3600.0

@@ -11,7 +11,7 @@ from kvferry.transport.dataplane import LoopbackDataPlane, data_failure, failure
 from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import Codec, ErrorReply, QueryPeers, RegisterRoom
 from kvferry.transport.room import KVPoll
-from kvferry.transport.tags import pack_tag, unpack_tag
+from kvferry.transport.tags import DONE_PIECE, MAX_DONE_BYTES, pack_tag, unpack_tag
 from support.transfer_sim import (
     Deployment,
     Request,
@@ -67,6 +67,10 @@ def inject(dep, room_id, chunk, writer, nbytes):
         (0, 0, 2 * 6144, "12288 bytes for piece 0"),  # two chunks: this decode takes one
         (9, 0, 3072, "piece 9 of a room of 2 chunks"),
         (0, 3, 3072, "prefill rank 3 sends no heads"),
+        # a TransferDone behind the data: garbage, too large, from a rank not in the room
+        (DONE_PIECE, 0, 100, "TransferDone from prefill rank 0: protocol version 0 is not"),
+        (DONE_PIECE, 0, MAX_DONE_BYTES + 1, "TransferDone of 65537 bytes from prefill rank 0"),
+        (DONE_PIECE, 7, 100, "TransferDone of 100 bytes from prefill rank 7"),
     ],
 )
 def test_bad_data_message_fails_only_its_room(dep, piece, writer, nbytes, fragment):
@@ -200,7 +204,7 @@ def register(address, **changes):
     "changes, fragment",
     [
         ({"num_tokens": 0}, "num_tokens=0"),
-        ({"chunk_tokens": 1, "num_tokens": 70000}, "exceed 65536 messages"),
+        ({"chunk_tokens": 1, "num_tokens": 70000}, "exceed 65535 messages"),
         ({"chunk_tokens": 1, "num_tokens": 30000, "layer_group": 1}, "x 3 layer groups"),
         ({"layer_group": -1}, "layer_group=-1"),
         ({"max_message_bytes": -1}, "max_message_bytes=-1"),
