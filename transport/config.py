@@ -33,7 +33,9 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # saves the host time of the messages it replaces. 0: one message per chunk
     max_message_bytes: int = 0
     host: str = "127.0.0.1"  # interface the control sockets bind to
-    bootstrap_timeout_s: float = 30.0  # registration of a room with every peer rank
+    # registration of a room with every peer rank (a decode rank allows one heartbeat more:
+    # prefill ranks accept registrations in their heartbeats)
+    bootstrap_timeout_s: float = 30.0
     transfer_timeout_s: float = 300.0  # a room's whole life, registration to Success
     ring_wait_timeout_s: float = 30.0  # one chunk waiting for staging room
     heartbeat_interval_s: float = 1.0

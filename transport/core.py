@@ -128,6 +128,7 @@ class AgentCore:
         self._data_only = False  # this turn was woken by the data plane's descriptor alone
         self._step_due = 0.0  # when the owner's step asked to run again without an event
         self.quiet_turns = 0  # turns that only progressed UCX's traffic (see _turn)
+        self._accepted: dict[str, list[int]] = {}  # per peer: rooms to name in its heartbeat
 
     @property
     def zmq_context(self) -> zmq.Context:
@@ -163,6 +164,10 @@ class AgentCore:
         self.log.warning("refused", "refused a frame from %r: %s", peer, reason)
         self.control.reply(peer, ErrorReply(reason, room))
 
+    def accept(self, peer: str, room: int) -> None:
+        """Tell `peer` in its next heartbeat that its registration of `room` is accepted."""
+        self._accepted.setdefault(peer, []).append(room)
+
     def contain(self, exc: Exception, what: str) -> Failure:
         """Count and log an exception raised while handling one message or one room (that
         room fails, not the thread); the failure to fail the room with."""
@@ -183,7 +188,7 @@ class AgentCore:
                 self.refuse(peer, str(message))
                 continue
             self.peers.heard(peer)
-            if not isinstance(message, Heartbeat):
+            if not isinstance(message, Heartbeat) or message.accepted:
                 self._handle(peer, message)
         for peer in self.control.take_dropped():
             self._dropped(peer)
@@ -259,8 +264,11 @@ class AgentCore:
     def _advance(self, now: float) -> bool:
         """Heartbeats, silent peers, idle sockets, then the owner's step: whether operations
         are in flight."""
-        for peer in self.peers.due_heartbeats(now):
-            self.control.send(peer, Heartbeat())
+        due = self.peers.due_heartbeats(now)
+        if due is not None:  # a round: a peer left out shares no room, its acceptances moot
+            for peer in due:
+                self.control.send(peer, Heartbeat(self._accepted.pop(peer, [])))
+            self._accepted.clear()
         for peer in self.peers.silent(now):
             silent = f"peer lost: {peer} silent for over {self.config.heartbeat_timeout_s:g}s"
             self._on_peer_lost(peer, Failure(FailureKind.PEER_LOST, silent))

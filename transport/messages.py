@@ -24,8 +24,9 @@ import msgspec
 from kvferry.staging.layout import KVLayout
 
 # 5: RegisterRoom.max_message_bytes (messages of several chunks); 6: a prefill rank's
-# TransferDone travels on the data plane, behind its data (transport/tags.py, DONE_PIECE)
-PROTOCOL_VERSION = 6
+# TransferDone travels on the data plane, behind its data (transport/tags.py, DONE_PIECE);
+# 7: no RoomAccepted frame: a prefill rank's acceptances ride on its next Heartbeat
+PROTOCOL_VERSION = 7
 _VERSION = struct.Struct(">H")
 U64_MAX = (1 << 64) - 1
 MAX_ADDRESS_CHARS = 256
@@ -120,11 +121,6 @@ class RegisterRoom(_Msg):
         check_control_address(self.control_address, "control_address")
 
 
-class RoomAccepted(_Msg):
-    room: int
-    src_rank: int
-
-
 class TransferDone(_Msg):
     """Prefill rank -> decode rank: every chunk of the room has been sent to you (its sends
     posted). Sent as the rank's last data message of the room (tags.DONE_PIECE), encoded as a
@@ -156,7 +152,12 @@ class SubmitPrompt(_Msg):
 
 
 class Heartbeat(_Msg):
-    pass
+    """Sent every heartbeat interval to each peer sharing a room. A prefill rank's also
+    names the rooms it has accepted the sender's registration of since its last one: a decode
+    rank needs to know that only before its bootstrap deadline, so it costs no frame of its
+    own (and no decode turn) per room."""
+
+    accepted: list[int] = []
 
 
 class Ack(_Msg):
@@ -177,7 +178,6 @@ Message = (
     | QueryPeers
     | Peers
     | RegisterRoom
-    | RoomAccepted
     | TransferDone
     | Abort
     | SubmitPrompt
@@ -221,3 +221,6 @@ def _check_ids(message: Message) -> None:
     room = getattr(message, "room", None)
     if room is not None and not 0 <= room <= U64_MAX:
         raise WireError(f"room id {room} is not an unsigned 64-bit integer")
+    for room in getattr(message, "accepted", ()):
+        if not 0 <= room <= U64_MAX:
+            raise WireError(f"accepted room id {room} is not an unsigned 64-bit integer")

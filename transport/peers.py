@@ -47,10 +47,11 @@ class PeerTracker:
     def rooms_of(self, peer: str) -> set[int]:
         return set(self._rooms.get(peer, ()))
 
-    def due_heartbeats(self, now: float) -> list[str]:
-        """Peers to send a heartbeat to now (every interval, to peers sharing rooms)."""
+    def due_heartbeats(self, now: float) -> list[str] | None:
+        """Peers to send a heartbeat to now (every interval, to peers sharing rooms); None
+        while the next round is not due."""
         if now < self._next_beat:
-            return []
+            return None
         self._next_beat = now + self.interval_s
         return list(self._rooms)
 

@@ -26,10 +26,10 @@ from kvferry.transport.handles import KVReceiver
 from kvferry.transport.messages import (
     Abort,
     ErrorReply,
+    Heartbeat,
     Message,
     RankInfo,
     RegisterRoom,
-    RoomAccepted,
     TransferDone,
 )
 from kvferry.transport.recv_pipeline import RecvPipeline
@@ -67,6 +67,9 @@ class DecodeAgent(TransferAgent):
         )
         self.config, self.layout, self.planes = config, layout, planes
         self._groups = layer_groups(layout.num_layers, config.layer_group)
+        # each prefill rank accepts a registration by naming it in its next heartbeat: one
+        # interval more than bootstrap_timeout_s for it to come
+        self._accept_timeout_s = config.bootstrap_timeout_s + config.heartbeat_interval_s
         self.rooms: dict[int, RecvRoom] = {}
         self._by_key: dict[int, RecvRoom] = {}
         # unguessable receive keys (data tags carry them), never one that is live
@@ -174,6 +177,8 @@ class DecodeAgent(TransferAgent):
         )
         for info in peers:
             self.core.control.send(info.control_address, message)
+        first(room.marks, "registered")  # accepted once each rank's heartbeat says so
+        room.status.advance(KVPoll.WaitingForInput)
 
     def _open_peers(self, peers: list[RankInfo]) -> Failure | None:
         """Open the control sockets to a group's ranks; why not, or None."""
@@ -188,11 +193,11 @@ class DecodeAgent(TransferAgent):
 
     def _on_message(self, peer: str, message: Message) -> None:
         room = self.rooms.get(getattr(message, "room", None))
-        if isinstance(message, RoomAccepted) and room is not None:
-            room.accepted.add(message.src_rank)
-            if room.open and len(room.accepted) == len(room.rank_peers):
-                first(room.marks, "registered")
-                room.status.advance(KVPoll.WaitingForInput)
+        if isinstance(message, Heartbeat):  # with the rooms a prefill rank has accepted
+            for room_id in message.accepted:
+                room = self.rooms.get(room_id)
+                if room is not None and peer in room.rank_peers.values():
+                    room.accepted.add(peer)
         elif isinstance(message, TransferDone) and room is not None:
             self._on_done(room, message)
             self._visits.touch(room.room)
@@ -201,7 +206,7 @@ class DecodeAgent(TransferAgent):
             self._fail(room, aborted, skip_peer=peer)
         elif isinstance(message, ErrorReply):
             self.core.log.warning("peer error", "peer %r reports: %s", peer, message.reason)
-        elif not isinstance(message, (RoomAccepted, TransferDone, Abort)):
+        elif not isinstance(message, (TransferDone, Abort)):
             self.core.refuse(peer, f"unexpected {type(message).__name__} at a decode rank")
 
     def _on_done(self, room: RecvRoom, message: TransferDone) -> None:
@@ -213,6 +218,7 @@ class DecodeAgent(TransferAgent):
             )
             return
         room.first_tokens[message.src_rank] = message.first_token
+        room.accepted.add(room.rank_peers[message.src_rank])  # whatever its heartbeat said
         merge_prefill(room.marks, message.marks)
         if len(set(room.first_tokens.values())) > 1:
             tokens = f"mismatch: prefill ranks sampled different first tokens {room.first_tokens}"
@@ -255,7 +261,7 @@ class DecodeAgent(TransferAgent):
                 self._close(room)
             return
         age = now - room.created
-        if room.status.state == KVPoll.Bootstrapping and age > self.config.bootstrap_timeout_s:
+        if not room.all_accepted and age > self._accept_timeout_s:
             self._fail(
                 room,
                 timeout(f"timeout: room not registered with every prefill rank after {age:.1f}s"),

@@ -79,7 +79,7 @@ class RecvRoom:
         handle.status = self.status
         self.writers: dict[int, HeadSlice] = {}  # prefill rank -> the heads it sends us
         self.rank_peers: dict[int, str] = {}  # prefill rank -> its control address
-        self.accepted: set[int] = set()
+        self.accepted: set[str] = set()  # the prefill ranks (control addresses) that accepted
         self.first_tokens: dict[int, int | None] = {}  # TransferDone per prefill rank
         self.taken: dict[tuple[int, int], int] = {}  # (piece, writer) -> messages taken
         self.received_units = 0  # messages received (their KV in the ring or in place)
@@ -99,6 +99,12 @@ class RecvRoom:
     def open(self) -> bool:
         """Still taking messages."""
         return self.failing is None and not self.status.finished
+
+    @property
+    def all_accepted(self) -> bool:
+        """Every prefill rank accepted the registration (its heartbeat named the room, or its
+        TransferDone came)."""
+        return bool(self.rank_peers) and len(self.accepted) == len(self.rank_peers)
 
     def chunk_slots(self, chunk: int) -> np.ndarray:
         start = chunk * self.chunk_tokens

@@ -21,7 +21,7 @@ from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import EndpointLimitError, InvalidAddress
 from kvferry.transport.endpoints import EndpointPool
 from kvferry.transport.failure import Failure, FailureKind
-from kvferry.transport.messages import RegisterRoom, RoomAccepted
+from kvferry.transport.messages import RegisterRoom
 from kvferry.transport.send_room import Dest, SendRoom, check_registration
 from kvferry.transport.tombstones import Tombstones
 
@@ -60,7 +60,7 @@ class Registrar:
             return
         room.dests[msg.layout.tp_rank] = self._dest(peer, msg, endpoint)
         self.core.peers.add_room(peer, msg.room)
-        self.core.control.send(peer, RoomAccepted(msg.room, self.layout.tp_rank))
+        self.core.accept(peer, msg.room)  # told in the next heartbeat, not a frame now
 
     def _room_for(self, peer: str, room_id: int) -> SendRoom | None:
         """The open room a registration is for (made if new); None, answered, if there is

@@ -273,9 +273,8 @@ class PrefillAgent(TransferAgent):
             self._release_peers(room)
 
     def _send_done(self, room: SendRoom) -> None:
-        """Every send of the room is posted: TransferDone follows them to each destination on
-        the same endpoint, so that its decode rank reads it with the data's last message rather
-        than in a turn of its own once the sends have completed here."""
+        """Every send of the room is posted: TransferDone follows them on the same endpoints,
+        read with the data's last message rather than in a decode turn of its own."""
         last(room.marks, "prefill_sent")
         done = TransferDone(
             room.room, self.layout.tp_rank, room.num_chunks, _token(room.first_token), room.marks

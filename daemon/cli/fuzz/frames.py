@@ -22,7 +22,7 @@ SOCKET_KINDS = ("bootstrap", "prefill-control", "decode-control")
 EXPECTED = {
     "bootstrap": ("RegisterRank", "QueryPeers", "SubmitPrompt"),
     "prefill-control": ("RegisterRoom", "Abort", "ErrorReply", "Heartbeat"),
-    "decode-control": ("RoomAccepted", "TransferDone", "Abort", "ErrorReply", "Heartbeat"),
+    "decode-control": ("Heartbeat", "TransferDone", "Abort", "ErrorReply"),
 }
 
 FAMILIES = {  # name: weight
@@ -211,5 +211,6 @@ def _unknown_done(rng, learned):
 
 
 def _unknown_accept(rng, learned):
-    fields = {"room": v.room(rng), "src_rank": rng.randint(0, 3)}
-    return "unknown-room-accept", "RoomAccepted", fields, None
+    """A heartbeat that accepts rooms: unknown ones, or not the sender's to accept."""
+    fields = {"accepted": [v.room(rng) for _ in range(rng.choice((1, 2, 64, 4096)))]}
+    return "unknown-room-accept", "Heartbeat", fields, None

@@ -126,7 +126,6 @@ def templates(rng: random.Random, learned: Learned) -> dict[str, dict]:
             "layer_group": 0,
             "max_message_bytes": rng.choice((0, 1 << 20, 1 << 62)),
         },
-        "RoomAccepted": {"room": r, "src_rank": rng.randint(0, 1)},
         "TransferDone": {"room": r, "src_rank": 0, "num_chunks": 1, "first_token": 5},
         "Abort": {"room": r, "reason": "fuzz"},
         "SubmitPrompt": {
@@ -136,7 +135,7 @@ def templates(rng: random.Random, learned: Learned) -> dict[str, dict]:
             "top_p": 1.0,
             "seed": None,
         },
-        "Heartbeat": {},
+        "Heartbeat": {"accepted": [r]},
         "Ack": {},
         "ErrorReply": {"reason": "fuzz", "room": r},
     }
