@@ -81,7 +81,9 @@ def test_a_heartbeat_accepts_only_the_rooms_its_sender_was_asked_to(identity):
         rogue.connect(dep.decode.agents[0].core.control.address)
         # the room, unknown rooms and the largest room id: none is the rogue's to accept
         rogue.send(CODEC.encode(Heartbeat([req.room, 12345, (1 << 64) - 1])))
-        time.sleep(0.3)
+        rogue.send(b"junk")  # read after the heartbeat: once it is counted, both were
+        stats = dep.decode.agents[0].core.stats
+        wait_for(lambda: stats.bad_frames == 1, "the junk behind the heartbeat read")
         assert all(peer in room.rank_peers.values() for peer in room.accepted)
         rogue.close()
         assert wait_all(start_senders(dep.prefill, req) + receivers) == [KVPoll.Success] * 2
