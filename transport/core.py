@@ -37,6 +37,8 @@ from kvferry.transport.slice_mode import SliceMode
 from kvferry.transport.staged_mode import StagedMode
 
 log = logging.getLogger(__name__)
+# passes of progress and step one turn may add where arming finds events pending (_turn)
+EXTRA_PASSES = 2
 PEER_IDLE_S = 60.0  # an outbound socket to a peer holding no room is closed after this long
 RECLAIM_EVERY_S = 1.0  # how often idle outbound sockets are looked for
 # While data operations are in flight, the loop also takes a turn this often without an event: a
@@ -223,40 +225,54 @@ class AgentCore:
         new message (`DataPlane.quiet`: UCX moved a piece of a message still arriving, as its
         tcp transport does many times a message) arms the plane again and
         sleeps until the step's own deadline without running the step: nothing it looks at
-        has changed."""
+        has changed.
+
+        Where arming finds events pending (they came in meanwhile, or the step's own posts
+        completed at once: a small send does), the turn progresses and steps again, up to
+        EXTRA_PASSES times, rather than leave them to a turn of their own: no wait, no read of
+        the control sockets, no heartbeat checks between."""
         progressing = self.progressed = (
             self._progress_due or self.data.posted or self.loop.timed_out
         )
         self._progress_due = False
         if progressing:
-            began = time.thread_time()
-            self.data.progress()
-            self.stats.ucx_cpu_s += time.thread_time() - began
+            self._progress()
             if self._data_only and self.data.quiet:
                 self.quiet_turns += 1
                 return self._rearm(now)
         in_flight = self._advance(now)
-        if self.again:  # the step left work for the next turn, which comes at once
-            self.again = False
-            self._progress_due = True
-            return 0.0
-        if progressing or self.data.posted:
-            began = time.thread_time()
-            armed = self.data.arm()
-            self.stats.ucx_cpu_s += time.thread_time() - began
-            if not armed:  # events came in meanwhile: progress them first
+        for passes in range(EXTRA_PASSES + 1):
+            if self.again:  # the step left work for the next turn, which comes at once
+                self.again = False
                 self._progress_due = True
                 return 0.0
+            if not (progressing or self.data.posted) or self._arm():
+                break
+            if passes == EXTRA_PASSES:  # still more: the next turn comes at once
+                self._progress_due = True
+                return 0.0
+            self._progress()
+            self.progressed = progressing = True
+            in_flight = self._step(now)
         sleep_s = IN_FLIGHT_CHECK_S if in_flight else self.config.heartbeat_interval_s
         self._step_due = now + sleep_s
         return sleep_s
 
-    def _rearm(self, now: float) -> float:
-        """After a quiet progress: arm the plane and sleep until the step is due."""
+    def _progress(self) -> None:
+        began = time.thread_time()
+        self.data.progress()
+        self.stats.ucx_cpu_s += time.thread_time() - began
+
+    def _arm(self) -> bool:
+        """Arm the data plane's descriptor; False if events are pending (it was not armed)."""
         began = time.thread_time()
         armed = self.data.arm()
         self.stats.ucx_cpu_s += time.thread_time() - began
-        if not armed:
+        return armed
+
+    def _rearm(self, now: float) -> float:
+        """After a quiet progress: arm the plane and sleep until the step is due."""
+        if not self._arm():
             self._progress_due = True
             return 0.0
         return max(0.0, self._step_due - now)
