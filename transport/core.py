@@ -282,9 +282,11 @@ class AgentCore:
         are in flight."""
         due = self.peers.due_heartbeats(now)
         if due is not None:  # a round: a peer left out shares no room, its acceptances moot
+            pending, self._accepted = self._accepted, {}
             for peer in due:
-                self.control.send(peer, Heartbeat(self._accepted.pop(peer, [])))
-            self._accepted.clear()
+                accepted = pending.pop(peer, [])
+                if not self.control.send(peer, Heartbeat(accepted)) and accepted:
+                    self._accepted[peer] = accepted  # not queued: with the next heartbeat
         for peer in self.peers.silent(now):
             silent = f"peer lost: {peer} silent for over {self.config.heartbeat_timeout_s:g}s"
             self._on_peer_lost(peer, Failure(FailureKind.PEER_LOST, silent))
