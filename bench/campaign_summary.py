@@ -128,6 +128,9 @@ def control_rows(control: dict | None) -> list[Row]:
         parts = row["cpu_parts_us"]
         detail = (f"tiny KV; wait {parts['wait']:.0f}, UCX {parts['ucx']:.0f}, rest "
                   f"{parts['rest']:.0f}; {row['turns']:.3g} turns")  # fmt: skip
+        woken = [f"{cause} {n:.2g}" for cause, n in sorted(row.get("wakes", {}).items()) if n]
+        if woken:  # what woke them (a turn counts once under each cause)
+            detail += f" ({', '.join(woken)})"
         ucxx = control.get("ucxx_path")
         if ucxx:
             detail += f"; ucxx path {ucxx['sides'][side]['cpu_us']:.0f}"

@@ -68,8 +68,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def per_request(before: dict, after: dict, requests: int) -> dict:
-    """One side's transfer-thread CPU µs (total and parts) and loop turns per request."""
-    grown = {key: after[key] - before[key] for key in after}
+    """One side's transfer-thread CPU µs (total and parts), loop turns per request and what
+    woke them."""
+    grown = {key: after[key] - before[key] for key in after if key != "loop_wakes"}
+    wakes = {
+        cause: (n - before["loop_wakes"].get(cause, 0)) / requests
+        for cause, n in after["loop_wakes"].items()
+    }
     total = grown["transfer_cpu_s"] / requests * 1e6
     parts = {part: grown[f"{part}_cpu_s"] / requests * 1e6 for part in PARTS}
     parts["rest"] = total - sum(parts.values())
@@ -79,6 +84,7 @@ def per_request(before: dict, after: dict, requests: int) -> dict:
         "turns": grown["loop_turns"] / requests,
         "timer_turns": grown["loop_timer_turns"] / requests,
         "quiet_turns": grown["loop_quiet_turns"] / requests,
+        "wakes": wakes,
     }
 
 
@@ -142,6 +148,10 @@ def main() -> None:
                 f"{row['quiet_turns']:6.2f} "
                 f"{one['open_ms_p50']:12.2f} {one['transfer_ms_p50']:24.2f}"
             )
+    for path, one in runs.items():
+        for side, row in one["sides"].items():
+            woken = ", ".join(f"{c} {n:.2f}" for c, n in sorted(row["wakes"].items()) if n)
+            print(f"{path:9} {side:8} turns per request woken by: {woken}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

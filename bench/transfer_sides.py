@@ -175,8 +175,8 @@ class Side:
         stats = [a.stats() for a in self.agents]
         keys = ("copy_s", "wire_s", "loop_turns", "loop_timer_turns", "loop_quiet_turns")
         keys += ("transfer_cpu_s",)
-        keys += ("wait_cpu_s", "ucx_cpu_s")
-        return {k: sum(getattr(s, k) for s in stats) for k in keys}
+        keys += ("wait_cpu_s", "ucx_cpu_s", "loop_wakes")
+        return summed([{k: getattr(s, k) for k in keys} for s in stats])
 
     def raw_open(self, nbytes: int):
         """A bare UCX worker and a receive buffer of `nbytes`; returns the worker's address."""
@@ -328,6 +328,20 @@ class Role:
             part.close()
 
 
+def summed(rows: list[dict]) -> dict:
+    """Key-wise sums of `rows`; a dict value (turns by cause) is summed key-wise too."""
+    out: dict = {}
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, dict):
+                inner = out.setdefault(key, {})
+                for k, v in value.items():
+                    inner[k] = inner.get(k, 0) + v
+            else:
+                out[key] = out.get(key, 0) + value
+    return out
+
+
 def _merge(name, replies):
     if name == "send":
         return min(replies)
@@ -340,6 +354,6 @@ def _merge(name, replies):
     if name == "open":
         return tuple(sum(r[i] for r in replies) for i in (0, 1))
     if name == "stats":
-        return {key: sum(r[key] for r in replies) for key in replies[0]}
+        return summed(replies)
     [reply] = replies  # raw commands go to one process
     return reply

@@ -105,11 +105,11 @@ class AgentCore:
         )
         self.copies = CopyStream(planes.device)
         if self.copies.wake_fd is not None:
-            self.loop.watch(self.copies.wake_fd, True)
+            self.loop.watch(self.copies.wake_fd, True, "copies")
         # how KV is packed into data messages; the pipelines move items through its steps
         self.mode = SliceMode() if config.mode == "slice" else StagedMode(self.staging, self.copies)
         if data.wake_fd is not None:
-            self.loop.watch(data.wake_fd, True)
+            self.loop.watch(data.wake_fd, True, "data")
         self.again = False  # the step left work for the next turn (its budget ran out)
         self.control = ControlChannel(
             self._zmq,

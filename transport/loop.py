@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 # a thread waiting for the GIL asks its holder to switch, so an uncontended process pays
 # nothing for a shorter interval.
 GIL_SWITCH_S = 0.0002
+# what woke a turn (AgentLoop.wakes): its bell (posted calls), a watched descriptor's cause (the
+# data plane, the copy stream, the control sockets), its timer, or nothing (the turn before
+# left work and asked for this one at once)
+WAKE_CAUSES = ("bell", "data", "copies", "control", "timer", "at_once")
 
 
 class AgentLoop:
@@ -54,6 +58,8 @@ class AgentLoop:
         self._bell = Bell()  # posted calls, stop
         self._poller = zmq.Poller()
         self._poller.register(self._bell.fileno(), zmq.POLLIN)
+        self._cause_of: dict = {self._bell.fileno(): "bell"}  # watched socket or fd -> cause
+        self.wakes = dict.fromkeys(WAKE_CAUSES, 0)  # turns by cause (a turn counts once each)
         self._stopping = threading.Event()
         self.error: BaseException | None = None
         self.turns = 0  # turns taken; an idle loop takes one per timer period
@@ -73,13 +79,16 @@ class AgentLoop:
             sys.setswitchinterval(GIL_SWITCH_S)
         self._thread.start()
 
-    def watch(self, socket, on: bool) -> None:
-        """Start (on) or stop waking for input on `socket` (a zmq socket or a file descriptor):
-        before start or on the loop thread."""
+    def watch(self, socket, on: bool, cause: str = "control") -> None:
+        """Start (on) or stop waking for input on `socket` (a zmq socket or a file descriptor),
+        whose wakes count under `cause` (one of WAKE_CAUSES): before start or on the loop
+        thread."""
         if on:
             self._poller.register(socket, zmq.POLLIN)
+            self._cause_of[socket] = cause
         else:
             self._poller.unregister(socket)
+            self._cause_of.pop(socket, None)
 
     def post(self, call: Callable[[], None], wake: bool = True) -> None:
         """Run `call` on the loop thread soon; safe from any thread. `wake=False` leaves it for
@@ -116,6 +125,13 @@ class AgentLoop:
         except (OSError, AttributeError):  # gone meanwhile, or a platform without the clock
             return self._cpu_at_exit
 
+    def _count_wake(self, events: dict, slept_s: float) -> None:
+        if events:
+            for cause in {self._cause_of.get(key, "control") for key in events}:
+                self.wakes[cause] += 1
+        else:
+            self.wakes["timer" if slept_s > 0 else "at_once"] += 1
+
     def _run(self) -> None:
         sleep_s = 0.0
         try:
@@ -128,6 +144,7 @@ class AgentLoop:
                 self.turns += 1
                 self.timed_out = not events and sleep_s > 0
                 self.timer_turns += self.timed_out
+                self._count_wake(events, sleep_s)
                 self.nudged = self._bell.fileno() in events
                 if self.nudged:
                     self._bell.clear()

@@ -107,3 +107,42 @@ def test_a_ring_while_the_bell_is_cleared_never_leaves_it_mute(monkeypatch):
     readable, _, _ = select.select([bell.fileno()], [], [], 1.0)
     assert readable, "the bell stayed silent after a ring"
     bell.close()
+
+
+def test_each_turn_counts_what_woke_it():
+    """A watched descriptor's wakes count under its cause, a posted call's under the bell, a
+    turn its step asked for at once under at_once, a deadline's under timer."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    asked = ["at once", "timer"]  # what the next turns' steps ask for, then a long sleep
+    turned = threading.Event()
+
+    def step(now):
+        turned.set()
+        return {"at once": 0.0, "timer": 0.05}.get(asked.pop(0) if asked else "", 60.0)
+
+    def on_frames(ready):
+        if read_fd in ready:
+            drain(read_fd)
+
+    loop = AgentLoop("kvferry-test-wakes", on_frames, step)
+    loop.watch(read_fd, True, "data")
+    loop.start()
+    deadline = time.monotonic() + 10
+    while asked or loop.turns < 3:  # the first turn, the one asked at once, the timer
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    settled = dict(loop.wakes)
+    assert settled["at_once"] >= 2 and settled["timer"] >= 1  # (the first turn: at once too)
+    turned.clear()
+    os.write(write_fd, b"x")
+    assert turned.wait(5)
+    turned.clear()
+    loop.post(lambda: None)
+    assert turned.wait(5)
+    woken = dict(loop.wakes)
+    loop.stop()
+    assert woken["data"] == settled["data"] + 1
+    assert woken["bell"] == settled["bell"] + 1
+    os.close(read_fd)
+    os.close(write_fd)
