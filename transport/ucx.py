@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 DISCARD_BYTES = 256  # scratch a discarded message is truncated into
 # UCX's tcp transport moves a message in pieces of its segment size (8 KiB to send by default),
 # each piece an event the receiving loop wakes for; a data message is a chunk's KV (MiBs).
-# Set unless the environment says otherwise.
-TCP_SEGMENTS = {"UCX_TCP_TX_SEG_SIZE": "256k", "UCX_TCP_RX_SEG_SIZE": "256k"}
+# Set unless the environment says otherwise (2 MiB: the embedded default's 1.9 MiB messages in
+# one piece; docs/benchmarks.md, "Fewer frames and turns per request").
+TCP_SEGMENTS = {"UCX_TCP_TX_SEG_SIZE": "2m", "UCX_TCP_RX_SEG_SIZE": "2m"}
 FULL_PROGRESS_EVERY_S = 1.0  # ucxx's own progress (request cancelling included) at least this often
 UCS_OK, UCS_ERR_BUSY = 0, -15  # ucs/type/status.h
 
