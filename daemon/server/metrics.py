@@ -291,14 +291,21 @@ class _SnapshotCollector:
         queues = GaugeMetricFamily(
             "kvferry_queue_depth", "Requests by stage on each rank", labels=["rank", "queue"]
         )
+        wakes = CounterMetricFamily(
+            "kvferry_transfer_loop_wakes",
+            "Transfer loop turns by what woke them (a turn counts once under each cause)",
+            labels=["rank", "cause"],
+        )
         for s in snapshots:
+            for cause, count in s.loop_wakes.items():
+                wakes.add_metric([str(s.rank), cause], count)
             for kind, count in s.failures.items():
                 failures.add_metric([str(s.rank), kind], count)
             for state, count in s.rooms.items():
                 rooms.add_metric([str(s.rank), state], count)
             for queue, count in s.queues.items():
                 queues.add_metric([str(s.rank), queue], count)
-        yield from (failures, rooms, queues)
+        yield from (failures, rooms, queues, wakes)
 
 
 class _BootstrapCollector:

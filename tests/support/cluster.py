@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -17,6 +18,7 @@ from kvferry.daemon.cli.launcher import Launcher
 from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.config import load
 from ports import free_port
+from support.metrics_sim import samples
 
 FAST_TRANSFER = {
     "chunk_tokens": 8,
@@ -134,3 +136,25 @@ def child_pids(pid: int) -> list[int]:
 
 def kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
+
+
+def fresh_loop_turns(launcher, name: str) -> dict[str, float]:
+    """The turns of a snapshot the ranks sent just now (the first after a change): a rank's
+    snapshot can be some time old when it has just been busy."""
+    first = loop_turns(launcher, name)
+    wait_for(lambda: loop_turns(launcher, name) != first, f"a fresh snapshot of {name}")
+    return loop_turns(launcher, name)
+
+
+def loop_turns(launcher, name: str, woken_by: str | None = None) -> dict[str, float]:
+    """Each rank's transfer loop turns, or those `woken_by` a cause."""
+    with urllib.request.urlopen(f"{client(launcher, name).url}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    metric = "kvferry_transfer_loop_turns_total"
+    if woken_by is not None:
+        metric = "kvferry_transfer_loop_wakes_total"
+    return {
+        dict(labels)["rank"]: value
+        for (family, labels), value in samples(text).items()
+        if family == metric and dict(labels).get("cause", woken_by) == woken_by
+    }

@@ -24,8 +24,10 @@ from support.cluster import (
     client,
     decode,
     failure,
+    fresh_loop_turns,
     generate,
     kill,
+    loop_turns,
     prefill,
     running,
     wait_for,
@@ -203,9 +205,11 @@ def test_idle_daemons_sleep(mixed):
     launcher, _ = mixed
     wait_idle(launcher)
     names = [c.name for c in launcher.children]
-    before = {name: _fresh_loop_turns(launcher, name) for name in names}
+    before = {name: fresh_loop_turns(launcher, name) for name in names}
+    timer_before = {name: loop_turns(launcher, name, "timer") for name in names}
     time.sleep(IDLE_S)
-    after = {name: _loop_turns(launcher, name) for name in names}
+    after = {name: loop_turns(launcher, name) for name in names}
+    timer_after = {name: loop_turns(launcher, name, "timer") for name in names}
     # one turn per heartbeat interval, plus what the snapshots' lag (up to 0.5 s) adds each side;
     # a loop that polled even every 50 ms would take 80 turns
     beat = FAST_TRANSFER["heartbeat_interval_s"]
@@ -214,24 +218,8 @@ def test_idle_daemons_sleep(mixed):
         assert before[name].keys() == after[name].keys() and after[name], name
         for rank, turns in after[name].items():
             assert turns - before[name][rank] <= limit, (name, rank, before, after)
-
-
-def _fresh_loop_turns(launcher, name: str) -> dict[str, float]:
-    """The turns of a snapshot the ranks sent just now (the first after a change): a rank's
-    snapshot can be some time old when it has just been busy."""
-    first = _loop_turns(launcher, name)
-    wait_for(lambda: _loop_turns(launcher, name) != first, f"a fresh snapshot of {name}")
-    return _loop_turns(launcher, name)
-
-
-def _loop_turns(launcher, name: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"{client(launcher, name).url}/metrics", timeout=30) as reply:
-        text = reply.read().decode()
-    return {
-        dict(labels)["rank"]: value
-        for (metric, labels), value in samples(text).items()
-        if metric == "kvferry_transfer_loop_turns_total"
-    }
+            # what woke them: the timer (kvferry_transfer_loop_wakes_total, by cause)
+            assert timer_after[name][rank] > timer_before[name].get(rank, 0), (name, rank)
 
 
 LONG = [(11 * i) % 250 for i in range(3000)]  # hundreds of prefill chunks: time to kill

@@ -60,6 +60,7 @@ def test_per_rank_values_are_the_latest_snapshot_of_each_rank(rendered):
         "kvferry_transfer_failures_total": ("kind", "failures"),
         "kvferry_rooms": ("state", "rooms"),
         "kvferry_queue_depth": ("queue", "queues"),
+        "kvferry_transfer_loop_wakes_total": ("cause", "loop_wakes"),
     }
     for name, (label, field) in labelled.items():
         for s in snapshots:
