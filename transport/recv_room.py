@@ -75,7 +75,7 @@ class RecvRoom:
         # max_message_bytes; 0: one chunk per message)
         self.max_message_bytes = 0
         self.created = created
-        self.status = RoomStatus(notify, registered_quiet=True)  # its engine waits for done
+        self.status = RoomStatus(notify)
         handle.status = self.status
         self.writers: dict[int, HeadSlice] = {}  # prefill rank -> the heads it sends us
         self.rank_peers: dict[int, str] = {}  # prefill rank -> its control address

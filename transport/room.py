@@ -23,27 +23,19 @@ class RoomStatus:
     """A room's state on one rank: moves forward only; Failed is sticky and keeps its failure.
 
     Written by the agent thread; read by any thread (single attribute reads). `notify` is
-    called after every change its engine acts on (it wakes the engine that reads the state):
-    done and failed, and registered unless `registered_quiet` (a decode engine does nothing
-    then). The move to Transferring is not one of them: no engine does anything then, and
-    waking one would take the GIL from the transfer thread in mid-transfer.
+    called after every change an engine acts on (it wakes the engine that reads the state):
+    registered, done, failed. The move to Transferring is not one of them: no engine does
+    anything then, and waking one would take the GIL from the transfer thread in mid-transfer.
     """
 
-    __slots__ = ("created", "failure", "notify", "quiet", "reached", "state")
+    __slots__ = ("created", "failure", "notify", "reached", "state")
 
-    def __init__(
-        self, notify: Callable[[], None] | None = None, registered_quiet: bool = False
-    ) -> None:
+    def __init__(self, notify: Callable[[], None] | None = None) -> None:
         self.state = KVPoll.Bootstrapping
         self.reached = KVPoll.Bootstrapping  # the furthest state before any failure
         self.failure: Failure | None = None
         self.created = time.monotonic()
         self.notify = notify
-        self.quiet = (
-            (KVPoll.WaitingForInput, KVPoll.Transferring)
-            if registered_quiet
-            else (KVPoll.Transferring,)
-        )
 
     @property
     def finished(self) -> bool:
@@ -54,7 +46,7 @@ class RoomStatus:
         if not self.finished and state > self.state:
             assert state != KVPoll.Failed, "use fail() to fail a room"
             self.state = self.reached = state
-            if self.notify is not None and state not in self.quiet:
+            if self.notify is not None and state != KVPoll.Transferring:
                 self.notify()
 
     def fail(self, failure: Failure) -> bool:
