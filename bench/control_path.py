@@ -22,14 +22,14 @@ import time
 import numpy as np
 import torch
 from loop_profile import add_profile_argument
-from transfer_sides import (  # bench/ is on sys.path (a script)
-    Role,
+from transfer_args import (  # bench/ is on sys.path (a script)
     add_data_path_argument,
     add_layout_argument,
     add_message_size_argument,
     data_paths,
     max_message_bytes,
 )
+from transfer_sides import Role
 
 from kvferry.transport.bootstrap import BootstrapServer
 

@@ -22,15 +22,14 @@ import numpy as np
 import torch
 from loop_profile import add_profile_argument
 from timelines import stage_times  # bench/ is on sys.path (a script)
-from transfer_sides import (
-    Remote,
-    Role,
+from transfer_args import (
     add_data_path_argument,
     add_layout_argument,
     add_message_size_argument,
     data_paths,
     max_message_bytes,
 )
+from transfer_sides import Remote, Role
 
 from kvferry.staging.plan import plan_head_transfers
 from kvferry.transport.bootstrap import BootstrapServer
