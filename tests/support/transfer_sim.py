@@ -244,3 +244,15 @@ class Deployment:
         self.decode.close()
         self.prefill.close()
         self.server.close()
+
+
+def count_calls(obj, name: str) -> list[int]:
+    """Count the calls of `obj`'s method `name` from now on: [count], read as it grows."""
+    calls, method = [0], getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return method(*args, **kwargs)
+
+    setattr(obj, name, counted)
+    return calls

@@ -2,8 +2,6 @@
 its own; a registration no prefill rank accepts fails at the bootstrap deadline, and only the
 room's own prefill ranks can accept it."""
 
-import time
-
 import pytest
 import zmq
 
@@ -17,6 +15,7 @@ from support.transfer_sim import (
     start_receivers,
     start_senders,
     wait_all,
+    wait_for,
 )
 
 CODEC = Codec()
@@ -27,22 +26,15 @@ def registered_room(dep, seed=1):
     req = Request(dep.prefill.layouts[0], 32, seed=seed)
     prefill_fill(dep.prefill, req)
     receivers = start_receivers(dep.decode, req, dep.server.address)
-    wait_for(lambda: receivers[0].poll() >= KVPoll.WaitingForInput, "registered")
+    assert wait_for(lambda: receivers[0].poll() >= KVPoll.WaitingForInput), "not registered"
     return req, receivers, dep.decode.agents[0].rooms[req.room]
-
-
-def wait_for(condition, what, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not {what} within {timeout_s}s"
-        time.sleep(0.005)
 
 
 def test_every_prefill_rank_accepts_in_a_heartbeat_and_the_room_moves():
     dep = Deployment(4, 2, 1)
     try:
         req, receivers, room = registered_room(dep)
-        wait_for(lambda: room.all_accepted, "accepted by both prefill ranks")
+        assert wait_for(lambda: room.all_accepted), "not accepted by both prefill ranks"
         assert room.accepted == set(room.rank_peers.values())
         beats = [agent.core.stats for agent in dep.prefill.agents]
         assert all(stats.bad_frames == 0 for stats in beats)
@@ -83,7 +75,7 @@ def test_a_heartbeat_accepts_only_the_rooms_its_sender_was_asked_to(identity):
         rogue.send(CODEC.encode(Heartbeat([req.room, 12345, (1 << 64) - 1])))
         rogue.send(b"junk")  # read after the heartbeat: once it is counted, both were
         stats = dep.decode.agents[0].core.stats
-        wait_for(lambda: stats.bad_frames == 1, "the junk behind the heartbeat read")
+        assert wait_for(lambda: stats.bad_frames == 1), "the junk behind the heartbeat unread"
         assert all(peer in room.rank_peers.values() for peer in room.accepted)
         rogue.close()
         assert wait_all(start_senders(dep.prefill, req) + receivers) == [KVPoll.Success] * 2

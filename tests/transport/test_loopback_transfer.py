@@ -15,6 +15,7 @@ from support.kvsim import TP_PAIRS
 from support.transfer_sim import (
     Deployment,
     Request,
+    count_calls,
     decode_matches,
     prefill_fill,
     req_slots,
@@ -250,14 +251,7 @@ def test_wakes_for_pieces_of_a_message_skip_the_step_and_lose_nothing():
     dep = Deployment(4, 2, 1, config=config, layers=3, d_page_size=4, data_plane=FragmentingPlane)
     try:
         decode = dep.decode.agents[0].core
-        steps = [0]
-        advance = decode._advance
-
-        def counted(now):
-            steps[0] += 1
-            return advance(now)
-
-        decode._advance = counted
+        steps = count_calls(decode, "_advance")
         for seed, num_tokens in enumerate((45, 16), start=1):
             req, senders, receivers = dep.run(num_tokens=num_tokens, seed=seed)
             states = wait_all(senders + receivers)

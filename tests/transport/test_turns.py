@@ -5,7 +5,13 @@ again, a bounded number of times, rather than leave them to a turn of its own.""
 from kvferry.transport import core as core_module
 from kvferry.transport.dataplane import DataOp, LoopbackDataPlane
 from kvferry.transport.room import KVPoll
-from support.transfer_sim import Deployment, decode_matches, small_config, wait_all
+from support.transfer_sim import (
+    Deployment,
+    count_calls,
+    decode_matches,
+    small_config,
+    wait_all,
+)
 
 
 class Reaped(DataOp):
@@ -46,19 +52,6 @@ class InlinePlane(LoopbackDataPlane):
         return not (self._unreaped or self.pending_forever)
 
 
-def counting_steps(core):
-    """Count the owner's steps of `core` (the loop's turns are counted by the loop)."""
-    steps = [0]
-    step = core._step
-
-    def counted(now):
-        steps[0] += 1
-        return step(now)
-
-    core._step = counted
-    return steps
-
-
 def run_transfers(dep, count=2):
     for seed in range(1, count + 1):
         req, senders, receivers = dep.run(num_tokens=40, seed=seed)
@@ -72,7 +65,7 @@ def test_a_turn_takes_in_the_completions_of_its_own_sends():
     dep = Deployment(4, 2, 1, config=config, data_plane=InlinePlane)
     try:
         prefill = dep.prefill.agents[0].core
-        steps = counting_steps(prefill)
+        steps = count_calls(prefill, "_step")  # the owner's steps
         turns_before = prefill.loop.turns
         run_transfers(dep)
         # some turn stepped again after its sends completed inside their posts
@@ -86,7 +79,7 @@ def test_a_turn_steps_at_most_a_bounded_number_of_times(monkeypatch):
     dep = Deployment(4, 1, 1, data_plane=InlinePlane)
     try:
         prefill = dep.prefill.agents[0].core
-        steps = counting_steps(prefill)
+        steps = count_calls(prefill, "_step")  # the owner's steps
         turns_before = prefill.loop.turns
         run_transfers(dep, count=1)  # the loop goes on turning: every transfer still ends
         turns = prefill.loop.turns - turns_before + 1  # + the turn running as counting began
