@@ -14,7 +14,8 @@ frames; the role's step), then runs `--runs` single-prompt transfers one at a ti
   previous stage, split into the time until the thread that reached it woke and the time from
   its wake to the stage within its turn (medians over the runs);
 - each traced call's median and p90 µs, and how often it ran per request;
-- the wakes per request of each thread (the two loops and the engine's).
+- the wakes per request of each thread (the two loops and the engine's), and each loop's turns
+  per request by what woke them (`AgentLoop.wakes`).
 
 It reads the library's internals by name (it is a diagnostic, not an API): the names below
 must follow them. The decode side runs in this process (`--decode-process` is not traced).
@@ -201,10 +202,16 @@ def main() -> None:
         for _ in range(5):  # warm-up: kernels, endpoints, the ring
             bench.run(prompt)
         bench.timelines.clear()
+        loops = {loop._thread.name: loop for loop in bench._loops()}
+        wakes_before = {name: dict(loop.wakes) for name, loop in loops.items()}
         starts = []
         for _ in range(own.runs):
             starts.append(time.time())
             bench.run(prompt)
+        wakes = {  # each loop's turns per request by what woke them (transport/loop.py)
+            name: {c: (n - wakes_before[name][c]) / own.runs for c, n in loop.wakes.items()}
+            for name, loop in loops.items()
+        }
     finally:
         bench.close()
     runs = [
@@ -212,6 +219,7 @@ def main() -> None:
         for start, timeline in zip(starts, bench.timelines, strict=True)
     ]
     result = analyse(trace, runs)
+    result["loop_wakes_per_request"] = wakes
     mode = f"layer-wise ({args.layer_group})" if args.layer_group else "whole-chunk"
     print(f"{own.runs} single-prompt transfers of {args.prompt} tokens, {mode}, on {device}")
     print(f"{'stage':24}{'after the last':>16}{'until woken':>13}{'in its turn':>13}  (ms)")
@@ -228,6 +236,9 @@ def main() -> None:
         )
     woken = ", ".join(f"{t} {n:g}" for t, n in result["wakes_per_request"].items())
     print(f"wakes per request: {woken}")
+    for name, causes in wakes.items():
+        woken = ", ".join(f"{cause} {n:.2f}" for cause, n in causes.items() if n)
+        print(f"{name} turns per request woken by: {woken}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": own.runs, **result}, f, indent=1)
