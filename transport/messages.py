@@ -124,7 +124,8 @@ class RegisterRoom(_Msg):
 class TransferDone(_Msg):
     """Prefill rank -> decode rank: every chunk of the room has been sent to you (its sends
     posted). Sent as the rank's last data message of the room (tags.DONE_PIECE), encoded as a
-    frame is; a decode rank takes it as a control frame too."""
+    frame is; a decode rank refuses it as a control frame (the data plane's tag names the room's
+    unguessable key, a control frame only its id)."""
 
     room: int
     src_rank: int

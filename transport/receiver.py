@@ -198,15 +198,12 @@ class DecodeAgent(TransferAgent):
                 room = self.rooms.get(room_id)
                 if room is not None and peer in room.rank_peers.values():
                     room.accepted.add(peer)
-        elif isinstance(message, TransferDone) and room is not None:
-            self._on_done(room, message)
-            self._visits.touch(room.room)
         elif isinstance(message, (Abort, ErrorReply)) and room is not None:
             aborted = Failure(FailureKind.PEER_ABORTED, f"aborted by prefill: {message.reason}")
             self._fail(room, aborted, skip_peer=peer)
         elif isinstance(message, ErrorReply):
             self.core.log.warning("peer error", "peer %r reports: %s", peer, message.reason)
-        elif not isinstance(message, (TransferDone, Abort)):
+        elif not isinstance(message, Abort):  # TransferDone comes on the data plane only
             self.core.refuse(peer, f"unexpected {type(message).__name__} at a decode rank")
 
     def _on_done(self, room: RecvRoom, message: TransferDone) -> None:

@@ -9,7 +9,7 @@ import zmq
 from kvferry.transport.control import request
 from kvferry.transport.dataplane import LoopbackDataPlane, data_failure, failure
 from kvferry.transport.failure import Failure, FailureKind
-from kvferry.transport.messages import Codec, ErrorReply, QueryPeers, RegisterRoom
+from kvferry.transport.messages import Codec, ErrorReply, QueryPeers, RegisterRoom, TransferDone
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tags import DONE_PIECE, MAX_DONE_BYTES, pack_tag, unpack_tag
 from support.transfer_sim import (
@@ -284,3 +284,19 @@ def test_a_transfer_cut_by_a_lost_peer_fails_as_a_peer_loss():
     assert failure("send", missing) == Failure(
         FailureKind.DATA_PLANE, "send failed: no message with tag 0x5"
     )
+
+
+def test_a_transfer_done_as_a_control_frame_is_refused(dep):
+    """TransferDone comes behind the data, on the data plane (its tag names the room's key); a
+    control frame naming only the room's id is refused and leaves the room waiting."""
+    req, receivers = waiting_room(dep, seed=6)
+    agent = dep.decode.agents[0]
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(agent.core.control.address)
+    dealer.send(CODEC.encode(TransferDone(req.room, 0, 2, 42)))
+    assert dealer.poll(5000)
+    assert "unexpected TransferDone" in CODEC.decode(dealer.recv()).reason
+    dealer.close()
+    assert receivers[0].poll() == KVPoll.WaitingForInput
+    assert wait_all(start_senders(dep.prefill, req) + receivers) == [KVPoll.Success] * 2
