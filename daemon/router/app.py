@@ -22,11 +22,11 @@ from starlette.routing import Route
 from kvferry.daemon.router.errors import RouterError
 from kvferry.daemon.router.metrics import CONTENT_TYPE
 from kvferry.daemon.router.service import Router
+from kvferry.daemon.server.http_protocol import GONE
 
 log = logging.getLogger(__name__)
 
 CANCEL_S = 10.0  # a request whose client left: how long its attempt gets to wind down
-GONE = 499  # answered to nobody: the client has left
 
 
 class _Streaming(msgspec.Struct):

@@ -13,11 +13,12 @@ import math
 import time
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.server.api import ChatCompletionRequest, CompletionRequest
+from kvferry.daemon.server.http_protocol import GONE
 from kvferry.daemon.server.request import Unavailable
 from kvferry.transport.failure import Failure, FailureKind, aborted
 
@@ -131,6 +132,8 @@ async def _body(request: Request, kind: type):
         raw = await asyncio.wait_for(request.body(), limit)
     except asyncio.TimeoutError:
         raise HTTPError(408, f"the request body did not arrive within {limit:g} s") from None
+    except ClientDisconnect:  # an answer nobody reads, and no internal error to log
+        raise HTTPError(GONE, "the client left before its request body arrived") from None
     try:
         body = msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:

@@ -17,6 +17,8 @@ import asyncio
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+GONE = 499  # the status of a request whose client left before its answer: answered to nobody
+
 
 class HeaderTimeoutProtocol(H11Protocol):
     """H11Protocol whose connections must deliver each request's headers within
