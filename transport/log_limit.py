@@ -28,6 +28,13 @@ class RateLimitedLog:
     def warning(self, kind: str, msg: str, *args, exc_info=None) -> bool:
         """Log `msg % args` at WARNING unless `kind` was logged within the period; True if
         written. Kinds are a fixed set chosen by the caller, never text from a peer."""
+        return self._write(logging.WARNING, kind, msg, args, exc_info)
+
+    def error(self, kind: str, msg: str, *args, exc_info=None) -> bool:
+        """As `warning`, at ERROR: for what is a bug here, whoever made it happen."""
+        return self._write(logging.ERROR, kind, msg, args, exc_info)
+
+    def _write(self, level: int, kind: str, msg: str, args: tuple, exc_info) -> bool:
         now = self._clock()
         if now < self._next.get(kind, 0.0):
             self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
@@ -36,5 +43,5 @@ class RateLimitedLog:
         left_out = self._suppressed.pop(kind, 0)
         if left_out:
             msg += f" ({left_out} more suppressed)"
-        self._log.warning(msg, *args, exc_info=exc_info, stacklevel=2)  # the caller's line
+        self._log.log(level, msg, *args, exc_info=exc_info, stacklevel=3)  # the caller's line
         return True

@@ -52,9 +52,11 @@ class ClientLimit:
                 del self._in_progress[host]  # a host with nothing in progress leaves no trace
 
 
-async def send_error(send, status: int, message: str, code: str) -> None:
-    """An ASGI answer in OpenAI's error shape."""
-    error = {"message": message, "type": "invalid_request_error", "code": code, "param": None}
+async def send_error(
+    send, status: int, message: str, code: str, kind: str = "invalid_request_error"
+) -> None:
+    """An ASGI answer in OpenAI's error shape (`kind`: its type)."""
+    error = {"message": message, "type": kind, "code": code, "param": None}
     body = json.dumps({"error": error}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": headers})

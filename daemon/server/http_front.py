@@ -28,6 +28,7 @@ from kvferry.daemon.server import status as shown
 from kvferry.daemon.server.api_key import RequireApiKey, read_api_key
 from kvferry.daemon.server.client_limit import ClientLimit
 from kvferry.daemon.server.completions import HTTPError, chat_completions, completions, models
+from kvferry.daemon.server.contain import ContainErrors
 from kvferry.daemon.server.http_protocol import HeaderTimeoutProtocol
 from kvferry.daemon.server.metrics import CONTENT_TYPE
 from kvferry.daemon.server.open_files import allow_open_files
@@ -56,8 +57,9 @@ class HTTPFront:
         own = daemon.config
         app = ClientLimit(_app(daemon), own.http_max_requests_per_client, daemon.metrics.refused)
         key = read_api_key(own.api_key_file, own.api_key_env)
+        app = RequireApiKey(app, key) if key else app
         config = uvicorn.Config(
-            RequireApiKey(app, key) if key else app,
+            ContainErrors(app, daemon.metrics.http_internal_errors.inc),
             log_config=None,  # the daemon's logging stays as it is
             log_level="warning",
             access_log=False,  # requests are counted in the metrics, not logged line by line

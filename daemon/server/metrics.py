@@ -191,6 +191,11 @@ class Metrics:
             "kvferry_request_failures", "Failed requests, by kind", ["kind"], registry=r
         )
         self.in_flight = Gauge("kvferry_requests_in_flight", "Requests in flight", registry=r)
+        self.http_internal_errors = Counter(
+            "kvferry_http_internal_errors",
+            "HTTP requests whose handling raised (each one a bug; the front kept serving)",
+            registry=r,
+        )
         self.prefill_reachable = Gauge(
             "kvferry_prefill_reachable",
             "Decode: 1 when the prefill daemon's bootstrap server answered the last probe",

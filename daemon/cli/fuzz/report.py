@@ -32,7 +32,11 @@ def table(result: FuzzResult) -> str:
     lines.append("")
     for name, status in result.health.items():
         frames = result.bad_frames.get(name, [-1, -1])
-        lines.append(f"{name}: /health {status}; bad frames counted {frames[0]} -> {frames[1]}")
+        errors = result.internal_errors.get(name, [-1, -1])
+        lines.append(
+            f"{name}: /health {status}; bad frames counted {frames[0]} -> {frames[1]}; "
+            f"internal errors {errors[0]} -> {errors[1]}"
+        )
     same = result.completion_after == result.completion_before
     lines.append(
         f"completion before {result.completion_before}, after {result.completion_after}"

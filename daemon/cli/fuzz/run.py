@@ -24,12 +24,14 @@ import msgspec
 from kvferry.daemon.cli.client import ClientError, DaemonClient
 from kvferry.daemon.cli.fuzz.senders import LEFT_OPEN, http_sender, zmq_sender
 from kvferry.daemon.cli.fuzz.targets import (
+    BAD_FRAMES,
+    INTERNAL_ERRORS,
     FuzzedSocket,
     ProcessFigures,
     Targets,
-    bad_frames,
     discover,
     measure,
+    summed,
 )
 from kvferry.daemon.cli.fuzz.zmq_sender import CLOSE_WAIT_S
 from kvferry.daemon.server.api import CompletionRequest
@@ -88,6 +90,7 @@ class FuzzResult(msgspec.Struct, kw_only=True):
     processes: list[ProcessRun] = []
     health: dict[str, str] = {}  # daemon -> /health status after the fuzz
     bad_frames: dict[str, list[int]] = {}  # daemon -> [before, after]
+    internal_errors: dict[str, list[int]] = {}  # daemon -> [before, after]: each one a bug
     completion_before: list[int] = []
     completion_after: list[int] | None = None
     problems: list[str] = []
@@ -119,7 +122,7 @@ def run_fuzz(
     result.processes = [
         ProcessRun(name=p.name, pid=p.pid, before=measure(p.pid)) for p in targets.processes
     ]
-    before = {name: _bad_frames(url) for name, url in targets.urls.items()}
+    before = {name: _counted(url) for name, url in targets.urls.items()}
     chosen = [(i, t) for i, t in enumerate(targets.sockets) if t.kind in spec.kinds]
     if targets.keys is not None:  # strangers first: nothing counted yet, nothing to lag behind
         strangers = [(i, t) for i, t in chosen if t.kind != "http"]
@@ -152,10 +155,10 @@ def _check_unread(result: FuzzResult, targets: Targets, before: dict, fuzzed: li
     report their counters every half second, so they are read after a second's wait."""
     threading.Event().wait(REPORT_LAG_S)
     for name, url in targets.urls.items():
-        after = _bad_frames(url)
-        if after != before[name]:
+        after = _counted(url)[0]
+        if after != before[name][0]:
             result.problems.append(
-                f"{name}: bad frames counted {before[name]} -> {after} while a stranger "
+                f"{name}: bad frames counted {before[name][0]} -> {after} while a stranger "
                 f"without keys fuzzed {', '.join(fuzzed)}: its frames were read"
             )
 
@@ -217,8 +220,17 @@ def _check_after(result: FuzzResult, targets: Targets, complete: Callable, befor
         result.problems.append(f"no completion after the fuzz: {exc}")
     for process in result.processes:
         _check_process(result, process, spec)
+    threading.Event().wait(REPORT_LAG_S)  # the ranks' last counts
     for name, url in targets.urls.items():
-        result.bad_frames[name] = [before[name], _bad_frames(url)]
+        (bad, internal), after = before[name], _counted(url)
+        result.bad_frames[name] = [bad, after[0]]
+        result.internal_errors[name] = [internal, after[1]]
+        if after[1] > internal:
+            result.problems.append(
+                f"{name}: {after[1] - internal} requests or frames whose handling raised "
+                f"(*internal_errors_total, *failed_frames_total: each one a bug; its log says "
+                f"which)"
+            )
 
 
 def _check_process(result: FuzzResult, process: ProcessRun, spec: FuzzSpec) -> None:
@@ -253,9 +265,11 @@ def _health(url: str) -> str:
         return exc.reason
 
 
-def _bad_frames(url: str) -> int:
+def _counted(url: str) -> tuple[int, int]:
+    """The daemon's bad frames and internal errors, its ranks' included ((-1, -1): no answer)."""
     try:
         with DaemonClient(url, 10.0) as client:
-            return bad_frames(client.metrics())
+            text = client.metrics()
     except ClientError:
-        return -1
+        return -1, -1
+    return summed(text, BAD_FRAMES), summed(text, INTERNAL_ERRORS)

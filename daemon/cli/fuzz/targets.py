@@ -141,11 +141,17 @@ def _status_fields(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in status if ":\t" in line)
 
 
-def bad_frames(metrics_text: str) -> int:
-    """The sum of every `*bad_frames*` sample in a Prometheus text exposition."""
+# metric names of frames refused as malformed or unexpected, and of handlings that raised (a bug
+# each: the server contained it and kept serving)
+BAD_FRAMES, INTERNAL_ERRORS = ("bad_frames",), ("internal_errors", "failed_frames")
+
+
+def summed(metrics_text: str, parts: tuple[str, ...]) -> int:
+    """The sum of every sample whose metric name contains one of `parts`, in a Prometheus text
+    exposition."""
     total = 0.0
     for line in metrics_text.splitlines():
-        if line.startswith("#") or "bad_frames" not in line.split(" ", 1)[0]:
+        if line.startswith("#") or not any(part in line.split(" ", 1)[0] for part in parts):
             continue
         try:
             total += float(line.rsplit(" ", 1)[1])
