@@ -9,7 +9,6 @@ coroutine and two sockets, no thread.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 import msgspec
@@ -23,8 +22,6 @@ from kvferry.daemon.router.errors import RouterError
 from kvferry.daemon.router.metrics import CONTENT_TYPE
 from kvferry.daemon.router.service import Router
 from kvferry.daemon.server.http_protocol import GONE
-
-log = logging.getLogger(__name__)
 
 CANCEL_S = 10.0  # a request whose client left: how long its attempt gets to wind down
 
@@ -45,7 +42,7 @@ def build_app(router: Router) -> Starlette:
             Route("/v1/chat/completions", _post, methods=["POST"]),
             Route("/v1/models", _models),
         ],
-        exception_handlers={RouterError: _error, HTTPException: _no_route, Exception: _crash},
+        exception_handlers={RouterError: _error, HTTPException: _no_route},
         lifespan=router.lifespan,
     )
     app.state.router = router
@@ -145,8 +142,3 @@ def _error(request: Request, exc: RouterError) -> Response:
 
 def _no_route(request: Request, exc: HTTPException) -> Response:
     return _error(request, RouterError.no_route(request.method, request.url.path))
-
-
-def _crash(request: Request, exc: Exception) -> Response:
-    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return _error(request, RouterError(500, f"router error: {exc!r}", "server_error"))

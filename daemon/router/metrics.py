@@ -51,6 +51,11 @@ class RouterMetrics:
         self.answers = Counter(
             "kvferry_router_answers", "Client requests, by outcome", ["outcome"], registry=r
         )
+        self.http_internal_errors = Counter(
+            "kvferry_http_internal_errors",
+            "HTTP requests whose handling raised (each one a bug; the router kept serving)",
+            registry=r,
+        )
         self.retries = Counter(
             "kvferry_router_retries",
             "Attempts after a request's first (its earlier attempts failed before any byte)",

@@ -23,6 +23,7 @@ from kvferry.daemon.router.service import MAX_UPSTREAM_CONNECTIONS, Router
 from kvferry.daemon.server.api_key import RequireApiKey
 from kvferry.daemon.server.client_limit import ClientLimit
 from kvferry.daemon.server.config import RouterConfig
+from kvferry.daemon.server.contain import ContainErrors
 from kvferry.daemon.server.http_protocol import HeaderTimeoutProtocol
 from kvferry.daemon.server.open_files import allow_open_files
 
@@ -60,7 +61,10 @@ class RouterServer:
         )
         self._server = uvicorn.Server(
             uvicorn.Config(
-                _guarded(self._limited(build_app(self.router)), self.router.api_key),
+                ContainErrors(
+                    _guarded(self._limited(build_app(self.router)), self.router.api_key),
+                    self.router.metrics.http_internal_errors.inc,
+                ),
                 log_config=None,  # the process's logging stays as it is
                 log_level="warning",
                 access_log=False,  # requests are counted in the metrics
