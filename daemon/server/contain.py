@@ -2,8 +2,8 @@
 is a bug of the daemon, whatever request set it off. It is counted
 (`kvferry_http_internal_errors_total`), logged with its traceback at most once every few seconds
 (a client must not be able to fill the logs by repeating the request), and answered with a 500
-in OpenAI's error shape if no answer had begun — and it goes no further: uvicorn would log each
-one in full."""
+if no answer had begun — Starlette's own where its app sent one before re-raising, else one in
+OpenAI's error shape from here — and it goes no further: uvicorn would log each one in full."""
 
 from __future__ import annotations
 
