@@ -175,14 +175,25 @@ def reduce_rows(reduce: dict | None) -> list[Row]:
 def forward_rows(forward: dict | None) -> list[Row]:
     if not forward:
         return []
-    rows, tokens = forward["rows"], forward["args"]["prompt"]
-    alone, idle = rows["launch alone (device busy)"], rows["launch, device idle (colocated)"]
-    turns = rows["idle, + Python turns"]
-    return [Row(f"prefill forward, {tokens} tokens: host launch / device time", alone["launch_ms"]
-                / alone["device_ms"], None, "x", detail=f"{alone['launch_ms']:.2f} vs "
-                f"{alone['device_ms']:.2f} ms; another thread's Python turns "
-                f"({turns['other_cpu_ms']:.2f} ms CPU) add "
-                f"{turns['launch_ms'] - idle['launch_ms']:+.2f} ms to it")]  # fmt: skip
+    tokens, rows = forward["args"]["prompt"], []
+    for variant, measured in forward["rows"].items():  # eager, graphs
+        alone = measured["launch alone (device busy)"]
+        idle, turns = measured["launch, device idle (colocated)"], measured["idle, + Python turns"]
+        rows.append(Row(
+            f"prefill forward, {tokens} tokens, {variant}: host launch / device time",
+            alone["launch_ms"] / alone["device_ms"], None, "x",
+            detail=f"{alone['launch_ms']:.2f} vs {alone['device_ms']:.2f} ms; first token "
+            f"{idle['done_ms']:.2f} ms after the launch began; another thread's Python turns "
+            f"({turns['other_cpu_ms']:.2f} ms CPU) add {turns['done_ms'] - idle['done_ms']:+.2f} "
+            "ms to that",
+        ))  # fmt: skip
+    eager, graphs = (
+        forward["rows"][v]["launch, device idle (colocated)"] for v in ("eager", "graphs")
+    )
+    rows.append(Row(f"prefill forward, {tokens} tokens: first token, eager / graphs",
+                    eager["done_ms"] / graphs["done_ms"], None, "x",
+                    detail=f"{eager['done_ms']:.2f} vs {graphs['done_ms']:.2f} ms"))  # fmt: skip
+    return rows
 
 
 def hops_rows(hops: dict | None) -> list[Row]:

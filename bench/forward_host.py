@@ -58,12 +58,14 @@ def parse_args() -> argparse.Namespace:
 
 
 class Prefill:
-    """One prompt's forward and first token, as the prefill engine launches them."""
+    """One prompt's forward and first token, as the prefill engine launches them: eagerly, or
+    as replays of the forward's CUDA graphs (`graphs`, engine/prefill_graphs.py)."""
 
-    def __init__(self, args, model) -> None:
+    def __init__(self, args, model, graphs: bool) -> None:
         self.args, self.model = args, model
         pages = -(-args.prompt // args.page_size) + 1
-        self.runner = ModelRunner(model, BlockManager(pages, args.page_size))
+        captured = {"graph_tokens": args.chunk} if graphs else {}
+        self.runner = ModelRunner(model, BlockManager(pages, args.page_size), **captured)
         self.scheduler = PrefillScheduler(self.runner.blocks, args.chunk, args.chunk)
         self.prompt = list(range(1, args.prompt + 1))
 
@@ -118,7 +120,7 @@ class Other:
 
 def measure(prefill: Prefill, repeats: int, mode: str, other: Other | None = None) -> dict:
     """Median host launch ms (and device ms where measured) over `repeats` forwards."""
-    launches, device, cpu = [], [], []
+    launches, device, cpu, done = [], [], [], []
     for _ in range(repeats):
         torch.cuda.synchronize()
         start = end = None
@@ -127,10 +129,12 @@ def measure(prefill: Prefill, repeats: int, mode: str, other: Other | None = Non
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         cpu_before = other.cpu_s if other else 0.0
+        began = time.perf_counter()
         launched, future = prefill.launch()
         if end is not None:
             end.record()
         prefill.finish(future)
+        done.append((time.perf_counter() - began) * 1e3)
         launches.append(launched * 1e3)
         cpu.append(((other.cpu_s if other else 0.0) - cpu_before) * 1e3)
         if start is not None:
@@ -139,40 +143,21 @@ def measure(prefill: Prefill, repeats: int, mode: str, other: Other | None = Non
         "launch_ms": statistics.median(launches),
         "device_ms": statistics.median(device) if device else None,
         "other_cpu_ms": statistics.median(cpu),
+        "done_ms": statistics.median(done),  # launched until the first token is on the host
     }
 
 
-def main() -> None:
-    args = parse_args()
-    if args.device != "cuda":
-        raise SystemExit("forward_host.py measures a GPU's forward: run it on a GPU machine")
-    model = build_model(args)
-    prefill = Prefill(args, model)
-    for _ in range(3):  # warm-up: kernels compiled, allocator and pinned blocks cached
-        prefill.finish(prefill.launch()[1])
-    turn, period = args.turn_us * 1e-6, args.period_us * 1e-6
-    rows = {
-        "launch alone (device busy)": measure(prefill, args.repeats, "busy"),
-        "launch, device idle (colocated)": measure(prefill, args.repeats, "idle"),
-    }
-    with Other(turn, period, query=False) as other:
-        rows["idle, + Python turns"] = measure(prefill, args.repeats, "idle", other)
-    with Other(turn, period, query=False) as other:
-        rows["busy, + Python turns"] = measure(prefill, args.repeats, "busy", other)
-    with Other(turn, period, query=True) as other:
-        rows["idle, + turns querying an event"] = measure(prefill, args.repeats, "idle", other)
-    name = torch.cuda.get_device_name()
+def print_rows(variant: str, rows: dict) -> None:
     print(
-        f"{name}: {args.prompt}-token prompt in {args.chunk}-token forwards; the other "
-        f"thread: {args.turn_us} µs turns every {args.period_us} µs"
+        f"{variant + ':':34}{'launch ms':>10}{'device ms':>11}{'other CPU ms':>14}"
+        f"{'launch +':>10}{'done ms':>9}"
     )
-    print(f"{'':34}{'launch ms':>10}{'device ms':>11}{'other CPU ms':>14}{'launch +':>10}")
     base = rows["launch, device idle (colocated)"]["launch_ms"]
     for label, row in rows.items():
         dev = f"{row['device_ms']:11.2f}" if row["device_ms"] is not None else f"{'':11}"
         print(
             f"{label:34}{row['launch_ms']:10.2f}{dev}{row['other_cpu_ms']:14.2f}"
-            f"{row['launch_ms'] - base:+10.2f}"
+            f"{row['launch_ms'] - base:+10.2f}{row['done_ms']:9.2f}"
         )
     alone = rows["launch alone (device busy)"]
     bound = "host" if alone["launch_ms"] > alone["device_ms"] else "device"
@@ -180,9 +165,48 @@ def main() -> None:
         f"the forward is bound by the {bound}: launch {alone['launch_ms']:.2f} ms vs device "
         f"{alone['device_ms']:.2f} ms"
     )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device != "cuda":
+        raise SystemExit("forward_host.py measures a GPU's forward: run it on a GPU machine")
+    model = build_model(args)
+    turn, period = args.turn_us * 1e-6, args.period_us * 1e-6
+    name = torch.cuda.get_device_name()
+    print(
+        f"{name}: {args.prompt}-token prompt in {args.chunk}-token forwards; the other "
+        f"thread: {args.turn_us} µs turns every {args.period_us} µs"
+    )
+    results = {}
+    for variant in ("eager", "graphs"):
+        prefill = Prefill(args, model, graphs=variant == "graphs")
+        for _ in range(3):  # warm-up: kernels compiled, allocator and pinned blocks cached
+            prefill.finish(prefill.launch()[1])
+        rows = results[variant] = {
+            "launch alone (device busy)": measure(prefill, args.repeats, "busy"),
+            "launch, device idle (colocated)": measure(prefill, args.repeats, "idle"),
+        }
+        with Other(turn, period, query=False) as other:
+            rows["idle, + Python turns"] = measure(prefill, args.repeats, "idle", other)
+        with Other(turn, period, query=False) as other:
+            rows["busy, + Python turns"] = measure(prefill, args.repeats, "busy", other)
+        with Other(turn, period, query=True) as other:
+            rows["idle, + turns querying an event"] = measure(prefill, args.repeats, "idle", other)
+        print_rows(variant, rows)
+        del prefill
+    eager, graphs = results["eager"], results["graphs"]
+    print("eager ÷ graphs, ms (launch; launched until the first token is on the host):")
+    for label in eager:
+        e, g = eager[label], graphs[label]
+        print(
+            f"  {label:34}{e['launch_ms']:8.2f} ÷ {g['launch_ms']:6.2f} = "
+            f"{e['launch_ms'] / g['launch_ms']:6.2f}×;{e['done_ms']:8.2f} ÷ {g['done_ms']:6.2f}"
+            f" = {e['done_ms'] / g['done_ms']:5.2f}×"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "args": vars(args), "rows": rows}, f, indent=1)
+            json.dump({"device": name, "args": vars(args), "rows": results}, f, indent=1)
 
 
 if __name__ == "__main__":

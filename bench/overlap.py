@@ -97,6 +97,12 @@ def parse_args() -> argparse.Namespace:
         help="also run whole-chunk with each prompt held until its room is registered, and "
         "print whole-chunk's TTFT over it",
     )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="launch every prefill forward eagerly (default on a GPU: replays of its CUDA "
+        "graphs, as the daemons do, engine/prefill_graphs.py)",
+    )
     p.add_argument("--json", help="write the results here as JSON")
     return p.parse_args()
 
@@ -120,10 +126,12 @@ class Bench:
                 prefill_chunk_tokens=args.chunk,
                 max_batch_tokens=args.chunk * args.requests,
                 unregistered_prefill_tokens=0 if held else args.chunk * args.requests,
+                cuda_graphs=not args.eager,
             )
             self._build_transfers(settings, layer_group)
         else:  # the forwards alone: no agent, no engine
-            self.runner = ModelRunner(model, BlockManager(pages, args.page_size))
+            graphs = {} if args.eager else {"graph_tokens": args.chunk * args.requests}
+            self.runner = ModelRunner(model, BlockManager(pages, args.page_size), **graphs)
             self.scheduler = PrefillScheduler(
                 self.runner.blocks, args.chunk, args.chunk * args.requests
             )

@@ -35,7 +35,9 @@ class EngineSettings:
     prefill_chunk_tokens: int = 256  # prefill: tokens per sequence per forward
     max_batch_tokens: int = 1024  # prefill: tokens per forward, all sequences
     max_running: int = 32  # decode: batch size
-    cuda_graphs: bool = True  # decode: capture the step per batch size (where it can be)
+    # on a GPU, where the forward can be captured: decode, the step per batch size; prefill,
+    # the forward per token-count bucket up to max_batch_tokens (engine/prefill_graphs.py)
+    cuda_graphs: bool = True
     # prefill: prompt tokens of rooms not registered yet that may compute meanwhile (0: none)
     unregistered_prefill_tokens: int = 0
 
@@ -62,8 +64,12 @@ def build_engine(
     `bootstrap` showing `token`; `keys`: the deployment's CURVE pair, if any; `eos_ids`
     (decode) end a sequence when sampled."""
     blocks = BlockManager(settings.num_pages, settings.page_size)
-    graph_batch = settings.max_running if role == "decode" and settings.cuda_graphs else 0
-    runner = ModelRunner(model, blocks, graph_batch=graph_batch)
+    graphs = {}
+    if settings.cuda_graphs and role == "decode":
+        graphs = {"graph_batch": settings.max_running}
+    elif settings.cuda_graphs:
+        graphs = {"graph_tokens": settings.max_batch_tokens, "layer_group": transfer.layer_group}
+    runner = ModelRunner(model, blocks, **graphs)
     layout = kv_layout(model, model_name, settings.page_size, tp_rank)
     data = data_plane()
     if role == "prefill":

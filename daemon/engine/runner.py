@@ -13,6 +13,7 @@ import torch.distributed as dist
 from kvferry.daemon.engine.block_manager import BlockManager
 from kvferry.daemon.engine.graphs import DecodeGraphs
 from kvferry.daemon.engine.inputs import Uploader, host_inputs, new_slots
+from kvferry.daemon.engine.prefill_graphs import PrefillGraphs, layer_bounds
 from kvferry.daemon.engine.sampler import Sampled, Sampler
 from kvferry.daemon.engine.scheduler import Work
 from kvferry.daemon.model.batch import Batch
@@ -30,10 +31,12 @@ class ModelRunner:
         blocks: BlockManager,
         kv_dtype: torch.dtype | None = None,
         graph_batch: int = 0,  # capture decode graphs up to this batch size (0: none)
+        graph_tokens: int = 0,  # capture prefill graphs up to this many tokens (0: none)
+        layer_group: int = 0,  # prefill graphs: split after every this many layers (0: none)
     ) -> None:
         c = model.config
         self.model, self.blocks = model, blocks
-        graphs = graph_batch > 0 and graphs_usable(model)
+        graphs = (graph_batch > 0 or graph_tokens > 0) and graphs_usable(model)
         pages = blocks.num_pages + graphs  # the last page: scratch for a graph's spare rows
         shape = (2 * c.num_hidden_layers, pages * blocks.page_size, model.local_kv, c.head_dim)
         self.kv = torch.zeros(shape, dtype=kv_dtype or model.dtype, device=model.device)
@@ -41,11 +44,19 @@ class ModelRunner:
         self.sampler = Sampler()
         self.uploader = Uploader(model.device)
         self.graphs = None
-        if graphs:
+        if graphs and graph_batch > 0:
             self.graphs = DecodeGraphs(
                 model, self.kv, blocks.page_size, blocks.num_pages, graph_batch, blocks.num_pages
             )
             self.graphs.capture()
+        self.prefill_graphs = None
+        if graphs and graph_tokens > 0:
+            bounds = layer_bounds(c.num_hidden_layers, layer_group)
+            self.prefill_graphs = PrefillGraphs(
+                model, self.kv, blocks.page_size, blocks.num_pages, graph_tokens,
+                blocks.num_pages, bounds,
+            )  # fmt: skip
+            self.prefill_graphs.capture()
 
     def forward(
         self,
@@ -63,6 +74,9 @@ class ModelRunner:
                 inputs.tokens, inputs.positions, inputs.table, inputs.pending
             )
             return self.graphs.run(tokens, positions, table, pending, sampled)
+        captured = self.prefill_graphs
+        if captured is not None and not inputs.decode and captured.fits(inputs):
+            return captured.run(inputs, self.uploader, after_layer)
         ends = np.cumsum(inputs.counts)
         tokens, positions, slots, table, lengths, starts, pending = self.uploader.upload(
             inputs.tokens,

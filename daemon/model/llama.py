@@ -43,6 +43,17 @@ class SeqBatch:
     slots: np.ndarray
 
 
+@dataclass
+class Forward:
+    """A forward between its layers: the batch, what its layers share (`ops.begin`), the
+    residual stream `h` and the last layer's output `delta` (None before the first layer)."""
+
+    batch: Batch
+    ops: object
+    h: torch.Tensor
+    delta: torch.Tensor | None
+
+
 class Model:
     def __init__(
         self,
@@ -125,19 +136,38 @@ class Model:
         """Logits [sequences, vocab] (float32) of each sequence's last new token; writes the new
         tokens' KV into `kv`. after_layer: called with n once layers [0, n) are queued (to
         record events on)."""
-        c, w, ops = self.config, self.w, self.ops
-        h, delta = F.embedding(batch.tokens, w["model.embed_tokens.weight"]), None
-        forward = ops.begin(batch)
-        for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}."
-            x, h = ops.add_norm(h, delta, w[p + "input_layernorm.weight"], c.rms_norm_eps)
-            delta = self._attention(p, x, forward, kv, i)
-            x, h = ops.add_norm(h, delta, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
-            delta = self._mlp(p, x)
+        state = self.embed(batch)
+        for i in range(self.config.num_hidden_layers):
+            self.layers(state, kv, i, i + 1)
             if after_layer is not None:
                 after_layer(i + 1)
-        last = batch.last
-        x, _ = ops.add_norm(h[last], delta[last], w["model.norm.weight"], c.rms_norm_eps)
+        return self.head(state)
+
+    # `run` in three parts, which a CUDA graph can capture in any grouping (engine/graphs.py);
+    # callers run them under torch.inference_mode(), as `run` does
+
+    def embed(self, batch: Batch) -> Forward:
+        """The forward's state before its first layer."""
+        h = F.embedding(batch.tokens, self.w["model.embed_tokens.weight"])
+        return Forward(batch, self.ops.begin(batch), h, None)
+
+    def layers(self, state: Forward, kv: torch.Tensor, start: int, end: int) -> None:
+        """Layers [start, end) of the forward, in place on `state`."""
+        c, w, ops = self.config, self.w, self.ops
+        h, delta = state.h, state.delta
+        for i in range(start, end):
+            p = f"model.layers.{i}."
+            x, h = ops.add_norm(h, delta, w[p + "input_layernorm.weight"], c.rms_norm_eps)
+            delta = self._attention(p, x, state.ops, kv, i)
+            x, h = ops.add_norm(h, delta, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
+            delta = self._mlp(p, x)
+        state.h, state.delta = h, delta
+
+    def head(self, state: Forward) -> torch.Tensor:
+        """Logits [sequences, vocab] (float32) at each sequence's last new token."""
+        last, w = state.batch.last, self.w
+        x, _ = self.ops.add_norm(state.h[last], state.delta[last], w["model.norm.weight"],
+                                 self.config.rms_norm_eps)  # fmt: skip
         return (x @ w["lm_head.weight"].T).float()
 
     def upload(self, values: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -193,4 +223,4 @@ def _fuse(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return w
 
 
-__all__ = ["Model", "SeqBatch", "rms_norm"]
+__all__ = ["Forward", "Model", "SeqBatch", "rms_norm"]

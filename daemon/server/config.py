@@ -142,8 +142,9 @@ class SchedulerSection(_Section):
 
 
 class EngineSection(_Section):
-    # decode on a GPU: capture the step as CUDA graphs, one per batch size up to
-    # scheduler.max_running (needs the attention kernels, and NCCL when tp > 1)
+    # on a GPU, capture the forward as CUDA graphs (needs the attention kernels, and NCCL when
+    # tp > 1): decode, one per batch size up to scheduler.max_running; prefill, one set per
+    # token-count bucket up to scheduler.max_batch_tokens, split at transfer.layer_group
     cuda_graphs: bool = True
     # on a GPU: Triton kernels for attention and the fused layer steps; off: the eager path
     kernels: bool = True

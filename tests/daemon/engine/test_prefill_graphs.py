@@ -1,0 +1,71 @@
+"""What a captured prefill forward is given, checked on the host: the bucket a batch runs in,
+its inputs padded so that spare tokens write only the scratch page and spare sequences have
+nothing to attend, and which batches must run eagerly (the replay itself: the gpu tests)."""
+
+import numpy as np
+import torch
+
+from kvferry.daemon.engine.block_manager import BlockManager
+from kvferry.daemon.engine.inputs import host_inputs, new_slots
+from kvferry.daemon.engine.prefill_graphs import MAX_SEQS, PrefillGraphs, _views, layer_bounds
+from kvferry.daemon.engine.scheduler import Work
+from kvferry.daemon.engine.sequence import SamplingParams, Sequence
+
+PAGE, PAGES = 4, 64
+
+
+def graphs(max_tokens: int = 200) -> PrefillGraphs:
+    kv = torch.zeros(2, (PAGES + 1) * PAGE, 1, 8)  # the last page: the scratch
+    return PrefillGraphs(None, kv, PAGE, PAGES, max_tokens, PAGES, layer_bounds(4, 2))
+
+
+def test_layer_bounds_split_after_every_group():
+    assert layer_bounds(16, 4) == (0, 4, 8, 12, 16)
+    assert layer_bounds(10, 4) == (0, 4, 8, 10)
+    assert layer_bounds(16, 0) == layer_bounds(16, 16) == layer_bounds(16, 32) == (0, 16)
+
+
+def test_buckets_double_up_to_the_largest_forward():
+    assert graphs(200).buckets == [64, 128, 200]
+    assert graphs(256).buckets == [64, 128, 256]
+    assert graphs(24).buckets == [24]
+
+
+def test_a_batch_is_padded_into_its_bucket():
+    blocks = BlockManager(PAGES, PAGE)
+    seqs = [Sequence(list(range(1, n + 1)), SamplingParams()) for n in (30, 7, 50)]
+    for seq in seqs:
+        blocks.allocate(seq.id, seq.num_prompt)
+    batch = [Work(seqs[0], 20, 10), Work(seqs[1], 0, 7), Work(seqs[2], 0, 50)]
+    inputs = host_inputs(batch, blocks, {})
+    g = graphs()
+    assert g.fits(inputs)
+    size, vector = g.pack(inputs)
+    assert size == 128  # 67 tokens
+    v = _views(vector, size)
+    assert v["tokens"][:67].tolist() == inputs.tokens.tolist() and not v["tokens"][67:].any()
+    assert v["positions"][:67].tolist() == inputs.positions.tolist()
+    assert v["slots"][:67].tolist() == new_slots(inputs, PAGE).tolist()
+    assert set(v["slots"][67:].tolist()) == {PAGES * PAGE}  # the scratch page's first slot
+    assert v["lengths"].tolist() == [30, 7, 50] + [0] * (MAX_SEQS - 3)
+    assert v["starts"].tolist() == [0, 10, 17, 67] + [67] * (MAX_SEQS - 3)
+    assert v["last"].tolist() == [9, 16, 66] + [0] * (MAX_SEQS - 3)
+
+
+def test_batches_past_the_graphs_run_eagerly():
+    blocks = BlockManager(10 * PAGES, PAGE)
+    g = graphs(max_tokens=64)
+
+    def inputs(*lengths):
+        seqs = [Sequence(list(range(1, n + 1)), SamplingParams()) for n in lengths]
+        for seq in seqs:
+            blocks.allocate(seq.id, seq.num_prompt)
+        return host_inputs([Work(s, 0, s.num_prompt) for s in seqs], blocks, {})
+
+    assert g.fits(inputs(64))
+    assert not g.fits(inputs(65))  # more tokens than the largest bucket
+    assert g.fits(inputs(*[2] * MAX_SEQS))
+    assert not g.fits(inputs(*[2] * (MAX_SEQS + 1)))  # more sequences than a graph holds
+    pending = inputs(3)
+    pending.pending = np.array([[2], [0]], np.int32)  # a token still on the device: decode's
+    assert not g.fits(pending)
