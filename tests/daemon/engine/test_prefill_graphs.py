@@ -2,12 +2,21 @@
 its inputs padded so that spare tokens write only the scratch page and spare sequences have
 nothing to attend, and which batches must run eagerly (the replay itself: the gpu tests)."""
 
+import itertools
+
 import numpy as np
 import torch
 
 from kvferry.daemon.engine.block_manager import BlockManager
 from kvferry.daemon.engine.inputs import host_inputs, new_slots
-from kvferry.daemon.engine.prefill_graphs import MAX_SEQS, PrefillGraphs, _views, layer_bounds
+from kvferry.daemon.engine.prefill_graphs import (
+    MAX_SEQS,
+    MAX_TOKENS,
+    PrefillGraphs,
+    _views,
+    layer_bounds,
+    token_buckets,
+)
 from kvferry.daemon.engine.scheduler import Work
 from kvferry.daemon.engine.sequence import SamplingParams, Sequence
 
@@ -25,10 +34,15 @@ def test_layer_bounds_split_after_every_group():
     assert layer_bounds(16, 0) == layer_bounds(16, 16) == layer_bounds(16, 32) == (0, 16)
 
 
-def test_buckets_double_up_to_the_largest_forward():
-    assert graphs(200).buckets == [64, 128, 200]
-    assert graphs(256).buckets == [64, 128, 256]
-    assert graphs(24).buckets == [24]
+def test_token_buckets_pad_little_up_to_the_largest_captured_forward():
+    assert graphs(200).buckets == token_buckets(200) == [64, 128, 200]
+    assert token_buckets(256) == [64, 128, 256]
+    assert token_buckets(24) == [24]
+    assert token_buckets(1000) == [64, 128, 256, 512, 768, 1000]
+    buckets = token_buckets(8192)
+    assert buckets[-1] == MAX_TOKENS  # longer forwards run eagerly
+    for smaller, larger in itertools.pairwise(buckets[3:]):
+        assert larger <= 1.5 * smaller  # from 512 tokens on, a batch pads by at most half
 
 
 def test_a_batch_is_padded_into_its_bucket():
@@ -40,16 +54,17 @@ def test_a_batch_is_padded_into_its_bucket():
     inputs = host_inputs(batch, blocks, {})
     g = graphs()
     assert g.fits(inputs)
-    size, vector = g.pack(inputs)
-    assert size == 128  # 67 tokens
-    v = _views(vector, size)
+    (seqs, size), vector = g.pack(inputs)
+    assert (seqs, size) == (4, 128)  # 3 sequences, 67 tokens
+    v = _views(vector, seqs, size)
     assert v["tokens"][:67].tolist() == inputs.tokens.tolist() and not v["tokens"][67:].any()
     assert v["positions"][:67].tolist() == inputs.positions.tolist()
     assert v["slots"][:67].tolist() == new_slots(inputs, PAGE).tolist()
     assert set(v["slots"][67:].tolist()) == {PAGES * PAGE}  # the scratch page's first slot
-    assert v["lengths"].tolist() == [30, 7, 50] + [0] * (MAX_SEQS - 3)
-    assert v["starts"].tolist() == [0, 10, 17, 67] + [67] * (MAX_SEQS - 3)
-    assert v["last"].tolist() == [9, 16, 66] + [0] * (MAX_SEQS - 3)
+    assert v["lengths"].tolist() == [30, 7, 50, 0]  # the spare sequence attends to nothing
+    assert v["starts"].tolist() == [0, 10, 17, 67, 67]
+    assert v["last"].tolist() == [9, 16, 66, 0]
+    assert g.bucket(1, 64) == (1, 64) and g.bucket(5, 65) == (MAX_SEQS, 128)
 
 
 def test_batches_past_the_graphs_run_eagerly():

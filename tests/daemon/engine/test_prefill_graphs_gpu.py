@@ -53,6 +53,7 @@ def test_captured_forwards_equal_the_eager_ones():
     assert eager_runner.prefill_graphs is None
     captured = runner.prefill_graphs
     assert captured is not None and captured.buckets == [64, 128, BATCH]
+    assert len(captured._graphs) == 3 * 3  # 1, 4 and 16 sequences
     layers = runner.model.config.num_hidden_layers
     assert captured.bounds == layer_bounds(layers, 1) == tuple(range(layers + 1))
     assert [shape for shape, _, _ in graphed] == [shape for shape, _, _ in eager]
