@@ -1,5 +1,5 @@
 """How a prefill forward's time splits between the host and the device, and what another
-thread of the process costs its launch.
+thread of the process costs it: launched eagerly, and as CUDA graph replays.
 
     python bench/forward_host.py                  # a 2,048-token forward of the overlap model
     python bench/forward_host.py --prompt 8192 --chunk 8192 --json out.json
@@ -19,7 +19,10 @@ turn. This bench measures, for the model of `bench/overlap.py`:
   thread used; and while it calls `torch.cuda.Event.query` in its turns (a loop checking its
   copies), to tell the GIL's share from the CUDA driver's.
 
-Each figure is the median over `--repeats` forwards.
+Each, for the forward launched eagerly and as replays of its CUDA graphs (as the daemons run
+it on a GPU, daemon/engine/prefill_graphs.py), with the time from the launch's start until the
+first token is on the host; then eager ÷ graphs. Each figure is the median over `--repeats`
+forwards.
 """
 
 from __future__ import annotations
