@@ -18,10 +18,12 @@ the others still run):
             bench/group_exchange.py: a TP group's step exchanges, gloo vs the ranks' pipes;
             on a GPU, bench/device_reduce.py: TP ranks sharing it, a forward's all-reduces
             ordered by interprocess events vs a host sync each; and bench/forward_host.py: a
-            prefill forward's launch on the host vs the device's time for it
+            prefill forward's launch on the host vs the device's time for it, eager and as
+            CUDA graph replays
   overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
-            time to first token, whole-chunk vs layer-wise; then bench/hops.py: one prompt's
-            transfer, hop by hop
+            time to first token, whole-chunk vs layer-wise; at the first length again with the
+            decode agent in its own process on a private MPS server (where there is one); then
+            bench/hops.py: one prompt's transfer, hop by hop
   engine    bench/engine.py: decode step at batch 1/8/32/128 and contexts 1k/8k, eager vs CUDA
             graphs, against the memory floor; prefill tok/s, paged kernel vs contiguous SDPA
             (the decode model of deploy/h200-llama8b.yaml)
@@ -276,8 +278,16 @@ def stage_overlap(stage: Stage) -> None:
             sizes += ["--requests", str(max(2, 32768 // prompt)), "--repeats", "3"]
         if not stage.run(python("overlap.py", *sizes, *group, "--json", str(out))):
             failed.append(str(prompt))
-    # one prompt of the first length at a time, traced hop by hop (whole-chunk)
     prompt = stage.args.prompts[0]
+    if stage.args.gpu and not stage.args.quick and shutil.which(MPS_CONTROL) is not None:
+        # the deployment's shape as near as one GPU gets: the decode agent in a process of its
+        # own, the two sharing the GPU through MPS (time-sliced, the decode side's scatters
+        # take turns with the prefill forwards, which two GPUs would not)
+        out = stage.args.out_dir / f"overlap-{prompt}-mps.json"
+        sizes = ["--prompt", str(prompt), "--decode-process", "--json", str(out)]
+        if not stage.run(python("mps.py", "--", *python("overlap.py", *sizes, *group))):
+            failed.append(f"{prompt} on MPS")
+    # one prompt of the first length at a time, traced hop by hop (whole-chunk)
     runs = ["--runs", "5" if stage.args.quick else "200"]
     sizes = ["--prompt", str(prompt), "--chunk", str(min(prompt, 2048)), "--layer-group", "0"]
     hops = str(stage.args.out_dir / "hops.json")

@@ -244,9 +244,9 @@ def engine_rows(engine: dict | None) -> list[Row]:
     return rows
 
 
-def _prompt_of(path: Path) -> int:
+def _prompt_of(path: Path) -> tuple[int, str]:
     data = read_json(path) or {}
-    return data.get("args", {}).get("prompt", 0)
+    return data.get("args", {}).get("prompt", 0), path.name
 
 
 def overlap_rows(overlap: dict) -> list[Row]:
@@ -256,6 +256,8 @@ def overlap_rows(overlap: dict) -> list[Row]:
     if not runs:
         return []
     prompt = overlap.get("args", {}).get("prompt", "?")
+    if overlap.get("args", {}).get("decode_process"):
+        prompt = f"{prompt}, decode in its own process{' on MPS' if overlap.get('mps') else ''}"
     local, rows, by_name = runs[0], [], {run["name"]: run for run in runs}
     held = next((run for run in runs if run.get("held")), None)
     for run in runs[1:]:

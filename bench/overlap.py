@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import select
 import statistics
 import time
@@ -351,7 +352,10 @@ def main() -> None:
         print(f"{run['name']}, batch of {args.requests}: first-last prompt, ms: {stages}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "args": vars(args), "runs": runs}, f, indent=1)
+            on_mps = bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))  # under bench/mps.py
+            json.dump(
+                {"device": name, "args": vars(args), "mps": on_mps, "runs": runs}, f, indent=1
+            )
 
 
 if __name__ == "__main__":
