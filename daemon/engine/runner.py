@@ -95,6 +95,11 @@ class ModelRunner:
         )  # fmt: skip
         return self.model.run(forward, self.kv, after_layer)
 
+    @property
+    def graph_forwards(self) -> int:
+        """Forwards run as replays of captured graphs so far."""
+        return sum(g.replays for g in (self.graphs, self.prefill_graphs) if g is not None)
+
     def sample(self, logits: torch.Tensor, seqs) -> Sampled:
         return self.sampler.sample(logits, seqs)
 

@@ -88,6 +88,12 @@ _COUNTERS = (
         "loop_quiet_turns",
     ),
     (
+        "kvferry_graph_forwards",
+        "Forwards run as replays of CUDA graphs captured at start-up (of kvferry_forward_seconds' "
+        "count: the rest ran eagerly)",
+        "graph_forwards",
+    ),
+    (
         "kvferry_engine_cpu_seconds",
         "CPU time of the rank's engine thread (scheduling, input building, kernel launches)",
         "engine_cpu_s",

@@ -231,6 +231,7 @@ class Worker:
             wait_cpu_s=agent.wait_cpu_s,
             ucx_cpu_s=agent.ucx_cpu_s,
             engine_cpu_s=time.thread_time(),
+            graph_forwards=engine.runner.graph_forwards,
             kv_pool_bytes=engine.runner.kv.numel() * engine.runner.kv.element_size(),
             memory_peak=_memory_peak(engine.runner.kv.device),
             control_address=agent.control_address,

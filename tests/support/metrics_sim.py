@@ -79,6 +79,7 @@ def decode_snapshots() -> list[Snapshot]:
             rooms_succeeded=5,
             transfer_cpu_s=0.125,
             engine_cpu_s=2.5,
+            graph_forwards=9,
             loop_turns=40,
             loop_timer_turns=7,
             loop_quiet_turns=3,

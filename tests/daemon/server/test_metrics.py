@@ -33,6 +33,7 @@ PER_RANK = {
     "kvferry_transfer_rooms_total": "rooms_succeeded",
     "kvferry_transfer_cpu_seconds_total": "transfer_cpu_s",
     "kvferry_engine_cpu_seconds_total": "engine_cpu_s",
+    "kvferry_graph_forwards_total": "graph_forwards",
     "kvferry_transfer_loop_turns_total": "loop_turns",
     "kvferry_transfer_loop_timer_turns_total": "loop_timer_turns",
     "kvferry_transfer_loop_quiet_turns_total": "loop_quiet_turns",
