@@ -48,7 +48,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(
                 model, self.kv, blocks.page_size, blocks.num_pages, graph_batch, blocks.num_pages
             )
-            self.graphs.capture()
+            _capture(self.graphs.capture, "decode step")
         self.prefill_graphs = None
         if graphs and graph_tokens > 0:
             bounds = layer_bounds(c.num_hidden_layers, layer_group)
@@ -56,7 +56,7 @@ class ModelRunner:
                 model, self.kv, blocks.page_size, blocks.num_pages, graph_tokens,
                 blocks.num_pages, bounds,
             )  # fmt: skip
-            self.prefill_graphs.capture()
+            _capture(self.prefill_graphs.capture, "prefill forward")
 
     def forward(
         self,
@@ -177,6 +177,18 @@ class Future:
                 if failed:
                     self.errors[work.seq.id] = DRAW_FAILED
         return self.host.tolist()
+
+
+def _capture(capture: Callable[[], None], what: str) -> None:
+    """Run a graph capture; a device out of memory for it is an error that says what to change."""
+    try:
+        capture()
+    except torch.OutOfMemoryError as exc:
+        raise RuntimeError(
+            f"capturing the CUDA graphs of the {what} ran out of device memory: lower "
+            "cache.num_pages, scheduler.max_running or scheduler.max_batch_tokens, or set "
+            f"engine.cuda_graphs: false ({exc})"
+        ) from exc
 
 
 def graphs_usable(model: Model) -> bool:

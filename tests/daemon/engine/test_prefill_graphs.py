@@ -5,6 +5,7 @@ nothing to attend, and which batches must run eagerly (the replay itself: the gp
 import itertools
 
 import numpy as np
+import pytest
 import torch
 
 from kvferry.daemon.engine.block_manager import BlockManager
@@ -17,6 +18,7 @@ from kvferry.daemon.engine.prefill_graphs import (
     layer_bounds,
     token_buckets,
 )
+from kvferry.daemon.engine.runner import _capture
 from kvferry.daemon.engine.scheduler import Work
 from kvferry.daemon.engine.sequence import SamplingParams, Sequence
 
@@ -84,3 +86,13 @@ def test_batches_past_the_graphs_run_eagerly():
     pending = inputs(3)
     pending.pending = np.array([[2], [0]], np.int32)  # a token still on the device: decode's
     assert not g.fits(pending)
+
+
+def test_a_capture_out_of_device_memory_says_what_to_change():
+    def capture():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(RuntimeError, match="prefill forward ran out of device memory") as info:
+        _capture(capture, "prefill forward")
+    assert "engine.cuda_graphs: false" in str(info.value)
+    assert "scheduler.max_batch_tokens" in str(info.value)
