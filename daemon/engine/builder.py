@@ -36,7 +36,7 @@ class EngineSettings:
     max_batch_tokens: int = 1024  # prefill: tokens per forward, all sequences
     max_running: int = 32  # decode: batch size
     # on a GPU, where the forward can be captured: decode, the step per batch size; prefill,
-    # the forward per token-count bucket up to max_batch_tokens (engine/prefill_graphs.py)
+    # the forward per bucket of sequences and tokens (engine/prefill_graphs.py)
     cuda_graphs: bool = True
     # prefill: prompt tokens of rooms not registered yet that may compute meanwhile (0: none)
     unregistered_prefill_tokens: int = 0

@@ -192,8 +192,9 @@ def _capture(capture: Callable[[], None], what: str) -> None:
 
 
 def graphs_usable(model: Model) -> bool:
-    """Whether the decode forward can be captured: on a GPU, through the kernels (the eager
-    attention reads context lengths back), and with a TP all-reduce a graph can hold (NCCL)."""
+    """Whether the forward can be captured: on a GPU, through the kernels (the eager attention
+    reads context lengths back), and with a TP all-reduce a graph can hold (NCCL; the
+    all-reduce of ranks sharing a GPU meets at a barrier on the host)."""
     if model.device.type != "cuda" or not isinstance(model.ops, KernelOps):
         return False
     return model.tp_size == 1 or dist.get_backend() == "nccl"

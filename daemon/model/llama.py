@@ -136,14 +136,16 @@ class Model:
         """Logits [sequences, vocab] (float32) of each sequence's last new token; writes the new
         tokens' KV into `kv`. after_layer: called with n once layers [0, n) are queued (to
         record events on)."""
-        state = self.embed(batch)
-        for i in range(self.config.num_hidden_layers):
-            self.layers(state, kv, i, i + 1)
-            if after_layer is not None:
+        state, layers = self.embed(batch), self.config.num_hidden_layers
+        if after_layer is None:
+            self.layers(state, kv, 0, layers)
+        else:
+            for i in range(layers):
+                self.layers(state, kv, i, i + 1)
                 after_layer(i + 1)
         return self.head(state)
 
-    # `run` in three parts, which a CUDA graph can capture in any grouping (engine/graphs.py);
+    # `run` in three parts, which CUDA graphs capture in layer groups (engine/prefill_graphs.py);
     # callers run them under torch.inference_mode(), as `run` does
 
     def embed(self, batch: Batch) -> Forward:
