@@ -109,9 +109,11 @@ class CopyStream:
         num_heads: int,
         out: torch.Tensor,
         after: Fence | None = None,
+        wake: bool = True,
     ) -> Fence:
-        """Queue a gather once `after` (e.g. the forward that wrote the KV) has completed."""
-        return self._run(gather, (planes, slots, head_start, num_heads, out), after)
+        """Queue a gather once `after` (e.g. the forward that wrote the KV) has completed.
+        `wake=False`: as for `scatter`."""
+        return self._run(gather, (planes, slots, head_start, num_heads, out), after, wake)
 
     def scatter(
         self,

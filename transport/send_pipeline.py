@@ -81,7 +81,14 @@ class SendPipeline:
         self._complete_notes()
 
     def _stage(self, now: float) -> None:
-        """Stage queued items (gather them into the ring), oldest first, while it has room."""
+        """Stage queued items (gather them into the ring), oldest first, while it has room;
+        the loop is woken once what was staged is ready to send."""
+        try:
+            self._stage_queued(now)
+        finally:
+            self.mode.wake()
+
+    def _stage_queued(self, now: float) -> None:
         self._ring_waiting = False
         while self._queue:
             item = self._queue[0]

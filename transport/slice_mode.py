@@ -24,6 +24,9 @@ class SliceMode:
         """Nothing to stage: the rows are sent once the forward's fence has fired."""
         return True
 
+    def wake(self) -> None:
+        """Nothing staged, nothing to wake for."""
+
     def payloads(self, item: Outgoing) -> Iterator:
         """One row per (plane, token), in that order, straight from the cache."""
         s = item.dest.slice

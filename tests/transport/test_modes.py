@@ -4,8 +4,10 @@ piece, through the ring) and slice (one message per plane and token, cache row t
 import numpy as np
 import torch
 
+from kvferry.staging.buffer import StagingBuffer
 from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.plan import HeadSlice
+from kvferry.transport import staged_mode
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.failure import FailureKind
 from kvferry.transport.recv_room import Arrival, Piece
@@ -50,3 +52,45 @@ def test_only_the_staged_mode_needs_ring_room():
     failure = staged.ring_too_small(1025, config)
     assert failure.kind is FailureKind.INCOMPATIBLE and "1025 bytes" in failure.detail
     assert SliceMode().ring_too_small(1 << 40, config) is None
+
+
+class _Copies:
+    """Records what the staged mode asks of its copy stream, in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def gather(self, planes, slots, head_start, num_heads, out, after=None, wake=True):
+        self.calls.append(("gather", after, wake))
+        return object()
+
+    def wake_when_done(self):
+        self.calls.append(("wake",))
+
+
+class _Item:
+    """What `StagedMode.stage` reads of an Outgoing."""
+
+    def __init__(self, planes, tokens, fence):
+        self.planes, self.slots, self.fence = planes, np.arange(tokens), fence
+        self.dest = type("Dest", (), {"slice": HeadSlice(0, 0, 0, 0, 4)})()
+
+
+def test_gathers_behind_one_fence_wake_the_loop_once_after_the_last(monkeypatch):
+    _, planes = _planes()
+    copies = _Copies()
+    staged = StagedMode(StagingBuffer(1 << 20), copies)
+    forward, later = object(), object()  # two forwards' fences
+    for fence in (forward, forward, later):
+        assert staged.stage(_Item(planes, 4, fence))
+    staged.wake()  # the send pipeline, at the end of its staging pass
+    staged.wake()  # nothing new since: nothing to wake for
+    gathers = [("gather", fence, False) for fence in (forward, forward, later)]
+    assert copies.calls == [*gathers[:2], ("wake",), gathers[2], ("wake",)]
+    # past COALESCE_BYTES without a wake, the loop is woken at once
+    copies.calls.clear()
+    monkeypatch.setattr(staged_mode, "COALESCE_BYTES", 2 * planes.staging_bytes(4, 4))
+    for _ in range(3):
+        assert staged.stage(_Item(planes, 4, forward))
+    staged.wake()
+    assert [c[0] for c in copies.calls] == ["gather", "gather", "wake", "gather", "wake"]
