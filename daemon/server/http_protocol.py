@@ -8,14 +8,21 @@ cap for as long as it likes. Here the client gets `header_timeout_s` to send the
 each request in full, counted from the connection's start and from the end of each answer;
 otherwise the connection is closed without an answer. A request whose headers are in is not
 limited: streams and slow answers take as long as they take.
+
+uvicorn logs a warning for every malformed request (and every request past the connection
+cap), so a client decides how many lines the log gets; here each of its warnings is written at
+most once every 10 s, with how many were left out (`QuietLog`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from kvferry.transport.log_limit import RateLimitedLog
 
 GONE = 499  # the status of a request whose client left before its answer: answered to nobody
 
@@ -26,6 +33,7 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     def __init__(self, *args, header_timeout_s: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.logger = _UVICORN_LOG  # passed on to each request's cycle too
         assert header_timeout_s > 0, header_timeout_s
         self.header_timeout_s = header_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
@@ -64,3 +72,22 @@ class HeaderTimeoutProtocol(H11Protocol):
         self._header_timer = None
         if not self.transport.is_closing():
             self.transport.close()  # connection_lost follows, as for a client that left
+
+
+class QuietLog:
+    """A logger whose warnings are rate-limited per message (`RateLimitedLog`); everything else
+    goes to `logger` as it is. For uvicorn's protocol, whose warnings are fixed texts
+    ("Invalid HTTP request received.", "Exceeded concurrency limit.") set off by clients."""
+
+    def __init__(self, logger: logging.Logger, limited: RateLimitedLog | None = None) -> None:
+        self._logger = logger
+        self._limited = limited or RateLimitedLog(logger)
+
+    def warning(self, msg: str, *args, **kwargs) -> None:
+        self._limited.warning(msg, msg, *args, exc_info=kwargs.get("exc_info"))
+
+    def __getattr__(self, name: str):
+        return getattr(self._logger, name)
+
+
+_UVICORN_LOG = QuietLog(logging.getLogger("uvicorn.error"))

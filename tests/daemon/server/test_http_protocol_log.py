@@ -1,0 +1,76 @@
+"""A client that sends malformed requests decides how often uvicorn warns about them: the fronts'
+protocol writes each such warning at most once per period, saying how many it left out, and
+still answers every one with a 400. On a real socket, with uvicorn serving a minimal app."""
+
+import functools
+import logging
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from kvferry.daemon.server.http_protocol import HeaderTimeoutProtocol, QuietLog
+from kvferry.transport.log_limit import RateLimitedLog
+
+MALFORMED = b"GET / HTTP/1.1\r\nno colon here\r\n\r\n"
+
+
+async def _ok(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture
+def front():
+    sock = socket.create_server(("127.0.0.1", 0))
+    protocol = functools.partial(HeaderTimeoutProtocol, header_timeout_s=5.0)
+    config = uvicorn.Config(_ok, log_config=None, lifespan="off", http=protocol, access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, args=([sock],), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def _ask(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(4096):
+            answer += chunk
+            if request is not MALFORMED and b"ok" in answer:
+                break
+        return answer
+
+
+def test_malformed_requests_are_answered_and_warned_about_once(front, caplog):
+    caplog.set_level(logging.WARNING, logger="uvicorn.error")
+    answers = [_ask(front, MALFORMED) for _ in range(20)]
+    assert all(answer.startswith(b"HTTP/1.1 400") for answer in answers)
+    warned = [r for r in caplog.records if "Invalid HTTP request" in r.getMessage()]
+    assert len(warned) == 1  # the other 19 within the period: left out
+    assert _ask(front, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
+
+
+def test_a_quiet_log_says_how_many_it_left_out(caplog):
+    now = [0.0]
+    logger = logging.getLogger("kvferry.test.quiet")
+    log = QuietLog(logger, RateLimitedLog(logger, period_s=10.0, clock=lambda: now[0]))
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        for _ in range(3):
+            log.warning("Invalid HTTP request received.")
+        log.info("passed through as it is")
+        now[0] = 11.0
+        log.warning("Invalid HTTP request received.")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Invalid HTTP request received.",
+        "passed through as it is",
+        "Invalid HTTP request received. (2 more suppressed)",
+    ]
