@@ -21,7 +21,8 @@ turn. This bench measures, for the model of `bench/overlap.py`:
 
 Each, for the forward launched eagerly and as replays of its CUDA graphs (as the daemons run
 it on a GPU, daemon/engine/prefill_graphs.py), with the time from the launch's start until the
-first token is on the host; then eager ÷ graphs. Each figure is the median over `--repeats`
+first token is on the host; then eager ÷ graphs (a forward of more than 4,096 tokens runs
+eagerly in both: `prefill_graphs.MAX_TOKENS`). Each figure is the median over `--repeats`
 forwards.
 """
 
