@@ -61,6 +61,10 @@ def layer_bounds(num_layers: int, layer_group: int) -> tuple[int, ...]:
 
 
 class PrefillGraphs:
+    """The prefill forward of `model` over the cache `kv`, captured per bucket (`capture`) and
+    replayed for each batch that `fits` (`run`); a batch's spare tokens write to
+    `scratch_page`, its page table is at most `max_pages` wide."""
+
     def __init__(
         self, model: Model, kv: torch.Tensor, page_size: int, scratch_page: int, max_tokens: int,
         max_pages: int, bounds: Sequence[int],
@@ -87,9 +91,8 @@ class PrefillGraphs:
 
     def bucket(self, seqs: int, tokens: int) -> tuple[int, int]:
         """The (sequences, tokens) bucket a batch of that many runs in."""
-        return next(s for s in SEQ_BUCKETS if s >= seqs), next(
-            b for b in self.buckets if b >= tokens
-        )
+        seq_bucket = next(s for s in SEQ_BUCKETS if s >= seqs)
+        return seq_bucket, next(b for b in self.buckets if b >= tokens)
 
     def fits(self, inputs: HostInputs) -> bool:
         """Whether this batch can run in a captured forward."""
