@@ -189,7 +189,7 @@ def main() -> None:
     runs_parser.add_argument("--runs", type=int, default=200, help="single-prompt transfers")
     own, rest = runs_parser.parse_known_args()
     sys.argv[1:] = rest
-    args = overlap.parse_args()  # the model, prompt and transfer settings of bench/overlap.py
+    args = overlap.parse_args(overlap.__doc__)  # the model, prompt and transfer settings
     if args.decode_process:
         raise SystemExit("hops.py traces its own process only: drop --decode-process")
     trace = Trace()

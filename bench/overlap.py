@@ -34,7 +34,6 @@ transfer threads' turns and CPU meanwhile (Python taken from a host-bound launch
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -44,8 +43,9 @@ import time
 
 import numpy as np
 import torch
-from bench_model import add_model_args, build_model
+from bench_model import build_model
 from decode_side import DecodeProcess, LocalDecode, Spec  # bench/ is on sys.path as a script
+from overlap_args import parse_args
 from timelines import Launch, stage_times
 
 from kvferry.daemon.engine.block_manager import BlockManager
@@ -60,52 +60,6 @@ from kvferry.transport.room import KVPoll
 
 GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
 WAIT_S = 0.5  # the longest sleep without news (a lost ring would show as this)
-
-
-def parse_args() -> argparse.Namespace:
-    gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_model_args(p, gpu)
-    p.add_argument("--prompt", type=int, default=2048 if gpu else 256, help="tokens per prompt")
-    p.add_argument(
-        "--chunk",
-        type=int,
-        default=512 if gpu else 64,
-        help="tokens per prefill forward (prefill_chunk_tokens) and per transfer chunk",
-    )
-    p.add_argument("--layer-group", type=int, default=4 if gpu else 1)
-    p.add_argument(
-        "--staging-chunks",
-        type=int,
-        default=None,
-        help="each side's staging ring, in chunks' KV (the throughput batch's chunks wait for "
-        "ring room beyond this); default: what a prefill daemon sizes it to, one forward's KV",
-    )
-    p.add_argument("--requests", type=int, default=16 if gpu else 4, help="throughput batch")
-    p.add_argument("--repeats", type=int, default=5 if gpu else 3, help="latency samples")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument(
-        "--decode-process",
-        action="store_true",
-        help="run the decode agent in a process of its own (no GIL shared with the prefill "
-        "engine, as in a deployment; on one GPU the two processes then time-slice it)",
-    )
-    p.add_argument(
-        "--held",
-        action="store_true",
-        help="also run whole-chunk with each prompt held until its room is registered, and "
-        "print whole-chunk's TTFT over it",
-    )
-    p.add_argument(
-        "--eager",
-        action="store_true",
-        help="launch every prefill forward eagerly (default on a GPU: replays of its CUDA "
-        "graphs, as the daemons do, engine/prefill_graphs.py)",
-    )
-    p.add_argument("--json", help="write the results here as JSON")
-    return p.parse_args()
 
 
 class Bench:
@@ -313,7 +267,7 @@ def measure(args, model: Model, name: str, layer_group: int | None, held: bool =
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(__doc__)
     model = build_model(args)
     device = model.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
