@@ -33,8 +33,8 @@ class StagedMode:
 
     def __init__(self, staging: StagingBuffer, copies: CopyStream) -> None:
         self.staging, self.copies = staging, copies
-        self._unwoken: tuple[object, int] | None = None  # (their fence, bytes) of gathers
-        # queued since the last wake
+        # gathers queued since the loop's last wake was asked for: the fence they wait on, bytes
+        self._unwoken: tuple[object, int] | None = None
 
     # --- prefill -------------------------------------------------------------------------------
 
