@@ -278,6 +278,12 @@ def stage_overlap(stage: Stage) -> None:
             sizes += ["--requests", str(max(2, 32768 // prompt)), "--repeats", "3"]
         if not stage.run(python("overlap.py", *sizes, *group, "--json", str(out))):
             failed.append(str(prompt))
+        if prompt > 2048:  # and the whole prompt in one forward: where layer groups pay off
+            out = stage.args.out_dir / f"overlap-{prompt}-one-chunk.json"
+            sizes = ["--prompt", str(prompt), "--chunk", str(prompt), "--requests", "1"]
+            if not stage.run(python("overlap.py", *sizes, "--repeats", "3", *group,
+                                    "--json", str(out))):  # fmt: skip
+                failed.append(f"{prompt} in one chunk")
     prompt = stage.args.prompts[0]
     if stage.args.gpu and not stage.args.quick and shutil.which(MPS_CONTROL) is not None:
         # the deployment's shape as near as one GPU gets: the decode agent in a process of its

@@ -255,8 +255,13 @@ def overlap_rows(overlap: dict) -> list[Row]:
     runs = overlap.get("runs") or []
     if not runs:
         return []
-    prompt = overlap.get("args", {}).get("prompt", "?")
-    if overlap.get("args", {}).get("decode_process"):
+    args = overlap.get("args", {})
+    prompt, chunk = args.get("prompt", "?"), args.get("chunk", 0)
+    prompt = f"{prompt} tokens"
+    if isinstance(chunk, int) and chunk > 0:
+        one = chunk >= args.get("prompt", 0)
+        prompt += " in one chunk" if one else f" in chunks of {chunk}"
+    if args.get("decode_process"):
         prompt = f"{prompt}, decode in its own process{' on MPS' if overlap.get('mps') else ''}"
     local, rows, by_name = runs[0], [], {run["name"]: run for run in runs}
     held = next((run for run in runs if run.get("held")), None)
@@ -264,22 +269,22 @@ def overlap_rows(overlap: dict) -> list[Row]:
         if run is held:
             continue
         layerwise = run["name"].startswith("layer")
-        rows.append(Row(f"prefill throughput with transfers, {run['name']}, {prompt} tokens",
+        rows.append(Row(f"prefill throughput with transfers, {run['name']}, {prompt}",
                         run["throughput_ratio"], 0.95, "%"))  # fmt: skip
-        rows.append(Row(f"TTFT overhead vs colocated, {run['name']}, {prompt} tokens",
+        rows.append(Row(f"TTFT overhead vs colocated, {run['name']}, {prompt}",
                         run["latency_overhead"], 0.05 if layerwise else 0.10, "%",
                         higher_is_better=False,
                         detail=_versus(run, local)))  # fmt: skip
     whole = next((r for n, r in by_name.items() if n.startswith("whole")), None)
     layer = next((r for n, r in by_name.items() if n.startswith("layer")), None)
     if whole and layer:
-        rows.append(Row(f"TTFT layer-wise / whole-chunk, {prompt} tokens",
+        rows.append(Row(f"TTFT layer-wise / whole-chunk, {prompt}",
                         layer["latency_ms"] / whole["latency_ms"], 1.0, "x",
                         higher_is_better=False,
                         detail=_versus(layer, whole)))  # fmt: skip
     if whole and held:
         rows.append(Row(f"TTFT whole-chunk, prefill on arrival / held until registered, "
-                        f"{prompt} tokens", whole["latency_ms"] / held["latency_ms"], None, "x",
+                        f"{prompt}", whole["latency_ms"] / held["latency_ms"], None, "x",
                         higher_is_better=False, detail=_versus(whole, held)))  # fmt: skip
     return rows
 
