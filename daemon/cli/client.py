@@ -34,7 +34,7 @@ from kvferry.daemon.cli.replies import (
     translated,
 )
 from kvferry.daemon.server.api import CompletionRequest
-from kvferry.daemon.server.config import ConfigError, DaemonConfig
+from kvferry.daemon.server.config import ConfigError, DaemonConfig, RouterConfig
 
 __all__ = [
     "DEFAULT_URL",
@@ -59,8 +59,9 @@ KEEPALIVE_EXPIRY_S = 2.0
 _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
-def daemon_url(daemon: DaemonConfig) -> str:
-    """Base URL of a daemon's HTTP server, as a client on this host reaches it."""
+def daemon_url(daemon: DaemonConfig | RouterConfig) -> str:
+    """Base URL of a daemon's (or a router's) HTTP server, as a client on this host reaches
+    it."""
     if daemon.http_port == 0:
         raise ConfigError(
             f"{daemon.name or daemon.role}: http_port is 0 (any free port), so its URL cannot be "

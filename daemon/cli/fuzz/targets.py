@@ -1,9 +1,10 @@
 """What the fuzzer aims at and watches, found from a deployment file and the daemons' answers.
 
-Sockets: each daemon's HTTP port, each prefill daemon's bootstrap server, the prefill ranks'
-control addresses (QueryPeers on the bootstrap server lists them) and the decode ranks' (their
-/status entries). Processes: each daemon (pid from /health) and each rank (pid from /status),
-measured from /proc: resident memory, open file descriptors, threads, and whether alive.
+Sockets: each daemon's and router's HTTP port, each prefill daemon's bootstrap server, the
+prefill ranks' control addresses (QueryPeers on the bootstrap server lists them) and the decode
+ranks' (their /status entries). Processes: each daemon and router (pid from /health) and each
+rank (pid from /status), measured from /proc: resident memory, open file descriptors, threads,
+and whether alive.
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ def discover(deployment: Deployment, timeout_s: float = 10.0) -> Targets:
         learned.max_frame_bytes = daemon.transfer.max_frame_bytes
         learned.max_prompt_tokens = daemon.prompt_limit
         learned.vocab_size = daemon.model.model_config().vocab_size
+    for router in deployment.routers:  # an HTTP port in front of the decode daemons
+        name, url = router.name or router.role, daemon_url(router)
+        targets.urls[name] = url
+        targets.sockets.append(FuzzedSocket(f"{name} http", "http", url))
+        with DaemonClient(url, timeout_s) as client:
+            targets.processes.append(Process(name, int(client.health().get("pid") or 0)))
     targets.processes = [p for p in targets.processes if p.pid]
     return targets
 

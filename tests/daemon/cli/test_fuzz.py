@@ -3,6 +3,7 @@ decode TP1, CPU) survives a few thousand hostile frames per socket with its comp
 health, processes, fds, threads and memory intact."""
 
 import pytest
+import yaml
 
 from kvferry.daemon.cli.fuzz.frames import FAMILIES, SOCKET_KINDS, FrameMaker
 from kvferry.daemon.cli.fuzz.http_requests import HTTP_FAMILIES, HttpMaker
@@ -11,6 +12,7 @@ from kvferry.daemon.cli.fuzz.run import FuzzSpec, run_fuzz
 from kvferry.daemon.cli.fuzz.values import Learned
 from kvferry.daemon.server.config import load
 from kvferry.transport.messages import Codec, WireError
+from ports import free_port
 from support.cluster import decode, prefill, running, write
 
 TARGETED = {
@@ -76,3 +78,25 @@ def _decodes(parts: list[bytes]) -> bool:
     except WireError:
         return False
     return True
+
+
+def test_router_port_is_fuzzed_too(tmp_path):
+    p = prefill("prefill-0")
+    d = decode("decode-0", [p])
+    path = write(tmp_path, [p, d])
+    raw = yaml.safe_load(path.read_text())
+    target = f"http://127.0.0.1:{d['http_port']}"
+    raw["routers"] = [{"name": "router-0", "http_port": free_port(), "targets": [target]}]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with running(path):
+        spec = FuzzSpec(frames=600, seed=2, http_timeout_s=0.1, kinds=("http",))
+        result = run_fuzz(load(path), spec)
+        assert not result.problems, "\n".join(result.problems)
+        assert {run.name for run in result.sockets} == {
+            "prefill-0 http",
+            "decode-0 http",
+            "router-0 http",
+        }
+        assert result.health["router-0"] == "ok"
+        router = next(process for process in result.processes if process.name == "router-0")
+        assert router.after.alive and router.after.fds > 0
