@@ -21,7 +21,8 @@ the others still run):
             prefill forward's launch on the host vs the device's time for it, eager and as
             CUDA graph replays
   overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
-            time to first token, whole-chunk vs layer-wise; at the first length again with the
+            time to first token, whole-chunk vs layer-wise (prompts past 2,048 tokens in chunks
+            of 2,048 and in one chunk); at the first length again with the
             decode agent in its own process on a private MPS server (where there is one); then
             bench/hops.py: one prompt's transfer, hop by hop
   engine    bench/engine.py: decode step at batch 1/8/32/128 and contexts 1k/8k, eager vs CUDA
@@ -29,7 +30,8 @@ the others still run):
             (the decode model of deploy/h200-llama8b.yaml)
   e2e       `kvferry bench` on five variants of one deployment file: heterogeneous TP staged,
             the same layer-wise, in slice mode, with messages of several chunks (`together`),
-            and homogeneous TP (decode TP = prefill TP)
+            and homogeneous TP (decode TP = prefill TP); on a GPU with MPS, the first again with
+            its daemons on a private MPS server
 
 Then one table (bench/campaign_summary.py; the e2e stage's rows in bench/campaign_e2e.py): every
 target of docs/benchmarks.md, what was measured, and the ratio.
@@ -276,6 +278,8 @@ def stage_overlap(stage: Stage) -> None:
             sizes += ["--requests", "3", "--repeats", "2"]
         elif prompt > 4096:  # the throughput batch in tokens stays near the default's
             sizes += ["--requests", str(max(2, 32768 // prompt)), "--repeats", "3"]
+        else:  # a short prompt's TTFT moves by a tenth between runs of 5 samples
+            sizes += ["--repeats", "15"]
         if not stage.run(python("overlap.py", *sizes, *group, "--json", str(out))):
             failed.append(str(prompt))
         if prompt > 2048:  # and the whole prompt in one forward: where layer groups pay off

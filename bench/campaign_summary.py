@@ -33,7 +33,8 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
         rows += overlap_rows(read_json(path) or {})
     rows += hops_rows(read("hops.json"))
     rows += engine_rows(read("engine.json"))
-    rows += e2e_rows({v: read(f"e2e-{v}.json") for v in VARIANTS}, gpu)
+    e2e = {v: read(f"e2e-{v}.json") for v in VARIANTS}
+    rows += e2e_rows({**e2e, "hetero on MPS": read("e2e-hetero-mps.json")}, gpu)
     return rows
 
 

@@ -197,3 +197,18 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         points = json.loads((out / f"e2e-{variant}.json").read_text())["points"]
         assert [p["ok"] for p in points] == [8, 8], variant
     assert "figure" in run.stdout and "stage e2e: ok" in run.stdout
+
+
+def test_hetero_on_mps_has_its_own_scaling_row(tmp_path):
+    def point(c, ttft):
+        return {"value": c, "ttft_ms": {"median": ttft}, "itl_ms": {"median": 1.0},
+                "output_throughput": 100.0, "control_cpu_us": {}}  # fmt: skip
+
+    sliced = {"points": [point(1, 16.0), point(32, 128.0)]}
+    (tmp_path / "e2e-hetero.json").write_text(json.dumps(sliced))
+    on_mps = {"points": [point(1, 16.0), point(32, 24.0)]}
+    (tmp_path / "e2e-hetero-mps.json").write_text(json.dumps(on_mps))
+    rows = {row.what: row for row in campaign_summary.summary_rows(tmp_path, gpu=True)}
+    assert rows["hetero: TTFT p50 c=32 / c=1"].verdict == "MISSED"
+    mps = rows["hetero on MPS: TTFT p50 c=32 / c=1"]
+    assert mps.value == 1.5 and mps.verdict == "met" and "24 vs 16 ms" in mps.detail
