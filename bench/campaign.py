@@ -28,10 +28,10 @@ the others still run):
   engine    bench/engine.py: decode step at batch 1/8/32/128 and contexts 1k/8k, eager vs CUDA
             graphs, against the memory floor; prefill tok/s, paged kernel vs contiguous SDPA
             (the decode model of deploy/h200-llama8b.yaml)
-  e2e       `kvferry bench` on five variants of one deployment file: heterogeneous TP staged,
+  e2e       `kvferry bench` on six variants of one deployment file: heterogeneous TP staged,
             the same layer-wise, in slice mode, with messages of several chunks (`together`),
-            and homogeneous TP (decode TP = prefill TP); on a GPU with MPS, the first again with
-            its daemons on a private MPS server
+            homogeneous TP (decode TP = prefill TP), and every daemon TP1 (`tp1`: no TP split);
+            on a GPU with MPS, the first again with its daemons on a private MPS server
 
 Then one table (bench/campaign_summary.py; the e2e stage's rows in bench/campaign_e2e.py): every
 target of docs/benchmarks.md, what was measured, and the ratio.

@@ -123,6 +123,8 @@ def deployment_variant(base: dict, variant: str, layer_group: int) -> dict:
         elif variant == "together" and daemon["role"] == "decode":
             ring = transfer.get("staging_bytes") or DEFAULT_STAGING_BYTES
             transfer["max_message_bytes"] = ring // 4
+        elif variant == "tp1":  # no TP split: no all-reduce, the forwards as CUDA graphs
+            daemon["tp"] = 1
     return raw
 
 

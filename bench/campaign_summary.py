@@ -15,7 +15,7 @@ from kvferry.staging.plan import plan_head_transfers
 
 # the e2e stage's deployment variants (together: hetero with chunks ready together travelling as
 # one message, transfer.max_message_bytes)
-VARIANTS = ("hetero", "layerwise", "slice", "homo", "together")
+VARIANTS = ("hetero", "layerwise", "slice", "homo", "together", "tp1")
 
 
 def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:

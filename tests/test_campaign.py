@@ -47,6 +47,9 @@ def test_variants_change_only_what_they_name():
     ring = decode["transfer"].get("staging_bytes") or (256 << 20)
     assert "max_message_bytes" not in prefill["transfer"]
     assert decode["transfer"]["max_message_bytes"] == ring // 4
+    tp1 = campaign_e2e.deployment_variant(base, "tp1", 4)
+    assert [d["tp"] for d in tp1["daemons"]] == [1, 1]
+    assert [d["transfer"] for d in tp1["daemons"]] == [d["transfer"] for d in hetero["daemons"]]
     assert [d["tp"] for d in base["daemons"]] == [2, 1]  # the base is left alone
 
 
