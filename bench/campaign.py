@@ -22,9 +22,9 @@ the others still run):
             CUDA graph replays
   overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
             time to first token, whole-chunk vs layer-wise (prompts past 2,048 tokens in chunks
-            of 2,048 and in one chunk); at the first length again with the
-            decode agent in its own process on a private MPS server (where there is one); then
-            bench/hops.py: one prompt's transfer, hop by hop
+            of 2,048 and in one chunk); at the first length again with the decode agent in its
+            own process on a private MPS server (where there is one); then bench/hops.py: one
+            prompt's transfer, hop by hop
   engine    bench/engine.py: decode step at batch 1/8/32/128 and contexts 1k/8k, eager vs CUDA
             graphs, against the memory floor; prefill tok/s, paged kernel vs contiguous SDPA
             (the decode model of deploy/h200-llama8b.yaml)

@@ -257,11 +257,10 @@ def overlap_rows(overlap: dict) -> list[Row]:
     if not runs:
         return []
     args = overlap.get("args", {})
-    prompt, chunk = args.get("prompt", "?"), args.get("chunk", 0)
-    prompt = f"{prompt} tokens"
-    if isinstance(chunk, int) and chunk > 0:
-        one = chunk >= args.get("prompt", 0)
-        prompt += " in one chunk" if one else f" in chunks of {chunk}"
+    tokens, chunk = args.get("prompt", "?"), args.get("chunk", 0)
+    prompt = f"{tokens} tokens"
+    if isinstance(tokens, int) and chunk:
+        prompt += " in one chunk" if chunk >= tokens else f" in chunks of {chunk}"
     if args.get("decode_process"):
         prompt = f"{prompt}, decode in its own process{' on MPS' if overlap.get('mps') else ''}"
     local, rows, by_name = runs[0], [], {run["name"]: run for run in runs}
