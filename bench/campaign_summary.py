@@ -282,6 +282,11 @@ def overlap_rows(overlap: dict) -> list[Row]:
                         layer["latency_ms"] / whole["latency_ms"], 1.0, "x",
                         higher_is_better=False,
                         detail=_versus(layer, whole)))  # fmt: skip
+        ready = [run.get("stages_ms", {}).get("kv_ready") for run in (layer, whole)]
+        if all(ready):  # the KV on decode (its scatter done), ms after submission
+            rows.append(Row(f"KV on decode, layer-wise / whole-chunk, {prompt}",
+                            ready[0] / ready[1], 1.0, "x", higher_is_better=False,
+                            detail=f"{ready[0]:.4g} vs {ready[1]:.4g} ms"))  # fmt: skip
     if whole and held:
         rows.append(Row(f"TTFT whole-chunk, prefill on arrival / held until registered, "
                         f"{prompt}", whole["latency_ms"] / held["latency_ms"], None, "x",

@@ -117,12 +117,15 @@ def test_overlap_rows_say_how_the_prompt_was_chunked(tmp_path):
                 "throughput_ratio": 0.97}  # fmt: skip
 
     runs = [run("local", 100.0), run("whole-chunk", 112.0), run("layer-wise (4)", 104.0)]
+    runs[1]["stages_ms"], runs[2]["stages_ms"] = {"kv_ready": 110.0}, {"kv_ready": 99.0}
     for name, chunk in (("overlap-8192.json", 2048), ("overlap-8192-one-chunk.json", 8192)):
         body = {"args": {"prompt": 8192, "chunk": chunk}, "runs": runs}
         (tmp_path / name).write_text(json.dumps(body))
     rows = {row.what: row for row in campaign_summary.summary_rows(tmp_path, gpu=True)}
     one = rows["TTFT layer-wise / whole-chunk, 8192 tokens in one chunk"]
     assert one.value == pytest.approx(104 / 112) and one.verdict == "met"
+    ready = rows["KV on decode, layer-wise / whole-chunk, 8192 tokens in one chunk"]
+    assert ready.value == pytest.approx(0.9) and "99 vs 110 ms" in ready.detail
     chunked = rows["TTFT overhead vs colocated, whole-chunk, 8192 tokens in chunks of 2048"]
     assert chunked.verdict == "MISSED" and "112 vs 100 ms" in chunked.detail
     assert rows["TTFT overhead vs colocated, layer-wise (4), 8192 tokens in one chunk"].verdict == (
