@@ -27,10 +27,10 @@ KINDS = click.Choice(SOCKET_KINDS)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the figures.")
 def fuzz(config_path, start, json_path, kinds, http_timeout, max_rss_growth_mb, **spec) -> None:
     """Send --frames hostile frames to every listening socket of a deployment (bootstrap,
-    each rank's control socket, each daemon's HTTP port), then check that every daemon and
-    rank process is alive, /health is ok, a greedy completion equals the one taken before, no
-    internal error was counted, and fds, threads and RSS grew within the bounds. Prints the
-    figures; exits 1 on any problem.
+    each rank's control socket, each daemon's and router's HTTP port), then check that every
+    daemon, router and rank process is alive, /health is ok, a greedy completion equals the
+    one taken before, no internal error was counted, and fds, threads and RSS grew within the
+    bounds. Prints the figures; exits 1 on any problem.
     See docs/reliability.md."""
     stop_on_sigterm()
     spec = FuzzSpec(
