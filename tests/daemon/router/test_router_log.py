@@ -3,12 +3,12 @@ makes (httpx writes each at INFO: every poll of a target, every request forwarde
 
 import subprocess
 import sys
-import time
 
 import httpx
 import yaml
 
 from ports import free_port
+from support.cluster import wait_for
 from support.router_sim import FAST, complete
 
 DEADLINE_S = 60.0
@@ -23,11 +23,13 @@ def test_router_log_has_no_line_per_request(tmp_path, stubs):
     command = [sys.executable, "-m", "kvferry.daemon.cli.main", "router", "--config", str(path)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:  # its /health is ok only after a poll of the stub succeeded
+        return process.poll() is not None or _healthy(url)
+
     try:
-        deadline = time.monotonic() + DEADLINE_S
-        while not _healthy(url):  # ok only after a poll of the stub succeeded
-            assert process.poll() is None and time.monotonic() < deadline, "router not ready"
-            time.sleep(0.1)
+        wait_for(ready, "the router's /health ok", DEADLINE_S)
+        assert process.poll() is None, "the router exited"
         assert complete(url).status_code == 200  # and one request forwarded
         assert len(stub.seen) == 1
     finally:
