@@ -2,14 +2,11 @@
 daemon's HTTP front: OpenAI's completions and chat completions (the messages through the
 model's chat template, `model/chat.py`), whole or streamed as server-sent events; stop
 strings, a client that leaves, and the errors, all in OpenAI's shape. The daemon's thread
-hands each request's tokens to the front's event loop (`_Events`)."""
+hands each request's tokens to the front's event loop (`token_events.py`)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import math
 import time
 
 import msgspec
@@ -20,6 +17,7 @@ from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.server.api import ChatCompletionRequest, CompletionRequest
 from kvferry.daemon.server.http_protocol import GONE
 from kvferry.daemon.server.request import Unavailable
+from kvferry.daemon.server.token_events import TokenEvents, inbox_of
 from kvferry.transport.failure import Failure, FailureKind, aborted
 
 LOST_AFTER_S = 30.0  # past its deadline, a request the ranks never answer gets a 504
@@ -100,7 +98,7 @@ def _decode(request: Request):
 
 
 async def _answer(daemon, request: Request, body, prompt: list[int], chat: bool) -> Response:
-    events = _Events(asyncio.get_running_loop())
+    events = TokenEvents(inbox_of(request.app.state))
     try:
         params = SamplingParams(
             body.token_limit, body.temperature, body.top_p, body.seed, body.stop_ids
@@ -148,23 +146,6 @@ async def _body(request: Request, kind: type):
     return body
 
 
-class _Events:
-    """One request's (new tokens, finish reason or None), put by the daemon's thread and
-    awaited on the front's loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop, self._queue = loop, asyncio.Queue()
-
-    def put(self, item) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-
-    async def get(self, timeout_s: float):
-        """The next event; TimeoutError after `timeout_s` (inf: none)."""
-        timeout = None if math.isinf(timeout_s) else max(timeout_s, 0.0)
-        return await asyncio.wait_for(self._queue.get(), timeout)
-
-
 class _Text:
     """A request's tokens in, its text out as it may be shown: held back while it ends in part
     of a character, or in what may be the start of a stop string; cut before the first stop
@@ -203,7 +184,9 @@ class _Answer:
     """Writes one request's answer, whole or streamed; aborts the request if its client goes
     away first, ends it early at a stop string."""
 
-    def __init__(self, daemon, request, events: _Events, http: Request, body, chat: bool) -> None:
+    def __init__(
+        self, daemon, request, events: TokenEvents, http: Request, body, chat: bool
+    ) -> None:
         self.daemon, self.request, self.events, self.http = daemon, request, events, http
         self.chat, self.first = chat, True  # chat: OpenAI's chat shapes; first: no chunk yet
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request.room:016x}"
@@ -262,25 +245,21 @@ class _Answer:
         yield b"data: [DONE]\n\n"
 
     async def _events(self, gone: asyncio.Future | None):
-        """(new tokens, finish) as they come until the finish; HTTPError if the ranks never
-        answer. The request is aborted if this stops early: its client left (`gone` fired,
-        or the stream was cancelled)."""
+        """(new tokens, finish) as they come until the finish, what piled up taken as one;
+        HTTPError if the ranks never answer. The request is aborted if this stops early: its
+        client left (`gone` fired, or the stream was cancelled)."""
         finished = False
         try:
             while True:
                 wait = self.request.deadline + LOST_AFTER_S - time.monotonic()
-                get = asyncio.ensure_future(self.events.get(wait))
-                if gone is not None:
-                    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-                    if not get.done():
-                        get.cancel()
-                        return
                 try:
-                    tokens, finish = await get
-                except asyncio.TimeoutError:
+                    event = await self.events.take(wait, gone)
+                except TimeoutError:
                     raise HTTPError(504, "request lost: no answer from the ranks") from None
-                yield tokens, finish
-                if finish is not None:
+                if event is None:  # the client left
+                    return
+                yield event
+                if event[1] is not None:
                     finished = True
                     return
         finally:
@@ -318,4 +297,4 @@ async def _disconnected(http: Request) -> None:
 
 
 def _event(payload: dict) -> bytes:
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+    return b"data: " + msgspec.json.encode(payload) + b"\n\n"

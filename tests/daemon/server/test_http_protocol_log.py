@@ -4,6 +4,7 @@ still answers every one with a 400. On a real socket, with uvicorn serving a min
 
 import functools
 import logging
+import os
 import socket
 import threading
 
@@ -70,3 +71,33 @@ def test_a_quiet_log_says_how_many_it_left_out(caplog):
         "passed through as it is",
         "Invalid HTTP request received. (2 more suppressed)",
     ]
+
+
+def test_connections_have_nagle_off(front):
+    """The fronts listen on sockets of their own, whose connections asyncio leaves with Nagle's
+    algorithm on: a stream's chunk written before the client acknowledged the previous one would
+    wait for its delayed ACK. The protocol turns it off on every connection."""
+    with socket.create_connection(("127.0.0.1", front), timeout=10) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")  # served, and kept alive
+        (served,) = _accepted_sockets(conn.getsockname())
+        with served:
+            assert served.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def _accepted_sockets(peer) -> list[socket.socket]:
+    """This process's sockets connected to `peer` (the server side of a connection)."""
+    found = []
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue  # not a socket (or closed meanwhile)
+        try:
+            if sock.type == socket.SOCK_STREAM and sock.getpeername() == peer:
+                found.append(sock)
+                continue
+        except OSError:
+            pass
+        sock.close()
+    return found

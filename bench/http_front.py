@@ -1,0 +1,213 @@
+"""What the decode daemon's HTTP front adds to a streamed request's TTFT, and its CPU per token.
+
+    python bench/http_front.py                       # c=1 and c=32, 2 ms steps, 64 tokens
+    python bench/http_front.py --concurrency 1,8,32,64 --step-ms 1 --json out.json
+
+The front under test is the daemon's own (`daemon/server/http_front.py`: uvicorn, Starlette,
+completions.py, the inbox of token_events.py); behind it, instead of ranks, a thread that acts
+as the daemon's does after each engine step: every `--step-ms` it gives each request in flight
+its next token (`DecodeRequest.take`, then the request's events), the last one with its finish.
+The load is `kvferry bench`'s own client (`AsyncDaemonClient`, streamed requests), in a process
+of its own as it is in use.
+
+Per concurrency: the client's TTFT p50, the daemon's (received -> first token out, from each
+answer's timeline) and what lies between, the front's own: the request's way in before the
+daemon has it and its first token's way out to the client. Then the front thread's CPU per
+token and per request, the client's CPU per token, and the ratio of the front's TTFT share at
+the highest concurrency to that at the lowest. The tokenizer is a stand-in that spells each id
+(`decode` joins them), so the CPU is the front's machinery, not a tokenizer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+from kvferry.daemon.server.http_front import HTTPFront
+from kvferry.daemon.server.metrics import Metrics
+from kvferry.daemon.server.request import DecodeRequest, Requests
+
+
+class Tokenizer:
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f" t{i}" for i in ids)
+
+
+class StandIn:
+    """The decode daemon as its HTTP front sees it, with a thread stepping its requests."""
+
+    def __init__(self, step_s: float) -> None:
+        self.config = SimpleNamespace(
+            role="decode",
+            model=SimpleNamespace(name="bench"),
+            http_max_body_bytes=1 << 24,
+            http_body_timeout_s=30.0,
+            http_max_requests_per_client=1 << 16,
+            api_key_file=None,
+            api_key_env=None,
+        )
+        self.metrics = Metrics("decode", "bench")
+        self.tokenizer, self.chat_template = Tokenizer(), None
+        self.started = time.time()
+        self.requests = Requests()
+        self._step_s, self._stop = step_s, threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-steps", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def answering_one(self):
+        yield
+
+    def generate(self, prompt, params, events) -> DecodeRequest:
+        request = DecodeRequest(0, prompt, params, "bench", events)
+        request.deadline = request.created + 300.0
+        self.requests.add(request)
+        return request
+
+    def end(self, room: int) -> None:
+        self.abort(room, None)
+
+    def abort(self, room: int, failure) -> None:
+        request = self.requests.get(room)
+        if request is not None and self.requests.remove(request):
+            request.finish, request.error = "abort", failure
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._step_s):
+            now = time.monotonic()
+            for request in self.requests.all():
+                token = [len(request.tokens) % 1000]
+                request.take(token, now, self.metrics)
+                if len(request.tokens) < request.params.max_tokens:
+                    request.events.put((token, None))
+                elif self.requests.remove(request):
+                    request.finish = "length"
+                    request.marks["done"] = time.time()
+                    request.events.put((token, "length"))
+
+
+async def load(url: str, concurrency: int, requests: int, tokens: int, prompt: int) -> dict:
+    """The client's side of a point (run in a process of its own): `concurrency` requests to warm
+    up, then `requests` measured, `concurrency` at a time."""
+    from kvferry.daemon.cli.async_client import AsyncDaemonClient
+    from kvferry.daemon.server.api import CompletionRequest
+
+    records = []
+    async with AsyncDaemonClient(url, 120.0, concurrency) as client:
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(keep: bool) -> None:
+            async with slots:
+                request = CompletionRequest(prompt=[7] * prompt, max_tokens=tokens, stream=True)
+                answer = await client.stream(request)
+            if keep:
+                marks = answer.timeline or {}
+                inside = marks.get("first_token_out", 0.0) - marks.get("received", 0.0)
+                records.append((answer.ttft_s, inside, len(answer.token_ids)))
+
+        await asyncio.gather(*[one(False) for _ in range(concurrency)])
+        began, cpu = time.monotonic(), time.process_time()
+        await asyncio.gather(*[one(True) for _ in range(requests)])
+    wall_s, cpu_s = time.monotonic() - began, time.process_time() - cpu
+    return {"records": records, "wall_s": wall_s, "cpu_s": cpu_s}
+
+
+def thread_cpu(thread: threading.Thread) -> float:
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+def point(front: HTTPFront, concurrency: int, args: argparse.Namespace) -> dict:
+    requests = max(args.requests, 2 * concurrency)
+    url = f"http://127.0.0.1:{front.server_port}"
+    before = None
+    command = [sys.executable, __file__, "--client", url, "--concurrency", str(concurrency)]
+    command += ["--requests", str(requests), "--tokens", str(args.tokens)]
+    command += ["--prompt", str(args.prompt)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as client:
+        # the warm-up is `concurrency` requests; the front's CPU is read across the whole run
+        before = thread_cpu(front.thread)
+        out, _ = client.communicate(timeout=600)
+    front_cpu = thread_cpu(front.thread) - before
+    if client.returncode:
+        raise SystemExit(f"the client failed at c={concurrency}")
+    result = json.loads(out)
+    ttft = [r[0] for r in result["records"]]
+    inside = [r[1] for r in result["records"]]
+    front = [a - b for a, b in zip(ttft, inside, strict=True)]
+    tokens = sum(r[2] for r in result["records"])
+    every = requests + concurrency  # warm-up included, as in the front's CPU
+    return {
+        "concurrency": concurrency,
+        "ttft_ms_p50": statistics.median(ttft) * 1e3,
+        "daemon_ttft_ms_p50": statistics.median(inside) * 1e3,
+        "front_ttft_ms_p50": statistics.median(front) * 1e3,
+        "tokens_per_s": tokens / result["wall_s"],
+        "front_cpu_us_per_token": front_cpu / (tokens * every / requests) * 1e6,
+        "front_cpu_us_per_request": front_cpu / every * 1e6,
+        "client_cpu_us_per_token": result["cpu_s"] / tokens * 1e6,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--concurrency", default="1,32", help="points, comma-separated")
+    p.add_argument("--requests", type=int, default=128, help="measured per point (>= 2c)")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per answer")
+    p.add_argument("--prompt", type=int, default=768, help="prompt tokens sent")
+    p.add_argument("--step-ms", type=float, default=2.0, help="time between engine steps")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # a point's client process
+    args = p.parse_args()
+    if args.client:
+        point_args = (int(args.concurrency), args.requests, args.tokens, args.prompt)
+        print(json.dumps(asyncio.run(load(args.client, *point_args))))
+        return
+    daemon = StandIn(args.step_ms / 1e3)
+    front = HTTPFront(daemon, "127.0.0.1", 0, header_timeout_s=30.0)
+    try:
+        points = [point(front, int(c), args) for c in args.concurrency.split(",")]
+    finally:
+        front.shutdown()
+        daemon.close()
+    print(f"HTTP front, {args.tokens}-token streamed answers, a step every {args.step_ms:g} ms")
+    print(
+        f"{'c':>4} {'TTFT p50 ms':>12} {'daemon':>8} {'front':>8} {'tok/s':>8} "
+        f"{'front us/token':>15} {'us/request':>11} {'client us/token':>16}"
+    )
+    for r in points:
+        print(
+            f"{r['concurrency']:>4} {r['ttft_ms_p50']:>12.2f} {r['daemon_ttft_ms_p50']:>8.2f} "
+            f"{r['front_ttft_ms_p50']:>8.2f} {r['tokens_per_s']:>8.0f} "
+            f"{r['front_cpu_us_per_token']:>15.1f} {r['front_cpu_us_per_request']:>11.0f} "
+            f"{r['client_cpu_us_per_token']:>16.1f}"
+        )
+    low, high = points[0], points[-1]
+    ratio = high["front_ttft_ms_p50"] / max(low["front_ttft_ms_p50"], 1e-9)
+    print(
+        f"front's share of TTFT, c={high['concurrency']} / c={low['concurrency']}: {ratio:.2f}x "
+        f"({high['front_ttft_ms_p50']:.2f} vs {low['front_ttft_ms_p50']:.2f} ms)"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "points": points, "front_ratio": ratio}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

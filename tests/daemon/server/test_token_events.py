@@ -1,0 +1,70 @@
+"""A request's tokens on their way from the daemon's thread to the HTTP front's loop: one wake
+of the loop for a batch of puts, a handler that fell behind taking what piled up as one event,
+and the waits' ends (a timeout, a client that left)."""
+
+import asyncio
+import threading
+
+import pytest
+
+from kvferry.daemon.server.token_events import Inbox, TokenEvents
+
+
+def test_what_piled_up_is_taken_as_one_event_up_to_the_finish():
+    async def run():
+        events = TokenEvents(Inbox(asyncio.get_running_loop()))
+        for item in (([1], None), ([2, 3], None), ([4], "length")):
+            events.put(item)
+        return await events.take(5.0)
+
+    assert asyncio.run(run()) == ([1, 2, 3, 4], "length")
+
+
+def test_puts_from_another_thread_wake_the_loop_once_per_batch():
+    async def run():
+        loop = asyncio.get_running_loop()
+        inbox = Inbox(loop)
+        streams = [TokenEvents(inbox) for _ in range(32)]
+        wakes = 0
+        deliver = inbox._deliver
+
+        def counted():
+            nonlocal wakes
+            wakes += 1
+            deliver()
+
+        inbox._deliver = counted
+        step = threading.Thread(target=lambda: [s.put(([7], None)) for s in streams])
+        step.start()
+        step.join()
+        taken = [await s.take(5.0) for s in streams]
+        return taken, wakes
+
+    taken, wakes = asyncio.run(run())
+    assert taken == [([7], None)] * 32
+    assert wakes == 1
+
+
+def test_a_take_waits_for_the_next_event_and_times_out_without_one():
+    async def run():
+        loop = asyncio.get_running_loop()
+        events = TokenEvents(Inbox(loop))
+        later = threading.Timer(0.01, events.put, args=(([5], None),))
+        later.start()
+        first = await events.take(30.0)
+        with pytest.raises(TimeoutError):
+            await events.take(0.01)
+        later.join()
+        return first
+
+    assert asyncio.run(run()) == ([5], None)
+
+
+def test_a_take_ends_with_none_once_the_client_has_left():
+    async def run():
+        loop = asyncio.get_running_loop()
+        events, gone = TokenEvents(Inbox(loop)), loop.create_future()
+        loop.call_soon(gone.set_result, None)
+        return await events.take(float("inf"), gone)
+
+    assert asyncio.run(run()) is None
