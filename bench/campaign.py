@@ -16,6 +16,7 @@ the others still run):
             copy launch, UCX calls), quiet and while another thread runs a forward; then
             bench/control_path.py: the transfer threads' CPU per request with a tiny KV; then
             bench/group_exchange.py: a TP group's step exchanges, gloo vs the ranks' pipes;
+            bench/http_front.py: the TTFT and CPU per token the decode HTTP front adds;
             on a GPU, bench/device_reduce.py: TP ranks sharing it, a forward's all-reduces
             ordered by interprocess events vs a host sync each; and bench/forward_host.py: a
             prefill forward's launch on the host vs the device's time for it, eager and as
@@ -179,21 +180,20 @@ def stage_transfer(stage: Stage) -> None:
 
 
 def stage_host(stage: Stage) -> None:
-    out = stage.args.out_dir / "host.json"
-    sizes = ["--calls", "200", "--tokens", "1024", "--chunk", "128"] if stage.args.quick else []
-    if stage.run(python("host_costs.py", *sizes, "--json", str(out))):
-        requests = ["--requests", "30", "--warmup", "5"] if stage.args.quick else []
-        control = stage.args.out_dir / "control.json"
-        stage.run(python("control_path.py", *requests, "--json", str(control)))
-        calls = ["--calls", "100", "--rounds", "3"] if stage.args.quick else []
-        group = stage.args.out_dir / "group.json"
-        stage.run(python("group_exchange.py", *calls, "--json", str(group)))
-        if stage.args.gpu:  # TP ranks sharing the GPU: a forward's all-reduces, two orderings
-            reduce = stage.args.out_dir / "device_reduce.json"  # and on MPS where there is one
-            stage.run(python("device_reduce.py", "--mps", "--json", str(reduce)))
-            # a prefill forward's launch on the host against the device's time for it
-            forward = stage.args.out_dir / "forward_host.json"
-            stage.run(python("forward_host.py", "--json", str(forward)))
+    out, quick = stage.args.out_dir, stage.args.quick
+    sizes = ["--calls", "200", "--tokens", "1024", "--chunk", "128"] if quick else []
+    if stage.run(python("host_costs.py", *sizes, "--json", str(out / "host.json"))):
+        requests = ["--requests", "30", "--warmup", "5"] if quick else []
+        stage.run(python("control_path.py", *requests, "--json", str(out / "control.json")))
+        calls = ["--calls", "100", "--rounds", "3"] if quick else []
+        stage.run(python("group_exchange.py", *calls, "--json", str(out / "group.json")))
+        front = ["--requests", "64"] if quick else []  # the TTFT the HTTP front adds
+        stage.run(python("http_front.py", *front, "--json", str(out / "http_front.json")))
+        if stage.args.gpu:  # TP ranks sharing the GPU: a forward's all-reduces (two orderings,
+            # on MPS too); a prefill forward's launch on the host against the device's time
+            reduce = ["--mps", "--json", str(out / "device_reduce.json")]
+            stage.run(python("device_reduce.py", *reduce))
+            stage.run(python("forward_host.py", "--json", str(out / "forward_host.json")))
 
 
 def stage_perftest(stage: Stage) -> None:

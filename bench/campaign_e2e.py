@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -227,6 +228,8 @@ def scaling_rows(variant: str, result: dict | None) -> list[Row]:
                         higher_is_better=False,
                         detail=f"{last['ttft_ms']['median']:.4g} vs "
                                f"{first['ttft_ms']['median']:.4g} ms"))  # fmt: skip
+    if len(points) > 1:
+        rows += _inside_outside_rows(variant, first, last)
     for point in (first, last) if len(points) > 1 else (first,):
         itl = point.get("itl_ms", {}).get("median")
         rows.append(Row(f"{variant}: ITL p50, c={point['value']:g}", itl, None, " ms",
@@ -236,3 +239,29 @@ def scaling_rows(variant: str, result: dict | None) -> list[Row]:
         rows.append(Row(f"{variant}: idle ranks' CPU per minute, {role}", value, None, " s",
                         higher_is_better=False))  # fmt: skip
     return rows
+
+
+def _inside_outside_rows(variant: str, first: dict, last: dict) -> list[Row]:
+    """TTFT split at the decode daemon's first token out: inside the daemons (received to
+    first token out), its c-ratio, and what the HTTP front and the client add outside."""
+    inside = [_inside_ms(p) for p in (first, last)]
+    if None in inside:
+        return []
+    outside = [p.get("ttft_outside_ms", {}).get("median") for p in (first, last)]
+    rows = [Row(f"{variant}: TTFT in the daemons p50 c={last['value']:g} / c={first['value']:g}",
+                inside[1] / inside[0], None, "x", higher_is_better=False,
+                detail=f"{inside[1]:.4g} vs {inside[0]:.4g} ms: received to first token "
+                       "out")]  # fmt: skip
+    if None not in outside:
+        rows.append(Row(f"{variant}: TTFT outside the daemons p50, c={last['value']:g}",
+                        outside[1], None, " ms", higher_is_better=False,
+                        detail=f"c={first['value']:g}: {outside[0]:.3g} ms; HTTP front and "
+                               "client"))  # fmt: skip
+    return rows
+
+
+def _inside_ms(point: dict) -> float | None:
+    """Median of the requests' received -> first token out, ms (None without timelines)."""
+    ends = [r["timeline"]["first_token_out"] for r in point.get("requests", [])
+            if (r.get("timeline") or {}).get("first_token_out")]  # fmt: skip
+    return statistics.median(ends) * 1e3 if ends else None

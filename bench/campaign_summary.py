@@ -27,6 +27,7 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
     rows += host_rows(read("host.json"))
     rows += control_rows(read("control.json"))
     rows += group_rows(read("group.json"))
+    rows += front_rows(read("http_front.json"))
     rows += reduce_rows(read("device_reduce.json"))
     rows += forward_rows(read("forward_host.json"))
     for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
@@ -139,6 +140,23 @@ def control_rows(control: dict | None) -> list[Row]:
                         row["cpu_us"], 200.0, " us", higher_is_better=False,
                         detail=detail))  # fmt: skip
     return rows
+
+
+def front_rows(front: dict | None) -> list[Row]:
+    """The decode HTTP front alone (a stand-in engine behind it): the TTFT it adds and its
+    CPU per token, at the lowest and highest concurrency."""
+    if not front:
+        return []
+    low, high = front["points"][0], front["points"][-1]
+    detail = (f"{high['front_ttft_ms_p50']:.3g} vs {low['front_ttft_ms_p50']:.3g} ms; "
+              f"{high['tokens_per_s']:.0f} tok/s")  # fmt: skip
+    return [
+        Row(f"HTTP front's TTFT, c={high['concurrency']} / c={low['concurrency']}",
+            front["front_ratio"], None, "x", higher_is_better=False, detail=detail),
+        Row(f"HTTP front CPU per streamed token, c={high['concurrency']}",
+            high["front_cpu_us_per_token"], None, " us", higher_is_better=False,
+            detail=f"client {high['client_cpu_us_per_token']:.3g} us"),
+    ]  # fmt: skip
 
 
 def group_rows(group: dict | None) -> list[Row]:

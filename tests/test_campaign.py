@@ -194,6 +194,10 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "one prompt, forward handed over -> room succeeded at decode, 256 tokens",
         "TTFT whole-chunk, prefill on arrival / held until registered, 256 tokens in one chunk",
         "TP step exchange (broadcast + verdicts), gloo / the ranks' pipes",
+        "HTTP front's TTFT, c=32 / c=1",
+        "HTTP front CPU per streamed token, c=32",
+        "hetero: TTFT in the daemons p50 c=2 / c=1",
+        "hetero: TTFT outside the daemons p50, c=2",
     ):
         assert figures[name]["value"] is not None and figures[name]["value"] > 0, name
     assert figures["UCX messages per request / (chunks x writers)"]["verdict"] == "met"

@@ -9,7 +9,7 @@ from collections import Counter
 
 import msgspec
 
-from kvferry.daemon.cli.bench.timeline import stage_shares
+from kvferry.daemon.cli.bench.timeline import outside_daemons, stage_shares
 
 
 class RequestRecord(msgspec.Struct, kw_only=True):
@@ -176,6 +176,10 @@ class Point(msgspec.Struct, kw_only=True):
     memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank (0 on a CPU)
     # each stage's share of TTFT over the requests with a timeline: stage -> {p50, p90}
     stages: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
+    # TTFT outside the daemons (the client's TTFT less the decode daemon's first token out):
+    # the request's way in before the daemon has it and its first token's way out, HTTP front
+    # and client included
+    ttft_outside_ms: Latency = msgspec.field(default_factory=Latency)
     kv_pool_bytes: float = 0.0  # of that size of rank: the budgets the peak holds
     ring_capacity_bytes: float = 0.0
     # each scraped daemon's process RSS before and after the measured requests, by name
@@ -254,6 +258,7 @@ def summarize(
         kv_pool_bytes=moved.kv_pool_bytes,
         ring_capacity_bytes=moved.ring_capacity_bytes,
         stages=stage_shares([r.timeline for r in ok if r.timeline]),
+        ttft_outside_ms=latency(outside_daemons(ok)),
         rss_before_bytes=rss_before or {},
         rss_after_bytes=moved.rss_bytes,
     )

@@ -29,6 +29,16 @@ def stage_shares(timelines: list[dict[str, float]]) -> dict[str, dict[str, float
     return {stage: _summary(values) for stage, values in _in_order(lengths, timelines).items()}
 
 
+def outside_daemons(records) -> list[float]:
+    """Per request with a TTFT and a timeline: the client's TTFT less the decode daemon's
+    first token out (seconds), what the HTTP front and the client add."""
+    return [
+        r.ttft_s - r.timeline[FIRST_TOKEN]
+        for r in records
+        if r.ttft_s is not None and r.timeline and FIRST_TOKEN in r.timeline
+    ]
+
+
 def _in_order(lengths: dict, timelines: list[dict[str, float]]) -> dict:
     """The stages in the order of their median end time."""
     ends = {s: statistics.median(t[s] for t in timelines if s in t) for s in lengths}
@@ -61,6 +71,12 @@ def stage_table(points) -> str:
         for stage, s in point.stages.items():
             lines.append(
                 f"  {stage:24}{s['p50_ms']:9.2f}{s['p90_ms']:9.2f}{s['p50']:7.0%}{s['p90']:7.0%}"
+            )
+        outside = point.ttft_outside_ms
+        if outside.median is not None:
+            lines.append(
+                f"  {'outside the daemons':24}{outside.median:9.2f}{outside.p90:9.2f}"
+                "  (client TTFT less first_token_out: HTTP front and client)"
             )
     return "\n".join(lines)
 
