@@ -22,6 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
 from kvferry.daemon.cli.bench.report import Counters, Point, RequestRecord, point_name, summarize
+from kvferry.daemon.cli.bench.senders import (
+    CLIENT_CONCURRENCY,
+    ClientProcesses,
+    client_processes,
+    send,
+)
 from kvferry.daemon.cli.bench.workload import (
     BenchError,
     Prompt,
@@ -30,9 +36,8 @@ from kvferry.daemon.cli.bench.workload import (
     poisson_schedule,
     random_prompts,
 )
-from kvferry.daemon.cli.client import ClientError, DaemonClient
+from kvferry.daemon.cli.client import DaemonClient
 from kvferry.daemon.cli.launcher import Launcher
-from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.api_key import read_api_key
 from kvferry.daemon.server.open_files import allow_open_files
 
@@ -242,16 +247,28 @@ async def _points(spec, url, metrics_urls, entries, out: TextIO, api_key) -> lis
     """Every point, on this one event loop, through one pool of kept-alive connections."""
     rng = random.Random(spec.seed)
     points = []
-    async with AsyncDaemonClient(url, spec.timeout_s, spec.connections, api_key) as client:
-        for index, value in enumerate(spec.points):
-            prompts = _prompts(spec, rng, entries)
-            title = f"point {index + 1}/{len(spec.points)} {point_name(spec.mode, value)}"
-            progress = Progress(out, title, spec.num_requests)
-            points.append(await _point(spec, client, metrics_urls, value, prompts, rng, progress))
+    count = client_processes(spec.connections)
+    spread = ClientProcesses(count, url, spec.timeout_s, api_key) if count > 1 else None
+    try:
+        async with AsyncDaemonClient(url, spec.timeout_s, spec.connections, api_key) as client:
+            for index, value in enumerate(spec.points):
+                prompts = _prompts(spec, rng, entries)
+                title = f"point {index + 1}/{len(spec.points)} {point_name(spec.mode, value)}"
+                progress = Progress(out, title, spec.num_requests)
+                senders = (client, spread)
+                points.append(
+                    await _point(spec, senders, metrics_urls, value, prompts, rng, progress)
+                )
+    finally:
+        if spread is not None:
+            spread.close()
     return points
 
 
-async def _point(spec, client, metrics_urls, value, prompts, rng, progress) -> Point:
+async def _point(spec, senders, metrics_urls, value, prompts, rng, progress) -> Point:
+    """One point: its warm-up from this process, then its measured requests, from the client
+    processes where it has more than CLIENT_CONCURRENCY in flight (senders.py)."""
+    client, spread = senders
     warmup, measured = prompts[: spec.warmup], prompts[spec.warmup :]
     if spec.mode == "concurrency":
         workers, arrivals = int(value), [0.0] * len(measured)
@@ -262,65 +279,16 @@ async def _point(spec, client, metrics_urls, value, prompts, rng, progress) -> P
         await send(client, warmup, [0.0] * len(warmup), min(workers, len(warmup)))
     before = await asyncio.to_thread(scrape, metrics_urls)  # blocking HTTP, off the loop
     try:
-        records, duration = await send(client, measured, arrivals, workers, progress.advance)
+        if spread is not None and workers > CLIENT_CONCURRENCY:
+            records, duration = await spread.send(measured, arrivals, workers)
+            for record in records:
+                progress.advance(record)
+        else:
+            records, duration = await send(client, measured, arrivals, workers, progress.advance)
     finally:
         progress.close()
     moved = (await asyncio.to_thread(scrape, metrics_urls)).since(before)
     return summarize(spec.mode, value, records, duration, moved, before.rss_bytes)
-
-
-async def send(
-    client: AsyncDaemonClient,
-    prompts: list[Prompt],
-    arrivals: list[float],
-    workers: int,
-    on_done: Callable[[RequestRecord], None] | None = None,
-) -> tuple[list[RequestRecord], float]:
-    """Sends prompts[i] `arrivals[i]` s after the start (or later: at most `workers` in flight);
-    the records, in prompt order, and the seconds from the start until the last one finished.
-    Cancelled (Ctrl-C), it cancels the requests in flight and drops those not sent yet."""
-    start = time.monotonic()
-    slots = asyncio.Semaphore(workers)
-
-    async def one(index: int, prompt: Prompt) -> RequestRecord:
-        async with slots:
-            return await _request(client, index, prompt, start, on_done)
-
-    tasks = []
-    try:
-        for index, (prompt, at) in enumerate(zip(prompts, arrivals, strict=True)):
-            wait = start + at - time.monotonic()
-            if wait > 0:  # not when due: a burst is sent as one, not as the loop lets it go
-                await asyncio.sleep(wait)
-            tasks.append(asyncio.ensure_future(one(index, prompt)))
-        records = await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()  # nothing left to cancel unless this ended early
-    return list(records), time.monotonic() - start
-
-
-async def _request(client, index: int, prompt: Prompt, start: float, on_done) -> RequestRecord:
-    sent = time.monotonic()
-    record = RequestRecord(
-        index=index, sent_s=sent - start, input_len=prompt.input_len, output_len=prompt.output_len
-    )
-    request = CompletionRequest(
-        prompt=prompt.prompt, max_tokens=prompt.output_len, temperature=0.0, stream=True
-    )
-    try:
-        completion = await client.stream(request)
-    except ClientError as exc:
-        record.error, record.error_kind = exc.reason, exc.kind
-        record.latency_s = time.monotonic() - sent
-    else:
-        record.input_len = completion.prompt_tokens or prompt.input_len
-        record.output_tokens = len(completion.token_ids)
-        record.ttft_s, record.latency_s = completion.ttft_s, completion.latency_s
-        record.timeline = completion.timeline
-    if on_done is not None:
-        on_done(record)
-    return record
 
 
 class Progress:

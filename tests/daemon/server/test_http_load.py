@@ -1,6 +1,7 @@
 """The decode daemon's front holding 256 streams at once (short answers, the embedded random
 model), sent as `kvferry bench` sends them (one asyncio loop, one pool of connections): none
-fails, no connection is reset, and every connection is let go afterwards."""
+fails, no connection is reset, and every connection is let go afterwards. Then a point spread
+over client processes, as `kvferry bench` sends one with many requests in flight."""
 
 import asyncio
 import random
@@ -9,8 +10,8 @@ from collections import Counter
 import pytest
 
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
-from kvferry.daemon.cli.bench.run import send
-from kvferry.daemon.cli.bench.workload import random_prompts
+from kvferry.daemon.cli.bench.senders import ClientProcesses, client_processes, send
+from kvferry.daemon.cli.bench.workload import Prompt, random_prompts
 from support.cluster import client, decode, prefill, running, wait_for, wait_idle, write
 from support.metrics_sim import samples
 
@@ -63,3 +64,37 @@ def test_256_concurrent_streams_finish_with_no_failure_and_no_reset(load_pair):
     fds = ("process_open_fds", frozenset())
     open_fds = lambda: samples(decoder.metrics())[fds]  # noqa: E731
     wait_for(lambda: open_fds() <= before[fds] + SPARE_FDS, "the connections closed", 60)
+
+
+def test_client_processes_send_every_prompt_once_and_merge_in_prompt_order(load_pair):
+    """A point spread over client processes (what `kvferry bench` does past CLIENT_CONCURRENCY
+    requests in flight where it has the cores): each prompt sent once, from its own share, the
+    records back in prompt order on one clock."""
+    decoder = client(load_pair, "decode-0")
+    before = samples(decoder.metrics())
+    count = 24
+    lengths = [1 + i % OUTPUT_TOKENS for i in range(count)]  # tells the records apart
+    prompts = [
+        Prompt(prompt=[7, 8, 9 + i], input_len=3, output_len=n) for i, n in enumerate(lengths)
+    ]
+    arrivals = [0.01 * i for i in range(count)]
+    processes = ClientProcesses(3, decoder.url, 300.0, None)
+    try:
+        records, duration = asyncio.run(processes.send(prompts, arrivals, workers=12))
+    finally:
+        processes.close()
+    assert [r.index for r in records] == list(range(count))
+    assert all(r.ok for r in records), next(r.error for r in records if not r.ok)
+    assert [r.output_tokens for r in records] == lengths  # max_tokens, nothing stops sooner
+    assert all(r.sent_s >= a for r, a in zip(records, arrivals, strict=True))  # one clock
+    assert duration >= max(r.sent_s + r.latency_s for r in records)
+    wait_idle(load_pair, ["decode-0"])
+    ok = ("kvferry_requests_total", frozenset({("outcome", "ok")}))
+    assert samples(decoder.metrics())[ok] - before.get(ok, 0) == count
+
+
+def test_a_run_spreads_over_client_processes_only_past_one_process_worth():
+    assert client_processes(8, cpus=16) == 1
+    assert client_processes(32, cpus=16) == 4
+    assert client_processes(256, cpus=16) == 4  # a quarter of the cores at most
+    assert client_processes(32, cpus=2) == 1

@@ -1,0 +1,139 @@
+"""Sending a point's requests: from this process's event loop (`send`), or spread over client
+processes (`ClientProcesses`) where one loop would be the bottleneck.
+
+One event loop reads every streamed token of every request: at about 100 µs of client CPU a
+token (httpx's stream, the SSE lines, the JSON), one process saturates near 10,000 tokens/s, and
+then a request's TTFT is how long the client took to look at its first token, not how long the
+daemon took to send it. A point with more than CLIENT_CONCURRENCY requests in flight is therefore
+sent by several processes, each with its share of the prompts, of the concurrency and of the
+connections, on one shared clock (`time.monotonic` is system-wide); their records are merged
+back in prompt order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+
+from kvferry.daemon.cli.async_client import AsyncDaemonClient
+from kvferry.daemon.cli.bench.report import RequestRecord
+from kvferry.daemon.cli.bench.workload import Prompt
+from kvferry.daemon.cli.client import ClientError
+from kvferry.daemon.server.api import CompletionRequest
+
+CLIENT_CONCURRENCY = 8  # requests in flight one client process takes at most, where it can
+START_AHEAD_S = 0.2  # the processes' common start, this long after the point hands out shares
+
+
+def client_processes(connections: int, cpus: int | None = None) -> int:
+    """How many client processes a run whose points have up to `connections` requests in
+    flight uses: one per CLIENT_CONCURRENCY of them, at most a quarter of the CPUs (the
+    daemons need the rest), at least one."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(math.ceil(connections / CLIENT_CONCURRENCY), cpus // 4))
+
+
+async def send(
+    client: AsyncDaemonClient,
+    prompts: list[Prompt],
+    arrivals: list[float],
+    workers: int,
+    on_done: Callable[[RequestRecord], None] | None = None,
+    start: float | None = None,
+) -> tuple[list[RequestRecord], float]:
+    """Sends prompts[i] `arrivals[i]` s after `start` (default: now; or later: at most
+    `workers` in flight); the records, in prompt order, and the seconds from the start until
+    the last one finished. Cancelled (Ctrl-C), it cancels the requests in flight and drops
+    those not sent yet."""
+    start = time.monotonic() if start is None else start
+    slots = asyncio.Semaphore(workers)
+
+    async def one(index: int, prompt: Prompt) -> RequestRecord:
+        async with slots:
+            return await _request(client, index, prompt, start, on_done)
+
+    tasks = []
+    try:
+        for index, (prompt, at) in enumerate(zip(prompts, arrivals, strict=True)):
+            wait = start + at - time.monotonic()
+            if wait > 0:  # not when due: a burst is sent as one, not as the loop lets it go
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.ensure_future(one(index, prompt)))
+        records = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()  # nothing left to cancel unless this ended early
+    return list(records), time.monotonic() - start
+
+
+async def _request(client, index: int, prompt: Prompt, start: float, on_done) -> RequestRecord:
+    sent = time.monotonic()
+    record = RequestRecord(
+        index=index, sent_s=sent - start, input_len=prompt.input_len, output_len=prompt.output_len
+    )
+    request = CompletionRequest(
+        prompt=prompt.prompt, max_tokens=prompt.output_len, temperature=0.0, stream=True
+    )
+    try:
+        completion = await client.stream(request)
+    except ClientError as exc:
+        record.error, record.error_kind = exc.reason, exc.kind
+        record.latency_s = time.monotonic() - sent
+    else:
+        record.input_len = completion.prompt_tokens or prompt.input_len
+        record.output_tokens = len(completion.token_ids)
+        record.ttft_s, record.latency_s = completion.ttft_s, completion.latency_s
+        record.timeline = completion.timeline
+    if on_done is not None:
+        on_done(record)
+    return record
+
+
+class ClientProcesses:
+    """`count` client processes, started once for a run (spawned: no copy of this process's
+    loop or sockets), each sending its share of a point from a loop of its own."""
+
+    def __init__(self, count: int, url: str, timeout: float, api_key: str | None) -> None:
+        self.count = count
+        self._client = (url, timeout, api_key)
+        self._pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+    async def send(
+        self, prompts: list[Prompt], arrivals: list[float], workers: int
+    ) -> tuple[list[RequestRecord], float]:
+        """As `send`, the prompts dealt round-robin to the processes, `workers` split evenly."""
+        loop = asyncio.get_running_loop()
+        shares = min(self.count, workers, len(prompts))
+        start = time.monotonic() + START_AHEAD_S
+        jobs = [
+            loop.run_in_executor(
+                self._pool, _send_share, *self._client, prompts[k::shares],
+                arrivals[k::shares], workers // shares + (k < workers % shares), start,
+            )
+            for k in range(shares)
+        ]  # fmt: skip
+        records: list[RequestRecord | None] = [None] * len(prompts)
+        done = await asyncio.gather(*jobs)
+        for k, (share, _) in enumerate(done):
+            for record in share:
+                record.index = record.index * shares + k  # its place among all the prompts
+                records[record.index] = record
+        return records, max(seconds for _, seconds in done)  # type: ignore[return-value]
+
+
+def _send_share(url, timeout, api_key, prompts, arrivals, workers, start):
+    """In a client process: one share of a point (records indexed within the share)."""
+
+    async def share():
+        async with AsyncDaemonClient(url, timeout, workers, api_key) as client:
+            return await send(client, prompts, arrivals, workers, start=start)
+
+    return asyncio.run(share())
