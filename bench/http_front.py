@@ -7,8 +7,8 @@ The front under test is the daemon's own (`daemon/server/http_front.py`: uvicorn
 completions.py, the inbox of token_events.py); behind it, instead of ranks, a thread that acts
 as the daemon's does after each engine step: every `--step-ms` it gives each request in flight
 its next token (`DecodeRequest.take`, then the request's events), the last one with its finish.
-The load is `kvferry bench`'s own client (`AsyncDaemonClient`, streamed requests), in a process
-of its own as it is in use.
+The load is `kvferry bench`'s own client (`AsyncDaemonClient`, streamed requests), in processes
+of their own, as many as `kvferry bench` would use for the concurrency.
 
 Per concurrency: the client's TTFT p50, the daemon's (received -> first token out, from each
 answer's timeline) and what lies between, the front's own: the request's way in before the
@@ -31,6 +31,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+from kvferry.daemon.cli.bench.senders import client_processes
 from kvferry.daemon.server.http_front import HTTPFront
 from kvferry.daemon.server.metrics import Metrics
 from kvferry.daemon.server.request import DecodeRequest, Requests
@@ -132,34 +133,40 @@ def thread_cpu(thread: threading.Thread) -> float:
 
 
 def point(front: HTTPFront, concurrency: int, args: argparse.Namespace) -> dict:
+    """One concurrency, its load split over client processes as `kvferry bench` splits it
+    (senders.client_processes): one process alone saturates before the front does."""
     requests = max(args.requests, 2 * concurrency)
     url = f"http://127.0.0.1:{front.server_port}"
-    before = None
-    command = [sys.executable, __file__, "--client", url, "--concurrency", str(concurrency)]
-    command += ["--requests", str(requests), "--tokens", str(args.tokens)]
-    command += ["--prompt", str(args.prompt)]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as client:
-        # the warm-up is `concurrency` requests; the front's CPU is read across the whole run
-        before = thread_cpu(front.thread)
-        out, _ = client.communicate(timeout=600)
+    shares = min(client_processes(concurrency), concurrency)
+    clients = []
+    before = thread_cpu(front.thread)  # across the warm-ups too: each client warms up first
+    for k in range(shares):
+        command = [sys.executable, __file__, "--client", url, "--tokens", str(args.tokens)]
+        command += ["--concurrency", str(concurrency // shares + (k < concurrency % shares))]
+        command += ["--requests", str(requests // shares + (k < requests % shares))]
+        command += ["--prompt", str(args.prompt)]
+        clients.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+    outs = [client.communicate(timeout=600)[0] for client in clients]
     front_cpu = thread_cpu(front.thread) - before
-    if client.returncode:
-        raise SystemExit(f"the client failed at c={concurrency}")
-    result = json.loads(out)
-    ttft = [r[0] for r in result["records"]]
-    inside = [r[1] for r in result["records"]]
-    front = [a - b for a, b in zip(ttft, inside, strict=True)]
-    tokens = sum(r[2] for r in result["records"])
+    if any(client.returncode for client in clients):
+        raise SystemExit(f"a client failed at c={concurrency}")
+    results = [json.loads(out) for out in outs]
+    records = [r for result in results for r in result["records"]]
+    ttft = [r[0] for r in records]
+    inside = [r[1] for r in records]
+    outside = [a - b for a, b in zip(ttft, inside, strict=True)]
+    tokens = sum(r[2] for r in records)
     every = requests + concurrency  # warm-up included, as in the front's CPU
     return {
         "concurrency": concurrency,
+        "client_processes": shares,
         "ttft_ms_p50": statistics.median(ttft) * 1e3,
         "daemon_ttft_ms_p50": statistics.median(inside) * 1e3,
-        "front_ttft_ms_p50": statistics.median(front) * 1e3,
-        "tokens_per_s": tokens / result["wall_s"],
+        "front_ttft_ms_p50": statistics.median(outside) * 1e3,
+        "tokens_per_s": tokens / max(result["wall_s"] for result in results),
         "front_cpu_us_per_token": front_cpu / (tokens * every / requests) * 1e6,
         "front_cpu_us_per_request": front_cpu / every * 1e6,
-        "client_cpu_us_per_token": result["cpu_s"] / tokens * 1e6,
+        "client_cpu_us_per_token": sum(result["cpu_s"] for result in results) / tokens * 1e6,
     }
 
 
@@ -188,12 +195,13 @@ def main() -> None:
         daemon.close()
     print(f"HTTP front, {args.tokens}-token streamed answers, a step every {args.step_ms:g} ms")
     print(
-        f"{'c':>4} {'TTFT p50 ms':>12} {'daemon':>8} {'front':>8} {'tok/s':>8} "
+        f"{'c':>4} {'procs':>5} {'TTFT p50 ms':>12} {'daemon':>8} {'front':>8} {'tok/s':>8} "
         f"{'front us/token':>15} {'us/request':>11} {'client us/token':>16}"
     )
     for r in points:
         print(
-            f"{r['concurrency']:>4} {r['ttft_ms_p50']:>12.2f} {r['daemon_ttft_ms_p50']:>8.2f} "
+            f"{r['concurrency']:>4} {r['client_processes']:>5} {r['ttft_ms_p50']:>12.2f} "
+            f"{r['daemon_ttft_ms_p50']:>8.2f} "
             f"{r['front_ttft_ms_p50']:>8.2f} {r['tokens_per_s']:>8.0f} "
             f"{r['front_cpu_us_per_token']:>15.1f} {r['front_cpu_us_per_request']:>11.0f} "
             f"{r['client_cpu_us_per_token']:>16.1f}"
