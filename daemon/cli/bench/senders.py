@@ -28,6 +28,7 @@ from kvferry.daemon.server.api import CompletionRequest
 
 CLIENT_CONCURRENCY = 8  # requests in flight one client process takes at most, where it can
 START_AHEAD_S = 0.2  # the processes' common start, this long after the point hands out shares
+WARM_HOLD_S = 0.2
 
 
 def client_processes(connections: int, cpus: int | None = None) -> int:
@@ -102,6 +103,11 @@ class ClientProcesses:
         self.count = count
         self._client = (url, timeout, api_key)
         self._pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+        # Started and through their imports now, not at the first point's start: a process
+        # still starting would begin its share late, and the point's duration with it.
+        # Each call holds its process a moment, so that every one of them gets one.
+        started = [self._pool.submit(_started, WARM_HOLD_S) for _ in range(count)]
+        self.pids = {call.result(timeout=120) for call in started}  # the processes that answered
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
@@ -127,6 +133,11 @@ class ClientProcesses:
                 record.index = record.index * shares + k  # its place among all the prompts
                 records[record.index] = record
         return records, max(seconds for _, seconds in done)  # type: ignore[return-value]
+
+
+def _started(hold_s: float) -> int:
+    time.sleep(hold_s)
+    return os.getpid()
 
 
 def _send_share(url, timeout, api_key, prompts, arrivals, workers, start):

@@ -79,6 +79,7 @@ def test_client_processes_send_every_prompt_once_and_merge_in_prompt_order(load_
     ]
     arrivals = [0.01 * i for i in range(count)]
     processes = ClientProcesses(3, decoder.url, 300.0, None)
+    assert len(processes.pids) == 3  # all started, and through their imports, before the point
     try:
         records, duration = asyncio.run(processes.send(prompts, arrivals, workers=12))
     finally:
