@@ -280,9 +280,7 @@ async def _point(spec, senders, metrics_urls, value, prompts, rng, progress) -> 
     before = await asyncio.to_thread(scrape, metrics_urls)  # blocking HTTP, off the loop
     try:
         if spread is not None and workers > CLIENT_CONCURRENCY:
-            records, duration = await spread.send(measured, arrivals, workers)
-            for record in records:
-                progress.advance(record)
+            records, duration = await spread.send(measured, arrivals, workers, progress.ended)
         else:
             records, duration = await send(client, measured, arrivals, workers, progress.advance)
     finally:
@@ -300,8 +298,11 @@ class Progress:
         self._draw()
 
     def advance(self, record: RequestRecord) -> None:
+        self.ended(record.ok)
+
+    def ended(self, ok: bool) -> None:
         self.done += 1
-        self.failed += not record.ok
+        self.failed += not ok
         self._draw()
 
     def close(self) -> None:

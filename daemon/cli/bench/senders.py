@@ -16,6 +16,8 @@ import asyncio
 import math
 import multiprocessing
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +31,7 @@ from kvferry.daemon.server.api import CompletionRequest
 CLIENT_CONCURRENCY = 8  # requests in flight one client process takes at most, where it can
 START_AHEAD_S = 0.2  # the processes' common start, this long after the point hands out shares
 WARM_HOLD_S = 0.2
+RELAY_WAIT_S = 1.0  # once the shares are done, how long their last ends may take to come
 
 
 def client_processes(connections: int, cpus: int | None = None) -> int:
@@ -97,12 +100,17 @@ async def _request(client, index: int, prompt: Prompt, start: float, on_done) ->
 
 class ClientProcesses:
     """`count` client processes, started once for a run (spawned: no copy of this process's
-    loop or sockets), each sending its share of a point from a loop of its own."""
+    loop or sockets), each sending its share of a point from a loop of its own and telling
+    this process of each request as it ends (for the progress line)."""
 
     def __init__(self, count: int, url: str, timeout: float, api_key: str | None) -> None:
         self.count = count
         self._client = (url, timeout, api_key)
-        self._pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+        context = multiprocessing.get_context("spawn")
+        self._ended = context.Queue()  # each request's ok, as it ends, from any process
+        self._pool = ProcessPoolExecutor(
+            count, mp_context=context, initializer=_tell_ends_to, initargs=(self._ended,)
+        )
         # Started and through their imports now, not at the first point's start: a process
         # still starting would begin its share late, and the point's duration with it.
         # Each call holds its process a moment, so that every one of them gets one.
@@ -111,11 +119,17 @@ class ClientProcesses:
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
+        self._ended.close()
 
     async def send(
-        self, prompts: list[Prompt], arrivals: list[float], workers: int
+        self,
+        prompts: list[Prompt],
+        arrivals: list[float],
+        workers: int,
+        on_end: Callable[[bool], None] | None = None,
     ) -> tuple[list[RequestRecord], float]:
-        """As `send`, the prompts dealt round-robin to the processes, `workers` split evenly."""
+        """As `send`, the prompts dealt round-robin to the processes, `workers` split evenly;
+        `on_end(ok)` is called on this loop as each request ends."""
         loop = asyncio.get_running_loop()
         shares = min(self.count, workers, len(prompts))
         start = time.monotonic() + START_AHEAD_S
@@ -126,13 +140,46 @@ class ClientProcesses:
             )
             for k in range(shares)
         ]  # fmt: skip
+        finished = threading.Event()
+        relay = asyncio.ensure_future(
+            asyncio.to_thread(self._relay, len(prompts), on_end, loop, finished)
+        )
+        try:
+            done = await asyncio.gather(*jobs)
+        finally:
+            finished.set()
+            self._ended.put(None)
+            await relay
         records: list[RequestRecord | None] = [None] * len(prompts)
-        done = await asyncio.gather(*jobs)
         for k, (share, _) in enumerate(done):
             for record in share:
                 record.index = record.index * shares + k  # its place among all the prompts
                 records[record.index] = record
         return records, max(seconds for _, seconds in done)  # type: ignore[return-value]
+
+    def _relay(self, count: int, on_end, loop, finished: threading.Event) -> None:
+        """In a thread: hand each end the processes tell of to `on_end` on `loop`, until all
+        `count` came; once the shares are done (`finished`, and a None to wake this), what is
+        still on its way gets RELAY_WAIT_S."""
+        told = 0
+        while told < count:
+            try:
+                ok = self._ended.get(timeout=RELAY_WAIT_S if finished.is_set() else None)
+            except queue.Empty:
+                return
+            if ok is None:  # the shares are done (or an earlier point's wake-up)
+                continue
+            told += 1
+            if on_end is not None:
+                loop.call_soon_threadsafe(on_end, ok)
+
+
+_ENDED = None  # in a client process: the queue its requests' ends go to
+
+
+def _tell_ends_to(ended) -> None:
+    global _ENDED
+    _ENDED = ended
 
 
 def _started(hold_s: float) -> int:
@@ -143,8 +190,11 @@ def _started(hold_s: float) -> int:
 def _send_share(url, timeout, api_key, prompts, arrivals, workers, start):
     """In a client process: one share of a point (records indexed within the share)."""
 
+    def ended(record: RequestRecord) -> None:
+        _ENDED.put(record.ok)
+
     async def share():
         async with AsyncDaemonClient(url, timeout, workers, api_key) as client:
-            return await send(client, prompts, arrivals, workers, start=start)
+            return await send(client, prompts, arrivals, workers, ended, start=start)
 
     return asyncio.run(share())

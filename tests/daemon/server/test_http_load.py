@@ -81,9 +81,13 @@ def test_client_processes_send_every_prompt_once_and_merge_in_prompt_order(load_
     processes = ClientProcesses(3, decoder.url, 300.0, None)
     assert len(processes.pids) == 3  # all started, and through their imports, before the point
     try:
-        records, duration = asyncio.run(processes.send(prompts, arrivals, workers=12))
+        ends = []  # what the progress line is told, as requests end
+        records, duration = asyncio.run(processes.send(prompts, arrivals, 12, ends.append))
+        again, _ = asyncio.run(processes.send(prompts[:5], arrivals[:5], 12, ends.append))
     finally:
         processes.close()
+    assert ends == [True] * (count + 5)  # each end told once, in both points
+    assert [r.index for r in again] == list(range(5))
     assert [r.index for r in records] == list(range(count))
     assert all(r.ok for r in records), next(r.error for r in records if not r.ok)
     assert [r.output_tokens for r in records] == lengths  # max_tokens, nothing stops sooner
@@ -91,7 +95,7 @@ def test_client_processes_send_every_prompt_once_and_merge_in_prompt_order(load_
     assert duration >= max(r.sent_s + r.latency_s for r in records)
     wait_idle(load_pair, ["decode-0"])
     ok = ("kvferry_requests_total", frozenset({("outcome", "ok")}))
-    assert samples(decoder.metrics())[ok] - before.get(ok, 0) == count
+    assert samples(decoder.metrics())[ok] - before.get(ok, 0) == count + 5
 
 
 def test_a_run_spreads_over_client_processes_only_past_one_process_worth():
