@@ -12,15 +12,14 @@ the others still run):
   transfer  bench/transfer.py: staged vs raw ucxx vs per-token slices, same bytes; on a GPU
             staged and raw again with every process on a private CUDA MPS server
   perftest  ucx_perftest (from the libucx wheel): UCX's own tag bandwidth for the same size
-  host      bench/host_costs.py: host CPU per step of the transfer thread (a loop turn, a
-            copy launch, UCX calls), quiet and while another thread runs a forward; then
-            bench/control_path.py: the transfer threads' CPU per request with a tiny KV; then
-            bench/group_exchange.py: a TP group's step exchanges, gloo vs the ranks' pipes;
+  host      bench/host_costs.py: host CPU per step of the transfer thread, quiet and during a
+            forward; bench/control_path.py: the transfer threads' CPU per request, tiny KV;
+            bench/group_exchange.py: a TP step's exchanges, gloo vs the ranks' pipes;
             bench/http_front.py: the TTFT and CPU per token the decode HTTP front adds;
-            on a GPU, bench/device_reduce.py: TP ranks sharing it, a forward's all-reduces
-            ordered by interprocess events vs a host sync each; and bench/forward_host.py: a
-            prefill forward's launch on the host vs the device's time for it, eager and as
-            CUDA graph replays
+            bench/handoff.py: a prompt's hand-off, a connection per request vs kept ones; on
+            a GPU, bench/device_reduce.py: TP ranks sharing it, all-reduces ordered by events
+            vs a host sync each; bench/forward_host.py: a prefill forward's host launch vs its
+            device time, eager and as CUDA graph replays
   overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
             time to first token, whole-chunk vs layer-wise (prompts past 2,048 tokens in chunks
             of 2,048 and in one chunk); at the first length again with the decode agent in its
@@ -183,12 +182,13 @@ def stage_host(stage: Stage) -> None:
     out, quick = stage.args.out_dir, stage.args.quick
     sizes = ["--calls", "200", "--tokens", "1024", "--chunk", "128"] if quick else []
     if stage.run(python("host_costs.py", *sizes, "--json", str(out / "host.json"))):
-        requests = ["--requests", "30", "--warmup", "5"] if quick else []
-        stage.run(python("control_path.py", *requests, "--json", str(out / "control.json")))
-        calls = ["--calls", "100", "--rounds", "3"] if quick else []
-        stage.run(python("group_exchange.py", *calls, "--json", str(out / "group.json")))
-        front = ["--requests", "64"] if quick else []  # the TTFT the HTTP front adds
-        stage.run(python("http_front.py", *front, "--json", str(out / "http_front.json")))
+        for bench, quick_args, name in (
+            ("control_path.py", ["--requests", "30", "--warmup", "5"], "control.json"),
+            ("group_exchange.py", ["--calls", "100", "--rounds", "3"], "group.json"),
+            ("http_front.py", ["--requests", "64"], "http_front.json"),  # TTFT the front adds
+            ("handoff.py", ["--calls", "200"], "handoff.json"),  # a prompt's hand-off exchange
+        ):
+            stage.run(python(bench, *(quick_args if quick else []), "--json", str(out / name)))
         if stage.args.gpu:  # TP ranks sharing the GPU: a forward's all-reduces (two orderings,
             # on MPS too); a prefill forward's launch on the host against the device's time
             reduce = ["--mps", "--json", str(out / "device_reduce.json")]

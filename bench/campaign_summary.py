@@ -28,6 +28,7 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
     rows += control_rows(read("control.json"))
     rows += group_rows(read("group.json"))
     rows += front_rows(read("http_front.json"))
+    rows += handoff_rows(read("handoff.json"))
     rows += reduce_rows(read("device_reduce.json"))
     rows += forward_rows(read("forward_host.json"))
     for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
@@ -157,6 +158,16 @@ def front_rows(front: dict | None) -> list[Row]:
             high["front_cpu_us_per_token"], None, " us", higher_is_better=False,
             detail=f"client {high['client_cpu_us_per_token']:.3g} us"),
     ]  # fmt: skip
+
+
+def handoff_rows(handoff: dict | None) -> list[Row]:
+    """A prompt's hand-off exchange: a connection per request / kept connections."""
+    rows = []
+    for name, r in (handoff or {}).get("modes", {}).items():
+        each, kept = r["connection_per_request"]["p50_us"], r["kept"]["p50_us"]
+        rows.append(Row(f"prompt hand-off, a connection per request / kept, {name}", r["ratio"],
+                        None, "x", detail=f"{each:.0f} vs {kept:.0f} us"))  # fmt: skip
+    return rows
 
 
 def group_rows(group: dict | None) -> list[Row]:

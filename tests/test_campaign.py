@@ -195,6 +195,8 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "TTFT whole-chunk, prefill on arrival / held until registered, 256 tokens in one chunk",
         "TP step exchange (broadcast + verdicts), gloo / the ranks' pipes",
         "HTTP front's TTFT, c=32 / c=1",
+        "prompt hand-off, a connection per request / kept, plain",
+        "prompt hand-off, a connection per request / kept, curve",
         "HTTP front CPU per streamed token, c=32",
         "hetero: TTFT in the daemons p50 c=2 / c=1",
         "hetero: TTFT outside the daemons p50, c=2",

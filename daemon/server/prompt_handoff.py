@@ -1,9 +1,9 @@
 """Decode: hands a request's prompt to its prefill daemon (`SubmitPrompt` at the prefill's
 bootstrap server) once the ranks have reserved its pages.
 
-Each hand-off waits for the prefill's reply, so it runs on a small pool, off the daemon's loop;
-a refusal, or no reply, goes to the daemon with the reason: it tries another prefill
-(`prefill_retry.py`) or ends the request.
+Each hand-off waits for the prefill's reply, so it runs on a small pool, off the daemon's loop,
+over connections kept to each prefill (`control.Requester`); a refusal, or no reply, goes to
+the daemon with the reason: it tries another prefill (`prefill_retry.py`) or ends the request.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import zmq
 
 from kvferry.daemon.server.request import DecodeRequest
-from kvferry.transport.control import request as control_request
+from kvferry.transport.control import Requester, RequesterClosed
 from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt, WireError
 
@@ -38,7 +38,7 @@ class PromptHandoff:
     ) -> None:
         """`failed(request, room, failure)`: the prefill refused the prompt of `room` or did
         not answer; the daemon tries another or ends the request."""
-        self._context, self._codec, self._timeout_s = context, codec, timeout_s
+        self._requests, self._timeout_s = Requester(context, codec), timeout_s
         self._failed = failed
         self._closed = threading.Event()
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="kvferry-submit")
@@ -51,6 +51,7 @@ class PromptHandoff:
         """Hand-offs not started are dropped: the daemon fails their requests as it stops."""
         self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._requests.close()
 
     def _hand(self, request: DecodeRequest, room: int, prefill: str) -> None:
         if request.room != room:
@@ -75,8 +76,8 @@ class PromptHandoff:
 
     def _exchange(self, prefill: str, message: SubmitPrompt):
         try:
-            return control_request(self._context, self._codec, prefill, message, self._timeout_s)
-        except (TimeoutError, WireError, zmq.ZMQError) as exc:
+            return self._requests.request(prefill, message, self._timeout_s)
+        except (TimeoutError, WireError, zmq.ZMQError, RequesterClosed) as exc:
             return ErrorReply(str(exc))
         except Exception as exc:  # this runs in a pool, which would keep it silent: fail now
             log.exception("submitting room %#x to %s failed", message.room, prefill)
