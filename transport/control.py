@@ -28,6 +28,9 @@ from kvferry.transport.messages import Codec, Message, WireError, multipart_erro
 MAX_PEERS = 256  # outbound sockets per rank (each holds file descriptors while open)
 MAX_FRAMES_PER_TURN = 1024  # bounds one turn's reading, so a flood cannot starve the rest
 RECONNECT_IVL_MAX_MS = 1000  # back off reconnecting to a peer that is not there
+# connections a Requester keeps to one server between exchanges; more at once (a burst of
+# exchanges in parallel) are closed as they end. Each holds two descriptors (socket, mailbox).
+MAX_IDLE_PER_SERVER = 4
 Watch = Callable[[zmq.Socket, bool], None]  # (socket, True: poll it / False: stop polling it)
 
 
@@ -266,9 +269,10 @@ class Requester:
     """`request` over kept connections: a DEALER per server address and exchange in progress,
     back in a pool once its reply came, so that a server asked once per request (a prefill's
     bootstrap server, by every prompt's hand-off) is not connected to (TCP, ZMTP, CURVE and its
-    ZAP check) once per request. A socket whose exchange failed is closed, the idle ones to its
-    server with it: a reply that comes after its timeout must not answer the next request.
-    Thread-safe; a socket moves between threads only through the pool's lock."""
+    ZAP check) once per request; up to MAX_IDLE_PER_SERVER of them wait for the next. A socket
+    whose exchange failed is closed, the idle ones to its server with it: a reply that comes
+    after its timeout must not answer the next request. Thread-safe; a socket moves between
+    threads only through the pool's lock."""
 
     def __init__(self, context: zmq.Context, codec: Codec) -> None:
         self._context, self._codec = context, codec
@@ -309,8 +313,9 @@ class Requester:
     def _give(self, address: str, socket: zmq.Socket, replied: bool) -> None:
         stale: list[zmq.Socket] = [socket]
         with self._lock:
-            if replied and not self._closed:
-                self._idle.setdefault(address, []).append(socket)
+            idle = self._idle.setdefault(address, [])
+            if replied and not self._closed and len(idle) < MAX_IDLE_PER_SERVER:
+                idle.append(socket)
                 return
             if not replied:  # the server may be gone: its other connections go too
                 stale += self._idle.pop(address, [])

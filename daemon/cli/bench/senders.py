@@ -21,10 +21,11 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
 from kvferry.daemon.cli.bench.report import RequestRecord
-from kvferry.daemon.cli.bench.workload import Prompt
+from kvferry.daemon.cli.bench.workload import BenchError, Prompt
 from kvferry.daemon.cli.client import ClientError
 from kvferry.daemon.server.api import CompletionRequest
 
@@ -133,19 +134,21 @@ class ClientProcesses:
         loop = asyncio.get_running_loop()
         shares = min(self.count, workers, len(prompts))
         start = time.monotonic() + START_AHEAD_S
-        jobs = [
-            loop.run_in_executor(
-                self._pool, _send_share, *self._client, prompts[k::shares],
-                arrivals[k::shares], workers // shares + (k < workers % shares), start,
-            )
-            for k in range(shares)
-        ]  # fmt: skip
         finished = threading.Event()
         relay = asyncio.ensure_future(
             asyncio.to_thread(self._relay, len(prompts), on_end, loop, finished)
         )
         try:
+            jobs = [
+                loop.run_in_executor(
+                    self._pool, _send_share, *self._client, prompts[k::shares],
+                    arrivals[k::shares], workers // shares + (k < workers % shares), start,
+                )
+                for k in range(shares)
+            ]  # fmt: skip
             done = await asyncio.gather(*jobs)
+        except BrokenProcessPool as exc:
+            raise BenchError(f"a client process died: {exc}") from None
         finally:
             finished.set()
             self._ended.put(None)

@@ -4,20 +4,25 @@ fails, no connection is reset, and every connection is let go afterwards. Then a
 over client processes, as `kvferry bench` sends one with many requests in flight."""
 
 import asyncio
+import os
 import random
+import signal
 from collections import Counter
 
 import pytest
 
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
 from kvferry.daemon.cli.bench.senders import ClientProcesses, client_processes, send
-from kvferry.daemon.cli.bench.workload import Prompt, random_prompts
+from kvferry.daemon.cli.bench.workload import BenchError, Prompt, random_prompts
+from kvferry.transport.control import MAX_IDLE_PER_SERVER
 from support.cluster import client, decode, prefill, running, wait_for, wait_idle, write
 from support.metrics_sim import samples
 
 STREAMS = 256
 OUTPUT_TOKENS = 4
-SPARE_FDS = 8  # the daemon's descriptors may move a little for reasons of their own
+# the daemon's descriptors may move a little for reasons of their own, and it keeps up to
+# MAX_IDLE_PER_SERVER connections to the prefill it hands prompts to (two descriptors each)
+SPARE_FDS = 8 + 2 * MAX_IDLE_PER_SERVER
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +108,15 @@ def test_a_run_spreads_over_client_processes_only_past_one_process_worth():
     assert client_processes(32, cpus=16) == 4
     assert client_processes(256, cpus=16) == 4  # a quarter of the cores at most
     assert client_processes(32, cpus=2) == 1
+
+
+def test_a_client_process_that_dies_ends_the_point_with_a_bench_error(load_pair):
+    decoder = client(load_pair, "decode-0")
+    processes = ClientProcesses(2, decoder.url, 300.0, None)
+    try:
+        os.kill(next(iter(processes.pids)), signal.SIGKILL)
+        prompts = [Prompt(prompt=[7, 8, 9], input_len=3, output_len=1)] * 4
+        with pytest.raises(BenchError, match="a client process died"):
+            asyncio.run(processes.send(prompts, [0.0] * 4, workers=4))
+    finally:
+        processes.close()
