@@ -104,7 +104,7 @@ def early():
     config = ModelSection().model_config()
     model = (config, full_weights(config, None, seed=0))
     server, prefill, decode = engines(
-        None, model=model, bootstrap_timeout_s=1.0, unregistered_tokens=24
+        None, model=model, bootstrap_timeout_s=2.0, unregistered_tokens=24
     )
     yield server, prefill, decode
     decode.agent.close()
@@ -135,7 +135,8 @@ def test_prompts_past_the_budget_wait_and_an_unregistered_one_frees_it_at_the_ti
     _, prefill, _ = early
     prefill.submit(1, list(range(1, 21)), SamplingParams(max_tokens=1))  # 20 of 24 tokens
     assert prefill.step()
-    time.sleep(0.5)  # so that room 2 times out well after room 1 (1 s each)
+    time.sleep(0.5)  # so that room 2 times out well after room 1 (2 s each: room 1 is still
+    # registering below however slowly the machine runs the forwards in between)
     prefill.submit(2, list(range(1, 11)), SamplingParams(max_tokens=1))  # 10: past the budget
     forwards = 1
     while prefill.scheduler.waiting:
