@@ -169,27 +169,23 @@ class Point(msgspec.Struct, kw_only=True):
     # of which only the timer woke, and quiet ones (Counters.loop_timer_turns), per request
     loop_timer_turns: dict[str, float] = msgspec.field(default_factory=dict)
     loop_quiet_turns: dict[str, float] = msgspec.field(default_factory=dict)
-    # chunks that found a staging ring full, and the ms they waited for room, per request, by
-    # role: where a transfer queues for ring room
+    # chunks that found a staging ring full, and the ms they waited, per request, by role
     ring_waits: dict[str, float] = msgspec.field(default_factory=dict)
     ring_wait_ms: dict[str, float] = msgspec.field(default_factory=dict)
     memory_peak_bytes: float = 0.0  # torch allocator peak of any one rank (0 on a CPU)
     # each stage's share of TTFT over the requests with a timeline: stage -> {p50, p90}
     stages: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
-    # TTFT outside the daemons (the client's TTFT less the decode daemon's first token out):
-    # the request's way in before the daemon has it and its first token's way out, HTTP front
-    # and client included
+    # the client's TTFT less the decode daemon's first token out: HTTP front and client
     ttft_outside_ms: Latency = msgspec.field(default_factory=Latency)
     kv_pool_bytes: float = 0.0  # of that size of rank: the budgets the peak holds
     ring_capacity_bytes: float = 0.0
-    # each scraped daemon's process RSS before and after the measured requests, by name
+    # each scraped daemon's process RSS before and after the measured requests
     rss_before_bytes: dict[str, float] = msgspec.field(default_factory=dict)
     rss_after_bytes: dict[str, float] = msgspec.field(default_factory=dict)
 
     @property
     def resets(self) -> int:
-        """Requests whose connection the daemon's side closed or reset before the answer
-        ended (ClientError kind `reset`)."""
+        """Requests whose connection the daemon closed or reset mid-answer (kind `reset`)."""
         return self.failures.get("reset", 0)
 
 
