@@ -31,7 +31,7 @@ from kvferry.daemon.server.api import CompletionRequest
 
 CLIENT_CONCURRENCY = 8  # requests in flight one client process takes at most, where it can
 START_AHEAD_S = 0.2  # the processes' common start, this long after the point hands out shares
-WARM_HOLD_S = 0.2
+WARM_HOLD_S = 0.2  # each warm-up call holds its process this long: one call per process
 RELAY_WAIT_S = 1.0  # once the shares are done, how long their last ends may take to come
 
 
