@@ -31,8 +31,8 @@ from kvferry.daemon.server.api import CompletionRequest
 
 CLIENT_CONCURRENCY = 8  # requests in flight one client process takes at most, where it can
 START_AHEAD_S = 0.2  # the processes' common start, this long after the point hands out shares
-WARM_HOLD_S = 0.2  # each warm-up call holds its process this long: one call per process
 RELAY_WAIT_S = 1.0  # once the shares are done, how long their last ends may take to come
+START_S = 120.0  # how long the client processes may take to start
 
 
 def client_processes(connections: int, cpus: int | None = None) -> int:
@@ -109,14 +109,15 @@ class ClientProcesses:
         self._client = (url, timeout, api_key)
         context = multiprocessing.get_context("spawn")
         self._ended = context.Queue()  # each request's ok, as it ends, from any process
+        started = context.Barrier(count)
         self._pool = ProcessPoolExecutor(
-            count, mp_context=context, initializer=_tell_ends_to, initargs=(self._ended,)
+            count, mp_context=context, initializer=_join, initargs=(self._ended, started)
         )
         # Started and through their imports now, not at the first point's start: a process
-        # still starting would begin its share late, and the point's duration with it.
-        # Each call holds its process a moment, so that every one of them gets one.
-        started = [self._pool.submit(_started, WARM_HOLD_S) for _ in range(count)]
-        self.pids = {call.result(timeout=120) for call in started}  # the processes that answered
+        # still starting would begin its share late, and the point's duration with it. Each
+        # call waits at the barrier until every process holds one.
+        calls = [self._pool.submit(_started, START_S) for _ in range(count)]
+        self.pids = {call.result(timeout=START_S) for call in calls}  # those that answered
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
@@ -178,15 +179,16 @@ class ClientProcesses:
 
 
 _ENDED = None  # in a client process: the queue its requests' ends go to
+_STARTED = None  # in a client process: the barrier every process meets once started
 
 
-def _tell_ends_to(ended) -> None:
-    global _ENDED
-    _ENDED = ended
+def _join(ended, started) -> None:
+    global _ENDED, _STARTED
+    _ENDED, _STARTED = ended, started
 
 
-def _started(hold_s: float) -> int:
-    time.sleep(hold_s)
+def _started(timeout_s: float) -> int:
+    _STARTED.wait(timeout_s)
     return os.getpid()
 
 
