@@ -31,7 +31,9 @@ import threading
 import time
 from types import SimpleNamespace
 
-from kvferry.daemon.cli.bench.senders import client_processes
+from kvferry.daemon.cli.async_client import AsyncDaemonClient
+from kvferry.daemon.cli.bench.senders import client_processes, send
+from kvferry.daemon.cli.bench.workload import Prompt
 from kvferry.daemon.server.http_front import HTTPFront
 from kvferry.daemon.server.metrics import Metrics
 from kvferry.daemon.server.request import DecodeRequest, Requests
@@ -103,29 +105,20 @@ class StandIn:
 
 
 async def load(url: str, concurrency: int, requests: int, tokens: int, prompt: int) -> dict:
-    """The client's side of a point (run in a process of its own): `concurrency` requests to warm
-    up, then `requests` measured, `concurrency` at a time."""
-    from kvferry.daemon.cli.async_client import AsyncDaemonClient
-    from kvferry.daemon.server.api import CompletionRequest
-
-    records = []
+    """The client's side of a point (run in a process of its own), sent as `kvferry bench`
+    sends it (`senders.send`): `concurrency` requests to warm up, then `requests` measured,
+    `concurrency` at a time."""
+    ask = Prompt(prompt=[7] * prompt, input_len=prompt, output_len=tokens)
     async with AsyncDaemonClient(url, 120.0, concurrency) as client:
-        slots = asyncio.Semaphore(concurrency)
-
-        async def one(keep: bool) -> None:
-            async with slots:
-                request = CompletionRequest(prompt=[7] * prompt, max_tokens=tokens, stream=True)
-                answer = await client.stream(request)
-            if keep:
-                marks = answer.timeline or {}
-                inside = marks.get("first_token_out", 0.0) - marks.get("received", 0.0)
-                records.append((answer.ttft_s, inside, len(answer.token_ids)))
-
-        await asyncio.gather(*[one(False) for _ in range(concurrency)])
-        began, cpu = time.monotonic(), time.process_time()
-        await asyncio.gather(*[one(True) for _ in range(requests)])
-    wall_s, cpu_s = time.monotonic() - began, time.process_time() - cpu
-    return {"records": records, "wall_s": wall_s, "cpu_s": cpu_s}
+        await send(client, [ask] * concurrency, [0.0] * concurrency, concurrency)
+        cpu = time.process_time()
+        records, wall_s = await send(client, [ask] * requests, [0.0] * requests, concurrency)
+    cpu_s = time.process_time() - cpu
+    if not all(r.ok for r in records):
+        raise SystemExit(f"a request failed: {next(r.error for r in records if not r.ok)}")
+    # the timeline's stages are seconds after the daemon received the request
+    kept = [(r.ttft_s, r.timeline["first_token_out"], r.output_tokens) for r in records]
+    return {"records": kept, "wall_s": wall_s, "cpu_s": cpu_s}
 
 
 def thread_cpu(thread: threading.Thread) -> float:

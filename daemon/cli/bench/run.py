@@ -255,20 +255,17 @@ async def _points(spec, url, metrics_urls, entries, out: TextIO, api_key) -> lis
                 prompts = _prompts(spec, rng, entries)
                 title = f"point {index + 1}/{len(spec.points)} {point_name(spec.mode, value)}"
                 progress = Progress(out, title, spec.num_requests)
-                senders = (client, spread)
-                points.append(
-                    await _point(spec, senders, metrics_urls, value, prompts, rng, progress)
-                )
+                point = _point(spec, client, spread, metrics_urls, value, prompts, rng, progress)
+                points.append(await point)
     finally:
         if spread is not None:
             spread.close()
     return points
 
 
-async def _point(spec, senders, metrics_urls, value, prompts, rng, progress) -> Point:
+async def _point(spec, client, spread, metrics_urls, value, prompts, rng, progress) -> Point:
     """One point: its warm-up from this process, then its measured requests, from the client
-    processes where it has more than CLIENT_CONCURRENCY in flight (senders.py)."""
-    client, spread = senders
+    processes (`spread`) where it has more than CLIENT_CONCURRENCY in flight (senders.py)."""
     warmup, measured = prompts[: spec.warmup], prompts[spec.warmup :]
     if spec.mode == "concurrency":
         workers, arrivals = int(value), [0.0] * len(measured)
