@@ -16,14 +16,18 @@ daemon has it and its first token's way out to the client. Then the front thread
 token and per request, the client's CPU per token, and the ratio of the front's TTFT share at
 the highest concurrency to that at the lowest. The tokenizer is a stand-in that spells each id
 (`decode` joins them), so the CPU is the front's machinery, not a tokenizer's.
+
+`--stacks fronts,stock` runs every point on the fronts' own stack (uvloop, uvicorn's httptools
+protocol: `http_protocol.py`) and again on uvicorn's pure-Python one (asyncio's loop, h11, Nagle
+off as well), and prints stock ÷ fronts for the front's CPU per token and its share of TTFT.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -31,9 +35,13 @@ import threading
 import time
 from types import SimpleNamespace
 
+import uvloop
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
 from kvferry.daemon.cli.bench.senders import client_processes, send
 from kvferry.daemon.cli.bench.workload import Prompt
+from kvferry.daemon.server import http_front
 from kvferry.daemon.server.http_front import HTTPFront
 from kvferry.daemon.server.metrics import Metrics
 from kvferry.daemon.server.request import DecodeRequest, Requests
@@ -104,6 +112,30 @@ class StandIn:
                     request.events.put((token, "length"))
 
 
+class StockProtocol(H11Protocol):
+    """uvicorn's h11 protocol as it comes, but for Nagle, which the fronts turn off: left on,
+    it would stall the stock stack's first tokens for ACKs and measure that instead."""
+
+    def __init__(self, *args, header_timeout_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+
+    def connection_made(self, transport) -> None:
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
+
+
+def start_front(daemon: StandIn, stack: str) -> HTTPFront:
+    """The daemon's front on `stack`: `fronts` (its own) or `stock` (uvicorn's pure Python)."""
+    if stack == "fronts":
+        return HTTPFront(daemon, "127.0.0.1", 0, header_timeout_s=30.0)
+    own = (http_front.LOOP, http_front.HeaderTimeoutProtocol)
+    http_front.LOOP, http_front.HeaderTimeoutProtocol = "asyncio", StockProtocol
+    try:
+        return HTTPFront(daemon, "127.0.0.1", 0, header_timeout_s=30.0)
+    finally:
+        http_front.LOOP, http_front.HeaderTimeoutProtocol = own
+
+
 async def load(url: str, concurrency: int, requests: int, tokens: int, prompt: int) -> dict:
     """The client's side of a point (run in a process of its own), sent as `kvferry bench`
     sends it (`senders.send`): `concurrency` requests to warm up, then `requests` measured,
@@ -172,42 +204,66 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64, help="tokens per answer")
     p.add_argument("--prompt", type=int, default=768, help="prompt tokens sent")
     p.add_argument("--step-ms", type=float, default=2.0, help="time between engine steps")
+    p.add_argument("--stacks", default="fronts,stock", help="fronts (the daemons' own), stock")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # a point's client process
     args = p.parse_args()
     if args.client:
         point_args = (int(args.concurrency), args.requests, args.tokens, args.prompt)
-        print(json.dumps(asyncio.run(load(args.client, *point_args))))
+        print(json.dumps(uvloop.run(load(args.client, *point_args))))
         return
     daemon = StandIn(args.step_ms / 1e3)
-    front = HTTPFront(daemon, "127.0.0.1", 0, header_timeout_s=30.0)
+    runs = {}
     try:
-        points = [point(front, int(c), args) for c in args.concurrency.split(",")]
+        for stack in args.stacks.split(","):
+            front = start_front(daemon, stack)
+            try:
+                runs[stack] = [point(front, int(c), args) for c in args.concurrency.split(",")]
+            finally:
+                front.shutdown()
     finally:
-        front.shutdown()
         daemon.close()
+    report(runs, args)
+
+
+def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
     print(f"HTTP front, {args.tokens}-token streamed answers, a step every {args.step_ms:g} ms")
     print(
-        f"{'c':>4} {'procs':>5} {'TTFT p50 ms':>12} {'daemon':>8} {'front':>8} {'tok/s':>8} "
-        f"{'front us/token':>15} {'us/request':>11} {'client us/token':>16}"
+        f"{'stack':>6} {'c':>4} {'procs':>5} {'TTFT p50 ms':>12} {'daemon':>8} {'front':>8} "
+        f"{'tok/s':>8} {'front us/token':>15} {'us/request':>11} {'client us/token':>16}"
     )
-    for r in points:
+    for stack, points in runs.items():
+        for r in points:
+            print(
+                f"{stack:>6} {r['concurrency']:>4} {r['client_processes']:>5} "
+                f"{r['ttft_ms_p50']:>12.2f} {r['daemon_ttft_ms_p50']:>8.2f} "
+                f"{r['front_ttft_ms_p50']:>8.2f} {r['tokens_per_s']:>8.0f} "
+                f"{r['front_cpu_us_per_token']:>15.1f} {r['front_cpu_us_per_request']:>11.0f} "
+                f"{r['client_cpu_us_per_token']:>16.1f}"
+            )
+    out = {"args": vars(args)}
+    for stack, points in runs.items():
+        low, high = points[0], points[-1]
+        ratio = high["front_ttft_ms_p50"] / max(low["front_ttft_ms_p50"], 1e-9)
         print(
-            f"{r['concurrency']:>4} {r['client_processes']:>5} {r['ttft_ms_p50']:>12.2f} "
-            f"{r['daemon_ttft_ms_p50']:>8.2f} "
-            f"{r['front_ttft_ms_p50']:>8.2f} {r['tokens_per_s']:>8.0f} "
-            f"{r['front_cpu_us_per_token']:>15.1f} {r['front_cpu_us_per_request']:>11.0f} "
-            f"{r['client_cpu_us_per_token']:>16.1f}"
+            f"{stack}: front's share of TTFT, c={high['concurrency']} / c={low['concurrency']}: "
+            f"{ratio:.2f}x ({high['front_ttft_ms_p50']:.2f} vs {low['front_ttft_ms_p50']:.2f} ms)"
         )
-    low, high = points[0], points[-1]
-    ratio = high["front_ttft_ms_p50"] / max(low["front_ttft_ms_p50"], 1e-9)
-    print(
-        f"front's share of TTFT, c={high['concurrency']} / c={low['concurrency']}: {ratio:.2f}x "
-        f"({high['front_ttft_ms_p50']:.2f} vs {low['front_ttft_ms_p50']:.2f} ms)"
-    )
+        key = "" if stack == "fronts" else f"{stack}_"
+        out[f"{key}points"], out[f"{key}front_ratio"] = points, ratio
+    if "fronts" in runs and "stock" in runs:
+        own, stock = runs["fronts"][-1], runs["stock"][-1]
+        cpu = stock["front_cpu_us_per_token"] / own["front_cpu_us_per_token"]
+        ttft = stock["front_ttft_ms_p50"] / max(own["front_ttft_ms_p50"], 1e-9)
+        print(
+            f"stock / fronts at c={own['concurrency']}: front CPU per token {cpu:.2f}x "
+            f"({stock['front_cpu_us_per_token']:.1f} vs {own['front_cpu_us_per_token']:.1f} us), "
+            f"front's TTFT {ttft:.2f}x"
+        )
+        out["stock_over_fronts"] = {"cpu_per_token": cpu, "front_ttft": ttft}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "points": points, "front_ratio": ratio}, f, indent=1)
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

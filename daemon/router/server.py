@@ -24,7 +24,7 @@ from kvferry.daemon.server.api_key import RequireApiKey
 from kvferry.daemon.server.client_limit import ClientLimit
 from kvferry.daemon.server.config import RouterConfig
 from kvferry.daemon.server.contain import ContainErrors
-from kvferry.daemon.server.http_protocol import HeaderTimeoutProtocol
+from kvferry.daemon.server.http_protocol import LOOP, HeaderTimeoutProtocol
 from kvferry.daemon.server.open_files import allow_open_files
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class RouterServer:
                 log_level="warning",
                 access_log=False,  # requests are counted in the metrics
                 lifespan="on",  # the watcher and the upstream connections live in it
+                loop=LOOP,  # uvloop (http_protocol.py)
                 http=protocol,
                 timeout_keep_alive=KEEP_ALIVE_S,
                 limit_concurrency=MAX_CONNECTIONS,

@@ -29,7 +29,7 @@ from kvferry.daemon.server.api_key import RequireApiKey, read_api_key
 from kvferry.daemon.server.client_limit import ClientLimit
 from kvferry.daemon.server.completions import HTTPError, chat_completions, completions, models
 from kvferry.daemon.server.contain import ContainErrors
-from kvferry.daemon.server.http_protocol import HeaderTimeoutProtocol
+from kvferry.daemon.server.http_protocol import LOOP, HeaderTimeoutProtocol
 from kvferry.daemon.server.metrics import CONTENT_TYPE
 from kvferry.daemon.server.open_files import allow_open_files
 
@@ -64,6 +64,7 @@ class HTTPFront:
             log_level="warning",
             access_log=False,  # requests are counted in the metrics, not logged line by line
             lifespan="off",
+            loop=LOOP,  # uvloop (http_protocol.py)
             http=functools.partial(HeaderTimeoutProtocol, header_timeout_s=header_timeout_s),
             timeout_keep_alive=KEEP_ALIVE_S,
             limit_concurrency=MAX_CONNECTIONS,

@@ -1,4 +1,10 @@
-"""uvicorn's HTTP/1.1 protocol (h11) with a deadline on each request's headers.
+"""uvicorn's HTTP/1.1 protocol (httptools) with a deadline and a size limit on each request's
+headers.
+
+The parser is uvicorn's httptools one (llhttp, in C) and the fronts run on uvloop: a streamed
+token's way out (the ASGI send, the chunk's framing, the socket write) and a request's way in
+cost less host time than on the pure-Python h11 parser and asyncio's own loop, on a thread
+that serves every stream of the daemon (`python bench/http_front.py` compares the two).
 
 uvicorn closes a kept-alive connection that stays silent for `timeout_keep_alive`, but it
 stops that timer at the first byte of the next request and has no timer at all before a
@@ -7,17 +13,18 @@ headers a byte at a time, would hold its socket, its buffers and a place under t
 cap for as long as it likes. Here the client gets `header_timeout_s` to send the headers of
 each request in full, counted from the connection's start and from the end of each answer;
 otherwise the connection is closed without an answer. A request whose headers are in is not
-limited: streams and slow answers take as long as they take.
+limited: streams and slow answers take as long as they take. Headers may take MAX_HEADER_BYTES
+at most (llhttp has no limit of its own): past that the request gets a 431 and the connection
+closes.
 
 uvicorn logs a warning for every malformed request (and every request past the connection
 cap), so a client decides how many lines the log gets; here each of its warnings is written at
 most once every 10 s, with how many were left out (`QuietLog`).
 
-Every connection has Nagle's algorithm off (TCP_NODELAY). asyncio turns it off only for sockets
-it knows to be TCP, and the fronts' accepted sockets come from listening sockets of their own,
-which it does not recognise: with Nagle on, a stream's first token, written while the client had
-not yet acknowledged the headers written before it, waited for the client's delayed ACK, up to
-40 ms of TTFT on a kept-alive connection.
+Every connection has Nagle's algorithm off (TCP_NODELAY), set here whatever the loop does:
+with Nagle on, a stream's first token, written while the client had not yet acknowledged the
+headers written before it, waits for the client's delayed ACK, up to 40 ms of TTFT on a
+kept-alive connection.
 """
 
 from __future__ import annotations
@@ -27,17 +34,23 @@ import contextlib
 import logging
 import socket
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from kvferry.transport.log_limit import RateLimitedLog
 
 GONE = 499  # the status of a request whose client left before its answer: answered to nobody
+MAX_HEADER_BYTES = 64 * 1024  # a request line and headers together (h11's limit is 16 KiB)
+LOOP = "uvloop"  # the fronts' event loop (uvicorn.Config's `loop`)
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
 
 
-class HeaderTimeoutProtocol(H11Protocol):
-    """H11Protocol whose connections must deliver each request's headers within
-    `header_timeout_s` seconds of the connection's start or of the previous answer's end."""
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol whose connections must deliver each request's headers, at most
+    MAX_HEADER_BYTES of them, within `header_timeout_s` seconds of the connection's start or
+    of the previous answer's end."""
 
     def __init__(self, *args, header_timeout_s: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -45,6 +58,7 @@ class HeaderTimeoutProtocol(H11Protocol):
         assert header_timeout_s > 0, header_timeout_s
         self.header_timeout_s = header_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
+        self._header_bytes: int | None = 0  # bytes of the awaited headers so far; None: in
 
     def connection_made(self, transport) -> None:
         sock = transport.get_extra_info("socket")
@@ -58,17 +72,30 @@ class HeaderTimeoutProtocol(H11Protocol):
         self._disarm()
         super().connection_lost(exc)
 
-    def handle_events(self) -> None:
-        super().handle_events()
-        # h11 leaves IDLE once a request's headers are complete (SEND_BODY, or DONE without
-        # a body); it is back in IDLE only when the next request may begin
-        if self.conn.their_state is not h11.IDLE:
-            self._disarm()
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # the parser's callbacks run in here
+        if self._header_bytes is None or self.transport.is_closing():
+            return
+        self._header_bytes += len(data)
+        if self._header_bytes > MAX_HEADER_BYTES:  # still no end of the headers in sight
+            why = b"request headers over %d bytes" % MAX_HEADER_BYTES
+            self.logger.warning("Request headers too large.")
+            self.transport.write(_TOO_LARGE % (len(why), why))
+            self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        # counted from here on by the body's own limits; a pipelined request's headers, in the
+        # same bytes as the one before, need no timer either
+        self._header_bytes = None
+        self._disarm()
+        super().on_headers_complete()
 
     def on_response_complete(self) -> None:
-        # Armed first: the base class goes on to a pipelined request already buffered, and
-        # `handle_events` disarms the timer again once that one's headers are in.
-        self._arm()
+        # A request pipelined behind this one has its headers in already and starts now;
+        # otherwise the next request's headers are awaited from here.
+        if not self.pipeline:
+            self._header_bytes = 0
+            self._arm()
         super().on_response_complete()
 
     def _arm(self) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 import msgspec
+import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
@@ -181,7 +182,7 @@ def run_bench(
     metrics_urls = list(dict.fromkeys([url, *metrics_urls]))
     allow_open_files(spec.connections + 64)  # a socket per stream, and a few for the rest
     idle = idle_cpu(metrics_urls, spec.idle_s) if spec.idle_s > 0 else {}
-    points = asyncio.run(_points(spec, url, metrics_urls, entries, out or sys.stderr, api_key))
+    points = uvloop.run(_points(spec, url, metrics_urls, entries, out or sys.stderr, api_key))
     return Result(
         label=spec.label,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

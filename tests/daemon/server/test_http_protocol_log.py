@@ -1,6 +1,7 @@
-"""A client that sends malformed requests decides how often uvicorn warns about them: the fronts'
-protocol writes each such warning at most once per period, saying how many it left out, and
-still answers every one with a 400. On a real socket, with uvicorn serving a minimal app."""
+"""The fronts' protocol on a real socket, with uvicorn serving a minimal app. A client that sends
+malformed requests decides how often uvicorn warns about them: each such warning is written at
+most once per period, saying how many it left out, and every one is still answered with a 400.
+Headers past MAX_HEADER_BYTES get a 431 and the connection closes; a body is not counted."""
 
 import functools
 import logging
@@ -11,7 +12,7 @@ import threading
 import pytest
 import uvicorn
 
-from kvferry.daemon.server.http_protocol import HeaderTimeoutProtocol, QuietLog
+from kvferry.daemon.server.http_protocol import MAX_HEADER_BYTES, HeaderTimeoutProtocol, QuietLog
 from kvferry.transport.log_limit import RateLimitedLog
 
 MALFORMED = b"GET / HTTP/1.1\r\nno colon here\r\n\r\n"
@@ -54,6 +55,20 @@ def test_malformed_requests_are_answered_and_warned_about_once(front, caplog):
     warned = [r for r in caplog.records if "Invalid HTTP request" in r.getMessage()]
     assert len(warned) == 1  # the other 19 within the period: left out
     assert _ask(front, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
+
+
+def test_headers_past_the_limit_get_a_431_and_the_connection_closes(front):
+    endless = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 1024)
+    answer = _ask(front, endless)  # read until the server closes
+    assert answer.startswith(b"HTTP/1.1 431 ") and b"request headers over" in answer
+
+
+def test_headers_under_the_limit_and_large_bodies_are_served(front):
+    big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES - 1024)
+    assert _ask(front, big + b"\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    body = b"b" * (4 * MAX_HEADER_BYTES)  # sent with the headers, in one write
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    assert _ask(front, head + body).startswith(b"HTTP/1.1 200 ")
 
 
 def test_a_quiet_log_says_how_many_it_left_out(caplog):
