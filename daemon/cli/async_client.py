@@ -58,6 +58,11 @@ class AsyncDaemonClient:
     async def __aexit__(self, *exc) -> None:
         await self._http.aclose()
 
+    async def health(self) -> int:
+        """GET /health: the status code, whatever it is (raises httpx.HTTPError if there is
+        no answer)."""
+        return (await self._http.get("/health")).status_code
+
     async def stream(self, request: CompletionRequest) -> Completion:
         """One streamed completion, read to the end of its answer."""
         start = time.monotonic()

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+import httpx
 import uvloop
 
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
@@ -115,13 +116,18 @@ class ClientProcesses:
         self._ended = context.Queue()  # each request's ok, as it ends, from any process
         started = context.Barrier(count)
         self._pool = ProcessPoolExecutor(
-            count, mp_context=context, initializer=_join, initargs=(self._ended, started)
+            count,
+            mp_context=context,
+            initializer=_join,
+            initargs=(self._ended, started, self._client),
         )
-        # Started and through their imports now, not at the first point's start: a process
-        # still starting would begin its share late, and the point's duration with it. Each
-        # call waits at the barrier until every process holds one.
+        # Started, through their imports and a first request now, not at the first point's
+        # start: a process still starting would begin its share late, and the point's
+        # duration with it. Each call waits at the barrier until every process holds one.
         calls = [self._pool.submit(_started, START_S) for _ in range(count)]
-        self.pids = {call.result(timeout=START_S) for call in calls}  # those that answered
+        answers = [call.result(timeout=START_S) for call in calls]
+        self.pids = {pid for pid, _ in answers}  # those that answered
+        self.warmed = sum(warmed for _, warmed in answers)  # their first request answered
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
@@ -184,16 +190,31 @@ class ClientProcesses:
 
 _ENDED = None  # in a client process: the queue its requests' ends go to
 _STARTED = None  # in a client process: the barrier every process meets once started
+_CLIENT = None  # in a client process: (url, timeout, api_key) of the daemon
 
 
-def _join(ended, started) -> None:
-    global _ENDED, _STARTED
-    _ENDED, _STARTED = ended, started
+def _join(ended, started, client) -> None:
+    global _ENDED, _STARTED, _CLIENT
+    _ENDED, _STARTED, _CLIENT = ended, started, client
 
 
-def _started(timeout_s: float) -> int:
+def _started(timeout_s: float) -> tuple[int, bool]:
+    """(pid, whether the first request was answered), once every process got this far."""
+    warmed = uvloop.run(_warm_up(*_CLIENT))
     _STARTED.wait(timeout_s)
-    return os.getpid()
+    return os.getpid(), warmed
+
+
+async def _warm_up(url: str, timeout: float, api_key: str | None) -> bool:
+    """A first request (GET /health): what a process pays once for its first request (the
+    TLS context, the HTTP stack's imports on first use: tens of ms) is paid here, not by the
+    first requests of the first point, whose TTFT it would be. Whether it was answered."""
+    try:
+        async with AsyncDaemonClient(url, timeout, 1, api_key) as client:
+            await client.health()
+    except httpx.HTTPError:  # the point will tell; this was only the warm-up
+        return False
+    return True
 
 
 def _send_share(url, timeout, api_key, prompts, arrivals, workers, start):

@@ -7,6 +7,7 @@ import asyncio
 import os
 import random
 import signal
+import socket
 from collections import Counter
 
 import pytest
@@ -85,6 +86,7 @@ def test_client_processes_send_every_prompt_once_and_merge_in_prompt_order(load_
     arrivals = [0.01 * i for i in range(count)]
     processes = ClientProcesses(3, decoder.url, 300.0, None)
     assert len(processes.pids) == 3  # all started, and through their imports, before the point
+    assert processes.warmed == 3  # and through a first request
     try:
         ends = []  # what the progress line is told, as requests end
         records, duration = asyncio.run(processes.send(prompts, arrivals, 12, ends.append))
@@ -108,6 +110,17 @@ def test_a_run_spreads_over_client_processes_only_past_one_process_worth():
     assert client_processes(32, cpus=16) == 4
     assert client_processes(256, cpus=16) == 4  # a quarter of the cores at most
     assert client_processes(32, cpus=2) == 1
+
+
+def test_client_processes_start_though_nothing_answers_their_first_request():
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    processes = ClientProcesses(2, f"http://127.0.0.1:{port}", 5.0, None)
+    try:
+        assert len(processes.pids) == 2 and processes.warmed == 0
+    finally:
+        processes.close()
 
 
 def test_a_client_process_that_dies_ends_the_point_with_a_bench_error(load_pair):
