@@ -157,7 +157,10 @@ def front_rows(front: dict | None) -> list[Row]:
         Row(f"HTTP front CPU per streamed token, c={high['concurrency']}",
             high["front_cpu_us_per_token"], None, " us", higher_is_better=False,
             detail=f"client {high['client_cpu_us_per_token']:.3g} us"),
-    ]  # fmt: skip
+    ] + ([Row(f"HTTP front CPU per token, stock uvicorn / the fronts', c={high['concurrency']}",
+              front["stock_over_fronts"]["cpu_per_token"], None, "x",
+              detail=f"front's TTFT {front['stock_over_fronts']['front_ttft']:.2f}x")]
+         if "stock_over_fronts" in front else [])  # fmt: skip
 
 
 def handoff_rows(handoff: dict | None) -> list[Row]:
