@@ -182,13 +182,14 @@ class CopyStream:
         return event
 
     def chained_done(
-        self, event: driver.Event | _HostCopy, launched: bool, last: bool
+        self, event: driver.Event | _HostCopy, launched: bool, last: bool, wake: bool = True
     ) -> Fence | None:
         """The receive of a chained scatter (its event) completed; `launched`: whether its
         scatter was queued (a host copy: has run). Its fence, None if it never ran. `last`:
         the room's last message: native code queues scatters in the order receives complete,
         which need not be the order their owner sees them, so the fence returned is then
-        recorded now, after every copy queued so far, and `wake_fd` fires when it is done."""
+        recorded now, after every copy queued so far, and `wake_fd` fires when it is done
+        unless `wake` is False."""
         if event is HOST_COPY:  # done inside the receive's completion, if at all
             return DONE if launched else None
         if not launched:
@@ -199,7 +200,7 @@ class CopyStream:
         if not last:
             return fence
         driver.use_device(self._index)
-        return self._fence(wake=True)
+        return self._fence(wake=wake)
 
     def after(self, fence: Fence) -> Fence:
         """A fence that fires once `fence` (work of another stream, e.g. a forward's) has, and
@@ -224,6 +225,11 @@ class CopyStream:
         if self._signal is None:
             return
         self._signal.clear()
+        self.take_fired()
+
+    def take_fired(self) -> None:
+        """Mark the fences whose copies finished fired, their events back to the pool: for
+        copies that no wake follows (the owner looked at their fences in a turn of its own)."""
         while self._pending and self._pending[0].done():
             self._spare.append(self._pending.popleft().fired())
 

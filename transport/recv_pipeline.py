@@ -67,13 +67,10 @@ class RecvPipeline:
 
     @property
     def busy(self) -> bool:
-        return bool(
-            self._receiving
-            or self._scattering
-            or self._discards
-            or self._dones
-            or self._ring_blocked_since
-        )
+        """Operations in flight that the loop must look at soon. Scatters queued are not:
+        each finishes on the device by itself, and its region goes back in whichever turn
+        comes next (one that waits for it asks for a wake)."""
+        return bool(self._receiving or self._discards or self._dones or self._ring_blocked_since)
 
     def step(self, now: float) -> None:
         """Advance every message that can move."""
@@ -244,11 +241,12 @@ class RecvPipeline:
                 continue
             last(room.marks, "received_data")
             room.received_units += arrival.piece.units
-            # Only the room's last scatter wakes the loop when it finishes: the stream runs them
-            # in order, so that wake covers the others (and a ring wait asks for its own). The
-            # room can succeed before that: its engine orders its own stream after `kv_fence`.
+            # No scatter wakes the loop when it finishes: the room can succeed before that (its
+            # engine orders its own stream after `kv_fence`), and a finished scatter's region
+            # goes back in the next turn, whatever wakes it (a ring wait asks for its own wake;
+            # so does a failed room's abandoned scatter, which holds the room back).
             last_one = room.received_units >= room.units(self.mode, self.planes.num_planes)
-            arrival.fence = self.mode.received(arrival, wake=last_one)
+            arrival.fence = self.mode.received(arrival, last=last_one)
             room.landed_units += arrival.piece.units
             if arrival.fence is None:  # in place already
                 self._release(arrival)
@@ -260,10 +258,13 @@ class RecvPipeline:
                     self._touch(room.room)
 
     def _finish_scatters(self) -> None:
+        if not (self._scattering and self._scattering[0].fence.done()):
+            return
         while self._scattering and self._scattering[0].fence.done():
             arrival = self._scattering.popleft()
             self.core.stats.copy_s += time.monotonic() - arrival.started
             self._release(arrival)
+        self.core.copies.take_fired()  # their events back to the pool, woken or not
 
     def _release(self, arrival: Arrival) -> None:
         if arrival.offset is not None:

@@ -58,7 +58,7 @@ class SliceMode:
         arrival.region = row.narrow(0, piece.slice.dst_head_start, piece.slice.num_heads)
         return True
 
-    def received(self, arrival: Arrival, wake: bool):
+    def received(self, arrival: Arrival, last: bool):
         return None  # the row is in place already
 
     def abandon(self, arrival: Arrival):

@@ -120,17 +120,20 @@ class StagedMode:
             s.num_heads,
         )
 
-    def received(self, arrival: Arrival, wake: bool):
+    def received(self, arrival: Arrival, last: bool):
         """A message is in: the fence after which its KV is in the cache (None: already).
-        `wake`: whether its completion must wake the loop (else a later one's covers it);
-        the room's last message is the one that wakes."""
+        `last`: the room's last message, whose fence follows every copy queued so far (the
+        room's `kv_fence`). No fence wakes the loop: the engine orders its own stream after
+        `kv_fence`, and the receive pipeline takes finished scatters (and their ring
+        regions) back in its next turn, whatever woke it."""
         if arrival.chained is not None:
             chained, arrival.chained = arrival.chained, None
-            return self.copies.chained_done(chained, arrival.request.launched, last=wake)
+            launched = arrival.request.launched
+            return self.copies.chained_done(chained, launched, last=last, wake=False)
         piece = arrival.piece
         s = piece.slice
         return self.copies.scatter(
-            arrival.region, piece.planes, piece.slots, s.dst_head_start, s.num_heads, wake=wake
+            arrival.region, piece.planes, piece.slots, s.dst_head_start, s.num_heads, wake=False
         )
 
     def abandon(self, arrival: Arrival):

@@ -34,7 +34,7 @@ class AgentStats:
     internal_errors: int
     failures: dict[str, int]  # failed rooms by reason category
     rooms_succeeded: int
-    copy_s: float  # summed gather/scatter time
+    copy_s: float  # summed gather/scatter time, queued until the loop saw it done
     wire_s: float  # summed send/receive time
     peers: list[str]  # peers this rank has rooms with
     transfer_cpu_s: float  # CPU time of the loop thread

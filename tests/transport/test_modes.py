@@ -42,7 +42,7 @@ def test_a_slice_lands_in_its_cache_row():
     assert SliceMode().land(arrival, nbytes=2 * 2 * 4)
     arrival.region.fill_(-1)
     assert bool((cache[1, 1, 1:3] == -1).all()) and int((cache == -1).sum()) == 4
-    assert SliceMode().received(arrival, wake=True) is None  # nothing left to do once it is in
+    assert SliceMode().received(arrival, last=True) is None  # nothing left to do once it is in
 
 
 def test_only_the_staged_mode_needs_ring_room():
