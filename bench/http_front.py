@@ -112,6 +112,9 @@ class StandIn:
                     request.events.put((token, "length"))
 
 
+STACKS = ("fronts", "stock")  # the daemons' own HTTP stack, uvicorn's pure-Python one
+
+
 class StockProtocol(H11Protocol):
     """uvicorn's h11 protocol as it comes, but for Nagle, which the fronts turn off: left on,
     it would stall the stock stack's first tokens for ACKs and measure that instead."""
@@ -212,10 +215,13 @@ def main() -> None:
         point_args = (int(args.concurrency), args.requests, args.tokens, args.prompt)
         print(json.dumps(uvloop.run(load(args.client, *point_args))))
         return
+    stacks = args.stacks.split(",")
+    if not stacks or set(stacks) - set(STACKS):
+        p.error(f"--stacks {args.stacks!r}: a comma-separated list of {', '.join(STACKS)}")
     daemon = StandIn(args.step_ms / 1e3)
     runs = {}
     try:
-        for stack in args.stacks.split(","):
+        for stack in stacks:
             front = start_front(daemon, stack)
             try:
                 runs[stack] = [point(front, int(c), args) for c in args.concurrency.split(",")]
