@@ -256,8 +256,6 @@ class DecodeAgent(TransferAgent):
             if room.busy == 0:  # nothing will write into its pages any more: tell the engine
                 room.status.fail(room.failing)
                 self._close(room)
-            else:  # a wake once its scatters queued so far have run (none wakes by itself)
-                self.core.copies.wake_when_done()
             return
         age = now - room.created
         if not room.all_accepted and age > self._accept_timeout_s:

@@ -67,10 +67,16 @@ class RecvPipeline:
 
     @property
     def busy(self) -> bool:
-        """Operations in flight that the loop must look at soon. Scatters queued are not:
-        each finishes on the device by itself, and its region goes back in whichever turn
-        comes next (one that waits for it asks for a wake)."""
-        return bool(self._receiving or self._discards or self._dones or self._ring_blocked_since)
+        """Operations in flight that the loop must look at soon. Scatters queued are only
+        while a failed room waits for them: each finishes on the device by itself, and its
+        region goes back in whichever turn comes next (a ring wait asks for its own wake)."""
+        return bool(
+            self._receiving
+            or self._discards
+            or self._dones
+            or self._ring_blocked_since
+            or any(arrival.room.failing for arrival in self._scattering)
+        )
 
     def step(self, now: float) -> None:
         """Advance every message that can move."""
@@ -244,7 +250,7 @@ class RecvPipeline:
             # No scatter wakes the loop when it finishes: the room can succeed before that (its
             # engine orders its own stream after `kv_fence`), and a finished scatter's region
             # goes back in the next turn, whatever wakes it (a ring wait asks for its own wake;
-            # so does a failed room's abandoned scatter, which holds the room back).
+            # a failed room waiting for its scatters keeps the loop's timer short).
             last_one = room.received_units >= room.units(self.mode, self.planes.num_planes)
             arrival.fence = self.mode.received(arrival, last=last_one)
             room.landed_units += arrival.piece.units
@@ -258,8 +264,6 @@ class RecvPipeline:
                     self._touch(room.room)
 
     def _finish_scatters(self) -> None:
-        if not (self._scattering and self._scattering[0].fence.done()):
-            return
         while self._scattering and self._scattering[0].fence.done():
             arrival = self._scattering.popleft()
             self.core.stats.copy_s += time.monotonic() - arrival.started
