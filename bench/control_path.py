@@ -28,6 +28,7 @@ from transfer_args import (  # bench/ is on sys.path (a script)
     add_message_size_argument,
     data_paths,
     max_message_bytes,
+    use_data_path,
 )
 from transfer_sides import Role
 
@@ -123,14 +124,15 @@ def main() -> None:
     args = parse_args()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     runs = {}
-    for native in data_paths(args):
-        args.native = native
-        runs["native" if native else "ucxx"] = run(args)
+    for path in data_paths(args):
+        use_data_path(args, path)
+        runs[path] = run(args)
     first = next(iter(runs))
-    args.native = first == "native"
+    use_data_path(args, first)
     result = {"device": device, "args": vars(args), **runs[first], "path": first}
-    if len(runs) == 2:
-        result["ucxx_path"] = runs["ucxx"]
+    for other in ("ucxx", "probe"):
+        if other in runs:
+            result[f"{other}_path"] = runs[other]
     print(
         f"{args.requests} requests of {args.tokens} tokens, TP{args.src_tp} -> TP{args.dst_tp}, "
         f"{args.layers} layers, on {device}"

@@ -28,6 +28,7 @@ from transfer_args import (
     add_message_size_argument,
     data_paths,
     max_message_bytes,
+    use_data_path,
 )
 from transfer_sides import Remote, Role
 
@@ -170,6 +171,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             result = {"device": device, "args": vars(args), "rows": [raw, staged, sliced]}
+            if "probe" in runs:
+                result["probe_path"] = runs["probe"]
             if "ucxx" in runs and "native" in runs:
                 result["ucxx_path"] = runs["ucxx"]
             if "together" in runs:
@@ -181,12 +184,11 @@ def measure(args) -> tuple[dict[str, dict], dict, dict]:
     """The staged runs by data path (and "together"), the raw run and the slice run (a row of
     NaN where --slice-tokens is 0)."""
     runs = {}
-    for native in data_paths(args):
-        args.native = native
-        path = "native" if native else "ucxx"
+    for path in data_paths(args):
+        use_data_path(args, path)
         runs[path] = run_mode(args, "staged", args.tokens) | {"path": path}
     staged = next(iter(runs.values()))
-    args.native = staged["path"] == "native"
+    use_data_path(args, staged["path"])
     if args.together_mib:  # the comparison: chunks ready together travel as one message
         limit, args.max_message_bytes = args.max_message_bytes, args.together_mib << 20
         runs["together"] = run_mode(args, "staged", args.tokens) | {"path": "together"}
@@ -248,13 +250,15 @@ def print_details(args, runs: dict[str, dict]) -> None:
             f"({together['messages_per_request']} vs {staged['messages_per_request']} messages "
             "per request)"
         )
-    if "native" in runs and "ucxx" in runs:
-        native, ucxx = runs["native"], runs["ucxx"]
-        cpu_ratio = native["cpu_us_per_message"]["decode"] / ucxx["cpu_us_per_message"]["decode"]
-        print(
-            f"native / ucxx data path: {native['gbps'] / ucxx['gbps']:.2f}x the GB/s, "
-            f"{cpu_ratio:.2f}x the decode CPU per message"
-        )
+    for other in ("ucxx", "probe"):
+        if "native" in runs and other in runs:
+            native, them = runs["native"], runs[other]
+            cpu = [native["cpu_us_per_message"][s] / them["cpu_us_per_message"][s]
+                   for s in ("prefill", "decode")]  # fmt: skip
+            print(
+                f"native / {other} data path: {native['gbps'] / them['gbps']:.2f}x the GB/s, "
+                f"{cpu[0]:.2f}x / {cpu[1]:.2f}x the prefill / decode CPU per message"
+            )
 
 
 if __name__ == "__main__":

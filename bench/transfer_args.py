@@ -17,17 +17,34 @@ def add_layout_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# data path -> (TransferConfig.native_ucx, .post_receives_ahead)
+PATHS = {"native": (True, True), "probe": (True, False), "ucxx": (False, False)}
+_RUNS = {"both": ("native", "ucxx"), "ahead": ("native", "probe")}
+
+
 def add_data_path_argument(parser: argparse.ArgumentParser) -> None:
     """`--data-path`: how the ranks send and receive data messages (`data_paths` lists the
     runs)."""
     parser.add_argument(
         "--data-path",
-        choices=("native", "ucxx", "both"),
+        choices=(*PATHS, *_RUNS),
         default="both",
-        help="native: transport/native.py, each scatter launched by its receive's completion "
-        "(a daemon's default); ucxx: ucxx's Python API, the scatter launched by the receive "
-        "pipeline; both: one run each, side by side",
+        help="native: transport/native.py, each scatter launched by its receive's completion, "
+        "a room's receives posted as it registers (a daemon's default); probe: the same with "
+        "each receive posted once its message has come; ucxx: ucxx's Python API, the scatter "
+        "launched by the receive pipeline; both: native and ucxx side by side; ahead: native "
+        "and probe side by side",
     )
+
+
+def data_paths(args: argparse.Namespace) -> list[str]:
+    """The runs `--data-path` asks for, by name (keys of PATHS), native first."""
+    return list(_RUNS.get(args.data_path, (args.data_path,)))
+
+
+def use_data_path(args: argparse.Namespace, path: str) -> None:
+    """Set args.native and args.ahead (what `transfer_sides.Role` configures) for `path`."""
+    args.native, args.ahead = PATHS[path]
 
 
 def add_message_size_argument(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +62,3 @@ def add_message_size_argument(parser: argparse.ArgumentParser) -> None:
 def max_message_bytes(args: argparse.Namespace) -> None:
     """Set args.max_message_bytes from --max-message-mib."""
     args.max_message_bytes = (args.max_message_mib or 0) << 20
-
-
-def data_paths(args: argparse.Namespace) -> list[bool]:
-    """The runs `--data-path` asks for, as TransferConfig.native_ucx values, native first."""
-    return {"native": [True], "ucxx": [False], "both": [True, False]}[args.data_path]

@@ -53,6 +53,10 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # send and receive data messages through native code (transport/ucx_native.c, built at
     # first use): a receive's completion launches its scatter; false: ucxx's Python API
     native_ucx: bool = True
+    # decode, native path: post a room's receives as it registers, before its messages come,
+    # while the ring is at most half full (transport/recv_pipeline.py); false: each receive is
+    # posted once its message has come (a probe, a turn)
+    post_receives_ahead: bool = True
 
     @property
     def ring_bytes(self) -> int:

@@ -57,6 +57,7 @@ class TransferStats:
     bad_frames: int = 0
     internal_errors: int = 0  # messages or rooms whose handling raised (the room failed)
     unexpected_messages: int = 0  # data messages for unknown or finished rooms (discarded)
+    receives_ahead: int = 0  # decode: receives posted before their messages came (no probe)
     rooms_succeeded: int = 0
     copy_s: float = 0.0  # summed time from queuing a gather/scatter to its completion
     wire_s: float = 0.0  # summed time from posting a send/receive to its completion

@@ -188,6 +188,34 @@ class DataPlane:
         self.posted = True
         return self._recv(tag, buffer, then)
 
+    @property
+    def posts_ahead(self) -> bool:
+        """Whether `expect` can post a receive before its message arrives."""
+        return False
+
+    def expect(
+        self, tag: int, buffer: torch.Tensor | Region, then: Callable[[object], None] | None = None
+    ) -> DataOp | None:
+        """Post the receive of the message with `tag` into `buffer` before it arrives (`then`
+        as for `recv`): the message is taken in as it comes, never seen by `probe`. A longer
+        one fails the receive having written nothing past `buffer`; a shorter one completes
+        with its bytes in but its copy not launched (the receive's `error` says so). None where
+        nothing was posted (`posts_ahead` is False, or the backend has no record free): the
+        message will come by `probe`."""
+        if not self.posts_ahead:
+            return None
+        _check(buffer, tag)
+        op = self._expect(tag, buffer, then)
+        if op is not None:
+            self.messages_received += 1
+            self.bytes_received += buffer.numel() * buffer.element_size()
+            self.posted = True
+        return op
+
+    def cancel(self, op: DataOp) -> None:
+        """Cancel a receive posted by `expect`: it completes, cancelled, in a later progress,
+        unless its message had begun to arrive (then it completes as it would have)."""
+
     def recv_note(self, tag: int, buffer: torch.Tensor) -> DataOp:
         """Take the message with `tag` (seen by probe), one `send_note` sent, into `buffer`."""
         _check(buffer, tag)
@@ -224,6 +252,10 @@ class DataPlane:
 
     def _discard(self, tag: int) -> DataOp:
         raise NotImplementedError
+
+    def _expect(self, tag: int, buffer: torch.Tensor, then) -> DataOp | None:
+        """What expect() does where `posts_ahead`."""
+        return None
 
 
 def _check(buffer: torch.Tensor, tag: int) -> None:

@@ -84,11 +84,12 @@ class NativeOp(DataOp):
     """A send or receive posted by NativeOps; done once a progress has reaped it."""
 
     __slots__ = (
-        "_buffer", "_ops", "finished", "kind", "launch_status", "launched", "short", "status"
+        "_buffer", "_ops", "finished", "kind", "launch_status", "launched", "op_id", "short",
+        "status",
     )  # fmt: skip
 
-    def __init__(self, ops: NativeOps, kind: str, buffer) -> None:
-        self._ops, self.kind = ops, kind
+    def __init__(self, ops: NativeOps, kind: str, buffer, op_id: int) -> None:
+        self._ops, self.kind, self.op_id = ops, kind, op_id
         self._buffer = buffer  # the memory stays alive while UCX may touch it
         self.finished = False
         self.status = UCS_OK
@@ -181,6 +182,19 @@ class NativeOps:
             return None
         return self._started(op_id, status, "receive", buffer)
 
+    def expect(self, op_id: int, tag: int, buffer, nbytes: int) -> NativeOp:
+        """Post, ahead of its message, the receive of the message tagged `tag` into `buffer`
+        (at most nbytes at its data_ptr()) with record `op_id`: UCX takes the message in as it
+        arrives. Raises on a UCX error."""
+        status = self._lib.kvf_expect(self._plane, op_id, tag, buffer.data_ptr(), nbytes)
+        return self._started(op_id, status, "receive", buffer)
+
+    def cancel(self, op: NativeOp) -> None:
+        """Cancel `op` if it is still in flight (a receive posted ahead whose message has not
+        begun to arrive then completes, cancelled, in a later progress)."""
+        if not op.finished:
+            self._lib.kvf_cancel(self._plane, op.op_id)
+
     def send(self, op_id: int, endpoint: int, tag: int, buffer, nbytes: int) -> NativeOp:
         """Send `buffer` (nbytes at its data_ptr()) tagged `tag` over `endpoint` (a ucp_ep_h)
         with record `op_id`. Raises on a UCX error."""
@@ -191,7 +205,7 @@ class NativeOps:
         if status != _POSTED_OK:
             raise RuntimeError(f"posting a UCX {kind} failed: {self.status_name(status)}")
         self._free.pop()
-        op = self._posted[op_id] = NativeOp(self, kind, buffer)
+        op = self._posted[op_id] = NativeOp(self, kind, buffer, op_id)
         return op
 
     def reap(self) -> int:
@@ -251,6 +265,8 @@ def _load() -> ctypes.PyDLL:
         "kvf_init": ((p,), None),
         "kvf_peek": ((p, p), ctypes.c_int),
         "kvf_post": ((p, u32, u64, p, u64), ctypes.c_int),
+        "kvf_expect": ((p, u32, u64, p, u64), ctypes.c_int),
+        "kvf_cancel": ((p, u32), None),
         "kvf_send": ((p, u32, p, u64, p, u64), ctypes.c_int),
         "kvf_reap": ((p, p, u32), u32),
         "kvf_cancel_all": ((p,), None),

@@ -160,6 +160,7 @@ class DecodeAgent(TransferAgent):
         room.max_message_bytes = self.core.mode.max_message_bytes(self.config)
         try:
             self.arrivals.prepare(room)
+            self.arrivals.post_ahead(room, time.monotonic())  # before any message can come
         except Exception as exc:  # one room's failure is its own, never the thread's
             self._fail(room, self.core.contain(exc, f"room {room.room:#x}"))
             return
@@ -280,6 +281,7 @@ class DecodeAgent(TransferAgent):
         if not room.open:
             return
         room.failing = failure
+        self.arrivals.cancel_ahead(room)
         self.core.stats.failed(failure)
         log.info("room %#x failed: %s", room.room, failure)
         if notify:

@@ -7,6 +7,14 @@ Where the data plane chains copies (the native path on a GPU), a message's scatt
 into its receive before the receive is posted (`StagedMode.chain`), and the receive's completion
 launches it: the pipeline then only accounts for what has landed.
 
+Where the data plane can post a receive before its message comes (the native path), a room's
+messages get theirs as the room registers, while the ring stays at most half full
+(`post_ahead`): UCX then takes each message in as it arrives, and its completion launches the
+scatter, with no turn of this thread in between. The rest come by probe. The ring is
+reclaimed oldest first, so a region held for a message still to come holds back the reuse of
+every later one: under load, when the ring is busy, the receives are posted once the messages
+come, as before.
+
 Every stage is polled, oldest first; nothing waits on the host. A message that finds the ring
 full stays queued in the data plane (later ones wait behind it) for at most ring_wait_timeout_s,
 then fails its room. A message no open room wants is discarded, which releases its sender.
@@ -29,10 +37,12 @@ from kvferry.transport.failure import Failure, FailureKind, ring_full
 from kvferry.transport.messages import TransferDone, WireError
 from kvferry.transport.recv_room import Arrival, Piece, RecvRoom
 from kvferry.transport.room import KVPoll
-from kvferry.transport.tags import DONE_PIECE, MAX_DONE_BYTES, unpack_tag
+from kvferry.transport.tags import DONE_PIECE, MAX_DONE_BYTES, pack_tag, unpack_tag
 from kvferry.transport.timeline import first, last
 
 PROBES_PER_TURN = 256  # bounds one turn of the loop when many messages are waiting
+# receives are posted ahead of their messages only while the ring is at most 1/AHEAD_SHARE full
+AHEAD_SHARE = 2
 
 
 class RecvPipeline:
@@ -65,16 +75,72 @@ class RecvPipeline:
         if self._chains:
             self.mode.prepare(room, self.planes)
 
+    def post_ahead(self, room: RecvRoom, now: float) -> None:
+        """As `room` registers: post the receives of its messages, in the order they come,
+        while the ring stays at most 1/AHEAD_SHARE full (see the module's docstring). Only
+        for messages of one chunk (a decode rank that takes several chunks in one message
+        cannot know their sizes before), where the data plane chains the scatters."""
+        ahead = self._chains and self.config.post_receives_ahead and self.core.data.posts_ahead
+        if not ahead or room.max_message_bytes:
+            return
+        ring = self.core.staging.ring
+        limit = ring.capacity // AHEAD_SHARE
+        for piece in range(room.num_chunks * len(room.groups)):
+            for writer in sorted(room.writers):
+                nbytes = room.message_bytes(piece, writer, self.planes)
+                if ring.used_bytes + nbytes > limit or not self._expect(room, piece, writer, now):
+                    return
+
+    def _expect(self, room: RecvRoom, piece: int, writer: int, now: float) -> bool:
+        """Post the receive of message (piece, writer) of `room`; False if none was."""
+        nbytes = room.message_bytes(piece, writer, self.planes)
+        error, piece_of = room.expect(piece, writer, nbytes, self.planes, self.mode)
+        if error:  # cannot be: the size is the one it checks against
+            raise AssertionError(str(error))
+        arrival = Arrival(room, piece_of)
+        if not self.mode.land(arrival, nbytes):
+            room.untake(piece_of)
+            return False
+        tag, chain = pack_tag(room.key, piece, writer), functools.partial(self.mode.chain, arrival)
+        try:
+            request = self.core.data.expect(tag, arrival.region, chain)
+        except BaseException:
+            self._unpost(arrival)
+            raise
+        if request is None:  # no record free: the message will come by probe
+            self._unpost(arrival)
+            return False
+        arrival.request, arrival.started, arrival.ahead = request, now, True
+        room.busy += 1
+        self._receiving.append(arrival)
+        self.core.stats.receives_ahead += 1
+        return True
+
+    def _unpost(self, arrival: Arrival) -> None:
+        """Undo what went before a receive that was not posted after all."""
+        self.mode.abandon(arrival)  # nothing was posted: nothing was launched
+        self.core.staging.free(arrival.offset)
+        arrival.room.untake(arrival.piece)
+
+    def cancel_ahead(self, room: RecvRoom) -> None:
+        """`room` failed: cancel the receives posted ahead for it; each completes, cancelled
+        (or with its message, had that begun to arrive), and its region goes back then."""
+        for arrival in self._receiving:
+            if arrival.ahead and arrival.room is room:
+                self.core.data.cancel(arrival.request)
+
     @property
     def busy(self) -> bool:
-        """Operations in flight that the loop must look at soon. Scatters queued are only
-        while a failed room waits for them: each finishes on the device by itself, and its
-        region goes back in whichever turn comes next (a ring wait asks for its own wake)."""
+        """Operations in flight that the loop must look at soon. Receives posted ahead of
+        their messages are not, while their rooms are open: UCX's descriptor tells when one
+        completes, however long its message takes to come. Scatters queued are only while a
+        failed room waits for them: each finishes on the device by itself, and its region goes
+        back in whichever turn comes next (a ring wait asks for its own wake)."""
         return bool(
-            self._receiving
-            or self._discards
+            self._discards
             or self._dones
             or self._ring_blocked_since
+            or any(not arrival.ahead or not arrival.room.open for arrival in self._receiving)
             or any(arrival.room.failing for arrival in self._scattering)
         )
 
@@ -234,7 +300,8 @@ class RecvPipeline:
                 continue
             error, room = arrival.request.error(), arrival.room
             finished = time.monotonic()
-            self.core.stats.wire_s += finished - arrival.started
+            if not arrival.ahead:  # one posted ahead waited for its message to be sent too
+                self.core.stats.wire_s += finished - arrival.started
             arrival.started = finished
             if error or not room.open:
                 if error:
@@ -245,6 +312,10 @@ class RecvPipeline:
                 else:  # launched all the same: the region is free once it has run
                     self._scattering.append(arrival)
                 continue
+            if arrival.ahead:  # what its post would have marked, had the message come first
+                first(room.marks, "first_data")
+                room.status.advance(KVPoll.Transferring)
+                self.core.peers.heard(room.rank_peers[arrival.piece.slice.src_rank])
             last(room.marks, "received_data")
             room.received_units += arrival.piece.units
             # No scatter wakes the loop when it finishes: the room can succeed before that (its

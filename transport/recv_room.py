@@ -41,7 +41,9 @@ class Piece(NamedTuple):
 class Arrival:
     """A data message being taken in: its receive, then what its mode does once it is in."""
 
-    __slots__ = ("chained", "fence", "offset", "piece", "region", "request", "room", "started")
+    __slots__ = (
+        "ahead", "chained", "fence", "offset", "piece", "region", "request", "room", "started"
+    )  # fmt: skip
 
     def __init__(self, room: RecvRoom, piece: Piece) -> None:
         self.room, self.piece = room, piece
@@ -51,6 +53,7 @@ class Arrival:
         self.fence = None
         self.chained = None  # a scatter its receive's completion launches (staged_mode.chain)
         self.started = 0.0  # when its receive (then its scatter) was posted
+        self.ahead = False  # its receive was posted before the message came (no probe)
 
 
 class RecvRoom:
@@ -109,6 +112,12 @@ class RecvRoom:
     def chunk_slots(self, chunk: int) -> np.ndarray:
         start = chunk * self.chunk_tokens
         return self.slots[start : min(start + self.chunk_tokens, self.num_tokens)]
+
+    def message_bytes(self, piece: int, writer: int, planes: KVPlanes) -> int:
+        """The size of the staged message (piece, writer) of a chunk of its own."""
+        chunk, group = divmod(piece, len(self.groups))
+        planes = planes.layers(self.groups[group], self.groups[-1].stop)
+        return planes.staging_bytes(len(self.chunk_slots(chunk)), self.writers[writer].num_heads)
 
     def expect(
         self,

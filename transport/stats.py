@@ -49,6 +49,7 @@ class AgentStats:
     ucx_cpu_s: float = 0.0
     limit_refusals: dict[str, int] = field(default_factory=dict)  # frames refused, by limit
     native_data_path: bool = False  # data messages go through transport/native.py
+    receives_ahead: int = 0  # decode: receives posted before their messages came
 
 
 def agent_stats(core: AgentCore, rooms: Iterable, ring: RingAllocator | None) -> AgentStats:
@@ -85,4 +86,5 @@ def agent_stats(core: AgentCore, rooms: Iterable, ring: RingAllocator | None) ->
         ucx_cpu_s=stats.ucx_cpu_s,
         limit_refusals=dict(stats.limit_refusals),
         native_data_path=getattr(data, "native", False),
+        receives_ahead=stats.receives_ahead,
     )

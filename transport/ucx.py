@@ -41,7 +41,7 @@ from kvferry.transport.dataplane import (
     data_failure,
 )
 from kvferry.transport.failure import Failure
-from kvferry.transport.native import NativeOps, NativeUnavailable
+from kvferry.transport.native import NativeOp, NativeOps, NativeUnavailable
 from kvferry.transport.netdev import ucx_net_devices
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 
@@ -338,6 +338,24 @@ class UcxDataPlane(DataPlane):
         nbytes = buffer.numel() * buffer.element_size()
         op = self._native.post(op_id, tag, buffer, nbytes)
         return DoneOp(f"no message with tag {tag:#x}") if op is None else op
+
+    @property
+    def posts_ahead(self) -> bool:
+        return self._native is not None
+
+    def _expect(self, tag, buffer, then) -> DataOp | None:
+        record = self._native.record()
+        if record is None:  # every native record is in flight: the message comes by probe
+            return None
+        op_id, launch = record
+        if then is not None:
+            then(launch)
+        return self._native.expect(op_id, tag, buffer, buffer.numel() * buffer.element_size())
+
+    def cancel(self, op) -> None:
+        if self._native is not None and isinstance(op, NativeOp):
+            self._native.cancel(op)
+            self.posted = True  # its completion comes in the next progress
 
     def _discard(self, tag) -> DataOp:
         from ucxx._lib.arr import Array

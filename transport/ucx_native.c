@@ -4,7 +4,9 @@
  * then on this file has it. kvf_post takes the probed message into the region with a UCX
  * receive whose completion callback (run by UCX inside ucp_worker_progress, on the transfer
  * thread) launches the scatter that moves the bytes into the paged KV cache and records the
- * event that fences it: no Python runs between the bytes landing and the copy starting.
+ * event that fences it: no Python runs between the bytes landing and the copy starting. A
+ * message whose size is known before it comes can have its receive posted ahead (kvf_expect):
+ * then no Python runs between the message's arrival and its bytes moving either.
  * A cache in host memory is scattered into the same way, by staging/host_copy.c's copy called
  * from the callback. Prefill: kvf_send posts a gathered region's send. Python takes every
  * completed operation of a turn in one call (kvf_reap).
@@ -176,6 +178,26 @@ int kvf_post(kvf_plane *r, uint32_t id, uint64_t tag, void *buffer, uint64_t len
     kvf_op *op = start(r, id, &param);
     param.cb.recv = on_received;
     return posted(op, ucp_tag_msg_recv_nbx(r->worker, buffer, length, message, &param));
+}
+
+/* Post, ahead of its message, the receive of the message tagged `tag` into `buffer` (at most
+ * `length` bytes; a longer message completes UCS_ERR_MESSAGE_TRUNCATED, having written none
+ * past it) with op `id`, launching its copy (if the op has one) once it is in, as kvf_post
+ * does: UCX then takes the message in as it arrives, with no probe and no post after it.
+ * KVF_POSTED_OK or a negative ucs_status_t. */
+int kvf_expect(kvf_plane *r, uint32_t id, uint64_t tag, void *buffer, uint64_t length) {
+    ucp_request_param_t param = {0};
+    kvf_op *op = start(r, id, &param);
+    param.cb.recv = on_received;
+    return posted(op, ucp_tag_recv_nbx(r->worker, buffer, length, tag, ~(ucp_tag_t)0, &param));
+}
+
+/* Cancel op `id` if it is in flight: a receive posted ahead whose message has not begun to
+ * arrive completes UCS_ERR_CANCELED in the next progress; one under way completes as it would. */
+void kvf_cancel(kvf_plane *r, uint32_t id) {
+    kvf_op *op = &r->ops[id];
+    if (op->state == KVF_POSTED && op->request != NULL)
+        ucp_request_cancel(r->worker, op->request);
 }
 
 /* Send [buffer, +length) tagged `tag` over endpoint `ep` with op `id`. 0, or a negative

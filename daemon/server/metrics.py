@@ -43,6 +43,11 @@ _COUNTERS = (
     ("kvferry_ucx_messages_sent", "Data-plane (UCX) messages sent", "messages_sent"),
     ("kvferry_ucx_messages_received", "Data-plane (UCX) messages received", "messages_received"),
     ("kvferry_ring_waits", "Chunks that found the staging ring full and waited", "ring_waits"),
+    (
+        "kvferry_receives_posted_ahead",
+        "Data messages whose receive a decode rank posted before they came (no probe, no turn)",
+        "receives_ahead",
+    ),
     ("kvferry_ring_wait_seconds", "Time chunks spent waiting for staging room", "ring_wait_s"),
     ("kvferry_bad_frames", "Malformed or unexpected control frames refused", "bad_frames"),
     (

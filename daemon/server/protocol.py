@@ -98,5 +98,6 @@ class Snapshot:
     wait_cpu_s: float = 0.0  # of transfer_cpu_s: the loop's wait (poll, re-taking the GIL)
     ucx_cpu_s: float = 0.0  # of transfer_cpu_s: inside UCX's progress and arm
     limit_refusals: dict[str, int] = field(default_factory=dict)  # control frames refused, by limit
+    receives_ahead: int = 0  # decode: data receives posted before their messages came
     graph_forwards: int = 0  # forwards run as CUDA graph replays (engine.cuda_graphs)
     native_data_path: int = 0  # 1: data messages go through transport/native.py, 0: ucxx's API

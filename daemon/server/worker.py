@@ -230,6 +230,7 @@ class Worker:
             loop_wakes=agent.loop_wakes,
             wait_cpu_s=agent.wait_cpu_s,
             ucx_cpu_s=agent.ucx_cpu_s,
+            receives_ahead=agent.receives_ahead,
             engine_cpu_s=time.thread_time(),
             graph_forwards=engine.runner.graph_forwards,
             kv_pool_bytes=engine.runner.kv.numel() * engine.runner.kv.element_size(),

@@ -136,6 +136,30 @@ class Side:
     def stats(self):
         return [a.core.stats.__dict__ for a in self.group.agents]
 
+    def inject(self, seed, piece, writer, scale):
+        """Decode: send rank 0 a data message for (piece, writer) of request `seed`'s room,
+        `scale` times the size it must have, from a rogue plane of this process."""
+        import torch
+
+        from kvferry.transport.tags import pack_tag
+        from kvferry.transport.ucx import UcxDataPlane
+
+        agent = self.group.agents[0]
+        room = agent.rooms[self.requests[seed].room]
+        nbytes = int(room.message_bytes(piece, writer, agent.planes) * scale)
+        rogue = UcxDataPlane(self.config.ucx_tls, None, self.config.host, native=False)
+        try:
+            payload = torch.zeros(nbytes, dtype=torch.uint8)
+            endpoint = rogue.endpoint(agent.core.data.address, lambda why: None)
+            op = rogue.send(endpoint, payload, pack_tag(room.key, piece, writer))
+            deadline = time.monotonic() + 20
+            while not op.done() and time.monotonic() < deadline:
+                rogue.progress()
+                time.sleep(0.001)
+            return op.done()
+        finally:
+            rogue.close()
+
     def close(self):
         self.group.close()
         if self.server:

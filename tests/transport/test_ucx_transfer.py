@@ -153,6 +153,52 @@ def test_many_rooms_and_slice_mode_over_ucx(procs):
     assert prefill("idle")[1] == 2 * 20 * 6  # one message per token and plane, per writer
 
 
+@pytest.mark.parametrize(
+    "ahead, staging_bytes", [(True, None), (True, 12 << 10), (False, None)],
+    ids=["ahead", "ring-mostly-full", "off"],
+)  # fmt: skip
+def test_receives_posted_ahead_of_their_messages(procs, ahead, staging_bytes):
+    """A decode rank posts a room's receives as it registers, while its ring stays at most half
+    full (the rest come by probe), or none with post_receives_ahead off: the KV arrives bit-exact
+    either way, and the ring is empty after."""
+    config = dict(CONFIG, post_receives_ahead=ahead, staging_bytes=staging_bytes)
+    prefill = procs("prefill", 4, 2, config)
+    decode = procs("decode", 4, 1, config)
+    for (p_states, p_reasons, _), (d_states, d_reasons, matches) in transfer(
+        prefill, decode, [3, 4]
+    ):
+        assert p_states == [SUCCESS] * 2 and d_states == [SUCCESS], (p_reasons, d_reasons)
+        assert matches
+    d_idle, _, received = decode("idle")
+    assert d_idle and prefill("idle")[0]
+    posted_ahead = decode("stats")[0]["receives_ahead"]
+    if not ahead:
+        assert posted_ahead == 0
+    elif staging_bytes is None:
+        assert posted_ahead == received == 2 * -(-50 // 16) * 2  # rooms x chunks x writers
+    else:  # 6 KiB of a 12 KiB ring: some of each room's messages, not all
+        assert 0 < posted_ahead < received
+
+
+@pytest.mark.parametrize("scale", [2, 0.5], ids=["longer", "shorter"])
+def test_a_message_of_the_wrong_size_into_a_receive_posted_ahead(procs, scale):
+    """A message longer than its receive posted ahead writes nothing past it, a shorter one
+    launches no scatter: either fails its room with the sizes said, gives its ring region
+    back, and the rank serves the next room."""
+    prefill = procs("prefill", 4, 1)
+    decode = procs("decode", 4, 1)
+    decode("recv", 5, 50, 0, prefill.ready)
+    assert reaches(decode, 5, KVPoll.WaitingForInput)
+    assert decode("stats")[0]["receives_ahead"] == -(-50 // 16)
+    assert decode("inject", 5, 0, 0, scale)
+    states, reasons, _ = decode("wait", 5)
+    assert states == [FAILED], reasons
+    assert ("truncated" if scale > 1 else "where") in reasons[0].lower(), reasons
+    assert decode("idle")[0]
+    _, (d_states, d_reasons, matches) = transfer(prefill, decode, [6])[0]
+    assert d_states == [SUCCESS] and matches, d_reasons
+
+
 def test_decode_killed_mid_transfer(procs):
     prefill = procs("prefill", 4, 2)
     doomed = procs("decode", 4, 1)
@@ -181,6 +227,7 @@ def test_prefill_killed_mid_transfer(procs):
     prefill.kill()
     states, reasons, _ = decode("wait", 1, 15)
     assert states == [FAILED] and "peer lost" in reasons[0], reasons
+    assert decode("stats")[0]["receives_ahead"] == -(-64 // 16)  # cancelled: the ring is empty
     assert decode("idle")[0]
 
 

@@ -97,9 +97,7 @@ def test_a_sweep_against_real_daemons(result_file):
         assert all(t["received"] == 0 and t["done"] >= t["first_token_out"] for t in timelines)
         # what the front and the client add: the client's TTFT less the daemon's first token
         outside = [r["ttft_s"] - r["timeline"]["first_token_out"] for r in point["requests"]]
-        assert point["ttft_outside_ms"]["median"] == pytest.approx(
-            statistics.median(outside) * 1e3
-        )
+        assert point["ttft_outside_ms"]["median"] == pytest.approx(statistics.median(outside) * 1e3)
         assert min(outside) > 0  # the first token reaches the client after the daemon sent it
     assert set(result["idle_cpu_s_per_min"]) == {"prefill", "decode"}
     assert all(s >= 0 for s in result["idle_cpu_s_per_min"].values())

@@ -22,6 +22,7 @@ PER_RANK = {
     "kvferry_ucx_messages_sent_total": "messages_sent",
     "kvferry_ucx_messages_received_total": "messages_received",
     "kvferry_ring_waits_total": "ring_waits",
+    "kvferry_receives_posted_ahead_total": "receives_ahead",
     "kvferry_ring_wait_seconds_total": "ring_wait_s",
     "kvferry_bad_frames_total": "bad_frames",
     "kvferry_ring_used_bytes": "ring_used",
