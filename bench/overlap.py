@@ -108,6 +108,7 @@ class Bench:
             layer_group=layer_group,
             staging_bytes=self._ring_bytes(settings, token_bytes),
             ucx_tls=tls,
+            post_receives_ahead=not args.probe,
         )
         self.server = BootstrapServer(1)
         cuda = (device.index or 0) if device.type == "cuda" else None

@@ -51,5 +51,11 @@ def parse_args(description: str) -> argparse.Namespace:
         help="launch every prefill forward eagerly (default on a GPU: replays of its CUDA "
         "graphs, as the daemons do, engine/prefill_graphs.py)",
     )
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="the decode agent posts each receive once its message has come (a probe, a turn), "
+        "not as the room registers (transfer.post_receives_ahead: false)",
+    )
     p.add_argument("--json", help="write the results here as JSON")
     return p.parse_args()
