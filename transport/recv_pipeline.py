@@ -85,25 +85,22 @@ class RecvPipeline:
             return
         ring = self.core.staging.ring
         limit = ring.capacity // AHEAD_SHARE
-        for piece in range(room.num_chunks * len(room.groups)):
-            for writer in sorted(room.writers):
-                nbytes = room.message_bytes(piece, writer, self.planes)
-                if ring.used_bytes + nbytes > limit or not self._expect(room, piece, writer, now):
-                    return
+        for piece, writer, piece_of, nbytes in room.messages(self.planes):
+            if ring.used_bytes + nbytes > limit:
+                return
+            arrival = Arrival(room, piece_of)
+            if not self._expect(arrival, pack_tag(room.key, piece, writer), nbytes, now):
+                return
 
-    def _expect(self, room: RecvRoom, piece: int, writer: int, now: float) -> bool:
-        """Post the receive of message (piece, writer) of `room`; False if none was."""
-        nbytes = room.message_bytes(piece, writer, self.planes)
-        error, piece_of = room.expect(piece, writer, nbytes, self.planes, self.mode)
-        if error:  # cannot be: the size is the one it checks against
-            raise AssertionError(str(error))
-        arrival = Arrival(room, piece_of)
+    def _expect(self, arrival: Arrival, tag: int, nbytes: int, now: float) -> bool:
+        """Post the receive of `arrival`'s message (`tag`, `nbytes`); False if none was."""
         if not self.mode.land(arrival, nbytes):
-            room.untake(piece_of)
             return False
-        tag, chain = pack_tag(room.key, piece, writer), functools.partial(self.mode.chain, arrival)
+        arrival.room.take(arrival.piece)
         try:
-            request = self.core.data.expect(tag, arrival.region, chain)
+            request = self.core.data.expect(
+                tag, arrival.region, functools.partial(self.mode.chain, arrival)
+            )
         except BaseException:
             self._unpost(arrival)
             raise
@@ -111,7 +108,7 @@ class RecvPipeline:
             self._unpost(arrival)
             return False
         arrival.request, arrival.started, arrival.ahead = request, now, True
-        room.busy += 1
+        arrival.room.busy += 1
         self._receiving.append(arrival)
         self.core.stats.receives_ahead += 1
         return True

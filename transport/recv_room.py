@@ -3,7 +3,7 @@ and the checks every arriving message must pass before a byte of it is taken."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -113,11 +113,29 @@ class RecvRoom:
         start = chunk * self.chunk_tokens
         return self.slots[start : min(start + self.chunk_tokens, self.num_tokens)]
 
-    def message_bytes(self, piece: int, writer: int, planes: KVPlanes) -> int:
-        """The size of the staged message (piece, writer) of a chunk of its own."""
-        chunk, group = divmod(piece, len(self.groups))
-        planes = planes.layers(self.groups[group], self.groups[-1].stop)
-        return planes.staging_bytes(len(self.chunk_slots(chunk)), self.writers[writer].num_heads)
+    def messages(self, planes: KVPlanes) -> Iterator[tuple[int, int, Piece, int]]:
+        """(piece, writer, what it carries, bytes) of every staged message of a chunk of its
+        own the room takes, in the order they come (chunk, layer group, writer); each checked
+        as `expect` would, but counted as taken only by `take`."""
+        groups = [planes.layers(layers, self.groups[-1].stop) for layers in self.groups]
+        writers = sorted(self.writers.items())
+        for chunk in range(self.num_chunks):
+            slots, first = self.chunk_slots(chunk), chunk * self.chunk_tokens
+            for group, group_planes in enumerate(groups):
+                piece = chunk * len(groups) + group
+                for writer, head_slice in writers:
+                    carried = Piece(head_slice, slots, group_planes, 0, first, ((piece, writer),))
+                    yield (
+                        piece,
+                        writer,
+                        carried,
+                        group_planes.staging_bytes(len(slots), head_slice.num_heads),
+                    )
+
+    def take(self, piece: Piece) -> None:
+        """`piece`, from `messages`, is being taken (the counterpart of `untake`)."""
+        for key in piece.keys:
+            self.taken[key] = self.taken.get(key, 0) + 1
 
     def expect(
         self,

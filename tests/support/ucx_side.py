@@ -146,7 +146,8 @@ class Side:
 
         agent = self.group.agents[0]
         room = agent.rooms[self.requests[seed].room]
-        nbytes = int(room.message_bytes(piece, writer, agent.planes) * scale)
+        sizes = {(p, w): n for p, w, _, n in room.messages(agent.planes)}
+        nbytes = int(sizes[piece, writer] * scale)
         rogue = UcxDataPlane(self.config.ucx_tls, None, self.config.host, native=False)
         try:
             payload = torch.zeros(nbytes, dtype=torch.uint8)
