@@ -148,6 +148,10 @@ class NativeOps:
         return len(self._posted)
 
     @property
+    def free_records(self) -> int:
+        return len(self._free)
+
+    @property
     def host_copies(self) -> bool:
         """Whether a receive can copy on the host once its bytes are in."""
         return bool(self._r.host_copy)

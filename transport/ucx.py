@@ -41,7 +41,7 @@ from kvferry.transport.dataplane import (
     data_failure,
 )
 from kvferry.transport.failure import Failure
-from kvferry.transport.native import NativeOp, NativeOps, NativeUnavailable
+from kvferry.transport.native import CAPACITY, NativeOp, NativeOps, NativeUnavailable
 from kvferry.transport.netdev import ucx_net_devices
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 
@@ -344,9 +344,11 @@ class UcxDataPlane(DataPlane):
         return self._native is not None
 
     def _expect(self, tag, buffer, then) -> DataOp | None:
+        # receives posted ahead may wait long for their messages: they leave half the records
+        # to the operations of messages that are here
+        if self._native.free_records <= CAPACITY // 2:
+            return None  # the message comes by probe
         record = self._native.record()
-        if record is None:  # every native record is in flight: the message comes by probe
-            return None
         op_id, launch = record
         if then is not None:
             then(launch)

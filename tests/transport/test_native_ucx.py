@@ -78,6 +78,19 @@ if peer.native:  # every record in flight: the receive goes through ucxx, and ch
 send = plane.send(endpoint, payloads[12], 41)
 op, _ = take(41, torch.zeros(1012, dtype=torch.uint8))
 report["inline"] = [op.done(), peer.arm(), outcome(op), op.done(), outcome(send)]
+# receives posted ahead: one its message fills once it comes, one cancelled (its message never
+# comes), and none while half the records or fewer are free
+ahead = [torch.zeros(1013, dtype=torch.uint8) for _ in range(2)]
+expected = [peer.expect(51, ahead[0]), peer.expect(52, ahead[1])]
+report["ahead_posted"] = [type(op).__name__ for op in expected]
+if peer.native:
+    send = plane.send(endpoint, payloads[13], 51)
+    peer.cancel(expected[1])
+    report["ahead"] = [outcome(expected[0]), torch.equal(ahead[0], payloads[13]), outcome(send)]
+    report["cancelled"] = outcome(expected[1])
+    free, peer._native._free = peer._native._free, peer._native._free[: len(free) // 2]
+    report["ahead_reserved"] = peer.expect(53, ahead[1]) is None
+    peer._native._free = free
 # a large message whose sender stops progressing: its receive outlives the plane's close
 big = torch.ones(8 << 20, dtype=torch.uint8)
 send = plane.send(endpoint, big, 31)
@@ -116,6 +129,10 @@ def test_native_ucx_take_messages_in_any_order_and_end_cleanly():
     assert report["missing"] == "no message with tag 0x63"
     assert report["fallback"] == ["UcxOp", None, True, []]
     assert report["inline"] == [False, False, None, True, None]
+    assert report["ahead_posted"] == ["NativeOp", "NativeOp"]
+    assert report["ahead"] == [None, True, None]
+    assert "canceled" in report["cancelled"].lower()
+    assert report["ahead_reserved"]
     # closing did not wait for it: the record UCX may still complete into stays alive
     assert report["closed"] == [False, 1, 1]
 
@@ -125,6 +142,7 @@ def test_ucxx_path_agrees():
     assert not report["native"] and report["sends"] == ["UcxOp"]
     assert report["errors"] == [None] * 6 and report["equal"]
     assert report["then"] == [] and report["launched"] == [None, None, None]
+    assert report["ahead_posted"] == ["NoneType", "NoneType"]  # ucxx's path posts none ahead
     assert report["missing"] == "no message with tag 0x63"
 
 
