@@ -206,11 +206,13 @@ class DataPlane:
             return None
         _check(buffer, tag)
         op = self._expect(tag, buffer, then)
-        if op is not None:
-            self.messages_received += 1
-            self.bytes_received += buffer.numel() * buffer.element_size()
-            self.posted = True
+        self.posted = self.posted or op is not None
         return op
+
+    def count_received(self, nbytes: int) -> None:
+        """A receive posted by `expect` took its message in (counted then, not when posted)."""
+        self.messages_received += 1
+        self.bytes_received += nbytes
 
     def cancel(self, op: DataOp) -> None:
         """Cancel a receive posted by `expect`: it completes, cancelled, in a later progress,

@@ -310,6 +310,7 @@ class RecvPipeline:
                     self._scattering.append(arrival)
                 continue
             if arrival.ahead:  # what its post would have marked, had the message come first
+                self.core.data.count_received(arrival.region.numel())
                 first(room.marks, "first_data")
                 room.status.advance(KVPoll.Transferring)
                 self.core.peers.heard(room.rank_peers[arrival.piece.slice.src_rank])
