@@ -67,6 +67,11 @@ class DataOp:
         """Why it failed, once done (`data_failure`); None on success."""
         raise NotImplementedError
 
+    @property
+    def cancelled(self) -> bool:
+        """Done because it was cancelled before its message came (`DataPlane.cancel`)."""
+        return False
+
 
 class DoneOp(DataOp):
     def __init__(self, error: str | None = None, peer_gone: bool = False) -> None:

@@ -23,6 +23,7 @@ SOURCE = Path(__file__).with_name("ucx_native.c")
 CAPACITY = 4096  # operations in flight at once; past this one goes through ucxx
 _POSTED_OK, _NO_MESSAGE = 0, 1
 UCS_OK = 0
+UCS_ERR_CANCELED = -16
 # UCS statuses that mean the peer's process or link went away (ucs/type/status.h)
 _PEER_GONE = frozenset({-6, -25, -80})  # UNREACHABLE, CONNECTION_RESET, ENDPOINT_TIMEOUT
 _ORPHANED: list = []  # records of closed planes that UCX may still complete into
@@ -99,6 +100,10 @@ class NativeOp(DataOp):
 
     def done(self) -> bool:
         return self.finished
+
+    @property
+    def cancelled(self) -> bool:
+        return self.finished and self.status == UCS_ERR_CANCELED
 
     def error(self) -> Failure | None:
         if self.status != UCS_OK:

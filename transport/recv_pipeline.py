@@ -12,8 +12,10 @@ messages get theirs as the room registers, while the ring stays at most half ful
 (`post_ahead`): UCX then takes each message in as it arrives, and its completion launches the
 scatter, with no turn of this thread in between. The rest come by probe. The ring is
 reclaimed oldest first, so a region held for a message still to come holds back the reuse of
-every later one: under load, when the ring is busy, the receives are posted once the messages
-come, as before.
+every later one; and that message may itself wait for the prefill rank's ring, full of
+messages for this one. So a message that finds the ring full revokes every receive posted
+ahead whose message has not begun to arrive (each is cancelled, its region given back, its
+message probed once it comes), and none is posted ahead until the ring has room again.
 
 Every stage is polled, oldest first; nothing waits on the host. A message that finds the ring
 full stays queued in the data plane (later ones wait behind it) for at most ring_wait_timeout_s,
@@ -85,6 +87,8 @@ class RecvPipeline:
             return
         ring = self.core.staging.ring
         limit = ring.capacity // AHEAD_SHARE
+        if self._ring_blocked_since is not None:
+            return
         for piece, writer, piece_of, nbytes in room.messages(self.planes):
             if ring.used_bytes + nbytes > limit:
                 return
@@ -114,16 +118,19 @@ class RecvPipeline:
         return True
 
     def _unpost(self, arrival: Arrival) -> None:
-        """Undo what went before a receive that was not posted after all."""
+        """Undo what went before a receive that was not posted after all, or was revoked
+        before its message came."""
         self.mode.abandon(arrival)  # nothing was posted: nothing was launched
         self.core.staging.free(arrival.offset)
         arrival.room.untake(arrival.piece)
 
-    def cancel_ahead(self, room: RecvRoom) -> None:
-        """`room` failed: cancel the receives posted ahead for it; each completes, cancelled
-        (or with its message, had that begun to arrive), and its region goes back then."""
+    def cancel_ahead(self, room: RecvRoom | None = None) -> None:
+        """Cancel the receives posted ahead for `room` (it failed), or for every room (None:
+        they are revoked, see the module's docstring); each completes, cancelled (or with its
+        message, had that begun to arrive), and its region goes back then."""
         for arrival in self._receiving:
-            if arrival.ahead and arrival.room is room:
+            if arrival.ahead and not arrival.revoked and (room is None or arrival.room is room):
+                arrival.revoked = room is None
                 self.core.data.cancel(arrival.request)
 
     @property
@@ -277,6 +284,7 @@ class RecvPipeline:
 
     def _ring_full(self, room: RecvRoom, now: float) -> bool:
         if self._ring_blocked_since is None:
+            self.cancel_ahead()  # their regions may be what holds the ring
             self._ring_blocked_since = now
             self.core.stats.ring_waits += 1
         elif now - self._ring_blocked_since > self.config.ring_wait_timeout_s:
@@ -296,6 +304,10 @@ class RecvPipeline:
                 self._receiving.append(arrival)
                 continue
             error, room = arrival.request.error(), arrival.room
+            if arrival.revoked and arrival.request.cancelled and room.open:
+                self._unpost(arrival)  # its message, when it comes, is probed
+                room.busy -= 1
+                continue
             finished = time.monotonic()
             if not arrival.ahead:  # one posted ahead waited for its message to be sent too
                 self.core.stats.wire_s += finished - arrival.started

@@ -42,7 +42,8 @@ class Arrival:
     """A data message being taken in: its receive, then what its mode does once it is in."""
 
     __slots__ = (
-        "ahead", "chained", "fence", "offset", "piece", "region", "request", "room", "started"
+        "ahead", "chained", "fence", "offset", "piece", "region", "request", "revoked", "room",
+        "started",
     )  # fmt: skip
 
     def __init__(self, room: RecvRoom, piece: Piece) -> None:
@@ -54,6 +55,7 @@ class Arrival:
         self.chained = None  # a scatter its receive's completion launches (staged_mode.chain)
         self.started = 0.0  # when its receive (then its scatter) was posted
         self.ahead = False  # its receive was posted before the message came (no probe)
+        self.revoked = False  # ... and cancelled to give its region back (the ring was full)
 
 
 class RecvRoom:

@@ -180,6 +180,34 @@ def test_receives_posted_ahead_of_their_messages(procs, ahead, staging_bytes):
         assert 0 < posted_ahead < received
 
 
+def test_receives_posted_ahead_give_way_when_the_ring_fills(procs):
+    """Two rooms registered, the second sent first, rings of two messages on both sides: the
+    first room's receive posted ahead holds the decode ring's oldest region, so the second
+    room's messages fill the ring, and its unsent ones the prefill ring, where the first
+    room's KV would have to go to reach decode. A message that finds the decode ring full
+    revokes the receives posted ahead (their messages come by probe later): both rooms
+    arrive."""
+    # two chunks of 192 KiB: sent by rendezvous, so a send holds its prefill region until
+    # decode has taken the message (small ones leave at once, eagerly)
+    config = dict(CONFIG, chunk_tokens=64, staging_bytes=384 << 10)
+    prefill = procs("prefill", 4, 1, config, head_dim=64)
+    decode = procs("decode", 4, 1, config, head_dim=64)
+    for i, seed in enumerate([7, 8]):
+        decode("recv", seed, 256, i * 256, prefill.ready)
+        assert reaches(decode, seed, KVPoll.WaitingForInput)
+    assert decode("stats")[0]["receives_ahead"] == 1  # half the ring: room 7's first chunk
+    prefill("send", 8, 256, 256, None, 256)
+    deadline = time.monotonic() + 10
+    while decode("stats")[0]["ring_waits"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert decode("stats")[0]["ring_waits"] > 0
+    prefill("send", 7, 256, 0, None, 256)
+    for seed in (8, 7):
+        states, reasons, matches = decode("wait", seed)
+        assert states == [SUCCESS] and matches, (seed, reasons)
+    assert decode("idle")[0] and prefill("idle")[0]
+
+
 @pytest.mark.parametrize("scale", [2, 0.5], ids=["longer", "shorter"])
 def test_a_message_of_the_wrong_size_into_a_receive_posted_ahead(procs, scale):
     """A message longer than its receive posted ahead writes nothing past it, a shorter one
