@@ -28,9 +28,10 @@ the others still run):
   engine    bench/engine.py: decode step at batch 1/8/32/128 and contexts 1k/8k, eager vs CUDA
             graphs, against the memory floor; prefill tok/s, paged kernel vs contiguous SDPA
             (the decode model of deploy/h200-llama8b.yaml)
-  e2e       `kvferry bench` on six variants of one deployment file: heterogeneous TP staged,
+  e2e       `kvferry bench` on seven variants of one deployment file: heterogeneous TP staged,
             the same layer-wise, in slice mode, with messages of several chunks (`together`),
-            homogeneous TP (decode TP = prefill TP), and every daemon TP1 (`tp1`: no TP split);
+            homogeneous TP (decode TP = prefill TP), every daemon TP1 (`tp1`: no TP split), and
+            decode's receives posted once their messages come (`probe`);
             on a GPU with MPS, the first again with its daemons on a private MPS server
 
 Then one table (bench/campaign_summary.py; the e2e stage's rows in bench/campaign_e2e.py): every

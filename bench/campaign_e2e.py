@@ -126,6 +126,8 @@ def deployment_variant(base: dict, variant: str, layer_group: int) -> dict:
             transfer["max_message_bytes"] = ring // 4
         elif variant == "tp1":  # no TP split: no all-reduce, the forwards as CUDA graphs
             daemon["tp"] = 1
+        elif variant == "probe" and daemon["role"] == "decode":
+            transfer["post_receives_ahead"] = False
     return raw
 
 
@@ -173,7 +175,9 @@ def e2e_rows(e2e: dict[str, dict | None], gpu: bool) -> list[Row]:
                 if None not in kinds:
                     detail += f"; of which {kinds[0]:.3g} timer, {kinds[1]:.3g} quiet"
                 rows.append(Row(what, worst["loop_turns"][role], None, detail=detail))
-        rows += together_rows(hetero, e2e.get("together"))
+        rows += against_hetero(hetero, e2e.get("together"), "chunks together ÷ a message per chunk")
+        rows += against_hetero(hetero, e2e.get("probe"), "receives posted ahead ÷ on arrival",
+                               inverse=True)  # fmt: skip
         peak = max(p.get("memory_peak_bytes", 0) for p in hetero["points"])
         if peak:
             point = hetero["points"][-1]
@@ -184,17 +188,21 @@ def e2e_rows(e2e: dict[str, dict | None], gpu: bool) -> list[Row]:
     return rows
 
 
-def together_rows(hetero: dict, together: dict | None) -> list[Row]:
-    """together (chunks ready together in one message) ÷ hetero (a message per chunk): the
-    control-plane CPU per request of each side and TTFT p50, at every concurrency both ran."""
-    if not together:
+def against_hetero(hetero: dict, variant: dict | None, what: str, inverse=False) -> list[Row]:
+    """A variant of hetero ÷ hetero (`inverse`: hetero ÷ the variant, for a variant that turns
+    off what hetero does): the control-plane CPU per request of each side and TTFT p50, at
+    every concurrency both ran. The variants: together (chunks ready together in one message,
+    against a message per chunk) and probe (receives posted once their messages come)."""
+    if not variant:
         return []
     rows, theirs = [], {p["value"]: p for p in hetero["points"]}
-    for point in together["points"]:
+    for point in variant["points"]:
         other = theirs.get(point["value"])
         if not other:
             continue
-        c, what = f"c={point['value']:g}", "chunks together ÷ a message per chunk"
+        if inverse:
+            point, other = other, point
+        c = f"c={point['value']:g}"
         for role in ("prefill", "decode"):
             mine, base = point["control_cpu_us"].get(role), other["control_cpu_us"].get(role)
             if mine and base:

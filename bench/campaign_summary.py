@@ -14,8 +14,9 @@ from campaign_rows import Row, read_json
 from kvferry.staging.plan import plan_head_transfers
 
 # the e2e stage's deployment variants (together: hetero with chunks ready together travelling as
-# one message, transfer.max_message_bytes)
-VARIANTS = ("hetero", "layerwise", "slice", "homo", "together", "tp1")
+# one message, transfer.max_message_bytes; probe: hetero with decode's receives posted once their
+# messages come, transfer.post_receives_ahead false)
+VARIANTS = ("hetero", "layerwise", "slice", "homo", "together", "tp1", "probe")
 
 
 def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:

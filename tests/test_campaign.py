@@ -50,6 +50,9 @@ def test_variants_change_only_what_they_name():
     tp1 = campaign_e2e.deployment_variant(base, "tp1", 4)
     assert [d["tp"] for d in tp1["daemons"]] == [1, 1]
     assert [d["transfer"] for d in tp1["daemons"]] == [d["transfer"] for d in hetero["daemons"]]
+    prefill, decode = campaign_e2e.deployment_variant(base, "probe", 4)["daemons"]
+    assert decode["transfer"]["post_receives_ahead"] is False
+    assert "post_receives_ahead" not in prefill["transfer"]
     assert [d["tp"] for d in base["daemons"]] == [2, 1]  # the base is left alone
 
 
@@ -201,6 +204,7 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "HTTP front CPU per token, stock uvicorn / the fronts', c=32",
         "hetero: TTFT in the daemons p50 c=2 / c=1",
         "hetero: TTFT outside the daemons p50, c=2",
+        "receives posted ahead ÷ on arrival: TTFT p50, c=2",
     ):
         assert figures[name]["value"] is not None and figures[name]["value"] > 0, name
     assert figures["UCX messages per request / (chunks x writers)"]["verdict"] == "met"
