@@ -83,12 +83,10 @@ class RecvPipeline:
         for messages of one chunk (a decode rank that takes several chunks in one message
         cannot know their sizes before), where the data plane chains the scatters."""
         ahead = self._chains and self.config.post_receives_ahead and self.core.data.posts_ahead
-        if not ahead or room.max_message_bytes:
+        if not ahead or room.max_message_bytes or self._ring_blocked_since is not None:
             return
         ring = self.core.staging.ring
         limit = ring.capacity // AHEAD_SHARE
-        if self._ring_blocked_since is not None:
-            return
         for piece, writer, piece_of, nbytes in room.messages(self.planes):
             if ring.used_bytes + nbytes > limit:
                 return

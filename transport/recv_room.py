@@ -117,8 +117,8 @@ class RecvRoom:
 
     def messages(self, planes: KVPlanes) -> Iterator[tuple[int, int, Piece, int]]:
         """(piece, writer, what it carries, bytes) of every staged message of a chunk of its
-        own the room takes, in the order they come (chunk, layer group, writer); each checked
-        as `expect` would, but counted as taken only by `take`."""
+        own the room takes, in the order they come (chunk, layer group, writer): what `expect`
+        would answer for each, none counted as taken (`take` does that)."""
         groups = [planes.layers(layers, self.groups[-1].stop) for layers in self.groups]
         writers = sorted(self.writers.items())
         for chunk in range(self.num_chunks):
