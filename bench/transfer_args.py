@@ -30,7 +30,8 @@ def add_data_path_argument(parser: argparse.ArgumentParser) -> None:
         choices=(*PATHS, *_RUNS),
         default="both",
         help="native: transport/native.py, each scatter launched by its receive's completion, "
-        "a room's receives posted as it registers (a daemon's default); probe: the same with "
+        "a room's receives posted as it registers (a daemon's default on a GPU); probe: the "
+        "same with "
         "each receive posted once its message has come; ucxx: ucxx's Python API, the scatter "
         "launched by the receive pipeline; both: native and ucxx side by side; ahead: native "
         "and probe side by side",

@@ -55,8 +55,9 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     native_ucx: bool = True
     # decode, native path: post a room's receives as it registers, before its messages come,
     # while the ring is at most half full (transport/recv_pipeline.py); false: each receive is
-    # posted once its message has come (a probe, a turn)
-    post_receives_ahead: bool = True
+    # posted once its message has come (a probe, a turn); None: where the cache is on a GPU
+    # (it costs a cache in host memory, whose copies run on the transfer threads: benchmarks.md)
+    post_receives_ahead: bool | None = None
 
     @property
     def ring_bytes(self) -> int:

@@ -82,7 +82,10 @@ class RecvPipeline:
         while the ring stays at most 1/AHEAD_SHARE full (see the module's docstring). Only
         for messages of one chunk (a decode rank that takes several chunks in one message
         cannot know their sizes before), where the data plane chains the scatters."""
-        ahead = self._chains and self.config.post_receives_ahead and self.core.data.posts_ahead
+        wanted = self.config.post_receives_ahead
+        if wanted is None:
+            wanted = self.planes.device.type == "cuda"
+        ahead = self._chains and wanted and self.core.data.posts_ahead
         if not ahead or room.max_message_bytes or self._ring_blocked_since is not None:
             return
         ring = self.core.staging.ring

@@ -154,13 +154,13 @@ def test_many_rooms_and_slice_mode_over_ucx(procs):
 
 
 @pytest.mark.parametrize(
-    "ahead, staging_bytes", [(True, None), (True, 12 << 10), (False, None)],
-    ids=["ahead", "ring-mostly-full", "off"],
+    "ahead, staging_bytes", [(True, None), (True, 12 << 10), (False, None), (None, None)],
+    ids=["ahead", "ring-mostly-full", "off", "default"],
 )  # fmt: skip
 def test_receives_posted_ahead_of_their_messages(procs, ahead, staging_bytes):
     """A decode rank posts a room's receives as it registers, while its ring stays at most half
-    full (the rest come by probe), or none with post_receives_ahead off: the KV arrives bit-exact
-    either way, and the ring is empty after."""
+    full (the rest come by probe), or none with post_receives_ahead off (and by default for a
+    cache in host memory): the KV arrives bit-exact either way, and the ring is empty after."""
     config = dict(CONFIG, post_receives_ahead=ahead, staging_bytes=staging_bytes)
     prefill = procs("prefill", 4, 2, config)
     decode = procs("decode", 4, 1, config)
@@ -172,7 +172,7 @@ def test_receives_posted_ahead_of_their_messages(procs, ahead, staging_bytes):
     d_idle, _, received = decode("idle")
     assert d_idle and prefill("idle")[0]
     posted_ahead = decode("stats")[0]["receives_ahead"]
-    if not ahead:
+    if not ahead:  # off, or the default for a cache in host memory
         assert posted_ahead == 0
     elif staging_bytes is None:
         assert posted_ahead == received == 2 * -(-50 // 16) * 2  # rooms x chunks x writers
@@ -189,7 +189,7 @@ def test_receives_posted_ahead_give_way_when_the_ring_fills(procs):
     arrive."""
     # two chunks of 192 KiB: sent by rendezvous, so a send holds its prefill region until
     # decode has taken the message (small ones leave at once, eagerly)
-    config = dict(CONFIG, chunk_tokens=64, staging_bytes=384 << 10)
+    config = dict(CONFIG, chunk_tokens=64, staging_bytes=384 << 10, post_receives_ahead=True)
     prefill = procs("prefill", 4, 1, config, head_dim=64)
     decode = procs("decode", 4, 1, config, head_dim=64)
     for i, seed in enumerate([7, 8]):
@@ -213,8 +213,9 @@ def test_a_message_of_the_wrong_size_into_a_receive_posted_ahead(procs, scale):
     """A message longer than its receive posted ahead writes nothing past it, a shorter one
     launches no scatter: either fails its room with the sizes said, gives its ring region
     back, and the rank serves the next room."""
-    prefill = procs("prefill", 4, 1)
-    decode = procs("decode", 4, 1)
+    config = dict(CONFIG, post_receives_ahead=True)  # a cache in host memory: not by default
+    prefill = procs("prefill", 4, 1, config)
+    decode = procs("decode", 4, 1, config)
     decode("recv", 5, 50, 0, prefill.ready)
     assert reaches(decode, 5, KVPoll.WaitingForInput)
     assert decode("stats")[0]["receives_ahead"] == -(-50 // 16)
@@ -246,16 +247,19 @@ def test_decode_killed_mid_transfer(procs):
     assert prefill("idle")[0]
 
 
-def test_prefill_killed_mid_transfer(procs):
-    prefill = procs("prefill", 4, 1)
-    decode = procs("decode", 4, 1)
+@pytest.mark.parametrize("ahead", [True, None], ids=["posted-ahead", "default"])
+def test_prefill_killed_mid_transfer(procs, ahead):
+    config = dict(CONFIG, post_receives_ahead=ahead)
+    prefill = procs("prefill", 4, 1, config)
+    decode = procs("decode", 4, 1, config)
     decode("recv", 1, 64, 0, prefill.ready)
     prefill("send", 1, 64, 0, 16)
     assert reaches(decode, 1, KVPoll.Transferring)
     prefill.kill()
     states, reasons, _ = decode("wait", 1, 15)
     assert states == [FAILED] and "peer lost" in reasons[0], reasons
-    assert decode("stats")[0]["receives_ahead"] == -(-64 // 16)  # cancelled: the ring is empty
+    # those posted ahead were cancelled: the ring is empty; by default none on a host cache
+    assert decode("stats")[0]["receives_ahead"] == (-(-64 // 16) if ahead else 0)
     assert decode("idle")[0]
 
 
