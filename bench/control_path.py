@@ -130,8 +130,8 @@ def main() -> None:
     first = next(iter(runs))
     use_data_path(args, first)
     result = {"device": device, "args": vars(args), **runs[first], "path": first}
-    for other in ("ucxx", "probe"):
-        if other in runs:
+    for other in runs:
+        if other != first:
             result[f"{other}_path"] = runs[other]
     print(
         f"{args.requests} requests of {args.tokens} tokens, TP{args.src_tp} -> TP{args.dst_tp}, "

@@ -108,7 +108,7 @@ class Bench:
             layer_group=layer_group,
             staging_bytes=self._ring_bytes(settings, token_bytes),
             ucx_tls=tls,
-            post_receives_ahead=not args.probe,
+            post_receives_ahead=False if args.probe else None,
         )
         self.server = BootstrapServer(1)
         cuda = (device.index or 0) if device.type == "cuda" else None

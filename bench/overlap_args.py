@@ -55,7 +55,8 @@ def parse_args(description: str) -> argparse.Namespace:
         "--probe",
         action="store_true",
         help="the decode agent posts each receive once its message has come (a probe, a turn), "
-        "not as the room registers (transfer.post_receives_ahead: false)",
+        "not as the room registers, as it does by default with the cache on a GPU "
+        "(transfer.post_receives_ahead: false)",
     )
     p.add_argument("--json", help="write the results here as JSON")
     return p.parse_args()

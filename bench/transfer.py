@@ -23,6 +23,7 @@ import torch
 from loop_profile import add_profile_argument
 from timelines import stage_times  # bench/ is on sys.path (a script)
 from transfer_args import (
+    PAIRS,
     add_data_path_argument,
     add_layout_argument,
     add_message_size_argument,
@@ -171,10 +172,9 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             result = {"device": device, "args": vars(args), "rows": [raw, staged, sliced]}
-            if "probe" in runs:
-                result["probe_path"] = runs["probe"]
-            if "ucxx" in runs and "native" in runs:
-                result["ucxx_path"] = runs["ucxx"]
+            for first, other in PAIRS.values():
+                if first in runs and other in runs:
+                    result[f"{other}_path"] = runs[other]
             if "together" in runs:
                 result["together"] = runs["together"]
             json.dump(result, f, indent=1)
@@ -250,13 +250,13 @@ def print_details(args, runs: dict[str, dict]) -> None:
             f"({together['messages_per_request']} vs {staged['messages_per_request']} messages "
             "per request)"
         )
-    for other in ("ucxx", "probe"):
-        if "native" in runs and other in runs:
-            native, them = runs["native"], runs[other]
-            cpu = [native["cpu_us_per_message"][s] / them["cpu_us_per_message"][s]
+    for first, other in PAIRS.values():
+        if first in runs and other in runs:
+            mine, them = runs[first], runs[other]
+            cpu = [mine["cpu_us_per_message"][s] / them["cpu_us_per_message"][s]
                    for s in ("prefill", "decode")]  # fmt: skip
             print(
-                f"native / {other} data path: {native['gbps'] / them['gbps']:.2f}x the GB/s, "
+                f"{first} / {other} data path: {mine['gbps'] / them['gbps']:.2f}x the GB/s, "
                 f"{cpu[0]:.2f}x / {cpu[1]:.2f}x the prefill / decode CPU per message"
             )
 

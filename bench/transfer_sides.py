@@ -49,7 +49,7 @@ class Side:
             chunk_tokens=a.chunk,
             staging_bytes=a.staging_mib << 20,
             max_message_bytes=getattr(a, "max_message_bytes", 0),
-            post_receives_ahead=getattr(a, "ahead", True),
+            post_receives_ahead=getattr(a, "ahead", None),
             ucx_tls=a.tls,
             transfer_timeout_s=600,
             bootstrap_timeout_s=60,
