@@ -202,11 +202,9 @@ class DataPlane:
         self, tag: int, buffer: torch.Tensor | Region, then: Callable[[object], None] | None = None
     ) -> DataOp | None:
         """Post the receive of the message with `tag` into `buffer` before it arrives (`then`
-        as for `recv`): the message is taken in as it comes, never seen by `probe`. A longer
-        one fails the receive having written nothing past `buffer`; a shorter one completes
-        with its bytes in but its copy not launched (the receive's `error` says so). None where
-        nothing was posted (`posts_ahead` is False, or the backend has no record free): the
-        message will come by `probe`."""
+        as for `recv`): `probe` never sees it. A longer one fails the receive, nothing written
+        past `buffer`; a shorter one launches no copy (the receive's `error` says so). None
+        where nothing was posted (no `posts_ahead`, or no record free): it comes by `probe`."""
         if not self.posts_ahead:
             return None
         _check(buffer, tag)

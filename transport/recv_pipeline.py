@@ -29,17 +29,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import torch
-
 from kvferry.staging.kv_copy import KVPlanes
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import failure
-from kvferry.transport.failure import Failure, FailureKind, ring_full
-from kvferry.transport.messages import TransferDone, WireError
+from kvferry.transport.done_notes import DoneNotes
+from kvferry.transport.failure import Failure, ring_full
+from kvferry.transport.messages import TransferDone
 from kvferry.transport.recv_room import Arrival, Piece, RecvRoom
 from kvferry.transport.room import KVPoll
-from kvferry.transport.tags import DONE_PIECE, MAX_DONE_BYTES, pack_tag, unpack_tag
+from kvferry.transport.tags import DONE_PIECE, pack_tag, unpack_tag
 from kvferry.transport.timeline import first, last
 
 PROBES_PER_TURN = 256  # bounds one turn of the loop when many messages are waiting
@@ -63,8 +62,7 @@ class RecvPipeline:
         self.core, self.config, self.planes = core, config, planes
         self.mode = core.mode
         self._room_of_key, self._fail_room, self._touch = room_of_key, fail_room, touch
-        self._on_done = on_done
-        self._dones: deque = deque()  # (room, writer, buffer, request) of TransferDones taken
+        self._notes = DoneNotes(core, fail_room, on_done, touch)
         self._receiving: deque[Arrival] = deque()  # receives posted, oldest first
         self._scattering: deque[Arrival] = deque()  # scatters queued, in stream order
         self._discards: deque = deque()  # discards of unwanted messages not yet done
@@ -143,7 +141,7 @@ class RecvPipeline:
         back in whichever turn comes next (a ring wait asks for its own wake)."""
         return bool(
             self._discards
-            or self._dones
+            or self._notes
             or self._ring_blocked_since
             or any(not arrival.ahead or not arrival.room.open for arrival in self._receiving)
             or any(arrival.room.failing for arrival in self._scattering)
@@ -152,7 +150,7 @@ class RecvPipeline:
     def step(self, now: float) -> None:
         """Advance every message that can move."""
         self._take_arrivals(now)
-        self._finish_dones()
+        self._notes.finish()
         self._finish_receives()
         self._finish_scatters()
         if self._ring_blocked_since is not None:
@@ -191,7 +189,9 @@ class RecvPipeline:
             self._discards.append(self.core.data.discard(tag))
             return True
         if piece == DONE_PIECE:
-            self._take_done(room, tag, nbytes, writer)
+            discard = self._notes.take(room, tag, nbytes, writer)
+            if discard is not None:
+                self._discards.append(discard)
             return True
         error, piece_of = room.expect(piece, writer, nbytes, self.planes, self.mode)
         if error:
@@ -203,50 +203,6 @@ class RecvPipeline:
             room.untake(piece_of)  # not taken after all: it stays queued
             return False
         return True
-
-    def _take_done(self, room: RecvRoom, tag: int, nbytes: int, writer: int) -> None:
-        """A prefill rank's TransferDone, behind its data (tags.DONE_PIECE): taken into host
-        memory and read once in (at once, nearly always: it is small and already here)."""
-        if writer not in room.rank_peers or nbytes > MAX_DONE_BYTES:
-            self._discards.append(self.core.data.discard(tag))
-            error = f"protocol: TransferDone of {nbytes} bytes from prefill rank {writer}"
-            self._fail_room(room, Failure(FailureKind.BAD_MESSAGE, error))
-            return
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        self._dones.append((room, writer, buffer, self.core.data.recv_note(tag, buffer)))
-
-    def _finish_dones(self) -> None:
-        for _ in range(len(self._dones)):
-            room, writer, buffer, request = entry = self._dones.popleft()
-            if not request.done():
-                self._dones.append(entry)
-                continue
-            error = request.error()
-            if not room.open:
-                continue
-            if error:
-                self._fail_room(room, failure("receive", error))
-                continue
-            message = self._read_done(room, writer, buffer)
-            if isinstance(message, str):
-                error = f"protocol: TransferDone from prefill rank {writer}: {message}"
-                self._fail_room(room, Failure(FailureKind.BAD_MESSAGE, error))
-                continue
-            self.core.peers.heard(room.rank_peers[writer])
-            self._on_done(room, message)
-            self._touch(room.room)
-
-    def _read_done(self, room: RecvRoom, writer: int, buffer: torch.Tensor) -> TransferDone | str:
-        """The TransferDone in `buffer`, or why it is not one for this room from `writer`."""
-        try:
-            message = self.core.control.codec.decode(buffer.numpy().tobytes())
-        except WireError as exc:
-            return str(exc)
-        if not isinstance(message, TransferDone):
-            return f"a {type(message).__name__} instead"
-        if (message.room, message.src_rank) != (room.room, writer):
-            return f"it is for room {message.room:#x} from rank {message.src_rank}"
-        return message
 
     def _contain(self, tag: int, exc: Exception) -> bool:
         """Fail the room of a message whose handling raised, and discard the message (its

@@ -6,8 +6,8 @@ descriptor fires (a message arrived, an operation completed, a CUDA copy of UCX'
 and arms it again before sleeping. One thread owns the worker, so no lock is taken and no second
 thread holds the GIL for completions.
 
-UCX reads its options when ucxx is first imported, so `load_ucxx` sets them (from the
-transfer config) before that import and refuses to change them afterwards.
+UCX reads its options when ucxx is first imported, so `load_ucxx` (transport/ucx_load.py) sets
+them (from the transfer config) before that import and refuses to change them afterwards.
 
 Data messages are probed, sent and received through native code (transport/native.py) by
 default: a receive's completion callback launches its scatter (on a GPU; in host memory it
@@ -22,10 +22,7 @@ it, since UCX's own unpacker aborts the process on malformed input.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
-import os
-import sys
 import time
 from collections.abc import Callable
 
@@ -42,45 +39,13 @@ from kvferry.transport.dataplane import (
 )
 from kvferry.transport.failure import Failure
 from kvferry.transport.native import CAPACITY, NativeOp, NativeOps, NativeUnavailable
-from kvferry.transport.netdev import ucx_net_devices
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
+from kvferry.transport.ucx_load import load_ucxx, ucp
 
 log = logging.getLogger(__name__)
 DISCARD_BYTES = 256  # scratch a discarded message is truncated into
-# UCX's tcp transport moves a message in pieces of its segment size (8 KiB to send by default),
-# each piece an event the receiving loop wakes for; a data message is a chunk's KV (MiBs).
-# Set unless the environment says otherwise (2 MiB: the embedded default's 1.9 MiB messages in
-# one piece; docs/benchmarks.md, "Fewer frames and turns per request").
-TCP_SEGMENTS = {"UCX_TCP_TX_SEG_SIZE": "2m", "UCX_TCP_RX_SEG_SIZE": "2m"}
 FULL_PROGRESS_EVERY_S = 1.0  # ucxx's own progress (request cancelling included) at least this often
 UCS_OK, UCS_ERR_BUSY = 0, -15  # ucs/type/status.h
-
-
-def load_ucxx(tls: str | None = None, host: str | None = None, ports: str | None = None):
-    """The ucxx low-level API, importing it with UCX_TLS=`tls` if given, with UCX's network
-    transports kept to the interface of `host` unless UCX_NET_DEVICES is set, and its tcp
-    transport's ports in `ports` ("LOW-HIGH", UCX_TCP_PORT_RANGE) if given, and its segments
-    at TCP_SEGMENTS unless set. Only the first call's `host` and `ports` count: UCX never
-    rereads them."""
-    if "ucxx" not in sys.modules:
-        if tls:
-            os.environ["UCX_TLS"] = tls
-        if ports:
-            os.environ["UCX_TCP_PORT_RANGE"] = ports
-        devices = ucx_net_devices(host) if "UCX_NET_DEVICES" not in os.environ else None
-        if devices:
-            os.environ["UCX_NET_DEVICES"] = devices
-        os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-        for name, value in TCP_SEGMENTS.items():
-            os.environ.setdefault(name, value)
-    elif tls and os.environ.get("UCX_TLS") != tls:
-        raise RuntimeError(
-            f"UCX is already loaded with UCX_TLS={os.environ.get('UCX_TLS')!r}; "
-            f"ucx_tls={tls!r} must be set before the first transfer agent starts"
-        )
-    import ucxx._lib.libucxx as ucx_api
-
-    return ucx_api
 
 
 def _array(buffer: torch.Tensor):
@@ -107,20 +72,6 @@ class _DeviceBytes:
             "strides": None,
             "version": 2,
         }
-
-
-@functools.cache
-def _ucp():
-    """libucp (the one ucxx loaded), whose worker calls below are made with the GIL held:
-    ucp_worker_arm (status) and ucp_worker_progress (whether it progressed anything)."""
-    import libucx  # the UCX wheel ucxx loads
-
-    libucx.load_library()
-    ucp = ctypes.PyDLL(os.path.join(os.path.dirname(libucx.__file__), "lib", "libucp.so"))
-    ucp.ucp_worker_arm.argtypes, ucp.ucp_worker_arm.restype = (ctypes.c_void_p,), ctypes.c_int
-    progress = ucp.ucp_worker_progress
-    progress.argtypes, progress.restype = (ctypes.c_void_p,), ctypes.c_uint
-    return ucp
 
 
 def _own_address(address: bytes):
@@ -249,7 +200,7 @@ class UcxDataPlane(DataPlane):
             if self._native is not None:
                 self._native.reap()
             return
-        progress, handle = _ucp().ucp_worker_progress, self._handle
+        progress, handle = ucp().ucp_worker_progress, self._handle
         while progress(handle):
             pass
         if self._native is None:
@@ -273,7 +224,7 @@ class UcxDataPlane(DataPlane):
         # other thread of the process running Python (an engine's forward)
         if self._native is not None and self._native.completed:
             return False  # completions that ran inside a post: no event will tell of them
-        status = _ucp().ucp_worker_arm(self._handle)
+        status = ucp().ucp_worker_arm(self._handle)
         if status == UCS_ERR_BUSY:
             return False
         if status != UCS_OK:
@@ -303,12 +254,12 @@ class UcxDataPlane(DataPlane):
         self._cancels_due = True
 
     def _send(self, endpoint, buffer, tag) -> DataOp:
-        record = self._native.record() if self._native is not None else None
-        if record is None:  # through ucxx (or every native record is in flight)
+        op_id = self._record(None)
+        if op_id is None:  # through ucxx (or every native record is in flight)
             array = _array(buffer)
             return self._ucxx_op(endpoint.tag_send(array, self._ucx.UCXXTag(tag)), array)
         nbytes = buffer.numel() * buffer.element_size()
-        return self._native.send(record[0], endpoint.handle, tag, buffer, nbytes)
+        return self._native.send(op_id, endpoint.handle, tag, buffer, nbytes)
 
     def _probe(self):
         if self._native is not None:
@@ -328,15 +279,21 @@ class UcxDataPlane(DataPlane):
         self._ucxx_ops.append(op)  # until a progress finds it done
         return op
 
-    def _recv(self, tag, buffer, then) -> DataOp:
-        record = self._native.record() if self._native is not None else None
-        if record is None:  # through ucxx (or every native record is in flight)
-            return self._take(tag, _array(buffer))
-        op_id, launch = record
+    def _record(self, then, spare: int = 0) -> int | None:
+        """A native record, `then` handed its launch; None (through ucxx, or nothing at all)
+        where there is no native path or `spare` records or fewer are free."""
+        if self._native is None or self._native.free_records <= spare:
+            return None
+        op_id, launch = self._native.record()
         if then is not None:
             then(launch)
-        nbytes = buffer.numel() * buffer.element_size()
-        op = self._native.post(op_id, tag, buffer, nbytes)
+        return op_id
+
+    def _recv(self, tag, buffer, then) -> DataOp:
+        op_id = self._record(then)
+        if op_id is None:  # through ucxx (or every native record is in flight)
+            return self._take(tag, _array(buffer))
+        op = self._native.post(op_id, tag, buffer, buffer.numel() * buffer.element_size())
         return DoneOp(f"no message with tag {tag:#x}") if op is None else op
 
     @property
@@ -344,15 +301,11 @@ class UcxDataPlane(DataPlane):
         return self._native is not None
 
     def _expect(self, tag, buffer, then) -> DataOp | None:
-        # receives posted ahead may wait long for their messages: they leave half the records
-        # to the operations of messages that are here
-        if self._native.free_records <= CAPACITY // 2:
-            return None  # the message comes by probe
-        record = self._native.record()
-        op_id, launch = record
-        if then is not None:
-            then(launch)
-        return self._native.expect(op_id, tag, buffer, buffer.numel() * buffer.element_size())
+        # receives posted ahead may wait long for their messages: half the records are left to
+        # messages that are here (None: this one comes by probe)
+        op_id = self._record(then, spare=CAPACITY // 2)
+        nbytes = buffer.numel() * buffer.element_size()
+        return None if op_id is None else self._native.expect(op_id, tag, buffer, nbytes)
 
     def cancel(self, op) -> None:
         if self._native is not None and isinstance(op, NativeOp):

@@ -6,6 +6,7 @@ The test process drives it through a pipe: each command is (name, *args) and get
 from __future__ import annotations
 
 import functools
+import select
 import time
 import traceback
 
@@ -156,7 +157,8 @@ class Side:
             deadline = time.monotonic() + 20
             while not op.done() and time.monotonic() < deadline:
                 rogue.progress()
-                time.sleep(0.001)
+                if rogue.arm():  # nothing pending: sleep until the worker has news
+                    select.select([rogue.wake_fd], [], [], 0.1)
             return op.done()
         finally:
             rogue.close()
