@@ -69,6 +69,11 @@ class RecvPipeline:
         self._ring_blocked_since: float | None = None
         # the data plane launches each scatter as its receive completes (native receives)
         self._chains = core.data.chains_copies and self.mode.chains
+        # ... and takes receives posted ahead; by default where the cache is on a GPU
+        wanted = config.post_receives_ahead
+        if wanted is None:
+            wanted = planes.device.type == "cuda"
+        self._posts_ahead = self._chains and wanted and core.data.posts_ahead
 
     def prepare(self, room: RecvRoom) -> None:
         """A room registers: what its messages' chained scatters need, ready before they come."""
@@ -80,11 +85,7 @@ class RecvPipeline:
         while the ring stays at most 1/AHEAD_SHARE full (see the module's docstring). Only
         for messages of one chunk (a decode rank that takes several chunks in one message
         cannot know their sizes before), where the data plane chains the scatters."""
-        wanted = self.config.post_receives_ahead
-        if wanted is None:
-            wanted = self.planes.device.type == "cuda"
-        ahead = self._chains and wanted and self.core.data.posts_ahead
-        if not ahead or room.max_message_bytes or self._ring_blocked_since is not None:
+        if not self._posts_ahead or room.max_message_bytes or self._ring_blocked_since is not None:
             return
         ring = self.core.staging.ring
         limit = ring.capacity // AHEAD_SHARE

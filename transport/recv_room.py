@@ -135,7 +135,7 @@ class RecvRoom:
                     )
 
     def take(self, piece: Piece) -> None:
-        """`piece`, from `messages`, is being taken (the counterpart of `untake`)."""
+        """`piece` (from `expect` or `messages`) is being taken: the counterpart of `untake`."""
         for key in piece.keys:
             self.taken[key] = self.taken.get(key, 0) + 1
 
@@ -183,9 +183,9 @@ class RecvRoom:
                 FailureKind.BAD_MESSAGE,
                 f"protocol: piece {piece} from prefill rank {writer} arrived twice",
             ), None
-        for key in keys:
-            self.taken[key] = self.taken.get(key, 0) + 1
-        return None, Piece(head_slice, slots, planes, index, chunk * self.chunk_tokens, keys)
+        piece_of = Piece(head_slice, slots, planes, index, chunk * self.chunk_tokens, keys)
+        self.take(piece_of)
+        return None, piece_of
 
     def _chunks_in(self, chunk: int, nbytes: int, token_bytes: int) -> int:
         """How many whole chunks from `chunk` on a message of `nbytes` carries (0: none fits:
