@@ -196,7 +196,7 @@ def main() -> None:
     trace.install()
     model = bench_model.build_model(args)
     device = model.device
-    bench = overlap.Bench(args, model, args.layer_group)
+    bench = overlap.Bench(args, model, args.layer_group, taper=not args.uniform)
     try:
         prompt = bench.prompts(1)
         for _ in range(5):  # warm-up: kernels, endpoints, the ring
@@ -220,7 +220,8 @@ def main() -> None:
     ]
     result = analyse(trace, runs)
     result["loop_wakes_per_request"] = wakes
-    mode = f"layer-wise ({args.layer_group})" if args.layer_group else "whole-chunk"
+    mode = f"layer-wise ({args.layer_group}{', uniform' if args.uniform else ''})"
+    mode = mode if args.layer_group else "whole-chunk"
     print(f"{own.runs} single-prompt transfers of {args.prompt} tokens, {mode}, on {device}")
     print(f"{'stage':24}{'after the last':>16}{'until woken':>13}{'in its turn':>13}  (ms)")
     for row in result["stages"]:

@@ -12,7 +12,8 @@ prompts, side by side:
                does before its first token;
 - whole-chunk: kvferry's transfer, one message per chunk (gathered after the chunk's forward);
 - layer-wise:  one message per `--layer-group` layers, each gathered as soon as the forward has
-               written those layers, while the later layers still compute;
+               written those layers, while the later layers still compute; the last group split
+               in halves down to one layer (`transfer.layer_taper`; `--uniform`: also without);
 - with `--held`, also whole-chunk with every prompt held until its room is registered (no
   `scheduler.unregistered_prefill_tokens`: the forward waits for the registration's trip, as
   every prompt did before prefill started on a prompt's arrival).
@@ -65,10 +66,13 @@ WAIT_S = 0.5  # the longest sleep without news (a lost ring would show as this)
 class Bench:
     """The model, its prefill engine and the receiving side, for one transfer setting."""
 
-    def __init__(self, args, model: Model, layer_group: int | None, held: bool = False) -> None:
+    def __init__(
+        self, args, model: Model, layer_group: int | None, held: bool = False, taper: bool = True
+    ) -> None:
         """`held`: every prompt waits for its room's registration (else the daemons' default:
-        up to one forward's tokens of prompts compute before it)."""
-        self.args, self.model = args, model
+        up to one forward's tokens of prompts compute before it); `taper`: the layer groups'
+        (`transfer.layer_taper`)."""
+        self.args, self.model, self.taper = args, model, taper
         self.transfers = layer_group is not None
         self.next_room = itertools.count(1)
         self.timelines: list[dict[str, float]] = []  # per prompt sent: stage -> ms after submit
@@ -106,6 +110,7 @@ class Bench:
         config = TransferConfig(
             chunk_tokens=args.chunk,
             layer_group=layer_group,
+            layer_taper=self.taper,
             staging_bytes=self._ring_bytes(settings, token_bytes),
             ucx_tls=tls,
             post_receives_ahead=False if args.probe else None,
@@ -230,8 +235,10 @@ class Bench:
         return loops
 
 
-def measure(args, model: Model, name: str, layer_group: int | None, held: bool = False) -> dict:
-    bench = Bench(args, model, layer_group, held)
+def measure(
+    args, model: Model, name: str, layer_group: int | None, held: bool = False, taper: bool = True
+) -> dict:
+    bench = Bench(args, model, layer_group, held, taper)
     try:
         prompts = bench.prompts(args.requests)
         # warm-up: kernels, endpoints, the ring, and the batch's own shapes (a first batched
@@ -255,6 +262,7 @@ def measure(args, model: Model, name: str, layer_group: int | None, held: bool =
         return {
             "name": name,
             "layer_group": layer_group,
+            "layer_taper": taper,
             "held": held,
             "latency_ms": statistics.median(latency) * 1e3,
             "batch_s": batch,
@@ -281,6 +289,9 @@ def main() -> None:
         measure(args, model, "whole-chunk", 0),
         measure(args, model, f"layer-wise ({args.layer_group})", args.layer_group),
     ]
+    if args.uniform:
+        name = f"layer-wise ({args.layer_group}), uniform"
+        runs.append(measure(args, model, name, args.layer_group, taper=False))
     if args.held:
         runs.append(measure(args, model, "whole-chunk, held", 0, held=True))
     local = runs[0]
@@ -300,6 +311,11 @@ def main() -> None:
             f"{whole['latency_ms'] / held['latency_ms']:.2f}x ({whole['latency_ms']:.2f} vs "
             f"{held['latency_ms']:.2f} ms)"
         )
+    for run in runs[2:]:  # the KV on decode (its scatter done) against whole-chunk's
+        ready, whole = run["stages_ms"].get("kv_ready"), runs[1]["stages_ms"].get("kv_ready")
+        if ready and whole:
+            print(f"{run['name']}: KV on decode {ready:.2f} ms, {whole - ready:+.2f} ms ahead of "
+                  f"whole-chunk ({ready / whole:.3f}x)")  # fmt: skip
     for run in runs[1:]:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in run["stages_ms"].items())
         print(f"{run['name']}: stages end, ms after submission (median): {stages}")

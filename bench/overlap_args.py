@@ -24,6 +24,12 @@ def parse_args(description: str) -> argparse.Namespace:
     )
     p.add_argument("--layer-group", type=int, default=4 if gpu else 1)
     p.add_argument(
+        "--uniform",
+        action="store_true",
+        help="also run layer-wise with every group --layer-group layers (transfer.layer_taper: "
+        "false), against the default whose last group is split in halves down to one layer",
+    )
+    p.add_argument(
         "--staging-chunks",
         type=int,
         default=None,

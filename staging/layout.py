@@ -40,14 +40,28 @@ _BOUNDS = {
 COMPAT_FIELDS = ("model", "dtype", "head_dim", "num_kv_heads", "num_layers", "mla")
 
 
-def layer_groups(num_layers: int, group: int) -> list[range]:
+def layer_groups(num_layers: int, group: int, taper: bool = False) -> list[range]:
     """The layers of each transfer message of a chunk: [0, group), [group, 2 * group), ...;
-    group 0 (or at least num_layers) keeps every layer in one message (whole-chunk mode)."""
+    group 0 (or at least num_layers) keeps every layer in one message (whole-chunk mode).
+
+    `taper` splits the last group in halves down to one layer (16 layers in groups of 4:
+    [0, 4), [4, 8), [8, 12), [12, 14), [14, 15), [15, 16)). What is left to move once the
+    forward has ended is then one layer's KV instead of a group's, for two or three messages
+    more a chunk: the earlier, larger groups travel while the later layers compute."""
     if group < 0:
         raise ValueError(f"layer_group={group} must be >= 0")
     if group == 0 or group >= num_layers:
         return [range(num_layers)]
-    return [range(start, min(start + group, num_layers)) for start in range(0, num_layers, group)]
+    groups = [range(start, min(start + group, num_layers)) for start in range(0, num_layers, group)]
+    if not taper:
+        return groups
+    last = groups.pop()
+    start = last.start
+    while start < last.stop:
+        size = (last.stop - start + 1) // 2
+        groups.append(range(start, start + size))
+        start += size
+    return groups
 
 
 class KVLayout(msgspec.Struct, frozen=True, kw_only=True):

@@ -25,6 +25,9 @@ class TransferConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # Layers per message (decode proposes it too); prefill records a ready event every this
     # many layers of its forward, so a group is sent while later layers compute. 0: whole chunk.
     layer_group: int = 0
+    # layer-wise: split the last group in halves down to one layer (layout.layer_groups), so
+    # what is left to send once the forward has ended is one layer's KV (decode proposes it too)
+    layer_taper: bool = True
     # each rank's staging ring; None: DEFAULT_STAGING_BYTES, or what a daemon sizes it to
     # (prefill: one forward's KV, `prefill_ring_bytes`)
     staging_bytes: int | None = None

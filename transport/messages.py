@@ -116,6 +116,7 @@ class RegisterRoom(_Msg):
     # the largest data message this rank takes: chunks that are ready together may travel as
     # one message up to this size; 0: one chunk per message
     max_message_bytes: int = 0
+    layer_taper: bool = False  # the last layer group split in halves (layout.layer_groups)
 
     def __post_init__(self) -> None:
         check_control_address(self.control_address, "control_address")

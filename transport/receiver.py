@@ -66,7 +66,7 @@ class DecodeAgent(TransferAgent):
             keys=keys,
         )
         self.config, self.layout, self.planes = config, layout, planes
-        self._groups = layer_groups(layout.num_layers, config.layer_group)
+        self._groups = layer_groups(layout.num_layers, config.layer_group, config.layer_taper)
         # each prefill rank accepts a registration by naming it in its next heartbeat: one
         # interval more than bootstrap_timeout_s for it to come
         self._accept_timeout_s = config.bootstrap_timeout_s + config.heartbeat_interval_s
@@ -175,6 +175,7 @@ class DecodeAgent(TransferAgent):
             self.config.mode,
             self.config.layer_group,
             room.max_message_bytes,
+            self.config.layer_taper,
         )
         for info in peers:
             self.core.control.send(info.control_address, message)

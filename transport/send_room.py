@@ -140,6 +140,7 @@ class SendRoom:
         self.dst_tp: int | None = None
         self.chunk_tokens: int | None = None
         self.layer_group: int | None = None
+        self.layer_taper = False
         self.groups: list[range] = []  # the layers of each piece of a chunk, once registered
         # the largest message every decode rank of the room takes (several chunks in one)
         self.max_message_bytes: int | None = None
@@ -195,15 +196,17 @@ class SendRoom:
                 f"mismatch: num_tokens {msg.num_tokens} at decode vs {self.num_tokens} at prefill"
             )
             return Failure(FailureKind.INCOMPATIBLE, mismatch)
-        proposal = (msg.layout.tp_size, msg.chunk_tokens, msg.layer_group)
+        proposal = (msg.layout.tp_size, msg.chunk_tokens, msg.layer_group, msg.layer_taper)
         if self.dst_tp is not None and proposal != (
             self.dst_tp,
             self.chunk_tokens,
             self.layer_group,
+            self.layer_taper,
         ):
             return Failure(
                 FailureKind.INCOMPATIBLE,
-                "mismatch: decode ranks proposed different tp_size, chunk_tokens or layer_group",
+                "mismatch: decode ranks proposed different tp_size, chunk_tokens, layer_group "
+                "or layer_taper",
             )
         if msg.layout.tp_rank in self.dests:
             return Failure(
@@ -211,10 +214,10 @@ class SendRoom:
                 f"mismatch: decode rank {msg.layout.tp_rank} registered twice",
             )
         self.num_tokens = msg.num_tokens
-        self.dst_tp, self.chunk_tokens, self.layer_group = proposal
+        self.dst_tp, self.chunk_tokens, self.layer_group, self.layer_taper = proposal
         if self.max_message_bytes is None or msg.max_message_bytes < self.max_message_bytes:
             self.max_message_bytes = msg.max_message_bytes
-        self.groups = layer_groups(num_layers, msg.layer_group)
+        self.groups = layer_groups(num_layers, msg.layer_group, msg.layer_taper)
         return None
 
     def add_tokens(
@@ -322,7 +325,7 @@ def check_registration(
             f"max_message_bytes={msg.max_message_bytes} (mode {msg.mode!r})"
         )
         return Failure(FailureKind.BAD_MESSAGE, invalid)
-    groups = layer_groups(layout.num_layers, msg.layer_group)
+    groups = layer_groups(layout.num_layers, msg.layer_group, msg.layer_taper)
     if -(-msg.num_tokens // msg.chunk_tokens) * len(groups) > MAX_PIECES:
         pieces = f"{msg.num_tokens} tokens in chunks of {msg.chunk_tokens}"
         pieces += f" x {len(groups)} layer groups"

@@ -68,7 +68,11 @@ def build_engine(
     if settings.cuda_graphs and role == "decode":
         graphs = {"graph_batch": settings.max_running}
     elif settings.cuda_graphs:
-        graphs = {"graph_tokens": settings.max_batch_tokens, "layer_group": transfer.layer_group}
+        graphs = {
+            "graph_tokens": settings.max_batch_tokens,
+            "layer_group": transfer.layer_group,
+            "layer_taper": transfer.layer_taper,
+        }
     runner = ModelRunner(model, blocks, **graphs)
     layout = kv_layout(model, model_name, settings.page_size, tp_rank)
     data = data_plane()

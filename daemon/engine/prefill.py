@@ -27,6 +27,7 @@ from kvferry.daemon.engine.outputs import RoomDone, Samples, StepOutput
 from kvferry.daemon.engine.runner import DRAW_FAILED, ModelRunner
 from kvferry.daemon.engine.scheduler import PrefillScheduler
 from kvferry.daemon.engine.sequence import SamplingParams, Sequence
+from kvferry.staging.layout import layer_groups
 from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.handles import KVSender, KVWritten
 from kvferry.transport.room import TransferFailed
@@ -65,9 +66,12 @@ class PrefillEngine:
         self.done: list[RoomDone] = []  # drained by take_output()
         self.newly_registered: list[int] = []  # registered on every rank now; drained likewise
         self.samples = Samples()  # drained by the caller
-        self.marks = _LayerMarks(
-            agent.config.layer_group, runner.model.config.num_hidden_layers, runner.kv.device
+        layers = layer_groups(
+            runner.model.config.num_hidden_layers,
+            agent.config.layer_group,
+            agent.config.layer_taper,
         )
+        self.marks = _LayerMarks(layers, runner.kv.device)
 
     @property
     def busy(self) -> bool:
@@ -191,9 +195,9 @@ class PrefillEngine:
 
 
 class _LayerMarks:
-    """Events on the compute stream after every `group` layers of a forward (none after the
-    last layer: the forward's own event covers it), each handed to the forward's KVWritten as
-    it is recorded. Inactive on a CPU, where the forward is done when it returns, and in
+    """Events on the compute stream after each transfer layer group of a forward (none after
+    the last layer: the forward's own event covers it), each handed to the forward's KVWritten
+    as it is recorded. Inactive on a CPU, where the forward is done when it returns, and in
     whole-chunk mode.
 
     The transfer thread is not woken per group: the forward's hand-over wakes it once, and it
@@ -203,9 +207,9 @@ class _LayerMarks:
     only took the GIL from the forward's launch for gathers the device could not run sooner
     (docs/benchmarks.md, "Layer groups without a wake each")."""
 
-    def __init__(self, group: int, num_layers: int, device: torch.device) -> None:
-        self.group, self.num_layers = group, num_layers
-        self.active = bool(group) and device.type == "cuda" and group < num_layers
+    def __init__(self, groups: list[range], device: torch.device) -> None:
+        self.ends = frozenset(group.stop for group in groups[:-1])  # the last: the forward's
+        self.active = bool(self.ends) and device.type == "cuda"
         self._written: KVWritten | None = None
 
     def begin(self, written: KVWritten):
@@ -215,7 +219,7 @@ class _LayerMarks:
         return self.record if self.active else None
 
     def record(self, layers_done: int) -> None:
-        if layers_done % self.group == 0 and layers_done < self.num_layers:
+        if layers_done in self.ends:
             event = torch.cuda.Event()
             event.record()
             self._written.layers_written(layers_done, event)

@@ -37,6 +37,7 @@ import torch
 from kvferry.daemon.engine.inputs import HostInputs, Uploader, new_slots
 from kvferry.daemon.model.batch import Batch
 from kvferry.daemon.model.llama import Model
+from kvferry.staging.layout import layer_groups
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,10 @@ def token_buckets(limit: int) -> list[int]:
     return [size for size in sizes if size < top] + [top]
 
 
-def layer_bounds(num_layers: int, layer_group: int) -> tuple[int, ...]:
-    """Where a forward's graphs split: after every `layer_group` layers (0: one graph)."""
-    if layer_group <= 0 or layer_group >= num_layers:
-        return (0, num_layers)
-    return (*range(0, num_layers, layer_group), num_layers)
+def layer_bounds(num_layers: int, layer_group: int, taper: bool = False) -> tuple[int, ...]:
+    """Where a forward's graphs split: after each transfer layer group (`layout.layer_groups`;
+    layer_group 0: one graph)."""
+    return (0, *(group.stop for group in layer_groups(num_layers, layer_group, taper)))
 
 
 class PrefillGraphs:

@@ -32,7 +32,8 @@ class ModelRunner:
         kv_dtype: torch.dtype | None = None,
         graph_batch: int = 0,  # capture decode graphs up to this batch size (0: none)
         graph_tokens: int = 0,  # capture prefill graphs up to this many tokens (0: none)
-        layer_group: int = 0,  # prefill graphs: split after every this many layers (0: none)
+        layer_group: int = 0,  # prefill graphs: split after each transfer layer group (0: none)
+        layer_taper: bool = False,  # ... the last group split in halves (layout.layer_groups)
     ) -> None:
         c = model.config
         self.model, self.blocks = model, blocks
@@ -51,7 +52,7 @@ class ModelRunner:
             _capture(self.graphs.capture, "decode step")
         self.prefill_graphs = None
         if graphs and graph_tokens > 0:
-            bounds = layer_bounds(c.num_hidden_layers, layer_group)
+            bounds = layer_bounds(c.num_hidden_layers, layer_group, layer_taper)
             self.prefill_graphs = PrefillGraphs(
                 model, self.kv, blocks.page_size, blocks.num_pages, graph_tokens,
                 blocks.num_pages, bounds,

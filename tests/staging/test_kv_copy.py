@@ -84,6 +84,25 @@ def test_layer_groups():
         layer_groups(5, -1)
 
 
+@pytest.mark.parametrize(
+    ("layers", "group", "sizes"),
+    [
+        (16, 4, [4, 4, 4, 2, 1, 1]),
+        (16, 8, [8, 4, 2, 1, 1]),
+        (16, 3, [3, 3, 3, 3, 3, 1]),  # the last group is one layer already
+        (10, 4, [4, 4, 1, 1]),
+        (7, 6, [6, 1]),
+        (16, 1, [1] * 16),
+        (16, 0, [16]),  # whole chunk: nothing to taper
+        (16, 16, [16]),
+    ],
+)
+def test_tapered_layer_groups_end_with_one_layer(layers, group, sizes):
+    groups = layer_groups(layers, group, taper=True)
+    assert [len(g) for g in groups] == sizes
+    assert [layer for g in groups for layer in g] == list(range(layers))  # in order, each once
+
+
 def test_nan_payloads_survive():
     cache = torch.full((2, 4, 1, 2), float("nan"))
     cache.view(torch.int32)[..., 0] = 0x7FC0BEEF  # a NaN with a payload

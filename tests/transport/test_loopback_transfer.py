@@ -151,6 +151,39 @@ def test_layer_groups_leave_as_soon_as_the_forward_has_queued_them():
         dep.close()
 
 
+@pytest.mark.parametrize("taper", [True, False])
+def test_a_tapered_last_group_leaves_layer_by_layer(taper):
+    """Six layers in groups of four: with the last group tapered ([0, 4), [4, 5), [5, 6)) layer
+    4 leaves as soon as it is announced, before the forward's end; uniform ([0, 4), [4, 6)) it
+    waits for layer 5. Either way the KV arrives bit-exact."""
+    config = small_config(layer_group=4, layer_taper=taper)
+    dep = Deployment(2, 1, 1, config=config, layers=6, d_page_size=4)
+    try:
+        req = Request(dep.prefill.layouts[0], 16, seed=5)  # one chunk
+        receivers = start_receivers(dep.decode, req, dep.server.address)
+        agent, cache = dep.prefill.agents[0], dep.prefill.caches[0]
+        sender = agent.sender(req.room, req.num_tokens)
+        assert wait_for(lambda: sender.poll() == KVPoll.WaitingForInput)
+        written = KVWritten()
+        sender.add_tokens(req_slots(cache, req), written=written, last=True)
+        sent = agent.core.data
+        prefill_fill(dep.prefill, req)
+        for layers, messages in ((4, 1), (5, 2 if taper else 1)):
+            written.layers_written(layers, None)
+            agent.wake()
+            assert wait_for(lambda n=messages: sent.messages_sent == n)
+            assert settle([agent]) and sent.messages_sent == messages
+        written.complete(None)
+        agent.wake()
+        assert wait_for(lambda: sent.messages_sent == (3 if taper else 2))
+        sender.first_token_is(7)
+        assert wait_all([sender, *receivers]) == [KVPoll.Success] * 2
+        assert decode_matches(dep.decode, req)
+        assert wait_idle([dep.prefill, dep.decode])
+    finally:
+        dep.close()
+
+
 @pytest.mark.parametrize("layer_group", [0, 1])
 def test_every_step_of_a_transfer_is_woken_by_an_event_not_a_timer(layer_group):
     """With heartbeats a minute apart the loops take no timer turn during a transfer: KV handed

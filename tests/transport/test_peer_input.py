@@ -241,6 +241,24 @@ def test_decode_ranks_proposing_different_layer_groups_fail_the_room(dep):
     assert wait_all(start_senders(dep.prefill, req) + receivers) == [KVPoll.Success] * 2
 
 
+def test_decode_ranks_proposing_different_layer_tapers_fail_the_room(dep):
+    agent = dep.prefill.agents[0]
+    proposal = {"room": 7, "layer_group": 2}
+    register(agent.core.control.address, layout=layout_for(4, 2, 0), layer_taper=True, **proposal)
+    register(
+        agent.core.control.address,
+        layout=layout_for(4, 2, 1),
+        layer_taper=False,
+        control_address="tcp://127.0.0.1:10",
+        **proposal,
+    )
+    sender = agent.sender(7, 10)
+    assert wait_all([sender], timeout_s=5) == [KVPoll.Failed]
+    assert "layer_taper" in str(sender.failure)
+    req, receivers = waiting_room(dep, seed=6)
+    assert wait_all(start_senders(dep.prefill, req) + receivers) == [KVPoll.Success] * 2
+
+
 @pytest.mark.parametrize("frames", [[b"junk"], [b""], [b"\x00\x01\xff"], [b"a", b"b"]])
 @pytest.mark.parametrize("identity", [None, b"tcp://127.0.0.1:9"])
 def test_garbage_on_a_control_port_is_answered_and_counted(dep, frames, identity):

@@ -125,6 +125,7 @@ def templates(rng: random.Random, learned: Learned) -> dict[str, dict]:
             "mode": "staged",
             "layer_group": 0,
             "max_message_bytes": rng.choice((0, 1 << 20, 1 << 62)),
+            "layer_taper": rng.choice((False, True)),
         },
         "TransferDone": {"room": r, "src_rank": 0, "num_chunks": 1, "first_token": 5},
         "Abort": {"room": r, "reason": "fuzz"},

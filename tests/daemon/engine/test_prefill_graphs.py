@@ -34,6 +34,7 @@ def test_layer_bounds_split_after_every_group():
     assert layer_bounds(16, 4) == (0, 4, 8, 12, 16)
     assert layer_bounds(10, 4) == (0, 4, 8, 10)
     assert layer_bounds(16, 0) == layer_bounds(16, 16) == layer_bounds(16, 32) == (0, 16)
+    assert layer_bounds(16, 4, taper=True) == (0, 4, 8, 12, 14, 15, 16)  # the transfer's groups
 
 
 def test_token_buckets_pad_little_up_to_the_largest_captured_forward():
