@@ -117,6 +117,19 @@ def test_layer_wise_mla_latent_arrives_bit_exact():
         dep.close()
 
 
+def _handed_over_unwritten(dep: Deployment, seed: int):
+    """A one-chunk room registered and handed over by prefill rank 0 with a KVWritten that
+    announces nothing yet (the forward not queued): (request, receivers, sender, written)."""
+    req = Request(dep.prefill.layouts[0], 16, seed=seed)
+    receivers = start_receivers(dep.decode, req, dep.server.address)
+    agent, cache = dep.prefill.agents[0], dep.prefill.caches[0]
+    sender = agent.sender(req.room, req.num_tokens)
+    assert wait_for(lambda: sender.poll() == KVPoll.WaitingForInput)
+    written = KVWritten()
+    sender.add_tokens(req_slots(cache, req), written=written, last=True)
+    return req, receivers, sender, written
+
+
 def test_layer_groups_leave_as_soon_as_the_forward_has_queued_them():
     """A prefill engine hands a chunk over before it launches the forward (a KVWritten it fills
     in meanwhile): nothing leaves until a layer group is announced, then that group's messages
@@ -124,15 +137,8 @@ def test_layer_groups_leave_as_soon_as_the_forward_has_queued_them():
     config = small_config(layer_group=1)  # three layers: three messages per chunk and writer
     dep = Deployment(2, 1, 1, config=config, layers=3, d_page_size=4)
     try:
-        req = Request(dep.prefill.layouts[0], 16, seed=3)  # one chunk
-        receivers = start_receivers(dep.decode, req, dep.server.address)
-        agent, cache = dep.prefill.agents[0], dep.prefill.caches[0]
-        sender = agent.sender(req.room, req.num_tokens)
-        assert wait_for(lambda: sender.poll() == KVPoll.WaitingForInput)
-        written = KVWritten()
-        sender.add_tokens(req_slots(cache, req), written=written, last=True)
-        sent = agent.core.data
-
+        req, receivers, sender, written = _handed_over_unwritten(dep, seed=3)
+        agent, sent = dep.prefill.agents[0], dep.prefill.agents[0].core.data
         assert settle([agent]) and sent.messages_sent == 0  # no layer is queued yet
         prefill_fill(dep.prefill, req)  # the forward: the KV is written, then announced
         written.layers_written(1, None)
@@ -159,14 +165,8 @@ def test_a_tapered_last_group_leaves_layer_by_layer(taper):
     config = small_config(layer_group=4, layer_taper=taper)
     dep = Deployment(2, 1, 1, config=config, layers=6, d_page_size=4)
     try:
-        req = Request(dep.prefill.layouts[0], 16, seed=5)  # one chunk
-        receivers = start_receivers(dep.decode, req, dep.server.address)
-        agent, cache = dep.prefill.agents[0], dep.prefill.caches[0]
-        sender = agent.sender(req.room, req.num_tokens)
-        assert wait_for(lambda: sender.poll() == KVPoll.WaitingForInput)
-        written = KVWritten()
-        sender.add_tokens(req_slots(cache, req), written=written, last=True)
-        sent = agent.core.data
+        req, receivers, sender, written = _handed_over_unwritten(dep, seed=5)
+        agent, sent = dep.prefill.agents[0], dep.prefill.agents[0].core.data
         prefill_fill(dep.prefill, req)
         for layers, messages in ((4, 1), (5, 2 if taper else 1)):
             written.layers_written(layers, None)

@@ -224,38 +224,23 @@ def test_bad_registrations_fail_the_room_and_the_rank_keeps_serving(dep, changes
     assert wait_all(senders + receivers) == [KVPoll.Success] * 2
 
 
-def test_decode_ranks_proposing_different_layer_groups_fail_the_room(dep):
+@pytest.mark.parametrize(
+    ("field", "first", "second"), [("layer_group", 1, 2), ("layer_taper", True, False)]
+)
+def test_decode_ranks_proposing_different_layer_groups_fail_the_room(dep, field, first, second):
     agent = dep.prefill.agents[0]
-    register(agent.core.control.address, room=6, layout=layout_for(4, 2, 0), layer_group=1)
+    proposal = {"room": 6, "layer_group": 2}
+    register(agent.core.control.address, layout=layout_for(4, 2, 0), **{**proposal, field: first})
     register(
         agent.core.control.address,
-        room=6,
         layout=layout_for(4, 2, 1),
-        layer_group=2,
         control_address="tcp://127.0.0.1:10",
+        **{**proposal, field: second},
     )
     sender = agent.sender(6, 10)
     assert wait_all([sender], timeout_s=5) == [KVPoll.Failed]
-    assert "layer_group" in str(sender.failure)
+    assert field in str(sender.failure)
     req, receivers = waiting_room(dep, seed=5)
-    assert wait_all(start_senders(dep.prefill, req) + receivers) == [KVPoll.Success] * 2
-
-
-def test_decode_ranks_proposing_different_layer_tapers_fail_the_room(dep):
-    agent = dep.prefill.agents[0]
-    proposal = {"room": 7, "layer_group": 2}
-    register(agent.core.control.address, layout=layout_for(4, 2, 0), layer_taper=True, **proposal)
-    register(
-        agent.core.control.address,
-        layout=layout_for(4, 2, 1),
-        layer_taper=False,
-        control_address="tcp://127.0.0.1:10",
-        **proposal,
-    )
-    sender = agent.sender(7, 10)
-    assert wait_all([sender], timeout_s=5) == [KVPoll.Failed]
-    assert "layer_taper" in str(sender.failure)
-    req, receivers = waiting_room(dep, seed=6)
     assert wait_all(start_senders(dep.prefill, req) + receivers) == [KVPoll.Success] * 2
 
 
