@@ -13,7 +13,9 @@ prompts, side by side:
 - whole-chunk: kvferry's transfer, one message per chunk (gathered after the chunk's forward);
 - layer-wise:  one message per `--layer-group` layers, each gathered as soon as the forward has
                written those layers, while the later layers still compute; the last group split
-               in halves down to one layer (`transfer.layer_taper`; `--uniform`: also without);
+               in halves down to one layer (`transfer.layer_taper`; `--uniform`: also without),
+               the forwards on a stream of the highest priority (`engine.forward_priority`;
+               `--normal-priority`: also without);
 - with `--held`, also whole-chunk with every prompt held until its room is registered (no
   `scheduler.unregistered_prefill_tokens`: the forward waits for the registration's trip, as
   every prompt did before prefill started on a prompt's arrival).
@@ -67,12 +69,14 @@ class Bench:
     """The model, its prefill engine and the receiving side, for one transfer setting."""
 
     def __init__(
-        self, args, model: Model, layer_group: int | None, held: bool = False, taper: bool = True
+        self, args, model: Model, layer_group: int | None, held: bool = False, **settings
     ) -> None:
         """`held`: every prompt waits for its room's registration (else the daemons' default:
-        up to one forward's tokens of prompts compute before it); `taper`: the layer groups'
-        (`transfer.layer_taper`)."""
-        self.args, self.model, self.taper = args, model, taper
+        up to one forward's tokens of prompts compute before it); `settings`: `taper`
+        (`transfer.layer_taper`), `priority` (`engine.forward_priority`), each None for the
+        default."""
+        self.args, self.model = args, model
+        self.taper, self.priority = settings.get("taper"), settings.get("priority")
         self.transfers = layer_group is not None
         self.next_room = itertools.count(1)
         self.timelines: list[dict[str, float]] = []  # per prompt sent: stage -> ms after submit
@@ -86,6 +90,7 @@ class Bench:
                 max_batch_tokens=args.chunk * args.requests,
                 unregistered_prefill_tokens=0 if held else args.chunk * args.requests,
                 cuda_graphs=not args.eager,
+                forward_priority=self.priority,
             )
             self._build_transfers(settings, layer_group)
         else:  # the forwards alone: no agent, no engine
@@ -110,7 +115,7 @@ class Bench:
         config = TransferConfig(
             chunk_tokens=args.chunk,
             layer_group=layer_group,
-            layer_taper=self.taper,
+            layer_taper=True if self.taper is None else self.taper,
             staging_bytes=self._ring_bytes(settings, token_bytes),
             ucx_tls=tls,
             post_receives_ahead=False if args.probe else None,
@@ -236,9 +241,9 @@ class Bench:
 
 
 def measure(
-    args, model: Model, name: str, layer_group: int | None, held: bool = False, taper: bool = True
+    args, model: Model, name: str, layer_group: int | None, held: bool = False, **settings
 ) -> dict:
-    bench = Bench(args, model, layer_group, held, taper)
+    bench = Bench(args, model, layer_group, held, **settings)
     try:
         prompts = bench.prompts(args.requests)
         # warm-up: kernels, endpoints, the ring, and the batch's own shapes (a first batched
@@ -262,7 +267,7 @@ def measure(
         return {
             "name": name,
             "layer_group": layer_group,
-            "layer_taper": taper,
+            **{key: value for key, value in settings.items() if value is not None},
             "held": held,
             "latency_ms": statistics.median(latency) * 1e3,
             "batch_s": batch,
@@ -292,15 +297,19 @@ def main() -> None:
     if args.uniform:
         name = f"layer-wise ({args.layer_group}), uniform"
         runs.append(measure(args, model, name, args.layer_group, taper=False))
+    if args.normal_priority:
+        name = f"layer-wise ({args.layer_group}), normal priority"
+        runs.append(measure(args, model, name, args.layer_group, priority=False))
     if args.held:
         runs.append(measure(args, model, "whole-chunk, held", 0, held=True))
     local = runs[0]
-    print(f"{'':24}{'latency ms':>12}{'vs local':>10}{'prefill tok/s':>15}{'vs local':>10}")
+    width = max(len(run["name"]) for run in runs) + 2
+    print(f"{'':{width}}{'latency ms':>12}{'vs local':>10}{'prefill tok/s':>15}{'vs local':>10}")
     for run in runs:
         run["latency_overhead"] = run["latency_ms"] / local["latency_ms"] - 1
         run["throughput_ratio"] = run["tokens_per_s"] / local["tokens_per_s"]
         print(
-            f"{run['name']:24}{run['latency_ms']:12.1f}{run['latency_overhead']:+10.1%}"
+            f"{run['name']:{width}}{run['latency_ms']:12.1f}{run['latency_overhead']:+10.1%}"
             f"{run['tokens_per_s']:15.0f}{run['throughput_ratio']:10.1%}"
         )
     print(Launch.table(runs))

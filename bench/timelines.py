@@ -60,9 +60,11 @@ class Launch:
             "one prompt's forward, launched on the host in (median ms), while this process's "
             "transfer threads took (turns, CPU ms):"
         ]
+        width = max(len(run["name"]) for run in runs)
         for run in runs:
             lines.append(
-                f"  {run['name']:22}{run['launch_ms']:8.2f} ms  {run['launch_thread_turns']:5.1f} "
-                f"turns  {run['launch_thread_cpu_ms']:6.2f} ms CPU"
+                f"  {run['name']:{width}}{run['launch_ms']:8.2f} ms  "
+                f"{run['launch_thread_turns']:5.1f} turns  "
+                f"{run['launch_thread_cpu_ms']:6.2f} ms CPU"
             )
         return "\n".join(lines)
