@@ -66,6 +66,7 @@ class RecvPipeline:
         self._receiving: deque[Arrival] = deque()  # receives posted, oldest first
         self._scattering: deque[Arrival] = deque()  # scatters queued, in stream order
         self._discards: deque = deque()  # discards of unwanted messages not yet done
+        self._revoked = 0  # receives revoked (cancelled, the ring full) and not yet settled
         self._ring_blocked_since: float | None = None
         # the data plane launches each scatter as its receive completes (native receives)
         self._chains = core.data.chains_copies and self.mode.chains
@@ -131,6 +132,7 @@ class RecvPipeline:
         for arrival in self._receiving:
             if arrival.ahead and not arrival.revoked and (room is None or arrival.room is room):
                 arrival.revoked = room is None
+                self._revoked += arrival.revoked
                 self.core.data.cancel(arrival.request)
 
     @property
@@ -166,6 +168,8 @@ class RecvPipeline:
         message be new), or while the oldest waits for ring room."""
         if not (self.core.progressed or self._ring_blocked_since is not None):
             return
+        if self._revoked:
+            self._settle_revoked()
         for _ in range(PROBES_PER_TURN):
             probed = self.core.data.probe()
             if probed is None:
@@ -180,6 +184,24 @@ class RecvPipeline:
             if not taken:
                 return
         self.core.again = True  # the budget ran out: the rest in the next turn
+
+    def _settle_revoked(self) -> None:
+        """Give back the pieces of the receives revoked whose cancellation is in, before any
+        probe: their messages come by probe now, and may be in already (the progress that took
+        the cancellations in can bring them too), where they must not pass for duplicates."""
+        for _ in range(len(self._receiving)):  # a full turn of the deque keeps its order
+            arrival = self._receiving.popleft()
+            if arrival.revoked and arrival.request.cancelled and arrival.room.open:
+                self._give_back(arrival)
+            else:
+                self._receiving.append(arrival)
+
+    def _give_back(self, arrival: Arrival) -> None:
+        """A revoked receive was cancelled before its message came: its region and piece go
+        back, and its message, when it comes, is probed."""
+        self._unpost(arrival)
+        arrival.room.busy -= 1
+        self._revoked -= 1
 
     def _arrive(self, tag: int, nbytes: int, now: float) -> bool:
         """Take or discard the message probed; False if it must stay queued (ring full)."""
@@ -263,9 +285,9 @@ class RecvPipeline:
                 continue
             error, room = arrival.request.error(), arrival.room
             if arrival.revoked and arrival.request.cancelled and room.open:
-                self._unpost(arrival)  # its message, when it comes, is probed
-                room.busy -= 1
+                self._give_back(arrival)
                 continue
+            self._revoked -= arrival.revoked  # too late to cancel, or its room failed
             finished = time.monotonic()
             if not arrival.ahead:  # one posted ahead waited for its message to be sent too
                 self.core.stats.wire_s += finished - arrival.started

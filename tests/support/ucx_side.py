@@ -163,6 +163,27 @@ class Side:
         finally:
             rogue.close()
 
+    def revoke_and_hold(self):
+        """Decode: revoke rank 0's receives posted ahead, as a message that finds the ring full
+        does, then hold its transfer thread (no progress, no probe) until `release`: messages
+        sent meanwhile are in when it next progresses, together with the cancellations."""
+        import threading
+
+        self._held = threading.Event()
+        agent = self.group.agents[0]
+        hold = self._held
+
+        def revoke_and_wait():
+            agent.arrivals.cancel_ahead()
+            hold.wait(20)
+
+        agent.core.loop.post(revoke_and_wait)
+        return True
+
+    def release(self):
+        self._held.set()
+        return True
+
     def close(self):
         self.group.close()
         if self.server:

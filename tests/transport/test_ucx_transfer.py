@@ -208,6 +208,26 @@ def test_receives_posted_ahead_give_way_when_the_ring_fills(procs):
     assert decode("idle")[0] and prefill("idle")[0]
 
 
+def test_messages_of_revoked_receives_come_by_probe(procs):
+    """Receives posted ahead are revoked (the ring was full), and their messages arrive before
+    the decode thread has taken the cancellations in: the probe that finds them must not take
+    them for duplicates of the receives just cancelled. The room arrives bit-exact."""
+    config = dict(CONFIG, post_receives_ahead=True)  # a cache in host memory: not by default
+    prefill = procs("prefill", 4, 1, config)
+    decode = procs("decode", 4, 1, config)
+    _, (d_states, d_reasons, _) = transfer(prefill, decode, [6])[0]  # the endpoints wired up
+    assert d_states == [SUCCESS], d_reasons
+    decode("recv", 5, 50, 50, prefill.ready)
+    assert reaches(decode, 5, KVPoll.WaitingForInput)
+    decode("revoke_and_hold")
+    prefill("send", 5, 50, 50)
+    assert prefill("idle")[0]  # every send complete: the messages are at decode's worker
+    decode("release")
+    states, reasons, matches = decode("wait", 5)
+    assert states == [SUCCESS] and matches, reasons
+    assert decode("idle")[0] and prefill("idle")[0]
+
+
 @pytest.mark.parametrize("scale", [2, 0.5], ids=["longer", "shorter"])
 def test_a_message_of_the_wrong_size_into_a_receive_posted_ahead(procs, scale):
     """A message longer than its receive posted ahead writes nothing past it, a shorter one
