@@ -268,10 +268,8 @@ def _free_port() -> int:
 
 
 def stage_overlap(stage: Stage) -> None:
-    # layer-wise as the daemons run it, and again with uniform groups and with the forwards at
-    # normal priority
-    group = ["--layer-group", str(stage.args.layer_group if stage.args.gpu else 1)]
-    group += ["--uniform", "--normal-priority"]
+    # layer-wise with the last group tapered (the default) and again with uniform groups
+    group = ["--layer-group", str(stage.args.layer_group if stage.args.gpu else 1), "--uniform"]
     failed = []
     for prompt in stage.args.prompts:
         out = stage.args.out_dir / f"overlap-{prompt}.json"

@@ -311,7 +311,6 @@ def overlap_rows(overlap: dict) -> list[Row]:
     whole = next((r for n, r in by_name.items() if n.startswith("whole")), None)
     layer = next((r for n, r in by_name.items() if n.startswith("layer")), None)  # tapered
     uniform = next((r for n, r in by_name.items() if n.endswith("uniform")), None)
-    normal = next((r for n, r in by_name.items() if n.endswith("normal priority")), None)
     if whole and layer:
         rows.append(Row(f"TTFT layer-wise / whole-chunk, {prompt}",
                         layer["latency_ms"] / whole["latency_ms"], 1.0, "x",
@@ -323,13 +322,11 @@ def overlap_rows(overlap: dict) -> list[Row]:
                             ready[0] / ready[1], 1.0, "x", higher_is_better=False,
                             detail=f"{ready[0]:.4g} vs {ready[1]:.4g} ms, "
                                    f"{ready[1] - ready[0]:+.3g} ms ahead"))  # fmt: skip
-        for other, what in ((uniform, "last group tapered / uniform"),
-                            (normal, "forwards at the highest / normal priority")):  # fmt: skip
-            theirs = (other or {}).get("stages_ms", {}).get("kv_ready")
-            if theirs and all(ready):
-                rows.append(Row(f"KV on decode, layer-wise {what}, {prompt}",
-                                ready[0] / theirs, None, "x", higher_is_better=False,
-                                detail=f"{ready[0]:.4g} vs {theirs:.4g} ms"))  # fmt: skip
+        if uniform and all(ready) and uniform.get("stages_ms", {}).get("kv_ready"):
+            even = uniform["stages_ms"]["kv_ready"]
+            rows.append(Row(f"KV on decode, layer-wise last group tapered / uniform, {prompt}",
+                            ready[0] / even, None, "x", higher_is_better=False,
+                            detail=f"{ready[0]:.4g} vs {even:.4g} ms"))  # fmt: skip
     if whole and held:
         rows.append(Row(f"TTFT whole-chunk, prefill on arrival / held until registered, "
                         f"{prompt}", whole["latency_ms"] / held["latency_ms"], None, "x",

@@ -196,8 +196,7 @@ def main() -> None:
     trace.install()
     model = bench_model.build_model(args)
     device = model.device
-    priority = False if args.normal_priority else None
-    bench = overlap.Bench(args, model, args.layer_group, taper=not args.uniform, priority=priority)
+    bench = overlap.Bench(args, model, args.layer_group, taper=not args.uniform)
     try:
         prompt = bench.prompts(1)
         for _ in range(5):  # warm-up: kernels, endpoints, the ring

@@ -13,9 +13,7 @@ prompts, side by side:
 - whole-chunk: kvferry's transfer, one message per chunk (gathered after the chunk's forward);
 - layer-wise:  one message per `--layer-group` layers, each gathered as soon as the forward has
                written those layers, while the later layers still compute; the last group split
-               in halves down to one layer (`transfer.layer_taper`; `--uniform`: also without),
-               the forwards on a stream of the highest priority (`engine.forward_priority`;
-               `--normal-priority`: also without);
+               in halves down to one layer (`transfer.layer_taper`; `--uniform`: also without);
 - with `--held`, also whole-chunk with every prompt held until its room is registered (no
   `scheduler.unregistered_prefill_tokens`: the forward waits for the registration's trip, as
   every prompt did before prefill started on a prompt's arrival).
@@ -69,14 +67,12 @@ class Bench:
     """The model, its prefill engine and the receiving side, for one transfer setting."""
 
     def __init__(
-        self, args, model: Model, layer_group: int | None, held: bool = False, **settings
+        self, args, model: Model, layer_group: int | None, held: bool = False, taper: bool = True
     ) -> None:
         """`held`: every prompt waits for its room's registration (else the daemons' default:
-        up to one forward's tokens of prompts compute before it); `settings`: `taper`
-        (`transfer.layer_taper`), `priority` (`engine.forward_priority`), each None for the
-        default."""
-        self.args, self.model = args, model
-        self.taper, self.priority = settings.get("taper"), settings.get("priority")
+        up to one forward's tokens of prompts compute before it); `taper`: the layer groups'
+        (`transfer.layer_taper`)."""
+        self.args, self.model, self.taper = args, model, taper
         self.transfers = layer_group is not None
         self.next_room = itertools.count(1)
         self.timelines: list[dict[str, float]] = []  # per prompt sent: stage -> ms after submit
@@ -90,7 +86,6 @@ class Bench:
                 max_batch_tokens=args.chunk * args.requests,
                 unregistered_prefill_tokens=0 if held else args.chunk * args.requests,
                 cuda_graphs=not args.eager,
-                forward_priority=self.priority,
             )
             self._build_transfers(settings, layer_group)
         else:  # the forwards alone: no agent, no engine
@@ -115,7 +110,7 @@ class Bench:
         config = TransferConfig(
             chunk_tokens=args.chunk,
             layer_group=layer_group,
-            layer_taper=True if self.taper is None else self.taper,
+            layer_taper=self.taper,
             staging_bytes=self._ring_bytes(settings, token_bytes),
             ucx_tls=tls,
             post_receives_ahead=False if args.probe else None,
@@ -241,9 +236,9 @@ class Bench:
 
 
 def measure(
-    args, model: Model, name: str, layer_group: int | None, held: bool = False, **settings
+    args, model: Model, name: str, layer_group: int | None, held: bool = False, taper: bool = True
 ) -> dict:
-    bench = Bench(args, model, layer_group, held, **settings)
+    bench = Bench(args, model, layer_group, held, taper)
     try:
         prompts = bench.prompts(args.requests)
         # warm-up: kernels, endpoints, the ring, and the batch's own shapes (a first batched
@@ -267,7 +262,7 @@ def measure(
         return {
             "name": name,
             "layer_group": layer_group,
-            **{key: value for key, value in settings.items() if value is not None},
+            "layer_taper": taper,
             "held": held,
             "latency_ms": statistics.median(latency) * 1e3,
             "batch_s": batch,
@@ -297,9 +292,6 @@ def main() -> None:
     if args.uniform:
         name = f"layer-wise ({args.layer_group}), uniform"
         runs.append(measure(args, model, name, args.layer_group, taper=False))
-    if args.normal_priority:
-        name = f"layer-wise ({args.layer_group}), normal priority"
-        runs.append(measure(args, model, name, args.layer_group, priority=False))
     if args.held:
         runs.append(measure(args, model, "whole-chunk, held", 0, held=True))
     local = runs[0]

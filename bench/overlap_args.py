@@ -30,13 +30,6 @@ def parse_args(description: str) -> argparse.Namespace:
         "false), against the default whose last group is split in halves down to one layer",
     )
     p.add_argument(
-        "--normal-priority",
-        action="store_true",
-        help="also run layer-wise with the prefill forwards on a stream of normal priority "
-        "(engine.forward_priority: false), against the default, where layer-wise forwards run "
-        "at the highest priority and the copies beside them take the SMs they leave",
-    )
-    p.add_argument(
         "--staging-chunks",
         type=int,
         default=None,

@@ -40,9 +40,6 @@ class EngineSettings:
     cuda_graphs: bool = True
     # prefill: prompt tokens of rooms not registered yet that may compute meanwhile (0: none)
     unregistered_prefill_tokens: int = 0
-    # prefill, on a GPU: forwards on a stream of the highest priority (engine/prefill.py);
-    # None: where the transfer is layer-wise, its copies running beside the forwards
-    forward_priority: bool | None = None
 
 
 def build_engine(
@@ -82,10 +79,7 @@ def build_engine(
     if role == "prefill":
         agent = PrefillAgent(transfer, layout, runner.planes, data, bootstrap, token, keys)
         prefill = PrefillScheduler(blocks, settings.prefill_chunk_tokens, settings.max_batch_tokens)
-        priority = settings.forward_priority
-        priority = transfer.layer_group > 0 if priority is None else priority
-        unregistered = settings.unregistered_prefill_tokens
-        return PrefillEngine(runner, prefill, agent, group, unregistered, priority)
+        return PrefillEngine(runner, prefill, agent, group, settings.unregistered_prefill_tokens)
     agent = DecodeAgent(transfer, layout, runner.planes, data, keys)
     decode = DecodeScheduler(blocks, settings.max_running)
     return DecodeEngine(runner, decode, agent, eos_ids, group)

@@ -54,13 +54,9 @@ class PrefillEngine:
         agent: PrefillAgent,
         group: TPGroup | None = None,
         unregistered_tokens: int = 0,
-        forward_priority: bool = False,
     ) -> None:
         """`unregistered_tokens`: prompt tokens of rooms not registered yet that may compute
-        meanwhile (0: every prompt waits for its room's registration). `forward_priority`, on
-        a GPU: the forwards run on a stream of the highest priority, so that the copies queued
-        beside them (layer groups gathered while later layers compute; on a GPU the decode side
-        shares, its scatters) take the SMs a forward leaves rather than hold it back."""
+        meanwhile (0: every prompt waits for its room's registration)."""
         if unregistered_tokens < 0:
             raise ValueError(f"unregistered_tokens={unregistered_tokens} must be >= 0")
         self.runner, self.scheduler, self.agent = runner, scheduler, agent
@@ -76,7 +72,6 @@ class PrefillEngine:
             agent.config.layer_taper,
         )
         self.marks = _LayerMarks(layers, runner.kv.device)
-        self.stream = _priority_stream(runner.kv.device) if forward_priority else None
 
     @property
     def busy(self) -> bool:
@@ -138,10 +133,9 @@ class PrefillEngine:
             with contextlib.suppress(TransferFailed):  # settled with the other ranks next step
                 sender = rooms[work.seq.id][1].sender
                 sender.add_tokens(slots, written=written, last=work.completes_prompt)
-        with torch.cuda.stream(self.stream):  # None: the thread's current stream
-            logits = self.runner.forward(batch, after_layer=self.marks.begin(written))
-            future = self.runner.sample_prompt_ends(batch, logits)
-            written.complete(future.event if future else _forward_event(self.runner.kv.device))
+        logits = self.runner.forward(batch, after_layer=self.marks.begin(written))
+        future = self.runner.sample_prompt_ends(batch, logits)
+        written.complete(future.event if future else _forward_event(self.runner.kv.device))
         for row, work in enumerate(future.batch if future else ()):  # the prompts it finished
             sender = rooms[work.seq.id][1].sender
             if work.seq.id in future.errors:  # its first token could not be drawn: the room fails
@@ -229,17 +223,6 @@ class _LayerMarks:
             event = torch.cuda.Event()
             event.record()
             self._written.layers_written(layers_done, event)
-
-
-def _priority_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """A stream of the device's highest priority, after everything queued so far on the
-    current one (the cache's allocation, the graphs' capture); None on a CPU."""
-    if device.type != "cuda":
-        return None
-    _, highest = torch.cuda.Stream.priority_range()
-    stream = torch.cuda.Stream(device, priority=highest)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    return stream
 
 
 def _forward_event(device: torch.device) -> torch.cuda.Event | None:

@@ -148,10 +148,6 @@ class EngineSection(_Section):
     cuda_graphs: bool = True
     # on a GPU: Triton kernels for attention and the fused layer steps; off: the eager path
     kernels: bool = True
-    # prefill, on a GPU: run the forwards on a CUDA stream of the highest priority, so that the
-    # transfer's copies beside them take the SMs a forward leaves; None: with
-    # transfer.layer_group > 0 (copies run during forwards), else off
-    forward_priority: bool | None = None
 
 
 class DaemonConfig(_Section):

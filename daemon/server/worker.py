@@ -268,7 +268,6 @@ def _build_engine(config: DaemonConfig, rank: int, device, group: TPGroup, boots
             max_running=config.scheduler.max_running,
             cuda_graphs=config.engine.cuda_graphs,
             unregistered_prefill_tokens=config.scheduler.unregistered_tokens(),
-            forward_priority=config.engine.forward_priority,
         ),
         transfer_for(config, model.config),
         lambda: UcxDataPlane(

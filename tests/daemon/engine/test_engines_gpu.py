@@ -115,13 +115,11 @@ def test_a_prefill_forward_and_its_first_tokens_never_synchronise_the_host(model
 
 @pytest.mark.parametrize("layer_group", [0, 1])
 def test_disaggregated_greedy_on_gpu_equals_cpu(model, layer_group):
-    """Layer-wise (an event after every layer, a message per layer, the forwards on a stream
-    of the highest priority) or whole-chunk transfers."""
+    """Layer-wise (an event after every layer, a message per layer) or whole-chunk transfers."""
     server, prefill, decode = engines(
         None, device="cuda", model=model, layer_group=layer_group, **COLD_START
     )
     try:
-        assert (prefill.stream is not None) == bool(layer_group)  # engine.forward_priority
         submit_all(server, prefill, decode, PROMPTS, SamplingParams(max_tokens=10))
         outputs = run_until_finished(prefill, decode, len(PROMPTS))
         for i, prompt in enumerate(PROMPTS):
