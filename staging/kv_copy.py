@@ -140,6 +140,7 @@ def gather(
     out: torch.Tensor,
     backend: str = "auto",
     stream: int | None = None,
+    max_blocks: int = 0,
 ) -> None:
     """Copy heads [head_start, +num_heads) of `slots` in every plane into `out`.
 
@@ -147,12 +148,13 @@ def gather(
     staging_bytes(len(slots), num_heads) bytes on the planes' device; it is written as
     [plane][token][head][head_dim].
     On GPU the copy is queued on `stream` (a raw cudaStream_t; the kernel path only), else on
-    the current torch stream, and nothing waits for it.
+    the current torch stream, and nothing waits for it; `max_blocks` > 0 caps its grid
+    (kv_launch.write_kv_copy).
     """
     slots_np = _checked(planes, slots, head_start, num_heads, out)
     path = _path(planes, backend)
     if path == "cuda":
-        _launch(planes, slots_np, head_start, num_heads, out, True, stream)
+        _launch(planes, slots_np, head_start, num_heads, out, True, stream, max_blocks)
     elif path == "host":
         host_copy(planes, slots_np, head_start, num_heads, out, gather=True)
     else:
@@ -172,7 +174,7 @@ def scatter(
     slots_np = _checked(planes, slots, head_start, num_heads, src)
     path = _path(planes, backend)
     if path == "cuda":
-        _launch(planes, slots_np, head_start, num_heads, src, False, stream)
+        _launch(planes, slots_np, head_start, num_heads, src, False, stream, 0)
     elif path == "host":
         host_copy(planes, slots_np, head_start, num_heads, src, gather=False)
     else:
@@ -235,7 +237,7 @@ def _torch_scatter(src, planes, slots_np, head_start, num_heads) -> None:
         plane.view(bits).narrow(1, head_start, num_heads).index_copy_(0, index, rows)
 
 
-def _launch(planes, slots_np, head_start, num_heads, staging, gather: bool, stream) -> None:
+def _launch(planes, slots_np, head_start, num_heads, staging, gather, stream, blocks) -> None:
     from kvferry.staging.kv_launch import launch_kv_copy  # deferred: needs cupy
 
-    launch_kv_copy(planes, slots_np, head_start, num_heads, staging, gather, stream)
+    launch_kv_copy(planes, slots_np, head_start, num_heads, staging, gather, stream, blocks)
