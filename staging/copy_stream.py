@@ -72,13 +72,6 @@ class Fence:
 DONE = Fence()
 
 
-@functools.cache
-def background_blocks() -> int:
-    """The blocks a background copy takes in all (KVFERRY_BACKGROUND_BLOCKS; 0: as many as
-    its size asks for, as every other copy)."""
-    return int(os.environ.get("KVFERRY_BACKGROUND_BLOCKS", "0"))
-
-
 class _HostCopy:
     """What `chain_scatter` answers for a cache in host memory: the receive's completion runs
     the copy itself, so there is nothing to wait for afterwards."""
@@ -117,15 +110,10 @@ class CopyStream:
         out: torch.Tensor,
         after: Fence | None = None,
         wake: bool = True,
-        background: bool = False,
     ) -> Fence:
         """Queue a gather once `after` (e.g. the forward that wrote the KV) has completed.
-        `wake=False`: as for `scatter`. `background`: it runs beside a forward (a layer group
-        the later layers follow): on few SMs (`background_blocks`), leaving the rest to the
-        forward."""
-        args = (planes, slots, head_start, num_heads, out)
-        blocks = background_blocks() if background else 0
-        return self._run(functools.partial(gather, max_blocks=blocks), args, after, wake)
+        `wake=False`: as for `scatter`."""
+        return self._run(gather, (planes, slots, head_start, num_heads, out), after, wake)
 
     def scatter(
         self,
@@ -167,14 +155,12 @@ class CopyStream:
         num_tokens: int,
         head_start: int,
         num_heads: int,
-        background: bool = False,
     ) -> driver.Event | _HostCopy:
         """Write into `launch` (a native receive's record, transport/native.py) the scatter of
         `src` into heads [head_start, +num_heads) of `num_tokens` slots (at `device_slots`, from
         `upload_slots`): the receive's completion launches it on this stream and records the
         returned event (on a CPU it copies: HOST_COPY). Then `chained_done` once the
-        receive completed. Everything given has been checked by the caller. `background`: as
-        for `gather`."""
+        receive completed. Everything given has been checked by the caller."""
         launch.expected = src.nbytes
         if self._stream is None:
             launch.host, launch.grid_y = 1, planes.num_planes
@@ -189,7 +175,7 @@ class CopyStream:
         launch.block = BLOCK
         launch.function, grid = write_kv_copy(
             launch.args, planes, device_slots, num_tokens, head_start, num_heads,
-            src.data_ptr(), gather=False, max_blocks=background_blocks() if background else 0,
+            src.data_ptr(), gather=False,
         )  # fmt: skip
         launch.grid_x, launch.grid_y = grid
         launch.stream, launch.event = self._handle, event.handle

@@ -140,7 +140,6 @@ def gather(
     out: torch.Tensor,
     backend: str = "auto",
     stream: int | None = None,
-    max_blocks: int = 0,
 ) -> None:
     """Copy heads [head_start, +num_heads) of `slots` in every plane into `out`.
 
@@ -148,13 +147,12 @@ def gather(
     staging_bytes(len(slots), num_heads) bytes on the planes' device; it is written as
     [plane][token][head][head_dim].
     On GPU the copy is queued on `stream` (a raw cudaStream_t; the kernel path only), else on
-    the current torch stream, and nothing waits for it; `max_blocks` > 0 caps its grid
-    (kv_launch.write_kv_copy).
+    the current torch stream, and nothing waits for it.
     """
     slots_np = _checked(planes, slots, head_start, num_heads, out)
     path = _path(planes, backend)
     if path == "cuda":
-        _launch(planes, slots_np, head_start, num_heads, out, True, stream, max_blocks)
+        _launch(planes, slots_np, head_start, num_heads, out, True, stream)
     elif path == "host":
         host_copy(planes, slots_np, head_start, num_heads, out, gather=True)
     else:
@@ -174,7 +172,7 @@ def scatter(
     slots_np = _checked(planes, slots, head_start, num_heads, src)
     path = _path(planes, backend)
     if path == "cuda":
-        _launch(planes, slots_np, head_start, num_heads, src, False, stream, 0)
+        _launch(planes, slots_np, head_start, num_heads, src, False, stream)
     elif path == "host":
         host_copy(planes, slots_np, head_start, num_heads, src, gather=False)
     else:
@@ -237,7 +235,7 @@ def _torch_scatter(src, planes, slots_np, head_start, num_heads) -> None:
         plane.view(bits).narrow(1, head_start, num_heads).index_copy_(0, index, rows)
 
 
-def _launch(planes, slots_np, head_start, num_heads, staging, gather, stream, blocks) -> None:
+def _launch(planes, slots_np, head_start, num_heads, staging, gather: bool, stream) -> None:
     from kvferry.staging.kv_launch import launch_kv_copy  # deferred: needs cupy
 
-    launch_kv_copy(planes, slots_np, head_start, num_heads, staging, gather, stream, blocks)
+    launch_kv_copy(planes, slots_np, head_start, num_heads, staging, gather, stream)

@@ -61,10 +61,9 @@ def launch_kv_copy(
     staging,
     gather: bool,
     stream_handle: int | None = None,
-    max_blocks: int = 0,
 ) -> None:
     """Queue one gather (or scatter) over all planes on `stream_handle` (a raw cudaStream_t),
-    else on the current torch stream; `max_blocks`: see `write_kv_copy`."""
+    else on the current torch stream."""
     if len(slots_np) == 0:
         return
     launcher = _launcher(planes.device)
@@ -75,7 +74,7 @@ def launch_kv_copy(
         try:
             function, grid = write_kv_copy(
                 launcher.args, planes, device_slots, len(slots_np), head_start, num_heads,
-                staging.data_ptr(), gather, max_blocks,
+                staging.data_ptr(), gather,
             )  # fmt: skip
             driver.launch_kernel(function, grid, BLOCK, stream, launcher.params)
         finally:  # the upload region is reclaimed after whatever the stream has queued
@@ -91,14 +90,11 @@ def write_kv_copy(
     num_heads: int,
     staging_address: int,
     gather: bool,
-    max_blocks: int = 0,
 ) -> tuple[int, tuple[int, int]]:
     """Write the parameters of a copy of `num_tokens` token slots (int32, already on the device
     at `device_slots`) into `args`: (function, grid) to launch it with, BLOCK threads a block.
     `launch_kv_copy` launches it at once; native code once the bytes to scatter have arrived
-    (transport/ucx_native.c). `max_blocks` > 0: at most about that many blocks in all (the
-    kernel's grid-stride loop covers the rest), for a copy that runs beside a forward and should
-    take few of its SMs."""
+    (transport/ucx_native.c)."""
     row_bytes, slot_bytes, offset_bytes = planes.row_bytes(head_start, num_heads)
     width = _vector_width(
         row_bytes, slot_bytes, offset_bytes, staging_address, planes.address_alignment
@@ -116,10 +112,7 @@ def write_kv_copy(
     args.row_len = row_len
     args.slot_len = slot_bytes // width
     args.head_offset = offset_bytes // width
-    grid_x = min(-(-per_plane // (BLOCK * UNROLL)), MAX_GRID_X)
-    if max_blocks > 0:
-        grid_x = min(grid_x, max(1, max_blocks // planes.num_planes))
-    grid = (grid_x, planes.num_planes)
+    grid = (min(-(-per_plane // (BLOCK * UNROLL)), MAX_GRID_X), planes.num_planes)
     return _launcher(planes.device).function(width, gather), grid
 
 

@@ -49,11 +49,9 @@ class StagedMode:
         s, after = item.dest.slice, item.fence
         if self._unwoken is not None and self._unwoken[0] is not after:
             self.wake()  # the gathers before wait for an earlier fence: they finish first
-        # a layer group that later layers follow is gathered while they compute
-        background = item.layers_end < item.room.groups[-1].stop
         item.fence = self.copies.gather(
             item.planes, item.slots, s.src_head_start, s.num_heads, item.region, after=after,
-            wake=False, background=background,
+            wake=False,
         )  # fmt: skip
         unwoken = nbytes + (self._unwoken[1] if self._unwoken is not None else 0)
         self._unwoken = (after, unwoken)
@@ -112,7 +110,6 @@ class StagedMode:
         # the heads only: the slots were checked with the room's
         piece.planes.check_slice(piece.slots[:0], s.dst_head_start, s.num_heads)
         slots, address = room.device_slots
-        groups = len(room.groups)
         arrival.chained = self.copies.chain_scatter(
             launch,
             arrival.region,
@@ -121,7 +118,6 @@ class StagedMode:
             len(piece.slots),
             s.dst_head_start,
             s.num_heads,
-            background=piece.keys[0][0] % groups < groups - 1,  # not the last layer group
         )
 
     def received(self, arrival: Arrival, last: bool):

@@ -41,21 +41,6 @@ def test_kernel_matches_torch(dtype, heads, head_dim, head_start, num_heads):
     assert torch.equal(bits(target), bits(expected))
 
 
-@pytest.mark.parametrize("max_blocks", [1, 7, 64])
-def test_a_gather_on_few_blocks_is_exact(max_blocks):
-    """A background gather's grid is capped (its grid-stride loop covers the rest)."""
-    gen = torch.Generator().manual_seed(max_blocks)
-    cache = random_bits((6, 4000, 8, 128), torch.bfloat16, gen).cuda()
-    planes = KVPlanes.from_cache(cache)
-    slots = torch.randperm(4000, generator=gen)[:3001]
-    nbytes = planes.staging_bytes(3001, 3)
-    capped = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    full = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    gather(planes, slots, 2, 3, capped, backend="cuda", max_blocks=max_blocks)
-    gather(planes, slots, 2, 3, full, backend="cuda")
-    assert torch.equal(capped, full)
-
-
 def test_misaligned_staging_region_still_exact():
     gen = torch.Generator().manual_seed(5)
     cache = random_bits((4, 64, 8, 128), torch.bfloat16, gen).cuda()
