@@ -268,7 +268,6 @@ def _free_port() -> int:
 
 
 def stage_overlap(stage: Stage) -> None:
-    # layer-wise with the last group tapered (the default) and again with uniform groups
     group = ["--layer-group", str(stage.args.layer_group if stage.args.gpu else 1), "--uniform"]
     failed = []
     for prompt in stage.args.prompts:
