@@ -309,8 +309,9 @@ def overlap_rows(overlap: dict) -> list[Row]:
                         higher_is_better=False,
                         detail=_versus(run, local)))  # fmt: skip
     whole = next((r for n, r in by_name.items() if n.startswith("whole")), None)
-    layer = next((r for n, r in by_name.items() if n.startswith("layer")), None)  # tapered
-    uniform = next((r for n, r in by_name.items() if n.endswith("uniform")), None)
+    layers = [r for n, r in by_name.items() if n.startswith("layer")]
+    layer = next((r for r in layers if r.get("layer_taper", True)), None)  # as the daemons run
+    uniform = next((r for r in layers if r.get("layer_taper") is False), None)
     if whole and layer:
         rows.append(Row(f"TTFT layer-wise / whole-chunk, {prompt}",
                         layer["latency_ms"] / whole["latency_ms"], 1.0, "x",

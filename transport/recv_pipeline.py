@@ -191,17 +191,18 @@ class RecvPipeline:
         the cancellations in can bring them too), where they must not pass for duplicates."""
         for _ in range(len(self._receiving)):  # a full turn of the deque keeps its order
             arrival = self._receiving.popleft()
-            if arrival.revoked and arrival.request.cancelled and arrival.room.open:
-                self._give_back(arrival)
-            else:
+            if not self._given_back(arrival):
                 self._receiving.append(arrival)
 
-    def _give_back(self, arrival: Arrival) -> None:
-        """A revoked receive was cancelled before its message came: its region and piece go
-        back, and its message, when it comes, is probed."""
+    def _given_back(self, arrival: Arrival) -> bool:
+        """Whether `arrival` was revoked and cancelled before its message came (its room still
+        open); if so its region and piece go back, and its message, when it comes, is probed."""
+        if not (arrival.revoked and arrival.request.cancelled and arrival.room.open):
+            return False
         self._unpost(arrival)
         arrival.room.busy -= 1
         self._revoked -= 1
+        return True
 
     def _arrive(self, tag: int, nbytes: int, now: float) -> bool:
         """Take or discard the message probed; False if it must stay queued (ring full)."""
@@ -283,10 +284,9 @@ class RecvPipeline:
             if not arrival.request.done():
                 self._receiving.append(arrival)
                 continue
-            error, room = arrival.request.error(), arrival.room
-            if arrival.revoked and arrival.request.cancelled and room.open:
-                self._give_back(arrival)
+            if self._given_back(arrival):
                 continue
+            error, room = arrival.request.error(), arrival.room
             self._revoked -= arrival.revoked  # too late to cancel, or its room failed
             finished = time.monotonic()
             if not arrival.ahead:  # one posted ahead waited for its message to be sent too
