@@ -111,6 +111,11 @@ class AgentCore:
         self.mode = SliceMode() if config.mode == "slice" else StagedMode(self.staging, self.copies)
         if data.wake_fd is not None:
             self.loop.watch(data.wake_fd, True, "data")
+        if data.sleeps:
+            self.loop.sleep_with(self._sleep, data.wake_fd)
+        # whether a message that comes while the loop sleeps wakes it (not while the oldest
+        # waits for ring room: the scatters that free it wake the loop)
+        self.messages_wake = True
         self.again = False  # the step left work for the next turn (its budget ran out)
         self.control = ControlChannel(
             self._zmq,
@@ -177,6 +182,11 @@ class AgentCore:
         self.stats.internal_errors += 1
         self.log.warning("internal", "error handling %s", what, exc_info=exc)
         return Failure(FailureKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _sleep(self, fds: tuple[int, ...], timeout_s: float) -> tuple[str, float]:
+        woke, inside = self.data.sleep(fds, timeout_s, self.messages_wake)
+        self.stats.ucx_cpu_s += inside
+        return woke, inside
 
     def _read_frames(self, ready) -> None:
         self._data_only = len(ready) == 1 and self._data_fd in ready and not self.loop.nudged

@@ -125,6 +125,23 @@ class DataPlane:
         """Before sleeping on `wake_fd`: False if events are pending already (progress again)."""
         return True
 
+    @property
+    def sleeps(self) -> bool:
+        """Whether the owner's thread can sleep in `sleep` rather than on `wake_fd`."""
+        return False
+
+    @property
+    def sleep_events(self) -> int:
+        """The plane's events `sleep` took without waking its owner."""
+        return 0
+
+    def sleep(self, fds: tuple[int, ...], timeout_s: float, messages: bool) -> tuple[str, float]:
+        """Sleep until the owner has something to do, at most `timeout_s`, taking the plane's
+        own events meanwhile without the owner (where `sleeps`): "data" (an operation
+        completed, or `messages` and a new message waits to be probed), "fds" (one of `fds`
+        turned readable) or "timer"; and the thread CPU spent inside the backend meanwhile."""
+        raise NotImplementedError
+
     def endpoint(self, address: bytes, on_error: Callable[[str], None]):
         """The (cached) endpoint to the peer at `address`; `on_error` fires if it breaks.
         Raises InvalidAddress for an address this backend cannot use, EndpointLimitError for

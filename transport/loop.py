@@ -1,9 +1,13 @@
 """The thread that drives one rank's transfers.
 
-It sleeps in one zmq.Poller until something happens: a control frame, a call posted by another
-thread (its bell), the data plane's own event descriptor (a UCX completion or arrival), a copy
-finishing (the copy stream's descriptor, which the driver makes readable), or the owner's next
-deadline.
+It sleeps until something happens: a control frame, a call posted by another thread (its bell),
+the data plane's own event descriptor (a UCX completion or arrival), a copy finishing (the copy
+stream's descriptor, which the driver makes readable), or the owner's next deadline. It sleeps
+in one zmq.Poller, or, where the owner gives it a sleeper (`sleep_with`: the native UCX data
+plane's), in native code without the GIL that takes the data plane's own events itself (a
+rendezvous, a fragment, a completion that launches a scatter) and wakes the loop only when its
+owner has something to do: the GIL and a turn of Python are then spent per completion, not per
+UCX event.
 Each turn then runs the posted calls, reads every waiting control frame and lets the owner make
 progress (start copies, post sends, take arrived data, check timers). The owner's step says how
 long the loop may sleep before its next turn without an event: 0 when it left work for later in
@@ -69,6 +73,11 @@ class AgentLoop:
         # CPU the thread spent in its wait: the poll itself and re-taking the GIL after it
         # (which costs wake-ups while another thread of the process runs Python)
         self.wait_cpu_s = 0.0
+        # sleeping in native code (`sleep_with`): the sleeper, the data plane's descriptor it
+        # watches itself, and the loop's other descriptors (rebuilt when `watch` changes them)
+        self._sleeper: Callable[[tuple, float], tuple[str, float]] | None = None
+        self._data_fd: int | None = None
+        self._fds: tuple[int, ...] | None = None
         self._cpu_at_exit = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -89,6 +98,14 @@ class AgentLoop:
         else:
             self._poller.unregister(socket)
             self._cause_of.pop(socket, None)
+        self._fds = None
+
+    def sleep_with(self, sleeper: Callable[[tuple, float], tuple[str, float]], data_fd) -> None:
+        """Sleep in `sleeper(fds, timeout_s)` -> (why, CPU spent inside the data plane) rather
+        than in the poller: it watches `fds` (the loop's descriptors but `data_fd`) and the data
+        plane itself, and answers "data" (the owner has the plane's news to take: a turn woken
+        by `data_fd`), "fds" or "timer" (DataPlane.sleep). Before start."""
+        self._sleeper, self._data_fd = sleeper, data_fd
 
     def post(self, call: Callable[[], None], wake: bool = True) -> None:
         """Run `call` on the loop thread soon; safe from any thread. `wake=False` leaves it for
@@ -132,6 +149,38 @@ class AgentLoop:
         else:
             self.wakes["timer" if slept_s > 0 else "at_once"] += 1
 
+    def _wait(self, sleep_s: float) -> tuple[dict, float]:
+        """The descriptors readable after sleeping at most `sleep_s` (none: the timeout), and
+        the CPU the sleeper spent inside the data plane."""
+        if self._sleeper is None:
+            return dict(self._poller.poll(math.ceil(sleep_s * 1000))), 0.0
+        # zmq's descriptors only tell of what came after its sockets were last looked at: look
+        # first, then sleep on them
+        events, inside = dict(self._poller.poll(0)), 0.0
+        deadline = time.monotonic() + sleep_s
+        while not events and sleep_s > 0:
+            if self._fds is None:
+                self._fds = self._descriptors()
+            woke, spent = self._sleeper(self._fds, sleep_s)
+            inside += spent
+            if woke == "data":
+                return {self._data_fd: zmq.POLLIN}, inside
+            events = dict(self._poller.poll(0))
+            if woke == "timer":
+                break
+            sleep_s = deadline - time.monotonic()  # a socket's descriptor stirred, no frame
+        return events, inside
+
+    def _descriptors(self) -> tuple[int, ...]:
+        """What the sleeper watches for the loop: every watched socket's descriptor but the
+        data plane's."""
+        fds = []
+        for socket in self._cause_of:
+            fd = socket if isinstance(socket, int) else socket.getsockopt(zmq.FD)
+            if fd != self._data_fd:
+                fds.append(fd)
+        return tuple(fds)
+
     def _run(self) -> None:
         sleep_s = 0.0
         try:
@@ -139,8 +188,8 @@ class AgentLoop:
                 self._on_start()
             while not self._stopping.is_set():
                 before = time.thread_time()
-                events = dict(self._poller.poll(math.ceil(sleep_s * 1000)))
-                self.wait_cpu_s += time.thread_time() - before
+                events, inside = self._wait(sleep_s)
+                self.wait_cpu_s += time.thread_time() - before - inside
                 self.turns += 1
                 self.timed_out = not events and sleep_s > 0
                 self.timer_turns += self.timed_out

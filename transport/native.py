@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from pathlib import Path
 
 from kvferry.cuda.kernels import KVCopyArgs
@@ -22,6 +23,8 @@ from kvferry.transport.failure import Failure
 SOURCE = Path(__file__).with_name("ucx_native.c")
 CAPACITY = 4096  # operations in flight at once; past this one goes through ucxx
 _POSTED_OK, _NO_MESSAGE = 0, 1
+WOKE_TIMER, WOKE_DATA, WOKE_FDS = 0, 1, 2  # why `NativeOps.sleep` returned
+MAX_SLEEP_FDS = 256  # KVF_MAX_FDS of ucx_native.c
 UCS_OK = 0
 UCS_ERR_CANCELED = -16
 # UCS statuses that mean the peer's process or link went away (ucs/type/status.h)
@@ -78,6 +81,8 @@ class _Plane(ctypes.Structure):
         ("done_head", ctypes.c_uint32),
         ("done_count", ctypes.c_uint32),
         ("_pad", ctypes.c_uint32),
+        ("sleep_events", ctypes.c_uint64),
+        ("sleep_ucx_ns", ctypes.c_uint64),
     )
 
 
@@ -144,6 +149,7 @@ class NativeOps:
         self._plane = ctypes.byref(self._r)
         lib.kvf_init(self._plane)
         self._worker = worker
+        self._sleep = _sleeper()
         self._peeked = (ctypes.c_uint64 * 2)()
         self._free = list(range(CAPACITY - 1, -1, -1))
         self._posted: dict[int, NativeOp] = {}  # op id -> its operation, until reaped
@@ -166,6 +172,28 @@ class NativeOps:
         """Whether completions wait to be reaped (one can run inside a post, with no event on
         the worker's descriptor to say so)."""
         return self._r.done_count > 0
+
+    @property
+    def sleep_events(self) -> int:
+        """The worker's events `sleep` took without handing the thread back to Python."""
+        return self._r.sleep_events
+
+    @property
+    def sleep_ucx_s(self) -> float:
+        """Thread CPU `sleep` spent inside UCX's progress and arm."""
+        return self._r.sleep_ucx_ns * 1e-9
+
+    def sleep(self, efd: int, fds, nfds: int, timeout_ms: int, messages: bool, every_event: bool):
+        """Sleep, the GIL released, until Python has something to do or `timeout_ms` passed:
+        WOKE_DATA (an operation completed, or `messages` and a new message waits to be
+        probed; with `every_event`, after any of the worker's events), WOKE_FDS (one of
+        `fds`, a ctypes int array of `nfds` descriptors, turned readable) or WOKE_TIMER.
+        Meanwhile the worker's events (`efd`) are progressed here, without Python. Only on
+        the thread that uses the worker."""
+        woke = self._sleep(self._plane, efd, fds, nfds, timeout_ms, messages, every_event)
+        if woke < 0:
+            raise OSError(-woke, f"the transfer thread's sleep failed: {os.strerror(-woke)}")
+        return woke
 
     def peek(self) -> tuple[int, int] | None:
         """(tag, length) of the oldest message waiting to be taken, or None."""
@@ -290,6 +318,17 @@ def _load() -> ctypes.PyDLL:
             f"{(ctypes.sizeof(_Op), ctypes.sizeof(_Plane))}"
         )
     return lib
+
+
+@functools.cache
+def _sleeper():
+    """kvf_sleep, through a CDLL handle of the same library: ctypes lets the GIL go for the
+    call, as a sleep must (every other call keeps it, `build`)."""
+    p, i32, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32
+    function = ctypes.CDLL(build()._name).kvf_sleep  # the library built and checked
+    function.argtypes = (p, i32, p, u32, i32, i32, i32)
+    function.restype = i32
+    return function
 
 
 def _ucx_dirs() -> tuple[Path, Path]:

@@ -162,6 +162,7 @@ class RecvPipeline:
             self.core.copies.wake_when_done()
         while self._discards and self._discards[0].done():
             self._discards.popleft()
+        self.core.messages_wake = self._ring_blocked_since is None
 
     def _take_arrivals(self, now: float) -> None:
         """Take what arrived, oldest first: after the data plane progressed (only then can a

@@ -42,6 +42,8 @@ class AgentStats:
     loop_turns: int = 0  # turns the loop thread took (each woken by an event or its timer)
     loop_timer_turns: int = 0  # of which only the timer woke it
     loop_quiet_turns: int = 0  # of which only progressed UCX's traffic (AgentCore._turn)
+    # the data plane's events its native sleep took without a turn (transport/loop.py)
+    loop_sleep_events: int = 0
     # turns by what woke them (transport/loop.py WAKE_CAUSES; a turn counts once under each)
     loop_wakes: dict[str, int] = field(default_factory=dict)
     # parts of transfer_cpu_s: the loop's wait (poll, re-taking the GIL) and UCX's calls
@@ -81,6 +83,7 @@ def agent_stats(core: AgentCore, rooms: Iterable, ring: RingAllocator | None) ->
         loop_turns=core.loop.turns,
         loop_timer_turns=core.loop.timer_turns,
         loop_quiet_turns=core.quiet_turns,
+        loop_sleep_events=data.sleep_events,
         loop_wakes=dict(core.loop.wakes),
         wait_cpu_s=core.loop.wait_cpu_s,
         ucx_cpu_s=stats.ucx_cpu_s,

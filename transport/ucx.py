@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -38,12 +39,21 @@ from kvferry.transport.dataplane import (
     data_failure,
 )
 from kvferry.transport.failure import Failure
-from kvferry.transport.native import CAPACITY, NativeOp, NativeOps, NativeUnavailable
+from kvferry.transport.native import (
+    CAPACITY,
+    WOKE_DATA,
+    WOKE_FDS,
+    WOKE_TIMER,
+    NativeOp,
+    NativeOps,
+    NativeUnavailable,
+)
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 from kvferry.transport.ucx_load import load_ucxx, ucp
 
 log = logging.getLogger(__name__)
 DISCARD_BYTES = 256  # scratch a discarded message is truncated into
+_WOKE = {WOKE_DATA: "data", WOKE_FDS: "fds", WOKE_TIMER: "timer"}  # NativeOps.sleep's answers
 FULL_PROGRESS_EVERY_S = 1.0  # ucxx's own progress (request cancelling included) at least this often
 UCS_OK, UCS_ERR_BUSY = 0, -15  # ucs/type/status.h
 
@@ -144,6 +154,7 @@ class UcxDataPlane(DataPlane):
         self._scratch = np.empty(DISCARD_BYTES, dtype=np.uint8)
         self._native = self._native_ucx() if native else None
         self._ucxx_ops: list[UcxOp] = []  # through ucxx's API, not yet seen done
+        self._sleep_fds: tuple = (None, None)  # the owner's descriptors, and as a C array
 
     def _native_ucx(self) -> NativeOps | None:
         try:
@@ -177,6 +188,28 @@ class UcxDataPlane(DataPlane):
     @property
     def wake_fd(self) -> int:
         return self._worker.epoll_file_descriptor
+
+    @property
+    def sleeps(self) -> bool:
+        return self._native is not None
+
+    @property
+    def sleep_events(self) -> int:
+        return 0 if self._native is None else self._native.sleep_events
+
+    def sleep(self, fds: tuple[int, ...], timeout_s: float, messages: bool) -> tuple[str, float]:
+        # operations through ucxx, or endpoints that closed, are for Python's own progress to
+        # see: then any event of the worker wakes it
+        native = self._native
+        if fds is not self._sleep_fds[0]:  # the owner's descriptors changed
+            self._sleep_fds = (fds, (ctypes.c_int * len(fds))(*fds))
+        every_event = bool(self._ucxx_ops) or self._cancels_due
+        before = native.sleep_ucx_s
+        woke = native.sleep(
+            self.wake_fd, self._sleep_fds[1], len(fds), math.ceil(timeout_s * 1000), messages,
+            every_event,
+        )  # fmt: skip
+        return _WOKE[woke], native.sleep_ucx_s - before
 
     def on_loop_start(self) -> None:
         if self._cuda_device is not None:

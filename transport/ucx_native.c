@@ -11,18 +11,31 @@
  * from the callback. Prefill: kvf_send posts a gathered region's send. Python takes every
  * completed operation of a turn in one call (kvf_reap).
  *
+ * The transfer thread sleeps in kvf_sleep, without the GIL: it takes UCX's events itself
+ * (a rendezvous's request, a fragment, a copy's completion: each progressed at once, a
+ * receive posted ahead pulled in and its scatter launched) and hands the thread back to
+ * Python only when an operation completed, a message waits to be probed, one of Python's own
+ * descriptors turned readable (its bell, a control socket, the copy stream) or the timeout
+ * passed.
+ *
  * Built at first use by transport/native.py, against the UCX headers of the libucx wheel that
  * ucxx loads. The CUDA driver's two entry points it calls, and the host copy, are handed in as
  * addresses, so the library needs no CUDA to build or load.
  *
- * Every function here is called with the GIL held and none of them blocks.
+ * Every function here but kvf_sleep is called with the GIL held and none of them blocks.
  */
+#include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <time.h>
 #include <ucp/api/ucp.h>
 
 enum { KVF_IDLE = 0, KVF_POSTED = 1, KVF_DONE = 2 };
 enum { KVF_POSTED_OK = 0, KVF_NO_MESSAGE = 1 };
+/* Why kvf_sleep returned. */
+enum { KVF_WOKE_TIMER = 0, KVF_WOKE_DATA = 1, KVF_WOKE_FDS = 2 };
+#define KVF_MAX_FDS 256 /* Python's descriptors a sleep watches, besides the worker's */
 
 typedef int (*cu_launch_kernel_t)(void *function, unsigned grid_x, unsigned grid_y,
                                   unsigned grid_z, unsigned block_x, unsigned block_y,
@@ -72,6 +85,9 @@ struct kvf_plane {
     kvf_op *ops;
     uint32_t *done; /* ids of completed receives not yet reaped: a ring of `capacity` */
     uint32_t capacity, done_head, done_count, _pad;
+    /* Written by kvf_sleep, read by Python: */
+    uint64_t sleep_events; /* wakes on the worker's events that needed no Python */
+    uint64_t sleep_ucx_ns; /* thread CPU inside UCX's progress and arm while asleep */
 };
 
 /* The sizes Python's ctypes mirror of these structures must match (native.py checks). */
@@ -236,5 +252,83 @@ void kvf_cancel_all(kvf_plane *r) {
         kvf_op *op = &r->ops[i];
         if (op->state == KVF_POSTED && op->request != NULL)
             ucp_request_cancel(r->worker, op->request);
+    }
+}
+
+static uint64_t clock_ns(clockid_t clock) {
+    struct timespec t;
+    clock_gettime(clock, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* Progress the worker until it has nothing more to do, its CPU counted. */
+static void progress_all(kvf_plane *r) {
+    uint64_t began = clock_ns(CLOCK_THREAD_CPUTIME_ID);
+    while (ucp_worker_progress(r->worker))
+        ;
+    r->sleep_ucx_ns += clock_ns(CLOCK_THREAD_CPUTIME_ID) - began;
+}
+
+/* Whether Python must look now, after a progress: an operation completed, or (`messages`) a
+ * message waits to be probed; with `every_event` (operations through ucxx are in flight, or
+ * endpoints closed, which only Python's own progress sees to) after any progress. */
+static int python_due(kvf_plane *r, int messages, int every_event) {
+    ucp_tag_recv_info_t info;
+    if (every_event || r->done_count > 0)
+        return 1;
+    return messages && ucp_tag_probe_nb(r->worker, 0, 0, 0, &info) != NULL;
+}
+
+/* Sleep until Python has something to do, at most `timeout_ms`; called WITHOUT the GIL (the
+ * one function here that is), on the thread that owns the worker, so nothing else touches it
+ * meanwhile. `efd`: the worker's event descriptor; `fds`: Python's own (any readable ends the
+ * sleep: KVF_WOKE_FDS). The worker's events are taken here (see the top of this file): the
+ * sleep ends KVF_WOKE_DATA once python_due, or KVF_WOKE_TIMER at the timeout; -errno if the
+ * poll failed. A message that waited before the sleep does not end it (Python probed it and
+ * left it: its ring is full); `messages` says whether a newer one should. */
+int kvf_sleep(kvf_plane *r, int efd, const int *fds, uint32_t nfds, int timeout_ms,
+              int messages, int every_event) {
+    struct pollfd watched[KVF_MAX_FDS + 1];
+    if (nfds > KVF_MAX_FDS)
+        return -EINVAL;
+    watched[0].fd = efd;
+    watched[0].events = POLLIN;
+    for (uint32_t i = 0; i < nfds; i++) {
+        watched[i + 1].fd = fds[i];
+        watched[i + 1].events = POLLIN;
+    }
+    uint64_t wait_ns = (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000u;
+    uint64_t deadline = clock_ns(CLOCK_MONOTONIC) + wait_ns;
+    if (r->done_count > 0)
+        return KVF_WOKE_DATA; /* completed inside a post: no event will tell of it */
+    for (;;) {
+        uint64_t began = clock_ns(CLOCK_THREAD_CPUTIME_ID);
+        ucs_status_t armed = ucp_worker_arm(r->worker);
+        r->sleep_ucx_ns += clock_ns(CLOCK_THREAD_CPUTIME_ID) - began;
+        if (armed == UCS_ERR_BUSY) { /* events came in meanwhile */
+            progress_all(r);
+            if (python_due(r, messages, every_event))
+                return KVF_WOKE_DATA;
+            continue;
+        }
+        if (armed != UCS_OK)
+            return KVF_WOKE_DATA; /* Python's own arm reports it */
+        uint64_t now = clock_ns(CLOCK_MONOTONIC);
+        int left = now >= deadline ? 0 : (int)((deadline - now + 999999u) / 1000000u);
+        int ready = poll(watched, nfds + 1, left);
+        if (ready < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (ready == 0)
+            return KVF_WOKE_TIMER;
+        for (uint32_t i = 1; i <= nfds; i++)
+            if (watched[i].revents)
+                return KVF_WOKE_FDS; /* the worker's, if ready too, is Python's to progress */
+        r->sleep_events++;
+        progress_all(r);
+        if (python_due(r, messages, every_event))
+            return KVF_WOKE_DATA;
     }
 }

@@ -93,6 +93,12 @@ _COUNTERS = (
         "loop_quiet_turns",
     ),
     (
+        "kvferry_transfer_loop_sleep_events",
+        "UCX events the transfer thread took while asleep, in native code without a turn of "
+        "the loop (a rendezvous, a fragment, a completion whose scatter it launched)",
+        "loop_sleep_events",
+    ),
+    (
         "kvferry_graph_forwards",
         "Forwards run as replays of CUDA graphs captured at start-up (of kvferry_forward_seconds' "
         "count: the rest ran eagerly)",

@@ -94,6 +94,7 @@ class Snapshot:
     loop_turns: int = 0  # turns of the rank's transfer loop (woken by an event or its timer)
     loop_timer_turns: int = 0  # of which only the loop's timer woke it
     loop_quiet_turns: int = 0  # of which only progressed UCX's traffic (no step ran)
+    loop_sleep_events: int = 0  # UCX events the loop's native sleep took without a turn
     loop_wakes: dict[str, int] = field(default_factory=dict)  # turns by what woke them
     wait_cpu_s: float = 0.0  # of transfer_cpu_s: the loop's wait (poll, re-taking the GIL)
     ucx_cpu_s: float = 0.0  # of transfer_cpu_s: inside UCX's progress and arm

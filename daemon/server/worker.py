@@ -227,6 +227,7 @@ class Worker:
             loop_turns=agent.loop_turns,
             loop_timer_turns=agent.loop_timer_turns,
             loop_quiet_turns=agent.loop_quiet_turns,
+            loop_sleep_events=agent.loop_sleep_events,
             loop_wakes=agent.loop_wakes,
             wait_cpu_s=agent.wait_cpu_s,
             ucx_cpu_s=agent.ucx_cpu_s,

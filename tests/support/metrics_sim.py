@@ -83,6 +83,7 @@ def decode_snapshots() -> list[Snapshot]:
             loop_turns=40,
             loop_timer_turns=7,
             loop_quiet_turns=3,
+            loop_sleep_events=11,
             loop_wakes={"bell": 12, "data": 20, "control": 5, "timer": 7, "at_once": 2},
             kv_pool_bytes=1 << 30,
             memory_peak=3 << 30,

@@ -146,3 +146,37 @@ def test_each_turn_counts_what_woke_it():
     assert woken["bell"] == settled["bell"] + 1
     os.close(read_fd)
     os.close(write_fd)
+
+
+def test_a_loop_with_a_sleeper_takes_a_turn_for_its_news_only():
+    """A sleeper (the native data plane's) watches the loop's descriptors itself: its "data"
+    answer is a turn woken by the data plane; a descriptor that stirred with nothing to read
+    is slept through, not a turn; the bell still wakes it."""
+    data_r, data_w = os.pipe()  # stands for the data plane's descriptor
+    answers = ["fds", "data"]  # what the sleeper says, then it sleeps for real
+    slept, stepped = [], threading.Event()
+
+    def sleeper(fds, timeout_s):
+        slept.append(fds)
+        if answers:
+            return answers.pop(0), 0.0
+        readable = select.select(fds, [], [], timeout_s)[0]
+        return ("fds" if readable else "timer"), 0.0
+
+    loop = AgentLoop("kvferry-test-sleeper", lambda ready: None, lambda now: (stepped.set(), 60.0)[1])
+    loop.watch(data_r, True, "data")
+    loop.sleep_with(sleeper, data_r)
+    loop.start()
+    deadline = time.monotonic() + 5
+    while loop.wakes["data"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop.wakes["data"] == 1  # the spurious "fds" cost no turn
+    assert loop.turns == 2  # the first turn, then the data plane's
+    assert all(data_r not in fds for fds in slept)  # the sleeper watches the data plane itself
+    woken = threading.Event()
+    loop.post(woken.set)
+    assert woken.wait(5)
+    assert loop.wakes["bell"] == 1 and loop.turns == 3
+    loop.stop()
+    os.close(data_r)
+    os.close(data_w)

@@ -38,6 +38,7 @@ PER_RANK = {
     "kvferry_transfer_loop_turns_total": "loop_turns",
     "kvferry_transfer_loop_timer_turns_total": "loop_timer_turns",
     "kvferry_transfer_loop_quiet_turns_total": "loop_quiet_turns",
+    "kvferry_transfer_loop_sleep_events_total": "loop_sleep_events",
     "kvferry_kv_pool_bytes": "kv_pool_bytes",
     "kvferry_device_memory_peak_bytes": "memory_peak",
 }
