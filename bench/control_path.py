@@ -10,7 +10,8 @@ a small cache, so the copies and the wire cost next to nothing and what is measu
 rest: frames, rooms, posted calls, turns, launches and posts. The figure is the transfer
 threads' CPU per request, each side's ranks summed (what `kvferry bench` reports as
 control-plane CPU per request, without a model, an engine or HTTP around it), split as the
-loop's wait / UCX's calls / the rest, with the loop turns per request.
+loop's wait / UCX's calls / the rest, with the loop turns per request and the UCX events per
+request the threads took asleep, in native code, without a turn (`asleep`).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def per_request(before: dict, after: dict, requests: int) -> dict:
         "turns": grown["loop_turns"] / requests,
         "timer_turns": grown["loop_timer_turns"] / requests,
         "quiet_turns": grown["loop_quiet_turns"] / requests,
+        "sleep_events": grown["loop_sleep_events"] / requests,
         "wakes": wakes,
     }
 
@@ -139,7 +141,8 @@ def main() -> None:
     )
     print(
         f"{'path':9} {'side':8} {'CPU us/request':>15} {'wait':>7} {'ucx':>7} {'rest':>7} "
-        f"{'turns':>6} {'quiet':>6} {'register ms':>12} {'hand-over to Success ms':>24}"
+        f"{'turns':>6} {'quiet':>6} {'asleep':>7} {'register ms':>12} "
+        f"{'hand-over to Success ms':>24}"
     )
     for path, one in runs.items():
         for side, row in one["sides"].items():
@@ -147,7 +150,7 @@ def main() -> None:
             print(
                 f"{path:9} {side:8} {row['cpu_us']:15.1f} {parts['wait']:7.1f} "
                 f"{parts['ucx']:7.1f} {parts['rest']:7.1f} {row['turns']:6.2f} "
-                f"{row['quiet_turns']:6.2f} "
+                f"{row['quiet_turns']:6.2f} {row['sleep_events']:7.2f} "
                 f"{one['open_ms_p50']:12.2f} {one['transfer_ms_p50']:24.2f}"
             )
     for path, one in runs.items():

@@ -6,9 +6,10 @@ traced.
 
 A hop is a thread woken by an event (a control frame, a copy or UCX completion, a call posted
 by the engine) that then runs its turn. This bench wraps, in its own process, the transfer
-loops' poll (when each loop went to sleep and when it woke with the GIL) and the calls a turn
-is made of (UCX progress, arm, send, probe, receive; a copy's launch and its parts; control
-frames; the role's step), then runs `--runs` single-prompt transfers one at a time and prints:
+loops' wait (when each loop went to sleep, in its poll or its native sleep, and when it woke
+with the GIL) and the calls a turn is made of (UCX progress, arm, send, probe, receive; a
+copy's launch and its parts; control frames; the role's step), then runs `--runs`
+single-prompt transfers one at a time and prints:
 
 - for each stage of the request timeline (transport/timeline.py), in order: ms after the
   previous stage, split into the time until the thread that reached it woke and the time from
@@ -58,7 +59,7 @@ class Trace:
     def install(self) -> None:
         """Wrap the polls and calls; before any agent is built."""
         trace = self
-        original_select, original_init = select.select, loop_module.AgentLoop.__init__
+        original_select, original_wait = select.select, loop_module.AgentLoop._wait
 
         def traced_select(*args):
             slept = time.time()
@@ -69,11 +70,13 @@ class Trace:
 
         overlap.select.select = traced_select  # the bench's engine loop sleeps in it
 
-        def init(loop, name, *args, **kwargs):
-            original_init(loop, name, *args, **kwargs)
-            loop._poller = _TracedPoller(loop._poller, name, trace)
+        def traced_wait(loop, sleep_s):  # its poll, or its native sleep, and the polls after
+            slept = time.time()
+            woken = original_wait(loop, sleep_s)
+            trace.woke(loop._thread.name, slept)
+            return woken
 
-        loop_module.AgentLoop.__init__ = init
+        loop_module.AgentLoop._wait = traced_wait
         for owner, name, label in (
             (AgentCore, "_read_frames", "control frames, copy completions"),
             (AgentCore, "_advance", "the role's step"),
@@ -106,23 +109,6 @@ class Trace:
                 spans[label].append((threading.current_thread().name, began, time.time()))
 
         setattr(owner, name, traced)
-
-
-class _TracedPoller:
-    def __init__(self, poller, name: str, trace: Trace) -> None:
-        self._poller, self._name, self._trace = poller, name, trace
-
-    def register(self, *args):
-        return self._poller.register(*args)
-
-    def unregister(self, *args):
-        return self._poller.unregister(*args)
-
-    def poll(self, timeout=None):
-        slept = time.time()
-        ready = self._poller.poll(timeout)
-        self._trace.woke(self._name, slept)
-        return ready
 
 
 def owner_of(stage: str) -> str:
@@ -204,6 +190,8 @@ def main() -> None:
         bench.timelines.clear()
         loops = {loop._thread.name: loop for loop in bench._loops()}
         wakes_before = {name: dict(loop.wakes) for name, loop in loops.items()}
+        planes = {core.loop._thread.name: core.data for core in bench._cores()}
+        asleep_before = {name: data.sleep_events for name, data in planes.items()}
         starts = []
         for _ in range(own.runs):
             starts.append(time.time())
@@ -211,6 +199,10 @@ def main() -> None:
         wakes = {  # each loop's turns per request by what woke them (transport/loop.py)
             name: {c: (n - wakes_before[name][c]) / own.runs for c, n in loop.wakes.items()}
             for name, loop in loops.items()
+        }
+        asleep = {  # UCX events each loop took in its native sleep, without a turn
+            name: (data.sleep_events - asleep_before[name]) / own.runs
+            for name, data in planes.items()
         }
     finally:
         bench.close()
@@ -220,6 +212,7 @@ def main() -> None:
     ]
     result = analyse(trace, runs)
     result["loop_wakes_per_request"] = wakes
+    result["sleep_events_per_request"] = asleep
     mode = f"layer-wise ({args.layer_group}{', uniform' if args.uniform else ''})"
     mode = mode if args.layer_group else "whole-chunk"
     print(f"{own.runs} single-prompt transfers of {args.prompt} tokens, {mode}, on {device}")
@@ -240,6 +233,8 @@ def main() -> None:
     for name, causes in wakes.items():
         woken = ", ".join(f"{cause} {n:.2f}" for cause, n in causes.items() if n)
         print(f"{name} turns per request woken by: {woken}")
+    for name, events in asleep.items():
+        print(f"{name} UCX events per request taken asleep, without a turn: {events:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": own.runs, **result}, f, indent=1)

@@ -226,13 +226,17 @@ class Bench:
         for room in ended:  # the room's stages (transport/timeline.py)
             self.timelines.append({k: (at - submitted) * 1e3 for k, at in room.marks.items()})
 
-    def _loops(self) -> list:
-        """The transfer threads of this process: the prefill rank's, and the decode side's when
-        it runs here."""
-        loops = [self.agent.core.loop]
+    def _cores(self) -> list:
+        """The transfer agents' cores in this process: the prefill rank's, and the decode
+        side's when it runs here."""
+        cores = [self.agent.core]
         if isinstance(self.decode, LocalDecode):
-            loops.append(self.decode.agent.core.loop)
-        return loops
+            cores.append(self.decode.agent.core)
+        return cores
+
+    def _loops(self) -> list:
+        """The transfer threads of this process (`_cores`'s)."""
+        return [core.loop for core in self._cores()]
 
 
 def measure(

@@ -129,6 +129,7 @@ class Side:
         side's agents."""
         stats = [a.stats() for a in self.agents]
         keys = ("copy_s", "wire_s", "loop_turns", "loop_timer_turns", "loop_quiet_turns")
+        keys += ("loop_sleep_events",)
         keys += ("transfer_cpu_s",)
         keys += ("wait_cpu_s", "ucx_cpu_s", "loop_wakes")
         return summed([{k: getattr(s, k) for k in keys} for s in stats])

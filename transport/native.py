@@ -1,6 +1,7 @@
 """Native sends and receives for the UCX data plane (ucx_native.c): a probe, a receive whose
-completion callback launches the message's scatter with no Python in between, a send, and one
-call per turn that takes every completion.
+completion callback launches the message's scatter with no Python in between, a send, one
+call per turn that takes every completion, and the transfer thread's sleep, which takes the
+worker's events without the GIL.
 
 The C file is compiled at first use against the headers of the libucx wheel that ucxx loads,
 and cached (staging/native_build.py). `build()` raises NativeUnavailable with the reason when
@@ -184,12 +185,8 @@ class NativeOps:
         return self._r.sleep_ucx_ns * 1e-9
 
     def sleep(self, efd: int, fds, nfds: int, timeout_ms: int, messages: bool, every_event: bool):
-        """Sleep, the GIL released, until Python has something to do or `timeout_ms` passed:
-        WOKE_DATA (an operation completed, or `messages` and a new message waits to be
-        probed; with `every_event`, after any of the worker's events), WOKE_FDS (one of
-        `fds`, a ctypes int array of `nfds` descriptors, turned readable) or WOKE_TIMER.
-        Meanwhile the worker's events (`efd`) are progressed here, without Python. Only on
-        the thread that uses the worker."""
+        """kvf_sleep, the GIL released: WOKE_DATA, WOKE_FDS (one of `fds`, a ctypes int array
+        of `nfds` descriptors, turned readable) or WOKE_TIMER (ucx_native.c says when)."""
         woke = self._sleep(self._plane, efd, fds, nfds, timeout_ms, messages, every_event)
         if woke < 0:
             raise OSError(-woke, f"the transfer thread's sleep failed: {os.strerror(-woke)}")
@@ -345,13 +342,9 @@ def _ucx_dirs() -> tuple[Path, Path]:
 
 
 @functools.cache
-def _ucs() -> ctypes.CDLL:
+def _ucs_status_string(status: int) -> str:
     import libucx
 
-    lib = ctypes.CDLL(str(Path(libucx.__file__).parent / "lib" / "libucs.so"))
-    lib.ucs_status_string.argtypes, lib.ucs_status_string.restype = (ctypes.c_int,), ctypes.c_char_p
-    return lib
-
-
-def _ucs_status_string(status: int) -> str:
-    return (_ucs().ucs_status_string(status) or b"unknown").decode()
+    ucs = ctypes.CDLL(str(Path(libucx.__file__).parent / "lib" / "libucs.so"))
+    ucs.ucs_status_string.argtypes, ucs.ucs_status_string.restype = (ctypes.c_int,), ctypes.c_char_p
+    return (ucs.ucs_status_string(status) or b"unknown").decode()

@@ -198,8 +198,7 @@ class UcxDataPlane(DataPlane):
         return 0 if self._native is None else self._native.sleep_events
 
     def sleep(self, fds: tuple[int, ...], timeout_s: float, messages: bool) -> tuple[str, float]:
-        # operations through ucxx, or endpoints that closed, are for Python's own progress to
-        # see: then any event of the worker wakes it
+        # operations through ucxx, or endpoints that closed, are for Python's progress to see
         native = self._native
         if fds is not self._sleep_fds[0]:  # the owner's descriptors changed
             self._sleep_fds = (fds, (ctypes.c_int * len(fds))(*fds))

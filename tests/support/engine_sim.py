@@ -9,7 +9,7 @@ from kvferry.daemon.model.config import ModelConfig
 from kvferry.daemon.model.llama import Model
 from kvferry.daemon.model.weights import full_weights
 from kvferry.transport.bootstrap import BootstrapServer
-from kvferry.transport.dataplane import LoopbackDataPlane
+from kvferry.transport.loopback import LoopbackDataPlane
 from support.transfer_sim import small_config
 
 

@@ -17,7 +17,7 @@ from kvferry.staging.layout import KVLayout
 from kvferry.staging.plan import rank_heads
 from kvferry.transport.bootstrap import BootstrapServer
 from kvferry.transport.config import TransferConfig
-from kvferry.transport.dataplane import LoopbackDataPlane
+from kvferry.transport.loopback import LoopbackDataPlane
 from kvferry.transport.receiver import DecodeAgent
 from kvferry.transport.room import KVPoll
 from kvferry.transport.sender import PrefillAgent

@@ -7,9 +7,10 @@ import os
 import msgspec
 import zmq
 
-from kvferry.transport.dataplane import InvalidAddress, LoopbackDataPlane
+from kvferry.transport.dataplane import InvalidAddress
 from kvferry.transport.failure import FailureKind, aborted
 from kvferry.transport.log_limit import RateLimitedLog
+from kvferry.transport.loopback import LoopbackDataPlane
 from kvferry.transport.messages import Abort, Codec, ErrorReply, RegisterRoom
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tombstones import Tombstones

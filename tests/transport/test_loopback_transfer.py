@@ -7,7 +7,8 @@ import torch
 
 from kvferry.staging.copy_stream import Fence
 from kvferry.staging.plan import plan_head_transfers
-from kvferry.transport.dataplane import DataOp, DoneOp, LoopbackDataPlane
+from kvferry.transport.dataplane import DataOp, DoneOp
+from kvferry.transport.loopback import LoopbackDataPlane
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tags import DONE_PIECE, unpack_tag
 from support.kvsim import TP_PAIRS

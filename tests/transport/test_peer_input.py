@@ -7,8 +7,9 @@ import torch
 import zmq
 
 from kvferry.transport.control import request
-from kvferry.transport.dataplane import LoopbackDataPlane, data_failure, failure
+from kvferry.transport.dataplane import data_failure, failure
 from kvferry.transport.failure import Failure, FailureKind
+from kvferry.transport.loopback import LoopbackDataPlane
 from kvferry.transport.messages import Codec, ErrorReply, QueryPeers, RegisterRoom, TransferDone
 from kvferry.transport.room import KVPoll
 from kvferry.transport.tags import DONE_PIECE, MAX_DONE_BYTES, pack_tag, unpack_tag

@@ -3,7 +3,8 @@ post, and no event on the data plane's descriptor tells of it): it progresses an
 again, a bounded number of times, rather than leave them to a turn of its own."""
 
 from kvferry.transport import core as core_module
-from kvferry.transport.dataplane import DataOp, LoopbackDataPlane
+from kvferry.transport.dataplane import DataOp
+from kvferry.transport.loopback import LoopbackDataPlane
 from kvferry.transport.room import KVPoll
 from support.transfer_sim import (
     Deployment,
