@@ -183,10 +183,10 @@ class AgentCore:
         self.log.warning("internal", "error handling %s", what, exc_info=exc)
         return Failure(FailureKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
-    def _sleep(self, fds: tuple[int, ...], timeout_s: float) -> tuple[str, float]:
-        woke, inside = self.data.sleep(fds, timeout_s, self.messages_wake)
+    def _sleep(self, fds: tuple[int, ...], timeout_s: float):
+        woke, ready, inside = self.data.sleep(fds, timeout_s, self.messages_wake)
         self.stats.ucx_cpu_s += inside
-        return woke, inside
+        return woke, ready, inside
 
     def _read_frames(self, ready) -> None:
         self._data_only = len(ready) == 1 and self._data_fd in ready and not self.loop.nudged

@@ -130,11 +130,11 @@ class DataPlane:
         """The plane's events `sleep` took without waking its owner."""
         return 0
 
-    def sleep(self, fds: tuple[int, ...], timeout_s: float, messages: bool) -> tuple[str, float]:
+    def sleep(self, fds: tuple[int, ...], timeout_s: float, messages: bool):
         """Sleep until the owner has something to do, at most `timeout_s`, taking the plane's
-        own events meanwhile without the owner (where `sleeps`): "data" (an operation
-        completed, or `messages` and a new message waits to be probed), "fds" (one of `fds`
-        turned readable) or "timer"; and the thread CPU spent inside the backend meanwhile."""
+        own events meanwhile without the owner (where `sleeps`). Returns (why, the descriptors
+        of `fds` readable, the thread CPU spent inside the backend); why: "data" (an operation
+        completed, or `messages` and a new message waits to be probed), "fds" or "timer"."""
         raise NotImplementedError
 
     def endpoint(self, address: bytes, on_error: Callable[[str], None]):

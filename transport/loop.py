@@ -42,6 +42,8 @@ GIL_SWITCH_S = 0.0002
 # data plane, the copy stream, the control sockets), its timer, or nothing (the turn before
 # left work and asked for this one at once)
 WAKE_CAUSES = ("bell", "data", "copies", "control", "timer", "at_once")
+# sleeper(descriptors, timeout_s) -> (why, the descriptors readable, CPU spent in the data plane)
+Sleeper = Callable[[tuple, float], tuple[str, tuple, float]]
 
 
 class AgentLoop:
@@ -75,9 +77,10 @@ class AgentLoop:
         self.wait_cpu_s = 0.0
         # sleeping in native code (`sleep_with`): the sleeper, the data plane's descriptor it
         # watches itself, and the loop's other descriptors (rebuilt when `watch` changes them)
-        self._sleeper: Callable[[tuple, float], tuple[str, float]] | None = None
+        self._sleeper: Sleeper | None = None
         self._data_fd: int | None = None
         self._fds: tuple[int, ...] | None = None
+        self._watched_by_fd: dict[int, object] = {}  # descriptor -> the socket or fd watched
         self._cpu_at_exit = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -100,11 +103,12 @@ class AgentLoop:
             self._cause_of.pop(socket, None)
         self._fds = None
 
-    def sleep_with(self, sleeper: Callable[[tuple, float], tuple[str, float]], data_fd) -> None:
-        """Sleep in `sleeper(fds, timeout_s)` -> (why, CPU spent inside the data plane) rather
-        than in the poller: it watches `fds` (the loop's descriptors but `data_fd`) and the data
-        plane itself, and answers "data" (the owner has the plane's news to take: a turn woken
-        by `data_fd`), "fds" or "timer" (DataPlane.sleep). Before start."""
+    def sleep_with(self, sleeper: Sleeper, data_fd) -> None:
+        """Sleep in `sleeper(fds, timeout_s)` rather than in the poller: it watches `fds` (the
+        loop's descriptors but `data_fd`) and the data plane itself, and answers (why, the
+        descriptors of `fds` readable, CPU spent inside the data plane); why: "data" (the owner
+        has the plane's news to take: a turn woken by `data_fd`), "fds" or "timer"
+        (DataPlane.sleep). Before start."""
         self._sleeper, self._data_fd = sleeper, data_fd
 
     def post(self, call: Callable[[], None], wake: bool = True) -> None:
@@ -150,8 +154,8 @@ class AgentLoop:
             self.wakes["timer" if slept_s > 0 else "at_once"] += 1
 
     def _wait(self, sleep_s: float) -> tuple[dict, float]:
-        """The descriptors readable after sleeping at most `sleep_s` (none: the timeout), and
-        the CPU the sleeper spent inside the data plane."""
+        """The watched sockets readable after sleeping at most `sleep_s` (none: the timeout),
+        and the CPU the sleeper spent inside the data plane."""
         if self._sleeper is None:
             return dict(self._poller.poll(math.ceil(sleep_s * 1000))), 0.0
         # zmq's descriptors only tell of what came after its sockets were last looked at: look
@@ -161,25 +165,27 @@ class AgentLoop:
         while not events and sleep_s > 0:
             if self._fds is None:
                 self._fds = self._descriptors()
-            woke, spent = self._sleeper(self._fds, sleep_s)
+            woke, ready, spent = self._sleeper(self._fds, sleep_s)
             inside += spent
             if woke == "data":
                 return {self._data_fd: zmq.POLLIN}, inside
-            events = dict(self._poller.poll(0))
+            watched = [self._watched_by_fd[fd] for fd in ready]
+            if all(isinstance(w, int) for w in watched):  # descriptors of our own: readable
+                events = dict.fromkeys(watched, zmq.POLLIN)
+            else:  # a zmq socket's descriptor stirs on more than frames: ask the socket
+                events = dict(self._poller.poll(0))
             if woke == "timer":
                 break
-            sleep_s = deadline - time.monotonic()  # a socket's descriptor stirred, no frame
+            sleep_s = deadline - time.monotonic()
         return events, inside
 
     def _descriptors(self) -> tuple[int, ...]:
         """What the sleeper watches for the loop: every watched socket's descriptor but the
         data plane's."""
-        fds = []
-        for socket in self._cause_of:
-            fd = socket if isinstance(socket, int) else socket.getsockopt(zmq.FD)
-            if fd != self._data_fd:
-                fds.append(fd)
-        return tuple(fds)
+        self._watched_by_fd = {
+            (w if isinstance(w, int) else w.getsockopt(zmq.FD)): w for w in self._cause_of
+        }
+        return tuple(fd for fd in self._watched_by_fd if fd != self._data_fd)
 
     def _run(self) -> None:
         sleep_s = 0.0

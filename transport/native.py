@@ -25,7 +25,6 @@ SOURCE = Path(__file__).with_name("ucx_native.c")
 CAPACITY = 4096  # operations in flight at once; past this one goes through ucxx
 _POSTED_OK, _NO_MESSAGE = 0, 1
 WOKE_TIMER, WOKE_DATA, WOKE_FDS = 0, 1, 2  # why `NativeOps.sleep` returned
-MAX_SLEEP_FDS = 256  # KVF_MAX_FDS of ucx_native.c
 UCS_OK = 0
 UCS_ERR_CANCELED = -16
 # UCS statuses that mean the peer's process or link went away (ucs/type/status.h)
@@ -50,6 +49,12 @@ class Launch(ctypes.Structure):
         ("expected", ctypes.c_uint64),
         ("args", KVCopyArgs),
     )
+
+
+class PollFd(ctypes.Structure):
+    """struct pollfd: what `NativeOps.sleep` watches, and found readable."""
+
+    _fields_ = (("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short))
 
 
 class _Op(ctypes.Structure):
@@ -184,10 +189,11 @@ class NativeOps:
         """Thread CPU `sleep` spent inside UCX's progress and arm."""
         return self._r.sleep_ucx_ns * 1e-9
 
-    def sleep(self, efd: int, fds, nfds: int, timeout_ms: int, messages: bool, every_event: bool):
-        """kvf_sleep, the GIL released: WOKE_DATA, WOKE_FDS (one of `fds`, a ctypes int array
-        of `nfds` descriptors, turned readable) or WOKE_TIMER (ucx_native.c says when)."""
-        woke = self._sleep(self._plane, efd, fds, nfds, timeout_ms, messages, every_event)
+    def sleep(self, watched, timeout_ms: int, messages: bool, every_event: bool) -> int:
+        """kvf_sleep, the GIL released: WOKE_DATA, WOKE_FDS (one of `watched[1:]`, a PollFd
+        array after the worker's descriptor, turned readable: its `revents` say which) or
+        WOKE_TIMER (ucx_native.c says when)."""
+        woke = self._sleep(self._plane, watched, len(watched), timeout_ms, messages, every_event)
         if woke < 0:
             raise OSError(-woke, f"the transfer thread's sleep failed: {os.strerror(-woke)}")
         return woke
@@ -323,7 +329,7 @@ def _sleeper():
     call, as a sleep must (every other call keeps it, `build`)."""
     p, i32, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32
     function = ctypes.CDLL(build()._name).kvf_sleep  # the library built and checked
-    function.argtypes = (p, i32, p, u32, i32, i32, i32)
+    function.argtypes = (p, p, u32, i32, i32, i32)
     function.restype = i32
     return function
 

@@ -47,6 +47,7 @@ from kvferry.transport.native import (
     NativeOp,
     NativeOps,
     NativeUnavailable,
+    PollFd,
 )
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 from kvferry.transport.ucx_load import load_ucxx, ucp
@@ -56,6 +57,7 @@ DISCARD_BYTES = 256  # scratch a discarded message is truncated into
 _WOKE = {WOKE_DATA: "data", WOKE_FDS: "fds", WOKE_TIMER: "timer"}  # NativeOps.sleep's answers
 FULL_PROGRESS_EVERY_S = 1.0  # ucxx's own progress (request cancelling included) at least this often
 UCS_OK, UCS_ERR_BUSY = 0, -15  # ucs/type/status.h
+POLLIN = 1
 
 
 def _array(buffer: torch.Tensor):
@@ -197,24 +199,18 @@ class UcxDataPlane(DataPlane):
     def sleep_events(self) -> int:
         return 0 if self._native is None else self._native.sleep_events
 
-    def sleep(self, fds: tuple[int, ...], timeout_s: float, messages: bool) -> tuple[str, float]:
+    def sleep(self, fds: tuple[int, ...], timeout_s: float, messages: bool):
         # operations through ucxx, or endpoints that closed, are for Python's progress to see
         native = self._native
         if fds is not self._sleep_fds[0]:  # the owner's descriptors changed
-            self._sleep_fds = (fds, (ctypes.c_int * len(fds))(*fds))
+            watched = (PollFd * (len(fds) + 1))(*((fd, POLLIN, 0) for fd in (self.wake_fd, *fds)))
+            self._sleep_fds = (fds, watched)
+        watched = self._sleep_fds[1]
         every_event = bool(self._ucxx_ops) or self._cancels_due
         before = native.sleep_ucx_s
-        woke = native.sleep(
-            self.wake_fd, self._sleep_fds[1], len(fds), math.ceil(timeout_s * 1000), messages,
-            every_event,
-        )  # fmt: skip
-        return _WOKE[woke], native.sleep_ucx_s - before
-
-    def on_loop_start(self) -> None:
-        if self._cuda_device is not None:
-            from ucxx._cuda_context import ensure_cuda_context
-
-            ensure_cuda_context(self._cuda_device)
+        woke = native.sleep(watched, math.ceil(timeout_s * 1000), messages, every_event)
+        ready = () if woke != WOKE_FDS else tuple(w.fd for w in watched[1:] if w.revents)
+        return _WOKE[woke], ready, native.sleep_ucx_s - before
 
     def _progress(self) -> None:
         # ucxx's progress() is ucp_worker_progress until it reports nothing, then the

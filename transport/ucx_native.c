@@ -35,7 +35,6 @@ enum { KVF_IDLE = 0, KVF_POSTED = 1, KVF_DONE = 2 };
 enum { KVF_POSTED_OK = 0, KVF_NO_MESSAGE = 1 };
 /* Why kvf_sleep returned. */
 enum { KVF_WOKE_TIMER = 0, KVF_WOKE_DATA = 1, KVF_WOKE_FDS = 2 };
-#define KVF_MAX_FDS 256 /* Python's descriptors a sleep watches, besides the worker's */
 
 typedef int (*cu_launch_kernel_t)(void *function, unsigned grid_x, unsigned grid_y,
                                   unsigned grid_z, unsigned block_x, unsigned block_y,
@@ -281,22 +280,14 @@ static int python_due(kvf_plane *r, int messages, int every_event) {
 
 /* Sleep until Python has something to do, at most `timeout_ms`; called WITHOUT the GIL (the
  * one function here that is), on the thread that owns the worker, so nothing else touches it
- * meanwhile. `efd`: the worker's event descriptor; `fds`: Python's own (any readable ends the
- * sleep: KVF_WOKE_FDS). The worker's events are taken here (see the top of this file): the
- * sleep ends KVF_WOKE_DATA once python_due, or KVF_WOKE_TIMER at the timeout; -errno if the
- * poll failed. A message that waited before the sleep does not end it (Python probed it and
- * left it: its ring is full); `messages` says whether a newer one should. */
-int kvf_sleep(kvf_plane *r, int efd, const int *fds, uint32_t nfds, int timeout_ms,
-              int messages, int every_event) {
-    struct pollfd watched[KVF_MAX_FDS + 1];
-    if (nfds > KVF_MAX_FDS)
-        return -EINVAL;
-    watched[0].fd = efd;
-    watched[0].events = POLLIN;
-    for (uint32_t i = 0; i < nfds; i++) {
-        watched[i + 1].fd = fds[i];
-        watched[i + 1].events = POLLIN;
-    }
+ * meanwhile. `watched[0]`: the worker's event descriptor; `watched[1..count)`: Python's own,
+ * any of which readable ends the sleep (KVF_WOKE_FDS, their `revents` set for Python to read).
+ * The worker's events are taken here (see the top of this file): the sleep ends
+ * KVF_WOKE_DATA once python_due, or KVF_WOKE_TIMER at the timeout; -errno if the poll failed.
+ * A message that waited before the sleep does not end it (Python probed it and left it: its
+ * ring is full); `messages` says whether a newer one should. */
+int kvf_sleep(kvf_plane *r, struct pollfd *watched, uint32_t count, int timeout_ms, int messages,
+              int every_event) {
     uint64_t wait_ns = (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000u;
     uint64_t deadline = clock_ns(CLOCK_MONOTONIC) + wait_ns;
     if (r->done_count > 0)
@@ -315,7 +306,7 @@ int kvf_sleep(kvf_plane *r, int efd, const int *fds, uint32_t nfds, int timeout_
             return KVF_WOKE_DATA; /* Python's own arm reports it */
         uint64_t now = clock_ns(CLOCK_MONOTONIC);
         int left = now >= deadline ? 0 : (int)((deadline - now + 999999u) / 1000000u);
-        int ready = poll(watched, nfds + 1, left);
+        int ready = poll(watched, count, left);
         if (ready < 0) {
             if (errno == EINTR)
                 continue;
@@ -323,7 +314,7 @@ int kvf_sleep(kvf_plane *r, int efd, const int *fds, uint32_t nfds, int timeout_
         }
         if (ready == 0)
             return KVF_WOKE_TIMER;
-        for (uint32_t i = 1; i <= nfds; i++)
+        for (uint32_t i = 1; i < count; i++)
             if (watched[i].revents)
                 return KVF_WOKE_FDS; /* the worker's, if ready too, is Python's to progress */
         r->sleep_events++;

@@ -159,9 +159,9 @@ def test_a_loop_with_a_sleeper_takes_a_turn_for_its_news_only():
     def sleeper(fds, timeout_s):
         slept.append(fds)
         if answers:
-            return answers.pop(0), 0.0
+            return answers.pop(0), (), 0.0
         readable = select.select(fds, [], [], timeout_s)[0]
-        return ("fds" if readable else "timer"), 0.0
+        return ("fds" if readable else "timer"), tuple(readable), 0.0
 
     loop = AgentLoop("kvferry-test-sleeper", lambda ready: None, lambda now: 60.0)
     loop.watch(data_r, True, "data")

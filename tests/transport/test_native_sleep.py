@@ -21,7 +21,7 @@ plane = UcxDataPlane("tcp,sm,self")  # the sender, driven by a thread of its own
 peer = UcxDataPlane("tcp,sm,self")  # the receiver, asleep on this thread
 endpoint = plane.endpoint(peer.address, lambda why: None)
 bell_r, bell_w = os.pipe()
-report = {"sleeps": peer.sleeps}
+report = {"sleeps": peer.sleeps, "bell_fd": bell_r}
 
 def send_in_background(tensor, tag):
     def run():
@@ -38,7 +38,7 @@ def send_in_background(tensor, tag):
 def sleep_until_data(messages):
     wakes = []
     while len(wakes) < 20:
-        woke, cpu = peer.sleep((bell_r,), 10.0, messages)
+        woke, ready, cpu = peer.sleep((bell_r,), 10.0, messages)
         wakes.append(woke)
         if woke == "data":
             break
@@ -62,7 +62,7 @@ report["idle"] = peer.sleep((bell_r,), 0.1, True)[0]
 
 # one of the owner's descriptors turns readable: it ends the sleep, long before its timeout
 threading.Timer(0.2, lambda: os.write(bell_w, b"x")).start()
-report["bell"] = peer.sleep((bell_r,), 30.0, True)[0]
+report["bell"] = peer.sleep((bell_r,), 30.0, True)[:2]
 os.read(bell_r, 1)
 
 # a message nobody posted for: a wake while new messages are wanted ...
@@ -95,7 +95,7 @@ def test_a_sleeping_thread_takes_ucx_events_itself_and_wakes_for_its_owner():
     assert report["big"] == [True, True]
     assert report["big_events"] >= 1
     assert report["idle"] == "timer"
-    assert report["bell"] == "fds"
+    assert report["bell"][0] == "fds" and report["bell"][1] == [report["bell_fd"]]
     assert report["probed_wakes"] == ["data"]
     assert report["probed"] == [8, 64]
     assert report["held"] == "timer"
