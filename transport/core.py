@@ -98,6 +98,10 @@ class AgentCore:
         self.staging = (
             StagingBuffer(config.ring_bytes, planes.device) if config.mode == "staged" else None
         )
+        if self.staging is not None:
+            data.register_staging(
+                self.staging.address, self.staging.capacity, planes.device.type == "cuda"
+            )
         # rung on every change of a room's state: the engine's thread sleeps on it
         self.bell = Bell()
         self._zmq = curve.context(keys)

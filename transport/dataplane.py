@@ -120,6 +120,10 @@ class DataPlane:
         """Before sleeping on `wake_fd`: False if events are pending already (progress again)."""
         return True
 
+    def register_staging(self, address: int, length: int, device: bool) -> None:
+        """The staging ring [address, +length), in device memory or not: a backend may
+        register it once for the messages sent from it and received into it."""
+
     @property
     def sleeps(self) -> bool:
         """Whether the owner's thread can sleep in `sleep` rather than on `wake_fd`."""

@@ -3,25 +3,19 @@ completion callback launches the message's scatter with no Python in between, a 
 call per turn that takes every completion, and the transfer thread's sleep, which takes the
 worker's events without the GIL.
 
-The C file is compiled at first use against the headers of the libucx wheel that ucxx loads,
-and cached (staging/native_build.py). `build()` raises NativeUnavailable with the reason when
-that cannot be done; the data plane then sends and receives through ucxx's API instead, and
-says so in its log.
+The C library is built at first use (transport/native_lib.py); where it cannot be, the data
+plane sends and receives through ucxx's API instead, and says so in its log.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
-from pathlib import Path
 
-from kvferry.cuda.kernels import KVCopyArgs
-from kvferry.staging.native_build import NativeUnavailable, cached_library
 from kvferry.transport.dataplane import DataOp, data_failure
 from kvferry.transport.failure import Failure
+from kvferry.transport.native_lib import Launch, Op, Plane, build, sleeper, status_string
 
-SOURCE = Path(__file__).with_name("ucx_native.c")
 CAPACITY = 4096  # operations in flight at once; past this one goes through ucxx
 _POSTED_OK, _NO_MESSAGE = 0, 1
 WOKE_TIMER, WOKE_DATA, WOKE_FDS = 0, 1, 2  # why `NativeOps.sleep` returned
@@ -30,66 +24,6 @@ UCS_ERR_CANCELED = -16
 # UCS statuses that mean the peer's process or link went away (ucs/type/status.h)
 _PEER_GONE = frozenset({-6, -25, -80})  # UNREACHABLE, CONNECTION_RESET, ENDPOINT_TIMEOUT
 _ORPHANED: list = []  # records of closed planes that UCX may still complete into
-
-
-class Launch(ctypes.Structure):
-    """The head of one operation's C record (kvf_op): the copy to run once a receive's bytes
-    are in, which its owner writes before posting it: a kernel launch (`function`), or with
-    `host` set a copy on the host (`args` in bytes, `grid_y` planes); neither: nothing."""
-
-    _fields_ = (
-        ("function", ctypes.c_void_p),
-        ("stream", ctypes.c_void_p),
-        ("event", ctypes.c_void_p),
-        ("grid_x", ctypes.c_uint32),
-        ("grid_y", ctypes.c_uint32),
-        ("block", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("host", ctypes.c_uint32),  # 1: a host copy (staging/host_copy.c) instead of a launch
-        ("expected", ctypes.c_uint64),
-        ("args", KVCopyArgs),
-    )
-
-
-class PollFd(ctypes.Structure):
-    """struct pollfd: what `NativeOps.sleep` watches, and found readable."""
-
-    _fields_ = (("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short))
-
-
-class _Op(ctypes.Structure):
-    """kvf_op of ucx_native.c (its size is checked at load)."""
-
-    _fields_ = (
-        ("launch", Launch),
-        ("params", ctypes.c_void_p * 7),
-        ("plane", ctypes.c_void_p),
-        ("request", ctypes.c_void_p),
-        ("state", ctypes.c_int32),
-        ("status", ctypes.c_int32),
-        ("launch_status", ctypes.c_int32),
-        ("launched", ctypes.c_int32),
-        ("length", ctypes.c_uint64),
-    )
-
-
-class _Plane(ctypes.Structure):
-    """kvf_plane of ucx_native.c (its size is checked at load)."""
-
-    _fields_ = (
-        ("worker", ctypes.c_void_p),
-        ("launch", ctypes.c_void_p),
-        ("record", ctypes.c_void_p),
-        ("host_copy", ctypes.c_void_p),
-        ("ops", ctypes.c_void_p),
-        ("done", ctypes.c_void_p),
-        ("capacity", ctypes.c_uint32),
-        ("done_head", ctypes.c_uint32),
-        ("done_count", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-        ("sleep_events", ctypes.c_uint64),
-        ("sleep_ucx_ns", ctypes.c_uint64),
-    )
 
 
 class NativeOp(DataOp):
@@ -140,10 +74,10 @@ class NativeOps:
     def __init__(self, worker: int, launch: int = 0, record: int = 0, host_copy: int = 0) -> None:
         lib = build()
         self._lib = lib
-        self._ops = (_Op * CAPACITY)()
+        self._ops = (Op * CAPACITY)()
         self._done = (ctypes.c_uint32 * CAPACITY)()
         self._reaped = (ctypes.c_uint32 * CAPACITY)()
-        self._r = _Plane(
+        self._r = Plane(
             worker=worker,
             launch=launch or None,
             record=record or None,
@@ -155,7 +89,7 @@ class NativeOps:
         self._plane = ctypes.byref(self._r)
         lib.kvf_init(self._plane)
         self._worker = worker
-        self._sleep = _sleeper()
+        self._sleep = sleeper()
         self._peeked = (ctypes.c_uint64 * 2)()
         self._free = list(range(CAPACITY - 1, -1, -1))
         self._posted: dict[int, NativeOp] = {}  # op id -> its operation, until reaped
@@ -197,6 +131,13 @@ class NativeOps:
         if woke < 0:
             raise OSError(-woke, f"the transfer thread's sleep failed: {os.strerror(-woke)}")
         return woke
+
+    def register(self, context: int, address: int, length: int, device: bool) -> None:
+        """Register [address, +length) (the staging ring, device or host memory) with UCX
+        once, for the operations posted into it; raises on a UCX error."""
+        status = self._lib.kvf_register(self._plane, context, address, length, int(device))
+        if status:
+            raise RuntimeError(f"registering the staging ring failed: {self.status_name(status)}")
 
     def peek(self) -> tuple[int, int] | None:
         """(tag, length) of the oldest message waiting to be taken, or None."""
@@ -273,84 +214,11 @@ class NativeOps:
 
     def close(self) -> None:
         """After `cancel_all`, a progress and a `reap`: an operation UCX still holds keeps the
-        records it writes into alive for the rest of the process."""
+        records it writes into, and the ring's registration, for the rest of the process."""
         if self._posted:
             _ORPHANED.append((self._ops, self._done, self._r))
+        else:
+            self._lib.kvf_deregister(self._plane)
 
     def status_name(self, status: int) -> str:
-        return f"{_ucs_status_string(status)} (UCS status {status})"
-
-
-def build() -> ctypes.PyDLL:
-    """The compiled library, loaded (built first if the cache lacks it). PyDLL: its calls keep
-    the GIL, as a transfer thread's calls must (transport/ucx.py)."""
-    try:
-        return _load()
-    except NativeUnavailable:
-        raise
-    except OSError as exc:
-        raise NativeUnavailable(f"{type(exc).__name__}: {exc}") from exc
-
-
-@functools.cache
-def _load() -> ctypes.PyDLL:
-    include, libdir = _ucx_dirs()
-    flags = [f"-I{include}", f"-L{libdir}", "-lucp", "-lucs", f"-Wl,-rpath,{libdir}"]
-    target = cached_library(SOURCE, flags)
-    lib = ctypes.PyDLL(str(target))
-    p, u32, u64 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64
-    signatures = {
-        "kvf_op_size": ((), ctypes.c_size_t),
-        "kvf_plane_size": ((), ctypes.c_size_t),
-        "kvf_init": ((p,), None),
-        "kvf_peek": ((p, p), ctypes.c_int),
-        "kvf_post": ((p, u32, u64, p, u64), ctypes.c_int),
-        "kvf_expect": ((p, u32, u64, p, u64), ctypes.c_int),
-        "kvf_cancel": ((p, u32), None),
-        "kvf_send": ((p, u32, p, u64, p, u64), ctypes.c_int),
-        "kvf_reap": ((p, p, u32), u32),
-        "kvf_cancel_all": ((p,), None),
-    }
-    for name, (argtypes, restype) in signatures.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, restype
-    sizes = (lib.kvf_op_size(), lib.kvf_plane_size())
-    if sizes != (ctypes.sizeof(_Op), ctypes.sizeof(_Plane)):
-        raise NativeUnavailable(
-            f"{target} has record sizes {sizes}, this module expects "
-            f"{(ctypes.sizeof(_Op), ctypes.sizeof(_Plane))}"
-        )
-    return lib
-
-
-@functools.cache
-def _sleeper():
-    """kvf_sleep, through a CDLL handle of the same library: ctypes lets the GIL go for the
-    call, as a sleep must (every other call keeps it, `build`)."""
-    p, i32, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32
-    function = ctypes.CDLL(build()._name).kvf_sleep  # the library built and checked
-    function.argtypes = (p, p, u32, i32, i32, i32)
-    function.restype = i32
-    return function
-
-
-def _ucx_dirs() -> tuple[Path, Path]:
-    try:
-        import libucx  # the UCX wheel ucxx loads
-    except ImportError as exc:
-        raise NativeUnavailable("the libucx wheel is not installed") from exc
-    libucx.load_library()
-    root = Path(libucx.__file__).parent
-    include, libdir = root / "include", root / "lib"
-    if not (include / "ucp" / "api" / "ucp.h").is_file():
-        raise NativeUnavailable(f"no UCX headers under {include}")
-    return include, libdir
-
-
-@functools.cache
-def _ucs_status_string(status: int) -> str:
-    import libucx
-
-    ucs = ctypes.CDLL(str(Path(libucx.__file__).parent / "lib" / "libucs.so"))
-    ucs.ucs_status_string.argtypes, ucs.ucs_status_string.restype = (ctypes.c_int,), ctypes.c_char_p
-    return (ucs.ucs_status_string(status) or b"unknown").decode()
+        return f"{status_string(status)} (UCS status {status})"

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from kvferry.staging import host_copy
+from kvferry.staging.native_build import NativeUnavailable
 from kvferry.transport.dataplane import (
     DataOp,
     DataPlane,
@@ -39,16 +40,8 @@ from kvferry.transport.dataplane import (
     data_failure,
 )
 from kvferry.transport.failure import Failure
-from kvferry.transport.native import (
-    CAPACITY,
-    WOKE_DATA,
-    WOKE_FDS,
-    WOKE_TIMER,
-    NativeOp,
-    NativeOps,
-    NativeUnavailable,
-    PollFd,
-)
+from kvferry.transport.native import CAPACITY, WOKE_DATA, WOKE_FDS, WOKE_TIMER, NativeOp, NativeOps
+from kvferry.transport.native_lib import PollFd
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 from kvferry.transport.ucx_load import load_ucxx, ucp
 
@@ -190,6 +183,10 @@ class UcxDataPlane(DataPlane):
     @property
     def wake_fd(self) -> int:
         return self._worker.epoll_file_descriptor
+
+    def register_staging(self, address: int, length: int, device: bool) -> None:
+        if self._native is not None:
+            self._native.register(self._context.handle, address, length, device)
 
     @property
     def sleeps(self) -> bool:

@@ -112,9 +112,9 @@ def test_the_image_can_build_the_native_data_path(parsed):
     build time into the cache, again at the first start where a volume hides the cache."""
     runs = _instructions(parsed, "RUN")
     assert any("gcc" in run.split() and "libc6-dev" in run.split() for run in runs)
-    assert any("native.build()" in run and "host_copy.library()" in run for run in runs)
+    assert any("native_lib.build()" in run and "host_copy.library()" in run for run in runs)
     users = [i["instruction"] for i in parsed["structure"]]
     build = next(
-        i for i, entry in enumerate(parsed["structure"]) if "native.build()" in entry["value"]
+        i for i, entry in enumerate(parsed["structure"]) if "native_lib.build()" in entry["value"]
     )
     assert "USER" in users[:build]  # built as the user whose cache it is
