@@ -97,6 +97,8 @@ class ControlChannel:
         self._monitor_of: dict[str, zmq.Socket] = {}
         self._last_used: dict[str, float] = {}  # peer -> when a frame last went to it
         self._dropped: list[str] = []  # peers whose connection dropped, not yet taken
+        # sockets sent on, or left unread, since `waiting` last looked (see there)
+        self._touched: set[zmq.Socket] = set()
         self.peers_refused = 0
         self._watch(self.inbound, True)
 
@@ -132,7 +134,9 @@ class ControlChannel:
         full (it is not draining) or no socket can be opened to it."""
         try:
             self.open(peer)
-            self._outbound[peer].send(self.codec.encode(message), zmq.NOBLOCK)
+            socket = self._outbound[peer]
+            self._touched.add(socket)
+            socket.send(self.codec.encode(message), zmq.NOBLOCK)
         except (zmq.Again, PeerLimitError, ValueError):
             return False
         self._last_used[peer] = time.monotonic()
@@ -141,6 +145,7 @@ class ControlChannel:
     def reply(self, peer: str, message: Message) -> None:
         """Answer a frame from `peer` back over the connection it came in on; dropped if that
         connection is gone or not draining (the sender has not proved it is worth more)."""
+        self._touched.add(self.inbound)
         with contextlib.suppress(zmq.ZMQError):
             self.inbound.send_multipart([identity(peer), self.codec.encode(message)], zmq.NOBLOCK)
 
@@ -162,6 +167,7 @@ class ControlChannel:
         if socket is None:
             return
         del self._peer_of[socket]
+        self._touched.discard(socket)
         monitor = self._monitor_of.pop(peer, None)
         if monitor is not None:
             socket.disable_monitor()
@@ -197,13 +203,24 @@ class ControlChannel:
                 self._read_events(socket)
         return received
 
+    def waiting(self) -> list[zmq.Socket]:
+        """The sockets that may hold frames their descriptors no longer tell of: a socket's
+        descriptor says only what changed since the socket was last used, and a send (or a read
+        that stopped before the socket was empty) may take a frame's notice in. Those sent on
+        or left unread since the last call, asked whether a frame waits."""
+        touched, self._touched = self._touched, set()
+        return [s for s in touched if s.getsockopt(zmq.EVENTS) & zmq.POLLIN]
+
     def take_dropped(self) -> list[str]:
         """Peers whose TCP connection dropped since the last call (monitor_peers only)."""
         dropped, self._dropped = self._dropped, []
         return dropped
 
     def _read(self, socket: zmq.Socket, peer: str | None, received: list) -> None:
-        while len(received) < MAX_FRAMES_PER_TURN:
+        while True:
+            if len(received) >= MAX_FRAMES_PER_TURN:
+                self._touched.add(socket)  # the rest in a later turn
+                return
             message = _recv_message(socket, 2 if peer is None else 1)
             if message is None:
                 return

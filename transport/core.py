@@ -115,8 +115,8 @@ class AgentCore:
         self.mode = SliceMode() if config.mode == "slice" else StagedMode(self.staging, self.copies)
         if data.wake_fd is not None:
             self.loop.watch(data.wake_fd, True, "data")
-        if data.sleeps:
-            self.loop.sleep_with(self._sleep, data.wake_fd)
+        if data.sleeps:  # once the control channel is there (below)
+            self.loop.sleep_with(self._sleep, data.wake_fd, lambda: self.control.waiting())
         # whether a message that comes while the loop sleeps wakes it (not while the oldest
         # waits for ring room: the scatters that free it wake the loop)
         self.messages_wake = True

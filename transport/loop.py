@@ -81,6 +81,7 @@ class AgentLoop:
         self._data_fd: int | None = None
         self._fds: tuple[int, ...] | None = None
         self._watched_by_fd: dict[int, object] = {}  # descriptor -> the socket or fd watched
+        self._waiting: Callable[[], list] = list
         self._cpu_at_exit = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -103,13 +104,14 @@ class AgentLoop:
             self._cause_of.pop(socket, None)
         self._fds = None
 
-    def sleep_with(self, sleeper: Sleeper, data_fd) -> None:
+    def sleep_with(self, sleeper: Sleeper, data_fd, waiting: Callable[[], list]) -> None:
         """Sleep in `sleeper(fds, timeout_s)` rather than in the poller: it watches `fds` (the
         loop's descriptors but `data_fd`) and the data plane itself, and answers (why, the
         descriptors of `fds` readable, CPU spent inside the data plane); why: "data" (the owner
         has the plane's news to take: a turn woken by `data_fd`), "fds" or "timer"
-        (DataPlane.sleep). Before start."""
-        self._sleeper, self._data_fd = sleeper, data_fd
+        (DataPlane.sleep). `waiting()`: the watched zmq sockets whose frames their descriptors
+        may not tell of (ControlChannel.waiting), looked at before each sleep. Before start."""
+        self._sleeper, self._data_fd, self._waiting = sleeper, data_fd, waiting
 
     def post(self, call: Callable[[], None], wake: bool = True) -> None:
         """Run `call` on the loop thread soon; safe from any thread. `wake=False` leaves it for
@@ -158,13 +160,15 @@ class AgentLoop:
         and the CPU the sleeper spent inside the data plane."""
         if self._sleeper is None:
             return dict(self._poller.poll(math.ceil(sleep_s * 1000))), 0.0
-        # zmq's descriptors only tell of what came after its sockets were last looked at: look
-        # first, then sleep on them
-        events, inside = dict(self._poller.poll(0)), 0.0
-        deadline = time.monotonic() + sleep_s
+        # zmq's descriptors only tell of what came after its sockets were last used: those used
+        # since (or new ones) are looked at first
+        if self._fds is None:
+            self._fds = self._descriptors()
+            events = dict(self._poller.poll(0))
+        else:
+            events = dict.fromkeys(self._waiting(), zmq.POLLIN)
+        inside, deadline = 0.0, time.monotonic() + sleep_s
         while not events and sleep_s > 0:
-            if self._fds is None:
-                self._fds = self._descriptors()
             woke, ready, spent = self._sleeper(self._fds, sleep_s)
             inside += spent
             if woke == "data":

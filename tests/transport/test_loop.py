@@ -165,7 +165,7 @@ def test_a_loop_with_a_sleeper_takes_a_turn_for_its_news_only():
 
     loop = AgentLoop("kvferry-test-sleeper", lambda ready: None, lambda now: 60.0)
     loop.watch(data_r, True, "data")
-    loop.sleep_with(sleeper, data_r)
+    loop.sleep_with(sleeper, data_r, list)
     loop.start()
     deadline = time.monotonic() + 5
     while loop.wakes["data"] < 1 and time.monotonic() < deadline:
