@@ -7,7 +7,7 @@ The decode daemon hands every request's prompt to a prefill daemon's bootstrap s
 (`SubmitPrompt`, answered by `Ack`) before the prefill can start. The exchange is timed against
 a ROUTER server in this process that answers at once, with a 1,024-token prompt: once as
 `control.request` makes it, a DEALER of its own per exchange (connect, ZMTP handshake, and with
-CURVE the key exchange and the ZAP check), and once through `control.Requester`, which keeps a
+CURVE the key exchange and the ZAP check), and once through `requester.Requester`, which keeps a
 connection per server and exchange in progress (what the hand-off uses). Median and p90 µs, and
 the ratio, per security mode.
 """
@@ -24,8 +24,9 @@ import time
 import zmq
 
 from kvferry.transport import curve
-from kvferry.transport.control import Requester, request
+from kvferry.transport.control import request
 from kvferry.transport.messages import Ack, Codec, SubmitPrompt
+from kvferry.transport.requester import Requester
 
 
 def serve(router: zmq.Socket, codec: Codec, stop: threading.Event) -> None:

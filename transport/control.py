@@ -15,7 +15,6 @@ refused (only its first parts are kept; ZeroMQ itself has queued all of them by 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable
 
@@ -28,9 +27,6 @@ from kvferry.transport.messages import Codec, Message, WireError, multipart_erro
 MAX_PEERS = 256  # outbound sockets per rank (each holds file descriptors while open)
 MAX_FRAMES_PER_TURN = 1024  # bounds one turn's reading, so a flood cannot starve the rest
 RECONNECT_IVL_MAX_MS = 1000  # back off reconnecting to a peer that is not there
-# connections a Requester keeps to one server between exchanges; more at once (a burst of
-# exchanges in parallel) are closed as they end. Each holds two descriptors (socket, mailbox).
-MAX_IDLE_PER_SERVER = 4
 Watch = Callable[[zmq.Socket, bool], None]  # (socket, True: poll it / False: stop polling it)
 
 
@@ -271,76 +267,14 @@ def request(
 ) -> Message:
     """One request/reply exchange with a ROUTER server, on a connection of its own; raises
     TimeoutError, WireError."""
-    socket = _dealer(context, codec, address)
+    socket = dealer(context, codec, address)
     try:
-        return _exchange(socket, codec, address, message, timeout_s)
+        return exchange(socket, codec, address, message, timeout_s)
     finally:
         socket.close(linger=0)
 
 
-class RequesterClosed(RuntimeError):
-    """A request after `Requester.close`."""
-
-
-class Requester:
-    """`request` over kept connections: a DEALER per server address and exchange in progress,
-    back in a pool once its reply came, so that a server asked once per request (a prefill's
-    bootstrap server, by every prompt's hand-off) is not connected to (TCP, ZMTP, CURVE and its
-    ZAP check) once per request; up to MAX_IDLE_PER_SERVER of them wait for the next. A socket
-    whose exchange failed is closed, the idle ones to its server with it: a reply that comes
-    after its timeout must not answer the next request. Thread-safe; a socket moves between
-    threads only through the pool's lock."""
-
-    def __init__(self, context: zmq.Context, codec: Codec) -> None:
-        self._context, self._codec = context, codec
-        self._idle: dict[str, list[zmq.Socket]] = {}
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def request(self, address: str, message: Message, timeout_s: float) -> Message:
-        """As `request`; RequesterClosed once closed."""
-        socket = self._take(address)
-        replied = False
-        try:
-            reply = _exchange(socket, self._codec, address, message, timeout_s)
-            replied = True
-            return reply
-        finally:
-            self._give(address, socket, replied)
-
-    def close(self) -> None:
-        """Close the idle sockets now, those in an exchange as it ends (before the context is
-        terminated, which waits for every socket to close)."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, {}
-        for sockets in idle.values():
-            for socket in sockets:
-                socket.close(linger=0)
-
-    def _take(self, address: str) -> zmq.Socket:
-        with self._lock:
-            if self._closed:
-                raise RequesterClosed("the requester is closed")
-            idle = self._idle.get(address)
-            if idle:
-                return idle.pop()
-        return _dealer(self._context, self._codec, address)
-
-    def _give(self, address: str, socket: zmq.Socket, replied: bool) -> None:
-        stale: list[zmq.Socket] = [socket]
-        with self._lock:
-            idle = self._idle.setdefault(address, [])
-            if replied and not self._closed and len(idle) < MAX_IDLE_PER_SERVER:
-                idle.append(socket)
-                return
-            if not replied:  # the server may be gone: its other connections go too
-                stale += self._idle.pop(address, [])
-        for closing in stale:
-            closing.close(linger=0)
-
-
-def _dealer(context: zmq.Context, codec: Codec, address: str) -> zmq.Socket:
+def dealer(context: zmq.Context, codec: Codec, address: str) -> zmq.Socket:
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     limit_receive(socket, codec.max_frame_bytes)
@@ -352,7 +286,7 @@ def _dealer(context: zmq.Context, codec: Codec, address: str) -> zmq.Socket:
     return socket
 
 
-def _exchange(
+def exchange(
     socket: zmq.Socket, codec: Codec, address: str, message: Message, timeout_s: float
 ) -> Message:
     socket.send(codec.encode(message))

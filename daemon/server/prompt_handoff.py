@@ -2,7 +2,7 @@
 bootstrap server) once the ranks have reserved its pages.
 
 Each hand-off waits for the prefill's reply, so it runs on a small pool, off the daemon's loop,
-over connections kept to each prefill (`control.Requester`); a refusal, or no reply, goes to
+over connections kept to each prefill (`requester.Requester`); a refusal, or no reply, goes to
 the daemon with the reason: it tries another prefill (`prefill_retry.py`) or ends the request.
 """
 
@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import zmq
 
 from kvferry.daemon.server.request import DecodeRequest
-from kvferry.transport.control import Requester, RequesterClosed
 from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt, WireError
+from kvferry.transport.requester import Requester, RequesterClosed
 
 log = logging.getLogger("kvferry.daemon")
 BUSY_PAUSE_S = 0.01  # the first pause before a prompt refused as `busy` is sent again

@@ -1,4 +1,4 @@
-"""control.Requester: request/reply exchanges over kept connections, against a real ROUTER
+"""requester.Requester: request/reply exchanges over kept connections, against a real ROUTER
 server on a socket: one connection serves one exchange after another; a request that timed out
 takes its connection with it, so its late reply cannot answer the next; closed, it refuses."""
 
@@ -8,8 +8,8 @@ import time
 import pytest
 import zmq
 
-from kvferry.transport.control import Requester, RequesterClosed
 from kvferry.transport.messages import Ack, Codec, ErrorReply, SubmitPrompt
+from kvferry.transport.requester import Requester, RequesterClosed
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
 from kvferry.daemon.cli.bench.senders import ClientProcesses, client_processes, send
 from kvferry.daemon.cli.bench.workload import BenchError, Prompt, random_prompts
-from kvferry.transport.control import MAX_IDLE_PER_SERVER
+from kvferry.transport.requester import MAX_IDLE_PER_SERVER
 from support.cluster import client, decode, prefill, running, wait_for, wait_idle, write
 from support.metrics_sim import samples
 
