@@ -209,6 +209,12 @@ class UcxDataPlane(DataPlane):
         ready = () if woke != WOKE_FDS else tuple(w.fd for w in watched[1:] if w.revents)
         return _WOKE[woke], ready, native.sleep_ucx_s - before
 
+    def on_loop_start(self) -> None:
+        if self._cuda_device is not None:
+            from ucxx._cuda_context import ensure_cuda_context
+
+            ensure_cuda_context(self._cuda_device)
+
     def _progress(self) -> None:
         # ucxx's progress() is ucp_worker_progress until it reports nothing, then the
         # cancelling of requests left on endpoints that closed (ucxx Worker::progress). The
