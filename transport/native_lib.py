@@ -153,9 +153,13 @@ def _ucx_dirs() -> tuple[Path, Path]:
 
 
 @functools.cache
-def status_string(status: int) -> str:
+def _ucs() -> ctypes.CDLL:
     import libucx
 
     ucs = ctypes.CDLL(str(Path(libucx.__file__).parent / "lib" / "libucs.so"))
     ucs.ucs_status_string.argtypes, ucs.ucs_status_string.restype = (ctypes.c_int,), ctypes.c_char_p
-    return (ucs.ucs_status_string(status) or b"unknown").decode()
+    return ucs
+
+
+def status_string(status: int) -> str:
+    return (_ucs().ucs_status_string(status) or b"unknown").decode()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import select
 import time
 from collections.abc import Callable
 
@@ -50,7 +51,6 @@ DISCARD_BYTES = 256  # scratch a discarded message is truncated into
 _WOKE = {WOKE_DATA: "data", WOKE_FDS: "fds", WOKE_TIMER: "timer"}  # NativeOps.sleep's answers
 FULL_PROGRESS_EVERY_S = 1.0  # ucxx's own progress (request cancelling included) at least this often
 UCS_OK, UCS_ERR_BUSY = 0, -15  # ucs/type/status.h
-POLLIN = 1
 
 
 def _array(buffer: torch.Tensor):
@@ -200,7 +200,8 @@ class UcxDataPlane(DataPlane):
         # operations through ucxx, or endpoints that closed, are for Python's progress to see
         native = self._native
         if fds is not self._sleep_fds[0]:  # the owner's descriptors changed
-            watched = (PollFd * (len(fds) + 1))(*((fd, POLLIN, 0) for fd in (self.wake_fd, *fds)))
+            every = (self.wake_fd, *fds)
+            watched = (PollFd * len(every))(*((fd, select.POLLIN, 0) for fd in every))
             self._sleep_fds = (fds, watched)
         watched = self._sleep_fds[1]
         every_event = bool(self._ucxx_ops) or self._cancels_due
