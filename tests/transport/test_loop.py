@@ -163,13 +163,19 @@ def test_a_loop_with_a_sleeper_takes_a_turn_for_its_news_only():
         readable = select.select(fds, [], [], timeout_s)[0]
         return ("fds" if readable else "timer"), tuple(readable), 0.0
 
-    loop = AgentLoop("kvferry-test-sleeper", lambda ready: None, lambda now: 60.0)
+    steps, second = [], threading.Event()
+
+    def step(now):
+        steps.append(now)
+        if len(steps) == 2:
+            second.set()
+        return 60.0
+
+    loop = AgentLoop("kvferry-test-sleeper", lambda ready: None, step)
     loop.watch(data_r, True, "data")
     loop.sleep_with(sleeper, data_r, list)
     loop.start()
-    deadline = time.monotonic() + 5
-    while loop.wakes["data"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert second.wait(5)  # the first turn, then one more
     assert loop.wakes["data"] == 1  # the spurious "fds" cost no turn
     assert loop.turns == 2  # the first turn, then the data plane's
     assert all(data_r not in fds for fds in slept)  # the sleeper watches the data plane itself
