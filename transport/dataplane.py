@@ -55,6 +55,9 @@ def failure(operation: str, error: Failure) -> Failure:
 class DataOp:
     """A send or receive in flight."""
 
+    finished_at: float | None = None  # when it completed (time.time()), where the plane says
+    length: int | None = None  # bytes it received, where the plane says (else its buffer's)
+
     def done(self) -> bool:
         raise NotImplementedError
 
@@ -215,18 +218,32 @@ class DataPlane:
         return False
 
     def expect(
-        self, tag: int, buffer: torch.Tensor | Region, then: Callable[[object], None] | None = None
+        self,
+        tag: int,
+        buffer: torch.Tensor | Region,
+        then: Callable[[object], None] | None = None,
+        group: object = None,
     ) -> DataOp | None:
         """Post the receive of the message with `tag` into `buffer` before it arrives (`then`
-        as for `recv`): `probe` never sees it. A longer one fails the receive, nothing written
-        past `buffer`; a shorter one launches no copy (the receive's `error` says so). None
-        where nothing was posted (no `posts_ahead`, or no record free): it comes by `probe`."""
+        as for `recv`), in `group` (from `open_group`) if given: `probe` never sees it. A
+        longer one fails the receive, nothing written past `buffer`; a shorter one launches no
+        copy (the receive's `error` says so). None where nothing was posted (no
+        `posts_ahead`, or no record free): it comes by `probe`."""
         if not self.posts_ahead:
             return None
         _check(buffer, tag)
-        op = self._expect(tag, buffer, then)
+        op = self._expect(tag, buffer, then, group)
         self.posted = self.posted or op is not None
         return op
+
+    def open_group(self) -> object:
+        """A group for receives about to be posted ahead together (a room's): where the plane
+        has groups, their completions but the last (or a failed one) wake no sleep, so that
+        the owner takes them in one turn. None where it has none (every completion wakes)."""
+        return None
+
+    def close_group(self, group: object) -> None:
+        """The receives of `group` (from `open_group`, not None) are posted."""
 
     def count_received(self, nbytes: int) -> None:
         """A receive posted by `expect` took its message in (counted then, not when posted)."""
@@ -274,7 +291,7 @@ class DataPlane:
     def _discard(self, tag: int) -> DataOp:
         raise NotImplementedError
 
-    def _expect(self, tag: int, buffer: torch.Tensor, then) -> DataOp | None:
+    def _expect(self, tag: int, buffer: torch.Tensor, then, group) -> DataOp | None:
         """What expect() does where `posts_ahead`."""
         return None
 

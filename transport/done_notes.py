@@ -1,7 +1,10 @@
 """A decode rank's TransferDone notes: each prefill rank's last message of a room, behind its
-data on the same endpoint (tags.DONE_PIECE), a frame's bytes in host memory. Taken in as it is
-probed (it is small and nearly always in whole by then), read once in, checked against the
-room and the writer it came for, and handed to the agent."""
+data on the same endpoint (tags.DONE_PIECE), a frame's bytes in host memory. Where the data
+plane posts receives ahead, each note's receive is posted as its room registers, into a host
+buffer of MAX_DONE_BYTES, with the room's data (one group: the rank wakes once they are all
+in); otherwise, or past NOTES_AHEAD such buffers, a note is taken in as it is probed (it is
+small and nearly always in whole by then). Read once in, checked against the room and the
+writer it came for, and handed to the agent."""
 
 from __future__ import annotations
 
@@ -15,7 +18,17 @@ from kvferry.transport.dataplane import DataOp, failure
 from kvferry.transport.failure import Failure, FailureKind
 from kvferry.transport.messages import TransferDone, WireError
 from kvferry.transport.recv_room import RecvRoom
-from kvferry.transport.tags import MAX_DONE_BYTES
+from kvferry.transport.tags import DONE_PIECE, MAX_DONE_BYTES, pack_tag
+
+NOTES_AHEAD = 512  # notes' receives posted ahead at once, at most (a host buffer each)
+
+
+class _Note:
+    __slots__ = ("ahead", "buffer", "request", "room", "writer")
+
+    def __init__(self, room: RecvRoom, writer: int, buffer, request: DataOp, ahead: bool) -> None:
+        self.room, self.writer, self.buffer, self.request = room, writer, buffer, request
+        self.ahead = ahead  # posted before its message came
 
 
 class DoneNotes:
@@ -27,11 +40,37 @@ class DoneNotes:
         touch: Callable[[int], None],
     ) -> None:
         self.core, self._fail_room, self._on_done, self._touch = core, fail_room, on_done, touch
-        self._taking: deque = deque()  # (room, writer, buffer, request), receives posted
+        self._taking: deque[_Note] = deque()  # receives posted, oldest first
+        self._ahead = 0  # of which posted ahead
+        self._spare: list[torch.Tensor] = []  # buffers of notes posted ahead, read
 
-    def __bool__(self) -> bool:
-        """Whether a note is being taken in."""
-        return bool(self._taking)
+    @property
+    def busy(self) -> bool:
+        """Whether a note is being taken in that the loop must look at soon: one posted ahead
+        for an open room is not (its completion wakes the loop, see RecvPipeline.busy)."""
+        return any(not note.ahead or not note.room.open for note in self._taking)
+
+    def expect(self, room: RecvRoom, group: object) -> None:
+        """As `room` registers: post the receive of each prefill rank's note ahead (in `group`,
+        with the room's data), while fewer than NOTES_AHEAD are; the rest come by probe."""
+        for writer in sorted(room.rank_peers):
+            if self._ahead >= NOTES_AHEAD:
+                return
+            spare = self._spare
+            buffer = spare.pop() if spare else torch.empty(MAX_DONE_BYTES, dtype=torch.uint8)
+            tag = pack_tag(room.key, DONE_PIECE, writer)
+            request = self.core.data.expect(tag, buffer, None, group)
+            if request is None:  # no record free: it comes by probe
+                self._spare.append(buffer)
+                return
+            self._ahead += 1
+            self._taking.append(_Note(room, writer, buffer, request, ahead=True))
+
+    def cancel(self, room: RecvRoom) -> None:
+        """`room` failed: cancel the receives of its notes posted ahead."""
+        for note in self._taking:
+            if note.room is room and note.ahead and not note.request.done():
+                self.core.data.cancel(note.request)
 
     def take(self, room: RecvRoom, tag: int, nbytes: int, writer: int) -> DataOp | None:
         """Take in the note probed with `tag`; the discard of one refused (it fails its
@@ -41,30 +80,39 @@ class DoneNotes:
             self._fail_room(room, Failure(FailureKind.BAD_MESSAGE, error))
             return self.core.data.discard(tag)
         buffer = torch.empty(nbytes, dtype=torch.uint8)
-        self._taking.append((room, writer, buffer, self.core.data.recv_note(tag, buffer)))
+        request = self.core.data.recv_note(tag, buffer)
+        self._taking.append(_Note(room, writer, buffer, request, ahead=False))
         return None
 
     def finish(self) -> None:
         """Read the notes whose receives are done."""
         for _ in range(len(self._taking)):
-            room, writer, buffer, request = entry = self._taking.popleft()
-            if not request.done():
-                self._taking.append(entry)
+            note = self._taking.popleft()
+            if not note.request.done():
+                self._taking.append(note)
                 continue
-            error = request.error()
-            if not room.open:
-                continue
-            if error:
-                self._fail_room(room, failure("receive", error))
-                continue
-            message = self._read(room, writer, buffer)
-            if isinstance(message, str):
-                error = f"protocol: TransferDone from prefill rank {writer}: {message}"
-                self._fail_room(room, Failure(FailureKind.BAD_MESSAGE, error))
-                continue
-            self.core.peers.heard(room.rank_peers[writer])
-            self._on_done(room, message)
-            self._touch(room.room)
+            self._finish(note)
+            if note.ahead:  # read: its buffer can take another note
+                self._ahead -= 1
+                self._spare.append(note.buffer)
+
+    def _finish(self, note: _Note) -> None:
+        room, writer, request = note.room, note.writer, note.request
+        error = request.error()
+        if not room.open:
+            return
+        if error:
+            self._fail_room(room, failure("receive", error))
+            return
+        buffer = note.buffer if request.length is None else note.buffer[: request.length]
+        message = self._read(room, writer, buffer)
+        if isinstance(message, str):
+            error = f"protocol: TransferDone from prefill rank {writer}: {message}"
+            self._fail_room(room, Failure(FailureKind.BAD_MESSAGE, error))
+            return
+        self.core.peers.heard(room.rank_peers[writer])
+        self._on_done(room, message)
+        self._touch(room.room)
 
     def _read(self, room: RecvRoom, writer: int, buffer: torch.Tensor) -> TransferDone | str:
         """The TransferDone in `buffer`, or why it is not one for this room from `writer`."""

@@ -30,14 +30,16 @@ class NativeOp(DataOp):
     """A send or receive posted by NativeOps; done once a progress has reaped it."""
 
     __slots__ = (
-        "_buffer", "_ops", "finished", "kind", "launch_status", "launched", "op_id", "short",
-        "status",
+        "_buffer", "_ops", "finished", "finished_at", "group", "kind", "launch_status",
+        "launched", "length", "op_id", "short", "status",
     )  # fmt: skip
 
-    def __init__(self, ops: NativeOps, kind: str, buffer, op_id: int) -> None:
-        self._ops, self.kind, self.op_id = ops, kind, op_id
+    def __init__(self, ops: NativeOps, kind: str, buffer, op_id: int, group: int | None) -> None:
+        self._ops, self.kind, self.op_id, self.group = ops, kind, op_id, group
         self._buffer = buffer  # the memory stays alive while UCX may touch it
         self.finished = False
+        self.finished_at: float | None = None  # wall clock of its completion (time.time())
+        self.length: int | None = None  # bytes received
         self.status = UCS_OK
         self.launch_status = 0
         self.launched = False  # its copy is queued on the copy stream
@@ -65,7 +67,8 @@ class NativeOp(DataOp):
 class NativeOps:
     """One UCX worker's sends and receives through ucx_native.c. Used from the worker's thread
     only. Each operation takes a record until it is reaped; past CAPACITY in flight, `record`
-    answers None and the caller goes through ucxx.
+    answers None and the caller goes through ucxx. Receives posted ahead can form a group
+    (`open_group`), whose completions but the last end no sleep (ucx_native.c).
 
     `launch`, `record`: addresses of the CUDA driver's cuLaunchKernel and cuEventRecord, for
     receives that launch a copy on completion (0 on a host without CUDA); `host_copy`: that of
@@ -77,6 +80,7 @@ class NativeOps:
         self._ops = (Op * CAPACITY)()
         self._done = (ctypes.c_uint32 * CAPACITY)()
         self._reaped = (ctypes.c_uint32 * CAPACITY)()
+        self._groups = (ctypes.c_uint32 * CAPACITY)()
         self._r = Plane(
             worker=worker,
             launch=launch or None,
@@ -85,6 +89,7 @@ class NativeOps:
             ops=ctypes.addressof(self._ops),
             done=ctypes.addressof(self._done),
             capacity=CAPACITY,
+            groups=ctypes.addressof(self._groups),
         )
         self._plane = ctypes.byref(self._r)
         lib.kvf_init(self._plane)
@@ -93,6 +98,10 @@ class NativeOps:
         self._peeked = (ctypes.c_uint64 * 2)()
         self._free = list(range(CAPACITY - 1, -1, -1))
         self._posted: dict[int, NativeOp] = {}  # op id -> its operation, until reaped
+        self._free_groups = list(range(CAPACITY - 1, -1, -1))
+        # group -> its operations posted and not yet reaped; absent once closed and all reaped
+        self._group_ops: dict[int, int] = {}
+        self._open_groups: set[int] = set()
 
     @property
     def posted(self) -> int:
@@ -109,9 +118,9 @@ class NativeOps:
 
     @property
     def completed(self) -> bool:
-        """Whether completions wait to be reaped (one can run inside a post, with no event on
-        the worker's descriptor to say so)."""
-        return self._r.done_count > 0
+        """Whether completions that call for a turn wait to be reaped (one can run inside a
+        post, with no event on the worker's descriptor to say so); a group's quiet ones do not."""
+        return self._r.loud_count > 0
 
     @property
     def sleep_events(self) -> int:
@@ -151,9 +160,36 @@ class NativeOps:
         if not self._free:
             return None
         op_id = self._free[-1]
-        launch = self._ops[op_id].launch
+        record = self._ops[op_id]
+        record.group = 0
+        launch = record.launch
         launch.function, launch.host = None, 0
         return op_id, launch
+
+    def open_group(self) -> int | None:
+        """A group for receives about to be posted ahead (`expect`), or None if none is free:
+        UCX completes them quietly, the last (or a failed one) waking the sleep. Closed by
+        `close_group` once they are posted."""
+        if not self._free_groups:
+            return None
+        group = self._free_groups.pop()
+        self._lib.kvf_group_open(self._plane, group)
+        self._group_ops[group] = 0
+        self._open_groups.add(group)
+        return group
+
+    def close_group(self, group: int) -> None:
+        """Every receive of `group` is posted (if each completed inside its post already, the
+        next sleep does not wait)."""
+        self._lib.kvf_group_close(self._plane, group)
+        self._open_groups.discard(group)
+        self._group_reaped(group, 0)
+
+    def _group_reaped(self, group: int, reaped: int) -> None:
+        left = self._group_ops[group] = self._group_ops[group] - reaped
+        if left == 0 and group not in self._open_groups:
+            del self._group_ops[group]
+            self._free_groups.append(group)
 
     def post(self, op_id: int, tag: int, buffer, nbytes: int) -> NativeOp | None:
         """Take the message tagged `tag` into `buffer` (nbytes at its data_ptr()) with record
@@ -163,12 +199,19 @@ class NativeOps:
             return None
         return self._started(op_id, status, "receive", buffer)
 
-    def expect(self, op_id: int, tag: int, buffer, nbytes: int) -> NativeOp:
+    def expect(
+        self, op_id: int, tag: int, buffer, nbytes: int, group: int | None = None
+    ) -> NativeOp:
         """Post, ahead of its message, the receive of the message tagged `tag` into `buffer`
-        (at most nbytes at its data_ptr()) with record `op_id`: UCX takes the message in as it
-        arrives. Raises on a UCX error."""
+        (at most nbytes at its data_ptr()) with record `op_id`, in `group` (from `open_group`)
+        if one is given: UCX takes the message in as it arrives. Raises on a UCX error."""
+        if group is not None:
+            self._ops[op_id].group = group + 1
         status = self._lib.kvf_expect(self._plane, op_id, tag, buffer.data_ptr(), nbytes)
-        return self._started(op_id, status, "receive", buffer)
+        op = self._started(op_id, status, "receive", buffer, group)
+        if group is not None:
+            self._group_ops[group] += 1
+        return op
 
     def cancel(self, op: NativeOp) -> None:
         """Cancel `op` if it is still in flight (a receive posted ahead whose message has not
@@ -182,11 +225,13 @@ class NativeOps:
         status = self._lib.kvf_send(self._plane, op_id, endpoint, tag, buffer.data_ptr(), nbytes)
         return self._started(op_id, status, "send", buffer)
 
-    def _started(self, op_id: int, status: int, kind: str, buffer) -> NativeOp:
+    def _started(
+        self, op_id: int, status: int, kind: str, buffer, group: int | None = None
+    ) -> NativeOp:
         if status != _POSTED_OK:
             raise RuntimeError(f"posting a UCX {kind} failed: {self.status_name(status)}")
         self._free.pop()
-        op = self._posted[op_id] = NativeOp(self, kind, buffer, op_id)
+        op = self._posted[op_id] = NativeOp(self, kind, buffer, op_id, group)
         return op
 
     def reap(self) -> int:
@@ -199,6 +244,9 @@ class NativeOps:
             op = self._posted.pop(op_id)
             op.status, op.launch_status = record.status, record.launch_status
             op.launched = bool(record.launched)
+            op.finished_at, op.length = record.done_ns * 1e-9, record.length
+            if op.group is not None:
+                self._group_reaped(op.group, 1)
             staged = record.launch.function or record.launch.host
             if staged and record.status == UCS_OK and not op.launched:
                 op.short = (record.length, record.launch.expected)  # its copy was not launched

@@ -56,6 +56,9 @@ class Op(ctypes.Structure):
         ("launch_status", ctypes.c_int32),
         ("launched", ctypes.c_int32),
         ("length", ctypes.c_uint64),
+        ("done_ns", ctypes.c_uint64),  # CLOCK_REALTIME of its completion
+        ("group", ctypes.c_uint32),  # 1 + its group's index; 0: none
+        ("loud", ctypes.c_uint32),
     )
 
 
@@ -81,6 +84,9 @@ class Plane(ctypes.Structure):
         ("region_length", ctypes.c_uint64),
         ("memory_type", ctypes.c_uint32),
         ("_pad2", ctypes.c_uint32),
+        ("groups", ctypes.c_void_p),
+        ("loud_count", ctypes.c_uint32),
+        ("_pad3", ctypes.c_uint32),
     )
 
 
@@ -115,6 +121,8 @@ def _load() -> ctypes.PyDLL:
         "kvf_cancel_all": ((p,), None),
         "kvf_register": ((p, p, p, u64, u32), ctypes.c_int),
         "kvf_deregister": ((p,), None),
+        "kvf_group_open": ((p, u32), None),
+        "kvf_group_close": ((p, u32), u32),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)

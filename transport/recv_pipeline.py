@@ -8,18 +8,19 @@ into its receive before the receive is posted (`StagedMode.chain`), and the rece
 launches it: the pipeline then only accounts for what has landed.
 
 Where the data plane can post a receive before its message comes (the native path), a room's
-messages get theirs as the room registers, while the ring stays at most half full
-(`post_ahead`): UCX then takes each message in as it arrives, and its completion launches the
-scatter, with no turn of this thread in between. The rest come by probe. The ring is
-reclaimed oldest first, so a region held for a message still to come holds back the reuse of
-every later one; and that message may itself wait for the prefill rank's ring, full of
-messages for this one. So a message that finds the ring full revokes every receive posted
-ahead whose message has not begun to arrive (each is cancelled, its region given back, its
-message probed once it comes), and none is posted ahead until the ring has room again.
+messages get theirs as the room registers (`post_ahead`), its TransferDone notes too, as one
+group: UCX takes each message in as it arrives, its completion launches the scatter, and the
+thread wakes once, when the room's last is in. Data only while the ring stays at most half
+full; the rest come by probe. The ring is reclaimed oldest first, so a region held for a
+message still to come holds back the reuse of every later one; and that message may itself
+wait for the prefill rank's ring, full of messages for this one. So a message that finds the
+ring full revokes every receive posted ahead whose message has not begun to arrive (each is
+cancelled, its region given back, its message probed once it comes), and none is posted ahead
+until the ring has room again.
 
 Every stage is polled, oldest first; nothing waits on the host. A message that finds the ring
-full stays queued in the data plane (later ones wait behind it) for at most ring_wait_timeout_s,
-then fails its room. A message no open room wants is discarded, which releases its sender.
+full stays queued (later ones behind it) for at most ring_wait_timeout_s, then fails its room.
+A message no open room wants is discarded, which releases its sender.
 """
 
 from __future__ import annotations
@@ -82,11 +83,21 @@ class RecvPipeline:
             self.mode.prepare(room, self.planes)
 
     def post_ahead(self, room: RecvRoom, now: float) -> None:
-        """As `room` registers: post the receives of its messages, in the order they come,
-        while the ring stays at most 1/AHEAD_SHARE full (see the module's docstring). Only
-        for messages of one chunk (a decode rank that takes several chunks in one message
-        cannot know their sizes before), where the data plane chains the scatters."""
-        if not self._posts_ahead or room.max_message_bytes or self._ring_blocked_since is not None:
+        """As `room` registers: post its notes' receives, and its data's where messages are of
+        one chunk (a decode rank that takes several in one message cannot know their sizes
+        before) while the ring stays at most 1/AHEAD_SHARE full, in one group."""
+        if not self._posts_ahead:
+            return
+        group = self.core.data.open_group()
+        try:
+            self._post_data_ahead(room, now, group)
+            self._notes.expect(room, group)
+        finally:
+            if group is not None:
+                self.core.data.close_group(group)
+
+    def _post_data_ahead(self, room: RecvRoom, now: float, group: object) -> None:
+        if room.max_message_bytes or self._ring_blocked_since is not None:
             return
         ring = self.core.staging.ring
         limit = ring.capacity // AHEAD_SHARE
@@ -94,17 +105,17 @@ class RecvPipeline:
             if ring.used_bytes + nbytes > limit:
                 return
             arrival = Arrival(room, piece_of)
-            if not self._expect(arrival, pack_tag(room.key, piece, writer), nbytes, now):
+            if not self._expect(arrival, pack_tag(room.key, piece, writer), nbytes, now, group):
                 return
 
-    def _expect(self, arrival: Arrival, tag: int, nbytes: int, now: float) -> bool:
+    def _expect(self, arrival: Arrival, tag: int, nbytes: int, now: float, group: object) -> bool:
         """Post the receive of `arrival`'s message (`tag`, `nbytes`); False if none was."""
         if not self.mode.land(arrival, nbytes):
             return False
         arrival.room.take(arrival.piece)
         try:
             request = self.core.data.expect(
-                tag, arrival.region, functools.partial(self.mode.chain, arrival)
+                tag, arrival.region, functools.partial(self.mode.chain, arrival), group
             )
         except BaseException:
             self._unpost(arrival)
@@ -119,16 +130,17 @@ class RecvPipeline:
         return True
 
     def _unpost(self, arrival: Arrival) -> None:
-        """Undo what went before a receive that was not posted after all, or was revoked
-        before its message came."""
+        """Undo what went before a receive not posted after all, or revoked before its message."""
         self.mode.abandon(arrival)  # nothing was posted: nothing was launched
         self.core.staging.free(arrival.offset)
         arrival.room.untake(arrival.piece)
 
     def cancel_ahead(self, room: RecvRoom | None = None) -> None:
-        """Cancel the receives posted ahead for `room` (it failed), or for every room (None:
-        they are revoked, see the module's docstring); each completes, cancelled (or with its
-        message, had that begun to arrive), and its region goes back then."""
+        """Cancel the receives posted ahead for `room` (it failed: its notes' too), or the data's
+        of every room (None: revoked, see the module's docstring); each completes, cancelled (or
+        with its message, had that begun to arrive), and its region goes back then."""
+        if room is not None:
+            self._notes.cancel(room)
         for arrival in self._receiving:
             if arrival.ahead and not arrival.revoked and (room is None or arrival.room is room):
                 arrival.revoked = room is None
@@ -137,18 +149,15 @@ class RecvPipeline:
 
     @property
     def busy(self) -> bool:
-        """Operations in flight that the loop must look at soon. Receives posted ahead of
-        their messages are not, while their rooms are open: UCX's descriptor tells when one
-        completes, however long its message takes to come. Scatters queued are only while a
-        failed room waits for them: each finishes on the device by itself, and its region goes
-        back in whichever turn comes next (a ring wait asks for its own wake)."""
-        return bool(
-            self._discards
-            or self._notes
-            or self._ring_blocked_since
-            or any(not arrival.ahead or not arrival.room.open for arrival in self._receiving)
-            or any(arrival.room.failing for arrival in self._scattering)
-        )
+        """Operations in flight that the loop must look at soon. Not receives posted ahead
+        for open rooms (UCX's descriptor tells when their group is in, however long that
+        takes), nor scatters queued unless a failed room waits for them (each finishes on the
+        device by itself; its region goes back in the next turn; a ring wait asks a wake)."""
+        if self._discards or self._notes.busy or self._ring_blocked_since is not None:
+            return True
+        if any(not arrival.ahead or not arrival.room.open for arrival in self._receiving):
+            return True
+        return any(arrival.room.failing for arrival in self._scattering)
 
     def step(self, now: float) -> None:
         """Advance every message that can move."""
@@ -165,8 +174,8 @@ class RecvPipeline:
         self.core.messages_wake = self._ring_blocked_since is None
 
     def _take_arrivals(self, now: float) -> None:
-        """Take what arrived, oldest first: after the data plane progressed (only then can a
-        message be new), or while the oldest waits for ring room."""
+        """Take what arrived, oldest first: after a progress (only then can one be new), or
+        while the oldest waits for ring room."""
         if not (self.core.progressed or self._ring_blocked_since is not None):
             return
         if self._revoked:
@@ -302,12 +311,13 @@ class RecvPipeline:
                 else:  # launched all the same: the region is free once it has run
                     self._scattering.append(arrival)
                 continue
+            at = arrival.request.finished_at  # when the plane says it came, if it does
             if arrival.ahead:  # what its post would have marked, had the message come first
                 self.core.data.count_received(arrival.region.numel())
-                first(room.marks, "first_data")
+                first(room.marks, "first_data", at)
                 room.status.advance(KVPoll.Transferring)
                 self.core.peers.heard(room.rank_peers[arrival.piece.slice.src_rank])
-            last(room.marks, "received_data")
+            last(room.marks, "received_data", at)
             room.received_units += arrival.piece.units
             # No scatter wakes the loop when it finishes: the room can succeed before that (its
             # engine orders its own stream after `kv_fence`), and a finished scatter's region

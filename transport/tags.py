@@ -16,7 +16,7 @@ MAX_KEY = (1 << KEY_BITS) - 1
 DONE_PIECE = (1 << PIECE_BITS) - 1
 MAX_PIECES = DONE_PIECE  # KV messages per writer and room
 MAX_WRITERS = 1 << WRITER_BITS
-MAX_DONE_BYTES = 1 << 16  # a TransferDone with its timeline marks is a few hundred bytes
+MAX_DONE_BYTES = 1 << 12  # a TransferDone with its timeline marks is a few hundred bytes
 
 
 def pack_tag(key: int, piece: int, writer: int) -> int:

@@ -29,13 +29,19 @@ PREFILL_STAGES = frozenset(
 
 
 def first(marks: Marks, stage: str, at: float | None = None) -> None:
-    """Note when `stage` was first reached."""
-    marks.setdefault(stage, time.time() if at is None else at)
+    """Note when `stage` was first reached (`at`: when it was, if not now; times noted out of
+    order keep the earliest)."""
+    at = time.time() if at is None else at
+    if at < marks.get(stage, at + 1.0):
+        marks[stage] = at
 
 
 def last(marks: Marks, stage: str, at: float | None = None) -> None:
-    """Note when `stage` was last reached (e.g. the last of a room's messages)."""
-    marks[stage] = time.time() if at is None else at
+    """Note when `stage` was last reached (e.g. the last of a room's messages; times noted
+    out of order keep the latest)."""
+    at = time.time() if at is None else at
+    if at > marks.get(stage, 0.0):
+        marks[stage] = at
 
 
 def merge_prefill(marks: Marks, prefill: Marks) -> None:

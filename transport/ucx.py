@@ -1,10 +1,10 @@
 """UCX data plane over ucxx: one worker per rank, progressed by the rank's transfer thread.
 
-No progress thread: the worker runs in blocking progress mode and its event descriptor sits in
-the transfer loop's poller, beside the control sockets. The loop progresses the worker when the
-descriptor fires (a message arrived, an operation completed, a CUDA copy of UCX's own finished)
-and arms it again before sleeping. One thread owns the worker, so no lock is taken and no second
-thread holds the GIL for completions.
+No progress thread: the worker runs in blocking progress mode, owned by the rank's transfer
+thread, which sleeps on its event descriptor beside the control sockets (natively, without the
+GIL, taking the worker's events itself: `sleep`; in the loop's poller where there is no native
+path) and progresses the worker when it fires. One thread owns the worker, so no lock is taken
+and no second thread holds the GIL for completions.
 
 UCX reads its options when ucxx is first imported, so `load_ucxx` (transport/ucx_load.py) sets
 them (from the transfer config) before that import and refuses to change them afterwards.
@@ -33,13 +33,7 @@ import torch
 
 from kvferry.staging import host_copy
 from kvferry.staging.native_build import NativeUnavailable
-from kvferry.transport.dataplane import (
-    DataOp,
-    DataPlane,
-    DoneOp,
-    InvalidAddress,
-    data_failure,
-)
+from kvferry.transport.dataplane import DataOp, DataPlane, DoneOp, InvalidAddress, data_failure
 from kvferry.transport.failure import Failure
 from kvferry.transport.native import CAPACITY, WOKE_DATA, WOKE_FDS, WOKE_TIMER, NativeOp, NativeOps
 from kvferry.transport.native_lib import PollFd
@@ -332,12 +326,18 @@ class UcxDataPlane(DataPlane):
     def posts_ahead(self) -> bool:
         return self._native is not None
 
-    def _expect(self, tag, buffer, then) -> DataOp | None:
+    def _expect(self, tag, buffer, then, group) -> DataOp | None:
         # receives posted ahead may wait long for their messages: half the records are left to
         # messages that are here (None: this one comes by probe)
         op_id = self._record(then, spare=CAPACITY // 2)
         nbytes = buffer.numel() * buffer.element_size()
-        return None if op_id is None else self._native.expect(op_id, tag, buffer, nbytes)
+        return None if op_id is None else self._native.expect(op_id, tag, buffer, nbytes, group)
+
+    def open_group(self):
+        return None if self._native is None else self._native.open_group()
+
+    def close_group(self, group) -> None:
+        self._native.close_group(group)
 
     def cancel(self, op) -> None:
         if self._native is not None and isinstance(op, NativeOp):

@@ -74,6 +74,9 @@ typedef struct {
     int32_t launch_status; /* CUresult of the launch or the record; 0: fine or none */
     int32_t launched;      /* the copy is queued on the stream */
     uint64_t length;       /* bytes received */
+    uint64_t done_ns;      /* CLOCK_REALTIME of its completion */
+    uint32_t group;        /* 1 + its group's index in kvf_plane.groups; 0: none */
+    uint32_t loud;         /* its completion calls for Python (counted in loud_count) */
 } kvf_op;
 
 struct kvf_plane {
@@ -92,6 +95,11 @@ struct kvf_plane {
     ucp_mem_h memh;
     uint64_t region_base, region_length;
     uint32_t memory_type, _pad2;
+    /* Operations of each group still in flight, and a hold while the group is being posted
+     * (kvf_group_*); written by Python between its posts, decremented here as they complete. */
+    uint32_t *groups;
+    uint32_t loud_count; /* loud completions not yet reaped */
+    uint32_t _pad3;
 };
 
 /* The sizes Python's ctypes mirror of these structures must match (native.py checks). */
@@ -113,9 +121,21 @@ void kvf_init(kvf_plane *r) {
     }
 }
 
-static void completed(kvf_op *op) {
+static uint64_t clock_ns(clockid_t clock) {
+    struct timespec t;
+    clock_gettime(clock, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* `failed`: its status, or its copy's launch, says something went wrong. */
+static void completed(kvf_op *op, int failed) {
     kvf_plane *r = op->plane;
     op->state = KVF_DONE;
+    op->done_ns = clock_ns(CLOCK_REALTIME);
+    op->loud = 1;
+    if (op->group != 0)
+        op->loud = --r->groups[op->group - 1] == 0 || failed;
+    r->loud_count += op->loud;
     r->done[(r->done_head + r->done_count) % r->capacity] = op->id;
     r->done_count++;
 }
@@ -124,7 +144,7 @@ static void on_sent(void *request, ucs_status_t status, void *user_data) {
     kvf_op *op = user_data;
     (void)request; /* freed by kvf_reap */
     op->status = status;
-    completed(op);
+    completed(op, status != UCS_OK);
 }
 
 static void on_received(void *request, ucs_status_t status, const ucp_tag_recv_info_t *info,
@@ -147,7 +167,8 @@ static void on_received(void *request, ucs_status_t status, const ucp_tag_recv_i
             op->launched = 1;
         }
     }
-    completed(op);
+    int copies = op->function != NULL || op->host;
+    completed(op, status != UCS_OK || op->launch_status != 0 || (copies && !op->launched));
 }
 
 /* Op `id`, reset for an operation about to be posted, and the parameters that post it: its
@@ -159,7 +180,10 @@ static kvf_op *start(kvf_plane *r, uint32_t id, ucp_request_param_t *param) {
     op->launch_status = 0;
     op->launched = 0;
     op->length = 0;
+    op->loud = 0;
     op->state = KVF_POSTED;
+    if (op->group != 0)
+        r->groups[op->group - 1]++;
     param->op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
                           UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
     param->datatype = ucp_dt_make_contig(1);
@@ -213,6 +237,8 @@ void kvf_deregister(kvf_plane *r) {
 static int posted(kvf_op *op, ucs_status_ptr_t request) {
     if (UCS_PTR_IS_ERR(request)) {
         op->state = KVF_IDLE;
+        if (op->group != 0)
+            op->plane->groups[op->group - 1]--;
         return UCS_PTR_STATUS(request);
     }
     op->request = request; /* its callback may have run already: kvf_reap frees it */
@@ -275,6 +301,27 @@ int kvf_send(kvf_plane *r, uint32_t id, ucp_ep_h ep, uint64_t tag, void *buffer,
     return posted(op, ucp_tag_send_nbx(ep, buffer, length, tag, &param));
 }
 
+/* Start group `g` (an index of kvf_plane.groups not in use): the operations posted with it
+ * from now on (their `group` set to g + 1) complete quietly, but for the last. It is held
+ * until kvf_group_close, so that one completing inside its post is not taken for the last. */
+void kvf_group_open(kvf_plane *r, uint32_t g) { r->groups[g] = 1; }
+
+/* Group `g`'s operations are posted: its hold goes. If every one of them completed already
+ * (inside its post, quietly), one of their completions is made loud. Returns the operations
+ * still in flight. */
+uint32_t kvf_group_close(kvf_plane *r, uint32_t g) {
+    uint32_t left = --r->groups[g];
+    for (uint32_t i = 0; left == 0 && i < r->done_count; i++) {
+        kvf_op *op = &r->ops[r->done[(r->done_head + i) % r->capacity]];
+        if (op->group == g + 1) {
+            r->loud_count += !op->loud;
+            op->loud = 1;
+            break;
+        }
+    }
+    return left;
+}
+
 /* Move up to `max` completed operations' ids to `out`, oldest completion first, releasing their
  * UCX requests; the ops are idle again once their results are read. Returns how many. */
 uint32_t kvf_reap(kvf_plane *r, uint32_t *out, uint32_t max) {
@@ -288,6 +335,7 @@ uint32_t kvf_reap(kvf_plane *r, uint32_t *out, uint32_t max) {
             ucp_request_free(op->request);
             op->request = NULL;
         }
+        r->loud_count -= op->loud;
         op->state = KVF_IDLE;
         out[n++] = id;
     }
@@ -304,12 +352,6 @@ void kvf_cancel_all(kvf_plane *r) {
     }
 }
 
-static uint64_t clock_ns(clockid_t clock) {
-    struct timespec t;
-    clock_gettime(clock, &t);
-    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
-}
-
 /* Progress the worker until it has nothing more to do, its CPU counted. */
 static void progress_all(kvf_plane *r) {
     uint64_t began = clock_ns(CLOCK_THREAD_CPUTIME_ID);
@@ -318,12 +360,12 @@ static void progress_all(kvf_plane *r) {
     r->sleep_ucx_ns += clock_ns(CLOCK_THREAD_CPUTIME_ID) - began;
 }
 
-/* Whether Python must look now, after a progress: an operation completed, or (`messages`) a
+/* Whether Python must look now, after a progress: a loud completion, or (`messages`) a
  * message waits to be probed; with `every_event` (operations through ucxx are in flight, or
  * endpoints closed, which only Python's own progress sees to) after any progress. */
 static int python_due(kvf_plane *r, int messages, int every_event) {
     ucp_tag_recv_info_t info;
-    if (every_event || r->done_count > 0)
+    if (every_event || r->loud_count > 0)
         return 1;
     return messages && ucp_tag_probe_nb(r->worker, 0, 0, 0, &info) != NULL;
 }
@@ -340,7 +382,7 @@ int kvf_sleep(kvf_plane *r, struct pollfd *watched, uint32_t count, int timeout_
               int every_event) {
     uint64_t wait_ns = (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000u;
     uint64_t deadline = clock_ns(CLOCK_MONOTONIC) + wait_ns;
-    if (r->done_count > 0)
+    if (r->loud_count > 0)
         return KVF_WOKE_DATA; /* completed inside a post: no event will tell of it */
     for (;;) {
         uint64_t began = clock_ns(CLOCK_THREAD_CPUTIME_ID);

@@ -128,8 +128,14 @@ class Side:
         return states, [str(h.failure) for h in self.handles[seed]], matches
 
     def idle(self, timeout_s=10.0):
-        """Whether every ring is back to empty; and the data-plane message count."""
+        """Whether every ring is back to empty and no native operation is left posted (a
+        failed room's receives posted ahead, its notes' too, were cancelled); and the
+        data-plane message count."""
         ok = wait_idle([self.group], timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while ok and any(_posted(a.core.data) for a in self.group.agents):
+            ok = time.monotonic() < deadline
+            time.sleep(0.01)
         sent = sum(a.core.data.messages_sent for a in self.group.agents)
         received = sum(a.core.data.messages_received for a in self.group.agents)
         return ok, sent, received
@@ -189,6 +195,13 @@ class Side:
         if self.server:
             self.server.close()
         return True
+
+
+def _posted(data) -> int:
+    """Native operations a rank's data plane has in flight (read from another thread: a
+    glance at a count)."""
+    native = getattr(data, "_native", None)
+    return 0 if native is None else native.posted
 
 
 def main(conn, role, heads, tp, config, layout) -> None:

@@ -1,6 +1,7 @@
 """The transfer thread's native sleep (ucx_native.c kvf_sleep): UCX's events taken without the
-GIL and without a turn, the thread handed back to Python when it has something to do. Over
-real UCX on loopback, in a child (UCX reads its settings once per process)."""
+GIL and without a turn, the thread handed back to Python when it has something to do (of a
+group of receives posted ahead, when the last is in or one failed). Over real UCX on
+loopback, in a child (UCX reads its settings once per process)."""
 
 import json
 import os
@@ -75,6 +76,41 @@ sender.join()
 sender = send_in_background(torch.ones(64, dtype=torch.uint8), 9)
 sender.join()
 report["held"] = peer.sleep((bell_r,), 0.5, False)[0]
+peer.progress()
+for tag in (8, 9):  # through ucxx: while one is in flight, every event wakes the sleep
+    discard = peer.discard(tag)
+    while not discard.done():
+        peer.progress()
+peer.progress()
+
+# two receives posted ahead in one group: the first message in ends no sleep (its completion
+# is quiet, taken in whatever turn comes next), the last one does
+buffers = [torch.zeros(64, dtype=torch.uint8) for _ in range(4)]
+group = peer.open_group()
+first, second = peer.expect(20, buffers[0], None, group), peer.expect(21, buffers[1], None, group)
+peer.close_group(group)
+send_in_background(torch.full((64,), 3, dtype=torch.uint8), 20).join()
+report["group_first"] = peer.sleep((bell_r,), 1.0, True)[0]
+slept_until = time.time()
+send_in_background(torch.full((64,), 4, dtype=torch.uint8), 21).join()
+report["group_last"] = sleep_until_data(messages=True)
+peer.progress()
+report["group_done"] = [
+    first.done() and first.finished_at < slept_until, second.done(),
+    int(buffers[0][0]), int(buffers[1][0]), first.length,
+]
+# one of a group that fails (here: cancelled) wakes at once, the rest still in flight
+group = peer.open_group()
+third, fourth = peer.expect(22, buffers[2], None, group), peer.expect(23, buffers[3], None, group)
+peer.close_group(group)
+peer.cancel(third)
+report["group_failed"] = sleep_until_data(messages=True)
+peer.progress()
+report["group_failed_done"] = [third.cancelled, fourth.done()]
+peer.cancel(fourth)
+sleep_until_data(messages=True)
+peer.progress()
+report["group_ended"] = fourth.cancelled
 print(json.dumps(report), flush=True)
 peer.close()
 plane.close()
@@ -99,3 +135,10 @@ def test_a_sleeping_thread_takes_ucx_events_itself_and_wakes_for_its_owner():
     assert report["probed_wakes"] == ["data"]
     assert report["probed"] == [8, 64]
     assert report["held"] == "timer"
+    # a group's first completion came inside a sleep that went on to its timeout
+    assert report["group_first"] == "timer"
+    assert report["group_last"] == ["data"]
+    assert report["group_done"] == [True, True, 3, 4, 64]
+    assert report["group_failed"] == ["data"]
+    assert report["group_failed_done"] == [True, False]
+    assert report["group_ended"] is True

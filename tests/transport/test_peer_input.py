@@ -70,7 +70,7 @@ def inject(dep, room_id, chunk, writer, nbytes):
         (0, 3, 3072, "prefill rank 3 sends no heads"),
         # a TransferDone behind the data: garbage, too large, from a rank not in the room
         (DONE_PIECE, 0, 100, "TransferDone from prefill rank 0: protocol version 0 is not"),
-        (DONE_PIECE, 0, MAX_DONE_BYTES + 1, "TransferDone of 65537 bytes from prefill rank 0"),
+        (DONE_PIECE, 0, MAX_DONE_BYTES + 1, "TransferDone of 4097 bytes from prefill rank 0"),
         (DONE_PIECE, 7, 100, "TransferDone of 100 bytes from prefill rank 7"),
     ],
 )
