@@ -27,7 +27,8 @@ from kvferry.staging.kv_copy import KVPlanes
 from kvferry.staging.layout import KVLayout
 from kvferry.transport.config import TransferConfig
 from kvferry.transport.receiver import DecodeAgent
-from kvferry.transport.ucx import UcxDataPlane, _array
+from kvferry.transport.ucx import UcxDataPlane
+from kvferry.transport.ucxx_ops import array_of
 
 GPU_TLS, CPU_TLS = "cuda_ipc,cuda_copy,tcp,sm,self", "tcp,sm,self"
 
@@ -193,7 +194,7 @@ def measure(agent: DecodeAgent, planes: KVPlanes, args) -> dict:
         "UCX worker progress()": on_loop(agent, data.progress, calls),
         "UCX worker arm()": on_loop(agent, data.arm, calls),
         "UCX tag probe, nothing waiting": on_loop(agent, data.probe, calls),
-        "ucxx Array of a staging region": on_loop(agent, lambda: _array(region), calls),
+        "ucxx Array of a staging region": on_loop(agent, lambda: array_of(region), calls),
         "gather launch (checks, index upload, kernel)": on_loop(agent, gather, calls // 10),
     }
     if gpu:

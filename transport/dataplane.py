@@ -175,20 +175,23 @@ class DataPlane:
     def open_endpoints(self) -> int:
         return len(self._endpoints)
 
-    def send(self, endpoint, buffer: torch.Tensor | Region, tag: int) -> DataOp:
-        """Send `buffer` (a contiguous tensor or a staging Region) as one message."""
+    def send(
+        self, endpoint, buffer: torch.Tensor | Region, tag: int, group: object = None
+    ) -> DataOp:
+        """Send `buffer` (a contiguous tensor or a staging Region) as one message, in `group`
+        (from `open_group`) if given."""
         _check(buffer, tag)
         self.messages_sent += 1
         self.bytes_sent += buffer.numel() * buffer.element_size()
         self.posted = True
-        return self._send(endpoint, buffer, tag)
+        return self._send(endpoint, buffer, tag, group)
 
-    def send_note(self, endpoint, payload: torch.Tensor, tag: int) -> DataOp:
+    def send_note(self, endpoint, payload: torch.Tensor, tag: int, group: object = None) -> DataOp:
         """Send `payload` (bytes in a host tensor) as one message that is not KV: a writer's
         TransferDone (tags.DONE_PIECE). Not counted with the data messages."""
         _check(payload, tag)
         self.posted = True
-        return self._send(endpoint, payload, tag)
+        return self._send(endpoint, payload, tag, group)
 
     def probe(self) -> tuple[int, int] | None:
         """(tag, length) of the oldest message that arrived and was not taken yet."""
@@ -237,13 +240,17 @@ class DataPlane:
         return op
 
     def open_group(self) -> object:
-        """A group for receives about to be posted ahead together (a room's): where the plane
-        has groups, their completions but the last (or a failed one) wake no sleep, so that
-        the owner takes them in one turn. None where it has none (every completion wakes)."""
+        """A group for a room's operations (its receives posted ahead; its sends): where the
+        plane has groups, their completions but the last (or a failed one) wake no sleep, so
+        that the owner takes them in one turn. None where it has none (every one wakes)."""
         return None
 
     def close_group(self, group: object) -> None:
-        """The receives of `group` (from `open_group`, not None) are posted."""
+        """The operations of `group` (from `open_group`, not None) are all posted."""
+
+    def all_loud(self, on: bool) -> None:
+        """While `on`, every completion wakes the owner, a group's too (its ring is full: each
+        completion may give room back)."""
 
     def count_received(self, nbytes: int) -> None:
         """A receive posted by `expect` took its message in (counted then, not when posted)."""
@@ -279,7 +286,7 @@ class DataPlane:
     def _disconnect(self, endpoint) -> None:
         """Close an endpoint made by _connect (its error callback must not fire any more)."""
 
-    def _send(self, endpoint, buffer: torch.Tensor, tag: int) -> DataOp:
+    def _send(self, endpoint, buffer: torch.Tensor, tag: int, group: object) -> DataOp:
         raise NotImplementedError
 
     def _probe(self) -> tuple[int, int] | None:

@@ -49,7 +49,7 @@ class LoopbackDataPlane(DataPlane):
     def _connect(self, address: bytes, on_error):
         return address
 
-    def _send(self, endpoint, buffer, tag) -> DataOp:
+    def _send(self, endpoint, buffer, tag, group) -> DataOp:
         with self._registry_lock:
             peer = self._registry.get(endpoint)
         if peer is None:

@@ -199,19 +199,20 @@ class NativeOps:
             return None
         return self._started(op_id, status, "receive", buffer)
 
+    def all_loud(self, on: bool) -> None:
+        """Every completion ends the sleep while `on` (the owner waits for ring room that
+        completions give back), those not yet reaped too; groups are quiet again after."""
+        self._lib.kvf_all_loud(self._plane, int(on))
+
     def expect(
         self, op_id: int, tag: int, buffer, nbytes: int, group: int | None = None
     ) -> NativeOp:
         """Post, ahead of its message, the receive of the message tagged `tag` into `buffer`
         (at most nbytes at its data_ptr()) with record `op_id`, in `group` (from `open_group`)
         if one is given: UCX takes the message in as it arrives. Raises on a UCX error."""
-        if group is not None:
-            self._ops[op_id].group = group + 1
+        self._join(op_id, group)
         status = self._lib.kvf_expect(self._plane, op_id, tag, buffer.data_ptr(), nbytes)
-        op = self._started(op_id, status, "receive", buffer, group)
-        if group is not None:
-            self._group_ops[group] += 1
-        return op
+        return self._started(op_id, status, "receive", buffer, group)
 
     def cancel(self, op: NativeOp) -> None:
         """Cancel `op` if it is still in flight (a receive posted ahead whose message has not
@@ -219,11 +220,18 @@ class NativeOps:
         if not op.finished:
             self._lib.kvf_cancel(self._plane, op.op_id)
 
-    def send(self, op_id: int, endpoint: int, tag: int, buffer, nbytes: int) -> NativeOp:
+    def send(
+        self, op_id: int, endpoint: int, tag: int, buffer, nbytes: int, group: int | None = None
+    ) -> NativeOp:
         """Send `buffer` (nbytes at its data_ptr()) tagged `tag` over `endpoint` (a ucp_ep_h)
-        with record `op_id`. Raises on a UCX error."""
+        with record `op_id`, in `group` if one is given. Raises on a UCX error."""
+        self._join(op_id, group)
         status = self._lib.kvf_send(self._plane, op_id, endpoint, tag, buffer.data_ptr(), nbytes)
-        return self._started(op_id, status, "send", buffer)
+        return self._started(op_id, status, "send", buffer, group)
+
+    def _join(self, op_id: int, group: int | None) -> None:
+        if group is not None:  # counted in C as it is posted (it may complete inside the post)
+            self._ops[op_id].group = group + 1
 
     def _started(
         self, op_id: int, status: int, kind: str, buffer, group: int | None = None
@@ -232,6 +240,8 @@ class NativeOps:
             raise RuntimeError(f"posting a UCX {kind} failed: {self.status_name(status)}")
         self._free.pop()
         op = self._posted[op_id] = NativeOp(self, kind, buffer, op_id, group)
+        if group is not None:
+            self._group_ops[group] += 1
         return op
 
     def reap(self) -> int:

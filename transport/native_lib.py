@@ -86,7 +86,7 @@ class Plane(ctypes.Structure):
         ("_pad2", ctypes.c_uint32),
         ("groups", ctypes.c_void_p),
         ("loud_count", ctypes.c_uint32),
-        ("_pad3", ctypes.c_uint32),
+        ("all_loud", ctypes.c_uint32),
     )
 
 
@@ -123,6 +123,7 @@ def _load() -> ctypes.PyDLL:
         "kvf_deregister": ((p,), None),
         "kvf_group_open": ((p, u32), None),
         "kvf_group_close": ((p, u32), u32),
+        "kvf_all_loud": ((p, u32), None),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)

@@ -60,8 +60,7 @@ class RecvPipeline:
     ) -> None:
         """`touch(room id)`: something happened to the room (a message of it is done).
         `on_done`: a prefill rank's TransferDone for the room, taken with its data."""
-        self.core, self.config, self.planes = core, config, planes
-        self.mode = core.mode
+        self.core, self.config, self.planes, self.mode = core, config, planes, core.mode
         self._room_of_key, self._fail_room, self._touch = room_of_key, fail_room, touch
         self._notes = DoneNotes(core, fail_room, on_done, touch)
         self._receiving: deque[Arrival] = deque()  # receives posted, oldest first
@@ -73,8 +72,7 @@ class RecvPipeline:
         self._chains = core.data.chains_copies and self.mode.chains
         # ... and takes receives posted ahead; by default where the cache is on a GPU
         wanted = config.post_receives_ahead
-        if wanted is None:
-            wanted = planes.device.type == "cuda"
+        wanted = planes.device.type == "cuda" if wanted is None else wanted
         self._posts_ahead = self._chains and wanted and core.data.posts_ahead
 
     def prepare(self, room: RecvRoom) -> None:
@@ -165,13 +163,15 @@ class RecvPipeline:
         self._notes.finish()
         self._finish_receives()
         self._finish_scatters()
-        if self._ring_blocked_since is not None:
-            # the scatters that free ring room now have a waiter: asked for after the receives'
-            # completions are taken, so that it covers the scatters their completions launched
-            self.core.copies.wake_when_done()
         while self._discards and self._discards[0].done():
             self._discards.popleft()
-        self.core.messages_wake = self._ring_blocked_since is None
+        blocked = self._ring_blocked_since is not None
+        if blocked:  # the scatters that free ring room now have a waiter: asked for after the
+            # receives' completions are taken, to cover the scatters their completions launched
+            self.core.copies.wake_when_done()
+        if self.core.messages_wake == blocked:  # while blocked: every completion wakes it
+            self.core.data.all_loud(blocked)
+        self.core.messages_wake = not blocked
 
     def _take_arrivals(self, now: float) -> None:
         """Take what arrived, oldest first: after a progress (only then can one be new), or
@@ -286,7 +286,7 @@ class RecvPipeline:
     def _ring_unblocked(self, now: float) -> None:
         if self._ring_blocked_since is not None:
             self.core.stats.ring_wait_s += now - self._ring_blocked_since
-            self._ring_blocked_since = None
+        self._ring_blocked_since = None
 
     def _finish_receives(self) -> None:
         for _ in range(len(self._receiving)):
@@ -328,12 +328,12 @@ class RecvPipeline:
             room.landed_units += arrival.piece.units
             if arrival.fence is None:  # in place already
                 self._release(arrival)
-            else:
-                room.kv_fence = arrival.fence
-                last(room.marks, "scatter_queued")
-                self._scattering.append(arrival)
-                if last_one:  # it may succeed now, in this turn, not once the scatter has run
-                    self._touch(room.room)
+                continue
+            room.kv_fence = arrival.fence
+            last(room.marks, "scatter_queued")
+            self._scattering.append(arrival)
+            if last_one:  # it may succeed now, in this turn, not once the scatter has run
+                self._touch(room.room)
 
     def _finish_scatters(self) -> None:
         while self._scattering and self._scattering[0].fence.done():

@@ -4,6 +4,11 @@ mode's staging (a gather into the staging ring: `staged_mode.py`), to completed 
 Every stage is polled, oldest first; nothing waits on the host. An item that finds the ring
 full stays at the head of the queue (later items wait behind it, so space is not starved by
 smaller ones) for at most ring_wait_timeout_s, then fails its room.
+
+A room's sends, its TransferDone notes last, form one group of the data plane, closed once the
+notes are posted (or the room finished without them): their completions wake the loop once,
+when the last is in or one failed; each frees its ring region in whichever turn comes first.
+While an item waits for ring room, every completion wakes it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from kvferry.transport.core import AgentCore
 from kvferry.transport.dataplane import failure
 from kvferry.transport.failure import Failure, ring_full
 from kvferry.transport.room import KVPoll
-from kvferry.transport.send_room import Dest, Outgoing, SendRoom
+from kvferry.transport.send_room import Outgoing, SendRoom
 from kvferry.transport.tags import DONE_PIECE, pack_tag
 from kvferry.transport.timeline import first, last
 
@@ -48,6 +53,8 @@ class SendPipeline:
         self._sending: deque[Outgoing] = deque()  # sent, not yet completed
         self._ring_waiting = False  # the queue's head waits for ring room (a timeout runs)
         self._notes: deque = deque()  # (room, request, buffer) of TransferDone sends posted
+        self._groups: dict[SendRoom, object] = {}  # the data plane's group of a room sending
+        self._all_loud = False  # what the data plane was told: every completion wakes the loop
         self.added = 0  # items ever queued
 
     def add(self, item: Outgoing) -> None:
@@ -56,15 +63,32 @@ class SendPipeline:
         self._queue.append(item)
         self.added += 1
 
-    def send_done(self, room: SendRoom, dest: Dest, payload: bytes, writer: int) -> None:
-        """Post `payload`, the room's encoded TransferDone, to `dest` behind the room's data on
-        the same endpoint (tags.DONE_PIECE); the room is in flight until it has gone."""
-        buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        request = self.data.send_note(
-            dest.endpoint, buffer, pack_tag(dest.recv_key, DONE_PIECE, writer)
-        )
-        room.in_flight += 1
-        self._notes.append((room, request, buffer))
+    def send_done(self, room: SendRoom, payload: bytes, writer: int) -> None:
+        """Post `payload`, the room's encoded TransferDone, to each destination behind the
+        room's data on the same endpoint (tags.DONE_PIECE), the last of its group; the room is
+        in flight until they have gone."""
+        group = self._group(room)
+        try:
+            for dest in room.dests.values():
+                buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+                tag = pack_tag(dest.recv_key, DONE_PIECE, writer)
+                request = self.data.send_note(dest.endpoint, buffer, tag, group)
+                room.in_flight += 1
+                self._notes.append((room, request, buffer))
+        finally:
+            self._close_group(room)
+
+    def _group(self, room: SendRoom) -> object:
+        """The data plane's group of `room`'s sends, opened with its first (None: none)."""
+        group = self._groups.get(room)
+        if group is None and not room.status.finished:
+            group = self._groups[room] = self.data.open_group()
+        return group
+
+    def _close_group(self, room: SendRoom) -> None:
+        group = self._groups.pop(room, None)
+        if group is not None:
+            self.data.close_group(group)
 
     @property
     def busy(self) -> bool:
@@ -79,6 +103,11 @@ class SendPipeline:
         self._send_staged()
         self._complete_sends()
         self._complete_notes()
+        for room in [room for room in self._groups if room.status.finished]:
+            self._close_group(room)  # failed: what it posted wakes the loop as it completes
+        if self._all_loud != self._ring_waiting:
+            self._all_loud = self._ring_waiting
+            self.data.all_loud(self._all_loud)
 
     def _stage(self, now: float) -> None:
         """Stage queued items (gather them into the ring), oldest first, while it has room;
@@ -184,7 +213,8 @@ class SendPipeline:
             if payload is None or item.room.status.finished:
                 item.todo = None
                 break
-            item.requests.append(self.data.send(item.dest.endpoint, payload, item.tag))
+            group = self._group(item.room)
+            item.requests.append(self.data.send(item.dest.endpoint, payload, item.tag, group))
             posted += 1
         return posted
 

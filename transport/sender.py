@@ -279,9 +279,7 @@ class PrefillAgent(TransferAgent):
         done = TransferDone(
             room.room, self.layout.tp_rank, room.num_chunks, _token(room.first_token), room.marks
         )
-        payload = self.core.control.codec.encode(done)
-        for dest in room.dests.values():
-            self.pipeline.send_done(room, dest, payload, self.layout.tp_rank)
+        self.pipeline.send_done(room, self.core.control.codec.encode(done), self.layout.tp_rank)
         room.done_sent = True
 
     def _messages(self, room: SendRoom, chunks: list) -> Iterator[tuple[int, np.ndarray, object]]:

@@ -29,48 +29,21 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
 from kvferry.staging import host_copy
 from kvferry.staging.native_build import NativeUnavailable
-from kvferry.transport.dataplane import DataOp, DataPlane, DoneOp, InvalidAddress, data_failure
-from kvferry.transport.failure import Failure
+from kvferry.transport.dataplane import DataOp, DataPlane, DoneOp, InvalidAddress
 from kvferry.transport.native import CAPACITY, WOKE_DATA, WOKE_FDS, WOKE_TIMER, NativeOp, NativeOps
 from kvferry.transport.native_lib import PollFd
 from kvferry.transport.ucx_address import check_peer_address, parse_worker_address
 from kvferry.transport.ucx_load import load_ucxx, ucp
+from kvferry.transport.ucxx_ops import UcxOp, array_of
 
 log = logging.getLogger(__name__)
 DISCARD_BYTES = 256  # scratch a discarded message is truncated into
 _WOKE = {WOKE_DATA: "data", WOKE_FDS: "fds", WOKE_TIMER: "timer"}  # NativeOps.sleep's answers
 FULL_PROGRESS_EVERY_S = 1.0  # ucxx's own progress (request cancelling included) at least this often
 UCS_OK, UCS_ERR_BUSY = 0, -15  # ucs/type/status.h
-
-
-def _array(buffer: torch.Tensor):
-    from ucxx._lib.arr import Array
-
-    if buffer.device.type == "cuda":
-        return Array(_DeviceBytes(buffer))
-    return Array(buffer.view(torch.uint8).view(-1).numpy())
-
-
-class _DeviceBytes:
-    """A contiguous device tensor's bytes as the CUDA array interface describes them, which is
-    what ucxx's Array reads: a tensor's own `__cuda_array_interface__` is a Python property
-    that checks and converts on every read, and a data message is on every read's path."""
-
-    __slots__ = ("__cuda_array_interface__", "_owner")
-
-    def __init__(self, buffer: torch.Tensor) -> None:
-        self._owner = buffer  # the memory lives as long as the receive or send holds this
-        self.__cuda_array_interface__ = {
-            "data": (buffer.data_ptr(), False),
-            "shape": (buffer.numel() * buffer.element_size(),),
-            "typestr": "|u1",
-            "strides": None,
-            "version": 2,
-        }
 
 
 def _own_address(address: bytes):
@@ -81,31 +54,6 @@ def _own_address(address: bytes):
         raise RuntimeError(
             f"cannot check peer UCX addresses in this UCX configuration (unified mode?): {exc}"
         ) from exc
-
-
-# ucxx errors that mean the peer's process or connection is gone, not that this message was bad
-PEER_GONE = frozenset(
-    {"UCXXConnectionResetError", "UCXXUnreachableError", "UCXXEndpointTimeoutError"}
-)
-
-
-class UcxOp(DataOp):
-    __slots__ = ("_buffer", "_request")
-
-    def __init__(self, request, buffer) -> None:
-        self._request = request
-        self._buffer = buffer  # keeps the memory alive until UCX is done with it
-
-    def done(self) -> bool:
-        return self._request.completed
-
-    def error(self) -> Failure | None:
-        try:
-            self._request.check_error()
-        except Exception as exc:  # ucxx raises its own typed errors; the reason is what we keep
-            reason = f"{type(exc).__name__}: {exc}"
-            return data_failure(reason, peer_gone=type(exc).__name__ in PEER_GONE)
-        return None
 
 
 class UcxDataPlane(DataPlane):
@@ -279,13 +227,13 @@ class UcxDataPlane(DataPlane):
         endpoint.close()
         self._cancels_due = True
 
-    def _send(self, endpoint, buffer, tag) -> DataOp:
+    def _send(self, endpoint, buffer, tag, group) -> DataOp:
         op_id = self._record(None)
         if op_id is None:  # through ucxx (or every native record is in flight)
-            array = _array(buffer)
+            array = array_of(buffer)
             return self._ucxx_op(endpoint.tag_send(array, self._ucx.UCXXTag(tag)), array)
         nbytes = buffer.numel() * buffer.element_size()
-        return self._native.send(op_id, endpoint.handle, tag, buffer, nbytes)
+        return self._native.send(op_id, endpoint.handle, tag, buffer, nbytes, group)
 
     def _probe(self):
         if self._native is not None:
@@ -318,7 +266,7 @@ class UcxDataPlane(DataPlane):
     def _recv(self, tag, buffer, then) -> DataOp:
         op_id = self._record(then)
         if op_id is None:  # through ucxx (or every native record is in flight)
-            return self._take(tag, _array(buffer))
+            return self._take(tag, array_of(buffer))
         op = self._native.post(op_id, tag, buffer, buffer.numel() * buffer.element_size())
         return DoneOp(f"no message with tag {tag:#x}") if op is None else op
 
@@ -338,6 +286,10 @@ class UcxDataPlane(DataPlane):
 
     def close_group(self, group) -> None:
         self._native.close_group(group)
+
+    def all_loud(self, on: bool) -> None:
+        if self._native is not None:
+            self._native.all_loud(on)
 
     def cancel(self, op) -> None:
         if self._native is not None and isinstance(op, NativeOp):

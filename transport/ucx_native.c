@@ -99,7 +99,7 @@ struct kvf_plane {
      * (kvf_group_*); written by Python between its posts, decremented here as they complete. */
     uint32_t *groups;
     uint32_t loud_count; /* loud completions not yet reaped */
-    uint32_t _pad3;
+    uint32_t all_loud;   /* every completion is loud (kvf_all_loud) */
 };
 
 /* The sizes Python's ctypes mirror of these structures must match (native.py checks). */
@@ -134,7 +134,7 @@ static void completed(kvf_op *op, int failed) {
     op->done_ns = clock_ns(CLOCK_REALTIME);
     op->loud = 1;
     if (op->group != 0)
-        op->loud = --r->groups[op->group - 1] == 0 || failed;
+        op->loud = --r->groups[op->group - 1] == 0 || failed || r->all_loud;
     r->loud_count += op->loud;
     r->done[(r->done_head + r->done_count) % r->capacity] = op->id;
     r->done_count++;
@@ -320,6 +320,17 @@ uint32_t kvf_group_close(kvf_plane *r, uint32_t g) {
         }
     }
     return left;
+}
+
+/* Make every completion loud from now on (`on`: the owner waits for one, its staging ring
+ * full), those not yet reaped too; or groups quiet again. */
+void kvf_all_loud(kvf_plane *r, uint32_t on) {
+    r->all_loud = on;
+    for (uint32_t i = 0; on && i < r->done_count; i++) {
+        kvf_op *op = &r->ops[r->done[(r->done_head + i) % r->capacity]];
+        r->loud_count += !op->loud;
+        op->loud = 1;
+    }
 }
 
 /* Move up to `max` completed operations' ids to `out`, oldest completion first, releasing their

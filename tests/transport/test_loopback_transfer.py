@@ -179,10 +179,10 @@ class FragmentingPlane(LoopbackDataPlane):
         self._pieces: list = []  # (tag, payload, pieces still to come), oldest first
         self.advances = 0  # the owner's steps
 
-    def _send(self, endpoint, buffer, tag):
+    def _send(self, endpoint, buffer, tag, group):
         peer = self._registry.get(endpoint)
         if peer is None:
-            return super()._send(endpoint, buffer, tag)
+            return super()._send(endpoint, buffer, tag, group)
         payload = buffer.view(torch.uint8).cpu().numpy().tobytes()
         with peer._lock:
             peer._pieces.append([tag, payload, self.PIECES])

@@ -111,6 +111,19 @@ peer.cancel(fourth)
 sleep_until_data(messages=True)
 peer.progress()
 report["group_ended"] = fourth.cancelled
+# while the owner waits for ring room, every completion wakes it, a group's too
+group = peer.open_group()
+fifth, sixth = peer.expect(24, buffers[0], None, group), peer.expect(25, buffers[1], None, group)
+peer.close_group(group)
+peer.all_loud(True)
+send_in_background(torch.full((64,), 5, dtype=torch.uint8), 24).join()
+report["all_loud"] = sleep_until_data(messages=True)
+peer.progress()
+report["all_loud_done"] = [fifth.done(), sixth.done()]
+peer.all_loud(False)
+peer.cancel(sixth)
+sleep_until_data(messages=True)
+peer.progress()
 print(json.dumps(report), flush=True)
 peer.close()
 plane.close()
@@ -142,3 +155,5 @@ def test_a_sleeping_thread_takes_ucx_events_itself_and_wakes_for_its_owner():
     assert report["group_failed"] == ["data"]
     assert report["group_failed_done"] == [True, False]
     assert report["group_ended"] is True
+    assert report["all_loud"] == ["data"]
+    assert report["all_loud_done"] == [True, False]

@@ -38,8 +38,8 @@ class InlinePlane(LoopbackDataPlane):
         super().__init__()
         self._unreaped: list[Reaped] = []
 
-    def _send(self, endpoint, buffer, tag):
-        op = Reaped(super()._send(endpoint, buffer, tag))
+    def _send(self, endpoint, buffer, tag, group):
+        op = Reaped(super()._send(endpoint, buffer, tag, group))
         self._unreaped.append(op)
         return op
 

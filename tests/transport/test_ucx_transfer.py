@@ -176,7 +176,7 @@ def test_device_bytes_describe_exactly_the_tensors_bytes():
     import torch
     from ucxx._lib.arr import Array
 
-    from kvferry.transport.ucx import _DeviceBytes
+    from kvferry.transport.ucxx_ops import _DeviceBytes
 
     backing = torch.zeros(4096, dtype=torch.uint8)
     region = backing.narrow(0, 1000, 3000).view(torch.bfloat16)  # an offset, a wider dtype
