@@ -158,12 +158,6 @@ class DecodeAgent(TransferAgent):
             self._fail(room, too_small)
             return
         room.max_message_bytes = self.core.mode.max_message_bytes(self.config)
-        try:
-            self.arrivals.prepare(room)
-            self.arrivals.post_ahead(room, time.monotonic())  # before any message can come
-        except Exception as exc:  # one room's failure is its own, never the thread's
-            self._fail(room, self.core.contain(exc, f"room {room.room:#x}"))
-            return
         message = RegisterRoom(
             room.room,
             self.layout,
@@ -181,6 +175,11 @@ class DecodeAgent(TransferAgent):
             self.core.control.send(info.control_address, message)
         first(room.marks, "registered")  # accepted once each rank's heartbeat says so
         room.status.advance(KVPoll.WaitingForInput)
+        try:  # after the frames, not before: no message can come before this turn progresses
+            self.arrivals.prepare(room)
+            self.arrivals.post_ahead(room, time.monotonic())
+        except Exception as exc:  # one room's failure is its own, never the thread's
+            self._fail(room, self.core.contain(exc, f"room {room.room:#x}"))
 
     def _open_peers(self, peers: list[RankInfo]) -> Failure | None:
         """Open the control sockets to a group's ranks; why not, or None."""
