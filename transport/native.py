@@ -67,8 +67,9 @@ class NativeOp(DataOp):
 class NativeOps:
     """One UCX worker's sends and receives through ucx_native.c. Used from the worker's thread
     only. Each operation takes a record until it is reaped; past CAPACITY in flight, `record`
-    answers None and the caller goes through ucxx. Receives posted ahead can form a group
-    (`open_group`), whose completions but the last end no sleep (ucx_native.c).
+    answers None and the caller goes through ucxx. A room's operations (its receives posted
+    ahead, its sends) can form a group (`open_group`), whose completions but the last (or a
+    failed one) end no sleep (ucx_native.c).
 
     `launch`, `record`: addresses of the CUDA driver's cuLaunchKernel and cuEventRecord, for
     receives that launch a copy on completion (0 on a host without CUDA); `host_copy`: that of
@@ -167,9 +168,9 @@ class NativeOps:
         return op_id, launch
 
     def open_group(self) -> int | None:
-        """A group for receives about to be posted ahead (`expect`), or None if none is free:
-        UCX completes them quietly, the last (or a failed one) waking the sleep. Closed by
-        `close_group` once they are posted."""
+        """A group for operations about to be posted (`expect`, `send`), or None if none is
+        free: they complete quietly, the last (or a failed one) waking the sleep. Closed by
+        `close_group` once they are all posted."""
         if not self._free_groups:
             return None
         group = self._free_groups.pop()
@@ -179,8 +180,8 @@ class NativeOps:
         return group
 
     def close_group(self, group: int) -> None:
-        """Every receive of `group` is posted (if each completed inside its post already, the
-        next sleep does not wait)."""
+        """Every operation of `group` is posted (if each completed inside its post already,
+        the next sleep does not wait)."""
         self._lib.kvf_group_close(self._plane, group)
         self._open_groups.discard(group)
         self._group_reaped(group, 0)

@@ -82,7 +82,9 @@ class SendPipeline:
         """The data plane's group of `room`'s sends, opened with its first (None: none)."""
         group = self._groups.get(room)
         if group is None and not room.status.finished:
-            group = self._groups[room] = self.data.open_group()
+            group = self.data.open_group()
+            if group is not None:
+                self._groups[room] = group
         return group
 
     def _close_group(self, room: SendRoom) -> None:
