@@ -1,10 +1,10 @@
 """A decode rank's TransferDone notes: each prefill rank's last message of a room, behind its
 data on the same endpoint (tags.DONE_PIECE), a frame's bytes in host memory. Where the data
 plane posts receives ahead, each note's receive is posted as its room registers, into a host
-buffer of MAX_DONE_BYTES, with the room's data (one group: the rank wakes once they are all
-in); otherwise, or past NOTES_AHEAD such buffers, a note is taken in as it is probed (it is
-small and nearly always in whole by then). Read once in, checked against the room and the
-writer it came for, and handed to the agent."""
+buffer of MAX_DONE_BYTES: the note is read in the turn its arrival wakes, with no probe and no
+post on the way. Otherwise, or past NOTES_AHEAD such buffers, a note is taken in as it is
+probed (it is small and nearly always in whole by then). Read once in, checked against the
+room and the writer it came for, and handed to the agent."""
 
 from __future__ import annotations
 
@@ -50,16 +50,16 @@ class DoneNotes:
         for an open room is not (its completion wakes the loop, see RecvPipeline.busy)."""
         return any(not note.ahead or not note.room.open for note in self._taking)
 
-    def expect(self, room: RecvRoom, group: object) -> None:
-        """As `room` registers: post the receive of each prefill rank's note ahead (in `group`,
-        with the room's data), while fewer than NOTES_AHEAD are; the rest come by probe."""
+    def expect(self, room: RecvRoom) -> None:
+        """As `room` registers: post the receive of each prefill rank's note ahead, while fewer
+        than NOTES_AHEAD are; the rest come by probe."""
         for writer in sorted(room.rank_peers):
             if self._ahead >= NOTES_AHEAD:
                 return
             spare = self._spare
             buffer = spare.pop() if spare else torch.empty(MAX_DONE_BYTES, dtype=torch.uint8)
             tag = pack_tag(room.key, DONE_PIECE, writer)
-            request = self.core.data.expect(tag, buffer, None, group)
+            request = self.core.data.expect(tag, buffer)
             if request is None:  # no record free: it comes by probe
                 self._spare.append(buffer)
                 return

@@ -11,10 +11,15 @@
  * from the callback. Prefill: kvf_send posts a gathered region's send. Python takes every
  * completed operation of a turn in one call (kvf_reap).
  *
+ * Operations can be posted as a group (a prefill room's sends): a group's completions are
+ * quiet, taken by Python in whatever turn comes next, but its last one, or any that failed, is
+ * loud (all of them while the owner's ring is full: kvf_all_loud). Only a loud completion ends
+ * a sleep, so a rank wakes once for a room's messages, not once per message.
+ *
  * The transfer thread sleeps in kvf_sleep, without the GIL: it takes UCX's events itself
  * (a rendezvous's request, a fragment, a copy's completion: each progressed at once, a
  * receive posted ahead pulled in and its scatter launched) and hands the thread back to
- * Python only when an operation completed, a message waits to be probed, one of Python's own
+ * Python only when an operation completed loudly, a message waits to be probed, one of Python's own
  * descriptors turned readable (its bell, a control socket, the copy stream) or the timeout
  * passed.
  *
