@@ -158,13 +158,13 @@ class RecvPipeline:
         self._notes.finish()
         self._finish_receives()
         self._finish_scatters()
+        if self._ring_blocked_since is not None:
+            # the scatters that free ring room now have a waiter: asked for after the receives'
+            # completions are taken, so that it covers the scatters their completions launched
+            self.core.copies.wake_when_done()
         while self._discards and self._discards[0].done():
             self._discards.popleft()
-        blocked = self._ring_blocked_since is not None
-        if blocked:  # the scatters that free ring room now have a waiter: asked for after the
-            # receives' completions are taken, to cover the scatters their completions launched
-            self.core.copies.wake_when_done()
-        self.core.messages_wake = not blocked
+        self.core.messages_wake = self._ring_blocked_since is None
 
     def _take_arrivals(self, now: float) -> None:
         """Take what arrived, oldest first: after a progress (only then can one be new), or
