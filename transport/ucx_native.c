@@ -19,9 +19,9 @@
  * The transfer thread sleeps in kvf_sleep, without the GIL: it takes UCX's events itself
  * (a rendezvous's request, a fragment, a copy's completion: each progressed at once, a
  * receive posted ahead pulled in and its scatter launched) and hands the thread back to
- * Python only when an operation completed loudly, a message waits to be probed, one of Python's own
- * descriptors turned readable (its bell, a control socket, the copy stream) or the timeout
- * passed.
+ * Python only when an operation completed loudly, a message waits to be probed, one of
+ * Python's own descriptors turned readable (its bell, a control socket, the copy stream) or
+ * the timeout passed.
  *
  * Built at first use by transport/native.py, against the UCX headers of the libucx wheel that
  * ucxx loads. The CUDA driver's two entry points it calls, and the host copy, are handed in as
