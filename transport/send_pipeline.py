@@ -6,7 +6,7 @@ full stays at the head of the queue (later items wait behind it, so space is not
 smaller ones) for at most ring_wait_timeout_s, then fails its room.
 
 A room's sends, its TransferDone notes last, form one group of the data plane, closed once the
-notes are posted (or the room finished without them): their completions wake the loop once,
+notes are posted (or the room failed): their completions wake the loop once,
 when the last is in or one failed; each frees its ring region in whichever turn comes first.
 While an item waits for ring room, every completion wakes it.
 """
@@ -76,7 +76,7 @@ class SendPipeline:
                 room.in_flight += 1
                 self._notes.append((room, request, buffer))
         finally:
-            self._close_group(room)
+            self.close_group(room)
 
     def _group(self, room: SendRoom) -> object:
         """The data plane's group of `room`'s sends, opened with its first (None: none)."""
@@ -87,7 +87,9 @@ class SendPipeline:
                 self._groups[room] = group
         return group
 
-    def _close_group(self, room: SendRoom) -> None:
+    def close_group(self, room: SendRoom) -> None:
+        """`room` posts nothing more (its notes went, or it failed): its group's last
+        completion wakes the loop (at once, if all are in already)."""
         group = self._groups.pop(room, None)
         if group is not None:
             self.data.close_group(group)
@@ -105,8 +107,6 @@ class SendPipeline:
         self._send_staged()
         self._complete_sends()
         self._complete_notes()
-        for room in [room for room in self._groups if room.status.finished]:
-            self._close_group(room)  # failed: what it posted wakes the loop as it completes
         if self._all_loud != self._ring_waiting:
             self._all_loud = self._ring_waiting
             self.data.all_loud(self._all_loud)

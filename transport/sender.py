@@ -314,6 +314,7 @@ class PrefillAgent(TransferAgent):
     ) -> None:
         if not room.status.fail(failure):
             return
+        self.pipeline.close_group(room)  # what it posted wakes the loop as it completes
         self._visits.touch(room.room)  # to be purged once nothing of it is in flight
         self.core.stats.failed(failure)
         if room.handle is not None:  # a room only a peer opened is counted, not logged: peers
