@@ -8,7 +8,7 @@ import torch
 
 from kvferry.daemon.model.llama import Model
 from kvferry.daemon.model.weights import full_weights
-from kvferry.daemon.server.config import ModelSection
+from kvferry.daemon.server.config import EngineSection, ModelSection
 from kvferry.daemon.server.rank_setup import use_forward_stream
 
 
@@ -25,9 +25,9 @@ def add_model_args(p: argparse.ArgumentParser, gpu: bool) -> None:
     p.add_argument(
         "--forward-priority",
         choices=("high", "normal"),
-        default="high",
-        help="on a GPU, the stream the forwards run on: of the highest priority, as a daemon's "
-        "(engine.high_priority_forwards), or the device's default stream",
+        default="high" if EngineSection().high_priority_forwards else "normal",
+        help="on a GPU, the stream the forwards run on: of the highest priority "
+        "(engine.high_priority_forwards), or the device's default stream; default: a daemon's",
     )
 
 

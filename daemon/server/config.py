@@ -150,7 +150,7 @@ class EngineSection(_Section):
     kernels: bool = True
     # on a GPU: forwards on a stream of the highest priority, above the transfer's gathers and
     # scatters (their copy streams are of the lowest), which then take the SMs a forward leaves
-    high_priority_forwards: bool = True
+    high_priority_forwards: bool = False
 
 
 class DaemonConfig(_Section):
