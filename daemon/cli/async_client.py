@@ -25,6 +25,7 @@ from kvferry.daemon.cli.replies import (
     translated,
 )
 from kvferry.daemon.server.api import CompletionRequest
+from kvferry.daemon.server.http_client import transport
 
 
 class AsyncDaemonClient:
@@ -45,10 +46,9 @@ class AsyncDaemonClient:
         )
         self._http = httpx.AsyncClient(
             base_url=self.url,
-            limits=limits,
+            transport=transport(limits, verify=tls_context()),
             timeout=timeout,
             headers=bearer(api_key),  # the key, if the daemon asks one: never logged
-            verify=tls_context(),
             trust_env=False,  # no proxies from the environment: the daemon is reached directly
         )
 

@@ -141,13 +141,7 @@ class Forwarder:
         request = self.client.build_request(
             call.method, target.url + call.path, content=call.body, headers=headers, timeout=timeout
         )
-        try:
-            return await self.client.send(request, stream=True)
-        except AttributeError as exc:
-            # a connection its target closed as it opened: on uvloop its transport then has no
-            # socket, and anyio, reading the socket's peer name as the connection is set up,
-            # raises this instead of a connection error. Nothing was sent: another may serve it
-            raise httpx.ConnectError(f"closed as it opened ({exc})", request=request) from exc
+        return await self.client.send(request, stream=True)
 
     async def _read(self, target: Target, call: Call, response: httpx.Response):
         status = response.status_code

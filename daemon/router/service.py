@@ -21,6 +21,7 @@ from kvferry.daemon.router.resolver import Resolver, system_resolver
 from kvferry.daemon.router.watcher import Watcher
 from kvferry.daemon.server.api_key import read_api_key
 from kvferry.daemon.server.config import RouterConfig
+from kvferry.daemon.server.http_client import transport
 
 MAX_UPSTREAM_CONNECTIONS = 4096  # to all targets together; one per request in flight
 # Idle pooled connections are dropped before a daemon closes them (5 s), so that no request
@@ -52,7 +53,8 @@ class Router:
         # router and its daemons
         # one key for the deployment: the router shows its own to the decode daemons
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else None
-        async with httpx.AsyncClient(limits=limits, headers=headers, trust_env=False) as client:
+        client = httpx.AsyncClient(transport=transport(limits), headers=headers, trust_env=False)
+        async with client:
             watcher = Watcher(self.config, self.pool, client, self.resolver)
             self.forwarder = Forwarder(self.config, self.pool, client, self.metrics, watcher.failed)
             await watcher.start()

@@ -1,6 +1,6 @@
-"""Forwarder alone, its HTTP client on httpx's mock transport: a target whose connection
-breaks inside the HTTP stack as it opens is an unreachable target, and the request goes to
-another."""
+"""Forwarder alone, its HTTP client's transport (daemon/server/http_client.py) over httpx's
+mock transport: a target whose connection breaks inside the HTTP stack as it opens is an
+unreachable target, and the request goes to another."""
 
 import asyncio
 import time
@@ -11,6 +11,7 @@ from kvferry.daemon.router.forward import Call, Forwarder
 from kvferry.daemon.router.metrics import RouterMetrics
 from kvferry.daemon.router.pool import TargetPool
 from kvferry.daemon.server.config import RouterConfig
+from kvferry.daemon.server.http_client import ConnectionSafeTransport
 
 BROKEN, SERVING = "http://127.0.0.1:1", "http://127.0.0.1:2"
 
@@ -33,7 +34,8 @@ def test_a_connection_that_breaks_as_it_opens_goes_to_another_target():
     call = Call("POST", "/v1/completions", b"{}", False, now, now + 30)
 
     async def forward():
-        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        upstream = ConnectionSafeTransport(httpx.MockTransport(answer))
+        async with httpx.AsyncClient(transport=upstream) as client:
             forwarder = Forwarder(config, pool, client, RouterMetrics(pool), lambda: None)
             return await forwarder.forward(call)
 
