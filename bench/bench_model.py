@@ -8,8 +8,7 @@ import torch
 
 from kvferry.daemon.model.llama import Model
 from kvferry.daemon.model.weights import full_weights
-from kvferry.daemon.server.config import EngineSection, ModelSection
-from kvferry.daemon.server.rank_setup import use_forward_stream
+from kvferry.daemon.server.config import ModelSection
 
 
 def add_model_args(p: argparse.ArgumentParser, gpu: bool) -> None:
@@ -22,20 +21,10 @@ def add_model_args(p: argparse.ArgumentParser, gpu: bool) -> None:
     p.add_argument("--heads", type=int, default=16 if gpu else 4)
     p.add_argument("--kv-heads", type=int, default=8 if gpu else 2)
     p.add_argument("--intermediate", type=int, default=5632 if gpu else 512)
-    p.add_argument(
-        "--forward-priority",
-        choices=("high", "normal"),
-        default="high" if EngineSection().high_priority_forwards else "normal",
-        help="on a GPU, the stream the forwards run on: of the highest priority "
-        "(engine.high_priority_forwards), or the device's default stream; default: a daemon's",
-    )
 
 
 def build_model(args) -> Model:
-    """The daemons' random model, at the sizes in `args`, its forwards to be queued from this
-    thread on the stream `--forward-priority` names."""
-    if args.forward_priority == "high" and torch.device(args.device).type == "cuda":
-        use_forward_stream(torch.device(args.device))
+    """The daemons' random model, at the sizes in `args`."""
     config = ModelSection(
         vocab_size=32000,
         hidden_size=args.hidden,

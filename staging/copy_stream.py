@@ -86,8 +86,7 @@ class CopyStream:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        # of the lowest priority: a forward's kernels go first (rank_setup.use_forward_stream)
-        self._stream = torch.cuda.Stream(device, priority=0) if device.type == "cuda" else None
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._index = self._stream.device.index if self._stream is not None else None
         # the raw handle: copies are launched on it directly, without making it torch's current
         # stream (entering and leaving that context costs more host time than the launch)

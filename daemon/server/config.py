@@ -148,9 +148,6 @@ class EngineSection(_Section):
     cuda_graphs: bool = True
     # on a GPU: Triton kernels for attention and the fused layer steps; off: the eager path
     kernels: bool = True
-    # on a GPU: forwards on a stream of the highest priority, above the transfer's gathers and
-    # scatters (their copy streams are of the lowest), which then take the SMs a forward leaves
-    high_priority_forwards: bool = False
 
 
 class DaemonConfig(_Section):

@@ -34,22 +34,7 @@ def rank_device(config: DaemonConfig, rank: int) -> torch.device:
     if index >= count:
         raise RuntimeError(f"gpus={config.gpus}: GPU {index} is not here ({count} visible)")
     torch.cuda.set_device(index)
-    device = torch.device("cuda", index)
-    if config.engine.high_priority_forwards:
-        use_forward_stream(device)
-    return device
-
-
-def use_forward_stream(device: torch.device) -> None:
-    """Queue this thread's work on `device` (a rank's forwards, everything its engine queues)
-    on a stream of the highest priority. The transfer's gathers and scatters run on copy
-    streams of the lowest (staging/copy_stream.py): where both have blocks waiting, the
-    forward's are scheduled first, so a layer group's gather queued during a forward takes the
-    SMs the forward leaves idle rather than holding back its next kernel for the length of a
-    copy. Call it before anything of the thread touches the device: work queued before on
-    another stream is not ordered with what follows."""
-    # torch takes a priority past the device's range as the highest it has
-    torch.cuda.set_stream(torch.cuda.Stream(device, priority=-(1 << 20)))
+    return torch.device("cuda", index)
 
 
 def join_group(
