@@ -36,6 +36,8 @@ def stage_e2e(stage) -> None:
     for variant in args.variants:
         path = args.out_dir / f"deploy-{variant}.yaml"
         path.write_text(yaml.safe_dump(deployment_variant(base, variant, args.layer_group)))
+    on_mps = {**deployment_variant(base, "hetero", args.layer_group), "mps": "on"}
+    (args.out_dir / "deploy-hetero-mps.yaml").write_text(yaml.safe_dump(on_mps))
 
     def bench(variant: str, out: Path) -> list[str]:
         command = [sys.executable, "-m", "kvferry.daemon.cli.main", "bench"]
@@ -48,11 +50,10 @@ def stage_e2e(stage) -> None:
             if not stage.run([*bench(variant, out), "--label", variant]):
                 failed.add(variant)
     if args.gpu and not args.quick and "hetero" in args.variants and shutil.which(MPS_CONTROL):
-        # the same daemons on a private MPS server: the three ranks' kernels side by side on
-        # the one GPU instead of a context at a time (bench/mps.py)
+        # the same daemons on a private MPS server (`mps: on`): the three ranks' kernels side
+        # by side on the one GPU instead of a context at a time
         out = args.out_dir / "e2e-hetero-mps.json"
-        mps = [sys.executable, str(Path(__file__).with_name("mps.py")), "--"]
-        if not stage.run([*mps, *bench("hetero", out), "--label", "hetero on MPS"]):
+        if not stage.run([*bench("hetero-mps", out), "--label", "hetero on MPS"]):
             failed.add("hetero on MPS")
     if rounds > 1:
         for variant in args.variants:
@@ -111,6 +112,7 @@ def _plot(args, variants: list[str]) -> None:
 def deployment_variant(base: dict, variant: str, layer_group: int) -> dict:
     """`base` (heterogeneous TP, staged, whole-chunk) turned into one campaign variant."""
     raw = copy.deepcopy(base)
+    raw["mps"] = "off"  # each process takes its turn on a shared GPU (`hetero-mps`: on MPS)
     daemons = raw["daemons"]
     prefill_tp = max(d.get("tp", 1) for d in daemons if d["role"] == "prefill")
     for daemon in daemons:

@@ -2,68 +2,22 @@
 side instead of taking turns.
 
     python bench/mps.py -- python bench/device_reduce.py
-    python bench/mps.py -- python bench/campaign.py --stages e2e --deploy deploy/one-gpu.yaml
+    python bench/mps.py -- python bench/transfer.py --data-path native
 
-Without MPS the driver gives a GPU to one process at a time: TP ranks sharing one GPU
-(deploy/one-gpu.yaml) wait for a switch of contexts at every all-reduce, and the decode rank's
-steps take turns with the prefill forwards. This starts a private MPS control daemon (its pipe
-and log folders in a temporary directory, named to the command through
-CUDA_MPS_PIPE_DIRECTORY and CUDA_MPS_LOG_DIRECTORY, so that no other process on the machine is
-moved onto it), runs the command, and stops the daemon whatever the command's outcome; the
+Starts a private MPS control daemon (kvferry.daemon.cli.mps, which a deployment file's `mps:`
+uses too), runs the command on it, and stops the daemon whatever the command's outcome; the
 daemon's log is printed if the command failed. `bench/device_reduce.py --mps` uses the same to
 time a forward's all-reduces both ways in one run.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
-CONTROL = "nvidia-cuda-mps-control"
-CONTROL_TIMEOUT_S = 30.0
+from kvferry.daemon.cli.mps import CONTROL, NoMPS, mps_server, print_log
 
-
-class NoMPS(RuntimeError):
-    """MPS cannot be started here (the reason is the message)."""
-
-
-@contextlib.contextmanager
-def mps_server() -> Iterator[dict[str, str]]:
-    """A private MPS control daemon for the time of the block: the environment that puts a
-    process's CUDA work on it (start CUDA processes with it; a process that set up CUDA before
-    stays outside)."""
-    control = shutil.which(CONTROL)
-    if control is None:
-        raise NoMPS(f"{CONTROL} is not on the PATH")
-    with tempfile.TemporaryDirectory(prefix="kvferry-mps-") as root:
-        pipes, logs = Path(root, "pipe"), Path(root, "log")
-        pipes.mkdir()
-        logs.mkdir()
-        env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=str(pipes), CUDA_MPS_LOG_DIRECTORY=str(logs))
-        started = subprocess.run(
-            [control, "-d"], env=env, capture_output=True, text=True, timeout=CONTROL_TIMEOUT_S
-        )
-        if started.returncode != 0:
-            raise NoMPS(f"{CONTROL} -d exited {started.returncode}: {started.stderr.strip()}")
-        try:
-            yield env
-        finally:
-            subprocess.run(
-                [control], input="quit\n", env=env, text=True, capture_output=True,
-                timeout=CONTROL_TIMEOUT_S,
-            )  # fmt: skip
-
-
-def print_log(env: dict[str, str]) -> None:
-    """The MPS daemon's log (inside the `mps_server` block), to stderr."""
-    for log in sorted(Path(env["CUDA_MPS_LOG_DIRECTORY"]).glob("*.log")):
-        print(f"--- {log.name} (MPS)\n{log.read_text()[-4000:]}", file=sys.stderr)
+__all__ = ["CONTROL", "NoMPS", "mps_server", "print_log"]
 
 
 def main() -> int:

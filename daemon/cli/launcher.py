@@ -5,11 +5,14 @@ Prefill daemons start first; decode daemons start once every prefill daemon answ
 because they register with prefill at start-up; routers start once every decode daemon answers.
 Stopping goes the other way: routers first (they send requests to decode), then decode (it
 holds rooms on prefill), then prefill. Children run in their own session, so a terminal's Ctrl-C
-reaches only the launcher, which then stops them in that order.
+reaches only the launcher, which then stops them in that order. With the file's `mps:` on (or
+auto, where it can), a private CUDA MPS server is started before the first child and stopped
+after the last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvferry.daemon.cli.client import DaemonClient, daemon_url
+from kvferry.daemon.cli.mps import NoMPS, mps_server
 from kvferry.daemon.server.config import ConfigError, DaemonConfig, Deployment, RouterConfig, load
 
 CommandBuilder = Callable[[DaemonConfig | RouterConfig], Sequence[str]]
@@ -96,6 +100,10 @@ class Launcher:
         members = [*deployment.daemons, *deployment.routers]
         self.children = [Child(daemon, daemon_url(daemon)) for daemon in members]
         self.stop_timeout = stop_timeout
+        self._mps = deployment.mps
+        self._on_gpu = any(daemon.device == "cuda" for daemon in deployment.daemons)
+        self._env: dict[str, str] | None = None  # the children's: None, the launcher's own
+        self._resources = contextlib.ExitStack()  # the MPS server, if one runs
         self._command = command
         self._log = log or _to_stderr
         self._poll_s = poll_s
@@ -112,6 +120,7 @@ class Launcher:
         """Prefill daemons, then decode, then routers; each group must answer /health within
         `timeout` s."""
         assert all(child.process is None for child in self.children), "start() runs once"
+        self._env = self._start_mps()
         for role in START_ORDER:
             group = [child for child in self.children if child.role == role]
             for child in group:
@@ -164,6 +173,7 @@ class Launcher:
             deadline = time.monotonic() + timeout
             for child in group:
                 codes[child.name] = self._reap(child, deadline, timeout)
+        self._resources.close()  # the MPS server, once its clients are gone
         return codes
 
     def restart(self, name: str, timeout: float) -> Child:
@@ -185,12 +195,28 @@ class Launcher:
     def __exit__(self, *exc_info) -> None:
         if any(child.returncode is None for child in self.children if child.process):
             self.stop()
+        self._resources.close()
+
+    def _start_mps(self) -> dict[str, str] | None:
+        """The children's environment on a private MPS server, as `mps:` asks; None: the
+        launcher's own."""
+        if self._mps == "off" or (self._mps == "auto" and not self._on_gpu):
+            return None
+        try:
+            env = self._resources.enter_context(mps_server())
+        except NoMPS as exc:
+            if self._mps == "on":
+                raise LaunchError(f"mps: on, but no MPS server could start: {exc}") from None
+            self._log(f"mps: auto: no MPS server ({exc}); daemons sharing a GPU take turns on it")
+            return None
+        self._log(f"daemons on a private CUDA MPS server ({env['CUDA_MPS_PIPE_DIRECTORY']})")
+        return env
 
     def _spawn(self, child: Child) -> None:
         command = list(self._command(child.daemon))
         try:
             child.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, start_new_session=True
+                command, stdin=subprocess.DEVNULL, start_new_session=True, env=self._env
             )
         except OSError as exc:
             raise LaunchError(f"{child.name}: cannot run {command[0]}: {exc}") from None

@@ -296,6 +296,11 @@ class Deployment(_Section):
 
     daemons: list[DaemonConfig]
     routers: list[RouterConfig] = []
+    # the daemons' processes on a private CUDA MPS server (daemon/cli/mps.py), so that those
+    # sharing a GPU run their kernels side by side rather than a process at a time: "on" (the
+    # launch fails where no server starts), "auto" (where one starts, if a daemon runs on a
+    # GPU), "off"
+    mps: Literal["off", "auto", "on"] = "off"
 
 
 def load(path: str | Path, kind: type = Deployment):

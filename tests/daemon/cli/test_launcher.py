@@ -31,6 +31,8 @@ def on_sigterm(signum, frame):
     os._exit(0)
 
 note("start")
+if os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
+    note("on-mps")
 if mode == "crash":
     sys.exit(5)
 signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "stubborn" else on_sigterm)
@@ -73,8 +75,9 @@ class _Stubs:
     def events(self) -> list[str]:
         return self.log.read_text().splitlines() if self.log.exists() else []
 
-    def launcher(self, lines: list[str]) -> Launcher:
-        return Launcher(self.deployment, command=self.command, log=lines.append, poll_s=0.05)
+    def launcher(self, lines: list[str], **changes) -> Launcher:
+        deployment = parse({**self.raw, **changes}) if changes else self.deployment
+        return Launcher(deployment, command=self.command, log=lines.append, poll_s=0.05)
 
 
 @pytest.fixture
@@ -180,3 +183,65 @@ def test_up_exits_1_when_a_daemon_dies(stubs, monkeypatch):
     assert result.stderr.strip().splitlines()[-1] == (
         "Error: decode-0 exited with code 3 while running"
     )
+
+
+# --- `mps:` a private CUDA MPS server around the daemons -------------------------------------
+
+# A stand-in for nvidia-cuda-mps-control: `-d` starts "the daemon", a `quit` line on stdin
+# stops it; each call noted in the stub daemons' log, with the pipe folder it was given.
+STUB_CONTROL = """#!/bin/sh
+if [ "$1" = "-d" ]; then
+    echo "mps-start $CUDA_MPS_PIPE_DIRECTORY" >> {log}
+else
+    read line
+    echo "mps-$line $CUDA_MPS_PIPE_DIRECTORY" >> {log}
+fi
+"""
+
+
+def test_mps_on_runs_the_daemons_on_a_private_server_stopped_after_them(
+    stubs, tmp_path, monkeypatch
+):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    control = bin_dir / "nvidia-cuda-mps-control"
+    control.write_text(STUB_CONTROL.format(log=stubs.log))
+    control.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    lines = []
+    with stubs.launcher(lines, mps="on") as launcher:
+        launcher.start(timeout=30)
+        launcher.stop(timeout=10)
+    events = stubs.events()
+    pipes = events[0].split()[1]
+    assert events[0] == f"mps-start {pipes}" and events[-1] == f"mps-quit {pipes}"
+    assert [e for e in events[1:-1] if not e.startswith(("ready", "stop"))] == [
+        "start prefill-0", "on-mps prefill-0", "start decode-0", "on-mps decode-0"
+    ]  # fmt: skip
+    assert not Path(pipes).exists()  # the private folders go with the server
+    assert any(pipes in line for line in lines)
+
+
+def test_mps_on_without_a_server_fails_before_any_daemon_starts(stubs, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-cuda-mps-control on it
+    fragment = "mps: on, but no MPS server could start: nvidia-cuda-mps-control is not on the PATH"
+    with pytest.raises(LaunchError, match=fragment), stubs.launcher([], mps="on") as launcher:
+        launcher.start(timeout=30)
+    assert stubs.events() == []
+
+
+def test_mps_auto_without_a_server_runs_the_daemons_time_sliced(stubs, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    daemons = [{**daemon, "device": "cuda"} for daemon in stubs.raw["daemons"]]
+    lines = []
+    with stubs.launcher(lines, mps="auto", daemons=daemons) as launcher:
+        launcher.start(timeout=30)
+        launcher.stop(timeout=10)
+    assert "on-mps prefill-0" not in stubs.events() and "start decode-0" in stubs.events()
+    assert any(line.startswith("mps: auto: no MPS server") for line in lines)
+
+
+def test_mps_value_is_checked(tmp_path):
+    raw = {**two_daemons(*free_ports(2)), "mps": "sometimes"}
+    with pytest.raises(ConfigError, match="mps"):
+        parse(raw)
