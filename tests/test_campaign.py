@@ -34,7 +34,8 @@ def test_variants_change_only_what_they_name():
     base = yaml.safe_load((ROOT / "deploy" / "tiny.yaml").read_text())
     hetero = campaign_e2e.deployment_variant(base, "hetero", 4)
     assert hetero == {
-        "daemons": [{**d, "transfer": d.get("transfer", {})} for d in base["daemons"]]
+        "daemons": [{**d, "transfer": d.get("transfer", {})} for d in base["daemons"]],
+        "mps": "off",  # every variant takes turns on a shared GPU; hetero-mps is hetero on MPS
     }
     layerwise = campaign_e2e.deployment_variant(base, "layerwise", 4)
     assert all(d["transfer"]["layer_group"] == 4 for d in layerwise["daemons"])
