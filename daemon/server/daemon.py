@@ -293,9 +293,8 @@ class Daemon:
 
     def _refusal(self) -> str | None:
         """Why the daemon takes no new request or prompt now; None while serving."""
-        if self._stop_reason:
-            return f"{self.name} is stopping"
-        return None if self.state == "serving" else f"{self.name} is {self.state}"
+        state = "stopping" if self._stop_reason else self.state
+        return None if state == "serving" else f"{self.name} is {state}"
 
     def _progress(self, progress: StepOutput) -> None:
         self.intake.registered(progress.reserved)  # prefill: the rooms' prompts are admitted
@@ -323,7 +322,7 @@ class Daemon:
                 request.events.put((out.tokens, None))
         for done in progress.done:
             self.intake.done(done.room)
-            self._count(done.error)
+            self.metrics.finished(done.error)
 
     def _finish(
         self, request: DecodeRequest, finish: str, error: Failure | None, tokens: list[int] = ()
@@ -334,11 +333,8 @@ class Daemon:
         request.marks["done"] = time.time()
         self.metrics.in_flight.dec()
         self.metrics.latency.observe(time.monotonic() - request.created)
-        self._count(error)
+        self.metrics.finished(error)
         request.events.put((list(tokens), finish))
-
-    def _count(self, error: Failure | None) -> None:
-        self.metrics.finished("error" if error is not None else "ok", error)
 
     def _expire(self, now: float) -> None:
         for request in [r for r in self.requests.all() if now > r.deadline]:

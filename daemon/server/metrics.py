@@ -149,8 +149,9 @@ class Metrics:
         counts["max_frame_bytes"] += self.bootstrap_counters().get("oversized_frames", 0)
         return counts
 
-    def finished(self, outcome: str, failure: Failure | None = None) -> None:
-        self.requests.labels(outcome).inc()
+    def finished(self, failure: Failure | None) -> None:
+        """A request or prompt ended: ok (`failure` None), or with an error of failure's kind."""
+        self.requests.labels("ok" if failure is None else "error").inc()
         if failure is not None:
             self.failures.labels(failure.kind.value).inc()
 

@@ -40,9 +40,9 @@ def rendered() -> tuple[str, list[Snapshot]]:
     metrics.prefill_picks.labels("tcp://127.0.0.1:17100").inc(4)
     metrics.prefill_backoffs.labels("tcp://127.0.0.1:17100").inc()
     metrics.prefill_retries.inc()
-    metrics.finished("ok")
-    metrics.finished("ok")
+    metrics.finished(None)
+    metrics.finished(None)
     refused = "prefill tcp://127.0.0.1:17100 refused the prompt: not serving"
-    metrics.finished("error", Failure(FailureKind.REFUSED, refused))
-    metrics.finished("error", ring_full(30))
+    metrics.finished(Failure(FailureKind.REFUSED, refused))
+    metrics.finished(ring_full(30))
     return metrics.render().decode(), decode_snapshots()
