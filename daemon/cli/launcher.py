@@ -13,6 +13,7 @@ after the last.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -201,6 +202,10 @@ class Launcher:
         """The children's environment on a private MPS server, as `mps:` asks; None: the
         launcher's own."""
         if self._mps == "off" or (self._mps == "auto" and not self._on_gpu):
+            return None
+        pipes = os.environ.get("CUDA_MPS_PIPE_DIRECTORY")
+        if pipes:  # the launcher runs on an MPS server already: the daemons join it
+            self._log(f"daemons on the MPS server of CUDA_MPS_PIPE_DIRECTORY={pipes}")
             return None
         try:
             env = self._resources.enter_context(mps_server())

@@ -208,6 +208,7 @@ def test_mps_on_runs_the_daemons_on_a_private_server_stopped_after_them(
     control.write_text(STUB_CONTROL.format(log=stubs.log))
     control.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
     lines = []
     with stubs.launcher(lines, mps="on") as launcher:
         launcher.start(timeout=30)
@@ -224,6 +225,7 @@ def test_mps_on_runs_the_daemons_on_a_private_server_stopped_after_them(
 
 def test_mps_on_without_a_server_fails_before_any_daemon_starts(stubs, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-cuda-mps-control on it
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
     fragment = "mps: on, but no MPS server could start: nvidia-cuda-mps-control is not on the PATH"
     with pytest.raises(LaunchError, match=fragment), stubs.launcher([], mps="on") as launcher:
         launcher.start(timeout=30)
@@ -232,6 +234,7 @@ def test_mps_on_without_a_server_fails_before_any_daemon_starts(stubs, tmp_path,
 
 def test_mps_auto_without_a_server_runs_the_daemons_time_sliced(stubs, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
     daemons = [{**daemon, "device": "cuda"} for daemon in stubs.raw["daemons"]]
     lines = []
     with stubs.launcher(lines, mps="auto", daemons=daemons) as launcher:
@@ -239,6 +242,17 @@ def test_mps_auto_without_a_server_runs_the_daemons_time_sliced(stubs, tmp_path,
         launcher.stop(timeout=10)
     assert "on-mps prefill-0" not in stubs.events() and "start decode-0" in stubs.events()
     assert any(line.startswith("mps: auto: no MPS server") for line in lines)
+
+
+def test_mps_on_inside_an_mps_environment_joins_its_server(stubs, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no control binary: none is started
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "pipes"))
+    lines = []
+    with stubs.launcher(lines, mps="on") as launcher:
+        launcher.start(timeout=30)
+        launcher.stop(timeout=10)
+    assert "on-mps prefill-0" in stubs.events() and "on-mps decode-0" in stubs.events()
+    assert f"daemons on the MPS server of CUDA_MPS_PIPE_DIRECTORY={tmp_path}/pipes" in lines
 
 
 def test_mps_value_is_checked(tmp_path):
