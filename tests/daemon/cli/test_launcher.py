@@ -199,9 +199,9 @@ fi
 """
 
 
-def test_mps_on_runs_the_daemons_on_a_private_server_stopped_after_them(
-    stubs, tmp_path, monkeypatch
-):
+@pytest.fixture
+def mps_control(stubs, tmp_path, monkeypatch):
+    """The stand-in nvidia-cuda-mps-control first on the PATH, outside any MPS environment."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     control = bin_dir / "nvidia-cuda-mps-control"
@@ -209,6 +209,9 @@ def test_mps_on_runs_the_daemons_on_a_private_server_stopped_after_them(
     control.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+
+
+def test_mps_on_runs_the_daemons_on_a_private_server_stopped_after_them(stubs, mps_control):
     lines = []
     with stubs.launcher(lines, mps="on") as launcher:
         launcher.start(timeout=30)
@@ -221,6 +224,18 @@ def test_mps_on_runs_the_daemons_on_a_private_server_stopped_after_them(
     ]  # fmt: skip
     assert not Path(pipes).exists()  # the private folders go with the server
     assert any(pipes in line for line in lines)
+
+
+def test_mps_server_stops_when_a_daemon_fails_to_start(stubs, mps_control):
+    stubs.modes["prefill-0"] = "crash"
+    with (
+        pytest.raises(LaunchError, match="exited with code 5"),
+        stubs.launcher([], mps="on") as launcher,
+    ):
+        launcher.start(timeout=30)
+    events = stubs.events()
+    assert events[0].startswith("mps-start ") and events[-1].startswith("mps-quit ")
+    assert "start decode-0" not in events
 
 
 def test_mps_on_without_a_server_fails_before_any_daemon_starts(stubs, tmp_path, monkeypatch):
