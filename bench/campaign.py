@@ -53,7 +53,8 @@ from pathlib import Path
 from campaign_e2e import stage_e2e  # noqa: F401 (a stage: main finds it by name)
 from campaign_rows import print_table, read_json
 from campaign_summary import VARIANTS, summary_rows
-from mps import CONTROL as MPS_CONTROL
+
+from kvferry.daemon.cli.mps import CONTROL as MPS_CONTROL
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

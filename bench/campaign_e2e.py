@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 from campaign_rows import Row, read_json  # bench/ is on sys.path (a script)
-from mps import CONTROL as MPS_CONTROL
 
+from kvferry.daemon.cli.mps import CONTROL as MPS_CONTROL
 from kvferry.transport.config import DEFAULT_STAGING_BYTES
 
 

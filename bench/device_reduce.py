@@ -29,8 +29,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from mps import NoMPS, mps_server, print_log  # bench/ is on sys.path (a script)
 
+from kvferry.daemon.cli.mps import NoMPS, mps_server, print_log
 from kvferry.daemon.engine.links import Links, close_links, make_links
 from kvferry.daemon.model.shared_reduce import SharedDeviceAllReduce
 

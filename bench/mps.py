@@ -15,9 +15,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from kvferry.daemon.cli.mps import CONTROL, NoMPS, mps_server, print_log
-
-__all__ = ["CONTROL", "NoMPS", "mps_server", "print_log"]
+from kvferry.daemon.cli.mps import NoMPS, mps_server, print_log
 
 
 def main() -> int:
