@@ -201,6 +201,11 @@ def reduce_rows(reduce: dict | None) -> list[Row]:
                         row["events_time_sliced_over_mps"], None, "x",
                         detail=f"{row['events_ms']:.2f} ms a forward on MPS; no all-reduce "
                         f"{row['none_ms']:.2f} ms"))  # fmt: skip
+        if "events_over_device_graph" in row:
+            rows.append(Row(f"TP2 on MPS, a forward: events / barrier kernels in a CUDA graph, "
+                            f"{shape}", row["events_over_device_graph"], None, "x",
+                            detail=f"{row['device_graph_ms']:.2f} ms (eager "
+                            f"{row['device_ms']:.2f}) vs {row['events_ms']:.2f} ms"))  # fmt: skip
     if reduce and reduce.get("mps_note"):
         rows.append(Row("TP2 on one GPU on MPS", None, None, "", detail=reduce["mps_note"]))
     return rows

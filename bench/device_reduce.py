@@ -1,5 +1,6 @@
 """TP ranks sharing one GPU: a forward's all-reduces ordered by interprocess CUDA events against
-one host sync per call (and against gloo's), side by side.
+one host sync per call (and against gloo's), side by side; on an MPS server also ordered by
+barrier kernels inside the streams, eagerly and the whole forward as one CUDA graph.
 
     python bench/device_reduce.py                     # 2 ranks, one-gpu.yaml's and 8B's shapes
     python bench/device_reduce.py --json out.json
@@ -9,8 +10,10 @@ Each rank runs --layers "layers" the way the model does between two all-reduces:
 of matmuls on its own slice (--matmuls of [tokens, hidden] x [hidden, hidden / tp]-like work),
 then the all-reduce of the [tokens, hidden] activations, twice a layer. Timed: wall ms per
 forward on rank 0, from the first launch to the device done (median of --rounds), for
-`SharedDeviceAllReduce(ordering="events")` (the daemons' default), `ordering="host"` (a
-device sync before each barrier) and gloo's all-reduce of the CUDA tensor; and the floor, the
+`SharedDeviceAllReduce(ordering="events")` (the daemons' choice where the GPU takes the
+processes in turns), `ordering="host"` (a device sync before each barrier), gloo's all-reduce of
+the CUDA tensor and, on an MPS server (`--mps`), `ordering="device"` (the daemons' choice there:
+barrier kernels) eagerly and as a CUDA graph's replay (`device graph`); and the floor, the
 same work with no all-reduce (the ranks' processes still share the GPU, which runs one
 process's kernels at a time). The ranks meet over the pipes a daemon gives them
 (daemon/engine/links.py).
@@ -72,29 +75,49 @@ def rank_main(rank: int, args, port: int, ends, out) -> None:
     for shape, (tokens, hidden, layers) in SHAPES.items():
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16) * 0.01
         weights = [torch.eye(hidden, device=device, dtype=torch.bfloat16)] * args.matmuls
+        orderings = ("events", "host") + (("device",) if on_mps() else ())
         reducers = {
             ordering: SharedDeviceAllReduce(
                 dist.group.WORLD, rank, args.tp, device, x.numel(), x.dtype, barrier, ordering
             )
-            for ordering in ("events", "host")
+            for ordering in orderings
         }
         reducers["gloo"] = functools.partial(dist.all_reduce, group=dist.group.WORLD)
         reducers["none"] = _no_reduce
-        for name, reduce in reducers.items():
-            forward(x, weights, layers, reduce, 1 / args.tp)  # warm-up
+        runs = {name: functools.partial(forward, x, weights, layers, reduce, 1 / args.tp)
+                for name, reduce in reducers.items()}  # fmt: skip
+        if "device" in reducers:  # the whole forward as one CUDA graph
+            runs["device graph"] = captured(runs["device"])
+        for name, run in runs.items():
+            run()  # warm-up
             torch.cuda.synchronize()
             samples = []
             for _ in range(args.rounds):
                 barrier()
                 began = time.perf_counter()
                 for _ in range(args.forwards):
-                    forward(x, weights, layers, reduce, 1 / args.tp)
+                    run()
                 torch.cuda.synchronize()
                 samples.append((time.perf_counter() - began) / args.forwards * 1e3)
             if rank == 0:
                 out[f"{shape}|{name}"] = statistics.median(samples)
         barrier()  # the other ranks map this rank's buffers until they are done
     dist.destroy_process_group()
+
+
+def on_mps() -> bool:
+    """Whether this process runs on an MPS server (then the ranks can meet on the device)."""
+    return bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
+
+
+def captured(run):
+    """`run` (after a warm-up) as a CUDA graph's replay."""
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
 
 
 def _no_reduce(x: torch.Tensor) -> None:
@@ -118,19 +141,23 @@ def measure(args) -> dict[str, dict]:
         )
         results = dict(out)
     close_links(ends)
-    print(f"{'shape':28}{'events':>10}{'host sync':>11}{'gloo':>10}{'none':>8}"
-          f"{'host / events':>15}{'events / none':>15}")  # fmt: skip
+    names = ["events", "host", "gloo", "none", "device", "device graph"]
+    names = [n for n in names if f"{next(iter(SHAPES))}|{n}" in results]
+    print(f"{'shape':28}" + "".join(f"{n:>14}" for n in names) + f"{'host / events':>15}"
+          f"{'events / none':>15}{'events / device graph':>23}")  # fmt: skip
     rows = {}
     for shape in SHAPES:
-        events, host, gloo, none = (
-            results[f"{shape}|{n}"] for n in ("events", "host", "gloo", "none")
-        )
-        rows[shape] = {
-            "events_ms": events, "host_ms": host, "gloo_ms": gloo, "none_ms": none,
-            "host_over_events": host / events, "events_over_none": events / none,
-        }  # fmt: skip
-        print(f"{shape:28}{events:10.2f}{host:11.2f}{gloo:10.2f}{none:8.2f}"
-              f"{host / events:14.2f}x{events / none:14.2f}x")  # fmt: skip
+        ms = {n: results[f"{shape}|{n}"] for n in names}
+        row = {f"{n.replace(' ', '_')}_ms": v for n, v in ms.items()}
+        row["host_over_events"] = ms["host"] / ms["events"]
+        row["events_over_none"] = ms["events"] / ms["none"]
+        graphs = ""
+        if "device graph" in ms:
+            row["events_over_device_graph"] = ms["events"] / ms["device graph"]
+            graphs = f"{row['events_over_device_graph']:22.2f}x"
+        rows[shape] = row
+        ratios = f"{row['host_over_events']:14.2f}x{row['events_over_none']:14.2f}x{graphs}"
+        print(f"{shape:28}" + "".join(f"{v:14.2f}" for v in ms.values()) + ratios)
     return rows
 
 

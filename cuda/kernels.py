@@ -57,3 +57,17 @@ def kv_copy_kernel(width: int, gather: bool, device_index: int):
 
     with cupy.cuda.Device(device_index):
         return _kv_copy_module(device_index).get_function(_kv_copy_name(width, gather))
+
+
+def tp_barrier_kernel(device_index: int) -> int:
+    """The CUfunction of tp_barrier.cu's barrier on a device, compiled and loaded once."""
+    return _tp_barrier(device_index)[1]
+
+
+@functools.cache
+def _tp_barrier(device_index: int):
+    import cupy
+
+    with cupy.cuda.Device(device_index):  # the module is kept: its functions live as long
+        module = cupy.RawModule(code=_source("tp_barrier.cu"), options=("-std=c++17",))
+        return module, module.get_function("tp_barrier").kernel.ptr

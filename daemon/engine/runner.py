@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from kvferry.daemon.engine.block_manager import BlockManager
 from kvferry.daemon.engine.graphs import DecodeGraphs
@@ -194,8 +193,8 @@ def _capture(capture: Callable[[], None], what: str) -> None:
 
 def graphs_usable(model: Model) -> bool:
     """Whether the forward can be captured: on a GPU, through the kernels (the eager attention
-    reads context lengths back), and with a TP all-reduce a graph can hold (NCCL; the
-    all-reduce of ranks sharing a GPU meets at a barrier on the host)."""
+    reads context lengths back), and with a TP all-reduce a graph can hold (NCCL's, or that of
+    ranks sharing a GPU where they meet on the device; not where they meet on the host)."""
     if model.device.type != "cuda" or not isinstance(model.ops, KernelOps):
         return False
-    return model.tp_size == 1 or dist.get_backend() == "nccl"
+    return model.reduce_capturable

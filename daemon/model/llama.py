@@ -204,6 +204,16 @@ class Model:
             return x @ self.w[name + ".weight"].T
         return torch.addmm(bias, x, self.w[name + ".weight"].T)
 
+    @property
+    def reduce_capturable(self) -> bool:
+        """Whether a CUDA graph can hold this rank's TP all-reduce: none (TP1), NCCL's, or one
+        that the ranks sharing a GPU order on the device (shared_reduce.py)."""
+        if self.tp_size == 1:
+            return True
+        if self._reduce is None:
+            return dist.get_backend() == "nccl"
+        return getattr(self._reduce, "capturable", False)
+
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return x

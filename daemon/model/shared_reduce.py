@@ -21,18 +21,39 @@ streams wait on that before they refill the half two calls later. The barrier's 
 put every record before the waits that need it (a wait on an IPC event waits for its latest
 record), so the host queues a whole forward while the GPU runs it, instead of stopping twice a
 layer until the device has caught up (`ordering="host"`, kept for the benchmark).
+
+Where the ranks' kernels run side by side (a CUDA MPS server: `ordering="device"`, which
+`"auto"` picks when a probe finds it so), they meet inside their streams instead, at a barrier
+kernel on flag words every rank maps (cuda/tp_barrier.cu): once before a rank refills its part
+(every rank's last sum is done) and once after (every rank's part is in). No host takes part,
+so a CUDA graph can hold the whole all-reduce, and a forward of TP ranks on one GPU can be
+captured as a TP1 forward is. Where the GPU takes the processes' contexts in turns, each such
+wait would last until the other context's turn: there the events are used.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import mmap
 import os
 import secrets
+import time
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch.multiprocessing.reductions import reduce_tensor
+
+from kvferry.cuda.kernels import tp_barrier_kernel
+from kvferry.staging.cuda_driver import launch_kernel
+
+log = logging.getLogger(__name__)
+ORDERINGS = ("auto", "device", "events", "host")
+# "auto" orders the ranks on the device where this many barriers pass within PROBE_LIMIT_S:
+# microseconds each where the ranks' kernels run side by side, a context switch each otherwise
+PROBE_BARRIERS = 64
+PROBE_LIMIT_S = 0.02
 
 
 class _SharedAllReduce:
@@ -59,7 +80,7 @@ class _SharedAllReduce:
         self._refill(half)
         self.parts[self.rank][half, :n].copy_(flat)
         self._copied(half)  # this rank's part is in place ...
-        self._barrier()  # ... and every other rank's too
+        self._meet_on_host()  # ... and every other rank's too
         self._others_copied(half)
         parts = [part[half, :n] for part in self.parts]
         flat.copy_(parts[0])
@@ -67,6 +88,10 @@ class _SharedAllReduce:
             flat.add_(part)
         self._summed(half)
         return x
+
+    def _meet_on_host(self) -> None:
+        """The ranks' barrier on the host, between their copies and their sums."""
+        self._barrier()
 
     # Where a device orders the ranks' copies and sums; host copies and sums are done on return.
     def _refill(self, half: int) -> None:
@@ -84,9 +109,12 @@ class _SharedAllReduce:
 
 
 class SharedDeviceAllReduce(_SharedAllReduce):
-    """The ranks' parts in CUDA IPC buffers; `ordering="events"` (default) orders the ranks'
-    streams with interprocess events, `"host"` waits on the host for this rank's copy before
-    the barrier (one device sync per call)."""
+    """The ranks' parts in CUDA IPC buffers, their streams ordered (`ordering`) by a barrier
+    kernel inside them ("device"), by interprocess events ("events"), or by a wait on the host
+    for this rank's copy before the barrier ("host": one device sync per call); "auto": "device"
+    where every rank finds the ranks' kernels running side by side, else "events".
+    `timeout_s`: how long a barrier kernel waits for the other ranks before it gives up (the
+    next call then raises)."""
 
     def __init__(
         self,
@@ -97,51 +125,138 @@ class SharedDeviceAllReduce(_SharedAllReduce):
         numel: int,
         dtype: torch.dtype,
         barrier: Callable[[], None] | None = None,
-        ordering: str = "events",
+        ordering: str = "auto",
+        timeout_s: float = 60.0,
     ) -> None:
         super().__init__(group, rank, numel, barrier)
-        if ordering not in ("events", "host"):
-            raise ValueError(f"ordering must be 'events' or 'host', not {ordering!r}")
-        self._host_sync = ordering == "host"
+        if ordering not in ORDERINGS:
+            raise ValueError(f"ordering must be one of {', '.join(ORDERINGS)}, not {ordering!r}")
+        self.world, self.timeout_s = world, timeout_s
         with torch.cuda.device(device):
             own = torch.zeros(2, numel, dtype=dtype, device=device)  # [half, numel]
             # [copied, summed] x [half]: recorded here, waited on by the others
             events = [[torch.cuda.Event(interprocess=True) for _ in range(2)] for _ in range(2)]
-            mine = (reduce_tensor(own), [[e.ipc_handle() for e in pair] for pair in events])
+            flag = torch.zeros(1, dtype=torch.int32, device=device)  # barriers entered
+            handles = [[e.ipc_handle() for e in pair] for pair in events]
+            torch.cuda.synchronize(device)  # the flag is 0 before another rank reads it
             shared: list = [None] * world
-            dist.all_gather_object(shared, mine, group=group)
-            # the other ranks' buffers and events, opened here; `own` must outlive the others'
-            # mappings of it (it is kept below)
+            dist.all_gather_object(shared, (reduce_tensor(own), handles, reduce_tensor(flag)),
+                                   group=group)  # fmt: skip
+            # the other ranks' buffers, flags and events, opened here; `own` and `flag` must
+            # outlive the others' mappings of them (they are kept below)
             self.parts = [own if r == rank else rebuild(*args)
-                          for r, ((rebuild, args), _) in enumerate(shared)]  # fmt: skip
+                          for r, ((rebuild, args), _, _) in enumerate(shared)]  # fmt: skip
             self._events = [events if r == rank else
                             [[torch.cuda.Event.from_ipc_handle(device, h) for h in pair]
                              for pair in handles]
-                            for r, (_, handles) in enumerate(shared)]  # fmt: skip
+                            for r, (_, handles, _) in enumerate(shared)]  # fmt: skip
+            self._flags = [flag if r == rank else rebuild(*args)
+                           for r, (_, _, (rebuild, args)) in enumerate(shared)]  # fmt: skip
+            addresses = [f.data_ptr() for f in self._flags]
+            self._flag_addresses = torch.tensor(addresses, dtype=torch.int64, device=device)
         self._others = [r for r in range(world) if r != rank]
         self._event = torch.cuda.Event(blocking=True)  # ordering="host": waiting sleeps
+        index = device.index
+        self._device_index = index if index is not None else torch.cuda.current_device()
+        self._meeting = None  # the barrier's launch (function, parameters), made at first use
+        self._error = torch.zeros(1, dtype=torch.int32, pin_memory=True)  # 1 + the rank not met
+        self._error_view = self._error.numpy()
+        self.ordering = self._pick() if ordering == "auto" else ordering
+        self._host_sync = self.ordering == "host"
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a CUDA graph can hold a call (no host waits for another rank)."""
+        return self.ordering == "device"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._error_view[0]:
+            waited_for = int(self._error_view[0]) - 1
+            raise RuntimeError(
+                f"TP all-reduce: rank {self.rank} waited {self.timeout_s:g} s at the barrier "
+                f"for rank {waited_for}, which never came (gone or stuck)"
+            )
+        return super().__call__(x)
+
+    def _pick(self) -> str:
+        """The ordering "auto" means: "device" if every rank finds the ranks' kernels side by
+        side (on a CUDA MPS server, PROBE_BARRIERS barriers pass within PROBE_LIMIT_S), else
+        "events"."""
+        votes: list = [None] * self.world
+        mps = bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
+        if mps:  # compiled before the ranks meet, so that none of them times another's compile
+            self._meeting = self._barrier_launch()
+        dist.all_gather_object(votes, mps, group=self.group)
+        if not all(votes):
+            log.info("TP all-reduce ordered by interprocess events: the ranks are not on MPS")
+            return "events"
+        torch.cuda.synchronize(self._device_index)
+        began = time.perf_counter()
+        for _ in range(PROBE_BARRIERS):
+            self._meet()
+        torch.cuda.synchronize(self._device_index)
+        took = time.perf_counter() - began
+        dist.all_gather_object(votes, (took, int(self._error_view[0])), group=self.group)
+        slowest = max(t for t, _ in votes)
+        if slowest < PROBE_LIMIT_S and not any(e for _, e in votes):
+            log.info("TP all-reduce ordered on the device: %d barriers in %.2f ms",
+                     PROBE_BARRIERS, slowest * 1e3)  # fmt: skip
+            return "device"
+        self._error_view[0] = 0
+        log.info(
+            "TP all-reduce ordered by interprocess events: %d barriers took %.1f ms (the ranks' "
+            "kernels take turns on the GPU)", PROBE_BARRIERS, slowest * 1e3,
+        )  # fmt: skip
+        return "events"
+
+    def _meet(self) -> None:
+        """Queue the barrier kernel on the current stream (cuda/tp_barrier.cu)."""
+        if self._meeting is None:
+            self._meeting = self._barrier_launch()
+        function, params = self._meeting
+        stream = torch.cuda.current_stream(self._device_index).cuda_stream
+        launch_kernel(function, (1, 1), 32, stream, ctypes.addressof(params[0]))
+
+    def _barrier_launch(self) -> tuple:
+        args = (
+            ctypes.c_uint64(self._flag_addresses.data_ptr()),
+            ctypes.c_int(self.world),
+            ctypes.c_int(self.rank),
+            ctypes.c_uint64(int(self.timeout_s * 1e9)),
+            ctypes.c_uint64(self._error.data_ptr()),
+        )
+        pointers = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
+        return tp_barrier_kernel(self._device_index), (pointers, args)
+
+    def _meet_on_host(self) -> None:
+        if self.ordering != "device":  # on the device, the barrier kernels are the meeting
+            self._barrier()
 
     def _refill(self, half: int) -> None:
-        if not self._host_sync:
+        if self.ordering == "device":
+            self._meet()  # every rank's sum of what it is about to overwrite is done
+        elif not self._host_sync:
             stream = torch.cuda.current_stream()
             for r in self._others:
                 stream.wait_event(self._events[r][1][half])
 
     def _copied(self, half: int) -> None:
-        if self._host_sync:
+        if self.ordering == "device":
+            self._meet()  # every rank's part is in
+        elif self._host_sync:
             self._event.record()
             self._event.synchronize()
         else:
             self._events[self.rank][0][half].record()
 
     def _others_copied(self, half: int) -> None:
-        if not self._host_sync:
+        if self.ordering == "events":
             stream = torch.cuda.current_stream()
             for r in self._others:
                 stream.wait_event(self._events[r][0][half])
 
     def _summed(self, half: int) -> None:
-        if not self._host_sync:
+        if self.ordering == "events":
             self._events[self.rank][1][half].record()
 
 

@@ -80,6 +80,9 @@ def model_all_reduce(config: DaemonConfig, group: TPGroup, device, hidden: int, 
     gpus = set(config.gpus) if config.gpus else set(range(torch.cuda.device_count()))
     if len(gpus) != 1:
         return None
+    # ordered on the device where the ranks' kernels run side by side (MPS), so that the
+    # forwards can be CUDA graphs; a barrier waits as long as a transfer may
     return SharedDeviceAllReduce(
-        dist.group.WORLD, group.rank, config.tp, device, tokens * hidden, dtype, group.barrier
-    )
+        dist.group.WORLD, group.rank, config.tp, device, tokens * hidden, dtype, group.barrier,
+        timeout_s=config.transfer.transfer_timeout_s,
+    )  # fmt: skip

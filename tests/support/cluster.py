@@ -56,11 +56,16 @@ def decode(name: str, prefills: list[dict], **fields) -> dict:
     }
 
 
-def write(tmp_path: Path, daemons: list[dict], model: dict | None = None) -> Path:
+def write(
+    tmp_path: Path, daemons: list[dict], model: dict | None = None, mps: str | None = None
+) -> Path:
+    """A deployment file of `daemons` (each with `model` unless it names one); `mps`: the
+    file's top-level `mps` if given."""
     for daemon in daemons:
         daemon.setdefault("model", model or {})
     path = tmp_path / "deployment.yaml"
-    path.write_text(yaml.safe_dump({"daemons": daemons}, sort_keys=False))
+    top = {"mps": mps} if mps is not None else {}
+    path.write_text(yaml.safe_dump(top | {"daemons": daemons}, sort_keys=False))
     load(path)  # a broken test file fails here, not in the daemons
     return path
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from kvferry.daemon.cli.mps import CONTROL
 from kvferry.daemon.model.llama import Model
 from kvferry.daemon.model.tokenizer import ByteTokenizer
 from kvferry.daemon.model.weights import full_weights
@@ -96,9 +97,14 @@ def test_a_checkpoint_without_tokenizer_stops_at_its_eos_and_refuses_text(tmp_pa
 
 
 @pytest.mark.gpu
-def test_generation_through_daemons_on_one_gpu(tmp_path):
+@pytest.mark.parametrize("mps", ["off", "on"])
+def test_generation_through_daemons_on_one_gpu(tmp_path, mps):
     """Prefill TP2 -> decode TP1 serving the embedded random model, every rank on the one GPU,
-    KV over UCX cuda_ipc: the same tokens as the model's greedy generation on the CPU."""
+    KV over UCX cuda_ipc: the same tokens as the model's greedy generation on the CPU. On a
+    CUDA MPS server (`mps: on`) the prefill ranks' all-reduces meet on the device, so their
+    forwards run as CUDA graphs, as a TP1 prefill's do."""
+    if mps == "on" and shutil.which(CONTROL) is None:
+        pytest.skip(f"no CUDA MPS here ({CONTROL} is not on the PATH)")
     config = ModelSection().model_config()
     reference = Model(config, full_weights(config, None, seed=0))
     gpu = {
@@ -106,7 +112,7 @@ def test_generation_through_daemons_on_one_gpu(tmp_path):
         "transfer": {**FAST_TRANSFER, "ucx_tls": "cuda_ipc,cuda_copy,tcp,sm,self"},
     }
     p = prefill("prefill-0", tp=2, **gpu)
-    path = write(tmp_path, [p, decode("decode-0", [p], **gpu)])
+    path = write(tmp_path, [p, decode("decode-0", [p], **gpu)], mps=mps)
     with running(path) as launcher, ThreadPoolExecutor(len(PROMPTS)) as pool:
         results = list(pool.map(lambda prompt: generate(launcher, "decode-0", prompt), PROMPTS))
         for prompt, result in zip(PROMPTS, results, strict=True):
@@ -114,6 +120,9 @@ def test_generation_through_daemons_on_one_gpu(tmp_path):
             assert result.token_ids == want[: len(result.token_ids)]
             assert result.finish_reason == "length" or result.token_ids[-1] == ByteTokenizer.eos_id
         wait_idle(launcher)
+        metrics = samples(client(launcher, "prefill-0").metrics()).items()
+        replays = sum(v for (name, _), v in metrics if name == "kvferry_graph_forwards_total")
+        assert (replays > 0) == (mps == "on"), replays
 
 
 def test_up_and_generate_as_a_user_would(tmp_path, qwen3):
