@@ -18,8 +18,8 @@ the others still run):
             bench/http_front.py: the TTFT and CPU per token the decode HTTP front adds;
             bench/handoff.py: a prompt's hand-off, a connection per request vs kept ones; on
             a GPU, bench/device_reduce.py: TP ranks sharing it, all-reduces ordered by events
-            vs a host sync each; bench/forward_host.py: a prefill forward's host launch vs its
-            device time, eager and as CUDA graph replays
+            vs a host sync each, and on MPS by barrier kernels (eager, and as a CUDA graph);
+            bench/forward_host.py: a prefill forward's host launch vs its device time
   overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
             time to first token, whole-chunk vs layer-wise (prompts past 2,048 tokens in chunks
             of 2,048 and in one chunk); at the first length again with the decode agent in its
@@ -29,10 +29,9 @@ the others still run):
             graphs, against the memory floor; prefill tok/s, paged kernel vs contiguous SDPA
             (the decode model of deploy/h200-llama8b.yaml)
   e2e       `kvferry bench` on seven variants of one deployment file: heterogeneous TP staged,
-            the same layer-wise, in slice mode, with messages of several chunks (`together`),
-            homogeneous TP (decode TP = prefill TP), every daemon TP1 (`tp1`: no TP split), and
-            decode's receives posted once their messages come (`probe`);
-            on a GPU with MPS, the first again with its daemons on a private MPS server
+            the same layer-wise, slice mode, messages of several chunks (`together`),
+            homogeneous TP, every daemon TP1 (`tp1`: no TP split), decode's receives posted as
+            their messages come (`probe`); on a GPU with MPS, the first on an MPS server
 
 Then one table (bench/campaign_summary.py; the e2e stage's rows in bench/campaign_e2e.py): every
 target of docs/benchmarks.md, what was measured, and the ratio.

@@ -162,7 +162,6 @@ class SharedDeviceAllReduce(_SharedAllReduce):
         self._error = torch.zeros(1, dtype=torch.int32, pin_memory=True)  # 1 + the rank not met
         self._error_view = self._error.numpy()
         self.ordering = self._pick() if ordering == "auto" else ordering
-        self._host_sync = self.ordering == "host"
 
     @property
     def capturable(self) -> bool:
@@ -235,7 +234,7 @@ class SharedDeviceAllReduce(_SharedAllReduce):
     def _refill(self, half: int) -> None:
         if self.ordering == "device":
             self._meet()  # every rank's sum of what it is about to overwrite is done
-        elif not self._host_sync:
+        elif self.ordering == "events":
             stream = torch.cuda.current_stream()
             for r in self._others:
                 stream.wait_event(self._events[r][1][half])
@@ -243,7 +242,7 @@ class SharedDeviceAllReduce(_SharedAllReduce):
     def _copied(self, half: int) -> None:
         if self.ordering == "device":
             self._meet()  # every rank's part is in
-        elif self._host_sync:
+        elif self.ordering == "host":
             self._event.record()
             self._event.synchronize()
         else:

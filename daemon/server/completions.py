@@ -156,23 +156,46 @@ class _Text:
         self.hold = max((len(stop) for stop in stops), default=1) - 1
         self.ids: list[int] = []
         self.shown, self.sent, self.stopped = "", 0, False
+        # the text of ids[:_read] (whole characters) is _read_text; the ids after it are decoded
+        # with those from _prefix on before them as context
+        self._prefix, self._read, self._read_text = 0, 0, ""
 
     def add(self, tokens: list[int], last: bool) -> tuple[str, list[int]] | None:
         """(new text, new token ids) to send now; None: nothing yet."""
         self.ids.extend(tokens)
-        text = self.tokenizer.decode(self.ids)
+        text = self._decoded(last)
         cut = self._stop_at(text)
         if cut is not None:
             text, last, self.stopped = text[:cut], True, True
+        upto = len(self.ids) if last else self._read  # ids of a character begun wait for it
         if not last:
-            if text.endswith("\ufffd") and len(self.ids) - self.sent < MAX_HELD:
-                return None  # maybe half a character: wait a little for the rest
             text = text[: max(len(text) - self.hold, len(self.shown))]
-        new, ids = text[len(self.shown) :], self.ids[self.sent :]
+        new, ids = text[len(self.shown) :], self.ids[self.sent : upto]
         if not (new or ids or last):
             return None
-        self.shown, self.sent = self.shown + new, len(self.ids)
+        self.shown, self.sent = self.shown + new, upto
         return new, ids
+
+    def _decoded(self, last: bool) -> str:
+        """The text of the ids so far, but for the last few while they end in part of a
+        character (up to MAX_HELD, unless `last`). Only the ids since the last whole character
+        are decoded, with the ones before them as context (a tokenizer may spell a token
+        differently at the start), not the whole answer at every step."""
+        ids, start = self.ids, self._prefix
+        context = self.tokenizer.decode(ids[start : self._read])
+        end = len(ids)
+        window = self.tokenizer.decode(ids[start:end])
+        while not last and window.endswith("\ufffd") and end > self._read:
+            if len(ids) - end >= MAX_HELD - 1:  # no character is this long: show it as it is
+                end, window = len(ids), self.tokenizer.decode(ids[start:])
+                break
+            end -= 1
+            window = self.tokenizer.decode(ids[start:end])
+        if end == self._read:  # nothing whole yet
+            return self._read_text
+        text = self._read_text + window[len(context) :]
+        self._prefix, self._read, self._read_text = self._read, end, text
+        return text
 
     def _stop_at(self, text: str) -> int | None:
         since = max(len(self.shown) - self.hold, 0)
@@ -248,12 +271,11 @@ class _Answer:
         """(new tokens, finish) as they come until the finish, what piled up taken as one;
         HTTPError if the ranks never answer. The request is aborted if this stops early: its
         client left (`gone` fired, or the stream was cancelled)."""
-        finished = False
+        finished, lost_at = False, self.request.deadline + LOST_AFTER_S
         try:
             while True:
-                wait = self.request.deadline + LOST_AFTER_S - time.monotonic()
                 try:
-                    event = await self.events.take(wait, gone)
+                    event = await self.events.take(lost_at, gone)
                 except TimeoutError:
                     raise HTTPError(504, "request lost: no answer from the ranks") from None
                 if event is None:  # the client left
@@ -263,6 +285,7 @@ class _Answer:
                     finished = True
                     return
         finally:
+            self.events.close()
             if not finished and not self.text.stopped and self.request.finish is None:
                 self.daemon.abort(self.request.room, aborted("client went away"))
 

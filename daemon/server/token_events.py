@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections import deque
 
 Event = tuple[list[int], str | None]  # (new tokens, finish reason: None until the last)
@@ -56,12 +57,16 @@ def inbox_of(state) -> Inbox:
 
 class TokenEvents:
     """One request's events: put by the daemon's thread (`put`, through the inbox), taken by
-    its handler on the loop (`take`)."""
+    its handler on the loop (`take`). A wait costs a future, not a timer: the request's
+    deadline has one timer, armed at its first wait and cancelled by `close`."""
 
     def __init__(self, inbox: Inbox) -> None:
         self._inbox = inbox
         self._items: deque[Event] = deque()
         self._waiter: asyncio.Future | None = None
+        self._deadline = math.inf  # the timer's
+        self._timer: asyncio.TimerHandle | None = None
+        self._gone: asyncio.Future | None = None  # watched (its end wakes a wait)
 
     def put(self, item: Event) -> None:
         self._inbox.put(self, item)
@@ -69,26 +74,31 @@ class TokenEvents:
     def arrived(self, item: Event) -> None:
         """On the loop: `item` is here."""
         self._items.append(item)
+        self._wake()
+
+    def _wake(self, *_) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def take(self, timeout_s: float, gone: asyncio.Future | None = None) -> Event | None:
+    async def take(self, deadline: float, gone: asyncio.Future | None = None) -> Event | None:
         """Every event that came since the last take, as one: their tokens in order and the
-        finish if it is among them (nothing after a finish is taken). Waits up to `timeout_s`
-        (inf: no limit) for one: TimeoutError past it; None if `gone` is done first."""
-        if not self._items:
-            timeout = None if math.isinf(timeout_s) else max(timeout_s, 0.0)
-            self._waiter = waiter = asyncio.get_running_loop().create_future()
+        finish if it is among them (nothing after a finish is taken). Waits until `deadline`
+        (time.monotonic(); inf: no limit) for one: TimeoutError past it; None if `gone` is
+        done first."""
+        while not self._items:
+            if gone is not None and gone.done():
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no event before the deadline")
+            loop = asyncio.get_running_loop()
+            self._watch(loop, deadline, left, gone)
+            self._waiter = waiter = loop.create_future()
             try:
-                waits = (waiter,) if gone is None else (waiter, gone)
-                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                await waiter
             finally:
                 self._waiter = None
-            if not self._items:
-                if gone is not None and gone.done():
-                    return None
-                raise TimeoutError(f"no event within {timeout_s:g} s")
         tokens, finish = self._items.popleft()
         if self._items and finish is None:
             tokens = list(tokens)
@@ -96,3 +106,26 @@ class TokenEvents:
                 more, finish = self._items.popleft()
                 tokens.extend(more)
         return tokens, finish
+
+    def _watch(self, loop, deadline: float, left: float, gone: asyncio.Future | None) -> None:
+        """A wait ends at `deadline` and when `gone` is done: the timer and the callback are
+        set once, not per wait."""
+        if deadline != self._deadline or (self._timer is None and not math.isinf(deadline)):
+            self.close()  # a new deadline; or the timer fired a hair early, by the loop's clock
+            self._deadline = deadline
+            if not math.isinf(deadline):
+                self._timer = loop.call_later(left, self._expire)
+        if gone is not None and gone is not self._gone:
+            self._gone = gone
+            gone.add_done_callback(self._wake)
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._wake()
+
+    def close(self) -> None:
+        """The request is answered: its deadline's timer goes."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadline = math.inf

@@ -4,6 +4,7 @@ and the waits' ends (a timeout, a client that left)."""
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -15,7 +16,7 @@ def test_what_piled_up_is_taken_as_one_event_up_to_the_finish():
         events = TokenEvents(Inbox(asyncio.get_running_loop()))
         for item in (([1], None), ([2, 3], None), ([4], "length")):
             events.put(item)
-        return await events.take(5.0)
+        return await events.take(time.monotonic() + 5.0)
 
     assert asyncio.run(run()) == ([1, 2, 3, 4], "length")
 
@@ -37,7 +38,7 @@ def test_puts_from_another_thread_wake_the_loop_once_per_batch():
         step = threading.Thread(target=lambda: [s.put(([7], None)) for s in streams])
         step.start()
         step.join()
-        taken = [await s.take(5.0) for s in streams]
+        taken = [await s.take(time.monotonic() + 5.0) for s in streams]
         return taken, wakes
 
     taken, wakes = asyncio.run(run())
@@ -51,9 +52,9 @@ def test_a_take_waits_for_the_next_event_and_times_out_without_one():
         events = TokenEvents(Inbox(loop))
         later = threading.Timer(0.01, events.put, args=(([5], None),))
         later.start()
-        first = await events.take(30.0)
+        first = await events.take(time.monotonic() + 30.0)
         with pytest.raises(TimeoutError):
-            await events.take(0.01)
+            await events.take(time.monotonic() + 0.01)
         later.join()
         return first
 
