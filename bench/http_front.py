@@ -25,7 +25,6 @@ off as well), and prints stock ÷ fronts for the front's CPU per token and its s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import socket
 import statistics
@@ -44,7 +43,7 @@ from kvferry.daemon.cli.bench.workload import Prompt
 from kvferry.daemon.server import http_front
 from kvferry.daemon.server.http_front import HTTPFront
 from kvferry.daemon.server.metrics import Metrics
-from kvferry.daemon.server.request import DecodeRequest, Requests
+from kvferry.daemon.server.request import Answering, DecodeRequest, Requests
 
 
 class Tokenizer:
@@ -71,14 +70,10 @@ class StandIn:
         self.metrics = Metrics("decode", "bench")
         self.tokenizer, self.chat_template = Tokenizer(), None
         self.started = time.time()
-        self.requests = Requests()
+        self.requests, self.answering = Requests(), Answering()
         self._step_s, self._stop = step_s, threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-steps", daemon=True)
         self._thread.start()
-
-    @contextlib.contextmanager
-    def answering_one(self):
-        yield
 
     def generate(self, prompt, params, events) -> DecodeRequest:
         request = DecodeRequest(0, prompt, params, "bench", events)

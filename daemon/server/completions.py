@@ -218,7 +218,7 @@ class _Answer:
 
     async def whole(self) -> Response:
         finish = None  # stays None only if the client left first
-        with self.daemon.answering_one():
+        with self.daemon.answering.one():
             gone = asyncio.ensure_future(_disconnected(self.http))
             try:
                 async for tokens, finish in self._events(gone):
@@ -240,7 +240,7 @@ class _Answer:
 
     async def stream(self):
         """The events of a streamed answer (Starlette cancels this when the client leaves)."""
-        with self.daemon.answering_one():
+        with self.daemon.answering.one():
             try:
                 async for tokens, finish in self._events(None):
                     if finish is not None and self.request.error:

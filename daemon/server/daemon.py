@@ -3,18 +3,17 @@
 The daemon process owns the sockets users and peers talk to — the HTTP front and, on prefill,
 the bootstrap server — and the requests' bookkeeping; the ranks own the model, the KV cache and
 the transfer agents. A decode request: the HTTP front calls `generate`, which draws the room id
-and hands the prompt to the ranks; once they have reserved its pages (`StepOutput.reserved`) the
-daemon submits the prompt to a prefill daemon; tokens come back in `StepOutput.outputs`.
+and hands the prompt to the ranks, which reserve its pages (`StepOutput.reserved`), and to a
+prefill daemon: at once where no other request waits for its pages, else once its own are
+reserved; tokens come back in `StepOutput.outputs`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
 import signal
-import threading
 import time
 from functools import partial
 
@@ -34,6 +33,7 @@ from kvferry.daemon.server.prompt_intake import PromptIntake
 from kvferry.daemon.server.prompt_quota import PromptQuota
 from kvferry.daemon.server.ranks import RankFailed, Ranks
 from kvferry.daemon.server.request import (
+    Answering,
     DecodeRequest,
     Events,
     Requests,
@@ -110,8 +110,7 @@ class Daemon:
         self.bootstrap: BootstrapServer | None = None
         self.http = None
         self.ranks: Ranks | None = None
-        self.answering = 0  # HTTP handlers with a request in flight (the front counts them)
-        self._answers = threading.Condition()  # notified as each of them finishes
+        self.answering = Answering()  # HTTP handlers with a request in flight
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -211,21 +210,8 @@ class Daemon:
             self._finish(request, "abort", Failure(FailureKind.UNAVAILABLE, stopped))
         return 0 if clean and self.state != "failed" else 1
 
-    @contextlib.contextmanager
-    def answering_one(self):
-        """Around an HTTP handler with a request in flight: shutdown waits for it to answer."""
-        with self._answers:
-            self.answering += 1
-        try:
-            yield
-        finally:
-            with self._answers:
-                self.answering -= 1
-                self._answers.notify_all()
-
     def _shutdown(self) -> None:
-        with self._answers:  # let the HTTP handlers write their last answers
-            self._answers.wait_for(lambda: not self.answering, ANSWER_S)
+        self.answering.wait_for_none(ANSWER_S)  # let the HTTP handlers write their last answers
         if self.ranks is not None:
             self.ranks.kill()
         if self.http is not None:
@@ -262,18 +248,27 @@ class Daemon:
             raise Unavailable(f"no prefill daemon can be reached ({self.probe.why_none()})")
         request = DecodeRequest(0, prompt, params, prefill, events)
         request.deadline = request.created + self.config.scheduler.request_timeout_s
-        self.requests.add(request)
+        early = self.requests.add(request)
         self.metrics.in_flight.inc()
-        self._send(protocol.Submit(request.room, prompt, params, request.prefill))
+        self._submit(request, early)
         return request
 
     def _resubmit(self, request: DecodeRequest, prefill: str) -> bool:
         """`request` again, as a new room at `prefill` (its old room's end is ignored)."""
-        if not self.requests.move(request):
+        early = self.requests.move(request)
+        if early is None:
             return False  # it ended meanwhile
         request.prefill = prefill
-        self._send(protocol.Submit(request.room, request.prompt, request.params, prefill, True))
+        self._submit(request, early, retry=True)
         return True
+
+    def _submit(self, request: DecodeRequest, early: bool, retry: bool = False) -> None:
+        """The room to the ranks, which reserve its pages; its prompt to the prefill at once
+        where `early` (Requests.add), else once they are reserved (`_progress`)."""
+        if early:
+            self.handoff.submit(request)
+        room, prompt = request.room, request.prompt
+        self._send(protocol.Submit(room, prompt, request.params, request.prefill, retry))
 
     def _handoff_failed(self, request: DecodeRequest, room: int, failure: Failure) -> None:
         """The prefill of `room` refused its prompt or did not answer."""
@@ -302,7 +297,8 @@ class Daemon:
             request = self.requests.get(room)
             if request is not None:
                 request.marks["reserved"] = time.time()
-                self.handoff.submit(request)
+                self.requests.reserved(request)
+                self.handoff.reserved(request, room)
         for out in progress.outputs:
             request = self.requests.get(out.room)
             if request is None:

@@ -1,5 +1,6 @@
 """Decode: hands a request's prompt to its prefill daemon (`SubmitPrompt` at the prefill's
-bootstrap server) once the ranks have reserved its pages.
+bootstrap server), at once or once the ranks have reserved its pages (`Requests.add` says
+which), each room's once.
 
 Each hand-off waits for the prefill's reply, so it runs on a small pool, off the daemon's loop,
 over connections kept to each prefill (`requester.Requester`); a refusal, or no reply, goes to
@@ -44,8 +45,15 @@ class PromptHandoff:
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="kvferry-submit")
 
     def submit(self, request: DecodeRequest) -> None:
-        """Hand over the prompt of the room `request` has now (reserved on the ranks)."""
+        """Hand over the prompt of the room `request` has now."""
+        request.handed_room = request.room
         self._pool.submit(self._hand, request, request.room, request.prefill)
+
+    def reserved(self, request: DecodeRequest, room: int) -> None:
+        """The ranks reserved the pages of `room`: its prompt goes now, unless it went already
+        (before the reservation: Requests.add)."""
+        if request.handed_room != room:
+            self.submit(request)
 
     def close(self) -> None:
         """Hand-offs not started are dropped: the daemon fails their requests as it stops."""

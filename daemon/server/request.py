@@ -4,6 +4,7 @@ front and the ranks."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
@@ -72,6 +73,8 @@ class DecodeRequest:
     finish: str | None = None
     error: Failure | None = None
     ended: bool = False  # the front has its answer (a stop string): ending it is no failure
+    reserved: bool = False  # its room's pages are reserved on the ranks
+    handed_room: int | None = None  # the room whose prompt went to the prefill
     attempts: list[str] = field(default_factory=list)  # each failed prefill and why
     # when each stage ended, wall clock (transport/timeline.py): the daemon's and the ranks'
     marks: dict[str, float] = field(default_factory=lambda: {"received": time.time()})
@@ -104,6 +107,7 @@ class Requests:
     def __init__(self) -> None:
         self._by_room: dict[int, DecodeRequest] = {}
         self._lock = threading.Lock()
+        self._unreserved = 0  # requests whose room waits for its pages on the ranks
 
     def __len__(self) -> int:
         with self._lock:
@@ -116,28 +120,75 @@ class Requests:
         with self._lock:
             return list(self._by_room.values())
 
-    def add(self, request: DecodeRequest) -> None:
-        """Under a room id of its own: drawn here, so no two requests share one."""
+    def add(self, request: DecodeRequest) -> bool:
+        """Under a room id of its own: drawn here, so no two requests share one. Whether its
+        prompt may go to its prefill before the ranks reserve its pages (`early`)."""
         with self._lock:
             request.room = self._new_room()
             self._by_room[request.room] = request
+            return self._waits_for_pages(request)
 
-    def move(self, request: DecodeRequest) -> bool:
-        """To a new room (what arrives for the old one is then ignored); False if it ended."""
+    def move(self, request: DecodeRequest) -> bool | None:
+        """To a new room (what arrives for the old one is then ignored): None if it ended,
+        else whether its prompt may go before its pages are reserved (`early`)."""
         with self._lock:
             if self._by_room.pop(request.room, None) is not request:
-                return False
+                return None
+            self._unreserved -= not request.reserved
             request.room = self._new_room()
             self._by_room[request.room] = request
-            return True
+            return self._waits_for_pages(request)
+
+    def reserved(self, request: DecodeRequest) -> None:
+        """The ranks reserved the pages of `request`'s room."""
+        with self._lock:
+            self._unreserved -= not request.reserved
+            request.reserved = True
 
     def remove(self, request: DecodeRequest) -> bool:
         """False when it had ended already: each request ends once."""
         with self._lock:
-            return self._by_room.pop(request.room, None) is not None
+            if self._by_room.pop(request.room, None) is None:
+                return False
+            self._unreserved -= not request.reserved
+            return True
+
+    def _waits_for_pages(self, request: DecodeRequest) -> bool:
+        """Counts `request` among those waiting for their pages; whether it is the only one.
+        Its prompt may then go to the prefill at once, in parallel with the reservation (the
+        prefill computes it while the registration is on its way); behind others, pages may
+        be short and the prompt waits for its own, so that it does not hold the prefill's
+        pages for a room the decode side cannot take yet."""
+        request.reserved = False
+        self._unreserved += 1
+        return self._unreserved == 1
 
     def _new_room(self) -> int:
         room = secrets.randbits(64)
         while room in self._by_room:
             room = secrets.randbits(64)
         return room
+
+
+class Answering:
+    """The HTTP handlers with a request in flight: a daemon's shutdown waits for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = threading.Condition()  # notified as each of them finishes
+
+    @contextlib.contextmanager
+    def one(self):
+        """Around an HTTP handler with a request in flight."""
+        with self._changed:
+            self.count += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.count -= 1
+                self._changed.notify_all()
+
+    def wait_for_none(self, timeout_s: float) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: not self.count, timeout_s)
