@@ -67,7 +67,7 @@ def launch_kv_copy(
     if len(slots_np) == 0:
         return
     launcher = _launcher(planes.device)
-    stream = stream_handle or _raw_current_stream(launcher.index)
+    stream = stream_handle or raw_current_stream(launcher.index)
     driver.use_device(launcher.index)
     with launcher.uploader.lock:
         device_slots, ticket = launcher.uploader.upload(slots_np, stream)
@@ -134,8 +134,9 @@ def _launcher(device: torch.device) -> _Launcher:
     return _Launcher(device)
 
 
-def _raw_current_stream(device_index: int) -> int:
-    # The private accessor skips building a torch.cuda.Stream (several microseconds per call).
+def raw_current_stream(device_index: int) -> int:
+    """The device's current torch stream as a raw cudaStream_t. The private accessor skips
+    building a torch.cuda.Stream (several microseconds per call)."""
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     if raw is not None:
         return raw(device_index)

@@ -158,10 +158,12 @@ class SharedDeviceAllReduce(_SharedAllReduce):
         self._event = torch.cuda.Event(blocking=True)  # ordering="host": waiting sleeps
         index = device.index
         self._device_index = index if index is not None else torch.cuda.current_device()
-        self._meeting = None  # the barrier's launch (function, parameters), made at first use
         self._error = torch.zeros(1, dtype=torch.int32, pin_memory=True)  # 1 + the rank not met
         self._error_view = self._error.numpy()
-        self.ordering = self._pick() if ordering == "auto" else ordering
+        # the barrier's launch (function, parameters): compiled only where it may be used
+        mps = ordering == "auto" and bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
+        self._meeting = self._barrier_launch() if ordering == "device" or mps else None
+        self.ordering = self._pick(mps) if ordering == "auto" else ordering
 
     @property
     def capturable(self) -> bool:
@@ -177,14 +179,12 @@ class SharedDeviceAllReduce(_SharedAllReduce):
             )
         return super().__call__(x)
 
-    def _pick(self) -> str:
+    def _pick(self, mps: bool) -> str:
         """The ordering "auto" means: "device" if every rank finds the ranks' kernels side by
-        side (on a CUDA MPS server, PROBE_BARRIERS barriers pass within PROBE_LIMIT_S), else
-        "events"."""
+        side (on a CUDA MPS server, `mps`: PROBE_BARRIERS barriers pass within PROBE_LIMIT_S),
+        else "events". The barrier is compiled before the ranks meet here, so that none of
+        them times another's compile."""
         votes: list = [None] * self.world
-        mps = bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
-        if mps:  # compiled before the ranks meet, so that none of them times another's compile
-            self._meeting = self._barrier_launch()
         dist.all_gather_object(votes, mps, group=self.group)
         if not all(votes):
             log.info("TP all-reduce ordered by interprocess events: the ranks are not on MPS")
@@ -210,13 +210,14 @@ class SharedDeviceAllReduce(_SharedAllReduce):
 
     def _meet(self) -> None:
         """Queue the barrier kernel on the current stream (cuda/tp_barrier.cu)."""
-        if self._meeting is None:
-            self._meeting = self._barrier_launch()
-        function, params = self._meeting
-        stream = torch.cuda.current_stream(self._device_index).cuda_stream
+        function, params, current_stream = self._meeting
+        stream = current_stream(self._device_index)
         launch_kernel(function, (1, 1), 32, stream, ctypes.addressof(params[0]))
 
     def _barrier_launch(self) -> tuple:
+        """(the barrier's CUfunction, its parameters, the raw current stream's accessor)."""
+        from kvferry.staging.kv_launch import raw_current_stream  # a GPU's module: imported here
+
         args = (
             ctypes.c_uint64(self._flag_addresses.data_ptr()),
             ctypes.c_int(self.world),
@@ -225,7 +226,7 @@ class SharedDeviceAllReduce(_SharedAllReduce):
             ctypes.c_uint64(self._error.data_ptr()),
         )
         pointers = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
-        return tp_barrier_kernel(self._device_index), (pointers, args)
+        return tp_barrier_kernel(self._device_index), (pointers, args), raw_current_stream
 
     def _meet_on_host(self) -> None:
         if self.ordering != "device":  # on the device, the barrier kernels are the meeting

@@ -184,10 +184,10 @@ class _Text:
         ids, start = self.ids, self._prefix
         context = self.tokenizer.decode(ids[start : self._read])
         end = len(ids)
-        window = self.tokenizer.decode(ids[start:end])
+        window = whole = self.tokenizer.decode(ids[start:end])
         while not last and window.endswith("\ufffd") and end > self._read:
             if len(ids) - end >= MAX_HELD - 1:  # no character is this long: show it as it is
-                end, window = len(ids), self.tokenizer.decode(ids[start:])
+                end, window = len(ids), whole
                 break
             end -= 1
             window = self.tokenizer.decode(ids[start:end])
