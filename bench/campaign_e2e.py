@@ -68,11 +68,10 @@ def stage_e2e(stage) -> None:
 
 
 def num_requests(concurrency: str) -> int:
-    """Measured requests per point: 64, or four waves of the highest concurrency. Every point
-    starts with a burst of its concurrency's requests at once; over two waves (64 at c=32) half
-    the samples were that burst and the point lasted under a second, so its TTFT was the cold
-    burst's more than the concurrency's."""
-    return max(64, 4 * max(int(c) for c in concurrency.split(",")))
+    """Measured requests per point: 64, or eight waves of the highest concurrency. A point's
+    first wave goes out at once, a burst its latencies leave out (`kvferry bench`'s
+    `first_wave`); the seven after it are the samples, the loop full."""
+    return max(64, 8 * max(int(c) for c in concurrency.split(",")))
 
 
 def _out(out_dir: Path, variant: str, n: int, rounds: int) -> Path:

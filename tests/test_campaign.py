@@ -69,10 +69,10 @@ def test_rounds_keep_at_each_point_the_round_of_median_ttft():
     assert merged["label"] == "x"
 
 
-def test_points_run_four_waves_of_the_highest_concurrency():
-    assert campaign_e2e.num_requests("1,8") == 64
-    assert campaign_e2e.num_requests("1,32") == 128
-    assert campaign_e2e.num_requests("64,1") == 256
+def test_points_run_eight_waves_of_the_highest_concurrency():
+    assert campaign_e2e.num_requests("1,4") == 64
+    assert campaign_e2e.num_requests("1,32") == 256
+    assert campaign_e2e.num_requests("64,1") == 512
 
 
 def test_shared_gpu_all_reduce_rows_with_and_without_mps(tmp_path):

@@ -9,7 +9,7 @@ import msgspec
 
 from kvferry.daemon.cli.api_key import api_key_option, client_api_key
 from kvferry.daemon.cli.bench.plot import plot, plot_results, read_result
-from kvferry.daemon.cli.bench.report import rss_lines, table
+from kvferry.daemon.cli.bench.report import first_wave_lines, rss_lines, table
 from kvferry.daemon.cli.bench.run import BenchSpec, run_bench, run_deployment, write_result
 from kvferry.daemon.cli.bench.timeline import stage_table, write_trace
 from kvferry.daemon.cli.bench.workload import BenchError
@@ -156,6 +156,8 @@ def bench(
     stages = stage_table(result.points)
     if stages:
         click.echo(stages)
+    for line in first_wave_lines(result.points):
+        click.echo(line)
     for line in rss_lines(result.points):
         click.echo(line)
     if trace_path is not None:

@@ -9,6 +9,7 @@ from collections import Counter
 
 import msgspec
 
+from kvferry.daemon.cli.bench.columns import format_table
 from kvferry.daemon.cli.bench.timeline import outside_daemons, stage_shares
 
 
@@ -177,6 +178,10 @@ class Point(msgspec.Struct, kw_only=True):
     stages: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
     # the client's TTFT less the decode daemon's first token out: HTTP front and client
     ttft_outside_ms: Latency = msgspec.field(default_factory=Latency)
+    # at a concurrency of c, the first c requests go out at once, a burst no later one meets:
+    # how many were left out of the latency figures above (0: none), and their TTFT
+    first_wave: int = 0
+    first_wave_ttft_ms: Latency = msgspec.field(default_factory=Latency)
     kv_pool_bytes: float = 0.0  # of that size of rank: the budgets the peak holds
     ring_capacity_bytes: float = 0.0
     # each scraped daemon's process RSS before and after the measured requests
@@ -219,6 +224,9 @@ def summarize(
     rss_before: dict[str, float] | None = None,
 ) -> Point:
     ok = [r for r in records if r.ok]
+    wave = first_wave(mode, value, records)
+    steady = [r for r in ok if r.index >= wave]  # what the latency figures are of
+    burst = [r.ttft_s for r in ok if r.index < wave and r.ttft_s is not None]
     waits, waited = moved.ring_waits_per_room()
     timer_turns, quiet_turns = moved.loop_turn_kinds_per_room()
     output = sum(r.output_tokens for r in ok)
@@ -234,9 +242,9 @@ def summarize(
         request_throughput=len(ok) * per_s,
         output_throughput=output * per_s,
         total_token_throughput=(prompt + output) * per_s,
-        ttft_ms=latency([r.ttft_s for r in ok if r.ttft_s is not None]),
-        itl_ms=latency([r.itl_s for r in ok if r.itl_s is not None]),
-        e2e_ms=latency([r.latency_s for r in ok]),
+        ttft_ms=latency([r.ttft_s for r in steady if r.ttft_s is not None]),
+        itl_ms=latency([r.itl_s for r in steady if r.itl_s is not None]),
+        e2e_ms=latency([r.latency_s for r in steady]),
         kv_bytes=moved.kv_bytes,
         kv_gbps=moved.kv_bytes * per_s / 1e9,
         messages_per_request=moved.messages / len(records) if records else 0.0,
@@ -253,11 +261,22 @@ def summarize(
         memory_peak_bytes=moved.memory_peak_bytes,
         kv_pool_bytes=moved.kv_pool_bytes,
         ring_capacity_bytes=moved.ring_capacity_bytes,
-        stages=stage_shares([r.timeline for r in ok if r.timeline]),
-        ttft_outside_ms=latency(outside_daemons(ok)),
+        stages=stage_shares([r.timeline for r in steady if r.timeline]),
+        ttft_outside_ms=latency(outside_daemons(steady)),
+        first_wave=wave,
+        first_wave_ttft_ms=latency(burst),
         rss_before_bytes=rss_before or {},
         rss_after_bytes=moved.rss_bytes,
     )
+
+
+def first_wave(mode: str, value: float, records: list[RequestRecord]) -> int:
+    """How many of a point's first requests its latency figures leave out: at a concurrency of
+    c, the first c go out together, a burst of c prompts at once that no later request meets
+    (each later one starts as another ends); where at least c follow them, the figures are of
+    those, the loop full. None at a request rate, whose arrivals are spread from the start."""
+    wave = int(value) if mode == "concurrency" else 0
+    return wave if wave > 1 and len(records) >= 2 * wave else 0
 
 
 def point_name(mode: str, value: float) -> str:
@@ -292,6 +311,17 @@ def _row(p: Point) -> list[str]:
     return cells
 
 
+def first_wave_lines(points: list[Point]) -> list[str]:
+    """Per point whose first wave the latency figures leave out: its size and TTFT."""
+    return [
+        f"{point_name(p.mode, p.value)}: the first {p.first_wave} requests, sent at once, are left "
+        f"out of the latencies above; their TTFT p50 {_num(p.first_wave_ttft_ms.median)} ms, "
+        f"p90 {_num(p.first_wave_ttft_ms.p90)} ms"
+        for p in points
+        if p.first_wave
+    ]
+
+
 def rss_lines(points: list[Point]) -> list[str]:
     """Per point with RSS figures: each daemon's process RSS before -> after, in MiB."""
     lines = []
@@ -311,40 +341,3 @@ def _mib(value: float | None) -> str:
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
-
-
-def format_table(header: list[tuple[str, str]], rows: list[list[str]]) -> str:
-    """Aligned columns: the first left, the others right. `header` is (group, name) per column;
-    a run of columns with the same non-empty group gets the group's name on a line above."""
-    widths = [max(len(name), *(len(row[i]) for row in rows)) for i, (_, name) in enumerate(header)]
-    spans = _group_spans([group for group, _ in header])
-    for group, start, end in spans:  # widen a span's last column to fit its group's name
-        room = sum(widths[start:end]) + 2 * (end - start - 1)
-        widths[end - 1] += max(0, len(group) - room)
-    lines = []
-    if spans:
-        lines.append(_group_line(spans, widths))
-    for cells in [[name for _, name in header], *rows]:
-        parts = [cell.rjust(width) for cell, width in zip(cells, widths, strict=True)]
-        parts[0] = cells[0].ljust(widths[0])  # the point's name
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
-
-
-def _group_spans(groups: list[str]) -> list[tuple[str, int, int]]:
-    spans: list[tuple[str, int, int]] = []
-    for i, group in enumerate(groups):
-        if spans and spans[-1][0] == group and spans[-1][2] == i:
-            spans[-1] = (group, spans[-1][1], i + 1)
-        elif group:
-            spans.append((group, i, i + 1))
-    return spans
-
-
-def _group_line(spans: list[tuple[str, int, int]], widths: list[int]) -> str:
-    line = ""
-    for group, start, end in spans:
-        left = sum(widths[:start]) + 2 * start
-        room = sum(widths[start:end]) + 2 * (end - start - 1)
-        line = line.ljust(left) + group.center(room)
-    return line.rstrip()

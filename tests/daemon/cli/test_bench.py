@@ -10,10 +10,11 @@ import random
 import pytest
 
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
+from kvferry.daemon.cli.bench.columns import format_table
 from kvferry.daemon.cli.bench.report import (
     Counters,
     RequestRecord,
-    format_table,
+    first_wave_lines,
     latency,
     percentile,
     rss_lines,
@@ -159,6 +160,27 @@ def test_a_point_counts_ok_and_failed_requests():
     assert point.total_token_throughput == 13.0
     assert point.itl_ms.mean == pytest.approx(100.0)  # (0.5 - 0.1) / 4; one token has no gap
     assert (point.kv_gbps, point.messages_per_request) == (1.5, 4.0)
+
+
+def test_the_first_wave_of_a_concurrency_point_is_kept_out_of_its_latencies():
+    # c=2: the first two requests went out together (a burst), the rest as others ended
+    records = [_record(0, ttft=0.9), _record(1, ttft=0.7), _record(2), _record(3, ttft=0.3)]
+    point = summarize("concurrency", 2, records, 1.0, Counters())
+    assert (point.first_wave, point.ok) == (2, 4)  # still counted in throughput
+    assert point.ttft_ms.median == pytest.approx(200.0)  # of requests 2 and 3
+    assert point.first_wave_ttft_ms.median == pytest.approx(800.0)
+    assert point.e2e_ms.mean == pytest.approx(500.0)
+    assert first_wave_lines([point]) == [
+        "c=2: the first 2 requests, sent at once, are left out of the latencies above; "
+        "their TTFT p50 800.0 ms, p90 880.0 ms"
+    ]
+    # too few after the wave, a single request in flight, or a request rate: every one counts
+    cases = [("concurrency", 2, 3), ("concurrency", 1, 4), ("request_rate", 2, 4)]
+    for mode, value, count in cases:
+        point = summarize(mode, value, records[:count], 1.0, Counters())
+        assert point.first_wave == 0 and first_wave_lines([point]) == []
+        every = [1e3 * r.ttft_s for r in records[:count]]
+        assert point.ttft_ms.median == pytest.approx(percentile(every, 50))
 
 
 def test_counters_since_keep_the_gauges_and_count_what_grew():
