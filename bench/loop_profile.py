@@ -1,10 +1,11 @@
 """`--profile DIR` of the transfer benches: each rank's transfer thread under cProfile, timed
-by the process's CPU clock (a wall clock would count the waits for events and for the GIL; the
-process's other threads hardly run in these benches).
+by a CPU clock (a wall clock would count the waits for events and for the GIL).
 
-On Python 3.12, cProfile records every thread of the process while it is enabled (it is built
-on sys.monitoring), so each file also holds what the rank's other threads ran meanwhile; sort by
-`tottime` and look at the transfer modules' functions.
+Before Python 3.12 cProfile records only the thread that enabled it, and its clock is that
+thread's CPU time. From 3.12 on it records every thread of the process while it is enabled (it
+is built on sys.monitoring), so its clock is the process's CPU time and each file also holds
+what the rank's other threads ran meanwhile; sort by `tottime` and look at the transfer
+modules' functions.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import cProfile
 import functools
 import os
+import sys
 import time
 
 
@@ -39,7 +41,9 @@ def profile_loops(directory: str | None) -> None:
 
     @functools.wraps(run)
     def profiled(loop: AgentLoop) -> None:
-        profile = cProfile.Profile(time.process_time)
+        profile = cProfile.Profile(
+            time.thread_time if sys.version_info < (3, 12) else time.process_time
+        )
         profile.enable()
         try:
             run(loop)

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvferry.daemon.engine.sequence import SamplingParams
 from kvferry.daemon.server.api import ChatCompletionRequest, CompletionRequest
-from kvferry.daemon.server.http_protocol import GONE
+from kvferry.daemon.server.http_protocol import ARRIVED, GONE
 from kvferry.daemon.server.request import Unavailable
 from kvferry.daemon.server.token_events import TokenEvents, inbox_of
 from kvferry.transport.failure import Failure, FailureKind, aborted
@@ -108,6 +108,9 @@ async def _answer(daemon, request: Request, body, prompt: list[int], chat: bool)
         raise HTTPError(400, str(exc)) from None
     except Unavailable as exc:
         raise HTTPError(503, str(exc), "unavailable") from None
+    arrived = request.scope.get(ARRIVED)
+    if arrived is not None:  # the front's own marks: what it adds on the way in and out
+        started.marks["http_in"] = arrived
     answer = _Answer(daemon, started, events, request, body, chat)
     if body.stream:
         headers = {"Cache-Control": "no-cache"}
@@ -260,6 +263,8 @@ class _Answer:
                     yield _event(chunk)
                     if finish is not None:
                         break
+                    if "first_chunk_sent" not in self.request.marks:  # written: resumed after
+                        self.request.marks["first_chunk_sent"] = time.time()
                 if self.usage_chunk:
                     usage = self._chunk("", [], None)
                     yield _event({**usage, "choices": []})

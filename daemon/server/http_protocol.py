@@ -21,6 +21,9 @@ uvicorn logs a warning for every malformed request (and every request past the c
 cap), so a client decides how many lines the log gets; here each of its warnings is written at
 most once every 10 s, with how many were left out (`QuietLog`).
 
+Each request's scope carries when its headers were in (`ARRIVED`, wall clock): where a streamed
+answer's timeline starts its way through the front (`completions.py`).
+
 Every connection has Nagle's algorithm off (TCP_NODELAY), set here whatever the loop does:
 with Nagle on, a stream's first token, written while the client had not yet acknowledged the
 headers written before it, waits for the client's delayed ACK, up to 40 ms of TTFT on a
@@ -33,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -41,6 +45,7 @@ from kvferry.transport.log_limit import RateLimitedLog
 GONE = 499  # the status of a request whose client left before its answer: answered to nobody
 MAX_HEADER_BYTES = 64 * 1024  # a request line and headers together (h11's limit is 16 KiB)
 LOOP = "uvloop"  # the fronts' event loop (uvicorn.Config's `loop`)
+ARRIVED = "kvferry.arrived"  # scope key: time.time() when the request's headers were in
 _TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
@@ -89,6 +94,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self._header_bytes = None
         self._disarm()
         super().on_headers_complete()
+        self.scope[ARRIVED] = time.time()
 
     def on_response_complete(self) -> None:
         # A request pipelined behind this one has its headers in already and starts now;

@@ -10,7 +10,7 @@ from collections import Counter
 import msgspec
 
 from kvferry.daemon.cli.bench.columns import format_table
-from kvferry.daemon.cli.bench.timeline import outside_daemons, stage_shares
+from kvferry.daemon.cli.bench.timeline import outside_daemons, outside_parts, stage_shares
 
 
 class RequestRecord(msgspec.Struct, kw_only=True):
@@ -178,6 +178,8 @@ class Point(msgspec.Struct, kw_only=True):
     stages: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
     # the client's TTFT less the decode daemon's first token out: HTTP front and client
     ttft_outside_ms: Latency = msgspec.field(default_factory=Latency)
+    # that split: the front's way in and out, the client and the wire (timeline.outside_parts)
+    ttft_outside_parts_ms: dict[str, Latency] = msgspec.field(default_factory=dict)
     # at a concurrency of c, the first c requests go out at once, a burst no later one meets:
     # how many were left out of the latency figures above (0: none), and their TTFT
     first_wave: int = 0
@@ -263,6 +265,7 @@ def summarize(
         ring_capacity_bytes=moved.ring_capacity_bytes,
         stages=stage_shares([r.timeline for r in steady if r.timeline]),
         ttft_outside_ms=latency(outside_daemons(steady)),
+        ttft_outside_parts_ms={k: latency(v) for k, v in outside_parts(steady).items() if v},
         first_wave=wave,
         first_wave_ttft_ms=latency(burst),
         rss_before_bytes=rss_before or {},

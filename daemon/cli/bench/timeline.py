@@ -10,6 +10,9 @@ import statistics
 from pathlib import Path
 
 FIRST_TOKEN = "first_token_out"
+# the HTTP front's own marks (completions.py): the request's headers in (before `received`, so
+# negative), and its first chunk written to the socket (after the first token out)
+HTTP_IN, FIRST_CHUNK = "http_in", "first_chunk_sent"
 
 
 def stage_shares(timelines: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -21,7 +24,7 @@ def stage_shares(timelines: list[dict[str, float]]) -> dict[str, dict[str, float
         ttft = timeline.get(FIRST_TOKEN)
         if not ttft or ttft <= 0:
             continue
-        ordered = sorted(((at, stage) for stage, at in timeline.items() if at <= ttft))
+        ordered = sorted((at, s) for s, at in timeline.items() if at <= ttft and s != HTTP_IN)
         previous = 0.0
         for at, stage in ordered:
             lengths.setdefault(stage, []).append((at - previous, (at - previous) / ttft))
@@ -37,6 +40,21 @@ def outside_daemons(records) -> list[float]:
         for r in records
         if r.ttft_s is not None and r.timeline and FIRST_TOKEN in r.timeline
     ]
+
+
+def outside_parts(records) -> dict[str, list[float]]:
+    """`outside_daemons` in three, per request with the front's marks (seconds): the front's
+    way in (headers in -> the decode daemon has the request), its way out (first token out ->
+    its chunk written), and the rest: the client's own time and the wire, both ways."""
+    parts: dict[str, list[float]] = {"front_in": [], "front_out": [], "client": []}
+    for r in records:
+        t = r.timeline or {}
+        if r.ttft_s is None or HTTP_IN not in t or FIRST_CHUNK not in t:
+            continue
+        parts["front_in"].append(-t[HTTP_IN])
+        parts["front_out"].append(t[FIRST_CHUNK] - t[FIRST_TOKEN])
+        parts["client"].append(r.ttft_s - (t[FIRST_CHUNK] - t[HTTP_IN]))
+    return parts
 
 
 def _in_order(lengths: dict, timelines: list[dict[str, float]]) -> dict:
@@ -78,7 +96,14 @@ def stage_table(points) -> str:
                 f"  {'outside the daemons':24}{outside.median:9.2f}{outside.p90:9.2f}"
                 "  (client TTFT less first_token_out: HTTP front and client)"
             )
+        parts = point.ttft_outside_parts_ms
+        if parts:
+            shown = ", ".join(f"{_PART_NAMES[k]} {v.median:.2f}" for k, v in parts.items())
+            lines.append(f"    of which, p50 ms: {shown}")
     return "\n".join(lines)
+
+
+_PART_NAMES = {"front_in": "front in", "front_out": "front out", "client": "client and wire"}
 
 
 def write_trace(result, path: str | Path) -> None:

@@ -102,6 +102,21 @@ def test_a_sweep_against_real_daemons(result_file):
         outside = [r["ttft_s"] - r["timeline"]["first_token_out"] for r in steady]
         assert point["ttft_outside_ms"]["median"] == pytest.approx(statistics.median(outside) * 1e3)
         assert min(outside) > 0  # the first token reaches the client after the daemon sent it
+        # ... split at the front's own marks: its headers in, before the daemon had it, and its
+        # first chunk written, after the daemon's first token out (one with more chunks to come)
+        assert "http_in" not in point["stages"]
+        assert all(r["timeline"]["http_in"] < 0 for r in steady)
+        marked = [r for r in steady if "first_chunk_sent" in r["timeline"]]
+        assert all(r["output_tokens"] > 1 for r in marked)
+        for r in marked:
+            t = r["timeline"]
+            # written after the daemon's first token, and read by the client after that: its
+            # TTFT spans the front's time from headers in to chunk out
+            assert t["first_token_out"] <= t["first_chunk_sent"]
+            assert t["first_chunk_sent"] - t["http_in"] < r["ttft_s"]
+        parts = point["ttft_outside_parts_ms"]
+        assert set(parts) == ({"front_in", "front_out", "client"} if marked else set())
+        assert all(part["median"] >= 0 for part in parts.values())
     assert set(result["idle_cpu_s_per_min"]) == {"prefill", "decode"}
     assert all(s >= 0 for s in result["idle_cpu_s_per_min"].values())
     lines = stdout.splitlines()
