@@ -44,6 +44,7 @@ from kvferry.daemon.server import http_front
 from kvferry.daemon.server.http_front import HTTPFront
 from kvferry.daemon.server.metrics import Metrics
 from kvferry.daemon.server.request import Answering, DecodeRequest, Requests
+from kvferry.transport.loop import GIL_SWITCH_S
 
 
 class Tokenizer:
@@ -213,6 +214,7 @@ def main() -> None:
     stacks = args.stacks.split(",")
     if not stacks or set(stacks) - set(STACKS):
         p.error(f"--stacks {args.stacks!r}: a comma-separated list of {', '.join(STACKS)}")
+    sys.setswitchinterval(GIL_SWITCH_S)  # as the daemon's process has it (daemon.serve)
     daemon = StandIn(args.step_ms / 1e3)
     runs = {}
     try:
