@@ -262,15 +262,27 @@ def _inside_outside_rows(variant: str, first: dict, last: dict) -> list[Row]:
                 detail=f"{inside[1]:.4g} vs {inside[0]:.4g} ms: received to first token "
                        "out")]  # fmt: skip
     if None not in outside:
+        parts = last.get("ttft_outside_parts_ms") or {}
+        split = "/".join(f"{parts[k]['median']:.2g}" for k in ("front_in", "front_out", "client")
+                         if k in parts)  # fmt: skip
+        split = f"; front in / front out / client and wire {split} ms" if len(parts) == 3 else ""
         rows.append(Row(f"{variant}: TTFT outside the daemons p50, c={last['value']:g}",
                         outside[1], None, " ms", higher_is_better=False,
                         detail=f"c={first['value']:g}: {outside[0]:.3g} ms; HTTP front and "
-                               "client"))  # fmt: skip
+                               f"client{split}"))  # fmt: skip
+    wave = last.get("first_wave_ttft_ms", {}).get("median")
+    if wave:
+        rows.append(Row(f"{variant}: TTFT p50 of c={last['value']:g}'s first wave", wave, None,
+                        " ms", higher_is_better=False,
+                        detail=f"{last['first_wave']} requests sent at once, left out of its "
+                               "latencies"))  # fmt: skip
     return rows
 
 
 def _inside_ms(point: dict) -> float | None:
-    """Median of the requests' received -> first token out, ms (None without timelines)."""
+    """Median of the requests' received -> first token out, ms (None without timelines), past
+    the point's first wave."""
+    wave = point.get("first_wave", 0)  # the burst its latencies leave out (kvferry bench)
     ends = [r["timeline"]["first_token_out"] for r in point.get("requests", [])
-            if (r.get("timeline") or {}).get("first_token_out")]  # fmt: skip
+            if r["index"] >= wave and (r.get("timeline") or {}).get("first_token_out")]  # fmt: skip
     return statistics.median(ends) * 1e3 if ends else None

@@ -230,3 +230,25 @@ def test_hetero_on_mps_has_its_own_scaling_row(tmp_path):
     assert rows["hetero: TTFT p50 c=32 / c=1"].verdict == "MISSED"
     mps = rows["hetero on MPS: TTFT p50 c=32 / c=1"]
     assert mps.value == 1.5 and mps.verdict == "met" and "24 vs 16 ms" in mps.detail
+
+
+def test_scaling_rows_leave_out_the_first_wave_and_split_what_is_outside():
+    def request(index, first_token_out):
+        return {"index": index, "timeline": {"first_token_out": first_token_out}}
+
+    low = {"value": 1, "ttft_ms": {"median": 10.0}, "itl_ms": {"median": 1.0},
+           "output_throughput": 100.0, "ttft_outside_ms": {"median": 1.5},
+           "requests": [request(i, 0.008) for i in range(4)]}  # fmt: skip
+    high = {**low, "value": 4, "ttft_ms": {"median": 20.0}, "ttft_outside_ms": {"median": 3.0},
+            "first_wave": 4, "first_wave_ttft_ms": {"median": 90.0},
+            "ttft_outside_parts_ms": {k: {"median": v} for k, v in
+                                      (("front_in", 0.5), ("front_out", 1.0), ("client", 1.5))},
+            # the first wave's own times (a burst) do not count: 16 ms inside, not 80
+            "requests": [request(i, 0.08 if i < 4 else 0.016) for i in range(8)]}  # fmt: skip
+    rows = {row.what: row for row in campaign_e2e.scaling_rows("hetero", {"points": [low, high]})}
+    assert rows["hetero: TTFT in the daemons p50 c=4 / c=1"].value == pytest.approx(2.0)
+    outside = rows["hetero: TTFT outside the daemons p50, c=4"]
+    assert outside.value == 3.0
+    assert "front in / front out / client and wire 0.5/1/1.5 ms" in outside.detail
+    wave = rows["hetero: TTFT p50 of c=4's first wave"]
+    assert wave.value == 90.0 and "4 requests sent at once" in wave.detail
