@@ -277,7 +277,7 @@ def first_wave(mode: str, value: float, records: list[RequestRecord]) -> int:
     """How many of a point's first requests its latency figures leave out: at a concurrency of
     c, the first c go out together, a burst of c prompts at once that no later request meets
     (each later one starts as another ends); where at least c follow them, the figures are of
-    those, the loop full. None at a request rate, whose arrivals are spread from the start."""
+    those, the loop full. Nothing is left out at a request rate, whose arrivals are spread."""
     wave = int(value) if mode == "concurrency" else 0
     return wave if wave > 1 and len(records) >= 2 * wave else 0
 
