@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 from campaign_rows import Row, read_json  # bench/ is on sys.path (a script)
 
+from kvferry.daemon.cli.bench.timeline import OUTSIDE_PARTS
 from kvferry.daemon.cli.mps import CONTROL as MPS_CONTROL
 from kvferry.transport.config import DEFAULT_STAGING_BYTES
 
@@ -262,10 +263,10 @@ def _inside_outside_rows(variant: str, first: dict, last: dict) -> list[Row]:
                 detail=f"{inside[1]:.4g} vs {inside[0]:.4g} ms: received to first token "
                        "out")]  # fmt: skip
     if None not in outside:
-        parts = last.get("ttft_outside_parts_ms") or {}
-        split = "/".join(f"{parts[k]['median']:.2g}" for k in ("front_in", "front_out", "client")
-                         if k in parts)  # fmt: skip
-        split = f"; front in / front out / client and wire {split} ms" if len(parts) == 3 else ""
+        parts, split = last.get("ttft_outside_parts_ms") or {}, ""
+        if parts.keys() == OUTSIDE_PARTS.keys():
+            values = "/".join(f"{parts[k]['median']:.2g}" for k in OUTSIDE_PARTS)
+            split = f"; {' / '.join(OUTSIDE_PARTS.values())} {values} ms"
         rows.append(Row(f"{variant}: TTFT outside the daemons p50, c={last['value']:g}",
                         outside[1], None, " ms", higher_is_better=False,
                         detail=f"c={first['value']:g}: {outside[0]:.3g} ms; HTTP front and "

@@ -13,6 +13,8 @@ FIRST_TOKEN = "first_token_out"
 # the HTTP front's own marks (completions.py): the request's headers in (before `received`, so
 # negative), and its first chunk written to the socket (after the first token out)
 HTTP_IN, FIRST_CHUNK = "http_in", "first_chunk_sent"
+# what lies outside the daemons, split at those marks (`outside_parts`): key -> its name shown
+OUTSIDE_PARTS = {"front_in": "front in", "front_out": "front out", "client": "client and wire"}
 
 
 def stage_shares(timelines: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -46,7 +48,7 @@ def outside_parts(records) -> dict[str, list[float]]:
     """`outside_daemons` in three, per request with the front's marks (seconds): the front's
     way in (headers in -> the decode daemon has the request), its way out (first token out ->
     its chunk written), and the rest: the client's own time and the wire, both ways."""
-    parts: dict[str, list[float]] = {"front_in": [], "front_out": [], "client": []}
+    parts: dict[str, list[float]] = {key: [] for key in OUTSIDE_PARTS}
     for r in records:
         t = r.timeline or {}
         if r.ttft_s is None or HTTP_IN not in t or FIRST_CHUNK not in t:
@@ -98,12 +100,9 @@ def stage_table(points) -> str:
             )
         parts = point.ttft_outside_parts_ms
         if parts:
-            shown = ", ".join(f"{_PART_NAMES[k]} {v.median:.2f}" for k, v in parts.items())
+            shown = ", ".join(f"{OUTSIDE_PARTS[k]} {v.median:.2f}" for k, v in parts.items())
             lines.append(f"    of which, p50 ms: {shown}")
     return "\n".join(lines)
-
-
-_PART_NAMES = {"front_in": "front in", "front_out": "front out", "client": "client and wire"}
 
 
 def write_trace(result, path: str | Path) -> None:
