@@ -11,7 +11,7 @@ The contract with the agents is their public methods only: `post` (to the loop t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -138,6 +138,10 @@ class KVReceiver:
         self.first_token: int | None = None  # sampled by prefill; set before Success shows
         self.marks: dict[str, float] = {}  # the room's timeline (timeline.py); set with Success
         self.kv_fence: Fence | None = None  # the last scatter of the room's KV; set with Success
+        # called on the transfer thread as the room succeeds, just before Success shows, with
+        # first_token, marks and kv_fence set (DecodeAgent.receiver)
+        self.on_success: Callable[[KVReceiver], None] | None = None
+        self.first_token_reported = False  # on_success sent the first token on (the engine's)
         self._rejected: Failure | None = None
 
     def poll(self) -> KVPoll:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 
 from kvferry.staging.kv_copy import KVPlanes, host_slots
 from kvferry.staging.layout import KVLayout, layer_groups
@@ -84,10 +85,19 @@ class DecodeAgent(TransferAgent):
         )  # fmt: skip
         self.core.loop.start()
 
-    def receiver(self, room: int, slots, bootstrap: str) -> KVReceiver:
+    def receiver(
+        self,
+        room: int,
+        slots,
+        bootstrap: str,
+        on_success: Callable[[KVReceiver], None] | None = None,
+    ) -> KVReceiver:
         """The engine's handle for room `room`: its prompt's KV goes to cache `slots` (one per
-        prompt token, on the host), from the prefill group behind `bootstrap`."""
+        prompt token, on the host), from the prefill group behind `bootstrap`. `on_success`:
+        called with the handle on this rank's transfer thread as the room succeeds, before
+        `poll` says so (its first token known): what it raises is logged, never the room's."""
         handle = KVReceiver(self, room, host_slots(slots).copy(), bootstrap)
+        handle.on_success = on_success
         self.planes.check_slice(handle.slots, 0, self.planes.num_heads)
         self.core.loop.post(lambda: self._open(handle))
         return handle
@@ -271,6 +281,11 @@ class DecodeAgent(TransferAgent):
             room.handle.first_token = next(iter(room.first_tokens.values()))
             room.handle.marks = dict(room.marks)
             room.handle.kv_fence = room.kv_fence
+            if room.handle.on_success is not None:
+                try:
+                    room.handle.on_success(room.handle)
+                except Exception as exc:  # the engine's to see; the room has its KV all the same
+                    self.core.contain(exc, f"room {room.room:#x}'s success callback")
             room.status.advance(KVPoll.Success)
             self.core.stats.rooms_succeeded += 1
             self._close(room)

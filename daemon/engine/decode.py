@@ -58,6 +58,10 @@ class DecodeEngine:
         self.reserved: list[int] = []  # rooms whose pages are held; drained by the caller
         self.samples = Samples()  # drained by the caller
         self._in_flight = None  # the queued step whose tokens are not taken in yet
+        # One rank alone (TP1) knows a room's first token is final as its KV lands: set, this
+        # takes it then, on the transfer thread, instead of the next step's admission
+        # (the worker sends it to the daemon at once; `_first_token_ready`).
+        self.report_first: Callable[[TokenOutput], None] | None = None
 
     @property
     def busy(self) -> bool:
@@ -194,7 +198,8 @@ class DecodeEngine:
             request = self.queued.popleft()
             blocks.allocate(seq.id, seq.num_prompt)
             slots = blocks.slots(seq.id, 0, seq.num_prompt)
-            request.receiver = self.agent.receiver(request.room, slots, request.bootstrap)
+            early = self._first_token_ready if self._reports_first else None
+            request.receiver = self.agent.receiver(request.room, slots, request.bootstrap, early)
             request.reserved_at = time.monotonic()
             self.arriving[request.room] = request
             self.reserved.append(request.room)
@@ -224,17 +229,34 @@ class DecodeEngine:
                 del self.draining[request.room]
                 self._release(request)
 
+    @property
+    def _reports_first(self) -> bool:
+        return self.report_first is not None and self.group.size == 1
+
+    def _first_token_ready(self, receiver: KVReceiver) -> None:
+        """On the transfer thread, as `receiver`'s room succeeds: its first token goes out now
+        rather than with the admission a step boundary later (at c=32 half a step, ~1 ms).
+        Its sequence takes the token at the admission, which then reports only a finish."""
+        marks = dict(receiver.marks)
+        self.report_first(TokenOutput(receiver.room, [receiver.first_token], marks=marks))
+        receiver.first_token_reported = True  # after the send: else the admission reports it
+
     def _admit(self, request: _Request) -> None:
         # the KV's last scatter may still be queued: every later forward runs after it
-        request.receiver.order_kv()
+        receiver = request.receiver
+        receiver.order_kv()
         seq = request.seq
         self.running[seq.id] = request
-        seq.append(request.receiver.first_token)
+        seq.append(receiver.first_token)
         request.emitted = 1
         finish = seq.finish_reason if seq.finished else None
-        marks = {**request.receiver.marks, "admitted": time.time()}
-        first_token = [request.receiver.first_token]
-        self.outputs.append(TokenOutput(request.room, first_token, finish, marks=marks))
+        if receiver.first_token_reported:
+            if finish is not None:
+                self.outputs.append(TokenOutput(request.room, [], finish))
+        else:
+            marks = {**receiver.marks, "admitted": time.time()}
+            first_token = [receiver.first_token]
+            self.outputs.append(TokenOutput(request.room, first_token, finish, marks=marks))
         if seq.finished:
             self._release(request)
         else:

@@ -6,7 +6,7 @@ streams a step fed, where a wake per stream would cost a write to the loop's pip
 it each. A stream's handler then takes everything that came for it since it last looked as one
 event (`TokenEvents.take`): one that fell behind catches up with one larger chunk instead of
 a chunk per step, so under load the front writes fewer chunks rather than falling further
-behind.
+behind. A stream's first event is handed over before the rest of its batch.
 """
 
 from __future__ import annotations
@@ -40,11 +40,20 @@ class Inbox:
                 self._loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
+        """Hand each event to its stream, those of streams that had none yet first: their
+        handlers then run first. At high concurrency a batch holds a chunk for each of dozens
+        of streams under way, and a new stream's first chunk (what its TTFT waits for) would
+        otherwise be written after a random share of them."""
         self._scheduled = False
         pending = self._pending
-        for _ in range(len(pending)):
-            events, item = pending.popleft()
+        batch = [pending.popleft() for _ in range(len(pending))]
+        batch.sort(key=_heard)  # stable: each stream's events keep their order
+        for events, item in batch:
             events.arrived(item)
+
+
+def _heard(entry: tuple[TokenEvents, Event]) -> bool:
+    return entry[0].heard
 
 
 def inbox_of(state) -> Inbox:
@@ -67,12 +76,14 @@ class TokenEvents:
         self._deadline = math.inf  # the timer's
         self._timer: asyncio.TimerHandle | None = None
         self._gone: asyncio.Future | None = None  # watched (its end wakes a wait)
+        self.heard = False  # an event has arrived
 
     def put(self, item: Event) -> None:
         self._inbox.put(self, item)
 
     def arrived(self, item: Event) -> None:
         """On the loop: `item` is here."""
+        self.heard = True
         self._items.append(item)
         self._wake()
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from multiprocessing.connection import wait
 
@@ -20,6 +21,7 @@ import torch.distributed as dist
 
 from kvferry.daemon.engine.builder import EngineSettings, build_engine
 from kvferry.daemon.engine.group import TPGroup
+from kvferry.daemon.engine.outputs import StepOutput, TokenOutput
 from kvferry.daemon.model.llama import Model
 from kvferry.daemon.model.tokenizer import load_tokenizer
 from kvferry.daemon.model.weights import full_weights, random_weights
@@ -74,8 +76,8 @@ def worker_main(
         raise SystemExit(1) from None
     except Exception as exc:
         log.exception("rank %d failed", rank)
-        with contextlib.suppress(OSError):
-            conn.send(protocol.Fatal(rank, f"rank {rank} failed: {type(exc).__name__}: {exc}"))
+        with contextlib.suppress(OSError):  # through the lock: the transfer thread still runs
+            worker.send(protocol.Fatal(rank, f"rank {rank} failed: {type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
     finally:
         worker.close()
@@ -103,6 +105,10 @@ class Worker:
         self.group = join_group(config, rank, dist_address, self.device, links)
         self.engine = _build_engine(config, rank, self.device, self.group, bootstrap, (token, keys))
         self.agent = self.engine.agent
+        # the transfer thread sends too (a TP1 decode rank's first tokens): one message at a time
+        self._sending = threading.Lock()
+        if config.role == "decode" and self.group.size == 1:
+            self.engine.report_first = self._send_first_token
         # Rank 0 sleeps until a command comes, a room of any rank changes state (its own bell,
         # and the other ranks' rings on the group's pipe) or the next snapshot is due.
         self._woken, wake = bell
@@ -184,18 +190,28 @@ class Worker:
         for room in self.engine.live_rooms():
             self.engine.abort(room, Failure(FailureKind.UNAVAILABLE, reason))
 
+    def send(self, message) -> None:
+        """Send `message` to the daemon, from any of the rank's threads."""
+        with self._sending:
+            self.conn.send(message)
+
+    def _send_first_token(self, output: TokenOutput) -> None:
+        """A room's first token, from the transfer thread as the room succeeds: the daemon's
+        reader takes every message as it comes, so the pipe has room for it."""
+        self.send(StepOutput(outputs=[output]))
+
     def _send_progress(self) -> None:
         """Hand the daemon what the engine has for it (tokens, reservations, finished rooms)."""
         progress = self.engine.take_output()
         if self.group.leader and (progress.outputs or progress.reserved or progress.done):
-            self.conn.send(progress)
+            self.send(progress)
 
     def _report(self) -> None:
         self._send_progress()
         now = time.monotonic()
         if now >= self._next_snapshot:
             self._next_snapshot = now + SNAPSHOT_S
-            self.conn.send(self._snapshot())
+            self.send(self._snapshot())
 
     def _snapshot(self) -> protocol.Snapshot:
         engine, agent = self.engine, self.agent.stats()

@@ -69,3 +69,32 @@ def test_a_take_ends_with_none_once_the_client_has_left():
         return await events.take(float("inf"), gone)
 
     assert asyncio.run(run()) is None
+
+
+def test_a_streams_first_event_is_handed_over_before_those_of_streams_under_way():
+    async def run():
+        inbox = Inbox(asyncio.get_running_loop())
+        old, new = TokenEvents(inbox), TokenEvents(inbox)
+        old.put(([1], None))
+        await old.take(time.monotonic() + 5.0)  # under way
+        order = []
+        for events, name in ((old, "old"), (new, "new")):
+            arrived = events.arrived
+            events.arrived = lambda item, arrived=arrived, name=name: (
+                order.append((name, item)),
+                arrived(item),
+            )
+        old.put(([2], None))
+        new.put(([10], None))
+        new.put(([11], None))
+        old.put(([3], "length"))
+        return order, await new.take(time.monotonic() + 5.0), await old.take(time.monotonic() + 5.0)
+
+    order, new_taken, old_taken = asyncio.run(run())
+    assert order == [
+        ("new", ([10], None)),
+        ("new", ([11], None)),
+        ("old", ([2], None)),
+        ("old", ([3], "length")),
+    ]
+    assert new_taken == ([10, 11], None) and old_taken == ([2, 3], "length")
