@@ -35,8 +35,9 @@ def test_receives_posted_ahead_of_their_messages(procs, ahead, staging_bytes):
         assert posted_ahead == 0
     elif staging_bytes is None:
         assert posted_ahead == received == 2 * -(-50 // 16) * 2  # rooms x chunks x writers
-    else:  # 6 KiB of a 12 KiB ring: some of each room's messages, not all
-        assert 0 < posted_ahead < received
+    else:  # 6 KiB of a 12 KiB ring: some of a room's messages as it registers, the others
+        # as the ring frees, unless they came first (then by probe)
+        assert 0 < posted_ahead <= received
 
 
 def test_receives_posted_ahead_give_way_when_the_ring_fills(procs):
