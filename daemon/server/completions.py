@@ -260,11 +260,13 @@ class _Answer:
                         del chunk["usage"]
                     else:  # kvferry's own: where this request's time went (timeline.py)
                         chunk["timeline"] = self.request.timeline()
+                    if finish is None and "first_chunk_sent" not in self.request.marks:
+                        # as it goes to the socket (the write does not wait), not after: a
+                        # client on another core may read it before this task resumes
+                        self.request.marks["first_chunk_sent"] = time.time()
                     yield _event(chunk)
                     if finish is not None:
                         break
-                    if "first_chunk_sent" not in self.request.marks:  # written: resumed after
-                        self.request.marks["first_chunk_sent"] = time.time()
                 if self.usage_chunk:
                     usage = self._chunk("", [], None)
                     yield _event({**usage, "choices": []})

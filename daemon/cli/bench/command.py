@@ -8,8 +8,9 @@ import click
 import msgspec
 
 from kvferry.daemon.cli.api_key import api_key_option, client_api_key
+from kvferry.daemon.cli.bench.lines import first_wave_lines, rss_lines
 from kvferry.daemon.cli.bench.plot import plot, plot_results, read_result
-from kvferry.daemon.cli.bench.report import first_wave_lines, rss_lines, table
+from kvferry.daemon.cli.bench.report import table
 from kvferry.daemon.cli.bench.run import BenchSpec, run_bench, run_deployment, write_result
 from kvferry.daemon.cli.bench.timeline import stage_table, write_trace
 from kvferry.daemon.cli.bench.workload import BenchError

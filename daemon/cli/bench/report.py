@@ -45,6 +45,7 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
 
     kv_bytes: float = 0.0  # KV bytes received (decode)
     messages: float = 0.0  # data-plane messages received (decode)
+    receives_ahead: float = 0.0  # of which taken by receives posted before they came (decode)
     ring_high_water_bytes: float = 0.0  # the most of any one ring, ever: a maximum, not a sum
     transfer_failures: dict[str, float] = msgspec.field(default_factory=dict)  # by kind
     transfer_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # by role
@@ -73,6 +74,7 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
             self,
             kv_bytes=self.kv_bytes - before.kv_bytes,
             messages=self.messages - before.messages,
+            receives_ahead=self.receives_ahead - before.receives_ahead,
             **{name: _grown(getattr(self, name), getattr(before, name)) for name in _KEYED},
         )
 
@@ -160,6 +162,8 @@ class Point(msgspec.Struct, kw_only=True):
     kv_bytes: float
     kv_gbps: float
     messages_per_request: float
+    # decode data receives posted before their messages came, per message received
+    ahead_per_message: float = 0.0
     ring_high_water_bytes: float
     transfer_failures: dict[str, float]
     requests: list[RequestRecord]
@@ -250,6 +254,7 @@ def summarize(
         kv_bytes=moved.kv_bytes,
         kv_gbps=moved.kv_bytes * per_s / 1e9,
         messages_per_request=moved.messages / len(records) if records else 0.0,
+        ahead_per_message=moved.receives_ahead / moved.messages if moved.messages else 0.0,
         ring_high_water_bytes=moved.ring_high_water_bytes,
         transfer_failures=moved.transfer_failures,
         requests=records,
@@ -291,7 +296,8 @@ HEADER = [
     ("", "point"), ("", "ok"), ("", "fail"), ("", "reset"), ("", "s"), ("", "req/s"),
     ("", "out tok/s"), ("", "tot tok/s"),
     *[(group, name) for group in ("TTFT ms", "ITL ms", "E2E ms") for name, _ in _LATENCY_COLUMNS],
-    ("KV", "MiB"), ("KV", "GB/s"), ("KV", "msg/req"), ("KV", "ring MiB"), ("KV", "xfer fail"),
+    ("KV", "MiB"), ("KV", "GB/s"), ("KV", "msg/req"), ("KV", "ahead/msg"), ("KV", "ring MiB"),
+    ("KV", "xfer fail"),
     ("ctl CPU us/req", "P"), ("ctl CPU us/req", "D"), ("", "peak GiB"),
 ]  # fmt: skip
 
@@ -306,41 +312,14 @@ def _row(p: Point) -> list[str]:
     cells += [f"{p.request_throughput:.2f}", f"{p.output_throughput:.1f}"]
     cells.append(f"{p.total_token_throughput:.1f}")
     for lat in (p.ttft_ms, p.itl_ms, p.e2e_ms):
-        cells += [_num(getattr(lat, field)) for _, field in _LATENCY_COLUMNS]
+        cells += [num(getattr(lat, field)) for _, field in _LATENCY_COLUMNS]
     cells += [f"{p.kv_bytes / 2**20:.2f}", f"{p.kv_gbps:.3f}", f"{p.messages_per_request:.1f}"]
+    cells.append(f"{p.ahead_per_message:.2f}")
     cells += [f"{p.ring_high_water_bytes / 2**20:.2f}", f"{sum(p.transfer_failures.values()):g}"]
-    cells += [_num(p.control_cpu_us.get(role)) for role in ("prefill", "decode")]
+    cells += [num(p.control_cpu_us.get(role)) for role in ("prefill", "decode")]
     cells.append(f"{p.memory_peak_bytes / 2**30:.2f}" if p.memory_peak_bytes else "-")
     return cells
 
 
-def first_wave_lines(points: list[Point]) -> list[str]:
-    """Per point whose first wave the latency figures leave out: its size and TTFT."""
-    return [
-        f"{point_name(p.mode, p.value)}: the first {p.first_wave} requests, sent at once, are left "
-        f"out of the latencies above; their TTFT p50 {_num(p.first_wave_ttft_ms.median)} ms, "
-        f"p90 {_num(p.first_wave_ttft_ms.p90)} ms"
-        for p in points
-        if p.first_wave
-    ]
-
-
-def rss_lines(points: list[Point]) -> list[str]:
-    """Per point with RSS figures: each daemon's process RSS before -> after, in MiB."""
-    lines = []
-    for p in points:
-        names = sorted(p.rss_before_bytes.keys() | p.rss_after_bytes.keys())
-        if not names:
-            continue
-        before, after = p.rss_before_bytes, p.rss_after_bytes
-        shown = [f"{n} {_mib(before.get(n))} -> {_mib(after.get(n))}" for n in names]
-        lines.append(f"daemons' RSS MiB, {point_name(p.mode, p.value)}: {', '.join(shown)}")
-    return lines
-
-
-def _mib(value: float | None) -> str:
-    return "?" if value is None else f"{value / 2**20:.1f}"
-
-
-def _num(value: float | None) -> str:
+def num(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"

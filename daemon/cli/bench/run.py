@@ -105,7 +105,11 @@ class Result(msgspec.Struct, kw_only=True):
     idle_cpu_s_per_min: dict[str, float] = msgspec.field(default_factory=dict)
 
 
-_SUMS = {"kvferry_kv_bytes_received": "kv_bytes", "kvferry_ucx_messages_received": "messages"}
+_SUMS = {
+    "kvferry_kv_bytes_received": "kv_bytes",
+    "kvferry_ucx_messages_received": "messages",
+    "kvferry_receives_posted_ahead": "receives_ahead",
+}
 _BY_ROLE = {
     "kvferry_transfer_cpu_seconds": "transfer_cpu_s",
     "kvferry_engine_cpu_seconds": "engine_cpu_s",

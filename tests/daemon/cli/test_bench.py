@@ -11,13 +11,12 @@ import pytest
 
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
 from kvferry.daemon.cli.bench.columns import format_table
+from kvferry.daemon.cli.bench.lines import first_wave_lines, rss_lines
 from kvferry.daemon.cli.bench.report import (
     Counters,
     RequestRecord,
-    first_wave_lines,
     latency,
     percentile,
-    rss_lines,
     summarize,
     table,
 )
@@ -151,7 +150,7 @@ def test_a_point_counts_ok_and_failed_requests():
         _record(3, tokens=0, ttft=None, error="HTTP 504: timeout: after 5s", kind="timeout"),
         _record(4, tokens=0, ttft=None, error="connection refused", kind="unreachable"),
     ]
-    moved = Counters(kv_bytes=3e9, messages=20, ring_high_water_bytes=4096)
+    moved = Counters(kv_bytes=3e9, messages=20, receives_ahead=15, ring_high_water_bytes=4096)
     point = summarize("concurrency", 4, records, duration_s=2.0, moved=moved)
     # failures group by kind, whatever their texts say
     assert (point.ok, point.failed, point.failures) == (2, 3, {"timeout": 2, "unreachable": 1})
@@ -160,6 +159,10 @@ def test_a_point_counts_ok_and_failed_requests():
     assert point.total_token_throughput == 13.0
     assert point.itl_ms.mean == pytest.approx(100.0)  # (0.5 - 0.1) / 4; one token has no gap
     assert (point.kv_gbps, point.messages_per_request) == (1.5, 4.0)
+    assert point.ahead_per_message == 0.75
+    names, row = table([point]).splitlines()[1:]
+    at = names.index("ahead/msg") + len("ahead/msg")  # right-aligned under its name
+    assert row[:at].split()[-1] == "0.75"
 
 
 def test_the_first_wave_of_a_concurrency_point_is_kept_out_of_its_latencies():
@@ -187,6 +190,7 @@ def test_counters_since_keep_the_gauges_and_count_what_grew():
     before = Counters(
         kv_bytes=10,
         messages=2,
+        receives_ahead=1,
         ring_high_water_bytes=5,
         transfer_failures={"a": 1},
         transfer_cpu_s={"prefill": 1.0, "decode": 2.0},
@@ -198,6 +202,7 @@ def test_counters_since_keep_the_gauges_and_count_what_grew():
     after = Counters(
         kv_bytes=30,
         messages=5,
+        receives_ahead=3,
         ring_high_water_bytes=8,
         transfer_failures={"a": 1, "timeout": 2},
         transfer_cpu_s={"prefill": 1.5, "decode": 2.0004},
@@ -208,6 +213,7 @@ def test_counters_since_keep_the_gauges_and_count_what_grew():
     )
     moved = after.since(before)
     assert (moved.kv_bytes, moved.messages, moved.ring_high_water_bytes) == (20, 3, 8)
+    assert moved.receives_ahead == 2
     assert moved.transfer_failures == {"timeout": 2} and moved.memory_peak_bytes == 9
     assert moved.control_cpu_us() == pytest.approx({"prefill": 50_000, "decode": 100})
     assert moved.ring_waits == {"prefill": 3, "decode": 2}

@@ -88,10 +88,14 @@ def test_a_sweep_against_real_daemons(result_file):
             assert set(rss) == {"prefill-0", "decode-0"} and min(rss.values()) > 2**20
     for point in result["points"]:  # where TTFT went: the stages of both daemons, in order
         stages = list(point["stages"])
-        for stage in ("reserved", "prefill_sent", "scatter_queued", "kv_ready", "admitted"):
+        last = "first_token_out"
+        for stage in ("reserved", "prefill_sent", "scatter_queued", "kv_ready", last):
             assert stage in stages, (stage, stages)
-        assert stages.index("reserved") < stages.index("prefill_sent") < stages.index("admitted")
-        assert stages.index("scatter_queued") < stages.index("kv_ready") < stages.index("admitted")
+        assert stages.index("reserved") < stages.index("prefill_sent") < stages.index(last)
+        assert stages.index("scatter_queued") < stages.index("kv_ready") < stages.index(last)
+        # a decode daemon of one rank sends the first token as the room succeeds, not with the
+        # admission at the next step boundary
+        assert "admitted" not in stages
         assert all(0 <= s["p50"] <= s["p90"] <= 1 for s in point["stages"].values())
         timelines = [r["timeline"] for r in point["requests"]]
         assert all(t["received"] == 0 and t["done"] >= t["first_token_out"] for t in timelines)
@@ -110,8 +114,8 @@ def test_a_sweep_against_real_daemons(result_file):
         assert all(r["output_tokens"] > 1 for r in marked)
         for r in marked:
             t = r["timeline"]
-            # written after the daemon's first token, and read by the client after that: its
-            # TTFT spans the front's time from headers in to chunk out
+            # handed to the socket after the daemon's first token, and read by the client after
+            # that: its TTFT spans the front's time from headers in to chunk out
             assert t["first_token_out"] <= t["first_chunk_sent"]
             assert t["first_chunk_sent"] - t["http_in"] < r["ttft_s"]
         parts = point["ttft_outside_parts_ms"]
