@@ -12,16 +12,13 @@ messages get theirs as the room registers (`post_ahead`), its TransferDone notes
 takes each message in as it arrives and its completion launches the scatter. Each completion
 wakes the thread as it comes, not once for the room (a group of the data plane): what it takes
 in while later messages travel is then off the path to the room's end, which measured 0.13-0.16
-ms shorter that way (docs/benchmarks.md). Data only while the ring stays at most half full: a
-room's messages that do not fit then are posted as the ring frees, rooms in the order they
-registered (the order their prompts reach prefill), so that under load the rooms next in line,
-not only those that found the ring empty, take their data with no turn on the way. The ring
-is reclaimed oldest first, so a region held for a message still to come holds back the reuse
-of every later one; and that message may itself wait for the prefill rank's ring, full of
-messages for this one. So a message that finds the ring full revokes every receive posted
-ahead whose message has not begun to arrive (each is cancelled, its region given back, its
-message probed once it comes), and none is posted ahead until the ring has room again: the
-rooms registered before then take the rest of their messages by probe.
+ms shorter that way (docs/benchmarks.md). Data only while the ring stays at most half full;
+the rest come by probe. The ring is reclaimed oldest first, so a region held for a
+message still to come holds back the reuse of every later one; and that message may itself
+wait for the prefill rank's ring, full of messages for this one. So a message that finds the
+ring full revokes every receive posted ahead whose message has not begun to arrive (each is
+cancelled, its region given back, its message probed once it comes), and none is posted ahead
+until the ring has room again.
 
 Every stage is polled, oldest first; nothing waits on the host. A message that finds the ring
 full stays queued (later ones behind it) for at most ring_wait_timeout_s, then fails its room.
@@ -42,13 +39,14 @@ from kvferry.transport.dataplane import failure
 from kvferry.transport.done_notes import DoneNotes
 from kvferry.transport.failure import Failure, ring_full
 from kvferry.transport.messages import TransferDone
-from kvferry.transport.recv_ahead import DueRooms
 from kvferry.transport.recv_room import Arrival, Piece, RecvRoom
 from kvferry.transport.room import KVPoll
-from kvferry.transport.tags import DONE_PIECE, unpack_tag
+from kvferry.transport.tags import DONE_PIECE, pack_tag, unpack_tag
 from kvferry.transport.timeline import first, last
 
 PROBES_PER_TURN = 256  # bounds one turn of the loop when many messages are waiting
+# receives are posted ahead of their messages only while the ring is at most 1/AHEAD_SHARE full
+AHEAD_SHARE = 2
 
 
 class RecvPipeline:
@@ -71,8 +69,6 @@ class RecvPipeline:
         self._scattering: deque[Arrival] = deque()  # scatters queued, in stream order
         self._discards: deque = deque()  # discards of unwanted messages not yet done
         self._revoked = 0  # receives revoked (cancelled, the ring full) and not yet settled
-        # rooms with data messages to post ahead when the ring frees
-        self._due = DueRooms(core.staging, planes, self._expect, self._room_failed)
         self._ring_blocked_since: float | None = None
         # the data plane launches each scatter as its receive completes (native receives)
         self._chains = core.data.chains_copies and self.mode.chains
@@ -89,18 +85,24 @@ class RecvPipeline:
     def post_ahead(self, room: RecvRoom, now: float) -> None:
         """As `room` registers: post its notes' receives, and its data's where messages are of
         one chunk (a decode rank that takes several in one message cannot know their sizes
-        before) while the ring stays at most 1/AHEAD_SHARE full, after those of rooms that
-        registered before it; the rest as the ring frees (recv_ahead.py). Not as a group of the
-        data plane: each completion is taken as it comes (see the module's docstring)."""
+        before) while the ring stays at most 1/AHEAD_SHARE full. Not as a group of the data
+        plane: each completion is taken as it comes (see the module's docstring)."""
         if not self._posts_ahead:
             return
         self._notes.expect(room)
-        if not (room.max_message_bytes or self._ring_blocked_since is not None):
-            self._due.add(room)
-            self._due.post(now)
+        if room.max_message_bytes or self._ring_blocked_since is not None:
+            return
+        ring = self.core.staging.ring
+        limit = ring.capacity // AHEAD_SHARE
+        for piece, writer, piece_of, nbytes in room.messages(self.planes):
+            if ring.used_bytes + nbytes > limit:
+                return
+            arrival = Arrival(room, piece_of)
+            if not self._expect(arrival, pack_tag(room.key, piece, writer), nbytes, now):
+                return
 
     def _expect(self, arrival: Arrival, tag: int, nbytes: int, now: float) -> bool:
-        """Post the receive of `arrival`'s message (`tag`, `nbytes`) ahead; False if none was."""
+        """Post the receive of `arrival`'s message (`tag`, `nbytes`); False if none was."""
         if not self.mode.land(arrival, nbytes):
             return False
         arrival.room.take(arrival.piece)
@@ -119,9 +121,6 @@ class RecvPipeline:
         self._receiving.append(arrival)
         self.core.stats.receives_ahead += 1
         return True
-
-    def _room_failed(self, room: RecvRoom, exc: Exception) -> None:
-        self._fail_room(room, self.core.contain(exc, f"room {room.room:#x}"))
 
     def _unpost(self, arrival: Arrival) -> None:
         """Undo what went before a receive not posted after all, or revoked before its message."""
@@ -159,8 +158,6 @@ class RecvPipeline:
         self._notes.finish()
         self._finish_receives()
         self._finish_scatters()
-        if self._ring_blocked_since is None:
-            self._due.post(now)  # into the regions given back
         if self._ring_blocked_since is not None:
             # the scatters that free ring room now have a waiter: asked for after the receives'
             # completions are taken, so that it covers the scatters their completions launched
@@ -272,7 +269,6 @@ class RecvPipeline:
     def _ring_full(self, room: RecvRoom, now: float) -> bool:
         if self._ring_blocked_since is None:
             self.cancel_ahead()  # their regions may be what holds the ring
-            self._due.clear()  # their rooms' messages come by probe now
             self._ring_blocked_since = now
             self.core.stats.ring_waits += 1
         elif now - self._ring_blocked_since > self.config.ring_wait_timeout_s:
