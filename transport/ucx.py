@@ -74,7 +74,7 @@ class UcxDataPlane(DataPlane):
         (TransferConfig.native_ucx), which on a GPU launches each scatter from its receive's
         completion; ucxx's API if it cannot be built here (logged)."""
         super().__init__()
-        self._ucx = load_ucxx(tls, host, ports)
+        self._ucx = load_ucxx(tls, host, ports, gpu=cuda_device is not None)
         self._cuda_device = cuda_device
         self.on_loop_start()  # the creating thread too: UCX sets up its CUDA transports here
         self._context = self._ucx.UCXContext(
