@@ -59,8 +59,8 @@ class DecodeEngine:
         self.samples = Samples()  # drained by the caller
         self._in_flight = None  # the queued step whose tokens are not taken in yet
         # One rank alone (TP1) knows a room's first token is final as its KV lands: set, this
-        # takes it then, on the transfer thread, instead of the next step's admission
-        # (the worker sends it to the daemon at once; `_first_token_ready`).
+        # takes it then, on the transfer thread, instead of the next step's admission (the
+        # worker sends it to the daemon at once; `_first_token_ready`); unused with several.
         self.report_first: Callable[[TokenOutput], None] | None = None
 
     @property

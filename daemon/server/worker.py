@@ -107,7 +107,7 @@ class Worker:
         self.agent = self.engine.agent
         # the transfer thread sends too (a TP1 decode rank's first tokens): one message at a time
         self._sending = threading.Lock()
-        if config.role == "decode" and self.group.size == 1:
+        if config.role == "decode":  # taken by an engine alone on its group (TP1)
             self.engine.report_first = self._send_first_token
         # Rank 0 sleeps until a command comes, a room of any rank changes state (its own bell,
         # and the other ranks' rings on the group's pipe) or the next snapshot is due.
