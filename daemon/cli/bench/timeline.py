@@ -11,7 +11,7 @@ from pathlib import Path
 
 FIRST_TOKEN = "first_token_out"
 # the HTTP front's own marks (completions.py): the request's headers in (before `received`, so
-# negative), and its first chunk written to the socket (after the first token out)
+# negative), and its first chunk handed to the socket (after the first token out)
 HTTP_IN, FIRST_CHUNK = "http_in", "first_chunk_sent"
 # what lies outside the daemons, split at those marks (`outside_parts`): key -> its name shown
 OUTSIDE_PARTS = {"front_in": "front in", "front_out": "front out", "client": "client and wire"}
@@ -47,7 +47,7 @@ def outside_daemons(records) -> list[float]:
 def outside_parts(records) -> dict[str, list[float]]:
     """`outside_daemons` in three, per request with the front's marks (seconds): the front's
     way in (headers in -> the decode daemon has the request), its way out (first token out ->
-    its chunk written), and the rest: the client's own time and the wire, both ways."""
+    its chunk handed to the socket), and the rest: the client's own time and the wire, both ways."""
     parts: dict[str, list[float]] = {key: [] for key in OUTSIDE_PARTS}
     for r in records:
         t = r.timeline or {}
