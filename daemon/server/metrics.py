@@ -24,6 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from kvferry.daemon.server.heap import GCPauses
 from kvferry.daemon.server.metric_families import BOOTSTRAP, COUNTERS, GAUGES, LIMITS
 from kvferry.daemon.server.protocol import Snapshot
 from kvferry.transport.failure import Failure
@@ -36,6 +37,7 @@ disable_created_metrics()
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _STEP = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_GC = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
 class Metrics:
@@ -81,6 +83,15 @@ class Metrics:
         self.failures = Counter(
             "kvferry_request_failures", "Failed requests, by kind", ["kind"], registry=r
         )
+        self.gc_pause = Histogram(
+            "kvferry_gc_pause_seconds",
+            "Garbage collector passes (every thread of the process waits), by process (daemon, "
+            "rank0, ...) and generation (2: a full pass)",
+            ["process", "generation"],
+            buckets=_GC,
+            registry=r,
+        )
+        self.gc = GCPauses()  # the daemon process's own passes (timed once it serves)
         self.in_flight = Gauge("kvferry_requests_in_flight", "Requests in flight", registry=r)
         self.http_internal_errors = Counter(
             "kvferry_http_internal_errors",
@@ -125,6 +136,12 @@ class Metrics:
             self.forward.observe(seconds)
         for seconds in snapshot.transfer_s:
             self.transfer.observe(seconds)
+        self._observe_gc(f"rank{snapshot.rank}", snapshot.gc_pauses)
+        self._observe_gc("daemon", self.gc.take())
+
+    def _observe_gc(self, process: str, pauses: list[tuple[int, float]]) -> None:
+        for generation, seconds in pauses:
+            self.gc_pause.labels(process, str(generation)).observe(seconds)
 
     def count_bootstrap(self, counters: Callable[[], dict[str, int]]) -> None:
         """Export the bootstrap server's counters (`BootstrapServer.counters`), read at scrape
@@ -160,6 +177,7 @@ class Metrics:
             return [self._snapshots[r] for r in sorted(self._snapshots)]
 
     def render(self) -> bytes:
+        self._observe_gc("daemon", self.gc.take())
         return generate_latest(self.registry)
 
 

@@ -102,3 +102,4 @@ class Snapshot:
     receives_ahead: int = 0  # decode: data receives posted before their messages came
     graph_forwards: int = 0  # forwards run as CUDA graph replays (engine.cuda_graphs)
     native_data_path: int = 0  # 1: data messages go through transport/native.py, 0: ucxx's API
+    gc_pauses: list[tuple[int, float]] = field(default_factory=list)  # (generation, s) since last

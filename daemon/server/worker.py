@@ -27,6 +27,7 @@ from kvferry.daemon.model.tokenizer import load_tokenizer
 from kvferry.daemon.model.weights import full_weights, random_weights
 from kvferry.daemon.server import protocol
 from kvferry.daemon.server.config import DaemonConfig
+from kvferry.daemon.server.heap import GCPauses, freeze
 from kvferry.daemon.server.model_fit import transfer_for
 from kvferry.daemon.server.rank_setup import join_group, model_all_reduce, rank_device
 from kvferry.transport.bell import drain
@@ -68,6 +69,7 @@ def worker_main(
         log.exception("rank %d failed to start", rank)
         conn.send(protocol.Fatal(rank, f"rank {rank} failed to start: {exc}"))
         raise SystemExit(1) from None
+    freeze(f"rank {rank}", worker.gc_pauses)  # its model, engine, graphs: out of every pass
     conn.send(protocol.RankReady(rank))
     try:
         worker.run()
@@ -118,6 +120,7 @@ class Worker:
             self.agent.bell.forward_to(wake.fileno())
             self._wake = wake  # keeps the pipe open
         self._next_snapshot = 0.0
+        self.gc_pauses = GCPauses()  # timed once the rank is ready (worker_main)
 
     def run(self) -> None:
         stop_at = None
@@ -256,6 +259,7 @@ class Worker:
             limit_refusals=agent.limit_refusals,
             native_data_path=int(agent.native_data_path),
             pid=os.getpid(),
+            gc_pauses=self.gc_pauses.take(),
         )
 
 

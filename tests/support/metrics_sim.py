@@ -91,6 +91,7 @@ def decode_snapshots() -> list[Snapshot]:
             rooms={**snapshot(0).rooms, "Transferring": 2},
             forward_s=[0.01, 0.02],
             transfer_s=[0.3],
+            gc_pauses=[(2, 0.03), (0, 0.0002), (0, 0.0004)],
         ),
         snapshot(
             1,

@@ -8,7 +8,7 @@ import click
 import msgspec
 
 from kvferry.daemon.cli.api_key import api_key_option, client_api_key
-from kvferry.daemon.cli.bench.lines import first_wave_lines, rss_lines
+from kvferry.daemon.cli.bench.lines import first_wave_lines, gc_lines, rss_lines
 from kvferry.daemon.cli.bench.plot import plot, plot_results, read_result
 from kvferry.daemon.cli.bench.report import table
 from kvferry.daemon.cli.bench.run import BenchSpec, run_bench, run_deployment, write_result
@@ -159,7 +159,7 @@ def bench(
         click.echo(stages)
     for line in first_wave_lines(result.points):
         click.echo(line)
-    for line in rss_lines(result.points):
+    for line in [*rss_lines(result.points), *gc_lines(result.points)]:
         click.echo(line)
     if trace_path is not None:
         write_trace(result, trace_path)

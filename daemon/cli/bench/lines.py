@@ -1,5 +1,5 @@
-"""The lines `kvferry bench` prints under its table: each point's first wave and the daemons'
-memory."""
+"""The lines `kvferry bench` prints under its table: each point's first wave, the daemons'
+memory and their garbage collector's pauses."""
 
 from __future__ import annotations
 
@@ -27,6 +27,21 @@ def rss_lines(points: list[Point]) -> list[str]:
         before, after = p.rss_before_bytes, p.rss_after_bytes
         shown = [f"{n} {_mib(before.get(n))} -> {_mib(after.get(n))}" for n in names]
         lines.append(f"daemons' RSS MiB, {point_name(p.mode, p.value)}: {', '.join(shown)}")
+    return lines
+
+
+def gc_lines(points: list[Point]) -> list[str]:
+    """Per point where a process paused for its garbage collector: ms in all and full passes,
+    by daemon and process (every thread of a process waits while it collects)."""
+    lines = []
+    for p in points:
+        paused = sorted(p.gc_pause_ms.items(), key=lambda item: -item[1])
+        if paused:
+            shown = [f"{w} {ms:.1f} ({p.gc_full_passes.get(w, 0):.0f})" for w, ms in paused]
+            lines.append(
+                f"GC pauses, {point_name(p.mode, p.value)}, ms in all (full passes): "
+                + ", ".join(shown)
+            )
     return lines
 
 

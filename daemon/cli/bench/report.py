@@ -67,6 +67,10 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     ring_capacity_bytes: float = 0.0
     # resident memory of each daemon's own process (not its ranks'), by daemon name: a gauge
     rss_bytes: dict[str, float] = msgspec.field(default_factory=dict)
+    # the garbage collector's passes, by "<daemon> <process>" (daemon, rank0, ...): seconds of
+    # all of them, and how many were full passes
+    gc_pause_s: dict[str, float] = msgspec.field(default_factory=dict)
+    gc_full_passes: dict[str, float] = msgspec.field(default_factory=dict)
 
     def since(self, before: Counters) -> Counters:
         """What changed after `before`; the byte gauges stay as they are now."""
@@ -129,6 +133,8 @@ _KEYED = (
     "ucx_cpu_s",
     "ring_waits",
     "ring_wait_s",
+    "gc_pause_s",
+    "gc_full_passes",
 )
 
 
@@ -193,6 +199,9 @@ class Point(msgspec.Struct, kw_only=True):
     # each scraped daemon's process RSS before and after the measured requests
     rss_before_bytes: dict[str, float] = msgspec.field(default_factory=dict)
     rss_after_bytes: dict[str, float] = msgspec.field(default_factory=dict)
+    # the garbage collector's passes meanwhile, by "<daemon> <process>": ms in all, full passes
+    gc_pause_ms: dict[str, float] = msgspec.field(default_factory=dict)
+    gc_full_passes: dict[str, float] = msgspec.field(default_factory=dict)
 
     @property
     def resets(self) -> int:
@@ -275,6 +284,8 @@ def summarize(
         first_wave_ttft_ms=latency(burst),
         rss_before_bytes=rss_before or {},
         rss_after_bytes=moved.rss_bytes,
+        gc_pause_ms={where: s * 1e3 for where, s in moved.gc_pause_s.items()},
+        gc_full_passes=moved.gc_full_passes,
     )
 
 

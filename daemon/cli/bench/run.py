@@ -143,6 +143,7 @@ def scrape(urls: Sequence[str], timeout: float = 10.0, settle: bool = True) -> C
     )
     by_role = {name: Counter() for name in _BY_ROLE.values()}
     rss: dict[str, float] = {}
+    gc_s, gc_full = Counter(), Counter()
     for url in urls:
         with DaemonClient(url, timeout) as client:
             families = list(text_string_to_metric_families(client.metrics()))
@@ -162,12 +163,21 @@ def scrape(urls: Sequence[str], timeout: float = 10.0, settle: bool = True) -> C
                 maxima[key] = max([maxima[key], *(s.value for s in family.samples)])
             elif family.name == "process_resident_memory_bytes" and family.samples:
                 rss[info.get("name") or url] = family.samples[0].value
+            elif family.name == "kvferry_gc_pause_seconds":
+                for sample in family.samples:
+                    where = f"{info.get('name') or url} {sample.labels.get('process', '?')}"
+                    if sample.name.endswith("_sum"):
+                        gc_s[where] += sample.value
+                    elif sample.name.endswith("_count") and sample.labels.get("generation") == "2":
+                        gc_full[where] += sample.value
     return Counters(
         **sums,
         **maxima,
         transfer_failures=dict(failures),
         **{name: dict(values) for name, values in by_role.items()},
         rss_bytes=rss,
+        gc_pause_s=dict(gc_s),
+        gc_full_passes=dict(gc_full),
     )
 
 

@@ -90,6 +90,11 @@ def test_request_metrics_and_histograms(rendered):
         assert got[f"kvferry_{name}_seconds_count", none] == count, name
         assert got[f"kvferry_{name}_seconds_bucket", frozenset({("le", "+Inf")})] == count
     assert got["kvferry_forward_seconds_sum", none] == pytest.approx(0.545)
+    # the garbage collector's passes, by process and generation (rank 0's snapshot has three)
+    full, young = ({("process", "rank0"), ("generation", g)} for g in "20")
+    assert got["kvferry_gc_pause_seconds_count", frozenset(full)] == 1
+    assert got["kvferry_gc_pause_seconds_sum", frozenset(full)] == pytest.approx(0.03)
+    assert got["kvferry_gc_pause_seconds_count", frozenset(young)] == 2
 
 
 BOOTSTRAP = (
