@@ -16,8 +16,9 @@ the others still run):
             forward; bench/control_path.py: the transfer threads' CPU per request, tiny KV;
             bench/group_exchange.py: a TP step's exchanges, gloo vs the ranks' pipes;
             bench/http_front.py: the TTFT and CPU per token the decode HTTP front adds;
-            bench/handoff.py: a prompt's hand-off, a connection per request vs kept ones; on
-            a GPU, bench/device_reduce.py: TP ranks sharing it, all-reduces ordered by events
+            bench/handoff.py: a prompt's hand-off, a connection per request vs kept ones;
+            bench/gc_pauses.py: a full garbage-collector pass, start-up heap walked vs frozen;
+            on a GPU, bench/device_reduce.py: TP ranks sharing it, all-reduces ordered by events
             vs a host sync each, and on MPS by barrier kernels (eager, and as a CUDA graph);
             bench/forward_host.py: a prefill forward's host launch vs its device time
   overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
@@ -88,10 +89,8 @@ def parse_args() -> argparse.Namespace:
         ROOT / "deploy" / ("h200-llama8b.yaml" if args.gpu else "tiny.yaml")
     )
     args.concurrency = args.concurrency or ("1,4" if args.quick else "1,8,32")
-    prompts = {(True, False): "2048,8192,32768", (True, True): "2048"}.get(
-        (args.gpu, args.quick), "256"
-    )
-    prompts = args.prompts or prompts
+    gpu_prompts = {False: "2048,8192,32768", True: "2048"}[args.quick] if args.gpu else None
+    prompts = args.prompts or gpu_prompts or "256"
     args.prompts = [int(n) for n in prompts.split(",")]
     args.variants = [v for v in VARIANTS if v in args.variants.split(",")]
     args.out_dir = Path(args.out_dir or f"campaign-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -188,6 +187,7 @@ def stage_host(stage: Stage) -> None:
             ("group_exchange.py", ["--calls", "100", "--rounds", "3"], "group.json"),
             ("http_front.py", ["--requests", "64"], "http_front.json"),  # TTFT the front adds
             ("handoff.py", ["--calls", "200"], "handoff.json"),  # a prompt's hand-off exchange
+            ("gc_pauses.py", ["--config", "deploy/tiny.yaml"], "gc.json"),  # a GC pass
         ):
             stage.run(python(bench, *(quick_args if quick else []), "--json", str(out / name)))
         if stage.args.gpu:  # TP ranks sharing the GPU: a forward's all-reduces (two orderings,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from campaign_e2e import e2e_rows  # bench/ is on sys.path (a script)
+from campaign_host import front_rows, gc_rows, group_rows, handoff_rows
 from campaign_rows import Row, read_json
 
 from kvferry.staging.plan import plan_head_transfers
@@ -30,6 +31,7 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
     rows += group_rows(read("group.json"))
     rows += front_rows(read("http_front.json"))
     rows += handoff_rows(read("handoff.json"))
+    rows += gc_rows(read("gc.json"))
     rows += reduce_rows(read("device_reduce.json"))
     rows += forward_rows(read("forward_host.json"))
     for path in sorted(out_dir.glob("overlap*.json"), key=_prompt_of):
@@ -142,50 +144,6 @@ def control_rows(control: dict | None) -> list[Row]:
                         row["cpu_us"], 200.0, " us", higher_is_better=False,
                         detail=detail))  # fmt: skip
     return rows
-
-
-def front_rows(front: dict | None) -> list[Row]:
-    """The decode HTTP front alone (a stand-in engine behind it): the TTFT it adds and its
-    CPU per token, at the lowest and highest concurrency."""
-    if not front:
-        return []
-    low, high = front["points"][0], front["points"][-1]
-    detail = (f"{high['front_ttft_ms_p50']:.3g} vs {low['front_ttft_ms_p50']:.3g} ms; "
-              f"{high['tokens_per_s']:.0f} tok/s")  # fmt: skip
-    return [
-        Row(f"HTTP front's TTFT, c={high['concurrency']} / c={low['concurrency']}",
-            front["front_ratio"], None, "x", higher_is_better=False, detail=detail),
-        Row(f"HTTP front CPU per streamed token, c={high['concurrency']}",
-            high["front_cpu_us_per_token"], None, " us", higher_is_better=False,
-            detail=f"client {high['client_cpu_us_per_token']:.3g} us"),
-    ] + ([Row(f"HTTP front CPU per token, stock uvicorn / the fronts', c={high['concurrency']}",
-              front["stock_over_fronts"]["cpu_per_token"], None, "x",
-              detail=f"front's TTFT {front['stock_over_fronts']['front_ttft']:.2f}x")]
-         if "stock_over_fronts" in front else [])  # fmt: skip
-
-
-def handoff_rows(handoff: dict | None) -> list[Row]:
-    """A prompt's hand-off exchange: a connection per request / kept connections."""
-    rows = []
-    for name, r in (handoff or {}).get("modes", {}).items():
-        each, kept = r["connection_per_request"]["p50_us"], r["kept"]["p50_us"]
-        rows.append(Row(f"prompt hand-off, a connection per request / kept, {name}", r["ratio"],
-                        None, "x", detail=f"{each:.0f} vs {kept:.0f} us"))  # fmt: skip
-    return rows
-
-
-def group_rows(group: dict | None) -> list[Row]:
-    """A TP rank's step: the commands' broadcast and the rooms' verdicts, gloo vs pipes."""
-    if not group:
-        return []
-    ops = group["operations"]
-    step = [op for op in ops if op.startswith(("broadcast, no", "verdicts"))]
-    gloo, pipes = (sum(ops[op][way] for op in step) for way in ("gloo_us", "pipes_us"))
-    barrier = ops["barrier"]
-    detail = f"{gloo:.0f} vs {pipes:.0f} us; barrier {barrier['gloo_us']:.0f} vs "
-    detail += f"{barrier['pipes_us']:.0f} us"
-    return [Row("TP step exchange (broadcast + verdicts), gloo / the ranks' pipes",
-                gloo / pipes, None, "x", detail=detail)]  # fmt: skip
 
 
 def reduce_rows(reduce: dict | None) -> list[Row]:

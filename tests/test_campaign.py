@@ -206,6 +206,7 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "hetero: TTFT in the daemons p50 c=2 / c=1",
         "hetero: TTFT outside the daemons p50, c=2",
         "receives posted ahead ÷ on arrival: TTFT p50, c=2",
+        "a full GC pass, start-up heap walked / frozen",
     ):
         assert figures[name]["value"] is not None and figures[name]["value"] > 0, name
     assert figures["UCX messages per request / (chunks x writers)"]["verdict"] == "met"

@@ -1,0 +1,62 @@
+"""The campaign's rows of the host stage's smaller benches: the HTTP front alone, a prompt's
+hand-off, a TP step's exchanges and a garbage-collector pass (bench/campaign.py, `host`)."""
+
+from __future__ import annotations
+
+from campaign_rows import Row  # bench/ is on sys.path (a script)
+
+
+def front_rows(front: dict | None) -> list[Row]:
+    """The decode HTTP front alone (a stand-in engine behind it): the TTFT it adds and its
+    CPU per token, at the lowest and highest concurrency."""
+    if not front:
+        return []
+    low, high = front["points"][0], front["points"][-1]
+    detail = (f"{high['front_ttft_ms_p50']:.3g} vs {low['front_ttft_ms_p50']:.3g} ms; "
+              f"{high['tokens_per_s']:.0f} tok/s")  # fmt: skip
+    return [
+        Row(f"HTTP front's TTFT, c={high['concurrency']} / c={low['concurrency']}",
+            front["front_ratio"], None, "x", higher_is_better=False, detail=detail),
+        Row(f"HTTP front CPU per streamed token, c={high['concurrency']}",
+            high["front_cpu_us_per_token"], None, " us", higher_is_better=False,
+            detail=f"client {high['client_cpu_us_per_token']:.3g} us"),
+    ] + ([Row(f"HTTP front CPU per token, stock uvicorn / the fronts', c={high['concurrency']}",
+              front["stock_over_fronts"]["cpu_per_token"], None, "x",
+              detail=f"front's TTFT {front['stock_over_fronts']['front_ttft']:.2f}x")]
+         if "stock_over_fronts" in front else [])  # fmt: skip
+
+
+def handoff_rows(handoff: dict | None) -> list[Row]:
+    """A prompt's hand-off exchange: a connection per request / kept connections."""
+    rows = []
+    for name, r in (handoff or {}).get("modes", {}).items():
+        each, kept = r["connection_per_request"]["p50_us"], r["kept"]["p50_us"]
+        rows.append(Row(f"prompt hand-off, a connection per request / kept, {name}", r["ratio"],
+                        None, "x", detail=f"{each:.0f} vs {kept:.0f} us"))  # fmt: skip
+    return rows
+
+
+def group_rows(group: dict | None) -> list[Row]:
+    """A TP rank's step: the commands' broadcast and the rooms' verdicts, gloo vs pipes."""
+    if not group:
+        return []
+    ops = group["operations"]
+    step = [op for op in ops if op.startswith(("broadcast, no", "verdicts"))]
+    gloo, pipes = (sum(ops[op][way] for op in step) for way in ("gloo_us", "pipes_us"))
+    barrier = ops["barrier"]
+    detail = f"{gloo:.0f} vs {pipes:.0f} us; barrier {barrier['gloo_us']:.0f} vs "
+    detail += f"{barrier['pipes_us']:.0f} us"
+    return [Row("TP step exchange (broadcast + verdicts), gloo / the ranks' pipes",
+                gloo / pipes, None, "x", detail=detail)]  # fmt: skip
+
+
+def gc_rows(gc: dict | None) -> list[Row]:
+    """A full garbage-collector pass in a process holding a daemon's start-up heap, walked
+    (CPython's default) / frozen out of reach (daemon/server/heap.py)."""
+    if not gc:
+        return []
+    walked, frozen = gc["walked"], gc["frozen"]
+    detail = (f"{walked['full_pass_ms']:.3g} vs {frozen['full_pass_ms']:.3g} ms; "
+              f"{walked['objects']} vs {frozen['objects']} objects walked")  # fmt: skip
+    return [Row("a full GC pass, start-up heap walked / frozen", gc["ratio"], None, "x",
+                detail=detail)]  # fmt: skip
