@@ -3,10 +3,11 @@ garbage collector's passes, and every pass is timed.
 
 A daemon or rank process holds a few hundred thousand objects that live as long as it does:
 torch, the model's modules, uvicorn, the tokenizer. CPython's full collection walks every one of
-them with the GIL held (30–90 ms on a server CPU) and runs whenever the objects that survived
-younger passes reach a quarter of those it kept last time: under load, with each request's
-objects outliving a few young passes, about once a second. Every thread of the process stops
-meanwhile: the HTTP front's streams, a rank's engine steps and its transfer thread.
+them with the GIL held (94 ms on the development machine's CPU, `bench/gc_pauses.py`) and runs
+whenever the objects that outlived younger passes reach a quarter of those it kept the last
+time: how often depends on what requests keep alive (`kvferry bench` prints each process's
+passes). Every thread of the process stops meanwhile: the HTTP front's streams, a rank's engine
+steps and its transfer thread.
 
 `freeze()`, called once a process is ready to serve, moves everything alive then to the
 permanent generation, which no pass walks; later passes see only what was made since.
