@@ -2,6 +2,7 @@
 (prefill TP1 -> decode TP1, random model) and plots of their results."""
 
 import json
+import re
 import statistics
 
 import pytest
@@ -124,6 +125,15 @@ def test_a_sweep_against_real_daemons(result_file):
     assert set(result["idle_cpu_s_per_min"]) == {"prefill", "decode"}
     assert all(s >= 0 for s in result["idle_cpu_s_per_min"].values())
     lines = stdout.splitlines()
+    # last, a line per point where a process collected garbage: by daemon and process
+    collected = [p for p in result["points"] if p["gc_pause_ms"]]
+    gc_lines, lines = lines[len(lines) - len(collected) :], lines[: len(lines) - len(collected)]
+    for point, line in zip(collected, gc_lines, strict=True):
+        assert line.startswith(f"GC pauses, c={point['value']}, ms in all (full passes): "), line
+        assert all(
+            re.fullmatch(r"(prefill|decode)-0 (daemon|rank\d)", w) for w in point["gc_pause_ms"]
+        )
+        assert set(point["gc_full_passes"]) <= set(point["gc_pause_ms"])
     assert lines[2].startswith("c=1 ") and lines[3].startswith("c=4 ")
     assert lines[4].startswith("idle ranks' CPU, seconds per minute: decode ")
     assert lines[5] == "where TTFT goes, c=1 (stage ends; length and share of TTFT):"
