@@ -187,7 +187,7 @@ def stage_host(stage: Stage) -> None:
             ("group_exchange.py", ["--calls", "100", "--rounds", "3"], "group.json"),
             ("http_front.py", ["--requests", "64"], "http_front.json"),  # TTFT the front adds
             ("handoff.py", ["--calls", "200"], "handoff.json"),  # a prompt's hand-off exchange
-            ("gc_pauses.py", ["--config", "deploy/tiny.yaml"], "gc.json"),  # a GC pass
+            ("gc_pauses.py", [], "gc.json"),  # a full GC pass, start-up heap walked vs frozen
         ):
             stage.run(python(bench, *(quick_args if quick else []), "--json", str(out / name)))
         if stage.args.gpu:  # TP ranks sharing the GPU: a forward's all-reduces (two orderings,

@@ -2,7 +2,7 @@
 heap they build at start walked at every pass (CPython's default), and frozen out of the
 collector's reach as the daemons and ranks do once ready (daemon/server/heap.py), side by side.
 
-    python bench/gc_pauses.py                                     # deploy/local.yaml's decode-0
+    python bench/gc_pauses.py                                     # deploy/tiny.yaml's decode-0
     python bench/gc_pauses.py --config deploy/one-gpu.yaml --daemon prefill-0 --json out.json
 
 This process imports what a daemon's and a rank's processes import (torch, the engine, the
@@ -66,7 +66,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", default="deploy/local.yaml", help="a deployment file")
+    p.add_argument("--config", default="deploy/tiny.yaml", help="a deployment file")
     p.add_argument("--daemon", default="decode-0", help="whose model to build")
     p.add_argument("--passes", type=int, default=20, help="full passes timed each way")
     p.add_argument("--live", type=int, default=30_000, help="objects made after the start")
