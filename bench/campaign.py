@@ -15,7 +15,7 @@ the others still run):
   host      bench/host_costs.py: host CPU per step of the transfer thread, quiet and during a
             forward; bench/control_path.py: the transfer threads' CPU per request, tiny KV;
             bench/group_exchange.py: a TP step's exchanges, gloo vs the ranks' pipes;
-            bench/http_front.py: the TTFT and CPU per token the decode HTTP front adds;
+            bench/http_front.py: the decode front's TTFT and CPU, reports on its loop vs a thread;
             bench/handoff.py: a prompt's hand-off, a connection per request vs kept ones;
             bench/gc_pauses.py: a full garbage-collector pass, start-up heap walked vs frozen;
             on a GPU, bench/device_reduce.py: TP ranks sharing it, all-reduces ordered by events
@@ -185,7 +185,7 @@ def stage_host(stage: Stage) -> None:
         for bench, quick_args, name in (
             ("control_path.py", ["--requests", "30", "--warmup", "5"], "control.json"),
             ("group_exchange.py", ["--calls", "100", "--rounds", "3"], "group.json"),
-            ("http_front.py", ["--requests", "64"], "http_front.json"),  # TTFT the front adds
+            ("http_front.py", ["--requests", "64", "--stacks", "fronts"], "http_front.json"),
             ("handoff.py", ["--calls", "200"], "handoff.json"),  # a prompt's hand-off exchange
             ("gc_pauses.py", [], "gc.json"),  # a full GC pass, start-up heap walked vs frozen
         ):

@@ -14,16 +14,26 @@ def front_rows(front: dict | None) -> list[Row]:
     low, high = front["points"][0], front["points"][-1]
     detail = (f"{high['front_ttft_ms_p50']:.3g} vs {low['front_ttft_ms_p50']:.3g} ms; "
               f"{high['tokens_per_s']:.0f} tok/s")  # fmt: skip
-    return [
-        Row(f"HTTP front's TTFT, c={high['concurrency']} / c={low['concurrency']}",
-            front["front_ratio"], None, "x", higher_is_better=False, detail=detail),
-        Row(f"HTTP front CPU per streamed token, c={high['concurrency']}",
-            high["front_cpu_us_per_token"], None, " us", higher_is_better=False,
+    c = high["concurrency"]
+    rows = [
+        Row(f"HTTP front's TTFT, c={c} / c={low['concurrency']}", front["front_ratio"], None,
+            "x", higher_is_better=False, detail=detail),
+        Row(f"HTTP front CPU per streamed token, c={c}", high["front_cpu_us_per_token"], None,
+            " us", higher_is_better=False,
             detail=f"client {high['client_cpu_us_per_token']:.3g} us"),
-    ] + ([Row(f"HTTP front CPU per token, stock uvicorn / the fronts', c={high['concurrency']}",
-              front["stock_over_fronts"]["cpu_per_token"], None, "x",
-              detail=f"front's TTFT {front['stock_over_fronts']['front_ttft']:.2f}x")]
-         if "stock_over_fronts" in front else [])  # fmt: skip
+    ]  # fmt: skip
+    stock = front.get("stock_over_fronts")
+    if stock:
+        rows.append(Row(f"HTTP front CPU per token, stock uvicorn / the fronts', c={c}",
+                        stock["cpu_per_token"], None, "x",
+                        detail=f"front's TTFT {stock['front_ttft']:.2f}x"))  # fmt: skip
+    ratios = front.get("thread_over_loop")  # the ranks' reports read by a thread / on the loop
+    if ratios:
+        others = ", ".join(f"c={n} {r:.2f}x" for n, r in ratios["ttft"].items() if n != str(c))
+        cpu = f"daemon CPU per token {ratios['cpu_per_token']:.2f}x"
+        rows.append(Row(f"HTTP front, reports read by a thread / on its loop: TTFT p50, c={c}",
+                        ratios["ttft"][str(c)], None, "x", detail=f"{others}; {cpu}"))  # fmt: skip
+    return rows
 
 
 def handoff_rows(handoff: dict | None) -> list[Row]:

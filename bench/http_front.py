@@ -4,22 +4,28 @@
     python bench/http_front.py --concurrency 1,8,32,64 --step-ms 1 --json out.json
 
 The front under test is the daemon's own (`daemon/server/http_front.py`: uvicorn, Starlette,
-completions.py, the inbox of token_events.py); behind it, instead of ranks, a thread that acts
-as the daemon's does after each engine step: every `--step-ms` it gives each request in flight
-its next token (`DecodeRequest.take`, then the request's events), the last one with its finish.
+completions.py, the inbox of token_events.py); behind it, instead of ranks, a process that acts
+as rank 0 does: it takes each request the front submits, and every `--step-ms` it reports each
+request in flight its next token over a pipe, the last one with its finish. The daemon's side
+takes each report as `Daemon._progress` does (`DecodeRequest.take`, then the request's events).
 The load is `kvferry bench`'s own client (`AsyncDaemonClient`, streamed requests), in processes
 of their own, as many as `kvferry bench` would use for the concurrency.
 
 Per concurrency: the client's TTFT p50, the daemon's (received -> first token out, from each
 answer's timeline) and what lies between, the front's own: the request's way in before the
-daemon has it and its first token's way out to the client. Then the front thread's CPU per
-token and per request, the client's CPU per token, and the ratio of the front's TTFT share at
-the highest concurrency to that at the lowest. The tokenizer is a stand-in that spells each id
-(`decode` joins them), so the CPU is the front's machinery, not a tokenizer's.
+daemon has it and its first token's way out to the client. Then the daemon's CPU per token and
+per request (the front's thread and, where there is one, the thread that reads the reports),
+the client's CPU per token, and the ratio of the front's TTFT share at the highest concurrency
+to that at the lowest. The tokenizer is a stand-in that spells each id (`decode` joins them),
+so the CPU is the front's machinery, not a tokenizer's.
 
-`--stacks fronts,stock` runs every point on the fronts' own stack (uvloop, uvicorn's httptools
-protocol: `http_protocol.py`) and again on uvicorn's pure-Python one (asyncio's loop, h11, Nagle
-off as well), and prints stock ÷ fronts for the front's CPU per token and its share of TTFT.
+`--reports loop,thread` runs every point with the reports read on the front's event loop, as
+the daemons read them (`rank_reports.py`), and again with a thread of their own reading them
+and handing the tokens to the loop, as the daemons did before, and prints thread ÷ loop for the
+client's TTFT p50 and the daemon's CPU per token. `--stacks fronts,stock` runs them on the
+fronts' own stack (uvloop, uvicorn's httptools protocol: `http_protocol.py`) and again on
+uvicorn's pure-Python one (asyncio's loop, h11, Nagle off as well), and prints stock ÷ fronts
+for the front's CPU per token and its share of TTFT.
 """
 
 from __future__ import annotations
@@ -32,9 +38,9 @@ import subprocess
 import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import uvloop
+from front_standin import StandIn  # bench/ is on sys.path (a script)
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
@@ -42,73 +48,10 @@ from kvferry.daemon.cli.bench.senders import client_processes, send
 from kvferry.daemon.cli.bench.workload import Prompt
 from kvferry.daemon.server import http_front
 from kvferry.daemon.server.http_front import HTTPFront
-from kvferry.daemon.server.metrics import Metrics
-from kvferry.daemon.server.request import Answering, DecodeRequest, Requests
 from kvferry.transport.loop import GIL_SWITCH_S
 
-
-class Tokenizer:
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(f" t{i}" for i in ids)
-
-
-class StandIn:
-    """The decode daemon as its HTTP front sees it, with a thread stepping its requests."""
-
-    def __init__(self, step_s: float) -> None:
-        self.config = SimpleNamespace(
-            role="decode",
-            model=SimpleNamespace(name="bench"),
-            http_max_body_bytes=1 << 24,
-            http_body_timeout_s=30.0,
-            http_max_requests_per_client=1 << 16,
-            api_key_file=None,
-            api_key_env=None,
-        )
-        self.metrics = Metrics("decode", "bench")
-        self.tokenizer, self.chat_template = Tokenizer(), None
-        self.started = time.time()
-        self.requests, self.answering = Requests(), Answering()
-        self._step_s, self._stop = step_s, threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-steps", daemon=True)
-        self._thread.start()
-
-    def generate(self, prompt, params, events) -> DecodeRequest:
-        request = DecodeRequest(0, prompt, params, "bench", events)
-        request.deadline = request.created + 300.0
-        self.requests.add(request)
-        return request
-
-    def end(self, room: int) -> None:
-        self.abort(room, None)
-
-    def abort(self, room: int, failure) -> None:
-        request = self.requests.get(room)
-        if request is not None and self.requests.remove(request):
-            request.finish, request.error = "abort", failure
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._step_s):
-            now = time.monotonic()
-            for request in self.requests.all():
-                token = [len(request.tokens) % 1000]
-                request.take(token, now, self.metrics)
-                if len(request.tokens) < request.params.max_tokens:
-                    request.events.put((token, None))
-                elif self.requests.remove(request):
-                    request.finish = "length"
-                    request.marks["done"] = time.time()
-                    request.events.put((token, "length"))
-
-
 STACKS = ("fronts", "stock")  # the daemons' own HTTP stack, uvicorn's pure-Python one
+REPORTS = ("loop", "thread")  # reports read on the front's loop (the daemons'), by a thread
 
 
 class StockProtocol(H11Protocol):
@@ -156,14 +99,19 @@ def thread_cpu(thread: threading.Thread) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
-def point(front: HTTPFront, concurrency: int, args: argparse.Namespace) -> dict:
+def daemon_cpu(front: HTTPFront, daemon: StandIn) -> float:
+    """The CPU time of the daemon's threads a stream's tokens pass: the front's, the reader's."""
+    return sum(thread_cpu(t) for t in (front.thread, daemon.reader) if t is not None)
+
+
+def point(front: HTTPFront, daemon: StandIn, concurrency: int, args: argparse.Namespace) -> dict:
     """One concurrency, its load split over client processes as `kvferry bench` splits it
     (senders.client_processes): one process alone saturates before the front does."""
     requests = max(args.requests, 2 * concurrency)
     url = f"http://127.0.0.1:{front.server_port}"
     shares = min(client_processes(concurrency), concurrency)
     clients = []
-    before = thread_cpu(front.thread)  # across the warm-ups too: each client warms up first
+    before = daemon_cpu(front, daemon)  # across the warm-ups too: each client warms up first
     for k in range(shares):
         command = [sys.executable, __file__, "--client", url, "--tokens", str(args.tokens)]
         command += ["--concurrency", str(concurrency // shares + (k < concurrency % shares))]
@@ -171,7 +119,7 @@ def point(front: HTTPFront, concurrency: int, args: argparse.Namespace) -> dict:
         command += ["--prompt", str(args.prompt)]
         clients.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
     outs = [client.communicate(timeout=600)[0] for client in clients]
-    front_cpu = thread_cpu(front.thread) - before
+    front_cpu = daemon_cpu(front, daemon) - before
     if any(client.returncode for client in clients):
         raise SystemExit(f"a client failed at c={concurrency}")
     results = [json.loads(out) for out in outs]
@@ -204,6 +152,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=768, help="prompt tokens sent")
     p.add_argument("--step-ms", type=float, default=2.0, help="time between engine steps")
     p.add_argument("--stacks", default="fronts,stock", help="fronts (the daemons' own), stock")
+    p.add_argument("--reports", default="loop,thread", help="loop (the daemons'), thread")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # a point's client process
     args = p.parse_args()
@@ -211,34 +160,38 @@ def main() -> None:
         point_args = (int(args.concurrency), args.requests, args.tokens, args.prompt)
         print(json.dumps(uvloop.run(load(args.client, *point_args))))
         return
-    stacks = args.stacks.split(",")
+    stacks, reports = args.stacks.split(","), args.reports.split(",")
     if not stacks or set(stacks) - set(STACKS):
         p.error(f"--stacks {args.stacks!r}: a comma-separated list of {', '.join(STACKS)}")
+    if not reports or set(reports) - set(REPORTS):
+        p.error(f"--reports {args.reports!r}: a comma-separated list of {', '.join(REPORTS)}")
     sys.setswitchinterval(GIL_SWITCH_S)  # as the daemon's process has it (daemon.serve)
-    daemon = StandIn(args.step_ms / 1e3)
     runs = {}
-    try:
-        for stack in stacks:
+    for stack in stacks:
+        for how in reports:
+            daemon = StandIn(args.step_ms / 1e3, how)
             front = start_front(daemon, stack)
+            daemon.serve(front)
             try:
-                runs[stack] = [point(front, int(c), args) for c in args.concurrency.split(",")]
+                points = [point(front, daemon, int(c), args) for c in args.concurrency.split(",")]
+                runs[stack if how == "loop" else f"{stack}/thread"] = points
             finally:
+                daemon.unserve()
                 front.shutdown()
-    finally:
-        daemon.close()
+                daemon.close()
     report(runs, args)
 
 
 def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
     print(f"HTTP front, {args.tokens}-token streamed answers, a step every {args.step_ms:g} ms")
     print(
-        f"{'stack':>6} {'c':>4} {'procs':>5} {'TTFT p50 ms':>12} {'daemon':>8} {'front':>8} "
+        f"{'run':>13} {'c':>4} {'procs':>5} {'TTFT p50 ms':>12} {'daemon':>8} {'front':>8} "
         f"{'tok/s':>8} {'front us/token':>15} {'us/request':>11} {'client us/token':>16}"
     )
     for stack, points in runs.items():
         for r in points:
             print(
-                f"{stack:>6} {r['concurrency']:>4} {r['client_processes']:>5} "
+                f"{stack:>13} {r['concurrency']:>4} {r['client_processes']:>5} "
                 f"{r['ttft_ms_p50']:>12.2f} {r['daemon_ttft_ms_p50']:>8.2f} "
                 f"{r['front_ttft_ms_p50']:>8.2f} {r['tokens_per_s']:>8.0f} "
                 f"{r['front_cpu_us_per_token']:>15.1f} {r['front_cpu_us_per_request']:>11.0f} "
@@ -252,7 +205,7 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
             f"{stack}: front's share of TTFT, c={high['concurrency']} / c={low['concurrency']}: "
             f"{ratio:.2f}x ({high['front_ttft_ms_p50']:.2f} vs {low['front_ttft_ms_p50']:.2f} ms)"
         )
-        key = "" if stack == "fronts" else f"{stack}_"
+        key = "" if stack == "fronts" else f"{stack.replace('/', '_')}_"
         out[f"{key}points"], out[f"{key}front_ratio"] = points, ratio
     if "fronts" in runs and "stock" in runs:
         own, stock = runs["fronts"][-1], runs["stock"][-1]
@@ -264,9 +217,32 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
             f"front's TTFT {ttft:.2f}x"
         )
         out["stock_over_fronts"] = {"cpu_per_token": cpu, "front_ttft": ttft}
+    for stack in STACKS:
+        if stack in runs and f"{stack}/thread" in runs:
+            out[f"{'' if stack == 'fronts' else stack + '_'}thread_over_loop"] = thread_over_loop(
+                stack, runs[stack], runs[f"{stack}/thread"]
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def thread_over_loop(stack: str, loop: list[dict], thread: list[dict]) -> dict:
+    """The reports read by a thread of their own ÷ on the front's loop: the client's TTFT p50
+    at each concurrency, the daemon's CPU per token at the highest."""
+    ttft = {
+        str(a["concurrency"]): b["ttft_ms_p50"] / max(a["ttft_ms_p50"], 1e-9)
+        for a, b in zip(loop, thread, strict=True)
+    }
+    cpu = thread[-1]["front_cpu_us_per_token"] / loop[-1]["front_cpu_us_per_token"]
+    shown = ", ".join(
+        f"c={a['concurrency']} {ttft[str(a['concurrency'])]:.2f}x "
+        f"({b['ttft_ms_p50']:.2f} vs {a['ttft_ms_p50']:.2f} ms)"
+        for a, b in zip(loop, thread, strict=True)
+    )
+    print(f"{stack}, reports by a thread / on the loop: client TTFT p50 {shown}; daemon CPU per "
+          f"token at c={loop[-1]['concurrency']} {cpu:.2f}x")  # fmt: skip
+    return {"ttft": ttft, "cpu_per_token": cpu}
 
 
 if __name__ == "__main__":
