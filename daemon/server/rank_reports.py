@@ -4,9 +4,9 @@ Every rank reports over its own pipe: rank 0 its steps' outputs (`StepOutput`), 
 snapshots and a Fatal error. Once the ranks are ready the pipes are read on the HTTP front's
 loop (`watch`), which writes the streams out: a step's tokens reach the handlers waiting for
 them in that thread, with no other thread to wake and no GIL to hand over between the two. A
-Fatal report ends the reading and wakes the daemon's thread, which waits on `fatal_fd` beside
-the ranks' exits. Before the ranks are told to stop, `unwatch` gives the pipes back to the
-daemon's thread, which takes their last reports itself (`read`).
+Fatal report, or one that cannot be read, ends the reading and wakes the daemon's thread,
+which waits on `fatal_fd` beside the ranks' exits. Before the ranks are told to stop, `unwatch`
+gives the pipes back to the daemon's thread, which takes their last reports itself (`read`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,12 @@ class RankFailed(RuntimeError):
 
 
 class RankReports:
-    def __init__(self, conns: list) -> None:
+    """`conns`: the ranks' pipes; `send_lock`: the lock the daemon's commands to them are sent
+    under."""
+
+    def __init__(self, conns: list, send_lock: threading.Lock | None = None) -> None:
         self._conns = conns
+        self._send_lock = send_lock or threading.Lock()
         self._loop = None  # where the pipes are read, between `watch` and `unwatch`
         self.fatal: str | None = None  # the error of a Fatal report read on the loop
         self.fatal_fd, self._fatal_write = os.pipe()  # readable once `fatal` is set
@@ -64,12 +68,16 @@ class RankReports:
 
     def read(self, conn, handle: Callable[[object], None]) -> bool:
         """Hand every report `conn` holds now to `handle`; False once the pipe reads as closed
-        (the rank's exit shows through its sentinel); RankFailed on a Fatal report."""
+        (the rank's exit shows through its sentinel); RankFailed on a Fatal report, or one that
+        cannot be read (the pipe's stream is lost past it)."""
         while conn.poll():
             try:
                 message = conn.recv()
             except (EOFError, OSError):
                 return False
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                raise RankFailed(f"a rank's report could not be read: {why}") from None
             if isinstance(message, protocol.Fatal):
                 log.error("%s", message.error)
                 raise RankFailed(message.error)
@@ -77,8 +85,14 @@ class RankReports:
         return True
 
     def _add_readers(self, loop, handle: Callable[[object], None]) -> None:
-        for conn in self._conns:
-            loop.add_reader(conn.fileno(), self._readable, loop, conn, handle)
+        # uvloop makes a descriptor it watches non-blocking (libuv's poll handle does), but a
+        # pipe's messages are read whole (a message half-written is waited for) and the
+        # commands to a rank are sent whole from other threads: put back as it was, before a
+        # command can be sent meanwhile
+        with self._send_lock:
+            for conn in self._conns:
+                loop.add_reader(conn.fileno(), self._readable, loop, conn, handle)
+                os.set_blocking(conn.fileno(), True)
 
     def _remove_readers(self, loop) -> None:
         for conn in self._conns:

@@ -77,7 +77,8 @@ class Ranks:
         woken.close()
         wake.close()
         close_links(links)
-        self.reports = RankReports(self.conns)  # `watch`, `unwatch`: read on the daemon's loop
+        # `watch`, `unwatch`: read on the daemon's loop
+        self.reports = RankReports(self.conns, self._send_lock)
 
     def wait_ready(self, timeout_s: float, stopping: Callable[[], str | None]) -> None:
         """Until every rank reported Ready; raises when one fails, on timeout or a stop."""

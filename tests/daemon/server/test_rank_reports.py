@@ -1,6 +1,8 @@
 """The ranks' reports read on an event loop (`RankReports`): in order, on the loop's thread; a
-Fatal report ends the reading and wakes whoever waits on `fatal_fd`; a pipe closed by its rank
-stops being watched instead of reading as ready forever; `unwatch` gives the pipes back."""
+message larger than the pipe holds read whole, and the daemon's own commands on the same pipe
+sent whole, though the loop watches it; a Fatal report ends the reading and wakes whoever waits
+on `fatal_fd`; a pipe closed by its rank stops being watched instead of reading as ready
+forever; `unwatch` gives the pipes back."""
 
 import asyncio
 import multiprocessing
@@ -55,6 +57,29 @@ def test_reports_are_handed_over_on_the_loop_in_order(loop):
     reports.unwatch()
 
 
+def test_messages_larger_than_the_pipe_cross_whole_both_ways(loop):
+    ours, rank = multiprocessing.Pipe()
+    taken = []
+    reports = RankReports([ours])
+    reports.watch(loop, taken.append)
+    assert until(lambda: on_loop(loop, lambda: True))  # the watch has begun
+    big = bytes(range(256)) * 32768  # 8 MiB: many times what a socket pair buffers
+    # the rank's report arrives in pieces while the loop reads it
+    sender = threading.Thread(target=rank.send, args=(("report", big),))
+    sender.start()
+    # the daemon's command to the rank, on the same pipe, from another thread meanwhile
+    received = []
+    reader = threading.Thread(target=lambda: received.append(rank.recv()))
+    reader.start()
+    ours.send(("command", big))
+    sender.join(10)
+    reader.join(10)
+    assert until(lambda: len(taken) == 1)
+    assert taken == [("report", big)] and received == [("command", big)]
+    assert reports.fatal is None
+    reports.unwatch()
+
+
 def test_a_fatal_report_stops_the_reading_and_wakes_the_daemons_thread(loop):
     ours, rank = multiprocessing.Pipe()
     taken = []
@@ -68,6 +93,16 @@ def test_a_fatal_report_stops_the_reading_and_wakes_the_daemons_thread(loop):
     time.sleep(0.05)
     assert taken == [("step", 0)]
     assert ours.recv() == ("step", 1)  # still in the pipe
+    reports.unwatch()
+
+
+def test_a_report_that_cannot_be_read_is_a_rank_failure(loop):
+    ours, rank = multiprocessing.Pipe()
+    reports = RankReports([ours])
+    reports.watch(loop, lambda message: None)
+    rank.send_bytes(b"\x1d not a pickle")
+    assert wait([reports.fatal_fd], 5.0) == [reports.fatal_fd]
+    assert reports.fatal.startswith("a rank's report could not be read: UnpicklingError")
     reports.unwatch()
 
 
