@@ -37,6 +37,25 @@ async def _call(call):
     return call()
 
 
+async def _turns(n):
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def turns(loop, n=3):
+    """Let `loop` go round `n` times: a reader with something to read has read it by then."""
+    for _ in range(n):
+        on_loop(loop, lambda: None)
+
+
+def watched(loop, handle, *conns):
+    """`RankReports` of `conns` watched on `loop`, the watch begun."""
+    reports = RankReports(list(conns))
+    reports.watch(loop, handle)
+    turns(loop, 1)
+    return reports
+
+
 def until(done, timeout_s=5.0):
     deadline = time.monotonic() + timeout_s
     while not done() and time.monotonic() < deadline:
@@ -47,8 +66,7 @@ def until(done, timeout_s=5.0):
 def test_reports_are_handed_over_on_the_loop_in_order(loop):
     ours, rank = multiprocessing.Pipe()
     taken = []
-    reports = RankReports([ours])
-    reports.watch(loop, lambda message: taken.append((message, threading.get_ident())))
+    reports = watched(loop, lambda message: taken.append((message, threading.get_ident())), ours)
     for n in range(5):
         rank.send(("step", n))
     assert until(lambda: len(taken) == 5)
@@ -60,9 +78,7 @@ def test_reports_are_handed_over_on_the_loop_in_order(loop):
 def test_messages_larger_than_the_pipe_cross_whole_both_ways(loop):
     ours, rank = multiprocessing.Pipe()
     taken = []
-    reports = RankReports([ours])
-    reports.watch(loop, taken.append)
-    assert until(lambda: on_loop(loop, lambda: True))  # the watch has begun
+    reports = watched(loop, taken.append, ours)
     big = bytes(range(256)) * 32768  # 8 MiB: many times what a socket pair buffers
     # the rank's report arrives in pieces while the loop reads it
     sender = threading.Thread(target=rank.send, args=(("report", big),))
@@ -83,14 +99,13 @@ def test_messages_larger_than_the_pipe_cross_whole_both_ways(loop):
 def test_a_fatal_report_stops_the_reading_and_wakes_the_daemons_thread(loop):
     ours, rank = multiprocessing.Pipe()
     taken = []
-    reports = RankReports([ours])
-    reports.watch(loop, taken.append)
+    reports = watched(loop, taken.append, ours)
     rank.send(("step", 0))
     rank.send(protocol.Fatal(0, "rank 0: the engine failed: boom"))
     rank.send(("step", 1))  # after the Fatal: nobody reads it
     assert wait([reports.fatal_fd], 5.0) == [reports.fatal_fd]
     assert reports.fatal == "rank 0: the engine failed: boom"
-    time.sleep(0.05)
+    turns(loop)
     assert taken == [("step", 0)]
     assert ours.recv() == ("step", 1)  # still in the pipe
     reports.unwatch()
@@ -98,8 +113,7 @@ def test_a_fatal_report_stops_the_reading_and_wakes_the_daemons_thread(loop):
 
 def test_a_report_that_cannot_be_read_is_a_rank_failure(loop):
     ours, rank = multiprocessing.Pipe()
-    reports = RankReports([ours])
-    reports.watch(loop, lambda message: None)
+    reports = watched(loop, lambda message: None, ours)
     rank.send_bytes(b"\x1d not a pickle")
     assert wait([reports.fatal_fd], 5.0) == [reports.fatal_fd]
     assert reports.fatal.startswith("a rank's report could not be read: UnpicklingError")
@@ -111,15 +125,15 @@ def test_a_pipe_its_rank_closed_is_no_longer_watched(loop):
     other_ours, other_rank = multiprocessing.Pipe()
     looks = Looks(ours)
     taken = []
-    reports = RankReports([looks, other_ours])
-    reports.watch(loop, taken.append)
+    reports = watched(loop, taken.append, looks, other_ours)
     rank.send("last words")
     rank.close()
     assert until(lambda: taken == ["last words"])
-    time.sleep(0.1)
-    # a closed pipe reads as ready forever: left watched, the loop would look at it without end
-    # (tens of thousands of times in these 0.1 s)
-    assert looks.count < 10
+    turns(loop)
+    looked = looks.count
+    # a closed pipe reads as ready forever: left watched, the loop would look at it every turn
+    turns(loop, 20)
+    assert looks.count == looked
     other_rank.send("still here")  # the other rank's pipe is still read
     assert until(lambda: taken == ["last words", "still here"])
     assert reports.fatal is None
@@ -146,13 +160,12 @@ class Looks:
 def test_unwatch_gives_the_pipes_back(loop):
     ours, rank = multiprocessing.Pipe()
     on_loop_taken, here = [], []
-    reports = RankReports([ours])
-    reports.watch(loop, on_loop_taken.append)
+    reports = watched(loop, on_loop_taken.append, ours)
     rank.send("before")
     assert until(lambda: on_loop_taken == ["before"])
     reports.unwatch()
     rank.send("after")
-    time.sleep(0.05)
+    turns(loop)
     assert on_loop_taken == ["before"]
     assert reports.read(ours, here.append) and here == ["after"]
     rank.send(protocol.Fatal(0, "gone"))
@@ -168,6 +181,6 @@ def test_unwatch_before_the_loop_ran_leaves_nothing_watching():
     reports.watch(loop, taken.append)
     reports.unwatch()  # the loop does not run yet: returns at once
     rank.send("unseen")
-    loop.run_until_complete(asyncio.sleep(0.05))  # the watch's call runs now, and adds nothing
+    loop.run_until_complete(_turns(3))  # the watch's call runs now, and adds nothing
     assert taken == []  # a report waits: a reader would have taken it
     loop.close()
