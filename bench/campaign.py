@@ -16,23 +16,22 @@ the others still run):
             forward; bench/control_path.py: the transfer threads' CPU per request, tiny KV;
             bench/group_exchange.py: a TP step's exchanges, gloo vs the ranks' pipes;
             bench/http_front.py: the decode front's TTFT and CPU, reports on its loop vs a thread;
-            bench/handoff.py: a prompt's hand-off, a connection per request vs kept ones;
-            bench/gc_pauses.py: a full garbage-collector pass, start-up heap walked vs frozen;
+            bench/client_overhead.py: `kvferry bench`'s client, httpx vs aiohttp; handoff.py: a
+            prompt's hand-off, a connection each vs kept; gc_pauses.py: a full GC pass;
             on a GPU, bench/device_reduce.py: TP ranks sharing it, all-reduces ordered by events
             vs a host sync each, and on MPS by barrier kernels (eager, and as a CUDA graph);
             bench/forward_host.py: a prefill forward's host launch vs its device time
   overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
-            time to first token, whole-chunk vs layer-wise (prompts past 2,048 tokens in chunks
-            of 2,048 and in one chunk); at the first length again with the decode agent in its
-            own process on a private MPS server (where there is one); then bench/hops.py: one
-            prompt's transfer, hop by hop
+            TTFT, whole-chunk vs layer-wise (prompts past 2,048 tokens in chunks of 2,048 and in
+            one); the first length again with decode in its own process on a private MPS server
+            where there is one; then bench/hops.py: one prompt's transfer, hop by hop
   engine    bench/engine.py: decode step at batch 1/8/32/128 and contexts 1k/8k, eager vs CUDA
             graphs, against the memory floor; prefill tok/s, paged kernel vs contiguous SDPA
             (the decode model of deploy/h200-llama8b.yaml)
   e2e       `kvferry bench` on seven variants of one deployment file: heterogeneous TP staged,
-            the same layer-wise, slice mode, messages of several chunks (`together`),
-            homogeneous TP, every daemon TP1 (`tp1`: no TP split), decode's receives posted as
-            their messages come (`probe`); on a GPU with MPS, the first on an MPS server
+            the same layer-wise, slice mode, messages of several chunks (`together`), homogeneous
+            TP, every daemon TP1 (`tp1`), decode's receives posted as their messages come
+            (`probe`); on a GPU with MPS, the first on an MPS server
 
 Then one table (bench/campaign_summary.py; the e2e stage's rows in bench/campaign_e2e.py): every
 target of docs/benchmarks.md, what was measured, and the ratio.
@@ -186,7 +185,8 @@ def stage_host(stage: Stage) -> None:
             ("control_path.py", ["--requests", "30", "--warmup", "5"], "control.json"),
             ("group_exchange.py", ["--calls", "100", "--rounds", "3"], "group.json"),
             ("http_front.py", ["--requests", "64", "--stacks", "fronts"], "http_front.json"),
-            ("handoff.py", ["--calls", "200"], "handoff.json"),  # a prompt's hand-off exchange
+            ("handoff.py", ["--calls", "200"], "handoff.json"),
+            ("client_overhead.py", ["--requests", "40", "--rounds", "1"], "client.json"),
             ("gc_pauses.py", [], "gc.json"),  # a full GC pass, start-up heap walked vs frozen
         ):
             stage.run(python(bench, *(quick_args if quick else []), "--json", str(out / name)))

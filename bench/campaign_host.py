@@ -1,5 +1,6 @@
-"""The campaign's rows of the host stage's smaller benches: the HTTP front alone, a prompt's
-hand-off, a TP step's exchanges and a garbage-collector pass (bench/campaign.py, `host`)."""
+"""The campaign's rows of the host stage's smaller benches: the HTTP front alone, the load
+generator's client, a prompt's hand-off, a TP step's exchanges and a garbage-collector pass
+(bench/campaign.py, `host`)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,19 @@ def front_rows(front: dict | None) -> list[Row]:
         rows.append(Row(f"HTTP front, reports read by a thread / on its loop: TTFT p50, c={c}",
                         ratios["ttft"][str(c)], None, "x", detail=f"{others}; {cpu}"))  # fmt: skip
     return rows
+
+
+def client_rows(client: dict | None) -> list[Row]:
+    """`kvferry bench`'s client against a server that answers at once: httpx's / aiohttp's."""
+    if not client:
+        return []
+    ratios, figures = client["httpx_over_aiohttp"], client["figures"]
+    c = client["args"]["concurrency"]
+    detail = (f"{figures['httpx']['ttft_p50_us_c1']:.0f} vs "
+              f"{figures['aiohttp']['ttft_p50_us_c1']:.0f} us; CPU per token at c={c} "
+              f"{ratios['cpu_per_token_us']:.2f}x")  # fmt: skip
+    return [Row("bench client, httpx / aiohttp: TTFT p50 c=1 (a server answering at once)",
+                ratios["ttft_p50_us_c1"], None, "x", detail=detail)]  # fmt: skip
 
 
 def handoff_rows(handoff: dict | None) -> list[Row]:

@@ -199,6 +199,7 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "TTFT whole-chunk, prefill on arrival / held until registered, 256 tokens in one chunk",
         "TP step exchange (broadcast + verdicts), gloo / the ranks' pipes",
         "HTTP front's TTFT, c=32 / c=1",
+        "bench client, httpx / aiohttp: TTFT p50 c=1 (a server answering at once)",
         "prompt hand-off, a connection per request / kept, plain",
         "prompt hand-off, a connection per request / kept, curve",
         "HTTP front CPU per streamed token, c=32",

@@ -85,16 +85,16 @@ def translated(url: str, timeout: float):
     except httpx.ConnectTimeout:
         raise Unreachable(url, "no connection within the timeout") from None
     except httpx.ConnectError as exc:  # refused, unknown host, no route
-        raise Unreachable(url, _os_reason(exc)) from None
+        raise Unreachable(url, os_reason(exc)) from None
     except (httpx.TimeoutException, TimeoutError, asyncio.TimeoutError):  # a read, the deadline…
         raise RequestTimeout(url, f"no answer within {timeout:g} s") from None
     except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
-        raise ConnectionReset(url, f"connection lost: {_os_reason(exc)}") from None
+        raise ConnectionReset(url, f"connection lost: {os_reason(exc)}") from None
     except httpx.HTTPError as exc:
-        raise ClientError(url, f"{type(exc).__name__}: {_os_reason(exc)}") from None
+        raise ClientError(url, f"{type(exc).__name__}: {os_reason(exc)}") from None
 
 
-def _os_reason(exc: BaseException) -> str:
+def os_reason(exc: BaseException) -> str:
     """The operating system's reason under httpx's (and anyio's) wrappers, else httpx's own
     words."""
     cause: BaseException | None = exc

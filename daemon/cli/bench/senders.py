@@ -1,12 +1,13 @@
 """Sending a point's requests: from this process's event loop (`send`), or spread over client
 processes (`ClientProcesses`) where one loop would be the bottleneck.
 
-One event loop reads every streamed token of every request: at about 100 µs of client CPU a
-token (httpx's stream, the SSE lines, the JSON), one process saturates near 10,000 tokens/s, and
-then a request's TTFT is how long the client took to look at its first token, not how long the
-daemon took to send it. A point with more than CLIENT_CONCURRENCY requests in flight is therefore
-sent by several processes, each with its share of the prompts, of the concurrency and of the
-connections, on one shared clock (`time.monotonic` is system-wide); their records are merged
+One event loop reads every streamed token of every request: at about 13 µs of client CPU a
+token on a small machine (aiohttp's stream, the SSE lines, the JSON: `bench/client_overhead.py`),
+one process is busy all the time near 75,000 tokens/s, and well before that a request's TTFT
+includes its wait for the loop, not only how long the daemon took to send its first token. A
+point with more than CLIENT_CONCURRENCY requests in flight is therefore sent by several
+processes, each with its share of the prompts, of the concurrency and of the connections, on
+one shared clock (`time.monotonic` is system-wide); their records are merged
 back in prompt order.
 """
 
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-import httpx
+import aiohttp
 import uvloop
 
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
@@ -212,7 +213,7 @@ async def _warm_up(url: str, timeout: float, api_key: str | None) -> bool:
     try:
         async with AsyncDaemonClient(url, timeout, 1, api_key) as client:
             await client.health()
-    except httpx.HTTPError:  # the point will tell; this was only the warm-up
+    except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError):  # the point will tell
         return False
     return True
 
