@@ -15,7 +15,7 @@ the others still run):
   host      bench/host_costs.py: host CPU per step of the transfer thread, quiet and during a
             forward; bench/control_path.py: the transfer threads' CPU per request, tiny KV;
             bench/group_exchange.py: a TP step's exchanges, gloo vs the ranks' pipes;
-            bench/http_front.py: the decode front's TTFT and CPU, reports on its loop vs a thread;
+            bench/http_front.py: the decode front's TTFT and CPU, reports by a thread vs its loop;
             bench/client_overhead.py: `kvferry bench`'s client, httpx vs aiohttp; handoff.py: a
             prompt's hand-off, a connection each vs kept; gc_pauses.py: a full GC pass;
             on a GPU, bench/device_reduce.py: TP ranks sharing it, all-reduces ordered by events

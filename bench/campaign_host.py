@@ -28,11 +28,11 @@ def front_rows(front: dict | None) -> list[Row]:
         rows.append(Row(f"HTTP front CPU per token, stock uvicorn / the fronts', c={c}",
                         stock["cpu_per_token"], None, "x",
                         detail=f"front's TTFT {stock['front_ttft']:.2f}x"))  # fmt: skip
-    ratios = front.get("thread_over_loop")  # the ranks' reports read by a thread / on the loop
+    ratios = front.get("loop_over_thread")  # the ranks' reports read on the loop / by a thread
     if ratios:
         others = ", ".join(f"c={n} {r:.2f}x" for n, r in ratios["ttft"].items() if n != str(c))
         cpu = f"daemon CPU per token {ratios['cpu_per_token']:.2f}x"
-        rows.append(Row(f"HTTP front, reports read by a thread / on its loop: TTFT p50, c={c}",
+        rows.append(Row(f"HTTP front, reports read on its loop / by a thread: TTFT p50, c={c}",
                         ratios["ttft"][str(c)], None, "x", detail=f"{others}; {cpu}"))  # fmt: skip
     return rows
 

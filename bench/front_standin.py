@@ -1,17 +1,22 @@
 """The decode daemon as `bench/http_front.py` puts it behind its HTTP front: the daemon's side
 of a request (`StandIn`: `generate`, `end`, `abort`, the reports taken as `Daemon._progress`
-takes them) and, in place of the ranks, a process that steps the requests (`steps`)."""
+takes them) and, in place of the ranks, a process that steps the requests (`steps`).
+
+The reports are read by a thread of their own, as the daemons read their ranks' reports, or on
+the front's own event loop (`loop`: the pipe watched there, each report handed to the streams
+in the thread that writes them), the way measured against it."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
+import os
 import threading
 import time
 from types import SimpleNamespace
 
 from kvferry.daemon.server.http_front import HTTPFront
 from kvferry.daemon.server.metrics import Metrics
-from kvferry.daemon.server.rank_reports import RankReports
 from kvferry.daemon.server.request import Answering, DecodeRequest, Requests
 
 
@@ -25,8 +30,8 @@ class Tokenizer:
 
 class StandIn:
     """The decode daemon as its HTTP front sees it, with a process stepping its requests in
-    place of the ranks, its reports read as `reports` says: on the front's loop (`loop`) or by
-    a thread of their own (`thread`)."""
+    place of the ranks, its reports read as `reports` says: by a thread of their own (`thread`,
+    the daemons' way) or on the front's loop (`loop`)."""
 
     def __init__(self, step_s: float, reports: str) -> None:
         self.config = SimpleNamespace(
@@ -50,25 +55,43 @@ class StandIn:
         self._send_lock = threading.Lock()
         self._reports, self._stop = reports, threading.Event()
         self.reader: threading.Thread | None = None  # reads the reports, where `thread`
-        self._watch: RankReports | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # reads them, where `loop`
 
     def serve(self, front: HTTPFront) -> None:
-        """Read the reports from now on, as `reports` says."""
-        if self._reports == "loop":
-            self._watch = RankReports([self._conn])
-            self._watch.watch(front.loop, self._report)
-        else:
+        """Read the reports from now on, as `reports` says (on the loop: from the first
+        request on, taken on it)."""
+        if self._reports == "thread":
             self.reader = threading.Thread(target=self._read, name="bench-reports", daemon=True)
             self.reader.start()
 
     def unserve(self) -> None:
-        if self._watch is not None:
-            self._watch.unwatch()
+        if self._loop is not None:
+            done = threading.Event()
+
+            def remove() -> None:
+                self._loop.remove_reader(self._fd)
+                done.set()
+
+            self._loop.call_soon_threadsafe(remove)
+            done.wait(5.0)
         if self.reader is not None:
             self._stop.set()
             self.reader.join()
 
+    def _watch(self) -> None:
+        """On the front's loop: read the reports there from now on."""
+        self._loop, self._fd = asyncio.get_running_loop(), self._conn.fileno()
+        with self._send_lock:  # uvloop makes what it watches non-blocking; a report is read whole
+            self._loop.add_reader(self._fd, self._readable)
+            os.set_blocking(self._fd, True)
+
+    def _readable(self) -> None:
+        while self._conn.poll():
+            self._report(self._conn.recv())
+
     def generate(self, prompt, params, events) -> DecodeRequest:
+        if self._reports == "loop" and self._loop is None:
+            self._watch()
         request = DecodeRequest(0, prompt, params, "bench", events)
         request.deadline = request.created + 300.0
         self.requests.add(request)

@@ -19,10 +19,10 @@ the client's CPU per token, and the ratio of the front's TTFT share at the highe
 to that at the lowest. The tokenizer is a stand-in that spells each id (`decode` joins them),
 so the CPU is the front's machinery, not a tokenizer's.
 
-`--reports loop,thread` runs every point with the reports read on the front's event loop, as
-the daemons read them (`rank_reports.py`), and again with a thread of their own reading them
-and handing the tokens to the loop, as the daemons did before, and prints thread ÷ loop for the
-client's TTFT p50 and the daemon's CPU per token. `--stacks fronts,stock` runs them on the
+`--reports thread,loop` runs every point with the reports read by a thread of their own that
+hands the tokens to the front's loop, as the daemons read their ranks' reports, and again read
+on the front's event loop itself, and prints loop ÷ thread for the client's TTFT p50 and the
+daemon's CPU per token. `--stacks fronts,stock` runs them on the
 fronts' own stack (uvloop, uvicorn's httptools protocol: `http_protocol.py`) and again on
 uvicorn's pure-Python one (asyncio's loop, h11, Nagle off as well), and prints stock ÷ fronts
 for the front's CPU per token and its share of TTFT.
@@ -51,7 +51,7 @@ from kvferry.daemon.server.http_front import HTTPFront
 from kvferry.transport.loop import GIL_SWITCH_S
 
 STACKS = ("fronts", "stock")  # the daemons' own HTTP stack, uvicorn's pure-Python one
-REPORTS = ("loop", "thread")  # reports read on the front's loop (the daemons'), by a thread
+REPORTS = ("thread", "loop")  # reports read by a thread (the daemons' way), on the front's loop
 
 
 class StockProtocol(H11Protocol):
@@ -152,7 +152,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=768, help="prompt tokens sent")
     p.add_argument("--step-ms", type=float, default=2.0, help="time between engine steps")
     p.add_argument("--stacks", default="fronts,stock", help="fronts (the daemons' own), stock")
-    p.add_argument("--reports", default="loop,thread", help="loop (the daemons'), thread")
+    p.add_argument("--reports", default="thread,loop", help="thread (the daemons'), loop")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # a point's client process
     args = p.parse_args()
@@ -174,7 +174,7 @@ def main() -> None:
             daemon.serve(front)
             try:
                 points = [point(front, daemon, int(c), args) for c in args.concurrency.split(",")]
-                runs[stack if how == "loop" else f"{stack}/thread"] = points
+                runs[stack if how == "thread" else f"{stack}/loop"] = points
             finally:
                 daemon.unserve()
                 front.shutdown()
@@ -218,30 +218,30 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
         )
         out["stock_over_fronts"] = {"cpu_per_token": cpu, "front_ttft": ttft}
     for stack in STACKS:
-        if stack in runs and f"{stack}/thread" in runs:
-            out[f"{'' if stack == 'fronts' else stack + '_'}thread_over_loop"] = thread_over_loop(
-                stack, runs[stack], runs[f"{stack}/thread"]
+        if stack in runs and f"{stack}/loop" in runs:
+            out[f"{'' if stack == 'fronts' else stack + '_'}loop_over_thread"] = loop_over_thread(
+                stack, runs[stack], runs[f"{stack}/loop"]
             )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
 
 
-def thread_over_loop(stack: str, loop: list[dict], thread: list[dict]) -> dict:
-    """The reports read by a thread of their own ÷ on the front's loop: the client's TTFT p50
+def loop_over_thread(stack: str, thread: list[dict], loop: list[dict]) -> dict:
+    """The reports read on the front's loop ÷ by a thread of their own: the client's TTFT p50
     at each concurrency, the daemon's CPU per token at the highest."""
     ttft = {
         str(a["concurrency"]): b["ttft_ms_p50"] / max(a["ttft_ms_p50"], 1e-9)
-        for a, b in zip(loop, thread, strict=True)
+        for a, b in zip(thread, loop, strict=True)
     }
-    cpu = thread[-1]["front_cpu_us_per_token"] / loop[-1]["front_cpu_us_per_token"]
+    cpu = loop[-1]["front_cpu_us_per_token"] / thread[-1]["front_cpu_us_per_token"]
     shown = ", ".join(
         f"c={a['concurrency']} {ttft[str(a['concurrency'])]:.2f}x "
         f"({b['ttft_ms_p50']:.2f} vs {a['ttft_ms_p50']:.2f} ms)"
-        for a, b in zip(loop, thread, strict=True)
+        for a, b in zip(thread, loop, strict=True)
     )
-    print(f"{stack}, reports by a thread / on the loop: client TTFT p50 {shown}; daemon CPU per "
-          f"token at c={loop[-1]['concurrency']} {cpu:.2f}x")  # fmt: skip
+    print(f"{stack}, reports on the loop / by a thread: client TTFT p50 {shown}; daemon CPU per "
+          f"token at c={thread[-1]['concurrency']} {cpu:.2f}x")  # fmt: skip
     return {"ttft": ttft, "cpu_per_token": cpu}
 
 

@@ -1,9 +1,8 @@
 """`POST /v1/completions`, `POST /v1/chat/completions` and `GET /v1/models` of the decode
 daemon's HTTP front: OpenAI's completions and chat completions (the messages through the
 model's chat template, `model/chat.py`), whole or streamed as server-sent events; stop
-strings, a client that leaves, and the errors, all in OpenAI's shape. The daemon hands each
-request's tokens to its handler as it reads the ranks' reports on the front's own event loop
-(`token_events.py`)."""
+strings, a client that leaves, and the errors, all in OpenAI's shape. The daemon's thread
+hands each request's tokens to the front's event loop (`token_events.py`)."""
 
 from __future__ import annotations
 

@@ -5,8 +5,7 @@ the bootstrap server — and the requests' bookkeeping; the ranks own the model,
 the transfer agents. A decode request: the HTTP front calls `generate`, which draws the room id
 and hands the prompt to the ranks, which reserve its pages (`StepOutput.reserved`), and to a
 prefill daemon: at once where no other request waits for its pages, else once its own are
-reserved; tokens come back in `StepOutput.outputs`, read on the front's loop (`rank_reports.py`);
-the daemon's own thread watches the ranks' exits, the requests' deadlines and the stop (TICK_S).
+reserved; tokens come back in `StepOutput.outputs`.
 """
 
 from __future__ import annotations
@@ -155,7 +154,6 @@ class Daemon:
             self.probe.start()
         self.ranks = Ranks(c, self.name, bootstrap_address, token, self._keys)
         self.ranks.wait_ready(c.start_timeout_s, lambda: self._stop_reason)
-        self.ranks.reports.watch(self.http.loop, self._report)  # read on the front's loop
         self.state = "serving"
         where = f"http://{c.host}:{self.http.server_port}"
         extra = f", bootstrap {bootstrap_address}" if bootstrap_address else ""
@@ -165,7 +163,7 @@ class Daemon:
         stop_by = None
         while True:
             try:
-                self.ranks.wait_exit(TICK_S)
+                self.ranks.take_reports(self._report, TICK_S)
             except RankFailed as exc:
                 return self._fail_all(Failure(FailureKind.RANK_EXITED, str(exc)))
             dead = self._dead_thread()
@@ -182,7 +180,8 @@ class Daemon:
                 return self._stop_ranks()
 
     def _dead_thread(self) -> str | None:
-        """The daemon-side thread that died, if any: a failure like a rank's."""
+        """The daemon-side thread that is no longer running, if any: without it the daemon
+        cannot do its job, so it is a failure like a rank's."""
         if not self.http.thread.is_alive():
             return "HTTP server"
         if self.bootstrap is not None and not self.bootstrap.alive:
@@ -209,7 +208,6 @@ class Daemon:
 
     def _stop_ranks(self) -> int:
         """After Stop: the ranks exit; requests nobody answered fail."""
-        self.ranks.reports.unwatch()  # their last reports are read here
         clean = self.ranks.join(self._report)
         for request in self.requests.all():
             stopped = f"{self.name} stopped before the request finished"
@@ -234,14 +232,16 @@ class Daemon:
             self.ranks.send(command)
 
     def _prefill_changed(self, address: str, incarnation: str | None) -> None:
-        """A prefill's new incarnation (None: lost): its old ranks forgotten before any request."""
+        """The probe saw a new incarnation of a prefill (None: lost it): the ranks forget the
+        old one's ranks before any request picked from now on reaches them."""
         self._send(protocol.ForgetPrefill(address, incarnation))
 
     # --- decode: requests -------------------------------------------------------------------
 
     def generate(self, prompt: list[int], params: SamplingParams, events: Events) -> DecodeRequest:
         """Start a request; ValueError for a prompt that cannot be served, Unavailable when
-        not serving. `events.put((new tokens, finish reason or None))` is called as they come."""
+        not serving. `events.put((new tokens, finish reason or None))` is called from the
+        daemon's thread as they come."""
         refusal = self._refusal()
         if refusal:
             raise Unavailable(refusal)

@@ -4,22 +4,20 @@ with server-sent events when streaming: `completions.py`), `GET /health`, `GET /
 
 An ASGI app (Starlette) on uvicorn, on one event loop in one thread: connections are kept
 alive, streams cost a coroutine rather than a thread, and the listening socket is the daemon's
-own, bound before the ranks start, with a backlog for bursts of clients. The ranks' reports are
-read on the same loop (`rank_reports.py`). A client gets `http_header_timeout_s` to send each
-request's headers (`http_protocol.py`), and requests beyond MAX_CONNECTIONS connections or
-answers at once get a 503. A handler talks to the daemon through `generate`, `end`, `abort`
-and `metrics` only, and shows it as `daemon/server/status.py` reads it.
+own, bound before the ranks start, with a backlog for bursts of clients. A client gets
+`http_header_timeout_s` to send each request's headers (`http_protocol.py`), and requests
+beyond MAX_CONNECTIONS connections or answers at once get a 503. A handler talks to the
+daemon through `generate`, `end`, `abort` and `metrics` only, and shows it as
+`daemon/server/status.py` reads it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import socket
 import threading
 
 import uvicorn
-import uvloop
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -74,24 +72,11 @@ class HTTPFront:
             server_header=False,
         )
         self._server = uvicorn.Server(config)
-        # the front's loop, run by its thread; the ranks' reports are read on it too
-        self.loop = uvloop.new_event_loop() if LOOP == "uvloop" else asyncio.new_event_loop()
         # the daemon watches this thread: without it nobody can reach the daemon
-        self.thread = threading.Thread(target=self._run, name="kvferry-http", daemon=True)
+        self.thread = threading.Thread(
+            target=self._server.run, args=([self._socket],), name="kvferry-http", daemon=True
+        )
         self.thread.start()
-
-    def _run(self) -> None:
-        loop = self.loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._server.serve([self._socket]))
-        finally:  # what is left of the answers ends with the loop, as asyncio.run ends it
-            left = asyncio.all_tasks(loop)
-            for task in left:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
 
     def shutdown(self) -> None:
         """Stop taking connections, let open ones finish (up to STOP_S), end the thread."""

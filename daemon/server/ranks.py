@@ -1,9 +1,7 @@
 """A daemon's rank worker processes: spawned, watched, told what to do, and stopped.
 
 Commands go to rank 0 (which broadcasts them); every rank's reports come back over its own
-pipe, read on the daemon's event loop once the ranks are ready (`rank_reports.py`), while the
-daemon's own thread waits on their exits (`wait_exit`). A rank that reports Fatal or exits on
-its own is a failure of the whole daemon.
+pipe. A rank that reports Fatal or exits on its own is a failure of the whole daemon.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from multiprocessing.connection import wait
 from kvferry.daemon.engine.links import close_links, make_links
 from kvferry.daemon.server import protocol
 from kvferry.daemon.server.config import DaemonConfig
-from kvferry.daemon.server.rank_reports import RankFailed, RankReports
 from kvferry.daemon.server.worker import worker_main
 from kvferry.transport.curve import CurveKeys
 
@@ -34,6 +31,10 @@ EXIT_S = 15.0  # after Stop: how long the ranks get to exit before they are kill
 # them), and a spinning pool burns the cores the other processes' forwards wait for
 # (`bench/omp_wait.py` runs the embedded default both ways).
 OMP_KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+class RankFailed(RuntimeError):
+    """A rank reported Fatal or exited on its own."""
 
 
 class Ranks:
@@ -77,8 +78,6 @@ class Ranks:
         woken.close()
         wake.close()
         close_links(links)
-        # `watch`, `unwatch`: read on the daemon's loop
-        self.reports = RankReports(self.conns, self._send_lock)
 
     def wait_ready(self, timeout_s: float, stopping: Callable[[], str | None]) -> None:
         """Until every rank reported Ready; raises when one fails, on timeout or a stop."""
@@ -103,18 +102,20 @@ class Ranks:
             self._wait(min(left, 0.05))
 
     def send(self, command) -> None:
-        """To rank 0; a rank 0 that is gone shows up in `wait_exit`."""
+        """To rank 0; a rank 0 that is gone shows up in `take_reports`."""
         with self._send_lock:
             try:
                 self.conns[0].send(command)
             except (OSError, ValueError) as exc:
                 log.warning("could not reach rank 0: %s", exc)
 
-    def wait_exit(self, timeout_s: float) -> None:
-        """Wait up to `timeout_s` for a rank to exit or report Fatal: RankFailed if one did."""
-        ready = wait([self.reports.fatal_fd] + [p.sentinel for p in self.procs], timeout_s)
-        if self.reports.fatal is not None:
-            raise RankFailed(self.reports.fatal)
+    def take_reports(self, handle: Callable[[object], None], timeout_s: float) -> None:
+        """Wait up to `timeout_s` for reports and hand each to `handle`; RankFailed when a rank
+        reported Fatal or exited."""
+        ready = self._wait(timeout_s)
+        for conn in self.conns:
+            if conn in ready:
+                self._read(conn, handle)
         for rank, proc in enumerate(self.procs):
             if proc.sentinel in ready:
                 proc.join(1)
@@ -128,7 +129,7 @@ class Ranks:
             self._wait(0.05)
             for conn in self.conns:
                 with contextlib.suppress(OSError, RankFailed):
-                    self.reports.read(conn, handle)
+                    self._read(conn, handle)
         self.kill()
         return all(proc.exitcode == 0 for proc in self.procs)
 
@@ -139,6 +140,17 @@ class Ranks:
                 proc.kill()
             proc.join(5)
         shutil.rmtree(self._rendezvous, ignore_errors=True)
+
+    def _read(self, conn, handle) -> None:
+        while conn.poll():
+            try:
+                message = conn.recv()
+            except EOFError:
+                return  # the rank's exit shows through its sentinel
+            if isinstance(message, protocol.Fatal):
+                log.error("%s", message.error)
+                raise RankFailed(message.error)
+            handle(message)
 
     def _wait(self, timeout_s: float) -> list:
         return wait(self.conns + [p.sentinel for p in self.procs], timeout=timeout_s)

@@ -57,8 +57,8 @@ def decode_params(params: SamplingParams, vocab: int) -> SamplingParams:
 
 @dataclass
 class DecodeRequest:
-    """`events.put((new tokens, finish reason or None))` feeds the HTTP handler, called on the
-    front's loop as the ranks report (from the daemon's thread for a request it fails)."""
+    """`events.put((new tokens, finish reason or None))` feeds the HTTP handler, called from
+    the daemon's thread."""
 
     room: int
     prompt: list[int]
@@ -101,9 +101,8 @@ class DecodeRequest:
 
 
 class Requests:
-    """A decode daemon's requests in flight, by room. Thread-safe: the front's handlers add
-    them, the ranks' reports (on the front's loop) or the daemon's thread end them, a failed
-    hand-off moves one to a new room."""
+    """A decode daemon's requests in flight, by room. Thread-safe: HTTP threads add them, the
+    daemon's loop ends them, a failed hand-off moves one to a new room."""
 
     def __init__(self) -> None:
         self._by_room: dict[int, DecodeRequest] = {}

@@ -1,14 +1,12 @@
-"""How a request's tokens get to the stream that writes them out, on the HTTP front's loop.
+"""How a request's tokens get from the daemon's thread to the HTTP front's event loop.
 
-The daemon puts `(new tokens, finish reason or None)` for each request as the ranks' steps end,
-on the front's loop itself, where it reads their reports (`rank_reports.py`), or from another thread
-(a request failed by the daemon's). Every put of a step goes over in one hand-off, `Inbox`: one
-callback however many streams a step fed (from another thread: one wake of the loop, where a
-wake per stream would cost a write to the loop's pipe and a turn of it each). A stream's
-handler then takes everything that came for it since it last looked as one event
-(`TokenEvents.take`): one that fell behind catches up with one larger chunk instead of a chunk
-per step, so under load the front writes fewer chunks rather than falling further behind. A
-stream's first event is handed over before the rest of its batch.
+The daemon's thread puts `(new tokens, finish reason or None)` for each request as its steps
+end. Every put of a step goes over in one hand-off, `Inbox`: one wake of the loop however many
+streams a step fed, where a wake per stream would cost a write to the loop's pipe and a turn of
+it each. A stream's handler then takes everything that came for it since it last looked as one
+event (`TokenEvents.take`): one that fell behind catches up with one larger chunk instead of
+a chunk per step, so under load the front writes fewer chunks rather than falling further
+behind. A stream's first event is handed over before the rest of its batch.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import threading
 import time
 from collections import deque
 
@@ -24,12 +21,11 @@ Event = tuple[list[int], str | None]  # (new tokens, finish reason: None until t
 
 
 class Inbox:
-    """Events put from any thread, delivered on `loop` in batches: one callback for all that
-    come before the loop gets to them. Made on the loop's thread."""
+    """Events put from any thread, delivered on `loop` in batches: one `call_soon_threadsafe`
+    for all that come before the loop gets to them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._thread = threading.get_ident()  # the loop's: a put there needs no wake
         self._pending: deque[tuple[TokenEvents, Event]] = deque()
         self._scheduled = False
 
@@ -41,10 +37,7 @@ class Inbox:
         if not self._scheduled:
             self._scheduled = True
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
-                if threading.get_ident() == self._thread:
-                    self._loop.call_soon(self._deliver)
-                else:
-                    self._loop.call_soon_threadsafe(self._deliver)
+                self._loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         """Hand each event to its stream, those of streams that had none yet first: their
@@ -72,7 +65,7 @@ def inbox_of(state) -> Inbox:
 
 
 class TokenEvents:
-    """One request's events: put by the daemon (`put`, through the inbox), taken by
+    """One request's events: put by the daemon's thread (`put`, through the inbox), taken by
     its handler on the loop (`take`). A wait costs a future, not a timer: the request's
     deadline has one timer, armed at its first wait and cancelled by `close`."""
 

@@ -1,7 +1,6 @@
-"""A request's tokens on their way to its handler on the HTTP front's loop: put on the loop
-itself without a wake, one wake of the loop for a batch of puts from another thread, a handler
-that fell behind taking what piled up as one event, and the waits' ends (a timeout, a client
-that left)."""
+"""A request's tokens on their way from the daemon's thread to the HTTP front's loop: one wake
+of the loop for a batch of puts, a handler that fell behind taking what piled up as one event,
+and the waits' ends (a timeout, a client that left)."""
 
 import asyncio
 import threading
@@ -45,23 +44,6 @@ def test_puts_from_another_thread_wake_the_loop_once_per_batch():
     taken, wakes = asyncio.run(run())
     assert taken == [([7], None)] * 32
     assert wakes == 1
-
-
-def test_puts_on_the_loops_own_thread_are_delivered_without_a_wake():
-    async def run():
-        loop = asyncio.get_running_loop()
-        inbox = Inbox(loop)
-        streams = [TokenEvents(inbox) for _ in range(8)]
-        woken = []
-        loop.call_soon_threadsafe = lambda *args: woken.append(args)  # a wake: not wanted here
-        for stream in streams:
-            stream.put(([3], None))
-        taken = [await s.take(time.monotonic() + 5.0) for s in streams]
-        return taken, woken
-
-    taken, woken = asyncio.run(run())
-    assert taken == [([3], None)] * 8
-    assert woken == []
 
 
 def test_a_take_waits_for_the_next_event_and_times_out_without_one():
