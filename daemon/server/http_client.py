@@ -1,5 +1,5 @@
-"""The transport of the HTTP clients a daemon process runs on uvloop (the router's, toward its
-decode daemons; `kvferry bench`'s): httpx's own, with one failure told as what it is.
+"""The transport of the HTTP client the router runs on uvloop toward its decode daemons:
+httpx's own, with one failure told as what it is.
 
 A connection its peer closes as it opens (a daemon killed while the client connects) leaves
 uvloop's transport without a socket, and anyio, reading the socket's peer name as the
