@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.connection
 import os
 import threading
 import time
@@ -53,7 +54,8 @@ class StandIn:
         self._rank.start()
         rank_end.close()
         self._send_lock = threading.Lock()
-        self._reports, self._stop = reports, threading.Event()
+        self._reports = reports
+        self._stopped, self._stop = ctx.Pipe(duplex=False)  # ends the reader's wait
         self.reader: threading.Thread | None = None  # reads the reports, where `thread`
         self._loop: asyncio.AbstractEventLoop | None = None  # reads them, where `loop`
 
@@ -75,7 +77,7 @@ class StandIn:
             self._loop.call_soon_threadsafe(remove)
             done.wait(5.0)
         if self.reader is not None:
-            self._stop.set()
+            self._stop.send(None)
             self.reader.join()
 
     def _watch(self) -> None:
@@ -116,9 +118,9 @@ class StandIn:
             self._conn.send(command)
 
     def _read(self) -> None:
-        while not self._stop.is_set():
-            if self._conn.poll(0.05):
-                self._report(self._conn.recv())
+        """The reader thread: asleep until a report comes or `unserve` stops it."""
+        while self._stopped not in multiprocessing.connection.wait([self._conn, self._stopped]):
+            self._readable()
 
     def _report(self, outputs: list[tuple[int, int, bool]]) -> None:
         """A step's tokens, as `Daemon._progress` takes them."""
