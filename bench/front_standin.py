@@ -16,7 +16,6 @@ import threading
 import time
 from types import SimpleNamespace
 
-from kvferry.daemon.server.http_front import HTTPFront
 from kvferry.daemon.server.metrics import Metrics
 from kvferry.daemon.server.request import Answering, DecodeRequest, Requests
 
@@ -59,9 +58,9 @@ class StandIn:
         self.reader: threading.Thread | None = None  # reads the reports, where `thread`
         self._loop: asyncio.AbstractEventLoop | None = None  # reads them, where `loop`
 
-    def serve(self, front: HTTPFront) -> None:
-        """Read the reports from now on, as `reports` says (on the loop: from the first
-        request on, taken on it)."""
+    def serve(self) -> None:
+        """Read the reports from now on, as `reports` says (on the front's loop: from the
+        first request on, which `generate` takes there)."""
         if self._reports == "thread":
             self.reader = threading.Thread(target=self._read, name="bench-reports", daemon=True)
             self.reader.start()

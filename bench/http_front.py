@@ -171,7 +171,7 @@ def main() -> None:
         for how in reports:
             daemon = StandIn(args.step_ms / 1e3, how)
             front = start_front(daemon, stack)
-            daemon.serve(front)
+            daemon.serve()
             try:
                 points = [point(front, daemon, int(c), args) for c in args.concurrency.split(",")]
                 runs[stack if how == "thread" else f"{stack}/loop"] = points
