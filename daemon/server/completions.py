@@ -11,9 +11,10 @@ import time
 
 import msgspec
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from kvferry.daemon.engine.sequence import SamplingParams
+from kvferry.daemon.server import sse
 from kvferry.daemon.server.api import ChatCompletionRequest, CompletionRequest
 from kvferry.daemon.server.http_protocol import ARRIVED, GONE
 from kvferry.daemon.server.request import Unavailable
@@ -112,10 +113,7 @@ async def _answer(daemon, request: Request, body, prompt: list[int], chat: bool)
     if arrived is not None:  # the front's own marks: what it adds on the way in and out
         started.marks["http_in"] = arrived
     answer = _Answer(daemon, started, events, request, body, chat)
-    if body.stream:
-        headers = {"Cache-Control": "no-cache"}
-        return StreamingResponse(answer.stream(), media_type="text/event-stream", headers=headers)
-    return await answer.whole()
+    return sse.EventStream(answer.stream()) if body.stream else await answer.whole()
 
 
 async def _body(request: Request, kind: type):
@@ -222,7 +220,7 @@ class _Answer:
     async def whole(self) -> Response:
         finish = None  # stays None only if the client left first
         with self.daemon.answering.one():
-            gone = asyncio.ensure_future(_disconnected(self.http))
+            gone = asyncio.ensure_future(sse.disconnected(self.http))
             try:
                 async for tokens, finish in self._events(gone):
                     if finish is None and not self.text.stops:  # nothing to look for yet
@@ -242,12 +240,13 @@ class _Answer:
         return JSONResponse(whole)
 
     async def stream(self):
-        """The events of a streamed answer (Starlette cancels this when the client leaves)."""
+        """The events of a streamed answer; they end early if the client leaves."""
         with self.daemon.answering.one():
+            gone = asyncio.ensure_future(sse.disconnected(self.http))
             try:
-                async for tokens, finish in self._events(None):
+                async for tokens, finish in self._events(gone):
                     if finish is not None and self.request.error:
-                        yield _event(HTTPError.of(self.request.error).body())
+                        yield sse.event(HTTPError.of(self.request.error).body())
                         break
                     piece = self.text.add(tokens, finish is not None)
                     if piece is None:
@@ -264,17 +263,21 @@ class _Answer:
                         # as it goes to the socket (the write does not wait), not after: a
                         # client on another core may read it before this task resumes
                         self.request.marks["first_chunk_sent"] = time.time()
-                    yield _event(chunk)
+                    yield sse.event(chunk)
                     if finish is not None:
                         break
+                if gone.done():  # the client left: nobody reads the rest
+                    return
                 if self.usage_chunk:
                     usage = self._chunk("", [], None)
-                    yield _event({**usage, "choices": []})
+                    yield sse.event({**usage, "choices": []})
             except HTTPError as exc:
-                yield _event(exc.body())
+                yield sse.event(exc.body())
+            finally:
+                gone.cancel()
         yield b"data: [DONE]\n\n"
 
-    async def _events(self, gone: asyncio.Future | None):
+    async def _events(self, gone: asyncio.Future):
         """(new tokens, finish) as they come until the finish, what piled up taken as one;
         HTTPError if the ranks never answer. The request is aborted if this stops early: its
         client left (`gone` fired, or the stream was cancelled)."""
@@ -318,13 +321,3 @@ class _Answer:
                 "total_tokens": len(request.prompt) + completion_tokens,
             },
         }
-
-
-async def _disconnected(http: Request) -> None:
-    """Returns once the client has closed its connection (the body is read by then)."""
-    while (await http.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _event(payload: dict) -> bytes:
-    return b"data: " + msgspec.json.encode(payload) + b"\n\n"

@@ -45,6 +45,27 @@ def test_an_error_reaches_the_openai_client_in_its_shape(openai_client):
     assert "the prompt is empty" in str(caught.value)
 
 
+def test_a_streamed_answer_is_server_sent_events_that_end_and_keep_the_connection(pair):
+    parts = urlsplit(client(pair, "decode-0").url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        for _ in range(2):  # the second on the same connection: the first ended cleanly
+            body = json.dumps({"prompt": [4, 5, 6], "max_tokens": 3, "stream": True})
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            assert reply.status == 200
+            assert reply.getheader("content-type").startswith("text/event-stream")
+            assert reply.getheader("cache-control") == "no-cache"
+            assert reply.getheader("content-length") is None
+            assert reply.getheader("transfer-encoding") == "chunked"
+            events = [e for e in reply.read().decode().split("\n\n") if e]
+            assert events[-1] == "data: [DONE]"
+            last = json.loads(events[-2].removeprefix("data: "))
+            assert last["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        conn.close()
+
+
 def test_a_streaming_client_that_leaves_aborts_its_request(pair):
     decoder = client(pair, "decode-0")
     parts = urlsplit(decoder.url)
