@@ -75,6 +75,7 @@ class RouterServer:
                 limit_concurrency=MAX_CONNECTIONS,
                 timeout_graceful_shutdown=config.drain_timeout_s,
                 server_header=False,
+                proxy_headers=False,  # a client is its socket's peer: X-Forwarded-For names none
             )
         )
         self._thread = threading.Thread(

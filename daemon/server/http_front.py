@@ -70,6 +70,7 @@ class HTTPFront:
             limit_concurrency=MAX_CONNECTIONS,
             timeout_graceful_shutdown=STOP_S,
             server_header=False,
+            proxy_headers=False,  # a client is its socket's peer: X-Forwarded-For names none
         )
         self._server = uvicorn.Server(config)
         # the daemon watches this thread: without it nobody can reach the daemon

@@ -26,9 +26,9 @@ def held_request(url: str) -> socket.socket:
     return sock
 
 
-def from_host(url: str, host: str) -> httpx.Response:
+def from_host(url: str, host: str, headers=None) -> httpx.Response:
     with httpx.Client(transport=httpx.HTTPTransport(local_address=host), timeout=60) as http:
-        return http.post(f"{url}/v1/completions", content=BODY)
+        return http.post(f"{url}/v1/completions", content=BODY, headers=headers)
 
 
 def test_requests_in_progress_per_client_are_bounded(stubs, routers):
@@ -39,6 +39,8 @@ def test_requests_in_progress_per_client_are_bounded(stubs, routers):
     assert refused.status_code == 429
     assert "http_max_requests_per_client=1" in refused.json()["error"]["message"]
     assert metric(router.url, REFUSALS, limit="http_max_requests_per_client") == 1
+    posing = from_host(router.url, "127.0.0.1", {"X-Forwarded-For": "10.9.9.9"})
+    assert posing.status_code == 429  # a header does not make another client
     assert from_host(router.url, "127.0.0.2").status_code == 200  # another client
     held.sendall(BODY)
     assert held.recv(65536).startswith(b"HTTP/1.1 200")

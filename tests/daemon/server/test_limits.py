@@ -40,11 +40,13 @@ def refusals(url: str) -> dict[str, float]:
     return counts
 
 
-def complete(url: str, source: str = "127.0.0.1", **body) -> httpx.Response:
+def complete(url: str, source: str = "127.0.0.1", headers=None, **body) -> httpx.Response:
     transport = httpx.HTTPTransport(local_address=source)
     with httpx.Client(transport=transport, timeout=60) as http:
         return http.post(
-            f"{url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2, **body}
+            f"{url}/v1/completions",
+            json={"prompt": [1, 2, 3], "max_tokens": 2, **body},
+            headers=headers,
         )
 
 
@@ -74,6 +76,8 @@ def test_requests_in_progress_per_client_are_bounded(url):
     assert error["code"] == "rate_limit_exceeded"
     assert f"http_max_requests_per_client={PER_CLIENT}" in error["message"]
     assert refusals(url)["http_max_requests_per_client"] == before + 1
+    posing = complete(url, headers={"X-Forwarded-For": "10.9.9.9"})  # not another client
+    assert posing.status_code == 429
     assert complete(url, source="127.0.0.2").status_code == 200  # another client is served
     held[0].sendall(BODY_OK)  # one held request ends: this client may send another
     assert held[0].recv(65536).startswith(b"HTTP/1.1 200")
