@@ -15,12 +15,12 @@ the others still run):
   host      bench/host_costs.py: host CPU per step of the transfer thread, quiet and during a
             forward; bench/control_path.py: the transfer threads' CPU per request, tiny KV;
             bench/group_exchange.py: a TP step's exchanges, gloo vs the ranks' pipes;
-            bench/http_front.py: the decode front's TTFT and CPU, reports by a thread vs its loop;
-            bench/client_overhead.py: `kvferry bench`'s client, httpx vs aiohttp; handoff.py: a
-            prompt's hand-off, a connection each vs kept; gc_pauses.py: a full GC pass;
-            on a GPU, bench/device_reduce.py: TP ranks sharing it, all-reduces ordered by events
-            vs a host sync each, and on MPS by barrier kernels (eager, and as a CUDA graph);
-            bench/forward_host.py: a prefill forward's host launch vs its device time
+            bench/http_front.py: the decode front's TTFT and CPU, reports by a thread vs its loop,
+            its own response for a stream vs Starlette's; client_overhead.py: `kvferry bench`'s
+            client, httpx vs aiohttp; handoff.py: a prompt's hand-off, a connection each vs kept;
+            gc_pauses.py: a full GC pass; on a GPU, bench/device_reduce.py: TP ranks sharing
+            it, all-reduces ordered by events vs a host sync each, and on MPS by barrier kernels
+            (eager, and as a CUDA graph); forward_host.py: a forward's host launch vs device
   overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
             TTFT, whole-chunk vs layer-wise (prompts past 2,048 tokens in chunks of 2,048 and in
             one); the first length again with decode in its own process on a private MPS server

@@ -34,6 +34,12 @@ def front_rows(front: dict | None) -> list[Row]:
         cpu = f"daemon CPU per token {ratios['cpu_per_token']:.2f}x"
         rows.append(Row(f"HTTP front, reports read on its loop / by a thread: TTFT p50, c={c}",
                         ratios["ttft"][str(c)], None, "x", detail=f"{others}; {cpu}"))  # fmt: skip
+    ratios = front.get("starlette_over_events")  # a stream's response: Starlette's / its own
+    if ratios:
+        others = ", ".join(f"c={n} {r:.2f}x" for n, r in ratios["ttft"].items() if n != str(c))
+        cpu = f"daemon CPU per request {ratios['cpu_per_request']:.2f}x"
+        rows.append(Row(f"HTTP front, Starlette's StreamingResponse / its own: TTFT p50, c={c}",
+                        ratios["ttft"][str(c)], None, "x", detail=f"{others}; {cpu}"))  # fmt: skip
     return rows
 
 

@@ -22,7 +22,10 @@ so the CPU is the front's machinery, not a tokenizer's.
 `--reports thread,loop` runs every point with the reports read by a thread of their own that
 hands the tokens to the front's loop, as the daemons read their ranks' reports, and again read
 on the front's event loop itself, and prints loop ÷ thread for the client's TTFT p50 and the
-daemon's CPU per token. `--stacks fronts,stock` runs them on the
+daemon's CPU per token. `--responses events,starlette` runs them (reports by a thread) with
+the front's own response for a stream (`sse.EventStream`) and again with Starlette's
+StreamingResponse, which runs a task group beside each, and prints starlette ÷ events for the
+client's TTFT p50 and the daemon's CPU per request. `--stacks fronts,stock` runs them on the
 fronts' own stack (uvloop, uvicorn's httptools protocol: `http_protocol.py`) and again on
 uvicorn's pure-Python one (asyncio's loop, h11, Nagle off as well), and prints stock ÷ fronts
 for the front's CPU per token and its share of TTFT.
@@ -41,17 +44,19 @@ import time
 
 import uvloop
 from front_standin import StandIn  # bench/ is on sys.path (a script)
+from starlette.responses import StreamingResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
 from kvferry.daemon.cli.bench.senders import client_processes, send
 from kvferry.daemon.cli.bench.workload import Prompt
-from kvferry.daemon.server import http_front
+from kvferry.daemon.server import http_front, sse
 from kvferry.daemon.server.http_front import HTTPFront
 from kvferry.transport.loop import GIL_SWITCH_S
 
 STACKS = ("fronts", "stock")  # the daemons' own HTTP stack, uvicorn's pure-Python one
 REPORTS = ("thread", "loop")  # reports read by a thread (the daemons' way), on the front's loop
+RESPONSES = ("events", "starlette")  # a stream's response: the front's own, Starlette's
 
 
 class StockProtocol(H11Protocol):
@@ -64,6 +69,12 @@ class StockProtocol(H11Protocol):
     def connection_made(self, transport) -> None:
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
+
+
+def starlette_stream(chunks) -> StreamingResponse:
+    """A stream's answer as the front wrote it before its own response (`sse.EventStream`)."""
+    headers = {"Cache-Control": "no-cache"}
+    return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
 
 
 def start_front(daemon: StandIn, stack: str) -> HTTPFront:
@@ -153,6 +164,8 @@ def main() -> None:
     p.add_argument("--step-ms", type=float, default=2.0, help="time between engine steps")
     p.add_argument("--stacks", default="fronts,stock", help="fronts (the daemons' own), stock")
     p.add_argument("--reports", default="thread,loop", help="thread (the daemons'), loop")
+    p.add_argument("--responses", default="events,starlette", help="events (the front's own), "
+                   "starlette (StreamingResponse); with the reports read by a thread")  # fmt: skip
     p.add_argument("--json", help="write the results here")
     p.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # a point's client process
     args = p.parse_args()
@@ -160,38 +173,53 @@ def main() -> None:
         point_args = (int(args.concurrency), args.requests, args.tokens, args.prompt)
         print(json.dumps(uvloop.run(load(args.client, *point_args))))
         return
-    stacks, reports = args.stacks.split(","), args.reports.split(",")
-    if not stacks or set(stacks) - set(STACKS):
-        p.error(f"--stacks {args.stacks!r}: a comma-separated list of {', '.join(STACKS)}")
-    if not reports or set(reports) - set(REPORTS):
-        p.error(f"--reports {args.reports!r}: a comma-separated list of {', '.join(REPORTS)}")
+    axes = {}
+    for name, known in (("stacks", STACKS), ("reports", REPORTS), ("responses", RESPONSES)):
+        axes[name] = getattr(args, name).split(",")
+        if not axes[name] or set(axes[name]) - set(known):
+            p.error(f"--{name} {getattr(args, name)!r}: a comma-separated list of "
+                    f"{', '.join(known)}")  # fmt: skip
     sys.setswitchinterval(GIL_SWITCH_S)  # as the daemon's process has it (daemon.serve)
-    runs = {}
-    for stack in stacks:
-        for how in reports:
-            daemon = StandIn(args.step_ms / 1e3, how)
-            front = start_front(daemon, stack)
-            daemon.serve()
-            try:
-                points = [point(front, daemon, int(c), args) for c in args.concurrency.split(",")]
-                runs[stack if how == "thread" else f"{stack}/loop"] = points
-            finally:
-                daemon.unserve()
-                front.shutdown()
-                daemon.close()
+    runs, own = {}, sse.EventStream
+    for stack in axes["stacks"]:
+        for how in axes["reports"]:
+            for response in axes["responses"] if how == "thread" else ["events"]:
+                sse.EventStream = starlette_stream if response == "starlette" else own
+                name = (
+                    stack
+                    + ("/loop" if how == "loop" else "")
+                    + ("/starlette" if response == "starlette" else "")
+                )
+                try:
+                    runs[name] = run(stack, how, args)
+                finally:
+                    sse.EventStream = own
     report(runs, args)
+
+
+def run(stack: str, how: str, args: argparse.Namespace) -> list[dict]:
+    """Every point on a front of `stack` with the reports read `how`."""
+    daemon = StandIn(args.step_ms / 1e3, how)
+    front = start_front(daemon, stack)
+    daemon.serve()
+    try:
+        return [point(front, daemon, int(c), args) for c in args.concurrency.split(",")]
+    finally:
+        daemon.unserve()
+        front.shutdown()
+        daemon.close()
 
 
 def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
     print(f"HTTP front, {args.tokens}-token streamed answers, a step every {args.step_ms:g} ms")
     print(
-        f"{'run':>13} {'c':>4} {'procs':>5} {'TTFT p50 ms':>12} {'daemon':>8} {'front':>8} "
+        f"{'run':>17} {'c':>4} {'procs':>5} {'TTFT p50 ms':>12} {'daemon':>8} {'front':>8} "
         f"{'tok/s':>8} {'front us/token':>15} {'us/request':>11} {'client us/token':>16}"
     )
     for stack, points in runs.items():
         for r in points:
             print(
-                f"{stack:>13} {r['concurrency']:>4} {r['client_processes']:>5} "
+                f"{stack:>17} {r['concurrency']:>4} {r['client_processes']:>5} "
                 f"{r['ttft_ms_p50']:>12.2f} {r['daemon_ttft_ms_p50']:>8.2f} "
                 f"{r['front_ttft_ms_p50']:>8.2f} {r['tokens_per_s']:>8.0f} "
                 f"{r['front_cpu_us_per_token']:>15.1f} {r['front_cpu_us_per_request']:>11.0f} "
@@ -218,31 +246,40 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
         )
         out["stock_over_fronts"] = {"cpu_per_token": cpu, "front_ttft": ttft}
     for stack in STACKS:
+        key = "" if stack == "fronts" else stack + "_"
         if stack in runs and f"{stack}/loop" in runs:
-            out[f"{'' if stack == 'fronts' else stack + '_'}loop_over_thread"] = loop_over_thread(
-                stack, runs[stack], runs[f"{stack}/loop"]
+            label = "reports on the loop / by a thread"
+            out[f"{key}loop_over_thread"] = compare(
+                stack, label, runs[stack], runs[f"{stack}/loop"], "front_cpu_us_per_token"
+            )
+        if stack in runs and f"{stack}/starlette" in runs:
+            label = "Starlette's StreamingResponse / the front's own"
+            out[f"{key}starlette_over_events"] = compare(
+                stack, label, runs[stack], runs[f"{stack}/starlette"], "front_cpu_us_per_request"
             )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
 
 
-def loop_over_thread(stack: str, thread: list[dict], loop: list[dict]) -> dict:
-    """The reports read on the front's loop ÷ by a thread of their own: the client's TTFT p50
-    at each concurrency, the daemon's CPU per token at the highest."""
+def compare(stack: str, label: str, base: list[dict], other: list[dict], cpu_key: str) -> dict:
+    """`other` ÷ `base`: the client's TTFT p50 at each concurrency, the daemon's CPU
+    (`cpu_key`: per token or per request) at the highest."""
     ttft = {
         str(a["concurrency"]): b["ttft_ms_p50"] / max(a["ttft_ms_p50"], 1e-9)
-        for a, b in zip(thread, loop, strict=True)
+        for a, b in zip(base, other, strict=True)
     }
-    cpu = loop[-1]["front_cpu_us_per_token"] / thread[-1]["front_cpu_us_per_token"]
+    cpu = other[-1][cpu_key] / base[-1][cpu_key]
     shown = ", ".join(
         f"c={a['concurrency']} {ttft[str(a['concurrency'])]:.2f}x "
         f"({b['ttft_ms_p50']:.2f} vs {a['ttft_ms_p50']:.2f} ms)"
-        for a, b in zip(thread, loop, strict=True)
+        for a, b in zip(base, other, strict=True)
     )
-    print(f"{stack}, reports on the loop / by a thread: client TTFT p50 {shown}; daemon CPU per "
-          f"token at c={thread[-1]['concurrency']} {cpu:.2f}x")  # fmt: skip
-    return {"ttft": ttft, "cpu_per_token": cpu}
+    per = cpu_key.rsplit("_", 1)[1]
+    print(f"{stack}, {label}: client TTFT p50 {shown}; daemon CPU per {per} at "
+          f"c={base[-1]['concurrency']} {cpu:.2f}x ({other[-1][cpu_key]:.1f} vs "
+          f"{base[-1][cpu_key]:.1f} us)")  # fmt: skip
+    return {"ttft": ttft, f"cpu_per_{per}": cpu}
 
 
 if __name__ == "__main__":

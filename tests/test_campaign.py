@@ -204,6 +204,7 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "prompt hand-off, a connection per request / kept, curve",
         "HTTP front CPU per streamed token, c=32",
         "HTTP front, reports read on its loop / by a thread: TTFT p50, c=32",
+        "HTTP front, Starlette's StreamingResponse / its own: TTFT p50, c=32",
         "hetero: TTFT in the daemons p50 c=2 / c=1",
         "hetero: TTFT outside the daemons p50, c=2",
         "receives posted ahead ÷ on arrival: TTFT p50, c=2",
