@@ -14,13 +14,14 @@ the others still run):
   perftest  ucx_perftest (from the libucx wheel): UCX's own tag bandwidth for the same size
   host      bench/host_costs.py: host CPU per step of the transfer thread, quiet and during a
             forward; bench/control_path.py: the transfer threads' CPU per request, tiny KV;
-            bench/group_exchange.py: a TP step's exchanges, gloo vs the ranks' pipes;
-            bench/http_front.py: the decode front's TTFT and CPU, reports by a thread vs its loop,
-            its own response for a stream vs Starlette's; client_overhead.py: `kvferry bench`'s
-            client, httpx vs aiohttp; handoff.py: a prompt's hand-off, a connection each vs kept;
-            gc_pauses.py: a full GC pass; on a GPU, bench/device_reduce.py: TP ranks sharing
-            it, all-reduces ordered by events vs a host sync each, and on MPS by barrier kernels
-            (eager, and as a CUDA graph); forward_host.py: a forward's host launch vs device
+            group_exchange.py: a TP step's exchanges, gloo vs the ranks' pipes; http_front.py:
+            the decode front's TTFT and CPU, reports by a thread vs its loop, its own response
+            for a stream vs Starlette's; client_overhead.py: `kvferry bench`'s client, httpx vs
+            aiohttp; router_relay.py: a router's TTFT and CPU; handoff.py: a prompt's hand-off,
+            a connection each vs kept; gc_pauses.py: a full GC pass; on a GPU, device_reduce.py:
+            TP ranks sharing it, all-reduces ordered by events vs a host sync each, and on MPS by
+            barrier kernels (eager, and as a CUDA graph); forward_host.py: a forward's host
+            launch vs its device time
   overlap   bench/overlap.py: prefill with vs without transfers, colocated vs disaggregated
             TTFT, whole-chunk vs layer-wise (prompts past 2,048 tokens in chunks of 2,048 and in
             one); the first length again with decode in its own process on a private MPS server
@@ -50,6 +51,7 @@ import time
 from pathlib import Path
 
 from campaign_e2e import stage_e2e  # noqa: F401 (a stage: main finds it by name)
+from campaign_host import SMALL_BENCHES
 from campaign_rows import print_table, read_json
 from campaign_summary import VARIANTS, summary_rows
 
@@ -181,14 +183,7 @@ def stage_host(stage: Stage) -> None:
     out, quick = stage.args.out_dir, stage.args.quick
     sizes = ["--calls", "200", "--tokens", "1024", "--chunk", "128"] if quick else []
     if stage.run(python("host_costs.py", *sizes, "--json", str(out / "host.json"))):
-        for bench, quick_args, name in (
-            ("control_path.py", ["--requests", "30", "--warmup", "5"], "control.json"),
-            ("group_exchange.py", ["--calls", "100", "--rounds", "3"], "group.json"),
-            ("http_front.py", ["--requests", "64", "--stacks", "fronts"], "http_front.json"),
-            ("handoff.py", ["--calls", "200"], "handoff.json"),
-            ("client_overhead.py", ["--requests", "40", "--rounds", "1"], "client.json"),
-            ("gc_pauses.py", [], "gc.json"),  # a full GC pass, start-up heap walked vs frozen
-        ):
+        for bench, quick_args, name in SMALL_BENCHES:
             stage.run(python(bench, *(quick_args if quick else []), "--json", str(out / name)))
         if stage.args.gpu:  # TP ranks sharing the GPU: a forward's all-reduces (two orderings,
             # on MPS too); a prefill forward's launch on the host against the device's time

@@ -1,10 +1,21 @@
-"""The campaign's rows of the host stage's smaller benches: the HTTP front alone, the load
-generator's client, a prompt's hand-off, a TP step's exchanges and a garbage-collector pass
-(bench/campaign.py, `host`)."""
+"""The host stage's smaller benches and their rows in the campaign's table: the HTTP front
+alone, the load generator's client, a router, a prompt's hand-off, a TP step's exchanges and a
+garbage-collector pass (bench/campaign.py, `host`)."""
 
 from __future__ import annotations
 
 from campaign_rows import Row  # bench/ is on sys.path (a script)
+
+# (bench, its arguments under --quick, its JSON file), run after host_costs.py
+SMALL_BENCHES = (
+    ("control_path.py", ["--requests", "30", "--warmup", "5"], "control.json"),
+    ("group_exchange.py", ["--calls", "100", "--rounds", "3"], "group.json"),
+    ("http_front.py", ["--requests", "64", "--stacks", "fronts"], "http_front.json"),
+    ("handoff.py", ["--calls", "200"], "handoff.json"),
+    ("client_overhead.py", ["--requests", "40", "--rounds", "1"], "client.json"),
+    ("router_relay.py", ["--requests", "32", "--concurrency", "1,8"], "router.json"),
+    ("gc_pauses.py", [], "gc.json"),  # a full GC pass, start-up heap walked vs frozen
+)
 
 
 def front_rows(front: dict | None) -> list[Row]:
@@ -54,6 +65,23 @@ def client_rows(client: dict | None) -> list[Row]:
               f"{ratios['cpu_per_token_us']:.2f}x")  # fmt: skip
     return [Row("bench client, httpx / aiohttp: TTFT p50 c=1 (a server answering at once)",
                 ratios["ttft_p50_us_c1"], None, "x", detail=detail)]  # fmt: skip
+
+
+def router_rows(router: dict | None) -> list[Row]:
+    """A router in front of a stand-in decode daemon: its TTFT through ÷ straight, its CPU."""
+    if not router:
+        return []
+    high = router["points"][-1]
+    c = high["concurrency"]
+    detail = (f"{high['router_ttft_ms_p50']:.3g} vs {high['direct_ttft_ms_p50']:.3g} ms; "
+              f"{high['tokens_per_s']:.0f} tok/s")  # fmt: skip
+    return [
+        Row(f"router, TTFT p50 through it / straight, c={c}", high["ttft_ratio"], None, "x",
+            higher_is_better=False, detail=detail),
+        Row(f"router CPU per relayed token, c={c}", high["router_cpu_us_per_token"], None,
+            " us", higher_is_better=False,
+            detail=f"{high['router_cpu_us_per_request']:.0f} us per request"),
+    ]  # fmt: skip
 
 
 def handoff_rows(handoff: dict | None) -> list[Row]:

@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from campaign_e2e import e2e_rows  # bench/ is on sys.path (a script)
-from campaign_host import client_rows, front_rows, gc_rows, group_rows, handoff_rows
+from campaign_host import (
+    client_rows,
+    front_rows,
+    gc_rows,
+    group_rows,
+    handoff_rows,
+    router_rows,
+)
 from campaign_rows import Row, read_json
 
 from kvferry.staging.plan import plan_head_transfers
@@ -31,6 +38,7 @@ def summary_rows(out_dir: Path, gpu: bool) -> list[Row]:
     rows += group_rows(read("group.json"))
     rows += front_rows(read("http_front.json"))
     rows += client_rows(read("client.json"))
+    rows += router_rows(read("router.json"))
     rows += handoff_rows(read("handoff.json"))
     rows += gc_rows(read("gc.json"))
     rows += reduce_rows(read("device_reduce.json"))

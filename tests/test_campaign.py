@@ -200,6 +200,8 @@ def test_a_quick_campaign_runs_every_stage(tmp_path):
         "TP step exchange (broadcast + verdicts), gloo / the ranks' pipes",
         "HTTP front's TTFT, c=32 / c=1",
         "bench client, httpx / aiohttp: TTFT p50 c=1 (a server answering at once)",
+        "router, TTFT p50 through it / straight, c=8",
+        "router CPU per relayed token, c=8",
         "prompt hand-off, a connection per request / kept, plain",
         "prompt hand-off, a connection per request / kept, curve",
         "HTTP front CPU per streamed token, c=32",

@@ -32,8 +32,8 @@ from kvferry.daemon.cli.replies import (
     Tally,
     Unreachable,
     json_answer,
-    os_reason,
 )
+from kvferry.daemon.os_reason import os_reason
 from kvferry.daemon.server.api import CompletionRequest
 
 

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import httpx
 import msgspec
 
+from kvferry.daemon.os_reason import os_reason
+
 
 class ClientError(Exception):
     """No usable answer; `reason` says why, the message names the URL as well; `kind` is a
@@ -92,20 +94,6 @@ def translated(url: str, timeout: float):
         raise ConnectionReset(url, f"connection lost: {os_reason(exc)}") from None
     except httpx.HTTPError as exc:
         raise ClientError(url, f"{type(exc).__name__}: {os_reason(exc)}") from None
-
-
-def os_reason(exc: BaseException) -> str:
-    """The operating system's reason under httpx's (and anyio's) wrappers, else httpx's own
-    words."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror
-        grouped = getattr(cause, "exceptions", None)  # one per address tried
-        cause = grouped[0] if grouped else cause.__cause__ or cause.__context__
-    return str(exc) or type(exc).__name__
 
 
 class EventReader:

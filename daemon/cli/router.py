@@ -31,9 +31,7 @@ def router(config_path: str, name: str | None, log_level: str) -> None:
         format=f"%(asctime)s {where} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if log_level.lower() != "debug":  # httpx logs each request it makes at INFO: every poll
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # of a target, every forward
-    from kvferry.daemon.router.server import serve  # uvicorn, starlette, httpx: only here
+    from kvferry.daemon.router.server import serve  # uvicorn, starlette, aiohttp: only here
 
     sys.exit(serve(config))
 

@@ -6,7 +6,7 @@ Life of a request through the router:
 2. **Picked.** `forward.py` asks the pool (`pool.py`) for the least-loaded usable target: the
    fewest requests in flight (its last /status, moved by this router's own count since), then
    the most free KV pages (`targets.py`).
-3. **Sent.** The body goes to that decode daemon over a pooled connection (httpx).
+3. **Sent.** The body goes to that decode daemon over a pooled connection (aiohttp).
 4. **Checked before the first byte.** A whole answer is read in full; a stream up to its first
    event. A failure up to here (no connection, connection lost, 500/502/503, or a stream whose
    first event is such an error) backs the target off and goes back to 2 on another target,

@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import anyio
-import httpx
+import aiohttp
+import msgspec
 from starlette.responses import Response
 
+from kvferry.daemon.os_reason import os_reason
 from kvferry.daemon.router import relay
 from kvferry.daemon.router.errors import AttemptFailure, AttemptKind, RouterError
 from kvferry.daemon.router.metrics import RouterMetrics
@@ -31,8 +32,8 @@ from kvferry.daemon.server.config import RouterConfig
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({500, 502, 503})
-CLOSE_S = 5.0  # closing an upstream response, shielded from the cancellation that asked for it
-_UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# no connection: refused, reset or timed out as it opened, or no pooled connection in time
+_UNREACHABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 _Result = Response | relay.Relay | AttemptFailure  # of one attempt
 
 
@@ -53,7 +54,7 @@ class Forwarder:
         self,
         config: RouterConfig,
         pool: TargetPool,
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
         metrics: RouterMetrics,
         on_failure: Callable[[], None],
     ) -> None:
@@ -122,32 +123,38 @@ class Forwarder:
     async def _exchange(self, target: Target, call: Call) -> _Result:
         try:
             response = await self._send(target, call)
-        except httpx.HTTPError as exc:
+        except relay.BROKEN as exc:
             return _failure(target.url, exc)
         result = None
         try:
             result = await self._read(target, call, response)
             return result
-        except httpx.HTTPError as exc:
+        except relay.BROKEN as exc:
             return _failure(target.url, exc)
         finally:
             if not isinstance(result, relay.Relay):
-                await _close(response)
+                response.release()
 
-    async def _send(self, target: Target, call: Call) -> httpx.Response:
+    async def _send(self, target: Target, call: Call) -> aiohttp.ClientResponse:
+        """The answer's head; its body is read as it comes. The request's remaining time
+        bounds the wait for a connection and each read, the connect timeout each connect."""
         remaining = max(call.deadline - time.monotonic(), 0.001)
-        timeout = httpx.Timeout(remaining, connect=min(self.config.connect_timeout_s, remaining))
-        headers = {"content-type": "application/json"} if call.body else {}
-        request = self.client.build_request(
-            call.method, target.url + call.path, content=call.body, headers=headers, timeout=timeout
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=remaining,
+            sock_connect=min(self.config.connect_timeout_s, remaining),
+            sock_read=remaining,
         )
-        return await self.client.send(request, stream=True)
+        headers = {"content-type": "application/json"} if call.body else {}
+        url, body = target.url + call.path, call.body or None
+        return await self.client.request(
+            call.method, url, data=body, headers=headers, timeout=timeout
+        )
 
-    async def _read(self, target: Target, call: Call, response: httpx.Response):
-        status = response.status_code
+    async def _read(self, target: Target, call: Call, response: aiohttp.ClientResponse):
+        status = response.status
         if status in RETRY_STATUSES:
-            await response.aread()
-            detail = f"answered {status} ({_message(response)})"
+            detail = f"answered {status} ({_message(await response.read())})"
             return AttemptFailure(target.url, AttemptKind.REFUSED, detail)
         if call.stream and status == 200 and relay.is_stream(response):
             data, rest = await relay.head(response)
@@ -157,7 +164,7 @@ class Forwarder:
             first_sent = functools.partial(self._first_sent, call)
             done = functools.partial(self._stream_done, target, call, response)
             return relay.Relay(target.url, data, rest, first_sent, done)
-        body = await response.aread()
+        body = await response.read()
         media = response.headers.get("content-type")
         headers = {relay.TARGET_HEADER: target.url}
         return Response(body, status, headers=headers, media_type=media)
@@ -182,9 +189,14 @@ class Forwarder:
         self.metrics.first_byte.observe(time.monotonic() - call.started)
 
     async def _stream_done(
-        self, target: Target, call: Call, response: httpx.Response, outcome: str, why: str | None
+        self,
+        target: Target,
+        call: Call,
+        response: aiohttp.ClientResponse,
+        outcome: str,
+        why: str | None,
     ) -> None:
-        await _close(response)
+        response.release()  # its connection back to the pool, or closed if the stream broke off
         self._attempt_done(target, outcome)
         if outcome == "broken":
             self._failed(target, f"stream broken: {why}")
@@ -198,29 +210,23 @@ class Forwarder:
             self.metrics.first_byte.observe(elapsed)
 
 
-async def _close(response: httpx.Response) -> None:
-    # shielded: the client leaving cancels the caller, and an unclosed response holds its
-    # connection (and the decode daemon's request) until it is collected
-    with anyio.move_on_after(CLOSE_S, shield=True):
-        await response.aclose()
-
-
-def _failure(url: str, exc: httpx.HTTPError) -> AttemptFailure:
+def _failure(url: str, exc: BaseException) -> AttemptFailure:
     if isinstance(exc, _UNREACHABLE):
         kind = AttemptKind.UNREACHABLE
-    elif isinstance(exc, httpx.TimeoutException):
+    elif isinstance(exc, asyncio.TimeoutError):
         kind = AttemptKind.TIMEOUT
     else:
         kind = AttemptKind.DROPPED
-    return AttemptFailure(url, kind, f"{kind.value} ({str(exc) or type(exc).__name__})")
+    why = os_reason(exc.os_error) if isinstance(exc, aiohttp.ClientConnectorError) else None
+    return AttemptFailure(url, kind, f"{kind.value} ({why or str(exc) or type(exc).__name__})")
 
 
-def _message(response: httpx.Response) -> str:
+def _message(body: bytes) -> str:
     """An error answer's message (OpenAI's shape), or the start of its body."""
     try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return response.text[:200] or "no body"
+        return str(msgspec.json.decode(body)["error"]["message"])
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return body[:200].decode(errors="replace") or "no body"
 
 
 def _outcome_of(exc: BaseException) -> str:

@@ -8,13 +8,23 @@ with the error event on a line of its own, never glued to half an event.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import httpx
+import aiohttp
 from starlette.responses import StreamingResponse
 
 from kvferry.daemon.router.errors import RouterError
+
+# what a decode daemon's answer may break with as it is read: the connection (aiohttp's
+# errors), a read past the request's time, or a stream cut short (StreamEnded)
+BROKEN = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+class StreamEnded(aiohttp.ClientPayloadError):
+    """A decode daemon's stream ended before its first event, or inside an event."""
+
 
 # OpenAI error types a decode daemon gives a stream that failed before its first token and
 # that another daemon may serve: its 502 (a transfer failed) and 503 (unavailable) kinds
@@ -39,20 +49,20 @@ class Splitter:
         return data[: end + 2]
 
 
-def is_stream(response: httpx.Response) -> bool:
+def is_stream(response: aiohttp.ClientResponse) -> bool:
     return response.headers.get("content-type", "").startswith("text/event-stream")
 
 
-async def head(response: httpx.Response) -> tuple[bytes, AsyncIterator[bytes]]:
+async def head(response: aiohttp.ClientResponse) -> tuple[bytes, AsyncIterator[bytes]]:
     """The stream's bytes up to the end of its first data event at least (comments before it
-    are kept), and the rest to come; httpx.RemoteProtocolError if it ends first."""
-    chunks = response.aiter_bytes()
+    are kept), and the rest to come, as they arrive; StreamEnded if it ends first."""
+    chunks = response.content.iter_any()
     data = b""
     async for chunk in chunks:
         data += chunk
         if _first_data(data) is not None:
             return data, chunks
-    raise httpx.RemoteProtocolError("the stream ended before its first event")
+    raise StreamEnded("the stream ended before its first event")
 
 
 def refused(data: bytes) -> str | None:
@@ -106,9 +116,9 @@ class Relay:
                 if whole:
                     yield whole
             if events.pending.strip():
-                raise httpx.RemoteProtocolError("the stream ended inside an event")
+                raise StreamEnded("the stream ended inside an event")
             outcome = "ok"
-        except httpx.HTTPError as exc:
+        except BROKEN as exc:
             outcome, why = "broken", str(exc) or type(exc).__name__
             message = f"decode daemon {self.target} failed mid-stream: {why}"
             yield RouterError(502, message, "server_error", "broken").event()

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 
-import httpx
+import aiohttp
 
 from kvferry.daemon.router.forward import Call, Forwarder
 from kvferry.daemon.router.metrics import RouterMetrics
@@ -21,7 +21,6 @@ from kvferry.daemon.router.resolver import Resolver, system_resolver
 from kvferry.daemon.router.watcher import Watcher
 from kvferry.daemon.server.api_key import read_api_key
 from kvferry.daemon.server.config import RouterConfig
-from kvferry.daemon.server.http_client import transport
 
 MAX_UPSTREAM_CONNECTIONS = 4096  # to all targets together; one per request in flight
 # Idle pooled connections are dropped before a daemon closes them (5 s), so that no request
@@ -44,16 +43,19 @@ class Router:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
-        limits = httpx.Limits(
-            max_connections=MAX_UPSTREAM_CONNECTIONS,
-            max_keepalive_connections=MAX_UPSTREAM_CONNECTIONS,
-            keepalive_expiry=KEEP_ALIVE_S,
+        connector = aiohttp.TCPConnector(
+            limit=MAX_UPSTREAM_CONNECTIONS, keepalive_timeout=KEEP_ALIVE_S
         )
-        # trust_env off: a proxy set for the host's outgoing traffic must not sit between the
-        # router and its daemons
-        # one key for the deployment: the router shows its own to the decode daemons
+        # one key for the deployment: the router shows its own to the decode daemons. Not
+        # trust_env: a proxy set for the host's outgoing traffic must not sit between the router
+        # and its daemons. Each request sets its own timeouts (forward.py, watcher.py).
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else None
-        client = httpx.AsyncClient(transport=transport(limits), headers=headers, trust_env=False)
+        client = aiohttp.ClientSession(
+            connector=connector,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None),
+            trust_env=False,
+        )
         async with client:
             watcher = Watcher(self.config, self.pool, client, self.resolver)
             self.forwarder = Forwarder(self.config, self.pool, client, self.metrics, watcher.failed)

@@ -16,7 +16,8 @@ import contextlib
 import logging
 import time
 
-import httpx
+import aiohttp
+import msgspec
 
 from kvferry.daemon.router.pool import TargetPool
 from kvferry.daemon.router.resolver import Resolver, canonical
@@ -31,7 +32,11 @@ STOP_S = 5.0  # how long stop() waits for a turn in progress to end
 
 class Watcher:
     def __init__(
-        self, config: RouterConfig, pool: TargetPool, client: httpx.AsyncClient, resolver: Resolver
+        self,
+        config: RouterConfig,
+        pool: TargetPool,
+        client: aiohttp.ClientSession,
+        resolver: Resolver,
     ) -> None:
         self.config, self.pool, self.client, self.resolver = config, pool, client, resolver
         self._wake = asyncio.Event()
@@ -88,35 +93,39 @@ class Watcher:
 
     async def _probe(self, target: Target) -> None:
         try:
-            health = await self.client.get(f"{target.url}/health", timeout=self._timeout())
-            if health.status_code != 200:
-                return self._down(target, _reason(health))
-            status = await self.client.get(f"{target.url}/status", timeout=self._timeout())
-            status.raise_for_status()
-            load = Load.of_status(status.json(), target.in_flight)
-        except httpx.HTTPError as exc:
+            status, health = await self._get(f"{target.url}/health")
+            if status != 200:
+                return self._down(target, _reason(status, health))
+            status, body = await self._get(f"{target.url}/status")
+            if status != 200:
+                return self._down(target, f"/status answered {status}")
+            load = Load.of_status(msgspec.json.decode(body), target.in_flight)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self._resolve_wanted = True  # its address may have moved
             return self._down(target, f"unreachable: {_describe(exc)}")
-        except ValueError as exc:  # not JSON, or not a decode daemon's /status
+        except (msgspec.DecodeError, ValueError) as exc:  # not JSON, or not a decode /status
             return self._down(target, f"bad /status: {exc}")
         if target.observed(load):
             log.info("target %s is up", target.url)
+
+    async def _get(self, url: str) -> tuple[int, bytes]:
+        """GET `url`: its status and body, read whole within `probe_timeout_s`."""
+        timeout = aiohttp.ClientTimeout(total=self.config.probe_timeout_s)
+        async with self.client.get(url, timeout=timeout) as response:
+            return response.status, await response.read()
 
     def _down(self, target: Target, why: str) -> None:
         if target.down(why):
             log.warning("target %s is out: %s", target.url, why)
 
-    def _timeout(self) -> httpx.Timeout:
-        return httpx.Timeout(self.config.probe_timeout_s)
 
-
-def _reason(health: httpx.Response) -> str:
+def _reason(status: int, health: bytes) -> str:
     """A daemon's /health says why it cannot serve in `status` (starting, stopping…)."""
     try:
-        return str(health.json()["status"])
-    except (ValueError, KeyError, TypeError):
-        return f"/health answered {health.status_code}"
+        return str(msgspec.json.decode(health)["status"])
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return f"/health answered {status}"
 
 
-def _describe(exc: httpx.HTTPError) -> str:
+def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__

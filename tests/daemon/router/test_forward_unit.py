@@ -1,47 +1,64 @@
-"""Forwarder alone, its HTTP client's transport (daemon/server/http_client.py) over httpx's
-mock transport: a target whose connection breaks inside the HTTP stack as it opens is an
-unreachable target, and the request goes to another."""
+"""Forwarder alone, over real sockets: a target whose every connection is reset as it opens
+is a failed target, backed off, and the request goes to another."""
 
 import asyncio
+import socket
+import struct
+import threading
 import time
 
-import httpx
+import aiohttp
 
 from kvferry.daemon.router.forward import Call, Forwarder
 from kvferry.daemon.router.metrics import RouterMetrics
 from kvferry.daemon.router.pool import TargetPool
 from kvferry.daemon.server.config import RouterConfig
-from kvferry.daemon.server.http_client import ConnectionSafeTransport
-
-BROKEN, SERVING = "http://127.0.0.1:1", "http://127.0.0.1:2"
+from support.router_sim import stub_server
 
 
-def answer(request: httpx.Request) -> httpx.Response:
-    if str(request.url).startswith(BROKEN):
-        # what anyio raises on uvloop for a connection its peer closed as it opened
-        raise AttributeError("'NoneType' object has no attribute 'getpeername'")
-    return httpx.Response(200, json={"choices": [{"text": "served"}]})
+def resetting() -> socket.socket:
+    """A listening socket that resets each connection as it accepts it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
 
 
-def test_a_connection_that_breaks_as_it_opens_goes_to_another_target():
-    pool = TargetPool()
-    pool.update("configured", [BROKEN, SERVING])
-    for target in pool.targets():
-        target.health = "up"
-    pool.get(SERVING).in_flight = 1  # the least loaded goes first: the broken one
-    config = RouterConfig(targets=[BROKEN, SERVING], backoff_s=60)
-    now = time.monotonic()
-    call = Call("POST", "/v1/completions", b"{}", False, now, now + 30)
+def test_a_connection_reset_as_it_opens_goes_to_another_target():
+    listener, serving = resetting(), stub_server("serving", "127.0.0.1", 0)
+    broken_url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        pool = TargetPool()
+        pool.update("configured", [broken_url, serving.url])
+        for target in pool.targets():
+            target.health = "up"
+        pool.get(serving.url).in_flight = 1  # the least loaded goes first: the broken one
+        config = RouterConfig(targets=[broken_url, serving.url], backoff_s=60)
+        now = time.monotonic()
+        call = Call("POST", "/v1/completions", b"{}", False, now, now + 30)
 
-    async def forward():
-        upstream = ConnectionSafeTransport(httpx.MockTransport(answer))
-        async with httpx.AsyncClient(transport=upstream) as client:
-            forwarder = Forwarder(config, pool, client, RouterMetrics(pool), lambda: None)
-            return await forwarder.forward(call)
+        async def forward():
+            async with aiohttp.ClientSession() as client:
+                forwarder = Forwarder(config, pool, client, RouterMetrics(pool), lambda: None)
+                return await forwarder.forward(call)
 
-    response = asyncio.run(forward())
+        response = asyncio.run(forward())
+    finally:
+        listener.close()
+        serving.shutdown()
+        serving.server_close()
     assert response.status_code == 200
-    assert b"served" in response.body
-    broken = pool.get(BROKEN)
+    assert b"serving" in response.body
+    broken = pool.get(broken_url)
     assert broken.backoff_until > time.monotonic()  # backed off, as for a refused connection
     assert broken.in_flight == 0
+    assert broken.last_failure.startswith(("unreachable", "dropped")), broken.last_failure

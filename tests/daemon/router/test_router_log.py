@@ -1,5 +1,5 @@
 """`kvferry router`'s log at its default level: its own lines, not one for every HTTP request it
-makes (httpx writes each at INFO: every poll of a target, every request forwarded)."""
+makes (every poll of a target, every request forwarded)."""
 
 import subprocess
 import sys
