@@ -22,6 +22,7 @@ from kvferry.daemon.router.errors import RouterError
 from kvferry.daemon.router.metrics import CONTENT_TYPE
 from kvferry.daemon.router.service import Router
 from kvferry.daemon.server.http_protocol import GONE
+from kvferry.daemon.server.sse import disconnected
 
 CANCEL_S = 10.0  # a request whose client left: how long its attempt gets to wind down
 
@@ -69,7 +70,7 @@ async def _answer(request: Request, router: Router, call) -> Response:
     to the decode daemon: the daemon aborts it as it would for its own client."""
     assert router.forwarder is not None, "requests are served only while the app runs"
     work = asyncio.ensure_future(router.forwarder.forward(call))
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(disconnected(request.receive))
     # the attempts time themselves out; this is the backstop of an answer that trickles in
     limit = call.deadline - time.monotonic() + CANCEL_S
     try:
@@ -115,12 +116,6 @@ def _streams(body: bytes) -> bool:
         return msgspec.json.decode(body, type=_Streaming).stream
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return False
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns once the client has closed its connection (the body is read by then)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _health(request: Request) -> Response:

@@ -163,7 +163,7 @@ class Forwarder:
                 return AttemptFailure(target.url, AttemptKind.REFUSED, why)
             first_sent = functools.partial(self._first_sent, call)
             done = functools.partial(self._stream_done, target, call, response)
-            return relay.Relay(target.url, data, rest, first_sent, done)
+            return relay.Relay(target.url, data, rest, first_sent, done, response.close)
         body = await response.read()
         media = response.headers.get("content-type")
         headers = {relay.TARGET_HEADER: target.url}

@@ -13,9 +13,9 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
-from starlette.responses import StreamingResponse
 
 from kvferry.daemon.router.errors import RouterError
+from kvferry.daemon.server.sse import EventStream
 
 # what a decode daemon's answer may break with as it is read: the connection (aiohttp's
 # errors), a read past the request's time, or a stream cut short (StreamEnded)
@@ -88,7 +88,9 @@ def _first_data(data: bytes) -> bytes | None:
 
 class Relay:
     """One stream on its way to the client. It owns the upstream response from `head` on:
-    `done(outcome)` runs exactly once when the stream ends, however (ok, broken, cancelled)."""
+    `done(outcome)` runs exactly once when the stream ends, however (ok, broken, cancelled).
+    A client that leaves has `close` called (the upstream response's): the read waiting on it
+    ends at once, and the decode daemon sees its connection close."""
 
     def __init__(
         self,
@@ -97,16 +99,20 @@ class Relay:
         rest: AsyncIterator[bytes],
         first_sent: Callable[[], None],
         done: Callable[[str, str | None], Awaitable[None]],
+        close: Callable[[], None],
     ) -> None:
         self.target, self.data, self.rest = target, data, rest
-        self.first_sent, self.done = first_sent, done
+        self.first_sent, self.done, self.close = first_sent, done, close
+        self.gone = False  # the client left
 
-    def response(self) -> StreamingResponse:
-        headers = {"Cache-Control": "no-cache", TARGET_HEADER: self.target}
-        return StreamingResponse(self._events(), media_type="text/event-stream", headers=headers)
+    def response(self) -> EventStream:
+        return EventStream(self._events(), {TARGET_HEADER: self.target}, on_gone=self._left)
+
+    def _left(self) -> None:
+        self.gone = True
+        self.close()
 
     async def _events(self):
-        # Starlette cancels this generator when the client leaves: `done` still runs (finally)
         outcome, why, events = "cancelled", None, Splitter()
         try:
             yield events.feed(self.data)
@@ -119,8 +125,9 @@ class Relay:
                 raise StreamEnded("the stream ended inside an event")
             outcome = "ok"
         except BROKEN as exc:
-            outcome, why = "broken", str(exc) or type(exc).__name__
-            message = f"decode daemon {self.target} failed mid-stream: {why}"
-            yield RouterError(502, message, "server_error", "broken").event()
+            if not self.gone:  # else its read ended as the client left: nobody reads on
+                outcome, why = "broken", str(exc) or type(exc).__name__
+                message = f"decode daemon {self.target} failed mid-stream: {why}"
+                yield RouterError(502, message, "server_error", "broken").event()
         finally:
             await self.done(outcome, why)

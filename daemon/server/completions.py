@@ -220,7 +220,7 @@ class _Answer:
     async def whole(self) -> Response:
         finish = None  # stays None only if the client left first
         with self.daemon.answering.one():
-            gone = asyncio.ensure_future(sse.disconnected(self.http))
+            gone = asyncio.ensure_future(sse.disconnected(self.http.receive))
             try:
                 async for tokens, finish in self._events(gone):
                     if finish is None and not self.text.stops:  # nothing to look for yet
@@ -242,7 +242,7 @@ class _Answer:
     async def stream(self):
         """The events of a streamed answer; they end early if the client leaves."""
         with self.daemon.answering.one():
-            gone = asyncio.ensure_future(sse.disconnected(self.http))
+            gone = asyncio.ensure_future(sse.disconnected(self.http.receive))
             try:
                 async for tokens, finish in self._events(gone):
                     if finish is not None and self.request.error:

@@ -35,7 +35,8 @@ def error_event(kind: str) -> bytes:
 class StubHandler(BaseHTTPRequestHandler):
     """A decode daemon's HTTP contract; `server.mode` says how it answers completions:
     ok, unavailable (503), bad (400), late-error (504), first-error (a stream that starts with
-    a retryable error), break (a stream cut after its first event), hang (never answers)."""
+    a retryable error), break (a stream cut after its first event), hang (never answers),
+    stall (a stream that waits after its first event until the router closes it)."""
 
     protocol_version = "HTTP/1.1"
 
@@ -77,8 +78,14 @@ class StubHandler(BaseHTTPRequestHandler):
             events = [error_event("unavailable"), b"data: [DONE]"]
         else:
             events = [event(self.server.name), event("!", "length"), b"data: [DONE]"]
-        for data in events[:1] if mode == "break" else events:
+        for data in events[:1] if mode in ("break", "stall") else events:
             self._chunk(data + b"\n\n")
+        if mode == "stall":
+            self.server.hung.set()
+            self.rfile.read(1)  # returns when the router closes the connection
+            self.server.left.set()
+            self.close_connection = True
+            return
         if mode != "break":
             self._chunk(b"")  # the last chunk: a clean end
         self.close_connection = True

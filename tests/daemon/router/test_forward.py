@@ -4,6 +4,7 @@ target and what is not, the errors naming each attempt, a client that leaves."""
 import contextlib
 import json
 import re
+import socket
 from pathlib import Path
 
 import httpx
@@ -151,6 +152,28 @@ def test_a_client_that_leaves_closes_its_request_on_the_target(stubs, routers):
     wait_for(lambda: attempts(router.url).get((stub.url, "cancelled")) == 2, "both counted")
     assert metric(router.url, "kvferry_router_answers_total", outcome="cancelled") == 2
     assert _target(router, stub.url)["in_flight"] == 0
+
+
+def test_a_client_that_leaves_mid_stream_closes_the_stream_on_the_target(stubs, routers):
+    (stub,) = stubs(1)
+    stub.mode = "stall"
+    router = routers([stub.url])
+    host, port = router.url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": [1], "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode() + body)
+        received = b""
+        while b"data: " not in received:  # the first event came through: the relay runs
+            more = sock.recv(65536)
+            assert more, received
+            received += more
+        assert stub.hung.wait(10)
+    assert stub.left.wait(10)  # the router closed its stream on the stub
+    wait_for(lambda: attempts(router.url).get((stub.url, "cancelled")) == 1, "counted")
+    assert metric(router.url, "kvferry_router_answers_total", outcome="cancelled") == 1
+    assert _target(router, stub.url)["in_flight"] == 0
+    assert _state(router, stub.url) == "up"  # the client left: the daemon is not blamed
 
 
 def test_a_request_past_its_timeout_is_a_504_and_the_target_is_not_blamed(stubs, routers):
