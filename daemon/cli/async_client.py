@@ -33,8 +33,8 @@ from kvferry.daemon.cli.replies import (
     Unreachable,
     json_answer,
 )
-from kvferry.daemon.os_reason import os_reason
 from kvferry.daemon.server.api import CompletionRequest
+from kvferry.daemon.server.os_reason import os_reason
 
 
 class AsyncDaemonClient:

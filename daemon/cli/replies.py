@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import httpx
 import msgspec
 
-from kvferry.daemon.os_reason import os_reason
+from kvferry.daemon.server.os_reason import os_reason
 
 
 class ClientError(Exception):

@@ -21,13 +21,13 @@ import aiohttp
 import msgspec
 from starlette.responses import Response
 
-from kvferry.daemon.os_reason import os_reason
 from kvferry.daemon.router import relay
 from kvferry.daemon.router.errors import AttemptFailure, AttemptKind, RouterError
 from kvferry.daemon.router.metrics import RouterMetrics
 from kvferry.daemon.router.pool import TargetPool
 from kvferry.daemon.router.targets import Target
 from kvferry.daemon.server.config import RouterConfig
+from kvferry.daemon.server.os_reason import os_reason
 
 log = logging.getLogger(__name__)
 
