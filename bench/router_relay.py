@@ -29,8 +29,9 @@ import uvloop
 from aiohttp import web
 
 from kvferry.daemon.cli.async_client import AsyncDaemonClient
+from kvferry.daemon.cli.bench.senders import client_processes, send
+from kvferry.daemon.cli.bench.workload import Prompt
 from kvferry.daemon.router.server import RouterServer
-from kvferry.daemon.server.api import CompletionRequest
 from kvferry.daemon.server.config import RouterConfig
 
 STATUS = {"requests": {"in_flight": 0}, "ranks": [{"kv_pages": {"total": 1 << 20, "used": 0}}]}
@@ -96,33 +97,26 @@ def stand_in(port, step_s: float, ready) -> None:
 
 
 async def load(url: str, concurrency: int, requests: int, tokens: int) -> dict:
-    """A point's client process: `concurrency` requests to warm up, then `requests` measured."""
-    request = CompletionRequest(prompt=list(range(16)), max_tokens=tokens)
+    """A point's client process, sending as `kvferry bench` sends (`senders.send`):
+    `concurrency` requests to warm up, then `requests` measured."""
+    ask = Prompt(prompt=list(range(16)), input_len=16, output_len=tokens)
     async with AsyncDaemonClient(url, 120.0, concurrency) as client:
-        queue, ttfts = list(range(concurrency + requests)), []
-
-        async def worker() -> None:
-            while queue:
-                measured = len(queue) <= requests
-                queue.pop()
-                done = await client.stream(request)
-                if len(done.token_ids) != tokens:
-                    raise SystemExit(f"an answer of {len(done.token_ids)} tokens: {done}")
-                if measured:
-                    ttfts.append(done.ttft_s)
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"ttfts": ttfts}
+        await send(client, [ask] * concurrency, [0.0] * concurrency, concurrency)
+        records, _ = await send(client, [ask] * requests, [0.0] * requests, concurrency)
+    if not all(r.ok and r.output_tokens == tokens for r in records):
+        raise SystemExit(f"a request failed or came short: {records[0]}")
+    return {"ttfts": [r.ttft_s for r in records]}
 
 
-def clients(url: str, concurrency: int, args: argparse.Namespace) -> list[float]:
-    """The TTFTs of a point, its load in one client process per 16 streams."""
-    shares = max(1, -(-concurrency // 16))
+def clients(url: str, concurrency: int, requests: int, tokens: int) -> list[float]:
+    """The TTFTs of a point, its load split over client processes as `kvferry bench` splits
+    it (senders.client_processes)."""
+    shares = min(client_processes(concurrency), concurrency)
     running = []
     for k in range(shares):
-        command = [sys.executable, __file__, "--client", url, "--tokens", str(args.tokens)]
+        command = [sys.executable, __file__, "--client", url, "--tokens", str(tokens)]
         command += ["--concurrency", str(concurrency // shares + (k < concurrency % shares))]
-        command += ["--requests", str(args.requests // shares + (k < args.requests % shares))]
+        command += ["--requests", str(requests // shares + (k < requests % shares))]
         running.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
     outs = [client.communicate(timeout=600)[0] for client in running]
     if any(client.returncode for client in running):
@@ -136,9 +130,9 @@ def thread_cpu(router: RouterServer) -> float:
 
 def point(router: RouterServer, direct: str, concurrency: int, args: argparse.Namespace) -> dict:
     requests = max(args.requests, 2 * concurrency)
-    straight = clients(direct, concurrency, args)
+    straight = clients(direct, concurrency, requests, args.tokens)
     cpu, wall = thread_cpu(router), time.monotonic()
-    through = clients(router.url, concurrency, args)
+    through = clients(router.url, concurrency, requests, args.tokens)
     cpu, wall = thread_cpu(router) - cpu, time.monotonic() - wall
     every = requests + concurrency  # warm-ups included, as in the router's CPU
     return {
